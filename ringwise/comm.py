@@ -1,0 +1,62 @@
+"""The ring: every rank sends to rank+1 and receives from rank-1 of its group.
+
+A hop is posted as one batched isend/irecv *before* the compute it should hide behind
+and waited *after* it. Every rank issues the same operations in the same order, so the
+ring works on gloo and NCCL alike, inside any sub-group, with no barriers.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+# Hops posted per stream ("kv", "dkv") since the last reset: the tests assert that a
+# W-rank forward makes W-1 kv hops and a backward W-1 kv hops plus W dkv hops.
+HOP_COUNTS: Counter = Counter()
+_STREAM_TAGS: dict[str, int] = {}
+
+
+class Ring:
+    """Point-to-point neighbours of this rank within `group` (None: the default group)."""
+
+    def __init__(self, group=None):
+        self.group = group
+        if dist.is_available() and dist.is_initialized():
+            self.rank = dist.get_rank(group)
+            if self.rank < 0:
+                raise ValueError(
+                    f"this process (global rank {dist.get_rank()}) is not a member of the given group; "
+                    "call ring_attention only on the ranks of the group you pass"
+                )
+            self.world_size = dist.get_world_size(group)
+        else:
+            self.rank, self.world_size = 0, 1
+        if self.world_size > 1:
+            # P2P ops name peers by global rank, whatever the group.
+            to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+            self.next_peer = to_global((self.rank + 1) % self.world_size)
+            self.prev_peer = to_global((self.rank - 1) % self.world_size)
+
+    def exchange(self, stream: str, send: torch.Tensor, recv: torch.Tensor) -> "Hop":
+        """Post send -> next and recv <- prev as one batch; returns a handle to wait on.
+
+        Each stream has its own tag, so a kv and a dkv hop in flight together never match
+        each other's messages.
+        """
+        tag = _STREAM_TAGS.setdefault(stream, len(_STREAM_TAGS))
+        ops = [
+            dist.P2POp(dist.isend, send, self.next_peer, self.group, tag),
+            dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag),
+        ]
+        HOP_COUNTS[stream] += 1
+        return Hop(dist.batch_isend_irecv(ops))
+
+
+class Hop:
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()

@@ -1,0 +1,185 @@
+"""Single-device block attention: (q, k, v) -> (out, lse) and the matching backward.
+
+Every kernel takes tensors laid out (batch, heads, seq, head_dim), k/v possibly with fewer
+heads than q (query head h reads key/value head h // (heads // kv_heads)), and returns
+``lse`` as float32 (float64 for float64 inputs). The backward receives the *final* out and
+lse of the whole ring, so that each block's gradient is its exact share of the total:
+P = exp(S - lse_final), dS = P * (dP - rowsum(dO * O_final)).
+
+Backends:
+  aten_cpu        torch's fused CPU flash kernel (runs at the matmul peak, any float dtype)
+  cuda_flash      torch's CUDA flash-attention op (fp16/bf16)
+  cuda_efficient  torch's CUDA memory-efficient op (fp32 too)
+  reference       pure PyTorch, chunked over queries, any device and dtype; the test oracle
+                  for the fused kernels and the fallback for everything else
+Nothing here knows about processes or rings.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+aten = torch.ops.aten
+
+BACKENDS = ("auto", "aten_cpu", "cuda_flash", "cuda_efficient", "reference")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulators, lse and gradients in transit: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    group = heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _fold_kv_grad(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, h, s, d = g.shape
+    return g if h == kv_heads else g.view(b, kv_heads, h // kv_heads, s, d).sum(2)
+
+
+class ReferenceKernel:
+    """Plain PyTorch attention in row chunks: bounded memory, exact -inf handling."""
+
+    name = "reference"
+
+    def __init__(self, chunk: int = 1024):
+        self.chunk = chunk
+
+    @staticmethod
+    def _scores(q, k, scale, causal, mask, rows):
+        s = torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * scale
+        if causal:
+            i = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
+            j = torch.arange(k.shape[2], device=q.device)[None, :]
+            s = s.masked_fill(j > i, float("-inf"))
+        if mask is not None:
+            s = s.masked_fill(~mask[..., rows, :], float("-inf"))
+        return s
+
+    def forward(self, q, k, v, causal, scale, mask=None):
+        dt = acc_dtype(q.dtype)
+        qf, kf, vf = q.to(dt), _expand_kv(k, q.shape[1]).to(dt), _expand_kv(v, q.shape[1]).to(dt)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=dt, device=q.device)
+        for r0 in range(0, q.shape[2], self.chunk):
+            rows = slice(r0, min(r0 + self.chunk, q.shape[2]))
+            s = self._scores(qf, kf, scale, causal, mask, rows)
+            m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(dt).min)  # finite even for empty rows
+            p = torch.exp(s - m)
+            denom = p.sum(-1, keepdim=True)
+            out[:, :, rows] = (torch.matmul(p, vf) / denom.clamp_min(torch.finfo(dt).tiny)).to(q.dtype)
+            lse[:, :, rows] = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
+        dt = acc_dtype(q.dtype)
+        heads = q.shape[1]
+        qf, kf, vf = q.to(dt), _expand_kv(k, heads).to(dt), _expand_kv(v, heads).to(dt)
+        dq = torch.zeros_like(qf)
+        dk = torch.zeros_like(kf)
+        dv = torch.zeros_like(vf)
+        delta = (dout.to(dt) * out.to(dt)).sum(-1)
+        for r0 in range(0, q.shape[2], self.chunk):
+            rows = slice(r0, min(r0 + self.chunk, q.shape[2]))
+            s = self._scores(qf, kf, scale, causal, mask, rows)
+            l = lse[:, :, rows, None].to(dt)
+            p = torch.where(torch.isinf(l), torch.zeros_like(s), torch.exp(s - l))
+            do = dout[:, :, rows].to(dt)
+            dv += torch.matmul(p.transpose(-1, -2), do)
+            ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta[:, :, rows, None])
+            dq[:, :, rows] = torch.matmul(ds, kf) * scale
+            dk += torch.matmul(ds.transpose(-1, -2), qf[:, :, rows]) * scale
+        kvh = k.shape[1]
+        return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
+
+
+class AtenCpuKernel:
+    """torch's fused CPU flash-attention kernel; handles GQA natively."""
+
+    name = "aten_cpu"
+
+    def forward(self, q, k, v, causal, scale):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        )
+
+
+class CudaFlashKernel:
+    """torch's CUDA flash-attention op (fp16/bf16). GQA is expanded per block."""
+
+    name = "cuda_flash"
+
+    def forward(self, q, k, v, causal, scale):
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return res[0], res[1]
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        kvh = k.shape[1]
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        cum = torch.empty(0, dtype=torch.int32, device=q.device)
+        seed = torch.empty((), dtype=torch.int64, device=q.device)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, cum, cum, q.shape[2], k.shape[2], 0.0, causal, seed, seed, scale=scale
+        )
+        return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
+
+
+class CudaEfficientKernel:
+    """torch's CUDA memory-efficient attention op; its lse is padded to 32 rows."""
+
+    name = "cuda_efficient"
+
+    def forward(self, q, k, v, causal, scale):
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+        return out, lse[:, :, : q.shape[2]]
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        kvh = k.shape[1]
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        seed = torch.empty((), dtype=torch.int64, device=q.device)
+        pad = (-lse.shape[-1]) % 32
+        lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout.contiguous(), q, k, v, None, out, lse, seed, seed, 0.0, [True, True, True, False], causal, scale=scale
+        )
+        return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
+
+
+_KERNELS = {
+    "aten_cpu": AtenCpuKernel(),
+    "cuda_flash": CudaFlashKernel(),
+    "cuda_efficient": CudaEfficientKernel(),
+    "reference": ReferenceKernel(),
+}
+
+
+def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int):
+    """Pick the fastest kernel that supports (device, dtype, head_dim), or the named one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        want = {"aten_cpu": "cpu", "cuda_flash": "cuda", "cuda_efficient": "cuda"}.get(backend)
+        if want is not None and device.type != want:
+            raise ValueError(f"backend={backend!r} runs on {want} tensors, got {device.type}; use backend='auto'")
+        return _KERNELS[backend]
+    if device.type == "cpu":
+        return _KERNELS["aten_cpu"]
+    if device.type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and head_dim % 8 == 0:
+            return _KERNELS["cuda_flash"]
+        if dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim % 8 == 0:
+            return _KERNELS["cuda_efficient"]
+    return _KERNELS["reference"]
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

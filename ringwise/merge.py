@@ -1,0 +1,24 @@
+"""Exact merge of two attention results over disjoint key sets.
+
+    lse = logaddexp(lse_a, lse_b)
+    o   = o_a - sigmoid(lse_b - lse_a) * (o_a - o_b)
+
+kept in float32 (float64 for float64 inputs). A row that has seen no key has lse = -inf
+and o = 0; merging two such rows must stay 0, never NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold (block_out, block_lse) into the accumulators (out, lse) in place.
+
+    out: (..., rows, d) accumulator, float32/64; lse: (..., rows). Views of larger
+    accumulators are fine, so a tile that covers some rows updates just those.
+    """
+    block_lse = block_lse.to(lse.dtype)
+    # sigmoid(b - a) with both -inf is NaN; such rows have nothing to add: weight 0.
+    weight = torch.sigmoid(block_lse - lse).nan_to_num_(nan=0.0)
+    out.sub_(weight.unsqueeze(-1) * (out - block_out.to(out.dtype)))
+    lse.copy_(torch.logaddexp(lse, block_lse))

@@ -1,0 +1,183 @@
+"""Ring attention: the autograd Function and the public op.
+
+Forward: each rank keeps its query shard; the key/value shards travel W-1 hops around
+the ring. At every step the next hop is posted before the visiting block's tiles are
+computed and waited after them, and each tile's (out, lse) is merged exactly in float32.
+
+Backward: a second ring carries (K, V) and their float32 gradient accumulators (dK, dV).
+Each rank adds the visiting block's share, using the final out and lse, and passes the
+accumulator on; after W dkv hops every accumulator is home. dQ never moves.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .comm import Ring
+from .kernels import acc_dtype, default_scale, select_kernel, BACKENDS
+from .layout import check_layout, check_local_len
+from .masks import step_tiles
+from .merge import merge_into
+
+
+def _rows(t):
+    return slice(t.q_start, t.q_start + t.q_len)
+
+
+def _cols(t):
+    return slice(t.k_start, t.k_start + t.k_len)
+
+
+def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel):
+    """q, k, v in (batch, heads, seq, dim) layout; returns out (input dtype) and lse."""
+    W, rank, L = ring.world_size, ring.rank, q.shape[2]
+    dt = acc_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=dt, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=dt, device=q.device)
+    kv = torch.stack([k, v])
+    spare = torch.empty_like(kv) if W > 1 else None
+    for step in range(W):
+        hop = ring.exchange("kv", kv, spare) if step < W - 1 else None
+        for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal):
+            rows, cols = _rows(t), _cols(t)
+            o_b, lse_b = kernel.forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], t.causal, scale)
+            merge_into(out[:, :, rows], lse[:, :, rows], o_b, lse_b)
+        if hop is not None:
+            hop.wait()
+            kv, spare = spare, kv
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, kernel):
+    """Gradients of q, k, v (input dtype) given the final out and lse of the forward ring."""
+    W, rank, L = ring.world_size, ring.rank, q.shape[2]
+    dt = acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+    kv = torch.stack([k, v])
+    kv_spare = torch.empty_like(kv) if W > 1 else None
+    dkv_shape = (2,) + tuple(k.shape)
+    dkv_in = torch.empty(dkv_shape, dtype=dt, device=q.device) if W > 1 else None
+    dkv_hop = None
+    for step in range(W):
+        kv_hop = ring.exchange("kv", kv, kv_spare) if step < W - 1 else None
+        dkv = torch.zeros(dkv_shape, dtype=dt, device=q.device)
+        for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal):
+            rows, cols = _rows(t), _cols(t)
+            dq_t, dk_t, dv_t = kernel.backward(
+                dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols],
+                out[:, :, rows], lse[:, :, rows].contiguous(), t.causal, scale,
+            )
+            dq[:, :, rows] += dq_t
+            dkv[0][:, :, cols] += dk_t
+            dkv[1][:, :, cols] += dv_t
+        if W > 1:
+            if dkv_hop is not None:  # the accumulator of the block we just visited
+                dkv_hop.wait()
+                dkv += dkv_in
+            dkv_in = torch.empty_like(dkv)
+            dkv_hop = ring.exchange("dkv", dkv, dkv_in)
+        if kv_hop is not None:
+            kv_hop.wait()
+            kv, kv_spare = kv_spare, kv
+    if dkv_hop is not None:
+        dkv_hop.wait()
+        dkv = dkv_in  # our own block's gradient, back from its last visit
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, layout, ring, kernel):
+        # Public (batch, seq, heads, dim) -> kernel (batch, heads, seq, dim), once per call.
+        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        out, lse = ring_forward(qh, kh, vh, causal, scale, layout, ring, kernel)
+        ctx.save_for_backward(qh, kh, vh, out, lse)
+        ctx.args = (causal, scale, layout, ring, kernel)
+        ctx.mark_non_differentiable(lse)
+        return out.transpose(1, 2).contiguous(), lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        qh, kh, vh, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout.transpose(1, 2).contiguous(), qh, kh, vh, out, lse, *ctx.args)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, None
+
+
+def _local_problems(q, k, v, layout, backend, ring) -> str | None:
+    """Everything wrong with this rank's arguments that needs no communication."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return f"{name} must be a 4-D tensor (batch, seq, heads, head_dim), got {getattr(x, 'shape', type(x))}"
+    if not q.is_floating_point():
+        return f"q, k, v must be floating point, got {q.dtype}"
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            return f"{name}.dtype={x.dtype} differs from q.dtype={q.dtype}; cast all three to one dtype"
+        if x.device != q.device:
+            return f"{name} is on {x.device} but q is on {q.device}; move all three to one device"
+        for dim, what in ((0, "batch"), (1, "sequence length"), (3, "head_dim")):
+            if x.shape[dim] != q.shape[dim]:
+                return (f"{name} has {what} {x.shape[dim]} but q has {q.shape[dim]} "
+                        f"(q {tuple(q.shape)}, {name} {tuple(x.shape)}); shapes are (batch, seq, heads, head_dim)")
+    if k.shape[2] != v.shape[2]:
+        return f"k has {k.shape[2]} heads but v has {v.shape[2]}; they must match"
+    if q.shape[2] % k.shape[2]:
+        return (f"q has {q.shape[2]} heads, not a multiple of the {k.shape[2]} key/value heads; "
+                "GQA/MQA needs heads % kv_heads == 0")
+    if q.shape[1] == 0:
+        return "the local sequence is empty"
+    try:
+        check_layout(layout)
+        check_local_len(q.shape[1], layout, ring.world_size)
+    except ValueError as e:
+        return str(e)
+    if backend not in BACKENDS:
+        return f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}"
+    return None
+
+
+def _validate(q, k, v, causal, layout, backend, ring: Ring) -> None:
+    """Raise the same error on every rank, before any ring communication.
+
+    Ranks exchange their local verdict and signature (one small all-gather), so a
+    problem on one rank, or shapes that differ between ranks, stop all of them alike.
+    """
+    problem = _local_problems(q, k, v, layout, backend, ring)
+    if ring.world_size == 1:
+        if problem:
+            raise ValueError(f"ring_attention: {problem}")
+        return
+    sig = None if problem else (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), layout)
+    gathered = [None] * ring.world_size
+    dist.all_gather_object(gathered, (problem, sig), group=ring.group)
+    for r, (p, _) in enumerate(gathered):
+        if p:
+            raise ValueError(f"ring_attention: rank {r}: {p}")
+    for r, (_, s) in enumerate(gathered):
+        if s != gathered[0][1]:
+            names = ("q shape", "k/v shape", "dtype", "causal", "layout")
+            diffs = [f"{n}: rank 0 {a} vs rank {r} {b}" for n, a, b in zip(names, gathered[0][1], s) if a != b]
+            raise ValueError(
+                "ring_attention: every rank must pass the same batch, local sequence length, heads, dtype, "
+                "causal and layout (shard the global sequence with ringwise.shard); " + "; ".join(diffs)
+            )
+
+
+def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
+                   return_lse=False, backend="auto", validate=True):
+    """Exact softmax attention over a sequence sharded across the ranks of `group`.
+
+    q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
+    heads % kv_heads == 0. Each rank passes its shard in the given `layout` (see
+    ringwise.shard); `causal` masks by *global* position. Returns out like q, and with
+    return_lse also the float32 log-sum-exp (batch, heads, local_seq) (not differentiable).
+    With world size 1 or no process group this is plain blockwise attention.
+    validate=False skips the cross-rank argument check (one small all-gather per call).
+    """
+    ring = Ring(group)
+    if validate:
+        _validate(q, k, v, causal, layout, backend, ring)
+    scale = default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    kernel = select_kernel(backend, q.device, q.dtype, q.shape[-1])
+    out, lse = _RingAttention.apply(q, k, v, bool(causal), scale, layout, ring, kernel)
+    return (out, lse) if return_lse else out
