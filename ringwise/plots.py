@@ -1,0 +1,183 @@
+"""PNG figures for training runs and benchmarks.
+
+matplotlib is an optional dependency (``pip install ringwise[plot]``), imported only when
+a plot is drawn, so the library and the training job run without it.  Figures are drawn
+with the object-oriented API on an Agg canvas: no pyplot global state, no display needed,
+nothing leaks between calls, and the user's own backend choice is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+__all__ = ["plot_retrieval_heatmap", "plot_loss_curve", "plot_lines"]
+
+
+def _figure(figsize):
+    """A fresh matplotlib Figure on an Agg canvas, or a clear ImportError."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            "ringwise plotting needs matplotlib: pip install 'ringwise[plot]' (or pip install matplotlib)"
+        ) from e
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, format="png")
+    return path
+
+
+def _tolist(x) -> list:
+    """Lists, tuples, numpy arrays and torch tensors alike, without importing either."""
+    return x.tolist() if hasattr(x, "tolist") else list(x)
+
+
+def _human(n: int) -> str:
+    """4096 -> '4K', 524288 -> '512K', 1048576 -> '1M' (context lengths on an axis)."""
+    for div, unit in ((1 << 20, "M"), (1 << 10, "K")):
+        if n >= div and n % (div // 8) == 0:
+            v = n / div
+            return f"{v:g}{unit}"
+    return str(n)
+
+
+def plot_retrieval_heatmap(acc, context_lengths: Sequence[int], depths: Sequence[float], path,
+                           title: str = "Line retrieval accuracy") -> Path:
+    """Needle-in-a-haystack heatmap: x context length, y needle depth (%), color accuracy.
+
+    ``acc[i][j]`` is the accuracy (0..1) at ``depths[i]`` and ``context_lengths[j]``;
+    NaN marks a cell not evaluated (drawn grey).  Red is 0, green is 1, and each cell is
+    annotated with its value.  Returns the PNG path.
+    """
+    rows = [[float(v) for v in _tolist(r)] for r in _tolist(acc)]
+    if len(rows) != len(depths) or any(len(r) != len(context_lengths) for r in rows):
+        shape = (len(rows), len(rows[0]) if rows else 0)
+        raise ValueError(f"acc has shape {shape}, expected (len(depths), len(context_lengths)) = "
+                         f"({len(depths)}, {len(context_lengths)})")
+    import numpy as np  # matplotlib depends on numpy, so it is present once _figure succeeds
+
+    fig = _figure((1.2 + 0.9 * len(context_lengths), 1.2 + 0.5 * len(depths)))
+    data = np.ma.masked_invalid(np.array(rows, dtype=float))
+    ax = fig.add_subplot()
+    cmap = _red_to_green()
+    im = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(context_lengths)), [_human(int(n)) for n in context_lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    return _save(fig, path)
+
+
+def _red_to_green():
+    from matplotlib import colormaps
+
+    return colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+
+
+def _plain_log_labels(axis):
+    """Label a log axis '0.01', '2', '100' rather than in mathtext powers; minor ticks
+    (2, 3, 5 x 10^k) get labels only when the axis spans under two decades."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _pos):
+        lo, hi = axis.get_view_interval()
+        if v <= 0 or lo <= 0 or hi / lo > 100:
+            return ""
+        mantissa = v / 10 ** math.floor(math.log10(v))
+        return f"{v:g}" if any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _ema(values: list[float], alpha: float) -> list[float]:
+    out, s = [], None
+    for v in values:
+        s = v if s is None else alpha * s + (1 - alpha) * v
+        out.append(s)
+    return out
+
+
+def plot_loss_curve(steps, losses, path, title: str = "Training loss", extra: Mapping | None = None,
+                    smooth: float | None = None, logy: bool = False) -> Path:
+    """Loss against step, raw values faint with an exponential moving average on top.
+
+    ``smooth`` is the EMA factor in [0, 1) (``None``: 0.9 when there are more than 50
+    points, else no smoothing line).  ``extra`` adds labelled curves, e.g.
+    ``{"eval": (eval_steps, eval_losses)}``.  Returns the PNG path.
+    """
+    steps, losses = [float(s) for s in _tolist(steps)], [float(v) for v in _tolist(losses)]
+    if len(steps) != len(losses):
+        raise ValueError(f"steps and losses differ in length: {len(steps)} vs {len(losses)}")
+    if smooth is None:
+        smooth = 0.9 if len(losses) > 50 else 0.0
+    if not 0.0 <= smooth < 1.0:
+        raise ValueError(f"smooth must be in [0, 1), got {smooth}")
+    fig = _figure((7, 4))
+    ax = fig.add_subplot()
+    if smooth > 0:
+        ax.plot(steps, losses, color="C0", alpha=0.3, linewidth=1, label="train (raw)")
+        ax.plot(steps, _ema(losses, smooth), color="C0", linewidth=2, label=f"train (EMA {smooth:g})")
+    else:
+        ax.plot(steps, losses, color="C0", linewidth=1.5, label="train")
+    for k, (label, (xs, ys)) in enumerate((extra or {}).items()):
+        ax.plot(_tolist(xs), _tolist(ys), color=f"C{k + 1}", marker="o", markersize=3, linewidth=1.5, label=label)
+    if logy:
+        ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_lines(xs_by_label: Mapping[str, Sequence[float]], ys_by_label: Mapping[str, Sequence[float]], path,
+               xlabel: str = "", ylabel: str = "", title: str = "", logx: bool = False,
+               logy: bool = False) -> Path:
+    """Generic labelled line plot for benchmarks (e.g. peak memory against world size).
+
+    ``xs_by_label[label]`` and ``ys_by_label[label]`` are one series; both dicts must have
+    the same labels.  ``logx`` uses base 2, since world sizes and sequence lengths are
+    powers of two.  Returns the PNG path.
+    """
+    if set(xs_by_label) != set(ys_by_label):
+        raise ValueError(f"xs_by_label and ys_by_label need the same labels: "
+                         f"{sorted(xs_by_label)} vs {sorted(ys_by_label)}")
+    fig = _figure((7, 4.5))
+    ax = fig.add_subplot()
+    for label in ys_by_label:
+        xs, ys = _tolist(xs_by_label[label]), _tolist(ys_by_label[label])
+        if len(xs) != len(ys):
+            raise ValueError(f"series {label!r}: {len(xs)} x values but {len(ys)} y values")
+        ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=str(label))
+    if logx:
+        ax.set_xscale("log", base=2)
+        xs = sorted({float(x) for label in xs_by_label for x in _tolist(xs_by_label[label])})
+        if 0 < len(xs) <= 16:  # few points (world sizes): tick exactly at them
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    if logy:
+        ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, which="both")
+    if ys_by_label:
+        ax.legend()
+    return _save(fig, path)

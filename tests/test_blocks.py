@@ -1,0 +1,125 @@
+"""Single-process pieces: causal tiling, the lse merge, layouts, kernels."""
+import itertools
+
+import pytest
+import torch
+
+import ringwise
+from ringwise.kernels import ReferenceKernel, select_kernel
+from ringwise.layout import global_indices, segments
+from ringwise.masks import step_tiles
+from ringwise.merge import merge_into
+from reference import max_err, reference_attention
+
+
+@pytest.mark.parametrize("layout,W,causal", itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5, 8], [False, True]))
+def test_tiles_cover_exactly_the_mask(layout, W, causal):
+    """Every visible (query, key) pair is computed exactly once; no invisible pair is."""
+    L = 2 * 3  # even, so zigzag can split it
+    S = L * W
+    covered = torch.zeros(S, S, dtype=torch.int64)
+    for r, src in itertools.product(range(W), range(W)):
+        qpos, kpos = global_indices(layout, r, W, S), global_indices(layout, src, W, S)
+        for t in step_tiles(layout, r, src, W, L, causal):
+            for i in range(t.q_len):
+                for j in range(t.k_len):
+                    if not t.causal or j <= i:
+                        covered[qpos[t.q_start + i], kpos[t.k_start + j]] += 1
+    want = torch.ones(S, S, dtype=torch.int64)
+    if causal:
+        want = want.tril()
+    assert torch.equal(covered, want)
+
+
+@pytest.mark.parametrize("W", [2, 3, 4, 8])
+def test_balanced_layouts_share_causal_work(W):
+    """Zigzag gives every rank the same causal work; contiguous does not."""
+    L = 64
+
+    def work(layout):
+        return [sum(t.work for s in range(W) for t in step_tiles(layout, r, s, W, L, True)) for r in range(W)]
+
+    assert len(set(work("zigzag"))) == 1
+    striped = work("striped")
+    assert max(striped) - min(striped) <= W * L  # at most one diagonal per step
+    contiguous = work("contiguous")
+    assert contiguous[-1] > 2 * contiguous[0]
+
+
+def test_zigzag_steps_are_single_calls():
+    """Off-diagonal zigzag steps fuse into one kernel call each."""
+    for W in (2, 3, 4):
+        for r, s in itertools.product(range(W), range(W)):
+            tiles = step_tiles("zigzag", r, s, W, 16, True)
+            assert len(tiles) == (3 if r == s else 1)  # own step: two diagonals and one full block
+
+
+def test_merge_is_exact_and_inf_safe():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 8, 4, dtype=torch.float64), torch.randn(1, 2, 10, 4, dtype=torch.float64), torch.randn(1, 2, 10, 4, dtype=torch.float64)
+    ref = ReferenceKernel()
+    full_o, full_lse = ref.forward(q, k, v, False, 0.5)
+    a_o, a_lse = ref.forward(q, k[:, :, :4], v[:, :, :4], False, 0.5)
+    b_o, b_lse = ref.forward(q, k[:, :, 4:], v[:, :, 4:], False, 0.5)
+    out, lse = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
+    for o, l in ((a_o, a_lse), (b_o, b_lse)):
+        merge_into(out, lse, o, l)
+    assert max_err(out, full_o) < 1e-14 and max_err(lse, full_lse) < 1e-14
+    # rows that saw nothing (lse = -inf on both sides) stay exactly 0
+    out, lse = torch.zeros(1, 1, 3, 4), torch.full((1, 1, 3), float("-inf"))
+    merge_into(out, lse, torch.zeros(1, 1, 3, 4), torch.full((1, 1, 3), float("-inf")))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+def test_reference_kernel_empty_rows_are_zero():
+    q = torch.randn(1, 1, 4, 8)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[1] = False
+    out, lse = ReferenceKernel().forward(q, q, q, False, 0.3, mask=mask)
+    assert torch.equal(out[0, 0, 1], torch.zeros(8)) and torch.isneginf(lse[0, 0, 1])
+    dq, dk, dv = ReferenceKernel().backward(torch.ones_like(out), q, q, q, out, lse, False, 0.3, mask=mask)
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernels_agree_with_reference(dtype, causal):
+    """aten_cpu and the pure-PyTorch kernel give the same (out, lse, grads), GQA included."""
+    torch.manual_seed(1)
+    q = torch.randn(2, 4, 33, 16, dtype=dtype)
+    k, v = torch.randn(2, 2, 33, 16, dtype=dtype), torch.randn(2, 2, 33, 16, dtype=dtype)
+    dout = torch.randn_like(q)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    aten = select_kernel("aten_cpu", q.device, dtype, 16)
+    ref = ReferenceKernel(chunk=8)
+    (o1, l1), (o2, l2) = aten.forward(q, k, v, causal, 0.25), ref.forward(q, k, v, causal, 0.25)
+    assert max_err(o1, o2) < tol and max_err(l1, l2) < tol
+    for g1, g2 in zip(aten.backward(dout, q, k, v, o1, l1, causal, 0.25), ref.backward(dout, q, k, v, o1, l1, causal, 0.25)):
+        assert max_err(g1, g2) < tol * 10
+
+
+@pytest.mark.parametrize("backend", ["reference", "aten_cpu"])
+def test_single_process_matches_reference(backend):
+    """No process group: plain blockwise attention through the same call."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 40, 6, 8), torch.randn(1, 40, 2, 8), torch.randn(1, 40, 2, 8)
+    out = ringwise.ring_attention(q, k, v, causal=True, backend=backend)
+    ref, _ = reference_attention(q, k, v, causal=True)
+    assert max_err(out, ref) < 1e-5
+
+
+def test_segments_describe_positions():
+    for layout, W in itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4]):
+        for r in range(W):
+            pos = global_indices(layout, r, W, 4 * W)
+            segs = segments(layout, r, W, 4)
+            rebuilt = torch.cat([s.global_start + s.stride * torch.arange(s.length) for s in segs])
+            assert torch.equal(pos, rebuilt)
+
+
+def test_positions_and_shard_single_process():
+    x = torch.arange(10).view(1, 10)
+    assert torch.equal(ringwise.shard(x, 1), x)
+    assert torch.equal(ringwise.positions(10), torch.arange(10))
+    padded, n = ringwise.pad_to_multiple(x, 1)
+    assert n == 0 and torch.equal(padded, x)

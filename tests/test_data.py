@@ -1,0 +1,266 @@
+import math
+import re
+
+import pytest
+import torch
+
+from ringwise.data import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    PackedTextDataset,
+    RetrievalDataset,
+    answer_correct,
+    collate,
+    retrieval_eval_grid,
+    sample_indices,
+)
+
+TOK = ByteTokenizer()
+PATTERNS = {
+    "compact": (r"(\d+):(\d+)\n", r"\?(\d+)=(\d+)$"),
+    "paper": (r"line (\d+): REGISTER_CONTENT is (\d+)\n", r"Tell me what is the REGISTER_CONTENT in line (\d+)\? (\d+)$"),
+}
+
+
+def parse(example, fmt):
+    """Decode an example back to its (id, value) lines, question id and answer text."""
+    ids = example["input_ids"]
+    real = ids[ids != TOK.PAD]
+    assert real[0] == TOK.BOS and (real[1:] < 256).all()
+    text = TOK.decode(real)
+    line_re, q_re = PATTERNS[fmt]
+    lines = re.findall(line_re, text)
+    m = re.search(q_re, text)
+    assert m, text[-80:]
+    return lines, m.group(1), m.group(2), text
+
+
+# ------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip_and_specials():
+    for s in ["", "hello", "ünïcødé ✓ 中文 🚀", "line 1: x\n\ttab"]:
+        ids = TOK.encode(s, bos=True, eos=True)
+        assert ids[0] == TOK.BOS == 257 and ids[-1] == TOK.EOS == 258
+        assert TOK.decode(ids) == s
+        assert TOK.decode(torch.tensor(ids)) == s
+        assert TOK.encode_tensor(s).tolist() == TOK.encode(s)
+    assert TOK.PAD == 256 and TOK.num_tokens == 259
+    assert TOK.vocab_size == 264 and TOK.vocab_size % 8 == 0
+    assert ByteTokenizer(pad_to_multiple_of=1).vocab_size == 259
+    assert TOK.decode([104, 256, 105, 999]) == "hi"  # specials and junk skipped
+    assert TOK.decode([0xFF, 104]) == "\ufffdh"  # bad UTF-8 replaced
+
+
+# ------------------------------------------------------------------------- retrieval
+
+
+@pytest.mark.parametrize("fmt", ["compact", "paper"])
+@pytest.mark.parametrize("seq_len", [64, 257, 1000])
+def test_retrieval_layout_and_labels(fmt, seq_len):
+    if fmt == "paper" and seq_len == 64:
+        seq_len = 120
+    ds = RetrievalDataset(seq_len, seed=7, fmt=fmt)
+    for index in range(5):
+        ex = ds[index]
+        ids, labels = ex["input_ids"], ex["labels"]
+        assert ids.shape == labels.shape == (seq_len,)
+        assert ids.dtype == labels.dtype == torch.long
+        lines, qid, answer, _ = parse(ex, fmt)
+        assert len(lines) == ds.n_lines >= 1
+        assert len({i for i, _ in lines}) == len(lines)  # distinct ids
+        assert all(len(i) == ds.id_digits and len(v) == ds.value_digits for i, v in lines)
+        assert answer == dict(lines)[qid]
+        assert ex["needle_line"] == [i for i, _ in lines].index(qid)
+        # Answer at the end; fewer than one line's worth of PAD after it.
+        start, end = ex["answer_span"]
+        assert TOK.decode(ids[start:end]) == answer
+        assert (ids[end:] == TOK.PAD).all() and seq_len - end < ds.line_len
+        assert (ids[:end] != TOK.PAD).all()
+        # Labels: exactly the answer digits, at the positions that predict them.
+        mask = labels != IGNORE_INDEX
+        assert mask.nonzero().flatten().tolist() == list(range(start - 1, end - 1))
+        assert TOK.decode(labels[mask]) == answer
+        assert torch.equal(labels[mask], ids[start:end])
+
+
+def test_retrieval_deterministic_in_seed_and_index_only():
+    a = RetrievalDataset(300, seed=3)
+    b = RetrievalDataset(300, seed=3)
+    order = [9, 2, 5, 2, 0]
+    got_a = {i: a[i] for i in order}
+    got_b = {i: b[i] for i in reversed(order)}  # other order, other instance
+    for i in order:
+        assert torch.equal(got_a[i]["input_ids"], got_b[i]["input_ids"])
+        assert torch.equal(got_a[i]["labels"], got_b[i]["labels"])
+        assert got_a[i]["answer_span"] == got_b[i]["answer_span"]
+    assert not torch.equal(a[0]["input_ids"], a[1]["input_ids"])
+    assert not torch.equal(a[0]["input_ids"], RetrievalDataset(300, seed=4)[0]["input_ids"])
+    # Large indices work and the dataset is effectively unbounded.
+    assert len(a) == 2**31
+    assert a[2**31 - 1]["input_ids"].shape == (300,)
+    with pytest.raises(IndexError):
+        a[2**31]
+
+
+@pytest.mark.parametrize("fmt", ["compact", "paper"])
+def test_depth_places_needle(fmt):
+    ds_len = 2000
+    for depth in [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]:
+        ds = RetrievalDataset(ds_len, seed=1, depth=depth, fmt=fmt)
+        n = ds.n_lines
+        for index in range(3):
+            ex = ds[index]
+            lines, qid, _, text = parse(ex, fmt)
+            k = [i for i, _ in lines].index(qid)
+            assert abs(k / (n - 1) - depth) <= 0.5 / (n - 1) + 1e-9
+            assert ex["depth"] == pytest.approx(k / (n - 1))
+            # The needle line's characters sit at that fraction of the document.
+            doc_len = n * ds.line_len
+            pos = text.index(ds.fmt.line.format(id=qid, value=lines[k][1]))
+            assert abs(pos / (doc_len - ds.line_len) - depth) <= 1.0 / (n - 1) + 1e-9
+    assert RetrievalDataset(2000, seed=1, depth=0.0, fmt=fmt)[0]["needle_line"] == 0
+    assert RetrievalDataset(2000, seed=1, depth=1.0, fmt=fmt)[0]["needle_line"] == n - 1
+
+
+def test_random_depth_covers_document():
+    ds = RetrievalDataset(400, seed=0)
+    needles = [ds[i]["needle_line"] for i in range(200)]
+    assert min(needles) <= 2 and max(needles) >= ds.n_lines - 3
+    # At fixed depth the documents do not depend on depth: only the question moves.
+    d0, d1 = RetrievalDataset(400, seed=0, depth=0.0)[5], RetrievalDataset(400, seed=0, depth=1.0)[5]
+    doc = d0["answer_span"][0] - 20
+    assert torch.equal(d0["input_ids"][:doc], d1["input_ids"][:doc])
+
+
+def test_loss_on_all_and_digit_options():
+    ds = RetrievalDataset(200, seed=2, loss_on="all", id_digits=3, value_digits=6)
+    ex = ds[0]
+    ids, labels = ex["input_ids"], ex["labels"]
+    _, end = ex["answer_span"]
+    assert torch.equal(labels[: end - 1], ids[1:end])
+    assert (labels[end - 1 :] == IGNORE_INDEX).all()
+    lines, _, answer, _ = parse(ex, "compact")
+    assert len(lines[0][0]) == 3 and len(answer) == 6
+
+
+def test_retrieval_errors():
+    with pytest.raises(ValueError, match="too short"):
+        RetrievalDataset(10)
+    with pytest.raises(ValueError, match="id_digits"):
+        RetrievalDataset(5000, id_digits=2)
+    with pytest.raises(ValueError, match="depth"):
+        RetrievalDataset(100, depth=1.5)
+    with pytest.raises(ValueError, match="fmt"):
+        RetrievalDataset(100, fmt="verbose")
+    with pytest.raises(ValueError, match="loss_on"):
+        RetrievalDataset(100, loss_on="some")
+
+
+def test_eval_grid_and_answer_correct():
+    grid = retrieval_eval_grid([64, 128], [0.0, 0.5, 1.0], n_per_cell=2, seed=5)
+    assert list(grid) == [(64, 0.0), (64, 0.5), (64, 1.0), (128, 0.0), (128, 0.5), (128, 1.0)]
+    again = retrieval_eval_grid([64, 128], [0.0, 0.5, 1.0], n_per_cell=2, seed=5)
+    for key, exs in grid.items():
+        assert len(exs) == 2
+        for ex, ex2 in zip(exs, again[key]):
+            assert ex["input_ids"].shape == (key[0],)
+            assert torch.equal(ex["input_ids"], ex2["input_ids"])
+
+    ex = grid[(128, 0.5)][0]
+    start, end = ex["answer_span"]
+    perfect = torch.roll(ex["input_ids"], -1)  # predicts every next token
+    assert answer_correct(perfect, ex)
+    logits = torch.nn.functional.one_hot(perfect, TOK.vocab_size).float()
+    assert answer_correct(logits, ex)
+    wrong = perfect.clone()
+    wrong[end - 2] = (wrong[end - 2] - 48 + 1) % 10 + 48  # last answer digit off by one
+    assert not answer_correct(wrong, ex)
+    # Only the answer positions matter.
+    noisy = perfect.clone()
+    noisy[: start - 1] = 0
+    noisy[end - 1 :] = 0
+    assert answer_correct(noisy, ex)
+
+
+# ---------------------------------------------------------------------- packed text
+
+
+def test_packed_text_windows_cover_stream(tmp_path):
+    (tmp_path / "a.txt").write_text("héllo wörld\n" * 7, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("second document ✓", encoding="utf-8")
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    ds = PackedTextDataset(files, seq_len=16)
+    stream = TOK.encode("héllo wörld\n" * 7, eos=True) + TOK.encode("second document ✓", eos=True)
+    assert ds.tokens.dtype == torch.uint16
+    assert ds.tokens.tolist() == stream
+    assert len(ds) == (len(stream) - 1) // 16
+    covered = []
+    for i in range(len(ds)):
+        ex = ds[i]
+        assert ex["input_ids"].shape == ex["labels"].shape == (16,)
+        assert ex["input_ids"].dtype == torch.long
+        assert torch.equal(ex["labels"][:-1], ex["input_ids"][1:])
+        covered += ex["input_ids"].tolist()
+    covered.append(int(ds[len(ds) - 1]["labels"][-1]))
+    assert covered == stream[: len(covered)]
+    assert len(stream) - len(covered) < 16
+    # A directory stands for its files, sorted: same stream.
+    assert PackedTextDataset(tmp_path, seq_len=16).tokens.tolist() == stream
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_packed_text_errors(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("tiny", encoding="utf-8")  # 4 bytes + EOS = 5 tokens
+    assert len(PackedTextDataset(short, seq_len=4)) == 1
+    # Windows overlap by one token, so every token but the first is a label once.
+    assert len(PackedTextDataset(short, seq_len=2)) == 2
+    assert [PackedTextDataset(short, seq_len=1)[i]["labels"].item() for i in range(4)] == TOK.encode("iny", eos=True)
+    with pytest.raises(ValueError, match="5 tokens"):
+        PackedTextDataset(short, seq_len=5)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        PackedTextDataset([short, tmp_path / "missing.txt"], seq_len=2)
+
+
+# ----------------------------------------------------------------- batching, resume
+
+
+@pytest.mark.parametrize("n", [10, 37, 2**31])
+def test_sample_indices_deterministic_and_epoch_permutation(n):
+    batch = 4
+    first = [sample_indices(s, batch, n, seed=11) for s in range(10)]
+    again = [sample_indices(s, batch, n, seed=11) for s in reversed(range(10))][::-1]
+    assert first == again  # resume at any step: same batches
+    assert first != [sample_indices(s, batch, n, seed=12) for s in range(10)]
+    flat = [i for b in first for i in b]
+    assert all(0 <= i < n for i in flat)
+    if n <= 37:
+        steps = math.ceil(2 * n / batch) + 1
+        flat = [i for s in range(steps) for i in sample_indices(s, batch, n, seed=11)]
+        assert sorted(flat[:n]) == list(range(n))  # epoch 0 is a permutation
+        assert sorted(flat[n : 2 * n]) == list(range(n))  # and so is epoch 1
+        assert flat[:n] != flat[n : 2 * n]  # reshuffled per epoch
+        assert flat[:n] != list(range(n))
+    else:
+        assert len(set(flat)) == len(flat)
+
+
+def test_sample_indices_unbounded_and_errors():
+    assert sample_indices(3, 4, None) == [12, 13, 14, 15]
+    with pytest.raises(ValueError):
+        sample_indices(-1, 4, 10)
+    with pytest.raises(ValueError):
+        sample_indices(0, 0, 10)
+
+
+def test_collate():
+    ds = RetrievalDataset(128, seed=0)
+    batch = collate([ds[i] for i in range(3)])
+    assert batch["input_ids"].shape == batch["labels"].shape == (3, 128)
+    assert batch["answer_span"].shape == (3, 2) and batch["answer_span"].dtype == torch.long
+    assert batch["depth"].shape == (3,)
+    assert batch["answer_span"][1].tolist() == list(ds[1]["answer_span"])
+    text = collate([{"input_ids": torch.zeros(4, dtype=torch.long), "answer_span": (0, 0), "name": "x"}] * 2)
+    assert text["answer_span"].shape == (2, 2) and text["name"] == ["x", "x"]

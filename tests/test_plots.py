@@ -1,0 +1,71 @@
+import math
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from ringwise.plots import plot_lines, plot_loss_curve, plot_retrieval_heatmap  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert len(data) > 1000 and data[:8] == PNG_MAGIC
+
+
+def test_retrieval_heatmap(tmp_path):
+    lengths = [1024, 4096, 65536, 524288]
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    acc = [[1.0, 0.9, 0.5, float("nan")] for _ in depths]  # nan: cell not evaluated
+    out = plot_retrieval_heatmap(acc, lengths, depths, tmp_path / "sub" / "heat.png", title="t")
+    assert out == tmp_path / "sub" / "heat.png"
+    assert_png(out)
+    with pytest.raises(ValueError, match="shape"):
+        plot_retrieval_heatmap([[1.0]], lengths, depths, tmp_path / "bad.png")
+
+
+def test_retrieval_heatmap_accepts_tensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    out = plot_retrieval_heatmap(torch.rand(3, 2), [128, 256], [0.0, 0.5, 1.0], tmp_path / "h.png")
+    assert_png(out)
+
+
+@pytest.mark.parametrize("n", [10, 200])
+def test_loss_curve(tmp_path, n):
+    steps = list(range(n))
+    losses = [5.0 * math.exp(-s / 50) + 0.1 * ((s * 7) % 3) for s in steps]
+    extra = {"eval": (steps[::5], losses[::5])}
+    out = plot_loss_curve(steps, losses, tmp_path / f"loss{n}.png", title="loss", extra=extra, logy=True)
+    assert_png(out)
+    with pytest.raises(ValueError):
+        plot_loss_curve([1, 2], [1.0], tmp_path / "bad.png")
+
+
+def test_lines(tmp_path):
+    ws = [1, 2, 4, 8]
+    out = plot_lines(
+        {"ring": ws, "plain": ws[:2]},
+        {"ring": [1.0, 1.0, 1.0, 1.0], "plain": [1.0, 2.0]},
+        tmp_path / "mem.png", xlabel="world size", ylabel="peak GiB", title="memory", logx=True, logy=True,
+    )
+    assert_png(out)
+    with pytest.raises(ValueError, match="same labels"):
+        plot_lines({"a": [1]}, {"b": [1]}, tmp_path / "bad.png")
+
+
+def test_missing_matplotlib_gives_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    for name in ["matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'ringwise\[plot\]'"):
+        plot_lines({"a": [1]}, {"a": [1]}, tmp_path / "x.png")
+
+
+def test_modules_import_without_matplotlib():
+    import subprocess
+    import sys
+
+    code = "import sys, ringwise.data, ringwise.plots; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
