@@ -1,0 +1,384 @@
+"""Analytic cluster planner: the memory and overlap model of Ring Attention (arXiv 2310.01889).
+
+Answers three planning questions without touching a GPU: how much activation memory one layer
+needs per method (paper Table 1), how large a block must be for the ring's communication to hide
+behind compute (Table 2), and the longest trainable context per method (Table 3). Pure Python.
+
+Assumptions, all of them (the defaults reproduce the paper's setups; every one is a parameter):
+
+* Table 1 is in bf16 bytes; ``bytes_per_element`` rescales it (4 for fp32). The "Total" column is
+  the max of the attention and FFN columns, since the two sublayers are recomputed one after the
+  other. The paper prints the vanilla total as 2bhs^2; the attention column is 2bns^2 (scores per
+  head) and we use that, reading "h" as a typo.
+* Overlap (section 3): a ring step computes 4dc^2 FLOPs and sends K and V, 4cd bytes in bf16, so
+  the transfer hides iff c >= F/B, F = dense FLOP/s and B = unidirectional bytes/s per device;
+  the per-device sequence is then at least 6c. For InfiniBand F/B = 312/12.5 = 24.96K; the paper
+  prints 24.5K (but 149.5K for 6c, i.e. c = 24.9K), so we keep the formula and test loosely there.
+* H100 SXM: 989 TFLOP/s dense bf16 (NVIDIA datasheet, 1979 is with sparsity), 80 GB HBM3, NVLink 4
+  at 900 GB/s bidirectional = 450 GB/s per direction. TPU and A100 numbers are the paper's Table 2.
+* Training memory per device (section 5.1, App. B), on n devices, ``batch`` sequences per device
+  for the baselines and per ring for ring (1 by default: the baselines hold one sequence per
+  device, total batch n*l tokens, and ring trains one n*l sequence over all n devices):
+  - model state under FSDP: 16 bytes/param (fp32 weights, grads, Adam m and v; the paper trains
+    in full precision; bf16 mixed precision with fp32 master weights is 16 too), divided by n;
+    plus one layer gathered unsharded (fp32 weights and grads, 8 bytes per layer parameter).
+  - full gradient checkpointing with ``nothing_saveable`` on attention and FFN separately
+    (App. B.2): 2 saved inputs per layer, 2*L*b*s*h elements; ring shards them, s -> s/n.
+  - the peak of one layer's recompute: Table 1, with c = s/n for ring and c = ``chunk`` (1024)
+    for the blockwise baselines. Vanilla attention is unfused, and an unfused fp32 backward keeps
+    several b*n*s^2 buffers live at once: we count 8 (scores, masked scores, exp, probabilities
+    in the recompute; dP, P*dP, dS, scaled dS in the backward) where Table 1 counts one. That is
+    the high end of a naive count, chosen because with 4 the 8x A100 7B vanilla would reach 8K
+    against the paper's 2K; it moves only the vanilla column.
+  - no full-sequence logits: the LM head and loss are taken over sequence chunks (as a
+    blockwise model does), a negligible chunk instead of b*s*V. The paper's JAX code does build
+    the logits; ``logits_copies=1`` (fp32, 128 KB/token) models that, and it puts 32x A100 7B
+    at 32K/1024K, outside 2x of the paper's 128K/4096K.
+  - activations in fp32 (4 bytes) on GPU and TPU alike ("full precision", section 4).
+  - the whole of ``memory_bytes`` (80 GB = 80e9, not 80 GiB) is usable.
+  - ring size = n devices. TPU pod names count TensorCores, two per chip for v3 and v4:
+    TPUv4-1024 is 512 chips, TPUv3-512 is 256 (with Table 2's 16 GB per v3 device, the paper's
+    number, though a v3 chip carries 2 x 16 GB); TPUv5e-256 is 256 single-core chips.
+  - max context is searched in tokens; tables round down to a power of two of K = 1024 tokens.
+* Known misfit: 8x A100, 13B, memory-efficient attention gives 16K against the paper's 4K. No
+  model of this form can reach it: checkpoints of 40 layers dwarf one layer's FFN peak, so
+  mem-eff and BPT differ by well under 2x, while the paper reports 4x for this one cell (and,
+  from 8 to 32 A100s, 4x more context although FSDP frees only ~15% more memory).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, replace
+
+METHODS = ("vanilla", "memeff", "bpt", "ring")
+METHOD_TITLES = {"vanilla": "Vanilla", "memeff": "Memory-efficient attn",
+                 "bpt": "Mem-eff attn + FFN (BPT)", "ring": "Ring Attention"}
+K = 1024  # tokens per "K" in the tables
+
+
+def _positive(name, value, integer=False):
+    kinds = int if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or not value > 0 \
+            or not math.isfinite(value):
+        kind = "positive int" if integer else "positive number"
+        raise ValueError(f"{name} must be a {kind}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A LLaMA-style decoder: the only sizes the memory model needs."""
+    name: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int
+    vocab: int = 32000
+
+    def __post_init__(self):
+        for f in ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab"):
+            _positive(f"ModelShape.{f}", getattr(self, f), integer=True)
+        if self.hidden % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.name}: hidden {self.hidden} must divide into n_heads "
+                             f"{self.n_heads}, and n_heads into n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def layer_params(self) -> int:
+        """Weights of one block: q, o (h*h), k, v (h*kv_dim), SwiGLU (3*h*f), two RMSNorms."""
+        kv_dim = self.hidden // self.n_heads * self.n_kv_heads
+        h = self.hidden
+        return 2 * h * h + 2 * h * kv_dim + 3 * h * self.ffn_hidden + 2 * h
+
+    @property
+    def n_params(self) -> int:
+        """All weights: layers, untied embedding and LM head, final norm."""
+        return self.n_layers * self.layer_params + 2 * self.vocab * self.hidden + self.hidden
+
+
+@dataclass(frozen=True)
+class Device:
+    """One accelerator: dense FLOP/s, memory bytes, unidirectional ring bandwidth bytes/s."""
+    name: str
+    flops: float
+    memory_bytes: float
+    bandwidth_bytes_per_s: float
+
+    def __post_init__(self):
+        for f in ("flops", "memory_bytes", "bandwidth_bytes_per_s"):
+            _positive(f"Device.{f}", getattr(self, f))
+
+
+def _llama(name, layers, hidden, heads, ffn):
+    return ModelShape(name, layers, hidden, heads, heads, ffn, 32000)
+
+
+MODELS = {m.name.split("-")[1]: m for m in (
+    _llama("llama-3b", 26, 3200, 32, 8640),   # OpenLLaMA-3B shapes
+    _llama("llama-7b", 32, 4096, 32, 11008),
+    _llama("llama-13b", 40, 5120, 40, 13824),
+    _llama("llama-30b", 60, 6656, 52, 17920),
+    _llama("llama-65b", 80, 8192, 64, 22016))}
+
+DEVICES = {d.name: d for d in (
+    Device("a100-nvlink", 312e12, 80e9, 300e9),
+    Device("a100-ib", 312e12, 80e9, 12.5e9),
+    Device("h100", 989e12, 80e9, 450e9),
+    Device("tpu-v3", 123e12, 16e9, 112e9),
+    Device("tpu-v4", 275e12, 32e9, 268e9),
+    Device("tpu-v5e", 196e12, 16e9, 186e9))}
+
+
+def _lookup(table, name, what):
+    key = str(name).lower().replace("_", "-")
+    key = key[len("llama-"):] if what == "model" and key.startswith("llama-") else key
+    if key not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose one of: {', '.join(table)}")
+    return table[key]
+
+
+def get_model(name) -> ModelShape:
+    """A preset by name ('7b' or 'llama-7b'); a ModelShape passes through."""
+    return name if isinstance(name, ModelShape) else _lookup(MODELS, name, "model")
+
+
+def get_device(name) -> Device:
+    """A preset by name ('a100-nvlink', 'tpu-v4', ...); a Device passes through."""
+    return name if isinstance(name, Device) else _lookup(DEVICES, name, "device")
+
+
+def _method(method):
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    return method
+
+
+# ---------------------------------------------------------------- Table 1: one layer's peak
+def activation_parts(method, b, s, hidden, heads, block, bytes_per_element=2, score_copies=1):
+    """(attention, FFN) peak bytes of one layer, paper Table 1 scaled from bf16.
+
+    ``score_copies`` counts live b*n*s^2 buffers in vanilla attention (Table 1 counts one).
+    For ring, ``block`` is the per-device block c = s/n.
+    """
+    _method(method)
+    for n, v in (("b", b), ("s", s), ("hidden", hidden), ("heads", heads), ("block", block),
+                 ("bytes_per_element", bytes_per_element), ("score_copies", score_copies)):
+        _positive(n, v)
+    unit = bytes_per_element / 2  # Table 1 is in bf16 bytes
+    c = min(block, s)
+    attn, ffn = {
+        "vanilla": (2 * b * heads * s * s * score_copies, 8 * b * s * hidden),
+        "memeff": (2 * b * s * hidden + 4 * b * c * hidden, 8 * b * s * hidden),
+        "bpt": (2 * b * s * hidden, 2 * b * s * hidden),
+        "ring": (6 * b * c * hidden, 2 * b * c * hidden)}[method]
+    return attn * unit, ffn * unit
+
+
+def activation_bytes_per_layer(method, b, s, hidden, heads, block, bytes_per_element=2,
+                               score_copies=1):
+    """Peak activation bytes of one layer (Table 1 'Total' = max of attention and FFN)."""
+    return max(activation_parts(method, b, s, hidden, heads, block, bytes_per_element,
+                                score_copies))
+
+
+# ---------------------------------------------------------------- Table 2: overlap condition
+def min_block_size(device, bytes_per_element=2, kv_fraction=1.0) -> float:
+    """Smallest block c (tokens) whose compute 4dc^2 hides sending K,V (4cd bytes in bf16).
+
+    4dc^2/F >= 4cd/B gives c >= F/B. Other K/V dtypes or GQA (K/V narrower than the hidden by
+    ``kv_fraction``) scale the bytes sent, hence c, linearly.
+    """
+    device = get_device(device)
+    _positive("bytes_per_element", bytes_per_element)
+    _positive("kv_fraction", kv_fraction)
+    return device.flops / device.bandwidth_bytes_per_s * (bytes_per_element / 2) * kv_fraction
+
+
+def min_seq_per_device(device, **kw) -> float:
+    """Per-device sequence the paper asks for overlap: s = 6c (section 3, Table 2)."""
+    return 6 * min_block_size(device, **kw)
+
+
+# ---------------------------------------------------------------- Table 3: max context
+@dataclass(frozen=True)
+class MemoryModel:
+    """What a training step keeps per device besides one layer's peak (see module docstring)."""
+    state_bytes_per_param: float = 16.0   # fp32 weights + grads + Adam m, v; sharded by FSDP
+    gather_bytes_per_param: float = 8.0   # one unsharded layer: fp32 weights + grads
+    checkpoints_per_layer: int = 2        # saved inputs of attention and of FFN
+    logits_copies: float = 0.0            # full-sequence fp32 logits (0: chunked loss)
+    bytes_per_element: float = 4.0        # activations: fp32 ("full precision", App. B)
+    score_copies: int = 8                 # live b*n*s^2 buffers in unfused vanilla attention
+    chunk: int = 1024                     # query/key block of the blockwise baselines
+
+
+DEFAULT_MEMORY = MemoryModel()
+
+
+def training_memory(method, model, n_devices, seq, batch=1, memory=DEFAULT_MEMORY) -> dict:
+    """Bytes per device, by part, to train ``model`` on ``seq``-token sequences."""
+    model, _ = get_model(model), _method(method)
+    for n, v in (("n_devices", n_devices), ("seq", seq), ("batch", batch)):
+        _positive(n, v, integer=n != "seq")
+    e, h = memory.bytes_per_element, model.hidden
+    local = seq / n_devices if method == "ring" else seq
+    block = local if method == "ring" else memory.chunk
+    parts = {
+        "model state": model.n_params * memory.state_bytes_per_param / n_devices,
+        "gathered layer": model.layer_params * memory.gather_bytes_per_param,
+        "checkpoints": memory.checkpoints_per_layer * model.n_layers * batch * local * h * e,
+        "logits": memory.logits_copies * batch * local * model.vocab * e,
+        "layer peak": activation_bytes_per_layer(method, batch, seq, h, model.n_heads, block,
+                                                 e, memory.score_copies)}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def max_context(method, model, device, n_devices, batch=1, memory=DEFAULT_MEMORY) -> int:
+    """Longest sequence (tokens; a multiple of n_devices for ring) that fits; 0 if none does."""
+    device, n_devices = get_device(device), _positive("n_devices", n_devices, integer=True)
+    _method(method), _positive("batch", batch, integer=True)
+    step = n_devices if method == "ring" else 1
+    fits = lambda k: training_memory(method, model, n_devices, k * step, batch,
+                                     memory)["total"] <= device.memory_bytes
+    if not fits(1):
+        return 0
+    hi = 2
+    while fits(hi):
+        hi *= 2
+    lo = hi // 2  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
+
+
+def pow2_k(tokens) -> int:
+    """Round a token count down to a power of two of K = 1024 tokens (the paper's grid); 0 if < 1K."""
+    return 0 if tokens < K else 2 ** int(math.floor(math.log2(tokens / K)))
+
+
+# ---------------------------------------------------------------- the paper's tables
+PAPER_TABLE2 = {  # device: (min c, min s = 6c), thousands of tokens
+    "a100-nvlink": (1.0, 6.2), "a100-ib": (24.5, 149.5), "tpu-v3": (1.1, 6.6),
+    "tpu-v4": (1.0, 6.2), "tpu-v5e": (1.1, 6.3)}
+
+# (label, device, n_devices, {model: (vanilla, memeff, bpt, ring)}) in K tokens, paper Table 3
+PAPER_TABLE3 = (
+    ("8x A100 NVLink", "a100-nvlink", 8,
+     {"3b": (4, 32, 64, 512), "7b": (2, 16, 32, 256), "13b": (2, 4, 16, 128)}),
+    ("32x A100 InfiniBand", "a100-ib", 32, {"7b": (4, 64, 128, 4096), "13b": (4, 32, 64, 2048)}),
+    ("TPUv3-512 (256 chips)", "tpu-v3", 256, {"7b": (1, 4, 8, 2048), "13b": (1, 2, 8, 1024)}),
+    ("TPUv4-1024 (512 chips)", "tpu-v4", 512,
+     {"3b": (8, 16, 32, 16384), "7b": (4, 8, 16, 8192), "13b": (4, 8, 16, 4096),
+      "30b": (2, 4, 8, 2048)}),
+    ("TPUv5e-256", "tpu-v5e", 256, {"3b": (4, 8, 32, 4096), "7b": (2, 8, 16, 2048)}))
+
+
+def table3_rows(memory=DEFAULT_MEMORY):
+    """[(setup, model, method, ours_k, paper_k)] for every Table 3 cell, ours rounded to pow2 K."""
+    return [(label, m, meth, pow2_k(max_context(meth, m, dev, n, 1, memory)), paper[i])
+            for label, dev, n, cells in PAPER_TABLE3 for m, paper in cells.items()
+            for i, meth in enumerate(METHODS)]
+
+
+def format_table2() -> str:
+    lines = ["Table 2: min block c and per-device sequence 6c for overlap (K = 1000 tokens)",
+             f"{'device':<12}{'TFLOPS':>8}{'GB':>6}{'GB/s':>7}{'c ours':>9}{'paper':>7}"
+             f"{'6c ours':>9}{'paper':>7}"]
+    for name, (pc, ps) in PAPER_TABLE2.items():
+        d = DEVICES[name]
+        lines.append(f"{name:<12}{d.flops / 1e12:>8.0f}{d.memory_bytes / 1e9:>6.0f}"
+                     f"{d.bandwidth_bytes_per_s / 1e9:>7.1f}{min_block_size(d) / 1e3:>9.2f}"
+                     f"{pc:>7.1f}{min_seq_per_device(d) / 1e3:>9.2f}{ps:>7.1f}")
+    lines.append("a100-ib: 312/12.5 = 24.96; the paper prints 24.5 (and 149.5 = 6 x 24.9).")
+    return "\n".join(lines)
+
+
+def format_table3(memory=DEFAULT_MEMORY) -> str:
+    rows = table3_rows(memory)
+    lines = ["Table 3: max context, K = 1024 tokens, ours (power of two) / paper",
+             f"{'setup':<24}{'model':<6}" + "".join(f"{m:>14}" for m in METHODS)]
+    for i in range(0, len(rows), len(METHODS)):
+        group = rows[i:i + len(METHODS)]
+        lines.append(f"{group[0][0]:<24}{group[0][1]:<6}"
+                     + "".join(f"{f'{o}/{p}':>14}" for _, _, _, o, p in group))
+    exact = sum(o == p for *_, o, p in rows)
+    within = sum(p / 2 <= o <= 2 * p for *_, o, p in rows)
+    lines.append(f"exact: {exact}/{len(rows)}; within 2x: {within}/{len(rows)}")
+    return "\n".join(lines)
+
+
+def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMORY) -> str:
+    """Readable plan: per-layer activations at ``seq``, overlap block, longest context per method."""
+    model, device = get_model(model), get_device(device)
+    _positive("n_devices", n_devices, True), _positive("batch", batch, True)
+    c = min_block_size(device)
+    seq = _positive("seq", max(32 * K, n_devices * K) if seq is None else seq, True)
+    e = memory.bytes_per_element
+    gib = lambda x: f"{x / 2**30:10.2f} GiB"
+    lines = [f"plan: {model.name} ({model.n_params / 1e9:.2f}B params) on {n_devices} x "
+             f"{device.name} ({device.flops / 1e12:g} TFLOP/s, {device.memory_bytes / 1e9:g} GB, "
+             f"{device.bandwidth_bytes_per_s / 1e9:g} GB/s), batch {batch} per ring",
+             f"overlap: block c >= F/B = {c:,.0f} tokens; per-device sequence >= 6c = "
+             f"{6 * c:,.0f} tokens; ring context >= {6 * c * n_devices:,.0f} tokens",
+             f"activation per layer at s = {seq:,} ({e:g} bytes/element; ring block s/n = "
+             f"{seq / n_devices:,.0f}, others chunk {memory.chunk}):",
+             f"  {'':<26}{'Table 1':>14}{'planner':>14}"]
+    for m in METHODS:
+        block = seq / n_devices if m == "ring" else memory.chunk
+        args = (m, batch, seq, model.hidden, model.n_heads, block, e)
+        lines.append(f"  {METHOD_TITLES[m]:<26}" + gib(activation_bytes_per_layer(*args))
+                     + gib(activation_bytes_per_layer(*args, memory.score_copies)))
+    lines.append("longest context that fits (ring: whole sequence over the ring):")
+    for m in METHODS:
+        s = max_context(m, model, device, n_devices, batch, memory)
+        note = "  (does not fit)" if not s else "" if m != "ring" or s >= 6 * c * n_devices \
+            else "  (too short to hide comm)"
+        lines.append(f"  {METHOD_TITLES[m]:<26}{s:>14,} tokens  ({pow2_k(s)}K pow2){note}")
+    ring = max_context("ring", model, device, n_devices, batch, memory)
+    if ring:
+        parts = training_memory("ring", model, n_devices, ring, batch, memory)
+        lines.append("ring memory per device at that length: " + ", ".join(
+            f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items()))
+    return "\n".join(lines)
+
+
+format_plan = plan_report
+
+
+# ---------------------------------------------------------------- CLI glue
+def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of `ringwise plan`; the custom-device numbers override the --device preset."""
+    parser.add_argument("--model", default="7b", help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--device", default="a100-nvlink", help=f"one of {', '.join(DEVICES)}")
+    parser.add_argument("--devices", type=int, default=8, help="devices in the ring (FSDP too)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per ring")
+    parser.add_argument("--seq", type=int, default=None, help="sequence for per-layer numbers")
+    parser.add_argument("--flops", type=float, default=None, help="custom dense FLOP/s")
+    parser.add_argument("--memory-gb", type=float, default=None, help="custom memory, GB")
+    parser.add_argument("--bandwidth-gbps", type=float, default=None,
+                        help="custom unidirectional bandwidth, GB/s")
+    parser.add_argument("--table2", action="store_true", help="print paper Table 2 vs ours")
+    parser.add_argument("--table3", action="store_true", help="print paper Table 3 vs ours")
+    return parser
+
+
+def run_plan(args) -> int:
+    """Print the plan (or the tables) for parsed ``args``; bad input raises ValueError."""
+    if args.table2 or args.table3:
+        print("\n\n".join(t() for f, t in ((args.table2, format_table2),
+                                          (args.table3, format_table3)) if f))
+        return 0
+    device = get_device(args.device)
+    custom = {}
+    for name, field, scale in (("flops", "flops", 1), ("memory_gb", "memory_bytes", 1e9),
+                               ("bandwidth_gbps", "bandwidth_bytes_per_s", 1e9)):
+        value = getattr(args, name, None)
+        if value is not None:
+            custom[field] = _positive(f"--{name.replace('_', '-')}", value) * scale
+    if custom:
+        device = replace(device, name=f"custom({device.name})", **custom)
+    print(plan_report(args.model, device, args.devices, args.batch, args.seq))
+    return 0
