@@ -63,7 +63,7 @@ class LocalCluster:
     """W live ranks in one process group; use as a context manager or call close()."""
 
     def __init__(self, world_size: int, backend: str = "gloo", threads_per_rank: int = 1,
-                 pg_timeout: float = 60.0, start_timeout: float = 120.0):
+                 pg_timeout: float = 60.0, start_timeout: float = 120.0, track_memory: bool = False):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
@@ -78,8 +78,16 @@ class LocalCluster:
                 self._dump_path(r)))
             for r in range(world_size)
         ]
-        for p in self._procs:
-            p.start()
+        saved = dict(os.environ)
+        if track_memory:  # children read malloc settings at start-up
+            from .memory import malloc_env
+            os.environ.update(malloc_env())
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         self.closed = False
         self._collect("start-up", start_timeout, expect="ready")
 

@@ -1,0 +1,48 @@
+"""`ringwise` command line: demo, bench, plan (train arrives with the training job)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import demo
+    from .bench import SUITES
+
+    p = argparse.ArgumentParser(prog="ringwise", description="Exact ring attention for near-infinite context")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="ring attention on a long sequence across local processes, measured")
+    demo.add_arguments(d)
+
+    b = sub.add_parser("bench", help="benchmarks measured side by side (results to --out)")
+    b.add_argument("suite", choices=SUITES + ("all",))
+    b.add_argument("--out", default="results", help="folder for JSON, markdown and plots")
+    b.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in well under a minute")
+    for name in SUITES:
+        g = b.add_argument_group(name)
+        importlib.import_module(f"ringwise.bench.{name}").add_arguments(g)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from . import demo
+
+        demo.run(args)
+    elif args.command == "bench":
+        from .bench import SUITES
+
+        for name in SUITES if args.suite == "all" else (args.suite,):
+            mod = importlib.import_module(f"ringwise.bench.{name}")
+            if args.quick:
+                for key, value in getattr(mod, "QUICK", {}).items():
+                    setattr(args, key, value)
+            mod.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Peak memory of a piece of work, measured, on CPU and CUDA.
+
+CUDA: the caching allocator's peak. CPU: torch keeps no allocator statistics, so we
+read the kernel's peak resident set (VmHWM) after resetting it through
+/proc/self/clear_refs. That counts every byte the process touched, so run with
+MALLOC_MMAP_THRESHOLD_ set low (see `malloc_env`) to make freed tensors leave the
+resident set at once; `LocalCluster(..., track_memory=True)` does this for its ranks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def malloc_env() -> dict[str, str]:
+    """Environment that makes glibc return large frees to the OS (honest RSS peaks)."""
+    return {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as m: work()`; then m.peak_bytes is the peak above the start."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self._base = _status_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self.peak_bytes = max(0, _status_kb("VmHWM") * 1024 - self._base)
+
+
+def mib(n_bytes: float) -> float:
+    return n_bytes / 2**20
+
+
+def tracking_enabled() -> bool:
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None
