@@ -1,4 +1,4 @@
-"""`ringwise` command line: demo, bench, plan (train arrives with the training job)."""
+"""`ringwise` command line: demo, plan, bench."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="ring attention on a long sequence across local processes, measured")
     demo.add_arguments(d)
 
+    from .plan import add_plan_arguments
+
+    add_plan_arguments(sub.add_parser("plan", help="the paper's memory/overlap model for a cluster you plan"))
+
     b = sub.add_parser("bench", help="benchmarks measured side by side (results to --out)")
     b.add_argument("suite", choices=SUITES + ("all",))
     b.add_argument("--out", default="results", help="folder for JSON, markdown and plots")
@@ -32,6 +36,14 @@ def main(argv=None) -> int:
         from . import demo
 
         demo.run(args)
+    elif args.command == "plan":
+        from .plan import run_plan
+
+        try:
+            return run_plan(args)
+        except ValueError as e:
+            print(f"ringwise plan: {e}", file=sys.stderr)
+            return 2
     elif args.command == "bench":
         from .bench import SUITES
 

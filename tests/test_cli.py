@@ -1,0 +1,33 @@
+"""The command line end to end, at smoke-test sizes."""
+import json
+
+import pytest
+
+from ringwise.cli import main
+
+
+def test_demo_small(capsys):
+    assert main(["demo", "--world", "3", "--seq", "384", "--heads", "2", "--head-dim", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "max |error| vs float64 reference" in out and "time ratio SDPA / ring" in out
+    # the printed errors are float32-sized, not garbage
+    errors = out.split("reference:")[1].split("\n")[0]
+    assert all(float(part.split()[1]) < 1e-4 for part in errors.split(","))
+
+
+def test_bench_attention_quick(tmp_path):
+    assert main(["bench", "attention", "--quick", "--seq", "512", "--heads", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    assert {(r["impl"], r["causal"], r["layout"]) for r in rows} >= {("ring", True, "zigzag"), ("sdpa", False, "-")}
+    assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_plan_tables(capsys):
+    assert main(["plan", "--table2"]) == 0
+    out = capsys.readouterr().out
+    assert "a100-ib" in out and "24.96" in out
+
+
+def test_plan_bad_preset(capsys):
+    assert main(["plan", "--model", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
