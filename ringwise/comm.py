@@ -38,17 +38,17 @@ class Ring:
             self.next_peer = to_global((self.rank + 1) % self.world_size)
             self.prev_peer = to_global((self.rank - 1) % self.world_size)
 
-    def exchange(self, stream: str, send: torch.Tensor, recv: torch.Tensor) -> "Hop":
-        """Post send -> next and recv <- prev as one batch; returns a handle to wait on.
+    def exchange(self, stream: str, send: list[torch.Tensor], recv: list[torch.Tensor]) -> "Hop":
+        """Post send[i] -> next and recv[i] <- prev, all as one batch (one hop); returns a handle.
 
         Each stream has its own tag, so a kv and a dkv hop in flight together never match
         each other's messages.
         """
         tag = _STREAM_TAGS.setdefault(stream, len(_STREAM_TAGS))
-        ops = [
-            dist.P2POp(dist.isend, send, self.next_peer, self.group, tag),
-            dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag),
-        ]
+        ops = []
+        for s, r in zip(send, recv, strict=True):
+            ops.append(dist.P2POp(dist.isend, s, self.next_peer, self.group, tag))
+            ops.append(dist.P2POp(dist.irecv, r, self.prev_peer, self.group, tag))
         HOP_COUNTS[stream] += 1
         return Hop(dist.batch_isend_irecv(ops))
 

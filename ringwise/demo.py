@@ -33,27 +33,41 @@ def _warm_up(fn, *shape):
 
 def ring_rank(args):
     _warm_up(lambda x: ringwise.ring_attention(x, x, x, causal=True, layout=args.layout), 1, 2 * 64, args.heads, args.head_dim)
-    q, k, v, dout = (ringwise.shard(x, 1, args.layout) for x in _inputs(args))
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    dist.barrier()
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
-        out = ringwise.ring_attention(q, k, v, causal=True, layout=args.layout)
-        out.backward(dout)
-        seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, peak=mem.peak_bytes, out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+    inputs = [ringwise.shard(x, 1, args.layout) for x in _inputs(args)]
+
+    def attention(q, k, v):
+        dist.barrier()
+        return ringwise.ring_attention(q, k, v, causal=True, layout=args.layout)
+
+    return _measured(attention, inputs, args.iters)
+
+
+def _measured(attention, inputs, iters):
+    """Forward+backward `iters` times; time and peak memory of the last (steady state).
+
+    Each run lives in its own call, so nothing of the previous one is resident when the
+    next one starts measuring.
+    """
+    def once():
+        q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            out = attention(q, k, v)
+            out.backward(inputs[3])
+            seconds = time.perf_counter() - t0
+        return dict(seconds=seconds, peak=mem.peak_bytes, out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+
+    for _ in range(iters - 1):
+        once()
+    return once()
 
 
 def sdpa_single(args):
     _warm_up(lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True), 1, args.heads, 128, args.head_dim)
-    q, k, v, dout = (x.transpose(1, 2) for x in _inputs(args))
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out.backward(dout)
-        seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, peak=mem.peak_bytes)
+    inputs = [x.transpose(1, 2) for x in _inputs(args)]
+    res = _measured(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                    inputs, args.iters)
+    return dict(seconds=res["seconds"], peak=res["peak"])
 
 
 def reference_errors(args, ring_results):
@@ -82,6 +96,7 @@ def add_arguments(p):
     p.add_argument("--layout", default="zigzag", choices=ringwise.LAYOUTS)
     p.add_argument("--threads", type=int, default=2, help="total CPU threads (shared by the ranks)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=int, default=2, help="forward+backward runs; the last one is reported")
 
 
 def run(args):
@@ -105,6 +120,7 @@ def run(args):
     ring_time = max(r["seconds"] for r in ring)
     print(f"\nringwise demo: causal attention over {args.seq} tokens, {args.heads} heads x {args.head_dim}, "
           f"float32, {W} ranks ({args.layout}), forward+backward")
+    print(f"(iteration {args.iters} of {args.iters}; peak MiB = peak resident memory above the inputs)")
     print(f"{'rank':>6} {'tokens':>8} {'seconds':>9} {'peak MiB':>9}")
     for r, res in enumerate(ring):
         print(f"{r:>6} {args.seq // W:>8} {res['seconds']:>9.2f} {mib(res['peak']):>9.1f}")

@@ -1,7 +1,7 @@
 """Exact merge of two attention results over disjoint key sets.
 
     lse = logaddexp(lse_a, lse_b)
-    o   = o_a - sigmoid(lse_b - lse_a) * (o_a - o_b)
+    o   = o_a + sigmoid(lse_b - lse_a) * (o_b - o_a)       (a lerp, in place)
 
 kept in float32 (float64 for float64 inputs). A row that has seen no key has lse = -inf
 and o = 0; merging two such rows must stay 0, never NaN.
@@ -20,5 +20,5 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     block_lse = block_lse.to(lse.dtype)
     # sigmoid(b - a) with both -inf is NaN; such rows have nothing to add: weight 0.
     weight = torch.sigmoid(block_lse - lse).nan_to_num_(nan=0.0)
-    out.sub_(weight.unsqueeze(-1) * (out - block_out.to(out.dtype)))
+    out.lerp_(block_out.to(out.dtype), weight.unsqueeze(-1))
     lse.copy_(torch.logaddexp(lse, block_lse))

@@ -28,57 +28,76 @@ def _cols(t):
     return slice(t.k_start, t.k_start + t.k_len)
 
 
+def _heads_first(x):
+    """(batch, seq, heads, dim) -> the kernels' (batch, heads, seq, dim), as a view (no copy)."""
+    return x.transpose(1, 2)
+
+
+def _receive_buffers(kv, W):
+    """Double buffers for visiting K/V blocks; the caller's own k, v are never written."""
+    return [tuple(torch.empty_like(x) for x in kv) for _ in range(min(2, W - 1))]
+
+
 def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel):
-    """q, k, v in (batch, heads, seq, dim) layout; returns out (input dtype) and lse."""
-    W, rank, L = ring.world_size, ring.rank, q.shape[2]
+    """q, k, v: (batch, seq, heads, dim). Returns out (input dtype, same layout) and lse (batch, heads, seq).
+
+    Buffers are the paper's: the query block, the visiting K/V block and its receive
+    buffers, and the float32 output accumulator. Kernels read strided views, no copies.
+    """
+    W, rank, L = ring.world_size, ring.rank, q.shape[1]
     dt = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=dt, device=q.device)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=dt, device=q.device)
-    kv = torch.stack([k, v])
-    spare = torch.empty_like(kv) if W > 1 else None
+    lse = torch.full((q.shape[0], q.shape[2], L), float("-inf"), dtype=dt, device=q.device)
+    qh, out_h = _heads_first(q), _heads_first(out)
+    kv = (k.contiguous(), v.contiguous())  # the first visitor is our own block: no copy
+    inbox = _receive_buffers(kv, W)
     for step in range(W):
-        hop = ring.exchange("kv", kv, spare) if step < W - 1 else None
+        hop = ring.exchange("kv", kv, inbox[step % 2]) if step < W - 1 else None
+        kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal):
             rows, cols = _rows(t), _cols(t)
-            o_b, lse_b = kernel.forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], t.causal, scale)
-            merge_into(out[:, :, rows], lse[:, :, rows], o_b, lse_b)
+            o_b, lse_b = kernel.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale)
+            merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
         if hop is not None:
             hop.wait()
-            kv, spare = spare, kv
+            kv = inbox[step % 2]
     return out.to(q.dtype), lse
 
 
 def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, kernel):
-    """Gradients of q, k, v (input dtype) given the final out and lse of the forward ring."""
-    W, rank, L = ring.world_size, ring.rank, q.shape[2]
+    """Gradients of q, k, v (input dtype, (batch, seq, heads, dim)) from the final out and lse."""
+    W, rank, L = ring.world_size, ring.rank, q.shape[1]
     dt = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
-    kv = torch.stack([k, v])
-    kv_spare = torch.empty_like(kv) if W > 1 else None
+    qh, dq_h, out_h, dout_h = _heads_first(q), _heads_first(dq), _heads_first(out), _heads_first(dout)
+    kv = (k.contiguous(), v.contiguous())
+    inbox = _receive_buffers(kv, W)
     dkv_shape = (2,) + tuple(k.shape)
-    dkv_in = torch.empty(dkv_shape, dtype=dt, device=q.device) if W > 1 else None
+    dkv_in = None
     dkv_hop = None
     for step in range(W):
-        kv_hop = ring.exchange("kv", kv, kv_spare) if step < W - 1 else None
+        kv_hop = ring.exchange("kv", kv, inbox[step % 2]) if step < W - 1 else None
+        kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         dkv = torch.zeros(dkv_shape, dtype=dt, device=q.device)
+        dk_h, dv_h = _heads_first(dkv[0]), _heads_first(dkv[1])
         for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal):
             rows, cols = _rows(t), _cols(t)
             dq_t, dk_t, dv_t = kernel.backward(
-                dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols],
-                out[:, :, rows], lse[:, :, rows].contiguous(), t.causal, scale,
+                dout_h[:, :, rows], qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
+                out_h[:, :, rows], lse[:, :, rows].contiguous(), t.causal, scale,
             )
-            dq[:, :, rows] += dq_t
-            dkv[0][:, :, cols] += dk_t
-            dkv[1][:, :, cols] += dv_t
+            dq_h[:, :, rows] += dq_t
+            dk_h[:, :, cols] += dk_t
+            dv_h[:, :, cols] += dv_t
         if W > 1:
             if dkv_hop is not None:  # the accumulator of the block we just visited
                 dkv_hop.wait()
                 dkv += dkv_in
             dkv_in = torch.empty_like(dkv)
-            dkv_hop = ring.exchange("dkv", dkv, dkv_in)
+            dkv_hop = ring.exchange("dkv", [dkv], [dkv_in])
         if kv_hop is not None:
             kv_hop.wait()
-            kv, kv_spare = kv_spare, kv
+            kv = inbox[step % 2]
     if dkv_hop is not None:
         dkv_hop.wait()
         dkv = dkv_in  # our own block's gradient, back from its last visit
@@ -88,19 +107,17 @@ def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, ke
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, layout, ring, kernel):
-        # Public (batch, seq, heads, dim) -> kernel (batch, heads, seq, dim), once per call.
-        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        out, lse = ring_forward(qh, kh, vh, causal, scale, layout, ring, kernel)
-        ctx.save_for_backward(qh, kh, vh, out, lse)
+        out, lse = ring_forward(q, k, v, causal, scale, layout, ring, kernel)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, scale, layout, ring, kernel)
         ctx.mark_non_differentiable(lse)
-        return out.transpose(1, 2).contiguous(), lse
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        qh, kh, vh, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.transpose(1, 2).contiguous(), qh, kh, vh, out, lse, *ctx.args)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _local_problems(q, k, v, layout, backend, ring) -> str | None:

@@ -12,7 +12,7 @@ from ringwise.merge import merge_into
 from reference import max_err, reference_attention
 
 
-@pytest.mark.parametrize("layout,W,causal", itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5, 8], [False, True]))
+@pytest.mark.parametrize("layout,W,causal", list(itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5, 8], [False, True])))
 def test_tiles_cover_exactly_the_mask(layout, W, causal):
     """Every visible (query, key) pair is computed exactly once; no invisible pair is."""
     L = 2 * 3  # even, so zigzag can split it

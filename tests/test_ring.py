@@ -28,10 +28,12 @@ def run_attention(case, q, k, v, dout):
     """Forward + backward of ring_attention on this rank's shard; returns local results."""
     dt, layout = DTYPES[case["dtype"]], case["layout"]
     ql, kl, vl = (ringwise.shard(x.to(dt), 1, layout).requires_grad_() for x in (q, k, v))
+    before = [x.detach().clone() for x in (ql, kl, vl)]
     HOP_COUNTS.clear()
     out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True)
     fwd_hops = dict(HOP_COUNTS)
     out.backward(ringwise.shard(dout.to(dt), 1, layout))
+    assert all(torch.equal(a, b) for a, b in zip(before, (ql, kl, vl))), "the ring wrote into its inputs"
     bwd_hops = {s: n - fwd_hops.get(s, 0) for s, n in HOP_COUNTS.items()}
     return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad,
                 fwd_hops=fwd_hops, bwd_hops=bwd_hops)
