@@ -1,4 +1,4 @@
-"""`ringwise` command line: demo, plan, bench."""
+"""`ringwise` command line: train, demo, plan, bench."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="ring attention on a long sequence across local processes, measured")
     demo.add_arguments(d)
 
+    from . import train
+
+    t = sub.add_parser("train", help="sequence-parallel training of the Blockwise Transformer (the main job)")
+    train.add_arguments(t)
+
     from .plan import add_plan_arguments
 
     add_plan_arguments(sub.add_parser("plan", help="the paper's memory/overlap model for a cluster you plan"))
@@ -32,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
+    if args.command == "train":
+        from . import train
+
+        train.launch(args)
+    elif args.command == "demo":
         from . import demo
 
         demo.run(args)

@@ -1,0 +1,219 @@
+"""A LLaMA-style Blockwise Transformer whose attention runs as a ring.
+
+Each rank holds one shard of every sequence (any layout). Rotary embeddings use the
+*global* positions of the local tokens; attention is `ring_attention`; the SwiGLU
+feed-forward and the output loss run chunk by chunk along the sequence and are
+recomputed in backward, so neither a (seq x ffn_dim) hidden nor (seq x vocab) logits ever
+exist whole (Blockwise Parallel Transformer). Activation checkpointing per layer is an
+option on top.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .ring import ring_attention
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 264
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 384
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    ffn_chunk: int = 1024  # tokens per blockwise feed-forward chunk
+    loss_chunk: int = 1024  # tokens per blockwise loss chunk
+    checkpoint_layers: bool = False
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("head_dim (dim / n_heads) must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192),
+    "small": ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384),
+    "base": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768),
+    "llama-3b": ModelConfig(vocab_size=32000, dim=3200, n_layers=26, n_heads=32, n_kv_heads=32, ffn_dim=8640),
+    "llama-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
+    "llama-13b": ModelConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
+}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"model preset {name!r} is unknown; use one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def blockwise(fn, x: torch.Tensor, chunk: int, *extra: torch.Tensor) -> list:
+    """fn on chunks of x (and of extra) along dim 1, each recomputed in backward.
+
+    Only the chunk inputs are kept for backward, so fn's intermediates exist for one
+    chunk at a time, in forward and in backward.
+    """
+    outs = []
+    for start in range(0, x.shape[1], chunk):
+        parts = [t[:, start:start + chunk] for t in (x,) + extra]
+        if torch.is_grad_enabled() and x.requires_grad:
+            outs.append(checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            outs.append(fn(*parts))
+    return outs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin of shape (seq, head_dim) for the given *global* positions."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * freqs[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim); LLaMA's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, ring):
+        b, n, _ = x.shape
+        hd = self.cfg.head_dim
+        q = apply_rotary(self.wq(x).view(b, n, self.cfg.n_heads, hd), cos, sin)
+        k = apply_rotary(self.wk(x).view(b, n, self.cfg.n_kv_heads, hd), cos, sin)
+        v = self.wv(x).view(b, n, self.cfg.n_kv_heads, hd)
+        o = ring_attention(q, k, v, causal=True, **ring)
+        return self.wo(o.reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU, run blockwise along the sequence."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.chunk = cfg.ffn_chunk
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def swiglu(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def forward(self, x):
+        return torch.cat(blockwise(self.swiglu, x, self.chunk), dim=1)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, ring):
+        x = x + self.attn(self.attn_norm(x), cos, sin, ring)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder over one shard of each sequence; see module docstring."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # scaled residual projections (GPT-2)
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True):
+        """Final normalised hidden states of the local tokens: (batch, local_seq, dim)."""
+        cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        ring = dict(layout=layout, group=group, validate=validate)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            if self.cfg.checkpoint_layers and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, ring, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ring)
+        return self.norm(x)
+
+    def _chunk_loss(self, h, labels):
+        logits = self.output(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # never below float32
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def loss_sum(self, h, labels):
+        """Sum of next-token cross-entropies over the local labelled tokens, blockwise."""
+        parts = blockwise(self._chunk_loss, h, self.cfg.loss_chunk, labels)
+        return torch.stack(parts).sum()
+
+    def forward(self, input_ids, positions, labels, **ring):
+        """(sum of local token losses, number of local labelled tokens)."""
+        h = self.hidden(input_ids, positions, **ring)
+        return self.loss_sum(h, labels), (labels != IGNORE_INDEX).sum()
+
+    @torch.no_grad()
+    def labelled_predictions(self, input_ids, positions, labels, **ring):
+        """Greedy predictions at the labelled positions only (batch-major order)."""
+        h = self.hidden(input_ids, positions, **ring)
+        mask = labels != IGNORE_INDEX
+        return self.output(h[mask]).argmax(-1), mask
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
