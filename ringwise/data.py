@@ -147,9 +147,11 @@ RETRIEVAL_FORMATS: dict[str, RetrievalFormat] = {
     ),
     # Same task, ~3x fewer tokens per line: learnable by a tiny model on a CPU.
     "compact": RetrievalFormat(line="{id}:{value}\n", question="?{id}="),
+    # Key then value with nothing between: retrieval is a pure induction step (fastest to learn).
+    "pairs": RetrievalFormat(line="{id}{value}\n", question="?{id}"),
 }
 
-_DEFAULT_DIGITS = {"paper": (5, 5), "compact": (4, 4)}
+_DEFAULT_DIGITS = {"paper": (5, 5), "compact": (4, 4), "pairs": (4, 4)}
 
 
 class RetrievalDataset(torch.utils.data.Dataset):
@@ -166,12 +168,18 @@ class RetrievalDataset(torch.utils.data.Dataset):
         seq_len: tokens per example.
         seed: with the index, the only source of randomness (see module docstring).
         depth: needle depth in [0, 1]; ``None`` draws it uniformly per example.
-        fmt: ``"compact"`` (``<id>:<value>\\n`` lines, ``?<id>=`` question),
+        fmt: ``"compact"`` (``<id>:<value>\\n`` lines, ``?<id>:`` question: the answer follows the same ``<id>:`` as in its line),
             ``"paper"`` (the paper's wording) or a ``RetrievalFormat``.
         id_digits, value_digits: widths; default 4/4 for compact, 5/5 for paper.
             Longer contexts need more id digits (ids must be distinct).
         loss_on: ``"answer"`` puts labels only on the answer tokens; ``"all"`` on every
             real next token (PAD targets are always ignored).
+        questions: question/answer pairs at the end (default 1, the paper's task). More
+            pairs give training many retrieval targets per sequence (associative-recall
+            style); the last pair is always the needle at ``depth``, the others ask about
+            random lines.
+        id_chars: if given, each id is one character of this string (single-token keys,
+            as in associative recall) instead of an ``id_digits``-digit number.
         length: ``len(self)``; indices are unbounded in principle, any
             ``0 <= index < length`` is a fresh example.  Default 2**31.
     """
@@ -186,6 +194,8 @@ class RetrievalDataset(torch.utils.data.Dataset):
         value_digits: int | None = None,
         loss_on: str = "answer",
         length: int = 2**31,
+        questions: int = 1,
+        id_chars: str | None = None,
     ):
         if isinstance(fmt, str):
             if fmt not in RETRIEVAL_FORMATS:
@@ -205,6 +215,12 @@ class RetrievalDataset(torch.utils.data.Dataset):
             raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
+        if questions < 1:
+            raise ValueError(f"questions must be >= 1, got {questions}")
+        self.questions = int(questions)
+        if id_chars is not None and (len(set(id_chars)) != len(id_chars) or not id_chars or not id_chars.isascii()):
+            raise ValueError("id_chars must be a non-empty string of distinct ASCII characters")
+        self.id_chars = id_chars
         self.seq_len = int(seq_len)
         self.seed = seed
         self.depth = depth
@@ -214,19 +230,21 @@ class RetrievalDataset(torch.utils.data.Dataset):
 
         # Fixed widths make every line, question and answer a fixed number of bytes.
         some_id, some_value = 10 ** (self.id_digits - 1), 10 ** (self.value_digits - 1)
+        if self.id_chars:
+            some_id = self.id_chars[0]
         self.line_len = len(self._line(some_id, some_value))
         self.question_len = len(fmt.question.format(id=some_id).encode())
         self.answer_len = len(fmt.answer.format(value=some_value).encode())
-        room = self.seq_len - 1 - self.question_len - self.answer_len  # 1 for BOS
+        room = self.seq_len - 1 - self.questions * (self.question_len + self.answer_len)  # 1 for BOS
         self.n_lines = room // self.line_len if room > 0 else 0
         if self.n_lines < 1:
-            need = 1 + self.line_len + self.question_len + self.answer_len
+            need = 1 + self.line_len + self.questions * (self.question_len + self.answer_len)
             raise ValueError(f"seq_len={self.seq_len} is too short for one line plus question and answer; need >= {need}")
-        n_ids = 9 * 10 ** (self.id_digits - 1)
+        n_ids = len(self.id_chars) if self.id_chars else 9 * 10 ** (self.id_digits - 1)
         if self.n_lines > n_ids:
             raise ValueError(
-                f"seq_len={self.seq_len} holds {self.n_lines} lines but id_digits={self.id_digits} "
-                f"gives only {n_ids} distinct ids; raise id_digits"
+                f"seq_len={self.seq_len} holds {self.n_lines} lines but only {n_ids} distinct ids exist; "
+                + ("use more id_chars" if self.id_chars else "raise id_digits")
             )
 
     def _line(self, id_: int, value: int) -> bytes:
@@ -240,7 +258,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for RetrievalDataset of length {self.length}")
         rng = _rng("retrieval", self.seed, int(index))
         lo_id, lo_val = 10 ** (self.id_digits - 1), 10 ** (self.value_digits - 1)
-        ids = rng.sample(range(lo_id, 10 * lo_id), self.n_lines)
+        ids = rng.sample(self.id_chars or range(lo_id, 10 * lo_id), self.n_lines)
         values = [rng.randrange(lo_val, 10 * lo_val) for _ in range(self.n_lines)]
         # Draw the needle last: for a fixed depth the document does not depend on depth,
         # so a grid over depths compares the same documents.
@@ -249,10 +267,12 @@ class RetrievalDataset(torch.utils.data.Dataset):
         else:
             needle = math.floor(self.depth * (self.n_lines - 1) + 0.5)  # round half up
 
+        asked = [rng.randrange(self.n_lines) for _ in range(self.questions - 1)] + [needle]
         doc = b"".join(self._line(i, v) for i, v in zip(ids, values))
-        question = self.fmt.question.format(id=ids[needle]).encode()
-        answer = self.fmt.answer.format(value=values[needle]).encode()
-        text = torch.frombuffer(bytearray(doc + question + answer), dtype=torch.uint8)
+        pairs = [(self.fmt.question.format(id=ids[a]).encode(), self.fmt.answer.format(value=values[a]).encode())
+                 for a in asked]
+        answer = pairs[-1][1]
+        text = torch.frombuffer(bytearray(doc + b"".join(q + a for q, a in pairs)), dtype=torch.uint8)
 
         input_ids = torch.full((self.seq_len,), ByteTokenizer.PAD, dtype=torch.long)
         input_ids[0] = ByteTokenizer.BOS
@@ -262,7 +282,10 @@ class RetrievalDataset(torch.utils.data.Dataset):
 
         labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
         if self.loss_on == "answer":
-            labels[start - 1 : end - 1] = input_ids[start:end]
+            a_end = end
+            for _, a in reversed(pairs):  # every answer, walking back from the end
+                labels[a_end - len(a) - 1 : a_end - 1] = input_ids[a_end - len(a) : a_end]
+                a_end -= len(a) + self.question_len
         else:
             labels[: end - 1] = input_ids[1:end]
         return {

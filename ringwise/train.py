@@ -41,12 +41,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="small", choices=tuple(PRESETS))
     g.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state over all ranks (FSDP2)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="retrieval", choices=("retrieval", "text"))
     g.add_argument("--text", nargs="+", default=None, help="text files or folders (with --data text)")
-    g.add_argument("--fmt", default="compact", choices=("compact", "paper"), help="retrieval line format")
+    g.add_argument("--fmt", default="compact", choices=("compact", "pairs", "paper"), help="retrieval line format")
     g.add_argument("--id-digits", type=int, default=None)
+    g.add_argument("--id-chars", default=None, help="single-character ids drawn from these characters")
     g.add_argument("--value-digits", type=int, default=None)
+    g.add_argument("--questions", type=int, default=1,
+                   help="retrieval questions per training sequence (evaluation always asks one)")
     g.add_argument("--seq-len", type=int, default=512, help="global tokens per sequence")
     g.add_argument("--batch", type=int, default=8, help="global sequences per step")
     g = p.add_argument_group("optimisation")
@@ -77,8 +82,10 @@ class Mesh:
             raise ValueError(f"--dp {dp} must divide the world size {self.world}")
         self.dp, self.ring_size = dp, self.world // dp
         self.dp_rank, self.ring_rank = divmod(self.rank, self.ring_size)
+        # The ring always gets its own group, so its point-to-point traffic never
+        # interleaves with collectives (FSDP, gradient reduction) on the default group.
         groups = [dist.new_group(list(range(d * self.ring_size, (d + 1) * self.ring_size))) for d in range(dp)]
-        self.ring_group = groups[self.dp_rank] if dp > 1 else None
+        self.ring_group = groups[self.dp_rank]
 
 
 def make_dataset(args):
@@ -87,7 +94,8 @@ def make_dataset(args):
             raise ValueError("--data text needs --text FILE [FILE ...]")
         return PackedTextDataset(args.text, args.seq_len)
     return RetrievalDataset(args.seq_len, seed=args.seed, fmt=args.fmt, id_digits=args.id_digits,
-                            value_digits=args.value_digits)
+                            value_digits=args.value_digits, questions=args.questions,
+                            id_chars=args.id_chars)
 
 
 def local_batch(dataset, step, args, mesh: Mesh):
@@ -98,6 +106,48 @@ def local_batch(dataset, step, args, mesh: Mesh):
     ids = shard(batch["input_ids"], 1, args.layout, mesh.ring_group)
     labels = shard(batch["labels"], 1, args.layout, mesh.ring_group)
     return ids, labels
+
+
+def shard_model(model: torch.nn.Module, mesh: Mesh, device) -> None:
+    """FSDP2 over every rank: each layer's parameters, gradients and optimizer state live
+    in 1/world shards and are gathered only while the layer runs. Gradients are summed
+    (not averaged) across ranks, because each rank's loss is already divided by the
+    global token count."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    world = init_device_mesh(device.type, (mesh.world,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=world)
+    fully_shard(model, mesh=world)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """Whole (unsharded) model and optimizer state on CPU, the same with or without FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model, optimizer, model_state: dict, optim_state: dict) -> None:
+    """Load whole state into a (possibly sharded) model and a fresh optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if not optimizer.state:  # give the optimizer its state tensors first (a step with lr 0 and zero grads)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        optimizer.step()
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def all_reduce_grads(model: torch.nn.Module) -> None:
@@ -129,7 +179,8 @@ def compute_gradients(model, dataset, step, args, mesh: Mesh, device):
     if totals[1] == 0:
         raise RuntimeError(f"step {step}: the global batch has no labelled tokens")
     (loss_sum / totals[1].to(loss_sum.dtype)).backward()
-    all_reduce_grads(model)
+    if not getattr(args, "fsdp", False):  # FSDP reduce-scatters (sums) the gradients itself
+        all_reduce_grads(model)
     return (totals[0] / totals[1]).item(), int(totals[1].item())
 
 
@@ -159,7 +210,7 @@ def evaluate_retrieval(model, args, mesh: Mesh, device) -> dict:
     lengths = args.eval_lengths or [args.seq_len // 2, args.seq_len]
     lengths = sorted({max(unit, L - L % unit) for L in lengths})
     grid = retrieval_eval_grid(lengths, args.eval_depths, args.eval_per_cell, fmt=args.fmt,
-                               id_digits=args.id_digits, value_digits=args.value_digits)
+                               id_digits=args.id_digits, value_digits=args.value_digits, id_chars=args.id_chars)
     model.eval()
     acc = {}
     for (L, depth), examples in grid.items():
@@ -217,17 +268,19 @@ def _run(args, backend):
         cfg.vocab_size = dataset.tokenizer.vocab_size
     torch.manual_seed(args.seed)  # identical initial parameters on every rank
     model = Transformer(cfg).to(device)
+    if args.fsdp:
+        shard_model(model, mesh, device)
+    else:
+        for p in model.parameters():  # one flat all-reduce needs every gradient to exist
+            p.grad = torch.zeros_like(p)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
 
     start = 0
     if args.resume:
         state = checkpoints.load_latest(out / "checkpoints", map_location=device)
         if state is not None:
             checkpoints.check_compatible(state, cfg, args)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            load_full_state(model, optimizer, state["model"], state["optimizer"])
             torch.set_rng_state(state["rng"])
             start = state["step"]
             if is_main:
@@ -263,9 +316,10 @@ def _run(args, backend):
             bar.update()
         done = step + 1
         if done % args.ckpt_every == 0 or done == args.steps or done == args.stop_after:
+            model_state, optim_state = full_state(model, optimizer)  # a collective under FSDP
             if is_main:
                 checkpoints.save(out / "checkpoints", dict(
-                    step=done, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    step=done, model=model_state, optimizer=optim_state,
                     rng=torch.get_rng_state(), config=cfg.to_dict(), args=checkpoints.run_args(args)), keep=args.keep)
             dist.barrier()
         if args.stop_after is not None and done >= args.stop_after and done < args.steps:

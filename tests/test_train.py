@@ -93,3 +93,13 @@ def test_train_on_text_files(cluster, tmp_path):
     out = tmp_path / "text"
     cluster(2).run(run_job, job_args(out, data="text", text=[str(text)], steps=2))
     assert len(losses(out)) == 2 and all(l > 0 for l in losses(out))
+
+
+def test_fsdp_run_resumes_without_fsdp_on_another_ring(cluster, tmp_path):
+    """Checkpoints hold whole state: an FSDP run continues unsharded on 3 ranks, same losses."""
+    straight, mixed = tmp_path / "straight", tmp_path / "mixed"
+    cluster(2).run(run_job, job_args(straight, steps=4, ckpt_every=2))
+    cluster(2).run(run_job, job_args(mixed, steps=4, ckpt_every=2, stop_after=2, fsdp=True))
+    cluster(3).run(run_job, job_args(mixed, steps=4, ckpt_every=2, resume=True))
+    a, b = losses(mixed), losses(straight)
+    assert len(a) == 4 and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (a, b)

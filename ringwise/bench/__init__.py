@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("attention",)
+SUITES = ("attention", "scaling")
 
 
 def cpu_name() -> str:
