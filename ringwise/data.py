@@ -148,7 +148,7 @@ RETRIEVAL_FORMATS: dict[str, RetrievalFormat] = {
     # Same task, ~3x fewer tokens per line: learnable by a tiny model on a CPU.
     "compact": RetrievalFormat(line="{id}:{value}\n", question="?{id}="),
     # Key then value with nothing between: retrieval is a pure induction step (fastest to learn).
-    "pairs": RetrievalFormat(line="{id}{value}\n", question="?{id}"),
+    "pairs": RetrievalFormat(line="{value}{id}\n", question="?{id}"),
 }
 
 _DEFAULT_DIGITS = {"paper": (5, 5), "compact": (4, 4), "pairs": (4, 4)}

@@ -358,9 +358,9 @@ def _summary(args, mesh, model, result, out) -> str:
     if "retrieval" in result:
         r = result["retrieval"]
         per_len = [sum(row[j] for row in r["accuracy"]) / len(r["accuracy"]) for j in range(len(r["lengths"]))]
-        digits = args.value_digits or (4 if args.fmt == "compact" else 5)
+        digits = args.value_digits or (5 if args.fmt == "paper" else 4)
         line += "; retrieval accuracy " + ", ".join(f"{a:.0%} at {L} tokens" for a, L in zip(per_len, r["lengths"]))
-        line += f" (chance {10 ** -digits:.0e})"
+        line += f" (chance {1 / (9 * 10 ** (digits - 1)):.2g})"  # values have no leading zero
     return line + f"; results in {out}/"
 
 

@@ -31,3 +31,19 @@ def test_plan_tables(capsys):
 def test_plan_bad_preset(capsys):
     assert main(["plan", "--model", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_bench_overlap_quick(tmp_path):
+    assert main(["bench", "overlap", "--quick", "--head-dim", "16", "--overlap-heads", "2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "overlap.json").read_text())
+    assert [r["block"] for r in data["rows"]] == [64, 256]
+    assert data["flops"] > 0 and data["bandwidth"] > 0
+    assert all(r["ring"] > 0 and r["compute"] > 0 and r["comm"] > 0 for r in data["rows"])
+
+
+def test_bench_scaling_quick(tmp_path):
+    assert main(["bench", "scaling", "--quick", "--scaling-model", "tiny", "--worlds", "1", "2",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
+    assert {(r["sweep"], r["world"]) for r in rows} == {("weak", 1), ("weak", 2), ("strong", 1), ("strong", 2)}
+    assert all(r["peak_mib_max"] > 0 for r in rows)

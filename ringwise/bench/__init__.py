@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("attention", "scaling")
+SUITES = ("attention", "overlap", "scaling")
 
 
 def cpu_name() -> str:
