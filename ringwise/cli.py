@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "train":
         from . import train
 
@@ -56,11 +57,13 @@ def main(argv=None) -> int:
     elif args.command == "bench":
         from .bench import SUITES
 
+        defaults = vars(parser.parse_args(["bench", args.suite]))
         for name in SUITES if args.suite == "all" else (args.suite,):
             mod = importlib.import_module(f"ringwise.bench.{name}")
-            if args.quick:
+            if args.quick:  # small sizes, except where the user chose a value
                 for key, value in getattr(mod, "QUICK", {}).items():
-                    setattr(args, key, value)
+                    if getattr(args, key) == defaults[key]:
+                        setattr(args, key, value)
             mod.run(args)
     return 0
 
