@@ -35,8 +35,14 @@ class ModelConfig:
     ffn_chunk: int = 1024  # tokens per blockwise feed-forward chunk
     loss_chunk: int = 1024  # tokens per blockwise loss chunk
     checkpoint_layers: bool = False
+    # Baselines for benchmarks only (one process): "sdpa" (fused, memory-efficient) or
+    # "vanilla" (materialised scores) attention, and plain (not blockwise) FFN and loss.
+    attention: str = "ring"
+    blockwise: bool = True
 
     def __post_init__(self):
+        if self.attention not in ("ring", "sdpa", "vanilla"):
+            raise ValueError(f"attention={self.attention!r} is unknown; use 'ring', 'sdpa' or 'vanilla'")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -127,8 +133,25 @@ class Attention(nn.Module):
         q = apply_rotary(self.wq(x).view(b, n, self.cfg.n_heads, hd), cos, sin)
         k = apply_rotary(self.wk(x).view(b, n, self.cfg.n_kv_heads, hd), cos, sin)
         v = self.wv(x).view(b, n, self.cfg.n_kv_heads, hd)
-        o = ring_attention(q, k, v, causal=True, **ring)
+        if self.cfg.attention == "ring":
+            o = ring_attention(q, k, v, causal=True, **ring)
+        else:
+            o = single_process_attention(q, k, v, self.cfg.attention)
         return self.wo(o.reshape(b, n, -1))
+
+
+def single_process_attention(q, k, v, kind):
+    """Whole-sequence causal attention for the baselines: fused SDPA or materialised scores."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if kind == "sdpa":
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+        o = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1) @ v
+    return o.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -136,7 +159,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.chunk = cfg.ffn_chunk
+        self.chunk = cfg.ffn_chunk if cfg.blockwise else None
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
@@ -145,6 +168,8 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def forward(self, x):
+        if self.chunk is None:
+            return self.swiglu(x)
         return torch.cat(blockwise(self.swiglu, x, self.chunk), dim=1)
 
 
@@ -200,6 +225,8 @@ class Transformer(nn.Module):
 
     def loss_sum(self, h, labels):
         """Sum of next-token cross-entropies over the local labelled tokens, blockwise."""
+        if not self.cfg.blockwise:
+            return self._chunk_loss(h, labels)
         parts = blockwise(self._chunk_loss, h, self.cfg.loss_chunk, labels)
         return torch.stack(parts).sum()
 

@@ -349,7 +349,7 @@ def _plots(out: Path, result: dict) -> None:
     if "retrieval" in result:
         r = result["retrieval"]
         plot_retrieval_heatmap(r["accuracy"], r["lengths"], r["depths"], out / "retrieval.png",
-                               title="Line retrieval accuracy (needle depth x context length)")
+                               title="Line retrieval accuracy")
 
 
 def _summary(args, mesh, model, result, out) -> str:

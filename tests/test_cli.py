@@ -47,3 +47,17 @@ def test_bench_scaling_quick(tmp_path):
     rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
     assert {(r["sweep"], r["world"]) for r in rows} == {("weak", 1), ("weak", 2), ("strong", 1), ("strong", 2)}
     assert all(r["peak_mib_max"] > 0 for r in rows)
+
+
+def test_bench_memory_quick(tmp_path):
+    assert main(["bench", "memory", "--quick", "--memory-model", "tiny", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert [(r["seq"], r["world"]) for r in rows] == [(1024, 1), (1024, 2)]
+    assert all(r["measured_mib"] > 0 and r["planned_mib"] > 0 for r in rows)
+
+
+def test_bench_context_quick(tmp_path):
+    assert main(["bench", "context", "--quick", "--out", str(tmp_path)]) == 0
+    rows = {(r["method"], r["world"]): r["max_seq"] for r in json.loads((tmp_path / "context.json").read_text())["rows"]}
+    assert set(rows) == {("vanilla", 1), ("memeff", 1), ("bpt", 1), ("ring", 2)}
+    assert rows[("vanilla", 1)] <= rows[("memeff", 1)] <= rows[("bpt", 1)] < rows[("ring", 2)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("attention", "overlap", "scaling")
+SUITES = ("attention", "overlap", "scaling", "memory", "context")
 
 
 def cpu_name() -> str:

@@ -24,10 +24,12 @@ from ringwise.model import Transformer, model_config
 from . import write_results
 
 
-def step_memory(preset: str, global_len: int, layout: str, batch: int, chunk: int):
+def step_memory(preset: str, global_len: int, layout: str, batch: int, chunk: int, checkpoint_layers: bool = False,
+                overrides: dict | None = None):
     """Peak bytes and seconds of one training forward+backward on this rank (after a warm-up)."""
     torch.manual_seed(0)
-    cfg = model_config(preset, ffn_chunk=chunk, loss_chunk=chunk)
+    cfg = model_config(preset, ffn_chunk=chunk, loss_chunk=chunk, checkpoint_layers=checkpoint_layers,
+                       **(overrides or {}))
     model = Transformer(cfg)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (batch, global_len + 1), generator=g)
