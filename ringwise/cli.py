@@ -26,10 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(sub.add_parser("plan", help="the paper's memory/overlap model for a cluster you plan"))
 
     b = sub.add_parser("bench", help="benchmarks measured side by side (results to --out)")
-    b.add_argument("suite", choices=SUITES + ("all",))
+    b.add_argument("suite", choices=SUITES + ("peers", "all"))
     b.add_argument("--out", default="results", help="folder for JSON, markdown and plots")
     b.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in well under a minute")
-    for name in SUITES:
+    for name in SUITES + ("peers",):
         g = b.add_argument_group(name)
         importlib.import_module(f"ringwise.bench.{name}").add_arguments(g)
     return p

@@ -33,7 +33,7 @@ def planned_bytes(preset: str, global_len: int, world: int) -> dict:
 
 
 def add_arguments(p):
-    p.add_argument("--memory-model", default="base", help="memory: model preset")
+    p.add_argument("--memory-model", default="small", help="memory: model preset")
     p.add_argument("--memory-cases", nargs="+", default=["8192:1", "8192:2", "16384:2", "16384:4", "32768:4"],
                    help="memory: SEQ:WORLD pairs to measure")
 

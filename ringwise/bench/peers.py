@@ -1,0 +1,91 @@
+"""ringwise against other ring-attention packages, same workload, same processes.
+
+Optional (`pip install 'ringwise[peers]'`, never in CI): each rank runs the same local
+shards through ringwise.ring_attention and through lucidrains' ring-attention-pytorch
+(`ring_flash_attn` with its ring on, `ring_reduce_col=True`), forward+backward, and the
+slowest rank's median time and per-rank peak memory are compared side by side.
+The authors' JAX package (ringattention 0.1.2) is not wired in yet.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import ringwise
+from ringwise.launch import LocalCluster
+from ringwise.memory import PeakMemory, mib
+
+from . import write_results
+
+
+def _run_impl(name, q, k, v, dout, causal, repeats):
+    if name == "ringwise":
+        def attn(q, k, v):
+            return ringwise.ring_attention(q, k, v, causal=causal, layout="zigzag" if causal else "contiguous")
+    else:
+        from ring_attention_pytorch import ring_flash_attn
+
+        def attn(q, k, v):
+            return ring_flash_attn(q, k, v, causal=causal, ring_reduce_col=True, striped_ring_attn=causal,
+                                   bucket_size=1024)
+    times, peak = [], 0
+    for _ in range(repeats + 1):
+        qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        dist.barrier()
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            attn(qg, kg, vg).backward(dout)
+            t = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times.append(t.item())
+        peak = mem.peak_bytes
+    return statistics.median(times[1:]), peak
+
+
+def compare(seq, heads, head_dim, causal, repeats):
+    W = dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    whole = [torch.randn(1, seq, heads, head_dim, generator=g) for _ in range(4)]
+    # each package gets its own balanced layout for causal (zigzag / striped), contiguous otherwise
+    ours = [ringwise.shard(x, 1, "zigzag" if causal else "contiguous") for x in whole]
+    theirs = [ringwise.shard(x, 1, "striped" if causal else "contiguous") for x in whole]
+    result = {}
+    for name, xs in (("ringwise", ours), ("ring-attention-pytorch", theirs)):
+        result[name] = _run_impl(name, *xs, causal, repeats)
+    return result
+
+
+def add_arguments(p):
+    p.add_argument("--peer-world", type=int, default=2)
+    p.add_argument("--peer-seq", type=int, default=8192)
+
+
+QUICK = dict(peer_seq=1024, repeats=1)
+
+
+def run(args) -> dict:
+    try:
+        import ring_attention_pytorch  # noqa: F401
+    except ImportError as e:
+        raise SystemExit("bench peers needs the peers extra: pip install 'ringwise[peers]'") from e
+    rows = []
+    with LocalCluster(args.peer_world, threads_per_rank=max(1, args.threads // args.peer_world), track_memory=True) as c:
+        for causal in (False, True):
+            res = c.run(compare, args.peer_seq, args.heads, args.head_dim, causal, max(1, args.repeats), timeout=3600)
+            for name in res[0]:
+                rows.append(dict(impl=name, causal=causal, seconds=res[0][name][0],
+                                 peak_mib=max(mib(r[name][1]) for r in res)))
+    lines = [f"W={args.peer_world} ranks, global sequence {args.peer_seq}, {args.heads} heads x {args.head_dim}, float32, "
+             f"forward+backward, median of {max(1, args.repeats)}; causal runs use each package's balanced layout.", "",
+             "| impl | mask | seconds | peak MiB per rank | ringwise speed-up |", "|---|---|---|---|---|"]
+    for r in rows:
+        ours = next(x for x in rows if x["impl"] == "ringwise" and x["causal"] == r["causal"])
+        lines.append(f"| {r['impl']} | {'causal' if r['causal'] else 'full'} | {r['seconds']:.3f} | "
+                     f"{r['peak_mib']:.1f} | {r['seconds'] / ours['seconds']:.2f}x |")
+    md = "\n".join(lines) + "\n"
+    write_results(args.out, "peers", dict(rows=rows), md)
+    print(md)
+    return dict(rows=rows)
