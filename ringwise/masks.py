@@ -9,11 +9,16 @@ run natively with ``is_causal=True``:
 * shifted (striped layout, key rank after query rank): j visible iff j < i, which is
   the diagonal shape on q[1:] x k[:-1].
 
+With packed documents (global boundaries, as flash-attn's cu_seqlens) each segment pair is
+cut per shared document, and each piece is again full, a causal square, or a full block of
+later queries against a causal square's keys, so any document lengths work in any layout.
+
 Adjacent full tiles are merged so that each ring step is as few kernel calls as possible
 (e.g. zigzag's off-diagonal steps are one call each).
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -36,22 +41,57 @@ class Tile:
         return self.q_len * self.k_len * (0.5 if self.causal else 1.0)
 
 
-def segment_pair_tiles(q: Segment, k: Segment, causal: bool) -> list[Tile]:
-    """The tiles for one query segment against one key segment."""
-    full = [Tile(q.local_start, q.length, k.local_start, k.length, False)]
-    if not causal or k.global_last <= q.global_start:
-        return full
-    if k.global_start > q.global_last:
-        return []
-    if q.stride == k.stride and q.length == k.length:
-        # key j visible to query i  iff  (j - i) * stride <= q.global_start - k.global_start
-        offset = (q.global_start - k.global_start) // q.stride
-        if offset == 0:
-            return [Tile(q.local_start, q.length, k.local_start, k.length, True)]
-        if offset == -1:
-            n = q.length - 1
-            return [Tile(q.local_start + 1, n, k.local_start, n, True)] if n else []
-    raise ValueError(f"no causal tiling for query segment {q} against key segment {k}")
+def _causal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple[int, int, int, int, bool]]:
+    """Queries i in [qa, qb) against keys j in [ka, kb) where key j is visible iff j <= i + t.
+
+    In the aligned key coordinate b = j - t this is b <= i, which splits into at most a full
+    block of keys before every query, one causal square on the overlap, and a full block
+    of later queries against the overlap. Returns (q0, q1, k0, k1, causal) in local indices.
+    """
+    lo, hi = ka - t, kb - t  # keys in aligned coordinates
+    oa, ob = max(lo, qa), min(hi, qb)
+    tiles = []
+    if lo < min(hi, qa):
+        tiles.append((qa, qb, lo + t, min(hi, qa) + t, False))
+    if oa < ob:
+        tiles.append((oa, ob, oa + t, ob + t, True))
+        if ob < qb:
+            tiles.append((ob, qb, oa + t, ob + t, False))
+    return tiles
+
+
+def _index_range(seg: Segment, g0: int, g1: int) -> tuple[int, int]:
+    """Indices i in [0, seg.length) whose global position lies in [g0, g1)."""
+    lo = max(0, -(-(g0 - seg.global_start) // seg.stride))
+    hi = min(seg.length, -(-(g1 - seg.global_start) // seg.stride))
+    return lo, max(lo, hi)
+
+
+def segment_pair_tiles(q: Segment, k: Segment, causal: bool, docs: tuple[int, ...] | None = None) -> list[Tile]:
+    """The tiles for one query segment against one key segment.
+
+    docs: global document boundaries (cu_seqlens: 0, ..., total); attention stays inside a
+    document. Pairs that share no document give no tiles.
+    """
+    if causal and q.stride != k.stride:
+        raise ValueError(f"no causal tiling for query segment {q} against key segment {k}")
+    # key j visible to query i  iff  k.global_start + j*stride <= q.global_start + i*stride
+    t = (q.global_start - k.global_start) // q.stride
+    spans = [(0, q.length, 0, k.length)]
+    if docs is not None:
+        lo_doc = max(0, bisect.bisect_right(docs, min(q.global_start, k.global_start)) - 1)
+        hi_doc = bisect.bisect_right(docs, max(q.global_last, k.global_last))
+        spans = []
+        for d in range(lo_doc, min(hi_doc, len(docs) - 1)):
+            qa, qb = _index_range(q, docs[d], docs[d + 1])
+            ka, kb = _index_range(k, docs[d], docs[d + 1])
+            if qa < qb and ka < kb:
+                spans.append((qa, qb, ka, kb))
+    out = []
+    for qa, qb, ka, kb in spans:
+        parts = _causal_tiles(qa, qb, ka, kb, t) if causal else [(qa, qb, ka, kb, False)]
+        out += [Tile(q.local_start + a, b - a, k.local_start + c, d - c, cz) for a, b, c, d, cz in parts]
+    return out
 
 
 def _merge_full(tiles: list[Tile]) -> list[Tile]:
@@ -78,9 +118,10 @@ def _merge_full(tiles: list[Tile]) -> list[Tile]:
 
 
 @lru_cache(maxsize=4096)
-def step_tiles(layout: str, q_rank: int, kv_rank: int, world_size: int, local_len: int, causal: bool) -> tuple[Tile, ...]:
+def step_tiles(layout: str, q_rank: int, kv_rank: int, world_size: int, local_len: int, causal: bool,
+               docs: tuple[int, ...] | None = None) -> tuple[Tile, ...]:
     """Tiles for q_rank's queries against the key/value shard that kv_rank owns."""
     qs = segments(layout, q_rank, world_size, local_len)
     ks = segments(layout, kv_rank, world_size, local_len)
-    tiles = [t for a in qs for b in ks for t in segment_pair_tiles(a, b, causal)]
+    tiles = [t for a in qs for b in ks for t in segment_pair_tiles(a, b, causal, docs)]
     return tuple(_merge_full(tiles))

@@ -38,7 +38,7 @@ def _receive_buffers(kv, W):
     return [tuple(torch.empty_like(x) for x in kv) for _ in range(min(2, W - 1))]
 
 
-def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel):
+def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None):
     """q, k, v: (batch, seq, heads, dim). Returns out (input dtype, same layout) and lse (batch, heads, seq).
 
     Buffers are the paper's: the query block, the visiting K/V block and its receive
@@ -54,7 +54,7 @@ def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel):
     for step in range(W):
         hop = ring.exchange("kv", kv, inbox[step % 2]) if step < W - 1 else None
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
-        for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal):
+        for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal, docs):
             rows, cols = _rows(t), _cols(t)
             o_b, lse_b = kernel.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale)
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
@@ -64,7 +64,7 @@ def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel):
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, kernel):
+def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, kernel, docs=None):
     """Gradients of q, k, v (input dtype, (batch, seq, heads, dim)) from the final out and lse."""
     W, rank, L = ring.world_size, ring.rank, q.shape[1]
     dt = acc_dtype(q.dtype)
@@ -80,7 +80,7 @@ def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, ke
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         dkv = torch.zeros(dkv_shape, dtype=dt, device=q.device)
         dk_h, dv_h = _heads_first(dkv[0]), _heads_first(dkv[1])
-        for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal):
+        for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal, docs):
             rows, cols = _rows(t), _cols(t)
             dq_t, dk_t, dv_t = kernel.backward(
                 dout_h[:, :, rows], qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
@@ -106,10 +106,10 @@ def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, ke
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, ring, kernel):
-        out, lse = ring_forward(q, k, v, causal, scale, layout, ring, kernel)
+    def forward(ctx, q, k, v, causal, scale, layout, ring, kernel, docs):
+        out, lse = ring_forward(q, k, v, causal, scale, layout, ring, kernel, docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, layout, ring, kernel)
+        ctx.args = (causal, scale, layout, ring, kernel, docs)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -117,7 +117,22 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _document_bounds(cu_seqlens, total: int) -> tuple[int, ...]:
+    """cu_seqlens (global, flash-attn style: 0, len0, len0+len1, ..., total) as a checked tuple."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+            raise ValueError("cu_seqlens must be a 1-D integer tensor or a list of ints")
+        cu_seqlens = cu_seqlens.tolist()
+    bounds = tuple(int(b) for b in cu_seqlens)
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the global sequence length {total} "
+                         f"(local length x ranks), got {list(bounds)[:4]}...{list(bounds)[-2:]}")
+    if any(b >= c for b, c in zip(bounds, bounds[1:])):
+        raise ValueError("cu_seqlens must be strictly increasing (documents of length >= 1)")
+    return bounds
 
 
 def _local_problems(q, k, v, layout, backend, ring) -> str | None:
@@ -153,18 +168,18 @@ def _local_problems(q, k, v, layout, backend, ring) -> str | None:
     return None
 
 
-def _validate(q, k, v, causal, layout, backend, ring: Ring) -> None:
+def _validate(q, k, v, causal, layout, backend, ring: Ring, docs=None, doc_problem=None) -> None:
     """Raise the same error on every rank, before any ring communication.
 
     Ranks exchange their local verdict and signature (one small all-gather), so a
     problem on one rank, or shapes that differ between ranks, stop all of them alike.
     """
-    problem = _local_problems(q, k, v, layout, backend, ring)
+    problem = _local_problems(q, k, v, layout, backend, ring) or doc_problem
     if ring.world_size == 1:
         if problem:
             raise ValueError(f"ring_attention: {problem}")
         return
-    sig = None if problem else (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), layout)
+    sig = None if problem else (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), layout, docs)
     gathered = [None] * ring.world_size
     dist.all_gather_object(gathered, (problem, sig), group=ring.group)
     for r, (p, _) in enumerate(gathered):
@@ -172,7 +187,7 @@ def _validate(q, k, v, causal, layout, backend, ring: Ring) -> None:
             raise ValueError(f"ring_attention: rank {r}: {p}")
     for r, (_, s) in enumerate(gathered):
         if s != gathered[0][1]:
-            names = ("q shape", "k/v shape", "dtype", "causal", "layout")
+            names = ("q shape", "k/v shape", "dtype", "causal", "layout", "cu_seqlens")
             diffs = [f"{n}: rank 0 {a} vs rank {r} {b}" for n, a, b in zip(names, gathered[0][1], s) if a != b]
             raise ValueError(
                 "ring_attention: every rank must pass the same batch, local sequence length, heads, dtype, "
@@ -181,7 +196,7 @@ def _validate(q, k, v, causal, layout, backend, ring: Ring) -> None:
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
-                   return_lse=False, backend="auto", validate=True):
+                   return_lse=False, backend="auto", validate=True, cu_seqlens=None):
     """Exact softmax attention over a sequence sharded across the ranks of `group`.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
@@ -189,12 +204,23 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     ringwise.shard); `causal` masks by *global* position. Returns out like q, and with
     return_lse also the float32 log-sum-exp (batch, heads, local_seq) (not differentiable).
     With world size 1 or no process group this is plain blockwise attention.
+    cu_seqlens: packed documents, as global boundaries (0, len0, len0+len1, ..., total), the
+    same on every rank; attention stays inside each document (causal within it if causal).
+    Documents may have any lengths and span shards in every layout.
     validate=False skips the cross-rank argument check (one small all-gather per call).
     """
     ring = Ring(group)
+    docs, doc_problem = None, None
+    if cu_seqlens is not None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        try:
+            docs = _document_bounds(cu_seqlens, q.shape[1] * ring.world_size)
+        except (ValueError, TypeError) as e:
+            doc_problem = str(e)
     if validate:
-        _validate(q, k, v, causal, layout, backend, ring)
+        _validate(q, k, v, causal, layout, backend, ring, docs, doc_problem)
+    elif doc_problem:
+        raise ValueError(f"ring_attention: {doc_problem}")
     scale = default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     kernel = select_kernel(backend, q.device, q.dtype, q.shape[-1])
-    out, lse = _RingAttention.apply(q, k, v, bool(causal), scale, layout, ring, kernel)
+    out, lse = _RingAttention.apply(q, k, v, bool(causal), scale, layout, ring, kernel, docs)
     return (out, lse) if return_lse else out

@@ -200,3 +200,34 @@ def test_dead_rank_fails_fast():
     with LocalCluster(3, pg_timeout=10) as c:
         with pytest.raises(ClusterError, match="rank 1"):
             c.run(die_mid_ring, timeout=30)
+
+
+@pytest.mark.parametrize("cu_seqlens,match", [
+    ([1, 8], "start at 0 and end at the global sequence length 8"),
+    ([0, 5], "start at 0 and end at the global sequence length 8"),
+    ([0, 4, 4, 8], "strictly increasing"),
+    (torch.tensor([[0, 8]]), "1-D integer tensor"),
+])
+def test_bad_cu_seqlens(cu_seqlens, match):
+    q = _t(1, 8, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        ringwise.ring_attention(q, q, q, causal=True, cu_seqlens=cu_seqlens)
+
+
+def args_docs_differ(rank, W):
+    docs = [0, 3, 4 * W] if rank == 1 else [0, 4 * W]
+    return _t(1, 4, 2, 8), _t(1, 4, 2, 8), _t(1, 4, 2, 8), {"cu_seqlens": docs}
+
+
+def args_bad_docs_on_one_rank(rank, W):
+    docs = [0, 5] if rank == 2 else [0, 4 * W]
+    return _t(1, 4, 2, 8), _t(1, 4, 2, 8), _t(1, 4, 2, 8), {"cu_seqlens": docs}
+
+
+@pytest.mark.parametrize("make_args,match", [
+    (args_docs_differ, "cu_seqlens: rank 0"),
+    (args_bad_docs_on_one_rank, "rank 2: cu_seqlens must start at 0"),
+])
+def test_document_errors_on_every_rank(cluster, make_args, match):
+    messages = cluster(3).run(expect_error, make_args, match)
+    assert len(set(messages)) == 1

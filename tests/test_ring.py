@@ -30,7 +30,8 @@ def run_attention(case, q, k, v, dout):
     ql, kl, vl = (ringwise.shard(x.to(dt), 1, layout).requires_grad_() for x in (q, k, v))
     before = [x.detach().clone() for x in (ql, kl, vl)]
     HOP_COUNTS.clear()
-    out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True)
+    out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True,
+                                       cu_seqlens=case.get("cu_seqlens"))
     fwd_hops = dict(HOP_COUNTS)
     out.backward(ringwise.shard(dout.to(dt), 1, layout))
     assert all(torch.equal(a, b) for a, b in zip(before, (ql, kl, vl))), "the ring wrote into its inputs"
@@ -53,19 +54,30 @@ def assemble(parts, layout, seq_dim):
     return out
 
 
+def document_mask(cu_seqlens, total):
+    """True where query and key are in the same document (None: one document)."""
+    if cu_seqlens is None:
+        return None
+    lengths = torch.tensor(cu_seqlens[1:]) - torch.tensor(cu_seqlens[:-1])
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    assert len(doc) == total
+    return doc[:, None] == doc[None, :]
+
+
 def check_against_reference(case, results):
     """Ring error <= 2 x (single-device kernel error) + eps, for out, lse and all grads."""
     q, k, v, dout = make_inputs(case)
     layout, dt = case["layout"], DTYPES[case["dtype"]]
-    ref_out, ref_lse = reference_attention(q, k, v, case["causal"])
+    mask = document_mask(case.get("cu_seqlens"), q.shape[1])
+    ref_out, ref_lse = reference_attention(q, k, v, case["causal"], mask=mask)
     qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
-    ref_out.requires_grad_(False)
-    o64, _ = reference_attention(qr, kr, vr, case["causal"])
+    o64, _ = reference_attention(qr, kr, vr, case["causal"], mask=mask)
     ref_grads = torch.autograd.grad(o64, (qr, kr, vr), dout)
 
     # The single-device kernel on the whole sequence, same dtype: the error budget.
     qs, ks, vs = (x.to(dt).requires_grad_() for x in (q, k, v))
-    kout, klse = ringwise.ring_attention(qs, ks, vs, causal=case["causal"], return_lse=True)
+    kout, klse = ringwise.ring_attention(qs, ks, vs, causal=case["causal"], return_lse=True,
+                                         cu_seqlens=case.get("cu_seqlens"))
     kgrads = torch.autograd.grad(kout, (qs, ks, vs), dout.to(dt))
 
     ring = {name: assemble([r[name] for r in results], layout, 2 if name == "lse" else 1)
@@ -134,3 +146,24 @@ def test_huge_logits_stay_finite(cluster, world, layout):
     case = dict(world=world, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=2,
                 head_dim=16, seq=12 * world, seed=5, q_scale=2500.0)
     check_against_reference(case, cluster(world).run(ring_case, case))
+
+
+def packed(lengths):
+    return [0] + list(itertools.accumulate(lengths))
+
+
+VARLEN = [  # global length 48: documents of length 1, longer than a shard, and a single document
+    packed([48]), packed([1, 30, 1, 16]), packed([7, 1, 1, 13, 2, 24]), packed([1] * 8 + [40]),
+]
+VARLEN_GRID = [
+    dict(world=W, layout=layout, causal=causal, dtype="float32", batch=1, heads=4, kv_heads=2, head_dim=16,
+         seq=48, seed=500 + i, cu_seqlens=docs)
+    for i, (W, layout, causal, docs) in enumerate(
+        itertools.product([1, 2, 3, 4], ringwise.LAYOUTS, [True, False], VARLEN))
+]
+
+
+@pytest.mark.parametrize("case", VARLEN_GRID,
+                         ids=lambda c: case_id(c) + "-docs" + "_".join(map(str, c["cu_seqlens"][1:4])))
+def test_packed_documents_match_per_document_reference(cluster, case):
+    check_against_reference(case, cluster(case["world"]).run(ring_case, case))
