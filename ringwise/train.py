@@ -26,7 +26,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import checkpoints
 from .data import PackedTextDataset, RetrievalDataset, collate, retrieval_eval_grid, sample_indices
-from .launch import free_port
+from .launch import elastic_run
 from .layout import positions, shard, split_unit
 from .memory import _status_kb
 from .model import PRESETS, Transformer, model_config
@@ -367,16 +367,7 @@ def _summary(args, mesh, model, result, out) -> str:
 
 def launch(args) -> None:
     """Run the job: under torchrun directly, else start --world local ranks (elastic launcher)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return worker(args)
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=args.world, run_id=f"ringwise-{os.getpid()}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-        monitor_interval=0.2, start_method="spawn",
-    )
-    elastic_launch(config, worker)(args)
+    elastic_run(worker, args.world, args)
 
 
 def main(argv=None) -> int:
