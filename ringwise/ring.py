@@ -135,6 +135,18 @@ def _document_bounds(cu_seqlens, total: int) -> tuple[int, ...]:
     return bounds
 
 
+def _bounds_from_document_ids(document_ids) -> list[int]:
+    """Per-token document ids of the global sequence -> cu_seqlens; each document contiguous."""
+    ids = torch.as_tensor(document_ids)
+    if ids.dim() != 1 or ids.is_floating_point():
+        raise ValueError("document_ids must be a 1-D integer tensor over the global sequence")
+    starts = (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()
+    docs = ids[[0] + starts]
+    if len(torch.unique(docs)) != len(docs):
+        raise ValueError("document_ids must keep each document contiguous (an id reappears after another one)")
+    return [0] + starts + [len(ids)]
+
+
 def _local_problems(q, k, v, layout, backend, ring) -> str | None:
     """Everything wrong with this rank's arguments that needs no communication."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -196,7 +208,7 @@ def _validate(q, k, v, causal, layout, backend, ring: Ring, docs=None, doc_probl
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
-                   return_lse=False, backend="auto", validate=True, cu_seqlens=None):
+                   return_lse=False, backend="auto", validate=True, cu_seqlens=None, document_ids=None):
     """Exact softmax attention over a sequence sharded across the ranks of `group`.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
@@ -206,13 +218,18 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     With world size 1 or no process group this is plain blockwise attention.
     cu_seqlens: packed documents, as global boundaries (0, len0, len0+len1, ..., total), the
     same on every rank; attention stays inside each document (causal within it if causal).
-    Documents may have any lengths and span shards in every layout.
+    Documents may have any lengths and span shards in every layout. document_ids: the same
+    as per-token ids over the global sequence (each document contiguous), instead of cu_seqlens.
     validate=False skips the cross-rank argument check (one small all-gather per call).
     """
     ring = Ring(group)
     docs, doc_problem = None, None
-    if cu_seqlens is not None and isinstance(q, torch.Tensor) and q.dim() == 4:
+    if cu_seqlens is not None and document_ids is not None:
+        raise ValueError("ring_attention: pass cu_seqlens or document_ids, not both")
+    if (cu_seqlens is not None or document_ids is not None) and isinstance(q, torch.Tensor) and q.dim() == 4:
         try:
+            if document_ids is not None:
+                cu_seqlens = _bounds_from_document_ids(document_ids)
             docs = _document_bounds(cu_seqlens, q.shape[1] * ring.world_size)
         except (ValueError, TypeError) as e:
             doc_problem = str(e)

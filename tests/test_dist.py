@@ -231,3 +231,14 @@ def args_bad_docs_on_one_rank(rank, W):
 def test_document_errors_on_every_rank(cluster, make_args, match):
     messages = cluster(3).run(expect_error, make_args, match)
     assert len(set(messages)) == 1
+
+
+def test_document_ids_equal_cu_seqlens():
+    torch.manual_seed(0)
+    q, k, v = _t(1, 12, 2, 8), _t(1, 12, 2, 8), _t(1, 12, 2, 8)
+    ids = torch.tensor([7] * 5 + [3] + [9] * 6)
+    a = ringwise.ring_attention(q, k, v, causal=True, document_ids=ids)
+    b = ringwise.ring_attention(q, k, v, causal=True, cu_seqlens=[0, 5, 6, 12])
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="contiguous"):
+        ringwise.ring_attention(q, k, v, document_ids=torch.tensor([1] * 4 + [2] * 4 + [1] * 4))

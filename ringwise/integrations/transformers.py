@@ -13,7 +13,8 @@
 so a padding, sliding-window or chunked mask is never silently dropped). No private
 transformers or flash-attn function is patched. Packed documents: pass the global
 boundaries as `ringwise_cu_seqlens` to the model call (`shard_batch` does).
-Tested with transformers 5.24.
+Supported: transformers >= 4.53 (the first release with masking_utils.AttentionMaskInterface);
+tested on 4.53.0 (the lowest supported) and 5.24.0 (the newest).
 """
 from __future__ import annotations
 
