@@ -74,6 +74,7 @@ def worker(args):
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     rw.use_ring(layout="zigzag")
     model = build_model(args).to(device)
+    rw.check_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start = 0
     if args.resume and (state := checkpoints.load_latest(os.path.join(args.out, "checkpoints"))):

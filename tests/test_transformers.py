@@ -88,6 +88,13 @@ def test_model_matches_single_process_sdpa(cluster, world, name, docs):
         assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
 
 
+def test_model_outside_the_registry_is_refused():
+    rw.use_ring()
+    rw.check_model(make_model("llama", "ringwise"))
+    with pytest.raises(ValueError, match="does not route its attention through ringwise"):
+        rw.check_model(make_model("llama", "sdpa"))
+
+
 def test_unsupported_masks_raise():
     rw.use_ring()
     ids = torch.randint(0, 64, (1, 8))

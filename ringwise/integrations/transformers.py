@@ -3,6 +3,7 @@
     import ringwise.integrations.transformers as rw
     rw.use_ring(group=None, layout="zigzag")           # register "ringwise" once per process
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ringwise")
+    rw.check_model(model)                             # refuses a model that bypasses the registry
     batch = rw.shard_batch(input_ids)                 # this rank's tokens, global positions, shifted labels
     labels = batch.pop("labels")
     loss = rw.causal_lm_loss(model(**batch).logits, labels)
@@ -89,6 +90,21 @@ def use_ring(group=None, layout: str = "zigzag") -> None:
     _CONFIG.group, _CONFIG.layout = group, layout
     AttentionInterface.register(NAME, ringwise_attention_forward)
     AttentionMaskInterface.register(NAME, ringwise_mask)
+
+
+def check_model(model) -> None:
+    """Raise unless every attention of `model` dispatches to ringwise through the registry.
+
+    A model that ignores attn_implementation (or was loaded with another one) would run
+    ordinary attention on each rank's shard alone: wrong results, no error. Call this once
+    after loading.
+    """
+    impls = {getattr(m.config, "_attn_implementation", None) for m in model.modules() if hasattr(m, "config")}
+    if impls != {NAME}:
+        raise ValueError(f"{type(model).__name__} does not route its attention through ringwise (attention "
+                         f"implementations found: {sorted(map(str, impls))}); load it with "
+                         f"attn_implementation='{NAME}' after ringwise.integrations.transformers.use_ring(), "
+                         "or this architecture does not support transformers' attention registry")
 
 
 def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_seqlens=None) -> dict:
