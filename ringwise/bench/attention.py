@@ -114,6 +114,21 @@ def run(args) -> dict:
         lines.append(f"W={W} causal load balance: contiguous / zigzag time = {by['contiguous'] / by['zigzag']:.2f}, "
                      f"contiguous / striped = {by['contiguous'] / by['striped']:.2f}")
     md = "\n".join(lines) + "\n"
-    write_results(args.out, "attention", dict(args=vars(args), rows=rows), md)
+    out = write_results(args.out, "attention", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
+                                                       rows=rows), md)
+    try:
+        from ringwise.plots import plot_lines
+
+        ring = [r for r in rows if r["impl"] == "ring"]
+        series = {}
+        for r in ring:
+            label = f"{'causal ' + r['layout'] if r['causal'] else 'full'}"
+            series.setdefault(label, []).append(r)
+        plot_lines({k: [r["world"] for r in v] for k, v in series.items()},
+                   {k: [r["sdpa_over_this"] for r in v] for k, v in series.items()},
+                   out / "attention.png", xlabel="ring ranks W (same total threads as SDPA)",
+                   ylabel="SDPA time / ring time", title=f"Ring vs single-process SDPA, S={args.seq}", logx=True)
+    except ImportError:
+        pass
     print(md)
     return dict(rows=rows)
