@@ -4,11 +4,18 @@ Optional (`pip install 'ringwise[peers]'`, never in CI): each rank runs the same
 shards through ringwise.ring_attention and through lucidrains' ring-attention-pytorch
 (`ring_flash_attn` with its ring on, `ring_reduce_col=True`), forward+backward, and the
 slowest rank's median time and per-rank peak memory are compared side by side.
-The authors' JAX package (ringattention 0.1.2) is not wired in yet.
+The paper authors' JAX package (ringattention 0.1.2, on W simulated CPU devices sharing the
+same cores) is timed in a subprocess when it is installed (it needs jax 0.4.x, e.g.
+`pip install ringattention==0.1.2 jax==0.4.35 jaxlib==0.4.35 flax==0.10.2`); its memory
+is not measured.
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -78,13 +85,26 @@ def run(args) -> dict:
             for name in res[0]:
                 rows.append(dict(impl=name, causal=causal, seconds=res[0][name][0],
                                  peak_mib=max(mib(r[name][1]) for r in res)))
+    try:
+        import ringattention  # noqa: F401
+
+        for causal in (False, True):
+            env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.peer_world}")
+            cmd = [sys.executable, "-m", "ringwise.bench.jax_peer", str(args.peer_world), str(args.peer_seq),
+                   str(args.heads), str(args.head_dim), "1" if causal else "0", str(max(1, args.repeats))]
+            res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
+                                            timeout=3600).stdout.strip().splitlines()[-1])
+            rows.append(dict(impl="ringattention (JAX)", causal=causal, seconds=res["seconds"], peak_mib=None))
+    except ImportError:
+        print("ringattention (JAX) not installed: skipped")
     lines = [f"W={args.peer_world} ranks, global sequence {args.peer_seq}, {args.heads} heads x {args.head_dim}, float32, "
              f"forward+backward, median of {max(1, args.repeats)}; causal runs use each package's balanced layout.", "",
              "| impl | mask | seconds | peak MiB per rank | ringwise speed-up |", "|---|---|---|---|---|"]
     for r in rows:
         ours = next(x for x in rows if x["impl"] == "ringwise" and x["causal"] == r["causal"])
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
         lines.append(f"| {r['impl']} | {'causal' if r['causal'] else 'full'} | {r['seconds']:.3f} | "
-                     f"{r['peak_mib']:.1f} | {r['seconds'] / ours['seconds']:.2f}x |")
+                     f"{peak} | {r['seconds'] / ours['seconds']:.2f}x |")
     md = "\n".join(lines) + "\n"
     write_results(args.out, "peers", dict(rows=rows), md)
     print(md)
