@@ -8,8 +8,6 @@ resident set at once; `LocalCluster(..., track_memory=True)` does this for its r
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -55,6 +53,3 @@ class PeakMemory:
 def mib(n_bytes: float) -> float:
     return n_bytes / 2**20
 
-
-def tracking_enabled() -> bool:
-    return os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None

@@ -1,7 +1,6 @@
 """The command line end to end, at smoke-test sizes."""
 import json
 
-import pytest
 
 from ringwise.cli import main
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ringwise.model import ModelConfig, Transformer, blockwise
+from ringwise.model import ModelConfig, Transformer
 from ringwise.train import Mesh, add_arguments, compute_gradients, make_dataset, shard_model, train_step
 
 TINY = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, ffn_chunk=5, loss_chunk=7)

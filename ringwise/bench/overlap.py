@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import ringwise
 from ringwise.comm import Hop, Ring
 from ringwise.kernels import default_scale, select_kernel
 from ringwise.launch import LocalCluster

@@ -53,7 +53,6 @@ def _run_impl(name, q, k, v, dout, causal, repeats):
 
 
 def compare(seq, heads, head_dim, causal, repeats):
-    W = dist.get_world_size()
     g = torch.Generator().manual_seed(0)
     whole = [torch.randn(1, seq, heads, head_dim, generator=g) for _ in range(4)]
     # each package gets its own balanced layout for causal (zigzag / striped), contiguous otherwise
