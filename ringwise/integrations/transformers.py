@@ -36,6 +36,7 @@ IGNORE_INDEX = -100
 class _RingConfig:
     group: object = None
     layout: str = "zigzag"
+    validated: bool = False  # the cross-rank argument check runs on the first attention call only
 
 
 _CONFIG = _RingConfig()
@@ -63,8 +64,11 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
                          "which ringwise does not implement; set sliding_window=None or use a longer window")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    # The check is a collective; every rank makes the same calls, so checking the first
+    # one on every rank keeps them in step without an all-gather in every layer.
+    validate, _CONFIG.validated = not _CONFIG.validated, True
     out = ring_attention(q, k, v, causal=causal, softmax_scale=scaling, layout=_CONFIG.layout, group=_CONFIG.group,
-                         cu_seqlens=kwargs.get("ringwise_cu_seqlens"))
+                         cu_seqlens=kwargs.get("ringwise_cu_seqlens"), validate=validate)
     return out, None
 
 
@@ -87,7 +91,7 @@ def use_ring(group=None, layout: str = "zigzag") -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    _CONFIG.group, _CONFIG.layout = group, layout
+    _CONFIG.group, _CONFIG.layout, _CONFIG.validated = group, layout, False
     AttentionInterface.register(NAME, ringwise_attention_forward)
     AttentionMaskInterface.register(NAME, ringwise_mask)
 
