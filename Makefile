@@ -14,9 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: sequence-parallel training on the line-retrieval task, 4 local ranks, ~5 min.
-DEMO_FLAGS ?= --world 4 --model small --seq-len 128 --batch 16 --steps 2000 --warmup 50 --lr 1e-3 \
-	--fmt pairs --id-chars abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ --value-digits 1 \
-	--questions 24 --eval-lengths 64 128 --eval-per-cell 16 --out runs/demo
+DEMO_FLAGS ?= --world 4 --model small --seq-len 128 --batch 16 --steps 1000 --warmup 50 --lr 1e-3 \
+	--fmt registers --id-pool 9 --loss-on recall --eval-lengths 64 128 --eval-per-cell 32 --out runs/demo
 
 demo: setup
 	$(VENV)/bin/ringwise train $(DEMO_FLAGS)

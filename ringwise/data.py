@@ -147,11 +147,14 @@ RETRIEVAL_FORMATS: dict[str, RetrievalFormat] = {
     ),
     # Same task, ~3x fewer tokens per line: learnable by a tiny model on a CPU.
     "compact": RetrievalFormat(line="{id}:{value}\n", question="?{id}="),
-    # Key then value with nothing between: retrieval is a pure induction step (fastest to learn).
+    # Value then key with nothing between.
     "pairs": RetrievalFormat(line="{value}{id}\n", question="?{id}"),
+    # Register file: key then value, one digit each by default; with ``id_pool`` the
+    # registers recur and every recurrence is itself a retrieval (the demo's task).
+    "registers": RetrievalFormat(line="{id}{value}\n", question="?{id}"),
 }
 
-_DEFAULT_DIGITS = {"paper": (5, 5), "compact": (4, 4), "pairs": (4, 4)}
+DEFAULT_DIGITS = {"paper": (5, 5), "compact": (4, 4), "pairs": (4, 4), "registers": (1, 1)}
 
 
 class RetrievalDataset(torch.utils.data.Dataset):
@@ -172,8 +175,16 @@ class RetrievalDataset(torch.utils.data.Dataset):
             ``"paper"`` (the paper's wording) or a ``RetrievalFormat``.
         id_digits, value_digits: widths; default 4/4 for compact, 5/5 for paper.
             Longer contexts need more id digits (ids must be distinct).
-        loss_on: ``"answer"`` puts labels only on the answer tokens; ``"all"`` on every
-            real next token (PAD targets are always ignored).
+        loss_on: ``"answer"`` puts labels only on the answer tokens; ``"recall"`` also on
+            the value of every line whose id already occurred earlier in the example (each
+            such line is a retrieval question too: dense targets for training); ``"all"``
+            on every real next token (PAD targets are always ignored).
+        id_pool: if given, haystack lines draw their ids *with replacement* from a pool of
+            this many ids (each id keeps one value, so a repeated line is identical) and the
+            needle's id occurs in the needle line only.  Lets short ids fill long contexts,
+            and with ``loss_on="recall"`` gives many retrieval targets per example.  At a
+            fixed depth the documents of different depths differ only in the needle line
+            and the line it replaced.
         questions: question/answer pairs at the end (default 1, the paper's task). More
             pairs give training many retrieval targets per sequence (associative-recall
             style); the last pair is always the needle at ``depth``, the others ask about
@@ -196,14 +207,15 @@ class RetrievalDataset(torch.utils.data.Dataset):
         length: int = 2**31,
         questions: int = 1,
         id_chars: str | None = None,
+        id_pool: int | None = None,
     ):
         if isinstance(fmt, str):
             if fmt not in RETRIEVAL_FORMATS:
                 raise ValueError(f"fmt must be one of {sorted(RETRIEVAL_FORMATS)} or a RetrievalFormat, got {fmt!r}")
-            default_digits = _DEFAULT_DIGITS[fmt]
+            default_digits = DEFAULT_DIGITS[fmt]
             fmt = RETRIEVAL_FORMATS[fmt]
         else:
-            default_digits = _DEFAULT_DIGITS["paper"]
+            default_digits = DEFAULT_DIGITS["paper"]
         self.fmt = fmt
         self.id_digits = default_digits[0] if id_digits is None else int(id_digits)
         self.value_digits = default_digits[1] if value_digits is None else int(value_digits)
@@ -211,8 +223,8 @@ class RetrievalDataset(torch.utils.data.Dataset):
             raise ValueError(f"id_digits and value_digits must be >= 1, got {self.id_digits}, {self.value_digits}")
         if depth is not None and not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth must be in [0, 1] or None, got {depth}")
-        if loss_on not in ("answer", "all"):
-            raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
+        if loss_on not in ("answer", "recall", "all"):
+            raise ValueError(f"loss_on must be 'answer', 'recall' or 'all', got {loss_on!r}")
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         if questions < 1:
@@ -241,7 +253,10 @@ class RetrievalDataset(torch.utils.data.Dataset):
             need = 1 + self.line_len + self.questions * (self.question_len + self.answer_len)
             raise ValueError(f"seq_len={self.seq_len} is too short for one line plus question and answer; need >= {need}")
         n_ids = len(self.id_chars) if self.id_chars else 9 * 10 ** (self.id_digits - 1)
-        if self.n_lines > n_ids:
+        self.id_pool = None if id_pool is None else int(id_pool)
+        if self.id_pool is not None and not 2 <= self.id_pool <= n_ids:
+            raise ValueError(f"id_pool must be between 2 and the {n_ids} distinct ids, got {id_pool}")
+        if self.id_pool is None and self.n_lines > n_ids:
             raise ValueError(
                 f"seq_len={self.seq_len} holds {self.n_lines} lines but only {n_ids} distinct ids exist; "
                 + ("use more id_chars" if self.id_chars else "raise id_digits")
@@ -258,14 +273,23 @@ class RetrievalDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for RetrievalDataset of length {self.length}")
         rng = _rng("retrieval", self.seed, int(index))
         lo_id, lo_val = 10 ** (self.id_digits - 1), 10 ** (self.value_digits - 1)
-        ids = rng.sample(self.id_chars or range(lo_id, 10 * lo_id), self.n_lines)
-        values = [rng.randrange(lo_val, 10 * lo_val) for _ in range(self.n_lines)]
+        id_space = self.id_chars or range(lo_id, 10 * lo_id)
+        if self.id_pool is None:
+            ids = rng.sample(id_space, self.n_lines)
+            values = [rng.randrange(lo_val, 10 * lo_val) for _ in range(self.n_lines)]
+        else:  # pool[0] is reserved for the needle; the haystack repeats pool[1:]
+            pool = rng.sample(id_space, self.id_pool)
+            value_of = {i: rng.randrange(lo_val, 10 * lo_val) for i in pool}
+            ids = [rng.choice(pool[1:]) for _ in range(self.n_lines)]
         # Draw the needle last: for a fixed depth the document does not depend on depth,
         # so a grid over depths compares the same documents.
         if self.depth is None:
             needle = rng.randrange(self.n_lines)
         else:
             needle = math.floor(self.depth * (self.n_lines - 1) + 0.5)  # round half up
+        if self.id_pool is not None:
+            ids[needle] = pool[0]
+            values = [value_of[i] for i in ids]
 
         asked = [rng.randrange(self.n_lines) for _ in range(self.questions - 1)] + [needle]
         doc = b"".join(self._line(i, v) for i, v in zip(ids, values))
@@ -281,13 +305,22 @@ class RetrievalDataset(torch.utils.data.Dataset):
         start = end - len(answer)
 
         labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
-        if self.loss_on == "answer":
+        if self.loss_on in ("answer", "recall"):
             a_end = end
             for _, a in reversed(pairs):  # every answer, walking back from the end
                 labels[a_end - len(a) - 1 : a_end - 1] = input_ids[a_end - len(a) : a_end]
                 a_end -= len(a) + self.question_len
         else:
             labels[: end - 1] = input_ids[1:end]
+        if self.loss_on == "recall":  # the value of every line whose id occurred before
+            value_at = len(self.fmt.line.split("{value}")[0].format(id=ids[0]).encode())
+            seen = set()
+            for n, (i, v) in enumerate(zip(ids, values)):
+                if i in seen:
+                    at = 1 + n * self.line_len + value_at
+                    width = len(str(v))
+                    labels[at - 1 : at - 1 + width] = input_ids[at : at + width]
+                seen.add(i)
         return {
             "input_ids": input_ids,
             "labels": labels,

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import checkpoints
-from .data import PackedTextDataset, RetrievalDataset, collate, retrieval_eval_grid, sample_indices
+from .data import (DEFAULT_DIGITS, RETRIEVAL_FORMATS, PackedTextDataset, RetrievalDataset, collate,
+                   retrieval_eval_grid, sample_indices)
 from .launch import elastic_run
 from .layout import positions, shard, split_unit
 from .memory import _status_kb
@@ -47,12 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="retrieval", choices=("retrieval", "text"))
     g.add_argument("--text", nargs="+", default=None, help="text files or folders (with --data text)")
-    g.add_argument("--fmt", default="compact", choices=("compact", "pairs", "paper"), help="retrieval line format")
+    g.add_argument("--fmt", default="compact", choices=tuple(RETRIEVAL_FORMATS), help="retrieval line format")
     g.add_argument("--id-digits", type=int, default=None)
     g.add_argument("--id-chars", default=None, help="single-character ids drawn from these characters")
     g.add_argument("--value-digits", type=int, default=None)
     g.add_argument("--questions", type=int, default=1,
                    help="retrieval questions per training sequence (evaluation always asks one)")
+    g.add_argument("--id-pool", type=int, default=None,
+                   help="haystack ids recur, drawn from this many ids (training and evaluation)")
+    g.add_argument("--loss-on", default="answer", choices=("answer", "recall", "all"),
+                   help="training targets: answers only; also every recurring line's value; every token")
     g.add_argument("--seq-len", type=int, default=512, help="global tokens per sequence")
     g.add_argument("--batch", type=int, default=8, help="global sequences per step")
     g = p.add_argument_group("optimisation")
@@ -96,7 +101,7 @@ def make_dataset(args):
         return PackedTextDataset(args.text, args.seq_len)
     return RetrievalDataset(args.seq_len, seed=args.seed, fmt=args.fmt, id_digits=args.id_digits,
                             value_digits=args.value_digits, questions=args.questions,
-                            id_chars=args.id_chars)
+                            id_chars=args.id_chars, id_pool=args.id_pool, loss_on=args.loss_on)
 
 
 def local_batch(dataset, step, args, mesh: Mesh):
@@ -211,7 +216,8 @@ def evaluate_retrieval(model, args, mesh: Mesh, device) -> dict:
     lengths = args.eval_lengths or [args.seq_len // 2, args.seq_len]
     lengths = sorted({max(unit, L - L % unit) for L in lengths})
     grid = retrieval_eval_grid(lengths, args.eval_depths, args.eval_per_cell, fmt=args.fmt,
-                               id_digits=args.id_digits, value_digits=args.value_digits, id_chars=args.id_chars)
+                               id_digits=args.id_digits, value_digits=args.value_digits, id_chars=args.id_chars,
+                               id_pool=args.id_pool)
     model.eval()
     acc = {}
     for (L, depth), examples in grid.items():
@@ -359,7 +365,7 @@ def _summary(args, mesh, model, result, out) -> str:
     if "retrieval" in result:
         r = result["retrieval"]
         per_len = [sum(row[j] for row in r["accuracy"]) / len(r["accuracy"]) for j in range(len(r["lengths"]))]
-        digits = args.value_digits or (5 if args.fmt == "paper" else 4)
+        digits = args.value_digits or DEFAULT_DIGITS[args.fmt][1]
         line += "; retrieval accuracy " + ", ".join(f"{a:.0%} at {L} tokens" for a, L in zip(per_len, r["lengths"]))
         line += f" (chance {1 / (9 * 10 ** (digits - 1)):.2g})"  # values have no leading zero
     return line + f"; results in {out}/"

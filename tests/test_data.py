@@ -144,6 +144,43 @@ def test_loss_on_all_and_digit_options():
     assert len(lines[0][0]) == 3 and len(answer) == 6
 
 
+@pytest.mark.parametrize("depth", [None, 0.0, 0.5, 1.0])
+def test_recurring_registers_and_recall_labels(depth):
+    """id_pool: haystack ids repeat with one value each, the needle id occurs once; loss_on
+    "recall" labels every repeated line's value and the answer, nothing else."""
+    ds = RetrievalDataset(128, seed=3, fmt="registers", id_pool=5, loss_on="recall", depth=depth)
+    assert (ds.id_digits, ds.value_digits, ds.line_len) == (1, 1, 3)
+    for index in range(20):
+        ex = ds[index]
+        ids, labels = ex["input_ids"], ex["labels"]
+        start, end = ex["answer_span"]
+        text = TOK.decode(ids[1:end])
+        body, question = text.rsplit("?", 1)
+        lines = [(line[0], line[1]) for line in body.split("\n")[:-1]]
+        assert len(lines) == ds.n_lines and len({i for i, _ in lines}) <= 5
+        assert all(len({v for i2, v in lines if i2 == i}) == 1 for i, _ in lines)  # one value per id
+        qid, answer = question[0], question[1:]
+        assert [i for i, _ in lines].count(qid) == 1 and dict(lines)[qid] == answer
+        k = [i for i, _ in lines].index(qid)
+        assert ex["needle_line"] == k
+        if depth is not None:
+            assert k == math.floor(depth * (ds.n_lines - 1) + 0.5)
+        expected, seen = {start - 1: int(ids[start])}, set()
+        for n, (i, v) in enumerate(lines):
+            if i in seen:  # position of the id digit predicts the value digit
+                expected[1 + 3 * n] = ord(v)
+            seen.add(i)
+        got = {int(t): int(labels[t]) for t in (labels != IGNORE_INDEX).nonzero().flatten()}
+        assert got == expected and len(expected) > 10
+    # Evaluation form of the same task: only the answer is labelled.
+    ex = RetrievalDataset(128, seed=3, fmt="registers", id_pool=5, depth=0.5)[0]
+    assert (ex["labels"] != IGNORE_INDEX).sum() == 1
+    with pytest.raises(ValueError, match="id_pool"):
+        RetrievalDataset(128, fmt="registers", id_pool=10)  # only 9 one-digit ids
+    with pytest.raises(ValueError, match="id_pool"):
+        RetrievalDataset(128, fmt="registers", id_pool=1)
+
+
 def test_retrieval_errors():
     with pytest.raises(ValueError, match="too short"):
         RetrievalDataset(10)

@@ -9,8 +9,6 @@ import pytest
 
 from ringwise import plan
 
-# The one cell no model of the planner's form can bring within 2x (see plan's module docstring).
-KNOWN_MISFIT = {("8x A100 NVLink", "13b", "memeff")}
 BRIEF_SETUPS = {"8x A100 NVLink", "32x A100 InfiniBand", "TPUv4-1024 (512 chips)"}
 
 
@@ -70,18 +68,35 @@ def test_table3_every_cell_within_2x_and_exact_matches():
     rows = plan.table3_rows()
     print("\n" + plan.format_table3())
     assert len(rows) == 52
-    misses = {(setup, m, meth) for setup, m, meth, ours, paper in rows
-              if not paper / 2 <= ours <= 2 * paper}
-    assert misses == KNOWN_MISFIT
     for setup, m, meth, ours, paper in rows:
-        assert paper / 4 <= ours <= 4 * paper, (setup, m, meth, ours, paper)
+        assert paper / 2 <= ours <= 2 * paper, (setup, m, meth, ours, paper)
     exact = sum(ours == paper for *_, ours, paper in rows)
     brief = [r for r in rows if r[0] in BRIEF_SETUPS]
     exact_brief = sum(ours == paper for *_, ours, paper in brief)
     print(f"exact matches: {exact}/52 over all five setups, {exact_brief}/{len(brief)} over "
           "8x A100, 32x A100, TPUv4-1024")
     assert len(brief) == 36
-    assert exact >= 29 and exact_brief >= 22
+    assert exact >= 32 and exact_brief >= 23
+
+
+def misses(memory):
+    return {(setup, m, meth) for setup, m, meth, ours, paper in plan.table3_rows(memory)
+            if not paper / 2 <= ours <= 2 * paper}
+
+
+def test_fitted_ffn_term_window():
+    """The one fitted parameter (see plan's docstring): inside its window every cell is within
+    2x; below it 8x A100 13B mem-eff leaves, above it 32x A100 7B mem-eff does; BPT and ring
+    never depend on it."""
+    for k in (0.68, 0.75, 0.82):
+        assert misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=k)) == set()
+    assert misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=0.0)) == {("8x A100 NVLink", "13b", "memeff")}
+    assert ("8x A100 NVLink", "13b", "memeff") in misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=0.6))
+    assert ("32x A100 InfiniBand", "7b", "memeff") in misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=0.9))
+    for method in ("bpt", "ring"):
+        a = plan.training_memory(method, "7b", 8, 65536)
+        b = plan.training_memory(method, "7b", 8, 65536, memory=replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=5))
+        assert a == b and a["ffn hidden"] == 0
 
 
 def test_ring_grows_with_the_ring_and_beats_bpt():

@@ -7,7 +7,8 @@ slowest rank's median time and per-rank peak memory are compared side by side.
 The paper authors' JAX package (ringattention 0.1.2, on W simulated CPU devices sharing the
 same cores) is timed in a subprocess when it is installed (it needs jax 0.4.x, e.g.
 `pip install ringattention==0.1.2 jax==0.4.35 jaxlib==0.4.35 flax==0.10.2`); its memory
-is not measured.
+is not measured. A single-process SDPA row (whole sequence, all threads in one process) is
+the yardstick: it shows how fast a ring can be at best on this machine, next to the peers.
 """
 from __future__ import annotations
 
@@ -84,6 +85,14 @@ def run(args) -> dict:
             for name in res[0]:
                 rows.append(dict(impl=name, causal=causal, seconds=res[0][name][0],
                                  peak_mib=max(mib(r[name][1]) for r in res)))
+    from .attention import time_sdpa
+
+    with LocalCluster(1, threads_per_rank=args.threads) as single:
+        for causal in (False, True):
+            t = single.run(time_sdpa, 1, args.peer_seq, args.heads, args.head_dim, causal, max(1, args.repeats),
+                           timeout=3600)[0]
+            rows.append(dict(impl=f"SDPA, 1 process x {args.threads} threads (reference)", causal=causal,
+                             seconds=t, peak_mib=None))
     try:
         import ringattention  # noqa: F401
 
