@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["plot_retrieval_heatmap", "plot_loss_curve", "plot_lines"]
+__all__ = ["plot_retrieval_heatmap", "plot_loss_curve", "plot_lines", "plot_bars"]
 
 
 def _figure(figsize):
@@ -179,5 +179,37 @@ def plot_lines(xs_by_label: Mapping[str, Sequence[float]], ys_by_label: Mapping[
     ax.set_title(title)
     ax.grid(True, alpha=0.3, which="both")
     if ys_by_label:
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_bars(groups: Sequence[str], values_by_series: Mapping[str, Sequence[float]], path,
+              ylabel: str = "", title: str = "", logy: bool = False) -> Path:
+    """Grouped bar chart: one group per case (``groups``), one bar per series in each group.
+
+    For side-by-side comparisons that have no numeric x axis (measured vs planned memory per
+    case, seconds per package).  A ``None`` or NaN value leaves its bar out.
+    """
+    groups = [str(g) for g in groups]
+    fig = _figure((max(6.0, 1.2 * len(groups) + 2), 4.5))
+    ax = fig.add_subplot()
+    n = max(1, len(values_by_series))
+    width = 0.8 / n
+    for i, (label, values) in enumerate(values_by_series.items()):
+        values = _tolist(values)
+        if len(values) != len(groups):
+            raise ValueError(f"series {label!r}: {len(values)} values for {len(groups)} groups")
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        keep = [(x, v) for x, v in zip(xs, values) if v is not None and not math.isnan(v)]
+        bars = ax.bar([x for x, _ in keep], [v for _, v in keep], width=width, label=str(label))
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
+    ax.set_xticks(range(len(groups)), groups)
+    if logy:
+        ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3, which="both")
+    if values_by_series:
         ax.legend()
     return _save(fig, path)

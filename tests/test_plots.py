@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from ringwise.plots import plot_lines, plot_loss_curve, plot_retrieval_heatmap  # noqa: E402
+from ringwise.plots import plot_bars, plot_lines, plot_loss_curve, plot_retrieval_heatmap  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,6 +52,14 @@ def test_lines(tmp_path):
     assert_png(out)
     with pytest.raises(ValueError, match="same labels"):
         plot_lines({"a": [1]}, {"b": [1]}, tmp_path / "bad.png")
+
+
+def test_bars(tmp_path):
+    out = plot_bars(["8192:1", "16384:2"], {"measured": [120.0, 118.5], "planned": [33.0, None]},
+                    tmp_path / "bars.png", ylabel="MiB", title="memory", logy=True)
+    assert_png(out)
+    with pytest.raises(ValueError, match="2 groups"):
+        plot_bars(["a", "b"], {"x": [1.0]}, tmp_path / "bad.png")
 
 
 def test_missing_matplotlib_gives_clear_error(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The training job: checkpoints, exact resume (also on another ring size), the CLI."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,10 +77,20 @@ def test_resume_refuses_a_different_run(tmp_path):
         checkpoints.check_compatible(dict(config={}, args=checkpoints.run_args(job_args(tmp_path))), ModelConfig(), args)
 
 
+def demo_flags():
+    """`make demo`'s DEMO_FLAGS, read from the Makefile so the test follows the demo."""
+    text = (Path(__file__).parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("DEMO_FLAGS ?="))
+    return line.split("?=", 1)[1].split()
+
+
 def test_train_cli_end_to_end(tmp_path):
-    """`ringwise train` through PyTorch's elastic launcher: metrics, plots, summary, checkpoint."""
+    """`ringwise train` with the demo's flags (shortened) through PyTorch's elastic launcher:
+    metrics, plots, summary, checkpoint."""
     out = tmp_path / "run"
-    assert main(["train", "--world", "2", "--model", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "3",
+    flags = demo_flags()
+    assert "--id-pool" in flags and "--loss-on" in flags
+    assert main(["train", *flags, "--world", "2", "--model", "tiny", "--steps", "3", "--batch", "4",
                  "--eval-per-cell", "1", "--out", str(out)]) == 0
     assert len(losses(out)) == 3
     for name in ("loss.png", "retrieval.png", "summary.json"):

@@ -66,6 +66,15 @@ def run(args) -> dict:
     ratios = [r["ratio"] for r in rows]
     lines += ["", f"measured / planned ranges {min(ratios):.2f} to {max(ratios):.2f}."]
     md = "\n".join(lines) + "\n"
-    write_results(args.out, "memory", dict(rows=rows), md)
+    out = write_results(args.out, "memory", dict(rows=rows), md)
+    try:
+        from ringwise.plots import plot_bars
+
+        plot_bars([f"S={r['seq']}\nW={r['world']}" for r in rows],
+                  {"measured": [r["measured_mib"] for r in rows], "planned (Table 1 model)": [r["planned_mib"] for r in rows]},
+                  out / "memory.png", ylabel="per-rank activation peak, MiB",
+                  title=f"Measured vs planned memory, preset {args.memory_model}")
+    except ImportError:
+        pass
     print(md)
     return dict(rows=rows)

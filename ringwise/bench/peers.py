@@ -114,6 +114,16 @@ def run(args) -> dict:
         lines.append(f"| {r['impl']} | {'causal' if r['causal'] else 'full'} | {r['seconds']:.3f} | "
                      f"{peak} | {r['seconds'] / ours['seconds']:.2f}x |")
     md = "\n".join(lines) + "\n"
-    write_results(args.out, "peers", dict(rows=rows), md)
+    out = write_results(args.out, "peers", dict(rows=rows), md)
+    try:
+        from ringwise.plots import plot_bars
+
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        seconds = {(r["impl"], r["causal"]): r["seconds"] for r in rows}
+        plot_bars(["full", "causal"], {i: [seconds.get((i, False)), seconds.get((i, True))] for i in impls},
+                  out / "peers.png", ylabel="seconds, forward+backward (lower is better)",
+                  title=f"W={args.peer_world}, S={args.peer_seq}: ringwise vs other packages")
+    except ImportError:
+        pass
     print(md)
     return dict(rows=rows)
