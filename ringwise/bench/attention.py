@@ -70,6 +70,10 @@ QUICK = dict(seq=2048, repeats=1)
 
 
 def run(args) -> dict:
+    bad = [W for W in args.world if W < 1 or args.threads % W]
+    if bad:  # refuse before any timing, not after minutes of it
+        raise ValueError(f"--threads {args.threads} must be divisible by every --world size (same total threads "
+                         f"for ring and SDPA); not by {bad}")
     shape = (args.batch, args.seq, args.heads, args.head_dim)
     cases = [("sdpa", 1, False, None), ("sdpa", 1, True, None)]
     for W in args.world:
@@ -84,8 +88,6 @@ def run(args) -> dict:
                 rows.append(dict(impl="sdpa", world=1, threads=args.threads, causal=causal, layout="-", seconds=t))
                 bar.update()
         for W in args.world:
-            if args.threads % W:
-                raise ValueError(f"--threads {args.threads} must be divisible by every --world size, got {W}")
             with LocalCluster(W, threads_per_rank=args.threads // W) as ring:
                 for kind, w, causal, layout in cases[2:]:
                     if w != W:
