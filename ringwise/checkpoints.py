@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
-_RUN_KEYS = ("seed", "batch", "seq_len", "data", "fmt", "id_digits", "value_digits", "questions", "id_chars", "lr", "steps", "warmup", "model")
+_RUN_KEYS = ("seed", "batch", "seq_len", "data", "fmt", "id_digits", "value_digits", "questions", "id_chars",
+             "id_pool", "loss_on", "lr", "steps", "warmup", "model")
 
 
 def run_args(args) -> dict:

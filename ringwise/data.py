@@ -6,8 +6,9 @@ not care which one it reads:
 * ``RetrievalDataset``: the synthetic long-context *line retrieval* task of the Ring
   Attention paper's evaluation (section 5.4, Fig. 3): many ``line <id>: REGISTER_CONTENT
   is <number>`` lines, then a question naming one line (the needle, placed at a chosen
-  depth) and its number as the answer.  A ``compact`` format says the same with far fewer
-  tokens so a tiny model learns it on a CPU in minutes.
+  depth) and its number as the answer.  Shorter formats say the same with far fewer tokens;
+  the ``registers`` format with recurring ids (``id_pool``) is what a tiny model learns on a
+  CPU in minutes (see BENCHMARKS.md, "The demo", for why).
 * ``PackedTextDataset``: plain UTF-8 text files, packed into fixed-length windows.
 * Helpers: ``sample_indices`` (which dataset indices form the global batch at a step),
   ``collate``, ``retrieval_eval_grid`` and ``answer_correct`` for the accuracy heatmap.
@@ -171,8 +172,9 @@ class RetrievalDataset(torch.utils.data.Dataset):
         seq_len: tokens per example.
         seed: with the index, the only source of randomness (see module docstring).
         depth: needle depth in [0, 1]; ``None`` draws it uniformly per example.
-        fmt: ``"compact"`` (``<id>:<value>\\n`` lines, ``?<id>:`` question: the answer follows the same ``<id>:`` as in its line),
-            ``"paper"`` (the paper's wording) or a ``RetrievalFormat``.
+        fmt: ``"compact"`` (``<id>:<value>\\n`` lines, ``?<id>=`` question), ``"paper"`` (the
+            paper's wording), ``"pairs"`` (``<value><id>``), ``"registers"`` (``<id><value>``,
+            one digit each: the demo's task, with ``id_pool``) or a ``RetrievalFormat``.
         id_digits, value_digits: widths; default 4/4 for compact, 5/5 for paper.
             Longer contexts need more id digits (ids must be distinct).
         loss_on: ``"answer"`` puts labels only on the answer tokens; ``"recall"`` also on

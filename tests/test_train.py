@@ -75,6 +75,9 @@ def test_resume_refuses_a_different_run(tmp_path):
     args.seed = 5
     with pytest.raises(ValueError, match="--seed: checkpoint 0, now 5"):
         checkpoints.check_compatible(dict(config={}, args=checkpoints.run_args(job_args(tmp_path))), ModelConfig(), args)
+    args = job_args(tmp_path, loss_on="recall", id_pool=9, fmt="registers")
+    with pytest.raises(ValueError, match="--loss-on: checkpoint 'answer', now 'recall'"):
+        checkpoints.check_compatible(dict(config={}, args=checkpoints.run_args(job_args(tmp_path))), ModelConfig(), args)
 
 
 def demo_flags():
