@@ -61,7 +61,7 @@ def add_arguments(p):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--world", type=int, nargs="+", default=[2], help="ring sizes to measure")
+    p.add_argument("--world", type=int, nargs="+", default=[1, 2], help="ring sizes to measure")
     p.add_argument("--threads", type=int, default=2, help="total threads, shared by the ranks")
     p.add_argument("--repeats", type=int, default=3, help="timed iterations per case (after one warm-up)")
 
