@@ -267,6 +267,42 @@ def pow2_k(tokens) -> int:
     return 0 if tokens < K else 2 ** int(math.floor(math.log2(tokens / K)))
 
 
+# ---------------------------------------------------------------- ringwise's own buffers
+def ringwise_activation_bytes(model, tokens_per_rank, world, batch=1, bytes_per_element=4) -> dict:
+    """Per-rank activation bytes of one ringwise training step with per-layer checkpointing.
+
+    Table 1 counts the paper's attention buffers only; this counts what ringwise itself holds
+    per local token while one layer is recomputed and back-propagated (h = hidden,
+    kv = n_kv_heads x head_dim), read off ringwise.model and ringwise.ring, not fitted:
+
+    * checkpoints: every layer's input, h per layer;
+    * the recomputed layer's saved activations: its input, the attention norm's output, q,
+      q after rotary, the attention output, the residual after attention, the FFN norm's
+      output (7h); k, k after rotary, v (3kv);
+    * backward: the residual-stream and norm-output gradients, the float32 dQ accumulator and
+      the kernel's dQ part (4h); the local block's dK, dV (2kv);
+    * ring (W > 1): receive buffers for the visiting K, V (one pair at W = 2, two from W = 3),
+      and the travelling dK, dV accumulator with its receive buffer (4kv).
+
+    Per-chunk constants (one SwiGLU chunk, one logits chunk, kernel scratch) are left out, so
+    this is the part that grows with the sequence. ``bench memory`` checks it against
+    measurement.
+    """
+    model = get_model(model)
+    for n, v in (("tokens_per_rank", tokens_per_rank), ("world", world), ("batch", batch)):
+        _positive(n, v, integer=True)
+    h, kv = model.hidden, model.hidden // model.n_heads * model.n_kv_heads
+    per_token = {
+        "checkpoints": model.n_layers * h,
+        "layer recompute": 7 * h + 3 * kv,
+        "backward": 4 * h + 2 * kv,
+        "ring buffers": 0 if world == 1 else 2 * min(2, world - 1) * kv + 4 * kv,
+    }
+    parts = {k: v * tokens_per_rank * batch * bytes_per_element for k, v in per_token.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 # ---------------------------------------------------------------- the paper's tables
 PAPER_TABLE2 = {  # device: (min c, min s = 6c), thousands of tokens
     "a100-nvlink": (1.0, 6.2), "a100-ib": (24.5, 149.5), "tpu-v3": (1.1, 6.6),
@@ -350,6 +386,10 @@ def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMO
         parts = training_memory("ring", model, n_devices, ring, batch, memory)
         lines.append("ring memory per device at that length: " + ", ".join(
             f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items()))
+        own = ringwise_activation_bytes(model, ring // n_devices, n_devices, batch, memory.bytes_per_element)
+        lines.append(f"ringwise's own activation buffers at that length (counted, not Table 1): "
+                     f"{own['total'] / 2**30:.2f} GiB vs Table 1's "
+                     f"{(parts['checkpoints'] + parts['layer peak']) / 2**30:.2f} GiB")
     return "\n".join(lines)
 
 

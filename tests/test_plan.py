@@ -179,3 +179,21 @@ def test_report_warns_when_ring_is_too_short_to_overlap():
     assert "too short" not in plan.plan_report("7b", "a100-nvlink", 8)
     assert "does not fit" in plan.plan_report("65b", "tpu-v5e", 2)
     assert math.isclose(plan.min_seq_per_device("a100-ib"), 6 * 312e12 / 12.5e9)
+
+
+def test_ringwise_counted_buffers():
+    """ringwise's own per-token buffers: linear in tokens, ring buffers only from W = 2, one
+    more K/V receive pair from W = 3, and above the paper's Table 1 accounting."""
+    m = plan.get_model("7b")
+    h = kv = m.hidden
+    one = plan.ringwise_activation_bytes(m, 1024, 1)
+    assert one["ring buffers"] == 0
+    assert one["total"] == 1024 * 4 * (m.n_layers * h + 7 * h + 3 * kv + 4 * h + 2 * kv)
+    assert plan.ringwise_activation_bytes(m, 2048, 1)["total"] == 2 * one["total"]
+    two, three = (plan.ringwise_activation_bytes(m, 1024, w)["ring buffers"] for w in (2, 3))
+    assert two == 1024 * 4 * 6 * kv and three == 1024 * 4 * 8 * kv
+    assert plan.ringwise_activation_bytes(m, 1024, 8)["ring buffers"] == three
+    paper = plan.training_memory("ring", m, 8, 8 * 1024, memory=replace(plan.DEFAULT_MEMORY, checkpoints_per_layer=1))
+    assert plan.ringwise_activation_bytes(m, 1024, 8)["total"] > paper["checkpoints"] + paper["layer peak"]
+    with pytest.raises(ValueError):
+        plan.ringwise_activation_bytes(m, 0, 2)
