@@ -187,6 +187,9 @@ class RetrievalDataset(torch.utils.data.Dataset):
             and with ``loss_on="recall"`` gives many retrieval targets per example.  At a
             fixed depth the documents of different depths differ only in the needle line
             and the line it replaced.
+        decoys: with ``id_pool``, this many other ids also occur exactly once, at random
+            lines, so the needle is not the only line seen once: answering then needs the
+            question's id, not "the line that does not repeat" (an evaluation control).
         questions: question/answer pairs at the end (default 1, the paper's task). More
             pairs give training many retrieval targets per sequence (associative-recall
             style); the last pair is always the needle at ``depth``, the others ask about
@@ -210,6 +213,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
         questions: int = 1,
         id_chars: str | None = None,
         id_pool: int | None = None,
+        decoys: int = 0,
     ):
         if isinstance(fmt, str):
             if fmt not in RETRIEVAL_FORMATS:
@@ -255,13 +259,26 @@ class RetrievalDataset(torch.utils.data.Dataset):
             need = 1 + self.line_len + self.questions * (self.question_len + self.answer_len)
             raise ValueError(f"seq_len={self.seq_len} is too short for one line plus question and answer; need >= {need}")
         n_ids = len(self.id_chars) if self.id_chars else 9 * 10 ** (self.id_digits - 1)
-        self.id_pool = None if id_pool is None else int(id_pool)
-        if self.id_pool is not None and not 2 <= self.id_pool <= n_ids:
-            raise ValueError(f"id_pool must be between 2 and the {n_ids} distinct ids, got {id_pool}")
+        if id_pool is not None and (not isinstance(id_pool, int) or isinstance(id_pool, bool)
+                                    or not 2 <= id_pool <= n_ids):
+            raise ValueError(f"id_pool must be an int between 2 and the {n_ids} distinct ids, got {id_pool!r}")
+        self.id_pool = id_pool
+        if not isinstance(decoys, int) or decoys < 0:
+            raise ValueError(f"decoys must be an int >= 0, got {decoys!r}")
+        if decoys and (id_pool is None or decoys > id_pool - 2 or decoys >= self.n_lines):
+            raise ValueError(f"decoys={decoys} needs id_pool with at least decoys + 2 ids (the needle, the decoys "
+                             f"and one recurring id) and fewer decoys than the {self.n_lines} lines")
+        self.decoys = decoys
+        if loss_on == "recall":
+            if id_pool is None:
+                raise ValueError("loss_on='recall' labels lines whose id recurs; without id_pool no id recurs")
+            if fmt.line.index("{value}") < fmt.line.index("{id}"):
+                raise ValueError("loss_on='recall' needs a line format with the id before the value "
+                                 "(the value is only predictable once its id has been read)")
         if self.id_pool is None and self.n_lines > n_ids:
             raise ValueError(
                 f"seq_len={self.seq_len} holds {self.n_lines} lines but only {n_ids} distinct ids exist; "
-                + ("use more id_chars" if self.id_chars else "raise id_digits")
+                + ("use more id_chars" if self.id_chars else "raise id_digits") + ", or let ids recur (id_pool)"
             )
 
     def _line(self, id_: int, value: int) -> bytes:
@@ -279,10 +296,11 @@ class RetrievalDataset(torch.utils.data.Dataset):
         if self.id_pool is None:
             ids = rng.sample(id_space, self.n_lines)
             values = [rng.randrange(lo_val, 10 * lo_val) for _ in range(self.n_lines)]
-        else:  # pool[0] is reserved for the needle; the haystack repeats pool[1:]
+        else:  # pool[0]: the needle; pool[1:1+decoys]: once each; the haystack repeats the rest
             pool = rng.sample(id_space, self.id_pool)
             value_of = {i: rng.randrange(lo_val, 10 * lo_val) for i in pool}
-            ids = [rng.choice(pool[1:]) for _ in range(self.n_lines)]
+            ids = [rng.choice(pool[1 + self.decoys:]) for _ in range(self.n_lines)]
+            decoy_lines = rng.sample(range(self.n_lines), self.decoys + 1) if self.decoys else []
         # Draw the needle last: for a fixed depth the document does not depend on depth,
         # so a grid over depths compares the same documents.
         if self.depth is None:
@@ -290,6 +308,8 @@ class RetrievalDataset(torch.utils.data.Dataset):
         else:
             needle = math.floor(self.depth * (self.n_lines - 1) + 0.5)  # round half up
         if self.id_pool is not None:
+            for decoy, line in zip(pool[1:1 + self.decoys], [n for n in decoy_lines if n != needle]):
+                ids[line] = decoy
             ids[needle] = pool[0]
             values = [value_of[i] for i in ids]
 

@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-lengths", type=int, nargs="*", default=None, help="retrieval eval context lengths")
     g.add_argument("--eval-depths", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     g.add_argument("--eval-per-cell", type=int, default=8)
+    g.add_argument("--eval-decoys", type=int, default=0,
+                   help="with --id-pool: other ids that occur once in each evaluation document, so the "
+                        "needle is not the only line seen once")
     g.add_argument("--no-plots", action="store_true")
 
 
@@ -209,15 +212,26 @@ def peak_rss_mib_max() -> float:
     return t.item()
 
 
-@torch.no_grad()
-def evaluate_retrieval(model, args, mesh: Mesh, device) -> dict:
-    """Accuracy by (context length, needle depth): an answer counts if every digit is right."""
+def eval_setup(args, mesh: Mesh) -> tuple[list[int], dict]:
+    """Evaluation context lengths (whole shard units) and the evaluation task's arguments.
+
+    Building one dataset per length checks them, so bad evaluation flags fail before
+    training rather than after it."""
     unit = split_unit(args.layout, mesh.ring_size)
     lengths = args.eval_lengths or [args.seq_len // 2, args.seq_len]
     lengths = sorted({max(unit, L - L % unit) for L in lengths})
-    grid = retrieval_eval_grid(lengths, args.eval_depths, args.eval_per_cell, fmt=args.fmt,
-                               id_digits=args.id_digits, value_digits=args.value_digits, id_chars=args.id_chars,
-                               id_pool=args.id_pool)
+    kwargs = dict(fmt=args.fmt, id_digits=args.id_digits, value_digits=args.value_digits, id_chars=args.id_chars,
+                  id_pool=args.id_pool, decoys=args.eval_decoys)
+    for L in lengths:
+        RetrievalDataset(L, depth=0.5, **kwargs)
+    return lengths, kwargs
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, args, mesh: Mesh, device) -> dict:
+    """Accuracy by (context length, needle depth): an answer counts if every digit is right."""
+    lengths, kwargs = eval_setup(args, mesh)
+    grid = retrieval_eval_grid(lengths, args.eval_depths, args.eval_per_cell, **kwargs)
     model.eval()
     acc = {}
     for (L, depth), examples in grid.items():
@@ -271,6 +285,8 @@ def _run(args, backend):
 
     cfg = model_config(args.model, checkpoint_layers=args.checkpoint_layers)
     dataset = make_dataset(args)
+    if args.data == "retrieval":
+        eval_setup(args, mesh)  # refuse bad evaluation flags now, not after training
     if args.data == "text":
         cfg.vocab_size = dataset.tokenizer.vocab_size
     torch.manual_seed(args.seed)  # identical initial parameters on every rank

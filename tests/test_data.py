@@ -179,6 +179,49 @@ def test_recurring_registers_and_recall_labels(depth):
         RetrievalDataset(128, fmt="registers", id_pool=10)  # only 9 one-digit ids
     with pytest.raises(ValueError, match="id_pool"):
         RetrievalDataset(128, fmt="registers", id_pool=1)
+    with pytest.raises(ValueError, match="id_pool"):
+        RetrievalDataset(128, fmt="registers", id_pool=2.5)
+    with pytest.raises(ValueError, match="without id_pool"):
+        RetrievalDataset(128, fmt="registers", loss_on="recall")  # nothing would recur
+    with pytest.raises(ValueError, match="id before the value"):
+        RetrievalDataset(128, fmt="pairs", id_digits=1, value_digits=1, id_pool=5, loss_on="recall")
+    with pytest.raises(ValueError, match="or let ids recur"):
+        RetrievalDataset(128, fmt="registers")  # 41 lines, 9 one-digit ids
+
+
+@pytest.mark.parametrize("fmt,questions", [("registers", 3), ("compact", 1), ("paper", 2)])
+def test_recall_labels_in_other_formats(fmt, questions):
+    """Recall labels sit where the value's first digit is predicted, in any id-first format,
+    and the extra questions keep their answer labels."""
+    ds = RetrievalDataset(400, seed=5, fmt=fmt, id_digits=1, value_digits=2, id_pool=6, loss_on="recall",
+                          questions=questions)
+    ex = ds[0]
+    ids, labels = ex["input_ids"], ex["labels"]
+    at = (labels != IGNORE_INDEX).nonzero().flatten()
+    assert len(at) > 2 * questions
+    assert torch.equal(labels[at], ids[at + 1])  # every label is the next token
+    assert all(chr(int(ids[t + 1])).isdigit() for t in at)  # and a value digit
+    end = ex["answer_span"][1]
+    for q in range(questions):  # every question's two answer digits, walking back from the end
+        a_end = end - q * (ds.question_len + 2)
+        assert torch.equal(labels[a_end - 3 : a_end - 1], ids[a_end - 2 : a_end])
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_decoys_occur_once_and_needle_stays(depth):
+    base = RetrievalDataset(128, seed=4, fmt="registers", id_pool=9, depth=depth)
+    ds = RetrievalDataset(128, seed=4, fmt="registers", id_pool=9, depth=depth, decoys=4)
+    for index in range(10):
+        ex = ds[index]
+        body, question = TOK.decode(ex["input_ids"][1:ex["answer_span"][1]]).rsplit("?", 1)
+        lines = [line[0] for line in body.split("\n")[:-1]]
+        once = [i for i in set(lines) if lines.count(i) == 1]
+        assert question[0] in once and len(once) == 5  # the needle and 4 decoys
+        assert lines.index(question[0]) == ex["needle_line"] == base[index]["needle_line"]
+    with pytest.raises(ValueError, match="decoys"):
+        RetrievalDataset(128, fmt="registers", id_pool=9, decoys=8)  # no recurring id left
+    with pytest.raises(ValueError, match="decoys"):
+        RetrievalDataset(128, fmt="registers", decoys=1)  # needs id_pool
 
 
 def test_retrieval_errors():

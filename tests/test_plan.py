@@ -88,11 +88,11 @@ def test_fitted_ffn_term_window():
     """The one fitted parameter (see plan's docstring): inside its window every cell is within
     2x; below it 8x A100 13B mem-eff leaves, above it 32x A100 7B mem-eff does; BPT and ring
     never depend on it."""
-    for k in (0.68, 0.75, 0.82):
+    for k in (0.65, 0.75, 0.83):  # the documented window, about (0.64, 0.83)
         assert misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=k)) == set()
     assert misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=0.0)) == {("8x A100 NVLink", "13b", "memeff")}
-    assert ("8x A100 NVLink", "13b", "memeff") in misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=0.6))
-    assert ("32x A100 InfiniBand", "7b", "memeff") in misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=0.9))
+    assert misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=0.63)) == {("8x A100 NVLink", "13b", "memeff")}
+    assert misses(replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=0.84)) == {("32x A100 InfiniBand", "7b", "memeff")}
     for method in ("bpt", "ring"):
         a = plan.training_memory(method, "7b", 8, 65536)
         b = plan.training_memory(method, "7b", 8, 65536, memory=replace(plan.DEFAULT_MEMORY, ffn_saved_per_layer=5))

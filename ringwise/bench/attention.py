@@ -70,6 +70,7 @@ QUICK = dict(seq=2048, repeats=1)
 
 
 def run(args) -> dict:
+    args.world = list(dict.fromkeys(args.world))  # a repeated size would run its cases twice
     bad = [W for W in args.world if W < 1 or args.threads % W]
     if bad:  # refuse before any timing, not after minutes of it
         raise ValueError(f"--threads {args.threads} must be divisible by every --world size (same total threads "
@@ -110,7 +111,7 @@ def run(args) -> dict:
         mask = "causal" if r["causal"] else "full"
         lines.append(f"| {r['impl']} | {r['world']} x {r['threads']} | {mask} | {r['layout']} | "
                      f"{r['seconds']:.3f} | {r['sdpa_over_this']:.3f} |")
-    for W in args.world:
+    for W in (w for w in args.world if w > 1):  # one rank has nothing to balance
         by = {r["layout"]: r["seconds"] for r in rows if r["impl"] == "ring" and r["world"] == W and r["causal"]}
         lines.append("")
         lines.append(f"W={W} causal load balance: contiguous / zigzag time = {by['contiguous'] / by['zigzag']:.2f}, "

@@ -56,11 +56,11 @@ def run(args) -> dict:
             res = cluster.run(step_memory, args.memory_model, S, "zigzag", 1, 1024, True, timeout=3600)
         measured = max(p for p, _ in res)
         planned = planned_bytes(args.memory_model, S, W)
+        counted = counted_bytes(args.memory_model, S, W)
         rows.append(dict(seq=S, world=W, measured_mib=mib(measured), planned_mib=mib(planned["total"]),
                          planned_checkpoints_mib=mib(planned["checkpoints"]),
                          planned_layer_peak_mib=mib(planned["layer peak"]), ratio=measured / planned["total"],
-                         counted_mib=mib(counted_bytes(args.memory_model, S, W)),
-                         counted_ratio=measured / counted_bytes(args.memory_model, S, W)))
+                         counted_mib=mib(counted), counted_ratio=measured / counted))
     cfg = model_config(args.memory_model)
     lines = [f"Model preset `{args.memory_model}` ({cfg.n_layers} layers, dim {cfg.dim}, ffn {cfg.ffn_dim}), "
              "batch 1, causal zigzag, per-layer activation checkpointing, float32; measured: per-rank peak "

@@ -91,7 +91,7 @@ def run(args) -> dict:
         for causal in (False, True):
             t = single.run(time_sdpa, 1, args.peer_seq, args.heads, args.head_dim, causal, max(1, args.repeats),
                            timeout=3600)[0]
-            rows.append(dict(impl=f"SDPA, 1 process x {args.threads} threads (reference)", causal=causal,
+            rows.append(dict(impl=f"SDPA, 1 process x {args.threads} threads (reference, not a ring)", causal=causal,
                              seconds=t, peak_mib=None))
     try:
         import ringattention  # noqa: F401
