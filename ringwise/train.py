@@ -212,12 +212,12 @@ def peak_rss_mib_max() -> float:
     return t.item()
 
 
-def eval_setup(args, mesh: Mesh) -> tuple[list[int], dict]:
+def eval_setup(args, ring_size: int) -> tuple[list[int], dict]:
     """Evaluation context lengths (whole shard units) and the evaluation task's arguments.
 
-    Building one dataset per length checks them, so bad evaluation flags fail before
-    training rather than after it."""
-    unit = split_unit(args.layout, mesh.ring_size)
+    Building one dataset per length checks them, so `check_arguments` can refuse bad
+    evaluation flags before training rather than after it."""
+    unit = split_unit(args.layout, ring_size)
     lengths = args.eval_lengths or [args.seq_len // 2, args.seq_len]
     lengths = sorted({max(unit, L - L % unit) for L in lengths})
     kwargs = dict(fmt=args.fmt, id_digits=args.id_digits, value_digits=args.value_digits, id_chars=args.id_chars,
@@ -230,7 +230,7 @@ def eval_setup(args, mesh: Mesh) -> tuple[list[int], dict]:
 @torch.no_grad()
 def evaluate_retrieval(model, args, mesh: Mesh, device) -> dict:
     """Accuracy by (context length, needle depth): an answer counts if every digit is right."""
-    lengths, kwargs = eval_setup(args, mesh)
+    lengths, kwargs = eval_setup(args, mesh.ring_size)
     grid = retrieval_eval_grid(lengths, args.eval_depths, args.eval_per_cell, **kwargs)
     model.eval()
     acc = {}
@@ -285,8 +285,6 @@ def _run(args, backend):
 
     cfg = model_config(args.model, checkpoint_layers=args.checkpoint_layers)
     dataset = make_dataset(args)
-    if args.data == "retrieval":
-        eval_setup(args, mesh)  # refuse bad evaluation flags now, not after training
     if args.data == "text":
         cfg.vocab_size = dataset.tokenizer.vocab_size
     torch.manual_seed(args.seed)  # identical initial parameters on every rank
@@ -387,8 +385,19 @@ def _summary(args, mesh, model, result, out) -> str:
     return line + f"; results in {out}/"
 
 
+def check_arguments(args) -> None:
+    """Refuse bad flags in the launching process: before any rank starts, talks or trains."""
+    world = int(os.environ.get("WORLD_SIZE", args.world))
+    if args.dp < 1 or world % args.dp:
+        raise ValueError(f"--dp {args.dp} must divide the world size {world}")
+    if args.data == "retrieval":
+        make_dataset(args)
+        eval_setup(args, world // args.dp)
+
+
 def launch(args) -> None:
     """Run the job: under torchrun directly, else start --world local ranks (elastic launcher)."""
+    check_arguments(args)
     elastic_run(worker, args.world, args)
 
 

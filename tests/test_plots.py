@@ -71,6 +71,21 @@ def test_missing_matplotlib_gives_clear_error(tmp_path, monkeypatch):
         plot_lines({"a": [1]}, {"a": [1]}, tmp_path / "x.png")
 
 
+def test_benchmarks_skip_the_picture_not_the_results(tmp_path, monkeypatch, capsys):
+    """Without matplotlib a benchmark says the plot was skipped and how to get it."""
+    import sys
+
+    from ringwise.bench import draw
+
+    assert_png(draw("lines", {"a": [1, 2]}, {"a": [1, 2]}, tmp_path / "ok.png"))
+    for name in ["matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    assert draw("bars", ["x"], {"a": [1.0]}, tmp_path / "no.png") is None
+    assert not (tmp_path / "no.png").exists()
+    out = capsys.readouterr().out
+    assert "plot skipped" in out and "pip install 'ringwise[plot]'" in out
+
+
 def test_modules_import_without_matplotlib():
     import subprocess
     import sys

@@ -80,6 +80,21 @@ def test_resume_refuses_a_different_run(tmp_path):
         checkpoints.check_compatible(dict(config={}, args=checkpoints.run_args(job_args(tmp_path))), ModelConfig(), args)
 
 
+@pytest.mark.parametrize("flags,match", [
+    (["--eval-decoys", "2"], "decoys=2 needs id_pool"),
+    (["--fmt", "registers", "--loss-on", "recall"], "without id_pool"),
+    (["--fmt", "registers", "--seq-len", "128"], "or let ids recur"),
+    (["--dp", "3"], "--dp 3 must divide the world size 2"),
+])
+def test_train_refuses_bad_flags_before_starting_ranks(tmp_path, flags, match, monkeypatch):
+    import ringwise.train as train
+
+    monkeypatch.setattr(train, "elastic_run", lambda *a: pytest.fail("ranks started despite bad flags"))
+    with pytest.raises(ValueError, match=match):
+        main(["train", "--world", "2", "--seq-len", "64", "--out", str(tmp_path), *flags])
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def demo_flags():
     """`make demo`'s DEMO_FLAGS, read from the Makefile so the test follows the demo."""
     text = (Path(__file__).parents[1] / "Makefile").read_text().replace("\\\n", " ")

@@ -37,6 +37,21 @@ def machine_info() -> dict:
     }
 
 
+def draw(kind: str, *args, **kwargs) -> Path | None:
+    """``ringwise.plots.plot_<kind>(...)``; without matplotlib, say so and go on.
+
+    The PNG is optional (the ``plot`` extra), the JSON and markdown results are not, so a
+    missing matplotlib costs the picture only, and the user is told how to get it.
+    """
+    from ringwise import plots
+
+    try:
+        return getattr(plots, f"plot_{kind}")(*args, **kwargs)
+    except ImportError as e:
+        print(f"plot skipped: {e}")
+        return None
+
+
 def write_results(out_dir: str | Path, name: str, data: dict, markdown: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import ringwise
 from ringwise.launch import LocalCluster
 
-from . import write_results
+from . import draw, write_results
 
 
 def _inputs(batch, seq, heads, head_dim, seed=0):
@@ -119,19 +119,14 @@ def run(args) -> dict:
     md = "\n".join(lines) + "\n"
     out = write_results(args.out, "attention", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
                                                        rows=rows), md)
-    try:
-        from ringwise.plots import plot_lines
-
-        ring = [r for r in rows if r["impl"] == "ring"]
-        series = {}
-        for r in ring:
-            label = f"{'causal ' + r['layout'] if r['causal'] else 'full'}"
-            series.setdefault(label, []).append(r)
-        plot_lines({k: [r["world"] for r in v] for k, v in series.items()},
-                   {k: [r["sdpa_over_this"] for r in v] for k, v in series.items()},
-                   out / "attention.png", xlabel="ring ranks W (same total threads as SDPA)",
-                   ylabel="SDPA time / ring time", title=f"Ring vs single-process SDPA, S={args.seq}", logx=True)
-    except ImportError:
-        pass
+    ring = [r for r in rows if r["impl"] == "ring"]
+    series = {}
+    for r in ring:
+        label = f"{'causal ' + r['layout'] if r['causal'] else 'full'}"
+        series.setdefault(label, []).append(r)
+    draw("lines", {k: [r["world"] for r in v] for k, v in series.items()},
+         {k: [r["sdpa_over_this"] for r in v] for k, v in series.items()},
+         out / "attention.png", xlabel="ring ranks W (same total threads as SDPA)",
+         ylabel="SDPA time / ring time", title=f"Ring vs single-process SDPA, S={args.seq}", logx=True)
     print(md)
     return dict(rows=rows)

@@ -18,7 +18,7 @@ from ringwise.launch import LocalCluster
 from ringwise.memory import mib
 from ringwise.model import model_config
 
-from . import write_results
+from . import draw, write_results
 from .scaling import step_memory
 
 
@@ -80,15 +80,10 @@ def run(args) -> dict:
               f"measured / counted {min(counted):.2f} to {max(counted):.2f}."]
     md = "\n".join(lines) + "\n"
     out = write_results(args.out, "memory", dict(rows=rows), md)
-    try:
-        from ringwise.plots import plot_bars
-
-        plot_bars([f"S={r['seq']}\nW={r['world']}" for r in rows],
-                  {"measured": [r["measured_mib"] for r in rows], "counted (ringwise buffers)": [r["counted_mib"] for r in rows],
-                   "planned (paper's Table 1)": [r["planned_mib"] for r in rows]},
-                  out / "memory.png", ylabel="per-rank activation peak, MiB",
-                  title=f"Measured vs planned memory, preset {args.memory_model}")
-    except ImportError:
-        pass
+    draw("bars", [f"S={r['seq']}\nW={r['world']}" for r in rows],
+         {"measured": [r["measured_mib"] for r in rows], "counted (ringwise buffers)": [r["counted_mib"] for r in rows],
+          "planned (paper's Table 1)": [r["planned_mib"] for r in rows]},
+         out / "memory.png", ylabel="per-rank activation peak, MiB",
+         title=f"Measured vs planned memory, preset {args.memory_model}")
     print(md)
     return dict(rows=rows)

@@ -24,7 +24,7 @@ from ringwise.kernels import default_scale, select_kernel
 from ringwise.launch import LocalCluster
 from ringwise.ring import ring_backward, ring_forward
 
-from . import write_results
+from . import draw, write_results
 
 
 class _SilentRing(Ring):
@@ -129,17 +129,12 @@ def run(args) -> dict:
     out = write_results(args.out, "overlap", dict(rows=rows, flops=flops, bandwidth=bandwidth,
                                                   predicted_block=predicted_c, hidden_from=hidden_from,
                                                   hidden_dim=hidden_dim), md)
-    try:
-        from ringwise.plots import plot_lines
-
-        xs = [r["block"] for r in rows]
-        plot_lines({k: xs for k in ("ring", "compute only", "comm only")},
-                   {"ring": [r["ring"] for r in rows], "compute only": [r["compute"] for r in rows],
-                    "comm only": [r["comm"] for r in rows]},
-                   out / "overlap.png", xlabel="block size c (tokens per rank)", ylabel="seconds (fwd+bwd)",
-                   title=f"Overlap: ring vs its compute and its transfer (predicted c >= {predicted_c:.0f})",
-                   logx=True, logy=True)
-    except ImportError:
-        pass
+    xs = [r["block"] for r in rows]
+    draw("lines", {k: xs for k in ("ring", "compute only", "comm only")},
+         {"ring": [r["ring"] for r in rows], "compute only": [r["compute"] for r in rows],
+          "comm only": [r["comm"] for r in rows]},
+         out / "overlap.png", xlabel="block size c (tokens per rank)", ylabel="seconds (fwd+bwd)",
+         title=f"Overlap: ring vs its compute and its transfer (predicted c >= {predicted_c:.0f})",
+         logx=True, logy=True)
     print(md)
     return dict(rows=rows)

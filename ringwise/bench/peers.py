@@ -26,7 +26,7 @@ import ringwise
 from ringwise.launch import LocalCluster
 from ringwise.memory import PeakMemory, mib
 
-from . import write_results
+from . import draw, write_results
 
 
 def _run_impl(name, q, k, v, dout, causal, repeats):
@@ -115,15 +115,10 @@ def run(args) -> dict:
                      f"{peak} | {r['seconds'] / ours['seconds']:.2f}x |")
     md = "\n".join(lines) + "\n"
     out = write_results(args.out, "peers", dict(rows=rows), md)
-    try:
-        from ringwise.plots import plot_bars
-
-        impls = list(dict.fromkeys(r["impl"] for r in rows))
-        seconds = {(r["impl"], r["causal"]): r["seconds"] for r in rows}
-        plot_bars(["full", "causal"], {i: [seconds.get((i, False)), seconds.get((i, True))] for i in impls},
-                  out / "peers.png", ylabel="seconds, forward+backward (lower is better)",
-                  title=f"W={args.peer_world}, S={args.peer_seq}: ringwise vs other packages")
-    except ImportError:
-        pass
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    seconds = {(r["impl"], r["causal"]): r["seconds"] for r in rows}
+    draw("bars", ["full", "causal"], {i: [seconds.get((i, False)), seconds.get((i, True))] for i in impls},
+         out / "peers.png", ylabel="seconds, forward+backward (lower is better)",
+         title=f"W={args.peer_world}, S={args.peer_seq}: ringwise vs other packages")
     print(md)
     return dict(rows=rows)

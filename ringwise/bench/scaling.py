@@ -21,7 +21,7 @@ from ringwise.layout import positions, shard
 from ringwise.memory import PeakMemory, mib
 from ringwise.model import Transformer, model_config
 
-from . import write_results
+from . import draw, write_results
 
 
 def step_memory(preset: str, global_len: int, layout: str, batch: int, chunk: int, checkpoint_layers: bool = False,
@@ -104,15 +104,10 @@ def run(args) -> dict:
     md = "\n".join(lines) + "\n"
     out = write_results(args.out, "scaling", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
                                                   rows=rows, summary=summary), md)
-    try:
-        from ringwise.plots import plot_lines
-
-        plot_lines({"fixed tokens per rank": [r["world"] for r in weak], "fixed global length": [r["world"] for r in strong]},
-                   {"fixed tokens per rank": [r["peak_mib_max"] for r in weak],
-                    "fixed global length": [r["peak_mib_max"] for r in strong]},
-                   out / "scaling.png", xlabel="ranks W", ylabel="peak MiB per rank",
-                   title="Per-rank training memory vs ring size", logx=True)
-    except ImportError:
-        pass
+    draw("lines", {"fixed tokens per rank": [r["world"] for r in weak], "fixed global length": [r["world"] for r in strong]},
+         {"fixed tokens per rank": [r["peak_mib_max"] for r in weak],
+          "fixed global length": [r["peak_mib_max"] for r in strong]},
+         out / "scaling.png", xlabel="ranks W", ylabel="peak MiB per rank",
+         title="Per-rank training memory vs ring size", logx=True)
     print(md)
     return dict(rows=rows, summary=summary)
