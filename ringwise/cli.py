@@ -7,8 +7,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo
-    from .bench import SUITES
+    from .lab import demo
+    from .lab.bench import SUITES
 
     p = argparse.ArgumentParser(prog="ringwise", description="Exact ring attention for near-infinite context")
     sub = p.add_subparsers(dest="command", required=True)
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="sequence-parallel training of the Blockwise Transformer (the main job)")
     train.add_arguments(t)
 
-    from .plan import add_plan_arguments
+    from .lab.plan import add_plan_arguments
 
     add_plan_arguments(sub.add_parser("plan", help="the paper's memory/overlap model for a cluster you plan"))
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in well under a minute")
     for name in SUITES + ("peers",):
         g = b.add_argument_group(name)
-        importlib.import_module(f"ringwise.bench.{name}").add_arguments(g)
+        importlib.import_module(f"ringwise.lab.bench.{name}").add_arguments(g)
     return p
 
 
@@ -43,11 +43,11 @@ def main(argv=None) -> int:
 
         train.launch(args)
     elif args.command == "demo":
-        from . import demo
+        from .lab import demo
 
         demo.run(args)
     elif args.command == "plan":
-        from .plan import run_plan
+        from .lab.plan import run_plan
 
         try:
             return run_plan(args)
@@ -55,11 +55,11 @@ def main(argv=None) -> int:
             print(f"ringwise plan: {e}", file=sys.stderr)
             return 2
     elif args.command == "bench":
-        from .bench import SUITES
+        from .lab.bench import SUITES
 
         defaults = vars(parser.parse_args(["bench", args.suite]))
         for name in SUITES if args.suite == "all" else (args.suite,):
-            mod = importlib.import_module(f"ringwise.bench.{name}")
+            mod = importlib.import_module(f"ringwise.lab.bench.{name}")
             if args.quick:  # small sizes, except where the user chose a value
                 for key, value in getattr(mod, "QUICK", {}).items():
                     if getattr(args, key) == defaults[key]:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .ring import ring_attention
+from .attention.ring import ring_attention
 
 IGNORE_INDEX = -100
 

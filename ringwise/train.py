@@ -28,8 +28,8 @@ from . import checkpoints
 from .data import (DEFAULT_DIGITS, RETRIEVAL_FORMATS, PackedTextDataset, RetrievalDataset, collate,
                    retrieval_eval_grid, sample_indices)
 from .launch import elastic_run
-from .layout import positions, shard, split_unit
-from .memory import _status_kb
+from .attention.layout import positions, shard, split_unit
+from .lab.memory import _status_kb
 from .model import PRESETS, Transformer, model_config
 
 
@@ -362,7 +362,7 @@ def _run(args, backend):
 
 
 def _plots(out: Path, result: dict) -> None:
-    from .plots import plot_loss_curve, plot_retrieval_heatmap
+    from .lab.plots import plot_loss_curve, plot_retrieval_heatmap
 
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     plot_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], out / "loss.png",

@@ -1,7 +1,7 @@
 """Shared fixtures: live local clusters (one per world size, reused across tests)."""
 import pytest
 
-from ringwise.launch import LocalCluster
+from ringwise.lab.cluster import LocalCluster
 
 _CLUSTERS: dict[int, LocalCluster] = {}
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import ringwise
-from ringwise.kernels import ReferenceKernel, select_kernel
-from ringwise.layout import global_indices, segments
-from ringwise.masks import step_tiles
-from ringwise.merge import merge_into
+from ringwise.attention.kernels import ReferenceKernel, select_kernel
+from ringwise.attention.layout import global_indices, segments
+from ringwise.attention.tiles import step_tiles
+from ringwise.attention.merge import merge_into
 from reference import max_err, reference_attention
 
 

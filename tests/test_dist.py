@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 import ringwise
-from ringwise.launch import ClusterError, LocalCluster
+from ringwise.lab.cluster import ClusterError, LocalCluster
 from reference import max_err, reference_attention
 
 

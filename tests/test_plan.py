@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ringwise import plan
+from ringwise.lab import plan
 
 BRIEF_SETUPS = {"8x A100 NVLink", "32x A100 InfiniBand", "TPUv4-1024 (512 chips)"}
 

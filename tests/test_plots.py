@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from ringwise.plots import plot_bars, plot_lines, plot_loss_curve, plot_retrieval_heatmap  # noqa: E402
+from ringwise.lab.plots import plot_bars, plot_lines, plot_loss_curve, plot_retrieval_heatmap  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +75,7 @@ def test_benchmarks_skip_the_picture_not_the_results(tmp_path, monkeypatch, caps
     """Without matplotlib a benchmark says the plot was skipped and how to get it."""
     import sys
 
-    from ringwise.bench import draw
+    from ringwise.lab.bench import draw
 
     assert_png(draw("lines", {"a": [1, 2]}, {"a": [1, 2]}, tmp_path / "ok.png"))
     for name in ["matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"]:
@@ -90,5 +90,5 @@ def test_modules_import_without_matplotlib():
     import subprocess
     import sys
 
-    code = "import sys, ringwise.data, ringwise.plots; assert 'matplotlib' not in sys.modules"
+    code = "import sys, ringwise.data, ringwise.lab.plots; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

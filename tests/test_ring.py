@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import ringwise
-from ringwise.comm import HOP_COUNTS
-from ringwise.layout import global_indices
+from ringwise.attention.comm import HOP_COUNTS
+from ringwise.attention.layout import global_indices
 from reference import max_err, reference_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}

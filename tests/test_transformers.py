@@ -77,7 +77,7 @@ def test_model_matches_single_process_sdpa(cluster, world, name, docs):
         pytest.skip()
     results = cluster(world).run(ring_run, name, docs)
     ref, f32 = single_run(name, docs, torch.float64), single_run(name, docs, torch.float32)
-    from ringwise.layout import global_indices
+    from ringwise.attention.layout import global_indices
 
     logits = torch.empty_like(f32["logits"])
     for r, res in enumerate(results):

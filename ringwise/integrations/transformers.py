@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..layout import positions, shard
-from ..ring import ring_attention
+from ..attention.layout import positions, shard
+from ..attention.ring import ring_attention
 
 NAME = "ringwise"
 IGNORE_INDEX = -100

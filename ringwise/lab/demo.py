@@ -13,10 +13,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import ringwise
-from ringwise.kernels import ReferenceKernel, default_scale
-from ringwise.launch import LocalCluster
-from ringwise.layout import global_indices
-from ringwise.memory import PeakMemory, mib
+from ringwise.attention.kernels import ReferenceKernel, default_scale
+from ringwise.lab.cluster import LocalCluster
+from ringwise.attention.layout import global_indices
+from ringwise.lab.memory import PeakMemory, mib
 
 
 def _inputs(args):

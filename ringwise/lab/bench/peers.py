@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 import ringwise
-from ringwise.launch import LocalCluster
-from ringwise.memory import PeakMemory, mib
+from ringwise.lab.cluster import LocalCluster
+from ringwise.lab.memory import PeakMemory, mib
 
 from . import draw, write_results
 
@@ -98,7 +98,7 @@ def run(args) -> dict:
 
         for causal in (False, True):
             env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.peer_world}")
-            cmd = [sys.executable, "-m", "ringwise.bench.jax_peer", str(args.peer_world), str(args.peer_seq),
+            cmd = [sys.executable, "-m", "ringwise.lab.bench.jax_peer", str(args.peer_world), str(args.peer_seq),
                    str(args.heads), str(args.head_dim), "1" if causal else "0", str(max(1, args.repeats))]
             res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                                             timeout=3600).stdout.strip().splitlines()[-1])

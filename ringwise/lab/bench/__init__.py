@@ -38,12 +38,12 @@ def machine_info() -> dict:
 
 
 def draw(kind: str, *args, **kwargs) -> Path | None:
-    """``ringwise.plots.plot_<kind>(...)``; without matplotlib, say so and go on.
+    """``ringwise.lab.plots.plot_<kind>(...)``; without matplotlib, say so and go on.
 
     The PNG is optional (the ``plot`` extra), the JSON and markdown results are not, so a
     missing matplotlib costs the picture only, and the user is told how to get it.
     """
-    from ringwise import plots
+    from ringwise.lab import plots
 
     try:
         return getattr(plots, f"plot_{kind}")(*args, **kwargs)

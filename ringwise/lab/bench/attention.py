@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import ringwise
-from ringwise.launch import LocalCluster
+from ringwise.lab.cluster import LocalCluster
 
 from . import draw, write_results
 

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ringwise.launch import LocalCluster
-from ringwise.layout import positions, shard
-from ringwise.memory import PeakMemory, mib
+from ringwise.lab.cluster import LocalCluster
+from ringwise.attention.layout import positions, shard
+from ringwise.lab.memory import PeakMemory, mib
 from ringwise.model import Transformer, model_config
 
 from . import draw, write_results

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ringwise.comm import Hop, Ring
-from ringwise.kernels import default_scale, select_kernel
-from ringwise.launch import LocalCluster
-from ringwise.ring import ring_backward, ring_forward
+from ringwise.attention.comm import Hop, Ring
+from ringwise.attention.kernels import default_scale, select_kernel
+from ringwise.lab.cluster import LocalCluster
+from ringwise.attention.ring import ring_backward, ring_forward
 
 from . import draw, write_results
 

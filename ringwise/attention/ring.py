@@ -16,7 +16,7 @@ import torch.distributed as dist
 from .comm import Ring
 from .kernels import acc_dtype, default_scale, select_kernel, BACKENDS
 from .layout import check_layout, check_local_len
-from .masks import step_tiles
+from .tiles import step_tiles
 from .merge import merge_into
 
 

@@ -275,7 +275,7 @@ def ringwise_activation_bytes(model, tokens_per_rank, world, batch=1, bytes_per_
 
     Table 1 counts the paper's attention buffers only; this counts what ringwise itself holds
     per local token while one layer is recomputed and back-propagated (h = hidden,
-    kv = n_kv_heads x head_dim), read off ringwise.model and ringwise.ring, not fitted:
+    kv = n_kv_heads x head_dim), read off ringwise.model and ringwise.attention.ring, not fitted:
 
     * checkpoints: every layer's input, h per layer;
     * the recomputed layer's saved activations: its input, the attention norm's output, q,

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from ringwise.launch import LocalCluster
-from ringwise.memory import mib
+from ringwise.lab.cluster import LocalCluster
+from ringwise.lab.memory import mib
 
 from . import draw, write_results
 from .scaling import step_memory
