@@ -1,4 +1,4 @@
-"""`ringwise` command line: train, demo, plan, bench."""
+"""`ringwise` command line: train, export, demo, plan, bench."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="ring attention on a long sequence across local processes, measured")
     demo.add_arguments(d)
 
-    from . import train
+    from .train import __main__ as train
 
-    t = sub.add_parser("train", help="sequence-parallel training of the Blockwise Transformer (the main job)")
-    train.add_arguments(t)
+    train.add_arguments(sub.add_parser("train", help="sequence-parallel training of the Blockwise Transformer "
+                                                     "(the main job)"))
+    train.add_export_arguments(sub.add_parser("export", help="a training run's newest checkpoint as one .pt file"))
 
     from .lab.plan import add_plan_arguments
 
@@ -38,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        from . import train
+    if args.command in ("train", "export"):
+        from .train import __main__ as train
 
-        train.launch(args)
+        return train.run(args) if args.command == "train" else train.export(args)
     elif args.command == "demo":
         from .lab import demo
 

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention.ring import ring_attention
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # labels the loss skips (cross_entropy's default); the one definition
 
 
 @dataclass

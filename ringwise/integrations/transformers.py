@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from ..attention.layout import positions, shard
 from ..attention.ring import ring_attention
+from ..model import IGNORE_INDEX
 
 NAME = "ringwise"
-IGNORE_INDEX = -100
 
 
 @dataclass

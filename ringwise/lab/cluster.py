@@ -18,7 +18,7 @@ import time
 import traceback
 from datetime import timedelta
 
-from ..launch import free_port
+from ..train.parallel import free_port
 
 
 class ClusterError(RuntimeError):

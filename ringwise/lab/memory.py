@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from ..train.parallel import proc_status_kb
+
 
 def malloc_env() -> dict[str, str]:
     """Environment that makes glibc return large frees to the OS (honest RSS peaks)."""
     return {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 class PeakMemory:
@@ -39,7 +35,7 @@ class PeakMemory:
         else:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
-            self._base = _status_kb("VmRSS") * 1024
+            self._base = proc_status_kb("VmRSS") * 1024
         return self
 
     def __exit__(self, *exc):
@@ -47,7 +43,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
-            self.peak_bytes = max(0, _status_kb("VmHWM") * 1024 - self._base)
+            self.peak_bytes = max(0, proc_status_kb("VmHWM") * 1024 - self._base)
 
 
 def mib(n_bytes: float) -> float:

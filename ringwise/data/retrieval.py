@@ -1,128 +1,23 @@
-"""Data for the sequence-parallel training job.
+"""The line retrieval task (Ring Attention paper, section 5.4) and its evaluation.
 
-Three sources of examples, all yielding the same dict format so the training loop does
-not care which one it reads:
-
-* ``RetrievalDataset``: the synthetic long-context *line retrieval* task of the Ring
-  Attention paper's evaluation (section 5.4, Fig. 3): many ``line <id>: REGISTER_CONTENT
-  is <number>`` lines, then a question naming one line (the needle, placed at a chosen
-  depth) and its number as the answer.  Shorter formats say the same with far fewer tokens;
-  the ``registers`` format with recurring ids (``id_pool``) is what a tiny model learns on a
-  CPU in minutes (see BENCHMARKS.md, "The demo", for why).
-* ``PackedTextDataset``: plain UTF-8 text files, packed into fixed-length windows.
-* Helpers: ``sample_indices`` (which dataset indices form the global batch at a step),
-  ``collate``, ``retrieval_eval_grid`` and ``answer_correct`` for the accuracy heatmap.
-
-Every example is a pure function of ``(seed, index)``: nothing depends on worker count,
-world size or the order in which examples are asked for, so a resumed or re-sharded run
-sees exactly the same data.
-
-Example dict (``seq_len`` tokens)::
-
-    input_ids   LongTensor[seq_len]
-    labels      LongTensor[seq_len]   labels[t] = token to predict at position t
-                                      (input_ids shifted left by one); IGNORE_INDEX = -100
-                                      where there is no loss
-    answer_span (start, end)          positions of the answer in input_ids, end exclusive;
-                                      (0, 0) when the example has no answer
+Many ``line <id>: REGISTER_CONTENT is <number>`` lines, then a question naming one line
+(the needle, placed at a chosen depth) and its number as the answer. Shorter formats say
+the same with far fewer tokens; the ``registers`` format with recurring ids (``id_pool``)
+is what a tiny model learns on a CPU in minutes (see BENCHMARKS.md, "The demo").
 """
-
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
-__all__ = [
-    "IGNORE_INDEX",
-    "ByteTokenizer",
-    "RetrievalFormat",
-    "RETRIEVAL_FORMATS",
-    "RetrievalDataset",
-    "retrieval_eval_grid",
-    "answer_correct",
-    "PackedTextDataset",
-    "sample_indices",
-    "collate",
-]
-
-IGNORE_INDEX = -100
-"""Label value that the loss ignores (``torch.nn.functional.cross_entropy`` default)."""
-
-
-def _rng(*parts) -> random.Random:
-    """A ``random.Random`` keyed by ``parts``.
-
-    Seeding with a string hashes it with SHA-512 (Python's seed version 2), so the
-    stream is stable across processes, platforms and Python's hash randomisation, and
-    distinct keys such as (seed, index) never collide the way ``seed * K + index`` can.
-    """
-    return random.Random("ringwise/" + "/".join(str(p) for p in parts))
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-class ByteTokenizer:
-    """Byte-level tokenizer: ids 0..255 are UTF-8 bytes, then PAD, BOS, EOS.
-
-    No vocabulary file, no training, every string round-trips, and a digit is one
-    token, which keeps the retrieval task's token counts exact and predictable.
-
-    ``num_tokens`` (259) is the number of ids the tokenizer can produce;
-    ``vocab_size`` is that count rounded up to ``pad_to_multiple_of`` (default 8, giving
-    264) and is what an embedding / output layer should be sized with: tensor-core
-    friendly, and the extra rows are simply never targets.
-    """
-
-    PAD = 256
-    BOS = 257
-    EOS = 258
-
-    def __init__(self, pad_to_multiple_of: int = 8):
-        if pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    pad_id = property(lambda self: self.PAD)
-    bos_id = property(lambda self: self.BOS)
-    eos_id = property(lambda self: self.EOS)
-
-    @property
-    def num_tokens(self) -> int:
-        """Ids actually produced: 256 bytes + 3 specials = 259."""
-        return 259
-
-    @property
-    def vocab_size(self) -> int:
-        """Embedding size to use: ``num_tokens`` rounded up to ``pad_to_multiple_of``."""
-        m = self.pad_to_multiple_of
-        return -(-self.num_tokens // m) * m
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = list(text.encode("utf-8"))
-        return ([self.BOS] if bos else []) + ids + ([self.EOS] if eos else [])
-
-    def encode_tensor(self, text: str | bytes) -> torch.Tensor:
-        """Encode to a uint8 tensor without a Python list (fast path for big corpora)."""
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        if not data:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
-        """Bytes back to text; special and out-of-range ids are skipped, bad UTF-8 replaced."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.flatten().tolist()
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-
-# --------------------------------------------------------------------- line retrieval
+from ..attention.layout import positions, shard
+from ..model import IGNORE_INDEX
+from .sampling import _rng, collate
+from .text import ByteTokenizer
 
 
 @dataclass(frozen=True)
@@ -375,153 +270,30 @@ def retrieval_eval_grid(
     return grid
 
 
-def answer_correct(pred_ids: torch.Tensor, example: dict) -> bool:
-    """True if the model's greedy predictions reproduce the whole answer.
 
-    ``pred_ids`` is argmax over the vocabulary at every position, shape ``[seq_len]``
-    (``[seq_len, vocab]`` logits are argmaxed here).  Position ``t`` predicts token
-    ``t + 1``, so the answer ``input_ids[start:end]`` must equal
-    ``pred_ids[start-1:end-1]``.  With teacher forcing, all answer tokens right is
-    exactly the condition for greedy decoding to emit the answer.
-    """
-    if pred_ids.dim() == 2:
-        pred_ids = pred_ids.argmax(dim=-1)
-    start, end = (int(x) for x in example["answer_span"])
-    if end <= start:
-        raise ValueError("example has no answer span")
-    target = example["input_ids"][start:end]
-    return bool(torch.equal(pred_ids[start - 1 : end - 1].to(target.device).long(), target.long()))
+@torch.no_grad()
+def retrieval_accuracy(model, lengths: Sequence[int], depths: Sequence[float], per_cell: int, *, layout: str,
+                       group=None, device=None, **task) -> list[list[float]]:
+    """Accuracy[depth][length] of a sequence-parallel model on the evaluation grid.
 
-
-# ------------------------------------------------------------------------ text corpora
-
-
-class PackedTextDataset(torch.utils.data.Dataset):
-    """Plain UTF-8 text files packed into one token stream and cut into windows.
-
-    Each file is one document and ends with EOS.  Window ``i`` is tokens
-    ``[i*seq_len, i*seq_len + seq_len + 1)``: its first ``seq_len`` tokens are the
-    inputs and its last ``seq_len`` the labels, so consecutive windows share one token
-    and every token of the stream (but the first) is a label exactly once.  A trailing
-    partial window is dropped.  The stream is kept as uint16 (2 bytes per token).
-
-    ``paths`` may be one path or a list; a directory stands for all files below it,
-    sorted.  The tokenizer needs ``encode(text)`` and ``eos_id`` (default ByteTokenizer).
-    """
-
-    def __init__(self, paths, seq_len: int, tokenizer=None):
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        self.seq_len = int(seq_len)
-        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
-        if isinstance(paths, (str, Path)):
-            paths = [paths]
-        files: list[Path] = []
-        for p in map(Path, paths):
-            if p.is_dir():
-                files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise FileNotFoundError(f"PackedTextDataset: no such file or directory: {p}")
-        if not files:
-            raise ValueError(f"PackedTextDataset: no text files found in {list(map(str, paths))}")
-        self.files = files
-
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        dtype = torch.uint16 if vocab is not None and vocab <= 2**16 else torch.int32
-        eos = torch.tensor([self.tokenizer.eos_id], dtype=dtype)
-        pieces = []
-        for f in files:
-            text = f.read_text(encoding="utf-8", errors="replace")
-            if hasattr(self.tokenizer, "encode_tensor"):
-                pieces.append(self.tokenizer.encode_tensor(text).to(dtype))
-            else:
-                pieces.append(torch.tensor(self.tokenizer.encode(text), dtype=dtype))
-            pieces.append(eos)
-        self.tokens = torch.cat(pieces)
-        n = self.tokens.numel()
-        if n < self.seq_len + 1:
-            raise ValueError(
-                f"PackedTextDataset: the files hold {n} tokens (EOS included) but one window "
-                f"needs seq_len + 1 = {self.seq_len + 1}; add text or lower seq_len"
-            )
-        self.n_windows = (n - 1) // self.seq_len
-
-    def __len__(self) -> int:
-        return self.n_windows
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.n_windows:
-            raise IndexError(f"index {index} out of range for PackedTextDataset of length {self.n_windows}")
-        s = index * self.seq_len
-        window = self.tokens[s : s + self.seq_len + 1].long()
-        return {"input_ids": window[:-1], "labels": window[1:], "answer_span": (0, 0)}
-
-
-# ------------------------------------------------------------------- batching, resume
-
-_PERM_LIMIT = 1 << 22  # above this, an O(1)-memory affine permutation replaces randperm
-
-
-@lru_cache(maxsize=4)
-def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(_rng("perm", seed, epoch).getrandbits(63))
-    return torch.randperm(n, generator=g)
-
-
-def _epoch_affine(n: int, seed: int, epoch: int) -> tuple[int, int]:
-    rng = _rng("affine", seed, epoch)
-    while True:
-        a = rng.randrange(1, n) if n > 1 else 1
-        if math.gcd(a, n) == 1:
-            return a, rng.randrange(n)
-
-
-def sample_indices(step: int, global_batch: int, dataset_len: int | None, seed: int = 0) -> list[int]:
-    """Dataset indices of the global batch at training ``step``, a pure function of its args.
-
-    Samples are consumed as one stream, ``global_batch`` per step; stream position ``p``
-    belongs to epoch ``p // dataset_len`` and maps through that epoch's seeded shuffle,
-    so each epoch is a permutation of the dataset and resuming at step k replays exactly
-    the batches an uninterrupted run would have seen (a batch may straddle two epochs).
-    Datasets larger than 2**22 use a seeded affine permutation ``(a*p + b) mod n``
-    instead of materialising one.  ``dataset_len=None`` means an unbounded i.i.d.
-    dataset (e.g. ``RetrievalDataset``) and returns the stream positions themselves.
-
-    Split the returned list across data-parallel replicas as you like; sequence-parallel
-    ranks of one replica must all use the same indices.
-    """
-    if step < 0 or global_batch < 1:
-        raise ValueError(f"need step >= 0 and global_batch >= 1, got step={step}, global_batch={global_batch}")
-    positions = range(step * global_batch, (step + 1) * global_batch)
-    if dataset_len is None:
-        return list(positions)
-    if dataset_len < 1:
-        raise ValueError(f"dataset_len must be >= 1 or None, got {dataset_len}")
-    out = []
-    for p in positions:
-        epoch, i = divmod(p, dataset_len)
-        if dataset_len <= _PERM_LIMIT:
-            out.append(int(_epoch_perm(dataset_len, seed, epoch)[i]))
-        else:
-            a, b = _epoch_affine(dataset_len, seed, epoch)
-            out.append((a * i + b) % dataset_len)
-    return out
-
-
-def collate(examples: Sequence[dict]) -> dict:
-    """Stack example dicts into a batch: tensors -> ``[batch, ...]``, numbers and tuples of
-    numbers (``answer_span``, ``depth``) -> tensors, anything else -> list."""
-    if not examples:
-        raise ValueError("collate needs at least one example")
-    batch = {}
-    for key in examples[0]:
-        vals = [ex[key] for ex in examples]
-        if isinstance(vals[0], torch.Tensor):
-            batch[key] = torch.stack(vals)
-        elif isinstance(vals[0], (int, float, tuple, list)):
-            batch[key] = torch.tensor(vals)
-        else:
-            batch[key] = vals
-    return batch
+    An answer counts only if every one of its tokens is the greedy prediction. Each rank
+    holds one shard of every sequence (ring `group`); hits are summed over the ring on
+    `device` tensors, so this runs under gloo and NCCL alike."""
+    grid = retrieval_eval_grid(lengths, depths, per_cell, **task)
+    was_training = model.training
+    model.eval()
+    acc = {}
+    for (L, depth), examples in grid.items():
+        batch = collate(examples)
+        ids = shard(batch["input_ids"], 1, layout, group).to(device)
+        labels = shard(batch["labels"], 1, layout, group).to(device)
+        pos = positions(L, layout, group, device=device)
+        pred, mask = model.labelled_predictions(ids, pos, labels, layout=layout, group=group)
+        hits = torch.zeros(labels.shape, dtype=torch.bool, device=device)
+        hits[mask] = pred == labels[mask]
+        counts = torch.stack([(hits & mask).sum(1), mask.sum(1)]).double()
+        if dist.is_initialized():
+            dist.all_reduce(counts, group=group)
+        acc[(L, depth)] = (counts[0] == counts[1]).double().mean().item()
+    model.train(was_training)
+    return [[acc[(L, d)] for L in lengths] for d in depths]

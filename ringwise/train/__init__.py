@@ -1,0 +1,16 @@
+"""`ringwise train`: sequence-parallel training of the Blockwise Transformer.
+
+config.py (TrainConfig, flags, validation) <- parallel.py (groups, mesh, FSDP2, launcher)
+<- checkpoint.py (DCP checkpoints, export, run lock) <- loop.py (setup / step / evaluate /
+save) <- __main__.py (the command line). Locally `ringwise train --world 4` starts the
+ranks through PyTorch's elastic launcher (the code torchrun runs); on a cluster the same
+module runs under `torchrun --nnodes N --nproc-per-node 8 -m ringwise.train ...`.
+"""
+from .config import ConfigError, TrainConfig, add_arguments, check, problems
+from .loop import compute_gradients, evaluate, lr_at, make_dataset, run_on_mesh, save, setup, step, worker
+from .parallel import Mesh, elastic_run, free_port, make_mesh, shard_model
+
+__all__ = ["TrainConfig", "ConfigError", "add_arguments", "check", "problems", "Mesh", "make_mesh", "shard_model",
+           "elastic_run", "free_port", "setup", "step", "evaluate", "save", "compute_gradients", "lr_at",
+           "make_dataset", "run_on_mesh", "worker"]
+

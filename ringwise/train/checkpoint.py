@@ -1,0 +1,269 @@
+"""A run folder's state on disk: sharded checkpoints (torch.distributed.checkpoint), the
+newest intact one, export to one file, and the lock that gives a folder to one job.
+
+A checkpoint `checkpoints/step-00000300/` holds DCP's files (every rank writes its own
+shards, in parallel, and DCP reshards on load, so a run resumes on another world size or
+mesh shape), `meta.json` (step, model config, run settings) and `COMPLETE`, the list of
+files with their sizes, written last. Everything is written into a hidden
+`.tmp-step-...` folder that is renamed into place only when complete, so a reader sees a
+whole checkpoint or none; a checkpoint whose files do not match its `COMPLETE` list is
+named and skipped for the newest intact one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MARKER = "COMPLETE"
+RUN_KEYS = ("seed", "batch", "seq_len", "data", "fmt", "id_digits", "value_digits", "questions", "id_chars",
+            "id_pool", "loss_on", "lr", "steps", "warmup", "model")
+
+
+def _name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
+
+
+def problem(path: Path) -> str | None:
+    """Why `path` is not an intact checkpoint (None: it is)."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"{path}: no {MARKER} marker (an interrupted save)"
+    try:
+        listed = json.loads(marker.read_text())
+        json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{path}: unreadable {MARKER} or meta.json ({e})"
+    found = _files(path)
+    for name, size in listed.items():
+        if found.get(name) != size:
+            return (f"{path}: {name} is {'missing' if name not in found else f'{found[name]} bytes'}, "
+                    f"expected {size} bytes (truncated or damaged)")
+    return None
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Renamed (complete when written) checkpoints in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def newest_intact(folder: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint and the problems of any newer ones skipped for it."""
+    skipped = []
+    for path in reversed(checkpoints(folder)):
+        why = problem(path)
+        if why is None:
+            return path, skipped
+        skipped.append(why)
+    return None, skipped
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete the temp folders of interrupted saves (only ever called by the folder's lock holder)."""
+    folder = Path(folder)
+    gone = [p for p in folder.iterdir() if p.name.startswith(".tmp-")] if folder.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def _state(model, optimizer) -> dict:
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
+
+
+def save(folder: Path, step: int, model, optimizer, meta: dict, keep: int) -> Path:
+    """Write a checkpoint of (model, optimizer, RNG) at `step` from every rank (a collective),
+    then keep the newest `keep`. Rank 0 alone touches names and markers."""
+    folder, rank = Path(folder), dist.get_rank()
+    final, tmp = folder / _name(step), folder / f".tmp-{_name(step)}"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+    dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=1))
+        for p in tmp.iterdir():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        (tmp / MARKER).write_text(json.dumps(_files(tmp)))
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. --stop-after on a checkpoint step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        for old in checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Load a checkpoint into a (possibly differently sharded) model and optimizer, and
+    restore the RNG; a collective. Returns its meta."""
+    state = _state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    torch.set_rng_state(state["rng"])
+    return read_meta(path)
+
+
+def choose(folder: Path, log=print) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0 picks the newest intact one (naming
+    any it skips) and tells the others."""
+    pick = [None]
+    if dist.get_rank() == 0:
+        path, skipped = newest_intact(folder)
+        for why in skipped:
+            log(f"skipping a damaged checkpoint: {why}")
+        pick = [str(path) if path else None]
+    dist.broadcast_object_list(pick, src=0)
+    return Path(pick[0]) if pick[0] else None
+
+
+def run_settings(cfg) -> dict:
+    """The settings a resume must agree with (data order, schedule, model)."""
+    return {k: getattr(cfg, k) for k in RUN_KEYS}
+
+
+def incompatibilities(meta: dict, cfg) -> list[str]:
+    """How `cfg` differs from the run that wrote a checkpoint (model preset and data stream)."""
+    now = run_settings(cfg)
+    return [f"--{k.replace('_', '-')}: checkpoint {v!r}, now {now[k]!r}" for k, v in meta.get("run", {}).items()
+            if k in now and now[k] != v]
+
+
+def resume_problems(cfg) -> list[str]:
+    """What stops `cfg` from starting in its --out: checkpoints of another run, or of this
+    one without --resume (a fresh start would mix with them)."""
+    path, _ = newest_intact(Path(cfg.out) / "checkpoints")
+    if path is None:
+        return []
+    if not cfg.resume:
+        return [f"--out {cfg.out} holds checkpoints up to step {read_meta(path)['step']}: pass --resume to "
+                "continue that run, or give a new --out (or delete the folder) to start over"]
+    diffs = incompatibilities(read_meta(path), cfg)
+    if diffs:
+        return [f"--resume: {path} was made by a different run ({'; '.join(diffs)}); use the same settings "
+                "or a new --out"]
+    return []
+
+
+def consolidated(path: Path) -> dict:
+    """A checkpoint as one dict in this process (model, optim, rng, plus its meta)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(path), f"{tmp}/whole.pt")
+        state = torch.load(f"{tmp}/whole.pt", weights_only=False)
+    state.update(read_meta(path))
+    return state
+
+
+def export(run_dir: Path, out_file: Path) -> Path:
+    """The newest intact checkpoint of a run as one file for inference: {step, config, model}."""
+    path, skipped = newest_intact(Path(run_dir) / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}"
+                                + "".join(f"; skipped {why}" for why in skipped))
+    state = consolidated(path)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    torch.save({"step": state["step"], "config": state["config"], "model": state["model"]}, tmp)
+    os.replace(tmp, out_file)
+    return path
+
+
+class LockHeld(RuntimeError):
+    pass
+
+
+class RunLock:
+    """`with RunLock(out):` one job per run folder. The lock file names the holder's pid
+    and host; a second job is refused naming them, and the lock of a process that no
+    longer exists (on this host) is taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self.mine = f"{os.getpid()} {socket.gethostname()}"
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mine = self.path.with_name(f".lock.{os.getpid()}")
+        mine.write_text(self.mine)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(mine, self.path)  # atomic, and the lock is never seen empty
+                    return self
+                except FileExistsError:
+                    holder = self._holder()
+                    if holder is not None:
+                        raise LockHeld(f"{self.path.parent} is in use by another job (pid {holder[0]} on "
+                                       f"{holder[1]}); wait for it or use another --out (remove {self.path} "
+                                       "only if that job is gone)") from None
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+            raise LockHeld(f"could not take {self.path}: other jobs keep taking it")
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _holder(self) -> tuple[str, str] | None:
+        """(pid, host) of a live holder; None if the holder is a dead process of this host."""
+        try:
+            pid, host = self.path.read_text().split()
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return "?", f"unreadable lock {self.path}"
+        if host == socket.gethostname():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+        return pid, host
+
+    def release(self) -> None:
+        try:
+            if self.path.read_text() == self.mine:
+                self.path.unlink()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

@@ -1,0 +1,238 @@
+"""What a training run is: `TrainConfig`, its command-line flags, and its validation.
+
+`problems(cfg)` lists every problem of a configuration at once, as one line per flag; the
+launcher calls `check(cfg)` before any rank starts, so a bad flag costs a few lines of
+text, never a rank start-up or a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..attention.layout import LAYOUTS, split_unit
+from ..data import RETRIEVAL_FORMATS, RetrievalDataset, text_files
+from ..model import PRESETS
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class ConfigError(ValueError):
+    """Every problem of a configuration, one per line."""
+
+
+@dataclass
+class TrainConfig:
+    # processes
+    world: int = 4
+    dp: int = 1
+    layout: str = "zigzag"
+    backend: str | None = None
+    threads: int | None = None
+    timeout: float = 120.0
+    # model
+    model: str = "small"
+    checkpoint_layers: bool = False
+    dtype: str | None = None
+    # data
+    data: str = "retrieval"
+    text: list[str] | None = None
+    fmt: str = "compact"
+    id_digits: int | None = None
+    id_chars: str | None = None
+    value_digits: int | None = None
+    questions: int = 1
+    id_pool: int | None = None
+    loss_on: str = "answer"
+    seq_len: int = 512
+    batch: int = 8
+    # optimisation
+    steps: int = 600
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    # output
+    out: str = "runs/train"
+    ckpt_every: int = 100
+    keep: int = 2
+    resume: bool = False
+    stop_after: int | None = None
+    eval_lengths: list[int] | None = None
+    eval_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    eval_per_cell: int = 8
+    eval_decoys: int = 0
+    no_plots: bool = False
+
+    @classmethod
+    def from_args(cls, ns) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the job: torchrun's WORLD_SIZE when it launched us, else --world."""
+        return int(os.environ.get("WORLD_SIZE", self.world))
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """--dtype, defaulting to bf16 on CUDA and fp32 on CPU."""
+        return DTYPES[self.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+
+    def task_kwargs(self) -> dict:
+        """The retrieval task's arguments shared by training and evaluation."""
+        return dict(fmt=self.fmt, id_digits=self.id_digits, value_digits=self.value_digits, id_chars=self.id_chars,
+                    id_pool=self.id_pool)
+
+    def eval_lengths_for(self, cp: int) -> list[int]:
+        """Evaluation context lengths, rounded down to whole shard units of a ring of cp."""
+        unit = split_unit(self.layout, cp)
+        lengths = self.eval_lengths or [self.seq_len // 2, self.seq_len]
+        return sorted({max(unit, L - L % unit) for L in lengths})
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("processes")
+    g.add_argument("--world", type=int, default=d.world, help="local processes to start (ignored under torchrun)")
+    g.add_argument("--dp", type=int, default=d.dp, help="data-parallel replicas; ring (cp) size = world / dp")
+    g.add_argument("--layout", default=d.layout, choices=LAYOUTS)
+    g.add_argument("--backend", default=None, choices=("gloo", "nccl"), help="default: nccl with CUDA, else gloo")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
+    g.add_argument("--timeout", type=float, default=d.timeout,
+                   help="seconds a rank may wait on another before the job ends, naming the silent rank")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, choices=tuple(PRESETS))
+    g.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
+    g.add_argument("--dtype", default=None, choices=tuple(DTYPES),
+                   help="compute dtype (master weights, optimizer state, loss and lse stay fp32); "
+                        "default bf16 on CUDA, fp32 on CPU")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=d.data, choices=("retrieval", "text"))
+    g.add_argument("--text", nargs="+", default=None, help="text files or folders (with --data text)")
+    g.add_argument("--fmt", default=d.fmt, choices=tuple(RETRIEVAL_FORMATS), help="retrieval line format")
+    g.add_argument("--id-digits", type=int, default=None)
+    g.add_argument("--id-chars", default=None, help="single-character ids drawn from these characters")
+    g.add_argument("--value-digits", type=int, default=None)
+    g.add_argument("--questions", type=int, default=d.questions,
+                   help="retrieval questions per training sequence (evaluation always asks one)")
+    g.add_argument("--id-pool", type=int, default=None,
+                   help="haystack ids recur, drawn from this many ids (training and evaluation)")
+    g.add_argument("--loss-on", default=d.loss_on, choices=("answer", "recall", "all"),
+                   help="training targets: answers only; also every recurring line's value; every token")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="global tokens per sequence")
+    g.add_argument("--batch", type=int, default=d.batch, help="global sequences per step")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--warmup", type=int, default=d.warmup)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=d.out, help="folder for checkpoints, metrics, plots (one job at a time)")
+    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    g.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
+    g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+    g.add_argument("--stop-after", type=int, default=None, help="stop (as if interrupted) after this step")
+    g.add_argument("--eval-lengths", type=int, nargs="*", default=None, help="retrieval eval context lengths")
+    g.add_argument("--eval-depths", type=float, nargs="*", default=d.eval_depths)
+    g.add_argument("--eval-per-cell", type=int, default=d.eval_per_cell)
+    g.add_argument("--eval-decoys", type=int, default=d.eval_decoys,
+                   help="with --id-pool: other ids that occur once in each evaluation document, so the "
+                        "needle is not the only line seen once")
+    g.add_argument("--no-plots", action="store_true")
+
+
+def _positive(cfg, names) -> list[str]:
+    return [f"--{n.replace('_', '-')} {getattr(cfg, n)}: must be a positive integer" for n in names
+            if getattr(cfg, n) is not None and getattr(cfg, n) < 1]
+
+
+def _finite(cfg, names, positive=False) -> list[str]:
+    bad = []
+    for n in names:
+        v = getattr(cfg, n)
+        if not math.isfinite(v) or v < 0 or (positive and v == 0):
+            bad.append(f"--{n.replace('_', '-')} {v}: must be a finite number {'> 0' if positive else '>= 0'}")
+    return bad
+
+
+def problems(cfg: TrainConfig) -> list[str]:
+    """Every problem of `cfg`, one line each (empty: the run can start)."""
+    out = _positive(cfg, ("steps", "batch", "ckpt_every", "keep", "dp", "threads", "stop_after", "eval_per_cell"))
+    world = cfg.world_size
+    if world < 1:
+        out.append(f"--world {world}: must be a positive integer")
+    out += _finite(cfg, ("lr", "timeout"), positive=True) + _finite(cfg, ("weight_decay", "grad_clip"))
+    if cfg.warmup < 0:
+        out.append(f"--warmup {cfg.warmup}: must be >= 0")
+    if cfg.dp >= 1 and world >= 1:
+        if world % cfg.dp:
+            out.append(f"--dp {cfg.dp} must divide the world size {world}")
+        elif cfg.seq_len < 1 or cfg.seq_len % split_unit(cfg.layout, world // cfg.dp):
+            unit = split_unit(cfg.layout, world // cfg.dp)
+            out.append(f"--seq-len {cfg.seq_len} must be a positive multiple of {unit} for layout {cfg.layout!r} "
+                       f"on a ring of {world // cfg.dp}")
+    if cfg.dp >= 1 and cfg.batch >= 1 and cfg.batch % cfg.dp:
+        out.append(f"--batch {cfg.batch} must be divisible by --dp {cfg.dp} (each replica takes batch / dp)")
+    if cfg.backend == "nccl" and not torch.cuda.is_available():
+        out.append("--backend nccl needs CUDA, which this machine does not have; use gloo")
+    out += _output_problems(cfg) + _data_problems(cfg)
+    return out
+
+
+def _output_problems(cfg) -> list[str]:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        return [f"--out {out}: is a file; give a folder (created if missing)"]
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        return [f"--out {out}: {parent} is not writable"]
+    return []
+
+
+def _data_problems(cfg) -> list[str]:
+    if cfg.seq_len < 1:
+        return []
+    if cfg.data == "text":
+        if not cfg.text:
+            return ["--data text needs --text FILE_OR_FOLDER [...]"]
+        try:
+            text_files(cfg.text)
+        except (OSError, ValueError) as e:
+            return [f"--text: {e}"]
+        return []
+    bad = []
+    try:
+        RetrievalDataset(cfg.seq_len, seed=cfg.seed, questions=cfg.questions, loss_on=cfg.loss_on,
+                         **cfg.task_kwargs())
+    except ValueError as e:
+        bad.append(f"retrieval task: {e}")
+    if any(not 0.0 <= d <= 1.0 for d in cfg.eval_depths):
+        bad.append(f"--eval-depths {cfg.eval_depths}: depths must lie in [0, 1]")
+    world = cfg.world_size
+    if world >= 1 and cfg.dp >= 1 and not world % cfg.dp:
+        for L in cfg.eval_lengths_for(world // cfg.dp):
+            try:
+                RetrievalDataset(L, depth=0.5, decoys=cfg.eval_decoys, **cfg.task_kwargs())
+            except ValueError as e:
+                bad.append(f"evaluation at {L} tokens: {e}")
+                break
+    return bad
+
+
+def check(cfg: TrainConfig, more: list[str] = ()) -> None:
+    """Raise ConfigError listing every problem of `cfg` (and `more`) at once."""
+    found = problems(cfg) + list(more)
+    if found:
+        raise ConfigError(f"{len(found)} problem{'s' * (len(found) > 1)} with the training flags:\n  "
+                          + "\n  ".join(found))

@@ -1,0 +1,263 @@
+"""The training loop: `setup`, `step`, `evaluate`, `save`, and `worker` that runs them on one rank.
+
+Every rank holds one shard of each sequence of its replica. Each rank's loss covers only
+its own tokens and is divided by the *global* labelled-token count, so summing parameter
+gradients over all ranks (FSDP2's reduce-scatter, see parallel.py) gives exactly the
+gradient of the whole batch, whatever the world size, dp or layout. Rank 0 writes
+metrics.jsonl and summary.json; train never draws plots (the CLI does, through lab).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..attention.layout import positions, shard
+from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, collate, retrieval_accuracy, sample_indices
+from ..model import Transformer, model_config
+from . import checkpoint
+from .config import TrainConfig
+from .parallel import (Heartbeat, Mesh, init_distributed, make_mesh, name_silent_ranks, peak_memory_mib, shard_model,
+                       under_torchrun)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Run:
+    """Everything one rank trains with."""
+
+    cfg: TrainConfig
+    mesh: Mesh
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    dataset: torch.utils.data.Dataset
+    start: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.mesh.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.mesh.rank == 0
+
+
+def make_dataset(cfg: TrainConfig):
+    if cfg.data == "text":
+        return PackedTextDataset(cfg.text, cfg.seq_len)
+    return RetrievalDataset(cfg.seq_len, seed=cfg.seed, questions=cfg.questions, loss_on=cfg.loss_on,
+                            **cfg.task_kwargs())
+
+
+def build(cfg: TrainConfig, mesh: Mesh) -> Run:
+    """Model (identical initial parameters on every rank, then sharded), optimizer, data."""
+    dataset = make_dataset(cfg)
+    overrides = {"vocab_size": dataset.tokenizer.vocab_size} if cfg.data == "text" else {}
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_config(cfg.model, checkpoint_layers=cfg.checkpoint_layers, **overrides))
+    model.to(mesh.device)
+    shard_model(model, mesh, cfg.compute_dtype(mesh.device))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    return Run(cfg, mesh, model, optimizer, dataset)
+
+
+def setup(cfg: TrainConfig, mesh: Mesh) -> Run:
+    """Build the run and, with --resume, load the newest intact checkpoint (any world size)."""
+    run = build(cfg, mesh)
+    out = Path(cfg.out)
+    if cfg.resume:
+        path = checkpoint.choose(out / "checkpoints", log=log if run.is_main else (lambda m: None))
+        if path is not None:
+            run.start = checkpoint.load(path, run.model, run.optimizer)["step"]
+            if run.is_main:
+                log(f"resumed from step {run.start} ({path})")
+        elif run.is_main:
+            log(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from scratch")
+    if run.is_main:  # this rank holds the folder's lock
+        checkpoint.remove_leftovers(out / "checkpoints")
+        truncate_metrics(out / "metrics.jsonl", run.start)
+    return run
+
+
+def truncate_metrics(path: Path, start: int) -> None:
+    """Keep only the records of steps before `start` (the steps a resume replays are logged again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] < start]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def local_batch(run: Run, step: int):
+    """This replica's sequences of the global batch at `step`, sharded for this ring rank."""
+    cfg, mesh = run.cfg, run.mesh
+    indices = sample_indices(step, cfg.batch, len(run.dataset), cfg.seed)
+    per = cfg.batch // mesh.dp
+    batch = collate([run.dataset[i] for i in indices[mesh.dp_rank * per:(mesh.dp_rank + 1) * per]])
+    return tuple(shard(batch[k], 1, cfg.layout, mesh.cp_group).to(run.device) for k in ("input_ids", "labels"))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def compute_gradients(run: Run, step: int) -> tuple[float, int]:
+    """Loss and parameter gradients of the whole global batch at `step` (gradients summed by FSDP2)."""
+    cfg, mesh = run.cfg, run.mesh
+    ids, labels = local_batch(run, step)
+    pos = positions(cfg.seq_len, cfg.layout, mesh.cp_group, device=run.device)
+    loss_sum, n_tokens = run.model(ids, pos, labels, layout=cfg.layout, group=mesh.cp_group,
+                                   validate=step == run.start)
+    totals = torch.stack([loss_sum.detach().double(), n_tokens.double()])
+    dist.all_reduce(totals)
+    if totals[1] == 0:
+        raise RuntimeError(f"step {step}: the global batch has no labelled tokens")
+    (loss_sum / totals[1].to(loss_sum.dtype)).backward()
+    return (totals[0] / totals[1]).item(), int(totals[1].item())
+
+
+def step(run: Run, step: int) -> dict:
+    """One optimizer step on the global batch; its metrics."""
+    t0 = time.perf_counter()
+    loss, n_tokens = compute_gradients(run, step)
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, run.cfg)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    peak = torch.tensor([peak_memory_mib(run.device)], dtype=torch.float64, device=run.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    tokens = run.cfg.batch * run.cfg.seq_len
+    key = "peak_gpu_mib" if run.device.type == "cuda" else "peak_rss_mib"
+    return dict(step=step, loss=loss, lr=lr_at(step, run.cfg), seconds=seconds, tokens_per_s=tokens / seconds,
+                labelled_tokens=n_tokens, **{key: peak.item()})
+
+
+def evaluate(run: Run) -> dict:
+    """Retrieval accuracy by (context length, needle depth) on the held-out grid."""
+    cfg = run.cfg
+    lengths = cfg.eval_lengths_for(run.mesh.cp)
+    acc = retrieval_accuracy(run.model, lengths, cfg.eval_depths, cfg.eval_per_cell, layout=cfg.layout,
+                             group=run.mesh.cp_group, device=run.device, decoys=cfg.eval_decoys, **cfg.task_kwargs())
+    return dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc)
+
+
+def save(run: Run, done: int) -> None:
+    meta = dict(config=run.model.cfg.to_dict(), run=checkpoint.run_settings(run.cfg), world=run.mesh.world,
+                mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp))
+    checkpoint.save(Path(run.cfg.out) / "checkpoints", done, run.model, run.optimizer, meta, keep=run.cfg.keep)
+
+
+def train(run: Run) -> dict | None:
+    """Steps from run.start; the summary, or None when stopped early by --stop-after."""
+    cfg, out = run.cfg, Path(run.cfg.out)
+    bar = None
+    if run.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True)
+        log(f"training {cfg.model} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
+            f"on {run.mesh.world} ranks (dp {run.mesh.dp} x cp {run.mesh.cp}, {cfg.layout}), {cfg.seq_len} tokens "
+            f"per sequence, {cfg.batch} sequences per step")
+    rec = dict(loss=float("nan"))
+    for s in range(run.start, cfg.steps):
+        rec = step(run, s)
+        if bar is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+            bar.update()
+        done = s + 1
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or done == cfg.stop_after:
+            save(run, done)
+        if cfg.stop_after is not None and cfg.stop_after <= done < cfg.steps:
+            if bar is not None:
+                bar.close()
+                log(f"stopped after step {done} (--stop-after); continue with --resume")
+            return None
+    if bar is not None:
+        bar.close()
+    result = dict(final_loss=rec["loss"], steps=cfg.steps)
+    if cfg.data == "retrieval":
+        result["retrieval"] = evaluate(run)
+    if run.is_main:
+        (out / "summary.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def worker(cfg: TrainConfig) -> None:
+    """One rank of the job (started by the elastic launcher or by torchrun)."""
+    device = init_distributed(cfg.backend, cfg.timeout)
+    heartbeat = lock = None
+    try:
+        heartbeat = Heartbeat()
+        lock = torchrun_lock(cfg)
+        if device.type == "cpu":
+            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+        run_on_mesh(cfg, make_mesh(cfg.dp, device, cfg.timeout))
+    except Exception as e:
+        named = name_silent_ranks(e, heartbeat, cfg.timeout)
+        if named is e:
+            raise
+        raise named from e
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+        if lock is not None:
+            lock.release()
+        dist.destroy_process_group()
+
+
+def torchrun_lock(cfg: TrainConfig):
+    """Under torchrun no launching process holds --out's lock: rank 0 takes it, and every
+    rank raises the same error if another job holds it."""
+    if not under_torchrun():
+        return None
+    lock, err = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            lock = checkpoint.RunLock(cfg.out).acquire()
+        except checkpoint.LockHeld as e:
+            err = [str(e)]
+    dist.broadcast_object_list(err, src=0)
+    if err[0]:
+        raise checkpoint.LockHeld(err[0])
+    return lock
+
+
+def run_on_mesh(cfg: TrainConfig, mesh: Mesh) -> dict | None:
+    """Train on an initialised mesh (the tests call this on their own clusters)."""
+    run = setup(cfg, mesh)
+    result = train(run)
+    if result is not None and run.is_main:
+        log(summary_line(cfg, run, result))
+    return result
+
+
+def summary_line(cfg: TrainConfig, run: Run, result: dict) -> str:
+    line = (f"done: {cfg.steps} steps, {run.model.num_params() / 1e6:.2f}M params, {run.mesh.world} ranks "
+            f"(dp {run.mesh.dp} x cp {run.mesh.cp}), final loss {result['final_loss']:.4f}")
+    if "retrieval" in result:
+        r = result["retrieval"]
+        per_len = [sum(row[j] for row in r["accuracy"]) / len(r["accuracy"]) for j in range(len(r["lengths"]))]
+        digits = cfg.value_digits or DEFAULT_DIGITS[cfg.fmt][1]
+        line += "; retrieval accuracy " + ", ".join(f"{a:.0%} at {L} tokens" for a, L in zip(per_len, r["lengths"]))
+        line += f" (chance {1 / (9 * 10 ** (digits - 1)):.2g})"  # values have no leading zero
+    return line + f"; results in {cfg.out}/"

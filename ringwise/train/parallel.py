@@ -1,0 +1,228 @@
+"""Where each rank stands and how ranks cooperate: process groups, the (dp, cp) mesh,
+FSDP2, the silent-rank detector, and the launcher.
+
+The job's ranks form a `DeviceMesh` of shape (dp, cp): a cp row is one ring (one
+replica's sequence shards), a dp column the replicas. Every parameter is sharded by
+FSDP2 over the whole mesh flattened ("dp_cp"), which is also the gradient path: cp ranks
+hold the same parameters but different tokens, and each rank's loss is already divided
+by the global token count, so gradients are reduce-scattered as a plain SUM. Every group
+gets the job's timeout; a rank that stops responding is named by its stale heartbeat.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def elastic_run(entrypoint, nproc: int, *args) -> None:
+    """Run entrypoint(*args) on nproc local ranks through PyTorch's elastic launcher (torchrun's code).
+
+    Under torchrun (RANK and WORLD_SIZE set) it calls entrypoint directly: the same script
+    runs locally and on a cluster.
+    """
+    if under_torchrun():
+        entrypoint(*args)
+        return
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ringwise-{os.getpid()}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+        monitor_interval=0.2, start_method="spawn",
+    )
+    elastic_launch(config, entrypoint)(*args)
+
+
+def init_distributed(backend: str | None, timeout: float) -> torch.device:
+    """Join the job's default group with `timeout`; returns this rank's device.
+
+    On CUDA the rank binds to GPU LOCAL_RANK and the default group is `cpu:gloo,cuda:nccl`,
+    so tensor collectives run on the GPU and CPU object collectives still have a backend."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timedelta(seconds=timeout))
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    return device
+
+
+def _group_options(device: torch.device, timeout: float):
+    """(backend, options) that give init_device_mesh's subgroups the job's timeout
+    (without them new groups get the backend's default: 30 minutes on gloo)."""
+    if device.type == "cuda":
+        backend, opts = "nccl", dist.ProcessGroupNCCL.Options()
+    else:
+        backend, opts = "gloo", dist.ProcessGroupGloo._Options()
+    opts._timeout = timedelta(seconds=timeout)
+    return backend, opts
+
+
+@dataclass
+class Mesh:
+    """This rank's place in the (dp, cp) mesh."""
+
+    device_mesh: DeviceMesh  # dims ("dp", "cp"), plus the flattened "dp_cp"
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world(self) -> int:
+        return self.device_mesh.size()
+
+    @property
+    def dp(self) -> int:
+        return self.device_mesh.size(0)
+
+    @property
+    def cp(self) -> int:
+        return self.device_mesh.size(1)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.device_mesh.get_local_rank("dp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self.device_mesh.get_local_rank("cp")
+
+    @property
+    def cp_group(self):
+        """The ring: its own group, so ring P2P never interleaves with FSDP's collectives."""
+        return self.device_mesh.get_group("cp")
+
+    @property
+    def shard_mesh(self) -> DeviceMesh:
+        """All ranks as one dimension: what FSDP2 shards parameters over."""
+        return self.device_mesh["dp_cp"]
+
+
+def make_mesh(dp: int, device: torch.device, timeout: float) -> Mesh:
+    world = dist.get_world_size()
+    if dp < 1 or world % dp:
+        raise ValueError(f"--dp {dp} must divide the world size {world}")
+    opts = _group_options(device, timeout)
+    dm = init_device_mesh(device.type, (dp, world // dp), mesh_dim_names=("dp", "cp"),
+                          backend_override={"dp": opts, "cp": opts})
+    dm._flatten("dp_cp", backend_override=opts)  # torchtitan's idiom for sharding over several dims
+    return Mesh(dm, device)
+
+
+def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 over the whole mesh: each layer's parameters, gradients and optimizer state
+    live in 1/world shards and are gathered only while the layer runs. Parameters stay in
+    their own dtype (float32 master weights and optimizer state); a lower `compute_dtype`
+    (bf16) is what layers compute in, with gradients reduced in float32. Gradients are a
+    plain SUM (not averaged): each rank's loss is already divided by the global token count."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    param_dtype = next(model.parameters()).dtype
+    if compute_dtype is None or compute_dtype == param_dtype:
+        policy = MixedPrecisionPolicy()
+    else:
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh.shard_mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh.shard_mesh, mp_policy=policy)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+class Heartbeat:
+    """Each rank stamps the job's store every second from a thread; when a collective
+    times out, `silent_ranks` names the ranks whose stamp went stale (a frozen process
+    stops all its threads; a busy one keeps stamping)."""
+
+    PERIOD = 1.0
+
+    def __init__(self):
+        self.store = dist.distributed_c10d._get_default_store()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="ringwise-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self):
+        self.store.set(f"ringwise/heartbeat/{self.rank}", f"{time.time()} {socket.gethostname()} {os.getpid()}")
+
+    def _run(self):
+        while not self._stop.wait(self.PERIOD):
+            try:
+                self._beat()
+            except Exception:  # the store is gone: the job is ending
+                return
+
+    def silent_ranks(self, older_than: float) -> list[str]:
+        """'rank R (pid P on HOST, silent for S s)' for every rank silent longer than older_than."""
+        now, found = time.time(), []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            try:
+                stamp, host, pid = self.store.get(f"ringwise/heartbeat/{r}").decode().split()
+            except Exception:
+                found.append(f"rank {r} (never stamped)")
+                continue
+            if now - float(stamp) > older_than:
+                found.append(f"rank {r} (pid {pid} on {host}, silent for {now - float(stamp):.0f} s)")
+        return found
+
+    def stop(self):
+        self._stop.set()
+
+
+def name_silent_ranks(error: BaseException, heartbeat: Heartbeat | None, timeout: float) -> BaseException:
+    """The error to end the job with: names the silent ranks when a peer stopped responding."""
+    if heartbeat is None:
+        return error
+    try:
+        silent = heartbeat.silent_ranks(older_than=min(timeout / 2, 10.0))
+    except Exception:
+        return error
+    if not silent:
+        return error
+    return RuntimeError(f"rank {heartbeat.rank}: {', '.join(silent)} stopped responding (frozen or hung); "
+                        f"ending the job after the --timeout of {timeout:g} s. Cause: {error}")
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far: the CUDA allocator's peak on a GPU, the kernel's
+    peak resident set (VmHWM) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return proc_status_kb("VmHWM") / 1024.0
+
+
+def proc_status_kb(field: str) -> int:
+    """A kB figure of /proc/self/status (Linux), e.g. VmRSS or VmHWM."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
