@@ -1,20 +1,35 @@
-"""The training job: checkpoints, exact resume (also on another ring size), the CLI."""
+"""The training job: DCP checkpoints (exact resume, resharding, atomicity, fallback, export),
+the launcher's checks and lock, bf16, the CLI."""
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ringwise import checkpoints
 from ringwise.cli import main
-from ringwise.model import ModelConfig
-from ringwise.train import _run
+from ringwise.model import Transformer, model_config
+from ringwise.train import checkpoint, make_mesh, run_on_mesh
+from ringwise.train.config import problems
 from test_model import train_args
 
 
-def run_job(args):
-    _run(args, "gloo")
+def run_job(cfg):
+    """One rank of a training job on the test cluster's process group."""
+    run_on_mesh(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30))
     return True
+
+
+def full_params(cfg):
+    """The model of the run's newest checkpoint, loaded on this mesh, gathered whole."""
+    from ringwise.train.loop import build
+
+    run = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30))
+    checkpoint.load(checkpoint.choose(Path(cfg.out) / "checkpoints"), run.model, run.optimizer)
+    return {k: v.full_tensor() for k, v in run.model.state_dict().items()}
 
 
 def losses(folder):
@@ -24,60 +39,103 @@ def losses(folder):
 def job_args(out, **kw):
     base = dict(out=str(out), steps=6, ckpt_every=3, threads=1, seq_len=96, batch=4, lr=3e-3, warmup=2,
                 eval_per_cell=1, eval_lengths=[96], eval_depths=[0.5], no_plots=True)
-    base.update(kw)
-    return train_args(**base)
+    return train_args(**{**base, **kw})
 
 
-def test_resume_reproduces_the_uninterrupted_run(cluster, tmp_path):
-    straight, same_w, other_w = tmp_path / "straight", tmp_path / "same", tmp_path / "other"
+def close(a, b):
+    return len(a) == len(b) and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b))
+
+
+def test_resume_is_bit_identical_and_reshards(cluster, tmp_path):
+    """Same mesh: a resumed run's losses equal the uninterrupted run's bit for bit, and the
+    steps logged after the checkpoint (before the "kill") are not logged twice. Other world
+    sizes and mesh shapes (4 -> 2, 2 -> 3, dp x cp 2x2 -> 1x4): the checkpoint's parameters
+    load exactly, and the losses agree to float32 round-off."""
+    straight = tmp_path / "straight"
     cluster(2).run(run_job, job_args(straight))
-    cluster(2).run(run_job, job_args(same_w, stop_after=3))
-    assert len(losses(same_w)) == 3
-    assert [p.name for p in checkpoints.complete_checkpoints(same_w / "checkpoints")] == ["ckpt-00000003.pt"]
-    cluster(2).run(run_job, job_args(same_w, resume=True))
-    assert losses(same_w) == losses(straight)  # same W: bit for bit
+    same = tmp_path / "same"
+    cluster(2).run(run_job, job_args(same, stop_after=3))
+    with open(same / "metrics.jsonl", "a") as f:  # step 3 was logged, then the job was killed
+        f.write(json.dumps(dict(step=3, loss=0.0)) + "\n")
+    cluster(2).run(run_job, job_args(same, resume=True))
+    assert losses(same) == losses(straight)
 
-    cluster(2).run(run_job, job_args(other_w, stop_after=3))
-    cluster(3).run(run_job, job_args(other_w, resume=True))  # resume on a different ring size
-    a, b = losses(other_w), losses(straight)
-    assert len(a) == 6 and a[:3] == b[:3]
-    assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a[3:], b[3:])), (a, b)
-
-
-def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    folder = tmp_path / "ck"
-    checkpoints.save(folder, dict(step=3, payload=torch.ones(3)))
-
-    def dies_mid_write(obj, f, *a, **k):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(torch, "save", dies_mid_write)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoints.save(folder, dict(step=6, payload=torch.ones(3)))
-    monkeypatch.undo()
-    assert any(p.name.startswith(".ckpt-00000006.pt.tmp") for p in folder.iterdir())
-    state = checkpoints.load_latest(folder)
-    assert state["step"] == 3 and torch.equal(state["payload"], torch.ones(3))
+    for (w0, dp0), (w1, dp1) in [((4, 1), (2, 1)), ((2, 1), (3, 1)), ((4, 2), (4, 1))]:
+        out = tmp_path / f"w{w0}dp{dp0}-w{w1}dp{dp1}"
+        cluster(w0).run(run_job, job_args(out, dp=dp0, stop_after=3))
+        saved = checkpoint.consolidated(checkpoint.newest_intact(out / "checkpoints")[0])["model"]
+        loaded = cluster(w1).run(full_params, job_args(out, dp=dp1, resume=True))
+        for params in loaded:  # resharded exactly, on every rank
+            assert saved.keys() == params.keys() and all(torch.equal(saved[k], params[k]) for k in saved)
+        cluster(w1).run(run_job, job_args(out, dp=dp1, resume=True))
+        assert close(losses(out), losses(straight)), (w0, dp0, w1, dp1, losses(out), losses(straight))
+        meta = checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])
+        assert (meta["step"], meta["world"], meta["mesh"]) == (6, w1, dict(dp=dp1, cp=w1 // dp1))
 
 
-def test_checkpoints_keep_the_newest(tmp_path):
-    for step in (1, 2, 3, 4):
-        checkpoints.save(tmp_path, dict(step=step), keep=2)
-    assert [p.name for p in checkpoints.complete_checkpoints(tmp_path)] == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
+def test_damaged_and_unfinished_checkpoints(cluster, tmp_path, capsys):
+    """keep-last-N; an interrupted save's temp folder is removed; a truncated newest checkpoint
+    is named and skipped for the newest intact one, and the resumed run is still exact."""
+    out = tmp_path / "run"
+    cluster(2).run(run_job, job_args(out, steps=6, ckpt_every=2, keep=2))
+    first = losses(out)
+    folder = out / "checkpoints"
+    assert [p.name for p in checkpoint.checkpoints(folder)] == ["step-00000004", "step-00000006"]
+    unfinished = folder / ".tmp-step-00000008"
+    unfinished.mkdir()
+    (unfinished / "__0_0.distcp").write_bytes(b"half a shard")
+    newest = folder / "step-00000006"
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert "truncated or damaged" in checkpoint.problem(newest)
+    assert checkpoint.newest_intact(folder)[0].name == "step-00000004"
+
+    capsys.readouterr()
+    cluster(2).run(run_job, job_args(out, steps=6, ckpt_every=2, keep=2, resume=True))
+    assert not unfinished.exists()
+    assert losses(out) == first  # resumed from step 4, steps 4-5 replayed exactly, logged once
+    assert checkpoint.problem(folder / "step-00000006") is None  # rewritten whole
 
 
-def test_resume_refuses_a_different_run(tmp_path):
-    args = job_args(tmp_path)
-    state = dict(config=ModelConfig(dim=64).to_dict(), args=checkpoints.run_args(args))
-    with pytest.raises(ValueError, match="model.dim: checkpoint 64, now 32"):
-        checkpoints.check_compatible(state, ModelConfig(dim=32, n_heads=4), args)
-    args.seed = 5
-    with pytest.raises(ValueError, match="--seed: checkpoint 0, now 5"):
-        checkpoints.check_compatible(dict(config={}, args=checkpoints.run_args(job_args(tmp_path))), ModelConfig(), args)
-    args = job_args(tmp_path, loss_on="recall", id_pool=9, fmt="registers")
-    with pytest.raises(ValueError, match="--loss-on: checkpoint 'answer', now 'recall'"):
-        checkpoints.check_compatible(dict(config={}, args=checkpoints.run_args(job_args(tmp_path))), ModelConfig(), args)
+def test_export_writes_one_loadable_file(cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    cluster(2).run(run_job, job_args(out, steps=2, ckpt_every=2))
+    assert main(["export", str(out), str(tmp_path / "model.pt")]) == 0
+    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert state["step"] == 2
+    model = Transformer(model_config("tiny"))
+    model.load_state_dict(state["model"])  # every key, right shapes: usable for inference in one process
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x.pt")]) == 2
+    assert "no intact checkpoint" in capsys.readouterr().err
+
+
+def test_bf16_training_lowers_the_loss(cluster, tmp_path):
+    """--dtype bf16: bf16 compute through FSDP2's MixedPrecisionPolicy, float32 master
+    weights and optimizer state; the loss falls over a few steps."""
+    out = tmp_path / "bf16"
+    cluster(2).run(run_job, job_args(out, dtype="bf16", steps=8, ckpt_every=8, lr=1e-2, loss_on="all"))
+    got = losses(out)
+    assert all(map(torch.isfinite, torch.tensor(got))) and got[-1] < 0.8 * got[0], got
+    fp32 = tmp_path / "fp32"
+    cluster(2).run(run_job, job_args(fp32, dtype="fp32", steps=1, ckpt_every=1, lr=1e-2, loss_on="all"))
+    assert 0 < abs(got[0] - losses(fp32)[0]) < 1e-2 * got[0]  # computed in bf16 indeed, and close
+    state = checkpoint.consolidated(checkpoint.newest_intact(out / "checkpoints")[0])
+    assert {v.dtype for v in state["model"].values()} == {torch.float32}
+
+
+def test_train_on_text_files(cluster, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "text"
+    cluster(2).run(run_job, job_args(out, data="text", text=[str(text)], steps=2))
+    assert len(losses(out)) == 2 and all(l > 0 for l in losses(out))
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    import ringwise.train.__main__ as cli
+
+    monkeypatch.setattr(cli, "elastic_run", lambda *a: pytest.fail("ranks started despite bad flags"))
 
 
 @pytest.mark.parametrize("flags,match", [
@@ -85,14 +143,60 @@ def test_resume_refuses_a_different_run(tmp_path):
     (["--fmt", "registers", "--loss-on", "recall"], "without id_pool"),
     (["--fmt", "registers", "--seq-len", "128"], "or let ids recur"),
     (["--dp", "3"], "--dp 3 must divide the world size 2"),
+    (["--world", "0"], "--world 0: must be a positive integer"),
+    (["--world", "-2"], "--world -2: must be a positive integer"),
+    (["--steps", "-5"], "--steps -5: must be a positive integer"),
+    (["--ckpt-every", "-1"], "--ckpt-every -1: must be a positive integer"),
+    (["--batch", "0"], "--batch 0: must be a positive integer"),
+    (["--seq-len", "66"], "--seq-len 66 must be a positive multiple of 4"),
+    (["--batch", "3", "--dp", "2"], "--batch 3 must be divisible by --dp 2"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--timeout", "0"], "--timeout 0.0: must be a finite number > 0"),
+    (["--data", "text", "--text", "missing.txt"], "--text: no such file or folder: missing.txt"),
 ])
-def test_train_refuses_bad_flags_before_starting_ranks(tmp_path, flags, match, monkeypatch):
-    import ringwise.train as train
+def test_train_refuses_bad_flags_before_starting_ranks(tmp_path, flags, match, no_ranks, capsys):
+    assert main(["train", "--world", "2", "--seq-len", "64", "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.splitlines()) <= 4, err
+    assert not (tmp_path / "run").exists()
 
-    monkeypatch.setattr(train, "elastic_run", lambda *a: pytest.fail("ranks started despite bad flags"))
-    with pytest.raises(ValueError, match=match):
-        main(["train", "--world", "2", "--seq-len", "64", "--out", str(tmp_path), *flags])
-    assert not (tmp_path / "metrics.jsonl").exists()
+
+def test_every_problem_is_reported_at_once(tmp_path, no_ranks, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--world", "2", "--steps", "0", "--lr", "nan", "--out", str(tmp_path / "afile"),
+                 "--data", "text", "--text", str(tmp_path / "blob.bin")]) == 2
+    err = capsys.readouterr().err
+    for what in ("4 problems", "--steps 0", "--lr nan", "afile: is a file", "blob.bin is not UTF-8 text"):
+        assert what in err, err
+    cfg = job_args(tmp_path / "x", data="text", text=[str(tmp_path / "empty")])
+    assert problems(cfg) == [f"--text: {tmp_path / 'empty'} is a folder with no files in it"]
+
+
+def test_a_folder_runs_one_job_at_a_time(tmp_path, no_ranks, capsys):
+    out = tmp_path / "run"
+    with checkpoint.RunLock(out):
+        with pytest.raises(checkpoint.LockHeld, match=f"pid {os.getpid()} on {socket.gethostname()}"):
+            checkpoint.RunLock(out).acquire()
+        assert main(["train", "--world", "2", "--seq-len", "64", "--out", str(out)]) == 2
+        assert f"in use by another job (pid {os.getpid()}" in capsys.readouterr().err
+    assert not (out / ".lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(f"{dead.pid} {socket.gethostname()}")  # a killed job's lock
+    with checkpoint.RunLock(out):
+        assert (out / ".lock").read_text() == f"{os.getpid()} {socket.gethostname()}"
+
+
+def test_fresh_start_refuses_a_folder_with_checkpoints(cluster, tmp_path, no_ranks, capsys):
+    out = tmp_path / "run"
+    cluster(2).run(run_job, job_args(out, steps=2, ckpt_every=2))
+    assert main(["train", "--world", "2", "--model", "tiny", "--seq-len", "96", "--out", str(out)]) == 2
+    assert "holds checkpoints up to step 2: pass --resume" in capsys.readouterr().err
+    assert main(["train", "--world", "2", "--model", "tiny", "--seq-len", "96", "--batch", "4", "--seed", "5",
+                 "--out", str(out), "--resume"]) == 2
+    assert "--seed: checkpoint 0, now 5" in capsys.readouterr().err
 
 
 def demo_flags():
@@ -104,7 +208,7 @@ def demo_flags():
 
 def test_train_cli_end_to_end(tmp_path):
     """`ringwise train` with the demo's flags (shortened) through PyTorch's elastic launcher:
-    metrics, plots, summary, checkpoint."""
+    metrics, plots, summary, checkpoint, lock released."""
     out = tmp_path / "run"
     flags = demo_flags()
     assert "--id-pool" in flags and "--loss-on" in flags
@@ -113,22 +217,5 @@ def test_train_cli_end_to_end(tmp_path):
     assert len(losses(out)) == 3
     for name in ("loss.png", "retrieval.png", "summary.json"):
         assert (out / name).stat().st_size > 0
-    assert checkpoints.load_latest(out / "checkpoints")["step"] == 3
-
-
-def test_train_on_text_files(cluster, tmp_path):
-    text = tmp_path / "corpus.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    out = tmp_path / "text"
-    cluster(2).run(run_job, job_args(out, data="text", text=[str(text)], steps=2))
-    assert len(losses(out)) == 2 and all(l > 0 for l in losses(out))
-
-
-def test_fsdp_run_resumes_without_fsdp_on_another_ring(cluster, tmp_path):
-    """Checkpoints hold whole state: an FSDP run continues unsharded on 3 ranks, same losses."""
-    straight, mixed = tmp_path / "straight", tmp_path / "mixed"
-    cluster(2).run(run_job, job_args(straight, steps=4, ckpt_every=2))
-    cluster(2).run(run_job, job_args(mixed, steps=4, ckpt_every=2, stop_after=2, fsdp=True))
-    cluster(3).run(run_job, job_args(mixed, steps=4, ckpt_every=2, resume=True))
-    a, b = losses(mixed), losses(straight)
-    assert len(a) == 4 and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (a, b)
+    assert checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])["step"] == 3
+    assert not (out / ".lock").exists()

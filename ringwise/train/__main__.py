@@ -16,18 +16,22 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, add_arguments, check
-from .loop import worker
+from .loop import LOCK_HELD, worker
 from .parallel import elastic_run, under_torchrun
 
 
 def launch(cfg: TrainConfig) -> None:
     """Check everything, then run the job: under torchrun directly, else on --world local ranks."""
     check(cfg, checkpoint.resume_problems(cfg))
-    if under_torchrun():  # rank 0 takes the lock inside the job (loop.torchrun_lock)
+    if under_torchrun():  # no launching process of ours: rank 0 takes the lock (loop.job_lock)
         elastic_run(worker, cfg.world, cfg)
         return
     with checkpoint.RunLock(cfg.out):
-        elastic_run(worker, cfg.world, cfg)
+        os.environ[LOCK_HELD] = str(Path(cfg.out).resolve())  # the ranks we start inherit it
+        try:
+            elastic_run(worker, cfg.world, cfg)
+        finally:
+            del os.environ[LOCK_HELD]
 
 
 def draw_plots(out: Path) -> None:

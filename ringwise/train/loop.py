@@ -23,8 +23,7 @@ from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, collate,
 from ..model import Transformer, model_config
 from . import checkpoint
 from .config import TrainConfig
-from .parallel import (Heartbeat, Mesh, init_distributed, make_mesh, name_silent_ranks, peak_memory_mib, shard_model,
-                       under_torchrun)
+from .parallel import (Heartbeat, Mesh, init_distributed, make_mesh, name_silent_ranks, peak_memory_mib, shard_model)
 
 
 def log(msg: str) -> None:
@@ -74,6 +73,8 @@ def setup(cfg: TrainConfig, mesh: Mesh) -> Run:
     """Build the run and, with --resume, load the newest intact checkpoint (any world size)."""
     run = build(cfg, mesh)
     out = Path(cfg.out)
+    if run.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         path = checkpoint.choose(out / "checkpoints", log=log if run.is_main else (lambda m: None))
         if path is not None:
@@ -208,7 +209,7 @@ def worker(cfg: TrainConfig) -> None:
     heartbeat = lock = None
     try:
         heartbeat = Heartbeat()
-        lock = torchrun_lock(cfg)
+        lock = job_lock(cfg)
         if device.type == "cpu":
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.get_world_size()))
         run_on_mesh(cfg, make_mesh(cfg.dp, device, cfg.timeout))
@@ -225,10 +226,13 @@ def worker(cfg: TrainConfig) -> None:
         dist.destroy_process_group()
 
 
-def torchrun_lock(cfg: TrainConfig):
-    """Under torchrun no launching process holds --out's lock: rank 0 takes it, and every
-    rank raises the same error if another job holds it."""
-    if not under_torchrun():
+LOCK_HELD = "RINGWISE_OUT_LOCKED"  # set by our launcher, which holds --out's lock for the job
+
+
+def job_lock(cfg: TrainConfig):
+    """Under torchrun no launching process of ours holds --out's lock: rank 0 takes it, and
+    every rank raises the same error if another job holds it."""
+    if os.environ.get(LOCK_HELD) == str(Path(cfg.out).resolve()):
         return None
     lock, err = None, [None]
     if dist.get_rank() == 0:

@@ -82,7 +82,8 @@ def _group_options(device: torch.device, timeout: float):
 class Mesh:
     """This rank's place in the (dp, cp) mesh."""
 
-    device_mesh: DeviceMesh  # dims ("dp", "cp"), plus the flattened "dp_cp"
+    device_mesh: DeviceMesh  # dims ("dp", "cp")
+    shard_mesh: DeviceMesh  # all ranks as one dimension ("dp_cp"): what FSDP2 shards parameters over
     device: torch.device
 
     @property
@@ -114,11 +115,6 @@ class Mesh:
         """The ring: its own group, so ring P2P never interleaves with FSDP's collectives."""
         return self.device_mesh.get_group("cp")
 
-    @property
-    def shard_mesh(self) -> DeviceMesh:
-        """All ranks as one dimension: what FSDP2 shards parameters over."""
-        return self.device_mesh["dp_cp"]
-
 
 def make_mesh(dp: int, device: torch.device, timeout: float) -> Mesh:
     world = dist.get_world_size()
@@ -127,8 +123,8 @@ def make_mesh(dp: int, device: torch.device, timeout: float) -> Mesh:
     opts = _group_options(device, timeout)
     dm = init_device_mesh(device.type, (dp, world // dp), mesh_dim_names=("dp", "cp"),
                           backend_override={"dp": opts, "cp": opts})
-    dm._flatten("dp_cp", backend_override=opts)  # torchtitan's idiom for sharding over several dims
-    return Mesh(dm, device)
+    flat = dm._flatten("dp_cp", backend_override=opts)  # torchtitan's idiom for sharding over several dims
+    return Mesh(dm, flat, device)
 
 
 def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype | None = None) -> None:
@@ -137,7 +133,7 @@ def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype |
     their own dtype (float32 master weights and optimizer state); a lower `compute_dtype`
     (bf16) is what layers compute in, with gradients reduced in float32. Gradients are a
     plain SUM (not averaged): each rank's loss is already divided by the global token count."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     param_dtype = next(model.parameters()).dtype
     if compute_dtype is None or compute_dtype == param_dtype:
@@ -147,6 +143,8 @@ def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype |
     for layer in model.layers:
         fully_shard(layer, mesh=mesh.shard_mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh.shard_mesh, mp_policy=policy)
+    if hasattr(model, "labelled_predictions"):  # evaluation's entry point gathers parameters too
+        register_fsdp_forward_method(model, "labelled_predictions")
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
