@@ -12,12 +12,15 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, add_arguments, check
 from .loop import LOCK_HELD, worker
-from .parallel import elastic_run, under_torchrun
+from .parallel import elastic_run, rank_errors, under_torchrun
 
 
 def launch(cfg: TrainConfig) -> None:
@@ -26,12 +29,20 @@ def launch(cfg: TrainConfig) -> None:
     if under_torchrun():  # no launching process of ours: rank 0 takes the lock (loop.job_lock)
         elastic_run(worker, cfg.world, cfg)
         return
-    with checkpoint.RunLock(cfg.out):
+    with checkpoint.RunLock(cfg.out), tempfile.TemporaryDirectory(prefix="ringwise-logs-") as logs:
         os.environ[LOCK_HELD] = str(Path(cfg.out).resolve())  # the ranks we start inherit it
         try:
-            elastic_run(worker, cfg.world, cfg)
+            elastic_run(worker, cfg.world, cfg, log_dir=logs)
+        except ChildFailedError as e:  # the ranks printed their tracebacks: end with the causes, a line each
+            rank, failure = e.get_first_failure()
+            causes = rank_errors(logs) or [f"rank {rank} exited with code {failure.exitcode}"]
+            raise JobFailed("the job failed: " + "\n  ".join(causes)) from None
         finally:
             del os.environ[LOCK_HELD]
+
+
+class JobFailed(RuntimeError):
+    pass
 
 
 def draw_plots(out: Path) -> None:
@@ -57,6 +68,9 @@ def run(args) -> int:
     except (ConfigError, checkpoint.LockHeld) as e:
         print(f"ringwise train: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:
+        print(f"ringwise train: {e}", file=sys.stderr)
+        return 1
     out = Path(cfg.out)
     main_process = not under_torchrun() or os.environ["RANK"] == "0"
     if main_process and not cfg.no_plots and (out / "summary.json").exists():

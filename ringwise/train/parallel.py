@@ -10,7 +10,9 @@ gets the job's timeout; a rank that stops responding is named by its stale heart
 """
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import socket
 import threading
 import time
@@ -32,23 +34,40 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def elastic_run(entrypoint, nproc: int, *args) -> None:
+def elastic_run(entrypoint, nproc: int, *args, log_dir: str | None = None) -> None:
     """Run entrypoint(*args) on nproc local ranks through PyTorch's elastic launcher (torchrun's code).
 
     Under torchrun (RANK and WORLD_SIZE set) it calls entrypoint directly: the same script
-    runs locally and on a cluster.
+    runs locally and on a cluster. The ranks' error files go below `log_dir`
+    (`rank_errors` reads them back).
     """
     if under_torchrun():
         entrypoint(*args)
         return
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ringwise-{os.getpid()}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-        monitor_interval=0.2, start_method="spawn",
+        monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=log_dir),
     )
     elastic_launch(config, entrypoint)(*args)
+
+
+def rank_errors(log_dir: str) -> list[str]:
+    """The error messages the ranks of an elastic_run recorded (one per failed rank, local rank order)."""
+    import json
+    from pathlib import Path
+
+    found = []
+    for path in sorted(Path(log_dir).glob("*/attempt_*/*/error.json")):
+        try:
+            message = json.loads(path.read_text())["message"]
+        except (OSError, ValueError, KeyError):
+            continue
+        found.append(message.get("message", str(message)) if isinstance(message, dict) else str(message))
+    return found
 
 
 def init_distributed(backend: str | None, timeout: float) -> torch.device:
@@ -176,19 +195,15 @@ class Heartbeat:
             except Exception:  # the store is gone: the job is ending
                 return
 
-    def silent_ranks(self, older_than: float) -> list[str]:
-        """'rank R (pid P on HOST, silent for S s)' for every rank silent longer than older_than."""
+    def silent_ranks(self, older_than: float) -> list[tuple[int, str, int, float]]:
+        """(rank, host, pid, seconds silent) of every other rank silent longer than older_than."""
         now, found = time.time(), []
         for r in range(self.world):
             if r == self.rank:
                 continue
-            try:
-                stamp, host, pid = self.store.get(f"ringwise/heartbeat/{r}").decode().split()
-            except Exception:
-                found.append(f"rank {r} (never stamped)")
-                continue
+            stamp, host, pid = self.store.get(f"ringwise/heartbeat/{r}").decode().split()
             if now - float(stamp) > older_than:
-                found.append(f"rank {r} (pid {pid} on {host}, silent for {now - float(stamp):.0f} s)")
+                found.append((r, host, int(pid), now - float(stamp)))
         return found
 
     def stop(self):
@@ -196,7 +211,10 @@ class Heartbeat:
 
 
 def name_silent_ranks(error: BaseException, heartbeat: Heartbeat | None, timeout: float) -> BaseException:
-    """The error to end the job with: names the silent ranks when a peer stopped responding."""
+    """The error to end the job with: names the silent ranks when a peer stopped responding.
+
+    A silent rank on this host is killed: a frozen (SIGSTOPped) process ignores the
+    launcher's SIGTERM, which would hold the job for another 30 s."""
     if heartbeat is None:
         return error
     try:
@@ -205,8 +223,20 @@ def name_silent_ranks(error: BaseException, heartbeat: Heartbeat | None, timeout
         return error
     if not silent:
         return error
-    return RuntimeError(f"rank {heartbeat.rank}: {', '.join(silent)} stopped responding (frozen or hung); "
-                        f"ending the job after the --timeout of {timeout:g} s. Cause: {error}")
+    names = []
+    for rank, host, pid, seconds in silent:
+        names.append(f"rank {rank} (pid {pid} on {host}, silent for {seconds:.0f} s)")
+        if host == socket.gethostname():  # at exit: after this rank's error is recorded for the launcher
+            atexit.register(_kill, pid)
+    return RuntimeError(f"rank {heartbeat.rank}: {', '.join(names)} stopped responding (frozen or hung); "
+                        f"the job ends after the --timeout of {timeout:g} s. Cause: {error}")
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def peak_memory_mib(device: torch.device) -> float:
