@@ -9,6 +9,24 @@ from pathlib import Path
 import pytest
 
 
+def _start(out, timeout):
+    """A long training job on 2 local ranks, once it has trained two steps."""
+    cmd = [sys.executable, "-m", "ringwise.train", "--world", "2", "--model", "tiny", "--seq-len", "64",
+           "--batch", "2", "--steps", "100000", "--ckpt-every", "100000", "--threads", "1",
+           "--timeout", str(timeout), "--out", str(out), "--no-plots"]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            return job
+        if job.poll() is not None:
+            pytest.fail(job.stdout.read())
+        time.sleep(0.2)
+    job.kill()
+    pytest.fail("the job did not start training within 120 s")
+
+
 def _ranks(launcher: int) -> list[int]:
     """Pids of the ranks the launcher spawned, in rank order (started one after another)."""
     kids = []
@@ -28,20 +46,9 @@ def test_a_frozen_rank_ends_the_job_naming_it(tmp_path, frozen):
     """SIGSTOP one rank mid-training: the job exits non-zero within --timeout (plus the
     launcher's teardown), and the error names the frozen rank."""
     timeout = 6
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ringwise.train", "--world", "2", "--model", "tiny", "--seq-len", "64",
-           "--batch", "2", "--steps", "100000", "--ckpt-every", "100000", "--threads", "1",
-           "--timeout", str(timeout), "--out", str(out), "--no-plots"]
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = _start(tmp_path / "run", timeout)
     stopped = None
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait until it trains
-            metrics = out / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            assert job.poll() is None, job.stdout.read()
-            time.sleep(0.2)
         stopped = _ranks(job.pid)[frozen]
         os.kill(stopped, signal.SIGSTOP)
         t0 = time.monotonic()
@@ -54,7 +61,26 @@ def test_a_frozen_rank_ends_the_job_naming_it(tmp_path, frozen):
             job.kill()
             job.wait()
     assert job.returncode == 1
-    last = next(line for line in reversed(output.splitlines()) if line.startswith("ringwise train: "))
-    assert last.startswith("ringwise train: the job failed: "), last
-    assert f"rank {frozen} (pid {stopped}" in last and "stopped responding" in last, output[-3000:]
-    assert elapsed < timeout + 10, elapsed  # the timeout, then the launcher's 5 s teardown
+    report = output[output.index("ringwise train: the job failed:"):]
+    assert f"rank {frozen} (pid {stopped}" in report and "stopped responding" in report, output[-3000:]
+    assert elapsed < timeout + 10, elapsed
+
+
+def test_a_killed_rank_ends_the_job_at_once(tmp_path):
+    timeout = 60
+    job = _start(tmp_path / "run", timeout)
+    try:
+        victim = _ranks(job.pid)[1]
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        output, _ = job.communicate(timeout=timeout)
+        elapsed = time.monotonic() - t0
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 1
+    report = output[output.index("ringwise train: the job failed:"):]
+    assert "rank 1 (exit code -9): Signal 9 (SIGKILL)" in report, report
+    assert elapsed < 10, elapsed  # not the timeout: a dead peer's connection closes
+    assert not (tmp_path / "run" / ".lock").exists()

@@ -35,8 +35,10 @@ def launch(cfg: TrainConfig) -> None:
             elastic_run(worker, cfg.world, cfg, log_dir=logs)
         except ChildFailedError as e:  # the ranks printed their tracebacks: end with the causes, a line each
             rank, failure = e.get_first_failure()
-            causes = rank_errors(logs) or [f"rank {rank} exited with code {failure.exitcode}"]
-            raise JobFailed("the job failed: " + "\n  ".join(causes)) from None
+            first = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
+            causes = list(dict.fromkeys(rank_errors(logs) + [f"first to exit: rank {rank} (exit code "
+                                                              f"{failure.exitcode}): {first}"]))
+            raise JobFailed("the job failed:\n  " + "\n  ".join(causes)) from None
         finally:
             del os.environ[LOCK_HELD]
 
