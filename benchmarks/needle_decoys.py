@@ -11,9 +11,9 @@ import dataclasses
 
 import torch
 
-from ringwise import checkpoints
 from ringwise.data import collate, retrieval_eval_grid
 from ringwise.model import ModelConfig, Transformer
+from ringwise.train import checkpoint
 
 
 def main():
@@ -23,8 +23,11 @@ def main():
     p.add_argument("--per-cell", type=int, default=64)
     p.add_argument("--decoys", type=int, nargs="+", default=[0, 1, 3, 7])
     args = p.parse_args()
-    state = checkpoints.load_latest(f"{args.run}/checkpoints")
-    run = state["args"]
+    path, skipped = checkpoint.newest_intact(f"{args.run}/checkpoints")
+    if path is None:
+        raise SystemExit(f"no intact checkpoint in {args.run}/checkpoints {skipped}")
+    state = checkpoint.consolidated(path)  # the sharded checkpoint gathered into this process
+    run = state["run"]
     if not run.get("id_pool"):
         raise SystemExit("this run did not use --id-pool: every line's id is distinct, decoys do not apply")
     cfg = dataclasses.replace(ModelConfig(**state["config"]), attention="sdpa")

@@ -8,7 +8,7 @@ sequence attend only within themselves.
     python examples/finetune_hf.py --model PATH --text corpus.txt  # a local checkpoint and its tokenizer
     torchrun --nproc-per-node 8 examples/finetune_hf.py --model PATH --text data/ --seq-len 131072
 
-Checkpoints (atomic) go to --out every --ckpt-every steps; --resume continues.
+Checkpoints (sharded DCP, atomic) go to --out every --ckpt-every steps; --resume continues.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 import ringwise.integrations.transformers as rw
-from ringwise import checkpoints
 from ringwise.data import ByteTokenizer, RetrievalDataset
-from ringwise.launch import elastic_run
+from ringwise.train import checkpoint
+from ringwise.train.parallel import elastic_run
 
 
 def build_model(args):
@@ -77,10 +77,8 @@ def worker(args):
     rw.check_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start = 0
-    if args.resume and (state := checkpoints.load_latest(os.path.join(args.out, "checkpoints"))):
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    if args.resume and (path := checkpoint.choose(os.path.join(args.out, "checkpoints"))):
+        start = checkpoint.load(path, model, optimizer)["step"]
     batches = packed_batches(args)
     for _ in range(start):  # the data stream is deterministic: skip what was trained on
         next(batches)
@@ -105,9 +103,8 @@ def worker(args):
         if bar is not None:
             bar.set_postfix(loss=f"{total.item():.4f}")
             bar.update()
-        if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
-            checkpoints.save(os.path.join(args.out, "checkpoints"),
-                             dict(step=step + 1, model=model.state_dict(), optimizer=optimizer.state_dict()))
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:  # every rank writes (DCP)
+            checkpoint.save(os.path.join(args.out, "checkpoints"), step + 1, model, optimizer, {}, keep=2)
     if bar is not None:
         bar.close()
         print(f"done: {args.steps} steps, last loss {total.item():.4f}; checkpoints in {args.out}/checkpoints")

@@ -84,3 +84,34 @@ def test_a_killed_rank_ends_the_job_at_once(tmp_path):
     assert "rank 1 (exit code -9): Signal 9 (SIGKILL)" in report, report
     assert elapsed < 10, elapsed  # not the timeout: a dead peer's connection closes
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def _wait_on_silent_peer(timeout):
+    """Rank 0 waits on rank 1 in each mesh group; rank 1 stays silent. Seconds until each gives up."""
+    import torch
+    import torch.distributed as dist
+
+    from ringwise.train import make_mesh
+
+    mesh = make_mesh(1, torch.device("cpu"), timeout)
+    groups = {"cp": mesh.cp_group, "dp_cp": mesh.shard_mesh.get_group()}
+    if dist.get_rank() == 1:
+        time.sleep(len(groups) * timeout + 2)
+        return {}
+    took = {}
+    for name, group in groups.items():
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="Timed out"):
+            dist.all_reduce(torch.ones(1), group=group)
+        took[name] = time.monotonic() - t0
+    return took
+
+
+def test_every_mesh_group_has_the_jobs_timeout():
+    """The ring (cp) group and FSDP's flattened group time out after the job's timeout,
+    not gloo's default 30 minutes."""
+    from ringwise.lab.cluster import LocalCluster
+
+    with LocalCluster(2, pg_timeout=60) as c:
+        took = c.run(_wait_on_silent_peer, 2.0, timeout=60)[0]
+    assert set(took) == {"cp", "dp_cp"} and all(1.5 < t < 10 for t in took.values()), took

@@ -113,12 +113,12 @@ def test_finetune_example_runs_and_resumes(tmp_path):
     import sys
     from pathlib import Path
 
-    from ringwise import checkpoints
+    from ringwise.train import checkpoint
 
     script = Path(__file__).resolve().parents[1] / "examples" / "finetune_hf.py"
     base = [sys.executable, str(script), "--world", "2", "--seq-len", "128", "--docs", "2", "--batch", "1",
             "--ckpt-every", "2", "--out", str(tmp_path)]
     subprocess.run(base + ["--steps", "2"], check=True, timeout=300)
-    assert checkpoints.load_latest(tmp_path / "checkpoints")["step"] == 2
+    assert checkpoint.read_meta(checkpoint.newest_intact(tmp_path / "checkpoints")[0])["step"] == 2
     subprocess.run(base + ["--steps", "3", "--resume"], check=True, timeout=300)
-    assert checkpoints.load_latest(tmp_path / "checkpoints")["step"] == 3
+    assert checkpoint.read_meta(checkpoint.newest_intact(tmp_path / "checkpoints")[0])["step"] == 3
