@@ -129,6 +129,8 @@ def test_train_on_text_files(cluster, tmp_path):
     out = tmp_path / "text"
     cluster(2).run(run_job, job_args(out, data="text", text=[str(text)], steps=2))
     assert len(losses(out)) == 2 and all(l > 0 for l in losses(out))
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(rec["peak_rss_mib_per_rank"]) == 2 and rec["peak_rss_mib"] == max(rec["peak_rss_mib_per_rank"]) > 0
 
 
 @pytest.fixture
@@ -219,3 +221,19 @@ def test_train_cli_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0
     assert checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])["step"] == 3
     assert not (out / ".lock").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_on_one_gpu_under_nccl(tmp_path):
+    """`ringwise train` on one GPU: NCCL for every collective (loss totals, peak memory, FSDP2,
+    checkpoint save and resume, evaluation), bf16 by default, GPU peak memory in the metrics."""
+    out = tmp_path / "gpu"
+    flags = ["train", "--world", "1", "--model", "tiny", "--seq-len", "128", "--batch", "2", "--steps", "4",
+             "--ckpt-every", "2", "--eval-per-cell", "1", "--eval-lengths", "128", "--no-plots", "--out", str(out)]
+    assert main(flags + ["--stop-after", "2"]) == 0
+    assert main(flags + ["--resume"]) == 0
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [0, 1, 2, 3] and all(r["peak_gpu_mib"] > 0 for r in recs)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    assert json.loads((out / "summary.json").read_text())["retrieval"]["accuracy"]

@@ -143,12 +143,20 @@ def step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    peak = torch.tensor([peak_memory_mib(run.device)], dtype=torch.float64, device=run.device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     tokens = run.cfg.batch * run.cfg.seq_len
+    peaks = gather_peaks(run)
     key = "peak_gpu_mib" if run.device.type == "cuda" else "peak_rss_mib"
     return dict(step=step, loss=loss, lr=lr_at(step, run.cfg), seconds=seconds, tokens_per_s=tokens / seconds,
-                labelled_tokens=n_tokens, **{key: peak.item()})
+                labelled_tokens=n_tokens, **{key: max(peaks), f"{key}_per_rank": peaks})
+
+
+def gather_peaks(run: Run) -> list[float]:
+    """Every rank's peak memory so far (MiB; GPU allocator on CUDA, resident set on CPU), gathered
+    as a device tensor so the collective runs under NCCL as under gloo."""
+    mine = torch.tensor([peak_memory_mib(run.device)], dtype=torch.float64, device=run.device)
+    every = torch.empty(run.mesh.world, dtype=torch.float64, device=run.device)
+    dist.all_gather_into_tensor(every, mine)
+    return [round(x, 1) for x in every.tolist()]
 
 
 def evaluate(run: Run) -> dict:
