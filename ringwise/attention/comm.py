@@ -1,6 +1,8 @@
 """The ring: every rank sends to rank+1 and receives from rank-1 of its group.
 
-A hop is posted as one batched isend/irecv *before* the compute it should hide behind
+A hop may also skip ahead (offset s: send to rank+s, receive from rank-s), for schedules
+that need only some ring steps (sliding windows): a block then goes straight to the rank
+that needs it instead of being relayed through ranks that would skip it. A hop is posted as one batched isend/irecv *before* the compute it should hide behind
 and waited *after* it. Every rank issues the same operations in the same order, so the
 ring works on gloo and NCCL alike, inside any sub-group, with no barriers.
 """
@@ -12,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 # Hops posted per stream ("kv", "dkv") since the last reset: the tests assert that a
-# W-rank forward makes W-1 kv hops and a backward W-1 kv hops plus W dkv hops.
+# W-rank forward makes W-1 kv hops and a backward W-1 kv hops plus W dkv hops (and
+# fewer where a window or packed documents leave ring steps unneeded).
 HOP_COUNTS: Counter = Counter()
 _STREAM_TAGS: dict[str, int] = {}
 
@@ -34,21 +37,26 @@ class Ring:
             self.rank, self.world_size = 0, 1
         if self.world_size > 1:
             # P2P ops name peers by global rank, whatever the group.
-            to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
-            self.next_peer = to_global((self.rank + 1) % self.world_size)
-            self.prev_peer = to_global((self.rank - 1) % self.world_size)
+            self._to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+            self.next_peer = self.peer(1)
+            self.prev_peer = self.peer(-1)
 
-    def exchange(self, stream: str, send: list[torch.Tensor], recv: list[torch.Tensor]) -> "Hop":
-        """Post send[i] -> next and recv[i] <- prev, all as one batch (one hop); returns a handle.
+    def peer(self, offset: int) -> int:
+        """Global rank of the group member `offset` places after this one (mod world size)."""
+        return self._to_global((self.rank + offset) % self.world_size)
 
-        Each stream has its own tag, so a kv and a dkv hop in flight together never match
-        each other's messages.
+    def exchange(self, stream: str, send: list[torch.Tensor], recv: list[torch.Tensor], offset: int = 1) -> "Hop":
+        """Post send[i] -> rank+offset and recv[i] <- rank-offset, all as one batch (one hop).
+
+        Returns a handle. Each stream has its own tag, so a kv and a dkv hop in flight
+        together never match each other's messages.
         """
         tag = _STREAM_TAGS.setdefault(stream, len(_STREAM_TAGS))
+        to, frm = (self.next_peer, self.prev_peer) if offset == 1 else (self.peer(offset), self.peer(-offset))
         ops = []
         for s, r in zip(send, recv, strict=True):
-            ops.append(dist.P2POp(dist.isend, s, self.next_peer, self.group, tag))
-            ops.append(dist.P2POp(dist.irecv, r, self.prev_peer, self.group, tag))
+            ops.append(dist.P2POp(dist.isend, s, to, self.group, tag))
+            ops.append(dist.P2POp(dist.irecv, r, frm, self.group, tag))
         HOP_COUNTS[stream] += 1
         return Hop(dist.batch_isend_irecv(ops))
 

@@ -41,7 +41,13 @@ def _fold_kv_grad(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 class ReferenceKernel:
-    """Plain PyTorch attention in row chunks: bounded memory, exact -inf handling."""
+    """Plain PyTorch attention in row chunks: bounded memory, exact -inf and NaN handling.
+
+    Besides causal and a boolean mask it takes what the fused kernels lack: band=(lo, hi)
+    (key j visible to query i iff lo <= i - j <= hi, the ring's sliding-window edge tiles)
+    and softcap=c (scores -> c * tanh(scores / c), Gemma 2), so it is the kernel for those.
+    A row with no visible key gets out = 0 and lse = -inf; NaN inputs give NaN.
+    """
 
     name = "reference"
 
@@ -49,32 +55,44 @@ class ReferenceKernel:
         self.chunk = chunk
 
     @staticmethod
-    def _scores(q, k, scale, causal, mask, rows):
+    def _scores(q, k, scale, causal, mask, rows, band=None, softcap=None):
+        """Masked scores of `rows`, and d(capped)/d(raw) when softcap is set (else None)."""
         s = torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * scale
-        if causal:
+        dcap = None
+        if softcap is not None:
+            s = torch.tanh(s / softcap)
+            dcap = 1 - s * s
+            s = s * softcap
+        if causal or band is not None:
             i = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
             j = torch.arange(k.shape[2], device=q.device)[None, :]
-            s = s.masked_fill(j > i, float("-inf"))
+            hidden = torch.zeros(i.shape[0], j.shape[1], dtype=torch.bool, device=q.device)
+            if causal:
+                hidden |= j > i
+            if band is not None:
+                hidden |= (i - j < band[0]) | (i - j > band[1])
+            s = s.masked_fill(hidden, float("-inf"))
         if mask is not None:
             s = s.masked_fill(~mask[..., rows, :], float("-inf"))
-        return s
+        return s, dcap
 
-    def forward(self, q, k, v, causal, scale, mask=None):
+    def forward(self, q, k, v, causal, scale, mask=None, band=None, softcap=None):
         dt = acc_dtype(q.dtype)
         qf, kf, vf = q.to(dt), _expand_kv(k, q.shape[1]).to(dt), _expand_kv(v, q.shape[1]).to(dt)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=dt, device=q.device)
         for r0 in range(0, q.shape[2], self.chunk):
             rows = slice(r0, min(r0 + self.chunk, q.shape[2]))
-            s = self._scores(qf, kf, scale, causal, mask, rows)
-            m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(dt).min)  # finite even for empty rows
+            s, _ = self._scores(qf, kf, scale, causal, mask, rows, band, softcap)
+            # finite even for empty rows; NaN stays NaN (clamp_min propagates it)
+            m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(dt).min)
             p = torch.exp(s - m)
             denom = p.sum(-1, keepdim=True)
             out[:, :, rows] = (torch.matmul(p, vf) / denom.clamp_min(torch.finfo(dt).tiny)).to(q.dtype)
             lse[:, :, rows] = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None, band=None, softcap=None):
         dt = acc_dtype(q.dtype)
         heads = q.shape[1]
         qf, kf, vf = q.to(dt), _expand_kv(k, heads).to(dt), _expand_kv(v, heads).to(dt)
@@ -84,12 +102,14 @@ class ReferenceKernel:
         delta = (dout.to(dt) * out.to(dt)).sum(-1)
         for r0 in range(0, q.shape[2], self.chunk):
             rows = slice(r0, min(r0 + self.chunk, q.shape[2]))
-            s = self._scores(qf, kf, scale, causal, mask, rows)
+            s, dcap = self._scores(qf, kf, scale, causal, mask, rows, band, softcap)
             l = lse[:, :, rows, None].to(dt)
-            p = torch.where(torch.isinf(l), torch.zeros_like(s), torch.exp(s - l))
+            p = torch.where(torch.isneginf(l), torch.zeros_like(s), torch.exp(s - l))
             do = dout[:, :, rows].to(dt)
             dv += torch.matmul(p.transpose(-1, -2), do)
             ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta[:, :, rows, None])
+            if dcap is not None:
+                ds = ds * dcap
             dq[:, :, rows] = torch.matmul(ds, kf) * scale
             dk += torch.matmul(ds.transpose(-1, -2), qf[:, :, rows]) * scale
         kvh = k.shape[1]
