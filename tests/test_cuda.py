@@ -146,3 +146,218 @@ def test_cudnn_kernel_refuses_fp32_and_rectangular_causal():
     q, k, v = _blocks(sq=48, sk=32)
     with pytest.raises(ValueError, match="causal tile must be square, got 48 queries x 32 keys"):
         kern.forward(q, k, v, True, 0.125)
+
+
+# ---------------------------------------------------------------- on a GPU (make test-gpu)
+
+import itertools  # noqa: E402
+import os  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+import ringwise  # noqa: E402
+from ringwise.attention.comm import HOP_COUNTS, STAGED_BYTES, TRANSPORT_ENV  # noqa: E402
+from reference import max_err, reference_attention  # noqa: E402
+from test_ring import assemble, document_mask, make_inputs, packed  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EPS = {"float16": 1e-3, "bfloat16": 1e-3, "float32": 1e-6}
+
+
+def gpu(fn):
+    """Marked `cuda` (selected by make test-gpu) and skipped where torch sees no GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")(fn))
+
+
+def _grads(fn, inputs, dout):
+    xs = [x.detach().requires_grad_() for x in inputs]
+    out = fn(*xs)
+    return (out.detach(), *torch.autograd.grad(out, xs, dout))
+
+
+def sdpa_errors(case, q, k, v, dout, refs):
+    """SDPA's own error vs float64 in the case's dtype on the GPU (torch picks its backend): the budget."""
+    dt, causal = DTYPES[case["dtype"]], case["causal"]
+    mask = document_mask(case.get("cu_seqlens"), q.shape[1])
+    if mask is not None and causal:
+        mask = mask & torch.ones_like(mask).tril()
+
+    def sdpa(q, k, v):
+        attn = None if mask is None else mask.cuda()
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn,
+                                           is_causal=causal and mask is None, enable_gqa=True)
+        return o.transpose(1, 2)
+
+    res = _grads(sdpa, [x.cuda().to(dt) for x in (q, k, v)], dout.cuda().to(dt))
+    return {n: max_err(r.cpu(), refs[n]) for n, r in zip(("out", "dq", "dk", "dv"), res)}
+
+
+def float64_refs(case, q, k, v, dout):
+    mask = document_mask(case.get("cu_seqlens"), q.shape[1])
+    qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = reference_attention(qr, kr, vr, case["causal"], mask=mask)
+    dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), dout)
+    return dict(out=out.detach(), lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+KERNEL_CASES = [
+    dict(backend=b, dtype=dt, causal=c, kv_heads=hk, head_dim=d, world=1, layout="contiguous", batch=2, heads=8,
+         seq=250, seed=11)
+    for b, dt, c, hk, d in itertools.product(
+        ["cuda_cudnn", "cuda_flash", "cuda_efficient"], ["float16", "bfloat16", "float32"], [False, True], [8, 2],
+        [64, 128])
+    if not (b in ("cuda_cudnn", "cuda_flash") and dt == "float32")
+]
+
+
+@gpu
+@pytest.mark.parametrize("case", KERNEL_CASES,
+                         ids=lambda c: f"{c['backend']}-{c['dtype']}-{'causal' if c['causal'] else 'full'}"
+                                       f"-h8/{c['kv_heads']}-d{c['head_dim']}")
+def test_kernel_matches_float64_within_sdpa_error(case):
+    q, k, v, dout = make_inputs(case)
+    refs = float64_refs(case, q, k, v, dout)
+    budget = sdpa_errors(case, q, k, v, dout, refs)
+    dt = DTYPES[case["dtype"]]
+
+    def ring(q, k, v):
+        return ringwise.ring_attention(q, k, v, causal=case["causal"], backend=case["backend"])
+
+    res = _grads(ring, [x.cuda().to(dt) for x in (q, k, v)], dout.cuda().to(dt))
+    for name, r in zip(("out", "dq", "dk", "dv"), res):
+        e = max_err(r.cpu(), refs[name])
+        assert e <= 2 * budget[name] + EPS[case["dtype"]], f"{name}: error {e:.3g} > 2 x SDPA's {budget[name]:.3g}"
+
+
+@gpu
+def test_auto_picks_cudnn_on_ampere_and_later():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    kern = ringwise.attention.kernels.select_kernel("auto", dev, torch.bfloat16, 128)
+    if torch.cuda.get_device_capability(dev) >= (8, 0):
+        assert kern.name == "cuda_cudnn", f"cuDNN {torch.backends.cudnn.version()}: auto chose {kern.name}"
+    assert ringwise.attention.kernels.select_kernel("auto", dev, torch.float32, 128).name == "cuda_efficient"
+
+
+def gpu_ring_case(case):
+    """One rank of a ring on cuda:0 (every rank shares the GPU) through the host-staged transport."""
+    os.environ[TRANSPORT_ENV] = case.get("transport", "host")
+    torch.cuda.set_device(0)
+    dt, layout = DTYPES[case["dtype"]], case["layout"]
+    q, k, v, dout = make_inputs(case)
+    ql, kl, vl = (ringwise.shard(x, 1, layout).to("cuda", dt).requires_grad_() for x in (q, k, v))
+    HOP_COUNTS.clear()
+    STAGED_BYTES.clear()
+    out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True,
+                                       cu_seqlens=case.get("cu_seqlens"), backend=case.get("backend", "auto"))
+    fwd_hops = dict(HOP_COUNTS)
+    out.backward(ringwise.shard(dout, 1, layout).to("cuda", dt))
+    torch.cuda.synchronize()
+    return dict(out=out.detach().cpu(), lse=lse.cpu(), dq=ql.grad.cpu(), dk=kl.grad.cpu(), dv=vl.grad.cpu(),
+                fwd_hops=fwd_hops, hops=dict(HOP_COUNTS), staged=dict(STAGED_BYTES))
+
+
+def _ring_cases():
+    cases = []
+    for i, (W, layout) in enumerate(itertools.product([2, 3, 4], ringwise.LAYOUTS)):
+        seq = 96 * W
+        base = dict(world=W, layout=layout, batch=2, heads=4, kv_heads=2, head_dim=64, seq=seq, seed=100 + i)
+        cases.append(dict(base, dtype="bfloat16", causal=True, cu_seqlens=packed([1, 37, 5, seq - 43])))
+        cases.append(dict(base, dtype="float16", causal=False))
+    cases.append(dict(world=3, layout="zigzag", batch=1, heads=4, kv_heads=1, head_dim=64, seq=288, seed=7,
+                      dtype="float32", causal=True))  # cuda_efficient in the ring
+    cases.append(dict(world=3, layout="striped", batch=1, heads=4, kv_heads=2, head_dim=128, seq=288, seed=8,
+                      dtype="bfloat16", causal=True, backend="cuda_flash"))
+    return cases
+
+
+@gpu
+@pytest.mark.parametrize("case", _ring_cases(), ids=lambda c: (
+    f"W{c['world']}-{c['layout']}-{c['dtype']}-{'causal' if c['causal'] else 'full'}"
+    f"{'-docs' if c.get('cu_seqlens') else ''}-{c.get('backend', 'auto')}"))
+def test_ring_on_one_gpu_matches_float64(cluster, case):
+    """W ranks on one GPU (gloo group, host-staged hops): error <= 2 x SDPA's, hop counts as direct."""
+    W = case["world"]
+    results = cluster(W).run(gpu_ring_case, case, timeout=120)
+    q, k, v, dout = make_inputs(case)
+    refs = float64_refs(case, q, k, v, dout)
+    budget = sdpa_errors(case, q, k, v, dout, refs)
+    # lse: SDPA returns none, so the budget is the single-device kernel's own lse error
+    dt = DTYPES[case["dtype"]]
+    _, lse1 = ringwise.ring_attention(*(x.cuda().to(dt) for x in (q, k, v)), causal=case["causal"], return_lse=True,
+                                      cu_seqlens=case.get("cu_seqlens"), backend=case.get("backend", "auto"))
+    budget["lse"] = max_err(lse1.cpu(), refs["lse"])
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        got = assemble([r[name] for r in results], case["layout"], 2 if name == "lse" else 1)
+        assert torch.isfinite(got).all(), name
+        e = max_err(got, refs[name])
+        assert e <= 2 * budget[name] + EPS[case["dtype"]], f"{name}: ring error {e:.3g} > 2 x {budget[name]:.3g}"
+    for r in results:
+        assert r["fwd_hops"] == {"kv": W - 1}
+        assert r["hops"] == {"kv": 2 * (W - 1), "dkv": W}
+        assert r["staged"]["to_host"] == r["staged"]["to_device"] > 0  # every hop went through host memory
+
+
+# ---------------------------------------------------------------- transformers in bf16 on a GPU
+
+def _hf_model(attn):
+    """A LLaMA-shaped test model with head_dim 64 (cuDNN's range), weights rounded to bf16."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(torch.bfloat16)
+
+
+def _hf_ids(seq):
+    return torch.randint(0, 64, (2, seq), generator=torch.Generator().manual_seed(1))
+
+
+def hf_ring_run(seq):
+    """One rank: the bf16 model on cuda:0 through the ring (host-staged); grads summed over ranks."""
+    import torch.distributed as dist
+    import ringwise.integrations.transformers as rw
+
+    torch.cuda.set_device(0)
+    os.environ[TRANSPORT_ENV] = "host"
+    rw.use_ring(layout="zigzag")
+    model = _hf_model("ringwise").to("cuda")
+    batch = {n: t.cuda() for n, t in rw.shard_batch(_hf_ids(seq)).items()}
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    rw.causal_lm_loss(logits, labels).backward()
+    grads = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+    for g in grads.values():
+        dist.all_reduce(g)
+    return dict(logits=logits.detach().float().cpu(), grads=grads)
+
+
+def _hf_single(seq, dtype, device):
+    """The one-process SDPA model on the whole sequence."""
+    model = _hf_model("sdpa").to(device, dtype)
+    ids = _hf_ids(seq).to(device)
+    logits = model(input_ids=ids).logits
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100).backward()
+    return dict(logits=logits.detach().double().cpu(),
+                grads={n: p.grad.double().cpu() for n, p in model.named_parameters()})
+
+
+@gpu
+def test_transformers_bf16_ring_on_one_gpu(cluster):
+    pytest.importorskip("transformers")
+    from ringwise.attention.layout import global_indices
+
+    seq, W = 256, 2
+    results = cluster(W).run(hf_ring_run, seq, timeout=120)
+    ref, bf16 = _hf_single(seq, torch.float64, "cpu"), _hf_single(seq, torch.bfloat16, "cuda")
+    logits = torch.empty_like(ref["logits"])
+    for r, res in enumerate(results):
+        logits[:, global_indices("zigzag", r, W, seq)] = res["logits"].double()
+    budget = max_err(bf16["logits"], ref["logits"])
+    assert max_err(logits, ref["logits"]) <= 2 * budget + 1e-3
+    for n, g in results[0]["grads"].items():
+        b = 2 * max_err(bf16["grads"][n], ref["grads"][n]) + 1e-3
+        assert max_err(g, ref["grads"][n]) <= b, (n, max_err(g, ref["grads"][n]), b)
