@@ -148,6 +148,33 @@ def test_cudnn_kernel_refuses_fp32_and_rectangular_causal():
         kern.forward(q, k, v, True, 0.125)
 
 
+# ---------------------------------------------------------------- GPU benchmark code (CPU smoke)
+
+def test_bench_attention_device_rows_on_cpu():
+    """The --device cuda bench's loop, run on CPU: times where an impl runs, the error where not."""
+    from ringwise.lab.bench.attention import attention_flops, device_rows
+
+    rows = device_rows([64], 1, 2, 16, torch.bfloat16, "cpu", repeats=1)
+    by = {(r["impl"], r["causal"]): r for r in rows}
+    assert len(rows) == 8
+    for causal in (True, False):
+        for impl in ("ringwise", "sdpa_flash"):  # torch has a CPU flash kernel
+            r = by[(impl, causal)]
+            assert r["error"] is None and r["ms"] > 0
+            assert r["tflops"] == pytest.approx(attention_flops(1, 64, 2, 16, causal) / (r["ms"] * 1e-3) / 1e12)
+        assert "runs on cuda tensors" in by[("ringwise_flash", causal)]["error"]
+        assert by[("sdpa_cudnn", causal)]["error"]
+    assert attention_flops(1, 1024, 32, 128, False) == 2 * attention_flops(1, 1024, 32, 128, True) == 3.5 * 4 * 32 * 1024**2 * 128
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
+def test_bench_device_cuda_without_gpu_says_so(tmp_path):
+    from ringwise.cli import main
+
+    with pytest.raises(ValueError, match="--device cuda: torch sees no GPU"):
+        main(["bench", "attention", "--device", "cuda", "--out", str(tmp_path)])
+
+
 # ---------------------------------------------------------------- on a GPU (make test-gpu)
 
 import itertools  # noqa: E402
