@@ -167,12 +167,40 @@ def test_bench_attention_device_rows_on_cpu():
     assert attention_flops(1, 1024, 32, 128, False) == 2 * attention_flops(1, 1024, 32, 128, True) == 3.5 * 4 * 32 * 1024**2 * 128
 
 
+@pytest.mark.parametrize("n,cap", [(0, None), (1, None), (13, None), (13, 8), (13, 10), (13, 13), (5, 64)])
+def test_context_search_finds_the_largest_fitting_multiple(n, cap):
+    from ringwise.lab.bench.context import largest
+
+    tried = []
+
+    def ok(k):
+        tried.append(k)
+        return k <= n
+
+    assert largest(ok, cap) == (min(n, cap) if cap else n)
+    assert cap is None or max(tried) <= cap  # never probes past the cap
+
+
+def test_context_gpu_model_flops():
+    from ringwise.lab.bench.context import GPU_MODEL, METHODS, train_flops
+    from ringwise.model import Transformer, model_config
+
+    cfg = model_config("llama-3b", **GPU_MODEL, **METHODS["bpt"])
+    with torch.device("meta"):
+        n = Transformer(cfg).num_params()
+    assert 1.0e9 < n < 1.2e9  # "~1B"
+    S = 32768
+    attn = cfg.n_layers * 3.5 * 4 * S * S * 128 * 16 / 2
+    assert train_flops(cfg, S) == pytest.approx(6 * (n - 32000 * 2048) * S + attn)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
 def test_bench_device_cuda_without_gpu_says_so(tmp_path):
     from ringwise.cli import main
 
-    with pytest.raises(ValueError, match="--device cuda: torch sees no GPU"):
-        main(["bench", "attention", "--device", "cuda", "--out", str(tmp_path)])
+    for suite in ("attention", "context"):
+        with pytest.raises(ValueError, match="--device cuda: torch sees no GPU"):
+            main(["bench", suite, "--device", "cuda", "--out", str(tmp_path)])
 
 
 # ---------------------------------------------------------------- on a GPU (make test-gpu)
