@@ -36,10 +36,10 @@ else  # the same command make would run
     step test-gpu 270 "$PY" -m pytest -m cuda -q
 fi
 
-step bench-attention 150 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seqs 8192 32768 131072 \
+step bench-attention 120 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seqs 8192 32768 131072 \
     --out "$OUT/bench"
 # Does the ~1B preset train at 256K on this GPU (BPT), and how far do vanilla and SDPA get?
-step bench-context 120 "$PY" -m ringwise.cli bench context --device cuda --gpu-granularity 32768 \
-    --gpu-max-seq 262144 --out "$OUT/bench"
+step bench-context 150 "$PY" -m ringwise.cli bench context --device cuda --gpu-methods bpt memeff vanilla \
+    --gpu-granularity 32768 --gpu-max-seq 262144 --out "$OUT/bench"
 
 echo "== summary"; cat "$SUMMARY"

@@ -206,12 +206,11 @@ def test_bench_device_cuda_without_gpu_says_so(tmp_path):
 # ---------------------------------------------------------------- on a GPU (make test-gpu)
 
 import itertools  # noqa: E402
-import os  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
 import ringwise  # noqa: E402
-from ringwise.attention.comm import HOP_COUNTS, STAGED_BYTES, TRANSPORT_ENV  # noqa: E402
+from ringwise.attention.comm import HOP_COUNTS, STAGED_BYTES  # noqa: E402
 from reference import max_err, reference_attention  # noqa: E402
 from test_ring import assemble, document_mask, make_inputs, packed  # noqa: E402
 
@@ -295,8 +294,8 @@ def test_auto_picks_cudnn_on_ampere_and_later():
 
 
 def gpu_ring_case(case):
-    """One rank of a ring on cuda:0 (every rank shares the GPU) through the host-staged transport."""
-    os.environ[TRANSPORT_ENV] = case.get("transport", "host")
+    """One rank of a ring on cuda:0 (every rank shares the GPU). The transport is left to
+    "auto", which must stage the CUDA tensors through host memory on this gloo group."""
     torch.cuda.set_device(0)
     dt, layout = DTYPES[case["dtype"]], case["layout"]
     q, k, v, dout = make_inputs(case)
@@ -331,7 +330,7 @@ def _ring_cases():
     f"W{c['world']}-{c['layout']}-{c['dtype']}-{'causal' if c['causal'] else 'full'}"
     f"{'-docs' if c.get('cu_seqlens') else ''}-{c.get('backend', 'auto')}"))
 def test_ring_on_one_gpu_matches_float64(cluster, case):
-    """W ranks on one GPU (gloo group, host-staged hops): error <= 2 x SDPA's, hop counts as direct."""
+    """W ranks on one GPU (gloo group, so host-staged hops): error <= 2 x SDPA's, hop counts as direct."""
     W = case["world"]
     results = cluster(W).run(gpu_ring_case, case, timeout=120)
     q, k, v, dout = make_inputs(case)
@@ -370,12 +369,11 @@ def _hf_ids(seq):
 
 
 def hf_ring_run(seq):
-    """One rank: the bf16 model on cuda:0 through the ring (host-staged); grads summed over ranks."""
+    """One rank: the bf16 model on cuda:0 through the ring (auto: host-staged); grads summed over ranks."""
     import torch.distributed as dist
     import ringwise.integrations.transformers as rw
 
     torch.cuda.set_device(0)
-    os.environ[TRANSPORT_ENV] = "host"
     rw.use_ring(layout="zigzag")
     model = _hf_model("ringwise").to("cuda")
     batch = {n: t.cuda() for n, t in rw.shard_batch(_hf_ids(seq)).items()}

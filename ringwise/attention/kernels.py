@@ -117,11 +117,12 @@ _DROPOUT_STATE: dict = {}
 
 
 def _unused_rng_state(device, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-    """A philox seed/offset for a backward without dropout: read by nobody, made once per device."""
+    """A philox seed/offset for a backward without dropout: read by nobody (the ops read it
+    only when dropout_p > 0), so left uninitialised; made once per device."""
     key = (str(device), dtype, shape)
     t = _DROPOUT_STATE.get(key)
     if t is None:
-        t = _DROPOUT_STATE[key] = torch.zeros(shape, dtype=dtype, device=device)
+        t = _DROPOUT_STATE[key] = torch.empty(shape, dtype=dtype, device=device)
     return t
 
 
