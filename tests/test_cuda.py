@@ -138,6 +138,33 @@ def test_flash_kernel_shapes_on_meta():
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape  # GQA folded back
 
 
+@pytest.mark.parametrize("docs", [None, (0, 1, 8, 9, 23, 24), (0, 5, 6, 24)], ids=["one-doc", "docs-a", "docs-b"])
+def test_causal_tiles_are_square_and_diagonal(docs):
+    """cuDNN's causal mask is only the ring's on square tiles: every causal tile the ring makes
+    must be square with key j visible to query i exactly when j <= i (by global position)."""
+    import itertools as it
+
+    from ringwise.attention.layout import LAYOUTS, global_indices
+    from ringwise.attention.tiles import step_tiles
+
+    total, seen = 24, 0
+    for layout, W in it.product(LAYOUTS, [1, 2, 3, 4]):
+        if total % (2 * W):
+            continue
+        L = total // W
+        for rank, src in it.product(range(W), range(W)):
+            gq, gk = global_indices(layout, rank, W, total), global_indices(layout, src, W, total)
+            for t in step_tiles(layout, rank, src, W, L, True, docs):
+                if not t.causal:
+                    continue
+                seen += 1
+                assert t.q_len == t.k_len, (layout, W, rank, src, t)
+                i = torch.arange(t.q_len)
+                visible = gk[t.k_start + i][None, :] <= gq[t.q_start + i][:, None]
+                assert torch.equal(visible, torch.ones(t.q_len, t.q_len, dtype=torch.bool).tril()), (layout, W, t)
+    assert seen > 20
+
+
 def test_cudnn_kernel_refuses_fp32_and_rectangular_causal():
     kern = CudaCudnnKernel()
     q, k, v = _blocks(dtype=torch.float32)

@@ -45,15 +45,18 @@ def test_host_transport_matches_direct(cluster, case):
     W = case["world"]
     direct = cluster(W).run(ring_case_over, "direct", case)
     host = cluster(W).run(ring_case_over, "host", case)
+    auto = cluster(W).run(ring_case_over, "auto", case)  # CPU tensors: sent as they are
     check_against_reference(case, host)
     el = torch.tensor([], dtype=DTYPES[case["dtype"]]).element_size()
     acc = 8 if case["dtype"] == "float64" else 4
     kv_block = case["batch"] * (case["seq"] // W) * case["kv_heads"] * case["head_dim"]  # elements of k (or v)
     # forward: W-1 kv hops of (k, v); backward: W-1 kv hops and W dkv hops of (2, *k.shape) in acc dtype
     want = (W - 1) * 2 * kv_block * el + (W - 1) * 2 * kv_block * el + W * 2 * kv_block * acc
-    for d, h in zip(direct, host):
+    for d, h, a in zip(direct, host, auto):
         for name in ("out", "lse", "dq", "dk", "dv"):
             assert torch.equal(d[name], h[name]), name  # same bytes moved, same arithmetic
+            assert torch.equal(d[name], a[name]), name
+        assert a["staged"] == {}
         assert h["fwd_hops"] == d["fwd_hops"] == {"kv": W - 1}
         assert h["bwd_hops"] == d["bwd_hops"] == {"kv": W - 1, "dkv": W}
         assert d["staged"] == {}
