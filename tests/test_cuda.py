@@ -4,14 +4,22 @@ Tests without a mark run everywhere: the backend table, the argument lists built
 CUDA ops (checked against the ops' schemas and run on meta tensors, which torch shapes
 without a GPU). Tests marked `cuda` need a GPU (`make test-gpu`) and skip without one.
 """
+import itertools
+from collections import Counter
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+import ringwise
 from ringwise.attention import kernels
+from ringwise.attention.comm import HOP_COUNTS, STAGED_BYTES
 from ringwise.attention.kernels import (
     CudaCudnnKernel, CudaFlashKernel, auto_backend, cudnn_backward_args, cudnn_forward_args,
     flash_backward_args, flash_forward_args, select_kernel,
 )
+from reference import max_err, reference_attention
+from test_ring import assemble, document_mask, make_inputs, packed, run_attention
 
 aten = torch.ops.aten
 HALF = (torch.float16, torch.bfloat16)
@@ -232,15 +240,6 @@ def test_bench_device_cuda_without_gpu_says_so(tmp_path):
 
 # ---------------------------------------------------------------- on a GPU (make test-gpu)
 
-import itertools  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-import ringwise  # noqa: E402
-from ringwise.attention.comm import HOP_COUNTS, STAGED_BYTES  # noqa: E402
-from reference import max_err, reference_attention  # noqa: E402
-from test_ring import assemble, document_mask, make_inputs, packed  # noqa: E402
-
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 EPS = {"float16": 1e-3, "bfloat16": 1e-3, "float32": 1e-6}
@@ -334,8 +333,12 @@ def gpu_ring_case(case):
     fwd_hops = dict(HOP_COUNTS)
     out.backward(ringwise.shard(dout, 1, layout).to("cuda", dt))
     torch.cuda.synchronize()
-    return dict(out=out.detach().cpu(), lse=lse.cpu(), dq=ql.grad.cpu(), dk=kl.grad.cpu(), dv=vl.grad.cpu(),
-                fwd_hops=fwd_hops, hops=dict(HOP_COUNTS), staged=dict(STAGED_BYTES))
+    res = dict(out=out.detach().cpu(), lse=lse.cpu(), dq=ql.grad.cpu(), dk=kl.grad.cpu(), dv=vl.grad.cpu(),
+               fwd_hops=fwd_hops, hops=dict(HOP_COUNTS), staged=dict(STAGED_BYTES))
+    # The same ring on CPU copies, sent directly: the hops the host-staged ring must match.
+    direct = run_attention(dict(case, dtype="float32"), q, k, v, dout)
+    res["direct_hops"] = (direct["fwd_hops"], dict(Counter(direct["fwd_hops"]) + Counter(direct["bwd_hops"])))
+    return res
 
 
 def _ring_cases():
@@ -373,10 +376,14 @@ def test_ring_on_one_gpu_matches_float64(cluster, case):
         assert torch.isfinite(got).all(), name
         e = max_err(got, refs[name])
         assert e <= 2 * budget[name] + EPS[case["dtype"]], f"{name}: ring error {e:.3g} > 2 x {budget[name]:.3g}"
+    el = torch.tensor([], dtype=dt).element_size()
+    kv_elems = case["batch"] * (case["seq"] // W) * case["kv_heads"] * case["head_dim"]
     for r in results:
-        assert r["fwd_hops"] == {"kv": W - 1}
-        assert r["hops"] == {"kv": 2 * (W - 1), "dkv": W}
-        assert r["staged"]["to_host"] == r["staged"]["to_device"] > 0  # every hop went through host memory
+        assert (r["fwd_hops"], r["hops"]) == r["direct_hops"]
+        assert r["hops"]["dkv"] == W and r["fwd_hops"]["kv"] >= 1
+        # every hop went through host memory: (k, v) in the input dtype, (dk, dv) in float32
+        staged = (r["hops"]["kv"] * el + r["hops"]["dkv"] * 4) * 2 * kv_elems
+        assert r["staged"] == {"to_host": staged, "to_device": staged}
 
 
 # ---------------------------------------------------------------- transformers in bf16 on a GPU
