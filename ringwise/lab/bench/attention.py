@@ -135,8 +135,8 @@ def device_rows(seqs, batch, heads, head_dim, dtype, device, repeats, impls=GPU_
                     row["tflops"] = attention_flops(batch, seq, heads, head_dim, causal) / (row["ms"] * 1e-3) / 1e12
                 except (RuntimeError, ValueError) as e:  # reported in the table, next case goes on
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                if row["error"] and device.type == "cuda":  # after the except block has let go of the tensors
+                    torch.cuda.empty_cache()
                 rows.append(row)
                 if bar is not None:
                     bar.update()
