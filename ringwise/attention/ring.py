@@ -208,7 +208,8 @@ def _validate(q, k, v, causal, layout, backend, ring: Ring, docs=None, doc_probl
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
-                   return_lse=False, backend="auto", validate=True, cu_seqlens=None, document_ids=None):
+                   return_lse=False, backend="auto", validate=True, cu_seqlens=None, document_ids=None,
+                   ulysses_group=None):
     """Exact softmax attention over a sequence sharded across the ranks of `group`.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
@@ -221,7 +222,15 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     Documents may have any lengths and span shards in every layout. document_ids: the same
     as per-token ids over the global sequence (each document contiguous), instead of cu_seqlens.
     validate=False skips the cross-rank argument check (one small all-gather per call).
+    ulysses_group: Ulysses x ring (USP, see ulysses.py): inputs sharded with
+    ringwise.shard(x, 1, layout, group, ulysses_group=ulysses_group); an all-to-all over
+    ulysses_group trades sequence for heads before the ring over `group` and back after it.
     """
+    if ulysses_group is not None:  # every argument, whatever its name, goes on to the ring unchanged
+        forwarded = dict(locals())
+        from .ulysses import ulysses_attention
+
+        return ulysses_attention(**forwarded)
     ring = Ring(group)
     docs, doc_problem = None, None
     if cu_seqlens is not None and document_ids is not None:
