@@ -180,3 +180,19 @@ def test_bad_mesh_raises_one_clear_error_on_every_rank(cluster, key, kwargs, exp
         assert all("rank 1: global rank 1 is in ulysses_group but not in group" in e for e, _, _ in results[:3])
     else:
         assert len({e for e, _, _ in results}) == 1 or key == "overlap", [e for e, _, _ in results]
+
+
+def test_bench_attention_ulysses_quick(tmp_path):
+    """`bench attention --ulysses` runs the mesh suite: SDPA, ring 1x4, hybrid 2x2, Ulysses 4x1."""
+    import json
+
+    from ringwise.cli import main
+
+    assert main(["bench", "attention", "--ulysses", "--ulysses-seq", "256", "--ulysses-repeats", "1",
+                 "--ulysses-head-dim", "16", "--ulysses-heads", "4", "--ulysses-kv-heads", "2",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "ulysses.json").read_text())["rows"]
+    assert [(r["impl"], r["mesh"]) for r in rows[::2]] == [("sdpa", "1 process"), ("ring", "1x4"), ("hybrid", "2x2"),
+                                                           ("ulysses", "4x1")]
+    assert all(r["seconds"] > 0 and r["all_to_alls"] == (4 if r["ulysses"] > 1 else 0) for r in rows)
+    assert (tmp_path / "ulysses.md").exists()
