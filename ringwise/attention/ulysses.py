@@ -170,7 +170,8 @@ def check_mesh(q, k, v, mesh: _Mesh, layout, ring_kwargs: dict) -> None:
     sig += (str(getattr(q, "dtype", None)), layout) + tuple(_describe(ring_kwargs[n]) for n in sorted(ring_kwargs))
     me = dict(rank=mesh.rank, u=mesh.u, r=mesh.r, problem=_local_problem(q, k, v, layout, mesh), sig=sig, names=names,
               ulysses=dist.get_process_group_ranks(mesh.ulysses_group) if mesh.u >= 0 else [],
-              ring=(dist.get_process_group_ranks(mesh.group or dist.group.WORLD) if mesh.r >= 0 else []))
+              ring=(dist.get_process_group_ranks(dist.group.WORLD if mesh.group is None else mesh.group)
+                    if mesh.r >= 0 else []))
     infos = _gather(me, mesh.ulysses_group) if mesh.u >= 0 else [me]
     if mesh.r >= 0:
         infos = [i for part in _gather(infos, mesh.group) for i in part]
