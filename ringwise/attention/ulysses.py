@@ -14,6 +14,12 @@ the ring backward, the two autograd Functions here do the all-to-alls in reverse
 GQA: k/v heads travel unexpanded when kv_heads % U == 0; otherwise each kv head is sent
 U/gcd(kv_heads, U) times, the least that gives every rank whole query groups, and the
 copies' gradients are summed (float32) on the way back.
+
+Use: ug, rg = mesh_groups(U, R) (or a DeviceMesh with "ulysses" as its innermost dim:
+mesh.get_group("ulysses"), mesh.get_group("ring")); x_local = ringwise.shard(x, 1, layout,
+group=rg, ulysses_group=ug); ringwise.positions(S, layout, group=rg, ulysses_group=ug) for
+RoPE; ring_attention(q, k, v, ..., group=rg, ulysses_group=ug). A ring of size 1 is pure
+Ulysses (group=None is the default group, not "no ring").
 """
 from __future__ import annotations
 
@@ -99,6 +105,8 @@ def _local_problem(q, k, v, layout, mesh: _Mesh) -> str | None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             return f"{name} must be a 4-D tensor (batch, seq, heads, head_dim), got {getattr(x, 'shape', type(x))}"
     H, Hk, U = q.shape[2], k.shape[2], mesh.size
+    if H < 1 or Hk < 1:
+        return f"q has {H} heads and k {Hk}; both need at least one"
     if k.shape != v.shape or k.shape[:2] != q.shape[:2]:
         return f"k {tuple(k.shape)} and v {tuple(v.shape)} must match q {tuple(q.shape)} in batch and sequence"
     if H % Hk:
