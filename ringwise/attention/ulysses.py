@@ -131,17 +131,20 @@ def _gather(info, group):
     return out
 
 
-def _mesh_verdict(me: dict, infos: dict) -> str | None:
+def _mesh_verdict(infos: dict) -> str | None:
     """What is wrong with the mesh or the arguments, judged alike from every rank's view."""
     for g in sorted(infos):
         if infos[g]["problem"]:
             return f"rank {g}: {infos[g]['problem']}"
-    U, R = len(me["ulysses"]), len(me["ring"])
+    first = infos[min(infos)]
+    U, R = len(first["ulysses"]), len(first["ring"])
     for g in sorted(infos):
         i = infos[g]
         if (len(i["ulysses"]), len(i["ring"])) != (U, R):
-            return (f"the groups do not form one mesh: rank {me['rank']} has ulysses {U} x ring {R} but rank {g} "
-                    f"has {len(i['ulysses'])} x {len(i['ring'])}")
+            return (f"the groups do not form one mesh: rank {first['rank']} has ulysses {U} x ring {R} but rank {g} "
+                    f"has {len(i['ulysses'])} x {len(i['ring'])}; every rank needs the same U and R")
+    for g in sorted(infos):
+        i = infos[g]
         shared = sorted(set(i["ulysses"]) & set(i["ring"]))
         if shared != [g]:
             return (f"the groups do not tile the ranks: rank {g}'s ulysses_group {i['ulysses']} and group "
@@ -156,7 +159,6 @@ def _mesh_verdict(me: dict, infos: dict) -> str | None:
                         "a ulysses group must hold one ring shard (same ring rank)")
     if len(infos) != U * R:
         return f"the groups do not tile the ranks: {len(infos)} ranks reached, a {U} x {R} mesh has {U * R}"
-    first = infos[min(infos)]
     for g in sorted(infos):
         if infos[g]["sig"] != first["sig"]:
             diffs = [f"{n}: rank {min(infos)} {a} vs rank {g} {b}"
@@ -183,7 +185,7 @@ def check_mesh(q, k, v, mesh: _Mesh, layout, ring_kwargs: dict) -> None:
     infos = _gather(me, mesh.ulysses_group) if mesh.u >= 0 else [me]
     if mesh.r >= 0:
         infos = [i for part in _gather(infos, mesh.group) for i in part]
-    verdict = _mesh_verdict(me, {i["rank"]: i for i in infos})
+    verdict = _mesh_verdict({i["rank"]: i for i in infos})
     if verdict:
         raise ValueError(f"ring_attention (ulysses): {verdict}")
 
