@@ -334,7 +334,7 @@ def _validate(problem, sig, ring: Ring) -> None:
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
                    return_lse=False, backend="auto", validate=True, cu_seqlens=None, document_ids=None,
-                   window=None, sinks=None, softcap=None):
+                   window=None, sinks=None, softcap=None, ulysses_group=None):
     """Exact softmax attention over a sequence sharded across the ranks of `group`.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
@@ -353,7 +353,15 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     softcap) (Gemma 2), on the reference kernel (backend 'auto' or 'reference').
     A row with no finite score gets out = 0 and lse = -inf; NaN inputs give NaN.
     validate=False skips the cross-rank argument check (one small all-gather per call).
+    ulysses_group: Ulysses x ring (USP, see ulysses.py): inputs sharded with
+    ringwise.shard(x, 1, layout, group, ulysses_group=ulysses_group); an all-to-all over
+    ulysses_group trades sequence for heads before the ring over `group` and back after it.
     """
+    if ulysses_group is not None:  # every argument, whatever its name, goes on to the ring unchanged
+        forwarded = dict(locals())
+        from .ulysses import ulysses_attention
+
+        return ulysses_attention(**forwarded)
     ring = Ring(group)
     problem, docs, kernel = _prepare(q, k, v, ring, causal, softmax_scale, layout, backend, cu_seqlens,
                                      document_ids, window, sinks, softcap)

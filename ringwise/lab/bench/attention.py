@@ -201,6 +201,10 @@ QUICK = dict(seq=2048, repeats=1, gpu_seqs=[4096, 8192])
 def run(args) -> dict:
     if getattr(args, "device", "cpu") != "cpu":
         return run_device(args)
+    if getattr(args, "ulysses", False):  # --ulysses: ring, Ulysses and hybrid meshes (bench/ulysses.py)
+        from . import ulysses
+
+        return ulysses.run(args)
     args.world = list(dict.fromkeys(args.world))  # a repeated size would run its cases twice
     bad = [W for W in args.world if W < 1 or args.threads % W]
     if bad:  # refuse before any timing, not after minutes of it
