@@ -12,6 +12,7 @@ import torch.distributed as dist
 import ringwise
 from ringwise.attention.comm import HOP_COUNTS
 from ringwise.attention.layout import global_indices
+from ringwise.attention.tiles import needed_steps
 from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, _local_heads, kv_copies, mesh_groups
 from reference import max_err, reference_attention
 from test_ring import DTYPES, EPS, VARLEN, document_mask, make_inputs
@@ -137,9 +138,23 @@ def test_mesh_matches_reference(cluster, mesh):
     for i, case in enumerate(cases):
         results = [rank[i] for rank in per_rank]
         check_case(case, results)
-        for res in results:  # R-1 kv hops forward; R-1 kv and R dkv hops backward; 2 all-to-alls each way
-            assert res["fwd"] == (({"kv": R - 1} if R > 1 else {}), ({"qkv": 1, "out": 1} if U > 1 else {}))
-            assert res["bwd"] == (({"kv": R - 1, "dkv": R} if R > 1 else {}), ({"dout": 1, "dqkv": 1} if U > 1 else {}))
+        hops = expected_hops(case)
+        for res in results:  # the ring's hops (only needed steps) and 2 all-to-alls each way
+            assert res["fwd"] == (hops[0], ({"qkv": 1, "out": 1} if U > 1 else {}))
+            assert res["bwd"] == (hops[1], ({"dout": 1, "dqkv": 1} if U > 1 else {}))
+
+
+def expected_hops(case):
+    """(forward, backward) ring hops: R-1 kv forward, R-1 kv + R dkv backward, fewer where packed
+    documents leave ring steps unneeded (relayed for a prefix of steps, direct otherwise)."""
+    U, R = case["mesh"]
+    docs = tuple(case["cu_seqlens"]) if case.get("cu_seqlens") else None
+    steps = needed_steps(case["layout"], R, case["seq"] // R, case["causal"], docs)
+    if len(steps) == 1:
+        return {}, {}
+    relay = steps == tuple(range(len(steps)))
+    n = len(steps) - 1
+    return {"kv": n}, {"kv": n, "dkv": n + 1 if relay else n}
 
 
 def test_kv_copies_are_the_least_that_keep_whole_groups():
