@@ -41,6 +41,17 @@ def _fold_kv_grad(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return g if h == kv_heads else g.view(b, kv_heads, h // kv_heads, s, d).sum(2)
 
 
+def _weighted_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p @ v, except that keys of weight 0 (masked out) add nothing even if their value is
+    inf or NaN, so a row's output never depends on keys it cannot see (nor on the tiling)."""
+    bad = ~torch.isfinite(v).all(-1).flatten(0, -2).all(0) if v.numel() else None
+    if bad is None or not bad.any():
+        return torch.matmul(p, v)
+    good, bad = torch.nonzero(~bad).flatten(), torch.nonzero(bad).flatten()
+    pb, vb = p[..., bad, None], v[..., bad, :].unsqueeze(-3)  # (..., rows, nbad, 1), (..., 1, nbad, d)
+    return torch.matmul(p[..., good], v[..., good, :]) + (pb * vb).masked_fill(pb == 0, 0.0).sum(-2)
+
+
 class ReferenceKernel:
     """Plain PyTorch attention in row chunks: bounded memory, exact -inf and NaN handling.
 
@@ -89,7 +100,7 @@ class ReferenceKernel:
             m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(dt).min)
             p = torch.exp(s - m)
             denom = p.sum(-1, keepdim=True)
-            out[:, :, rows] = (torch.matmul(p, vf) / denom.clamp_min(torch.finfo(dt).tiny)).to(q.dtype)
+            out[:, :, rows] = (_weighted_values(p, vf) / denom.clamp_min(torch.finfo(dt).tiny)).to(q.dtype)
             lse[:, :, rows] = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
         return out, lse
 
@@ -118,7 +129,12 @@ class ReferenceKernel:
 
 
 class AtenCpuKernel:
-    """torch's fused CPU flash-attention kernel; handles GQA natively."""
+    """torch's fused CPU flash-attention kernel; handles GQA natively.
+
+    Finite inputs only: rows whose scores are all -inf get lse = 0 (not -inf), and NaN in q
+    or the scale can come back finite on tiles under 16 rows. The ring sends blocks with
+    non-finite inputs to the reference kernel instead (see ring.py).
+    """
 
     name = "aten_cpu"
 

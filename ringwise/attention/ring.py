@@ -16,9 +16,13 @@ partial goes straight back to its owner. dQ never moves.
 
 Sinks (one logit per head with a zero value, GPT-OSS) are one more lse merge after the
 ring; soft-capping and the window's band tiles run on the reference kernel, and so does
-any block with non-finite inputs (the fused CPU kernel gives lse = 0 for rows whose scores
-are all -inf and can lose NaN on small tiles): out and lse always follow the reference
-kernel's semantics (no finite score: lse = -inf, nothing added; NaN in: NaN out).
+any visiting block whose inputs are not all finite (checked once per call for q and the
+scale, once per visiting block for k/v), and any fused tile whose lse comes out non-finite
+(scores that overflowed): the fused CPU kernel returns lse = 0 for rows whose scores are all
+-inf (which the merge would take as real) and loses NaN on tiles under 16 rows. So out and
+lse always follow the reference kernel's semantics, whatever the kernel: a row with no finite
+score has lse = -inf and adds nothing; NaN inputs give NaN. On CUDA each check is one host
+sync per visiting block.
 """
 from __future__ import annotations
 
@@ -108,6 +112,8 @@ def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None, 
             rows, cols = _rows(t), _cols(t)
             kern, extra = _tile_kernel(kernel, t, finite, softcap)
             o_b, lse_b = kern.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale, **extra)
+            if kern is not _REFERENCE and not _finite(lse_b):  # scores overflowed: reference semantics
+                o_b, lse_b = _REFERENCE.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale)
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
         if hop is not None:
             hop.wait()
