@@ -77,8 +77,8 @@ def worker(args):
     rw.check_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start = 0
-    if args.resume and (path := checkpoint.choose(os.path.join(args.out, "checkpoints"))):
-        start = checkpoint.load(path, model, optimizer)["step"]
+    if args.resume and (meta := checkpoint.resume(os.path.join(args.out, "checkpoints"), model, optimizer)):
+        start = meta["step"]
     batches = packed_batches(args)
     for _ in range(start):  # the data stream is deterministic: skip what was trained on
         next(batches)

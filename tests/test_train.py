@@ -28,7 +28,7 @@ def full_params(cfg):
     from ringwise.train.loop import build
 
     run = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30))
-    checkpoint.load(checkpoint.choose(Path(cfg.out) / "checkpoints"), run.model, run.optimizer)
+    checkpoint.resume(Path(cfg.out) / "checkpoints", run.model, run.optimizer)
     return {k: v.full_tensor() for k, v in run.model.state_dict().items()}
 
 
@@ -73,7 +73,7 @@ def test_resume_is_bit_identical_and_reshards(cluster, tmp_path):
         assert (meta["step"], meta["world"], meta["mesh"]) == (6, w1, dict(dp=dp1, cp=w1 // dp1))
 
 
-def test_damaged_and_unfinished_checkpoints(cluster, tmp_path, capsys):
+def test_damaged_and_unfinished_checkpoints(cluster, tmp_path):
     """keep-last-N; an interrupted save's temp folder is removed; a truncated newest checkpoint
     is named and skipped for the newest intact one, and the resumed run is still exact."""
     out = tmp_path / "run"
@@ -90,11 +90,25 @@ def test_damaged_and_unfinished_checkpoints(cluster, tmp_path, capsys):
     assert "truncated or damaged" in checkpoint.problem(newest)
     assert checkpoint.newest_intact(folder)[0].name == "step-00000004"
 
-    capsys.readouterr()
     cluster(2).run(run_job, job_args(out, steps=6, ckpt_every=2, keep=2, resume=True))
     assert not unfinished.exists()
     assert losses(out) == first  # resumed from step 4, steps 4-5 replayed exactly, logged once
     assert checkpoint.problem(folder / "step-00000006") is None  # rewritten whole
+
+    # Damage the size check cannot see: the newest fails to load on every rank, is named, skipped.
+    meta = folder / "step-00000006" / ".metadata"
+    meta.write_bytes(b"\0" * meta.stat().st_size)
+    logs = cluster(2).run(resume_log, job_args(out, steps=6, ckpt_every=2, keep=2, resume=True))
+    for said, step in logs:
+        assert step == 4 and "step-00000006 failed to load" in said, said
+
+
+def resume_log(cfg):
+    from ringwise.train.loop import build
+
+    run, said = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30)), []
+    meta = checkpoint.resume(Path(cfg.out) / "checkpoints", run.model, run.optimizer, log=said.append)
+    return "\n".join(said), meta["step"]
 
 
 def test_export_writes_one_loadable_file(cluster, tmp_path, capsys):

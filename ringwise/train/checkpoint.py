@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 MARKER = "COMPLETE"
@@ -138,17 +139,37 @@ def load(path: Path, model, optimizer) -> dict:
     return read_meta(path)
 
 
-def choose(folder: Path, log=print) -> Path | None:
+def choose(folder: Path, log=print, skip: tuple[Path, ...] = ()) -> Path | None:
     """The checkpoint every rank resumes from: rank 0 picks the newest intact one (naming
     any it skips) and tells the others."""
     pick = [None]
     if dist.get_rank() == 0:
-        path, skipped = newest_intact(folder)
-        for why in skipped:
+        for path in reversed(checkpoints(folder)):
+            if path in skip:
+                continue
+            why = problem(path)
+            if why is None:
+                pick = [str(path)]
+                break
             log(f"skipping a damaged checkpoint: {why}")
-        pick = [str(path) if path else None]
     dist.broadcast_object_list(pick, src=0)
     return Path(pick[0]) if pick[0] else None
+
+
+def resume(folder: Path, model, optimizer, log=print) -> dict | None:
+    """Load the newest checkpoint that loads (a collective); its meta, or None if there is none.
+
+    A checkpoint that passes the size check but fails to load (DCP raises the same
+    CheckpointException on every rank) is named and the next older one is tried; each
+    attempt overwrites the whole model, optimizer and RNG state."""
+    failed: tuple[Path, ...] = ()
+    while (path := choose(folder, log, failed)) is not None:
+        try:
+            return dict(load(path, model, optimizer), path=str(path))
+        except CheckpointException as e:  # DCP gathers every rank's failure and raises it on all of them
+            log(f"skipping a damaged checkpoint: {path} failed to load ({type(e).__name__}: {str(e)[:300]})")
+            failed += (path,)
+    return None
 
 
 def run_settings(cfg) -> dict:

@@ -76,11 +76,12 @@ def setup(cfg: TrainConfig, mesh: Mesh) -> Run:
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
-        path = checkpoint.choose(out / "checkpoints", log=log if run.is_main else (lambda m: None))
-        if path is not None:
-            run.start = checkpoint.load(path, run.model, run.optimizer)["step"]
+        meta = checkpoint.resume(out / "checkpoints", run.model, run.optimizer,
+                                 log=log if run.is_main else (lambda m: None))
+        if meta is not None:
+            run.start = meta["step"]
             if run.is_main:
-                log(f"resumed from step {run.start} ({path})")
+                log(f"resumed from step {run.start} ({meta['path']})")
         elif run.is_main:
             log(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from scratch")
     if run.is_main:  # this rank holds the folder's lock
