@@ -137,6 +137,15 @@ def test_bf16_training_lowers_the_loss(cluster, tmp_path):
     assert {v.dtype for v in state["model"].values()} == {torch.float32}
 
 
+def test_dtype_defaults_to_bf16_on_cuda_and_fp32_on_cpu():
+    from ringwise.train import TrainConfig
+
+    assert TrainConfig().compute_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert TrainConfig().compute_dtype(torch.device("cpu")) == torch.float32
+    assert TrainConfig(dtype="fp32").compute_dtype(torch.device("cuda", 0)) == torch.float32
+    assert TrainConfig(dtype="bf16").compute_dtype(torch.device("cpu")) == torch.bfloat16
+
+
 def test_train_on_text_files(cluster, tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
