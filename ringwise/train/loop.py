@@ -154,9 +154,9 @@ def step(run: Run, step: int) -> dict:
 def gather_peaks(run: Run) -> list[float]:
     """Every rank's peak memory so far (MiB; GPU allocator on CUDA, resident set on CPU), gathered
     as a device tensor so the collective runs under NCCL as under gloo."""
-    mine = torch.tensor([peak_memory_mib(run.device)], dtype=torch.float64, device=run.device)
-    every = torch.empty(run.mesh.world, dtype=torch.float64, device=run.device)
-    dist.all_gather_into_tensor(every, mine)
+    every = torch.zeros(run.mesh.world, dtype=torch.float64, device=run.device)
+    every[run.mesh.rank] = peak_memory_mib(run.device)
+    dist.all_reduce(every)  # each rank fills its own slot
     return [round(x, 1) for x in every.tolist()]
 
 
