@@ -10,6 +10,7 @@ option on top.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -196,15 +197,24 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # scaled residual projections (GPT-2)
-            if name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if self.embed.weight.device.type != "meta":  # on meta, the owner fills each shard (ringwise.train)
+            self.reset_parameters(torch.initial_seed())
 
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
+    def initial_value(self, name: str, seed: int) -> torch.Tensor:
+        """Parameter `name`'s initial value, a pure function of (seed, name), so a model built
+        whole and one whose shards are filled one parameter at a time start identical.
+        Norm weights 1; weights N(0, 0.02), residual projections scaled by 1/sqrt(2 layers) (GPT-2)."""
+        shape = self.get_parameter(name).shape
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        return torch.randn(shape, generator=g) * std
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        for name, p in self.named_parameters():
+            p.copy_(self.initial_value(name, seed))
 
     def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True):
         """Final normalised hidden states of the local tokens: (batch, local_seq, dim)."""

@@ -32,6 +32,23 @@ def full_params(cfg):
     return {k: v.full_tensor() for k, v in run.model.state_dict().items()}
 
 
+def built_params(cfg):
+    """The model as training builds it (meta device, sharded, shards filled), gathered whole."""
+    from ringwise.train.loop import build
+
+    run = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30))
+    return {k: v.full_tensor() for k, v in run.model.state_dict().items()}
+
+
+def test_sharded_build_equals_the_whole_model(cluster):
+    """Training never builds the model whole: each rank fills its shards one parameter at a
+    time, and the result is exactly the model built whole in one process."""
+    torch.manual_seed(0)
+    whole = Transformer(model_config("tiny")).state_dict()
+    for params in cluster(3).run(built_params, job_args("unused", seed=0)):
+        assert whole.keys() == params.keys() and all(torch.equal(whole[k], params[k]) for k in whole)
+
+
 def losses(folder):
     return [json.loads(line)["loss"] for line in open(folder / "metrics.jsonl")]
 

@@ -23,7 +23,8 @@ from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, collate,
 from ..model import Transformer, model_config
 from . import checkpoint
 from .config import TrainConfig
-from .parallel import (Heartbeat, Mesh, init_distributed, make_mesh, name_silent_ranks, peak_memory_mib, shard_model)
+from .parallel import (Heartbeat, Mesh, fill_shards, init_distributed, make_mesh, name_silent_ranks, peak_memory_mib,
+                       shard_model)
 
 
 def log(msg: str) -> None:
@@ -58,13 +59,16 @@ def make_dataset(cfg: TrainConfig):
 
 
 def build(cfg: TrainConfig, mesh: Mesh) -> Run:
-    """Model (identical initial parameters on every rank, then sharded), optimizer, data."""
+    """Model (built on the meta device, sharded, then each rank fills its shards: never whole
+    in one process), optimizer, data."""
     dataset = make_dataset(cfg)
     overrides = {"vocab_size": dataset.tokenizer.vocab_size} if cfg.data == "text" else {}
     torch.manual_seed(cfg.seed)
-    model = Transformer(model_config(cfg.model, checkpoint_layers=cfg.checkpoint_layers, **overrides))
-    model.to(mesh.device)
+    with torch.device("meta"):
+        model = Transformer(model_config(cfg.model, checkpoint_layers=cfg.checkpoint_layers, **overrides))
     shard_model(model, mesh, cfg.compute_dtype(mesh.device))
+    model.to_empty(device=mesh.device)
+    fill_shards(model, cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     return Run(cfg, mesh, model, optimizer, dataset)
 

@@ -170,6 +170,19 @@ def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype |
             m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
 
+@torch.no_grad()
+def fill_shards(model: torch.nn.Module, seed: int) -> None:
+    """Initial values into a sharded model built on the meta device (after `to_empty`): each
+    parameter's whole value is made once, this rank keeps its shard, and the next parameter
+    follows, so no process ever holds the whole model. Same values as `Transformer(cfg)` made
+    whole with torch.manual_seed(seed) (see Transformer.initial_value)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, p in model.named_parameters():
+        whole = model.initial_value(name, seed).to(p.device, p.dtype)
+        p.copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None))
+
+
 class Heartbeat:
     """Each rank stamps the job's store every second from a thread; when a collective
     times out, `silent_ranks` names the ranks whose stamp went stale (a frozen process
