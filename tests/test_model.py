@@ -49,13 +49,13 @@ def train_args(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def gradients_and_step(cfg, dtype_name):
+def gradients_and_step(cfg, dtype_name, per_layer=None):
     """Loss, grads and post-step parameters of the global batch at step 0, on this mesh."""
     dtype = getattr(torch, dtype_name)
     mesh = make_mesh(cfg.dp, torch.device("cpu"), timeout=30)
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config(cfg.model, ffn_chunk=16, loss_chunk=16)).to(dtype)
-    shard_model(model, mesh)  # FSDP2 over the whole (dp, cp) mesh: the one gradient path
+    shard_model(model, mesh, per_layer=per_layer)  # FSDP2 over the whole (dp, cp) mesh: the one gradient path
     # SGD with momentum: the stepped parameters are linear in the gradients, so the float32
     # budget carries over. (AdamW's first step, g / (|g| + 1e-8), amplifies the round-off of
     # near-zero gradients without bound, making a max-error comparison a coin toss.)
@@ -84,16 +84,16 @@ def single_process(cluster):
     return {dt: cluster(1).run(gradients_and_step, args, dt)[0] for dt in ("float64", "float32")}
 
 
-@pytest.mark.parametrize("world,dp,layout", [
-    (2, 1, "zigzag"), (3, 1, "striped"), (4, 1, "contiguous"), (3, 1, "zigzag"), (4, 1, "striped"),
-    (4, 2, "zigzag"), (4, 2, "contiguous"), (2, 2, "striped"),
+@pytest.mark.parametrize("world,dp,layout,per_layer", [
+    (2, 1, "zigzag", None), (3, 1, "striped", None), (4, 1, "contiguous", None), (3, 1, "zigzag", True),
+    (4, 1, "striped", None), (4, 2, "zigzag", True), (4, 2, "contiguous", None), (2, 2, "striped", None),
 ])
-def test_training_step_is_exact_across_ranks(cluster, single_process, world, dp, layout):
+def test_training_step_is_exact_across_ranks(cluster, single_process, world, dp, layout, per_layer):
     """Same global batch and seed: loss, every gradient and the stepped parameters of a
     W-rank run equal the one-process run within float32 round-off (measured against float64)."""
     ref, f32 = single_process["float64"], single_process["float32"]
     args = train_args(layout=layout, dp=dp)
-    results = cluster(world).run(gradients_and_step, args, "float32")
+    results = cluster(world).run(gradients_and_step, args, "float32", per_layer)  # FSDP units: auto or per layer
     for r in results:  # every rank ends with the same full gradient
         assert r["tokens"] == ref["tokens"]
         for name, eps in (("grads", 1e-7), ("params", 1e-7)):

@@ -49,6 +49,23 @@ def test_sharded_build_equals_the_whole_model(cluster):
         assert whole.keys() == params.keys() and all(torch.equal(whole[k], params[k]) for k in whole)
 
 
+def fsdp_units(preset):
+    from torch.distributed.fsdp import FSDPModule
+
+    from ringwise.train import shard_model
+
+    with torch.device("meta"):
+        model = Transformer(model_config(preset))
+    shard_model(model, make_mesh(1, torch.device("cpu"), timeout=30), torch.bfloat16)
+    return sum(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def test_large_models_are_gathered_one_layer_at_a_time(cluster):
+    """FSDP units: one per layer (plus the root) for a 7B shape, one for the demo's 0.5M."""
+    assert cluster(1).run(fsdp_units, "llama-7b") == [33]
+    assert cluster(1).run(fsdp_units, "small") == [1]
+
+
 def losses(folder):
     return [json.loads(line)["loss"] for line in open(folder / "metrics.jsonl")]
 

@@ -146,12 +146,20 @@ def make_mesh(dp: int, device: torch.device, timeout: float) -> Mesh:
     return Mesh(dm, flat, device)
 
 
-def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype | None = None) -> None:
-    """FSDP2 over the whole mesh: each layer's parameters, gradients and optimizer state
-    live in 1/world shards and are gathered only while the layer runs. Parameters stay in
-    their own dtype (float32 master weights and optimizer state); a lower `compute_dtype`
-    (bf16) is what layers compute in, with gradients reduced in float32. Gradients are a
-    plain SUM (not averaged): each rank's loss is already divided by the global token count."""
+PER_LAYER_BYTES = 64 * 2**20
+
+
+def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype | None = None,
+                per_layer: bool | None = None) -> None:
+    """FSDP2 over the whole mesh: parameters, gradients and optimizer state live in 1/world
+    shards and are gathered only while they compute. Parameters stay in their own dtype
+    (float32 master weights and optimizer state); a lower `compute_dtype` (bf16) is what
+    layers compute in, with gradients reduced in float32. Gradients are a plain SUM (not
+    averaged): each rank's loss is already divided by the global token count.
+
+    per_layer: each layer its own unit (gathered one layer at a time: what large models
+    need) or one unit for the whole model (fewest collectives). Default: per layer once
+    the gathered parameters would exceed PER_LAYER_BYTES (64 MiB) in the compute dtype."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     param_dtype = next(model.parameters()).dtype
@@ -159,8 +167,12 @@ def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype |
         policy = MixedPrecisionPolicy()
     else:
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh.shard_mesh, mp_policy=policy)
+    if per_layer is None:
+        itemsize = (compute_dtype or param_dtype).itemsize
+        per_layer = sum(p.numel() for p in model.parameters()) * itemsize > PER_LAYER_BYTES
+    if per_layer:
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh.shard_mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh.shard_mesh, mp_policy=policy)
     if hasattr(model, "labelled_predictions"):  # evaluation's entry point gathers parameters too
         register_fsdp_forward_method(model, "labelled_predictions")
