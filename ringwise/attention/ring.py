@@ -263,6 +263,8 @@ def _check_tensors(q, k, v) -> str | None:
 
 
 def _check_options(q, causal, scale, window, sinks, softcap, backend) -> str | None:
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
+        scale = scale.item()
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         return f"softmax_scale must be a real number or None (1/sqrt(head_dim)), got {scale!r}"
     if window is not None:
