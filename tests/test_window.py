@@ -11,7 +11,7 @@ from ringwise.attention.kernels import ReferenceKernel
 from ringwise.attention.layout import global_indices
 from ringwise.attention.tiles import needed_steps, step_tiles
 from reference import max_err
-from test_ring import DTYPES, EPS, assemble, make_inputs, packed
+from test_ring import DTYPES, EPS, assemble, expected_hops, make_inputs, packed, schedule_from_mask
 
 
 def visible_mask(total, causal=True, window=None, cu_seqlens=None):
@@ -97,23 +97,6 @@ def check(case, results):
         assert torch.isfinite(ring[name]).all(), f"{name} has non-finite values"
         ring_e, kern_e = max_err(ring[name], ref), max_err(kern[name], ref)
         assert ring_e <= 2 * kern_e + EPS[case["dtype"]], f"{name}: ring error {ring_e:.3g} > 2 x kernel error {kern_e:.3g}"
-
-
-def schedule_from_mask(layout, W, total, vis):
-    """Ring steps some rank needs, read off the global mask (independent of the tiling)."""
-    return tuple(s for s in range(W) if any(
-        vis[global_indices(layout, r, W, total)][:, global_indices(layout, (r - s) % W, W, total)].any()
-        for r in range(W)))
-
-
-def expected_hops(steps, W):
-    """Forward: one kv hop per needed step after the first. Backward: the same kv hops, and dkv
-    hops: relayed (steps 0..m) m hops plus one home; direct, one per step after the first."""
-    m = len(steps) - 1
-    if m == 0:
-        return {}, {}
-    relay = steps == tuple(range(m + 1))
-    return {"kv": m}, {"kv": m, "dkv": m + 1 if relay else m}
 
 
 # ---------------------------------------------------------------- tiling, single process
