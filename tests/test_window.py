@@ -10,6 +10,8 @@ import ringwise
 from ringwise.attention.comm import HOP_COUNTS
 from ringwise.attention.kernels import ReferenceKernel
 from ringwise.attention.layout import global_indices
+from ringwise.attention import tiles
+from ringwise.attention.kernels import AtenCpuKernel, Flipped
 from ringwise.attention.tiles import needed_steps, step_tiles
 from reference import max_err
 from test_ring import DTYPES, EPS, assemble, expected_hops, make_inputs, packed, schedule_from_mask
@@ -102,8 +104,19 @@ def check(case, results):
 
 # ---------------------------------------------------------------- tiling, single process
 
+@pytest.fixture(params=["band tiles", "fused squares"])
+def min_fused_window(request, monkeypatch):
+    """Tile small windows both ways: as band tiles (the default under MIN_FUSED_WINDOW) and as
+    causal / anti-causal squares (what larger windows get)."""
+    if request.param == "fused squares":
+        monkeypatch.setattr(tiles, "MIN_FUSED_WINDOW", 1)
+    step_tiles.cache_clear(), needed_steps.cache_clear()
+    yield request.param
+    step_tiles.cache_clear(), needed_steps.cache_clear()
+
+
 @pytest.mark.parametrize("layout,W", list(itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5])))
-def test_window_tiles_cover_exactly_the_band(layout, W):
+def test_window_tiles_cover_exactly_the_band(layout, W, min_fused_window):
     """Every visible pair exactly once, for windows inside a chunk, across shards and past the
     end, with and without packed documents; the step schedule matches the mask."""
     L = 8
@@ -113,7 +126,10 @@ def test_window_tiles_cover_exactly_the_band(layout, W):
         for r, src in itertools.product(range(W), range(W)):
             qpos, kpos = global_indices(layout, r, W, S), global_indices(layout, src, W, S)
             for t in step_tiles(layout, r, src, W, L, True, docs, window):
-                assert t.band is None or not t.causal
+                assert sum((t.band is not None, t.causal, t.anti)) <= 1
+                assert not t.anti or t.q_len == t.k_len
+                if min_fused_window == "fused squares":
+                    assert t.band is None
                 for i, j in itertools.product(range(t.q_len), range(t.k_len)):
                     covered[qpos[t.q_start + i], kpos[t.k_start + j]] += t.visible(i, j)
         vis = visible_mask(S, True, window, docs)
@@ -131,6 +147,19 @@ def test_schedules_skip_unneeded_steps():
     for layout in ringwise.LAYOUTS:
         assert needed_steps(layout, 4, 16, True, None, 64) == needed_steps(layout, 4, 16, True) == (0, 1, 2, 3)
         assert step_tiles(layout, 1, 0, 4, 16, True, None, 64) == step_tiles(layout, 1, 0, 4, 16, True)
+
+
+def test_flipped_fused_kernel_is_the_anti_causal_square():
+    """aten_cpu on reversed rows and keys == the reference kernel with key j visible iff j >= i."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(2, 4, 37, 16, dtype=torch.float64), *torch.randn(2, 2, 2, 37, 16, dtype=torch.float64)
+    dout = torch.randn_like(q)
+    (o1, l1), (o2, l2) = Flipped(AtenCpuKernel()).forward(q, k, v, False, 0.3), \
+        ReferenceKernel(chunk=8).forward(q, k, v, False, 0.3, band=(-36, 0))
+    assert max_err(o1, o2) < 1e-12 and max_err(l1, l2) < 1e-12
+    g1 = Flipped(AtenCpuKernel()).backward(dout, q, k, v, o1, l1, False, 0.3)
+    g2 = ReferenceKernel(chunk=8).backward(dout, q, k, v, o1, l1, False, 0.3, band=(-36, 0))
+    assert all(max_err(a, b) < 1e-11 for a, b in zip(g1, g2))
 
 
 def test_reference_kernel_band_and_softcap_match_dense():
@@ -160,6 +189,11 @@ WINDOW_GRID += [  # packed documents, and bfloat16
     dict(world=W, layout=layout, causal=True, dtype="bfloat16", batch=2, heads=2, kv_heads=2, head_dim=32,
          seq=48, seed=900 + W, window=9)
     for W, layout in itertools.product([3, 4], ringwise.LAYOUTS)
+] + [  # windows >= MIN_FUSED_WINDOW: causal and anti-causal squares on the fused kernel
+    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
+         seq=240, seed=950 + i, window=w, **extra)
+    for i, (W, layout, w, extra) in enumerate(itertools.product(
+        [1, 2, 3, 4], ringwise.LAYOUTS, [64, 100, 170], [{}, dict(cu_seqlens=packed([90, 3, 147]))]))
 ]
 
 

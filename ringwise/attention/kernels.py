@@ -161,6 +161,27 @@ class AtenCpuKernel:
         )
 
 
+class Flipped:
+    """A fused kernel on reversed rows and keys: its causal square (key j visible iff j <= i)
+    becomes the anti-causal square j >= i, the far edge of a sliding window. The flips copy
+    O(n * head_dim) per tile, against the O(n^2 * head_dim) of the attention itself."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.name = f"flipped {kernel.name}"
+
+    def forward(self, q, k, v, causal, scale):
+        assert not causal, "Flipped computes anti-causal squares (call it with causal=False)"
+        out, lse = self.kernel.forward(q.flip(2), k.flip(2), v.flip(2), True, scale)
+        return out.flip(2), lse.flip(-1)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        assert not causal, "Flipped computes anti-causal squares (call it with causal=False)"
+        grads = self.kernel.backward(dout.flip(2), q.flip(2), k.flip(2), v.flip(2), out.flip(2),
+                                     lse.flip(-1).contiguous(), True, scale)
+        return tuple(g.flip(2) for g in grads)
+
+
 class CudaFlashKernel:
     """torch's CUDA flash-attention op (fp16/bf16). GQA is expanded per block."""
 
