@@ -225,7 +225,8 @@ def same_semantics(a, b, tol):
     """Same NaN / -inf / +inf pattern, and the finite entries within tol."""
     a, b = a.double(), b.double()
     for pred in (torch.isnan, torch.isneginf, torch.isposinf):
-        assert torch.equal(pred(a), pred(b)), f"{pred.__name__} differs at {torch.nonzero(pred(a) != pred(b))[:4].tolist()}"
+        where = torch.nonzero(pred(a) != pred(b))[:4].tolist()
+        assert torch.equal(pred(a), pred(b)), f"{pred.__name__} differs at {where}"
     fin = torch.isfinite(a)
     return (a[fin] - b[fin]).abs().max().item() if fin.any() else 0.0
 

@@ -270,7 +270,7 @@ def _check_options(q, causal, scale, window, sinks, softcap, backend) -> str | N
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         return f"softmax_scale must be a real number or None (1/sqrt(head_dim)), got {scale!r}"
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
             return (f"window must be an int >= 0 (keys at most `window` positions before the query, "
                     f"flash-attn's window_size=(window, 0)) or None, got {window!r}")
         if not causal:
@@ -376,5 +376,7 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     elif problem:
         raise ValueError(f"ring_attention: {problem}")
     scale = default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    window = None if window is None else int(window)
+    softcap = None if softcap is None else float(softcap)
     out, lse = _RingAttention.apply(q, k, v, sinks, bool(causal), scale, layout, ring, kernel, docs, window, softcap)
     return (out, lse) if return_lse else out
