@@ -11,8 +11,11 @@ Backends:
   cuda_flash      torch's CUDA flash-attention op (fp16/bf16)
   cuda_efficient  torch's CUDA memory-efficient op (fp32 too)
   reference       pure PyTorch, chunked over queries, any device and dtype; the test oracle
-                  for the fused kernels and the fallback for everything else
-Nothing here knows about processes or rings.
+                  for the fused kernels and the fallback for everything else; also the
+                  kernel for band tiles (narrow sliding windows), soft-capping and
+                  non-finite inputs
+Flipped(kernel) runs a fused kernel on reversed rows and keys: the anti-causal squares of a
+sliding window's far edge. Nothing here knows about processes or rings.
 """
 from __future__ import annotations
 
