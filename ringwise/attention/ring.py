@@ -32,7 +32,7 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from .comm import Ring
+from .comm import Ring, resolve_transport
 from .kernels import acc_dtype, default_scale, select_kernel, BACKENDS, Flipped, ReferenceKernel
 from .layout import check_layout, check_local_len
 from .tiles import needed_steps, step_tiles
@@ -337,14 +337,14 @@ def _validate(problem, sig, ring: Ring) -> None:
             diffs = [f"{n}: rank 0 {a} vs rank {r} {b}" for (n, a), (_, b) in zip(gathered[0][1], s) if a != b]
             raise ValueError(
                 "ring_attention: every rank must pass the same batch, local sequence length, heads, dtype, "
-                "causal, layout, documents, window, sinks and softcap (shard the global sequence with "
+                "causal, layout, documents, window, sinks, softcap and transport (shard the global sequence with "
                 "ringwise.shard); " + "; ".join(diffs)
             )
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
                    return_lse=False, backend="auto", validate=True, cu_seqlens=None, document_ids=None,
-                   window=None, sinks=None, softcap=None, ulysses_group=None):
+                   window=None, sinks=None, softcap=None, ulysses_group=None, transport=None):
     """Exact softmax attention over a sequence sharded across the ranks of `group`.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
@@ -366,20 +366,28 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     ulysses_group: Ulysses x ring (USP, see ulysses.py): inputs sharded with
     ringwise.shard(x, 1, layout, group, ulysses_group=ulysses_group); an all-to-all over
     ulysses_group trades sequence for heads before the ring over `group` and back after it.
+    transport: how hops travel, "direct", "host" (staged through pinned host memory over gloo,
+    for several ranks on one GPU) or "auto" (None: $RINGWISE_TRANSPORT, else auto); see comm.py.
     """
     if ulysses_group is not None:  # every argument, whatever its name, goes on to the ring unchanged
         forwarded = dict(locals())
         from .ulysses import ulysses_attention
 
         return ulysses_attention(**forwarded)
-    ring = Ring(group)
+    try:  # a bad transport name is one more problem for the collective check, not an early raise
+        transport_problem = None
+        resolve_transport(transport)
+    except ValueError as e:
+        transport_problem, transport = str(e), "direct"
+    ring = Ring(group, transport)
     problem, docs, kernel = _prepare(q, k, v, ring, causal, softmax_scale, layout, backend, cu_seqlens,
                                      document_ids, window, sinks, softcap)
+    problem = problem or transport_problem
     if validate:
         sig = None if problem else (
             ("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype)),
             ("causal", bool(causal)), ("layout", layout), ("cu_seqlens", docs), ("window", window),
-            ("sinks", sinks is not None), ("softcap", softcap))
+            ("sinks", sinks is not None), ("softcap", softcap), ("transport", ring.transport))
         _validate(problem, sig, ring)
     elif problem:
         raise ValueError(f"ring_attention: {problem}")
