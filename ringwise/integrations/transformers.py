@@ -39,7 +39,7 @@ _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_
 class _RingConfig:
     group: object = None
     layout: str = "zigzag"
-    check_due: bool = True  # run the collective check on the next attention call
+    first_layer: object = None  # the model's first attention module: its calls run the collective check
     pending: list = field(default_factory=list)  # masks built since the last collective check
 
 
@@ -123,21 +123,34 @@ def _collective_check(problem: str | None) -> None:
     Mask objections become verdicts (raised by the layers that use those masks); an
     objection to the call itself is raised here, the same message on every rank.
     """
-    pending, _CONFIG.pending, _CONFIG.check_due = _CONFIG.pending, [], False
+    pending, _CONFIG.pending = _CONFIG.pending, []
     mine = ([m.problem for m in pending], problem)
     gathered = [mine]
     if _world_size(_CONFIG.group) > 1:
         gathered = [None] * _world_size(_CONFIG.group)
         dist.all_gather_object(gathered, mine, group=_CONFIG.group)
+    for r, (_, p) in enumerate(gathered):
+        if p:
+            raise ValueError(f"ringwise attention (rank {r}): {p}")
     if len({len(masks) for masks, _ in gathered}) > 1:
         raise ValueError("ringwise attention: the ranks built different numbers of attention masks "
                          f"({[len(m) for m, _ in gathered]}); every rank must run the same model on the same shapes")
     for i, m in enumerate(pending):
         m.verdict = next((f"ringwise attention (rank {r}): {masks[i]}" for r, (masks, _) in enumerate(gathered)
                           if masks[i]), None)
-    for r, (_, p) in enumerate(gathered):
-        if p:
-            raise ValueError(f"ringwise attention (rank {r}): {p}")
+
+
+def _check_due(module) -> bool:
+    """Whether this call runs the collective check: every call of the model's first attention layer.
+
+    Decided from the sequence of layers called alone, which is the same on every rank
+    whatever masks the ranks built, so all ranks check at the same call (once per forward,
+    once more when gradient checkpointing recomputes that layer).
+    """
+    first = _CONFIG.first_layer
+    if first is None or getattr(module, "config", None) is not getattr(first, "config", None):
+        _CONFIG.first_layer = first = module  # a new model
+    return module is first
 
 
 def ringwise_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -150,7 +163,7 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
     window = kwargs.get("sliding_window")
     mask, problem = _layer_mask(attention_mask, window, kwargs)
     problem = problem or _dropout_problem(module, dropout)
-    if _CONFIG.check_due or _CONFIG.pending:
+    if _check_due(module):
         problem = problem or _position_problem(kwargs.get("position_ids"), query.shape[2])
         _collective_check(problem)
         validate = True
@@ -228,7 +241,7 @@ def use_ring(group=None, layout: str = "zigzag") -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    _CONFIG.group, _CONFIG.layout, _CONFIG.check_due, _CONFIG.pending = group, layout, True, []
+    _CONFIG.group, _CONFIG.layout, _CONFIG.first_layer, _CONFIG.pending = group, layout, None, []
     AttentionInterface.register(NAME, ringwise_attention_forward)
     AttentionMaskInterface.register(NAME, ringwise_mask)
 
