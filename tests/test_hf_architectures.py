@@ -2,7 +2,7 @@
 MoE and gradient checkpointing run sequence-parallel through the registry: logits and every parameter
 gradient equal the one-process model (float64 oracle; budget 2x the float32 model's own error).
 Refused architectures raise the same error on every rank, before any ring traffic."""
-import time
+import inspect
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
+from ringwise.attention.ring import ring_attention  # noqa: E402
 
 SEQ = 48  # splits evenly for every layout at W = 2 and 3
 DOCS = [0, 5, 6, 29, 48]
@@ -134,9 +135,16 @@ CASES = [  # (architecture, world, documents, layout, mode): each architecture a
 ]
 
 
+# windows, sinks and soft-capping need the ring's window=/sinks=/softcap= (core branch, merged into main)
+RING_EXTRAS = {"window", "sinks", "softcap"} <= set(inspect.signature(ring_attention).parameters)
+NEEDS_EXTRAS = {"mistral", "gemma2", "gemma3", "gpt_oss", "qwen2_moe_window"}
+
+
 @pytest.mark.parametrize("name,world,docs,layout,mode", CASES,
                          ids=[f"{n}-W{w}-{'packed' if d else 'one-doc'}-{lay}-{m}" for n, w, d, lay, m in CASES])
 def test_architecture_matches_single_process(cluster, name, world, docs, layout, mode):
+    if name in NEEDS_EXTRAS and not RING_EXTRAS:
+        pytest.skip("needs ring_attention(window=, sinks=, softcap=), not merged into this branch yet")
     results = cluster(world).run(ring_run, name, docs, layout, mode)
     ref, f32 = single_run(name, docs, torch.float64), single_run(name, docs, torch.float32)
     logits = torch.empty_like(f32["logits"])

@@ -2,20 +2,23 @@
 
     import ringwise.integrations.transformers as rw
     rw.use_ring(group=None, layout="zigzag")           # register "ringwise" once per process
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ringwise")
-    rw.check_model(model)                             # refuses a model that bypasses the registry
+    model = rw.from_config(cfg)                       # or rw.from_pretrained(path); both run check_model
     batch = rw.shard_batch(input_ids)                 # this rank's tokens, global positions, shifted labels
     labels = batch.pop("labels")
     loss = rw.causal_lm_loss(model(**batch).logits, labels)
     loss.backward()                                   # then sum parameter gradients over the ranks
 
 "ringwise" is registered in `AttentionInterface` (the attention op) and in
-`AttentionMaskInterface` (where it refuses any mask that is not plain causal attention,
-so a padding, sliding-window or chunked mask is never silently dropped). No private
-transformers or flash-attn function is patched. Packed documents: pass the global
-boundaries as `ringwise_cu_seqlens` to the model call (`shard_batch` does).
-Supported: transformers >= 4.53 (the first release with masking_utils.AttentionMaskInterface);
-tested on 4.53.0 (the lowest supported) and 5.24.0 (the newest).
+`AttentionMaskInterface` (the mask hook). The hook reads the mask function transformers
+built (causal, sliding window, hybrid local/global per layer, and the "packed" mask that
+transformers derives from the jumps in ringwise's own layout positions) and hands each
+layer a RingMask with the ring's arguments; anything else (padding, chunked, custom
+masks, a KV cache continuation) is refused, never dropped. Soft-capping (softcap) and
+attention sinks (s_aux) arrive as transformers passes them to flash attention. Every
+problem is raised on every rank alike by one small all-gather in the model's first
+attention layer, before any ring traffic. No private transformers function is patched.
+Packed documents: pass the global boundaries as `ringwise_cu_seqlens` (`shard_batch` does).
+Tested on transformers 5.24.0; check_model (hf_support) lists what is refused and why.
 """
 from __future__ import annotations
 
@@ -206,7 +209,8 @@ def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
         mask.problem = (
             _cache_problem(q_length, kv_length, q_offset, kv_offset)
             or _padding_problem(attention_mask)
-            or (_position_problem(spec.position_ids, q_length) if spec.position_ids is not None else None)
+            or (_position_problem(spec.position_ids, spec.position_ids.shape[-1])
+                if spec.position_ids is not None else None)
         )
         if spec.window is not None and spec.window < 1:
             mask.problem = mask.problem or f"a sliding window of {spec.window} tokens leaves no key visible"
