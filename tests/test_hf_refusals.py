@@ -33,6 +33,20 @@ def refused_config(name):
     if name == "bamba":  # Mamba2 layers
         return T.BambaConfig(**SMALL, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
                              attn_layer_indices=[1])
+    if name == "jamba":  # Mamba layers
+        return T.JambaConfig(**SMALL, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, num_experts=2,
+                             mamba_d_state=8, mamba_dt_rank=4)
+    if name == "falcon_h1":  # attention and Mamba2 in parallel in every layer
+        return T.FalconH1Config(**SMALL, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+                                mamba_n_groups=1)
+    if name == "mamba":
+        return T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
+    if name == "recurrent_gemma":  # RG-LRU recurrent blocks
+        return T.RecurrentGemmaConfig(**SMALL, head_dim=8, lru_width=32)
+    if name == "minimax":  # lightning (linear) attention layers
+        return T.MiniMaxConfig(**SMALL, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
+    if name == "llama4":  # chunked attention layers
+        return T.Llama4TextConfig(**SMALL, head_dim=8, num_local_experts=4, intermediate_size_mlp=64)
     if name == "llama_dynamic_rope":
         return T.LlamaConfig(**SMALL, rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))
     if name == "phi3_longrope":
@@ -50,6 +64,12 @@ REFUSED = {  # family -> what the error must say
     "lfm2": "['conv']",
     "qwen3_next": "['linear_attention']",
     "bamba": "['linear_attention']",
+    "jamba": "['linear_attention']",
+    "falcon_h1": "['hybrid']",
+    "mamba": "does not use transformers' attention registry",
+    "recurrent_gemma": "['linear_attention']",
+    "minimax": "['linear_attention']",
+    "llama4": "['chunked_attention']",
     "llama_dynamic_rope": "RoPE scaling ['dynamic']",
     "phi3_longrope": "RoPE scaling ['longrope']",
 }
@@ -65,8 +85,9 @@ def build_refused(name):
 
 
 def run_all(cluster, fn, *args):
+    ranks = cluster(2)  # started (or reused) outside the clock
     start = time.monotonic()
-    messages = cluster(2).run(fn, *args)
+    messages = ranks.run(fn, *args)
     assert time.monotonic() - start < FAST
     assert messages[0] is not None and all(m == messages[0] for m in messages), messages
     return messages[0]

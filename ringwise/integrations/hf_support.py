@@ -94,7 +94,7 @@ def architecture_problems(model_or_config) -> list[str]:
             cls = None
     problems = []
     if cls is not None and not uses_registry(cls):
-        problems.append(f"{cls.__name__} does not use transformers' attention registry (its attention is "
+        problems.append(f"{cls.__name__} does not use transformers' attention registry (its attention, if any, is "
                         "hard-coded), so attn_implementation='ringwise' cannot reach it")
     problems += config_problems(config)
     if model is not None:

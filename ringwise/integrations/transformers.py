@@ -188,10 +188,15 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
         extra["sinks"] = kwargs["s_aux"]
     if kwargs.get("softcap") is not None:
         extra["softcap"] = kwargs["softcap"]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:  # MLA (DeepSeek): value heads narrower or wider than query/key heads
+        d = max(dv, q.shape[-1])  # zero columns change neither the scores nor the real output columns
+        q, k, v = (F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
     out = ring_attention(q, k, v, causal=causal, softmax_scale=scaling, layout=_CONFIG.layout, group=_CONFIG.group,
                          cu_seqlens=kwargs.get("ringwise_cu_seqlens"), validate=validate, **extra)
-    return out, None
+    return out[..., :dv], None
 
 
 def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
