@@ -187,3 +187,12 @@ def test_kv_cache_continuation_is_refused_at_the_hook():
     rw.use_ring()
     mask = rw.ringwise_mask(1, q_length=1, kv_length=9, q_offset=8, kv_offset=0, mask_function=causal_mask_function)
     assert "KV cache" in mask.problem
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpt"])
+def test_model_built_past_check_model_fails_clearly(name):
+    """Built directly with attn_implementation='ringwise' (no check), ALiBi models still stop, with a clear error."""
+    rw.use_ring()
+    model = transformers.AutoModelForCausalLM.from_config(refused_config(name), attn_implementation="ringwise")
+    with pytest.raises(TypeError, match="operates on the attention mask itself"):
+        model(input_ids=torch.randint(3, 64, (1, 8)))

@@ -65,9 +65,18 @@ class RingMask:
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        raise TypeError(f"this model operates on the attention mask itself (.{name}), so it does not run its "
-                        "attention through transformers' registry alone; ringwise cannot make it exact "
-                        "(ringwise.integrations.transformers.check_model refuses it)")
+        _mask_used_directly(name)
+
+
+def _mask_used_directly(what, *_):
+    """A model that computes with the mask itself (Bloom, MPT add ALiBi to it) bypasses the ring's masking."""
+    raise TypeError(f"this model operates on the attention mask itself ({what}), so it does not run its "
+                    "attention through transformers' registry alone; ringwise cannot make it exact "
+                    "(ringwise.integrations.transformers.check_model refuses it)")
+
+
+for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "and", "rand", "or", "ror", "invert", "getitem", "neg"):
+    setattr(RingMask, f"__{_op}__", lambda self, *a, _op=_op: _mask_used_directly(f"__{_op}__"))
 
 
 def _world(group) -> tuple[int, int]:
