@@ -3,7 +3,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo attention-demo test bench clean
+# test-gpu: the GPU tests (pytest -m cuda). PYTHON=python3 make test-gpu uses that python as it
+# is (a GPU machine's own CUDA torch; no venv, no installs; pytest is the only other need).
+# A test module that cannot be imported there (a missing extra) is reported, and the cuda
+# tests still run.
+PYTHON ?= $(PY)
+
+.PHONY: setup demo attention-demo test test-gpu bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +31,9 @@ attention-demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-gpu: $(if $(filter $(PY),$(PYTHON)),setup)
+	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON) -m pytest -m cuda -q --continue-on-collection-errors
 
 bench: setup
 	$(VENV)/bin/ringwise bench all --out benchmarks/results

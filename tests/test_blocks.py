@@ -152,3 +152,45 @@ def test_document_tiles_cover_exactly_the_document_mask(layout, W, causal, lengt
     if causal:
         want = want.tril()
     assert torch.equal(covered, want)
+
+
+def test_merge_propagates_nan():
+    """A NaN block (or accumulator) stays NaN; a -inf block adds nothing even to a -inf row."""
+    out, lse = torch.zeros(1, 1, 2, 4), torch.tensor([[[0.5, float("-inf")]]])
+    merge_into(out, lse, torch.full((1, 1, 2, 4), float("nan")), torch.full((1, 1, 2), float("nan")))
+    assert torch.isnan(out).all() and torch.isnan(lse).all()
+
+
+@pytest.mark.parametrize("n", list(range(1, 17)) + [33])
+@pytest.mark.parametrize("poison", ["neg_inf_key", "nan_q", "nan_scale", "nan_v_masked"])
+def test_non_finite_inputs_at_every_tile_size(n, poison):
+    """One process, tiles of 1 to 16 rows (and 33): ring_attention with the default (fused)
+    kernel gives the reference kernel's out and lse: lse = -inf and out = 0 for a row whose
+    scores are all -inf, NaN for NaN inputs, and a NaN value hidden by the causal mask
+    changes nothing."""
+    torch.manual_seed(n)
+    q, k, v = torch.randn(1, n, 2, 8), torch.randn(1, n, 1, 8), torch.randn(1, n, 1, 8)
+    q[..., 0] = q[..., 0].abs() + 0.1
+    scale = 0.3
+    if poison == "neg_inf_key":
+        k[:, 0, :, 0] = float("-inf")  # query 0 sees only key 0: no finite score
+    elif poison == "nan_q":
+        q[:, n // 2, 1, 3] = float("nan")
+    elif poison == "nan_scale":
+        scale = float("nan")
+    else:
+        v[:, n - 1, :, 2] = float("nan")  # only the last query sees the last key
+    out, lse = ringwise.ring_attention(q, k, v, causal=True, softmax_scale=scale, return_lse=True)
+    ref_o, ref_lse = ReferenceKernel().forward(*(x.transpose(1, 2).double() for x in (q, k, v)), True, scale)
+    ref_o = ref_o.transpose(1, 2)
+    for a, b in ((out, ref_o), (lse, ref_lse)):
+        for pred in (torch.isnan, torch.isneginf, torch.isposinf):
+            assert torch.equal(pred(a), pred(b)), (pred.__name__, a, b)
+        fin = torch.isfinite(b)
+        assert not fin.any() or max_err(a[fin], b[fin]) < 1e-5
+    if poison == "neg_inf_key":
+        assert torch.isneginf(lse[:, :, 0]).all() and (out[:, 0] == 0).all()
+    elif poison == "nan_v_masked":
+        assert torch.isnan(out[:, -1, :, 2]).all() and torch.isfinite(out[:, :-1]).all()
+    else:
+        assert torch.isnan(out).any()

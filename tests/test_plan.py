@@ -197,3 +197,57 @@ def test_ringwise_counted_buffers():
     assert plan.ringwise_activation_bytes(m, 1024, 8)["total"] > paper["checkpoints"] + paper["layer peak"]
     with pytest.raises(ValueError):
         plan.ringwise_activation_bytes(m, 0, 2)
+
+
+def _cluster(dpn=8, nodes=4, nvlink=450e9, net=50e9):
+    return plan.Cluster(dpn, nodes, nvlink, net)
+
+
+def test_mesh_traffic_counts_what_the_op_sends():
+    """Per device per layer: 2 all-to-alls each way keep 1/U of the tokens; the ring sends
+    R-1 K/V hops forward, R-1 K/V and R float32 dK/dV hops backward, on heads/U."""
+    m = plan.get_model("7b")
+    S, U, R, h = 65536, 4, 2, m.hidden
+    t = plan.mesh_traffic(m, S, U, R)
+    tokens = S / (U * R)
+    assert t["all_to_all"] == pytest.approx(3 / 4 * tokens * 2 * (h + 2 * h + h + h + h + 2 * h))
+    block = S / R * h / U
+    assert t["ring_bytes"] == pytest.approx((R - 1) * 2 * block * 2 * 2 + R * 2 * block * 4)
+    assert plan.mesh_traffic(m, S, 1, 8)["all_to_all"] == 0 and plan.mesh_traffic(m, S, 8, 1)["ring_bytes"] == 0
+    with pytest.raises(ValueError, match="divide"):
+        plan.mesh_traffic(plan.get_model("13b"), S, 3, 1)  # 40 heads
+
+
+def test_kv_copies_match_the_op():
+    from ringwise.attention.ulysses import kv_copies
+
+    for heads, kv, U in [(32, 8, 8), (32, 8, 16), (8, 2, 4), (8, 1, 8), (12, 4, 3), (12, 6, 4)]:
+        m = plan.ModelShape("m", 2, heads * 64, heads, kv, 128)
+        assert plan.mesh_traffic(m, 1024, U, 1)["kv_copies"] == kv_copies(heads, kv, U)
+
+
+def test_recommends_ulysses_in_node_and_ring_across_nodes():
+    """4 nodes x 8 H100, 7B: Ulysses 8 inside each node, a ring of 4 across them, at short and long
+    context; one node alone needs no network, and pure ring loses wherever its hops are exposed."""
+    for seq in (32 * 1024, 128 * 1024, 1024 * 1024):
+        best, rows = plan.recommend_split("7b", "h100", _cluster(), seq)
+        assert (best["ulysses"], best["ring"]) == (8, 4), seq
+        assert [r["ulysses"] for r in rows] == [1, 2, 4, 8, 16, 32]
+        assert not any(r["a2a_in_node"] for r in rows if r["ulysses"] > 8)
+    rows = {r["ulysses"]: r for r in plan.mesh_splits("7b", "h100", _cluster(), 128 * 1024)}
+    assert rows[1]["all_to_all_s"] == 0 and rows[1]["ring_exposed_s"] > rows[8]["ring_exposed_s"] > 0
+    best, _ = plan.recommend_split("7b", "h100", _cluster(nodes=1), 32 * 1024)
+    assert best["ulysses"] * best["ring"] == 8 and best["ring_exposed_s"] == 0
+    text = plan.format_mesh_plan("7b", "h100", _cluster(), 128 * 1024)
+    assert "recommended: Ulysses 8 x ring 4" in text and "a2a GB" in text and "ring GB" in text
+    assert "not considered: 16 x 2, 32 x 1" in text
+
+
+def test_cli_plans_the_split(capsys):
+    assert plan.run_plan(_args("--device", "h100", "--devices", "32", "--devices-per-node", "8",
+                               "--seq", "131072")) == 0
+    assert "recommended: Ulysses 8 x ring 4" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="multiple of --devices-per-node"):
+        plan.run_plan(_args("--devices", "12", "--devices-per-node", "8"))
+    with pytest.raises(ValueError, match="internode"):
+        plan.run_plan(_args("--devices", "16", "--devices-per-node", "8", "--internode-gbps", "0"))

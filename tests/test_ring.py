@@ -167,3 +167,83 @@ VARLEN_GRID = [
                          ids=lambda c: case_id(c) + "-docs" + "_".join(map(str, c["cu_seqlens"][1:4])))
 def test_packed_documents_match_per_document_reference(cluster, case):
     check_against_reference(case, cluster(case["world"]).run(ring_case, case))
+
+
+# ------------------------------------------------ empty rows and NaN: the reference kernel's semantics
+
+def poisoned_inputs(case):
+    """float64 q, k, v with one kind of non-finite value planted (q's first feature kept
+    positive so that a -inf key feature gives a -inf score)."""
+    q, k, v, _ = make_inputs(case)
+    q[..., 0] = q[..., 0].abs() + 0.1
+    S = q.shape[1]
+    kind = case["poison"]
+    if kind == "neg_inf_keys":  # rows whose visible keys all score -inf: the first block, every 5th
+        k[:, : S // case["world"], :, 0] = float("-inf")
+        k[:, ::5, :, 0] = float("-inf")
+    elif kind == "pos_inf_key":
+        k[:, S // 2, :, 0] = float("inf")
+    elif kind in ("nan_q", "nan_k", "nan_v"):
+        {"nan_q": q, "nan_k": k, "nan_v": v}[kind][:, S // 3, 0, 1] = float("nan")
+    return q, k, v
+
+
+def poisoned_run(case):
+    q, k, v = poisoned_inputs(case)
+    layout = case["layout"]
+    ql, kl, vl = (ringwise.shard(x.float(), 1, layout) for x in (q, k, v))
+    out, lse = ringwise.ring_attention(ql, kl, vl, causal=True, layout=layout, return_lse=True,
+                                       softmax_scale=case.get("scale"), window=case.get("window"))
+    return dict(out=out, lse=lse)
+
+
+def same_semantics(a, b, tol):
+    """Same NaN / -inf / +inf pattern, and the finite entries within tol."""
+    a, b = a.double(), b.double()
+    for pred in (torch.isnan, torch.isneginf, torch.isposinf):
+        assert torch.equal(pred(a), pred(b)), f"{pred.__name__} differs at {torch.nonzero(pred(a) != pred(b))[:4].tolist()}"
+    fin = torch.isfinite(a)
+    return (a[fin] - b[fin]).abs().max().item() if fin.any() else 0.0
+
+
+POISON_GRID = [
+    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
+         seq=S, seed=40 + i, poison=poison, **extra)
+    for i, (W, layout, S, poison, extra) in enumerate(itertools.product(
+        [1, 2, 3], ringwise.LAYOUTS, [6, 24, 96], ["neg_inf_keys", "pos_inf_key", "nan_q", "nan_k", "nan_v"],
+        [{}, dict(window=2)]))
+] + [
+    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
+         seq=24, seed=90, poison=None, scale=float("nan"))
+    for W, layout in itertools.product([1, 2, 3], ringwise.LAYOUTS)
+]
+
+
+@pytest.mark.parametrize("case", POISON_GRID, ids=lambda c: f"W{c['world']}-{c['layout']}-S{c['seq']}-"
+                         f"{c['poison'] or 'nan_scale'}-w{c.get('window')}")
+def test_non_finite_inputs_follow_reference_semantics(cluster, case):
+    """Rows that see only -inf scores: lse = -inf and out = 0 (not lse = 0 merged as real);
+    NaN anywhere (q, k, v or the scale) comes back NaN, at every tile size (6 to 96 tokens
+    over 1 to 3 ranks gives tiles of 1 to 48 rows), every layout, with and without a window.
+    Oracle: the reference kernel in float64 on the whole sequence; NaN pattern also vs SDPA."""
+    if case["layout"] == "zigzag" and case["seq"] % (2 * case["world"]):
+        pytest.skip("zigzag needs 2W | seq")
+    results = cluster(case["world"]).run(poisoned_run, case)
+    out = assemble([r["out"] for r in results], case["layout"], 1)
+    lse = assemble([r["lse"] for r in results], case["layout"], 2)
+    q, k, v = poisoned_inputs(case)
+    S, scale = q.shape[1], case.get("scale", q.shape[-1] ** -0.5)
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    vis = (j <= i) & (i - j <= case.get("window", S))
+    from ringwise.attention.kernels import ReferenceKernel
+    heads_first = lambda x: x.transpose(1, 2)  # noqa: E731
+    ref_o, ref_lse = ReferenceKernel().forward(*(heads_first(x) for x in (q, k, v)), False, scale, mask=vis)
+    err = same_semantics(out, heads_first(ref_o), 1e-5)
+    assert err < 1e-5 and same_semantics(lse, ref_lse, 1e-5) < 1e-5
+    assert torch.isnan(out).any() == (case["poison"] != "neg_inf_keys")  # the poison did something
+    if case["poison"] == "neg_inf_keys":
+        assert torch.isneginf(lse).any() and (out[torch.isneginf(lse).transpose(1, 2)] == 0).all()
+    if case["poison"] in ("nan_q", None):  # SDPA's math path lets masked-out inf/NaN keys poison every row
+        sdpa = torch.nn.functional.scaled_dot_product_attention(*(heads_first(x) for x in (q, k, v)),
+                                                                attn_mask=vis, scale=scale)
+        assert torch.equal(torch.isnan(heads_first(out)), torch.isnan(sdpa))

@@ -1,27 +1,93 @@
 """The ring: every rank sends to rank+1 and receives from rank-1 of its group.
 
-A hop is posted as one batched isend/irecv *before* the compute it should hide behind
-and waited *after* it. Every rank issues the same operations in the same order, so the
-ring works on gloo and NCCL alike, inside any sub-group, with no barriers.
+A hop may also skip ahead (offset s: send to rank+s, receive from rank-s), for schedules
+that need only some ring steps (sliding windows): a block then goes straight to the rank
+that needs it instead of being relayed through ranks that would skip it. A hop is posted
+as one batched isend/irecv *before* the compute it should hide behind and waited *after*
+it. Every rank issues the same operations in the same order, so the ring works on gloo and NCCL alike, inside any sub-group, with no barriers.
+
+Every hop goes through the ring's transport: "direct" hands the tensors themselves to the
+process group; "host" stages them through (pinned) host buffers and sends those over gloo,
+so that several ranks can share one GPU (NCCL refuses two ranks on one device). Both make
+the same hops in the same order.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import torch
 import torch.distributed as dist
 
 # Hops posted per stream ("kv", "dkv") since the last reset: the tests assert that a
-# W-rank forward makes W-1 kv hops and a backward W-1 kv hops plus W dkv hops.
+# W-rank forward makes W-1 kv hops and a backward W-1 kv hops plus W dkv hops (and
+# fewer where a window or packed documents leave ring steps unneeded).
 HOP_COUNTS: Counter = Counter()
 _STREAM_TAGS: dict[str, int] = {}
+# Bytes the host transport copied device -> host ("to_host") and host -> device ("to_device").
+STAGED_BYTES: Counter = Counter()
+
+TRANSPORT_ENV = "RINGWISE_TRANSPORT"
+TRANSPORTS = ("auto", "direct", "host")
+
+
+def _cuda_on_gloo(group) -> bool:
+    """True if this group would carry CUDA tensors over gloo (which has no CUDA P2P)."""
+    backend = str(dist.get_backend(group)).lower()
+    if ":" not in backend:  # one backend for every device
+        return backend == "gloo"
+    per_device = dict(part.split(":", 1) for part in backend.split(","))
+    return per_device.get("cuda", "gloo") == "gloo"
+
+
+def resolve_transport(transport: str | None) -> str:
+    """The transport argument, else $RINGWISE_TRANSPORT, else "auto"; checked."""
+    name = transport if transport is not None else os.environ.get(TRANSPORT_ENV, "auto")
+    if name not in TRANSPORTS:
+        where = "transport" if transport is not None else f"${TRANSPORT_ENV}"
+        raise ValueError(f"{where}={name!r} is unknown; use one of {', '.join(TRANSPORTS)} "
+                         "(host: stage through host memory over gloo, for several ranks on one GPU)")
+    return name
+
+
+def post_direct(ops: list[tuple], group, tag: int) -> "Hop":
+    """ops: (dist.isend or dist.irecv, tensor, global peer rank); all posted as one batch."""
+    return Hop(dist.batch_isend_irecv([dist.P2POp(op, t, peer, group, tag) for op, t, peer in ops]))
+
+
+def _host_buffer(t: torch.Tensor) -> torch.Tensor:
+    # A new pinned buffer per hop: torch's caching host allocator recycles them, and no
+    # buffer is shared between hops in flight.
+    return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+
+
+def post_host_staged(ops: list[tuple], group, tag: int) -> "Hop":
+    """Like post_direct, through host buffers: sends are copied to host before posting (a
+    blocking copy, so the device data is there when gloo reads it); receives land in host
+    buffers and are copied into their tensors by Hop.wait(). Runs with CPU tensors too."""
+    staged_ops, unstage = [], []
+    for op, t, peer in ops:
+        buf = _host_buffer(t)
+        if op is dist.isend:
+            buf.copy_(t)
+            STAGED_BYTES["to_host"] += t.numel() * t.element_size()
+        else:
+            unstage.append((t, buf))
+        staged_ops.append((op, buf, peer))
+    hop = post_direct(staged_ops, group, tag)
+    hop.unstage = unstage
+    return hop
 
 
 class Ring:
     """Point-to-point neighbours of this rank within `group` (None: the default group)."""
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, transport: str | None = None):
+        """transport: "direct", "host" or "auto" (None: $RINGWISE_TRANSPORT, default "auto");
+        auto stages CUDA tensors through host memory exactly when the group carries them
+        over gloo, and sends everything else directly."""
         self.group = group
+        self.transport = resolve_transport(transport)
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             if self.rank < 0:
@@ -34,29 +100,45 @@ class Ring:
             self.rank, self.world_size = 0, 1
         if self.world_size > 1:
             # P2P ops name peers by global rank, whatever the group.
-            to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
-            self.next_peer = to_global((self.rank + 1) % self.world_size)
-            self.prev_peer = to_global((self.rank - 1) % self.world_size)
+            self._to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+            self.next_peer = self.peer(1)
+            self.prev_peer = self.peer(-1)
+            self._cuda_staged = self.transport == "auto" and _cuda_on_gloo(group)
 
-    def exchange(self, stream: str, send: list[torch.Tensor], recv: list[torch.Tensor]) -> "Hop":
-        """Post send[i] -> next and recv[i] <- prev, all as one batch (one hop); returns a handle.
+    def post(self, ops: list[tuple], tag: int) -> "Hop":
+        """Post (dist.isend/dist.irecv, tensor, global peer) ops as one hop over the transport."""
+        host = self.transport == "host" or (self._cuda_staged and any(t.is_cuda for _, t, _ in ops))
+        return (post_host_staged if host else post_direct)(ops, self.group, tag)
 
-        Each stream has its own tag, so a kv and a dkv hop in flight together never match
-        each other's messages.
+    def peer(self, offset: int) -> int:
+        """Global rank of the group member `offset` places after this one (mod world size)."""
+        return self._to_global((self.rank + offset) % self.world_size)
+
+    def exchange(self, stream: str, send: list[torch.Tensor], recv: list[torch.Tensor], offset: int = 1) -> "Hop":
+        """Post send[i] -> rank+offset and recv[i] <- rank-offset, all as one batch (one hop).
+
+        Returns a handle. Each stream has its own tag, so a kv and a dkv hop in flight
+        together never match each other's messages.
         """
         tag = _STREAM_TAGS.setdefault(stream, len(_STREAM_TAGS))
+        to, frm = (self.next_peer, self.prev_peer) if offset == 1 else (self.peer(offset), self.peer(-offset))
         ops = []
         for s, r in zip(send, recv, strict=True):
-            ops.append(dist.P2POp(dist.isend, s, self.next_peer, self.group, tag))
-            ops.append(dist.P2POp(dist.irecv, r, self.prev_peer, self.group, tag))
+            ops.append((dist.isend, s, to))
+            ops.append((dist.irecv, r, frm))
         HOP_COUNTS[stream] += 1
-        return Hop(dist.batch_isend_irecv(ops))
+        return self.post(ops, tag)
 
 
 class Hop:
-    def __init__(self, works):
+    def __init__(self, works, unstage=()):
         self.works = works
+        self.unstage = unstage  # (tensor, host buffer) pairs to copy back after the receives
 
     def wait(self) -> None:
         for w in self.works:
             w.wait()
+        for t, buf in self.unstage:
+            t.copy_(buf)
+            STAGED_BYTES["to_device"] += t.numel() * t.element_size()
+        self.unstage = ()

@@ -1,23 +1,44 @@
 """Ring attention: the autograd Function and the public op.
 
-Forward: each rank keeps its query shard; the key/value shards travel W-1 hops around
-the ring. At every step the next hop is posted before the visiting block's tiles are
-computed and waited after them, and each tile's (out, lse) is merged exactly in float32.
+Forward: each rank keeps its query shard; the key/value shards travel around the ring.
+At every step the next hop is posted before the visiting block's tiles are computed and
+waited after them, and each tile's (out, lse) is merged exactly in float32.
+
+Only the ring steps some rank needs are made (`needed_steps`: a sliding window or short
+packed documents leave late steps, or middle ones, with nothing to compute). When they are
+a prefix 0..m the blocks are relayed m hops; otherwise each needed block goes straight from
+its owner (step s: send to rank+s, receive from rank-s), one hop per needed step.
 
 Backward: a second ring carries (K, V) and their float32 gradient accumulators (dK, dV).
-Each rank adds the visiting block's share, using the final out and lse, and passes the
-accumulator on; after W dkv hops every accumulator is home. dQ never moves.
+Each rank adds the visiting block's share, using the final out and lse. Relayed, the
+accumulator rides the ring with its block and takes one last hop home; direct, each
+partial goes straight back to its owner. dQ never moves.
+
+Sinks (one logit per head with a zero value, GPT-OSS) are one more lse merge after the
+ring; soft-capping and the window's band tiles run on the reference kernel, and so does
+any visiting block whose inputs are not all finite (checked once per call for q and the
+scale, once per visiting block for k/v), and any fused tile whose lse comes out non-finite
+(scores that overflowed): the fused CPU kernel returns lse = 0 for rows whose scores are all
+-inf (which the merge would take as real) and loses NaN on tiles under 16 rows. So out and
+lse always follow the reference kernel's semantics, whatever the kernel: a row with no finite
+score has lse = -inf and adds nothing; NaN inputs give NaN. On CUDA each check is one host
+sync per visiting block.
 """
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 import torch.distributed as dist
 
 from .comm import Ring
-from .kernels import acc_dtype, default_scale, select_kernel, BACKENDS
+from .kernels import acc_dtype, default_scale, select_kernel, BACKENDS, ReferenceKernel
 from .layout import check_layout, check_local_len
-from .tiles import step_tiles
+from .tiles import needed_steps, step_tiles
 from .merge import merge_into
+
+_REFERENCE = ReferenceKernel()
 
 
 def _rows(t):
@@ -33,91 +54,157 @@ def _heads_first(x):
     return x.transpose(1, 2)
 
 
-def _receive_buffers(kv, W):
+def _receive_buffers(kv, steps):
     """Double buffers for visiting K/V blocks; the caller's own k, v are never written."""
-    return [tuple(torch.empty_like(x) for x in kv) for _ in range(min(2, W - 1))]
+    return [tuple(torch.empty_like(x) for x in kv) for _ in range(min(2, steps - 1))]
 
 
-def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None):
+def _finite(*xs) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in xs)
+
+
+def _tile_kernel(kernel, t, finite: bool, softcap):
+    """The kernel and extra arguments for tile t: the fused `kernel` where it is exact."""
+    if t.band is None and softcap is None and finite:
+        return kernel, {}
+    return _REFERENCE, dict(band=t.band, softcap=softcap)
+
+
+def _schedule(layout, W, L, causal, docs, window):
+    """(needed steps, relay?): relay when the steps are a prefix 0..m of the ring."""
+    steps = needed_steps(layout, W, L, causal, docs, window)
+    return steps, steps == tuple(range(len(steps)))
+
+
+def _post_kv(ring, steps, n, relay, held, own, inbox):
+    """Post the hop that brings the block of step steps[n+1] (None after the last step)."""
+    if n + 1 >= len(steps):
+        return None
+    if relay:
+        return ring.exchange("kv", held, inbox[n % 2])
+    return ring.exchange("kv", own, inbox[n % 2], offset=steps[n + 1])
+
+
+def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None, window=None, sinks=None,
+                 softcap=None):
     """q, k, v: (batch, seq, heads, dim). Returns out (input dtype, same layout) and lse (batch, heads, seq).
 
     Buffers are the paper's: the query block, the visiting K/V block and its receive
     buffers, and the float32 output accumulator. Kernels read strided views, no copies.
+    sinks: (heads,) logits merged in last; the returned lse includes them.
     """
     W, rank, L = ring.world_size, ring.rank, q.shape[1]
     dt = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=dt, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], L), float("-inf"), dtype=dt, device=q.device)
     qh, out_h = _heads_first(q), _heads_first(out)
-    kv = (k.contiguous(), v.contiguous())  # the first visitor is our own block: no copy
-    inbox = _receive_buffers(kv, W)
-    for step in range(W):
-        hop = ring.exchange("kv", kv, inbox[step % 2]) if step < W - 1 else None
+    own = (k.contiguous(), v.contiguous())  # the first visitor is our own block: no copy
+    kv = own
+    steps, relay = _schedule(layout, W, L, causal, docs, window)
+    inbox = _receive_buffers(own, len(steps))
+    q_finite = math.isfinite(scale) and _finite(q)
+    for n, s in enumerate(steps):
+        hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
+        tiles = step_tiles(layout, rank, (rank - s) % W, W, L, causal, docs, window)
+        finite = q_finite and bool(tiles) and _finite(*kv)
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
-        for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal, docs):
+        for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            o_b, lse_b = kernel.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale)
+            kern, extra = _tile_kernel(kernel, t, finite, softcap)
+            o_b, lse_b = kern.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale, **extra)
+            if kern is not _REFERENCE and not _finite(lse_b):  # scores overflowed: reference semantics
+                o_b, lse_b = _REFERENCE.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale)
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
         if hop is not None:
             hop.wait()
-            kv = inbox[step % 2]
+            kv = inbox[n % 2]
+    if sinks is not None:  # one more key per row, value 0: the same exact merge
+        merge_into(out_h, lse, out_h.new_zeros(()), sinks.detach().to(dt)[None, :, None].expand(lse.shape))
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, kernel, docs=None):
+def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, kernel, docs=None, window=None,
+                  softcap=None):
     """Gradients of q, k, v (input dtype, (batch, seq, heads, dim)) from the final out and lse."""
     W, rank, L = ring.world_size, ring.rank, q.shape[1]
     dt = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     qh, dq_h, out_h, dout_h = _heads_first(q), _heads_first(dq), _heads_first(out), _heads_first(dout)
-    kv = (k.contiguous(), v.contiguous())
-    inbox = _receive_buffers(kv, W)
+    own = (k.contiguous(), v.contiguous())
+    kv = own
+    steps, relay = _schedule(layout, W, L, causal, docs, window)
+    inbox = _receive_buffers(own, len(steps))
+    q_finite = math.isfinite(scale) and _finite(q, dout, out)
     dkv_shape = (2,) + tuple(k.shape)
-    dkv_in = None
-    dkv_hop = None
-    for step in range(W):
-        kv_hop = ring.exchange("kv", kv, inbox[step % 2]) if step < W - 1 else None
+    home = None  # our own block's gradient, once known (direct: summed as partials arrive)
+    dkv_in = dkv_hop = None
+    for n, s in enumerate(steps):
+        kv_hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
+        tiles = step_tiles(layout, rank, (rank - s) % W, W, L, causal, docs, window)
+        finite = q_finite and bool(tiles) and _finite(*kv)
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         dkv = torch.zeros(dkv_shape, dtype=dt, device=q.device)
         dk_h, dv_h = _heads_first(dkv[0]), _heads_first(dkv[1])
-        for t in step_tiles(layout, rank, (rank - step) % W, W, L, causal, docs):
+        for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            dq_t, dk_t, dv_t = kernel.backward(
+            kern, extra = _tile_kernel(kernel, t, finite, softcap)
+            dq_t, dk_t, dv_t = kern.backward(
                 dout_h[:, :, rows], qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
-                out_h[:, :, rows], lse[:, :, rows].contiguous(), t.causal, scale,
+                out_h[:, :, rows], lse[:, :, rows].contiguous(), t.causal, scale, **extra,
             )
             dq_h[:, :, rows] += dq_t
             dk_h[:, :, cols] += dk_t
             dv_h[:, :, cols] += dv_t
-        if W > 1:
-            if dkv_hop is not None:  # the accumulator of the block we just visited
-                dkv_hop.wait()
+        if dkv_hop is not None:
+            dkv_hop.wait()
+            if relay:  # the accumulator of the block we just visited
                 dkv += dkv_in
+            else:  # a partial of our own block, back from the rank that visited it
+                home += dkv_in
+        if n == 0 and (not relay or len(steps) == 1):
+            home = dkv
+        elif relay:  # pass the accumulator on, or after the last step send it to its owner
             dkv_in = torch.empty_like(dkv)
-            dkv_hop = ring.exchange("dkv", [dkv], [dkv_in])
+            dkv_hop = ring.exchange("dkv", [dkv], [dkv_in], offset=1 if n + 1 < len(steps) else -s)
+        else:
+            dkv_in = torch.empty_like(dkv)
+            dkv_hop = ring.exchange("dkv", [dkv], [dkv_in], offset=-s)
         if kv_hop is not None:
             kv_hop.wait()
-            kv = inbox[step % 2]
+            kv = inbox[n % 2]
     if dkv_hop is not None:
         dkv_hop.wait()
-        dkv = dkv_in  # our own block's gradient, back from its last visit
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+        if relay:
+            home = dkv_in
+        else:
+            home += dkv_in
+    return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype)
+
+
+def _sink_grad(dout, out, lse, sinks):
+    """d sinks = -sum over batch and rows of exp(sink - lse_final) * rowsum(dO * O_final)."""
+    dt = lse.dtype
+    delta = (dout.to(dt) * out.to(dt)).sum(-1).transpose(1, 2)  # (batch, heads, seq)
+    p_sink = torch.exp(sinks.detach().to(dt)[None, :, None] - lse)
+    return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, ring, kernel, docs):
-        out, lse = ring_forward(q, k, v, causal, scale, layout, ring, kernel, docs)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, layout, ring, kernel, docs)
+    def forward(ctx, q, k, v, sinks, causal, scale, layout, ring, kernel, docs, window, softcap):
+        out, lse = ring_forward(q, k, v, causal, scale, layout, ring, kernel, docs, window, sinks, softcap)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.args = (causal, scale, layout, ring, kernel, docs, window, softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        # the sink's zero value adds nothing to out, so q/k/v use the final (sunk) lse as is
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        dsinks = _sink_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None
 
 
 def _document_bounds(cu_seqlens, total: int) -> tuple[int, ...]:
@@ -147,8 +234,7 @@ def _bounds_from_document_ids(document_ids) -> list[int]:
     return [0] + starts + [len(ids)]
 
 
-def _local_problems(q, k, v, layout, backend, ring) -> str | None:
-    """Everything wrong with this rank's arguments that needs no communication."""
+def _check_tensors(q, k, v) -> str | None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             return f"{name} must be a 4-D tensor (batch, seq, heads, head_dim), got {getattr(x, 'shape', type(x))}"
@@ -165,50 +251,96 @@ def _local_problems(q, k, v, layout, backend, ring) -> str | None:
                         f"(q {tuple(q.shape)}, {name} {tuple(x.shape)}); shapes are (batch, seq, heads, head_dim)")
     if k.shape[2] != v.shape[2]:
         return f"k has {k.shape[2]} heads but v has {v.shape[2]}; they must match"
+    for name, n in (("q heads", q.shape[2]), ("k/v heads (kv_heads)", k.shape[2]), ("head_dim", q.shape[3])):
+        if n < 1:
+            return f"{name} is {n}; shapes are (batch, seq, heads, head_dim) with every size >= 1"
     if q.shape[2] % k.shape[2]:
         return (f"q has {q.shape[2]} heads, not a multiple of the {k.shape[2]} key/value heads; "
                 "GQA/MQA needs heads % kv_heads == 0")
     if q.shape[1] == 0:
         return "the local sequence is empty"
-    try:
-        check_layout(layout)
-        check_local_len(q.shape[1], layout, ring.world_size)
-    except ValueError as e:
-        return str(e)
+    return None
+
+
+def _check_options(q, causal, scale, window, sinks, softcap, backend) -> str | None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        return f"softmax_scale must be a real number or None (1/sqrt(head_dim)), got {scale!r}"
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            return (f"window must be an int >= 0 (keys at most `window` positions before the query, "
+                    f"flash-attn's window_size=(window, 0)) or None, got {window!r}")
+        if not causal:
+            return "window needs causal=True (a left sliding window: i - window <= j <= i)"
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[2]:
+            return (f"sinks must be a 1-D tensor of one logit per query head ({q.shape[2]}), "
+                    f"got {getattr(sinks, 'shape', type(sinks))}")
+        if not sinks.is_floating_point() or sinks.device != q.device:
+            return f"sinks must be a floating point tensor on {q.device}, got {sinks.dtype} on {sinks.device}"
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < softcap < math.inf:
+            return f"softcap must be a finite number > 0 (scores -> softcap * tanh(scores / softcap)), got {softcap!r}"
+        if backend not in ("auto", "reference"):
+            return (f"softcap is computed by the reference kernel only, but backend={backend!r}; "
+                    "use backend='auto' or 'reference'")
     if backend not in BACKENDS:
         return f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}"
     return None
 
 
-def _validate(q, k, v, causal, layout, backend, ring: Ring, docs=None, doc_problem=None) -> None:
+def _prepare(q, k, v, ring, causal, scale, layout, backend, cu_seqlens, document_ids, window, sinks, softcap):
+    """Check this rank's arguments without any communication: (problem or None, docs, kernel).
+
+    Every check lives here (nothing may raise before the collective check), so a problem
+    found on one rank stops every rank with the same error instead of a hang.
+    """
+    try:
+        problem = _check_tensors(q, k, v) or _check_options(q, causal, scale, window, sinks, softcap, backend)
+        if problem:
+            return problem, None, None
+        check_layout(layout)
+        check_local_len(q.shape[1], layout, ring.world_size)
+        docs = None
+        if cu_seqlens is not None and document_ids is not None:
+            return "pass cu_seqlens or document_ids, not both", None, None
+        if document_ids is not None:
+            cu_seqlens = _bounds_from_document_ids(document_ids)
+        if cu_seqlens is not None:
+            docs = _document_bounds(cu_seqlens, q.shape[1] * ring.world_size)
+        kernel = _REFERENCE if softcap is not None else select_kernel(backend, q.device, q.dtype, q.shape[-1])
+        return None, docs, kernel
+    except (ValueError, TypeError, RuntimeError) as e:
+        return str(e), None, None
+
+
+def _validate(problem, sig, ring: Ring) -> None:
     """Raise the same error on every rank, before any ring communication.
 
     Ranks exchange their local verdict and signature (one small all-gather), so a
     problem on one rank, or shapes that differ between ranks, stop all of them alike.
     """
-    problem = _local_problems(q, k, v, layout, backend, ring) or doc_problem
     if ring.world_size == 1:
         if problem:
             raise ValueError(f"ring_attention: {problem}")
         return
-    sig = None if problem else (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), layout, docs)
     gathered = [None] * ring.world_size
-    dist.all_gather_object(gathered, (problem, sig), group=ring.group)
+    dist.all_gather_object(gathered, (problem, None if problem else sig), group=ring.group)
     for r, (p, _) in enumerate(gathered):
         if p:
             raise ValueError(f"ring_attention: rank {r}: {p}")
     for r, (_, s) in enumerate(gathered):
         if s != gathered[0][1]:
-            names = ("q shape", "k/v shape", "dtype", "causal", "layout", "cu_seqlens")
-            diffs = [f"{n}: rank 0 {a} vs rank {r} {b}" for n, a, b in zip(names, gathered[0][1], s) if a != b]
+            diffs = [f"{n}: rank 0 {a} vs rank {r} {b}" for (n, a), (_, b) in zip(gathered[0][1], s) if a != b]
             raise ValueError(
                 "ring_attention: every rank must pass the same batch, local sequence length, heads, dtype, "
-                "causal and layout (shard the global sequence with ringwise.shard); " + "; ".join(diffs)
+                "causal, layout, documents, window, sinks and softcap (shard the global sequence with "
+                "ringwise.shard); " + "; ".join(diffs)
             )
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
-                   return_lse=False, backend="auto", validate=True, cu_seqlens=None, document_ids=None):
+                   return_lse=False, backend="auto", validate=True, cu_seqlens=None, document_ids=None,
+                   window=None, sinks=None, softcap=None, ulysses_group=None):
     """Exact softmax attention over a sequence sharded across the ranks of `group`.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
@@ -220,24 +352,33 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     same on every rank; attention stays inside each document (causal within it if causal).
     Documents may have any lengths and span shards in every layout. document_ids: the same
     as per-token ids over the global sequence (each document contiguous), instead of cu_seqlens.
+    window (causal only): query i sees keys i - window .. i (global positions; flash-attn's
+    window_size=(window, 0)); ring steps with nothing in the window make no hop.
+    sinks: (heads,) per-head sink logits (GPT-OSS), one extra key per row with a zero value;
+    differentiable; the returned lse includes it. softcap: scores -> softcap * tanh(scores /
+    softcap) (Gemma 2), on the reference kernel (backend 'auto' or 'reference').
+    A row with no finite score gets out = 0 and lse = -inf; NaN inputs give NaN.
     validate=False skips the cross-rank argument check (one small all-gather per call).
+    ulysses_group: Ulysses x ring (USP, see ulysses.py): inputs sharded with
+    ringwise.shard(x, 1, layout, group, ulysses_group=ulysses_group); an all-to-all over
+    ulysses_group trades sequence for heads before the ring over `group` and back after it.
     """
+    if ulysses_group is not None:  # every argument, whatever its name, goes on to the ring unchanged
+        forwarded = dict(locals())
+        from .ulysses import ulysses_attention
+
+        return ulysses_attention(**forwarded)
     ring = Ring(group)
-    docs, doc_problem = None, None
-    if cu_seqlens is not None and document_ids is not None:
-        raise ValueError("ring_attention: pass cu_seqlens or document_ids, not both")
-    if (cu_seqlens is not None or document_ids is not None) and isinstance(q, torch.Tensor) and q.dim() == 4:
-        try:
-            if document_ids is not None:
-                cu_seqlens = _bounds_from_document_ids(document_ids)
-            docs = _document_bounds(cu_seqlens, q.shape[1] * ring.world_size)
-        except (ValueError, TypeError) as e:
-            doc_problem = str(e)
+    problem, docs, kernel = _prepare(q, k, v, ring, causal, softmax_scale, layout, backend, cu_seqlens,
+                                     document_ids, window, sinks, softcap)
     if validate:
-        _validate(q, k, v, causal, layout, backend, ring, docs, doc_problem)
-    elif doc_problem:
-        raise ValueError(f"ring_attention: {doc_problem}")
+        sig = None if problem else (
+            ("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype)),
+            ("causal", bool(causal)), ("layout", layout), ("cu_seqlens", docs), ("window", window),
+            ("sinks", sinks is not None), ("softcap", softcap))
+        _validate(problem, sig, ring)
+    elif problem:
+        raise ValueError(f"ring_attention: {problem}")
     scale = default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    kernel = select_kernel(backend, q.device, q.dtype, q.shape[-1])
-    out, lse = _RingAttention.apply(q, k, v, bool(causal), scale, layout, ring, kernel, docs)
+    out, lse = _RingAttention.apply(q, k, v, sinks, bool(causal), scale, layout, ring, kernel, docs, window, softcap)
     return (out, lse) if return_lse else out

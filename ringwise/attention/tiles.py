@@ -13,8 +13,16 @@ With packed documents (global boundaries, as flash-attn's cu_seqlens) each segme
 cut per shared document, and each piece is again full, a causal square, or a full block of
 later queries against a causal square's keys, so any document lengths work in any layout.
 
+A sliding window (key j visible iff i - w <= j <= i in global positions, flash-attn's
+``window_size=(w, 0)``) cuts each of those pieces once more: a piece wholly inside the
+window stays as it is, one wholly outside is dropped, and the rest becomes one *band* tile,
+trimmed to the band's bounding box, where key j is visible iff lo <= i - j <= hi (tile-local
+indices). The fused kernels have no window argument, so band tiles run on the reference
+kernel: the simplest exact design, and only the window's two edges pay for it.
+
 Adjacent full tiles are merged so that each ring step is as few kernel calls as possible
-(e.g. zigzag's off-diagonal steps are one call each).
+(e.g. zigzag's off-diagonal steps are one call each). `needed_steps` tells the ring which
+steps any rank needs at all, so hops that would only carry skipped blocks are never sent.
 """
 from __future__ import annotations
 
@@ -34,11 +42,22 @@ class Tile:
     k_start: int
     k_len: int
     causal: bool
+    band: tuple[int, int] | None = None  # (lo, hi): key j visible iff lo <= i - j <= hi (tile-local)
+
+    @property
+    def full(self) -> bool:
+        return not self.causal and self.band is None
 
     @property
     def work(self) -> float:
         """Score entries computed, in units of q*k (a causal square counts half)."""
         return self.q_len * self.k_len * (0.5 if self.causal else 1.0)
+
+    def visible(self, i: int, j: int) -> bool:
+        """Whether tile-local key j is visible to tile-local query i."""
+        if self.causal and j > i:
+            return False
+        return self.band is None or self.band[0] <= i - j <= self.band[1]
 
 
 def _causal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple[int, int, int, int, bool]]:
@@ -60,6 +79,26 @@ def _causal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple[int,
     return tiles
 
 
+def _window_tiles(parts, t: int, w: int) -> list[tuple]:
+    """Cut causal pieces (from _causal_tiles) to keys with i - (j - t) <= w.
+
+    Every visible pair of a piece has i - (j - t) >= 0, so a piece becomes itself, nothing,
+    or a band tile over its bounding box with band (-off, w - off), off = q0 - k0 + t.
+    """
+    out = []
+    for q0, q1, k0, k1, causal in parts:
+        lo_d = 0 if causal else q0 - (k1 - 1) + t  # smallest i - j + t among the piece's pairs
+        hi_d = (q1 - 1) - k0 + t
+        if hi_d <= w:
+            out.append((q0, q1, k0, k1, causal, None))
+        elif lo_d <= w:
+            qb, ka = min(q1, k1 - t + w + 1), max(k0, q0 + t - w)
+            kb = min(k1, qb + t)
+            off = q0 - ka + t
+            out.append((q0, qb, ka, kb, False, (-off, w - off)))
+    return out
+
+
 def _index_range(seg: Segment, g0: int, g1: int) -> tuple[int, int]:
     """Indices i in [0, seg.length) whose global position lies in [g0, g1)."""
     lo = max(0, -(-(g0 - seg.global_start) // seg.stride))
@@ -67,16 +106,26 @@ def _index_range(seg: Segment, g0: int, g1: int) -> tuple[int, int]:
     return lo, max(lo, hi)
 
 
-def segment_pair_tiles(q: Segment, k: Segment, causal: bool, docs: tuple[int, ...] | None = None) -> list[Tile]:
+def segment_pair_tiles(q: Segment, k: Segment, causal: bool, docs: tuple[int, ...] | None = None,
+                       window: int | None = None) -> list[Tile]:
     """The tiles for one query segment against one key segment.
 
     docs: global document boundaries (cu_seqlens: 0, ..., total); attention stays inside a
-    document. Pairs that share no document give no tiles.
+    document. Pairs that share no document give no tiles. window (causal only): keys at
+    most `window` global positions before the query.
     """
     if causal and q.stride != k.stride:
         raise ValueError(f"no causal tiling for query segment {q} against key segment {k}")
+    if window is not None and not causal:
+        raise ValueError("a sliding window needs causal=True")
     # key j visible to query i  iff  k.global_start + j*stride <= q.global_start + i*stride
     t = (q.global_start - k.global_start) // q.stride
+    if window is not None:
+        # global distance = (i - j + t) * stride + rem, 0 <= rem < stride: <= window iff
+        # i - j + t <= (window - rem) // stride
+        w = (window - (q.global_start - k.global_start - t * q.stride)) // q.stride
+        if w < 0:
+            return []
     spans = [(0, q.length, 0, k.length)]
     if docs is not None:
         lo_doc = max(0, bisect.bisect_right(docs, min(q.global_start, k.global_start)) - 1)
@@ -90,7 +139,8 @@ def segment_pair_tiles(q: Segment, k: Segment, causal: bool, docs: tuple[int, ..
     out = []
     for qa, qb, ka, kb in spans:
         parts = _causal_tiles(qa, qb, ka, kb, t) if causal else [(qa, qb, ka, kb, False)]
-        out += [Tile(q.local_start + a, b - a, k.local_start + c, d - c, cz) for a, b, c, d, cz in parts]
+        parts = _window_tiles(parts, t, w) if window is not None else [p + (None,) for p in parts]
+        out += [Tile(q.local_start + a, b - a, k.local_start + c, d - c, cz, band) for a, b, c, d, cz, band in parts]
     return out
 
 
@@ -101,7 +151,7 @@ def _merge_full(tiles: list[Tile]) -> list[Tile]:
         changed = False
         for i, a in enumerate(tiles):
             for j, b in enumerate(tiles):
-                if i == j or a.causal or b.causal:
+                if i == j or not (a.full and b.full):
                     continue
                 if (a.q_start, a.q_len) == (b.q_start, b.q_len) and a.k_start + a.k_len == b.k_start:
                     merged = Tile(a.q_start, a.q_len, a.k_start, a.k_len + b.k_len, False)
@@ -119,9 +169,23 @@ def _merge_full(tiles: list[Tile]) -> list[Tile]:
 
 @lru_cache(maxsize=4096)
 def step_tiles(layout: str, q_rank: int, kv_rank: int, world_size: int, local_len: int, causal: bool,
-               docs: tuple[int, ...] | None = None) -> tuple[Tile, ...]:
+               docs: tuple[int, ...] | None = None, window: int | None = None) -> tuple[Tile, ...]:
     """Tiles for q_rank's queries against the key/value shard that kv_rank owns."""
     qs = segments(layout, q_rank, world_size, local_len)
     ks = segments(layout, kv_rank, world_size, local_len)
-    tiles = [t for a in qs for b in ks for t in segment_pair_tiles(a, b, causal, docs)]
+    tiles = [t for a in qs for b in ks for t in segment_pair_tiles(a, b, causal, docs, window)]
     return tuple(_merge_full(tiles))
+
+
+@lru_cache(maxsize=1024)
+def needed_steps(layout: str, world_size: int, local_len: int, causal: bool,
+                 docs: tuple[int, ...] | None = None, window: int | None = None) -> tuple[int, ...]:
+    """Ring steps s (rank r visits the shard of rank (r - s) mod W) that some rank has tiles for.
+
+    A function of its arguments alone, so every rank derives the same schedule. Step 0
+    (the own shard) is always in it: the diagonal is always visible.
+    """
+    W = world_size
+    need = {s for s in range(W) for r in range(W)
+            if step_tiles(layout, r, (r - s) % W, W, local_len, causal, docs, window)}
+    return tuple(sorted(need | {0}))

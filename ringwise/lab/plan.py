@@ -307,6 +307,141 @@ def ringwise_activation_bytes(model, tokens_per_rank, world, batch=1, bytes_per_
     return parts
 
 
+# ---------------------------------------------------------------- Ulysses x ring (USP) split
+@dataclass(frozen=True)
+class Cluster:
+    """Nodes of devices: NVLink inside a node, a slower network between nodes (bytes/s per device)."""
+    devices_per_node: int
+    nodes: int
+    nvlink_bytes_per_s: float
+    internode_bytes_per_s: float
+
+    def __post_init__(self):
+        _positive("devices_per_node", self.devices_per_node, integer=True)
+        _positive("nodes", self.nodes, integer=True)
+        _positive("nvlink_bytes_per_s", self.nvlink_bytes_per_s)
+        _positive("internode_bytes_per_s", self.internode_bytes_per_s)
+
+    @property
+    def n_devices(self) -> int:
+        return self.devices_per_node * self.nodes
+
+
+def mesh_traffic(model, seq, ulysses, ring, batch=1, bytes_per_element=2) -> dict:
+    """Bytes one device sends per attention layer, forward + backward, on a U x R mesh.
+
+    Mirrors ringwise.attention.ulysses: each all-to-all keeps 1/U of a device's tokens and
+    sends the rest; forward carries q, k, v then out, backward dout then dq, dk, dv. K/V
+    heads travel ``kv_copies`` times when kv_heads % U != 0. The ring, over R ranks on
+    S/R tokens and heads/U, sends R-1 K/V hops each way and R float32 dK/dV hops backward.
+    """
+    model = get_model(model)
+    U, R = _positive("ulysses", ulysses, True), _positive("ring", ring, True)
+    if model.n_heads % U:
+        raise ValueError(f"ulysses={U} does not divide the {model.n_heads} heads of {model.name}")
+    e, h, d = bytes_per_element, model.hidden, model.hidden // model.n_heads
+    copies = U // math.gcd(model.n_kv_heads, U)  # ulysses.kv_copies (this module stays torch-free)
+    kv = d * model.n_kv_heads * copies  # K (or V) elements per token that travel
+    tokens = batch * seq / (U * R)
+    a2a = (U - 1) / U * tokens * e * 2 * (2 * h + 2 * kv)
+    block = batch * seq / R * kv / U  # K (or V) elements of one visiting block
+    hop_fwd, hop_bwd = 2 * block * e, 2 * block * e + 2 * block * 4
+    ring_bytes = (R - 1) * hop_fwd + (R - 1) * 2 * block * e + R * 2 * block * 4 if R > 1 else 0.0
+    return dict(all_to_all=a2a, ring_bytes=ring_bytes, hop_forward=hop_fwd if R > 1 else 0.0,
+                hop_backward=hop_bwd if R > 1 else 0.0, kv_copies=copies)
+
+
+def mesh_splits(model, device, cluster: Cluster, seq, batch=1, causal=True, bytes_per_element=2) -> list[dict]:
+    """Every (U, R) with U x R = all devices and U | heads, with its estimated attention time.
+
+    Model: compute 4 S^2 hidden FLOPs forward (half under a causal mask; backward 2.5x),
+    spread evenly (zigzag) and run at the device's dense FLOP/s. The all-to-alls cannot
+    overlap compute, so their time adds: NVLink inside a node, the network for the part
+    that leaves it. Each ring step hides its hop behind that step's compute and exposes
+    only the excess, at the network's bandwidth once the ring leaves a node.
+    """
+    model, device = get_model(model), get_device(device)
+    N, dpn = cluster.n_devices, cluster.devices_per_node
+    cf = 0.5 if causal else 1.0
+    compute = 3.5 * 4 * (batch * seq) * seq * model.hidden * cf / N / device.flops  # forward + backward
+    rows = []
+    for U in (u for u in range(1, N + 1) if N % u == 0 and model.n_heads % u == 0):
+        R = N // U
+        t = mesh_traffic(model, seq, U, R, batch, bytes_per_element)
+        if dpn % U == 0:  # the ulysses group lies inside a node
+            a2a_time = t["all_to_all"] / cluster.nvlink_bytes_per_s
+        elif U % dpn == 0:  # whole nodes: dpn-1 of the U-1 parts stay on NVLink
+            off = t["all_to_all"] * (U - dpn) / (U - 1)
+            a2a_time = max(off / cluster.internode_bytes_per_s, (t["all_to_all"] - off) / cluster.nvlink_bytes_per_s)
+        else:
+            a2a_time = t["all_to_all"] / cluster.internode_bytes_per_s
+        ring_bw = cluster.nvlink_bytes_per_s if N <= dpn else cluster.internode_bytes_per_s
+        fwd_step, bwd_step = compute / 3.5 / R, compute * 2.5 / 3.5 / R
+        exposed = ((R - 1) * max(0.0, t["hop_forward"] / ring_bw - fwd_step)
+                   + R * max(0.0, t["hop_backward"] / ring_bw - bwd_step)) if R > 1 else 0.0
+        # the least ring block S/R whose hops hide: forward 2ckv*e/B <= 4c^2*h*cf/F, backward with f32 dK/dV
+        kv = model.hidden // model.n_heads * model.n_kv_heads * t["kv_copies"]
+        e = bytes_per_element
+        hide = max(kv * e, kv * (e + 4) * 2 / 5) * device.flops / (2 * model.hidden * cf * ring_bw)
+        rows.append(dict(ulysses=U, ring=R, **t, compute_s=compute, all_to_all_s=a2a_time, ring_exposed_s=exposed,
+                         total_s=compute + a2a_time + exposed, a2a_in_node=dpn % U == 0, ring_in_node=N <= dpn,
+                         ring_block=batch * seq / R, ring_block_to_hide=hide))
+    return rows
+
+
+def recommend_split(model, device, cluster: Cluster, seq, tolerance=0.02, **kw) -> tuple[dict, list[dict]]:
+    """(best split, all splits).
+
+    Only ulysses groups inside a node are candidates (Megatron's a2a+p2p rule: an all-to-all
+    cannot hide behind compute, and across nodes it puts every device's data on the network
+    at once). Among the candidates within ``tolerance`` of the least estimated time, the one
+    that moves the fewest bytes wins: the model assumes perfect overlap, so a difference
+    that small is not resolved by it, and fewer bytes leave more slack.
+    """
+    rows = mesh_splits(model, device, cluster, seq, **kw)
+    candidates = [r for r in rows if r["a2a_in_node"]]
+    fastest = min(r["total_s"] for r in candidates)
+    close = [r for r in candidates if r["total_s"] <= fastest * (1 + tolerance)]
+    best = min(close, key=lambda r: (r["all_to_all"] + r["ring_bytes"], -r["ulysses"]))
+    return best, rows
+
+
+def format_mesh_plan(model, device, cluster: Cluster, seq, **kw) -> str:
+    """The (U, R) table, all-to-all volume next to the ring's, and why the best split wins."""
+    model, device = get_model(model), get_device(device)
+    best, rows = recommend_split(model, device, cluster, seq, **kw)
+    gb = lambda x: f"{x / 1e9:8.3f}"
+    ms = lambda x: f"{x * 1e3:9.2f}"
+    lines = [f"Ulysses x ring on {cluster.nodes} node(s) x {cluster.devices_per_node} {device.name}, NVLink "
+             f"{cluster.nvlink_bytes_per_s / 1e9:g} GB/s, network {cluster.internode_bytes_per_s / 1e9:g} GB/s per "
+             f"device; {model.name}, S = {seq:,} tokens; sent per device per layer, forward + backward",
+             f"  {'U x R':<9}{'a2a GB':>8}{'ring GB':>9}{'a2a ms':>9}{'ring ms':>9}{'compute':>9}{'total ms':>9}  links"]
+    for r in rows:
+        links = (f"a2a {'NVLink' if r['a2a_in_node'] else 'network'}" if r["ulysses"] > 1 else "no a2a") + ", " + \
+                (f"ring {'NVLink' if r['ring_in_node'] else 'network'}" if r["ring"] > 1 else "no ring")
+        mark = "  <- recommended" if r is best else ""
+        lines.append(f"  {str(r['ulysses']) + ' x ' + str(r['ring']):<9}{gb(r['all_to_all'])}{gb(r['ring_bytes'])} "
+                     f"{ms(r['all_to_all_s'])}{ms(r['ring_exposed_s'])}{ms(r['compute_s'])}{ms(r['total_s'])}  "
+                     f"{links}{mark}")
+    U, R = best["ulysses"], best["ring"]
+    exposed = "hidden" if best["ring_exposed_s"] == 0 else f"{best['ring_exposed_s'] * 1e3:.2f} ms exposed"
+    why = [f"recommended: Ulysses {U} x ring {R}: ring_attention(..., group=<ring of {R}>, "
+           f"ulysses_group=<{U} ranks{' in one node' if cluster.nodes > 1 else ''}>).",
+           "why: all-to-alls cannot hide behind compute, so the ulysses group stays inside a node (NVLink); "
+           f"a ring hop hides behind its step's compute once the ring block S/R (here {best['ring_block']:,.0f} "
+           f"tokens) reaches about {best['ring_block_to_hide']:,.0f} tokens at this split "
+           f"({exposed if R > 1 else 'no ring'}).",
+           f"splits within 2% of the fastest in-node time are ranked by bytes moved; {U} x {R} moves "
+           f"{(best['all_to_all'] + best['ring_bytes']) / 1e9:.2f} GB per device per layer."]
+    cross = [r for r in rows if not r["a2a_in_node"]]
+    if cross:
+        why.append("not considered: " + ", ".join(f"{r['ulysses']} x {r['ring']}" for r in cross)
+                   + " (all-to-all across nodes; their modelled times are shown for comparison).")
+    why.append("U must divide the heads (" + ", ".join(str(r["ulysses"]) for r in rows) + " here); "
+               "estimates assume ideal kernels, perfect overlap and no hop latency: compare splits, not absolute times.")
+    return "\n".join(lines + why)
+
+
 # ---------------------------------------------------------------- the paper's tables
 PAPER_TABLE2 = {  # device: (min c, min s = 6c), thousands of tokens
     "a100-nvlink": (1.0, 6.2), "a100-ib": (24.5, 149.5), "tpu-v3": (1.1, 6.6),
@@ -413,6 +548,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--memory-gb", type=float, default=None, help="custom memory, GB")
     parser.add_argument("--bandwidth-gbps", type=float, default=None,
                         help="custom unidirectional bandwidth, GB/s")
+    parser.add_argument("--devices-per-node", type=int, default=None,
+                        help="plan the Ulysses x ring split for nodes of this many devices (--devices in all)")
+    parser.add_argument("--nvlink-gbps", type=float, default=None,
+                        help="in-node bandwidth per device, GB/s (default: the device's bandwidth)")
+    parser.add_argument("--internode-gbps", type=float, default=50.0,
+                        help="network bandwidth per device between nodes, GB/s (50 = 400 Gb/s)")
     parser.add_argument("--table2", action="store_true", help="print paper Table 2 vs ours")
     parser.add_argument("--table3", action="store_true", help="print paper Table 3 vs ours")
     return parser
@@ -434,4 +575,15 @@ def run_plan(args) -> int:
     if custom:
         device = replace(device, name=f"custom({device.name})", **custom)
     print(plan_report(args.model, device, args.devices, args.batch, args.seq))
+    dpn = getattr(args, "devices_per_node", None)
+    if dpn is not None:
+        _positive("--devices-per-node", dpn, integer=True)
+        if args.devices % dpn:
+            raise ValueError(f"--devices {args.devices} must be a multiple of --devices-per-node {dpn}")
+        nvlink = device.bandwidth_bytes_per_s if args.nvlink_gbps is None else \
+            _positive("--nvlink-gbps", args.nvlink_gbps) * 1e9
+        cluster = Cluster(dpn, args.devices // dpn, nvlink, _positive("--internode-gbps", args.internode_gbps) * 1e9)
+        seq = args.seq or max(32 * K, args.devices * K)
+        print()
+        print(format_mesh_plan(args.model, device, cluster, seq, batch=args.batch))
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("attention", "overlap", "scaling", "memory", "context")
+SUITES = ("attention", "overlap", "scaling", "memory", "context", "ulysses")
 
 
 def cpu_name() -> str:

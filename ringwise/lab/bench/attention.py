@@ -4,6 +4,10 @@ W ranks x (T/W) threads run the ring; one process with T threads runs
 torch.nn.functional.scaled_dot_product_attention on the whole sequence. Forward +
 backward, non-causal and causal per layout. The ratio SDPA time / ring time is the
 efficiency of the ring: 1.0 means the ring costs nothing over the fused kernel.
+
+With --device cuda: one process on one GPU, ringwise at W = 1 (its own kernel calls and
+float32 merge) against SDPA's flash and cuDNN backends, forward+backward, timed with CUDA
+events, in ms and TFLOP/s over --gpu-seqs, causal and full.
 """
 from __future__ import annotations
 
@@ -56,7 +60,132 @@ def time_ring(batch, seq, heads, head_dim, causal, layout, repeats):
     return statistics.median(times)
 
 
+# ---------------------------------------------------------------- one GPU
+
+GPU_IMPLS = ("ringwise", "ringwise_flash", "sdpa_flash", "sdpa_cudnn")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def attention_flops(batch, seq, heads, head_dim, causal) -> float:
+    """Forward+backward matmul FLOPs, FlashAttention's convention: 4*B*H*S^2*D forward,
+    2.5x that backward, halved under a causal mask."""
+    return 3.5 * 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+
+
+def _attention_fn(impl, causal):
+    """impl -> f(q, k, v) on (batch, seq, heads, dim) tensors."""
+    if impl.startswith("ringwise"):
+        backend = "cuda_flash" if impl == "ringwise_flash" else "auto"
+        return lambda q, k, v: ringwise.ring_attention(q, k, v, causal=causal, backend=backend)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[impl]
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(backend):  # that backend or an error, never a silent other one
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return out.transpose(1, 2)
+
+    return sdpa
+
+
+def time_ms(fn, repeats: int, device: torch.device) -> float:
+    """Median milliseconds of fn() after one warm-up: CUDA events on a GPU, wall clock elsewhere."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def device_rows(seqs, batch, heads, head_dim, dtype, device, repeats, impls=GPU_IMPLS, bar=None) -> list[dict]:
+    """Forward+backward of every impl, causal and full, per sequence length; one row each.
+    A case that cannot run (out of memory, a backend this GPU lacks) gets its error, not a time."""
+    device = torch.device(device)
+    rows = []
+    for seq in seqs:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v, dout = (torch.randn(batch, seq, heads, head_dim, generator=g, device=device, dtype=dtype)
+                         for _ in range(4))
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        for causal in (True, False):
+            for impl in impls:
+                fn = _attention_fn(impl, causal)
+
+                def step():
+                    for x in leaves:
+                        x.grad = None
+                    fn(*leaves).backward(dout)
+
+                row = dict(impl=impl, seq=seq, causal=causal, ms=None, tflops=None, error=None)
+                try:
+                    row["ms"] = time_ms(step, repeats, device)
+                    row["tflops"] = attention_flops(batch, seq, heads, head_dim, causal) / (row["ms"] * 1e-3) / 1e12
+                except (RuntimeError, ValueError) as e:  # reported in the table, next case goes on
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                if row["error"] and device.type == "cuda":  # after the except block has let go of the tensors
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                if bar is not None:
+                    bar.update()
+        del q, k, v, dout, leaves
+    return rows
+
+
+def run_device(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
+                         "run on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device")
+    dtype = _DTYPES[args.gpu_dtype]
+    shape = dict(batch=args.batch, heads=args.gpu_heads, head_dim=args.gpu_head_dim)
+    with tqdm(total=len(args.gpu_seqs) * 2 * len(GPU_IMPLS), desc="attention bench (one GPU)", unit="case") as bar:
+        rows = device_rows(args.gpu_seqs, dtype=dtype, device=device, repeats=args.repeats, bar=bar, **shape)
+    ref = {(r["seq"], r["causal"]): r["ms"] for r in rows if r["impl"] == "sdpa_cudnn"}
+    for r in rows:
+        base = ref.get((r["seq"], r["causal"]))
+        r["cudnn_over_this"] = base / r["ms"] if base and r["ms"] else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    lines = [f"{name}, torch {torch.__version__}: batch {args.batch}, {args.gpu_heads} heads x {args.gpu_head_dim}, "
+             f"{args.gpu_dtype}, forward+backward, median of {args.repeats} after a warm-up (CUDA events). "
+             "ringwise = ring_attention at W = 1 (backend auto; ringwise_flash: backend cuda_flash); "
+             "sdpa_* = F.scaled_dot_product_attention forced to one backend. TFLOP/s: 3.5 x 4BHS^2D, "
+             "halved if causal.", "",
+             "| S | mask | impl | ms | TFLOP/s | SDPA cuDNN time / this |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        mask = "causal" if r["causal"] else "full"
+        if r["error"]:
+            lines.append(f"| {r['seq']} | {mask} | {r['impl']} | - | - | {r['error']} |")
+            continue
+        ratio = f"{r['cudnn_over_this']:.3f}" if r["cudnn_over_this"] else "-"
+        lines.append(f"| {r['seq']} | {mask} | {r['impl']} | {r['ms']:.2f} | {r['tflops']:.0f} | {ratio} |")
+    md = "\n".join(lines) + "\n"
+    write_results(args.out, "attention_gpu", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
+                                                  device=name, rows=rows), md)
+    print(md)
+    return dict(rows=rows)
+
+
 def add_arguments(p):
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="attention/context: cpu (process rings on threads) or cuda (one GPU)")
+    p.add_argument("--gpu-seqs", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072],
+                   help="--device cuda: sequence lengths")
+    p.add_argument("--gpu-heads", type=int, default=32, help="--device cuda: heads")
+    p.add_argument("--gpu-head-dim", type=int, default=128, help="--device cuda: head_dim")
+    p.add_argument("--gpu-dtype", default="bf16", choices=tuple(_DTYPES), help="--device cuda: dtype")
     p.add_argument("--seq", type=int, default=16384, help="global sequence length")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -66,10 +195,16 @@ def add_arguments(p):
     p.add_argument("--repeats", type=int, default=3, help="timed iterations per case (after one warm-up)")
 
 
-QUICK = dict(seq=2048, repeats=1)
+QUICK = dict(seq=2048, repeats=1, gpu_seqs=[4096, 8192])
 
 
 def run(args) -> dict:
+    if getattr(args, "device", "cpu") != "cpu":
+        return run_device(args)
+    if getattr(args, "ulysses", False):  # --ulysses: ring, Ulysses and hybrid meshes (bench/ulysses.py)
+        from . import ulysses
+
+        return ulysses.run(args)
     args.world = list(dict.fromkeys(args.world))  # a repeated size would run its cases twice
     bad = [W for W in args.world if W < 1 or args.threads % W]
     if bad:  # refuse before any timing, not after minutes of it

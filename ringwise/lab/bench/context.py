@@ -8,9 +8,19 @@ by doubling then bisection on real runs:
   bpt      one process, blockwise attention + blockwise FFN and loss
   ring     W processes, ring attention + blockwise FFN and loss (W from --ring-worlds)
 The paper's claim: ring on W devices trains W times the BPT length.
+
+With --device cuda: one GPU, a ~1B LLaMA-shaped model in bf16 with layer checkpointing;
+the longest sequence whose forward+backward runs without running out of GPU memory while
+12 bytes per parameter stay reserved for fp32 master weights and Adam moments (vanilla,
+memeff = SDPA, bpt = ringwise at W = 1 with blockwise FFN and loss), and the BPT step's
+tokens/s and MFU at --gpu-mfu-seq.
 """
 from __future__ import annotations
 
+import gc
+import time
+
+import torch
 from tqdm import tqdm
 
 from ringwise.lab.cluster import LocalCluster
@@ -29,6 +39,24 @@ def fits(cluster, preset, seq, budget_bytes, overrides):
     return max(p for p, _ in res) <= budget_bytes, max(p for p, _ in res)
 
 
+def largest(ok, max_units: int | None = None) -> int:
+    """Largest k >= 1 (at most max_units) with ok(k), by doubling then bisection; 0 if not ok(1)."""
+    if not ok(1):
+        return 0
+    lo, hi = 1, 2
+    while (max_units is None or hi <= max_units) and ok(hi):
+        lo, hi = hi, hi * 2
+    if max_units is not None and hi > max_units:
+        if lo == max_units or not ok(max_units):
+            hi = max_units
+        else:
+            return max_units
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
 def longest(cluster, preset, unit, budget_bytes, overrides, bar, label):
     """Largest multiple of `unit` that fits, by doubling and bisection (in units)."""
     probes = []
@@ -39,16 +67,119 @@ def longest(cluster, preset, unit, budget_bytes, overrides, bar, label):
         bar.set_postfix_str(f"{label} S={k * unit} peak={mib(peak):.0f}MiB {'fits' if good else 'over'}")
         return good
 
-    if not ok(1):
-        return 0, probes
-    hi = 2
-    while ok(hi):
-        hi *= 2
-    lo = hi // 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo * unit, probes
+    return largest(ok) * unit, probes
+
+
+# ---------------------------------------------------------------- one GPU
+
+# ~1.1B parameters, LLaMA-shaped: 16 layers, d 2048, 16 heads x 128 (8 kv heads), SwiGLU 8192.
+GPU_MODEL = dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=8192)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}  # dense, SXM
+STATE_BYTES_PER_PARAM = 12  # fp32 master weights + Adam's two moments, beside bf16 params and grads
+
+
+def train_flops(cfg, seq: int) -> float:
+    """Model FLOPs of one causal forward+backward (recomputation not counted): 6 x weights x
+    tokens for the matmuls (embedding lookup excluded) plus causal attention, 3.5 x 4 x S^2 x
+    dim / 2 per layer."""
+    weights = sum(p.numel() for name, p in _param_shapes(cfg)) - cfg.vocab_size * cfg.dim
+    return 6.0 * weights * seq + cfg.n_layers * 3.5 * 4 * seq * seq * cfg.head_dim * cfg.n_heads / 2
+
+
+def _param_shapes(cfg):
+    from ringwise.model import Transformer
+
+    with torch.device("meta"):
+        return list(Transformer(cfg).named_parameters())
+
+
+def gpu_step(model, seq: int, device) -> tuple[int, float] | None:
+    """(peak bytes above the start, seconds) of one forward+backward at seq tokens; None if
+    the GPU runs out of memory."""
+    from ringwise.lab.memory import PeakMemory
+
+    g = torch.Generator(device=device).manual_seed(1)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, seq + 1), generator=g, device=device)
+    pos = torch.arange(seq, device=device)
+    oom = False
+    try:
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            loss, _ = model(tokens[:, :-1], pos, tokens[:, 1:], layout="contiguous")
+            (loss / seq).backward()
+            torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+    except torch.cuda.OutOfMemoryError:
+        oom = True  # handled outside the except block, so the traceback's tensors are freed
+    model.zero_grad(set_to_none=False)
+    if oom:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return None
+    return mem.peak_bytes, seconds
+
+
+def run_device(args) -> dict:
+    from ringwise.model import Transformer, model_config
+
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
+                         "run on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device")
+    device = torch.device("cuda", torch.cuda.current_device())
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    unit = args.gpu_granularity
+    rows, mfu = [], None
+    with tqdm(total=len(args.gpu_methods), desc="max-context bench (one GPU)", unit="method") as bar:
+        for method in args.gpu_methods:
+            cfg = model_config("llama-3b", checkpoint_layers=True, **GPU_MODEL, **METHODS[method])
+            torch.manual_seed(0)
+            with device:  # initialised on the GPU: seconds, not a minute on the CPU
+                model = Transformer(cfg).to(torch.bfloat16)
+            reserve = torch.empty(STATE_BYTES_PER_PARAM * model.num_params(), dtype=torch.uint8, device=device)
+            probes = []
+
+            def ok(k):
+                res = gpu_step(model, k * unit, device)
+                probes.append(dict(seq=k * unit, fits=res is not None,
+                                   peak_gib=None if res is None else res[0] / 2**30,
+                                   seconds=None if res is None else res[1]))
+                bar.set_postfix_str(f"{method} S={k * unit} {'fits' if res else 'out of memory'}")
+                print(f"{method}: S={k * unit} " + (f"fits, peak {res[0] / 2**30:.1f} GiB above the model state, "
+                                                     f"{res[1]:.2f} s" if res else "out of memory"), flush=True)
+                return res is not None
+
+            best = largest(ok, args.gpu_max_seq // unit) * unit
+            rows.append(dict(method=method, max_seq=best, probes=probes, params=model.num_params()))
+            if method == "bpt":
+                gpu_step(model, args.gpu_mfu_seq, device)  # warm-up
+                res = gpu_step(model, args.gpu_mfu_seq, device)
+                if res is not None:
+                    tps = args.gpu_mfu_seq / res[1]
+                    achieved = train_flops(cfg, args.gpu_mfu_seq) / res[1] / 1e12
+                    mfu = dict(seq=args.gpu_mfu_seq, seconds=res[1], tokens_per_s=tps, tflops=achieved,
+                               mfu=achieved / peak if peak else None)
+            del model, reserve
+            gc.collect()
+            torch.cuda.empty_cache()
+            bar.update()
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    lines = [f"{name} ({total:.0f} GiB), torch {torch.__version__}: ~{rows[0]['params'] / 1e9:.2f}B-parameter "
+             f"LLaMA-shaped model ({GPU_MODEL}), bf16, layer checkpointing, batch 1, causal; "
+             f"{STATE_BYTES_PER_PARAM} B/parameter held back for fp32 master weights and Adam moments. Longest "
+             f"sequence whose forward+backward runs (searched in steps of {unit}, up to {args.gpu_max_seq}).", "",
+             "| method | longest sequence | at the search cap |", "|---|---|---|"]
+    for r in rows:
+        capped = "yes" if r["max_seq"] >= args.gpu_max_seq // unit * unit else ""
+        lines.append(f"| {r['method']} | {r['max_seq'] if r['max_seq'] else f'< {unit}'} | {capped} |")
+    if mfu:
+        share = f", MFU {mfu['mfu']:.1%} of {peak:.0f} TFLOP/s" if mfu["mfu"] is not None else ""
+        lines += ["", f"BPT training step at S = {mfu['seq']}: {mfu['seconds']:.2f} s, {mfu['tokens_per_s']:.0f} "
+                      f"tokens/s, {mfu['tflops']:.0f} model TFLOP/s{share} (recomputation not counted)."]
+    md = "\n".join(lines) + "\n"
+    write_results(args.out, "context_gpu", dict(device=name, rows=rows, mfu=mfu, model=GPU_MODEL), md)
+    print(md)
+    return dict(rows=rows, mfu=mfu)
 
 
 def add_arguments(p):
@@ -56,12 +187,19 @@ def add_arguments(p):
     p.add_argument("--context-model", default="tiny", help="context: model preset")
     p.add_argument("--ring-worlds", type=int, nargs="+", default=[2, 4, 8], help="context: ring sizes")
     p.add_argument("--granularity", type=int, default=512, help="context: search step in tokens per process")
+    p.add_argument("--gpu-methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="context --device cuda: methods to search")
+    p.add_argument("--gpu-granularity", type=int, default=16384, help="context --device cuda: search step (tokens)")
+    p.add_argument("--gpu-max-seq", type=int, default=1048576, help="context --device cuda: longest sequence tried")
+    p.add_argument("--gpu-mfu-seq", type=int, default=32768, help="context --device cuda: tokens/s and MFU here")
 
 
 QUICK = dict(budget_mib=8.0, ring_worlds=[2], granularity=256)  # 4 MiB resolved only 1-2 steps: flaky
 
 
 def run(args) -> dict:
+    if getattr(args, "device", "cpu") != "cpu":
+        return run_device(args)
     budget = args.budget_mib * 2**20
     rows = []
     jobs = [(name, 1, ov) for name, ov in METHODS.items()] + [("ring", W, {}) for W in args.ring_worlds]

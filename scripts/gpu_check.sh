@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU check, in one command for a session that has an NVIDIA GPU:
+#     bash scripts/gpu_check.sh OUT_DIR
+# Uses the machine's python as it is (PYTHON, default python3: its CUDA torch; no venv, no
+# installs). Runs `make test-gpu` (the tests marked cuda), the one-GPU attention benchmark
+# and a capped max-context search, each under a timeout (570 s in all), teeing every log
+# into OUT_DIR.
+set -u
+OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+step() {  # step NAME SECONDS CMD...: run under a timeout, log to OUT/NAME.log, note the exit status
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    local note=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=" (timed out)"
+    echo "$name: exit $rc$note after $((SECONDS - t0))s" | tee -a "$SUMMARY"
+}
+
+step env 30 bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version()); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; $PY -m pytest --version; $PY -c 'import tqdm, transformers; print(\"tqdm\", tqdm.__version__, \"transformers\", transformers.__version__)'"
+
+if command -v make >/dev/null; then
+    step test-gpu 270 make test-gpu PYTHON="$PY"
+else  # the same command make would run
+    echo "make is not installed: running make test-gpu's command directly" | tee -a "$SUMMARY"
+    step test-gpu 270 "$PY" -m pytest -m cuda -q --continue-on-collection-errors
+fi
+
+step bench-attention 120 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seqs 8192 32768 131072 \
+    --out "$OUT/bench"
+# Does the ~1B preset train at 256K on this GPU (BPT), and how far do vanilla and SDPA get?
+step bench-context 150 "$PY" -m ringwise.cli bench context --device cuda --gpu-methods bpt memeff vanilla \
+    --gpu-granularity 32768 --gpu-max-seq 262144 --out "$OUT/bench"
+
+echo "== summary"; cat "$SUMMARY"

@@ -1,0 +1,275 @@
+"""Ulysses x ring (USP) against the float64 whole-sequence reference, on real gloo meshes.
+
+Meshes are (U ulysses) x (R ring): 1x4 (pure ring), 2x2, 4x1 (pure Ulysses), 2x3 and 3x2.
+Each test sends one job per mesh that runs many small cases on every rank.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringwise
+from ringwise.attention.comm import HOP_COUNTS
+from ringwise.attention.layout import global_indices
+from ringwise.attention.tiles import needed_steps
+from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, _local_heads, kv_copies, mesh_groups
+from reference import max_err, reference_attention
+from test_ring import DTYPES, EPS, VARLEN, document_mask, make_inputs
+from test_window import make_sinks, options, visible_mask
+from test_window import reference as window_reference
+
+MESHES = [(1, 4), (2, 2), (4, 1), (2, 3), (3, 2)]
+_GROUPS = {}  # per worker process; every rank builds the same groups in the same order
+
+
+def groups(key):
+    """(ulysses_group, ring_group) of this rank for a named mesh, built once per process."""
+    if key not in _GROUPS:
+        if key == "disjoint":  # ulysses {0,1}, ring {0,2}: rank 3 in neither, ranks 1, 2 in one each
+            a, b = dist.new_group([0, 1]), dist.new_group([0, 2])
+            _GROUPS[key] = (a, b)
+        elif key == "overlap":  # ulysses and ring groups both {0,1},{2,3}
+            _GROUPS[key] = (dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0],
+                            dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0])
+        elif key == "crossed":  # ulysses {0,1},{2,3}; rings {0,3},{1,2} join different head chunks
+            _GROUPS[key] = (dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0],
+                            dist.new_subgroups_by_enumeration([[0, 3], [1, 2]])[0])
+        elif key == "uneven":  # ulysses {0,1},{2},{3}; rings {0,2},{1,3}: U differs between ranks
+            _GROUPS[key] = (dist.new_subgroups_by_enumeration([[0, 1], [2], [3]])[0],
+                            dist.new_subgroups_by_enumeration([[0, 2], [1, 3]])[0])
+        else:
+            _GROUPS[key] = mesh_groups(*key)
+    return _GROUPS[key]
+
+
+def variants(U):
+    """(dtype, batch, heads, kv_heads): MHA, GQA 8:2 (6:2 where U = 3) and MQA."""
+    gqa, mqa = ((6, 2), (6, 1)) if U == 3 else ((8, 2), (4, 1))
+    return [("float32", 2, 2 * U, 2 * U), ("bfloat16", 1) + gqa, ("float32", 1) + mqa]
+
+
+def grid(U, R):
+    cases = [dict(mesh=(U, R), layout=layout, causal=causal, dtype=dt, batch=b, heads=h, kv_heads=hk,
+                  head_dim=16, seq=48, seed=100 * U + 10 * R + i)
+             for i, (layout, causal, (dt, b, h, hk)) in enumerate(
+                 itertools.product(ringwise.LAYOUTS, [False, True], variants(U)))]
+    cases += [dict(mesh=(U, R), layout=layout, causal=causal, dtype="float32", batch=1, heads=variants(U)[2][2],
+                   kv_heads=variants(U)[2][3], head_dim=16, seq=48, seed=7 + i, cu_seqlens=VARLEN[1 + i % 2])
+              for i, (layout, causal) in enumerate(itertools.product(ringwise.LAYOUTS, [False, True]))]
+    return cases
+
+
+def run_case(case):
+    """Forward + backward on this rank's piece of the mesh; local results and traffic counts."""
+    ug, rg = groups(case["mesh"])
+    dt, layout = DTYPES[case["dtype"]], case["layout"]
+    q, k, v, dout = make_inputs(case)
+
+    def piece(x):
+        return ringwise.shard(x.to(dt), 1, layout, group=rg, ulysses_group=ug)
+
+    ql, kl, vl = (piece(x).requires_grad_() for x in (q, k, v))
+    before = [x.detach().clone() for x in (ql, kl, vl)]
+    HOP_COUNTS.clear()
+    ALL_TO_ALL_COUNTS.clear()
+    out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, group=rg,
+                                       ulysses_group=ug, return_lse=True, cu_seqlens=case.get("cu_seqlens"))
+    fwd = (dict(HOP_COUNTS), dict(ALL_TO_ALL_COUNTS))
+    out.backward(piece(dout))
+    assert all(torch.equal(a, b) for a, b in zip(before, (ql, kl, vl))), "the op wrote into its inputs"
+    bwd = tuple({s: n - f.get(s, 0) for s, n in c.items() if n > f.get(s, 0)}
+                for c, f in zip((HOP_COUNTS, ALL_TO_ALL_COUNTS), fwd))
+    # without lse and without the argument check: the same out, bit for bit
+    again = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, group=rg, ulysses_group=ug,
+                                    validate=False, cu_seqlens=case.get("cu_seqlens"))
+    assert torch.equal(again, out)
+    # unshard inverts shard; pad=True pads to the mesh's split unit
+    assert torch.equal(ringwise.unshard(ql.detach(), 1, layout, group=rg, ulysses_group=ug), q.to(dt))
+    assert ringwise.shard(q[:, 1:], 1, layout, group=rg, pad=True, ulysses_group=ug).shape == ql.shape
+    return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad, u=dist.get_rank(ug),
+                r=dist.get_rank(rg), fwd=fwd, bwd=bwd,
+                positions=ringwise.positions(case["seq"], layout, group=rg, ulysses_group=ug))
+
+
+def run_cases(cases):
+    return [run_case(c) for c in cases]
+
+
+def assemble(results, name, case):
+    """The global tensor from every rank's piece (the inverse of shard, no communication)."""
+    U, R = case["mesh"]
+    seq_dim = 2 if name == "lse" else 1
+    first = results[0][name]
+    out = torch.empty(first.shape[:seq_dim] + (case["seq"],) + first.shape[seq_dim + 1:], dtype=first.dtype)
+    for res in results:
+        out.index_copy_(seq_dim, global_indices(case["layout"], res["r"], R, case["seq"], res["u"], U), res[name])
+    return out
+
+
+def check_case(case, results):
+    """Mesh error <= 2 x (single-device kernel error) + eps for out, lse and every gradient."""
+    q, k, v, dout = make_inputs(case)
+    dt = DTYPES[case["dtype"]]
+    mask = document_mask(case.get("cu_seqlens"), case["seq"])
+    qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
+    o64, lse64 = reference_attention(qr, kr, vr, case["causal"], mask=mask)
+    refs = dict(out=o64, lse=lse64, **dict(zip(("dq", "dk", "dv"), torch.autograd.grad(o64, (qr, kr, vr), dout))))
+    qs, ks, vs = (x.to(dt).requires_grad_() for x in (q, k, v))
+    kout, klse = ringwise.ring_attention(qs, ks, vs, causal=case["causal"], return_lse=True,
+                                         cu_seqlens=case.get("cu_seqlens"))
+    kern = dict(out=kout, lse=klse, **dict(zip(("dq", "dk", "dv"),
+                                               torch.autograd.grad(kout, (qs, ks, vs), dout.to(dt)))))
+    for name, ref in refs.items():
+        got = assemble(results, name, case)
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        err, kern_err = max_err(got, ref), max_err(kern[name], ref)
+        assert err <= 2 * kern_err + EPS[case["dtype"]], \
+            f"{case}: {name} mesh error {err:.3g} > 2 x kernel error {kern_err:.3g}"
+    for res in results:
+        assert torch.equal(res["positions"], global_indices(case["layout"], res["r"], case["mesh"][1], case["seq"],
+                                                            res["u"], case["mesh"][0]))
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"U{m[0]}xR{m[1]}")
+def test_mesh_matches_reference(cluster, mesh):
+    """Every layout, causal and full, MHA/GQA/MQA, packed documents; gradients; traffic counts."""
+    U, R = mesh
+    cases = grid(U, R)
+    per_rank = cluster(U * R).run(run_cases, cases, timeout=300)
+    for i, case in enumerate(cases):
+        results = [rank[i] for rank in per_rank]
+        check_case(case, results)
+        hops = expected_hops(case)
+        for res in results:  # the ring's hops (only needed steps) and 2 all-to-alls each way
+            assert res["fwd"] == (hops[0], ({"qkv": 1, "out": 1} if U > 1 else {}))
+            assert res["bwd"] == (hops[1], ({"dout": 1, "dqkv": 1} if U > 1 else {}))
+
+
+def expected_hops(case):
+    """(forward, backward) ring hops: R-1 kv forward, R-1 kv + R dkv backward, fewer where packed
+    documents leave ring steps unneeded (relayed for a prefix of steps, direct otherwise)."""
+    U, R = case["mesh"]
+    docs = tuple(case["cu_seqlens"]) if case.get("cu_seqlens") else None
+    steps = needed_steps(case["layout"], R, case["seq"] // R, case["causal"], docs)
+    if len(steps) == 1:
+        return {}, {}
+    relay = steps == tuple(range(len(steps)))
+    n = len(steps) - 1
+    return {"kv": n}, {"kv": n, "dkv": n + 1 if relay else n}
+
+
+def test_kv_copies_are_the_least_that_keep_whole_groups():
+    assert kv_copies(8, 2, 2) == 1 and kv_copies(8, 4, 4) == 1  # kv_heads % U == 0: unexpanded
+    assert kv_copies(8, 2, 4) == 2  # 2 q heads per rank need 1 kv head: 4 kv heads travel, 1 per rank
+    assert kv_copies(4, 1, 4) == 4 and kv_copies(6, 2, 3) == 3
+
+
+def test_per_head_arguments_are_cut_to_the_local_heads():
+    class Mesh:
+        size, u = 4, 2
+    sinks = torch.arange(8.0)
+    kw = _local_heads(dict(sinks=sinks, causal=True, window=(3, 0)), 8, Mesh())
+    assert torch.equal(kw["sinks"], torch.tensor([4.0, 5.0])) and kw["causal"] and kw["window"] == (3, 0)
+
+
+def bad_call(key, heads=4, seq_of_rank=None):
+    """ring_attention on a bad mesh or bad arguments; the error message (or None) and traffic."""
+    ug, rg = groups(key)
+    L = (seq_of_rank or {}).get(dist.get_rank(), 4)
+    q = torch.randn(1, L, heads, 8)
+    HOP_COUNTS.clear()
+    ALL_TO_ALL_COUNTS.clear()
+    try:
+        ringwise.ring_attention(q, q, q, causal=True, layout="contiguous", group=rg, ulysses_group=ug)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return error, dict(HOP_COUNTS), dict(ALL_TO_ALL_COUNTS)
+
+
+@pytest.mark.parametrize("key,kwargs,expect", [
+    ((4, 1), dict(heads=6), "valid ulysses degrees for 6 heads: 1, 2, 3, 6"),
+    ((2, 2), dict(seq_of_rank={3: 6}), "every rank must pass the same"),
+    ("disjoint", {}, None),
+    ("overlap", {}, "do not tile"),
+    ("crossed", {}, "same head chunk"),
+    ("uneven", {}, "every rank needs the same U and R"),
+], ids=["heads", "shapes", "neither-group", "overlap", "crossed-rings", "uneven"])
+def test_bad_mesh_raises_one_clear_error_on_every_rank(cluster, key, kwargs, expect):
+    results = cluster(4).run(bad_call, key, **kwargs, timeout=60)
+    for rank, (error, hops, a2a) in enumerate(results):
+        assert error is not None, f"rank {rank} raised nothing"
+        assert hops == {} and a2a == {}, f"rank {rank} sent traffic before the error: {hops} {a2a}"
+        if expect:
+            assert expect in error, error
+    if key == "disjoint":
+        assert "neither" in results[3][0]
+        assert all("rank 1: global rank 1 is in ulysses_group but not in group" in e for e, _, _ in results[:3])
+    elif key not in ("overlap", "uneven"):  # there ranks see different parts of a broken mesh: same kind of error
+        assert len({e for e, _, _ in results}) == 1, [e for e, _, _ in results]
+
+
+def test_bench_attention_ulysses_quick(tmp_path):
+    """`bench attention --ulysses` runs the mesh suite (here SDPA, ring 1x2 and Ulysses 2x1, MQA)."""
+    import json
+
+    from ringwise.cli import main
+
+    assert main(["bench", "attention", "--ulysses", "--ulysses-meshes", "1x2", "2x1", "--ulysses-seq", "128",
+                 "--ulysses-repeats", "1", "--ulysses-head-dim", "16", "--ulysses-heads", "4",
+                 "--ulysses-kv-heads", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "ulysses.json").read_text())["rows"]
+    assert [(r["impl"], r["mesh"]) for r in rows[::2]] == [("sdpa", "1 process"), ("ring", "1x2"), ("ulysses", "2x1")]
+    assert all(r["seconds"] > 0 and r["all_to_alls"] == (4 if r["ulysses"] > 1 else 0) for r in rows)
+    assert (tmp_path / "ulysses.md").exists()
+
+
+def run_windowed(cases):
+    """Window, sinks and soft-capping through the (ulysses x ring) mesh: local results."""
+    out = []
+    for case in cases:
+        ug, rg = groups(case["mesh"])
+        q, k, v, dout = make_inputs(case)
+        layout = case["layout"]
+
+        def piece(x):
+            return ringwise.shard(x, 1, layout, group=rg, ulysses_group=ug)
+
+        ql, kl, vl = (piece(x).requires_grad_() for x in (q, k, v))
+        sinks = make_sinks(case).float().requires_grad_()
+        o, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, group=rg, ulysses_group=ug, return_lse=True,
+                                         sinks=sinks, **options(case))
+        o.backward(piece(dout))
+        out.append(dict(out=o.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad, dsinks=sinks.grad,
+                        u=dist.get_rank(ug), r=dist.get_rank(rg)))
+    return out
+
+
+@pytest.mark.parametrize("layout", ringwise.LAYOUTS)
+def test_window_sinks_softcap_compose_with_ulysses(cluster, layout):
+    """A 2 x 2 mesh with a sliding window across shards, per-head sinks (cut to each rank's heads)
+    and soft-capping, packed documents too: within 2 x the single-device error of float64."""
+    base = dict(mesh=(2, 2), layout=layout, causal=True, dtype="float32", batch=1, heads=4, kv_heads=2,
+                head_dim=16, seq=48, sinks=True)
+    cases = [dict(base, seed=1, window=13), dict(base, seed=2, window=5, softcap=3.0),
+             dict(base, seed=3, window=20, cu_seqlens=VARLEN[1])]
+    per_rank = cluster(4).run(run_windowed, cases, timeout=300)
+    for i, case in enumerate(cases):
+        results = [rank[i] for rank in per_rank]
+        q, k, v, dout = make_inputs(case)
+        vis = visible_mask(case["seq"], True, case["window"], case.get("cu_seqlens"))
+        sinks = make_sinks(case)
+        qr, kr, vr, sr = (x.detach().requires_grad_() for x in (q, k, v, sinks))
+        o64, lse64 = window_reference(qr, kr, vr, vis, sinks=sr, softcap=case.get("softcap"))
+        refs = dict(zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(o64, (qr, kr, vr, sr), dout)),
+                    out=o64.detach(), lse=lse64)
+        qs, ks, vs, ss = (x.float().requires_grad_() for x in (q, k, v, sinks))
+        ko, klse = ringwise.ring_attention(qs, ks, vs, return_lse=True, sinks=ss, **options(case))
+        kern = dict(zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(ko, (qs, ks, vs, ss), dout)),
+                    out=ko, lse=klse)
+        got = {n: assemble(results, n, case) for n in ("out", "lse", "dq", "dk", "dv")}
+        got["dsinks"] = sum(r["dsinks"].double() for r in results)  # per-rank partials, like any parameter
+        for name, ref in refs.items():
+            err, kern_err = max_err(got[name], ref), max_err(kern[name], ref)
+            assert err <= 2 * kern_err + EPS["float32"], f"{case}: {name} error {err:.3g} > 2 x {kern_err:.3g}"

@@ -1,0 +1,247 @@
+"""Sliding windows, attention sinks and soft-capping: tiles, hop schedule, and real gloo rings
+against a float64 reference on the whole sequence."""
+import itertools
+
+import pytest
+import torch
+
+import ringwise
+from ringwise.attention.comm import HOP_COUNTS
+from ringwise.attention.kernels import ReferenceKernel
+from ringwise.attention.layout import global_indices
+from ringwise.attention.tiles import needed_steps, step_tiles
+from reference import max_err
+from test_ring import DTYPES, EPS, assemble, make_inputs, packed
+
+
+def visible_mask(total, causal=True, window=None, cu_seqlens=None):
+    """Global (query, key) visibility: causal, key at most `window` before, same document."""
+    i, j = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    vis = torch.ones(total, total, dtype=torch.bool)
+    if causal:
+        vis &= j <= i
+    if window is not None:
+        vis &= i - j <= window
+    if cu_seqlens is not None:
+        doc = torch.bucketize(torch.arange(total), torch.tensor(cu_seqlens[1:]), right=True)
+        vis &= doc[:, None] == doc[None, :]
+    return vis
+
+
+def reference(q, k, v, vis, scale=None, sinks=None, softcap=None):
+    """float64 attention with a visibility mask, an optional sink logit per head and soft-capping."""
+    q, k, v = (x.double() for x in (q, k, v))
+    h, hk = q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(h // hk, 2), v.repeat_interleave(h // hk, 2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~vis, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double()[None, :, None, None].expand(*s.shape[:3], 1)], -1)
+        v = torch.cat([v, v.new_zeros(v.shape[0], 1, *v.shape[2:])], 1)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+def make_sinks(case):
+    if not case.get("sinks"):
+        return None
+    return torch.randn(case["heads"], generator=torch.Generator().manual_seed(case["seed"] + 1), dtype=torch.float64)
+
+
+def options(case):
+    return dict(causal=case["causal"], cu_seqlens=case.get("cu_seqlens"), window=case.get("window"),
+                softcap=case.get("softcap"))
+
+
+def ring_run(case):
+    """On each rank: forward + backward of this rank's shard; local results and hop counts."""
+    q, k, v, dout = make_inputs(case)
+    dt, layout = DTYPES[case["dtype"]], case["layout"]
+    ql, kl, vl = (ringwise.shard(x.to(dt), 1, layout).requires_grad_() for x in (q, k, v))
+    sinks = make_sinks(case)
+    sinks = None if sinks is None else sinks.float().requires_grad_()
+    HOP_COUNTS.clear()
+    out, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, return_lse=True, sinks=sinks, **options(case))
+    fwd = dict(HOP_COUNTS)
+    out.backward(ringwise.shard(dout.to(dt), 1, layout))
+    bwd = {s: n - fwd.get(s, 0) for s, n in HOP_COUNTS.items() if n - fwd.get(s, 0)}
+    return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad,
+                dsinks=None if sinks is None else sinks.grad, fwd=fwd, bwd=bwd)
+
+
+def check(case, results):
+    """Ring error <= 2 x (single-device error) + eps for out, lse, dq, dk, dv and d sinks."""
+    q, k, v, dout = make_inputs(case)
+    dt, layout = DTYPES[case["dtype"]], case["layout"]
+    vis = visible_mask(q.shape[1], case["causal"], case.get("window"), case.get("cu_seqlens"))
+    sinks = make_sinks(case)
+    qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
+    sr = None if sinks is None else sinks.clone().requires_grad_()
+    o64, lse64 = reference(qr, kr, vr, vis, sinks=sr, softcap=case.get("softcap"))
+    wrt = (qr, kr, vr) + (() if sr is None else (sr,))
+    refs = dict(zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(o64, wrt, dout)), out=o64.detach(), lse=lse64)
+
+    qs, ks, vs = (x.to(dt).requires_grad_() for x in (q, k, v))
+    ss = None if sinks is None else sinks.float().requires_grad_()
+    kout, klse = ringwise.ring_attention(qs, ks, vs, return_lse=True, sinks=ss, **options(case))
+    kern = dict(zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(kout, (qs, ks, vs) + (() if ss is None else (ss,)),
+                                                                       dout.to(dt))), out=kout, lse=klse)
+    ring = {n: assemble([r[n] for r in results], layout, 2 if n == "lse" else 1) for n in ("out", "lse", "dq", "dk", "dv")}
+    if sinks is not None:  # per-rank partials, summed like any replicated parameter's gradient
+        ring["dsinks"] = sum(r["dsinks"].double() for r in results)
+    for name, ref in refs.items():
+        assert torch.isfinite(ring[name]).all(), f"{name} has non-finite values"
+        ring_e, kern_e = max_err(ring[name], ref), max_err(kern[name], ref)
+        assert ring_e <= 2 * kern_e + EPS[case["dtype"]], f"{name}: ring error {ring_e:.3g} > 2 x kernel error {kern_e:.3g}"
+
+
+def schedule_from_mask(layout, W, total, vis):
+    """Ring steps some rank needs, read off the global mask (independent of the tiling)."""
+    return tuple(s for s in range(W) if any(
+        vis[global_indices(layout, r, W, total)][:, global_indices(layout, (r - s) % W, W, total)].any()
+        for r in range(W)))
+
+
+def expected_hops(steps, W):
+    """Forward: one kv hop per needed step after the first. Backward: the same kv hops, and dkv
+    hops: relayed (steps 0..m) m hops plus one home; direct, one per step after the first."""
+    m = len(steps) - 1
+    if m == 0:
+        return {}, {}
+    relay = steps == tuple(range(m + 1))
+    return {"kv": m}, {"kv": m, "dkv": m + 1 if relay else m}
+
+
+# ---------------------------------------------------------------- tiling, single process
+
+@pytest.mark.parametrize("layout,W", list(itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5])))
+def test_window_tiles_cover_exactly_the_band(layout, W):
+    """Every visible pair exactly once, for windows inside a chunk, across shards and past the
+    end, with and without packed documents; the step schedule matches the mask."""
+    L = 8
+    S = L * W
+    for window, docs in itertools.product([0, 1, 3, 5, 8, 11, S - 1, S + 4], [None, tuple(packed([3, 1, S - 6, 2]))]):
+        covered = torch.zeros(S, S, dtype=torch.int64)
+        for r, src in itertools.product(range(W), range(W)):
+            qpos, kpos = global_indices(layout, r, W, S), global_indices(layout, src, W, S)
+            for t in step_tiles(layout, r, src, W, L, True, docs, window):
+                assert t.band is None or not t.causal
+                for i, j in itertools.product(range(t.q_len), range(t.k_len)):
+                    covered[qpos[t.q_start + i], kpos[t.k_start + j]] += t.visible(i, j)
+        vis = visible_mask(S, True, window, docs)
+        assert torch.equal(covered, vis.long()), (window, docs)
+        assert needed_steps(layout, W, L, True, docs, window) == schedule_from_mask(layout, W, S, vis)
+
+
+def test_schedules_skip_unneeded_steps():
+    """The issue's examples: a window inside one contiguous shard needs one hop; zigzag with a
+    small window needs steps {0, 1, W-1} (2 hops at W=4, not 3); a window as long as the
+    sequence is plain causal."""
+    assert needed_steps("contiguous", 4, 16, True, None, 5) == (0, 1)
+    assert needed_steps("zigzag", 4, 16, True, None, 3) == (0, 1, 3)
+    assert needed_steps("striped", 4, 16, True, None, 2) == (0, 1, 2)
+    for layout in ringwise.LAYOUTS:
+        assert needed_steps(layout, 4, 16, True, None, 64) == needed_steps(layout, 4, 16, True) == (0, 1, 2, 3)
+        assert step_tiles(layout, 1, 0, 4, 16, True, None, 64) == step_tiles(layout, 1, 0, 4, 16, True)
+
+
+def test_reference_kernel_band_and_softcap_match_dense():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    for band in [(0, 2), (-3, 1), (4, 20)]:
+        vis = (i - j >= band[0]) & (i - j <= band[1])
+        out, lse = ReferenceKernel(chunk=4).forward(q, k, v, False, 0.4, band=band, softcap=2.0)
+        ref, ref_lse = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), vis, scale=0.4, softcap=2.0)
+        assert max_err(out, ref.transpose(1, 2)) < 1e-12 and max_err(lse.clamp_min(-1e9), ref_lse.clamp_min(-1e9)) < 1e-12
+
+
+# ---------------------------------------------------------------- rings vs float64
+
+WINDOWS = [0, 3, 13, 30, 100]  # global length 48: inside a shard's chunk, across shards, past the end
+WINDOW_GRID = [
+    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=4, kv_heads=2, head_dim=16,
+         seq=48, seed=700 + i, window=w)
+    for i, (W, layout, w) in enumerate(itertools.product([1, 2, 3, 4], ringwise.LAYOUTS, WINDOWS))
+]
+WINDOW_GRID += [  # packed documents, and bfloat16
+    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=4, kv_heads=1, head_dim=16,
+         seq=48, seed=800 + i, window=w, cu_seqlens=packed([7, 1, 1, 13, 2, 24]))
+    for i, (W, layout, w) in enumerate(itertools.product([2, 3, 4], ringwise.LAYOUTS, [4, 17]))
+] + [
+    dict(world=W, layout=layout, causal=True, dtype="bfloat16", batch=2, heads=2, kv_heads=2, head_dim=32,
+         seq=48, seed=900 + W, window=9)
+    for W, layout in itertools.product([3, 4], ringwise.LAYOUTS)
+]
+
+
+def case_id(c):
+    extra = "".join(f"-{k}{c[k]}" for k in ("window", "softcap") if c.get(k) is not None)
+    extra += "-sinks" * bool(c.get("sinks")) + ("-docs" if c.get("cu_seqlens") else "")
+    return f"W{c['world']}-{c['layout']}-{'causal' if c['causal'] else 'full'}-{c['dtype']}-h{c['heads']}/{c['kv_heads']}{extra}"
+
+
+@pytest.mark.parametrize("case", WINDOW_GRID, ids=case_id)
+def test_window_ring_matches_reference(cluster, case):
+    results = cluster(case["world"]).run(ring_run, case)
+    check(case, results)
+    vis = visible_mask(case["seq"], True, case["window"], case.get("cu_seqlens"))
+    fwd, bwd = expected_hops(schedule_from_mask(case["layout"], case["world"], case["seq"], vis), case["world"])
+    for r in results:
+        assert (r["fwd"], r["bwd"]) == (fwd, bwd)
+
+
+@pytest.mark.parametrize("layout,window,fwd,bwd", [
+    ("contiguous", 5, {"kv": 1}, {"kv": 1, "dkv": 2}),  # window inside one shard: one relay hop + home
+    ("zigzag", 3, {"kv": 2}, {"kv": 2, "dkv": 2}),  # steps {0, 1, 3}: direct sends, not 3 relays
+    ("striped", 2, {"kv": 2}, {"kv": 2, "dkv": 3}),
+    ("zigzag", 64, {"kv": 3}, {"kv": 3, "dkv": 4}),  # window >= sequence: plain causal
+])
+def test_window_hop_counts_at_four_ranks(cluster, layout, window, fwd, bwd):
+    case = dict(world=4, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
+                seq=64, seed=31, window=window)
+    results = cluster(4).run(ring_run, case)
+    check(case, results)
+    assert all((r["fwd"], r["bwd"]) == (fwd, bwd) for r in results)
+
+
+SINK_CAP_GRID = [
+    dict(world=W, layout=layout, causal=causal, dtype="float32", batch=2, heads=4, kv_heads=2, head_dim=16,
+         seq=24, seed=600 + i, q_scale=3.0, **extra)
+    for i, (W, layout, causal, extra) in enumerate(itertools.product(
+        [1, 2, 3], ringwise.LAYOUTS, [True, False],
+        [dict(sinks=True), dict(softcap=5.0), dict(sinks=True, softcap=2.0)]))
+] + [
+    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=4, kv_heads=2, head_dim=16, seq=24,
+         seed=650 + W, sinks=True, softcap=3.0, window=5, cu_seqlens=packed([5, 11, 8]))
+    for W, layout in itertools.product([2, 3], ringwise.LAYOUTS)
+]
+
+
+@pytest.mark.parametrize("case", SINK_CAP_GRID, ids=case_id)
+def test_sinks_and_softcap_match_reference(cluster, case):
+    check(case, cluster(case["world"]).run(ring_run, case))
+
+
+def test_softcap_refuses_fused_backend():
+    q = torch.randn(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="softcap.*backend='aten_cpu'"):
+        ringwise.ring_attention(q, q, q, softcap=5.0, backend="aten_cpu")
+    with pytest.raises(ValueError, match="window needs causal=True"):
+        ringwise.ring_attention(q, q, q, window=3)
+
+
+def test_sinks_gradient_reaches_a_parameter():
+    """sinks as an nn.Parameter: gradient flows (single process) and equals the reference."""
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 12, 4, 8), torch.randn(1, 12, 2, 8), torch.randn(1, 12, 2, 8)
+    sinks = torch.nn.Parameter(torch.randn(4))
+    ringwise.ring_attention(q, k, v, causal=True, sinks=sinks, window=4).sum().backward()
+    sr = sinks.detach().double().requires_grad_()
+    ref, _ = reference(q, k, v, visible_mask(12, True, 4), sinks=sr)
+    (g,) = torch.autograd.grad(ref.sum(), sr)
+    assert max_err(sinks.grad, g) < 1e-5
