@@ -1,9 +1,7 @@
 """transformers architectures with sliding windows, hybrid local/global layers, sinks, soft-capping,
 MoE and gradient checkpointing run sequence-parallel through the registry: logits and every parameter
 gradient equal the one-process model (float64 oracle; budget 2x the float32 model's own error).
-Refused architectures raise the same error on every rank, before any ring traffic."""
-import inspect
-
+Refusals: test_hf_refusals.py; more families at W = 2: test_hf_families.py."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,7 +10,6 @@ transformers = pytest.importorskip("transformers")
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
-from ringwise.attention.ring import ring_attention  # noqa: E402
 
 SEQ = 48  # splits evenly for every layout at W = 2 and 3
 DOCS = [0, 5, 6, 29, 48]
@@ -135,16 +132,9 @@ CASES = [  # (architecture, world, documents, layout, mode): each architecture a
 ]
 
 
-# windows, sinks and soft-capping need the ring's window=/sinks=/softcap= (core branch, merged into main)
-RING_EXTRAS = {"window", "sinks", "softcap"} <= set(inspect.signature(ring_attention).parameters)
-NEEDS_EXTRAS = {"mistral", "gemma2", "gemma3", "gpt_oss", "qwen2_moe_window"}
-
-
 @pytest.mark.parametrize("name,world,docs,layout,mode", CASES,
                          ids=[f"{n}-W{w}-{'packed' if d else 'one-doc'}-{lay}-{m}" for n, w, d, lay, m in CASES])
 def test_architecture_matches_single_process(cluster, name, world, docs, layout, mode):
-    if name in NEEDS_EXTRAS and not RING_EXTRAS:
-        pytest.skip("needs ring_attention(window=, sinks=, softcap=), not merged into this branch yet")
     results = cluster(world).run(ring_run, name, docs, layout, mode)
     ref, f32 = single_run(name, docs, torch.float64), single_run(name, docs, torch.float32)
     logits = torch.empty_like(f32["logits"])
@@ -155,3 +145,29 @@ def test_architecture_matches_single_process(cluster, name, world, docs, layout,
     for n, g in results[0]["grads"].items():
         budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7
         assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
+
+
+def forward_hops(name, window):
+    """kv hops of one forward of a 2-layer Mistral: full attention, or a window of `window` tokens."""
+    from ringwise.attention.comm import HOP_COUNTS
+
+    rw.use_ring(layout="contiguous")
+    torch.manual_seed(0)
+    cfg = make_config(name)
+    cfg.sliding_window = window
+    model = rw.from_config(cfg)
+    batch = rw.shard_batch(global_ids())
+    batch.pop("labels")
+    HOP_COUNTS.clear()
+    with torch.no_grad():
+        model(**batch)
+    return HOP_COUNTS["kv"]
+
+
+def test_window_layers_send_fewer_hops(cluster):
+    """The layer's window reaches the ring: with contiguous shards a short window needs the previous shard only."""
+    world, layers = 3, make_config("mistral").num_hidden_layers
+    full = cluster(world).run(forward_hops, "mistral", None)
+    windowed = cluster(world).run(forward_hops, "mistral", 3)
+    assert full == [layers * (world - 1)] * world
+    assert windowed == [layers] * world, (windowed, full)

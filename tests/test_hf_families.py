@@ -2,8 +2,6 @@
 (zigzag, float32, gloo) and matches the one-process eager model, logits and every parameter gradient,
 within 2x the float32 model's own error vs float64. Windowed families use windows shorter than the
 sequence; the ones in test_hf_architectures.py are tested more deeply there."""
-import inspect
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,7 +10,6 @@ transformers = pytest.importorskip("transformers")
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
-from ringwise.attention.ring import ring_attention  # noqa: E402
 
 SEQ, WINDOW = 32, 6
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -59,7 +56,6 @@ FAMILIES = {  # family -> (config class, its extra arguments); windowed ones mar
     "gptj": ("GPTJConfig", dict(GPT_STYLE, rotary_dim=4)),
     "codegen": ("CodeGenConfig", dict(GPT_STYLE, rotary_dim=4)),
 }
-RING_EXTRAS = "window" in inspect.signature(ring_attention).parameters
 
 
 def make_config(name):
@@ -109,8 +105,6 @@ def err(a, b):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_is_exact(cluster, name):
-    if "sliding_window" in FAMILIES[name][1] and not RING_EXTRAS:
-        pytest.skip("needs ring_attention(window=), not merged into this branch yet")
     results = cluster(2).run(ring_run, name)
     ref, f32 = single_run(name, torch.float64), single_run(name, torch.float32)
     logits = torch.empty_like(f32["logits"])

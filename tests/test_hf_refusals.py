@@ -142,9 +142,13 @@ def forward_refused(case):
         kwargs["cu_seq_lens_q"] = torch.tensor([0, 8], dtype=torch.int32)
     elif case == "gpt2-dropout":
         model.train()
+    from ringwise.attention.comm import HOP_COUNTS
+
+    HOP_COUNTS.clear()
     try:
         model(**batch, **kwargs)
     except ValueError as e:
+        assert not HOP_COUNTS, f"refused after ring traffic: {dict(HOP_COUNTS)}"
         return str(e)
     return None
 
