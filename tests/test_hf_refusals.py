@@ -136,6 +136,11 @@ def forward_refused(case):
         kwargs["use_cache"] = False
     elif case == "padding-one-rank" and rank == 1:
         kwargs["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
+    elif case == "padding-second-model":  # a second model, same config object, after a clean forward of the first
+        model(**batch)
+        model = transformers.AutoModelForCausalLM.from_config(model.config, attn_implementation="ringwise")
+        if rank == 1:
+            kwargs["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
     elif case == "custom-mask-one-rank" and rank == 0:
         kwargs["attention_mask"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
     elif case == "flash-packing-kwargs":
@@ -157,6 +162,7 @@ FORWARD_REFUSALS = {
     "local-positions": "position_ids are not the global positions",
     "packed-positions": "position_ids are not the global positions",
     "padding-one-rank": "padding masks",
+    "padding-second-model": "padding masks",
     "custom-mask-one-rank": "tensor attention mask",
     "flash-packing-kwargs": "cu_seq_lens_q",
     "gpt2-dropout": "attn_pdrop=0",

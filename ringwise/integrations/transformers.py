@@ -22,6 +22,7 @@ Tested on transformers 5.24.0; check_model (hf_support) lists what is refused an
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +43,7 @@ _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_
 class _RingConfig:
     group: object = None
     layout: str = "zigzag"
-    first_layer: object = None  # the model's first attention module: its calls run the collective check
+    first_layer: object = None  # weakref to the first attention module seen (see _check_due)
     pending: list = field(default_factory=list)  # masks built since the last collective check
 
 
@@ -153,16 +154,17 @@ def _collective_check(problem: str | None) -> None:
 
 
 def _check_due(module) -> bool:
-    """Whether this call runs the collective check: every call of the model's first attention layer.
+    """Whether this call runs the collective check: the model's first attention layer (layer_idx 0,
+    or the first attention module seen since the model changed).
 
     Decided from the sequence of layers called alone, which is the same on every rank
     whatever masks the ranks built, so all ranks check at the same call (once per forward,
     once more when gradient checkpointing recomputes that layer).
     """
-    first = _CONFIG.first_layer
+    first = _CONFIG.first_layer() if _CONFIG.first_layer is not None else None
     if first is None or getattr(module, "config", None) is not getattr(first, "config", None):
-        _CONFIG.first_layer = first = module  # a new model
-    return module is first
+        _CONFIG.first_layer, first = weakref.ref(module), module  # a new model
+    return module is first or getattr(module, "layer_idx", None) == 0
 
 
 def ringwise_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
