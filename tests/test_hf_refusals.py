@@ -197,6 +197,9 @@ def test_kv_cache_continuation_is_refused_at_the_hook():
     rw.use_ring()
     mask = rw.ringwise_mask(1, q_length=1, kv_length=9, q_offset=8, kv_offset=0, mask_function=causal_mask_function)
     assert "KV cache" in mask.problem
+    older = rw.ringwise_mask(1, cache_position=torch.tensor([8]), kv_length=9, mask_function=causal_mask_function)
+    assert "KV cache" in older.problem  # the keywords older transformers pass
+    assert rw.ringwise_mask(1, q_length=4, kv_length=4, mask_function=causal_mask_function).problem is None
 
 
 @pytest.mark.parametrize("name", ["bloom", "mpt"])

@@ -219,6 +219,9 @@ def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
     different ranks, e.g. a "packed" mask from the jump in zigzag positions on rank 0 only).
     """
     mask = RingMask()
+    cache_position = kwargs.get("cache_position")  # older transformers pass this, not q_length/q_offset
+    if q_length is None and cache_position is not None:
+        q_length, q_offset = cache_position.shape[0], cache_position[0]
     try:
         spec = read_mask_function(mask_function)
         mask.window = spec.window
