@@ -83,7 +83,8 @@ def reference_mask(docs, window, dtype):
     lengths = torch.tensor(docs[1:]) - torch.tensor(docs[:-1])
     doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
     visible &= doc[:, None] == doc[None, :]
-    return torch.zeros(SEQ, SEQ, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[None, None].expand(2, 1, -1, -1)
+    additive = torch.zeros(SEQ, SEQ, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    return additive[None, None].expand(2, 1, -1, -1)
 
 
 def single_run(name, docs, dtype):

@@ -110,7 +110,8 @@ def test_check_model_reads_the_modules(name):
 
 def test_accepted_families_pass_check_model():
     for cfg in (transformers.LlamaConfig(**SMALL), transformers.MistralConfig(**SMALL, sliding_window=8),
-                transformers.Gemma2Config(**SMALL, head_dim=8), transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4)):
+                transformers.Gemma2Config(**SMALL, head_dim=8),
+                transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4)):
         rw.use_ring()
         rw.from_config(cfg)
 
