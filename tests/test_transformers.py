@@ -45,6 +45,24 @@ def ring_run(name, docs):
     return dict(logits=logits.detach(), grads=grads)
 
 
+def ulysses_run(name, docs, mesh):
+    """The same model on a (ulysses x ring) mesh: logits of this rank's piece, summed gradients."""
+    from ringwise.attention.ulysses import mesh_groups
+
+    ug, rg = mesh_groups(*mesh)
+    rw.use_ring(group=rg, layout="zigzag", ulysses_group=ug)
+    model = make_model(name, "ringwise")
+    batch = rw.shard_batch(global_ids(), cu_seqlens=docs)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    rw.causal_lm_loss(logits, labels).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for g in grads.values():
+        dist.all_reduce(g)
+    rw.use_ring()  # later tests on this cluster use the plain ring
+    return dict(logits=logits.detach(), grads=grads, u=dist.get_rank(ug), r=dist.get_rank(rg))
+
+
 def single_run(name, docs, dtype):
     """The one-process SDPA model on the whole sequence (documents as a 4-D block mask)."""
     model = make_model(name, "sdpa").to(dtype)
@@ -82,6 +100,24 @@ def test_model_matches_single_process_sdpa(cluster, world, name, docs):
     logits = torch.empty_like(f32["logits"])
     for r, res in enumerate(results):
         logits[:, global_indices("zigzag", r, world, SEQ)] = res["logits"]
+    assert err(logits, ref["logits"]) <= 2 * err(f32["logits"], ref["logits"]) + 1e-6
+    for n, g in results[0]["grads"].items():
+        budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7
+        assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
+
+
+@pytest.mark.parametrize("mesh", [(2, 2), (4, 1)], ids=["U2xR2", "U4xR1"])
+@pytest.mark.parametrize("docs", [None, [0, 5, 6, 17, 24]], ids=["one-doc", "packed"])
+def test_model_on_a_ulysses_ring_mesh_matches_single_process(cluster, mesh, docs):
+    """use_ring(ulysses_group=): Llama (4 query / 2 kv heads) on Ulysses x ring meshes."""
+    from ringwise.attention.layout import global_indices
+
+    U, R = mesh
+    results = cluster(U * R).run(ulysses_run, "llama", docs, mesh)
+    ref, f32 = single_run("llama", docs, torch.float64), single_run("llama", docs, torch.float32)
+    logits = torch.empty_like(f32["logits"])
+    for res in results:
+        logits[:, global_indices("zigzag", res["r"], R, SEQ, res["u"], U)] = res["logits"]
     assert err(logits, ref["logits"]) <= 2 * err(f32["logits"], ref["logits"]) + 1e-6
     for n, g in results[0]["grads"].items():
         budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7

@@ -43,6 +43,7 @@ _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_
 class _RingConfig:
     group: object = None
     layout: str = "zigzag"
+    ulysses_group: object = None  # Ulysses x ring (USP): heads traded for sequence inside this group
     first_layer: object = None  # weakref to the first attention module seen (see _check_due)
     pending: list = field(default_factory=list)  # masks built since the last collective check
 
@@ -90,11 +91,30 @@ def _world_size(group) -> int:
     return _world(group)[1]
 
 
+def _shards() -> int:
+    """How many pieces the sequence is cut into: ring size x ulysses size."""
+    u = _world_size(_CONFIG.ulysses_group) if _CONFIG.ulysses_group is not None else 1
+    return _world_size(_CONFIG.group) * u
+
+
+def _mesh_gather(obj) -> list:
+    """obj from every rank that shares the sequence (the ring group, times the ulysses group)."""
+    gathered = [obj]
+    groups = ([] if _CONFIG.ulysses_group is None else [_CONFIG.ulysses_group]) + [_CONFIG.group]  # None: world
+    for g in groups:
+        if _world_size(g) > 1:
+            parts = [None] * _world_size(g)
+            dist.all_gather_object(parts, gathered, group=g)
+            gathered = [x for part in parts for x in part]
+    return gathered
+
+
 def _position_problem(position_ids, local_len: int) -> str | None:
     """position_ids must be the global positions of this rank's tokens (what shard_batch gives)."""
     if position_ids is None:
         return None
-    want = positions(local_len * _world_size(_CONFIG.group), _CONFIG.layout, _CONFIG.group, position_ids.device)
+    want = positions(local_len * _shards(), _CONFIG.layout, _CONFIG.group, position_ids.device,
+                     ulysses_group=_CONFIG.ulysses_group)
     if position_ids.shape[-1] != local_len or not bool((position_ids == want).all()):
         return (f"position_ids are not the global positions of this rank's tokens in layout={_CONFIG.layout!r} "
                 "(restarting positions for packed documents, or local positions); pass the position_ids that "
@@ -138,10 +158,7 @@ def _collective_check(problem: str | None) -> None:
     """
     pending, _CONFIG.pending = _CONFIG.pending, []
     mine = ([m.problem for m in pending], problem)
-    gathered = [mine]
-    if _world_size(_CONFIG.group) > 1:
-        gathered = [None] * _world_size(_CONFIG.group)
-        dist.all_gather_object(gathered, mine, group=_CONFIG.group)
+    gathered = _mesh_gather(mine)
     for r, (_, p) in enumerate(gathered):
         if p:
             raise ValueError(f"ringwise attention (rank {r}): {p}")
@@ -191,7 +208,7 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
         window, causal = mask.window, True
     else:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    global_len = query.shape[2] * _world_size(_CONFIG.group)
+    global_len = query.shape[2] * _shards()
     extra = {}
     if window is not None and window < global_len:
         extra["window"] = window - 1  # transformers counts the query itself; the ring counts keys to its left
@@ -206,7 +223,8 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
         d = max(dv, q.shape[-1])  # zero columns change neither the scores nor the real output columns
         q, k, v = (F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
     out = ring_attention(q, k, v, causal=causal, softmax_scale=scaling, layout=_CONFIG.layout, group=_CONFIG.group,
-                         cu_seqlens=kwargs.get("ringwise_cu_seqlens"), validate=validate, **extra)
+                         cu_seqlens=kwargs.get("ringwise_cu_seqlens"), validate=validate,
+                         ulysses_group=_CONFIG.ulysses_group, **extra)
     return out[..., :dv], None
 
 
@@ -259,12 +277,18 @@ def _padding_problem(attention_mask) -> str | None:
     return None
 
 
-def use_ring(group=None, layout: str = "zigzag") -> None:
-    """Register "ringwise" with transformers and set the ring (process group, layout) it uses."""
+def use_ring(group=None, layout: str = "zigzag", ulysses_group=None) -> None:
+    """Register "ringwise" with transformers and set the ring (process group, layout) it uses.
+
+    ulysses_group: run Ulysses x ring (USP): the sequence is cut over both groups
+    (ringwise.shard(..., ulysses_group=)), and an all-to-all inside ulysses_group trades
+    sequence for heads around the ring over `group` (see ringwise/attention/ulysses.py).
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     _CONFIG.group, _CONFIG.layout, _CONFIG.first_layer, _CONFIG.pending = group, layout, None, []
+    _CONFIG.ulysses_group = ulysses_group
     AttentionInterface.register(NAME, ringwise_attention_forward)
     AttentionMaskInterface.register(NAME, ringwise_mask)
 
@@ -318,7 +342,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_
     the next global token; the last token of every document gets -100), position_ids are
     the global positions of the local tokens.
     """
-    layout, group = _CONFIG.layout, _CONFIG.group
+    layout, group, ug = _CONFIG.layout, _CONFIG.group, _CONFIG.ulysses_group
     labels = input_ids if labels is None else labels
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
@@ -326,9 +350,9 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_
         ends = torch.as_tensor(list(cu_seqlens)[1:], dtype=torch.long) - 1
         shifted[:, ends] = IGNORE_INDEX
     b, s = input_ids.shape
-    out = dict(input_ids=shard(input_ids, 1, layout, group),
-               position_ids=positions(s, layout, group, device=input_ids.device)[None].expand(b, -1),
-               labels=shard(shifted, 1, layout, group))
+    out = dict(input_ids=shard(input_ids, 1, layout, group, ulysses_group=ug),
+               position_ids=positions(s, layout, group, device=input_ids.device, ulysses_group=ug)[None].expand(b, -1),
+               labels=shard(shifted, 1, layout, group, ulysses_group=ug))
     if cu_seqlens is not None:
         out["ringwise_cu_seqlens"] = [int(x) for x in cu_seqlens]
     return out
@@ -344,4 +368,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     count = (labels != IGNORE_INDEX).sum().to(torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count, group=_CONFIG.group)
+        if _CONFIG.ulysses_group is not None:
+            dist.all_reduce(count, group=_CONFIG.ulysses_group)
     return local / count.clamp_min(1).to(local.dtype)
