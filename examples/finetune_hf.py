@@ -5,6 +5,7 @@ own attention registry (attn_implementation="ringwise"), documents packed into o
 sequence attend only within themselves.
 
     python examples/finetune_hf.py --world 2                      # tiny random Llama, local ranks
+    python examples/finetune_hf.py --world 2 --arch gemma2 --gradient-checkpointing
     python examples/finetune_hf.py --model PATH --text corpus.txt  # a local checkpoint and its tokenizer
     torchrun --nproc-per-node 8 examples/finetune_hf.py --model PATH --text data/ --seq-len 131072
 
@@ -25,16 +26,43 @@ from ringwise.train import checkpoint
 from ringwise.train.parallel import elastic_run
 
 
-def build_model(args):
-    import transformers
+ARCHS = ("llama", "mistral", "gemma2", "gemma3", "gpt_oss", "qwen2_moe")
 
+
+def tiny_config(arch: str, vocab: int, window: int):
+    """A small random config of `arch`; windowed families get `window`-token sliding windows."""
+    import transformers as T
+
+    common = dict(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return T.LlamaConfig(**common)
+    if arch == "mistral":
+        return T.MistralConfig(**common, sliding_window=window)
+    if arch == "gemma2":  # local/global layers with soft-capping
+        return T.Gemma2Config(**common, head_dim=32, sliding_window=window, query_pre_attn_scalar=32)
+    if arch == "gemma3":
+        return T.Gemma3TextConfig(**common, head_dim=32, sliding_window=window, query_pre_attn_scalar=32,
+                                  layer_types=["sliding_attention", "full_attention"])
+    if arch == "gpt_oss":  # attention sinks, local/global layers, MoE
+        return T.GptOssConfig(**common, head_dim=32, sliding_window=window, num_local_experts=4,
+                              num_experts_per_tok=2)
+    if arch == "qwen2_moe":
+        return T.Qwen2MoeConfig(**common, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                num_experts=4, num_experts_per_tok=2)
+    raise ValueError(f"--arch {arch!r} is unknown; use one of {', '.join(ARCHS)}")
+
+
+def build_model(args):
+    """Loaded or tiny random model with ringwise attention; check_model runs before and after building."""
     if args.model:
-        return transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="ringwise",
-                                                                 torch_dtype=torch.float32)
-    cfg = transformers.LlamaConfig(vocab_size=ByteTokenizer().vocab_size, hidden_size=128, intermediate_size=384,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(args.seed)
-    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="ringwise")
+        model = rw.from_pretrained(args.model, torch_dtype=torch.float32)
+    else:
+        torch.manual_seed(args.seed)
+        model = rw.from_config(tiny_config(args.arch, ByteTokenizer().vocab_size, args.window))
+    if args.gradient_checkpointing:  # transformers then calls the model with use_cache=False
+        model.gradient_checkpointing_enable()
+    return model
 
 
 def packed_batches(args):
@@ -72,9 +100,9 @@ def worker(args):
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=120))
     rank = dist.get_rank()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    rw.use_ring(layout="zigzag")
+    rw.use_ring(layout=args.layout)
     model = build_model(args).to(device)
-    rw.check_model(model)
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start = 0
     if args.resume and (meta := checkpoint.resume(os.path.join(args.out, "checkpoints"), model, optimizer)):
@@ -113,7 +141,11 @@ def worker(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="local checkpoint path (default: a tiny random Llama)")
+    p.add_argument("--model", default=None, help="local checkpoint path (default: a tiny random --arch model)")
+    p.add_argument("--arch", default="llama", choices=ARCHS, help="tiny random architecture when no --model")
+    p.add_argument("--window", type=int, default=32, help="sliding window of the tiny windowed architectures")
+    p.add_argument("--layout", default="zigzag", choices=("zigzag", "striped", "contiguous"))
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward pass")
     p.add_argument("--text", nargs="+", default=None, help="text files (needs --model for its tokenizer)")
     p.add_argument("--world", type=int, default=2, help="local ranks (ignored under torchrun)")
     p.add_argument("--seq-len", type=int, default=512)

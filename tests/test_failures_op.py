@@ -49,6 +49,7 @@ PROBLEMS = [  # (the bad rank's arguments, options added to them, what every ran
     (good_args, dict(softcap=5.0, backend="aten_cpu"), "softcap is computed by the reference kernel only"),
     (good_args, dict(cu_seqlens=[0, 3]), "cu_seqlens must start at 0 and end at the global sequence length"),
     (good_args, dict(document_ids=torch.tensor([0, 1, 0])), "document_ids"),
+    (good_args, dict(transport="pigeon"), "transport='pigeon' is unknown"),
 ]
 IDS = [p[0].__name__.removeprefix("bad_") if p[0] is not good_args else "_".join(p[1]) + f"{i}"
        for i, p in enumerate(PROBLEMS)]
@@ -90,3 +91,11 @@ def test_problem_single_process(make_bad, extra, match):
     with pytest.raises(ValueError) as info:
         ringwise.ring_attention(q, k, v, **kw)
     assert re.search(match, str(info.value)), str(info.value)
+
+
+def test_transport_differing_between_ranks_stops_every_rank(cluster):
+    """One rank staging hops through host memory while the others send directly would pair
+    different messages: refused on every rank, naming the transport."""
+    messages = cluster(2).run(one_bad_rank, good_args, dict(transport="host"), 1, timeout=20)
+    assert messages[0] is not None and len(set(messages)) == 1, messages
+    assert "transport: rank 0 auto vs rank 1 host" in messages[0], messages[0]

@@ -166,7 +166,31 @@ VARLEN_GRID = [
 @pytest.mark.parametrize("case", VARLEN_GRID,
                          ids=lambda c: case_id(c) + "-docs" + "_".join(map(str, c["cu_seqlens"][1:4])))
 def test_packed_documents_match_per_document_reference(cluster, case):
-    check_against_reference(case, cluster(case["world"]).run(ring_case, case))
+    results = cluster(case["world"]).run(ring_case, case)
+    check_against_reference(case, results)
+    vis = document_mask(case["cu_seqlens"], case["seq"])
+    if case["causal"]:
+        vis = vis.tril()
+    fwd, bwd = expected_hops(schedule_from_mask(case["layout"], case["world"], case["seq"], vis), case["world"])
+    for r in results:  # ring steps that only short documents' skipped blocks would fill are not sent
+        assert (r["fwd_hops"], {s: n for s, n in r["bwd_hops"].items() if n}) == (fwd, bwd)
+
+
+def schedule_from_mask(layout, W, total, vis):
+    """Ring steps some rank needs, read off the global mask (independent of the tiling)."""
+    return tuple(s for s in range(W) if any(
+        vis[global_indices(layout, r, W, total)][:, global_indices(layout, (r - s) % W, W, total)].any()
+        for r in range(W)))
+
+
+def expected_hops(steps, W):
+    """Forward: one kv hop per needed step after the first. Backward: the same kv hops, and dkv
+    hops: relayed (steps 0..m) m hops plus one home; direct, one per step after the first."""
+    m = len(steps) - 1
+    if m == 0:
+        return {}, {}
+    relay = steps == tuple(range(m + 1))
+    return {"kv": m}, {"kv": m, "dkv": m + 1 if relay else m}
 
 
 # ------------------------------------------------ empty rows and NaN: the reference kernel's semantics
@@ -201,7 +225,8 @@ def same_semantics(a, b, tol):
     """Same NaN / -inf / +inf pattern, and the finite entries within tol."""
     a, b = a.double(), b.double()
     for pred in (torch.isnan, torch.isneginf, torch.isposinf):
-        assert torch.equal(pred(a), pred(b)), f"{pred.__name__} differs at {torch.nonzero(pred(a) != pred(b))[:4].tolist()}"
+        where = torch.nonzero(pred(a) != pred(b))[:4].tolist()
+        assert torch.equal(pred(a), pred(b)), f"{pred.__name__} differs at {where}"
     fin = torch.isfinite(a)
     return (a[fin] - b[fin]).abs().max().item() if fin.any() else 0.0
 

@@ -19,7 +19,7 @@ def make_config(name):
     if name == "qwen2":
         return transformers.Qwen2Config(use_sliding_window=False, **common)
     if name == "mistral":
-        return transformers.MistralConfig(sliding_window=None, **common)
+        return transformers.MistralConfig(sliding_window=4096, **common)  # a window longer than the sequence
     raise ValueError(name)
 
 
@@ -43,6 +43,24 @@ def ring_run(name, docs):
     for g in grads.values():
         dist.all_reduce(g)
     return dict(logits=logits.detach(), grads=grads)
+
+
+def ulysses_run(name, docs, mesh):
+    """The same model on a (ulysses x ring) mesh: logits of this rank's piece, summed gradients."""
+    from ringwise.attention.ulysses import mesh_groups
+
+    ug, rg = mesh_groups(*mesh)
+    rw.use_ring(group=rg, layout="zigzag", ulysses_group=ug)
+    model = make_model(name, "ringwise")
+    batch = rw.shard_batch(global_ids(), cu_seqlens=docs)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    rw.causal_lm_loss(logits, labels).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for g in grads.values():
+        dist.all_reduce(g)
+    rw.use_ring()  # later tests on this cluster use the plain ring
+    return dict(logits=logits.detach(), grads=grads, u=dist.get_rank(ug), r=dist.get_rank(rg))
 
 
 def single_run(name, docs, dtype):
@@ -88,6 +106,24 @@ def test_model_matches_single_process_sdpa(cluster, world, name, docs):
         assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
 
 
+@pytest.mark.parametrize("mesh", [(2, 2), (4, 1)], ids=["U2xR2", "U4xR1"])
+@pytest.mark.parametrize("docs", [None, [0, 5, 6, 17, 24]], ids=["one-doc", "packed"])
+def test_model_on_a_ulysses_ring_mesh_matches_single_process(cluster, mesh, docs):
+    """use_ring(ulysses_group=): Llama (4 query / 2 kv heads) on Ulysses x ring meshes."""
+    from ringwise.attention.layout import global_indices
+
+    U, R = mesh
+    results = cluster(U * R).run(ulysses_run, "llama", docs, mesh)
+    ref, f32 = single_run("llama", docs, torch.float64), single_run("llama", docs, torch.float32)
+    logits = torch.empty_like(f32["logits"])
+    for res in results:
+        logits[:, global_indices("zigzag", res["r"], R, SEQ, res["u"], U)] = res["logits"]
+    assert err(logits, ref["logits"]) <= 2 * err(f32["logits"], ref["logits"]) + 1e-6
+    for n, g in results[0]["grads"].items():
+        budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7
+        assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
+
+
 def test_model_outside_the_registry_is_refused():
     rw.use_ring()
     rw.check_model(make_model("llama", "ringwise"))
@@ -95,17 +131,12 @@ def test_model_outside_the_registry_is_refused():
         rw.check_model(make_model("llama", "sdpa"))
 
 
-def test_unsupported_masks_raise():
+def test_padding_mask_is_refused():
     rw.use_ring()
     ids = torch.randint(0, 64, (1, 8))
     model = make_model("llama", "ringwise")
     with pytest.raises(ValueError, match="padding masks"):
         model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]]))
-    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
-    mistral = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="ringwise")
-    with pytest.raises(ValueError, match="sliding-window|plain causal"):
-        mistral(input_ids=ids)
 
 
 def test_finetune_example_runs_and_resumes(tmp_path):
@@ -122,3 +153,19 @@ def test_finetune_example_runs_and_resumes(tmp_path):
     assert checkpoint.read_meta(checkpoint.newest_intact(tmp_path / "checkpoints")[0])["step"] == 2
     subprocess.run(base + ["--steps", "3", "--resume"], check=True, timeout=300)
     assert checkpoint.read_meta(checkpoint.newest_intact(tmp_path / "checkpoints")[0])["step"] == 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_finetune_example_with_gradient_checkpointing(tmp_path, arch):
+    """Gradient checkpointing (use_cache=False: transformers sees zigzag's position jump as packing) trains."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ringwise.train import checkpoint
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "finetune_hf.py"
+    subprocess.run([sys.executable, str(script), "--world", "2", "--arch", arch, "--gradient-checkpointing",
+                    "--seq-len", "128", "--docs", "2", "--batch", "1", "--steps", "2", "--ckpt-every", "2",
+                    "--out", str(tmp_path)], check=True, timeout=300)
+    assert checkpoint.read_meta(checkpoint.newest_intact(tmp_path / "checkpoints")[0])["step"] == 2

@@ -4,14 +4,20 @@ import itertools
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import ringwise
 from ringwise.attention.comm import HOP_COUNTS
 from ringwise.attention.kernels import ReferenceKernel
 from ringwise.attention.layout import global_indices
+from ringwise.attention import tiles
+from ringwise.attention.kernels import AtenCpuKernel, Flipped
 from ringwise.attention.tiles import needed_steps, step_tiles
 from reference import max_err
-from test_ring import DTYPES, EPS, assemble, make_inputs, packed
+from test_ring import DTYPES, EPS, assemble, expected_hops, make_inputs, packed, schedule_from_mask
+
+
+KERNEL_TOL = {"float32": 1e-5, "bfloat16": 3e-2}  # single-device error vs float64, relative to the largest value
 
 
 def visible_mask(total, causal=True, window=None, cu_seqlens=None):
@@ -88,38 +94,37 @@ def check(case, results):
     qs, ks, vs = (x.to(dt).requires_grad_() for x in (q, k, v))
     ss = None if sinks is None else sinks.float().requires_grad_()
     kout, klse = ringwise.ring_attention(qs, ks, vs, return_lse=True, sinks=ss, **options(case))
-    kern = dict(zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(kout, (qs, ks, vs) + (() if ss is None else (ss,)),
-                                                                       dout.to(dt))), out=kout, lse=klse)
-    ring = {n: assemble([r[n] for r in results], layout, 2 if n == "lse" else 1) for n in ("out", "lse", "dq", "dk", "dv")}
+    kgrads = torch.autograd.grad(kout, (qs, ks, vs) + (() if ss is None else (ss,)), dout.to(dt))
+    kern = dict(zip(("dq", "dk", "dv", "dsinks"), kgrads), out=kout, lse=klse)
+    ring = {n: assemble([r[n] for r in results], layout, 2 if n == "lse" else 1)
+            for n in ("out", "lse", "dq", "dk", "dv")}
     if sinks is not None:  # per-rank partials, summed like any replicated parameter's gradient
         ring["dsinks"] = sum(r["dsinks"].double() for r in results)
     for name, ref in refs.items():
         assert torch.isfinite(ring[name]).all(), f"{name} has non-finite values"
         ring_e, kern_e = max_err(ring[name], ref), max_err(kern[name], ref)
-        assert ring_e <= 2 * kern_e + EPS[case["dtype"]], f"{name}: ring error {ring_e:.3g} > 2 x kernel error {kern_e:.3g}"
-
-
-def schedule_from_mask(layout, W, total, vis):
-    """Ring steps some rank needs, read off the global mask (independent of the tiling)."""
-    return tuple(s for s in range(W) if any(
-        vis[global_indices(layout, r, W, total)][:, global_indices(layout, (r - s) % W, W, total)].any()
-        for r in range(W)))
-
-
-def expected_hops(steps, W):
-    """Forward: one kv hop per needed step after the first. Backward: the same kv hops, and dkv
-    hops: relayed (steps 0..m) m hops plus one home; direct, one per step after the first."""
-    m = len(steps) - 1
-    if m == 0:
-        return {}, {}
-    relay = steps == tuple(range(m + 1))
-    return {"kv": m}, {"kv": m, "dkv": m + 1 if relay else m}
+        # the single-device run shares the window/sink/softcap code: it must be right on its own too
+        bound = KERNEL_TOL[case["dtype"]] * (1 + ref.abs().max().item())
+        assert kern_e <= bound, f"{name}: single-device error {kern_e:.3g} > {bound:.3g}"
+        assert ring_e <= 2 * kern_e + EPS[case["dtype"]], \
+            f"{name}: ring error {ring_e:.3g} > 2 x kernel error {kern_e:.3g}"
 
 
 # ---------------------------------------------------------------- tiling, single process
 
+@pytest.fixture(params=["band tiles", "fused squares"])
+def min_fused_window(request, monkeypatch):
+    """Tile small windows both ways: as band tiles (the default under MIN_FUSED_WINDOW) and as
+    causal / anti-causal squares (what larger windows get)."""
+    if request.param == "fused squares":
+        monkeypatch.setattr(tiles, "MIN_FUSED_WINDOW", 1)
+    step_tiles.cache_clear(), needed_steps.cache_clear()
+    yield request.param
+    step_tiles.cache_clear(), needed_steps.cache_clear()
+
+
 @pytest.mark.parametrize("layout,W", list(itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5])))
-def test_window_tiles_cover_exactly_the_band(layout, W):
+def test_window_tiles_cover_exactly_the_band(layout, W, min_fused_window):
     """Every visible pair exactly once, for windows inside a chunk, across shards and past the
     end, with and without packed documents; the step schedule matches the mask."""
     L = 8
@@ -129,7 +134,10 @@ def test_window_tiles_cover_exactly_the_band(layout, W):
         for r, src in itertools.product(range(W), range(W)):
             qpos, kpos = global_indices(layout, r, W, S), global_indices(layout, src, W, S)
             for t in step_tiles(layout, r, src, W, L, True, docs, window):
-                assert t.band is None or not t.causal
+                assert sum((t.band is not None, t.causal, t.anti)) <= 1
+                assert not t.anti or t.q_len == t.k_len
+                if min_fused_window == "fused squares":
+                    assert t.band is None
                 for i, j in itertools.product(range(t.q_len), range(t.k_len)):
                     covered[qpos[t.q_start + i], kpos[t.k_start + j]] += t.visible(i, j)
         vis = visible_mask(S, True, window, docs)
@@ -149,6 +157,19 @@ def test_schedules_skip_unneeded_steps():
         assert step_tiles(layout, 1, 0, 4, 16, True, None, 64) == step_tiles(layout, 1, 0, 4, 16, True)
 
 
+def test_flipped_fused_kernel_is_the_anti_causal_square():
+    """aten_cpu on reversed rows and keys == the reference kernel with key j visible iff j >= i."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(2, 4, 37, 16, dtype=torch.float64), *torch.randn(2, 2, 2, 37, 16, dtype=torch.float64)
+    dout = torch.randn_like(q)
+    (o1, l1), (o2, l2) = Flipped(AtenCpuKernel()).forward(q, k, v, False, 0.3), \
+        ReferenceKernel(chunk=8).forward(q, k, v, False, 0.3, band=(-36, 0))
+    assert max_err(o1, o2) < 1e-12 and max_err(l1, l2) < 1e-12
+    g1 = Flipped(AtenCpuKernel()).backward(dout, q, k, v, o1, l1, False, 0.3)
+    g2 = ReferenceKernel(chunk=8).backward(dout, q, k, v, o1, l1, False, 0.3, band=(-36, 0))
+    assert all(max_err(a, b) < 1e-11 for a, b in zip(g1, g2))
+
+
 def test_reference_kernel_band_and_softcap_match_dense():
     torch.manual_seed(3)
     q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
@@ -157,7 +178,8 @@ def test_reference_kernel_band_and_softcap_match_dense():
         vis = (i - j >= band[0]) & (i - j <= band[1])
         out, lse = ReferenceKernel(chunk=4).forward(q, k, v, False, 0.4, band=band, softcap=2.0)
         ref, ref_lse = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), vis, scale=0.4, softcap=2.0)
-        assert max_err(out, ref.transpose(1, 2)) < 1e-12 and max_err(lse.clamp_min(-1e9), ref_lse.clamp_min(-1e9)) < 1e-12
+        assert max_err(out, ref.transpose(1, 2)) < 1e-12
+        assert max_err(lse.clamp_min(-1e9), ref_lse.clamp_min(-1e9)) < 1e-12  # -inf rows alike
 
 
 # ---------------------------------------------------------------- rings vs float64
@@ -176,13 +198,19 @@ WINDOW_GRID += [  # packed documents, and bfloat16
     dict(world=W, layout=layout, causal=True, dtype="bfloat16", batch=2, heads=2, kv_heads=2, head_dim=32,
          seq=48, seed=900 + W, window=9)
     for W, layout in itertools.product([3, 4], ringwise.LAYOUTS)
+] + [  # windows >= MIN_FUSED_WINDOW: causal and anti-causal squares on the fused kernel
+    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
+         seq=240, seed=950 + i, window=w, **extra)
+    for i, (W, layout, w, extra) in enumerate(itertools.product(
+        [1, 2, 3, 4], ringwise.LAYOUTS, [64, 100, 170], [{}, dict(cu_seqlens=packed([90, 3, 147]))]))
 ]
 
 
 def case_id(c):
     extra = "".join(f"-{k}{c[k]}" for k in ("window", "softcap") if c.get(k) is not None)
     extra += "-sinks" * bool(c.get("sinks")) + ("-docs" if c.get("cu_seqlens") else "")
-    return f"W{c['world']}-{c['layout']}-{'causal' if c['causal'] else 'full'}-{c['dtype']}-h{c['heads']}/{c['kv_heads']}{extra}"
+    mask = "causal" if c["causal"] else "full"
+    return f"W{c['world']}-{c['layout']}-{mask}-{c['dtype']}-h{c['heads']}/{c['kv_heads']}{extra}"
 
 
 @pytest.mark.parametrize("case", WINDOW_GRID, ids=case_id)
@@ -245,3 +273,34 @@ def test_sinks_gradient_reaches_a_parameter():
     ref, _ = reference(q, k, v, visible_mask(12, True, 4), sinks=sr)
     (g,) = torch.autograd.grad(ref.sum(), sr)
     assert max_err(sinks.grad, g) < 1e-5
+
+
+def windowed_subgroup_ring():
+    """Ranks 1..4 of a 5-rank world form the ring (group rank r is global rank r + 1), so the
+    direct sends of a zigzag window schedule must name peers by global rank."""
+    group = dist.new_group([1, 2, 3, 4])
+    if dist.get_rank() == 0:
+        return None
+    case = dict(world=4, layout="zigzag", causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
+                seq=32, seed=12, window=2)
+    q, k, v, dout = make_inputs(case)
+    ql, kl, vl = (ringwise.shard(x.float(), 1, "zigzag", group).requires_grad_() for x in (q, k, v))
+    HOP_COUNTS.clear()
+    out = ringwise.ring_attention(ql, kl, vl, causal=True, window=2, layout="zigzag", group=group)
+    out.backward(ringwise.shard(dout.float(), 1, "zigzag", group))
+    grads = [ringwise.unshard(x.grad, 1, "zigzag", group) for x in (ql, kl, vl)]
+    return dict(out=ringwise.unshard(out.detach(), 1, "zigzag", group), grads=grads, hops=dict(HOP_COUNTS))
+
+
+def test_window_direct_sends_inside_a_subgroup(cluster):
+    results = cluster(5).run(windowed_subgroup_ring)[1:]
+    case = dict(world=4, layout="zigzag", causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
+                seq=32, seed=12, window=2)
+    q, k, v, dout = make_inputs(case)
+    qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
+    ref, _ = reference(qr, kr, vr, visible_mask(32, True, 2))
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    for r in results:
+        assert r["hops"] == {"kv": 4, "dkv": 2}  # steps {0, 1, 3}: 2 kv hops forward, 2 backward
+        assert max_err(r["out"], ref) < 1e-5
+        assert all(max_err(g, rg) < 1e-5 for g, rg in zip(r["grads"], ref_grads))

@@ -2,9 +2,11 @@
 
 A hop may also skip ahead (offset s: send to rank+s, receive from rank-s), for schedules
 that need only some ring steps (sliding windows): a block then goes straight to the rank
-that needs it instead of being relayed through ranks that would skip it. A hop is posted
-as one batched isend/irecv *before* the compute it should hide behind and waited *after*
-it. Every rank issues the same operations in the same order, so the ring works on gloo and NCCL alike, inside any sub-group, with no barriers.
+that needs it instead of being relayed through ranks that would skip it.
+
+A hop is posted as one batched isend/irecv *before* the compute it should hide behind
+and waited *after* it. Every rank issues the same operations in the same order, so the
+ring works on gloo and NCCL alike, inside any sub-group, with no barriers.
 
 Every hop goes through the ring's transport: "direct" hands the tensors themselves to the
 process group; "host" stages them through (pinned) host buffers and sends those over gloo,

@@ -12,8 +12,11 @@ Backends:
   cuda_flash      torch's CUDA flash-attention op (fp16/bf16)
   cuda_efficient  torch's CUDA memory-efficient op (fp32 too)
   reference       pure PyTorch, chunked over queries, any device and dtype; the test oracle
-                  for the fused kernels and the fallback for everything else
-Nothing here knows about processes or rings.
+                  for the fused kernels and the fallback for everything else; also the
+                  kernel for band tiles (narrow sliding windows), soft-capping and
+                  non-finite inputs
+Flipped(kernel) runs a fused kernel on reversed rows and keys: the anti-causal squares of a
+sliding window's far edge. Nothing here knows about processes or rings.
 """
 from __future__ import annotations
 
@@ -66,10 +69,21 @@ class ReferenceKernel:
     def __init__(self, chunk: int = 1024):
         self.chunk = chunk
 
+    def _blocks(self, n_rows, n_keys, causal, band):
+        """(rows, keys) slices: row chunks, each with only the key range it can see, so a
+        narrow band costs rows x (chunk + band width), not rows x keys."""
+        chunk = self.chunk if band is None else max(64, min(self.chunk, band[1] - band[0] + 1))
+        for r0 in range(0, n_rows, chunk):
+            r1 = min(r0 + chunk, n_rows)
+            k0, k1 = 0, min(n_keys, r1) if causal else n_keys
+            if band is not None:
+                k0, k1 = max(k0, r0 - band[1]), min(k1, r1 - band[0])
+            yield slice(r0, r1), slice(k0, max(k0, k1))
+
     @staticmethod
-    def _scores(q, k, scale, causal, mask, rows, band=None, softcap=None):
-        """Masked scores of `rows`, and d(capped)/d(raw) when softcap is set (else None)."""
-        s = torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * scale
+    def _scores(q, k, scale, causal, mask, rows, keys, band=None, softcap=None):
+        """Masked scores of `rows` against `keys`, and d(capped)/d(raw) when softcap is set (else None)."""
+        s = torch.matmul(q[:, :, rows], k[:, :, keys].transpose(-1, -2)) * scale
         dcap = None
         if softcap is not None:
             s = torch.tanh(s / softcap)
@@ -77,7 +91,7 @@ class ReferenceKernel:
             s = s * softcap
         if causal or band is not None:
             i = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
-            j = torch.arange(k.shape[2], device=q.device)[None, :]
+            j = torch.arange(keys.start, keys.stop, device=q.device)[None, :]
             hidden = torch.zeros(i.shape[0], j.shape[1], dtype=torch.bool, device=q.device)
             if causal:
                 hidden |= j > i
@@ -85,22 +99,24 @@ class ReferenceKernel:
                 hidden |= (i - j < band[0]) | (i - j > band[1])
             s = s.masked_fill(hidden, float("-inf"))
         if mask is not None:
-            s = s.masked_fill(~mask[..., rows, :], float("-inf"))
+            s = s.masked_fill(~mask[..., rows, keys], float("-inf"))
         return s, dcap
 
     def forward(self, q, k, v, causal, scale, mask=None, band=None, softcap=None):
         dt = acc_dtype(q.dtype)
         qf, kf, vf = q.to(dt), _expand_kv(k, q.shape[1]).to(dt), _expand_kv(v, q.shape[1]).to(dt)
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:3], dtype=dt, device=q.device)
-        for r0 in range(0, q.shape[2], self.chunk):
-            rows = slice(r0, min(r0 + self.chunk, q.shape[2]))
-            s, _ = self._scores(qf, kf, scale, causal, mask, rows, band, softcap)
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=dt, device=q.device)
+        for rows, keys in self._blocks(q.shape[2], k.shape[2], causal, band):
+            if keys.start == keys.stop:
+                continue  # rows that see no key: out 0, lse -inf
+            s, _ = self._scores(qf, kf, scale, causal, mask, rows, keys, band, softcap)
             # finite even for empty rows; NaN stays NaN (clamp_min propagates it)
             m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(dt).min)
             p = torch.exp(s - m)
             denom = p.sum(-1, keepdim=True)
-            out[:, :, rows] = (_weighted_values(p, vf) / denom.clamp_min(torch.finfo(dt).tiny)).to(q.dtype)
+            pv = _weighted_values(p, vf[:, :, keys])
+            out[:, :, rows] = (pv / denom.clamp_min(torch.finfo(dt).tiny)).to(q.dtype)
             lse[:, :, rows] = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
         return out, lse
 
@@ -112,18 +128,19 @@ class ReferenceKernel:
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
         delta = (dout.to(dt) * out.to(dt)).sum(-1)
-        for r0 in range(0, q.shape[2], self.chunk):
-            rows = slice(r0, min(r0 + self.chunk, q.shape[2]))
-            s, dcap = self._scores(qf, kf, scale, causal, mask, rows, band, softcap)
+        for rows, keys in self._blocks(q.shape[2], k.shape[2], causal, band):
+            if keys.start == keys.stop:
+                continue
+            s, dcap = self._scores(qf, kf, scale, causal, mask, rows, keys, band, softcap)
             l = lse[:, :, rows, None].to(dt)
             p = torch.where(torch.isneginf(l), torch.zeros_like(s), torch.exp(s - l))
             do = dout[:, :, rows].to(dt)
-            dv += torch.matmul(p.transpose(-1, -2), do)
-            ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta[:, :, rows, None])
+            dv[:, :, keys] += torch.matmul(p.transpose(-1, -2), do)
+            ds = p * (torch.matmul(do, vf[:, :, keys].transpose(-1, -2)) - delta[:, :, rows, None])
             if dcap is not None:
                 ds = ds * dcap
-            dq[:, :, rows] = torch.matmul(ds, kf) * scale
-            dk += torch.matmul(ds.transpose(-1, -2), qf[:, :, rows]) * scale
+            dq[:, :, rows] = torch.matmul(ds, kf[:, :, keys]) * scale
+            dk[:, :, keys] += torch.matmul(ds.transpose(-1, -2), qf[:, :, rows]) * scale
         kvh = k.shape[1]
         return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
 
@@ -146,6 +163,27 @@ class AtenCpuKernel:
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale
         )
+
+
+class Flipped:
+    """A fused kernel on reversed rows and keys: its causal square (key j visible iff j <= i)
+    becomes the anti-causal square j >= i, the far edge of a sliding window. The flips copy
+    O(n * head_dim) per tile, against the O(n^2 * head_dim) of the attention itself."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.name = f"flipped {kernel.name}"
+
+    def forward(self, q, k, v, causal, scale):
+        assert not causal, "Flipped computes anti-causal squares (call it with causal=False)"
+        out, lse = self.kernel.forward(q.flip(2), k.flip(2), v.flip(2), True, scale)
+        return out.flip(2), lse.flip(-1)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        assert not causal, "Flipped computes anti-causal squares (call it with causal=False)"
+        grads = self.kernel.backward(dout.flip(2), q.flip(2), k.flip(2), v.flip(2), out.flip(2),
+                                     lse.flip(-1).contiguous(), True, scale)
+        return tuple(g.flip(2) for g in grads)
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -32,8 +32,8 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from .comm import Ring
-from .kernels import acc_dtype, default_scale, select_kernel, BACKENDS, ReferenceKernel
+from .comm import Ring, resolve_transport
+from .kernels import acc_dtype, default_scale, select_kernel, BACKENDS, Flipped, ReferenceKernel
 from .layout import check_layout, check_local_len
 from .tiles import needed_steps, step_tiles
 from .merge import merge_into
@@ -64,10 +64,11 @@ def _finite(*xs) -> bool:
 
 
 def _tile_kernel(kernel, t, finite: bool, softcap):
-    """The kernel and extra arguments for tile t: the fused `kernel` where it is exact."""
-    if t.band is None and softcap is None and finite:
-        return kernel, {}
-    return _REFERENCE, dict(band=t.band, softcap=softcap)
+    """The kernel and extra arguments for tile t: the fused `kernel` where it is exact
+    (anti-causal squares on flipped inputs), else the reference kernel."""
+    if t.band is None and softcap is None and finite and not isinstance(kernel, ReferenceKernel):
+        return (Flipped(kernel) if t.anti else kernel), {}
+    return _REFERENCE, dict(band=t.reference_band, softcap=softcap)
 
 
 def _schedule(layout, W, L, causal, docs, window):
@@ -112,8 +113,9 @@ def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None, 
             rows, cols = _rows(t), _cols(t)
             kern, extra = _tile_kernel(kernel, t, finite, softcap)
             o_b, lse_b = kern.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale, **extra)
-            if kern is not _REFERENCE and not _finite(lse_b):  # scores overflowed: reference semantics
-                o_b, lse_b = _REFERENCE.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale)
+            if not isinstance(kern, ReferenceKernel) and not _finite(lse_b):  # scores overflowed
+                o_b, lse_b = _REFERENCE.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale,
+                                                band=t.reference_band)
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
         if hop is not None:
             hop.wait()
@@ -263,10 +265,12 @@ def _check_tensors(q, k, v) -> str | None:
 
 
 def _check_options(q, causal, scale, window, sinks, softcap, backend) -> str | None:
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
+        scale = scale.item()
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         return f"softmax_scale must be a real number or None (1/sqrt(head_dim)), got {scale!r}"
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
             return (f"window must be an int >= 0 (keys at most `window` positions before the query, "
                     f"flash-attn's window_size=(window, 0)) or None, got {window!r}")
         if not causal:
@@ -333,14 +337,14 @@ def _validate(problem, sig, ring: Ring) -> None:
             diffs = [f"{n}: rank 0 {a} vs rank {r} {b}" for (n, a), (_, b) in zip(gathered[0][1], s) if a != b]
             raise ValueError(
                 "ring_attention: every rank must pass the same batch, local sequence length, heads, dtype, "
-                "causal, layout, documents, window, sinks and softcap (shard the global sequence with "
+                "causal, layout, documents, window, sinks, softcap and transport (shard the global sequence with "
                 "ringwise.shard); " + "; ".join(diffs)
             )
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
                    return_lse=False, backend="auto", validate=True, cu_seqlens=None, document_ids=None,
-                   window=None, sinks=None, softcap=None, ulysses_group=None):
+                   window=None, sinks=None, softcap=None, ulysses_group=None, transport=None):
     """Exact softmax attention over a sequence sharded across the ranks of `group`.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
@@ -362,23 +366,33 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     ulysses_group: Ulysses x ring (USP, see ulysses.py): inputs sharded with
     ringwise.shard(x, 1, layout, group, ulysses_group=ulysses_group); an all-to-all over
     ulysses_group trades sequence for heads before the ring over `group` and back after it.
+    transport: how hops travel, "direct", "host" (staged through pinned host memory over gloo,
+    for several ranks on one GPU) or "auto" (None: $RINGWISE_TRANSPORT, else auto); see comm.py.
     """
     if ulysses_group is not None:  # every argument, whatever its name, goes on to the ring unchanged
         forwarded = dict(locals())
         from .ulysses import ulysses_attention
 
         return ulysses_attention(**forwarded)
-    ring = Ring(group)
+    try:  # a bad transport name is one more problem for the collective check, not an early raise
+        transport_problem = None
+        resolve_transport(transport)
+    except ValueError as e:
+        transport_problem, transport = str(e), "direct"
+    ring = Ring(group, transport)
     problem, docs, kernel = _prepare(q, k, v, ring, causal, softmax_scale, layout, backend, cu_seqlens,
                                      document_ids, window, sinks, softcap)
+    problem = problem or transport_problem
     if validate:
         sig = None if problem else (
             ("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype)),
             ("causal", bool(causal)), ("layout", layout), ("cu_seqlens", docs), ("window", window),
-            ("sinks", sinks is not None), ("softcap", softcap))
+            ("sinks", sinks is not None), ("softcap", softcap), ("transport", ring.transport))
         _validate(problem, sig, ring)
     elif problem:
         raise ValueError(f"ring_attention: {problem}")
     scale = default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    window = None if window is None else int(window)
+    softcap = None if softcap is None else float(softcap)
     out, lse = _RingAttention.apply(q, k, v, sinks, bool(causal), scale, layout, ring, kernel, docs, window, softcap)
     return (out, lse) if return_lse else out

@@ -14,11 +14,16 @@ cut per shared document, and each piece is again full, a causal square, or a ful
 later queries against a causal square's keys, so any document lengths work in any layout.
 
 A sliding window (key j visible iff i - w <= j <= i in global positions, flash-attn's
-``window_size=(w, 0)``) cuts each of those pieces once more: a piece wholly inside the
-window stays as it is, one wholly outside is dropped, and the rest becomes one *band* tile,
-trimmed to the band's bounding box, where key j is visible iff lo <= i - j <= hi (tile-local
-indices). The fused kernels have no window argument, so band tiles run on the reference
-kernel: the simplest exact design, and only the window's two edges pay for it.
+``window_size=(w, 0)``) cuts each of those pieces once more. A piece wholly inside the
+window stays as it is, one wholly outside is dropped. The window's far edge (j >= i - w) is
+the mirror image of the causal edge, so a full piece it crosses splits the same way into
+full blocks and one *anti-causal* square (j >= i), which is a causal square on reversed rows
+and keys: the fused kernels run it on flipped inputs. A causal square wider than the
+window is cut into row blocks of w+1 rows, each a causal square plus the previous keys'
+anti-causal square. Windows under MIN_FUSED_WINDOW tokens would make many tiny calls
+that way, so there a piece becomes one *band* tile (key j visible iff lo <= i - j <= hi,
+tile-local), trimmed to its bounding box, which the reference kernel computes chunk by chunk
+over only the keys each chunk can see.
 
 Adjacent full tiles are merged so that each ring step is as few kernel calls as possible
 (e.g. zigzag's off-diagonal steps are one call each). `needed_steps` tells the ring which
@@ -43,19 +48,25 @@ class Tile:
     k_len: int
     causal: bool
     band: tuple[int, int] | None = None  # (lo, hi): key j visible iff lo <= i - j <= hi (tile-local)
+    anti: bool = False  # a square where key j is visible iff j >= i
 
     @property
     def full(self) -> bool:
-        return not self.causal and self.band is None
+        return not (self.causal or self.anti) and self.band is None
+
+    @property
+    def reference_band(self) -> tuple[int, int] | None:
+        """The tile's band for the reference kernel (an anti-causal square is i - j <= 0)."""
+        return (1 - self.k_len, 0) if self.anti else self.band
 
     @property
     def work(self) -> float:
-        """Score entries computed, in units of q*k (a causal square counts half)."""
-        return self.q_len * self.k_len * (0.5 if self.causal else 1.0)
+        """Score entries computed, in units of q*k (a causal or anti-causal square counts half)."""
+        return self.q_len * self.k_len * (0.5 if self.causal or self.anti else 1.0)
 
     def visible(self, i: int, j: int) -> bool:
         """Whether tile-local key j is visible to tile-local query i."""
-        if self.causal and j > i:
+        if (self.causal and j > i) or (self.anti and j < i):
             return False
         return self.band is None or self.band[0] <= i - j <= self.band[1]
 
@@ -79,23 +90,54 @@ def _causal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple[int,
     return tiles
 
 
-def _window_tiles(parts, t: int, w: int) -> list[tuple]:
-    """Cut causal pieces (from _causal_tiles) to keys with i - (j - t) <= w.
+MIN_FUSED_WINDOW = 64  # narrower windows: one band tile on the reference kernel per piece
 
-    Every visible pair of a piece has i - (j - t) >= 0, so a piece becomes itself, nothing,
-    or a band tile over its bounding box with band (-off, w - off), off = q0 - k0 + t.
+
+def _anticausal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple]:
+    """Queries i in [qa, qb) against keys j in [ka, kb) where key j is visible iff j >= i + t.
+
+    The mirror of _causal_tiles: a full block of keys after every query, one anti-causal
+    square on the overlap, and a full block of earlier queries against the overlap.
+    Returns (q0, q1, k0, k1, kind) in local indices, kind "full" or "anti".
+    """
+    lo, hi = ka - t, kb - t  # keys in aligned coordinates
+    oa, ob = max(lo, qa), min(hi, qb)
+    tiles = []
+    if max(lo, qb) < hi:
+        tiles.append((qa, qb, max(lo, qb) + t, hi + t, "full"))
+    if oa < ob:
+        tiles.append((oa, ob, oa + t, ob + t, "anti"))
+        if qa < oa:
+            tiles.append((qa, oa, oa + t, ob + t, "full"))
+    return tiles
+
+
+def _window_tiles(parts, t: int, w: int) -> list[tuple]:
+    """Cut causal pieces (from _causal_tiles) to keys with i - (j - t) <= w, i.e. j >= i + t - w.
+
+    Returns (q0, q1, k0, k1, kind) with kind "full", "causal", "anti" or a band (lo, hi).
+    Every visible pair of a piece has i - (j - t) >= 0, so only the far edge is new.
     """
     out = []
     for q0, q1, k0, k1, causal in parts:
         lo_d = 0 if causal else q0 - (k1 - 1) + t  # smallest i - j + t among the piece's pairs
         hi_d = (q1 - 1) - k0 + t
         if hi_d <= w:
-            out.append((q0, q1, k0, k1, causal, None))
-        elif lo_d <= w:
+            out.append((q0, q1, k0, k1, "causal" if causal else "full"))
+        elif lo_d > w:
+            continue
+        elif not causal:
+            out += _anticausal_tiles(q0, q1, k0, k1, t - w)
+        elif w + 1 >= MIN_FUSED_WINDOW:  # rows in blocks of w+1: a causal square and the keys before it
+            for r in range(q0, q1, w + 1):
+                r2 = min(r + w + 1, q1)
+                out.append((r, r2, r + t, r2 + t, "causal"))
+                out += _anticausal_tiles(r, r2, max(q0, r - w) + t, r + t, t - w)
+        else:  # one band tile over the bounding box
             qb, ka = min(q1, k1 - t + w + 1), max(k0, q0 + t - w)
             kb = min(k1, qb + t)
             off = q0 - ka + t
-            out.append((q0, qb, ka, kb, False, (-off, w - off)))
+            out.append((q0, qb, ka, kb, (-off, w - off)))
     return out
 
 
@@ -139,9 +181,18 @@ def segment_pair_tiles(q: Segment, k: Segment, causal: bool, docs: tuple[int, ..
     out = []
     for qa, qb, ka, kb in spans:
         parts = _causal_tiles(qa, qb, ka, kb, t) if causal else [(qa, qb, ka, kb, False)]
-        parts = _window_tiles(parts, t, w) if window is not None else [p + (None,) for p in parts]
-        out += [Tile(q.local_start + a, b - a, k.local_start + c, d - c, cz, band) for a, b, c, d, cz, band in parts]
+        if window is not None:
+            parts = _window_tiles(parts, t, w)
+        else:
+            parts = [p[:4] + ("causal" if p[4] else "full",) for p in parts]
+        out += [_tile(q.local_start + a, b - a, k.local_start + c, d - c, kind) for a, b, c, d, kind in parts]
     return out
+
+
+def _tile(q_start, q_len, k_start, k_len, kind) -> Tile:
+    if isinstance(kind, tuple):
+        return Tile(q_start, q_len, k_start, k_len, False, band=kind)
+    return Tile(q_start, q_len, k_start, k_len, kind == "causal", anti=kind == "anti")
 
 
 def _merge_full(tiles: list[Tile]) -> list[Tile]:

@@ -40,8 +40,11 @@ ALL_TO_ALL_COUNTS: Counter = Counter()
 PER_HEAD = ("sinks",)
 
 
-def mesh_groups(ulysses: int, ring: int | None = None):
+def mesh_groups(ulysses: int, ring: int | None = None, timeout=None):
     """(ulysses_group, ring_group) of this rank on a ulysses x ring mesh of the default group.
+
+    timeout (a timedelta): the groups' collective timeout (None: the backend's default);
+    give it the job's timeout so that a stalled rank ends the job instead of hanging it.
 
     Global rank g sits at ring rank g // U, ulysses rank g % U: consecutive ranks (one
     node) form a ulysses group. Every rank must call this (it creates process groups).
@@ -50,8 +53,10 @@ def mesh_groups(ulysses: int, ring: int | None = None):
     ring = world // ulysses if ring is None else ring
     if ulysses < 1 or ring < 1 or ulysses * ring != world:
         raise ValueError(f"mesh_groups: ulysses={ulysses} x ring={ring} must equal the world size {world}")
-    ug, _ = dist.new_subgroups_by_enumeration([[r * ulysses + u for u in range(ulysses)] for r in range(ring)])
-    rg, _ = dist.new_subgroups_by_enumeration([[r * ulysses + u for r in range(ring)] for u in range(ulysses)])
+    ug, _ = dist.new_subgroups_by_enumeration([[r * ulysses + u for u in range(ulysses)] for r in range(ring)],
+                                              timeout=timeout)
+    rg, _ = dist.new_subgroups_by_enumeration([[r * ulysses + u for r in range(ring)] for u in range(ulysses)],
+                                              timeout=timeout)
     return ug, rg
 
 

@@ -2,24 +2,28 @@
 
     import ringwise.integrations.transformers as rw
     rw.use_ring(group=None, layout="zigzag")           # register "ringwise" once per process
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ringwise")
-    rw.check_model(model)                             # refuses a model that bypasses the registry
+    model = rw.from_config(cfg)                       # or rw.from_pretrained(path); both run check_model
     batch = rw.shard_batch(input_ids)                 # this rank's tokens, global positions, shifted labels
     labels = batch.pop("labels")
     loss = rw.causal_lm_loss(model(**batch).logits, labels)
     loss.backward()                                   # then sum parameter gradients over the ranks
 
 "ringwise" is registered in `AttentionInterface` (the attention op) and in
-`AttentionMaskInterface` (where it refuses any mask that is not plain causal attention,
-so a padding, sliding-window or chunked mask is never silently dropped). No private
-transformers or flash-attn function is patched. Packed documents: pass the global
-boundaries as `ringwise_cu_seqlens` to the model call (`shard_batch` does).
-Supported: transformers >= 4.53 (the first release with masking_utils.AttentionMaskInterface);
-tested on 4.53.0 (the lowest supported) and 5.24.0 (the newest).
+`AttentionMaskInterface` (the mask hook). The hook reads the mask function transformers
+built (causal, sliding window, hybrid local/global per layer, and the "packed" mask that
+transformers derives from the jumps in ringwise's own layout positions) and hands each
+layer a RingMask with the ring's arguments; anything else (padding, chunked, custom
+masks, a KV cache continuation) is refused, never dropped. Soft-capping (softcap) and
+attention sinks (s_aux) arrive as transformers passes them to flash attention. Every
+problem is raised on every rank alike by one small all-gather in the model's first
+attention layer, before any ring traffic. No private transformers function is patched.
+Packed documents: pass the global boundaries as `ringwise_cu_seqlens` (`shard_batch` does).
+Tested on transformers 5.24.0; check_model (hf_support) lists what is refused and why.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -28,87 +32,307 @@ import torch.nn.functional as F
 from ..attention.layout import positions, shard
 from ..attention.ring import ring_attention
 from ..model import IGNORE_INDEX
+from .hf_masks import read_mask_function
+from .hf_support import architecture_problems
 
 NAME = "ringwise"
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
 
 
 @dataclass
 class _RingConfig:
     group: object = None
     layout: str = "zigzag"
-    validated: bool = False  # the cross-rank argument check runs on the first attention call only
+    ulysses_group: object = None  # Ulysses x ring (USP): heads traded for sequence inside this group
+    first_layer: object = None  # weakref to the first attention module seen (see _check_due)
+    pending: list = field(default_factory=list)  # masks built since the last collective check
 
 
 _CONFIG = _RingConfig()
 
 
+@dataclass(eq=False)
+class RingMask:
+    """What the mask hook hands the attention layers instead of a tensor: the ring arguments.
+
+    `problem` is this rank's objection to the mask; `verdict` is set by the collective check
+    (the first objecting rank's message, identical on every rank), and a layer that uses a
+    mask with a verdict raises it. A mask the model builds but no layer uses is never refused.
+    """
+
+    window: int | None = None  # transformers' sliding_window (keys seen, the query included)
+    problem: str | None = None
+    verdict: str | None = None
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        _mask_used_directly(name)
+
+
+def _mask_used_directly(what, *_):
+    """A model that computes with the mask itself (Bloom, MPT add ALiBi to it) bypasses the ring's masking."""
+    raise TypeError(f"this model operates on the attention mask itself ({what}), so it does not run its "
+                    "attention through transformers' registry alone; ringwise cannot make it exact "
+                    "(ringwise.integrations.transformers.check_model refuses it)")
+
+
+for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "and", "rand", "or", "ror", "invert", "getitem", "neg"):
+    setattr(RingMask, f"__{_op}__", lambda self, *a, _op=_op: _mask_used_directly(f"__{_op}__"))
+
+
+def _world(group) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
 def _world_size(group) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    return _world(group)[1]
+
+
+def _shards() -> int:
+    """How many pieces the sequence is cut into: ring size x ulysses size."""
+    u = _world_size(_CONFIG.ulysses_group) if _CONFIG.ulysses_group is not None else 1
+    return _world_size(_CONFIG.group) * u
+
+
+def _mesh_gather(obj) -> list:
+    """obj from every rank that shares the sequence (the ring group, times the ulysses group)."""
+    gathered = [obj]
+    groups = ([] if _CONFIG.ulysses_group is None else [_CONFIG.ulysses_group]) + [_CONFIG.group]  # None: world
+    for g in groups:
+        if _world_size(g) > 1:
+            parts = [None] * _world_size(g)
+            dist.all_gather_object(parts, gathered, group=g)
+            gathered = [x for part in parts for x in part]
+    return gathered
+
+
+def _position_problem(position_ids, local_len: int) -> str | None:
+    """position_ids must be the global positions of this rank's tokens (what shard_batch gives)."""
+    if position_ids is None:
+        return None
+    want = positions(local_len * _shards(), _CONFIG.layout, _CONFIG.group, position_ids.device,
+                     ulysses_group=_CONFIG.ulysses_group)
+    if position_ids.shape[-1] != local_len or not bool((position_ids == want).all()):
+        return (f"position_ids are not the global positions of this rank's tokens in layout={_CONFIG.layout!r} "
+                "(restarting positions for packed documents, or local positions); pass the position_ids that "
+                "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
+    return None
+
+
+def _dropout_problem(module, dropout) -> str | None:
+    if not dropout:
+        return None
+    config = getattr(module, "config", None)
+    fields = [k for k, v in (config.to_dict() if config is not None else {}).items()
+              if "drop" in k and "att" in k and v == dropout] or ["attention_dropout"]
+    return (f"ringwise attention does not implement attention dropout (got {dropout}); set "
+            f"{' / '.join(fields)}=0 in the model config")
+
+
+def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None, str | None]:
+    """The layer's mask (None: plain causal) and this rank's problem with the call, if any."""
+    packed = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
+    if packed:
+        return None, (f"the model call carries flash-attention packing arguments ({', '.join(packed)}, e.g. from "
+                      "DataCollatorWithFlattening); pass documents as ringwise_cu_seqlens (shard_batch does)")
+    if attention_mask is None or isinstance(attention_mask, RingMask):
+        mask = attention_mask
+    else:
+        return None, ("ringwise attention got a tensor attention mask (a custom 4-D mask, or a mask built "
+                      "outside transformers' mask registry); ringwise applies causal, sliding-window and "
+                      "document (ringwise_cu_seqlens) masks only")
+    if mask is not None and sliding_window is not None and sliding_window != mask.window:
+        return mask, (f"the layer passes sliding_window={sliding_window} but its mask has window {mask.window}; "
+                      "ringwise cannot tell which one the model means")
+    return mask, None
+
+
+def _collective_check(problem: str | None) -> None:
+    """One small all-gather: every rank's objections to the masks just built and to this call.
+
+    Mask objections become verdicts (raised by the layers that use those masks); an
+    objection to the call itself is raised here, the same message on every rank.
+    """
+    pending, _CONFIG.pending = _CONFIG.pending, []
+    mine = ([m.problem for m in pending], problem)
+    gathered = _mesh_gather(mine)
+    for r, (_, p) in enumerate(gathered):
+        if p:
+            raise ValueError(f"ringwise attention (rank {r}): {p}")
+    if len({len(masks) for masks, _ in gathered}) > 1:
+        raise ValueError("ringwise attention: the ranks built different numbers of attention masks "
+                         f"({[len(m) for m, _ in gathered]}); every rank must run the same model on the same shapes")
+    for i, m in enumerate(pending):
+        m.verdict = next((f"ringwise attention (rank {r}): {masks[i]}" for r, (masks, _) in enumerate(gathered)
+                          if masks[i]), None)
+
+
+def _check_due(module) -> bool:
+    """Whether this call runs the collective check: the model's first attention layer (layer_idx 0,
+    or the first attention module seen since the model changed).
+
+    Decided from the sequence of layers called alone, which is the same on every rank
+    whatever masks the ranks built, so all ranks check at the same call (once per forward,
+    once more when gradient checkpointing recomputes that layer).
+    """
+    first = _CONFIG.first_layer() if _CONFIG.first_layer is not None else None
+    if first is None or getattr(module, "config", None) is not getattr(first, "config", None):
+        _CONFIG.first_layer, first = weakref.ref(module), module  # a new model
+    return module is first or getattr(module, "layer_idx", None) == 0
 
 
 def ringwise_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                scaling: float | None = None, is_causal: bool | None = None, **kwargs):
-    """transformers' attention signature: q/k/v (batch, heads, local_seq, dim) -> (batch, local_seq, heads, dim)."""
-    if attention_mask is not None:
-        raise ValueError("ringwise attention got an attention mask; only causal attention (and packed documents "
-                         "through ringwise_cu_seqlens) is supported")
-    if dropout:
-        raise ValueError(f"ringwise attention does not implement attention dropout (got {dropout}); set "
-                         "attention_dropout=0 in the model config")
-    if kwargs.get("softcap") is not None:
-        raise ValueError("ringwise attention does not support logit soft-capping")
+    """transformers' attention signature: q/k/v (batch, heads, local_seq, dim) -> (batch, local_seq, heads, dim).
+
+    The layer's mask comes from the mask hook (RingMask); sliding_window, softcap and s_aux
+    (attention sinks) arrive as transformers passes them to flash attention.
+    """
     window = kwargs.get("sliding_window")
-    global_len = query.shape[2] * _world_size(_CONFIG.group)
+    mask, problem = _layer_mask(attention_mask, window, kwargs)
+    problem = problem or _dropout_problem(module, dropout)
+    if _check_due(module):
+        problem = problem or _position_problem(kwargs.get("position_ids"), query.shape[2])
+        _collective_check(problem)
+        validate = True
+    elif problem:  # the same module config on every rank: the same error everywhere
+        raise ValueError(f"ringwise attention: {problem}")
+    else:
+        validate = False
+    if mask is not None:
+        if mask.verdict:
+            raise ValueError(mask.verdict)
+        window, causal = mask.window, True
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    global_len = query.shape[2] * _shards()
+    extra = {}
     if window is not None and window < global_len:
-        raise ValueError(f"this layer uses sliding-window attention (window {window} < sequence {global_len}), "
-                         "which ringwise does not implement; set sliding_window=None or use a longer window")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        extra["window"] = window - 1  # transformers counts the query itself; the ring counts keys to its left
+    if kwargs.get("s_aux") is not None:
+        extra["sinks"] = kwargs["s_aux"]
+    if kwargs.get("softcap") is not None:
+        extra["softcap"] = kwargs["softcap"]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    # The check is a collective; every rank makes the same calls, so checking the first
-    # one on every rank keeps them in step without an all-gather in every layer.
-    validate, _CONFIG.validated = not _CONFIG.validated, True
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:  # MLA (DeepSeek): value heads narrower or wider than query/key heads
+        d = max(dv, q.shape[-1])  # zero columns change neither the scores nor the real output columns
+        q, k, v = (F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
     out = ring_attention(q, k, v, causal=causal, softmax_scale=scaling, layout=_CONFIG.layout, group=_CONFIG.group,
-                         cu_seqlens=kwargs.get("ringwise_cu_seqlens"), validate=validate)
-    return out, None
+                         cu_seqlens=kwargs.get("ringwise_cu_seqlens"), validate=validate,
+                         ulysses_group=_CONFIG.ulysses_group, **extra)
+    return out[..., :dv], None
 
 
-def ringwise_mask(batch_size, *args, mask_function=None, attention_mask=None, **kwargs):
-    """Mask hook: accept only plain causal attention; the ring applies it itself (returns None)."""
-    from transformers.masking_utils import causal_mask_function
+def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, local_size=None, **kwargs):
+    """Mask hook: read the mask transformers asks for and hand the layers a RingMask.
 
-    if mask_function is not None and mask_function is not causal_mask_function:
-        raise ValueError("ringwise attention supports plain causal masks only; this model asked for another mask "
-                         f"({getattr(mask_function, '__name__', mask_function)}: sliding-window, chunked, packed "
-                         "or custom). Pack documents with ringwise_cu_seqlens instead")
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("ringwise attention does not support padding masks; pack sequences without padding "
-                         "(documents via ringwise_cu_seqlens) or pad with tokens whose labels are -100")
+    It never raises: an objection is recorded and raised by the first attention call's
+    collective check on every rank alike (transformers derives different masks on
+    different ranks, e.g. a "packed" mask from the jump in zigzag positions on rank 0 only).
+    """
+    mask = RingMask()
+    cache_position = kwargs.get("cache_position")  # older transformers pass this, not q_length/q_offset
+    if q_length is None and cache_position is not None:
+        q_length, q_offset = cache_position.shape[0], cache_position[0]
+    try:
+        spec = read_mask_function(mask_function)
+        mask.window = spec.window
+        mask.problem = (
+            _cache_problem(q_length, kv_length, q_offset, kv_offset)
+            or _padding_problem(attention_mask)
+            or (_position_problem(spec.position_ids, spec.position_ids.shape[-1])
+                if spec.position_ids is not None else None)
+        )
+        if spec.window is not None and spec.window < 1:
+            mask.problem = mask.problem or f"a sliding window of {spec.window} tokens leaves no key visible"
+        if local_size is not None and local_size != spec.window:
+            mask.problem = mask.problem or (f"transformers sized this mask for a local window of {local_size} "
+                                            f"but its mask function has window {spec.window}")
+    except ValueError as e:
+        mask.problem = str(e)
+    _CONFIG.pending.append(mask)
+    return mask
+
+
+def _cache_problem(q_length, kv_length, q_offset, kv_offset) -> str | None:
+    if q_length is None or kv_length is None:
+        return None
+    if kv_length != q_length or int(q_offset) != 0 or int(kv_offset) != 0:
+        return ("ringwise attention runs whole sequences (training, prefill): this call continues a KV cache "
+                f"(query {q_length} tokens, keys {kv_length}, offset {int(kv_offset)}); decode with another "
+                "attention implementation")
     return None
 
 
-def use_ring(group=None, layout: str = "zigzag") -> None:
-    """Register "ringwise" with transformers and set the ring (process group, layout) it uses."""
+def _padding_problem(attention_mask) -> str | None:
+    if attention_mask is not None and not bool(attention_mask.all()):
+        return ("ringwise attention does not support padding masks; pack sequences without padding "
+                "(documents via ringwise_cu_seqlens) or pad with tokens whose labels are -100")
+    return None
+
+
+def use_ring(group=None, layout: str = "zigzag", ulysses_group=None) -> None:
+    """Register "ringwise" with transformers and set the ring (process group, layout) it uses.
+
+    ulysses_group: run Ulysses x ring (USP): the sequence is cut over both groups
+    (ringwise.shard(..., ulysses_group=)), and an all-to-all inside ulysses_group trades
+    sequence for heads around the ring over `group` (see ringwise/attention/ulysses.py).
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    _CONFIG.group, _CONFIG.layout, _CONFIG.validated = group, layout, False
+    _CONFIG.group, _CONFIG.layout, _CONFIG.first_layer, _CONFIG.pending = group, layout, None, []
+    _CONFIG.ulysses_group = ulysses_group
     AttentionInterface.register(NAME, ringwise_attention_forward)
     AttentionMaskInterface.register(NAME, ringwise_mask)
 
 
 def check_model(model) -> None:
-    """Raise unless every attention of `model` dispatches to ringwise through the registry.
+    """Raise unless ringwise can run `model` (or the causal LM `config` builds) exactly.
 
-    A model that ignores attn_implementation (or was loaded with another one) would run
-    ordinary attention on each rank's shard alone: wrong results, no error. Call this once
-    after loading.
+    Refused: attention outside the registry (a model loaded with another implementation,
+    or an architecture whose attention is hard-coded: Bloom, Falcon, GPT-Neo, MPT), other
+    sequence mixers (convolutions, linear attention, state-space layers), ALiBi, and RoPE
+    scalings that depend on the local sequence length. Each would run on one shard of the
+    sequence: wrong results, no error. Deterministic, so every rank gets the same verdict.
+    Call it with the config before building (a hard-coded model fails at construction)
+    and with the model after loading; from_config / from_pretrained here do both.
     """
-    impls = {getattr(m.config, "_attn_implementation", None) for m in model.modules() if hasattr(m, "config")}
-    if impls != {NAME}:
-        raise ValueError(f"{type(model).__name__} does not route its attention through ringwise (attention "
-                         f"implementations found: {sorted(map(str, impls))}); load it with "
-                         f"attn_implementation='{NAME}' after ringwise.integrations.transformers.use_ring(), "
-                         "or this architecture does not support transformers' attention registry")
+    problems = architecture_problems(model)
+    if hasattr(model, "named_modules"):
+        impls = {getattr(m.config, "_attn_implementation", None) for m in model.modules() if hasattr(m, "config")}
+        if impls != {NAME}:
+            problems.insert(0, f"its attention implementations are {sorted(map(str, impls))}, not only '{NAME}'; "
+                               f"load it with attn_implementation='{NAME}' after use_ring()")
+    if problems:
+        what = type(model).__name__ if hasattr(model, "named_modules") else f"model_type={model.model_type!r}"
+        raise ValueError(f"{what} does not route its attention through ringwise exactly: " + "; ".join(problems))
+
+
+def from_config(config, **kwargs):
+    """AutoModelForCausalLM.from_config with ringwise attention, checked before and after building."""
+    from transformers import AutoModelForCausalLM
+
+    check_model(config)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=NAME, **kwargs)
+    check_model(model)
+    return model
+
+
+def from_pretrained(path, **kwargs):
+    """AutoModelForCausalLM.from_pretrained with ringwise attention, checked before and after loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model(AutoConfig.from_pretrained(path))
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=NAME, **kwargs)
+    check_model(model)
+    return model
 
 
 def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_seqlens=None) -> dict:
@@ -118,7 +342,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_
     the next global token; the last token of every document gets -100), position_ids are
     the global positions of the local tokens.
     """
-    layout, group = _CONFIG.layout, _CONFIG.group
+    layout, group, ug = _CONFIG.layout, _CONFIG.group, _CONFIG.ulysses_group
     labels = input_ids if labels is None else labels
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
@@ -126,9 +350,9 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_
         ends = torch.as_tensor(list(cu_seqlens)[1:], dtype=torch.long) - 1
         shifted[:, ends] = IGNORE_INDEX
     b, s = input_ids.shape
-    out = dict(input_ids=shard(input_ids, 1, layout, group),
-               position_ids=positions(s, layout, group, device=input_ids.device)[None].expand(b, -1),
-               labels=shard(shifted, 1, layout, group))
+    out = dict(input_ids=shard(input_ids, 1, layout, group, ulysses_group=ug),
+               position_ids=positions(s, layout, group, device=input_ids.device, ulysses_group=ug)[None].expand(b, -1),
+               labels=shard(shifted, 1, layout, group, ulysses_group=ug))
     if cu_seqlens is not None:
         out["ringwise_cu_seqlens"] = [int(x) for x in cu_seqlens]
     return out
@@ -144,4 +368,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     count = (labels != IGNORE_INDEX).sum().to(torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count, group=_CONFIG.group)
+        if _CONFIG.ulysses_group is not None:
+            dist.all_reduce(count, group=_CONFIG.ulysses_group)
     return local / count.clamp_min(1).to(local.dtype)

@@ -1,0 +1,102 @@
+"""Which transformers models ringwise can make exact: the static checks behind check_model.
+
+Ring attention replaces the registry attention only. Anything else through which tokens
+meet (ALiBi biases built by the model, convolutions, linear attention, state-space
+layers) or that reads the sequence length (dynamic or longrope RoPE scaling from the
+largest position ids) would see this rank's shard alone: silently wrong. These checks
+read the model class, its config and its modules; nothing runs, so every rank reaches the
+same verdict.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+LOCAL_LENGTH_ROPE = ("dynamic", "longrope")  # scaling chosen from each rank's own largest position
+
+
+def uses_registry(cls) -> bool:
+    """Whether a model class's modeling code dispatches attention through ALL_ATTENTION_FUNCTIONS."""
+    module = sys.modules.get(cls.__module__)
+    return module is not None and "ALL_ATTENTION_FUNCTIONS" in vars(module)
+
+
+def _configs(config) -> list:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config] if text is config else [config, text]
+
+
+def _rope_types(params) -> set[str]:
+    """rope_type values in a rope_parameters / rope_scaling dict (flat, or one dict per layer type)."""
+    if not isinstance(params, dict):
+        return set()
+    if "rope_type" in params or "type" in params:
+        return {str(params.get("rope_type", params.get("type")))}
+    return set().union(*(_rope_types(v) for v in params.values())) if params else set()
+
+
+def config_problems(config) -> list[str]:
+    """What in the config alone makes the model inexact under ringwise."""
+    problems = []
+    for c in _configs(config):
+        extra = sorted(set(getattr(c, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
+        if extra:
+            problems.append(f"layers of type {extra} mix tokens outside attention (config.layer_types); "
+                            "ringwise makes only full and sliding-window attention layers exact")
+        blocks = sorted({str(b) for b in getattr(c, "layers_block_type", None) or ()} - {"attention"})
+        if blocks:
+            problems.append(f"layers of type {blocks} (config.layers_block_type) are not attention; state-space and "
+                            "other recurrent layers would see one shard of the sequence")
+        alibi = getattr(c, "alibi", False) or getattr(getattr(c, "attn_config", None), "alibi", False) \
+            or getattr(c, "position_embedding_type", None) == "alibi"
+        if alibi:
+            problems.append("ALiBi position biases are built by the model from the local sequence, outside the "
+                            "attention registry")
+        rope = {t for key in ("rope_parameters", "rope_scaling") for t in _rope_types(getattr(c, key, None))}
+        local = sorted(t for t in rope if any(x in t for x in LOCAL_LENGTH_ROPE))
+        if local:
+            problems.append(f"RoPE scaling {local} picks its frequencies from each rank's largest position id, so the "
+                            "ranks would rotate differently; use a static scaling (default, linear, llama3, yarn)")
+    return problems
+
+
+def module_problems(model) -> list[str]:
+    """What in the built modules makes the model inexact under ringwise."""
+    problems = []
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv1d)]
+    if convs:
+        problems.append(f"{len(convs)} sequence convolution(s) ({convs[0]}{', ...' if len(convs) > 1 else ''}: short "
+                        "convolutions, linear-attention or state-space mixers) would see one shard of the sequence")
+    rope = set()
+    for m in model.modules():
+        t = getattr(m, "rope_type", None)
+        rope |= set(t.values()) if isinstance(t, dict) else {t} if isinstance(t, str) else set()
+    local = sorted(t for t in rope if any(x in t for x in LOCAL_LENGTH_ROPE))
+    if local:
+        problems.append(f"rotary embedding modules use RoPE scaling {local}, which picks its frequencies from each "
+                        "rank's largest position id; use a static scaling (default, linear, llama3, yarn)")
+    return problems
+
+
+def architecture_problems(model_or_config) -> list[str]:
+    """Every reason a model (or the causal LM a config builds) cannot run exactly under ringwise."""
+    if hasattr(model_or_config, "named_modules"):
+        model, config, cls = model_or_config, model_or_config.config, type(model_or_config)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model, config = None, model_or_config
+        try:
+            cls = AutoModelForCausalLM._model_mapping[type(config)]
+        except KeyError:
+            cls = None
+    problems = []
+    if cls is not None and not uses_registry(cls):
+        problems.append(f"{cls.__name__} does not use transformers' attention registry (its attention, if any, is "
+                        "hard-coded), so attn_implementation='ringwise' cannot reach it")
+    problems += config_problems(config)
+    if model is not None:
+        problems += module_problems(model)
+    return list(dict.fromkeys(problems))

@@ -1,0 +1,174 @@
+"""transformers architectures with sliding windows, hybrid local/global layers, sinks, soft-capping,
+MoE and gradient checkpointing run sequence-parallel through the registry: logits and every parameter
+gradient equal the one-process model (float64 oracle; budget 2x the float32 model's own error).
+Refusals: test_hf_refusals.py; more families at W = 2: test_hf_families.py."""
+import pytest
+import torch
+import torch.distributed as dist
+
+transformers = pytest.importorskip("transformers")
+
+import ringwise.integrations.transformers as rw  # noqa: E402
+from ringwise.attention.layout import global_indices  # noqa: E402
+
+SEQ = 48  # splits evenly for every layout at W = 2 and 3
+DOCS = [0, 5, 6, 29, 48]
+WINDOW = 8  # shorter than a zigzag chunk at W = 2 (12), as long as one at W = 3 (8)
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def make_config(name):
+    T = transformers
+    if name == "mistral":  # every layer windowed, window shorter than the sequence
+        return T.MistralConfig(**SMALL, sliding_window=WINDOW)
+    if name == "gemma2":  # local/global layers, attention and final logit soft-capping
+        return T.Gemma2Config(**SMALL, head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8)
+    if name == "gemma3":  # local/global layers, per-layer-type RoPE
+        return T.Gemma3TextConfig(**SMALL, head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8,
+                                  layer_types=["sliding_attention", "full_attention"])
+    if name == "gpt_oss":  # attention sinks, local/global layers, MoE
+        return T.GptOssConfig(**SMALL, head_dim=8, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)
+    if name == "qwen2_moe":  # builds a sliding mask (window 0) that no layer uses
+        return T.Qwen2MoeConfig(**SMALL, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+                                num_experts_per_tok=2)
+    if name == "qwen2_moe_window":  # windows that only the mask carries (no sliding_window kwarg)
+        return T.Qwen2MoeConfig(**SMALL, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+                                num_experts_per_tok=2, use_sliding_window=True, sliding_window=WINDOW,
+                                max_window_layers=2)
+    if name == "llama":
+        return T.LlamaConfig(**SMALL)
+    raise ValueError(name)
+
+
+# Single-process reference: SDPA where the model supports it, else eager (soft-capping, sinks).
+REFERENCE_ATTN = dict(gemma2="eager", gpt_oss="eager")
+
+
+def make_model(name, attn, seed=0):
+    torch.manual_seed(seed)
+    # eager experts: grouped_mm has no float64 kernel for the oracle
+    return transformers.AutoModelForCausalLM.from_config(make_config(name), attn_implementation=attn,
+                                                         experts_implementation="eager")
+
+
+def global_ids(seed=1):
+    return torch.randint(3, 64, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def ring_run(name, docs, layout, mode):
+    """mode: "cache" (default forward), "no-cache" (use_cache=False), "ckpt" (gradient checkpointing)."""
+    rw.use_ring(layout=layout)
+    model = make_model(name, "ringwise")
+    rw.check_model(model)
+    if mode == "ckpt":
+        model.gradient_checkpointing_enable()
+        model.train()
+    batch = rw.shard_batch(global_ids(), cu_seqlens=docs)
+    labels = batch.pop("labels")
+    logits = model(**batch, **({"use_cache": False} if mode == "no-cache" else {})).logits
+    rw.causal_lm_loss(logits, labels).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for g in grads.values():
+        dist.all_reduce(g)
+    return dict(logits=logits.detach(), grads=grads)
+
+
+def reference_mask(docs, window, dtype):
+    """Additive (SEQ, SEQ) mask: causal, inside each document, within `window` keys (the query included)."""
+    q, k = torch.arange(SEQ)[:, None], torch.arange(SEQ)[None, :]
+    visible = k <= q
+    if window is not None:
+        visible &= q - k < window
+    lengths = torch.tensor(docs[1:]) - torch.tensor(docs[:-1])
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    visible &= doc[:, None] == doc[None, :]
+    additive = torch.zeros(SEQ, SEQ, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    return additive[None, None].expand(2, 1, -1, -1)
+
+
+def single_run(name, docs, dtype):
+    """The one-process model on the whole sequence; documents as explicit masks per layer type."""
+    model = make_model(name, REFERENCE_ATTN.get(name, "sdpa")).to(dtype)
+    ids = global_ids()
+    mask = None
+    if docs is not None:
+        cfg = model.config
+        window = getattr(cfg, "sliding_window", None) or None
+        if getattr(cfg, "layer_types", None):
+            mask = {t: reference_mask(docs, window if t == "sliding_attention" else None, dtype)
+                    for t in ("full_attention", "sliding_attention")}
+        else:
+            mask = reference_mask(docs, window, dtype)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    if docs is not None:
+        labels[:, torch.tensor(docs[1:]) - 1] = -100
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    return dict(logits=logits.detach(), grads={n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+CASES = [  # (architecture, world, documents, layout, mode): each architecture at W = 2 and 3, packed at one of them
+    ("mistral", 2, None, "zigzag", "cache"),
+    ("mistral", 3, DOCS, "zigzag", "cache"),
+    ("gemma2", 2, DOCS, "zigzag", "cache"),
+    ("gemma2", 3, None, "zigzag", "ckpt"),
+    ("gemma3", 2, None, "zigzag", "ckpt"),
+    ("gemma3", 3, DOCS, "zigzag", "cache"),
+    ("gpt_oss", 2, DOCS, "zigzag", "ckpt"),
+    ("gpt_oss", 3, None, "zigzag", "cache"),
+    ("qwen2_moe", 2, None, "zigzag", "no-cache"),
+    ("qwen2_moe", 3, DOCS, "zigzag", "cache"),
+    ("qwen2_moe_window", 2, DOCS, "zigzag", "cache"),
+    ("llama", 2, None, "zigzag", "ckpt"),
+    ("llama", 2, DOCS, "contiguous", "ckpt"),
+    ("llama", 2, None, "striped", "ckpt"),
+    ("llama", 3, DOCS, "zigzag", "ckpt"),
+    ("llama", 3, None, "striped", "no-cache"),
+]
+
+
+@pytest.mark.parametrize("name,world,docs,layout,mode", CASES,
+                         ids=[f"{n}-W{w}-{'packed' if d else 'one-doc'}-{lay}-{m}" for n, w, d, lay, m in CASES])
+def test_architecture_matches_single_process(cluster, name, world, docs, layout, mode):
+    results = cluster(world).run(ring_run, name, docs, layout, mode)
+    ref, f32 = single_run(name, docs, torch.float64), single_run(name, docs, torch.float32)
+    logits = torch.empty_like(f32["logits"])
+    for r, res in enumerate(results):
+        logits[:, global_indices(layout, r, world, SEQ)] = res["logits"]
+    assert err(logits, ref["logits"]) <= 2 * err(f32["logits"], ref["logits"]) + 1e-6
+    assert results[0]["grads"].keys() == ref["grads"].keys()
+    for n, g in results[0]["grads"].items():
+        budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7
+        assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
+
+
+def forward_hops(name, window):
+    """kv hops of one forward of a 2-layer Mistral: full attention, or a window of `window` tokens."""
+    from ringwise.attention.comm import HOP_COUNTS
+
+    rw.use_ring(layout="contiguous")
+    torch.manual_seed(0)
+    cfg = make_config(name)
+    cfg.sliding_window = window
+    model = rw.from_config(cfg)
+    batch = rw.shard_batch(global_ids())
+    batch.pop("labels")
+    HOP_COUNTS.clear()
+    with torch.no_grad():
+        model(**batch)
+    return HOP_COUNTS["kv"]
+
+
+def test_window_layers_send_fewer_hops(cluster):
+    """The layer's window reaches the ring: with contiguous shards a short window needs the previous shard only."""
+    world, layers = 3, make_config("mistral").num_hidden_layers
+    full = cluster(world).run(forward_hops, "mistral", None)
+    windowed = cluster(world).run(forward_hops, "mistral", 3)
+    assert full == [layers * (world - 1)] * world
+    assert windowed == [layers] * world, (windowed, full)

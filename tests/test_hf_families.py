@@ -1,0 +1,117 @@
+"""The architecture table (docs/architectures.md), as tested: each family marked exact runs at W = 2
+(zigzag, float32, gloo) and matches the one-process eager model, logits and every parameter gradient,
+within 2x the float32 model's own error vs float64. Windowed families use windows shorter than the
+sequence; the ones in test_hf_architectures.py are tested more deeply there."""
+import pytest
+import torch
+import torch.distributed as dist
+
+transformers = pytest.importorskip("transformers")
+
+import ringwise.integrations.transformers as rw  # noqa: E402
+from ringwise.attention.layout import global_indices  # noqa: E402
+
+SEQ, WINDOW = 32, 6
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+GPT_STYLE = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_experts_per_tok=2)
+
+FAMILIES = {  # family -> (config class, its extra arguments); windowed ones marked by sliding_window
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=8)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=8, moe_intermediate_size=16, num_experts=4, **MOE)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, **MOE)),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, **MOE)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, **MOE)),
+    "jetmoe": ("JetMoeConfig", dict(kv_channels=8, num_local_experts=2, num_experts_per_tok=1)),
+    "deepseek_v3": ("DeepseekV3Config", dict(  # MLA: value heads narrower than query/key heads
+        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8, n_routed_experts=4, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+        topk_group=1, **MOE)),
+    "gemma": ("GemmaConfig", dict(head_dim=8)),
+    "phi": ("PhiConfig", {}),
+    "phi3": ("Phi3Config", {}),
+    "olmo": ("OlmoConfig", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "olmo3": ("Olmo3Config", dict(sliding_window=WINDOW)),
+    "cohere": ("CohereConfig", {}),
+    "cohere2": ("Cohere2Config", dict(sliding_window=WINDOW)),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=WINDOW)),
+    "ministral": ("MinistralConfig", dict(head_dim=8, sliding_window=WINDOW)),
+    "exaone4": ("Exaone4Config", dict(sliding_window=WINDOW)),
+    "gpt_neox": ("GPTNeoXConfig", {}),
+    "stablelm": ("StableLmConfig", {}),
+    "granite": ("GraniteConfig", {}),
+    "smollm3": ("SmolLM3Config", {}),
+    "glm": ("GlmConfig", dict(head_dim=8)),
+    "glm4": ("Glm4Config", dict(head_dim=8)),
+    "helium": ("HeliumConfig", dict(head_dim=8)),
+    "nemotron": ("NemotronConfig", dict(head_dim=8)),
+    "seed_oss": ("SeedOssConfig", dict(head_dim=8)),
+    "arcee": ("ArceeConfig", {}),
+    "ernie4_5": ("Ernie4_5Config", dict(head_dim=8)),
+    "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32, num_hidden_layers=2, num_attention_heads=4)),
+    "gpt2": ("GPT2Config", dict(GPT_STYLE)),
+    "gptj": ("GPTJConfig", dict(GPT_STYLE, rotary_dim=4)),
+    "codegen": ("CodeGenConfig", dict(GPT_STYLE, rotary_dim=4)),
+}
+
+
+def make_config(name):
+    cls, extra = FAMILIES[name]
+    if "n_embd" in extra:
+        args = extra
+    elif name == "opt":
+        args = dict(vocab_size=64, hidden_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    else:
+        args = {**SMALL, **extra}
+    return getattr(transformers, cls)(**args)
+
+
+def global_ids():
+    return torch.randint(3, 64, (1, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def ring_run(name):
+    rw.use_ring(layout="zigzag")
+    torch.manual_seed(0)
+    model = rw.from_config(make_config(name), experts_implementation="eager").eval()  # no dropout
+    batch = rw.shard_batch(global_ids())
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    rw.causal_lm_loss(logits, labels).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for g in grads.values():
+        dist.all_reduce(g)
+    return dict(logits=logits.detach(), grads=grads)
+
+
+def single_run(name, dtype):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make_config(name), attn_implementation="eager",
+                                                          experts_implementation="eager").to(dtype).eval()
+    ids = global_ids()
+    logits = model(input_ids=ids).logits
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    return dict(logits=logits.detach(), grads={n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_is_exact(cluster, name):
+    results = cluster(2).run(ring_run, name)
+    ref, f32 = single_run(name, torch.float64), single_run(name, torch.float32)
+    logits = torch.empty_like(f32["logits"])
+    for r, res in enumerate(results):
+        logits[:, global_indices("zigzag", r, 2, SEQ)] = res["logits"]
+    assert err(logits, ref["logits"]) <= 2 * err(f32["logits"], ref["logits"]) + 1e-6
+    assert results[0]["grads"].keys() == ref["grads"].keys()
+    for n, g in results[0]["grads"].items():
+        budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7
+        assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)

@@ -1,0 +1,212 @@
+"""What ringwise cannot make exact in transformers is refused: the same clear error on every rank,
+within seconds, never a hang and never a silently wrong result."""
+import time
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import ringwise.integrations.transformers as rw  # noqa: E402
+from ringwise.integrations.hf_masks import read_mask_function  # noqa: E402
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAST = 20.0  # seconds: model construction and one collective, far below the 30 s process-group timeout
+
+
+def refused_config(name):
+    T = transformers
+    if name == "bloom":  # ALiBi, attention hard-coded
+        return T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
+    if name == "falcon":  # hard-coded attention classes (KeyError 'ringwise' when built directly)
+        return T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    if name == "gpt_neo":
+        return T.GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                              attention_types=[[["global", "local"], 1]])
+    if name == "mpt":  # ALiBi, hard-coded attention
+        return T.MptConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2)
+    if name == "lfm2":  # short convolutions
+        return T.Lfm2Config(**SMALL, layer_types=["conv", "full_attention"])
+    if name == "qwen3_next":  # linear attention (gated delta net)
+        return T.Qwen3NextConfig(**SMALL)
+    if name == "bamba":  # Mamba2 layers
+        return T.BambaConfig(**SMALL, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
+                             attn_layer_indices=[1])
+    if name == "jamba":  # Mamba layers
+        return T.JambaConfig(**SMALL, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, num_experts=2,
+                             mamba_d_state=8, mamba_dt_rank=4)
+    if name == "falcon_h1":  # attention and Mamba2 in parallel in every layer
+        return T.FalconH1Config(**SMALL, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+                                mamba_n_groups=1)
+    if name == "mamba":
+        return T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
+    if name == "recurrent_gemma":  # RG-LRU recurrent blocks
+        return T.RecurrentGemmaConfig(**SMALL, head_dim=8, lru_width=32)
+    if name == "minimax":  # lightning (linear) attention layers
+        return T.MiniMaxConfig(**SMALL, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
+    if name == "llama4":  # chunked attention layers
+        return T.Llama4TextConfig(**SMALL, head_dim=8, num_local_experts=4, intermediate_size_mlp=64)
+    if name == "llama_dynamic_rope":
+        return T.LlamaConfig(**SMALL, rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))
+    if name == "phi3_longrope":
+        return T.Phi3Config(**SMALL, max_position_embeddings=64, rope_parameters=dict(
+            rope_type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=16,
+            rope_theta=10000.0))
+    raise ValueError(name)
+
+
+REFUSED = {  # family -> what the error must say
+    "bloom": "does not use transformers' attention registry",
+    "falcon": "does not use transformers' attention registry",
+    "gpt_neo": "does not use transformers' attention registry",
+    "mpt": "ALiBi",
+    "lfm2": "['conv']",
+    "qwen3_next": "['linear_attention']",
+    "bamba": "['linear_attention']",
+    "jamba": "['linear_attention']",
+    "falcon_h1": "['hybrid']",
+    "mamba": "does not use transformers' attention registry",
+    "recurrent_gemma": "['linear_attention']",
+    "minimax": "['linear_attention']",
+    "llama4": "['chunked_attention']",
+    "llama_dynamic_rope": "RoPE scaling ['dynamic']",
+    "phi3_longrope": "RoPE scaling ['longrope']",
+}
+
+
+def build_refused(name):
+    rw.use_ring()
+    try:
+        rw.from_config(refused_config(name))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def run_all(cluster, fn, *args):
+    ranks = cluster(2)  # started (or reused) outside the clock
+    start = time.monotonic()
+    messages = ranks.run(fn, *args)
+    assert time.monotonic() - start < FAST
+    assert messages[0] is not None and all(m == messages[0] for m in messages), messages
+    return messages[0]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_family_raises_the_same_error_on_every_rank(cluster, name):
+    assert REFUSED[name] in run_all(cluster, build_refused, name)
+
+
+@pytest.mark.parametrize("name", ["lfm2", "qwen3_next", "bamba", "llama_dynamic_rope", "phi3_longrope"])
+def test_check_model_reads_the_modules(name):
+    """Built directly (past the config check), the modules alone still give the model away."""
+    from ringwise.integrations.hf_support import module_problems
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(refused_config(name), attn_implementation="eager")
+    assert module_problems(model)
+
+
+def test_accepted_families_pass_check_model():
+    for cfg in (transformers.LlamaConfig(**SMALL), transformers.MistralConfig(**SMALL, sliding_window=8),
+                transformers.Gemma2Config(**SMALL, head_dim=8),
+                transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4)):
+        rw.use_ring()
+        rw.from_config(cfg)
+
+
+def forward_refused(case):
+    """One model call that some rank (or all) must refuse; returns that rank's error."""
+    layout = "contiguous"
+    rw.use_ring(layout=layout)
+    rank = torch.distributed.get_rank()
+    name = "gpt2" if case == "gpt2-dropout" else "llama"
+    cfg = (transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.1)
+           if name == "gpt2" else transformers.LlamaConfig(**SMALL))
+    torch.manual_seed(0)
+    model = rw.from_config(cfg)
+    ids = torch.randint(3, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    batch = rw.shard_batch(ids)
+    batch.pop("labels")
+    kwargs = {}
+    if case == "local-positions":  # rank 1's positions restart at 0: wrong rotary angles
+        batch["position_ids"] = torch.arange(8)[None]
+    elif case == "packed-positions" and rank == 1:  # packing by restarting positions, seen on rank 1 only
+        batch["position_ids"] = torch.tensor([[8, 9, 10, 0, 1, 2, 3, 4]])
+        kwargs["use_cache"] = False
+    elif case == "padding-one-rank" and rank == 1:
+        kwargs["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
+    elif case == "padding-second-model":  # a second model, same config object, after a clean forward of the first
+        model(**batch)
+        model = transformers.AutoModelForCausalLM.from_config(model.config, attn_implementation="ringwise")
+        if rank == 1:
+            kwargs["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
+    elif case == "custom-mask-one-rank" and rank == 0:
+        kwargs["attention_mask"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    elif case == "flash-packing-kwargs":
+        kwargs["cu_seq_lens_q"] = torch.tensor([0, 8], dtype=torch.int32)
+    elif case == "gpt2-dropout":
+        model.train()
+    from ringwise.attention.comm import HOP_COUNTS
+
+    HOP_COUNTS.clear()
+    try:
+        model(**batch, **kwargs)
+    except ValueError as e:
+        assert not HOP_COUNTS, f"refused after ring traffic: {dict(HOP_COUNTS)}"
+        return str(e)
+    return None
+
+
+FORWARD_REFUSALS = {
+    "local-positions": "position_ids are not the global positions",
+    "packed-positions": "position_ids are not the global positions",
+    "padding-one-rank": "padding masks",
+    "padding-second-model": "padding masks",
+    "custom-mask-one-rank": "tensor attention mask",
+    "flash-packing-kwargs": "cu_seq_lens_q",
+    "gpt2-dropout": "attn_pdrop=0",
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_REFUSALS)
+def test_forward_refusal_is_collective(cluster, case):
+    """A problem that only one rank sees stops every rank with the same message, before ring traffic."""
+    assert FORWARD_REFUSALS[case] in run_all(cluster, forward_refused, case)
+
+
+def test_mask_functions_are_read_by_identity_not_guessed():
+    mu = pytest.importorskip("transformers.masking_utils")
+    assert read_mask_function(mu.causal_mask_function).window is None
+    assert read_mask_function(mu.sliding_window_causal_mask_function(5)).window == 5
+    pos = torch.arange(4)[None]
+    spec = read_mask_function(mu.and_masks(mu.remap_positions_for_packed_sequence(mu.causal_mask_function, pos),
+                                           mu.packed_sequence_mask_function(torch.zeros(1, 4))))
+    assert spec.position_ids is pos and spec.window is None
+    for bad in (mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)),
+                mu.or_masks(mu.causal_mask_function, mu.bidirectional_mask_function),
+                mu.bidirectional_mask_function,
+                lambda b, h, q, k: k <= q):  # a custom function equal to causal is still not read as causal
+        with pytest.raises(ValueError):
+            read_mask_function(bad)
+
+
+def test_kv_cache_continuation_is_refused_at_the_hook():
+    from transformers.masking_utils import causal_mask_function
+
+    rw.use_ring()
+    mask = rw.ringwise_mask(1, q_length=1, kv_length=9, q_offset=8, kv_offset=0, mask_function=causal_mask_function)
+    assert "KV cache" in mask.problem
+    older = rw.ringwise_mask(1, cache_position=torch.tensor([8]), kv_length=9, mask_function=causal_mask_function)
+    assert "KV cache" in older.problem  # the keywords older transformers pass
+    assert rw.ringwise_mask(1, q_length=4, kv_length=4, mask_function=causal_mask_function).problem is None
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpt"])
+def test_model_built_past_check_model_fails_clearly(name):
+    """Built directly with attn_implementation='ringwise' (no check), ALiBi models still stop, with a clear error."""
+    rw.use_ring()
+    model = transformers.AutoModelForCausalLM.from_config(refused_config(name), attn_implementation="ringwise")
+    with pytest.raises(TypeError, match="operates on the attention mask itself"):
+        model(input_ids=torch.randint(3, 64, (1, 8)))
