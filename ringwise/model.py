@@ -216,10 +216,10 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             p.copy_(self.initial_value(name, seed))
 
-    def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True):
+    def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True, ulysses_group=None):
         """Final normalised hidden states of the local tokens: (batch, local_seq, dim)."""
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        ring = dict(layout=layout, group=group, validate=validate)
+        ring = dict(layout=layout, group=group, validate=validate, ulysses_group=ulysses_group)
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.checkpoint_layers and torch.is_grad_enabled():

@@ -52,7 +52,7 @@ def train_args(**kw) -> TrainConfig:
 def gradients_and_step(cfg, dtype_name, per_layer=None):
     """Loss, grads and post-step parameters of the global batch at step 0, on this mesh."""
     dtype = getattr(torch, dtype_name)
-    mesh = make_mesh(cfg.dp, torch.device("cpu"), timeout=30)
+    mesh = make_mesh(cfg.dp, torch.device("cpu"), timeout=30, ulysses=cfg.ulysses)
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config(cfg.model, ffn_chunk=16, loss_chunk=16)).to(dtype)
     shard_model(model, mesh, per_layer=per_layer)  # FSDP2 over the whole (dp, cp) mesh: the one gradient path
@@ -87,12 +87,15 @@ def single_process(cluster):
 @pytest.mark.parametrize("world,dp,layout,per_layer", [
     (2, 1, "zigzag", None), (3, 1, "striped", None), (4, 1, "contiguous", None), (3, 1, "zigzag", True),
     (4, 1, "striped", None), (4, 2, "zigzag", True), (4, 2, "contiguous", None), (2, 2, "striped", None),
-])
+    (4, (1, 2), "zigzag", None), (4, (1, 4), "striped", None), (4, (2, 2), "contiguous", None),
+    (6, (1, 2), "zigzag", None),
+], ids=str)
 def test_training_step_is_exact_across_ranks(cluster, single_process, world, dp, layout, per_layer):
     """Same global batch and seed: loss, every gradient and the stepped parameters of a
     W-rank run equal the one-process run within float32 round-off (measured against float64)."""
     ref, f32 = single_process["float64"], single_process["float32"]
-    args = train_args(layout=layout, dp=dp)
+    dp, ulysses = dp if isinstance(dp, tuple) else (dp, 1)  # (dp, U): a (dp, ring, ulysses) mesh
+    args = train_args(layout=layout, dp=dp, ulysses=ulysses)
     results = cluster(world).run(gradients_and_step, args, "float32", per_layer)  # FSDP units: auto or per layer
     for r in results:  # every rank ends with the same full gradient
         assert r["tokens"] == ref["tokens"]

@@ -19,7 +19,7 @@ from test_model import train_args
 
 def run_job(cfg):
     """One rank of a training job on the test cluster's process group."""
-    run_on_mesh(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30))
+    run_on_mesh(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30, ulysses=cfg.ulysses))
     return True
 
 
@@ -27,7 +27,7 @@ def full_params(cfg):
     """The model of the run's newest checkpoint, loaded on this mesh, gathered whole."""
     from ringwise.train.loop import build
 
-    run = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30))
+    run = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30, ulysses=cfg.ulysses))
     checkpoint.resume(Path(cfg.out) / "checkpoints", run.model, run.optimizer)
     return {k: v.full_tensor() for k, v in run.model.state_dict().items()}
 
@@ -36,7 +36,7 @@ def built_params(cfg):
     """The model as training builds it (meta device, sharded, shards filled), gathered whole."""
     from ringwise.train.loop import build
 
-    run = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30))
+    run = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30, ulysses=cfg.ulysses))
     return {k: v.full_tensor() for k, v in run.model.state_dict().items()}
 
 
@@ -140,7 +140,7 @@ def test_damaged_and_unfinished_checkpoints(cluster, tmp_path):
 def resume_log(cfg):
     from ringwise.train.loop import build
 
-    run, said = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30)), []
+    run, said = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30, ulysses=cfg.ulysses)), []
     meta = checkpoint.resume(Path(cfg.out) / "checkpoints", run.model, run.optimizer, log=said.append)
     return "\n".join(said), meta["step"]
 
@@ -180,6 +180,19 @@ def test_dtype_defaults_to_bf16_on_cuda_and_fp32_on_cpu():
     assert TrainConfig(dtype="bf16").compute_dtype(torch.device("cpu")) == torch.bfloat16
 
 
+def test_train_on_a_ulysses_ring_mesh(cluster, tmp_path):
+    """--ulysses 2 on 4 ranks (ring 2 x ulysses 2): trains, evaluates, and its first loss equals
+    the plain ring's on the same batch (the same model, exact attention either way)."""
+    out = tmp_path / "usp"
+    cluster(4).run(run_job, job_args(out, ulysses=2, steps=2, ckpt_every=2, loss_on="all"))
+    ring = tmp_path / "ring"
+    cluster(4).run(run_job, job_args(ring, steps=1, ckpt_every=1, loss_on="all"))
+    assert abs(losses(out)[0] - losses(ring)[0]) <= 1e-5 * losses(ring)[0]
+    meta = checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])
+    assert meta["mesh"] == dict(dp=1, cp=2, ulysses=2)
+    assert "retrieval" in json.loads((out / "summary.json").read_text())  # evaluation ran on the mesh too
+
+
 def test_train_on_text_files(cluster, tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
@@ -212,6 +225,9 @@ def no_ranks(monkeypatch):
     (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
     (["--timeout", "0"], "--timeout 0.0: must be a finite number > 0"),
     (["--data", "text", "--text", "missing.txt"], "--text: no such file or folder: missing.txt"),
+    (["--ulysses", "3"], "--dp 1 x --ulysses 3 must divide the world size 2"),
+    (["--world", "8", "--ulysses", "8", "--seq-len", "64"], "--ulysses 8 must divide the 4 attention heads"),
+    (["--ulysses", "0"], "--ulysses 0: must be a positive integer"),
 ])
 def test_train_refuses_bad_flags_before_starting_ranks(tmp_path, flags, match, no_ranks, capsys):
     assert main(["train", "--world", "2", "--seq-len", "64", "--out", str(tmp_path / "run"), *flags]) == 2

@@ -273,27 +273,30 @@ def retrieval_eval_grid(
 
 @torch.no_grad()
 def retrieval_accuracy(model, lengths: Sequence[int], depths: Sequence[float], per_cell: int, *, layout: str,
-                       group=None, device=None, **task) -> list[list[float]]:
+                       group=None, ulysses_group=None, device=None, **task) -> list[list[float]]:
     """Accuracy[depth][length] of a sequence-parallel model on the evaluation grid.
 
     An answer counts only if every one of its tokens is the greedy prediction. Each rank
-    holds one shard of every sequence (ring `group`); hits are summed over the ring on
-    `device` tensors, so this runs under gloo and NCCL alike."""
+    holds one shard of every sequence (ring `group`, times `ulysses_group` if given); hits
+    are summed over those groups on `device` tensors, so this runs under gloo and NCCL alike."""
     grid = retrieval_eval_grid(lengths, depths, per_cell, **task)
     was_training = model.training
     model.eval()
     acc = {}
     for (L, depth), examples in grid.items():
         batch = collate(examples)
-        ids = shard(batch["input_ids"], 1, layout, group).to(device)
-        labels = shard(batch["labels"], 1, layout, group).to(device)
-        pos = positions(L, layout, group, device=device)
-        pred, mask = model.labelled_predictions(ids, pos, labels, layout=layout, group=group)
+        ids = shard(batch["input_ids"], 1, layout, group, ulysses_group=ulysses_group).to(device)
+        labels = shard(batch["labels"], 1, layout, group, ulysses_group=ulysses_group).to(device)
+        pos = positions(L, layout, group, device=device, ulysses_group=ulysses_group)
+        pred, mask = model.labelled_predictions(ids, pos, labels, layout=layout, group=group,
+                                                ulysses_group=ulysses_group)
         hits = torch.zeros(labels.shape, dtype=torch.bool, device=device)
         hits[mask] = pred == labels[mask]
         counts = torch.stack([(hits & mask).sum(1), mask.sum(1)]).double()
         if dist.is_initialized():
             dist.all_reduce(counts, group=group)
+            if ulysses_group is not None:
+                dist.all_reduce(counts, group=ulysses_group)
         acc[(L, depth)] = (counts[0] == counts[1]).double().mean().item()
     model.train(was_training)
     return [[acc[(L, d)] for L in lengths] for d in depths]

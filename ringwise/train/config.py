@@ -17,7 +17,7 @@ import torch
 
 from ..attention.layout import LAYOUTS, split_unit
 from ..data import RETRIEVAL_FORMATS, RetrievalDataset, text_files
-from ..model import PRESETS
+from ..model import PRESETS, model_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -31,6 +31,7 @@ class TrainConfig:
     # processes
     world: int = 4
     dp: int = 1
+    ulysses: int = 1
     layout: str = "zigzag"
     backend: str | None = None
     threads: int | None = None
@@ -93,8 +94,9 @@ class TrainConfig:
                     id_pool=self.id_pool)
 
     def eval_lengths_for(self, cp: int) -> list[int]:
-        """Evaluation context lengths, rounded down to whole shard units of a ring of cp."""
-        unit = split_unit(self.layout, cp)
+        """Evaluation context lengths, rounded down to whole shard units of a ring of cp
+        (each ring shard cut into --ulysses pieces)."""
+        unit = split_unit(self.layout, cp, self.ulysses)
         lengths = self.eval_lengths or [self.seq_len // 2, self.seq_len]
         return sorted({max(unit, L - L % unit) for L in lengths})
 
@@ -103,7 +105,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = p.add_argument_group("processes")
     g.add_argument("--world", type=int, default=d.world, help="local processes to start (ignored under torchrun)")
-    g.add_argument("--dp", type=int, default=d.dp, help="data-parallel replicas; ring (cp) size = world / dp")
+    g.add_argument("--dp", type=int, default=d.dp,
+                   help="data-parallel replicas; ring (cp) size = world / (dp x ulysses)")
+    g.add_argument("--ulysses", type=int, default=d.ulysses,
+                   help="Ulysses degree U: groups of U consecutive ranks trade sequence for heads with an "
+                        "all-to-all around the ring (USP); U must divide the model's heads")
     g.add_argument("--layout", default=d.layout, choices=LAYOUTS)
     g.add_argument("--backend", default=None, choices=("gloo", "nccl"), help="default: nccl with CUDA, else gloo")
     g.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
@@ -168,20 +174,28 @@ def _finite(cfg, names, positive=False) -> list[str]:
 
 def problems(cfg: TrainConfig) -> list[str]:
     """Every problem of `cfg`, one line each (empty: the run can start)."""
-    out = _positive(cfg, ("steps", "batch", "ckpt_every", "keep", "dp", "threads", "stop_after", "eval_per_cell"))
+    out = _positive(cfg, ("steps", "batch", "ckpt_every", "keep", "dp", "ulysses", "threads", "stop_after",
+                          "eval_per_cell"))
     world = cfg.world_size
     if world < 1:
         out.append(f"--world {world}: must be a positive integer")
     out += _finite(cfg, ("lr", "timeout"), positive=True) + _finite(cfg, ("weight_decay", "grad_clip"))
     if cfg.warmup < 0:
         out.append(f"--warmup {cfg.warmup}: must be >= 0")
-    if cfg.dp >= 1 and world >= 1:
-        if world % cfg.dp:
-            out.append(f"--dp {cfg.dp} must divide the world size {world}")
-        elif cfg.seq_len < 1 or cfg.seq_len % split_unit(cfg.layout, world // cfg.dp):
-            unit = split_unit(cfg.layout, world // cfg.dp)
+    if cfg.dp >= 1 and cfg.ulysses >= 1 and world >= 1:
+        ring = world // (cfg.dp * cfg.ulysses)
+        if world % (cfg.dp * cfg.ulysses):
+            what = f"--dp {cfg.dp}" + (f" x --ulysses {cfg.ulysses}" if cfg.ulysses > 1 else "")
+            out.append(f"{what} must divide the world size {world}")
+        elif cfg.seq_len < 1 or cfg.seq_len % split_unit(cfg.layout, ring, cfg.ulysses):
+            unit = split_unit(cfg.layout, ring, cfg.ulysses)
             out.append(f"--seq-len {cfg.seq_len} must be a positive multiple of {unit} for layout {cfg.layout!r} "
-                       f"on a ring of {world // cfg.dp}")
+                       f"on a ring of {ring}" + (f" x ulysses {cfg.ulysses}" if cfg.ulysses > 1 else ""))
+    if cfg.ulysses > 1 and cfg.model in PRESETS:
+        heads = model_config(cfg.model).n_heads
+        if heads % cfg.ulysses:
+            out.append(f"--ulysses {cfg.ulysses} must divide the {heads} attention heads of --model {cfg.model} "
+                       f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})")
     if cfg.dp >= 1 and cfg.batch >= 1 and cfg.batch % cfg.dp:
         out.append(f"--batch {cfg.batch} must be divisible by --dp {cfg.dp} (each replica takes batch / dp)")
     if cfg.backend == "nccl" and not torch.cuda.is_available():
@@ -220,8 +234,8 @@ def _data_problems(cfg) -> list[str]:
     if any(not 0.0 <= d <= 1.0 for d in cfg.eval_depths):
         bad.append(f"--eval-depths {cfg.eval_depths}: depths must lie in [0, 1]")
     world = cfg.world_size
-    if world >= 1 and cfg.dp >= 1 and not world % cfg.dp:
-        for L in cfg.eval_lengths_for(world // cfg.dp):
+    if world >= 1 and cfg.dp >= 1 and cfg.ulysses >= 1 and not world % (cfg.dp * cfg.ulysses):
+        for L in cfg.eval_lengths_for(world // (cfg.dp * cfg.ulysses)):
             try:
                 RetrievalDataset(L, depth=0.5, decoys=cfg.eval_decoys, **cfg.task_kwargs())
             except ValueError as e:

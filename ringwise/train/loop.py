@@ -111,7 +111,8 @@ def local_batch(run: Run, step: int):
     indices = sample_indices(step, cfg.batch, len(run.dataset), cfg.seed)
     per = cfg.batch // mesh.dp
     batch = collate([run.dataset[i] for i in indices[mesh.dp_rank * per:(mesh.dp_rank + 1) * per]])
-    return tuple(shard(batch[k], 1, cfg.layout, mesh.cp_group).to(run.device) for k in ("input_ids", "labels"))
+    return tuple(shard(batch[k], 1, cfg.layout, mesh.cp_group, ulysses_group=mesh.ulysses_group).to(run.device)
+                 for k in ("input_ids", "labels"))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -126,9 +127,9 @@ def compute_gradients(run: Run, step: int) -> tuple[float, int]:
     """Loss and parameter gradients of the whole global batch at `step` (gradients summed by FSDP2)."""
     cfg, mesh = run.cfg, run.mesh
     ids, labels = local_batch(run, step)
-    pos = positions(cfg.seq_len, cfg.layout, mesh.cp_group, device=run.device)
+    pos = positions(cfg.seq_len, cfg.layout, mesh.cp_group, device=run.device, ulysses_group=mesh.ulysses_group)
     loss_sum, n_tokens = run.model(ids, pos, labels, layout=cfg.layout, group=mesh.cp_group,
-                                   validate=step == run.start)
+                                   ulysses_group=mesh.ulysses_group, validate=step == run.start)
     totals = torch.stack([loss_sum.detach().double(), n_tokens.double()])
     dist.all_reduce(totals)
     if totals[1] == 0:
@@ -169,13 +170,14 @@ def evaluate(run: Run) -> dict:
     cfg = run.cfg
     lengths = cfg.eval_lengths_for(run.mesh.cp)
     acc = retrieval_accuracy(run.model, lengths, cfg.eval_depths, cfg.eval_per_cell, layout=cfg.layout,
-                             group=run.mesh.cp_group, device=run.device, decoys=cfg.eval_decoys, **cfg.task_kwargs())
+                             group=run.mesh.cp_group, ulysses_group=run.mesh.ulysses_group, device=run.device,
+                             decoys=cfg.eval_decoys, **cfg.task_kwargs())
     return dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc)
 
 
 def save(run: Run, done: int) -> None:
     meta = dict(config=run.model.cfg.to_dict(), run=checkpoint.run_settings(run.cfg), world=run.mesh.world,
-                mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp))
+                mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp, ulysses=run.mesh.ulysses))
     checkpoint.save(Path(run.cfg.out) / "checkpoints", done, run.model, run.optimizer, meta, keep=run.cfg.keep)
 
 
@@ -188,7 +190,7 @@ def train(run: Run) -> dict | None:
 
         bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True)
         log(f"training {cfg.model} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
-            f"on {run.mesh.world} ranks (dp {run.mesh.dp} x cp {run.mesh.cp}, {cfg.layout}), {cfg.seq_len} tokens "
+            f"on {run.mesh.world} ranks (dp {run.mesh.dp} x cp {run.mesh.cp} x ulysses {run.mesh.ulysses}, {cfg.layout}), {cfg.seq_len} tokens "
             f"per sequence, {cfg.batch} sequences per step")
     rec = dict(loss=float("nan"))
     for s in range(run.start, cfg.steps):
@@ -225,7 +227,7 @@ def worker(cfg: TrainConfig) -> None:
         lock = job_lock(cfg)
         if device.type == "cpu":
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-        run_on_mesh(cfg, make_mesh(cfg.dp, device, cfg.timeout))
+        run_on_mesh(cfg, make_mesh(cfg.dp, device, cfg.timeout, cfg.ulysses))
     except Exception as e:
         named = name_silent_ranks(e, heartbeat, cfg.timeout)
         if named is e:
@@ -270,7 +272,7 @@ def run_on_mesh(cfg: TrainConfig, mesh: Mesh) -> dict | None:
 
 def summary_line(cfg: TrainConfig, run: Run, result: dict) -> str:
     line = (f"done: {cfg.steps} steps, {run.model.num_params() / 1e6:.2f}M params, {run.mesh.world} ranks "
-            f"(dp {run.mesh.dp} x cp {run.mesh.cp}), final loss {result['final_loss']:.4f}")
+            f"(dp {run.mesh.dp} x cp {run.mesh.cp} x ulysses {run.mesh.ulysses}), final loss {result['final_loss']:.4f}")
     if "retrieval" in result:
         r = result["retrieval"]
         per_len = [sum(row[j] for row in r["accuracy"]) / len(r["accuracy"]) for j in range(len(r["lengths"]))]

@@ -99,9 +99,9 @@ def _group_options(device: torch.device, timeout: float):
 
 @dataclass
 class Mesh:
-    """This rank's place in the (dp, cp) mesh."""
+    """This rank's place in the (dp, cp) mesh, or (dp, cp, ulysses) with --ulysses U > 1."""
 
-    device_mesh: DeviceMesh  # dims ("dp", "cp")
+    device_mesh: DeviceMesh  # dims ("dp", "cp") or ("dp", "cp", "ulysses")
     shard_mesh: DeviceMesh  # all ranks as one dimension ("dp_cp"): what FSDP2 shards parameters over
     device: torch.device
 
@@ -134,12 +134,30 @@ class Mesh:
         """The ring: its own group, so ring P2P never interleaves with FSDP's collectives."""
         return self.device_mesh.get_group("cp")
 
+    @property
+    def ulysses(self) -> int:
+        names = self.device_mesh.mesh_dim_names
+        return self.device_mesh.size(names.index("ulysses")) if "ulysses" in names else 1
 
-def make_mesh(dp: int, device: torch.device, timeout: float) -> Mesh:
+    @property
+    def ulysses_group(self):
+        """The Ulysses group (consecutive ranks: one node), or None without Ulysses."""
+        return self.device_mesh.get_group("ulysses") if self.ulysses > 1 else None
+
+
+def make_mesh(dp: int, device: torch.device, timeout: float, ulysses: int = 1) -> Mesh:
+    """The (dp, cp) mesh; with ulysses > 1 a (dp, cp, ulysses) mesh whose innermost dimension
+    (consecutive ranks, i.e. one node) trades sequence for heads by all-to-all."""
     world = dist.get_world_size()
-    if dp < 1 or world % dp:
-        raise ValueError(f"--dp {dp} must divide the world size {world}")
+    if dp < 1 or ulysses < 1 or world % (dp * ulysses):
+        raise ValueError(f"--dp {dp} x --ulysses {ulysses} must divide the world size {world}")
     opts = _group_options(device, timeout)
+    if ulysses > 1:
+        dm = init_device_mesh(device.type, (dp, world // (dp * ulysses), ulysses),
+                              mesh_dim_names=("dp", "cp", "ulysses"),
+                              backend_override={"dp": opts, "cp": opts, "ulysses": opts})
+        flat = dm._flatten("dp_cp", backend_override=opts)
+        return Mesh(dm, flat, device)
     dm = init_device_mesh(device.type, (dp, world // dp), mesh_dim_names=("dp", "cp"),
                           backend_override={"dp": opts, "cp": opts})
     flat = dm._flatten("dp_cp", backend_override=opts)  # torchtitan's idiom for sharding over several dims
