@@ -20,11 +20,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: sequence-parallel training on the line-retrieval task, 4 local ranks, ~5 min.
+# A run owns its folder: run again, `make demo` resumes it (a finished run just re-evaluates).
+DEMO_OUT   ?= runs/demo
 DEMO_FLAGS ?= --world 4 --model small --seq-len 128 --batch 16 --steps 1000 --warmup 50 --lr 1e-3 \
-	--fmt registers --id-pool 9 --loss-on recall --eval-decoys 4 --eval-lengths 64 128 --eval-per-cell 32 --out runs/demo
+	--fmt registers --id-pool 9 --loss-on recall --eval-decoys 4 --eval-lengths 64 128 --eval-per-cell 32
 
 demo: setup
-	$(VENV)/bin/ringwise train $(DEMO_FLAGS)
+	$(VENV)/bin/ringwise train $(DEMO_FLAGS) --out $(DEMO_OUT) $(if $(wildcard $(DEMO_OUT)/checkpoints),--resume)
 
 attention-demo: setup
 	$(VENV)/bin/ringwise demo

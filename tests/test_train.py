@@ -294,6 +294,11 @@ def test_train_cli_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0
     assert checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])["step"] == 3
     assert not (out / ".lock").exists()
+    # `make demo` again resumes its folder: a finished run trains nothing more and re-evaluates
+    (out / "summary.json").unlink()
+    assert main(["train", *flags, "--world", "2", "--model", "tiny", "--steps", "3", "--batch", "4",
+                 "--eval-per-cell", "1", "--out", str(out), "--resume"]) == 0
+    assert len(losses(out)) == 3 and (out / "summary.json").stat().st_size > 0
 
 
 @pytest.mark.cuda
