@@ -32,24 +32,13 @@ def global_ids(seed=1):
     return torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
-def ring_run(name, docs):
-    rw.use_ring(layout="zigzag")
-    model = make_model(name, "ringwise")
-    batch = rw.shard_batch(global_ids(), cu_seqlens=docs)
-    labels = batch.pop("labels")
-    logits = model(**batch).logits
-    rw.causal_lm_loss(logits, labels).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for g in grads.values():
-        dist.all_reduce(g)
-    return dict(logits=logits.detach(), grads=grads)
+def ring_run(name, docs, mesh=None):
+    """This rank's logits and the summed gradients, on a ring (mesh None) or a (U, R) Ulysses x ring mesh."""
+    ug = rg = None
+    if mesh is not None:
+        from ringwise.attention.ulysses import mesh_groups
 
-
-def ulysses_run(name, docs, mesh):
-    """The same model on a (ulysses x ring) mesh: logits of this rank's piece, summed gradients."""
-    from ringwise.attention.ulysses import mesh_groups
-
-    ug, rg = mesh_groups(*mesh)
+        ug, rg = mesh_groups(*mesh)
     rw.use_ring(group=rg, layout="zigzag", ulysses_group=ug)
     model = make_model(name, "ringwise")
     batch = rw.shard_batch(global_ids(), cu_seqlens=docs)
@@ -60,7 +49,7 @@ def ulysses_run(name, docs, mesh):
     for g in grads.values():
         dist.all_reduce(g)
     rw.use_ring()  # later tests on this cluster use the plain ring
-    return dict(logits=logits.detach(), grads=grads, u=dist.get_rank(ug), r=dist.get_rank(rg))
+    return dict(logits=logits.detach(), grads=grads, u=dist.get_rank(ug) if ug else 0, r=dist.get_rank(rg))
 
 
 def single_run(name, docs, dtype):
@@ -113,7 +102,7 @@ def test_model_on_a_ulysses_ring_mesh_matches_single_process(cluster, mesh, docs
     from ringwise.attention.layout import global_indices
 
     U, R = mesh
-    results = cluster(U * R).run(ulysses_run, "llama", docs, mesh)
+    results = cluster(U * R).run(ring_run, "llama", docs, mesh)
     ref, f32 = single_run("llama", docs, torch.float64), single_run("llama", docs, torch.float32)
     logits = torch.empty_like(f32["logits"])
     for res in results:
