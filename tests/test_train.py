@@ -104,7 +104,7 @@ def test_resume_is_bit_identical_and_reshards(cluster, tmp_path):
         cluster(w1).run(run_job, job_args(out, dp=dp1, resume=True))
         assert close(losses(out), losses(straight)), (w0, dp0, w1, dp1, losses(out), losses(straight))
         meta = checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])
-        assert (meta["step"], meta["world"], meta["mesh"]) == (6, w1, dict(dp=dp1, cp=w1 // dp1))
+        assert (meta["step"], meta["world"], meta["mesh"]) == (6, w1, dict(dp=dp1, cp=w1 // dp1, ulysses=1))
 
 
 def test_damaged_and_unfinished_checkpoints(cluster, tmp_path):
