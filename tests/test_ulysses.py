@@ -273,3 +273,40 @@ def test_window_sinks_softcap_compose_with_ulysses(cluster, layout):
         for name, ref in refs.items():
             err, kern_err = max_err(got[name], ref), max_err(kern[name], ref)
             assert err <= 2 * kern_err + EPS["float32"], f"{case}: {name} error {err:.3g} > 2 x {kern_err:.3g}"
+
+
+def run_transports(case):
+    """The same mesh call with direct and with host-staged traffic: outputs, gradients, staged bytes."""
+    from ringwise.attention.comm import STAGED_BYTES
+
+    ug, rg = groups(case["mesh"])
+    q, k, v, dout = make_inputs(case)
+    got = {}
+    for transport in ("direct", "host"):
+        ql, kl, vl = (ringwise.shard(x.float(), 1, case["layout"], group=rg, ulysses_group=ug).requires_grad_()
+                      for x in (q, k, v))
+        STAGED_BYTES.clear()
+        o = ringwise.ring_attention(ql, kl, vl, causal=True, layout=case["layout"], group=rg, ulysses_group=ug,
+                                    transport=transport)
+        o.backward(ringwise.shard(dout.float(), 1, case["layout"], group=rg, ulysses_group=ug))
+        got[transport] = dict(out=o.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad, staged=dict(STAGED_BYTES))
+    return got
+
+
+@pytest.mark.parametrize("mesh", [(4, 1), (2, 2)], ids=["U4xR1", "U2xR2"])
+def test_host_staged_transport_carries_the_all_to_alls_too(cluster, mesh):
+    """transport='host' (several ranks on one GPU): the all-to-alls go through host buffers like
+    the ring's hops, with results identical to direct traffic. At U4xR1 there are no ring hops,
+    so every staged byte is an all-to-all's: q, k, v and out forward (no lse asked for), dout and
+    dq, dk, dv back."""
+    case = dict(mesh=mesh, layout="zigzag", causal=True, dtype="float32", batch=1, heads=4, kv_heads=4,
+                head_dim=16, seq=48, seed=5)
+    for got in cluster(4).run(run_transports, case, timeout=120):
+        for name in ("out", "dq", "dk", "dv"):
+            assert torch.equal(got["direct"][name], got["host"][name]), name
+        assert got["direct"]["staged"] == {}
+        staged = got["host"]["staged"]
+        assert staged["to_host"] == staged["to_device"] > 0
+        if mesh == (4, 1):  # one local (12 tokens x 4 heads x 16) float32 tensor each
+            local = 48 // 4 * 4 * 16 * 4
+            assert staged["to_host"] == 3 * local + local + local + 3 * local

@@ -24,11 +24,13 @@ Ulysses (group=None is the default group, not "no ring").
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 
 import torch
 import torch.distributed as dist
 
+from .comm import STAGED_BYTES, TRANSPORT_ENV, TRANSPORTS, _cuda_on_gloo
 from .layout import check_layout
 
 # All-to-alls per stream since the last reset: a forward makes one "qkv" and one "out",
@@ -72,7 +74,8 @@ def valid_degrees(heads: int) -> list[int]:
 class _Mesh:
     """This rank's place in the (ulysses x ring) mesh; raises if it is in neither group."""
 
-    def __init__(self, ulysses_group, group):
+    def __init__(self, ulysses_group, group, transport: str = "auto"):
+        self.transport = transport  # "host": all-to-alls staged through host memory, as the ring's hops
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("ring_attention: ulysses_group needs an initialised process group")
         self.group, self.ulysses_group = group, ulysses_group
@@ -195,17 +198,29 @@ def check_mesh(q, k, v, mesh: _Mesh, layout, ring_kwargs: dict) -> None:
         raise ValueError(f"ring_attention (ulysses): {verdict}")
 
 
-def _exchange(sends: list[torch.Tensor], group, stream: str) -> list[torch.Tensor]:
+def _exchange(sends: list[torch.Tensor], group, stream: str, transport: str = "auto") -> list[torch.Tensor]:
     """One all_to_all_single: row j of every send tensor (U, ...) goes to ulysses rank j.
 
     The tensors travel as bytes in one buffer, whatever their dtypes (lse stays float32).
-    Returns tensors shaped like the sends, row i received from rank i.
+    Returns tensors shaped like the sends, row i received from rank i. With the "host"
+    transport (or CUDA tensors on a gloo group, which has no CUDA all-to-all) the buffer is
+    staged through host memory, as the ring's hops are (comm.py): several ranks on one GPU.
     """
     U = sends[0].shape[0]
     rows = [x.contiguous().view(U, -1).view(torch.uint8) for x in sends]
     buf = torch.cat(rows, dim=1)
-    recv = torch.empty_like(buf)
-    dist.all_to_all_single(recv, buf, group=group)
+    staged = transport == "host" or (transport == "auto" and buf.is_cuda and _cuda_on_gloo(group))
+    if staged:
+        send = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=buf.is_cuda)
+        send.copy_(buf)
+        STAGED_BYTES["to_host"] += buf.numel()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        recv = recv.to(buf.device)
+        STAGED_BYTES["to_device"] += buf.numel()
+    else:
+        recv = torch.empty_like(buf)
+        dist.all_to_all_single(recv, buf, group=group)
     ALL_TO_ALL_COUNTS[stream] += 1
     out, at = [], 0
     for x, row in zip(sends, rows):
@@ -219,14 +234,14 @@ def seq_to_heads(xs, mesh: _Mesh, stream: str):
     """(B, L, h*U, ...) each -> (B, U*L, h, ...): gather the ring shard, keep head chunk u."""
     U = mesh.size
     sends = [x.unflatten(2, (U, x.shape[2] // U)).movedim(2, 0) for x in xs]  # (U, B, L, h, ...)
-    return [y.movedim(0, 1).flatten(1, 2) for y in _exchange(sends, mesh.ulysses_group, stream)]
+    return [y.movedim(0, 1).flatten(1, 2) for y in _exchange(sends, mesh.ulysses_group, stream, mesh.transport)]
 
 
 def heads_to_seq(xs, mesh: _Mesh, stream: str):
     """(B, U*L, h, ...) each -> (B, L, U*h, ...): the inverse of seq_to_heads."""
     U = mesh.size
     sends = [x.unflatten(1, (U, x.shape[1] // U)).movedim(1, 0) for x in xs]  # (U, B, L, h, ...)
-    return [y.movedim(0, 2).flatten(2, 3) for y in _exchange(sends, mesh.ulysses_group, stream)]
+    return [y.movedim(0, 2).flatten(2, 3) for y in _exchange(sends, mesh.ulysses_group, stream, mesh.transport)]
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -281,7 +296,9 @@ def ulysses_attention(q, k, v, *, ulysses_group, group=None, layout="zigzag", re
     """
     from .ring import ring_attention
 
-    mesh = _Mesh(ulysses_group, group)
+    transport = ring_kwargs.get("transport") or os.environ.get(TRANSPORT_ENV, "auto")
+    # a bad name goes on to the ring, whose collective check reports it on every rank
+    mesh = _Mesh(ulysses_group, group, transport if transport in TRANSPORTS else "auto")
     if validate:
         check_mesh(q, k, v, mesh, layout, ring_kwargs)
     elif mesh.u < 0 or mesh.r < 0:
