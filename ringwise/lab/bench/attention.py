@@ -11,17 +11,16 @@ events, in ms and TFLOP/s over --gpu-seqs, causal and full.
 """
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import ringwise
 from ringwise.lab.cluster import LocalCluster
 
 from . import draw, write_results
+from .timing import median_time
 
 
 def _inputs(batch, seq, heads, head_dim, seed=0):
@@ -29,35 +28,29 @@ def _inputs(batch, seq, heads, head_dim, seed=0):
     return [torch.randn(batch, seq, heads, head_dim, generator=g) for _ in range(4)]
 
 
+def fwd_bwd_step(attention, inputs):
+    """fn() for the timer: forward+backward of attention(q, k, v) on fresh leaves."""
+    q, k, v, dout = inputs
+
+    def step():
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        attention(qg, kg, vg).backward(dout)
+
+    return step
+
+
 def time_sdpa(batch, seq, heads, head_dim, causal, repeats):
     """Whole-sequence fused SDPA forward+backward; seconds per iteration (median)."""
-    q, k, v, dout = (x.transpose(1, 2) for x in _inputs(batch, seq, heads, head_dim))
-    times = []
-    for i in range(repeats + 1):
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        t0 = time.perf_counter()
-        out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
-        out.backward(dout)
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    inputs = [x.transpose(1, 2) for x in _inputs(batch, seq, heads, head_dim)]
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, is_causal=causal)
+    return median_time(fwd_bwd_step(sdpa, inputs), repeats)
 
 
 def time_ring(batch, seq, heads, head_dim, causal, layout, repeats):
     """Ring forward+backward on this rank's shard; the slowest rank's time per iteration."""
-    q, k, v, dout = (ringwise.shard(x, 1, layout) for x in _inputs(batch, seq, heads, head_dim))
-    times = []
-    for i in range(repeats + 1):
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = ringwise.ring_attention(qg, kg, vg, causal=causal, layout=layout)
-        out.backward(dout)
-        elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if i:
-            times.append(elapsed.item())
-    return statistics.median(times)
+    inputs = [ringwise.shard(x, 1, layout) for x in _inputs(batch, seq, heads, head_dim)]
+    ring = functools.partial(ringwise.ring_attention, causal=causal, layout=layout)
+    return median_time(fwd_bwd_step(ring, inputs), repeats)
 
 
 # ---------------------------------------------------------------- one GPU
@@ -90,26 +83,6 @@ def _attention_fn(impl, causal):
     return sdpa
 
 
-def time_ms(fn, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of fn() after one warm-up: CUDA events on a GPU, wall clock elsewhere."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def device_rows(seqs, batch, heads, head_dim, dtype, device, repeats, impls=GPU_IMPLS, bar=None) -> list[dict]:
     """Forward+backward of every impl, causal and full, per sequence length; one row each.
     A case that cannot run (out of memory, a backend this GPU lacks) gets its error, not a time."""
@@ -131,7 +104,7 @@ def device_rows(seqs, batch, heads, head_dim, dtype, device, repeats, impls=GPU_
 
                 row = dict(impl=impl, seq=seq, causal=causal, ms=None, tflops=None, error=None)
                 try:
-                    row["ms"] = time_ms(step, repeats, device)
+                    row["ms"] = median_time(step, repeats, device=device) * 1e3
                     row["tflops"] = attention_flops(batch, seq, heads, head_dim, causal) / (row["ms"] * 1e-3) / 1e12
                 except (RuntimeError, ValueError) as e:  # reported in the table, next case goes on
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"

@@ -9,11 +9,7 @@ time is the efficiency of the mesh: 1.0 means sharding costs nothing over the fu
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import ringwise
@@ -21,7 +17,8 @@ from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, mesh_groups
 from ringwise.lab.cluster import LocalCluster
 
 from . import draw, write_results
-from .attention import time_sdpa
+from .attention import fwd_bwd_step, time_sdpa
+from .timing import median_time
 
 _GROUPS: dict = {}  # per rank process: one pair of groups per mesh
 
@@ -41,19 +38,12 @@ def time_mesh(U, R, batch, seq, heads, kv_heads, head_dim, causal, repeats, layo
               (batch, seq, heads, head_dim)]
     q, k, v, dout = (ringwise.shard(torch.randn(s, generator=g), 1, layout, group=rg, ulysses_group=ug)
                      for s in shapes)
-    times = []
-    for i in range(repeats + 1):
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        ALL_TO_ALL_COUNTS.clear()
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = ringwise.ring_attention(qg, kg, vg, causal=causal, layout=layout, group=rg, ulysses_group=ug)
-        out.backward(dout)
-        elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if i:  # the first run warms up
-            times.append(elapsed.item())
-    return statistics.median(times), sum(ALL_TO_ALL_COUNTS.values())
+
+    def attention(q, k, v):
+        ALL_TO_ALL_COUNTS.clear()  # so the count left is one iteration's
+        return ringwise.ring_attention(q, k, v, causal=causal, layout=layout, group=rg, ulysses_group=ug)
+
+    return median_time(fwd_bwd_step(attention, (q, k, v, dout)), repeats), sum(ALL_TO_ALL_COUNTS.values())
 
 
 def _parse_meshes(text):
