@@ -532,9 +532,6 @@ def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMO
     return "\n".join(lines)
 
 
-format_plan = plan_report
-
-
 # ---------------------------------------------------------------- CLI glue
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of `ringwise plan`; the custom-device numbers override the --device preset."""
