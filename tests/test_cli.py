@@ -75,3 +75,12 @@ def test_median_time_skips_warmup_and_takes_the_median(monkeypatch):
     assert len(calls) == 4
     with pytest.raises(ValueError, match="repeats"):
         timing.median_time(lambda: None, 0)
+
+
+def test_every_bench_suite_names_its_module():
+    """`ringwise bench all` walks SUITES; the memory suite lives in memory_plan.py (one memory.py in the package)."""
+    from ringwise.lab.bench import OPTIONAL, SUITES, suite
+
+    for name in SUITES + OPTIONAL:
+        assert callable(suite(name).run) and callable(suite(name).add_arguments)
+    assert suite("memory").__name__ == "ringwise.lab.bench.memory_plan"

@@ -12,6 +12,17 @@ from pathlib import Path
 import torch
 
 SUITES = ("attention", "overlap", "scaling", "memory", "context", "ulysses")
+OPTIONAL = ("peers",)  # not in `bench all`: it needs the peers extra
+# suite name (the CLI's, the results' file names) -> module, where the two differ:
+# `memory_plan` so that the package holds one memory.py (ringwise.lab.memory, the probes)
+_MODULES = {"memory": "memory_plan"}
+
+
+def suite(name: str):
+    """The module of benchmark suite `name` (`ringwise bench <name>`)."""
+    import importlib
+
+    return importlib.import_module(f"{__name__}.{_MODULES.get(name, name)}")
 
 
 def cpu_name() -> str:
