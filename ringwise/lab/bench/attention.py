@@ -53,6 +53,28 @@ def time_ring(batch, seq, heads, head_dim, causal, layout, repeats):
     return median_time(fwd_bwd_step(ring, inputs), repeats)
 
 
+def sdpa_seconds(batch, seq, heads, head_dim, threads, repeats, bar=None) -> dict[bool, float]:
+    """The yardstick, {causal: seconds} for full then causal: whole-sequence SDPA
+    forward+backward in one process with all the threads."""
+    seconds = {}
+    with LocalCluster(1, threads_per_rank=threads) as single:
+        for causal in (False, True):
+            if bar is not None:
+                bar.set_postfix_str(f"sdpa causal={causal}")
+            seconds[causal] = single.run(time_sdpa, batch, seq, heads, head_dim, causal, repeats, timeout=3600)[0]
+            if bar is not None:
+                bar.update()
+    return seconds
+
+
+def add_sdpa_ratios(rows: list[dict]) -> None:
+    """Each row's SDPA time / its time, from the rows of impl "sdpa" (1.0: sharding costs
+    nothing over the fused kernel)."""
+    sdpa = {r["causal"]: r["seconds"] for r in rows if r["impl"] == "sdpa"}
+    for r in rows:
+        r["sdpa_over_this"] = sdpa[r["causal"]] / r["seconds"]
+
+
 # ---------------------------------------------------------------- one GPU
 
 GPU_IMPLS = ("ringwise", "ringwise_flash", "sdpa_flash", "sdpa_cudnn")
@@ -190,12 +212,8 @@ def run(args) -> dict:
         cases += [("ring", W, True, layout) for layout in ringwise.LAYOUTS]
     rows = []
     with tqdm(total=len(cases), desc="attention bench", unit="case") as bar:
-        with LocalCluster(1, threads_per_rank=args.threads) as single:
-            for kind, W, causal, layout in cases[:2]:
-                bar.set_postfix_str(f"sdpa causal={causal}")
-                t = single.run(time_sdpa, *shape, causal, args.repeats, timeout=3600)[0]
-                rows.append(dict(impl="sdpa", world=1, threads=args.threads, causal=causal, layout="-", seconds=t))
-                bar.update()
+        for causal, t in sdpa_seconds(*shape, args.threads, args.repeats, bar).items():
+            rows.append(dict(impl="sdpa", world=1, threads=args.threads, causal=causal, layout="-", seconds=t))
         for W in args.world:
             with LocalCluster(W, threads_per_rank=args.threads // W) as ring:
                 for kind, w, causal, layout in cases[2:]:
@@ -205,9 +223,7 @@ def run(args) -> dict:
                     t = ring.run(time_ring, *shape, causal, layout, args.repeats, timeout=3600)[0]
                     rows.append(dict(impl="ring", world=W, threads=args.threads // W, causal=causal, layout=layout, seconds=t))
                     bar.update()
-    sdpa = {r["causal"]: r["seconds"] for r in rows if r["impl"] == "sdpa"}
-    for r in rows:
-        r["sdpa_over_this"] = sdpa[r["causal"]] / r["seconds"]
+    add_sdpa_ratios(rows)
     lines = [
         f"Global sequence {args.seq}, batch {args.batch}, {args.heads} heads x {args.head_dim}, float32, "
         f"forward+backward, {args.threads} threads in total, median of {args.repeats}.",

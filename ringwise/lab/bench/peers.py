@@ -24,6 +24,7 @@ from ringwise.lab.cluster import LocalCluster
 from ringwise.lab.memory import PeakMemory, mib
 
 from . import draw, write_results
+from .attention import sdpa_seconds
 from .timing import median_time
 
 
@@ -81,14 +82,10 @@ def run(args) -> dict:
             for name in res[0]:
                 rows.append(dict(impl=name, causal=causal, seconds=res[0][name][0],
                                  peak_mib=max(mib(r[name][1]) for r in res)))
-    from .attention import time_sdpa
-
-    with LocalCluster(1, threads_per_rank=args.threads) as single:
-        for causal in (False, True):
-            t = single.run(time_sdpa, 1, args.peer_seq, args.heads, args.head_dim, causal, max(1, args.repeats),
-                           timeout=3600)[0]
-            rows.append(dict(impl=f"SDPA, 1 process x {args.threads} threads (reference, not a ring)", causal=causal,
-                             seconds=t, peak_mib=None))
+    for causal, t in sdpa_seconds(1, args.peer_seq, args.heads, args.head_dim, args.threads,
+                                  max(1, args.repeats)).items():
+        rows.append(dict(impl=f"SDPA, 1 process x {args.threads} threads (reference, not a ring)", causal=causal,
+                         seconds=t, peak_mib=None))
     try:
         import ringattention  # noqa: F401
 

@@ -17,7 +17,7 @@ from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, mesh_groups
 from ringwise.lab.cluster import LocalCluster
 
 from . import draw, write_results
-from .attention import fwd_bwd_step, time_sdpa
+from .attention import add_sdpa_ratios, fwd_bwd_step, sdpa_seconds
 from .timing import median_time
 
 _GROUPS: dict = {}  # per rank process: one pair of groups per mesh
@@ -88,12 +88,8 @@ def run(args) -> dict:
     batch, seq, d, repeats = 1, args.ulysses_seq, args.ulysses_head_dim, args.ulysses_repeats
     rows = []
     with tqdm(total=2 + 2 * len(meshes), desc="ulysses bench", unit="case") as bar:
-        with LocalCluster(1, threads_per_rank=W * T) as single:
-            for causal in (False, True):
-                t = single.run(time_sdpa, batch, seq, heads, d, causal, repeats, timeout=3600)[0]
-                rows.append(dict(impl="sdpa", mesh="1 process", ulysses=1, ring=1, causal=causal, seconds=t,
-                                 all_to_alls=0))
-                bar.update()
+        for causal, t in sdpa_seconds(batch, seq, heads, d, W * T, repeats, bar).items():
+            rows.append(dict(impl="sdpa", mesh="1 process", ulysses=1, ring=1, causal=causal, seconds=t, all_to_alls=0))
         with LocalCluster(W, threads_per_rank=T) as cluster:
             for U, R in meshes:
                 for causal in (False, True):
@@ -103,9 +99,7 @@ def run(args) -> dict:
                     rows.append(dict(impl=impl, mesh=f"{U}x{R}", ulysses=U, ring=R, causal=causal, seconds=t,
                                      all_to_alls=a2a))
                     bar.update()
-    sdpa = {r["causal"]: r["seconds"] for r in rows if r["impl"] == "sdpa"}
-    for r in rows:
-        r["sdpa_over_this"] = sdpa[r["causal"]] / r["seconds"]
+    add_sdpa_ratios(rows)
     lines = [
         f"Global sequence {seq}, {heads} heads ({kv} kv) x {d}, float32, forward+backward, zigzag, "
         f"{W} ranks x {T} thread(s) vs SDPA in one process with {W * T} threads, median of {repeats}. "
