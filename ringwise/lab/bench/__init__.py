@@ -63,6 +63,11 @@ def draw(kind: str, *args, **kwargs) -> Path | None:
         return None
 
 
+def public_args(args) -> dict:
+    """The command line a result was measured with, for its JSON (private `_` keys left out)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
 def write_results(out_dir: str | Path, name: str, data: dict, markdown: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 import ringwise
 from ringwise.lab.cluster import LocalCluster
 
-from . import draw, write_results
+from . import draw, public_args, write_results
 from .timing import median_time
 
 
@@ -167,8 +167,7 @@ def run_device(args) -> dict:
         ratio = f"{r['cudnn_over_this']:.3f}" if r["cudnn_over_this"] else "-"
         lines.append(f"| {r['seq']} | {mask} | {r['impl']} | {r['ms']:.2f} | {r['tflops']:.0f} | {ratio} |")
     md = "\n".join(lines) + "\n"
-    write_results(args.out, "attention_gpu", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                                                  device=name, rows=rows), md)
+    write_results(args.out, "attention_gpu", dict(args=public_args(args), device=name, rows=rows), md)
     print(md)
     return dict(rows=rows)
 
@@ -241,8 +240,7 @@ def run(args) -> dict:
         lines.append(f"W={W} causal load balance: contiguous / zigzag time = {by['contiguous'] / by['zigzag']:.2f}, "
                      f"contiguous / striped = {by['contiguous'] / by['striped']:.2f}")
     md = "\n".join(lines) + "\n"
-    out = write_results(args.out, "attention", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                                                       rows=rows), md)
+    out = write_results(args.out, "attention", dict(args=public_args(args), rows=rows), md)
     ring = [r for r in rows if r["impl"] == "ring"]
     series = {}
     for r in ring:

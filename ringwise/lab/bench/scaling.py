@@ -18,7 +18,7 @@ from ringwise.attention.layout import positions, shard
 from ringwise.lab.memory import PeakMemory, mib
 from ringwise.model import Transformer, model_config
 
-from . import draw, write_results
+from . import draw, public_args, write_results
 from .timing import median_time
 
 
@@ -101,8 +101,7 @@ def run(args) -> dict:
         lines.append(f"Strong scaling: per-rank peak falls {summary['strong_ratio']:.2f}x from W={strong[0]['world']} "
                      f"to W={strong[-1]['world']}.")
     md = "\n".join(lines) + "\n"
-    out = write_results(args.out, "scaling", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                                                  rows=rows, summary=summary), md)
+    out = write_results(args.out, "scaling", dict(args=public_args(args), rows=rows, summary=summary), md)
     draw("lines", {"fixed tokens per rank": [r["world"] for r in weak], "fixed global length": [r["world"] for r in strong]},
          {"fixed tokens per rank": [r["peak_mib_max"] for r in weak],
           "fixed global length": [r["peak_mib_max"] for r in strong]},
