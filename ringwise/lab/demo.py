@@ -7,6 +7,7 @@ per-rank peak memory and time, the error against float64 and the speed ratio to 
 from __future__ import annotations
 
 import functools
+
 import torch
 from tqdm import tqdm
 
@@ -46,13 +47,14 @@ def _measured(attention, inputs, iters):
     last = {}
 
     def once():
+        last.clear()  # the previous run's tensors go before this one is measured
         q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
         with PeakMemory() as mem:
             out = attention(q, k, v)
             out.backward(inputs[3])
         last.update(peak=mem.peak_bytes, out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
 
-    seconds = median_time(once, 1, warmup=iters - 1)
+    seconds = median_time(once, 1, warmup=max(0, iters - 1))
     return dict(last, seconds=seconds)
 
 
