@@ -1,6 +1,24 @@
-"""ringwise: exact ring attention and blockwise transformers for near-infinite context."""
-from .attention.layout import LAYOUTS, pad_to_multiple, positions, shard, unshard
-from .attention.ring import ring_attention
+"""ringwise: exact ring attention and blockwise transformers for near-infinite context.
 
-__all__ = ["ring_attention", "shard", "unshard", "positions", "pad_to_multiple", "LAYOUTS"]
+The public names load on first use (PEP 562), so torch-free parts such as
+`ringwise.presets` and `ringwise.lab.plan` import without torch.
+"""
+import importlib
+
+_PUBLIC = {"ring_attention": ".attention.ring", "shard": ".attention.layout", "unshard": ".attention.layout",
+           "positions": ".attention.layout", "pad_to_multiple": ".attention.layout", "LAYOUTS": ".attention.layout"}
+
+__all__ = list(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'ringwise' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

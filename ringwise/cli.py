@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .lab import demo
-    from .lab.bench import SUITES
+    from .lab.bench import OPTIONAL, SUITES, suite
 
     p = argparse.ArgumentParser(prog="ringwise", description="Exact ring attention for near-infinite context")
     sub = p.add_subparsers(dest="command", required=True)
@@ -27,12 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(sub.add_parser("plan", help="the paper's memory/overlap model for a cluster you plan"))
 
     b = sub.add_parser("bench", help="benchmarks measured side by side (results to --out)")
-    b.add_argument("suite", choices=SUITES + ("peers", "all"))
+    b.add_argument("suite", choices=SUITES + OPTIONAL + ("all",))
     b.add_argument("--out", default="results", help="folder for JSON, markdown and plots")
     b.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in well under a minute")
-    for name in SUITES + ("peers",):
-        g = b.add_argument_group(name)
-        importlib.import_module(f"ringwise.lab.bench.{name}").add_arguments(g)
+    for name in SUITES + OPTIONAL:
+        suite(name).add_arguments(b.add_argument_group(name))
     return p
 
 
@@ -56,11 +54,11 @@ def main(argv=None) -> int:
             print(f"ringwise plan: {e}", file=sys.stderr)
             return 2
     elif args.command == "bench":
-        from .lab.bench import SUITES
+        from .lab.bench import SUITES, suite
 
         defaults = vars(parser.parse_args(["bench", args.suite]))
         for name in SUITES if args.suite == "all" else (args.suite,):
-            mod = importlib.import_module(f"ringwise.lab.bench.{name}")
+            mod = suite(name)
             if args.quick:  # small sizes, except where the user chose a value
                 for key, value in getattr(mod, "QUICK", {}).items():
                     if getattr(args, key) == defaults[key]:

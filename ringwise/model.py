@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention.ring import ring_attention
+from .presets import SHAPES
 
 IGNORE_INDEX = -100  # labels the loss skips (cross_entropy's default); the one definition
 
@@ -59,14 +60,7 @@ class ModelConfig:
         return asdict(self)
 
 
-PRESETS = {
-    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192),
-    "small": ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384),
-    "base": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768),
-    "llama-3b": ModelConfig(vocab_size=32000, dim=3200, n_layers=26, n_heads=32, n_kv_heads=32, ffn_dim=8640),
-    "llama-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
-    "llama-13b": ModelConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
-}
+PRESETS = {name: ModelConfig(**shape) for name, shape in SHAPES.items()}
 
 
 def model_config(name: str, **overrides) -> ModelConfig:

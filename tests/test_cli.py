@@ -60,3 +60,27 @@ def test_bench_context_quick(tmp_path):
     rows = {(r["method"], r["world"]): r["max_seq"] for r in json.loads((tmp_path / "context.json").read_text())["rows"]}
     assert set(rows) == {("vanilla", 1), ("memeff", 1), ("bpt", 1), ("ring", 2)}
     assert rows[("vanilla", 1)] <= rows[("memeff", 1)] <= rows[("bpt", 1)] < rows[("ring", 2)]
+
+
+def test_median_time_skips_warmup_and_takes_the_median(monkeypatch):
+    """One timer for every bench: warm-up runs are not counted, the median of the rest is."""
+    import pytest
+
+    from ringwise.lab.bench import timing
+
+    clock = iter([0, 100, 100, 101, 101, 104, 104, 106])  # runs of 100 (warm-up), 1, 3, 2 seconds
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert timing.median_time(lambda: calls.append(1), 3) == 2
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="repeats"):
+        timing.median_time(lambda: None, 0)
+
+
+def test_every_bench_suite_names_its_module():
+    """`ringwise bench all` walks SUITES; the memory suite lives in memory_plan.py (one memory.py in the package)."""
+    from ringwise.lab.bench import OPTIONAL, SUITES, suite
+
+    for name in SUITES + OPTIONAL:
+        assert callable(suite(name).run) and callable(suite(name).add_arguments)
+    assert suite("memory").__name__ == "ringwise.lab.bench.memory_plan"

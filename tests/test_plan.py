@@ -2,6 +2,9 @@
 import argparse
 import ast
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +21,27 @@ def test_module_is_pure_python():
                 for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree)
                  if isinstance(n, ast.ImportFrom) and n.module}
-    assert imported <= {"__future__", "argparse", "math", "dataclasses"}
+    assert imported <= {"__future__", "argparse", "math", "dataclasses", "presets"}
+
+
+def test_planner_imports_without_torch():
+    """The planner and the presets load in an interpreter that never imports torch, while
+    the public op stays one attribute away."""
+    code = ("import sys; import ringwise.lab.plan, ringwise.presets; assert 'torch' not in sys.modules, 'torch'; "
+            "import ringwise; ringwise.ring_attention, ringwise.shard, ringwise.unshard, ringwise.positions, "
+            "ringwise.pad_to_multiple, ringwise.LAYOUTS; from ringwise import ring_attention; "
+            "assert 'torch' in sys.modules")
+    root = Path(plan.__file__).parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(root)))
+
+
+def test_planner_and_model_share_the_presets():
+    from ringwise.model import model_config
+
+    for key, shape in plan.MODELS.items():
+        cfg = model_config(shape.name)
+        assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size) == \
+            (shape.n_layers, shape.hidden, shape.n_heads, shape.n_kv_heads, shape.ffn_hidden, shape.vocab)
 
 
 @pytest.mark.parametrize("name,billions", [("3b", 3.43), ("7b", 6.74), ("13b", 13.0),

@@ -6,16 +6,16 @@ per-rank peak memory and time, the error against float64 and the speed ratio to 
 """
 from __future__ import annotations
 
-import time
+import functools
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import ringwise
 from ringwise.attention.kernels import ReferenceKernel, default_scale
 from ringwise.lab.cluster import LocalCluster
 from ringwise.attention.layout import global_indices
+from ringwise.lab.bench.timing import median_time
 from ringwise.lab.memory import PeakMemory, mib
 
 
@@ -35,31 +35,27 @@ def ring_rank(args):
     _warm_up(lambda x: ringwise.ring_attention(x, x, x, causal=True, layout=args.layout), 1, 2 * 64, args.heads, args.head_dim)
     inputs = [ringwise.shard(x, 1, args.layout) for x in _inputs(args)]
 
-    def attention(q, k, v):
-        dist.barrier()
-        return ringwise.ring_attention(q, k, v, causal=True, layout=args.layout)
-
-    return _measured(attention, inputs, args.iters)
+    return _measured(functools.partial(ringwise.ring_attention, causal=True, layout=args.layout), inputs, args.iters)
 
 
 def _measured(attention, inputs, iters):
-    """Forward+backward `iters` times; time and peak memory of the last (steady state).
+    """Forward+backward `iters` times; time (the slowest rank's) and peak memory of the last (steady state).
 
     Each run lives in its own call, so nothing of the previous one is resident when the
     next one starts measuring.
     """
+    last = {}
+
     def once():
+        last.clear()  # the previous run's tensors go before this one is measured
         q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
         with PeakMemory() as mem:
-            t0 = time.perf_counter()
             out = attention(q, k, v)
             out.backward(inputs[3])
-            seconds = time.perf_counter() - t0
-        return dict(seconds=seconds, peak=mem.peak_bytes, out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+        last.update(peak=mem.peak_bytes, out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
 
-    for _ in range(iters - 1):
-        once()
-    return once()
+    seconds = median_time(once, 1, warmup=max(0, iters - 1))
+    return dict(last, seconds=seconds)
 
 
 def sdpa_single(args):

@@ -58,6 +58,8 @@ import argparse
 import math
 from dataclasses import dataclass, replace
 
+from ..presets import LLAMA, SHAPES
+
 METHODS = ("vanilla", "memeff", "bpt", "ring")
 METHOD_TITLES = {"vanilla": "Vanilla", "memeff": "Memory-efficient attn",
                  "bpt": "Mem-eff attn + FFN (BPT)", "ring": "Ring Attention"}
@@ -117,16 +119,13 @@ class Device:
             _positive(f"Device.{f}", getattr(self, f))
 
 
-def _llama(name, layers, hidden, heads, ffn):
-    return ModelShape(name, layers, hidden, heads, heads, ffn, 32000)
+def _shape(name) -> ModelShape:
+    """The planner's view of a preset from ringwise.presets (the one the model trains)."""
+    s = SHAPES[name]
+    return ModelShape(name, s["n_layers"], s["dim"], s["n_heads"], s["n_kv_heads"], s["ffn_dim"], s["vocab_size"])
 
 
-MODELS = {m.name.split("-")[1]: m for m in (
-    _llama("llama-3b", 26, 3200, 32, 8640),   # OpenLLaMA-3B shapes
-    _llama("llama-7b", 32, 4096, 32, 11008),
-    _llama("llama-13b", 40, 5120, 40, 13824),
-    _llama("llama-30b", 60, 6656, 52, 17920),
-    _llama("llama-65b", 80, 8192, 64, 22016))}
+MODELS = {name[len("llama-"):]: _shape(name) for name in LLAMA}
 
 DEVICES = {d.name: d for d in (
     Device("a100-nvlink", 312e12, 80e9, 300e9),
@@ -531,9 +530,6 @@ def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMO
                      f"{own['total'] / 2**30:.2f} GiB, against Table 1's accounting with 1 checkpoint per layer: "
                      f"{(same['checkpoints'] + same['layer peak']) / 2**30:.2f} GiB")
     return "\n".join(lines)
-
-
-format_plan = plan_report
 
 
 # ---------------------------------------------------------------- CLI glue

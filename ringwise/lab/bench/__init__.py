@@ -12,6 +12,17 @@ from pathlib import Path
 import torch
 
 SUITES = ("attention", "overlap", "scaling", "memory", "context", "ulysses")
+OPTIONAL = ("peers",)  # not in `bench all`: it needs the peers extra
+# suite name (the CLI's, the results' file names) -> module, where the two differ:
+# `memory_plan` so that the package holds one memory.py (ringwise.lab.memory, the probes)
+_MODULES = {"memory": "memory_plan"}
+
+
+def suite(name: str):
+    """The module of benchmark suite `name` (`ringwise bench <name>`)."""
+    import importlib
+
+    return importlib.import_module(f"{__name__}.{_MODULES.get(name, name)}")
 
 
 def cpu_name() -> str:
@@ -50,6 +61,11 @@ def draw(kind: str, *args, **kwargs) -> Path | None:
     except ImportError as e:
         print(f"plot skipped: {e}")
         return None
+
+
+def public_args(args) -> dict:
+    """The command line a result was measured with, for its JSON (private `_` keys left out)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
 
 def write_results(out_dir: str | Path, name: str, data: dict, markdown: str) -> Path:

@@ -11,17 +11,16 @@ events, in ms and TFLOP/s over --gpu-seqs, causal and full.
 """
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import ringwise
 from ringwise.lab.cluster import LocalCluster
 
-from . import draw, write_results
+from . import draw, public_args, write_results
+from .timing import median_time
 
 
 def _inputs(batch, seq, heads, head_dim, seed=0):
@@ -29,35 +28,51 @@ def _inputs(batch, seq, heads, head_dim, seed=0):
     return [torch.randn(batch, seq, heads, head_dim, generator=g) for _ in range(4)]
 
 
+def fwd_bwd_step(attention, inputs):
+    """fn() for the timer: forward+backward of attention(q, k, v) on fresh leaves."""
+    q, k, v, dout = inputs
+
+    def step():
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        attention(qg, kg, vg).backward(dout)
+
+    return step
+
+
 def time_sdpa(batch, seq, heads, head_dim, causal, repeats):
     """Whole-sequence fused SDPA forward+backward; seconds per iteration (median)."""
-    q, k, v, dout = (x.transpose(1, 2) for x in _inputs(batch, seq, heads, head_dim))
-    times = []
-    for i in range(repeats + 1):
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        t0 = time.perf_counter()
-        out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
-        out.backward(dout)
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    inputs = [x.transpose(1, 2) for x in _inputs(batch, seq, heads, head_dim)]
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, is_causal=causal)
+    return median_time(fwd_bwd_step(sdpa, inputs), repeats)
 
 
 def time_ring(batch, seq, heads, head_dim, causal, layout, repeats):
     """Ring forward+backward on this rank's shard; the slowest rank's time per iteration."""
-    q, k, v, dout = (ringwise.shard(x, 1, layout) for x in _inputs(batch, seq, heads, head_dim))
-    times = []
-    for i in range(repeats + 1):
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = ringwise.ring_attention(qg, kg, vg, causal=causal, layout=layout)
-        out.backward(dout)
-        elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if i:
-            times.append(elapsed.item())
-    return statistics.median(times)
+    inputs = [ringwise.shard(x, 1, layout) for x in _inputs(batch, seq, heads, head_dim)]
+    ring = functools.partial(ringwise.ring_attention, causal=causal, layout=layout)
+    return median_time(fwd_bwd_step(ring, inputs), repeats)
+
+
+def sdpa_seconds(batch, seq, heads, head_dim, threads, repeats, bar=None) -> dict[bool, float]:
+    """The yardstick, {causal: seconds} for full then causal: whole-sequence SDPA
+    forward+backward in one process with all the threads."""
+    seconds = {}
+    with LocalCluster(1, threads_per_rank=threads) as single:
+        for causal in (False, True):
+            if bar is not None:
+                bar.set_postfix_str(f"sdpa causal={causal}")
+            seconds[causal] = single.run(time_sdpa, batch, seq, heads, head_dim, causal, repeats, timeout=3600)[0]
+            if bar is not None:
+                bar.update()
+    return seconds
+
+
+def add_sdpa_ratios(rows: list[dict]) -> None:
+    """Each row's SDPA time / its time, from the rows of impl "sdpa" (1.0: sharding costs
+    nothing over the fused kernel)."""
+    sdpa = {r["causal"]: r["seconds"] for r in rows if r["impl"] == "sdpa"}
+    for r in rows:
+        r["sdpa_over_this"] = sdpa[r["causal"]] / r["seconds"]
 
 
 # ---------------------------------------------------------------- one GPU
@@ -90,26 +105,6 @@ def _attention_fn(impl, causal):
     return sdpa
 
 
-def time_ms(fn, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of fn() after one warm-up: CUDA events on a GPU, wall clock elsewhere."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def device_rows(seqs, batch, heads, head_dim, dtype, device, repeats, impls=GPU_IMPLS, bar=None) -> list[dict]:
     """Forward+backward of every impl, causal and full, per sequence length; one row each.
     A case that cannot run (out of memory, a backend this GPU lacks) gets its error, not a time."""
@@ -131,7 +126,7 @@ def device_rows(seqs, batch, heads, head_dim, dtype, device, repeats, impls=GPU_
 
                 row = dict(impl=impl, seq=seq, causal=causal, ms=None, tflops=None, error=None)
                 try:
-                    row["ms"] = time_ms(step, repeats, device)
+                    row["ms"] = median_time(step, repeats, device=device) * 1e3
                     row["tflops"] = attention_flops(batch, seq, heads, head_dim, causal) / (row["ms"] * 1e-3) / 1e12
                 except (RuntimeError, ValueError) as e:  # reported in the table, next case goes on
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -172,8 +167,7 @@ def run_device(args) -> dict:
         ratio = f"{r['cudnn_over_this']:.3f}" if r["cudnn_over_this"] else "-"
         lines.append(f"| {r['seq']} | {mask} | {r['impl']} | {r['ms']:.2f} | {r['tflops']:.0f} | {ratio} |")
     md = "\n".join(lines) + "\n"
-    write_results(args.out, "attention_gpu", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                                                  device=name, rows=rows), md)
+    write_results(args.out, "attention_gpu", dict(args=public_args(args), device=name, rows=rows), md)
     print(md)
     return dict(rows=rows)
 
@@ -217,12 +211,8 @@ def run(args) -> dict:
         cases += [("ring", W, True, layout) for layout in ringwise.LAYOUTS]
     rows = []
     with tqdm(total=len(cases), desc="attention bench", unit="case") as bar:
-        with LocalCluster(1, threads_per_rank=args.threads) as single:
-            for kind, W, causal, layout in cases[:2]:
-                bar.set_postfix_str(f"sdpa causal={causal}")
-                t = single.run(time_sdpa, *shape, causal, args.repeats, timeout=3600)[0]
-                rows.append(dict(impl="sdpa", world=1, threads=args.threads, causal=causal, layout="-", seconds=t))
-                bar.update()
+        for causal, t in sdpa_seconds(*shape, args.threads, args.repeats, bar).items():
+            rows.append(dict(impl="sdpa", world=1, threads=args.threads, causal=causal, layout="-", seconds=t))
         for W in args.world:
             with LocalCluster(W, threads_per_rank=args.threads // W) as ring:
                 for kind, w, causal, layout in cases[2:]:
@@ -232,9 +222,7 @@ def run(args) -> dict:
                     t = ring.run(time_ring, *shape, causal, layout, args.repeats, timeout=3600)[0]
                     rows.append(dict(impl="ring", world=W, threads=args.threads // W, causal=causal, layout=layout, seconds=t))
                     bar.update()
-    sdpa = {r["causal"]: r["seconds"] for r in rows if r["impl"] == "sdpa"}
-    for r in rows:
-        r["sdpa_over_this"] = sdpa[r["causal"]] / r["seconds"]
+    add_sdpa_ratios(rows)
     lines = [
         f"Global sequence {args.seq}, batch {args.batch}, {args.heads} heads x {args.head_dim}, float32, "
         f"forward+backward, {args.threads} threads in total, median of {args.repeats}.",
@@ -252,8 +240,7 @@ def run(args) -> dict:
         lines.append(f"W={W} causal load balance: contiguous / zigzag time = {by['contiguous'] / by['zigzag']:.2f}, "
                      f"contiguous / striped = {by['contiguous'] / by['striped']:.2f}")
     md = "\n".join(lines) + "\n"
-    out = write_results(args.out, "attention", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                                                       rows=rows), md)
+    out = write_results(args.out, "attention", dict(args=public_args(args), rows=rows), md)
     ring = [r for r in rows if r["impl"] == "ring"]
     series = {}
     for r in ring:

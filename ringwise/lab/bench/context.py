@@ -18,7 +18,6 @@ tokens/s and MFU at --gpu-mfu-seq.
 from __future__ import annotations
 
 import gc
-import time
 
 import torch
 from tqdm import tqdm
@@ -27,6 +26,7 @@ from ringwise.lab.cluster import LocalCluster
 from ringwise.lab.memory import mib
 
 from . import draw, write_results
+from .timing import median_time
 from .scaling import step_memory
 
 METHODS = {"vanilla": dict(attention="vanilla", blockwise=False),
@@ -102,13 +102,14 @@ def gpu_step(model, seq: int, device) -> tuple[int, float] | None:
     tokens = torch.randint(0, model.cfg.vocab_size, (1, seq + 1), generator=g, device=device)
     pos = torch.arange(seq, device=device)
     oom = False
+
+    def step():
+        loss, _ = model(tokens[:, :-1], pos, tokens[:, 1:], layout="contiguous")
+        (loss / seq).backward()
+
     try:
         with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            loss, _ = model(tokens[:, :-1], pos, tokens[:, 1:], layout="contiguous")
-            (loss / seq).backward()
-            torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
+            seconds = median_time(step, 1, warmup=0, device=device)
     except torch.cuda.OutOfMemoryError:
         oom = True  # handled outside the except block, so the traceback's tensors are freed
     model.zero_grad(set_to_none=False)

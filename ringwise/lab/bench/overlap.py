@@ -12,9 +12,6 @@ B with the comm-only runs at the largest block.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -25,6 +22,7 @@ from ringwise.lab.cluster import LocalCluster
 from ringwise.attention.ring import ring_backward, ring_forward
 
 from . import draw, write_results
+from .timing import median_time
 
 
 class _SilentRing(Ring):
@@ -32,18 +30,6 @@ class _SilentRing(Ring):
 
     def post(self, ops, tag):  # the transport layer: every hop the ring makes, whatever its offset
         return Hop([])
-
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats + 1):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        t = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times.append(t.item())
-    return statistics.median(times[1:])
 
 
 def measure(block, heads, head_dim, repeats):
@@ -74,18 +60,14 @@ def measure(block, heads, head_dim, repeats):
             for h in hops:
                 h.wait()
 
-    return dict(ring=_median_time(lambda: fwd_bwd(real), repeats),
-                compute=_median_time(lambda: fwd_bwd(silent), repeats),
-                comm=_median_time(comm_only, repeats))
+    return dict(ring=median_time(lambda: fwd_bwd(real), repeats),
+                compute=median_time(lambda: fwd_bwd(silent), repeats),
+                comm=median_time(comm_only, repeats))
 
 
 def matmul_flops(n=1024, repeats=5):
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+    return 2 * n**3 / median_time(lambda: a @ b, repeats)
 
 
 def add_arguments(p):

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
 import ringwise
 from ringwise.lab.cluster import LocalCluster
 from ringwise.lab.memory import PeakMemory, mib
 
 from . import draw, write_results
+from .attention import sdpa_seconds
+from .timing import median_time
 
 
 def _run_impl(name, q, k, v, dout, causal, repeats):
@@ -39,18 +38,16 @@ def _run_impl(name, q, k, v, dout, causal, repeats):
         def attn(q, k, v):
             return ring_flash_attn(q, k, v, causal=causal, ring_reduce_col=True, striped_ring_attn=causal,
                                    bucket_size=1024)
-    times, peak = [], 0
-    for _ in range(repeats + 1):
+    peak = 0
+
+    def step():  # the peak of the last run is reported
+        nonlocal peak
         qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
-        dist.barrier()
         with PeakMemory() as mem:
-            t0 = time.perf_counter()
             attn(qg, kg, vg).backward(dout)
-            t = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times.append(t.item())
         peak = mem.peak_bytes
-    return statistics.median(times[1:]), peak
+
+    return median_time(step, repeats), peak
 
 
 def compare(seq, heads, head_dim, causal, repeats):
@@ -85,14 +82,10 @@ def run(args) -> dict:
             for name in res[0]:
                 rows.append(dict(impl=name, causal=causal, seconds=res[0][name][0],
                                  peak_mib=max(mib(r[name][1]) for r in res)))
-    from .attention import time_sdpa
-
-    with LocalCluster(1, threads_per_rank=args.threads) as single:
-        for causal in (False, True):
-            t = single.run(time_sdpa, 1, args.peer_seq, args.heads, args.head_dim, causal, max(1, args.repeats),
-                           timeout=3600)[0]
-            rows.append(dict(impl=f"SDPA, 1 process x {args.threads} threads (reference, not a ring)", causal=causal,
-                             seconds=t, peak_mib=None))
+    for causal, t in sdpa_seconds(1, args.peer_seq, args.heads, args.head_dim, args.threads,
+                                  max(1, args.repeats)).items():
+        rows.append(dict(impl=f"SDPA, 1 process x {args.threads} threads (reference, not a ring)", causal=causal,
+                         seconds=t, peak_mib=None))
     try:
         import ringattention  # noqa: F401
 

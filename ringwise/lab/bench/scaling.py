@@ -10,10 +10,7 @@ per-rank peak resident memory measured above the state held before the step
 """
 from __future__ import annotations
 
-import time
-
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from ringwise.lab.cluster import LocalCluster
@@ -21,12 +18,13 @@ from ringwise.attention.layout import positions, shard
 from ringwise.lab.memory import PeakMemory, mib
 from ringwise.model import Transformer, model_config
 
-from . import draw, write_results
+from . import draw, public_args, write_results
+from .timing import median_time
 
 
 def step_memory(preset: str, global_len: int, layout: str, batch: int, chunk: int, checkpoint_layers: bool = False,
                 overrides: dict | None = None):
-    """Peak bytes and seconds of one training forward+backward on this rank (after a warm-up)."""
+    """Peak bytes on this rank and the slowest rank's seconds of one training forward+backward (after a warm-up)."""
     torch.manual_seed(0)
     cfg = model_config(preset, ffn_chunk=chunk, loss_chunk=chunk, checkpoint_layers=checkpoint_layers,
                        **(overrides or {}))
@@ -36,18 +34,19 @@ def step_memory(preset: str, global_len: int, layout: str, batch: int, chunk: in
     ids, labels = (shard(t, 1, layout) for t in (tokens[:, :-1], tokens[:, 1:]))
     pos = positions(global_len, layout)
 
-    def once():
-        dist.barrier()
+    peak = 0
+
+    def step():
+        nonlocal peak
         with PeakMemory() as mem:
-            t0 = time.perf_counter()
             loss, n = model(ids, pos, labels, layout=layout)
             (loss / (batch * global_len)).backward()
-            seconds = time.perf_counter() - t0
         model.zero_grad(set_to_none=False)
-        return mem.peak_bytes, seconds
+        peak = mem.peak_bytes
 
-    once()  # warm-up: allocates the gradients and connection buffers
-    return once()
+    # the warm-up allocates the gradients and connection buffers; the slowest rank's time
+    seconds = median_time(step, 1)
+    return peak, seconds
 
 
 def add_arguments(p):
@@ -102,8 +101,7 @@ def run(args) -> dict:
         lines.append(f"Strong scaling: per-rank peak falls {summary['strong_ratio']:.2f}x from W={strong[0]['world']} "
                      f"to W={strong[-1]['world']}.")
     md = "\n".join(lines) + "\n"
-    out = write_results(args.out, "scaling", dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                                                  rows=rows, summary=summary), md)
+    out = write_results(args.out, "scaling", dict(args=public_args(args), rows=rows, summary=summary), md)
     draw("lines", {"fixed tokens per rank": [r["world"] for r in weak], "fixed global length": [r["world"] for r in strong]},
          {"fixed tokens per rank": [r["peak_mib_max"] for r in weak],
           "fixed global length": [r["peak_mib_max"] for r in strong]},

@@ -9,11 +9,7 @@ time is the efficiency of the mesh: 1.0 means sharding costs nothing over the fu
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import ringwise
@@ -21,7 +17,8 @@ from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, mesh_groups
 from ringwise.lab.cluster import LocalCluster
 
 from . import draw, write_results
-from .attention import time_sdpa
+from .attention import add_sdpa_ratios, fwd_bwd_step, sdpa_seconds
+from .timing import median_time
 
 _GROUPS: dict = {}  # per rank process: one pair of groups per mesh
 
@@ -41,19 +38,12 @@ def time_mesh(U, R, batch, seq, heads, kv_heads, head_dim, causal, repeats, layo
               (batch, seq, heads, head_dim)]
     q, k, v, dout = (ringwise.shard(torch.randn(s, generator=g), 1, layout, group=rg, ulysses_group=ug)
                      for s in shapes)
-    times = []
-    for i in range(repeats + 1):
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        ALL_TO_ALL_COUNTS.clear()
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = ringwise.ring_attention(qg, kg, vg, causal=causal, layout=layout, group=rg, ulysses_group=ug)
-        out.backward(dout)
-        elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if i:  # the first run warms up
-            times.append(elapsed.item())
-    return statistics.median(times), sum(ALL_TO_ALL_COUNTS.values())
+
+    def attention(q, k, v):
+        ALL_TO_ALL_COUNTS.clear()  # so the count left is one iteration's
+        return ringwise.ring_attention(q, k, v, causal=causal, layout=layout, group=rg, ulysses_group=ug)
+
+    return median_time(fwd_bwd_step(attention, (q, k, v, dout)), repeats), sum(ALL_TO_ALL_COUNTS.values())
 
 
 def _parse_meshes(text):
@@ -98,12 +88,8 @@ def run(args) -> dict:
     batch, seq, d, repeats = 1, args.ulysses_seq, args.ulysses_head_dim, args.ulysses_repeats
     rows = []
     with tqdm(total=2 + 2 * len(meshes), desc="ulysses bench", unit="case") as bar:
-        with LocalCluster(1, threads_per_rank=W * T) as single:
-            for causal in (False, True):
-                t = single.run(time_sdpa, batch, seq, heads, d, causal, repeats, timeout=3600)[0]
-                rows.append(dict(impl="sdpa", mesh="1 process", ulysses=1, ring=1, causal=causal, seconds=t,
-                                 all_to_alls=0))
-                bar.update()
+        for causal, t in sdpa_seconds(batch, seq, heads, d, W * T, repeats, bar).items():
+            rows.append(dict(impl="sdpa", mesh="1 process", ulysses=1, ring=1, causal=causal, seconds=t, all_to_alls=0))
         with LocalCluster(W, threads_per_rank=T) as cluster:
             for U, R in meshes:
                 for causal in (False, True):
@@ -113,9 +99,7 @@ def run(args) -> dict:
                     rows.append(dict(impl=impl, mesh=f"{U}x{R}", ulysses=U, ring=R, causal=causal, seconds=t,
                                      all_to_alls=a2a))
                     bar.update()
-    sdpa = {r["causal"]: r["seconds"] for r in rows if r["impl"] == "sdpa"}
-    for r in rows:
-        r["sdpa_over_this"] = sdpa[r["causal"]] / r["seconds"]
+    add_sdpa_ratios(rows)
     lines = [
         f"Global sequence {seq}, {heads} heads ({kv} kv) x {d}, float32, forward+backward, zigzag, "
         f"{W} ranks x {T} thread(s) vs SDPA in one process with {W * T} threads, median of {repeats}. "
