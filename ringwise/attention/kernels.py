@@ -58,7 +58,7 @@ def _weighted_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class ReferenceKernel:
     """Plain PyTorch attention in row chunks: bounded memory, exact -inf and NaN handling.
 
-    Besides causal and a boolean mask it takes what the fused kernels lack: band=(lo, hi)
+    Besides causal it takes what the fused kernels lack: band=(lo, hi)
     (key j visible to query i iff lo <= i - j <= hi, the ring's sliding-window edge tiles)
     and softcap=c (scores -> c * tanh(scores / c), Gemma 2), so it is the kernel for those.
     A row with no visible key gets out = 0 and lse = -inf; NaN inputs give NaN.
@@ -81,7 +81,7 @@ class ReferenceKernel:
             yield slice(r0, r1), slice(k0, max(k0, k1))
 
     @staticmethod
-    def _scores(q, k, scale, causal, mask, rows, keys, band=None, softcap=None):
+    def _scores(q, k, scale, causal, rows, keys, band=None, softcap=None):
         """Masked scores of `rows` against `keys`, and d(capped)/d(raw) when softcap is set (else None)."""
         s = torch.matmul(q[:, :, rows], k[:, :, keys].transpose(-1, -2)) * scale
         dcap = None
@@ -98,11 +98,9 @@ class ReferenceKernel:
             if band is not None:
                 hidden |= (i - j < band[0]) | (i - j > band[1])
             s = s.masked_fill(hidden, float("-inf"))
-        if mask is not None:
-            s = s.masked_fill(~mask[..., rows, keys], float("-inf"))
         return s, dcap
 
-    def forward(self, q, k, v, causal, scale, mask=None, band=None, softcap=None):
+    def forward(self, q, k, v, causal, scale, band=None, softcap=None):
         dt = acc_dtype(q.dtype)
         qf, kf, vf = q.to(dt), _expand_kv(k, q.shape[1]).to(dt), _expand_kv(v, q.shape[1]).to(dt)
         out = torch.zeros_like(q)
@@ -110,7 +108,7 @@ class ReferenceKernel:
         for rows, keys in self._blocks(q.shape[2], k.shape[2], causal, band):
             if keys.start == keys.stop:
                 continue  # rows that see no key: out 0, lse -inf
-            s, _ = self._scores(qf, kf, scale, causal, mask, rows, keys, band, softcap)
+            s, _ = self._scores(qf, kf, scale, causal, rows, keys, band, softcap)
             # finite even for empty rows; NaN stays NaN (clamp_min propagates it)
             m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(dt).min)
             p = torch.exp(s - m)
@@ -120,7 +118,7 @@ class ReferenceKernel:
             lse[:, :, rows] = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None, band=None, softcap=None):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, band=None, softcap=None):
         dt = acc_dtype(q.dtype)
         heads = q.shape[1]
         qf, kf, vf = q.to(dt), _expand_kv(k, heads).to(dt), _expand_kv(v, heads).to(dt)
@@ -131,7 +129,7 @@ class ReferenceKernel:
         for rows, keys in self._blocks(q.shape[2], k.shape[2], causal, band):
             if keys.start == keys.stop:
                 continue
-            s, dcap = self._scores(qf, kf, scale, causal, mask, rows, keys, band, softcap)
+            s, dcap = self._scores(qf, kf, scale, causal, rows, keys, band, softcap)
             l = lse[:, :, rows, None].to(dt)
             p = torch.where(torch.isneginf(l), torch.zeros_like(s), torch.exp(s - l))
             do = dout[:, :, rows].to(dt)
