@@ -55,11 +55,17 @@ def config_problems(config) -> list[str]:
             problems.append("ALiBi position biases are built by the model from the local sequence, outside the "
                             "attention registry")
         rope = {t for key in ("rope_parameters", "rope_scaling") for t in _rope_types(getattr(c, key, None))}
-        local = sorted(t for t in rope if any(x in t for x in LOCAL_LENGTH_ROPE))
-        if local:
-            problems.append(f"RoPE scaling {local} picks its frequencies from each rank's largest position id, so the "
-                            "ranks would rotate differently; use a static scaling (default, linear, llama3, yarn)")
+        problems += _local_length_rope(rope, "RoPE scaling")
     return problems
+
+
+def _local_length_rope(rope_types, what: str) -> list[str]:
+    """The problem with RoPE scalings that depend on the local sequence length, if any is used."""
+    local = sorted(t for t in rope_types if any(x in t for x in LOCAL_LENGTH_ROPE))
+    if not local:
+        return []
+    return [f"{what} {local} picks its frequencies from each rank's largest position id, so the ranks would "
+            "rotate differently; use a static scaling (default, linear, llama3, yarn)"]
 
 
 def module_problems(model) -> list[str]:
@@ -73,11 +79,7 @@ def module_problems(model) -> list[str]:
     for m in model.modules():
         t = getattr(m, "rope_type", None)
         rope |= set(t.values()) if isinstance(t, dict) else {t} if isinstance(t, str) else set()
-    local = sorted(t for t in rope if any(x in t for x in LOCAL_LENGTH_ROPE))
-    if local:
-        problems.append(f"rotary embedding modules use RoPE scaling {local}, which picks its frequencies from each "
-                        "rank's largest position id; use a static scaling (default, linear, llama3, yarn)")
-    return problems
+    return problems + _local_length_rope(rope, "rotary embedding modules use RoPE scaling")
 
 
 def architecture_problems(model_or_config) -> list[str]:
