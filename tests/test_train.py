@@ -137,6 +137,29 @@ def test_damaged_and_unfinished_checkpoints(cluster, tmp_path):
         assert step == 4 and "step-00000006 failed to load" in said, said
 
 
+def test_a_save_after_a_fallback_keeps_the_intact_checkpoint(cluster, tmp_path):
+    """--keep 1 with a damaged newer checkpoint: resuming falls back to the intact one, and the
+    next save prunes neither the checkpoint it just wrote nor count the damaged one as kept."""
+    out = tmp_path / "run"
+    cluster(2).run(run_job, job_args(out, steps=6, ckpt_every=2, keep=3, stop_after=6))
+    folder = out / "checkpoints"
+    for step in (4, 6):  # two damaged checkpoints newer than step 2
+        shard = next(p for p in (folder / f"step-0000000{step}").iterdir() if p.suffix == ".distcp")
+        shard.write_bytes(shard.read_bytes()[:-10])
+    cluster(2).run(run_job, job_args(out, steps=6, ckpt_every=2, keep=1, resume=True, stop_after=3))
+    assert checkpoint.newest_intact(folder)[0].name == "step-00000003"  # the save after the fallback
+    assert not (folder / "step-00000002").exists()  # the older intact one pruned (keep 1)
+
+
+def test_stop_after_at_or_below_the_resume_step_still_saves(cluster, tmp_path):
+    """--stop-after 1 again after resuming at step 1: the one step trained is checkpointed, not lost."""
+    out = tmp_path / "run"
+    cluster(2).run(run_job, job_args(out, steps=4, ckpt_every=4, stop_after=1))
+    cluster(2).run(run_job, job_args(out, steps=4, ckpt_every=4, stop_after=1, resume=True))
+    assert checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])["step"] == 2
+    assert len(losses(out)) == 2
+
+
 def resume_log(cfg):
     from ringwise.train.loop import build
 
@@ -264,6 +287,24 @@ def test_a_folder_runs_one_job_at_a_time(tmp_path, no_ranks, capsys):
         assert (out / ".lock").read_text() == f"{os.getpid()} {socket.gethostname()}"
 
 
+def test_a_killed_holders_lock_is_free_at_once(tmp_path):
+    """The lock is a flock held for the job's life: another process is refused while the holder
+    lives, and the kernel frees it the moment the holder is killed (no stale-lock race)."""
+    out = tmp_path / "run"
+    code = ("import sys, time; from ringwise.train.checkpoint import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(checkpoint.LockHeld, match=f"pid {holder.pid} on {socket.gethostname()}"):
+            checkpoint.RunLock(out).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with checkpoint.RunLock(out):
+        assert (out / ".lock").read_text() == f"{os.getpid()} {socket.gethostname()}"
+
+
 def test_fresh_start_refuses_a_folder_with_checkpoints(cluster, tmp_path, no_ranks, capsys):
     out = tmp_path / "run"
     cluster(2).run(run_job, job_args(out, steps=2, ckpt_every=2))
@@ -298,7 +339,8 @@ def test_train_cli_end_to_end(tmp_path):
     (out / "summary.json").unlink()
     assert main(["train", *flags, "--world", "2", "--model", "tiny", "--steps", "3", "--batch", "4",
                  "--eval-per-cell", "1", "--out", str(out), "--resume"]) == 0
-    assert len(losses(out)) == 3 and (out / "summary.json").stat().st_size > 0
+    assert len(losses(out)) == 3
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == losses(out)[-1]  # not NaN
 
 
 @pytest.mark.cuda

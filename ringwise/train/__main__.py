@@ -30,6 +30,8 @@ def launch(cfg: TrainConfig) -> None:
         elastic_run(worker, cfg.world, cfg)
         return
     with checkpoint.RunLock(cfg.out), tempfile.TemporaryDirectory(prefix="ringwise-logs-") as logs:
+        # checked again under the lock: a job that held the folder until now may have left checkpoints
+        check(cfg, checkpoint.resume_problems(cfg))
         os.environ[LOCK_HELD] = str(Path(cfg.out).resolve())  # the ranks we start inherit it
         try:
             elastic_run(worker, cfg.world, cfg, log_dir=logs)

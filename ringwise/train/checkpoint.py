@@ -123,7 +123,10 @@ def save(folder: Path, step: int, model, optimizer, meta: dict, keep: int) -> Pa
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(folder)
-        for old in checkpoints(folder)[:-keep]:
+        # keep the newest `keep` intact checkpoints up to this one; never this one, never a
+        # newer (damaged, skipped by a resume) one, and never count a damaged one as kept
+        intact = [p for p in checkpoints(folder) if p.name <= final.name and (p == final or problem(p) is None)]
+        for old in intact[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
@@ -231,57 +234,61 @@ class LockHeld(RuntimeError):
 
 
 class RunLock:
-    """`with RunLock(out):` one job per run folder. The lock file names the holder's pid
-    and host; a second job is refused naming them, and the lock of a process that no
-    longer exists (on this host) is taken over."""
+    """`with RunLock(out):` one job per run folder. The holder keeps an exclusive `flock` on
+    `.lock` for its whole life (the kernel drops it when the process dies, so a killed job's
+    lock is free at once, and no two jobs can both win a take-over race); the file names
+    the holder's pid and host, so a second job is refused naming them."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / ".lock"
         self.mine = f"{os.getpid()} {socket.gethostname()}"
+        self.fd = None
 
     def acquire(self) -> "RunLock":
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        mine = self.path.with_name(f".lock.{os.getpid()}")
-        mine.write_text(self.mine)
-        try:
-            for _ in range(3):
-                try:
-                    os.link(mine, self.path)  # atomic, and the lock is never seen empty
-                    return self
-                except FileExistsError:
-                    holder = self._holder()
-                    if holder is not None:
-                        raise LockHeld(f"{self.path.parent} is in use by another job (pid {holder[0]} on "
-                                       f"{holder[1]}); wait for it or use another --out (remove {self.path} "
-                                       "only if that job is gone)") from None
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-            raise LockHeld(f"could not take {self.path}: other jobs keep taking it")
-        finally:
-            mine.unlink(missing_ok=True)
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self._holder() or ("?", "unknown host")
+                raise LockHeld(f"{self.path.parent} is in use by another job (pid {holder[0]} on "
+                               f"{holder[1]}); wait for it or use another --out") from None
+            try:  # the file we locked may have been released and removed meanwhile: lock the one in place
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, self.mine.encode())
+            os.fsync(fd)
+            self.fd = fd
+            return self
+        raise LockHeld(f"could not take {self.path}: other jobs keep taking it")
 
     def _holder(self) -> tuple[str, str] | None:
-        """(pid, host) of a live holder; None if the holder is a dead process of this host."""
+        """(pid, host) named in the lock file, for the refusal message."""
         try:
             pid, host = self.path.read_text().split()
-        except FileNotFoundError:
+            return pid, host
+        except (OSError, ValueError):
             return None
-        except ValueError:
-            return "?", f"unreadable lock {self.path}"
-        if host == socket.gethostname():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                pass
-        return pid, host
 
     def release(self) -> None:
+        """Remove the file, then drop the lock (a job that opened it meanwhile sees it gone and retries)."""
+        if self.fd is None:
+            return
         try:
-            if self.path.read_text() == self.mine:
-                self.path.unlink()
+            self.path.unlink()
         except OSError:
             pass
+        os.close(self.fd)
+        self.fd = None
 
     def __enter__(self):
         return self.acquire()

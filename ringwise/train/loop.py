@@ -181,6 +181,14 @@ def save(run: Run, done: int) -> None:
     checkpoint.save(Path(run.cfg.out) / "checkpoints", done, run.model, run.optimizer, meta, keep=run.cfg.keep)
 
 
+def _last_record(path: Path) -> dict | None:
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return None
+    return json.loads(lines[-1]) if lines else None
+
+
 def train(run: Run) -> dict | None:
     """Steps from run.start; the summary, or None when stopped early by --stop-after."""
     cfg, out = run.cfg, Path(run.cfg.out)
@@ -201,15 +209,18 @@ def train(run: Run) -> dict | None:
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
             bar.update()
         done = s + 1
-        if done % cfg.ckpt_every == 0 or done == cfg.steps or done == cfg.stop_after:
+        stopping = cfg.stop_after is not None and cfg.stop_after <= done < cfg.steps
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:  # never stop without saving
             save(run, done)
-        if cfg.stop_after is not None and cfg.stop_after <= done < cfg.steps:
+        if stopping:
             if bar is not None:
                 bar.close()
                 log(f"stopped after step {done} (--stop-after); continue with --resume")
             return None
     if bar is not None:
         bar.close()
+    if run.start >= cfg.steps and run.is_main:  # resumed a finished run: its last step's loss, from its log
+        rec = _last_record(out / "metrics.jsonl") or rec
     result = dict(final_loss=rec["loss"], steps=cfg.steps)
     if cfg.data == "retrieval":
         result["retrieval"] = evaluate(run)
