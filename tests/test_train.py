@@ -357,3 +357,20 @@ def test_train_on_one_gpu_under_nccl(tmp_path):
     assert [r["step"] for r in recs] == [0, 1, 2, 3] and all(r["peak_gpu_mib"] > 0 for r in recs)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     assert json.loads((out / "summary.json").read_text())["retrieval"]["accuracy"]
+
+
+def _rank0_disk_full():
+    def fail():
+        raise OSError(28, "No space left on device")
+    try:
+        checkpoint._on_rank0(fail, "finishing step-00000002")
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_a_save_that_fails_on_rank0_fails_every_rank_alike(cluster):
+    """Rank 0 alone renames and prunes: if that fails (disk full), every rank raises its error at
+    once instead of waiting at a barrier for the timeout."""
+    said = cluster(2).run(_rank0_disk_full, timeout=20)
+    assert said[0] == said[1] and "finishing step-00000002 failed on rank 0" in said[0] and "No space" in said[0]

@@ -21,8 +21,9 @@ scale, once per visiting block for k/v), and any fused tile whose lse comes out 
 (scores that overflowed): the fused CPU kernel returns lse = 0 for rows whose scores are all
 -inf (which the merge would take as real) and loses NaN on tiles under 16 rows. So out and
 lse always follow the reference kernel's semantics, whatever the kernel: a row with no finite
-score has lse = -inf and adds nothing; NaN inputs give NaN. On CUDA each check is one host
-sync per visiting block.
+score has lse = -inf and adds nothing; NaN inputs give NaN. On CUDA the input check is one
+host sync per visiting block, and the per-tile overflow check is skipped (it would be a sync
+per tile): there, finite inputs whose scores overflow float32 keep the fused kernel's result.
 """
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None, 
             rows, cols = _rows(t), _cols(t)
             kern, extra = _tile_kernel(kernel, t, finite, softcap)
             o_b, lse_b = kern.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale, **extra)
-            if not isinstance(kern, ReferenceKernel) and not _finite(lse_b):  # scores overflowed
+            # scores that overflowed: checked where it costs no host sync (CPU); see the docstring
+            if not isinstance(kern, ReferenceKernel) and lse_b.device.type == "cpu" and not _finite(lse_b):
                 o_b, lse_b = _REFERENCE.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale,
                                                 band=t.reference_band)
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)

@@ -105,31 +105,50 @@ def save(folder: Path, step: int, model, optimizer, meta: dict, keep: int) -> Pa
     then keep the newest `keep`. Rank 0 alone touches names and markers."""
     folder, rank = Path(folder), dist.get_rank()
     final, tmp = folder / _name(step), folder / f".tmp-{_name(step)}"
-    if rank == 0:
+
+    def prepare():
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    dist.barrier()
+
+    _on_rank0(prepare, f"preparing {tmp}")
     dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
     dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=1))
-        for p in tmp.iterdir():
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-        (tmp / MARKER).write_text(json.dumps(_files(tmp)))
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. --stop-after on a checkpoint step)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-        # keep the newest `keep` intact checkpoints up to this one; never this one, never a
-        # newer (damaged, skipped by a resume) one, and never count a damaged one as kept
-        intact = [p for p in checkpoints(folder) if p.name <= final.name and (p == final or problem(p) is None)]
-        for old in intact[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    _on_rank0(lambda: _finish(folder, tmp, final, step, meta, keep), f"finishing {final}")
     return final
+
+
+def _on_rank0(fn, what: str) -> None:
+    """fn() on rank 0, then every rank learns whether it failed (a disk full on rank 0 raises
+    the same error everywhere at once, instead of leaving the others at a barrier)."""
+    err = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except OSError as e:
+            err = [f"checkpoint: {what} failed on rank 0: {e}"]
+    dist.broadcast_object_list(err, src=0)
+    if err[0]:
+        raise RuntimeError(err[0])
+
+
+def _finish(folder: Path, tmp: Path, final: Path, step: int, meta: dict, keep: int) -> None:
+    """Rank 0: meta, fsync, the completion marker, the atomic rename, pruning."""
+    (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=1))
+    for p in tmp.iterdir():
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+    (tmp / MARKER).write_text(json.dumps(_files(tmp)))
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. --stop-after on a checkpoint step)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    # keep the newest `keep` intact checkpoints up to this one; never this one, never a
+    # newer (damaged, skipped by a resume) one, and never count a damaged one as kept
+    intact = [p for p in checkpoints(folder) if p.name <= final.name and (p == final or problem(p) is None)]
+    for old in intact[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(path: Path, model, optimizer) -> dict:
