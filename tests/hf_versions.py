@@ -1,0 +1,28 @@
+"""What the installed transformers offers, read once, so the HF tests run on every version pyproject allows
+(4.53 up): families newer than the installed version are skipped by name, never faked."""
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+# transformers 5 chooses an experts kernel per model; grouped_mm has no float64 kernel for the oracle, so the
+# tests ask for eager experts. Older versions have one (eager) implementation and no such keyword.
+EAGER_EXPERTS = (dict(experts_implementation="eager")
+                 if hasattr(transformers.PretrainedConfig, "_experts_implementation") else {})
+
+
+def config_class(name):
+    """transformers.<name>, or a skip that names the installed version when it has no such config."""
+    try:
+        return getattr(transformers, name)
+    except AttributeError:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+
+
+def rope_scaling(rope_type, **params):
+    """Config keywords for RoPE scaling: rope_parameters in transformers 5; before, rope_scaling with the legacy
+    `type` key (Phi3Config 4.x accepts exactly type, short_factor, long_factor) and rope_theta beside it."""
+    import inspect
+
+    if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:
+        return dict(rope_parameters=dict(rope_type=rope_type, rope_theta=10000.0, **params))
+    return dict(rope_scaling=dict(type=rope_type, **params), rope_theta=10000.0)
