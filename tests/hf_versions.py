@@ -4,6 +4,18 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
+VERSION = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+
+_REGISTRY = "does not use transformers' attention registry"
+_TENSOR_MASK = "tensor attention mask"
+# What ringwise says, collectively, to families that transformers < 5 does not yet route through the attention
+# registry (hard-coded attention) or the mask registry (a 4-D mask built by the model): refused, never wrong.
+# Read on 4.53; from wheels, GPT-2 builds its mask through the registry from 4.55 on, the others only in 5.x.
+REFUSED_BEFORE_5 = dict(phimoe=_REGISTRY, jetmoe=_REGISTRY, stablelm=_REGISTRY, nemotron=_REGISTRY, gptj=_REGISTRY,
+                        codegen=_REGISTRY, granitemoe=_TENSOR_MASK, opt=_TENSOR_MASK,
+                        **(dict(gpt2=_TENSOR_MASK) if VERSION < (4, 55) else {}))
+REFUSED_HERE = REFUSED_BEFORE_5 if VERSION < (5, 0) else {}
+
 # transformers 5 chooses an experts kernel per model; grouped_mm has no float64 kernel for the oracle, so the
 # tests ask for eager experts. Older versions have one (eager) implementation and no such keyword.
 EAGER_EXPERTS = (dict(experts_implementation="eager")
