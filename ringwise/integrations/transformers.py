@@ -132,6 +132,12 @@ def _dropout_problem(module, dropout) -> str | None:
             f"{' / '.join(fields)}=0 in the model config")
 
 
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None, str | None]:
     """The layer's mask (None: plain causal) and this rank's problem with the call, if any."""
     packed = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
@@ -143,7 +149,9 @@ def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None
     else:
         return None, ("ringwise attention got a tensor attention mask (a custom 4-D mask, or a mask built "
                       "outside transformers' mask registry); ringwise applies causal, sliding-window and "
-                      "document (ringwise_cu_seqlens) masks only")
+                      "document (ringwise_cu_seqlens) masks only. If you passed no mask, this transformers "
+                      f"({_transformers_version()}) builds the model's mask itself; newer releases build it through "
+                      "the mask registry (GPT-2 from 4.55, GraniteMoE from 5.0, OPT by 5.24)")
     if mask is not None and sliding_window is not None and sliding_window != mask.window:
         return mask, (f"the layer passes sliding_window={sliding_window} but its mask has window {mask.window}; "
                       "ringwise cannot tell which one the model means")
