@@ -151,7 +151,7 @@ def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None
                       "outside transformers' mask registry); ringwise applies causal, sliding-window and "
                       "document (ringwise_cu_seqlens) masks only. If you passed no mask, this transformers "
                       f"({_transformers_version()}) builds the model's mask itself; newer releases build it through "
-                      "the mask registry (GPT-2 from 4.55, GraniteMoE from 5.0, OPT by 5.24)")
+                      "the mask registry (GPT-2 from 4.54.1, GraniteMoE from 5.0, OPT by 5.24)")
     if mask is not None and sliding_window is not None and sliding_window != mask.window:
         return mask, (f"the layer passes sliding_window={sliding_window} but its mask has window {mask.window}; "
                       "ringwise cannot tell which one the model means")
