@@ -11,9 +11,10 @@ _REGISTRY = "does not use transformers' attention registry"
 _TENSOR_MASK = "tensor attention mask"
 # What ringwise says, collectively, to families that transformers < 5 does not yet route through the attention
 # registry (hard-coded attention) or the mask registry (a 4-D mask built by the model): refused, never wrong.
-# Run on 4.53; read from the 4.54-4.57 wheels: GPT-2 uses the mask registry from 4.54.1 on, the others only in 5.x.
+# Run on 4.53 and 4.57.1; read from the 4.54-4.57 wheels: GPT-2 uses the mask registry from 4.54.1 on, the others only in 5.x.
 REFUSED_BEFORE_5 = dict(qwen2_moe=_REGISTRY, phimoe=_REGISTRY, jetmoe=_REGISTRY, stablelm=_REGISTRY,
-                        nemotron=_REGISTRY, gptj=_REGISTRY, codegen=_REGISTRY, granitemoe=_TENSOR_MASK, opt=_TENSOR_MASK,
+                        nemotron=_REGISTRY, gptj=_REGISTRY, codegen=_REGISTRY, granitemoe=_TENSOR_MASK,
+                        opt=_TENSOR_MASK,
                         **(dict(gpt2=_TENSOR_MASK) if VERSION < (4, 54, 1) else {}))
 REFUSED_HERE = REFUSED_BEFORE_5 if VERSION < (5, 0) else {}
 

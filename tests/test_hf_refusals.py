@@ -1,5 +1,6 @@
 """What ringwise cannot make exact in transformers is refused: the same clear error on every rank,
 within seconds, never a hang and never a silently wrong result."""
+import inspect
 import time
 
 import pytest
@@ -192,13 +193,12 @@ def test_mask_functions_are_read_by_identity_not_guessed():
     mu = pytest.importorskip("transformers.masking_utils")
     assert read_mask_function(mu.causal_mask_function).window is None
     assert read_mask_function(mu.sliding_window_causal_mask_function(5)).window == 5
+    chunked = inspect.signature(mu.chunked_causal_mask_function).parameters  # left_padding from 4.54
     bad = [mu.or_masks(mu.causal_mask_function, mu.sliding_window_overlay(3)),  # OR: more than causal
+           mu.chunked_causal_mask_function(4, *([torch.zeros(1, dtype=torch.long)] if len(chunked) > 1 else [])),
            lambda b, h, q, k: k <= q]  # a custom function equal to causal is still not read as causal
-    if VERSION >= (5, 0):  # chunked takes its left padding, and bidirectional exists, from transformers 5
-        bad += [mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)),
-                mu.or_masks(mu.causal_mask_function, mu.bidirectional_mask_function), mu.bidirectional_mask_function]
-    else:
-        bad += [mu.chunked_causal_mask_function(4)]
+    if hasattr(mu, "bidirectional_mask_function"):  # transformers 5
+        bad += [mu.or_masks(mu.causal_mask_function, mu.bidirectional_mask_function), mu.bidirectional_mask_function]
     for fn in bad:
         with pytest.raises(ValueError):
             read_mask_function(fn)
