@@ -3,7 +3,8 @@
 transformers (masking_utils) builds every mask function from a few factories:
 causal_mask_function, sliding_window_overlay(w), and_masks(...), and, when it reads the
 position ids as packed sequences, remap_positions_for_packed_sequence(f, position_ids) and
-packed_sequence_mask_function(ids). Every closure a factory returns shares that factory's
+packed_sequence_mask_function(ids) (transformers 4.54-4.57 pack without the remap: the packed
+ids are then returned for the caller to check). Every closure a factory returns shares that factory's
 code object, so each part is recognised by code identity and its captured values are read
 from its closure cells: nothing is guessed from names or by probing the mask. Anything
 else (chunked, OR overlays for bidirectional blocks or image tokens, custom functions) is
@@ -23,6 +24,7 @@ class MaskSpec:
 
     window: int | None  # transformers' sliding_window: keys seen per query, the query itself included
     position_ids: torch.Tensor | None  # the ids a packed-sequence remap evaluates the mask on, if any
+    packed_ids: torch.Tensor | None = None  # transformers < 5 (no remap): the document index it read per token
 
 
 @lru_cache(maxsize=None)
@@ -59,7 +61,7 @@ def read_mask_function(mask_function) -> MaskSpec:
     from transformers.masking_utils import causal_mask_function
 
     codes = _factory_codes()
-    causal, packed, windows, position_ids = False, False, [], None
+    causal, packed, windows, position_ids, packed_ids = False, False, [], None, None
     todo = [mask_function]
     while todo:  # the function is an AND of its parts: collect them all
         fn = todo.pop()
@@ -78,6 +80,7 @@ def read_mask_function(mask_function) -> MaskSpec:
             todo.append(cells["mask_function"])
         elif kind == "packed":
             packed = True
+            packed_ids = _cells(fn)["packed_sequence_mask"]
         else:
             raise ValueError(
                 f"the model asked for a mask ringwise cannot reproduce exactly ({_name(fn)}: e.g. chunked attention, "
@@ -86,6 +89,8 @@ def read_mask_function(mask_function) -> MaskSpec:
     if not causal:
         raise ValueError("the model asked for a non-causal mask; ringwise's transformers integration runs causal "
                          "decoders only")
+    if "remap" not in codes.values():  # a transformers that packs without remapping positions
+        return MaskSpec(window=min(windows) if windows else None, position_ids=None, packed_ids=packed_ids)
     if packed != (position_ids is not None):
         raise ValueError("the model built a packed-sequence mask without its position remap (or the reverse); "
                          "ringwise cannot tell which tokens it separates")

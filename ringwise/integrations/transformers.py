@@ -116,10 +116,29 @@ def _position_problem(position_ids, local_len: int) -> str | None:
     want = positions(local_len * _shards(), _CONFIG.layout, _CONFIG.group, position_ids.device,
                      ulysses_group=_CONFIG.ulysses_group)
     if position_ids.shape[-1] != local_len or not bool((position_ids == want).all()):
-        return (f"position_ids are not the global positions of this rank's tokens in layout={_CONFIG.layout!r} "
-                "(restarting positions for packed documents, or local positions); pass the position_ids that "
-                "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
+        return _not_global_positions()
     return None
+
+
+def _not_global_positions() -> str:
+    return (f"position_ids are not the global positions of this rank's tokens in layout={_CONFIG.layout!r} "
+            "(restarting positions for packed documents, or local positions); pass the position_ids that "
+            "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
+
+
+def _packed_problem(packed_ids) -> str | None:
+    """transformers < 5 reads documents from position jumps without remapping them: accept only the jumps of
+    this rank's global positions (the layout's own), whose documents ringwise draws from ringwise_cu_seqlens."""
+    if packed_ids is None:
+        return None
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    local_len = packed_ids.shape[-1]
+    want = positions(local_len * _shards(), _CONFIG.layout, _CONFIG.group, packed_ids.device,
+                     ulysses_group=_CONFIG.ulysses_group)
+    if bool((packed_ids == find_packed_sequence_indices(want[None])).all()):
+        return None
+    return _not_global_positions()
 
 
 def _dropout_problem(module, dropout) -> str | None:
@@ -130,6 +149,12 @@ def _dropout_problem(module, dropout) -> str | None:
               if "drop" in k and "att" in k and v == dropout] or ["attention_dropout"]
     return (f"ringwise attention does not implement attention dropout (got {dropout}); set "
             f"{' / '.join(fields)}=0 in the model config")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None, str | None]:
@@ -143,7 +168,9 @@ def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None
     else:
         return None, ("ringwise attention got a tensor attention mask (a custom 4-D mask, or a mask built "
                       "outside transformers' mask registry); ringwise applies causal, sliding-window and "
-                      "document (ringwise_cu_seqlens) masks only")
+                      "document (ringwise_cu_seqlens) masks only. If you passed no mask, this transformers "
+                      f"({_transformers_version()}) builds the model's mask itself; newer releases build it through "
+                      "the mask registry (GPT-2 from 4.54.1, GraniteMoE from 5.0, OPT by 5.24)")
     if mask is not None and sliding_window is not None and sliding_window != mask.window:
         return mask, (f"the layer passes sliding_window={sliding_window} but its mask has window {mask.window}; "
                       "ringwise cannot tell which one the model means")
@@ -248,6 +275,7 @@ def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
             or _padding_problem(attention_mask)
             or (_position_problem(spec.position_ids, spec.position_ids.shape[-1])
                 if spec.position_ids is not None else None)
+            or _packed_problem(spec.packed_ids)
         )
         if spec.window is not None and spec.window < 1:
             mask.problem = mask.problem or f"a sliding window of {spec.window} tokens leaves no key visible"
