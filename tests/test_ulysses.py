@@ -12,10 +12,11 @@ import torch.distributed as dist
 import ringwise
 from ringwise.attention.comm import HOP_COUNTS
 from ringwise.attention.layout import global_indices
-from ringwise.attention.tiles import needed_steps
 from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, _local_heads, kv_copies, mesh_groups
 from reference import max_err, reference_attention
 from test_ring import DTYPES, EPS, VARLEN, document_mask, make_inputs
+from test_ring import expected_hops as ring_hops
+from test_ring import schedule_from_mask
 from test_window import make_sinks, options, visible_mask
 from test_window import reference as window_reference
 
@@ -147,16 +148,12 @@ def test_mesh_matches_reference(cluster, mesh):
 
 
 def expected_hops(case):
-    """(forward, backward) ring hops: R-1 kv forward, R-1 kv + R dkv backward, fewer where packed
-    documents leave ring steps unneeded (relayed for a prefix of steps, direct otherwise)."""
+    """(forward, backward) ring hops of the case's ring of R, read off the global mask (not the
+    tiling under test): R-1 kv forward, R-1 kv + R dkv backward, fewer where packed documents
+    leave ring steps unneeded."""
     U, R = case["mesh"]
-    docs = tuple(case["cu_seqlens"]) if case.get("cu_seqlens") else None
-    steps = needed_steps(case["layout"], R, case["seq"] // R, case["causal"], docs)
-    if len(steps) == 1:
-        return {}, {}
-    relay = steps == tuple(range(len(steps)))
-    n = len(steps) - 1
-    return {"kv": n}, {"kv": n, "dkv": n + 1 if relay else n}
+    vis = visible_mask(case["seq"], case["causal"], None, case.get("cu_seqlens"))
+    return ring_hops(schedule_from_mask(case["layout"], R, case["seq"], vis), R)
 
 
 def test_kv_copies_are_the_least_that_keep_whole_groups():

@@ -15,6 +15,7 @@ from ringwise.attention.kernels import AtenCpuKernel, Flipped
 from ringwise.attention.tiles import needed_steps, step_tiles
 from reference import max_err
 from test_ring import DTYPES, EPS, assemble, expected_hops, make_inputs, packed, schedule_from_mask
+from test_ring import case_id as ring_case_id
 
 
 KERNEL_TOL = {"float32": 1e-5, "bfloat16": 3e-2}  # single-device error vs float64, relative to the largest value
@@ -208,9 +209,7 @@ WINDOW_GRID += [  # packed documents, and bfloat16
 
 def case_id(c):
     extra = "".join(f"-{k}{c[k]}" for k in ("window", "softcap") if c.get(k) is not None)
-    extra += "-sinks" * bool(c.get("sinks")) + ("-docs" if c.get("cu_seqlens") else "")
-    mask = "causal" if c["causal"] else "full"
-    return f"W{c['world']}-{c['layout']}-{mask}-{c['dtype']}-h{c['heads']}/{c['kv_heads']}{extra}"
+    return ring_case_id(c) + extra + "-sinks" * bool(c.get("sinks")) + ("-docs" if c.get("cu_seqlens") else "")
 
 
 @pytest.mark.parametrize("case", WINDOW_GRID, ids=case_id)
