@@ -81,14 +81,8 @@ for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "and", "rand", "or", "r
     setattr(RingMask, f"__{_op}__", lambda self, *a, _op=_op: _mask_used_directly(f"__{_op}__"))
 
 
-def _world(group) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
 def _world_size(group) -> int:
-    return _world(group)[1]
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def _shards() -> int:
