@@ -386,6 +386,53 @@ def test_ring_on_one_gpu_matches_float64(cluster, case):
         assert r["staged"] == {"to_host": staged, "to_device": staged}
 
 
+# ---------------------------------------------------------------- Ulysses x ring on one GPU
+
+DEVICE = "cuda"  # the device the GPU cases run on
+
+
+def gpu_ulysses_case(case):
+    """One rank of a 2 x 2 Ulysses x ring mesh on cuda:0 (gloo groups): the all-to-alls and the
+    ring's hops both go through host memory ("auto" transport); out and grads back on CPU."""
+    from ringwise.attention.ulysses import mesh_groups
+
+    if DEVICE == "cuda":
+        torch.cuda.set_device(0)
+    ug, rg = mesh_groups(*case["mesh"])
+    dt, layout = DTYPES[case["dtype"]], case["layout"]
+    q, k, v, dout = make_inputs(case)
+
+    def piece(x):
+        return ringwise.shard(x, 1, layout, group=rg, ulysses_group=ug).to(DEVICE, dt)
+
+    ql, kl, vl = (piece(x).requires_grad_() for x in (q, k, v))
+    out = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, group=rg, ulysses_group=ug,
+                                  cu_seqlens=case.get("cu_seqlens"))
+    out.backward(piece(dout))
+    return dict(out=out.detach().cpu(), dq=ql.grad.cpu(), dk=kl.grad.cpu(), dv=vl.grad.cpu(),
+                u=torch.distributed.get_rank(ug), r=torch.distributed.get_rank(rg))
+
+
+@gpu
+@pytest.mark.parametrize("layout", ringwise.LAYOUTS)
+def test_ulysses_ring_on_one_gpu_matches_float64(cluster, layout):
+    """A 2 x 2 mesh (GQA 8:2, packed documents, bf16) on one GPU: error <= 2 x SDPA's own error."""
+    from ringwise.attention.layout import global_indices
+
+    case = dict(mesh=(2, 2), world=4, layout=layout, batch=1, heads=8, kv_heads=2, head_dim=64, seq=384, seed=21,
+                dtype="bfloat16", causal=True, cu_seqlens=packed([1, 150, 33, 200]))
+    results = cluster(4).run(gpu_ulysses_case, case, timeout=120)
+    q, k, v, dout = make_inputs(case)
+    refs = float64_refs(case, q, k, v, dout)
+    budget = sdpa_errors(case, q, k, v, dout, refs)
+    for name in ("out", "dq", "dk", "dv"):
+        got = torch.empty_like(refs[name], dtype=torch.float32)
+        for res in results:
+            got.index_copy_(1, global_indices(layout, res["r"], 2, case["seq"], res["u"], 2), res[name].float())
+        e = max_err(got, refs[name])
+        assert e <= 2 * budget[name] + EPS[case["dtype"]], f"{name}: mesh error {e:.3g} > 2 x {budget[name]:.3g}"
+
+
 # ---------------------------------------------------------------- transformers in bf16 on a GPU
 
 def _hf_model(attn):
