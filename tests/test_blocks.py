@@ -194,3 +194,22 @@ def test_non_finite_inputs_at_every_tile_size(n, poison):
         assert torch.isnan(out[:, -1, :, 2]).all() and torch.isfinite(out[:, :-1]).all()
     else:
         assert torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finiteness_check_is_exact(dtype):
+    """The ring's input check (one sum per tensor) says "finite" exactly when every element is:
+    a non-finite element always shows, finite elements whose sum overflows do not fool it."""
+    from ringwise.attention.ring import _finite
+
+    big = torch.finfo(dtype).max
+    x = torch.randn(3, 5, 4, 8).to(dtype)
+    assert _finite(x) and _finite(x, x.transpose(1, 2))
+    assert _finite(torch.full((64,), big, dtype=dtype))  # the sum overflows, the elements do not
+    assert _finite(torch.full((8,), big, dtype=dtype), torch.full((8,), -big, dtype=dtype))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        y = x.clone()
+        y[2, 4, 3, 7] = bad
+        assert not _finite(y) and not _finite(x, y) and not _finite(y.transpose(1, 2))
+    pair = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # the sum is NaN
+    assert not _finite(pair[:1], pair[1:])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("attention", "overlap", "scaling", "memory", "context", "ulysses")
+SUITES = ("attention", "compute", "overlap", "scaling", "memory", "context", "ulysses")
 OPTIONAL = ("peers",)  # not in `bench all`: it needs the peers extra
 # suite name (the CLI's, the results' file names) -> module, where the two differ:
 # `memory_plan` so that the package holds one memory.py (ringwise.lab.memory, the probes)

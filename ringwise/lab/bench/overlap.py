@@ -3,7 +3,7 @@
 For a sweep of block sizes c (tokens per rank), W ranks run causal-free ring attention
 forward+backward three ways, side by side:
   ring      the real thing (hops posted before each block's compute, waited after it);
-  compute   the same kernel calls with every hop skipped (wrong numbers, same work);
+  compute   the same kernel calls, every hop a local copy of what it sends (same work, no transfer);
   comm      the same hops with no compute.
 If the transfer is hidden, ring ~= compute. The paper predicts hiding once
 c >= F / B (F: FLOP/s per rank, B: bytes/s per link; 4dc^2 FLOPs against 4cd bytes of
@@ -16,20 +16,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ringwise.attention.comm import Hop, Ring
+from ringwise.attention.comm import Ring
 from ringwise.attention.kernels import default_scale, select_kernel
 from ringwise.lab.cluster import LocalCluster
 from ringwise.attention.ring import ring_backward, ring_forward
 
 from . import draw, write_results
+from .compute import LoopbackRing
 from .timing import median_time
-
-
-class _SilentRing(Ring):
-    """A ring whose hops move nothing: the compute of a ring step without its transfer."""
-
-    def post(self, ops, tag):  # the transport layer: every hop the ring makes, whatever its offset
-        return Hop([])
 
 
 def measure(block, heads, head_dim, repeats):
@@ -38,7 +32,8 @@ def measure(block, heads, head_dim, repeats):
     q, k, v, dout = (torch.randn(1, block, heads, head_dim, generator=g) for _ in range(4))
     scale = default_scale(head_dim)
     kernel = select_kernel("auto", q.device, q.dtype, head_dim)
-    real, silent = Ring(), _SilentRing()
+    real = Ring()
+    silent = LoopbackRing(real.rank, real.world_size)  # the compute of each step, no transfer
 
     def fwd_bwd(ring):
         out, lse = ring_forward(q, k, v, False, scale, "contiguous", ring, kernel)

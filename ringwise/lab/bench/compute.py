@@ -1,0 +1,155 @@
+"""Per-rank compute of the ring, transfers excluded: does splitting the sequence cost throughput?
+
+One process plays rank r of a W-rank ring: `LoopbackRing` answers every hop with a
+device-local copy of what the rank sends, so the rank runs exactly its own step sequence
+(its tiles, kernel calls and float32 merges, forward and backward) with no transfer and no
+other process. Its time T(r, W) against the whole sequence in one process on the same
+kernel, T(1), gives the per-token rate ratio
+
+    T(1) / (W * T(r, W))
+
+1.0 means the split costs nothing; below it, smaller tiles, more kernel launches and more
+merges cost throughput. A ring step lasts as long as its slowest rank, so the minimum over
+ranks is the figure (issue 9's target: >= 0.9 at W = 8). The hop copies are timed with the
+compute (c*d bytes per hop against c^2*d FLOPs), so the ratio errs low, never high.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ringwise.attention.comm import Hop, Ring
+from ringwise.attention.kernels import default_scale, select_kernel
+from ringwise.attention.layout import check_layout, global_indices, split_unit
+from ringwise.attention.ring import ring_backward, ring_forward
+
+from . import draw, public_args, write_results
+from .timing import median_time
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class LoopbackRing(Ring):
+    """Rank `rank` of a `world_size`-rank ring, alone: each hop's receive buffer gets a copy
+    of the tensor sent with it (same shapes, finite values), and nothing leaves the process.
+    The ring code runs rank's real schedule; only the visiting blocks' values are its own."""
+
+    def __init__(self, rank: int, world_size: int):  # no process group: Ring.__init__ would read one
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a ring of {world_size}")
+        self.group, self.transport, self._cuda_staged = None, "direct", False
+        self.rank, self.world_size = rank, world_size
+        self._to_global = lambda r: r
+        self.next_peer, self.prev_peer = self.peer(1), self.peer(-1)
+
+    def post(self, ops, tag):
+        sends = [t for op, t, _ in ops if op is dist.isend]
+        recvs = [t for op, t, _ in ops if op is dist.irecv]
+        for s, r in zip(sends, recvs, strict=True):
+            r.copy_(s)
+        return Hop([])
+
+
+def rank_inputs(whole, layout: str, rank: int, world: int):
+    """Rank's shard (dim 1, in `layout`) of each whole (batch, seq, heads, dim) tensor."""
+    idx = global_indices(layout, rank, world, whole[0].shape[1]).to(whole[0].device)
+    return tuple(x.index_select(1, idx) for x in whole)
+
+
+def rank_step(q, k, v, dout, rank: int, world: int, layout: str, causal: bool, kernel):
+    """Forward and backward of rank's ring steps, every hop a loopback copy: a () -> None."""
+    ring, scale = LoopbackRing(rank, world), default_scale(q.shape[-1])
+
+    def step():
+        out, lse = ring_forward(q, k, v, causal, scale, layout, ring, kernel)
+        ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring, kernel)
+
+    return step
+
+
+def add_arguments(p):
+    p.add_argument("--compute-worlds", type=int, nargs="+", default=[2, 4, 8],
+                   help="compute: ring sizes W to emulate (every rank of each, one at a time)")
+    p.add_argument("--compute-seq", type=int, default=None,
+                   help="compute: global sequence length (default 131072 on cuda, 8192 on cpu)")
+    p.add_argument("--compute-heads", type=int, default=None, help="compute: query heads (default 32 cuda, 8 cpu)")
+    p.add_argument("--compute-kv-heads", type=int, default=None, help="compute: key/value heads (default: heads)")
+    p.add_argument("--compute-head-dim", type=int, default=None, help="compute: head_dim (default 128 cuda, 64 cpu)")
+    p.add_argument("--compute-layout", default="zigzag", help="compute: layout of the shards")
+    p.add_argument("--compute-mask", default="causal", choices=("causal", "full"), help="compute: attention mask")
+    p.add_argument("--compute-backend", default="auto", help="compute: the kernel (ring_attention's backend)")
+
+
+QUICK = dict(compute_seq=1152, compute_worlds=[2, 3], repeats=1)
+
+
+def _settings(args):
+    """(device, dtype, seq, heads, kv_heads, head_dim) from the flags and the device's defaults."""
+    device = torch.device(getattr(args, "device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
+    cuda = device.type == "cuda"
+    dtype = _DTYPES[getattr(args, "gpu_dtype", "bf16")] if cuda else torch.float32
+    seq = args.compute_seq or (131072 if cuda else 8192)
+    heads = args.compute_heads or (32 if cuda else 8)
+    head_dim = args.compute_head_dim or (128 if cuda else 64)
+    kv_heads = args.compute_kv_heads or heads
+    check_layout(args.compute_layout)
+    worlds = sorted(set(args.compute_worlds))
+    problems = [f"--compute-worlds {W}: {seq} tokens do not split over {W} ranks in layout "
+                f"{args.compute_layout} (need a multiple of {split_unit(args.compute_layout, W)})"
+                for W in worlds if W < 1 or seq % split_unit(args.compute_layout, W)]
+    if heads % kv_heads:
+        problems.append(f"--compute-heads {heads} is not a multiple of --compute-kv-heads {kv_heads}")
+    if problems:  # refuse before timing anything
+        raise ValueError("; ".join(problems))
+    return device, dtype, seq, heads, kv_heads, head_dim, worlds
+
+
+def run(args) -> dict:
+    device, dtype, seq, heads, kv_heads, head_dim, worlds = _settings(args)
+    causal, layout, repeats = args.compute_mask == "causal", args.compute_layout, max(1, args.repeats)
+    kernel = select_kernel(args.compute_backend, device, dtype, head_dim)
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = [(1, seq, heads, head_dim), (1, seq, kv_heads, head_dim), (1, seq, kv_heads, head_dim),
+              (1, seq, heads, head_dim)]
+    whole = tuple(torch.randn(s, generator=g, device=device, dtype=dtype) for s in shapes)  # q, k, v, dout
+
+    rows = []
+    with tqdm(total=1 + sum(worlds), desc="per-rank compute bench", unit="rank") as bar:
+        one = median_time(rank_step(*whole, 0, 1, layout, causal, kernel), repeats, device=device)
+        bar.update()
+        for W in worlds:
+            for r in range(W):
+                t = median_time(rank_step(*rank_inputs(whole, layout, r, W), r, W, layout, causal, kernel),
+                                repeats, device=device)
+                rows.append(dict(world=W, rank=r, seconds=t, rate_ratio=one / (W * t)))
+                bar.update()
+    summary = []
+    for W in worlds:
+        ts = [r["seconds"] for r in rows if r["world"] == W]
+        summary.append(dict(world=W, slowest_rank_ratio=one / (W * max(ts)), mean_ratio=one / sum(ts),
+                            imbalance=max(ts) / (sum(ts) / W)))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    lines = [f"{name}, torch {torch.__version__}: S = {seq}, {heads} heads ({kv_heads} kv) x {head_dim}, "
+             f"{str(dtype).replace('torch.', '')}, {args.compute_mask}, layout {layout}, kernel {kernel.name}, "
+             f"forward+backward, median of {repeats} after a warm-up.",
+             f"One process, whole sequence: {one * 1e3:.2f} ms. Rank r of W alone, every hop a local copy: "
+             "rate ratio = T(1) / (W T(r, W)); the ring runs at its slowest rank's.", "",
+             "| W | slowest rank: rate ratio | all ranks: T(1) / sum T(r, W) | slowest / mean rank time |",
+             "|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['world']} | {s['slowest_rank_ratio']:.3f} | {s['mean_ratio']:.3f} | {s['imbalance']:.3f} |")
+    md = "\n".join(lines) + "\n"
+    out = write_results(args.out, "compute", dict(args=public_args(args), device=name, one_process_seconds=one,
+                                                  rows=rows, summary=summary), md)
+    xs = [s["world"] for s in summary]
+    draw("lines", {"slowest rank": xs, "mean over ranks": xs},
+         {"slowest rank": [s["slowest_rank_ratio"] for s in summary],
+          "mean over ranks": [s["mean_ratio"] for s in summary]},
+         out / "compute.png", xlabel="ring ranks W (emulated, transfers excluded)",
+         ylabel="per-token rate / one process's", title=f"Per-rank compute, S={seq}, {args.compute_mask} {layout}",
+         logx=True)
+    print(md)
+    return dict(rows=rows, summary=summary)
