@@ -15,8 +15,8 @@ import ringwise
 from ringwise.attention import kernels
 from ringwise.attention.comm import HOP_COUNTS, STAGED_BYTES
 from ringwise.attention.kernels import (
-    CudaCudnnKernel, CudaFlashKernel, auto_backend, cudnn_backward_args, cudnn_forward_args,
-    flash_backward_args, flash_forward_args, select_kernel,
+    CudaCudnnKernel, CudaEfficientKernel, CudaFlashKernel, auto_backend, cudnn_backward_args, cudnn_forward_args,
+    efficient_backward_args, efficient_forward_args, flash_backward_args, flash_forward_args, select_kernel,
 )
 from reference import max_err, reference_attention
 from test_ring import assemble, document_mask, make_inputs, packed, run_attention
@@ -80,14 +80,15 @@ def test_named_backends_check_device_and_dtype():
 
 # ---------------------------------------------------------------- op arguments vs schemas (CPU)
 
-def _bind(op, args, kwargs):
-    """Schema argument name -> value; fails if the call does not fit the schema's signature."""
+def _bind(op, kwargs):
+    """The named arguments, checked against the op's schema: every name is the schema's and every
+    argument without a default is given (what torch checks when the kernels call op(**kwargs))."""
     schema = op.default._schema
-    positional = [a for a in schema.arguments if not a.kwarg_only]
-    kw_only = {a.name for a in schema.arguments if a.kwarg_only}
-    assert len(args) == len(positional), f"{schema.name}: {len(args)} positional args for {len(positional)}"
-    assert set(kwargs) <= kw_only, f"{schema.name}: unknown keyword(s) {set(kwargs) - kw_only}"
-    return {a.name: x for a, x in zip(positional, args)} | kwargs
+    names = {a.name for a in schema.arguments}
+    required = {a.name for a in schema.arguments if not a.has_default_value()}  # Tensor? too: None must be given
+    assert set(kwargs) <= names, f"{schema.name}: unknown argument(s) {set(kwargs) - names}"
+    assert required <= set(kwargs), f"{schema.name}: missing argument(s) {required - set(kwargs)}"
+    return kwargs
 
 
 def _blocks(device="meta", dtype=torch.bfloat16, b=2, h=4, hk=2, sq=48, sk=32, d=64):
@@ -101,10 +102,10 @@ def _blocks(device="meta", dtype=torch.bfloat16, b=2, h=4, hk=2, sq=48, sk=32, d
 def test_flash_args_fit_schema_dense_path():
     q, k, v = _blocks(hk=4)
     out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="meta")
-    fwd = _bind(aten._scaled_dot_product_flash_attention, *flash_forward_args(q, k, v, True, 0.125))
+    fwd = _bind(aten._scaled_dot_product_flash_attention, flash_forward_args(q, k, v, True, 0.125))
     assert (fwd["dropout_p"], fwd["is_causal"], fwd["return_debug_mask"], fwd["scale"]) == (0.0, True, False, 0.125)
     bwd = _bind(aten._scaled_dot_product_flash_attention_backward,
-                *flash_backward_args(out, q, k, v, out, lse, False, 0.125))
+                flash_backward_args(out, q, k, v, out, lse, False, 0.125))
     # A defined cum_seq tensor selects flash's varlen path ("batch size must be positive").
     assert bwd["cum_seq_q"] is None and bwd["cum_seq_k"] is None
     assert (bwd["max_q"], bwd["max_k"], bwd["dropout_p"], bwd["is_causal"]) == (48, 32, 0.0, False)
@@ -116,13 +117,33 @@ def test_flash_args_fit_schema_dense_path():
 def test_cudnn_args_fit_schema():
     q, k, v = _blocks()
     out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="meta")
-    fwd = _bind(aten._scaled_dot_product_cudnn_attention, *cudnn_forward_args(q, k, v, False, 0.125))
+    fwd = _bind(aten._scaled_dot_product_cudnn_attention, cudnn_forward_args(q, k, v, False, 0.125))
     assert fwd["attn_bias"] is None and fwd["compute_log_sumexp"] is True and fwd["dropout_p"] == 0.0
     bwd = _bind(aten._scaled_dot_product_cudnn_attention_backward,
-                *cudnn_backward_args(out, q, k, v, out, lse, False, 0.125))
+                cudnn_backward_args(out, q, k, v, out, lse, False, 0.125))
     assert bwd["attn_bias"] is None and bwd["cum_seq_q"] is None and bwd["cum_seq_k"] is None
     assert (bwd["max_q"], bwd["max_k"], bwd["scale"]) == (48, 32, 0.125)
     assert bwd["logsumexp"].shape == (2, 4, 48, 1)  # the op's own lse layout
+
+
+def test_efficient_args_fit_schema():
+    q, k, v = _blocks(hk=4, dtype=torch.float32)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="meta")
+    fwd = _bind(aten._scaled_dot_product_efficient_attention, efficient_forward_args(q, k, v, True, 0.125))
+    assert fwd["attn_bias"] is None and fwd["compute_log_sumexp"] is True and fwd["is_causal"] is True
+    bwd = _bind(aten._scaled_dot_product_efficient_attention_backward,
+                efficient_backward_args(out, q, k, v, out, lse, False, 0.125))
+    assert bwd["logsumexp"].shape == (2, 4, 64)  # padded to a multiple of 32 rows, as the forward returns it
+    assert bwd["grad_input_mask"] == [True, True, True, False] and bwd["attn_bias"] is None
+
+
+def test_schema_check_catches_a_wrong_name():
+    """The check above can fail: a misspelt or missing argument is reported."""
+    kw = cudnn_forward_args(*_blocks(), False, 0.125)
+    with pytest.raises(AssertionError, match="unknown argument"):
+        _bind(aten._scaled_dot_product_cudnn_attention, dict(kw, causal=True))
+    with pytest.raises(AssertionError, match="missing argument"):
+        _bind(aten._scaled_dot_product_cudnn_attention, {k: x for k, x in kw.items() if k != "compute_log_sumexp"})
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -140,6 +161,15 @@ def test_cudnn_kernel_shapes_on_meta(causal):
 def test_flash_kernel_shapes_on_meta():
     q, k, v = _blocks()
     kern = CudaFlashKernel()
+    out, lse = kern.forward(q, k, v, False, 0.125)
+    assert out.shape == q.shape and lse.shape == (2, 4, 48)
+    dq, dk, dv = kern.backward(torch.empty_like(out), q, k, v, out, lse, False, 0.125)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape  # GQA folded back
+
+
+def test_efficient_kernel_shapes_on_meta():
+    q, k, v = _blocks(dtype=torch.float32)
+    kern = CudaEfficientKernel()
     out, lse = kern.forward(q, k, v, False, 0.125)
     assert out.shape == q.shape and lse.shape == (2, 4, 48)
     dq, dk, dv = kern.backward(torch.empty_like(out), q, k, v, out, lse, False, 0.125)

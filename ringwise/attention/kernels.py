@@ -198,36 +198,56 @@ def _unused_rng_state(device, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
     return t
 
 
-# Argument lists for the CUDA ops, one function each, so that the tests can check them
-# against the ops' schemas (and run them on meta tensors) without a GPU.
+# Arguments for the CUDA ops, by the names in their schemas (`torch.ops.aten.<op>.default._schema`):
+# torch binds them by name, so a torch that reorders or adds defaulted arguments still gets the
+# right call, and one that renames an argument raises (printing the schema) instead of silently
+# binding a value to the wrong slot. One function per op, so the tests check each against its
+# schema (and run it on meta tensors) without a GPU.
 
-def flash_forward_args(q, k, v, causal, scale):
-    """aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, return_debug_mask, *, scale)."""
-    return (q, k, v, 0.0, causal, False), {"scale": scale}
+def flash_forward_args(q, k, v, causal, scale) -> dict:
+    """aten._scaled_dot_product_flash_attention: no dropout, no debug mask."""
+    return dict(query=q, key=k, value=v, dropout_p=0.0, is_causal=causal, return_debug_mask=False, scale=scale)
 
 
-def flash_backward_args(dout, q, k, v, out, lse, causal, scale):
+def flash_backward_args(dout, q, k, v, out, lse, causal, scale) -> dict:
     """The dense (not varlen) backward: cum_seq_q/k must be None (a defined tensor selects varlen)
     and max_q/max_k the block lengths; the philox seed (2,) and offset () are uint64 and unused
     at dropout 0, as the forward makes them."""
-    seed = _unused_rng_state(q.device, torch.uint64, (2,))
-    offset = _unused_rng_state(q.device, torch.uint64, ())
-    return ((dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset),
-            {"scale": scale})
+    return dict(grad_out=dout, query=q, key=k, value=v, out=out, logsumexp=lse, cum_seq_q=None, cum_seq_k=None,
+                max_q=q.shape[2], max_k=k.shape[2], dropout_p=0.0, is_causal=causal,
+                philox_seed=_unused_rng_state(q.device, torch.uint64, (2,)),
+                philox_offset=_unused_rng_state(q.device, torch.uint64, ()), scale=scale)
 
 
-def cudnn_forward_args(q, k, v, causal, scale):
-    """aten._scaled_dot_product_cudnn_attention(query, key, value, attn_bias, compute_log_sumexp,
-    dropout_p, is_causal, return_debug_mask, *, scale)."""
-    return (q, k, v, None, True, 0.0, causal, False), {"scale": scale}
+def cudnn_forward_args(q, k, v, causal, scale) -> dict:
+    """aten._scaled_dot_product_cudnn_attention: no bias, lse computed, no dropout."""
+    return dict(query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal,
+                return_debug_mask=False, scale=scale)
 
 
-def cudnn_backward_args(dout, q, k, v, out, lse, causal, scale):
+def cudnn_backward_args(dout, q, k, v, out, lse, causal, scale) -> dict:
     """lse goes back as the op made it, (B, H, S, 1); no bias, dense (None cum_seq), no dropout
     (the forward's int64 (1,) seed/offset are unused)."""
     seed = _unused_rng_state(q.device, torch.int64, (1,))
-    return ((dout, q, k, v, out, lse.unsqueeze(-1), seed, seed, None, None, None, q.shape[2], k.shape[2],
-             0.0, causal), {"scale": scale})
+    return dict(grad_out=dout, query=q, key=k, value=v, out=out, logsumexp=lse.unsqueeze(-1), philox_seed=seed,
+                philox_offset=seed, attn_bias=None, cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2],
+                max_k=k.shape[2], dropout_p=0.0, is_causal=causal, scale=scale)
+
+
+def efficient_forward_args(q, k, v, causal, scale) -> dict:
+    """aten._scaled_dot_product_efficient_attention: no bias, lse computed, no dropout."""
+    return dict(query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal,
+                scale=scale)
+
+
+def efficient_backward_args(dout, q, k, v, out, lse, causal, scale) -> dict:
+    """lse padded to a multiple of 32 rows as the forward returns it; no bias gradient; the
+    int64 () seed/offset are unused without dropout."""
+    seed = _unused_rng_state(q.device, torch.int64, ())
+    lse = torch.nn.functional.pad(lse, (0, (-lse.shape[-1]) % 32)).contiguous()
+    return dict(grad_out_=dout, query=q, key=k, value=v, attn_bias=None, out=out, logsumexp=lse, philox_seed=seed,
+                philox_offset=seed, dropout_p=0.0, grad_input_mask=[True, True, True, False], is_causal=causal,
+                scale=scale)
 
 
 class CudaCudnnKernel:
@@ -250,16 +270,15 @@ class CudaCudnnKernel:
 
     def forward(self, q, k, v, causal, scale):
         self._check(q, k, causal)
-        args, kw = cudnn_forward_args(q, k, v, causal, scale)
-        res = aten._scaled_dot_product_cudnn_attention(*args, **kw)
+        res = aten._scaled_dot_product_cudnn_attention(**cudnn_forward_args(q, k, v, causal, scale))
         return res[0], res[1].squeeze(-1)
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         self._check(q, k, causal)
         if dout.stride() != out.stride():  # cuDNN wants dO laid out like O
             dout, out = dout.contiguous(), out.contiguous()
-        args, kw = cudnn_backward_args(dout, q, k, v, out, lse, causal, scale)
-        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(*args, **kw)
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            **cudnn_backward_args(dout, q, k, v, out, lse, causal, scale))
         return dq, dk, dv
 
 
@@ -270,15 +289,14 @@ class CudaFlashKernel:
 
     def forward(self, q, k, v, causal, scale):
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        args, kw = flash_forward_args(q, k, v, causal, scale)
-        res = aten._scaled_dot_product_flash_attention(*args, **kw)
+        res = aten._scaled_dot_product_flash_attention(**flash_forward_args(q, k, v, causal, scale))
         return res[0], res[1]
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         kvh = k.shape[1]
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        args, kw = flash_backward_args(dout.contiguous(), q, k, v, out, lse, causal, scale)
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(*args, **kw)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            **flash_backward_args(dout.contiguous(), q, k, v, out, lse, causal, scale))
         return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
 
 
@@ -289,18 +307,14 @@ class CudaEfficientKernel:
 
     def forward(self, q, k, v, causal, scale):
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(**efficient_forward_args(q, k, v, causal, scale))
         return out, lse[:, :, : q.shape[2]]
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         kvh = k.shape[1]
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        seed = torch.empty((), dtype=torch.int64, device=q.device)
-        pad = (-lse.shape[-1]) % 32
-        lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            dout.contiguous(), q, k, v, None, out, lse, seed, seed, 0.0, [True, True, True, False], causal, scale=scale
-        )
+            **efficient_backward_args(dout.contiguous(), q, k, v, out, lse, causal, scale))
         return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
 
 
