@@ -2,9 +2,9 @@
 # The GPU check, in one command for a session that has an NVIDIA GPU:
 #     bash scripts/gpu_check.sh OUT_DIR
 # Uses the machine's python as it is (PYTHON, default python3: its CUDA torch; no venv, no
-# installs). Runs `make test-gpu` (the tests marked cuda), the one-GPU attention benchmark
-# and a capped max-context search, each under a timeout (570 s in all), teeing every log
-# into OUT_DIR.
+# installs). Runs `make test-gpu` (the tests marked cuda), the one-GPU attention benchmark,
+# the per-rank compute benchmark and a capped max-context search, each under a timeout
+# (590 s in all), teeing every log into OUT_DIR.
 set -u
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -27,17 +27,19 @@ step() {  # step NAME SECONDS CMD...: run under a timeout, log to OUT/NAME.log, 
     echo "$name: exit $rc$note after $((SECONDS - t0))s" | tee -a "$SUMMARY"
 }
 
-step env 30 bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version()); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; $PY -m pytest --version; $PY -c 'import tqdm, transformers; print(\"tqdm\", tqdm.__version__, \"transformers\", transformers.__version__)'"
+step env 20 bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version()); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; $PY -m pytest --version; $PY -c 'import tqdm, transformers; print(\"tqdm\", tqdm.__version__, \"transformers\", transformers.__version__)'"
 
 if command -v make >/dev/null; then
-    step test-gpu 270 make test-gpu PYTHON="$PY"
+    step test-gpu 240 make test-gpu PYTHON="$PY"
 else  # the same command make would run
     echo "make is not installed: running make test-gpu's command directly" | tee -a "$SUMMARY"
-    step test-gpu 270 "$PY" -m pytest -m cuda -q --continue-on-collection-errors
+    step test-gpu 240 "$PY" -m pytest -m cuda -q --continue-on-collection-errors
 fi
 
-step bench-attention 120 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seqs 8192 32768 131072 \
+step bench-attention 110 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seqs 8192 32768 131072 \
     --out "$OUT/bench"
+# Per-rank compute of a W = 2, 4, 8 ring (each rank alone, transfers excluded) vs one process, S = 128K
+step bench-compute 70 "$PY" -m ringwise.cli bench compute --device cuda --out "$OUT/bench"
 # Does the ~1B preset train at 256K on this GPU (BPT), and how far do vanilla and SDPA get?
 step bench-context 150 "$PY" -m ringwise.cli bench context --device cuda --gpu-methods bpt memeff vanilla \
     --gpu-granularity 32768 --gpu-max-seq 262144 --out "$OUT/bench"

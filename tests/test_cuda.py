@@ -263,9 +263,31 @@ def test_context_gpu_model_flops():
 def test_bench_device_cuda_without_gpu_says_so(tmp_path):
     from ringwise.cli import main
 
-    for suite in ("attention", "context"):
+    for suite in ("attention", "compute", "context"):
         with pytest.raises(ValueError, match="--device cuda: torch sees no GPU"):
             main(["bench", suite, "--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_gpu_check_script_runs_every_step_and_logs_it(tmp_path):
+    """scripts/gpu_check.sh, dry-run here (no GPU): every step runs under its limit, logs into
+    OUT and lands in the summary; the GPU benches refuse clearly instead of timing the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), str(tmp_path)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    steps = ["env", "test-gpu", "bench-attention", "bench-compute", "bench-context"]
+    assert [line.split(":")[0] for line in summary.splitlines() if ": exit " in line] == steps
+    assert "test-gpu: exit 0" in summary  # the cuda tests skip cleanly without a GPU
+    for name in steps[2:]:
+        assert f"{name}: exit 1" in summary
+        assert "torch sees no GPU" in (tmp_path / f"{name}.log").read_text()
 
 
 # ---------------------------------------------------------------- on a GPU (make test-gpu)
