@@ -16,7 +16,25 @@ REFUSED_BEFORE_5 = dict(qwen2_moe=_REGISTRY, phimoe=_REGISTRY, jetmoe=_REGISTRY,
                         nemotron=_REGISTRY, gptj=_REGISTRY, codegen=_REGISTRY, granitemoe=_TENSOR_MASK,
                         opt=_TENSOR_MASK,
                         **(dict(gpt2=_TENSOR_MASK) if VERSION < (4, 54, 1) else {}))
-REFUSED_HERE = REFUSED_BEFORE_5 if VERSION < (5, 0) else {}
+
+
+def uses_attention_registry(family: str) -> bool:
+    """Read from transformers' own source, not from ringwise: does modeling_<family> look its attention up in
+    ALL_ATTENTION_FUNCTIONS? (On 4.53 this agrees with every registry refusal above.)"""
+    import importlib
+    import inspect
+
+    try:
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    except ImportError:  # a family this version lacks is skipped by its test
+        return True
+    return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(module)
+
+
+# 5.x moved the last hard-coded families into the registry one by one: GPT-J and CodeGen are hard-coded on 5.17
+# (the GPU machines' version) and registered on 5.24.
+REFUSED_HERE = REFUSED_BEFORE_5 if VERSION < (5, 0) else {
+    family: _REGISTRY for family in ("gptj", "codegen") if not uses_attention_registry(family)}
 
 # transformers 5 chooses an experts kernel per model; grouped_mm has no float64 kernel for the oracle, so the
 # tests ask for eager experts. Older versions have one (eager) implementation and no such keyword.

@@ -81,6 +81,8 @@ REFUSED = {  # family -> what the error must say
 if VERSION < (5, 0):
     REFUSED.update(bamba="['mamba']", jamba="['mamba']", recurrent_gemma="['recurrent']",
                    falcon_h1="sequence convolution")
+elif getattr(transformers.RecurrentGemmaConfig(), "layer_types", None) is None:  # 5.x before its layer_types (5.17)
+    REFUSED.update(recurrent_gemma="['recurrent']")
 
 
 def build_refused(name):
@@ -224,6 +226,31 @@ def test_kv_cache_continuation_is_refused_at_the_hook():
     older = rw.ringwise_mask(1, cache_position=torch.tensor([8]), kv_length=9, mask_function=causal_mask_function)
     assert "KV cache" in older.problem  # the keywords older transformers pass
     assert rw.ringwise_mask(1, q_length=4, kv_length=4, mask_function=causal_mask_function).problem is None
+
+
+def test_packed_ids_on_a_rank_whose_positions_never_jump_are_an_objection():
+    """transformers derives document ids from position jumps; where this rank's own positions have none (one
+    process; contiguous shards; seen on 5.17 at W = 2) any such ids are not the layout's: an objection, not a crash."""
+    mu = pytest.importorskip("transformers.masking_utils")
+    if not hasattr(mu, "find_packed_sequence_indices"):
+        pytest.skip(f"transformers {transformers.__version__} does not read documents from position jumps")
+    rw.use_ring()
+    assert "not the global positions" in rw._packed_problem(torch.tensor([[0, 0, 1, 1]]))
+    assert rw._packed_problem(None) is None
+
+
+def test_mask_hook_turns_any_error_into_an_objection(monkeypatch):
+    """The hook never raises (a rank that raised there alone would leave the others waiting in the ring):
+    whatever a check trips on is recorded and raised later by the collective check, on every rank alike."""
+    from transformers.masking_utils import causal_mask_function
+
+    def broken(_mask):
+        raise AttributeError("'bool' object has no attribute 'all'")
+
+    rw.use_ring()
+    monkeypatch.setattr(rw, "_padding_problem", broken)
+    mask = rw.ringwise_mask(1, q_length=4, kv_length=4, mask_function=causal_mask_function)
+    assert mask.problem == "AttributeError while reading the mask: 'bool' object has no attribute 'all'"
 
 
 @pytest.mark.parametrize("name", ["bloom", "mpt"])

@@ -130,7 +130,8 @@ def _packed_problem(packed_ids) -> str | None:
     local_len = packed_ids.shape[-1]
     want = positions(local_len * _shards(), _CONFIG.layout, _CONFIG.group, packed_ids.device,
                      ulysses_group=_CONFIG.ulysses_group)
-    if bool((packed_ids == find_packed_sequence_indices(want[None])).all()):
+    expected = find_packed_sequence_indices(want[None])  # None where this rank's positions never jump
+    if expected is not None and expected.shape[-1] == local_len and bool((packed_ids == expected).all()):
         return None
     return _not_global_positions()
 
@@ -276,8 +277,8 @@ def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
         if local_size is not None and local_size != spec.window:
             mask.problem = mask.problem or (f"transformers sized this mask for a local window of {local_size} "
                                             f"but its mask function has window {spec.window}")
-    except ValueError as e:
-        mask.problem = str(e)
+    except Exception as e:  # whatever a check trips on is an objection for the collective check, never a raise here
+        mask.problem = str(e) if isinstance(e, ValueError) else f"{type(e).__name__} while reading the mask: {e}"
     _CONFIG.pending.append(mask)
     return mask
 
