@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ import torch.distributed as dist
 import ringwise.integrations.transformers as rw
 from ringwise.data import ByteTokenizer, RetrievalDataset
 from ringwise.train import checkpoint
-from ringwise.train.parallel import elastic_run
+from ringwise.train.parallel import elastic_run, init_distributed
 
 
 ARCHS = ("llama", "mistral", "gemma2", "gemma3", "gpt_oss", "qwen2_moe")
@@ -97,9 +96,10 @@ def packed_batches(args):
 
 
 def worker(args):
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=120))
+    # the training job's own set-up: GPU LOCAL_RANK under NCCL with a CPU backend beside it (or gloo with
+    # host-staged hops where ranks share a GPU), CPU and gloo without a GPU
+    device = init_distributed("auto", None, timeout=120)
     rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     rw.use_ring(layout=args.layout)
     model = build_model(args).to(device)
     model.train()

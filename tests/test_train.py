@@ -251,12 +251,38 @@ def no_ranks(monkeypatch):
     (["--ulysses", "3"], "--dp 1 x --ulysses 3 must divide the world size 2"),
     (["--world", "8", "--ulysses", "8", "--seq-len", "64"], "--ulysses 8 must divide the 4 attention heads"),
     (["--ulysses", "0"], "--ulysses 0: must be a positive integer"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cpu", "--backend", "nccl"],
+     "--device cuda: torch sees no GPU" if not torch.cuda.is_available() else "--backend nccl needs --device cuda"),
 ])
 def test_train_refuses_bad_flags_before_starting_ranks(tmp_path, flags, match, no_ranks, capsys):
     assert main(["train", "--world", "2", "--seq-len", "64", "--out", str(tmp_path / "run"), *flags]) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and len(err.splitlines()) <= 4, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device,backend,ranks,gpus,want", [
+    ("auto", None, 4, 0, ("cpu", "gloo")),
+    ("auto", None, 1, 1, ("cuda", "nccl")),
+    ("auto", None, 8, 8, ("cuda", "nccl")),
+    ("auto", None, 2, 1, ("cuda", "gloo")),  # two ranks share one GPU: gloo, host-staged ring hops
+    ("cuda", "gloo", 1, 1, ("cuda", "gloo")),
+    ("cpu", None, 2, 8, ("cpu", "gloo")),  # CPU training on a GPU machine
+    ("cuda", None, 1, 0, "--device cuda: torch sees no GPU"),
+    ("cpu", "nccl", 1, 1, "--backend nccl needs --device cuda"),
+    ("auto", "nccl", 1, 0, "--backend nccl needs --device cuda"),
+    ("auto", "nccl", 2, 1, "NCCL refuses two ranks on one GPU; use --backend gloo"),
+])
+def test_placement_of_ranks_on_devices(device, backend, ranks, gpus, want):
+    """Where the ranks run and how they talk: decided from the flags and the node's GPUs alone,
+    so the launcher's check and every rank reach the same answer."""
+    from ringwise.train.parallel import placement
+
+    if isinstance(want, str):
+        with pytest.raises(ValueError, match=want):
+            placement(device, backend, ranks, gpus)
+    else:
+        assert placement(device, backend, ranks, gpus) == want
 
 
 def test_every_problem_is_reported_at_once(tmp_path, no_ranks, capsys):
@@ -357,6 +383,22 @@ def test_train_on_one_gpu_under_nccl(tmp_path):
     assert [r["step"] for r in recs] == [0, 1, 2, 3] and all(r["peak_gpu_mib"] > 0 for r in recs)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     assert json.loads((out / "summary.json").read_text())["retrieval"]["accuracy"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_two_ranks_share_one_gpu(tmp_path):
+    """`ringwise train --world 2` on one GPU: gloo (NCCL refuses two ranks on one GPU), ring hops
+    staged through host memory, FSDP2 and checkpoints over gloo's CUDA collectives; in fp32 its
+    losses equal one rank's on the same GPU."""
+    common = ["train", "--model", "tiny", "--seq-len", "128", "--batch", "2", "--steps", "3", "--ckpt-every", "3",
+              "--eval-per-cell", "1", "--eval-lengths", "128", "--no-plots", "--dtype", "fp32"]
+    assert main(common + ["--world", "2", "--out", str(tmp_path / "w2")]) == 0
+    assert main(common + ["--world", "1", "--out", str(tmp_path / "w1")]) == 0
+    two, one = ([json.loads(line) for line in open(tmp_path / w / "metrics.jsonl")] for w in ("w2", "w1"))
+    assert len(two) == len(one) == 3 and all(r["peak_gpu_mib"] > 0 for r in two)
+    for a, b in zip(two, one):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a["loss"], b["loss"])
 
 
 def _rank0_disk_full():

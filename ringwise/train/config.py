@@ -18,6 +18,7 @@ import torch
 from ..attention.layout import LAYOUTS, split_unit
 from ..data import RETRIEVAL_FORMATS, RetrievalDataset, text_files
 from ..model import PRESETS, model_config
+from .parallel import placement
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -33,6 +34,7 @@ class TrainConfig:
     dp: int = 1
     ulysses: int = 1
     layout: str = "zigzag"
+    device: str = "auto"
     backend: str | None = None
     threads: int | None = None
     timeout: float = 120.0
@@ -84,6 +86,11 @@ class TrainConfig:
         """Ranks of the job: torchrun's WORLD_SIZE when it launched us, else --world."""
         return int(os.environ.get("WORLD_SIZE", self.world))
 
+    @property
+    def local_ranks(self) -> int:
+        """Ranks on this node: torchrun's LOCAL_WORLD_SIZE when it launched us, else --world."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """--dtype, defaulting to bf16 on CUDA and fp32 on CPU."""
         return DTYPES[self.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -111,7 +118,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ulysses degree U: groups of U consecutive ranks trade sequence for heads with an "
                         "all-to-all around the ring (USP); U must divide the model's heads")
     g.add_argument("--layout", default=d.layout, choices=LAYOUTS)
-    g.add_argument("--backend", default=None, choices=("gloo", "nccl"), help="default: nccl with CUDA, else gloo")
+    g.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="default: cuda where torch "
+                   "sees a GPU (each rank binds GPU LOCAL_RANK), else cpu")
+    g.add_argument("--backend", default=None, choices=("gloo", "nccl"),
+                   help="default: nccl when every rank has a GPU of its own, else gloo (ranks that share a GPU "
+                        "stage their ring hops through host memory: for testing, not speed)")
     g.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
     g.add_argument("--timeout", type=float, default=d.timeout,
                    help="seconds a rank may wait on another before the job ends, naming the silent rank")
@@ -198,8 +209,11 @@ def problems(cfg: TrainConfig) -> list[str]:
                        f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})")
     if cfg.dp >= 1 and cfg.batch >= 1 and cfg.batch % cfg.dp:
         out.append(f"--batch {cfg.batch} must be divisible by --dp {cfg.dp} (each replica takes batch / dp)")
-    if cfg.backend == "nccl" and not torch.cuda.is_available():
-        out.append("--backend nccl needs CUDA, which this machine does not have; use gloo")
+    if world >= 1:
+        try:  # the ranks make the same decision from the same facts (parallel.placement)
+            placement(cfg.device, cfg.backend, cfg.local_ranks)
+        except ValueError as e:
+            out.append(str(e))
     out += _output_problems(cfg) + _data_problems(cfg)
     return out
 

@@ -231,7 +231,7 @@ def train(run: Run) -> dict | None:
 
 def worker(cfg: TrainConfig) -> None:
     """One rank of the job (started by the elastic launcher or by torchrun)."""
-    device = init_distributed(cfg.backend, cfg.timeout)
+    device = init_distributed(cfg.device, cfg.backend, cfg.timeout)
     heartbeat = lock = None
     try:
         heartbeat = Heartbeat()

@@ -70,26 +70,48 @@ def rank_errors(log_dir: str) -> list[str]:
     return found
 
 
-def init_distributed(backend: str | None, timeout: float) -> torch.device:
+def placement(device: str = "auto", backend: str | None = None, local_ranks: int = 1,
+              gpus: int | None = None) -> tuple[str, str]:
+    """(device type, backend) for a job of `local_ranks` processes per node with `gpus` GPUs.
+
+    device "auto" is cuda where there is a GPU. backend None is NCCL when every rank has a GPU
+    of its own, else gloo: NCCL refuses two ranks on one GPU, so ranks that share one (a test, a
+    one-GPU machine) run their collectives over gloo and their ring hops through host memory
+    (the ring's "auto" transport), for correctness, not speed. Raises ValueError naming the fix."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    kind = ("cuda" if gpus else "cpu") if device == "auto" else device
+    if kind == "cuda" and not gpus:
+        raise ValueError("--device cuda: torch sees no GPU here; use --device cpu (or auto)")
+    if backend == "nccl" and kind != "cuda":
+        raise ValueError("--backend nccl needs --device cuda (and a GPU); use gloo on CPU")
+    if backend == "nccl" and local_ranks > gpus:
+        raise ValueError(f"--backend nccl: {local_ranks} ranks per node but {gpus} GPU(s), and NCCL refuses two ranks "
+                         "on one GPU; use --backend gloo (ranks share GPUs, hops staged through host memory) or "
+                         f"at most {gpus} rank(s) per node")
+    return kind, backend or ("nccl" if kind == "cuda" and local_ranks <= gpus else "gloo")
+
+
+def init_distributed(device: str, backend: str | None, timeout: float) -> torch.device:
     """Join the job's default group with `timeout`; returns this rank's device.
 
-    On CUDA the rank binds to GPU LOCAL_RANK and the default group is `cpu:gloo,cuda:nccl`,
-    so tensor collectives run on the GPU and CPU object collectives still have a backend."""
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timedelta(seconds=timeout))
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
-    return device
+    On CUDA the rank binds to GPU LOCAL_RANK (modulo the GPUs, when ranks share them) and the
+    default group is `cpu:gloo,cuda:<backend>`, so tensor collectives run on the GPU and CPU
+    object collectives still have a backend."""
+    kind, backend = placement(device, backend, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if kind == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        dist.init_process_group(f"cpu:gloo,cuda:{backend}", timeout=timedelta(seconds=timeout))
+        return torch.device("cuda", index)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    return torch.device("cpu")
 
 
 def _group_options(device: torch.device, timeout: float):
     """(backend, options) that give init_device_mesh's subgroups the job's timeout
-    (without them new groups get the backend's default: 30 minutes on gloo)."""
-    if device.type == "cuda":
+    (without them new groups get the backend's default: 30 minutes on gloo). The backend is
+    the default group's for this device: NCCL, or gloo where ranks share a GPU."""
+    if device.type == "cuda" and "cuda:nccl" in dist.get_backend_config():
         backend, opts = "nccl", dist.ProcessGroupNCCL.Options()
     else:
         backend, opts = "gloo", dist.ProcessGroupGloo._Options()
