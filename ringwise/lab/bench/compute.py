@@ -86,7 +86,8 @@ QUICK = dict(compute_seq=1152, compute_worlds=[2, 3], repeats=1)
 
 
 def _settings(args):
-    """(device, dtype, seq, heads, kv_heads, head_dim) from the flags and the device's defaults."""
+    """(device, dtype, seq, heads, kv_heads, head_dim, worlds) from the flags and the device's defaults;
+    every bad setting named at once, before anything is timed."""
     device = torch.device(getattr(args, "device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
