@@ -35,7 +35,7 @@ test: setup
 	$(PY) -m pytest -q
 
 test-gpu: $(if $(filter $(PY),$(PYTHON)),setup)
-	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON) -m pytest -m cuda -q --continue-on-collection-errors
+	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON) -m pytest -m cuda -q --continue-on-collection-errors --durations=15
 
 bench: setup
 	$(VENV)/bin/ringwise bench all --out benchmarks/results

@@ -33,7 +33,7 @@ if command -v make >/dev/null; then
     step test-gpu 240 make test-gpu PYTHON="$PY"
 else  # the same command make would run
     echo "make is not installed: running make test-gpu's command directly" | tee -a "$SUMMARY"
-    step test-gpu 240 "$PY" -m pytest -m cuda -q --continue-on-collection-errors
+    step test-gpu 240 "$PY" -m pytest -m cuda -q --continue-on-collection-errors --durations=15
 fi
 
 step bench-attention 110 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seqs 8192 32768 131072 \
