@@ -168,6 +168,38 @@ def resume_log(cfg):
     return "\n".join(said), meta["step"]
 
 
+def rng_round_trip(cfg, save: bool):
+    """Save (or not) this rank's seeded random state, draw from it, resume: which state is back?"""
+    import torch.distributed as dist
+
+    from ringwise.train.loop import build
+
+    run = build(cfg, make_mesh(cfg.dp, torch.device("cpu"), timeout=30, ulysses=cfg.ulysses))
+    folder = Path(cfg.out) / "rng-checkpoints"
+    torch.manual_seed(1000 + dist.get_rank())
+    before = torch.get_rng_state()
+    if save:
+        checkpoint.save(folder, 1, run.model, run.optimizer, {}, keep=1)
+    torch.rand(100)  # the state moves on
+    moved = torch.get_rng_state()
+    checkpoint.resume(folder, run.model, run.optimizer)
+    return dict(restored=torch.equal(torch.get_rng_state(), before), kept=torch.equal(torch.get_rng_state(), moved),
+                draw=torch.rand(4))
+
+
+def test_each_rank_resumes_its_own_random_state(cluster, tmp_path):
+    """Ranks draw different random numbers; a checkpoint keeps each rank's state (DCP alone would
+    keep one copy), and a resume on more ranks leaves the new ranks' states alone."""
+    cfg = job_args(tmp_path / "run")
+    two = cluster(2).run(rng_round_trip, cfg, True)
+    assert all(r["restored"] for r in two) and not torch.equal(two[0]["draw"], two[1]["draw"])
+    names = sorted(p.name for p in checkpoint.newest_intact(tmp_path / "run" / "rng-checkpoints")[0].iterdir())
+    assert [n for n in names if n.startswith("rng-")] == ["rng-rank-00000.pt", "rng-rank-00001.pt"]
+    three = cluster(3).run(rng_round_trip, cfg, False)
+    assert [r["restored"] for r in three] == [True, True, False] and three[2]["kept"]
+    assert torch.equal(three[0]["draw"], two[0]["draw"]) and torch.equal(three[1]["draw"], two[1]["draw"])
+
+
 def test_export_writes_one_loadable_file(cluster, tmp_path, capsys):
     out = tmp_path / "run"
     cluster(2).run(run_job, job_args(out, steps=2, ckpt_every=2))

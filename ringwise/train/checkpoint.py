@@ -3,7 +3,8 @@ newest intact one, export to one file, and the lock that gives a folder to one j
 
 A checkpoint `checkpoints/step-00000300/` holds DCP's files (every rank writes its own
 shards, in parallel, and DCP reshards on load, so a run resumes on another world size or
-mesh shape), `meta.json` (step, model config, run settings) and `COMPLETE`, the list of
+mesh shape), `rng-rank-NNNNN.pt` (each rank's own CPU and CUDA random state), `meta.json`
+(step, model config, run settings) and `COMPLETE`, the list of
 files with their sizes, written last. Everything is written into a hidden
 `.tmp-step-...` folder that is renamed into place only when complete, so a reader sees a
 whole checkpoint or none; a checkpoint whose files do not match its `COMPLETE` list is
@@ -97,7 +98,31 @@ def remove_leftovers(folder: Path) -> list[Path]:
 
 def _state(model, optimizer) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
+    return {"model": model_state, "optim": optim_state}
+
+
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng-rank-{rank:05d}.pt"
+
+
+def _rng_state() -> dict:
+    """This rank's random state: ranks draw different numbers (e.g. dropout on their own
+    tokens), so each keeps its own; DCP would store one copy of a tensor every rank holds."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(path: Path) -> None:
+    """This rank's saved random state, if the checkpoint has one for its rank (a resume on
+    more ranks than saved it leaves the new ranks' seeded state as it is)."""
+    file = _rng_file(path, dist.get_rank())
+    if file.exists():
+        state = torch.load(file, weights_only=True)
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 def save(folder: Path, step: int, model, optimizer, meta: dict, keep: int) -> Path:
@@ -113,7 +138,7 @@ def save(folder: Path, step: int, model, optimizer, meta: dict, keep: int) -> Pa
 
     _on_rank0(prepare, f"preparing {tmp}")
     dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
-    dist.barrier()  # every rank's shards are on disk
+    _on_every_rank(lambda: torch.save(_rng_state(), _rng_file(tmp, rank)), "saving its random state")
     _on_rank0(lambda: _finish(folder, tmp, final, step, meta, keep), f"finishing {final}")
     return final
 
@@ -130,6 +155,22 @@ def _on_rank0(fn, what: str) -> None:
     dist.broadcast_object_list(err, src=0)
     if err[0]:
         raise RuntimeError(err[0])
+
+
+def _on_every_rank(fn, what: str) -> None:
+    """fn() on every rank, then every rank learns whether any failed (so that a disk full on
+    one rank raises everywhere at once); also the barrier after which every rank's files are
+    on disk."""
+    err = None
+    try:
+        fn()
+    except OSError as e:
+        err = f"checkpoint: rank {dist.get_rank()} failed {what}: {e}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, err)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise RuntimeError(first)
 
 
 def _finish(folder: Path, tmp: Path, final: Path, step: int, meta: dict, keep: int) -> None:
@@ -153,11 +194,11 @@ def _finish(folder: Path, tmp: Path, final: Path, step: int, meta: dict, keep: i
 
 def load(path: Path, model, optimizer) -> dict:
     """Load a checkpoint into a (possibly differently sharded) model and optimizer, and
-    restore the RNG; a collective. Returns its meta."""
+    restore this rank's random state; a collective. Returns its meta."""
     state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    torch.set_rng_state(state["rng"])
+    _restore_rng(path)
     return read_meta(path)
 
 
@@ -223,7 +264,7 @@ def resume_problems(cfg) -> list[str]:
 
 
 def consolidated(path: Path) -> dict:
-    """A checkpoint as one dict in this process (model, optim, rng, plus its meta)."""
+    """A checkpoint as one dict in this process (model, optim, plus its meta)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:
