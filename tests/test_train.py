@@ -443,6 +443,25 @@ def _rank0_disk_full():
     return None
 
 
+def _rank1_disk_full():
+    import torch.distributed as dist
+
+    def fail():
+        if dist.get_rank() == 1:
+            raise OSError(28, "No space left on device")
+    try:
+        checkpoint._collectively(fail, "saving the random state into step-x")
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_a_per_rank_write_that_fails_on_one_rank_fails_every_rank_alike(cluster):
+    """Each rank writes its own random state; one rank's disk full stops all of them at once."""
+    said = cluster(3).run(_rank1_disk_full, timeout=20)
+    assert said[0] == said[1] == said[2] and "saving the random state into step-x failed on rank 1" in said[0]
+
+
 def test_a_save_that_fails_on_rank0_fails_every_rank_alike(cluster):
     """Rank 0 alone renames and prunes: if that fails (disk full), every rank raises its error at
     once instead of waiting at a barrier for the timeout."""

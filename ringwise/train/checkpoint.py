@@ -138,34 +138,25 @@ def save(folder: Path, step: int, model, optimizer, meta: dict, keep: int) -> Pa
 
     _on_rank0(prepare, f"preparing {tmp}")
     dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
-    _on_every_rank(lambda: torch.save(_rng_state(), _rng_file(tmp, rank)), "saving its random state")
+    _collectively(lambda: torch.save(_rng_state(), _rng_file(tmp, rank)), f"saving the random state into {tmp}")
     _on_rank0(lambda: _finish(folder, tmp, final, step, meta, keep), f"finishing {final}")
     return final
 
 
 def _on_rank0(fn, what: str) -> None:
-    """fn() on rank 0, then every rank learns whether it failed (a disk full on rank 0 raises
-    the same error everywhere at once, instead of leaving the others at a barrier)."""
-    err = [None]
-    if dist.get_rank() == 0:
-        try:
-            fn()
-        except OSError as e:
-            err = [f"checkpoint: {what} failed on rank 0: {e}"]
-    dist.broadcast_object_list(err, src=0)
-    if err[0]:
-        raise RuntimeError(err[0])
+    """fn() on rank 0 alone (names and markers), failures raised on every rank (_collectively)."""
+    _collectively(fn if dist.get_rank() == 0 else (lambda: None), what)
 
 
-def _on_every_rank(fn, what: str) -> None:
-    """fn() on every rank, then every rank learns whether any failed (so that a disk full on
-    one rank raises everywhere at once); also the barrier after which every rank's files are
-    on disk."""
+def _collectively(fn, what: str) -> None:
+    """fn() on every rank, then every rank learns whether any failed, so that a disk full on one
+    rank raises the same error everywhere at once instead of leaving the others at a barrier.
+    Also a barrier: after it, every rank's files are on disk."""
     err = None
     try:
         fn()
     except OSError as e:
-        err = f"checkpoint: rank {dist.get_rank()} failed {what}: {e}"
+        err = f"checkpoint: {what} failed on rank {dist.get_rank()}: {e}"
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, err)
     first = next((e for e in errors if e), None)

@@ -25,10 +25,10 @@ from ringwise.attention.layout import check_layout, global_indices, split_unit
 from ringwise.attention.ring import ring_backward, ring_forward
 
 from . import draw, public_args, write_results
+from .attention import _DTYPES  # the --gpu-dtype flag's table
 from .timing import median_time
 
 TARGET = 0.9  # issue 9: the slowest rank at W = 8 keeps >= 90% of one process's per-token rate
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class LoopbackRing(Ring):
