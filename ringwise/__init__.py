@@ -5,7 +5,7 @@ The public names load on first use (PEP 562), so torch-free parts such as
 """
 import importlib
 
-_PUBLIC = {"ring_attention": ".attention.ring", "shard": ".attention.layout", "unshard": ".attention.layout",
+_PUBLIC = {"ring_attention": ".attention.api", "shard": ".attention.layout", "unshard": ".attention.layout",
            "positions": ".attention.layout", "pad_to_multiple": ".attention.layout", "LAYOUTS": ".attention.layout"}
 
 __all__ = list(_PUBLIC)

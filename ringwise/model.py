@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention.ring import ring_attention
+from .attention.api import ring_attention
 from .presets import SHAPES
 
 IGNORE_INDEX = -100  # labels the loss skips (cross_entropy's default); the one definition

@@ -294,8 +294,8 @@ def run_transports(case):
 def test_host_staged_transport_carries_the_all_to_alls_too(cluster, mesh):
     """transport='host' (several ranks on one GPU): the all-to-alls go through host buffers like
     the ring's hops, with results identical to direct traffic. At U4xR1 there are no ring hops,
-    so every staged byte is an all-to-all's: q, k, v and out forward (no lse asked for), dout and
-    dq, dk, dv back."""
+    so every staged byte is an all-to-all's: q, k, v forward, out with its float32 lse (the op
+    always returns lse, in the same buffer), dout and dq, dk, dv back."""
     case = dict(mesh=mesh, layout="zigzag", causal=True, dtype="float32", batch=1, heads=4, kv_heads=4,
                 head_dim=16, seq=48, seed=5)
     for got in cluster(4).run(run_transports, case, timeout=120):
@@ -305,5 +305,5 @@ def test_host_staged_transport_carries_the_all_to_alls_too(cluster, mesh):
         staged = got["host"]["staged"]
         assert staged["to_host"] == staged["to_device"] > 0
         if mesh == (4, 1):  # one local (12 tokens x 4 heads x 16) float32 tensor each
-            local = 48 // 4 * 4 * 16 * 4
-            assert staged["to_host"] == 3 * local + local + local + 3 * local
+            local, lse = 48 // 4 * 4 * 16 * 4, 48 // 4 * 4 * 4
+            assert staged["to_host"] == 3 * local + (local + lse) + local + 3 * local

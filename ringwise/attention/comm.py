@@ -63,17 +63,50 @@ def _host_buffer(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
 
 
+def stages_through_host(transport: str, group, tensors) -> bool:
+    """The one rule for hops and all-to-alls alike: "host" always stages, "auto" stages CUDA
+    tensors that the group would carry over gloo, "direct" never stages."""
+    if transport == "host":
+        return True
+    return transport == "auto" and any(t.is_cuda for t in tensors) and _cuda_on_gloo(group)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    buf = _host_buffer(t)
+    buf.copy_(t)
+    STAGED_BYTES["to_host"] += t.numel() * t.element_size()
+    return buf
+
+
+def _from_host(t: torch.Tensor, buf: torch.Tensor) -> None:
+    t.copy_(buf)
+    STAGED_BYTES["to_device"] += t.numel() * t.element_size()
+
+
+def all_to_all_bytes(send: torch.Tensor, group, transport: str) -> torch.Tensor:
+    """One all_to_all_single of a (U, n) byte buffer over the transport (Ulysses' exchanges)."""
+    if not stages_through_host(transport, group, [send]):
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        return recv
+    host_send = _to_host(send)
+    host_recv = torch.empty_like(host_send)
+    dist.all_to_all_single(host_recv, host_send, group=group)
+    recv = torch.empty_like(send)
+    _from_host(recv, host_recv)
+    return recv
+
+
 def post_host_staged(ops: list[tuple], group, tag: int) -> "Hop":
     """Like post_direct, through host buffers: sends are copied to host before posting (a
     blocking copy, so the device data is there when gloo reads it); receives land in host
     buffers and are copied into their tensors by Hop.wait(). Runs with CPU tensors too."""
     staged_ops, unstage = [], []
     for op, t, peer in ops:
-        buf = _host_buffer(t)
         if op is dist.isend:
-            buf.copy_(t)
-            STAGED_BYTES["to_host"] += t.numel() * t.element_size()
+            buf = _to_host(t)
         else:
+            buf = _host_buffer(t)
             unstage.append((t, buf))
         staged_ops.append((op, buf, peer))
     hop = post_direct(staged_ops, group, tag)
@@ -105,11 +138,10 @@ class Ring:
             self._to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
             self.next_peer = self.peer(1)
             self.prev_peer = self.peer(-1)
-            self._cuda_staged = self.transport == "auto" and _cuda_on_gloo(group)
 
     def post(self, ops: list[tuple], tag: int) -> "Hop":
         """Post (dist.isend/dist.irecv, tensor, global peer) ops as one hop over the transport."""
-        host = self.transport == "host" or (self._cuda_staged and any(t.is_cuda for _, t, _ in ops))
+        host = stages_through_host(self.transport, self.group, [t for _, t, _ in ops])
         return (post_host_staged if host else post_direct)(ops, self.group, tag)
 
     def peer(self, offset: int) -> int:
@@ -141,6 +173,5 @@ class Hop:
         for w in self.works:
             w.wait()
         for t, buf in self.unstage:
-            t.copy_(buf)
-            STAGED_BYTES["to_device"] += t.numel() * t.element_size()
+            _from_host(t, buf)
         self.unstage = ()

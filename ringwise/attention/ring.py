@@ -1,4 +1,5 @@
-"""Ring attention: the autograd Function and the public op.
+"""Ring attention's engine: the forward and backward rings of one rank (no checks, no autograd;
+api.py validates, registers the op and calls these).
 
 Forward: each rank keeps its query shard; the key/value shards travel around the ring.
 At every step the next hop is posted before the visiting block's tiles are computed and
@@ -28,14 +29,11 @@ per tile): there, finite inputs whose scores overflow float32 keep the fused ker
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
-import torch.distributed as dist
 
-from .comm import Ring, resolve_transport
-from .kernels import acc_dtype, default_scale, select_kernel, BACKENDS, Flipped, ReferenceKernel
-from .layout import check_layout, check_local_len
+from .comm import Ring
+from .kernels import acc_dtype, Flipped, ReferenceKernel
 from .tiles import needed_steps, step_tiles
 from .merge import merge_into
 
@@ -192,216 +190,9 @@ def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, ke
     return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype)
 
 
-def _sink_grad(dout, out, lse, sinks):
+def sink_grad(dout, out, lse, sinks):
     """d sinks = -sum over batch and rows of exp(sink - lse_final) * rowsum(dO * O_final)."""
     dt = lse.dtype
     delta = (dout.to(dt) * out.to(dt)).sum(-1).transpose(1, 2)  # (batch, heads, seq)
     p_sink = torch.exp(sinks.detach().to(dt)[None, :, None] - lse)
     return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
-
-
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, causal, scale, layout, ring, kernel, docs, window, softcap):
-        out, lse = ring_forward(q, k, v, causal, scale, layout, ring, kernel, docs, window, sinks, softcap)
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.args = (causal, scale, layout, ring, kernel, docs, window, softcap)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, sinks = ctx.saved_tensors
-        # the sink's zero value adds nothing to out, so q/k/v use the final (sunk) lse as is
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, *ctx.args)
-        dsinks = _sink_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None
-
-
-def _document_bounds(cu_seqlens, total: int) -> tuple[int, ...]:
-    """cu_seqlens (global, flash-attn style: 0, len0, len0+len1, ..., total) as a checked tuple."""
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-            raise ValueError("cu_seqlens must be a 1-D integer tensor or a list of ints")
-        cu_seqlens = cu_seqlens.tolist()
-    bounds = tuple(int(b) for b in cu_seqlens)
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at the global sequence length {total} "
-                         f"(local length x ranks), got {list(bounds)[:4]}...{list(bounds)[-2:]}")
-    if any(b >= c for b, c in zip(bounds, bounds[1:])):
-        raise ValueError("cu_seqlens must be strictly increasing (documents of length >= 1)")
-    return bounds
-
-
-def _bounds_from_document_ids(document_ids) -> list[int]:
-    """Per-token document ids of the global sequence -> cu_seqlens; each document contiguous."""
-    ids = torch.as_tensor(document_ids)
-    if ids.dim() != 1 or ids.is_floating_point():
-        raise ValueError("document_ids must be a 1-D integer tensor over the global sequence")
-    starts = (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()
-    docs = ids[[0] + starts]
-    if len(torch.unique(docs)) != len(docs):
-        raise ValueError("document_ids must keep each document contiguous (an id reappears after another one)")
-    return [0] + starts + [len(ids)]
-
-
-def _check_tensors(q, k, v) -> str | None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            return f"{name} must be a 4-D tensor (batch, seq, heads, head_dim), got {getattr(x, 'shape', type(x))}"
-    if not q.is_floating_point():
-        return f"q, k, v must be floating point, got {q.dtype}"
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            return f"{name}.dtype={x.dtype} differs from q.dtype={q.dtype}; cast all three to one dtype"
-        if x.device != q.device:
-            return f"{name} is on {x.device} but q is on {q.device}; move all three to one device"
-        for dim, what in ((0, "batch"), (1, "sequence length"), (3, "head_dim")):
-            if x.shape[dim] != q.shape[dim]:
-                return (f"{name} has {what} {x.shape[dim]} but q has {q.shape[dim]} "
-                        f"(q {tuple(q.shape)}, {name} {tuple(x.shape)}); shapes are (batch, seq, heads, head_dim)")
-    if k.shape[2] != v.shape[2]:
-        return f"k has {k.shape[2]} heads but v has {v.shape[2]}; they must match"
-    for name, n in (("q heads", q.shape[2]), ("k/v heads (kv_heads)", k.shape[2]), ("head_dim", q.shape[3])):
-        if n < 1:
-            return f"{name} is {n}; shapes are (batch, seq, heads, head_dim) with every size >= 1"
-    if q.shape[2] % k.shape[2]:
-        return (f"q has {q.shape[2]} heads, not a multiple of the {k.shape[2]} key/value heads; "
-                "GQA/MQA needs heads % kv_heads == 0")
-    if q.shape[1] == 0:
-        return "the local sequence is empty"
-    return None
-
-
-def _check_options(q, causal, scale, window, sinks, softcap, backend) -> str | None:
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
-        scale = scale.item()
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        return f"softmax_scale must be a real number or None (1/sqrt(head_dim)), got {scale!r}"
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
-            return (f"window must be an int >= 0 (keys at most `window` positions before the query, "
-                    f"flash-attn's window_size=(window, 0)) or None, got {window!r}")
-        if not causal:
-            return "window needs causal=True (a left sliding window: i - window <= j <= i)"
-    if sinks is not None:
-        if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[2]:
-            return (f"sinks must be a 1-D tensor of one logit per query head ({q.shape[2]}), "
-                    f"got {getattr(sinks, 'shape', type(sinks))}")
-        if not sinks.is_floating_point() or sinks.device != q.device:
-            return f"sinks must be a floating point tensor on {q.device}, got {sinks.dtype} on {sinks.device}"
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < softcap < math.inf:
-            return f"softcap must be a finite number > 0 (scores -> softcap * tanh(scores / softcap)), got {softcap!r}"
-        if backend not in ("auto", "reference"):
-            return (f"softcap is computed by the reference kernel only, but backend={backend!r}; "
-                    "use backend='auto' or 'reference'")
-    if backend not in BACKENDS:
-        return f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}"
-    return None
-
-
-def _prepare(q, k, v, ring, causal, scale, layout, backend, cu_seqlens, document_ids, window, sinks, softcap):
-    """Check this rank's arguments without any communication: (problem or None, docs, kernel).
-
-    Every check lives here (nothing may raise before the collective check), so a problem
-    found on one rank stops every rank with the same error instead of a hang.
-    """
-    try:
-        problem = _check_tensors(q, k, v) or _check_options(q, causal, scale, window, sinks, softcap, backend)
-        if problem:
-            return problem, None, None
-        check_layout(layout)
-        check_local_len(q.shape[1], layout, ring.world_size)
-        docs = None
-        if cu_seqlens is not None and document_ids is not None:
-            return "pass cu_seqlens or document_ids, not both", None, None
-        if document_ids is not None:
-            cu_seqlens = _bounds_from_document_ids(document_ids)
-        if cu_seqlens is not None:
-            docs = _document_bounds(cu_seqlens, q.shape[1] * ring.world_size)
-        kernel = _REFERENCE if softcap is not None else select_kernel(backend, q.device, q.dtype, q.shape[-1])
-        return None, docs, kernel
-    except (ValueError, TypeError, RuntimeError) as e:
-        return str(e), None, None
-
-
-def _validate(problem, sig, ring: Ring) -> None:
-    """Raise the same error on every rank, before any ring communication.
-
-    Ranks exchange their local verdict and signature (one small all-gather), so a
-    problem on one rank, or shapes that differ between ranks, stop all of them alike.
-    """
-    if ring.world_size == 1:
-        if problem:
-            raise ValueError(f"ring_attention: {problem}")
-        return
-    gathered = [None] * ring.world_size
-    dist.all_gather_object(gathered, (problem, None if problem else sig), group=ring.group)
-    for r, (p, _) in enumerate(gathered):
-        if p:
-            raise ValueError(f"ring_attention: rank {r}: {p}")
-    for r, (_, s) in enumerate(gathered):
-        if s != gathered[0][1]:
-            diffs = [f"{n}: rank 0 {a} vs rank {r} {b}" for (n, a), (_, b) in zip(gathered[0][1], s) if a != b]
-            raise ValueError(
-                "ring_attention: every rank must pass the same batch, local sequence length, heads, dtype, "
-                "causal, layout, documents, window, sinks, softcap and transport (shard the global sequence with "
-                "ringwise.shard); " + "; ".join(diffs)
-            )
-
-
-def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None,
-                   return_lse=False, backend="auto", validate=True, cu_seqlens=None, document_ids=None,
-                   window=None, sinks=None, softcap=None, ulysses_group=None, transport=None):
-    """Exact softmax attention over a sequence sharded across the ranks of `group`.
-
-    q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
-    heads % kv_heads == 0. Each rank passes its shard in the given `layout` (see
-    ringwise.shard); `causal` masks by *global* position. Returns out like q, and with
-    return_lse also the float32 log-sum-exp (batch, heads, local_seq) (not differentiable).
-    With world size 1 or no process group this is plain blockwise attention.
-    cu_seqlens: packed documents, as global boundaries (0, len0, len0+len1, ..., total), the
-    same on every rank; attention stays inside each document (causal within it if causal).
-    Documents may have any lengths and span shards in every layout. document_ids: the same
-    as per-token ids over the global sequence (each document contiguous), instead of cu_seqlens.
-    window (causal only): query i sees keys i - window .. i (global positions; flash-attn's
-    window_size=(window, 0)); ring steps with nothing in the window make no hop.
-    sinks: (heads,) per-head sink logits (GPT-OSS), one extra key per row with a zero value;
-    differentiable; the returned lse includes it. softcap: scores -> softcap * tanh(scores /
-    softcap) (Gemma 2), on the reference kernel (backend 'auto' or 'reference').
-    A row with no finite score gets out = 0 and lse = -inf; NaN inputs give NaN.
-    validate=False skips the cross-rank argument check (one small all-gather per call).
-    ulysses_group: Ulysses x ring (USP, see ulysses.py): inputs sharded with
-    ringwise.shard(x, 1, layout, group, ulysses_group=ulysses_group); an all-to-all over
-    ulysses_group trades sequence for heads before the ring over `group` and back after it.
-    transport: how hops travel, "direct", "host" (staged through pinned host memory over gloo,
-    for several ranks on one GPU) or "auto" (None: $RINGWISE_TRANSPORT, else auto); see comm.py.
-    """
-    if ulysses_group is not None:  # every argument, whatever its name, goes on to the ring unchanged
-        forwarded = dict(locals())
-        from .ulysses import ulysses_attention
-
-        return ulysses_attention(**forwarded)
-    try:  # a bad transport name is one more problem for the collective check, not an early raise
-        transport_problem = None
-        resolve_transport(transport)
-    except ValueError as e:
-        transport_problem, transport = str(e), "direct"
-    ring = Ring(group, transport)
-    problem, docs, kernel = _prepare(q, k, v, ring, causal, softmax_scale, layout, backend, cu_seqlens,
-                                     document_ids, window, sinks, softcap)
-    problem = problem or transport_problem
-    if validate:
-        sig = None if problem else (
-            ("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype)),
-            ("causal", bool(causal)), ("layout", layout), ("cu_seqlens", docs), ("window", window),
-            ("sinks", sinks is not None), ("softcap", softcap), ("transport", ring.transport))
-        _validate(problem, sig, ring)
-    elif problem:
-        raise ValueError(f"ring_attention: {problem}")
-    scale = default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    window = None if window is None else int(window)
-    softcap = None if softcap is None else float(softcap)
-    out, lse = _RingAttention.apply(q, k, v, sinks, bool(causal), scale, layout, ring, kernel, docs, window, softcap)
-    return (out, lse) if return_lse else out

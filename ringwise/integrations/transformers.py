@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attention.layout import positions, shard
-from ..attention.ring import ring_attention
+from ..attention.api import attention, ring_attention
 from ..model import IGNORE_INDEX
 from .hf_masks import read_mask_function
 from .hf_support import architecture_problems

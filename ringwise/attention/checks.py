@@ -1,0 +1,209 @@
+"""Every argument check of the attention op, as pure functions that return a problem or None.
+
+Nothing here communicates or raises for a bad argument: api.py gathers each rank's verdict
+in one collective and raises the same error on every rank, so a problem found on one rank
+can never leave the others waiting in the ring. The checks catch only the errors they raise
+themselves (`ValueError` from the layout and kernel tables); anything else is a bug and
+propagates as it is.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .kernels import BACKENDS, select_kernel
+from .layout import check_layout, check_local_len
+
+
+def document_bounds(cu_seqlens, total: int) -> tuple[tuple[int, ...] | None, str | None]:
+    """cu_seqlens (global, flash-attn style: 0, len0, len0+len1, ..., total) as a checked tuple."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+            return None, "cu_seqlens must be a 1-D integer tensor or a list of ints"
+        cu_seqlens = cu_seqlens.tolist()
+    if not isinstance(cu_seqlens, (list, tuple)) or not all(
+            isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in cu_seqlens):
+        return None, f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}"
+    bounds = tuple(int(b) for b in cu_seqlens)
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        return None, (f"cu_seqlens must start at 0 and end at the global sequence length {total} "
+                      f"(local length x ranks), got {list(bounds)[:4]}...{list(bounds)[-2:]}")
+    if any(b >= c for b, c in zip(bounds, bounds[1:])):
+        return None, "cu_seqlens must be strictly increasing (documents of length >= 1)"
+    return bounds, None
+
+
+def bounds_from_document_ids(document_ids) -> tuple[list[int] | None, str | None]:
+    """Per-token document ids of the global sequence -> cu_seqlens; each document contiguous."""
+    if not isinstance(document_ids, torch.Tensor) or document_ids.dim() != 1 or document_ids.is_floating_point() \
+            or document_ids.is_complex() or document_ids.numel() == 0:
+        return None, "document_ids must be a 1-D integer tensor over the global sequence"
+    ids = document_ids.cpu()
+    starts = (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()
+    docs = ids[[0] + starts]
+    if len(torch.unique(docs)) != len(docs):
+        return None, "document_ids must keep each document contiguous (an id reappears after another one)"
+    return [0] + starts + [len(ids)], None
+
+
+def tensor_problem(q, k, v) -> str | None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return f"{name} must be a 4-D tensor (batch, seq, heads, head_dim), got {getattr(x, 'shape', type(x))}"
+    if not q.is_floating_point():
+        return f"q, k, v must be floating point, got {q.dtype}"
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            return f"{name}.dtype={x.dtype} differs from q.dtype={q.dtype}; cast all three to one dtype"
+        if x.device != q.device:
+            return f"{name} is on {x.device} but q is on {q.device}; move all three to one device"
+        for dim, what in ((0, "batch"), (1, "sequence length"), (3, "head_dim")):
+            if x.shape[dim] != q.shape[dim]:
+                return (f"{name} has {what} {x.shape[dim]} but q has {q.shape[dim]} "
+                        f"(q {tuple(q.shape)}, {name} {tuple(x.shape)}); shapes are (batch, seq, heads, head_dim)")
+    if k.shape[2] != v.shape[2]:
+        return f"k has {k.shape[2]} heads but v has {v.shape[2]}; they must match"
+    for name, n in (("q heads", q.shape[2]), ("k/v heads (kv_heads)", k.shape[2]), ("head_dim", q.shape[3])):
+        if n < 1:
+            return f"{name} is {n}; shapes are (batch, seq, heads, head_dim) with every size >= 1"
+    if q.shape[2] % k.shape[2]:
+        return (f"q has {q.shape[2]} heads, not a multiple of the {k.shape[2]} key/value heads; "
+                "GQA/MQA needs heads % kv_heads == 0")
+    if q.shape[1] == 0:
+        return "the local sequence is empty"
+    return None
+
+
+def scalar_problem(causal, scale, window, softcap, backend) -> str | None:
+    """The non-tensor options (cheap, pure Python: the front door runs them before the op)."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        return f"softmax_scale must be a real number or None (1/sqrt(head_dim)), got {scale!r}"
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+            return (f"window must be an int >= 0 (keys at most `window` positions before the query, "
+                    f"flash-attn's window_size=(window, 0)) or None, got {window!r}")
+        if not causal:
+            return "window needs causal=True (a left sliding window: i - window <= j <= i)"
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < softcap < math.inf:
+            return f"softcap must be a finite number > 0 (scores -> softcap * tanh(scores / softcap)), got {softcap!r}"
+        if backend not in ("auto", "reference"):
+            return (f"softcap is computed by the reference kernel only, but backend={backend!r}; "
+                    "use backend='auto' or 'reference'")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        return f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}"
+    return None
+
+
+def sinks_problem(q, sinks) -> str | None:
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[2]:
+        return (f"sinks must be a 1-D tensor of one logit per query head ({q.shape[2]}), "
+                f"got {getattr(sinks, 'shape', type(sinks))}")
+    if not sinks.is_floating_point() or sinks.device != q.device:
+        return f"sinks must be a floating point tensor on {q.device}, got {sinks.dtype} on {sinks.device}"
+    return None
+
+
+def layout_problem(layout, local_len: int, world_size: int) -> str | None:
+    try:
+        check_layout(layout)
+        check_local_len(local_len, layout, world_size)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def kernel_or_problem(backend, q):
+    """(kernel, None) or (None, problem): the kernel that backend names for q's device and dtype."""
+    try:
+        return select_kernel(backend, q.device, q.dtype, q.shape[-1]), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def documents(cu_seqlens, document_ids, total: int) -> tuple[tuple[int, ...] | None, str | None]:
+    """(global document bounds or None, problem or None) from either way of passing documents."""
+    if cu_seqlens is not None and document_ids is not None:
+        return None, "pass cu_seqlens or document_ids, not both"
+    if document_ids is not None:
+        cu_seqlens, problem = bounds_from_document_ids(document_ids)
+        if problem:
+            return None, problem
+    if cu_seqlens is None:
+        return None, None
+    return document_bounds(cu_seqlens, total)
+
+
+def describe(value):
+    """A comparable, picklable summary of an argument (integer tensors by value, others by shape)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            return ("tensor", tuple(value.shape), str(value.dtype))
+        return ("tensor", value.tolist())
+    if isinstance(value, (list, tuple)):
+        return tuple(describe(x) for x in value)
+    return repr(value)
+
+
+def signature_mismatch(sigs: list, ranks: list[int]) -> str | None:
+    """sigs: each rank's ((name, value), ...) signature, in rank order; the first difference, worded."""
+    first = sigs[0]
+    for r, s in zip(ranks, sigs):
+        if s != first:
+            diffs = [f"{n}: rank {ranks[0]} {a} vs rank {r} {b}" for (n, a), (_, b) in zip(first, s) if a != b]
+            return ("every rank must pass the same batch, local sequence length, heads, dtype, causal, layout, "
+                    "documents, window, sinks, softcap, scale, backend and transport (shard the global sequence "
+                    "with ringwise.shard); " + "; ".join(diffs))
+    return None
+
+
+def valid_degrees(heads: int) -> list[int]:
+    return [d for d in range(1, heads + 1) if heads % d == 0]
+
+
+def ulysses_problem(q, k, layout, ulysses_size: int, ring_size: int) -> str | None:
+    """What a (ulysses x ring) mesh adds to the ring's checks: heads that split, an even zigzag shard."""
+    H, Hk, U = q.shape[2], k.shape[2], ulysses_size
+    if H % U:
+        return (f"the ulysses group has {U} ranks, which does not divide the {H} query heads; "
+                f"valid ulysses degrees for {H} heads: {', '.join(map(str, valid_degrees(H)))}")
+    if layout == "zigzag" and ring_size > 1 and (q.shape[1] * U) % 2:
+        return ("layout='zigzag' needs an even ring shard (local length x ulysses size); pad the global "
+                "sequence with ringwise.pad_to_multiple(x, dim, layout='zigzag', group=group, "
+                "ulysses_group=ulysses_group) or pass pad=True to ringwise.shard")
+    return None
+
+
+def mesh_problem(infos: dict) -> str | None:
+    """What is wrong with a (ulysses x ring) mesh, judged alike from every rank's view.
+
+    infos: global rank -> dict(u, r, ulysses (its group's global ranks), ring (likewise)).
+    """
+    first = infos[min(infos)]
+    U, R = len(first["ulysses"]), len(first["ring"])
+    for g in sorted(infos):
+        i = infos[g]
+        if (len(i["ulysses"]), len(i["ring"])) != (U, R):
+            return (f"the groups do not form one mesh: rank {min(infos)} has ulysses {U} x ring {R} but rank {g} "
+                    f"has {len(i['ulysses'])} x {len(i['ring'])}; every rank needs the same U and R")
+    for g in sorted(infos):
+        i = infos[g]
+        shared = sorted(set(i["ulysses"]) & set(i["ring"]))
+        if shared != [g]:
+            return (f"the groups do not tile the ranks: rank {g}'s ulysses_group {i['ulysses']} and group "
+                    f"{i['ring']} share ranks {shared}; they must cross in exactly that rank (a U x R mesh)")
+        for n in i["ring"]:
+            if n in infos and infos[n]["u"] != i["u"]:
+                return (f"ranks {g} and {n} share a ring group but are ulysses ranks {i['u']} and {infos[n]['u']}: "
+                        "a ring must join ranks that hold the same head chunk (same ulysses rank)")
+        for n in i["ulysses"]:
+            if n in infos and infos[n]["r"] != i["r"]:
+                return (f"ranks {g} and {n} share a ulysses group but are ring ranks {i['r']} and {infos[n]['r']}: "
+                        "a ulysses group must hold one ring shard (same ring rank)")
+    if len(infos) != U * R:
+        return f"the groups do not tile the ranks: {len(infos)} ranks reached, a {U} x {R} mesh has {U * R}"
+    return None
