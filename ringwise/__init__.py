@@ -6,7 +6,8 @@ The public names load on first use (PEP 562), so torch-free parts such as
 import importlib
 
 _PUBLIC = {"ring_attention": ".attention.api", "shard": ".attention.layout", "unshard": ".attention.layout",
-           "positions": ".attention.layout", "pad_to_multiple": ".attention.layout", "LAYOUTS": ".attention.layout"}
+           "positions": ".attention.layout", "pad_to_multiple": ".attention.layout", "LAYOUTS": ".attention.layout",
+           "SeqShard": ".attention.seqshard"}
 
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention.api import ring_attention
+from .attention.seqshard import IGNORE_INDEX  # labels the loss skips; defined where labels are shifted
 from .presets import SHAPES
-
-IGNORE_INDEX = -100  # labels the loss skips (cross_entropy's default); the one definition
 
 
 @dataclass
@@ -122,14 +121,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, ring):
+    def forward(self, x, cos, sin, attn_kwargs):
         b, n, _ = x.shape
         hd = self.cfg.head_dim
         q = apply_rotary(self.wq(x).view(b, n, self.cfg.n_heads, hd), cos, sin)
         k = apply_rotary(self.wk(x).view(b, n, self.cfg.n_kv_heads, hd), cos, sin)
         v = self.wv(x).view(b, n, self.cfg.n_kv_heads, hd)
         if self.cfg.attention == "ring":
-            o = ring_attention(q, k, v, causal=True, **ring)
+            o = ring_attention(q, k, v, causal=True, **attn_kwargs)
         else:
             o = single_process_attention(q, k, v, self.cfg.attention)
         return self.wo(o.reshape(b, n, -1))
@@ -141,8 +140,8 @@ def single_process_attention(q, k, v, kind):
     if kind == "sdpa":
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        repeats = q.shape[1] // k.shape[1]  # query heads per kv head
+        k, v = k.repeat_interleave(repeats, 1), v.repeat_interleave(repeats, 1)
         s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
         causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
         o = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1) @ v
@@ -176,8 +175,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, ring):
-        x = x + self.attn(self.attn_norm(x), cos, sin, ring)
+    def forward(self, x, cos, sin, attn_kwargs):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_kwargs)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -211,15 +210,17 @@ class Transformer(nn.Module):
             p.copy_(self.initial_value(name, seed))
 
     def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True, ulysses_group=None):
-        """Final normalised hidden states of the local tokens: (batch, local_seq, dim)."""
+        """Final normalised hidden states of the local tokens: (batch, local_seq, dim).
+
+        layout, group, ulysses_group: how the sequence is sharded (`SeqShard.ring_kwargs()`)."""
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        ring = dict(layout=layout, group=group, validate=validate, ulysses_group=ulysses_group)
+        attn_kwargs = dict(layout=layout, group=group, validate=validate, ulysses_group=ulysses_group)
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.checkpoint_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, ring, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attn_kwargs, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, ring)
+                x = layer(x, cos, sin, attn_kwargs)
         return self.norm(x)
 
     def _chunk_loss(self, h, labels):
@@ -234,15 +235,15 @@ class Transformer(nn.Module):
         parts = blockwise(self._chunk_loss, h, self.cfg.loss_chunk, labels)
         return torch.stack(parts).sum()
 
-    def forward(self, input_ids, positions, labels, **ring):
-        """(sum of local token losses, number of local labelled tokens)."""
-        h = self.hidden(input_ids, positions, **ring)
+    def forward(self, input_ids, positions, labels, **attn_kwargs):
+        """(sum of local token losses, number of local labelled tokens); attn_kwargs go to `hidden`."""
+        h = self.hidden(input_ids, positions, **attn_kwargs)
         return self.loss_sum(h, labels), (labels != IGNORE_INDEX).sum()
 
     @torch.no_grad()
-    def labelled_predictions(self, input_ids, positions, labels, **ring):
+    def labelled_predictions(self, input_ids, positions, labels, **attn_kwargs):
         """Greedy predictions at the labelled positions only (batch-major order)."""
-        h = self.hidden(input_ids, positions, **ring)
+        h = self.hidden(input_ids, positions, **attn_kwargs)
         mask = labels != IGNORE_INDEX
         return self.output(h[mask]).argmax(-1), mask
 

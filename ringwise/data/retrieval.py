@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
-from ..attention.layout import positions, shard
+from ..attention.seqshard import SeqShard
 from ..model import IGNORE_INDEX
 from .sampling import _rng, collate
 from .text import ByteTokenizer
@@ -280,23 +279,18 @@ def retrieval_accuracy(model, lengths: Sequence[int], depths: Sequence[float], p
     holds one shard of every sequence (ring `group`, times `ulysses_group` if given); hits
     are summed over those groups on `device` tensors, so this runs under gloo and NCCL alike."""
     grid = retrieval_eval_grid(lengths, depths, per_cell, **task)
+    seqshard = SeqShard(layout, group, ulysses_group)
     was_training = model.training
     model.eval()
     acc = {}
     for (L, depth), examples in grid.items():
-        batch = collate(examples)
-        ids = shard(batch["input_ids"], 1, layout, group, ulysses_group=ulysses_group).to(device)
-        labels = shard(batch["labels"], 1, layout, group, ulysses_group=ulysses_group).to(device)
-        pos = positions(L, layout, group, device=device, ulysses_group=ulysses_group)
-        pred, mask = model.labelled_predictions(ids, pos, labels, layout=layout, group=group,
-                                                ulysses_group=ulysses_group)
+        batch = collate(examples)  # labels are already next-token targets: sharded as they are
+        ids, labels = (seqshard.shard(batch[k]).to(device) for k in ("input_ids", "labels"))
+        pred, mask = model.labelled_predictions(ids, seqshard.positions(L, device=device), labels,
+                                                **seqshard.ring_kwargs())
         hits = torch.zeros(labels.shape, dtype=torch.bool, device=device)
         hits[mask] = pred == labels[mask]
-        counts = torch.stack([(hits & mask).sum(1), mask.sum(1)]).double()
-        if dist.is_initialized():
-            dist.all_reduce(counts, group=group)
-            if ulysses_group is not None:
-                dist.all_reduce(counts, group=ulysses_group)
+        counts = seqshard.all_reduce(torch.stack([(hits & mask).sum(1), mask.sum(1)]).double())
         acc[(L, depth)] = (counts[0] == counts[1]).double().mean().item()
     model.train(was_training)
     return [[acc[(L, d)] for L in lengths] for d in depths]

@@ -102,26 +102,26 @@ def run(args):
     with LocalCluster(W, threads_per_rank=max(1, args.threads // W), track_memory=True) as cluster:
         stages.update()
         stages.set_postfix_str(f"causal ring attention fwd+bwd, {args.seq} tokens over {W} ranks")
-        ring = cluster.run(ring_rank, args, timeout=3600)
+        results = cluster.run(ring_rank, args, timeout=3600)
     stages.update()
     stages.set_postfix_str("single-process SDPA on the whole sequence")
     with LocalCluster(1, threads_per_rank=args.threads, track_memory=True) as single:
         sdpa = single.run(sdpa_single, args, timeout=3600)[0]
     stages.update()
     stages.set_postfix_str("blockwise float64 reference")
-    errors = reference_errors(args, ring)
+    errors = reference_errors(args, results)
     stages.update()
     stages.close()
 
-    ring_time = max(r["seconds"] for r in ring)
+    ring_time = max(r["seconds"] for r in results)
     print(f"\nringwise demo: causal attention over {args.seq} tokens, {args.heads} heads x {args.head_dim}, "
           f"float32, {W} ranks ({args.layout}), forward+backward")
     print(f"(iteration {args.iters} of {args.iters}; peak MiB = peak resident memory above the inputs)")
     print(f"{'rank':>6} {'tokens':>8} {'seconds':>9} {'peak MiB':>9}")
-    for r, res in enumerate(ring):
+    for r, res in enumerate(results):
         print(f"{r:>6} {args.seq // W:>8} {res['seconds']:>9.2f} {mib(res['peak']):>9.1f}")
     print(f"{'SDPA':>6} {args.seq:>8} {sdpa['seconds']:>9.2f} {mib(sdpa['peak']):>9.1f}   (one process, {args.threads} threads)")
     print("max |error| vs float64 reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     print(f"time ratio SDPA / ring: {sdpa['seconds'] / ring_time:.2f}   "
-          f"(ring per-rank peak memory is {mib(max(r['peak'] for r in ring)) / max(mib(sdpa['peak']), 1e-9):.2f} x SDPA's)")
+          f"(ring per-rank peak memory is {mib(max(r['peak'] for r in results)) / max(mib(sdpa['peak']), 1e-9):.2f} x SDPA's)")
     return dict(errors=errors, ring_seconds=ring_time, sdpa_seconds=sdpa["seconds"])

@@ -519,13 +519,13 @@ def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMO
         note = "  (does not fit)" if not s else "" if m != "ring" or s >= 6 * c * n_devices \
             else "  (too short to hide comm)"
         lines.append(f"  {METHOD_TITLES[m]:<26}{s:>14,} tokens  ({pow2_k(s)}K pow2){note}")
-    ring = max_context("ring", model, device, n_devices, batch, memory)
-    if ring:
-        parts = training_memory("ring", model, n_devices, ring, batch, memory)
+    longest = max_context("ring", model, device, n_devices, batch, memory)
+    if longest:
+        parts = training_memory("ring", model, n_devices, longest, batch, memory)
         lines.append("ring memory per device at that length: " + ", ".join(
             f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items()))
-        own = ringwise_activation_bytes(model, ring // n_devices, n_devices, batch, memory.bytes_per_element)
-        same = training_memory("ring", model, n_devices, ring, batch, replace(memory, checkpoints_per_layer=1))
+        own = ringwise_activation_bytes(model, longest // n_devices, n_devices, batch, memory.bytes_per_element)
+        same = training_memory("ring", model, n_devices, longest, batch, replace(memory, checkpoints_per_layer=1))
         lines.append(f"ringwise's own activation buffers at that length (counted; 1 checkpoint per layer): "
                      f"{own['total'] / 2**30:.2f} GiB, against Table 1's accounting with 1 checkpoint per layer: "
                      f"{(same['checkpoints'] + same['layer peak']) / 2**30:.2f} GiB")

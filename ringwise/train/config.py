@@ -194,14 +194,14 @@ def problems(cfg: TrainConfig) -> list[str]:
     if cfg.warmup < 0:
         out.append(f"--warmup {cfg.warmup}: must be >= 0")
     if cfg.dp >= 1 and cfg.ulysses >= 1 and world >= 1:
-        ring = world // (cfg.dp * cfg.ulysses)
+        cp = world // (cfg.dp * cfg.ulysses)
         if world % (cfg.dp * cfg.ulysses):
             what = f"--dp {cfg.dp}" + (f" x --ulysses {cfg.ulysses}" if cfg.ulysses > 1 else "")
             out.append(f"{what} must divide the world size {world}")
-        elif cfg.seq_len < 1 or cfg.seq_len % split_unit(cfg.layout, ring, cfg.ulysses):
-            unit = split_unit(cfg.layout, ring, cfg.ulysses)
+        elif cfg.seq_len < 1 or cfg.seq_len % split_unit(cfg.layout, cp, cfg.ulysses):
+            unit = split_unit(cfg.layout, cp, cfg.ulysses)
             out.append(f"--seq-len {cfg.seq_len} must be a positive multiple of {unit} for layout {cfg.layout!r} "
-                       f"on a ring of {ring}" + (f" x ulysses {cfg.ulysses}" if cfg.ulysses > 1 else ""))
+                       f"on a ring of {cp}" + (f" x ulysses {cfg.ulysses}" if cfg.ulysses > 1 else ""))
     if cfg.ulysses > 1 and cfg.model in PRESETS:
         heads = model_config(cfg.model).n_heads
         if heads % cfg.ulysses:

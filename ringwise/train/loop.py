@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..attention.layout import positions, shard
+from ..attention.seqshard import SeqShard
 from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, collate, retrieval_accuracy, sample_indices
 from ..model import Transformer, model_config
 from . import checkpoint
@@ -49,6 +49,11 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.mesh.rank == 0
+
+    @property
+    def seqshard(self) -> SeqShard:
+        """How this rank's replica cuts each sequence: cfg.layout over the cp (ring) and ulysses groups."""
+        return SeqShard(self.cfg.layout, self.mesh.cp_group, self.mesh.ulysses_group)
 
 
 def make_dataset(cfg: TrainConfig):
@@ -111,8 +116,8 @@ def local_batch(run: Run, step: int):
     indices = sample_indices(step, cfg.batch, len(run.dataset), cfg.seed)
     per = cfg.batch // mesh.dp
     batch = collate([run.dataset[i] for i in indices[mesh.dp_rank * per:(mesh.dp_rank + 1) * per]])
-    return tuple(shard(batch[k], 1, cfg.layout, mesh.cp_group, ulysses_group=mesh.ulysses_group).to(run.device)
-                 for k in ("input_ids", "labels"))
+    seqshard = run.seqshard  # the dataset's labels are already next-token targets: sharded as they are
+    return tuple(seqshard.shard(batch[k]).to(run.device) for k in ("input_ids", "labels"))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -125,11 +130,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def compute_gradients(run: Run, step: int) -> tuple[float, int]:
     """Loss and parameter gradients of the whole global batch at `step` (gradients summed by FSDP2)."""
-    cfg, mesh = run.cfg, run.mesh
+    seqshard = run.seqshard
     ids, labels = local_batch(run, step)
-    pos = positions(cfg.seq_len, cfg.layout, mesh.cp_group, device=run.device, ulysses_group=mesh.ulysses_group)
-    loss_sum, n_tokens = run.model(ids, pos, labels, layout=cfg.layout, group=mesh.cp_group,
-                                   ulysses_group=mesh.ulysses_group, validate=step == run.start)
+    pos = seqshard.positions(run.cfg.seq_len, device=run.device)
+    loss_sum, n_tokens = run.model(ids, pos, labels, **seqshard.ring_kwargs(), validate=step == run.start)
     totals = torch.stack([loss_sum.detach().double(), n_tokens.double()])
     dist.all_reduce(totals)
     if totals[1] == 0:
@@ -144,8 +148,8 @@ def step(run: Run, step: int) -> dict:
     loss, n_tokens = compute_gradients(run, step)
     if run.cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(step, run.cfg)
+    for param_group in run.optimizer.param_groups:
+        param_group["lr"] = lr_at(step, run.cfg)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
@@ -169,9 +173,8 @@ def evaluate(run: Run) -> dict:
     """Retrieval accuracy by (context length, needle depth) on the held-out grid."""
     cfg = run.cfg
     lengths = cfg.eval_lengths_for(run.mesh.cp)
-    acc = retrieval_accuracy(run.model, lengths, cfg.eval_depths, cfg.eval_per_cell, layout=cfg.layout,
-                             group=run.mesh.cp_group, ulysses_group=run.mesh.ulysses_group, device=run.device,
-                             decoys=cfg.eval_decoys, **cfg.task_kwargs())
+    acc = retrieval_accuracy(run.model, lengths, cfg.eval_depths, cfg.eval_per_cell, **run.seqshard.ring_kwargs(),
+                             device=run.device, decoys=cfg.eval_decoys, **cfg.task_kwargs())
     return dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc)
 
 
