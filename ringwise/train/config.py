@@ -41,6 +41,7 @@ class TrainConfig:
     # model
     model: str = "small"
     checkpoint_layers: bool = False
+    compile: bool = False
     dtype: str | None = None
     # data
     data: str = "retrieval"
@@ -129,6 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, choices=tuple(PRESETS))
     g.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (fullgraph; ring attention is one operator in it)")
     g.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="compute dtype (master weights, optimizer state, loss and lse stay fp32); "
                         "default bf16 on CUDA, fp32 on CPU")

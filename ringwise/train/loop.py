@@ -71,6 +71,9 @@ def build(cfg: TrainConfig, mesh: Mesh) -> Run:
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):
         model = Transformer(model_config(cfg.model, checkpoint_layers=cfg.checkpoint_layers, **overrides))
+    if cfg.compile:  # per block, as torchtitan does: FSDP's hooks stay outside the compiled graphs
+        for layer in model.layers:
+            layer.compile(fullgraph=True)
     shard_model(model, mesh, cfg.compute_dtype(mesh.device))
     model.to_empty(device=mesh.device)
     fill_shards(model, cfg.seed)

@@ -1,0 +1,178 @@
+"""torch.compile(fullgraph=True) around ring attention: one opaque operator with its own autograd.
+
+Every path (causal/full, every layout, GQA, packed documents, window, sinks, softcap, Ulysses)
+compiled gives the eager op's result, and both stay within 2x the single-device kernel's
+float64 error; ringwise's model and a transformers Llama compile whole. One cluster job per
+world size runs every case (compiling is the slow part: aot_eager here, inductor once).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringwise
+from ringwise.attention.comm import HOP_COUNTS
+
+EPS = {"float32": 1e-6, "bfloat16": 1e-3}
+
+
+def _cases(W):
+    layouts = [(lay, causal) for lay in ringwise.LAYOUTS for causal in (False, True)]
+    cases = [dict(layout=lay, causal=causal, heads=4, kv_heads=2, dtype="float32") for lay, causal in layouts]
+    total = 24 * W
+    cases += [
+        dict(layout="zigzag", causal=True, heads=4, kv_heads=1, dtype="bfloat16"),
+        dict(layout="striped", causal=True, heads=4, kv_heads=2, dtype="float32", cu_seqlens=[0, 5, 6, total]),
+        dict(layout="zigzag", causal=True, heads=4, kv_heads=2, dtype="float32", window=7),
+        dict(layout="contiguous", causal=True, heads=4, kv_heads=4, dtype="float32", sinks=True),
+        dict(layout="zigzag", causal=False, heads=2, kv_heads=2, dtype="float32", softcap=3.0),
+    ]
+    return cases
+
+
+def _inputs(case, total, seed):
+    g = torch.Generator().manual_seed(seed)
+    h, hk, d = case["heads"], case["kv_heads"], 16
+    q, dout = (torch.randn(1, total, h, d, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, total, hk, d, generator=g, dtype=torch.float64) for _ in range(2))
+    sinks = torch.randn(h, generator=g, dtype=torch.float64) if case.get("sinks") else None
+    return q, k, v, dout, sinks
+
+
+def _options(case, **groups):
+    opts = dict(causal=case["causal"], layout=case["layout"], **groups)
+    for name in ("cu_seqlens", "window", "softcap"):
+        if case.get(name) is not None:
+            opts[name] = case[name]
+    return opts
+
+
+def _run(fn, q, k, v, sinks, dout, dt, shard):
+    """fn's out and gradients on this rank's shard, in dtype dt."""
+    leaves = [shard(x.to(dt)).requires_grad_() for x in (q, k, v)]
+    s = sinks.to(dt).requires_grad_() if sinks is not None else None
+    out = fn(*leaves, s)
+    grads = torch.autograd.grad(out, leaves + ([s] if s is not None else []), shard(dout.to(dt)))
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+def compiled_vs_eager(W, ulysses=False):
+    """For every case: (max error vs float64 of eager, of compiled, of the one-process kernel)."""
+    from ringwise.attention.layout import global_indices
+    from ringwise.attention.ulysses import mesh_groups
+
+    ug, rg = mesh_groups(2, W // 2) if ulysses else (None, None)
+    alone, _ = dist.new_subgroups_by_enumeration([[r] for r in range(W)])  # the one-process truth and budget
+    groups = dict(group=rg, ulysses_group=ug) if ulysses else {}
+    report = []
+    for i, case in enumerate(_cases(W)):
+        total = 24 * W
+        q, k, v, dout, sinks = _inputs(case, total, seed=100 + i)
+        dt = getattr(torch, case["dtype"])
+        opts = _options(case, **groups)
+        shard = lambda x: ringwise.shard(x, 1, case["layout"], rg, ulysses_group=ug)  # noqa: E731
+
+        def attn(q, k, v, s, opts=opts):
+            return ringwise.ring_attention(q, k, v, sinks=s, **opts)
+
+        torch._dynamo.reset()
+        eager = _run(attn, q, k, v, sinks, dout, dt, shard)
+        compiled = _run(torch.compile(attn, fullgraph=True, backend="aot_eager"), q, k, v, sinks, dout, dt, shard)
+        # the float64 whole-sequence truth, and the single-device kernel's error (the budget)
+        single = lambda *a: ringwise.ring_attention(*a[:3], sinks=a[3], **_options(case, group=alone))  # noqa: E731
+        whole = _run(single, q, k, v, sinks, dout, torch.float64, lambda x: x)
+        kernel = _run(single, q, k, v, sinks, dout, dt, lambda x: x)
+        idx = global_indices(case["layout"], dist.get_rank(rg), dist.get_world_size(rg), total,
+                             dist.get_rank(ug) if ug else 0, dist.get_world_size(ug) if ug else 1)
+        errs = []
+        for j, (e, c, t, kk) in enumerate(zip(eager, compiled, whole, kernel)):
+            local = (lambda x: x[:, idx]) if j < 4 else (lambda x: x)  # sinks' gradient: summed below
+            if j == 4:  # every rank holds its share of d(sinks): sum over the mesh
+                e, c = e.double().clone(), c.double().clone()
+                dist.all_reduce(e), dist.all_reduce(c)
+            errs.append(tuple((a.double() - local(t)).abs().max().item() for a in (e, c, local(kk))))
+        report.append((case, errs, all(torch.equal(a, b) for a, b in zip(eager, compiled))))
+    return report
+
+
+@pytest.mark.parametrize("W,ulysses", [(2, False), (3, False), (4, True)], ids=["W2", "W3", "U2xR2"])
+def test_every_path_compiled_equals_eager_within_the_kernel_budget(cluster, W, ulysses):
+    reports = cluster(W).run(compiled_vs_eager, W, ulysses, timeout=600)
+    for report in reports:
+        for case, errs, identical in report:
+            for name, (eager, compiled, kernel) in zip(("out", "dq", "dk", "dv", "dsinks"), errs):
+                budget = 2 * kernel + EPS[case["dtype"]]
+                assert eager <= budget and compiled <= budget, (case, name, eager, compiled, kernel)
+            assert identical, f"compiled differs from eager (aot_eager runs the same op): {case}"
+
+
+def model_step(compile_model):
+    """Loss and gradients of ringwise's tiny model on a ring, eager or torch.compile(fullgraph=True)."""
+    from ringwise.model import Transformer, model_config
+
+    torch.manual_seed(0)
+    model = Transformer(model_config("tiny"))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 32 * dist.get_world_size()))
+    labels = torch.roll(ids, -1, 1)
+    pos = ringwise.positions(ids.shape[1], "zigzag")
+    run = torch.compile(model, fullgraph=True) if compile_model else model
+    torch._dynamo.reset()
+    HOP_COUNTS.clear()
+    loss, n = run(ringwise.shard(ids, 1), pos, ringwise.shard(labels, 1))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], dict(HOP_COUNTS)
+
+
+def test_ringwise_model_compiles_whole_with_inductor(cluster):
+    """The tiny model under torch.compile(fullgraph=True) (inductor): the ring's hops are the
+    eager ones, loss and every gradient match eager to float32 rounding."""
+    c = cluster(2)
+    eager, compiled = c.run(model_step, False, timeout=300), c.run(model_step, True, timeout=600)
+    for (le, ge, he), (lc, gc, hc) in zip(eager, compiled):
+        assert he == hc and he["kv"] > 0
+        assert torch.allclose(le, lc, rtol=1e-5, atol=1e-6), (le, lc)
+        for a, b in zip(ge, gc):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+
+def hf_logits(compile_model):
+    """A small transformers Llama with ringwise attention on a ring of 2, eager or compiled."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+
+    import ringwise.integrations.transformers as rw
+
+    rw.use_ring()
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = rw.from_config(cfg).eval()
+    ids = torch.randint(0, 97, (1, 32 * dist.get_world_size()))
+    batch = rw.shard_batch(ids)
+    batch.pop("labels")
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compile_model else model
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return run(**batch).logits
+
+
+def test_transformers_llama_compiles_with_ringwise_attention(cluster):
+    pytest.importorskip("transformers")
+    c = cluster(2)
+    eager, compiled = c.run(hf_logits, False, timeout=300), c.run(hf_logits, True, timeout=600)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+def test_op_is_one_node_in_the_graph():
+    """dynamo sees ringwise.attention as one call (no graph break, no inlined ring)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    q = torch.randn(1, 8, 2, 8)
+    torch._dynamo.reset()
+    torch.compile(lambda q: ringwise.ring_attention(q, q, q, causal=True) * 2, fullgraph=True, backend=backend)(q)
+    assert sum("ringwise.attention" in s for s in seen) == 1, seen
