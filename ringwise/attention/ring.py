@@ -15,15 +15,20 @@ accumulator rides the ring with its block and takes one last hop home; direct, e
 partial goes straight back to its owner. dQ never moves.
 
 Sinks (one logit per head with a zero value, GPT-OSS) are one more lse merge after the
-ring; soft-capping and the window's band tiles run on the reference kernel, and so does
-any visiting block whose inputs are not all finite (checked once per call for q and the
-scale, once per visiting block for k/v), and any fused tile whose lse comes out non-finite
-(scores that overflowed): the fused CPU kernel returns lse = 0 for rows whose scores are all
--inf (which the merge would take as real) and loses NaN on tiles under 16 rows. So out and
-lse always follow the reference kernel's semantics, whatever the kernel: a row with no finite
-score has lse = -inf and adds nothing; NaN inputs give NaN. On CUDA the input check is one
-host sync per visiting block, and the per-tile overflow check is skipped (it would be a sync
-per tile): there, finite inputs whose scores overflow float32 keep the fused kernel's result.
+ring. Every tile, forward and backward alike, runs through `_run_tile`, which picks its
+kernel by one rule: soft-capping and the window's band tiles run on the reference kernel,
+and so does any visiting block whose inputs are not all finite (checked once per call for
+q, the scale and, backward, dout and out; once per visiting block for k/v), and any fused
+tile whose result comes out non-finite, lse forward and dq/dk/dv backward (scores or
+gradients that overflowed): the fused CPU kernel returns lse = 0 for rows whose scores are
+all -inf (which the merge would take as real), loses NaN on tiles under 16 rows, and in
+float16 its backward rounds dS = P (dP - D) to float16, which overflows where the
+reference's float32 does not (large dO and V, gradients still finite). So out, lse and the
+gradients always follow the reference kernel's semantics, whatever the kernel: a row with
+no finite score has lse = -inf and adds nothing; NaN inputs give NaN. On CUDA the input
+check is one host sync per visiting block, and the per-tile result check is skipped (it
+would be a sync per tile): there, finite inputs whose scores or gradients overflow keep
+the fused kernel's result.
 """
 from __future__ import annotations
 
@@ -79,6 +84,19 @@ def _tile_kernel(kernel, t, finite: bool, softcap):
     return _REFERENCE, dict(band=t.reference_band, softcap=softcap)
 
 
+def _run_tile(direction, kernel, t, finite: bool, softcap, scale, *tensors):
+    """Tile t's "forward" (q, k, v -> out, lse) or "backward" (dout, q, k, v, out, lse ->
+    dq, dk, dv) on `_tile_kernel`'s kernel. A fused result that is not finite (lse forward,
+    every gradient backward) is recomputed on the reference kernel where the check costs no
+    host sync (CPU), so both directions follow the reference's semantics (module docstring)."""
+    kern, extra = _tile_kernel(kernel, t, finite, softcap)
+    res = getattr(kern, direction)(*tensors, t.causal, scale, **extra)
+    checked = res[1:] if direction == "forward" else res
+    if not isinstance(kern, ReferenceKernel) and checked[0].device.type == "cpu" and not _finite(*checked):
+        res = getattr(_REFERENCE, direction)(*tensors, t.causal, scale, band=t.reference_band, softcap=softcap)
+    return res
+
+
 def _schedule(layout, W, L, causal, docs, window):
     """(needed steps, relay?): relay when the steps are a prefix 0..m of the ring."""
     steps = needed_steps(layout, W, L, causal, docs, window)
@@ -119,12 +137,8 @@ def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None, 
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            kern, extra = _tile_kernel(kernel, t, finite, softcap)
-            o_b, lse_b = kern.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale, **extra)
-            # scores that overflowed: checked where it costs no host sync (CPU); see the docstring
-            if not isinstance(kern, ReferenceKernel) and lse_b.device.type == "cpu" and not _finite(lse_b):
-                o_b, lse_b = _REFERENCE.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale,
-                                                band=t.reference_band)
+            o_b, lse_b = _run_tile("forward", kernel, t, finite, softcap, scale,
+                                   qh[:, :, rows], kh[:, :, cols], vh[:, :, cols])
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
         if hop is not None:
             hop.wait()
@@ -158,11 +172,9 @@ def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, ke
         dk_h, dv_h = _heads_first(dkv[0]), _heads_first(dkv[1])
         for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            kern, extra = _tile_kernel(kernel, t, finite, softcap)
-            dq_t, dk_t, dv_t = kern.backward(
-                dout_h[:, :, rows], qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
-                out_h[:, :, rows], lse[:, :, rows].contiguous(), t.causal, scale, **extra,
-            )
+            dq_t, dk_t, dv_t = _run_tile("backward", kernel, t, finite, softcap, scale,
+                                         dout_h[:, :, rows], qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
+                                         out_h[:, :, rows], lse[:, :, rows].contiguous())
             dq_h[:, :, rows] += dq_t
             dk_h[:, :, cols] += dk_t
             dv_h[:, :, cols] += dv_t
