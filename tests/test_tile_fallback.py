@@ -1,13 +1,16 @@
 """The ring engine in one process: a fused tile whose result is not finite is recomputed on the
-reference kernel, forward and backward alike. World size 1 (`Ring()`); no cluster."""
+reference kernel, forward and backward alike; and the two dK/dV routes (relayed, direct) sum
+the same shares. World size 1 (`Ring()`), or one rank of a loopback ring; no cluster."""
 import pytest
 import torch
 
 import ringwise.attention.ring as ring_mod
-from ringwise.attention.comm import Ring
+from ringwise.attention.comm import HOP_COUNTS, Ring
 from ringwise.attention.kernels import AtenCpuKernel, select_kernel
+from ringwise.attention.layout import global_indices
 from ringwise.attention.ring import ring_backward, ring_forward
 from ringwise.attention.tiles import step_tiles
+from ringwise.lab.bench.compute import LoopbackRing, rank_inputs
 
 from reference import max_err, reference_attention
 
@@ -107,3 +110,56 @@ def test_float16_tiles_whose_fused_backward_overflows_rerun_on_the_reference_ker
         assert r.abs().max() < 60000 and torch.isfinite(x).all(), name
         assert max_err(x, r) <= 2 * max_err(y, r) + 1e-3, (name, max_err(x, r), max_err(y, r))
 
+
+# ---------------------------------------------------------------- the two dK/dV routes
+
+def _periodic(block, layout, world):
+    """A global tensor whose shard is `block` on every rank."""
+    whole = torch.empty(block.shape[0], block.shape[1] * world, *block.shape[2:], dtype=block.dtype)
+    for r in range(world):
+        whole[:, global_indices(layout, r, world, whole.shape[1])] = block
+    return whole
+
+
+@pytest.mark.parametrize("world,layout,causal,window", [
+    (1, "zigzag", True, None), (2, "zigzag", True, None), (3, "striped", False, None),
+    (4, "contiguous", True, None), (4, "zigzag", True, 30), (4, "contiguous", True, 5),
+])
+def test_relayed_and_direct_routes_give_identical_gradients(monkeypatch, world, layout, causal, window):
+    """One rank of a loopback ring (each hop hands back a copy of what it sends) with the same
+    K/V on every shard: rank r's dK/dV is then the sum of its own shares over the ring steps,
+    on either route, bit for bit (the same float additions in another order of operands);
+    summed over ranks it is the whole sequence's dK/dV folded onto one shard. Relayed: one
+    dkv hop per step; direct: one per step after the first."""
+    Ls, d = 12, 16
+    g = torch.Generator().manual_seed(world)
+    q, dout = _randn(g, 2, Ls * world, 4, d), _randn(g, 2, Ls * world, 4, d)
+    k, v = (_periodic(_randn(g, 2, Ls, 2, d), layout, world) for _ in range(2))
+    i, j = torch.arange(Ls * world)[:, None], torch.arange(Ls * world)[None, :]
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref_out, _ = reference_attention(qr, kr, vr, causal, mask=None if window is None else i - j <= window)
+    _, ref_dk, ref_dv = torch.autograd.grad(ref_out, (qr, kr, vr), dout)
+    kernel, scale = select_kernel("auto", q.device, q.dtype, d), d ** -0.5
+    steps, relay = ring_mod._schedule(layout, world, Ls, causal, None, window)
+    assert relay and len(steps) == (2 if window == 5 else world)  # a prefix of the ring, all of it or not
+    schedule = ring_mod._schedule
+    totals = {}
+    for r in range(world):
+        q_r, k_r, v_r, dout_r = rank_inputs((q, k, v, dout), layout, r, world)
+        ring = LoopbackRing(r, world)
+        out, lse = ring_forward(q_r, k_r, v_r, causal, scale, layout, ring, kernel, window=window)
+        routes = {}
+        for route, relayed in (("relayed", True), ("direct", False)):
+            with monkeypatch.context() as patch:  # the same steps, routed one way or the other
+                patch.setattr(ring_mod, "_schedule", lambda *a, relayed=relayed: (schedule(*a)[0], relayed))
+                HOP_COUNTS.clear()
+                routes[route] = ring_backward(dout_r, q_r, k_r, v_r, out, lse, causal, scale, layout, ring,
+                                              kernel, window=window)
+            m = len(steps) - 1
+            assert dict(HOP_COUNTS) == ({"kv": m, "dkv": m + relayed} if m else {}), route
+        assert all(torch.equal(a, b) for a, b in zip(routes["relayed"], routes["direct"]))
+        for name, x in zip(("dk", "dv"), routes["relayed"][1:]):
+            totals[name] = totals.get(name, 0) + x
+    for name, ref in (("dk", ref_dk), ("dv", ref_dv)):
+        folded = sum(ref[:, global_indices(layout, r, world, Ls * world)] for r in range(world))
+        assert max_err(totals[name], folded) < 1e-12, name
