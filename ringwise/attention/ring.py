@@ -11,20 +11,25 @@ a prefix 0..m the blocks are relayed m hops; otherwise each needed block goes st
 its owner (step s: send to rank+s, receive from rank-s), one hop per needed step.
 
 Backward: a second ring carries (K, V) and their float32 gradient accumulators (dK, dV).
-Each rank adds the visiting block's share, using the final out and lse. Relayed, the
-accumulator rides the ring with its block and takes one last hop home; direct, each
-partial goes straight back to its owner. dQ never moves.
+Each rank adds the visiting block's share, using the final out and lse. Relayed
+(`RelayedGrads`), the accumulator rides the ring with its block and takes one last hop
+home; direct (`DirectGrads`), each partial goes straight back to its owner. dQ never moves.
 
 Sinks (one logit per head with a zero value, GPT-OSS) are one more lse merge after the
-ring; soft-capping and the window's band tiles run on the reference kernel, and so does
-any visiting block whose inputs are not all finite (checked once per call for q and the
-scale, once per visiting block for k/v), and any fused tile whose lse comes out non-finite
-(scores that overflowed): the fused CPU kernel returns lse = 0 for rows whose scores are all
--inf (which the merge would take as real) and loses NaN on tiles under 16 rows. So out and
-lse always follow the reference kernel's semantics, whatever the kernel: a row with no finite
-score has lse = -inf and adds nothing; NaN inputs give NaN. On CUDA the input check is one
-host sync per visiting block, and the per-tile overflow check is skipped (it would be a sync
-per tile): there, finite inputs whose scores overflow float32 keep the fused kernel's result.
+ring. Every tile, forward and backward alike, runs through `_run_tile`, which picks its
+kernel by one rule: soft-capping and the window's band tiles run on the reference kernel,
+and so does any visiting block whose inputs are not all finite (checked once per call for
+q, the scale and, backward, dout and out; once per visiting block for k/v), and any fused
+tile whose result comes out non-finite, lse forward and dq/dk/dv backward (scores or
+gradients that overflowed): the fused CPU kernel returns lse = 0 for rows whose scores are
+all -inf (which the merge would take as real), loses NaN on tiles under 16 rows, and in
+float16 its backward rounds dS = P (dP - D) to float16, which overflows where the
+reference's float32 does not (large dO and V, gradients still finite). So out, lse and the
+gradients always follow the reference kernel's semantics, whatever the kernel: a row with
+no finite score has lse = -inf and adds nothing; NaN inputs give NaN. On CUDA the input
+check is one host sync per visiting block, and the per-tile result check is skipped (it
+would be a sync per tile): there, finite inputs whose scores or gradients overflow keep
+the fused kernel's result.
 """
 from __future__ import annotations
 
@@ -77,6 +82,19 @@ def _tile_kernel(kernel, t, finite: bool, softcap):
     return _REFERENCE, dict(band=t.reference_band, softcap=softcap)
 
 
+def _run_tile(direction, kernel, t, finite: bool, softcap, scale, *tensors):
+    """Tile t's "forward" (q, k, v -> out, lse) or "backward" (dout, q, k, v, out, lse ->
+    dq, dk, dv) on `_tile_kernel`'s kernel. A fused result that is not finite (lse forward,
+    every gradient backward) is recomputed on the reference kernel where the check costs no
+    host sync (CPU), so both directions follow the reference's semantics (module docstring)."""
+    kern, extra = _tile_kernel(kernel, t, finite, softcap)
+    res = getattr(kern, direction)(*tensors, t.causal, scale, **extra)
+    checked = res[1:] if direction == "forward" else res
+    if not isinstance(kern, ReferenceKernel) and checked[0].device.type == "cpu" and not _finite(*checked):
+        res = getattr(_REFERENCE, direction)(*tensors, t.causal, scale, band=t.reference_band, softcap=softcap)
+    return res
+
+
 def _schedule(layout, W, L, causal, docs, window):
     """(needed steps, relay?): relay when the steps are a prefix 0..m of the ring."""
     steps = needed_steps(layout, W, L, causal, docs, window)
@@ -117,12 +135,8 @@ def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None, 
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            kern, extra = _tile_kernel(kernel, t, finite, softcap)
-            o_b, lse_b = kern.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale, **extra)
-            # scores that overflowed: checked where it costs no host sync (CPU); see the docstring
-            if not isinstance(kern, ReferenceKernel) and lse_b.device.type == "cpu" and not _finite(lse_b):
-                o_b, lse_b = _REFERENCE.forward(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols], t.causal, scale,
-                                                band=t.reference_band)
+            o_b, lse_b = _run_tile("forward", kernel, t, finite, softcap, scale,
+                                   qh[:, :, rows], kh[:, :, cols], vh[:, :, cols])
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
         if hop is not None:
             hop.wait()
@@ -132,9 +146,76 @@ def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None, 
     return out.to(q.dtype), lse
 
 
+class _GradRoute:
+    """How this rank's float32 dK/dV shares reach the blocks' owners, on the "dkv" stream.
+    add() takes the share of a visiting block after its tiles: it waits for the hop that
+    the previous add() posted (so each hop overlaps one step of tiles) and posts the next.
+    finish() waits for the last hop and returns our own block's (2, ...) gradient."""
+
+    def __init__(self, ring: Ring, n_steps: int):
+        self.ring, self.n_steps = ring, n_steps
+        self._hop = self._inbox = self._home = None
+
+    def _send(self, dkv, offset: int):
+        self._inbox = torch.empty_like(dkv)
+        self._hop = self.ring.exchange("dkv", [dkv], [self._inbox], offset=offset)
+
+    def _received(self):
+        """Wait for the hop in flight; what it brought (None if there was none)."""
+        if self._hop is None:
+            return None
+        self._hop.wait()
+        self._hop = None
+        return self._inbox
+
+
+class RelayedGrads(_GradRoute):
+    """Steps 0..m: a block's accumulator rides the ring with the block, one hop a step, each
+    rank adding its share; after the last step it takes one hop home (offset -m)."""
+
+    def add(self, n: int, s: int, dkv):
+        got = self._received()
+        if got is not None:  # the accumulator of the block we just visited
+            dkv += got
+        if n + 1 < self.n_steps:
+            self._send(dkv, 1)
+        elif n > 0:
+            self._send(dkv, -s)
+        else:  # a one-step ring: our own block, already home
+            self._home = dkv
+
+    def finish(self):
+        got = self._received()
+        return self._home if got is None else got
+
+
+class DirectGrads(_GradRoute):
+    """Any steps: the share of step s's block goes straight back to its owner (offset -s),
+    which sums its own share (step 0) and the partials as they arrive."""
+
+    def add(self, n: int, s: int, dkv):
+        got = self._received()
+        if got is not None:  # a partial of our own block, back from the rank that visited it
+            self._home += got
+        if n == 0:  # step 0 (always the first) is our own block
+            self._home = dkv
+        else:
+            self._send(dkv, -s)
+
+    def finish(self):
+        got = self._received()
+        if got is not None:
+            self._home += got
+        return self._home
+
+
 def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, kernel, docs=None, window=None,
                   softcap=None):
-    """Gradients of q, k, v (input dtype, (batch, seq, heads, dim)) from the final out and lse."""
+    """Gradients of q, k, v (input dtype, (batch, seq, heads, dim)) from the final out and lse.
+
+    The same ring as ring_forward, with dK/dV shares routed home by RelayedGrads or
+    DirectGrads (as the schedule relays K/V or sends each block direct); dQ never moves.
+    """
     W, rank, L = ring.world_size, ring.rank, q.shape[1]
     dt = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
@@ -144,49 +225,27 @@ def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, ke
     steps, relay = _schedule(layout, W, L, causal, docs, window)
     inbox = _receive_buffers(own, len(steps))
     q_finite = math.isfinite(scale) and _finite(q, dout, out)
-    dkv_shape = (2,) + tuple(k.shape)
-    home = None  # our own block's gradient, once known (direct: summed as partials arrive)
-    dkv_in = dkv_hop = None
+    route = (RelayedGrads if relay else DirectGrads)(ring, len(steps))
     for n, s in enumerate(steps):
         kv_hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
         tiles = step_tiles(layout, rank, (rank - s) % W, W, L, causal, docs, window)
         finite = q_finite and bool(tiles) and _finite(*kv)
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
-        dkv = torch.zeros(dkv_shape, dtype=dt, device=q.device)
+        dkv = torch.zeros((2,) + tuple(k.shape), dtype=dt, device=q.device)
         dk_h, dv_h = _heads_first(dkv[0]), _heads_first(dkv[1])
         for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            kern, extra = _tile_kernel(kernel, t, finite, softcap)
-            dq_t, dk_t, dv_t = kern.backward(
-                dout_h[:, :, rows], qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
-                out_h[:, :, rows], lse[:, :, rows].contiguous(), t.causal, scale, **extra,
-            )
+            dq_t, dk_t, dv_t = _run_tile("backward", kernel, t, finite, softcap, scale,
+                                         dout_h[:, :, rows], qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
+                                         out_h[:, :, rows], lse[:, :, rows].contiguous())
             dq_h[:, :, rows] += dq_t
             dk_h[:, :, cols] += dk_t
             dv_h[:, :, cols] += dv_t
-        if dkv_hop is not None:
-            dkv_hop.wait()
-            if relay:  # the accumulator of the block we just visited
-                dkv += dkv_in
-            else:  # a partial of our own block, back from the rank that visited it
-                home += dkv_in
-        if n == 0 and (not relay or len(steps) == 1):
-            home = dkv
-        elif relay:  # pass the accumulator on, or after the last step send it to its owner
-            dkv_in = torch.empty_like(dkv)
-            dkv_hop = ring.exchange("dkv", [dkv], [dkv_in], offset=1 if n + 1 < len(steps) else -s)
-        else:
-            dkv_in = torch.empty_like(dkv)
-            dkv_hop = ring.exchange("dkv", [dkv], [dkv_in], offset=-s)
+        route.add(n, s, dkv)
         if kv_hop is not None:
             kv_hop.wait()
             kv = inbox[n % 2]
-    if dkv_hop is not None:
-        dkv_hop.wait()
-        if relay:
-            home = dkv_in
-        else:
-            home += dkv_in
+    home = route.finish()
     return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype)
 
 
