@@ -1,41 +1,53 @@
-"""`ringwise` command line: train, export, demo, plan, bench."""
+"""`ringwise` command line: train, export, demo, plan, bench.
+
+Only the chosen command's flags are built, from its own module, imported then: `ringwise
+plan` and `ringwise --help` run without torch, and `ringwise bench X` imports suite X alone
+(every suite's flags come from the torch-free `ringwise.lab.bench.flags`).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .lab import demo
-    from .lab.bench import OPTIONAL, SUITES, suite
+# command -> (its help line, "module:function" that adds its flags to a parser)
+COMMANDS = {
+    "demo": ("ring attention on a long sequence across local processes, measured", "ringwise.lab.demo:add_arguments"),
+    "train": ("sequence-parallel training of the Blockwise Transformer (the main job)",
+              "ringwise.train.__main__:add_arguments"),
+    "export": ("a training run's newest checkpoint as one .pt file", "ringwise.train.__main__:add_export_arguments"),
+    "plan": ("the paper's memory/overlap model for a cluster you plan", "ringwise.lab.plan:add_plan_arguments"),
+    "bench": ("benchmarks measured side by side (results to --out)", "ringwise.lab.bench.flags:add_bench_arguments"),
+}
 
+
+def _flag_adder(command: str):
+    module, function = COMMANDS[command][1].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def build_parser(commands=tuple(COMMANDS)) -> argparse.ArgumentParser:
+    """The `ringwise` parser with the flags of `commands` (default all); the other commands
+    are listed with their help but take no flags, so their modules are not imported."""
     p = argparse.ArgumentParser(prog="ringwise", description="Exact ring attention for near-infinite context")
     sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="ring attention on a long sequence across local processes, measured")
-    demo.add_arguments(d)
-
-    from .train import __main__ as train
-
-    train.add_arguments(sub.add_parser("train", help="sequence-parallel training of the Blockwise Transformer "
-                                                     "(the main job)"))
-    train.add_export_arguments(sub.add_parser("export", help="a training run's newest checkpoint as one .pt file"))
-
-    from .lab.plan import add_plan_arguments
-
-    add_plan_arguments(sub.add_parser("plan", help="the paper's memory/overlap model for a cluster you plan"))
-
-    b = sub.add_parser("bench", help="benchmarks measured side by side (results to --out)")
-    b.add_argument("suite", choices=SUITES + OPTIONAL + ("all",))
-    b.add_argument("--out", default="results", help="folder for JSON, markdown and plots")
-    b.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in well under a minute")
-    for name in SUITES + OPTIONAL:
-        suite(name).add_arguments(b.add_argument_group(name))
+    for name, (help_line, _) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_line)
+        if name in commands:
+            _flag_adder(name)(command)
     return p
 
 
+def chosen_command(argv) -> str | None:
+    """The command argv names: its first word (the top level has no options but --help)."""
+    return argv[0] if argv and argv[0] in COMMANDS else None
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = chosen_command(argv)
+    parser = build_parser(() if command is None else (command,))
     args = parser.parse_args(argv)
     if args.command in ("train", "export"):
         from .train import __main__ as train

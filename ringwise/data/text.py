@@ -29,8 +29,6 @@ class ByteTokenizer:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    pad_id = property(lambda self: self.PAD)
-    bos_id = property(lambda self: self.BOS)
     eos_id = property(lambda self: self.EOS)
 
     @property

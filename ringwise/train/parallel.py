@@ -148,10 +148,6 @@ class Mesh:
         return self.device_mesh.get_local_rank("dp")
 
     @property
-    def cp_rank(self) -> int:
-        return self.device_mesh.get_local_rank("cp")
-
-    @property
     def cp_group(self):
         """The ring: its own group, so ring P2P never interleaves with FSDP's collectives."""
         return self.device_mesh.get_group("cp")

@@ -1,15 +1,15 @@
 """Benchmarks that measure the project's claims side by side in one run.
 
 Each sub-benchmark is a module with `add_arguments(parser)` and `run(args) -> dict`;
-results go to JSON and markdown (and a PNG where a picture helps) in --out.
+results go to JSON and markdown (and a PNG where a picture helps) in --out. The flags
+of all of them are in `flags.py`, the measurements several share in `common.py`. This
+package module imports no suite and not torch, so `ringwise bench X --help` stays light.
 """
 from __future__ import annotations
 
 import json
 import platform
 from pathlib import Path
-
-import torch
 
 SUITES = ("attention", "compute", "overlap", "scaling", "memory", "context", "ulysses")
 OPTIONAL = ("peers",)  # not in `bench all`: it needs the peers extra
@@ -38,6 +38,8 @@ def cpu_name() -> str:
 
 def machine_info() -> dict:
     import os
+
+    import torch
 
     return {
         "cpu": cpu_name(),

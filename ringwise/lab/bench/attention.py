@@ -20,65 +20,22 @@ import ringwise
 from ringwise.lab.cluster import LocalCluster
 
 from . import draw, public_args, write_results
+from .common import DTYPES, add_sdpa_ratios, fwd_bwd_step, random_inputs, sdpa_seconds
+from .common import time_sdpa  # noqa: F401 (it was defined here; still importable from here)
+from .flags import attention_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
-
-
-def _inputs(batch, seq, heads, head_dim, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, seq, heads, head_dim, generator=g) for _ in range(4)]
-
-
-def fwd_bwd_step(attention, inputs):
-    """fn() for the timer: forward+backward of attention(q, k, v) on fresh leaves."""
-    q, k, v, dout = inputs
-
-    def step():
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        attention(qg, kg, vg).backward(dout)
-
-    return step
-
-
-def time_sdpa(batch, seq, heads, head_dim, causal, repeats):
-    """Whole-sequence fused SDPA forward+backward; seconds per iteration (median)."""
-    inputs = [x.transpose(1, 2) for x in _inputs(batch, seq, heads, head_dim)]
-    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, is_causal=causal)
-    return median_time(fwd_bwd_step(sdpa, inputs), repeats)
 
 
 def time_ring(batch, seq, heads, head_dim, causal, layout, repeats):
     """Ring forward+backward on this rank's shard; the slowest rank's time per iteration."""
-    inputs = [ringwise.shard(x, 1, layout) for x in _inputs(batch, seq, heads, head_dim)]
+    inputs = [ringwise.shard(x, 1, layout) for x in random_inputs(batch, seq, heads, head_dim)]
     ring = functools.partial(ringwise.ring_attention, causal=causal, layout=layout)
     return median_time(fwd_bwd_step(ring, inputs), repeats)
-
-
-def sdpa_seconds(batch, seq, heads, head_dim, threads, repeats, bar=None) -> dict[bool, float]:
-    """The yardstick, {causal: seconds} for full then causal: whole-sequence SDPA
-    forward+backward in one process with all the threads."""
-    seconds = {}
-    with LocalCluster(1, threads_per_rank=threads) as single:
-        for causal in (False, True):
-            if bar is not None:
-                bar.set_postfix_str(f"sdpa causal={causal}")
-            seconds[causal] = single.run(time_sdpa, batch, seq, heads, head_dim, causal, repeats, timeout=3600)[0]
-            if bar is not None:
-                bar.update()
-    return seconds
-
-
-def add_sdpa_ratios(rows: list[dict]) -> None:
-    """Each row's SDPA time / its time, from the rows of impl "sdpa" (1.0: sharding costs
-    nothing over the fused kernel)."""
-    sdpa = {r["causal"]: r["seconds"] for r in rows if r["impl"] == "sdpa"}
-    for r in rows:
-        r["sdpa_over_this"] = sdpa[r["causal"]] / r["seconds"]
 
 
 # ---------------------------------------------------------------- one GPU
 
 GPU_IMPLS = ("ringwise", "ringwise_flash", "sdpa_flash", "sdpa_cudnn")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def attention_flops(batch, seq, heads, head_dim, causal) -> float:
@@ -144,7 +101,7 @@ def run_device(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
                          "run on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device")
-    dtype = _DTYPES[args.gpu_dtype]
+    dtype = DTYPES[args.gpu_dtype]
     shape = dict(batch=args.batch, heads=args.gpu_heads, head_dim=args.gpu_head_dim)
     with tqdm(total=len(args.gpu_seqs) * 2 * len(GPU_IMPLS), desc="attention bench (one GPU)", unit="case") as bar:
         rows = device_rows(args.gpu_seqs, dtype=dtype, device=device, repeats=args.repeats, bar=bar, **shape)
@@ -172,23 +129,6 @@ def run_device(args) -> dict:
     return dict(rows=rows)
 
 
-def add_arguments(p):
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="attention/context: cpu (process rings on threads) or cuda (one GPU)")
-    p.add_argument("--gpu-seqs", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072],
-                   help="--device cuda: sequence lengths")
-    p.add_argument("--gpu-heads", type=int, default=32, help="--device cuda: heads")
-    p.add_argument("--gpu-head-dim", type=int, default=128, help="--device cuda: head_dim")
-    p.add_argument("--gpu-dtype", default="bf16", choices=tuple(_DTYPES), help="--device cuda: dtype")
-    p.add_argument("--seq", type=int, default=16384, help="global sequence length")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--world", type=int, nargs="+", default=[1, 2], help="ring sizes to measure")
-    p.add_argument("--threads", type=int, default=2, help="total threads, shared by the ranks")
-    p.add_argument("--repeats", type=int, default=3, help="timed iterations per case (after one warm-up)")
-
-
 QUICK = dict(seq=2048, repeats=1, gpu_seqs=[4096, 8192])
 
 
@@ -196,7 +136,7 @@ def run(args) -> dict:
     if getattr(args, "device", "cpu") != "cpu":
         return run_device(args)
     if getattr(args, "ulysses", False):  # --ulysses: ring, Ulysses and hybrid meshes (bench/ulysses.py)
-        from . import ulysses
+        from . import ulysses  # the one suite another runs: lazily, so that the two never form a cycle
 
         return ulysses.run(args)
     args.world = list(dict.fromkeys(args.world))  # a repeated size would run its cases twice

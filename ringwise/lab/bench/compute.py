@@ -16,40 +16,18 @@ compute (c*d bytes per hop against c^2*d FLOPs), so the ratio errs low, never hi
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from ringwise.attention.comm import Hop, Ring
 from ringwise.attention.kernels import default_scale, select_kernel
 from ringwise.attention.layout import check_layout, global_indices, split_unit
 from ringwise.attention.ring import ring_backward, ring_forward
 
 from . import draw, public_args, write_results
-from .attention import _DTYPES  # the --gpu-dtype flag's table
+from .common import DTYPES, LoopbackRing
+from .flags import compute_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
 
 TARGET = 0.9  # issue 9: the slowest rank at W = 8 keeps >= 90% of one process's per-token rate
-
-
-class LoopbackRing(Ring):
-    """Rank `rank` of a `world_size`-rank ring, alone: each hop's receive buffer gets a copy
-    of the tensor sent with it (same shapes, finite values), and nothing leaves the process.
-    The ring code runs rank's real schedule; only the visiting blocks' values are its own."""
-
-    def __init__(self, rank: int, world_size: int):  # no process group: Ring.__init__ would read one
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a ring of {world_size}")
-        self.group, self.transport, self._cuda_staged = None, "direct", False
-        self.rank, self.world_size = rank, world_size
-        self._to_global = lambda r: r
-        self.next_peer, self.prev_peer = self.peer(1), self.peer(-1)
-
-    def post(self, ops, tag):
-        sends = [t for op, t, _ in ops if op is dist.isend]
-        recvs = [t for op, t, _ in ops if op is dist.irecv]
-        for s, r in zip(sends, recvs, strict=True):
-            r.copy_(s)
-        return Hop([])
 
 
 def rank_inputs(whole, layout: str, rank: int, world: int):
@@ -69,19 +47,6 @@ def rank_step(q, k, v, dout, rank: int, world: int, layout: str, causal: bool, k
     return step
 
 
-def add_arguments(p):
-    p.add_argument("--compute-worlds", type=int, nargs="+", default=[2, 4, 8],
-                   help="compute: ring sizes W to emulate (every rank of each, one at a time)")
-    p.add_argument("--compute-seq", type=int, default=None,
-                   help="compute: global sequence length (default 131072 on cuda, 8192 on cpu)")
-    p.add_argument("--compute-heads", type=int, default=None, help="compute: query heads (default 32 cuda, 8 cpu)")
-    p.add_argument("--compute-kv-heads", type=int, default=None, help="compute: key/value heads (default: heads)")
-    p.add_argument("--compute-head-dim", type=int, default=None, help="compute: head_dim (default 128 cuda, 64 cpu)")
-    p.add_argument("--compute-layout", default="zigzag", help="compute: layout of the shards")
-    p.add_argument("--compute-mask", default="causal", choices=("causal", "full"), help="compute: attention mask")
-    p.add_argument("--compute-backend", default="auto", help="compute: the kernel (ring_attention's backend)")
-
-
 QUICK = dict(compute_seq=1152, compute_worlds=[2, 3], repeats=1)
 
 
@@ -92,7 +57,7 @@ def _settings(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     cuda = device.type == "cuda"
-    dtype = _DTYPES[getattr(args, "gpu_dtype", "bf16")] if cuda else torch.float32
+    dtype = DTYPES[getattr(args, "gpu_dtype", "bf16")] if cuda else torch.float32
     seq = args.compute_seq or (131072 if cuda else 8192)
     heads = args.compute_heads or (32 if cuda else 8)
     head_dim = args.compute_head_dim or (128 if cuda else 64)

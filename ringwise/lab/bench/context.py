@@ -26,8 +26,9 @@ from ringwise.lab.cluster import LocalCluster
 from ringwise.lab.memory import mib
 
 from . import draw, write_results
+from .common import step_memory
+from .flags import context_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
-from .scaling import step_memory
 
 METHODS = {"vanilla": dict(attention="vanilla", blockwise=False),
            "memeff": dict(attention="sdpa", blockwise=False),
@@ -181,18 +182,6 @@ def run_device(args) -> dict:
     write_results(args.out, "context_gpu", dict(device=name, rows=rows, mfu=mfu, model=GPU_MODEL), md)
     print(md)
     return dict(rows=rows, mfu=mfu)
-
-
-def add_arguments(p):
-    p.add_argument("--budget-mib", type=float, default=32.0, help="context: per-process memory budget")
-    p.add_argument("--context-model", default="tiny", help="context: model preset")
-    p.add_argument("--ring-worlds", type=int, nargs="+", default=[2, 4, 8], help="context: ring sizes")
-    p.add_argument("--granularity", type=int, default=512, help="context: search step in tokens per process")
-    p.add_argument("--gpu-methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                   help="context --device cuda: methods to search")
-    p.add_argument("--gpu-granularity", type=int, default=16384, help="context --device cuda: search step (tokens)")
-    p.add_argument("--gpu-max-seq", type=int, default=1048576, help="context --device cuda: longest sequence tried")
-    p.add_argument("--gpu-mfu-seq", type=int, default=32768, help="context --device cuda: tokens/s and MFU here")
 
 
 QUICK = dict(budget_mib=8.0, ring_worlds=[2], granularity=256)  # 4 MiB resolved only 1-2 steps: flaky

@@ -19,7 +19,8 @@ from ringwise.lab.memory import mib
 from ringwise.model import model_config
 
 from . import draw, write_results
-from .scaling import step_memory
+from .common import step_memory
+from .flags import memory_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 
 
 def planned_bytes(preset: str, global_len: int, world: int) -> dict:
@@ -37,12 +38,6 @@ def counted_bytes(preset: str, global_len: int, world: int) -> float:
     cfg = model_config(preset)
     shape = plan.ModelShape(preset, cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size)
     return plan.ringwise_activation_bytes(shape, global_len // world, world)["total"]
-
-
-def add_arguments(p):
-    p.add_argument("--memory-model", default="small", help="memory: model preset")
-    p.add_argument("--memory-cases", nargs="+", default=["8192:1", "8192:2", "16384:2", "16384:4", "32768:4"],
-                   help="memory: SEQ:WORLD pairs to measure")
 
 
 QUICK = dict(memory_cases=["1024:1", "1024:2"])

@@ -22,7 +22,8 @@ from ringwise.lab.cluster import LocalCluster
 from ringwise.attention.ring import ring_backward, ring_forward
 
 from . import draw, write_results
-from .compute import LoopbackRing
+from .common import LoopbackRing
+from .flags import overlap_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
 
 
@@ -63,13 +64,6 @@ def measure(block, heads, head_dim, repeats):
 def matmul_flops(n=1024, repeats=5):
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n**3 / median_time(lambda: a @ b, repeats)
-
-
-def add_arguments(p):
-    p.add_argument("--blocks", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096],
-                   help="overlap: tokens per rank to sweep")
-    p.add_argument("--overlap-world", type=int, default=2)
-    p.add_argument("--overlap-heads", type=int, default=8)
 
 
 QUICK = dict(blocks=[64, 256], repeats=1)

@@ -24,7 +24,8 @@ from ringwise.lab.cluster import LocalCluster
 from ringwise.lab.memory import PeakMemory, mib
 
 from . import draw, write_results
-from .attention import sdpa_seconds
+from .common import sdpa_seconds
+from .flags import peers_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
 
 
@@ -60,11 +61,6 @@ def compare(seq, heads, head_dim, causal, repeats):
     for name, xs in (("ringwise", ours), ("ring-attention-pytorch", theirs)):
         result[name] = _run_impl(name, *xs, causal, repeats)
     return result
-
-
-def add_arguments(p):
-    p.add_argument("--peer-world", type=int, default=2)
-    p.add_argument("--peer-seq", type=int, default=8192)
 
 
 QUICK = dict(peer_seq=1024, repeats=1)

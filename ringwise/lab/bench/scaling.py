@@ -10,51 +10,14 @@ per-rank peak resident memory measured above the state held before the step
 """
 from __future__ import annotations
 
-import torch
 from tqdm import tqdm
 
 from ringwise.lab.cluster import LocalCluster
-from ringwise.attention.layout import positions, shard
-from ringwise.lab.memory import PeakMemory, mib
-from ringwise.model import Transformer, model_config
+from ringwise.lab.memory import mib
 
 from . import draw, public_args, write_results
-from .timing import median_time
-
-
-def step_memory(preset: str, global_len: int, layout: str, batch: int, chunk: int, checkpoint_layers: bool = False,
-                overrides: dict | None = None):
-    """Peak bytes on this rank and the slowest rank's seconds of one training forward+backward (after a warm-up)."""
-    torch.manual_seed(0)
-    cfg = model_config(preset, ffn_chunk=chunk, loss_chunk=chunk, checkpoint_layers=checkpoint_layers,
-                       **(overrides or {}))
-    model = Transformer(cfg)
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, global_len + 1), generator=g)
-    ids, labels = (shard(t, 1, layout) for t in (tokens[:, :-1], tokens[:, 1:]))
-    pos = positions(global_len, layout)
-
-    peak = 0
-
-    def step():
-        nonlocal peak
-        with PeakMemory() as mem:
-            loss, n = model(ids, pos, labels, layout=layout)
-            (loss / (batch * global_len)).backward()
-        model.zero_grad(set_to_none=False)
-        peak = mem.peak_bytes
-
-    # the warm-up allocates the gradients and connection buffers; the slowest rank's time
-    seconds = median_time(step, 1)
-    return peak, seconds
-
-
-def add_arguments(p):
-    p.add_argument("--scaling-model", default="small", help="model preset for the scaling sweeps")
-    p.add_argument("--tokens-per-rank", type=int, default=4096, help="weak scaling: tokens held by each rank")
-    p.add_argument("--global-len", type=int, default=16384, help="strong scaling: fixed global sequence")
-    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--scaling-layout", default="zigzag")
+from .common import step_memory
+from .flags import scaling_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 
 
 QUICK = dict(tokens_per_rank=256, global_len=1024, worlds=[1, 2, 4])

@@ -17,7 +17,8 @@ from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, mesh_groups
 from ringwise.lab.cluster import LocalCluster
 
 from . import draw, write_results
-from .attention import add_sdpa_ratios, fwd_bwd_step, sdpa_seconds
+from .common import add_sdpa_ratios, fwd_bwd_step, sdpa_seconds
+from .flags import ulysses_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
 
 _GROUPS: dict = {}  # per rank process: one pair of groups per mesh
@@ -57,20 +58,6 @@ def _parse_meshes(text):
             raise ValueError(f"--ulysses-meshes: {item!r} needs U >= 1 and R >= 1")
         meshes.append((U, R))
     return list(dict.fromkeys(meshes))
-
-
-def add_arguments(p):
-    p.add_argument("--ulysses", action="store_true",
-                   help="with `bench attention`: run this suite (ring, Ulysses and hybrid meshes) instead")
-    p.add_argument("--ulysses-meshes", nargs="+", default=["1x4", "2x2", "4x1"],
-                   help="U x R meshes (ulysses x ring), all of one world size")
-    p.add_argument("--ulysses-seq", type=int, default=8192, help="global sequence length")
-    p.add_argument("--ulysses-heads", type=int, default=8)
-    p.add_argument("--ulysses-kv-heads", type=int, default=None, help="GQA key/value heads (default: heads)")
-    p.add_argument("--ulysses-head-dim", type=int, default=64)
-    p.add_argument("--ulysses-threads-per-rank", type=int, default=1,
-                   help="threads per rank; SDPA gets ranks x this many")
-    p.add_argument("--ulysses-repeats", type=int, default=3, help="timed iterations per case (after one warm-up)")
 
 
 QUICK = dict(ulysses_seq=512, ulysses_repeats=1, ulysses_head_dim=32)
