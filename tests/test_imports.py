@@ -23,9 +23,6 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ringwise"
 
-# A cycle another branch of issue 18 removes; the integrator empties this after the merge.
-KNOWN_CYCLES_BEING_REMOVED = {frozenset({"ringwise.attention.ring", "ringwise.attention.ulysses"})}
-
 
 # ---------------------------------------------------------------- the graph, from the source
 
@@ -154,16 +151,8 @@ def test_the_reader_finds_ringwise_imports_lazy_ones_included():
 
 def test_no_import_cycle_in_ringwise():
     graph = import_graph()
-    found = [c for c in cycles(graph) if frozenset(c) not in KNOWN_CYCLES_BEING_REMOVED]
+    found = list(cycles(graph))
     assert not found, "import cycles: " + "; ".join(" -> ".join(a_cycle_path(graph, c)) for c in found)
-
-
-def test_the_known_cycles_still_exist():
-    """An entry of KNOWN_CYCLES_BEING_REMOVED whose cycle is gone must leave the list, or it
-    would let that cycle come back unnoticed."""
-    present = {frozenset(c) for c in cycles(import_graph())}
-    stale = [sorted(c) for c in KNOWN_CYCLES_BEING_REMOVED if c not in present]
-    assert not stale, f"no longer cycles, remove them from KNOWN_CYCLES_BEING_REMOVED: {stale}"
 
 
 # ---------------------------------------------------------------- bench suites stand alone
