@@ -1,8 +1,9 @@
 """Ring attention inside Hugging Face transformers models, through the public registries.
 
     import ringwise.integrations.transformers as rw
-    rw.use_ring(group=None, layout="zigzag")           # register "ringwise" once per process
+    rw.use_ring(group=None, layout="zigzag")           # register "ringwise"; the process's default ring
     model = rw.from_config(cfg)                       # or rw.from_pretrained(path); both run check_model
+    # or a ring of its own per model: rw.from_config(cfg, shard=ringwise.SeqShard(layout, group, ulysses_group))
     batch = rw.shard_batch(input_ids)                 # this rank's tokens, global positions, shifted labels
     labels = batch.pop("labels")
     loss = rw.causal_lm_loss(model(**batch).logits, labels)
@@ -15,8 +16,13 @@ transformers derives from the jumps in ringwise's own layout positions) and hand
 layer a RingMask with the ring's arguments; anything else (padding, chunked, custom
 masks, a KV cache continuation) is refused, never dropped. Soft-capping (softcap) and
 attention sinks (s_aux) arrive as transformers passes them to flash attention. Every
-problem is raised on every rank alike by one small all-gather in the model's first
-attention layer, before any ring traffic. No private transformers function is patched.
+problem is raised on every rank alike by the op's own verdict gather (one all-gather) in the
+model's first attention layer (and in the first layer that uses each other mask), before any
+ring traffic: this integration's objections to the call and to the layer's mask ride in it. Each model has its own ring
+configuration, kept beside its config (two models with different rings work in one
+process); models configured with neither use use_ring's. Works under torch.compile
+(fullgraph): the checks that read tensor values run inside the op. No private transformers
+function is patched.
 Packed documents: pass the global boundaries as `ringwise_cu_seqlens` (`shard_batch` does).
 Tested on transformers 5.24.0; check_model (hf_support) lists what is refused and why.
 """
@@ -26,12 +32,10 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..attention.layout import positions, shard
-from ..attention.api import attention, ring_attention
-from ..model import IGNORE_INDEX
+from ..attention.api import attention
+from ..attention.seqshard import IGNORE_INDEX, SeqShard
 from .hf_masks import read_mask_function
 from .hf_support import architecture_problems
 
@@ -40,29 +44,49 @@ _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_
 
 
 @dataclass
-class _RingConfig:
-    group: object = None
-    layout: str = "zigzag"
-    ulysses_group: object = None  # Ulysses x ring (USP): heads traded for sequence inside this group
+class _ModelRing:
+    """One model's ring: its sharding (None: use_ring's default) and its check state."""
+
+    shard: SeqShard | None = None
     first_layer: object = None  # weakref to the first attention module seen (see _check_due)
     pending: list = field(default_factory=list)  # masks built since the last collective check
 
 
-_CONFIG = _RingConfig()
+_DEFAULT = {"shard": SeqShard()}  # use_ring's ring, for models given none of their own
+_RINGS: dict[int, tuple] = {}  # id(model config) -> (weakref to the config, _ModelRing)
+
+
+def _ring_of(config) -> _ModelRing:
+    """The ring state of the model whose config this is (made on first use; freed with the config)."""
+    key = id(config)
+    entry = _RINGS.get(key)
+    if entry is None or entry[0]() is not config:
+        state = _ModelRing()
+        try:
+            ref = weakref.ref(config, lambda _, key=key: _RINGS.pop(key, None))
+        except TypeError:  # no config (None) or one that cannot be weakly referenced: the shared state
+            ref = lambda: config  # noqa: E731
+        _RINGS[key] = entry = (ref, state)
+    return entry[1]
+
+
+def _shard_of(state: _ModelRing | None = None) -> SeqShard:
+    return state.shard if state is not None and state.shard is not None else _DEFAULT["shard"]
 
 
 @dataclass(eq=False)
 class RingMask:
     """What the mask hook hands the attention layers instead of a tensor: the ring arguments.
 
-    `problem` is this rank's objection to the mask; `verdict` is set by the collective check
-    (the first objecting rank's message, identical on every rank), and a layer that uses a
-    mask with a verdict raises it. A mask the model builds but no layer uses is never refused.
+    `problem` is this rank's objection to the mask: the verdict of the first layer that uses
+    the mask raises it on every rank alike; a mask the model builds but no layer uses is never
+    refused (Qwen2-MoE builds a sliding mask of window 0 for layers it does not have).
     """
 
     window: int | None = None  # transformers' sliding_window (keys seen, the query included)
     problem: str | None = None
-    verdict: str | None = None
+    position_ids: torch.Tensor | None = None  # what a packed-sequence remap reads, checked by the op
+    checked: bool = False  # a layer that used this mask ran the collective check
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -81,59 +105,26 @@ for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "and", "rand", "or", "r
     setattr(RingMask, f"__{_op}__", lambda self, *a, _op=_op: _mask_used_directly(f"__{_op}__"))
 
 
-def _world_size(group) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
-
-def _shards() -> int:
-    """How many pieces the sequence is cut into: ring size x ulysses size."""
-    u = _world_size(_CONFIG.ulysses_group) if _CONFIG.ulysses_group is not None else 1
-    return _world_size(_CONFIG.group) * u
-
-
-def _mesh_gather(obj) -> list:
-    """obj from every rank that shares the sequence (the ring group, times the ulysses group)."""
-    gathered = [obj]
-    groups = ([] if _CONFIG.ulysses_group is None else [_CONFIG.ulysses_group]) + [_CONFIG.group]  # None: world
-    for g in groups:
-        if _world_size(g) > 1:
-            parts = [None] * _world_size(g)
-            dist.all_gather_object(parts, gathered, group=g)
-            gathered = [x for part in parts for x in part]
-    return gathered
-
-
-def _position_problem(position_ids, local_len: int) -> str | None:
-    """position_ids must be the global positions of this rank's tokens (what shard_batch gives)."""
-    if position_ids is None:
-        return None
-    want = positions(local_len * _shards(), _CONFIG.layout, _CONFIG.group, position_ids.device,
-                     ulysses_group=_CONFIG.ulysses_group)
-    if position_ids.shape[-1] != local_len or not bool((position_ids == want).all()):
-        return _not_global_positions()
-    return None
-
-
-def _not_global_positions() -> str:
-    return (f"position_ids are not the global positions of this rank's tokens in layout={_CONFIG.layout!r} "
+def _not_global_positions(seq: SeqShard) -> str:
+    return (f"position_ids are not the global positions of this rank's tokens in layout={seq.layout!r} "
             "(restarting positions for packed documents, or local positions); pass the position_ids that "
             "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
 
 
-def _packed_problem(packed_ids) -> str | None:
+def _packed_problem(packed_ids, seq: SeqShard | None = None) -> str | None:
     """transformers < 5 reads documents from position jumps without remapping them: accept only the jumps of
     this rank's global positions (the layout's own), whose documents ringwise draws from ringwise_cu_seqlens."""
     if packed_ids is None:
         return None
     from transformers.masking_utils import find_packed_sequence_indices
 
+    seq = seq or _shard_of()
     local_len = packed_ids.shape[-1]
-    want = positions(local_len * _shards(), _CONFIG.layout, _CONFIG.group, packed_ids.device,
-                     ulysses_group=_CONFIG.ulysses_group)
+    want = seq.positions(local_len * seq.world, packed_ids.device)
     expected = find_packed_sequence_indices(want[None])  # None where this rank's positions never jump
     if expected is not None and expected.shape[-1] == local_len and bool((packed_ids == expected).all()):
         return None
-    return _not_global_positions()
+    return _not_global_positions(seq)
 
 
 def _dropout_problem(module, dropout) -> str | None:
@@ -172,27 +163,7 @@ def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None
     return mask, None
 
 
-def _collective_check(problem: str | None) -> None:
-    """One small all-gather: every rank's objections to the masks just built and to this call.
-
-    Mask objections become verdicts (raised by the layers that use those masks); an
-    objection to the call itself is raised here, the same message on every rank.
-    """
-    pending, _CONFIG.pending = _CONFIG.pending, []
-    mine = ([m.problem for m in pending], problem)
-    gathered = _mesh_gather(mine)
-    for r, (_, p) in enumerate(gathered):
-        if p:
-            raise ValueError(f"ringwise attention (rank {r}): {p}")
-    if len({len(masks) for masks, _ in gathered}) > 1:
-        raise ValueError("ringwise attention: the ranks built different numbers of attention masks "
-                         f"({[len(m) for m, _ in gathered]}); every rank must run the same model on the same shapes")
-    for i, m in enumerate(pending):
-        m.verdict = next((f"ringwise attention (rank {r}): {masks[i]}" for r, (masks, _) in enumerate(gathered)
-                          if masks[i]), None)
-
-
-def _check_due(module) -> bool:
+def _check_due(state: _ModelRing, module) -> bool:
     """Whether this call runs the collective check: the model's first attention layer (layer_idx 0,
     or the first attention module seen since the model changed).
 
@@ -200,9 +171,9 @@ def _check_due(module) -> bool:
     whatever masks the ranks built, so all ranks check at the same call (once per forward,
     once more when gradient checkpointing recomputes that layer).
     """
-    first = _CONFIG.first_layer() if _CONFIG.first_layer is not None else None
-    if first is None or getattr(module, "config", None) is not getattr(first, "config", None):
-        _CONFIG.first_layer, first = weakref.ref(module), module  # a new model
+    first = state.first_layer() if state.first_layer is not None else None
+    if first is None:
+        state.first_layer, first = weakref.ref(module), module
     return module is first or getattr(module, "layer_idx", None) == 0
 
 
@@ -213,24 +184,33 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
     The layer's mask comes from the mask hook (RingMask); sliding_window, softcap and s_aux
     (attention sinks) arrive as transformers passes them to flash attention.
     """
+    state = _ring_of(getattr(module, "config", None))
+    seq = _shard_of(state)
     window = kwargs.get("sliding_window")
     mask, problem = _layer_mask(attention_mask, window, kwargs)
     problem = problem or _dropout_problem(module, dropout)
-    if _check_due(module):
-        problem = problem or _position_problem(kwargs.get("position_ids"), query.shape[2])
-        _collective_check(problem)
-        validate = True
+    check = dict(validate=False)
+    first = _check_due(state, module)
+    if first or (mask is not None and not mask.checked):
+        # the op's one verdict gather carries this rank's objection (to the call, to the layer's mask);
+        # the first layer's also checks the positions. One per forward, one more per other mask used.
+        position_ids = None
+        if first:
+            pending, state.pending = state.pending, []
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:  # the mask's remap read them (packed sequences)
+                position_ids = next((m.position_ids for m in pending if m.position_ids is not None), None)
+        if mask is not None:
+            mask.checked = True
+        check = dict(validate=True, objection=problem or (mask.problem if mask is not None else None),
+                     position_ids=position_ids)
     elif problem:  # the same module config on every rank: the same error everywhere
         raise ValueError(f"ringwise attention: {problem}")
-    else:
-        validate = False
     if mask is not None:
-        if mask.verdict:
-            raise ValueError(mask.verdict)
         window, causal = mask.window, True
     else:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    global_len = query.shape[2] * _shards()
+    global_len = query.shape[2] * seq.world
     extra = {}
     if window is not None and window < global_len:
         extra["window"] = window - 1  # transformers counts the query itself; the ring counts keys to its left
@@ -244,33 +224,34 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
     if dv != q.shape[-1]:  # MLA (DeepSeek): value heads narrower or wider than query/key heads
         d = max(dv, q.shape[-1])  # zero columns change neither the scores nor the real output columns
         q, k, v = (F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
-    out = ring_attention(q, k, v, causal=causal, softmax_scale=scaling, layout=_CONFIG.layout, group=_CONFIG.group,
-                         cu_seqlens=kwargs.get("ringwise_cu_seqlens"), validate=validate,
-                         ulysses_group=_CONFIG.ulysses_group, **extra)
+    out = attention(q, k, v, causal=causal, softmax_scale=scaling, cu_seqlens=kwargs.get("ringwise_cu_seqlens"),
+                    **seq.ring_kwargs(), **extra, **check)
     return out[..., :dv], None
 
 
 def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
-                  attention_mask=None, local_size=None, **kwargs):
+                  attention_mask=None, local_size=None, config=None, **kwargs):
     """Mask hook: read the mask transformers asks for and hand the layers a RingMask.
 
     It never raises: an objection is recorded and raised by the first attention call's
     collective check on every rank alike (transformers derives different masks on
     different ranks, e.g. a "packed" mask from the jump in zigzag positions on rank 0 only).
+    Checks that read tensor values (positions) run inside the op, so this traces under
+    torch.compile; a padding mask there is refused (its values cannot be read in a graph).
     """
     mask = RingMask()
+    state = _ring_of(config)
     cache_position = kwargs.get("cache_position")  # older transformers pass this, not q_length/q_offset
     if q_length is None and cache_position is not None:
         q_length, q_offset = cache_position.shape[0], cache_position[0]
     try:
         spec = read_mask_function(mask_function)
         mask.window = spec.window
+        mask.position_ids = spec.position_ids
         mask.problem = (
             _cache_problem(q_length, kv_length, q_offset, kv_offset)
             or _padding_problem(attention_mask)
-            or (_position_problem(spec.position_ids, spec.position_ids.shape[-1])
-                if spec.position_ids is not None else None)
-            or _packed_problem(spec.packed_ids)
+            or _packed_problem(spec.packed_ids, _shard_of(state))
         )
         if spec.window is not None and spec.window < 1:
             mask.problem = mask.problem or f"a sliding window of {spec.window} tokens leaves no key visible"
@@ -279,7 +260,7 @@ def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
                                             f"but its mask function has window {spec.window}")
     except Exception as e:  # whatever a check trips on is an objection for the collective check, never a raise here
         mask.problem = str(e) if isinstance(e, ValueError) else f"{type(e).__name__} while reading the mask: {e}"
-    _CONFIG.pending.append(mask)
+    state.pending.append(mask)
     return mask
 
 
@@ -294,6 +275,9 @@ def _cache_problem(q_length, kv_length, q_offset, kv_offset) -> str | None:
 
 
 def _padding_problem(attention_mask) -> str | None:
+    if attention_mask is not None and torch.compiler.is_compiling():
+        return ("under torch.compile ringwise cannot read a padding mask's values inside the graph; call the "
+                "compiled model without attention_mask (ringwise does not support padding masks)")
     if attention_mask is not None and not bool(attention_mask.all()):
         return ("ringwise attention does not support padding masks; pack sequences without padding "
                 "(documents via ringwise_cu_seqlens) or pad with tokens whose labels are -100")
@@ -301,19 +285,44 @@ def _padding_problem(attention_mask) -> str | None:
 
 
 def use_ring(group=None, layout: str = "zigzag", ulysses_group=None) -> None:
-    """Register "ringwise" with transformers and set the ring (process group, layout) it uses.
+    """Register "ringwise" with transformers and set the process's default ring (process group,
+    layout), used by every model that was not given a ring of its own (`configure`, `shard=`).
 
     ulysses_group: run Ulysses x ring (USP): the sequence is cut over both groups
     (ringwise.shard(..., ulysses_group=)), and an all-to-all inside ulysses_group trades
     sequence for heads around the ring over `group` (see ringwise/attention/ulysses.py).
     """
+    register()
+    _DEFAULT["shard"] = SeqShard(layout, group, ulysses_group)
+    for _, state in list(_RINGS.values()):  # a new ring: every model's next call checks again
+        state.first_layer, state.pending = None, []
+
+
+def register() -> None:
+    """Register "ringwise" in transformers' attention and mask registries (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    _CONFIG.group, _CONFIG.layout, _CONFIG.first_layer, _CONFIG.pending = group, layout, None, []
-    _CONFIG.ulysses_group = ulysses_group
     AttentionInterface.register(NAME, ringwise_attention_forward)
     AttentionMaskInterface.register(NAME, ringwise_mask)
+
+
+def configure(model_or_config, shard: SeqShard) -> None:
+    """Give one model its own ring (a ringwise.SeqShard: layout, ring group, ulysses group),
+    instead of use_ring's default; another model in the same process may use another ring."""
+    register()
+    config = getattr(model_or_config, "config", model_or_config)
+    configs = {id(config): config}
+    if hasattr(model_or_config, "modules"):  # every config its attention layers read (text configs of multimodal models)
+        configs.update({id(m.config): m.config for m in model_or_config.modules() if hasattr(m, "config")})
+    for c in configs.values():
+        state = _ring_of(c)
+        state.shard, state.first_layer, state.pending = shard, None, []
+
+
+def shard_of(model_or_config) -> SeqShard:
+    """The SeqShard a model's attention uses (its own, else use_ring's)."""
+    return _shard_of(_ring_of(getattr(model_or_config, "config", model_or_config)))
 
 
 def check_model(model) -> None:
@@ -338,59 +347,55 @@ def check_model(model) -> None:
         raise ValueError(f"{what} does not route its attention through ringwise exactly: " + "; ".join(problems))
 
 
-def from_config(config, **kwargs):
-    """AutoModelForCausalLM.from_config with ringwise attention, checked before and after building."""
+def from_config(config, shard: SeqShard | None = None, **kwargs):
+    """AutoModelForCausalLM.from_config with ringwise attention, checked before and after building;
+    shard: the model's own ring (default: use_ring's)."""
     from transformers import AutoModelForCausalLM
 
+    register()
     check_model(config)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=NAME, **kwargs)
     check_model(model)
+    if shard is not None:
+        configure(model, shard)
     return model
 
 
-def from_pretrained(path, **kwargs):
-    """AutoModelForCausalLM.from_pretrained with ringwise attention, checked before and after loading."""
+def from_pretrained(path, shard: SeqShard | None = None, **kwargs):
+    """AutoModelForCausalLM.from_pretrained with ringwise attention, checked before and after loading;
+    shard: the model's own ring (default: use_ring's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    register()
     check_model(AutoConfig.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=NAME, **kwargs)
     check_model(model)
+    if shard is not None:
+        configure(model, shard)
     return model
 
 
-def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_seqlens=None) -> dict:
-    """A global (batch, seq) batch -> this rank's model inputs.
+def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_seqlens=None,
+                shard: SeqShard | None = None) -> dict:
+    """A global (batch, seq) batch -> this rank's model inputs (shard: the model's ring; default
+    use_ring's; `shard_of(model)` gives a model's own).
 
     Labels are shifted on the *global* sequence before sharding (each token's target is
     the next global token; the last token of every document gets -100), position_ids are
-    the global positions of the local tokens.
+    the global positions of the local tokens; documents go to the model as ringwise_cu_seqlens.
     """
-    layout, group, ug = _CONFIG.layout, _CONFIG.group, _CONFIG.ulysses_group
-    labels = input_ids if labels is None else labels
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    if cu_seqlens is not None:
-        ends = torch.as_tensor(list(cu_seqlens)[1:], dtype=torch.long) - 1
-        shifted[:, ends] = IGNORE_INDEX
-    b, s = input_ids.shape
-    out = dict(input_ids=shard(input_ids, 1, layout, group, ulysses_group=ug),
-               position_ids=positions(s, layout, group, device=input_ids.device, ulysses_group=ug)[None].expand(b, -1),
-               labels=shard(shifted, 1, layout, group, ulysses_group=ug))
-    if cu_seqlens is not None:
-        out["ringwise_cu_seqlens"] = [int(x) for x in cu_seqlens]
+    out = (shard or _shard_of()).shard_batch(input_ids, labels, cu_seqlens)
+    if "cu_seqlens" in out:
+        out["ringwise_cu_seqlens"] = out.pop("cu_seqlens")
     return out
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shard: SeqShard | None = None) -> torch.Tensor:
     """This rank's share of the mean next-token loss over the *global* labelled-token count.
 
     Summing these over the ranks gives the whole batch's mean loss, so summing the
     parameter gradients over the ranks gives its exact gradient.
     """
     local = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (labels != IGNORE_INDEX).sum().to(torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count, group=_CONFIG.group)
-        if _CONFIG.ulysses_group is not None:
-            dist.all_reduce(count, group=_CONFIG.ulysses_group)
+    count = (shard or _shard_of()).all_reduce((labels != IGNORE_INDEX).sum().to(torch.float64))
     return local / count.clamp_min(1).to(local.dtype)
