@@ -301,3 +301,19 @@ def run_attention(case, q, k, v, dout):
     bwd_hops = {s: n - fwd_hops.get(s, 0) for s, n in HOP_COUNTS.items()}
     return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad,
                 fwd_hops=fwd_hops, bwd_hops=bwd_hops)
+
+
+# ---------------------------------------------------------------- many cases in one cluster job
+
+def run_each(fn, cases):
+    """On every rank: fn(case) for each case in order, as one cluster job. Stops at the first
+    case that raises (the ranks' collective sequences may no longer match after it); the
+    caller (conftest's grid_results) reruns that case and any after it one job each, so they
+    fail with every rank's traceback exactly as they would alone."""
+    out = []
+    for case in cases:
+        try:
+            out.append(fn(case))
+        except Exception:
+            break
+    return out

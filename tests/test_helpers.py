@@ -1,10 +1,10 @@
-"""The harness itself: the oracle, the one budget rule, hop schedules."""
+"""The harness itself: the oracle, the one budget rule, the batched-grid runner."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import (
-    CEILINGS, assert_within_budget, document_mask, expected_hops, max_err, packed, reference_attention,
+    CEILINGS, assert_within_budget, document_mask, expected_hops, max_err, packed, reference_attention, run_each,
     schedule_from_mask, visible_mask,
 )
 
@@ -57,3 +57,14 @@ def test_expected_hops_from_a_mask():
     assert expected_hops(schedule_from_mask("zigzag", W, S, visible_mask(S)), W) == ({"kv": 3}, {"kv": 3, "dkv": 4})
     assert expected_hops((0,), W) == ({}, {})
     assert expected_hops((0, 1, 3), W) == ({"kv": 2}, {"kv": 2, "dkv": 2})  # direct sends: no relay home
+
+
+def _fails_on_two(case):
+    if case == 2:
+        raise ValueError("two")
+    return case * 10
+
+
+def test_run_each_stops_at_the_first_failing_case():
+    assert run_each(_fails_on_two, [0, 1, 3]) == [0, 10, 30]
+    assert run_each(_fails_on_two, [1, 2, 3]) == [10]  # 2 and 3 are rerun one job each by grid_results

@@ -28,8 +28,8 @@ GRID = [
 
 
 @pytest.mark.parametrize("case", GRID, ids=case_id)
-def test_ring_matches_reference(cluster, case):
-    results = cluster(case["world"]).run(ring_case, case)
+def test_ring_matches_reference(grid_results, case):
+    results = grid_results(ring_case, GRID, case)
     check_against_reference(case, results)
     W = case["world"]
     for r in results:  # W-1 kv hops forward; W-1 kv hops and W dkv hops backward
@@ -81,8 +81,8 @@ VARLEN_GRID = [
 
 @pytest.mark.parametrize("case", VARLEN_GRID,
                          ids=lambda c: case_id(c) + "-docs" + "_".join(map(str, c["cu_seqlens"][1:4])))
-def test_packed_documents_match_per_document_reference(cluster, case):
-    results = cluster(case["world"]).run(ring_case, case)
+def test_packed_documents_match_per_document_reference(grid_results, case):
+    results = grid_results(ring_case, VARLEN_GRID, case)
     check_against_reference(case, results)
     vis = document_mask(case["cu_seqlens"], case["seq"])
     if case["causal"]:
@@ -151,14 +151,14 @@ POISON_GRID = [
 
 @pytest.mark.parametrize("case", POISON_GRID, ids=lambda c: f"W{c['world']}-{c['layout']}-S{c['seq']}-"
                          f"{c['poison'] or 'nan_scale'}-w{c.get('window')}")
-def test_non_finite_inputs_follow_reference_semantics(cluster, case):
+def test_non_finite_inputs_follow_reference_semantics(grid_results, case):
     """Rows that see only -inf scores: lse = -inf and out = 0 (not lse = 0 merged as real);
     NaN anywhere (q, k, v or the scale) comes back NaN, at every tile size (6 to 96 tokens
     over 1 to 3 ranks gives tiles of 1 to 48 rows), every layout, with and without a window.
     Oracle: the reference kernel in float64 on the whole sequence; NaN pattern also vs SDPA."""
     if skipped(case):
         pytest.skip("zigzag needs 2W | seq")
-    results = cluster(case["world"]).run(poisoned_run, case)
+    results = grid_results(poisoned_run, POISON_GRID, case)
     out = assemble([r["out"] for r in results], case["layout"], 1)
     lse = assemble([r["lse"] for r in results], case["layout"], 2)
     q, k, v = poisoned_inputs(case)

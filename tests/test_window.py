@@ -147,8 +147,8 @@ def case_id(c):
 
 
 @pytest.mark.parametrize("case", WINDOW_GRID, ids=case_id)
-def test_window_ring_matches_reference(cluster, case):
-    results = cluster(case["world"]).run(ring_run, case)
+def test_window_ring_matches_reference(grid_results, case):
+    results = grid_results(ring_run, WINDOW_GRID, case)
     check(case, results)
     vis = visible_mask(case["seq"], True, case["window"], case.get("cu_seqlens"))
     fwd, bwd = expected_hops(schedule_from_mask(case["layout"], case["world"], case["seq"], vis), case["world"])
@@ -184,8 +184,8 @@ SINK_CAP_GRID = [
 
 
 @pytest.mark.parametrize("case", SINK_CAP_GRID, ids=case_id)
-def test_sinks_and_softcap_match_reference(cluster, case):
-    check(case, cluster(case["world"]).run(ring_run, case))
+def test_sinks_and_softcap_match_reference(grid_results, case):
+    check(case, grid_results(ring_run, SINK_CAP_GRID, case))
 
 
 def test_softcap_refuses_fused_backend():
@@ -209,10 +209,11 @@ def test_sinks_gradient_reaches_a_parameter():
 
 
 def windowed_subgroup_ring():
-    """Ranks 1..4 of a 5-rank world form the ring (group rank r is global rank r + 1), so the
-    direct sends of a zigzag window schedule must name peers by global rank."""
+    """Ranks 1..4 of a 6-rank world form the ring (group rank r is global rank r + 1; ranks 0
+    and 5 are outside it), so the direct sends of a zigzag window schedule must name peers by
+    global rank. (6 ranks: the suite's 6-rank cluster is already up for the Ulysses meshes.)"""
     group = dist.new_group([1, 2, 3, 4])
-    if dist.get_rank() == 0:
+    if dist.get_rank() not in (1, 2, 3, 4):
         return None
     case = dict(world=4, layout="zigzag", causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
                 seq=32, seed=12, window=2)
@@ -226,7 +227,9 @@ def windowed_subgroup_ring():
 
 
 def test_window_direct_sends_inside_a_subgroup(cluster):
-    results = cluster(5).run(windowed_subgroup_ring)[1:]
+    everyone = cluster(6).run(windowed_subgroup_ring)
+    assert everyone[0] is None and everyone[5] is None
+    results = everyone[1:5]
     case = dict(world=4, layout="zigzag", causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
                 seq=32, seed=12, window=2)
     q, k, v, dout = make_inputs(case)
