@@ -16,7 +16,7 @@ from ringwise.attention.ring import ring_backward, ring_forward
 from ringwise.cli import main
 from ringwise.lab.bench.compute import LoopbackRing, rank_inputs
 
-from reference import max_err, reference_attention
+from helpers import max_err, reference_attention
 
 
 def _periodic(block, layout, world):

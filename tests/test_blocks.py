@@ -9,7 +9,7 @@ from ringwise.attention.kernels import ReferenceKernel, select_kernel
 from ringwise.attention.layout import global_indices, segments
 from ringwise.attention.tiles import step_tiles
 from ringwise.attention.merge import merge_into
-from reference import max_err, reference_attention
+from helpers import max_err, reference_attention
 
 
 @pytest.mark.parametrize("layout,W,causal", list(itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5, 8], [False, True])))

@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 import ringwise
 from ringwise.lab.cluster import ClusterError, LocalCluster
-from reference import max_err, reference_attention
+from helpers import max_err, reference_attention
 
 
 def shard_roundtrip(layout, global_len):

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
 from hf_versions import EAGER_EXPERTS, REFUSED_HERE, config_class  # noqa: E402
+from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
 
 SEQ = 48  # splits evenly for every layout at W = 2 and 3
 DOCS = [0, 5, 6, 29, 48]
@@ -120,10 +121,6 @@ def single_run(name, docs, dtype):
     return dict(logits=logits.detach(), grads={n: p.grad for n, p in model.named_parameters() if p.grad is not None})
 
 
-def err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
 CASES = [  # (architecture, world, documents, layout, mode): each architecture at W = 2 and 3, packed at one of them
     ("mistral", 2, None, "zigzag", "cache"),
     ("mistral", 3, DOCS, "zigzag", "cache"),
@@ -159,11 +156,12 @@ def test_architecture_matches_single_process(cluster, name, world, docs, layout,
     logits = torch.empty_like(f32["logits"])
     for r, res in enumerate(results):
         logits[:, global_indices(layout, r, world, SEQ)] = res["logits"]
-    assert err(logits, ref["logits"]) <= 2 * err(f32["logits"], ref["logits"]) + 1e-6
+    assert_within_budget("logits", max_err(logits, ref["logits"]), max_err(f32["logits"], ref["logits"]), 1e-6,
+                         ceiling=CEILINGS["float32"])
     assert results[0]["grads"].keys() == ref["grads"].keys()
     for n, g in results[0]["grads"].items():
-        budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7
-        assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
+        assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7,
+                             ceiling=CEILINGS["float32"])
 
 
 def forward_hops(name, window):

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
 from hf_versions import EAGER_EXPERTS, REFUSED_HERE, VERSION, config_class  # noqa: E402
+from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
 
 SEQ, WINDOW = 32, 6
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -113,10 +114,6 @@ def single_run(name, dtype):
     return dict(logits=logits.detach(), grads={n: p.grad for n, p in model.named_parameters() if p.grad is not None})
 
 
-def err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_is_exact(cluster, name):
     make_config(name)  # skips a family the installed transformers lacks, before any rank starts
@@ -133,8 +130,9 @@ def test_family_is_exact(cluster, name):
     logits = torch.empty_like(f32["logits"])
     for r, res in enumerate(results):
         logits[:, global_indices("zigzag", r, 2, SEQ)] = res["logits"]
-    assert err(logits, ref["logits"]) <= 2 * err(f32["logits"], ref["logits"]) + 1e-6
+    assert_within_budget("logits", max_err(logits, ref["logits"]), max_err(f32["logits"], ref["logits"]), 1e-6,
+                         ceiling=CEILINGS["float32"])
     assert results[0]["grads"].keys() == ref["grads"].keys()
     for n, g in results[0]["grads"].items():
-        budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7
-        assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
+        assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7,
+                             ceiling=CEILINGS["float32"])

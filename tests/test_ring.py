@@ -5,92 +5,14 @@ import pytest
 import torch
 
 import ringwise
-from ringwise.attention.comm import HOP_COUNTS
-from ringwise.attention.layout import global_indices
-from reference import max_err, reference_attention
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-EPS = {"float32": 1e-6, "bfloat16": 1e-3, "float64": 1e-12}
-
-
-def make_inputs(case):
-    """Global float64 q, k, v, dout; the same on every rank (same seed)."""
-    g = torch.Generator().manual_seed(case["seed"])
-    b, s, h, hk, d = case["batch"], case["seq"], case["heads"], case["kv_heads"], case["head_dim"]
-    q = torch.randn(b, s, h, d, generator=g, dtype=torch.float64) * case.get("q_scale", 1.0)
-    k = torch.randn(b, s, hk, d, generator=g, dtype=torch.float64)
-    v = torch.randn(b, s, hk, d, generator=g, dtype=torch.float64)
-    dout = torch.randn(b, s, h, d, generator=g, dtype=torch.float64)
-    return q, k, v, dout
-
-
-def run_attention(case, q, k, v, dout):
-    """Forward + backward of ring_attention on this rank's shard; returns local results."""
-    dt, layout = DTYPES[case["dtype"]], case["layout"]
-    ql, kl, vl = (ringwise.shard(x.to(dt), 1, layout).requires_grad_() for x in (q, k, v))
-    before = [x.detach().clone() for x in (ql, kl, vl)]
-    HOP_COUNTS.clear()
-    out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True,
-                                       cu_seqlens=case.get("cu_seqlens"))
-    fwd_hops = dict(HOP_COUNTS)
-    out.backward(ringwise.shard(dout.to(dt), 1, layout))
-    assert all(torch.equal(a, b) for a, b in zip(before, (ql, kl, vl))), "the ring wrote into its inputs"
-    bwd_hops = {s: n - fwd_hops.get(s, 0) for s, n in HOP_COUNTS.items()}
-    return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad,
-                fwd_hops=fwd_hops, bwd_hops=bwd_hops)
+from helpers import (
+    CEILINGS, DTYPES, EPS, assemble, assert_within_budget, case_id, check_against_reference, document_mask,
+    expected_hops, make_inputs, run_attention, VARLEN, schedule_from_mask,
+)
 
 
 def ring_case(case):
     return run_attention(case, *make_inputs(case))
-
-
-def assemble(parts, layout, seq_dim):
-    """Global tensor from per-rank shards (the inverse of shard, without communication)."""
-    W = len(parts)
-    total = parts[0].shape[seq_dim] * W
-    out = torch.empty(parts[0].shape[:seq_dim] + (total,) + parts[0].shape[seq_dim + 1:], dtype=parts[0].dtype)
-    for r, p in enumerate(parts):
-        out.index_copy_(seq_dim, global_indices(layout, r, W, total), p)
-    return out
-
-
-def document_mask(cu_seqlens, total):
-    """True where query and key are in the same document (None: one document)."""
-    if cu_seqlens is None:
-        return None
-    lengths = torch.tensor(cu_seqlens[1:]) - torch.tensor(cu_seqlens[:-1])
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    assert len(doc) == total
-    return doc[:, None] == doc[None, :]
-
-
-def check_against_reference(case, results):
-    """Ring error <= 2 x (single-device kernel error) + eps, for out, lse and all grads."""
-    q, k, v, dout = make_inputs(case)
-    layout, dt = case["layout"], DTYPES[case["dtype"]]
-    mask = document_mask(case.get("cu_seqlens"), q.shape[1])
-    ref_out, ref_lse = reference_attention(q, k, v, case["causal"], mask=mask)
-    qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
-    o64, _ = reference_attention(qr, kr, vr, case["causal"], mask=mask)
-    ref_grads = torch.autograd.grad(o64, (qr, kr, vr), dout)
-
-    # The single-device kernel on the whole sequence, same dtype: the error budget.
-    qs, ks, vs = (x.to(dt).requires_grad_() for x in (q, k, v))
-    kout, klse = ringwise.ring_attention(qs, ks, vs, causal=case["causal"], return_lse=True,
-                                         cu_seqlens=case.get("cu_seqlens"))
-    kgrads = torch.autograd.grad(kout, (qs, ks, vs), dout.to(dt))
-
-    ring = {name: assemble([r[name] for r in results], layout, 2 if name == "lse" else 1)
-            for name in ("out", "lse", "dq", "dk", "dv")}
-    refs = dict(out=ref_out, lse=ref_lse, dq=ref_grads[0], dk=ref_grads[1], dv=ref_grads[2])
-    kern = dict(out=kout, lse=klse, dq=kgrads[0], dk=kgrads[1], dv=kgrads[2])
-    report = {}
-    for name in refs:
-        assert torch.isfinite(ring[name]).all(), f"{name} has non-finite values"
-        ring_e, kern_e = max_err(ring[name], refs[name]), max_err(kern[name], refs[name])
-        report[name] = (ring_e, kern_e)
-        assert ring_e <= 2 * kern_e + EPS[case["dtype"]], f"{name}: ring error {ring_e:.3g} > 2 x kernel error {kern_e:.3g}"
-    return report
 
 
 VARIANTS = [  # (dtype, batch, heads, kv_heads, head_dim)
@@ -105,14 +27,9 @@ GRID = [
 ]
 
 
-def case_id(c):
-    mask = "causal" if c["causal"] else "full"
-    return f"W{c['world']}-{c['layout']}-{mask}-{c['dtype']}-h{c['heads']}/{c['kv_heads']}-d{c['head_dim']}"
-
-
 @pytest.mark.parametrize("case", GRID, ids=case_id)
-def test_ring_matches_reference(cluster, case):
-    results = cluster(case["world"]).run(ring_case, case)
+def test_ring_matches_reference(grid_results, case):
+    results = grid_results(ring_case, GRID, case)
     check_against_reference(case, results)
     W = case["world"]
     for r in results:  # W-1 kv hops forward; W-1 kv hops and W dkv hops backward
@@ -137,24 +54,23 @@ def test_error_does_not_grow_with_ring_size(cluster):
         errors[W] = report
     for name in ("out", "dq", "dk", "dv"):
         kern_e = errors[2][name][1]  # same inputs, so the same kernel error for every W
-        assert max(errors[W][name][0] for W in errors) <= 2 * kern_e + EPS["bfloat16"], (name, errors)
+        ring_e = max(errors[W][name][0] for W in errors)
+        assert_within_budget(f"{name} over W = 2, 4, 8", ring_e, kern_e, EPS["bfloat16"], ceiling=CEILINGS["bfloat16"])
+
+
+HUGE_LOGITS_CEILING = 5e-2
 
 
 @pytest.mark.parametrize("world,layout", [(3, "striped"), (2, "zigzag")])
 def test_huge_logits_stay_finite(cluster, world, layout):
-    """Scores around 1e4 (q scaled up): no overflow, still exact."""
+    """Scores around 1e4 (q scaled up): no overflow, still exact. float32 round-off of a score
+    of 1e4 is ~1e-3, so the errors are too (kernel error 3.2e-3 observed, dk): the ceiling is
+    10x that, rounded up, instead of the unit-scale CEILINGS["float32"]."""
     case = dict(world=world, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=2,
                 head_dim=16, seq=12 * world, seed=5, q_scale=2500.0)
-    check_against_reference(case, cluster(world).run(ring_case, case))
+    check_against_reference(case, cluster(world).run(ring_case, case), ceiling=HUGE_LOGITS_CEILING)
 
 
-def packed(lengths):
-    return [0] + list(itertools.accumulate(lengths))
-
-
-VARLEN = [  # global length 48: documents of length 1, longer than a shard, and a single document
-    packed([48]), packed([1, 30, 1, 16]), packed([7, 1, 1, 13, 2, 24]), packed([1] * 8 + [40]),
-]
 VARLEN_GRID = [
     dict(world=W, layout=layout, causal=causal, dtype="float32", batch=1, heads=4, kv_heads=2, head_dim=16,
          seq=48, seed=500 + i, cu_seqlens=docs)
@@ -165,8 +81,8 @@ VARLEN_GRID = [
 
 @pytest.mark.parametrize("case", VARLEN_GRID,
                          ids=lambda c: case_id(c) + "-docs" + "_".join(map(str, c["cu_seqlens"][1:4])))
-def test_packed_documents_match_per_document_reference(cluster, case):
-    results = cluster(case["world"]).run(ring_case, case)
+def test_packed_documents_match_per_document_reference(grid_results, case):
+    results = grid_results(ring_case, VARLEN_GRID, case)
     check_against_reference(case, results)
     vis = document_mask(case["cu_seqlens"], case["seq"])
     if case["causal"]:
@@ -174,23 +90,6 @@ def test_packed_documents_match_per_document_reference(cluster, case):
     fwd, bwd = expected_hops(schedule_from_mask(case["layout"], case["world"], case["seq"], vis), case["world"])
     for r in results:  # ring steps that only short documents' skipped blocks would fill are not sent
         assert (r["fwd_hops"], {s: n for s, n in r["bwd_hops"].items() if n}) == (fwd, bwd)
-
-
-def schedule_from_mask(layout, W, total, vis):
-    """Ring steps some rank needs, read off the global mask (independent of the tiling)."""
-    return tuple(s for s in range(W) if any(
-        vis[global_indices(layout, r, W, total)][:, global_indices(layout, (r - s) % W, W, total)].any()
-        for r in range(W)))
-
-
-def expected_hops(steps, W):
-    """Forward: one kv hop per needed step after the first. Backward: the same kv hops, and dkv
-    hops: relayed (steps 0..m) m hops plus one home; direct, one per step after the first."""
-    m = len(steps) - 1
-    if m == 0:
-        return {}, {}
-    relay = steps == tuple(range(m + 1))
-    return {"kv": m}, {"kv": m, "dkv": m + 1 if relay else m}
 
 
 # ------------------------------------------------ empty rows and NaN: the reference kernel's semantics
@@ -213,12 +112,18 @@ def poisoned_inputs(case):
 
 
 def poisoned_run(case):
+    if skipped(case):
+        return None
     q, k, v = poisoned_inputs(case)
     layout = case["layout"]
     ql, kl, vl = (ringwise.shard(x.float(), 1, layout) for x in (q, k, v))
     out, lse = ringwise.ring_attention(ql, kl, vl, causal=True, layout=layout, return_lse=True,
                                        softmax_scale=case.get("scale"), window=case.get("window"))
     return dict(out=out, lse=lse)
+
+
+def skipped(case):
+    return case["layout"] == "zigzag" and case["seq"] % (2 * case["world"])
 
 
 def same_semantics(a, b, tol):
@@ -246,14 +151,14 @@ POISON_GRID = [
 
 @pytest.mark.parametrize("case", POISON_GRID, ids=lambda c: f"W{c['world']}-{c['layout']}-S{c['seq']}-"
                          f"{c['poison'] or 'nan_scale'}-w{c.get('window')}")
-def test_non_finite_inputs_follow_reference_semantics(cluster, case):
+def test_non_finite_inputs_follow_reference_semantics(grid_results, case):
     """Rows that see only -inf scores: lse = -inf and out = 0 (not lse = 0 merged as real);
     NaN anywhere (q, k, v or the scale) comes back NaN, at every tile size (6 to 96 tokens
     over 1 to 3 ranks gives tiles of 1 to 48 rows), every layout, with and without a window.
     Oracle: the reference kernel in float64 on the whole sequence; NaN pattern also vs SDPA."""
-    if case["layout"] == "zigzag" and case["seq"] % (2 * case["world"]):
+    if skipped(case):
         pytest.skip("zigzag needs 2W | seq")
-    results = cluster(case["world"]).run(poisoned_run, case)
+    results = grid_results(poisoned_run, POISON_GRID, case)
     out = assemble([r["out"] for r in results], case["layout"], 1)
     lse = assemble([r["lse"] for r in results], case["layout"], 2)
     q, k, v = poisoned_inputs(case)

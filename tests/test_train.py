@@ -14,7 +14,8 @@ from ringwise.cli import main
 from ringwise.model import Transformer, model_config
 from ringwise.train import checkpoint, make_mesh, run_on_mesh
 from ringwise.train.config import problems
-from test_model import train_args
+
+from helpers import train_args
 
 
 def run_job(cfg):

@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from hf_versions import config_class  # noqa: E402
+from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
 
 SEQ = 24
 
@@ -73,10 +74,6 @@ def single_run(name, docs, dtype):
     return dict(logits=logits.detach(), grads={n: p.grad for n, p in model.named_parameters()})
 
 
-def err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("docs", [None, [0, 5, 6, 17, 24]], ids=["one-doc", "packed"])
@@ -90,10 +87,11 @@ def test_model_matches_single_process_sdpa(cluster, world, name, docs):
     logits = torch.empty_like(f32["logits"])
     for r, res in enumerate(results):
         logits[:, global_indices("zigzag", r, world, SEQ)] = res["logits"]
-    assert err(logits, ref["logits"]) <= 2 * err(f32["logits"], ref["logits"]) + 1e-6
+    assert_within_budget("logits", max_err(logits, ref["logits"]), max_err(f32["logits"], ref["logits"]), 1e-6,
+                         ceiling=CEILINGS["float32"])
     for n, g in results[0]["grads"].items():
-        budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7
-        assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
+        assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7,
+                             ceiling=CEILINGS["float32"])
 
 
 @pytest.mark.parametrize("mesh", [(2, 2), (4, 1)], ids=["U2xR2", "U4xR1"])
@@ -108,10 +106,11 @@ def test_model_on_a_ulysses_ring_mesh_matches_single_process(cluster, mesh, docs
     logits = torch.empty_like(f32["logits"])
     for res in results:
         logits[:, global_indices("zigzag", res["r"], R, SEQ, res["u"], U)] = res["logits"]
-    assert err(logits, ref["logits"]) <= 2 * err(f32["logits"], ref["logits"]) + 1e-6
+    assert_within_budget("logits", max_err(logits, ref["logits"]), max_err(f32["logits"], ref["logits"]), 1e-6,
+                         ceiling=CEILINGS["float32"])
     for n, g in results[0]["grads"].items():
-        budget = 2 * err(f32["grads"][n], ref["grads"][n]) + 1e-7
-        assert err(g, ref["grads"][n]) <= budget, (n, err(g, ref["grads"][n]), budget)
+        assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7,
+                             ceiling=CEILINGS["float32"])
 
 
 def test_model_outside_the_registry_is_refused():

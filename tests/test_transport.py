@@ -11,7 +11,11 @@ import torch
 
 from ringwise.attention import comm
 from ringwise.attention.comm import HOP_COUNTS, STAGED_BYTES, resolve_transport
-from test_ring import DTYPES, check_against_reference, packed, ring_case
+from helpers import DTYPES, check_against_reference, make_inputs, packed, run_attention
+
+
+def ring_case(case):
+    return run_attention(case, *make_inputs(case))
 
 
 def ring_case_over(transport, case):

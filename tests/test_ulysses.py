@@ -13,12 +13,8 @@ import ringwise
 from ringwise.attention.comm import HOP_COUNTS
 from ringwise.attention.layout import global_indices
 from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, _local_heads, kv_copies, mesh_groups
-from reference import max_err, reference_attention
-from test_ring import DTYPES, EPS, VARLEN, document_mask, make_inputs
-from test_ring import expected_hops as ring_hops
-from test_ring import schedule_from_mask
-from test_window import make_sinks, options, visible_mask
-from test_window import reference as window_reference
+from helpers import DTYPES, VARLEN, check_errors, make_inputs, make_sinks, options, schedule_from_mask, visible_mask
+from helpers import expected_hops as ring_hops
 
 MESHES = [(1, 4), (2, 2), (4, 1), (2, 3), (3, 2)]
 _GROUPS = {}  # per worker process; every rank builds the same groups in the same order
@@ -110,23 +106,7 @@ def assemble(results, name, case):
 
 def check_case(case, results):
     """Mesh error <= 2 x (single-device kernel error) + eps for out, lse and every gradient."""
-    q, k, v, dout = make_inputs(case)
-    dt = DTYPES[case["dtype"]]
-    mask = document_mask(case.get("cu_seqlens"), case["seq"])
-    qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
-    o64, lse64 = reference_attention(qr, kr, vr, case["causal"], mask=mask)
-    refs = dict(out=o64, lse=lse64, **dict(zip(("dq", "dk", "dv"), torch.autograd.grad(o64, (qr, kr, vr), dout))))
-    qs, ks, vs = (x.to(dt).requires_grad_() for x in (q, k, v))
-    kout, klse = ringwise.ring_attention(qs, ks, vs, causal=case["causal"], return_lse=True,
-                                         cu_seqlens=case.get("cu_seqlens"))
-    kern = dict(out=kout, lse=klse, **dict(zip(("dq", "dk", "dv"),
-                                               torch.autograd.grad(kout, (qs, ks, vs), dout.to(dt)))))
-    for name, ref in refs.items():
-        got = assemble(results, name, case)
-        assert torch.isfinite(got).all(), f"{name} has non-finite values"
-        err, kern_err = max_err(got, ref), max_err(kern[name], ref)
-        assert err <= 2 * kern_err + EPS[case["dtype"]], \
-            f"{case}: {name} mesh error {err:.3g} > 2 x kernel error {kern_err:.3g}"
+    check_errors(case, {name: assemble(results, name, case) for name in ("out", "lse", "dq", "dk", "dv")}, label=case)
     for res in results:
         assert torch.equal(res["positions"], global_indices(case["layout"], res["r"], case["mesh"][1], case["seq"],
                                                             res["u"], case["mesh"][0]))
@@ -254,22 +234,9 @@ def test_window_sinks_softcap_compose_with_ulysses(cluster, layout):
     per_rank = cluster(4).run(run_windowed, cases, timeout=300)
     for i, case in enumerate(cases):
         results = [rank[i] for rank in per_rank]
-        q, k, v, dout = make_inputs(case)
-        vis = visible_mask(case["seq"], True, case["window"], case.get("cu_seqlens"))
-        sinks = make_sinks(case)
-        qr, kr, vr, sr = (x.detach().requires_grad_() for x in (q, k, v, sinks))
-        o64, lse64 = window_reference(qr, kr, vr, vis, sinks=sr, softcap=case.get("softcap"))
-        refs = dict(zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(o64, (qr, kr, vr, sr), dout)),
-                    out=o64.detach(), lse=lse64)
-        qs, ks, vs, ss = (x.float().requires_grad_() for x in (q, k, v, sinks))
-        ko, klse = ringwise.ring_attention(qs, ks, vs, return_lse=True, sinks=ss, **options(case))
-        kern = dict(zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(ko, (qs, ks, vs, ss), dout)),
-                    out=ko, lse=klse)
         got = {n: assemble(results, n, case) for n in ("out", "lse", "dq", "dk", "dv")}
         got["dsinks"] = sum(r["dsinks"].double() for r in results)  # per-rank partials, like any parameter
-        for name, ref in refs.items():
-            err, kern_err = max_err(got[name], ref), max_err(kern[name], ref)
-            assert err <= 2 * kern_err + EPS["float32"], f"{case}: {name} error {err:.3g} > 2 x {kern_err:.3g}"
+        check_errors(case, got, label=case)
 
 
 def run_transports(case):

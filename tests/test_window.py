@@ -13,55 +13,14 @@ from ringwise.attention.layout import global_indices
 from ringwise.attention import tiles
 from ringwise.attention.kernels import AtenCpuKernel, Flipped
 from ringwise.attention.tiles import needed_steps, step_tiles
-from reference import max_err
-from test_ring import DTYPES, EPS, assemble, expected_hops, make_inputs, packed, schedule_from_mask
-from test_ring import case_id as ring_case_id
+from helpers import (
+    check_against_reference, expected_hops, feature_id, make_inputs, make_sinks, max_err, options,
+    packed, reference_attention, schedule_from_mask, visible_mask,
+)
+from helpers import DTYPES, case_id as ring_case_id
 
 
 KERNEL_TOL = {"float32": 1e-5, "bfloat16": 3e-2}  # single-device error vs float64, relative to the largest value
-
-
-def visible_mask(total, causal=True, window=None, cu_seqlens=None):
-    """Global (query, key) visibility: causal, key at most `window` before, same document."""
-    i, j = torch.arange(total)[:, None], torch.arange(total)[None, :]
-    vis = torch.ones(total, total, dtype=torch.bool)
-    if causal:
-        vis &= j <= i
-    if window is not None:
-        vis &= i - j <= window
-    if cu_seqlens is not None:
-        doc = torch.bucketize(torch.arange(total), torch.tensor(cu_seqlens[1:]), right=True)
-        vis &= doc[:, None] == doc[None, :]
-    return vis
-
-
-def reference(q, k, v, vis, scale=None, sinks=None, softcap=None):
-    """float64 attention with a visibility mask, an optional sink logit per head and soft-capping."""
-    q, k, v = (x.double() for x in (q, k, v))
-    h, hk = q.shape[2], k.shape[2]
-    k, v = k.repeat_interleave(h // hk, 2), v.repeat_interleave(h // hk, 2)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~vis, float("-inf"))
-    if sinks is not None:
-        s = torch.cat([s, sinks.double()[None, :, None, None].expand(*s.shape[:3], 1)], -1)
-        v = torch.cat([v, v.new_zeros(v.shape[0], 1, *v.shape[2:])], 1)
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
-
-
-def make_sinks(case):
-    if not case.get("sinks"):
-        return None
-    return torch.randn(case["heads"], generator=torch.Generator().manual_seed(case["seed"] + 1), dtype=torch.float64)
-
-
-def options(case):
-    return dict(causal=case["causal"], cu_seqlens=case.get("cu_seqlens"), window=case.get("window"),
-                softcap=case.get("softcap"))
 
 
 def ring_run(case):
@@ -81,34 +40,9 @@ def ring_run(case):
 
 
 def check(case, results):
-    """Ring error <= 2 x (single-device error) + eps for out, lse, dq, dk, dv and d sinks."""
-    q, k, v, dout = make_inputs(case)
-    dt, layout = DTYPES[case["dtype"]], case["layout"]
-    vis = visible_mask(q.shape[1], case["causal"], case.get("window"), case.get("cu_seqlens"))
-    sinks = make_sinks(case)
-    qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
-    sr = None if sinks is None else sinks.clone().requires_grad_()
-    o64, lse64 = reference(qr, kr, vr, vis, sinks=sr, softcap=case.get("softcap"))
-    wrt = (qr, kr, vr) + (() if sr is None else (sr,))
-    refs = dict(zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(o64, wrt, dout)), out=o64.detach(), lse=lse64)
-
-    qs, ks, vs = (x.to(dt).requires_grad_() for x in (q, k, v))
-    ss = None if sinks is None else sinks.float().requires_grad_()
-    kout, klse = ringwise.ring_attention(qs, ks, vs, return_lse=True, sinks=ss, **options(case))
-    kgrads = torch.autograd.grad(kout, (qs, ks, vs) + (() if ss is None else (ss,)), dout.to(dt))
-    kern = dict(zip(("dq", "dk", "dv", "dsinks"), kgrads), out=kout, lse=klse)
-    ring = {n: assemble([r[n] for r in results], layout, 2 if n == "lse" else 1)
-            for n in ("out", "lse", "dq", "dk", "dv")}
-    if sinks is not None:  # per-rank partials, summed like any replicated parameter's gradient
-        ring["dsinks"] = sum(r["dsinks"].double() for r in results)
-    for name, ref in refs.items():
-        assert torch.isfinite(ring[name]).all(), f"{name} has non-finite values"
-        ring_e, kern_e = max_err(ring[name], ref), max_err(kern[name], ref)
-        # the single-device run shares the window/sink/softcap code: it must be right on its own too
-        bound = KERNEL_TOL[case["dtype"]] * (1 + ref.abs().max().item())
-        assert kern_e <= bound, f"{name}: single-device error {kern_e:.3g} > {bound:.3g}"
-        assert ring_e <= 2 * kern_e + EPS[case["dtype"]], \
-            f"{name}: ring error {ring_e:.3g} > 2 x kernel error {kern_e:.3g}"
+    """Ring error <= 2 x (single-device error) + eps for out, lse, dq, dk, dv and d sinks; the
+    single-device run (it shares the window/sink/softcap code) within KERNEL_TOL on its own."""
+    return check_against_reference(case, results, kernel_tol=KERNEL_TOL[case["dtype"]])
 
 
 # ---------------------------------------------------------------- tiling, single process
@@ -178,7 +112,8 @@ def test_reference_kernel_band_and_softcap_match_dense():
     for band in [(0, 2), (-3, 1), (4, 20)]:
         vis = (i - j >= band[0]) & (i - j <= band[1])
         out, lse = ReferenceKernel(chunk=4).forward(q, k, v, False, 0.4, band=band, softcap=2.0)
-        ref, ref_lse = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), vis, scale=0.4, softcap=2.0)
+        ref, ref_lse = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=vis, scale=0.4,
+                                           softcap=2.0)
         assert max_err(out, ref.transpose(1, 2)) < 1e-12
         assert max_err(lse.clamp_min(-1e9), ref_lse.clamp_min(-1e9)) < 1e-12  # -inf rows alike
 
@@ -208,13 +143,12 @@ WINDOW_GRID += [  # packed documents, and bfloat16
 
 
 def case_id(c):
-    extra = "".join(f"-{k}{c[k]}" for k in ("window", "softcap") if c.get(k) is not None)
-    return ring_case_id(c) + extra + "-sinks" * bool(c.get("sinks")) + ("-docs" if c.get("cu_seqlens") else "")
+    return ring_case_id(c) + feature_id(c)
 
 
 @pytest.mark.parametrize("case", WINDOW_GRID, ids=case_id)
-def test_window_ring_matches_reference(cluster, case):
-    results = cluster(case["world"]).run(ring_run, case)
+def test_window_ring_matches_reference(grid_results, case):
+    results = grid_results(ring_run, WINDOW_GRID, case)
     check(case, results)
     vis = visible_mask(case["seq"], True, case["window"], case.get("cu_seqlens"))
     fwd, bwd = expected_hops(schedule_from_mask(case["layout"], case["world"], case["seq"], vis), case["world"])
@@ -250,8 +184,8 @@ SINK_CAP_GRID = [
 
 
 @pytest.mark.parametrize("case", SINK_CAP_GRID, ids=case_id)
-def test_sinks_and_softcap_match_reference(cluster, case):
-    check(case, cluster(case["world"]).run(ring_run, case))
+def test_sinks_and_softcap_match_reference(grid_results, case):
+    check(case, grid_results(ring_run, SINK_CAP_GRID, case))
 
 
 def test_softcap_refuses_fused_backend():
@@ -269,16 +203,17 @@ def test_sinks_gradient_reaches_a_parameter():
     sinks = torch.nn.Parameter(torch.randn(4))
     ringwise.ring_attention(q, k, v, causal=True, sinks=sinks, window=4).sum().backward()
     sr = sinks.detach().double().requires_grad_()
-    ref, _ = reference(q, k, v, visible_mask(12, True, 4), sinks=sr)
+    ref, _ = reference_attention(q, k, v, mask=visible_mask(12, True, 4), sinks=sr)
     (g,) = torch.autograd.grad(ref.sum(), sr)
     assert max_err(sinks.grad, g) < 1e-5
 
 
 def windowed_subgroup_ring():
-    """Ranks 1..4 of a 5-rank world form the ring (group rank r is global rank r + 1), so the
-    direct sends of a zigzag window schedule must name peers by global rank."""
+    """Ranks 1..4 of a 6-rank world form the ring (group rank r is global rank r + 1; ranks 0
+    and 5 are outside it), so the direct sends of a zigzag window schedule must name peers by
+    global rank. (6 ranks: the suite's 6-rank cluster is already up for the Ulysses meshes.)"""
     group = dist.new_group([1, 2, 3, 4])
-    if dist.get_rank() == 0:
+    if dist.get_rank() not in (1, 2, 3, 4):
         return None
     case = dict(world=4, layout="zigzag", causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
                 seq=32, seed=12, window=2)
@@ -292,12 +227,14 @@ def windowed_subgroup_ring():
 
 
 def test_window_direct_sends_inside_a_subgroup(cluster):
-    results = cluster(5).run(windowed_subgroup_ring)[1:]
+    everyone = cluster(6).run(windowed_subgroup_ring)
+    assert everyone[0] is None and everyone[5] is None
+    results = everyone[1:5]
     case = dict(world=4, layout="zigzag", causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
                 seq=32, seed=12, window=2)
     q, k, v, dout = make_inputs(case)
     qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
-    ref, _ = reference(qr, kr, vr, visible_mask(32, True, 2))
+    ref, _ = reference_attention(qr, kr, vr, mask=visible_mask(32, True, 2))
     ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout)
     for r in results:
         assert r["hops"] == {"kv": 4, "dkv": 2}  # steps {0, 1, 3}: 2 kv hops forward, 2 backward
