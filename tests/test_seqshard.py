@@ -11,7 +11,7 @@ import ringwise
 from ringwise.attention import layout as L
 from ringwise.attention.layout import global_indices, split_unit
 from ringwise.attention.seqshard import IGNORE_INDEX, SeqShard
-from reference import max_err, reference_attention
+from helpers import max_err, reference_attention
 
 SEQ, ODD = 12, 13  # ODD needs padding on every ring but a contiguous or striped one of 1
 DOCS = [0, 5, 9, 12]

@@ -12,7 +12,7 @@ from ringwise.attention.ring import ring_backward, ring_forward
 from ringwise.attention.tiles import step_tiles
 from ringwise.lab.bench.compute import LoopbackRing, rank_inputs
 
-from reference import max_err, reference_attention
+from helpers import max_err, reference_attention
 
 L, WINDOW = 160, 70  # at W=1: causal squares, anti-causal squares (a flipped fused kernel) and a full tile
 

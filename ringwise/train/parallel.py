@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ..attention.ulysses import register_mesh
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -175,6 +177,9 @@ def make_mesh(dp: int, device: torch.device, timeout: float, ulysses: int = 1) -
                               mesh_dim_names=("dp", "cp", "ulysses"),
                               backend_override={"dp": opts, "cp": opts, "ulysses": opts})
         flat = dm._flatten("dp_cp", backend_override=opts)
+        # the ranks that share one sequence: attention's verdict is one gather over them
+        seq = dm["cp", "ulysses"]._flatten("cp_ulysses", backend_override=opts)
+        register_mesh(dm.get_group("ulysses"), dm.get_group("cp"), seq.get_group())
         return Mesh(dm, flat, device)
     dm = init_device_mesh(device.type, (dp, world // dp), mesh_dim_names=("dp", "cp"),
                           backend_override={"dp": opts, "cp": opts})
