@@ -129,7 +129,7 @@ def test_matches_layout_functions(cluster, W):
 
 
 def shard_batch_job():
-    from ringwise.integrations.transformers import shard_batch as hf_shard_batch  # its default: zigzag, default group
+    from ringwise.integrations.transformers import shard_batch as hf_shard_batch
 
     ids, labels, odd = _ids(2, 2, SEQ), _ids(3, 2, SEQ), _ids(4, 2, ODD)
     out = {}
@@ -138,7 +138,8 @@ def shard_batch_job():
         out[layout] = dict(docs=s.shard_batch(ids, labels, cu_seqlens=torch.tensor(DOCS)),
                            plain=s.shard_batch(ids),
                            padded=s.shard_batch(odd, cu_seqlens=[0, 7, ODD], pad=True, pad_id=99))
-    out["hf"] = hf_shard_batch(ids, labels, cu_seqlens=DOCS)
+    # the integration's, on the same ring (the process default is whatever an earlier test set)
+    out["hf"] = hf_shard_batch(ids, labels, cu_seqlens=DOCS, shard=SeqShard("zigzag"))
     return out
 
 
@@ -166,6 +167,7 @@ def test_shard_batch_shifts_on_the_global_sequence(cluster, W):
     for res in results:  # the same batch as the transformers integration's shard_batch (zigzag)
         for key in ("input_ids", "position_ids", "labels"):
             assert torch.equal(res["zigzag"]["docs"][key], res["hf"][key]), key
+        assert res["hf"]["ringwise_cu_seqlens"] == DOCS
 
 
 # ------------------------------------------------------------------ Ulysses x ring, 2 x 2

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ringwise.attention.comm import Hop, Ring
-from ringwise.attention.layout import positions, shard
+from ringwise.attention.seqshard import SeqShard
 from ringwise.lab.cluster import LocalCluster
 from ringwise.lab.memory import PeakMemory
 from ringwise.model import Transformer, model_config
@@ -107,15 +107,16 @@ def step_memory(preset: str, global_len: int, layout: str, batch: int, chunk: in
     model = Transformer(cfg)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (batch, global_len + 1), generator=g)
-    ids, labels = (shard(t, 1, layout) for t in (tokens[:, :-1], tokens[:, 1:]))
-    pos = positions(global_len, layout)
+    seq = SeqShard(layout)
+    ids, labels = (seq.shard(t) for t in (tokens[:, :-1], tokens[:, 1:]))
+    pos = seq.positions(global_len)
 
     peak = 0
 
     def step():
         nonlocal peak
         with PeakMemory() as mem:
-            loss, n = model(ids, pos, labels, layout=layout)
+            loss, n = model(ids, pos, labels, **seq.ring_kwargs())
             (loss / (batch * global_len)).backward()
         model.zero_grad(set_to_none=False)
         peak = mem.peak_bytes
