@@ -263,18 +263,19 @@ def _(dout, q, k, v, out, lse, sinks, saved, document_ids, cu_seqlens, causal, s
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
+# the forward op's arguments in schema order, and those its backward takes again
+_OP_ARGS = _ARGS[:16] + ("objection", "validate")
 _SCALARS = ("document_ids", "cu_seqlens", "causal", "scale", "layout", "group", "ulysses_group", "backend", "window",
             "softcap", "transport")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, sinks = inputs[:4]
-    out, lse, saved = output
-    ctx.scalars = dict(zip(_SCALARS, (inputs[4],) + tuple(inputs[6:16])))
-    ctx.n_saved = len(saved)
-    ctx.has_sinks = sinks is not None
+    args = dict(zip(_OP_ARGS, inputs, strict=True))
+    _, _, saved = output
+    ctx.scalars = {n: args[n] for n in _SCALARS}
+    ctx.has_sinks = args["sinks"] is not None
     # on a Ulysses mesh the backward reads the head chunks in `saved`, not q, k, v, out, lse
-    ctx.save_for_backward(q, k, v, out, lse, sinks, *saved)
+    ctx.save_for_backward(args["q"], args["k"], args["v"], output[0], output[1], args["sinks"], *saved)
 
 
 def _backward(ctx, dout, _dlse, _dsaved):
@@ -282,7 +283,7 @@ def _backward(ctx, dout, _dlse, _dsaved):
     sinks_grad = ctx.has_sinks and ctx.needs_input_grad[3]
     dq, dk, dv, dsinks = torch.ops.ringwise.attention_backward(
         dout.contiguous(), q, k, v, out, lse, sinks, saved, sinks_grad=sinks_grad, **ctx.scalars)
-    return (dq, dk, dv, dsinks if sinks_grad else None) + (None,) * 14
+    return (dq, dk, dv, dsinks if sinks_grad else None) + (None,) * (len(_OP_ARGS) - 4)
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
