@@ -26,7 +26,6 @@ import torch.distributed as dist
 from . import checks
 from .comm import Ring, resolve_transport
 from .kernels import acc_dtype, default_scale
-from .layout import global_indices
 from .ring import ring_backward, ring_forward, sink_grad
 from .ulysses import Mesh, head_chunk_shapes, mesh_group, ulysses_backward, ulysses_forward
 
@@ -81,19 +80,6 @@ class _Call:
         return self.mesh is not None and self.mesh.size > 1
 
 
-def _position_problem(positions, layout, ring: Ring, mesh: Optional[Mesh], local_len: int) -> Optional[str]:
-    """positions (..., local_len): the global positions the caller gave its tokens (e.g. RoPE's)."""
-    if positions is None:
-        return None
-    u, U = (mesh.u, mesh.size) if mesh is not None else (0, 1)
-    want = global_indices(layout, ring.rank, ring.world_size, local_len * ring.world_size * U, u, U)
-    if positions.shape[-1] != local_len or not bool((positions.cpu() == want).all()):
-        return (f"position_ids are not the global positions of this rank's tokens in layout={layout!r} "
-                "(restarting positions for packed documents, or local positions); pass the position_ids that "
-                "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
-    return None
-
-
 def _check(q, k, v, sinks, document_ids, positions, cu_seqlens, causal, scale, layout, group, ulysses_group,
            backend, window, softcap, transport, objection) -> _Call:
     """Every check of this rank, without communication; problems are recorded, never raised
@@ -129,7 +115,8 @@ def _check(q, k, v, sinks, document_ids, positions, cu_seqlens, causal, scale, l
             docs, problem = checks.documents(cu_seqlens, document_ids, ring_len * ring.world_size)
         if not problem:
             kernel, problem = checks.kernel_or_problem(backend, q)
-        problem = problem or _position_problem(positions, layout, ring, mesh, q.shape[1])
+        u = (mesh.u, mesh.size) if mesh is not None else (0, 1)
+        problem = problem or checks.position_problem(positions, layout, ring.rank, ring.world_size, *u, q.shape[1])
     scale = None if problem else (default_scale(q.shape[-1]) if scale is None else float(scale))
     sig = () if problem else (
         ("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype)),

@@ -14,7 +14,7 @@ import numbers
 import torch
 
 from .kernels import BACKENDS, select_kernel
-from .layout import check_layout, check_local_len
+from .layout import check_layout, check_local_len, global_indices
 
 
 def document_bounds(cu_seqlens, total: int) -> tuple[tuple[int, ...] | None, str | None]:
@@ -114,6 +114,19 @@ def layout_problem(layout, local_len: int, world_size: int) -> str | None:
         check_local_len(local_len, layout, world_size)
     except ValueError as e:
         return str(e)
+    return None
+
+
+def position_problem(positions, layout, rank: int, world_size: int, ulysses_rank: int, ulysses_size: int,
+                     local_len: int) -> str | None:
+    """positions (..., local_len): the global positions the caller gave its tokens (e.g. RoPE's)."""
+    if positions is None:
+        return None
+    want = global_indices(layout, rank, world_size, local_len * world_size * ulysses_size, ulysses_rank, ulysses_size)
+    if positions.shape[-1] != local_len or not bool((positions.cpu() == want).all()):
+        return (f"position_ids are not the global positions of this rank's tokens in layout={layout!r} "
+                "(restarting positions for packed documents, or local positions); pass the position_ids that "
+                "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
     return None
 
 
