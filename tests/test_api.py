@@ -36,20 +36,33 @@ def ulysses_counts():
     ug, rg = mesh_groups(2, 2)
     q, k, v = (ringwise.shard(torch.randn(1, 32, 4, 8), 1, "zigzag", rg, ulysses_group=ug).requires_grad_()
                for _ in range(3))
-    with count_comms() as fwd:
+    saved = []
+    with count_comms() as fwd, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                                        lambda t: t):
         out = ringwise.ring_attention(q, k, v, causal=True, group=rg, ulysses_group=ug)
     with count_comms() as bwd:
         out.sum().backward()
-    return dict(fwd.counts), dict(bwd.counts)
+    return dict(fwd.counts), dict(bwd.counts), saved, tuple(q.shape)
 
 
 def test_ulysses_mesh_makes_one_gather_too(cluster):
     """2 x 2 mesh from mesh_groups: one all_gather_object (over the whole mesh, not one per
     group), the two all-to-alls each way, and the ring of 2's hops."""
-    for fwd, bwd in cluster(4).run(ulysses_counts):
+    for fwd, bwd, saved, seq_shape in cluster(4).run(ulysses_counts):
+        # the backward keeps the head chunks (q, k, v, out: (1, 16, 2, 8); lse), not the sequence shards
+        assert seq_shape == (1, 8, 4, 8) and seq_shape not in saved and len(saved) == 5, saved
         assert fwd == {"all_gather_object": 1, "all_to_all_single": 2, "batch_isend_irecv": 1,
                        "p2p_isend": 2, "p2p_irecv": 2}
         assert bwd == {"all_to_all_single": 2, "batch_isend_irecv": 3, "p2p_isend": 4, "p2p_irecv": 4}
+
+
+def test_lse_is_not_differentiable():
+    """A loss that reads lse gets an error, never a silently partial gradient."""
+    q, k, v = (torch.randn(1, 8, 2, 8, requires_grad=True) for _ in range(3))
+    out, lse = ringwise.ring_attention(q, k, v, causal=True, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
 
 
 def refused_counts():

@@ -50,6 +50,10 @@ PROBLEMS = [  # (the bad rank's arguments, options added to them, what every ran
     (good_args, dict(cu_seqlens=[0, 3]), "cu_seqlens must start at 0 and end at the global sequence length"),
     (good_args, dict(document_ids=torch.tensor([0, 1, 0])), "document_ids"),
     (good_args, dict(transport="pigeon"), "transport='pigeon' is unknown"),
+    # values the op's schema cannot even carry: refused from the front door, in the same verdict
+    (good_args, dict(cu_seqlens=torch.tensor([0, 8j])), "cu_seqlens must be a 1-D integer tensor"),
+    (good_args, dict(document_ids=[[0], [0, 1]]), "document_ids must be a 1-D integer tensor"),
+    (good_args, dict(causal=torch.ones(3)), "causal must be True or False"),
 ]
 IDS = [p[0].__name__.removeprefix("bad_") if p[0] is not good_args else "_".join(p[1]) + f"{i}"
        for i, p in enumerate(PROBLEMS)]

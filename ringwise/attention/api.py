@@ -122,7 +122,7 @@ def _check(q, k, v, sinks, document_ids, positions, cu_seqlens, causal, scale, l
         ("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype)),
         ("causal", bool(causal)), ("layout", layout), ("cu_seqlens", docs), ("window", window),
         ("sinks", sinks is not None), ("softcap", softcap), ("scale", repr(scale)), ("backend", backend),
-        ("transport", ring.transport), ("positions", positions is not None))
+        ("transport", ring.transport))
     engine = dict(causal=bool(causal), scale=scale, layout=layout, ring=ring, kernel=kernel, docs=docs,
                   window=None if window is None else int(window), softcap=None if softcap is None else float(softcap))
     return _Call(ring, mesh, engine, problem, sig)
@@ -227,15 +227,16 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                            sinks: Optional[Tensor], saved: list[Tensor], document_ids: Optional[Tensor],
                            cu_seqlens: Optional[list[int]], causal: bool, scale: Optional[float], layout: str,
                            group: Optional[str], ulysses_group: Optional[str], backend: str, window: Optional[int],
-                           softcap: Optional[float], transport: Optional[str],
+                           softcap: Optional[float], transport: Optional[str], kv_heads: int,
                            sinks_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dsinks); dsinks is empty when no sink gradient is asked for."""
+    """(dq, dk, dv, dsinks); dsinks is empty when no sink gradient is asked for. On a Ulysses mesh
+    the head chunks in `saved` are all it reads, and q, k, v, out, lse are dout (placeholders)."""
     args = _bind(q, k, v, sinks, document_ids, None, cu_seqlens, causal, scale, layout, group, ulysses_group,
                  backend, window, softcap, transport, None)
     call = _check(**args)  # the forward validated these arguments; this only rebuilds the engine's
     want_sinks = sinks if sinks_grad else None
     if call.ulysses:
-        dq, dk, dv, dsinks = ulysses_backward(dout, saved, want_sinks, k.shape[2], call.mesh, call.engine)
+        dq, dk, dv, dsinks = ulysses_backward(dout, saved, want_sinks, kv_heads, call.mesh, call.engine)
     else:
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, **call.engine)
         dsinks = sink_grad(dout, out, lse, sinks) if want_sinks is not None else None
@@ -245,9 +246,10 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 @_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, sinks, saved, document_ids, cu_seqlens, causal, scale, layout, group, ulysses_group,
-      backend, window, softcap, transport, sinks_grad):
+      backend, window, softcap, transport, kv_heads, sinks_grad):
     dsinks = sinks.new_empty(sinks.shape) if sinks_grad and sinks is not None else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
+    kv_shape = tuple(dout.shape[:2]) + (kv_heads, dout.shape[3])
+    return dout.new_empty(dout.shape), dout.new_empty(kv_shape), dout.new_empty(kv_shape), dsinks
 
 
 # the forward op's arguments in schema order, and those its backward takes again
@@ -258,18 +260,27 @@ _SCALARS = ("document_ids", "cu_seqlens", "causal", "scale", "layout", "group", 
 
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_OP_ARGS, inputs, strict=True))
-    _, _, saved = output
+    out, lse, saved = output
     ctx.scalars = {n: args[n] for n in _SCALARS}
+    ctx.scalars["kv_heads"] = args["k"].shape[2]
     ctx.has_sinks = args["sinks"] is not None
-    # on a Ulysses mesh the backward reads the head chunks in `saved`, not q, k, v, out, lse
-    ctx.save_for_backward(args["q"], args["k"], args["v"], output[0], output[1], args["sinks"], *saved)
+    ctx.ulysses = bool(saved)
+    # lse (and the head chunks) carry no gradient: the backward uses the final lse, it does not
+    # differentiate through it, so a loss that reads lse must not get a silently partial gradient
+    ctx.mark_non_differentiable(lse, *saved)
+    if ctx.ulysses:  # the backward reads the head chunks alone: keep nothing else
+        ctx.save_for_backward(args["sinks"], *saved)
+    else:
+        ctx.save_for_backward(args["sinks"], args["q"], args["k"], args["v"], out, lse)
 
 
 def _backward(ctx, dout, _dlse, _dsaved):
-    q, k, v, out, lse, sinks, *saved = ctx.saved_tensors
+    sinks, *rest = ctx.saved_tensors
+    dout = dout.contiguous()
+    q, k, v, out, lse, saved = (dout,) * 5 + (rest,) if ctx.ulysses else tuple(rest) + ([],)
     sinks_grad = ctx.has_sinks and ctx.needs_input_grad[3]
     dq, dk, dv, dsinks = torch.ops.ringwise.attention_backward(
-        dout.contiguous(), q, k, v, out, lse, sinks, saved, sinks_grad=sinks_grad, **ctx.scalars)
+        dout, q, k, v, out, lse, sinks, saved, sinks_grad=sinks_grad, **ctx.scalars)
     return (dq, dk, dv, dsinks if sinks_grad else None) + (None,) * (len(_OP_ARGS) - 4)
 
 
@@ -307,30 +318,54 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", gro
     if transport is not None and not isinstance(transport, str):
         problems.append(f"transport must be a name (str) or None, got {transport!r}")
         transport = None
-    cu = cu_seqlens
-    if isinstance(cu, torch.Tensor):
-        cu, p = (cu.tolist(), None) if cu.dim() == 1 and not cu.is_floating_point() else (
-            None, "cu_seqlens must be a 1-D integer tensor or a list of ints")
-        problems.append(p)
-    elif cu is not None:
-        cu = list(cu) if isinstance(cu, (list, tuple)) else cu
-        if not (isinstance(cu, list) and all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in cu)):
-            problems.append(checks.document_bounds(cu, 0)[1])
-            cu = None
-        else:
-            cu = [int(b) for b in cu]
-    if isinstance(document_ids, (list, tuple)):
-        document_ids = torch.as_tensor(document_ids)
+    cu, p = _bounds_value(cu_seqlens)
+    problems.append(p)
+    if document_ids is not None and not isinstance(document_ids, torch.Tensor):
+        try:  # a list or array of ids
+            document_ids = torch.as_tensor(document_ids)
+        except (TypeError, ValueError, RuntimeError):
+            problems.append(f"document_ids must be a 1-D integer tensor over the global sequence, got "
+                            f"{type(document_ids).__name__}")
+            document_ids = None
+    try:
+        causal = bool(causal)
+    except (TypeError, ValueError, RuntimeError):
+        problems.append(f"causal must be True or False, got {causal!r}")
+        causal = False
     tensors = dict(q=q, k=k, v=v, sinks=sinks, document_ids=document_ids, position_ids=position_ids)
     untyped = [n for n, x in tensors.items() if x is not None and not isinstance(x, torch.Tensor)]
     if untyped or any(x is None for x in (q, k, v)):
         _refuse_untyped(untyped, q, k, v, sinks, document_ids, group, ulysses_group, validate)
     problem = next((p for p in problems if p), None)
     out, lse, _ = torch.ops.ringwise.attention(
-        q, k, v, sinks, document_ids, position_ids, cu, bool(causal), scale, layout, group_name, ulysses_name,
+        q, k, v, sinks, document_ids, position_ids, cu, causal, scale, layout, group_name, ulysses_name,
         backend, None if window is None else int(window), None if softcap is None else float(softcap), transport,
         problem, bool(validate))
     return (out, lse) if return_lse else out
+
+
+def _bounds_value(cu) -> tuple[Optional[list[int]], Optional[str]]:
+    """cu_seqlens as the schema's list of ints (a tensor, list, tuple or array of integers), or a problem."""
+    if cu is None:
+        return None, None
+    bad = "cu_seqlens must be a 1-D integer tensor or a list of ints"
+    if isinstance(cu, torch.Tensor):
+        if cu.dim() != 1 or cu.is_floating_point() or cu.is_complex() or cu.dtype == torch.bool:
+            return None, bad
+        return cu.tolist(), None
+    try:
+        items = list(cu)
+    except TypeError:
+        return None, f"{bad}, got {type(cu).__name__}"
+    bounds = []
+    for b in items:
+        if isinstance(b, torch.Tensor) and b.dim() == 0 and not (b.is_floating_point() or b.is_complex()
+                                                                  or b.dtype == torch.bool):
+            b = b.item()
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            return None, bad
+        bounds.append(int(b))
+    return bounds, None
 
 
 def _refuse_untyped(untyped, q, k, v, sinks, document_ids, group, ulysses_group, validate) -> None:
@@ -360,7 +395,8 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag"
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
     heads % kv_heads == 0. Each rank passes its shard in the given `layout` (see
     ringwise.shard); `causal` masks by *global* position. Returns out like q, and with
-    return_lse also the float32 log-sum-exp (batch, heads, local_seq) (not differentiable).
+    return_lse also the float32 log-sum-exp (batch, heads, local_seq) (not differentiable: marked so,
+    a loss that reads it gets an error, never a silently partial gradient).
     With world size 1 or no process group this is plain blockwise attention.
     cu_seqlens: packed documents, as global boundaries (0, len0, len0+len1, ..., total), the
     same on every rank; attention stays inside each document (causal within it if causal).

@@ -122,8 +122,15 @@ def position_problem(positions, layout, rank: int, world_size: int, ulysses_rank
     """positions (..., local_len): the global positions the caller gave its tokens (e.g. RoPE's)."""
     if positions is None:
         return None
-    want = global_indices(layout, rank, world_size, local_len * world_size * ulysses_size, ulysses_rank, ulysses_size)
-    if positions.shape[-1] != local_len or not bool((positions.cpu() == want).all()):
+    wrong = not isinstance(positions, torch.Tensor) or positions.dim() == 0 or positions.shape[-1] != local_len
+    if not wrong:
+        try:
+            want = global_indices(layout, rank, world_size, local_len * world_size * ulysses_size, ulysses_rank,
+                                  ulysses_size)
+        except ValueError as e:  # a length this layout cannot split: no positions are right
+            return str(e)
+        wrong = not bool((positions.cpu() == want).all())
+    if wrong:
         return (f"position_ids are not the global positions of this rank's tokens in layout={layout!r} "
                 "(restarting positions for packed documents, or local positions); pass the position_ids that "
                 "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")

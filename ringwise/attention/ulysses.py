@@ -78,13 +78,15 @@ def _name(group) -> str | None:
 def register_mesh(ulysses_group, group, mesh_group) -> None:
     """Declare that mesh_group (None: the default group) holds exactly the ranks of the
     (ulysses_group x group) mesh. Call it on every rank of the mesh, with the same groups."""
-    MESH_GROUPS[(_name(ulysses_group), _name(group))] = mesh_group
+    MESH_GROUPS[(_name(ulysses_group), _name(group))] = (dist.group.WORLD, mesh_group)
 
 
 def mesh_group(ulysses_group, group):
-    """(True, the registered group covering this mesh) or (False, None) when none was registered."""
+    """(True, the registered group covering this mesh) or (False, None) when none was registered
+    (in this process group's life: names restart after destroy_process_group)."""
     key = (_name(ulysses_group), _name(group))
-    return (True, MESH_GROUPS[key]) if None not in key and key in MESH_GROUPS else (False, None)
+    world, registered = MESH_GROUPS.get(key, (None, None)) if None not in key else (None, None)
+    return (True, registered) if world is not None and world is dist.group.WORLD else (False, None)
 
 
 def kv_copies(heads: int, kv_heads: int, ulysses_size: int) -> int:
