@@ -227,16 +227,17 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                            sinks: Optional[Tensor], saved: list[Tensor], document_ids: Optional[Tensor],
                            cu_seqlens: Optional[list[int]], causal: bool, scale: Optional[float], layout: str,
                            group: Optional[str], ulysses_group: Optional[str], backend: str, window: Optional[int],
-                           softcap: Optional[float], transport: Optional[str], kv_heads: int,
+                           softcap: Optional[float], transport: Optional[str],
                            sinks_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dsinks); dsinks is empty when no sink gradient is asked for. On a Ulysses mesh
-    the head chunks in `saved` are all it reads, and q, k, v, out, lse are dout (placeholders)."""
+    the head chunks in `saved` are all it reads: q, out, lse are dout, and k, v views of dout with
+    the kv heads' count (placeholders that cost no memory)."""
     args = _bind(q, k, v, sinks, document_ids, None, cu_seqlens, causal, scale, layout, group, ulysses_group,
                  backend, window, softcap, transport, None)
     call = _check(**args)  # the forward validated these arguments; this only rebuilds the engine's
     want_sinks = sinks if sinks_grad else None
     if call.ulysses:
-        dq, dk, dv, dsinks = ulysses_backward(dout, saved, want_sinks, kv_heads, call.mesh, call.engine)
+        dq, dk, dv, dsinks = ulysses_backward(dout, saved, want_sinks, k.shape[2], call.mesh, call.engine)
     else:
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, **call.engine)
         dsinks = sink_grad(dout, out, lse, sinks) if want_sinks is not None else None
@@ -246,10 +247,9 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 @_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, sinks, saved, document_ids, cu_seqlens, causal, scale, layout, group, ulysses_group,
-      backend, window, softcap, transport, kv_heads, sinks_grad):
+      backend, window, softcap, transport, sinks_grad):
     dsinks = sinks.new_empty(sinks.shape) if sinks_grad and sinks is not None else q.new_empty(0)
-    kv_shape = tuple(dout.shape[:2]) + (kv_heads, dout.shape[3])
-    return dout.new_empty(dout.shape), dout.new_empty(kv_shape), dout.new_empty(kv_shape), dsinks
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 # the forward op's arguments in schema order, and those its backward takes again
@@ -262,7 +262,7 @@ def _setup_context(ctx, inputs, output):
     args = dict(zip(_OP_ARGS, inputs, strict=True))
     out, lse, saved = output
     ctx.scalars = {n: args[n] for n in _SCALARS}
-    ctx.scalars["kv_heads"] = args["k"].shape[2]
+    ctx.kv_heads = args["k"].shape[2]
     ctx.has_sinks = args["sinks"] is not None
     ctx.ulysses = bool(saved)
     # lse (and the head chunks) carry no gradient: the backward uses the final lse, it does not
@@ -277,7 +277,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse, _dsaved):
     sinks, *rest = ctx.saved_tensors
     dout = dout.contiguous()
-    q, k, v, out, lse, saved = (dout,) * 5 + (rest,) if ctx.ulysses else tuple(rest) + ([],)
+    if ctx.ulysses:
+        kv = dout[:, :, :ctx.kv_heads]
+        q, k, v, out, lse, saved = dout, kv, kv, dout, dout, rest
+    else:
+        q, k, v, out, lse, saved = *rest, []
     sinks_grad = ctx.has_sinks and ctx.needs_input_grad[3]
     dq, dk, dv, dsinks = torch.ops.ringwise.attention_backward(
         dout, q, k, v, out, lse, sinks, saved, sinks_grad=sinks_grad, **ctx.scalars)
