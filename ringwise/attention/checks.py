@@ -130,11 +130,13 @@ def position_problem(positions, layout, rank: int, world_size: int, ulysses_rank
         except ValueError as e:  # a length this layout cannot split: no positions are right
             return str(e)
         wrong = not bool((positions.cpu() == want).all())
-    if wrong:
-        return (f"position_ids are not the global positions of this rank's tokens in layout={layout!r} "
-                "(restarting positions for packed documents, or local positions); pass the position_ids that "
-                "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
-    return None
+    return not_global_positions(layout) if wrong else None
+
+
+def not_global_positions(layout) -> str:
+    return (f"position_ids are not the global positions of this rank's tokens in layout={layout!r} "
+            "(restarting positions for packed documents, or local positions); pass the position_ids that "
+            "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
 
 
 def kernel_or_problem(backend, q):
@@ -156,17 +158,6 @@ def documents(cu_seqlens, document_ids, total: int) -> tuple[tuple[int, ...] | N
     if cu_seqlens is None:
         return None, None
     return document_bounds(cu_seqlens, total)
-
-
-def describe(value):
-    """A comparable, picklable summary of an argument (integer tensors by value, others by shape)."""
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point():
-            return ("tensor", tuple(value.shape), str(value.dtype))
-        return ("tensor", value.tolist())
-    if isinstance(value, (list, tuple)):
-        return tuple(describe(x) for x in value)
-    return repr(value)
 
 
 def signature_mismatch(sigs: list, ranks: list[int]) -> str | None:

@@ -63,12 +63,15 @@ def _host_buffer(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
 
 
-def stages_through_host(transport: str, group, tensors) -> bool:
+def stages_through_host(transport: str, cuda_on_gloo, tensors) -> bool:
     """The one rule for hops and all-to-alls alike: "host" always stages, "auto" stages CUDA
-    tensors that the group would carry over gloo, "direct" never stages."""
+    tensors that the group would carry over gloo, "direct" never stages. cuda_on_gloo: the
+    group's _cuda_on_gloo, or a callable giving it (asked only for CUDA tensors under "auto")."""
     if transport == "host":
         return True
-    return transport == "auto" and any(t.is_cuda for t in tensors) and _cuda_on_gloo(group)
+    if transport != "auto" or not any(t.is_cuda for t in tensors):
+        return False
+    return cuda_on_gloo() if callable(cuda_on_gloo) else cuda_on_gloo
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +88,7 @@ def _from_host(t: torch.Tensor, buf: torch.Tensor) -> None:
 
 def all_to_all_bytes(send: torch.Tensor, group, transport: str) -> torch.Tensor:
     """One all_to_all_single of a (U, n) byte buffer over the transport (Ulysses' exchanges)."""
-    if not stages_through_host(transport, group, [send]):
+    if not stages_through_host(transport, lambda: _cuda_on_gloo(group), [send]):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)
         return recv
@@ -138,10 +141,16 @@ class Ring:
             self._to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
             self.next_peer = self.peer(1)
             self.prev_peer = self.peer(-1)
+            self._cuda_on_gloo = None  # the group's backend, read once (not on every hop)
+
+    def _carries_cuda_on_gloo(self) -> bool:
+        if self._cuda_on_gloo is None:
+            self._cuda_on_gloo = _cuda_on_gloo(self.group)
+        return self._cuda_on_gloo
 
     def post(self, ops: list[tuple], tag: int) -> "Hop":
         """Post (dist.isend/dist.irecv, tensor, global peer) ops as one hop over the transport."""
-        host = stages_through_host(self.transport, self.group, [t for _, t, _ in ops])
+        host = stages_through_host(self.transport, self._carries_cuda_on_gloo, [t for _, t, _ in ops])
         return (post_host_staged if host else post_direct)(ops, self.group, tag)
 
     def peer(self, offset: int) -> int:

@@ -156,14 +156,19 @@ def heads_to_seq(xs, mesh: Mesh, stream: str):
     return [y.movedim(0, 2).flatten(2, 3) for y in _exchange(sends, mesh.ulysses_group, stream, mesh.transport)]
 
 
+def head_chunk(heads: int, mesh) -> slice:
+    """This rank's query heads after the head scatter."""
+    h = heads // mesh.size
+    return slice(mesh.u * h, (mesh.u + 1) * h)
+
+
 def _local_heads(ring_kwargs: dict, heads: int, mesh) -> dict:
     """Per-head arguments (PER_HEAD, one value per query head) cut to this rank's head chunk."""
     out = dict(ring_kwargs)
-    h = heads // mesh.size
     for name in PER_HEAD:
         x = out.get(name)
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == heads:
-            out[name] = x[mesh.u * h:(mesh.u + 1) * h]
+            out[name] = x[head_chunk(heads, mesh)]
     return out
 
 
@@ -187,7 +192,7 @@ def ulysses_forward(q, k, v, sinks, mesh: Mesh, engine: dict):
     if copies > 1:
         k, v = k.repeat_interleave(copies, 2), v.repeat_interleave(copies, 2)
     qh, kh, vh = seq_to_heads([q, k, v], mesh, "qkv")
-    local_sinks = _local_heads(dict(sinks=sinks), heads, mesh)["sinks"]
+    local_sinks = None if sinks is None else sinks[head_chunk(heads, mesh)]
     out_h, lse_h = ring_forward(qh, kh, vh, sinks=local_sinks, **engine)
     out, lse = heads_to_seq([out_h, lse_h.transpose(1, 2).unsqueeze(-1)], mesh, "out")
     return out, lse.squeeze(-1).transpose(1, 2).contiguous(), [qh, kh, vh, out_h, lse_h]
@@ -205,7 +210,7 @@ def ulysses_backward(dout, saved, sinks, kv_heads: int, mesh: Mesh, engine: dict
         dk, dv = (d.unflatten(2, (-1, copies)).sum(3, dtype=torch.float32).to(d.dtype) for d in (dk, dv))
     dsinks = None
     if sinks is not None:
-        h = qh.shape[2]
+        chunk = head_chunk(dq.shape[2], mesh)
         dsinks = torch.zeros_like(sinks)
-        dsinks[mesh.u * h:(mesh.u + 1) * h] = sink_grad(dout_h, out_h, lse_h, sinks[mesh.u * h:(mesh.u + 1) * h])
+        dsinks[chunk] = sink_grad(dout_h, out_h, lse_h, sinks[chunk])
     return dq, dk, dv, dsinks

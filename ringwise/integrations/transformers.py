@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.api import attention
+from ..attention.checks import not_global_positions
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
 from .hf_masks import read_mask_function
 from .hf_support import architecture_problems
@@ -105,12 +106,6 @@ for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "and", "rand", "or", "r
     setattr(RingMask, f"__{_op}__", lambda self, *a, _op=_op: _mask_used_directly(f"__{_op}__"))
 
 
-def _not_global_positions(seq: SeqShard) -> str:
-    return (f"position_ids are not the global positions of this rank's tokens in layout={seq.layout!r} "
-            "(restarting positions for packed documents, or local positions); pass the position_ids that "
-            "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
-
-
 def _packed_problem(packed_ids, seq: SeqShard | None = None) -> str | None:
     """transformers < 5 reads documents from position jumps without remapping them: accept only the jumps of
     this rank's global positions (the layout's own), whose documents ringwise draws from ringwise_cu_seqlens."""
@@ -124,7 +119,7 @@ def _packed_problem(packed_ids, seq: SeqShard | None = None) -> str | None:
     expected = find_packed_sequence_indices(want[None])  # None where this rank's positions never jump
     if expected is not None and expected.shape[-1] == local_len and bool((packed_ids == expected).all()):
         return None
-    return _not_global_positions(seq)
+    return not_global_positions(seq.layout)
 
 
 def _dropout_problem(module, dropout) -> str | None:

@@ -83,7 +83,7 @@ class LoopbackRing(Ring):
     def __init__(self, rank: int, world_size: int):  # no process group: Ring.__init__ would read one
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a ring of {world_size}")
-        self.group, self.transport, self._cuda_staged = None, "direct", False
+        self.group, self.transport = None, "direct"
         self.rank, self.world_size = rank, world_size
         self._to_global = lambda r: r
         self.next_peer, self.prev_peer = self.peer(1), self.peer(-1)
