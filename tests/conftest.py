@@ -1,12 +1,16 @@
 """Shared fixtures: live local clusters (one per world size, reused across tests), and grids of
 cases run as one cluster job per world size."""
+import os
 import threading
 
-import pytest
+# Inductor's pool of compile workers (one per core, per rank) only contends for two cores here.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-from ringwise.lab.cluster import ClusterError, LocalCluster
+import pytest  # noqa: E402
 
-from helpers import run_each
+from ringwise.lab.cluster import ClusterError, LocalCluster  # noqa: E402
+
+from helpers import run_each  # noqa: E402
 
 _CLUSTERS: dict[int, LocalCluster] = {}
 

@@ -1,6 +1,7 @@
 """Failure paths of the training job: a frozen rank ends the job, naming it, within the timeout."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -9,26 +10,47 @@ from pathlib import Path
 import pytest
 
 
-def _start(out, timeout):
-    """A long training job on 2 local ranks, once it has trained two steps."""
-    cmd = [sys.executable, "-m", "ringwise.train", "--world", "2", "--model", "tiny", "--seq-len", "64",
-           "--batch", "2", "--steps", "100000", "--ckpt-every", "100000", "--threads", "1",
-           "--timeout", str(timeout), "--out", str(out), "--no-plots"]
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            return job
-        if job.poll() is not None:
-            pytest.fail(job.stdout.read())
-        time.sleep(0.2)
-    job.kill()
-    pytest.fail("the job did not start training within 120 s")
+class Job:
+    """A long training job on 2 local ranks (its output in a file: a pipe could fill and stall it)."""
+
+    def __init__(self, out: Path, timeout: float):
+        self.out, self.log = out, out.parent / f"{out.name}.log"
+        cmd = [sys.executable, "-m", "ringwise.train", "--world", "2", "--model", "tiny", "--seq-len", "64",
+               "--batch", "2", "--steps", "100000", "--ckpt-every", "100000", "--threads", "1",
+               "--timeout", str(timeout), "--out", str(out), "--no-plots"]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_training(self, deadline: float) -> None:
+        """Until it has trained two steps."""
+        metrics = self.out / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                return
+            if self.proc.poll() is not None:
+                pytest.fail(self.output())
+            time.sleep(0.2)
+        self.proc.kill()
+        pytest.fail("the job did not start training in time")
+
+    def ranks(self) -> list[int]:
+        return _ranks(self.proc.pid)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def report(self) -> str:
+        out = self.output()
+        assert "ringwise train: the job failed:" in out, out[-3000:]
+        return out[out.index("ringwise train: the job failed:"):]
+
+    def end(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def _ranks(launcher: int) -> list[int]:
-    """Pids of the ranks the launcher spawned, in rank order (started one after another)."""
+def _children(pid: int) -> list[tuple[int, bytes]]:
     kids = []
     for d in Path("/proc").iterdir():
         try:
@@ -36,52 +58,69 @@ def _ranks(launcher: int) -> list[int]:
             cmd = (d / "cmdline").read_bytes()
         except (OSError, ValueError):
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == launcher and b"spawn_main" in cmd:
-            kids.append(int(d.name))
-    return sorted(kids)
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append((int(d.name), cmd))
+    return kids
 
 
-@pytest.mark.parametrize("frozen", [1, 0])
-def test_a_frozen_rank_ends_the_job_naming_it(tmp_path, frozen):
-    """SIGSTOP one rank mid-training: the job exits non-zero within --timeout (plus the
-    launcher's teardown), and the error names the frozen rank."""
+def _ranks(launcher: int) -> list[int]:
+    """Pids of the ranks the launcher started, in rank order (forked one after another by its
+    forkserver, or spawned by the launcher itself where there is no forkserver)."""
+    kids = _children(launcher)
+    servers = [pid for pid, cmd in kids if b"forkserver" in cmd]
+    if servers:
+        return sorted(pid for pid, _ in _children(servers[0]))
+    return sorted(pid for pid, cmd in kids if b"spawn_main" in cmd)
+
+
+def test_a_frozen_rank_ends_the_job_naming_it(tmp_path):
+    """SIGSTOP one rank mid-training (rank 1 in one job, rank 0 in another, both jobs at once):
+    each job exits non-zero within --timeout (plus the launcher's teardown), and its error
+    names its frozen rank."""
     timeout = 6
-    job = _start(tmp_path / "run", timeout)
-    stopped = None
+    jobs = {frozen: Job(tmp_path / f"frozen{frozen}", timeout) for frozen in (1, 0)}
+    stopped, elapsed = {}, {}
     try:
-        stopped = _ranks(job.pid)[frozen]
-        os.kill(stopped, signal.SIGSTOP)
+        deadline = time.monotonic() + 120
+        for job in jobs.values():
+            job.wait_training(deadline)
+        for frozen, job in jobs.items():
+            stopped[frozen] = job.ranks()[frozen]
+            os.kill(stopped[frozen], signal.SIGSTOP)
         t0 = time.monotonic()
-        output, _ = job.communicate(timeout=timeout + 60)
-        elapsed = time.monotonic() - t0
+        for frozen, job in jobs.items():
+            job.proc.wait(timeout=timeout + 60)
+            elapsed[frozen] = time.monotonic() - t0
     finally:
-        if stopped is not None and Path(f"/proc/{stopped}").exists():
-            os.kill(stopped, signal.SIGKILL)
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    assert job.returncode == 1
-    report = output[output.index("ringwise train: the job failed:"):]
-    assert f"rank {frozen} (pid {stopped}" in report and "stopped responding" in report, output[-3000:]
-    assert elapsed < timeout + 10, elapsed
+        for pid in stopped.values():
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+        for job in jobs.values():
+            job.end()
+    for frozen, job in jobs.items():
+        assert job.proc.returncode == 1, job.output()[-3000:]
+        report = job.report()
+        assert f"rank {frozen} (pid {stopped[frozen]}" in report and "stopped responding" in report, report
+        assert elapsed[frozen] < timeout + 10, elapsed
 
 
 def test_a_killed_rank_ends_the_job_at_once(tmp_path):
     timeout = 60
-    job = _start(tmp_path / "run", timeout)
+    job = Job(tmp_path / "run", timeout)
     try:
-        victim = _ranks(job.pid)[1]
+        job.wait_training(time.monotonic() + 120)
+        victim = job.ranks()[1]
         os.kill(victim, signal.SIGKILL)
         t0 = time.monotonic()
-        output, _ = job.communicate(timeout=timeout)
+        job.proc.wait(timeout=timeout)
         elapsed = time.monotonic() - t0
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    assert job.returncode == 1
-    report = output[output.index("ringwise train: the job failed:"):]
-    assert "rank 1 (exit code -9): Signal 9 (SIGKILL)" in report, report
+        job.end()
+    assert job.proc.returncode == 1
+    report = job.report()
+    # the launcher's own record, or rank 0's when the launcher saw rank 0's error first
+    assert ("rank 1 (exit code -9): Signal 9 (SIGKILL)" in report
+            or f"rank 1 (pid {victim} on {socket.gethostname()}) exited while the job ran" in report), report
     assert elapsed < 10, elapsed  # not the timeout: a dead peer's connection closes
     assert not (tmp_path / "run" / ".lock").exists()
 

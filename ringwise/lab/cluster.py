@@ -18,14 +18,18 @@ import time
 import traceback
 from datetime import timedelta
 
-from ..train.parallel import free_port
+from ..train.parallel import free_port, start_method
 
 
 class ClusterError(RuntimeError):
     """A job failed on some rank; the message holds every rank's report."""
 
 
-def _worker(rank, world_size, port, backend, threads, pg_timeout, tasks, results, dump_path):
+def _worker(rank, world_size, port, backend, threads, pg_timeout, tasks, results, dump_path, track_memory):
+    if track_memory:
+        from .memory import return_large_frees
+
+        return_large_frees()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     import torch
@@ -62,7 +66,7 @@ class LocalCluster:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context(start_method(__name__))
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._dumpdir = tempfile.mkdtemp(prefix="ringwise-cluster-")
@@ -70,19 +74,11 @@ class LocalCluster:
         self._procs = [
             ctx.Process(target=_worker, daemon=True, args=(
                 r, world_size, port, backend, threads_per_rank, pg_timeout, self._tasks[r], self._results,
-                self._dump_path(r)))
+                self._dump_path(r), track_memory))
             for r in range(world_size)
         ]
-        saved = dict(os.environ)
-        if track_memory:  # children read malloc settings at start-up
-            from .memory import malloc_env
-            os.environ.update(malloc_env())
-        try:
-            for p in self._procs:
-                p.start()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        for p in self._procs:
+            p.start()
         self.closed = False
         self._collect("start-up", start_timeout, expect="ready")
 

@@ -3,7 +3,7 @@
 CUDA: the caching allocator's peak. CPU: torch keeps no allocator statistics, so we
 read the kernel's peak resident set (VmHWM) after resetting it through
 /proc/self/clear_refs. That counts every byte the process touched, so run with
-MALLOC_MMAP_THRESHOLD_ set low (see `malloc_env`) to make freed tensors leave the
+glibc's mmap threshold set low (see `return_large_frees`) to make freed tensors leave the
 resident set at once; `LocalCluster(..., track_memory=True)` does this for its ranks.
 """
 from __future__ import annotations
@@ -13,9 +13,12 @@ import torch
 from ..train.parallel import proc_status_kb
 
 
-def malloc_env() -> dict[str, str]:
-    """Environment that makes glibc return large frees to the OS (honest RSS peaks)."""
-    return {"MALLOC_MMAP_THRESHOLD_": "65536"}
+def return_large_frees() -> None:
+    """glibc's mmap threshold fixed at 64 KiB in this process (MALLOC_MMAP_THRESHOLD_=65536 at
+    start-up does the same): a freed tensor leaves the resident set at once (honest RSS peaks)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # -3: M_MMAP_THRESHOLD
 
 
 

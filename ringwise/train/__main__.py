@@ -19,7 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, add_arguments, check
-from .loop import LOCK_HELD, worker
+from .loop import worker
 from .parallel import elastic_run, rank_errors, under_torchrun
 
 
@@ -32,17 +32,22 @@ def launch(cfg: TrainConfig) -> None:
     with checkpoint.RunLock(cfg.out), tempfile.TemporaryDirectory(prefix="ringwise-logs-") as logs:
         # checked again under the lock: a job that held the folder until now may have left checkpoints
         check(cfg, checkpoint.resume_problems(cfg))
-        os.environ[LOCK_HELD] = str(Path(cfg.out).resolve())  # the ranks we start inherit it
         try:
-            elastic_run(worker, cfg.world, cfg, log_dir=logs)
+            elastic_run(worker, cfg.world, cfg, True, log_dir=logs)
         except ChildFailedError as e:  # the ranks printed their tracebacks: end with the causes, a line each
-            rank, failure = e.get_first_failure()
-            first = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
-            causes = list(dict.fromkeys(rank_errors(logs) + [f"first to exit: rank {rank} (exit code "
-                                                              f"{failure.exitcode}): {first}"]))
-            raise JobFailed("the job failed:\n  " + "\n  ".join(causes)) from None
-        finally:
-            del os.environ[LOCK_HELD]
+            raise JobFailed("the job failed:\n  " + "\n  ".join(failure_causes(e, logs))) from None
+
+
+def failure_causes(e: ChildFailedError, logs: str) -> list[str]:
+    """What each rank recorded, every rank a signal ended (a killed rank leaves no record, and
+    its peers' errors may be timed before the launcher sees it die), then the first to exit."""
+    def line(rank, failure):
+        message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
+        return f"rank {rank} (exit code {failure.exitcode}): {message}"
+
+    first = e.get_first_failure()[0]
+    signalled = [line(r, f) for r, f in sorted(e.failures.items()) if f.exitcode < 0 and r != first]
+    return list(dict.fromkeys(rank_errors(logs) + signalled + ["first to exit: " + line(first, e.failures[first])]))
 
 
 class JobFailed(RuntimeError):

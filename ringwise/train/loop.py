@@ -23,7 +23,7 @@ from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, collate,
 from ..model import Transformer, model_config
 from . import checkpoint
 from .config import TrainConfig
-from .parallel import (Heartbeat, Mesh, fill_shards, init_distributed, make_mesh, name_silent_ranks, peak_memory_mib,
+from .parallel import (Heartbeat, Mesh, fill_shards, init_distributed, make_mesh, name_failed_peers, peak_memory_mib,
                        shard_model)
 
 
@@ -235,18 +235,18 @@ def train(run: Run) -> dict | None:
     return result
 
 
-def worker(cfg: TrainConfig) -> None:
-    """One rank of the job (started by the elastic launcher or by torchrun)."""
+def worker(cfg: TrainConfig, launcher_holds_lock: bool = False) -> None:
+    """One rank of the job (started by the elastic launcher, which holds --out's lock, or by torchrun)."""
     device = init_distributed(cfg.device, cfg.backend, cfg.timeout)
     heartbeat = lock = None
     try:
         heartbeat = Heartbeat()
-        lock = job_lock(cfg)
+        lock = None if launcher_holds_lock else job_lock(cfg)
         if device.type == "cpu":
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.get_world_size()))
         run_on_mesh(cfg, make_mesh(cfg.dp, device, cfg.timeout, cfg.ulysses))
     except Exception as e:
-        named = name_silent_ranks(e, heartbeat, cfg.timeout)
+        named = name_failed_peers(e, heartbeat, cfg.timeout)
         if named is e:
             raise
         raise named from e
@@ -258,14 +258,9 @@ def worker(cfg: TrainConfig) -> None:
         dist.destroy_process_group()
 
 
-LOCK_HELD = "RINGWISE_OUT_LOCKED"  # set by our launcher, which holds --out's lock for the job
-
-
 def job_lock(cfg: TrainConfig):
     """Under torchrun no launching process of ours holds --out's lock: rank 0 takes it, and
     every rank raises the same error if another job holds it."""
-    if os.environ.get(LOCK_HELD) == str(Path(cfg.out).resolve()):
-        return None
     lock, err = None, [None]
     if dist.get_rank() == 0:
         try:

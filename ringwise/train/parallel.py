@@ -10,7 +10,7 @@ gets the job's timeout; a rank that stops responding is named by its stale heart
 """
 from __future__ import annotations
 
-import atexit
+import multiprocessing.util
 import os
 import signal
 import socket
@@ -30,6 +30,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_method(*preload: str) -> str:
+    """"forkserver" where the platform has it (else "spawn"), with `preload` imported once in the server.
+
+    A spawned rank imports torch afresh (2-3 s of CPU each, most of a small job's start-up);
+    a forkserver imports it once and forks every rank from that clean, single-threaded
+    process, so no parent's threads or state are inherited. The server's environment is the
+    one at its first use: set per-rank variables in the rank, not in the parent before start.
+    """
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return "spawn"
+    mp.set_forkserver_preload(["torch", "torch.distributed", *preload])  # ignored once the server runs
+    return "forkserver"
 
 
 def under_torchrun() -> bool:
@@ -52,7 +68,7 @@ def elastic_run(entrypoint, nproc: int, *args, log_dir: str | None = None) -> No
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ringwise-{os.getpid()}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-        monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        monitor_interval=0.2, start_method=start_method(entrypoint.__module__), logs_specs=DefaultLogsSpecs(log_dir=log_dir),
     )
     elastic_launch(config, entrypoint)(*args)
 
@@ -261,14 +277,12 @@ class Heartbeat:
             except Exception:  # the store is gone: the job is ending
                 return
 
-    def silent_ranks(self, older_than: float) -> list[tuple[int, str, int, float]]:
-        """(rank, host, pid, seconds silent) of every other rank silent longer than older_than."""
+    def peers(self) -> list[tuple[int, str, int, float]]:
+        """(rank, host, pid, seconds since its last stamp) of every other rank."""
         now, found = time.time(), []
         for r in range(self.world):
-            if r == self.rank:
-                continue
-            stamp, host, pid = self.store.get(f"ringwise/heartbeat/{r}").decode().split()
-            if now - float(stamp) > older_than:
+            if r != self.rank:
+                stamp, host, pid = self.store.get(f"ringwise/heartbeat/{r}").decode().split()
                 found.append((r, host, int(pid), now - float(stamp)))
         return found
 
@@ -276,24 +290,53 @@ class Heartbeat:
         self._stop.set()
 
 
-def name_silent_ranks(error: BaseException, heartbeat: Heartbeat | None, timeout: float) -> BaseException:
-    """The error to end the job with: names the silent ranks when a peer stopped responding.
+def _has_exited(pid: int) -> bool:
+    """A process of this host that is gone or a zombie (its sockets are closed by then)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
 
-    A silent rank on this host is killed: a frozen (SIGSTOPped) process ignores the
-    launcher's SIGTERM, which would hold the job for another 30 s."""
+
+def name_failed_peers(error: BaseException, heartbeat: Heartbeat | None, timeout: float) -> BaseException:
+    """The error to end the job with: names the peers behind it, when peers are to blame.
+
+    A peer on this host that exited (killed, crashed) is named at once: its death is what
+    closed the connection this rank failed on, and the launcher may see this rank's error
+    first. A peer whose heartbeat went stale stopped responding; one on this host is killed,
+    as a frozen (SIGSTOPped) process ignores the launcher's SIGTERM, which would hold the job
+    for another 30 s."""
     if heartbeat is None:
         return error
     try:
-        silent = heartbeat.silent_ranks(older_than=min(timeout / 2, 10.0))
+        peers = heartbeat.peers()
     except Exception:
         return error
+    here = socket.gethostname()
+    local = [(r, pid) for r, host, pid, _ in peers if host == here]
+    exited = []
+    for _ in range(20):  # a peer's sockets close just before it turns zombie: look again briefly
+        exited = [f"rank {r} (pid {pid} on {here})" for r, pid in local if _has_exited(pid)]
+        if exited:
+            return RuntimeError(f"rank {heartbeat.rank}: {', '.join(exited)} exited while the job ran "
+                                f"(killed or crashed; its own error, if any, is above). Cause here: {error}")
+        time.sleep(0.05)
+    silent = [p for p in peers if p[3] > min(timeout / 2, 10.0)]
     if not silent:
         return error
     names = []
     for rank, host, pid, seconds in silent:
         names.append(f"rank {rank} (pid {pid} on {host}, silent for {seconds:.0f} s)")
-        if host == socket.gethostname():  # at exit: after this rank's error is recorded for the launcher
-            atexit.register(_kill, pid)
+        if host == here:  # at exit: after this rank's error is recorded for the launcher
+            # (multiprocessing's exit hook runs in a forked rank too, where atexit does not)
+            multiprocessing.util.Finalize(None, _kill, args=(pid,), exitpriority=0)
     return RuntimeError(f"rank {heartbeat.rank}: {', '.join(names)} stopped responding (frozen or hung); "
                         f"the job ends after the --timeout of {timeout:g} s. Cause: {error}")
 
