@@ -205,7 +205,7 @@ def test_export_writes_one_loadable_file(cluster, tmp_path, capsys):
     out = tmp_path / "run"
     cluster(2).run(run_job, job_args(out, steps=2, ckpt_every=2))
     assert main(["export", str(out), str(tmp_path / "model.pt")]) == 0
-    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    state = checkpoint.load_export(tmp_path / "model.pt")  # weights_only=True
     assert state["step"] == 2
     model = Transformer(model_config("tiny"))
     model.load_state_dict(state["model"])  # every key, right shapes: usable for inference in one process

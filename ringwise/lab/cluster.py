@@ -1,7 +1,7 @@
 """A ring of local processes for tests, demos and benchmarks.
 
-`LocalCluster(W)` spawns W processes joined in one gloo (or NCCL) process group on
-127.0.0.1 and keeps them alive, so many small jobs share one start-up. `run(fn, ...)`
+`LocalCluster(W)` starts W processes joined in one gloo (or NCCL) process group whose
+store (held by the caller) and sockets listen on 127.0.0.1 alone, and keeps them alive, so many small jobs share one start-up. `run(fn, ...)`
 calls fn on every rank and returns the per-rank results. Nothing hangs: every job has a
 deadline; a rank that raises, dies or overruns tears the cluster down and the caller
 gets one exception with every rank's traceback (stack dumps for ranks that hung).
@@ -18,19 +18,21 @@ import time
 import traceback
 from datetime import timedelta
 
-from ..train.parallel import free_port, start_method
+from ..train.loopback import LOOPBACK, keep_sockets_on_loopback, loopback_store
+from ..train.parallel import die_with, start_method
 
 
 class ClusterError(RuntimeError):
     """A job failed on some rank; the message holds every rank's report."""
 
 
-def _worker(rank, world_size, port, backend, threads, pg_timeout, tasks, results, dump_path, track_memory):
+def _worker(owner, rank, world_size, port, backend, threads, pg_timeout, tasks, results, dump_path, track_memory):
+    die_with(owner)
     if track_memory:
         from .memory import return_large_frees
 
         return_large_frees()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     import torch
     import torch.distributed as dist
@@ -38,7 +40,10 @@ def _worker(rank, world_size, port, backend, threads, pg_timeout, tasks, results
     torch.set_num_threads(threads)
     dump = open(dump_path, "w")
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout))
+        keep_sockets_on_loopback()
+        timeout = timedelta(seconds=pg_timeout)
+        store = dist.TCPStore(LOOPBACK, port, world_size, False, timeout)  # a client of the cluster's store
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         results.put((rank, "ready", None))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
@@ -70,10 +75,11 @@ class LocalCluster:
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._dumpdir = tempfile.mkdtemp(prefix="ringwise-cluster-")
-        port = free_port()
+        self._store = loopback_store(pg_timeout)  # held here, for the cluster's life: no rank hosts it
+        port = self._store.port
         self._procs = [
             ctx.Process(target=_worker, daemon=True, args=(
-                r, world_size, port, backend, threads_per_rank, pg_timeout, self._tasks[r], self._results,
+                os.getpid(), r, world_size, port, backend, threads_per_rank, pg_timeout, self._tasks[r], self._results,
                 self._dump_path(r), track_memory))
             for r in range(world_size)
         ]
@@ -145,6 +151,7 @@ class LocalCluster:
             if p.is_alive():
                 p.kill()
                 p.join()
+        self._store = None  # its server stops with the last reference
 
     def __enter__(self):
         return self

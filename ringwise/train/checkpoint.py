@@ -260,7 +260,7 @@ def consolidated(path: Path) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(str(path), f"{tmp}/whole.pt")
-        state = torch.load(f"{tmp}/whole.pt", weights_only=False)
+        state = torch.load(f"{tmp}/whole.pt", weights_only=True)  # tensors, numbers, strings, dicts: no pickle
     state.update(read_meta(path))
     return state
 
@@ -278,6 +278,12 @@ def export(run_dir: Path, out_file: Path) -> Path:
     torch.save({"step": state["step"], "config": state["config"], "model": state["model"]}, tmp)
     os.replace(tmp, out_file)
     return path
+
+
+def load_export(path: Path) -> dict:
+    """An `export` file ({step, config, model}) on the CPU, read with weights_only=True: a file from
+    elsewhere cannot run code when loaded."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
 class LockHeld(RuntimeError):

@@ -10,10 +10,12 @@ gets the job's timeout; a rank that stops responding is named by its stale heart
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing.util
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from ..attention.ulysses import register_mesh
 
 
 def free_port() -> int:
+    """A free TCP port of 127.0.0.1 (for a client-side choice; ringwise's own stores bind theirs, see loopback)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -48,6 +51,38 @@ def start_method(*preload: str) -> str:
     return "forkserver"
 
 
+def die_with(launcher: int) -> None:
+    """This rank is killed when process `launcher` ends, however it ends: a launcher killed
+    outright leaves no ranks training on their own. (Ranks are forked by a forkserver, which
+    outlives the launcher while any rank lives, so the parent-death signal cannot serve.)"""
+    import select
+
+    if not hasattr(os, "pidfd_open"):  # not Linux: the launcher's own teardown is all there is
+        return
+    try:
+        fd = os.pidfd_open(launcher)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def watch():
+        select.select([fd], [], [])  # readable once the launcher has exited
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="ringwise-launcher-watch", daemon=True).start()
+
+
+class _Rank:
+    """An entrypoint that first ties its rank's life to the launcher that made it (picklable by reference)."""
+
+    def __init__(self, entrypoint):
+        self.entrypoint, self.launcher = entrypoint, os.getpid()
+        functools.update_wrapper(self, entrypoint)  # the launcher names it, and its errors, by these
+
+    def __call__(self, *args):
+        die_with(self.launcher)
+        return self.entrypoint(*args)
+
+
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -65,12 +100,14 @@ def elastic_run(entrypoint, nproc: int, *args, log_dir: str | None = None) -> No
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(
+    from .loopback import register_rendezvous
+
+    config = LaunchConfig(  # one node: the rendezvous is a store on 127.0.0.1, the ranks its clients
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ringwise-{os.getpid()}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+        rdzv_backend=register_rendezvous(), max_restarts=0,
         monitor_interval=0.2, start_method=start_method(entrypoint.__module__), logs_specs=DefaultLogsSpecs(log_dir=log_dir),
     )
-    elastic_launch(config, entrypoint)(*args)
+    elastic_launch(config, _Rank(entrypoint))(*args)
 
 
 def rank_errors(log_dir: str) -> list[str]:
@@ -115,7 +152,10 @@ def init_distributed(device: str, backend: str | None, timeout: float) -> torch.
     On CUDA the rank binds to GPU LOCAL_RANK (modulo the GPUs, when ranks share them) and the
     default group is `cpu:gloo,cuda:<backend>`, so tensor collectives run on the GPU and CPU
     object collectives still have a backend."""
+    from .loopback import keep_sockets_on_loopback
+
     kind, backend = placement(device, backend, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    keep_sockets_on_loopback()
     if kind == "cuda":
         index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
         torch.cuda.set_device(index)
