@@ -7,7 +7,7 @@ import importlib
 
 _PUBLIC = {"ring_attention": ".attention.api", "shard": ".attention.layout", "unshard": ".attention.layout",
            "positions": ".attention.layout", "pad_to_multiple": ".attention.layout", "LAYOUTS": ".attention.layout",
-           "SeqShard": ".attention.seqshard"}
+           "SeqShard": ".attention.seqshard", "decode_attention": ".attention.decode"}
 
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"

@@ -1,0 +1,226 @@
+"""Exact attention of a few new queries against a sequence-sharded KV cache: one collective a call.
+
+Every rank holds the same queries and its own shard of the cache (any global positions,
+possibly none). Each rank attends its shard alone, giving a partial (out, lse) per query
+row; then ONE all-gather of every rank's packed float32 (out, lse) (float64 for float64
+inputs), and every rank merges the W partials in rank order with the same elementwise
+operations, so the result is bit-identical on every rank. A shard that holds no visible key
+has lse = -inf and weighs nothing; sinks join the softmax once, after the merge.
+
+This is the Tree-Attention / vLLM-decode-context-parallel shape of the problem (not the
+paper's K/V ring, which moves the whole cache every token): the bytes per call do not grow
+with the context, only with batch x query rows x heads x head_dim.
+
+Checks: the first call in a group is checked collectively (each rank's problems, its
+signature and a digest of q, in one object all-gather, before any data moves). Later calls
+carry in the same packed tensor a header: a problem code, a digest of the signature and one
+of q; every rank reads every header before it merges, so a problem on one rank is raised on
+every rank alike.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .kernels import _weighted_values, acc_dtype, default_scale
+from .merge import merge_into
+
+Tensor = torch.Tensor
+aten = torch.ops.aten
+
+# Per-call problems a rank reports through the data collective (by code; the text is the same on every rank).
+CALL_PROBLEMS = (
+    None,
+    "k, v and key_positions must have the same number of keys on each rank (batch, keys, kv_heads, head_dim)",
+    "k and v must match q's batch, head_dim, dtype and device, with kv_heads dividing q's heads",
+    "key_positions must be a 1-D integer tensor on q's device",
+    "q differs between ranks: every rank must pass the same queries",
+    "the ranks called decode_attention with different signatures (shapes, dtype or options)",
+)
+_Q_DIFFERS, _SIG_DIFFERS = 4, 5
+_CHECKED_GROUPS: set = set()  # groups whose first call was checked collectively (by name)
+
+
+def _digest(x: Optional[Tensor]) -> int:
+    """An exact fingerprint of a tensor's bytes (a weighted sum mod a prime): equal tensors, equal digests."""
+    if x is None:
+        return 0
+    b = x.detach().contiguous().view(-1).view(torch.uint8).to(torch.int64)
+    w = torch.arange(1, b.numel() + 1, dtype=torch.int64, device=b.device) % 1_000_003
+    return int(((b * w) % 2_147_483_647).sum().item()) % 2_147_483_647
+
+
+def _hash_sig(sig: tuple) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(repr(sig).encode()).digest()[:6], "little")
+
+
+def _call_problem(q, k, v, key_positions) -> int:
+    if not (isinstance(k, Tensor) and isinstance(v, Tensor)) or k.dim() != 4 or v.shape != k.shape:
+        return 1
+    if (k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or k.dtype != q.dtype or v.dtype != q.dtype
+            or k.device != q.device or v.device != q.device or k.shape[2] < 1 or q.shape[2] % k.shape[2]):
+        return 2
+    if key_positions is not None:
+        if (not isinstance(key_positions, Tensor) or key_positions.dim() != 1 or key_positions.is_floating_point()
+                or key_positions.device != q.device):
+            return 3
+        if key_positions.shape[0] != k.shape[1]:
+            return 1
+    return 0
+
+
+def _signature_problem(q, softmax_scale, query_positions, window, sinks, softcap) -> Optional[str]:
+    if not isinstance(q, Tensor) or q.dim() != 4 or not q.is_floating_point() or min(q.shape) < 1:
+        return f"q must be a floating point 4-D tensor (batch, new tokens, heads, head_dim), got {getattr(q, 'shape', q)}"
+    if query_positions is not None and (not isinstance(query_positions, Tensor) or query_positions.dim() != 1
+                                        or query_positions.shape[0] != q.shape[1]
+                                        or query_positions.is_floating_point()):
+        return f"query_positions must be a 1-D integer tensor of q's {q.shape[1]} new tokens"
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0):
+        return f"window must be an int >= 0 or None, got {window!r}"
+    if window is not None and query_positions is None:
+        return "window needs query_positions and key_positions (it counts positions)"
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or softcap <= 0):
+        return f"softcap must be a number > 0 or None, got {softcap!r}"
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)):
+        return f"softmax_scale must be a number or None, got {softmax_scale!r}"
+    if sinks is not None and (not isinstance(sinks, Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[2]
+                              or not sinks.is_floating_point()):
+        return f"sinks must be a 1-D floating point tensor of one logit per query head ({q.shape[2]})"
+    return None
+
+
+def visible(key_positions, query_positions, window) -> Optional[Tensor]:
+    """(Tq, Sk) bool: key j visible to new token i (causal over global positions, within the window);
+    None when every key is visible (no positions given)."""
+    if key_positions is None or query_positions is None:
+        return None
+    d = query_positions[:, None] - key_positions[None, :]
+    ok = d >= 0
+    if window is not None:
+        ok &= d <= window
+    return ok
+
+
+def local_attention(q, k, v, scale, mask, softcap) -> tuple[Tensor, Tensor]:
+    """This rank's partial result: out (batch, heads, Tq, d) and lse (batch, heads, Tq) in the
+    accumulator dtype, over its own keys. Query heads of one kv head are stacked as extra rows
+    (b, kv_heads, group x Tq, d), so GQA reads each key once and nothing is expanded."""
+    B, Tq, H, D = q.shape
+    Hk, Sk = k.shape[2], k.shape[1]
+    dt = acc_dtype(q.dtype)
+    g = H // Hk
+    if Sk == 0:
+        return q.new_zeros(B, H, Tq, D, dtype=dt), torch.full((B, H, Tq), float("-inf"), dtype=dt, device=q.device)
+    qg = q.permute(0, 2, 1, 3).reshape(B, Hk, g * Tq, D)  # rows: (head in group, new token)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, Sk, D)
+    rows_mask = None if mask is None else mask.repeat(g, 1)  # (g*Tq, Sk)
+    finite = bool(torch.isfinite(q).all() and torch.isfinite(k).all() and torch.isfinite(v).all())
+    if (q.device.type == "cpu" and softcap is None and finite
+            and (rows_mask is None or bool(rows_mask.any(-1).all()))):
+        bias = None if rows_mask is None else torch.zeros(rows_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~rows_mask, float("-inf"))  # the fused kernel takes an additive mask of q's dtype
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qg, kt, vt, 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = out.to(dt), lse.to(dt)
+    else:  # masked rows, soft-capping, non-finite inputs, other devices: plain float math, exact semantics
+        s = torch.matmul(qg.to(dt), kt.to(dt).transpose(-1, -2)) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        if rows_mask is not None:
+            s = s.masked_fill(~rows_mask, float("-inf"))
+        m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(dt).min)
+        p = torch.exp(s - m)
+        denom = p.sum(-1, keepdim=True)
+        out = _weighted_values(p, vt.to(dt)) / denom.clamp_min(torch.finfo(dt).tiny)
+        lse = (m + torch.log(denom)).squeeze(-1)
+    # back from (B, Hk, g*Tq, ...) rows to (B, H, Tq, ...): head h = kv head h // g, member h % g
+    return out.reshape(B, Hk, g, Tq, D).reshape(B, H, Tq, D), lse.reshape(B, Hk, g, Tq).reshape(B, H, Tq)
+
+
+def _header(code: int, sig_hash: int, q_digest: int, dt) -> Tensor:
+    ints = torch.tensor([code, sig_hash, q_digest], dtype=torch.int64)
+    return ints.view(dt)  # bit-exact through the collective
+
+
+def _read_header(part: Tensor, n: int) -> tuple[int, int, int]:
+    return tuple(int(x) for x in part[:n].contiguous().view(torch.int64).tolist())
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_scale: Optional[float] = None,
+                     key_positions: Optional[Tensor] = None, query_positions: Optional[Tensor] = None,
+                     window: Optional[int] = None, sinks: Optional[Tensor] = None, softcap: Optional[float] = None,
+                     return_lse: bool = False):
+    """Attention of the new tokens q (batch, Tq, heads, d), the same on every rank, against the
+    whole cache, of which this rank holds k, v (batch, keys, kv_heads, d) at global
+    key_positions (keys,). With positions, key j is visible to new token i iff
+    key_pos[j] <= query_pos[i] (and query_pos[i] - key_pos[j] <= window); without, every key
+    is. Returns out (batch, Tq, heads, d) in q's dtype, identical on every rank, and with
+    return_lse the float32 (float64) lse (batch, heads, Tq) that includes the sinks."""
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size(group) if distributed else 1
+    problem = _signature_problem(q, softmax_scale, query_positions, window, sinks, softcap)
+    code = 0 if problem else _call_problem(q, k, v, key_positions)
+    sig = () if problem else (tuple(q.shape), str(q.dtype), q.device.type, softmax_scale, window, softcap,
+                              sinks is not None, key_positions is not None, query_positions is not None, return_lse)
+    q_digest = 0 if problem else _digest(q)
+    name = getattr(group or (dist.group.WORLD if distributed else None), "group_name", None)
+    if world > 1 and name not in _CHECKED_GROUPS:  # the first call: every problem worded, from every rank
+        infos = [None] * world
+        dist.all_gather_object(infos, dict(rank=dist.get_rank(), problem=problem or (
+            CALL_PROBLEMS[code] if code else None), sig=sig, q=q_digest), group=group)
+        for i in infos:
+            if i["problem"]:
+                raise ValueError(f"decode_attention: rank {i['rank']}: {i['problem']}")
+        for i in infos[1:]:
+            if i["sig"] != infos[0]["sig"]:
+                raise ValueError(f"decode_attention: rank {i['rank']}: {CALL_PROBLEMS[_SIG_DIFFERS]}: "
+                                 f"{i['sig']} vs rank {infos[0]['rank']} {infos[0]['sig']}")
+            if i["q"] != infos[0]["q"]:
+                raise ValueError(f"decode_attention: rank {i['rank']}: {CALL_PROBLEMS[_Q_DIFFERS]}")
+        _CHECKED_GROUPS.add(name)
+    if problem:  # a checked group's rank with a problem the signature cannot carry: tell the others
+        raise ValueError(f"decode_attention: {problem}")
+    if code and world == 1:
+        raise ValueError(f"decode_attention: {CALL_PROBLEMS[code]}")
+    B, Tq, H, D = q.shape
+    dt = acc_dtype(q.dtype)
+    scale = default_scale(D) if softmax_scale is None else float(softmax_scale)
+    if code:
+        out = q.new_zeros(B, H, Tq, D, dtype=dt)
+        lse = torch.full((B, H, Tq), float("-inf"), dtype=dt, device=q.device)
+    else:
+        mask = visible(key_positions, query_positions, window)
+        out, lse = local_attention(q, k, v, scale, mask, softcap)
+    if world > 1:
+        head = _header(code, _hash_sig(sig), q_digest, dt).to(q.device)
+        packed = torch.cat([head, out.reshape(-1), lse.reshape(-1)])
+        parts = torch.empty(world * packed.numel(), dtype=dt, device=q.device)
+        dist.all_gather_into_tensor(parts, packed, group=group)
+        parts = parts.view(world, -1)
+        headers = [_read_header(p.cpu(), head.numel()) for p in parts]
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+        for r, (c, _, _) in zip(ranks, headers):
+            if c:
+                raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[c]}")
+        for r, (_, s, d) in zip(ranks, headers):
+            if s != headers[0][1]:
+                raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[_SIG_DIFFERS]}")
+            if d != headers[0][2]:
+                raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[_Q_DIFFERS]}")
+        n_out = out.numel()
+        out = torch.zeros_like(out)
+        lse = torch.full_like(lse, float("-inf"))
+        for p in parts:  # rank order, elementwise: the same bits on every rank
+            body = p[head.numel():]
+            merge_into(out, lse, body[:n_out].view(B, H, Tq, D), body[n_out:].view(B, H, Tq))
+    if sinks is not None:
+        total = torch.logaddexp(lse, sinks.detach().to(dt)[None, :, None])
+        keep = torch.where(torch.isneginf(lse), torch.zeros_like(lse), torch.exp(lse - total))  # NaN stays NaN
+        out, lse = out * keep[..., None], total
+    out = out.transpose(1, 2).to(q.dtype)
+    return (out, lse) if return_lse else out
