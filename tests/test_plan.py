@@ -274,3 +274,18 @@ def test_cli_plans_the_split(capsys):
         plan.run_plan(_args("--devices", "12", "--devices-per-node", "8"))
     with pytest.raises(ValueError, match="internode"):
         plan.run_plan(_args("--devices", "16", "--devices-per-node", "8", "--internode-gbps", "0"))
+
+
+def test_decode_plan_counts_the_cache_share_and_a_context_free_collective():
+    """Llama-3-8B shapes (32 layers, 8 kv heads of 128, bf16): 1M tokens of K/V are 128 GiB, an
+    eighth per rank on 8; the per-token all-gather is one per layer and does not grow with S."""
+    llama3 = plan.ModelShape("llama-3-8b", n_layers=32, hidden=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336)
+    d = plan.decode_plan(llama3, 8, 2**20)
+    assert d["kv_total_bytes"] == 128 * 2**30 and d["kv_per_rank_bytes"] == 16 * 2**30
+    assert d["collectives_per_step"] == 32
+    assert d["sent_per_step_bytes"] == 32 * (4 * 32 * 129 + 24) and d["received_per_step_bytes"] == 7 * d["sent_per_step_bytes"]
+    assert plan.decode_plan(llama3, 8, 2**10)["sent_per_step_bytes"] == d["sent_per_step_bytes"]
+    assert plan.decode_plan(llama3, 1, 2**20)["sent_per_step_bytes"] == 0
+    assert "KV cache 128.00 GiB in all, 16.00 GiB per rank" in plan.format_decode_plan(llama3, 8, 2**20)
+    with pytest.raises(ValueError, match="context"):
+        plan.decode_plan(llama3, 8, 0)

@@ -492,11 +492,40 @@ def format_table3(memory=DEFAULT_MEMORY) -> str:
     return "\n".join(lines)
 
 
+DECODE_HEADER_BYTES = 24  # decode_attention's header: problem code, signature and q digests (3 x int64)
+
+
+def decode_plan(model, n_devices, context, batch=1, bytes_per_element=2, new_tokens=1) -> dict:
+    """Inference over a sequence-sharded KV cache (ringwise.decode_attention): the cache each rank
+    holds at `context` tokens (K and V of every layer, its 1/n share, rounded up), and the bytes of
+    the one all-gather per layer and step: each rank sends its float32 (out, lse) for the new
+    tokens plus the header, and receives the other ranks'; independent of the context."""
+    model = get_model(model) if isinstance(model, str) else model
+    _positive("n_devices", n_devices, True), _positive("context", context, True), _positive("batch", batch, True)
+    head_dim = model.hidden // model.n_heads
+    per_token = 2 * model.n_layers * model.n_kv_heads * head_dim * bytes_per_element * batch
+    rows = batch * model.n_heads * new_tokens
+    sent = model.n_layers * (4 * rows * (head_dim + 1) + DECODE_HEADER_BYTES)
+    return dict(kv_total_bytes=per_token * context, kv_per_rank_bytes=per_token * math.ceil(context / n_devices),
+                sent_per_step_bytes=sent if n_devices > 1 else 0, received_per_step_bytes=sent * (n_devices - 1),
+                collectives_per_step=model.n_layers if n_devices > 1 else 0)
+
+
+def format_decode_plan(model, n_devices, context, batch=1, bytes_per_element=2) -> str:
+    d = decode_plan(model, n_devices, context, batch, bytes_per_element)
+    gib = lambda x: f"{x / 2**30:.2f} GiB"
+    return (f"decode at {context:,} tokens of context ({bytes_per_element:g}-byte K/V, batch {batch}): KV cache "
+            f"{gib(d['kv_total_bytes'])} in all, {gib(d['kv_per_rank_bytes'])} per rank; per new token "
+            f"{d['collectives_per_step']} all-gathers (one per layer), {d['sent_per_step_bytes'] / 2**10:.1f} KiB "
+            f"sent and {d['received_per_step_bytes'] / 2**10:.1f} KiB received per rank, whatever the context")
+
+
 def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMORY) -> str:
     """Readable plan: per-layer activations at ``seq``, overlap block, longest context per method."""
     model, device = get_model(model), get_device(device)
     _positive("n_devices", n_devices, True), _positive("batch", batch, True)
     c = min_block_size(device)
+    asked = seq
     seq = _positive("seq", max(32 * K, n_devices * K) if seq is None else seq, True)
     e = memory.bytes_per_element
     gib = lambda x: f"{x / 2**30:10.2f} GiB"
@@ -529,6 +558,8 @@ def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMO
         lines.append(f"ringwise's own activation buffers at that length (counted; 1 checkpoint per layer): "
                      f"{own['total'] / 2**30:.2f} GiB, against Table 1's accounting with 1 checkpoint per layer: "
                      f"{(same['checkpoints'] + same['layer peak']) / 2**30:.2f} GiB")
+    # decode at the asked length, else at the longest trainable one
+    lines.append(format_decode_plan(model, n_devices, asked or longest or seq, batch, bytes_per_element=2))  # bf16 K/V
     return "\n".join(lines)
 
 
