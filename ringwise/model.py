@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention.api import ring_attention
+from .attention.decode import decode_attention
 from .attention.seqshard import IGNORE_INDEX  # labels the loss skips; defined where labels are shifted
 from .presets import SHAPES
 
@@ -111,27 +112,52 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
+@dataclass
+class CacheStep:
+    """How one forward pass uses a sharded KV cache (ringwise.attention.kvcache.KVCache): "prefill"
+    stores each rank's prompt shard as the ring attends it; "decode" stores the new token's K/V on
+    its owner rank and attends the whole cache with decode_attention (every rank runs the token).
+    positions: the global positions of this pass's (local) tokens."""
+    cache: object
+    mode: str
+    positions: torch.Tensor
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.index = cfg, index
         hd = cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_kwargs):
+    def forward(self, x, cos, sin, attn_kwargs, step: CacheStep | None = None):
         b, n, _ = x.shape
         hd = self.cfg.head_dim
         q = apply_rotary(self.wq(x).view(b, n, self.cfg.n_heads, hd), cos, sin)
         k = apply_rotary(self.wk(x).view(b, n, self.cfg.n_kv_heads, hd), cos, sin)
         v = self.wv(x).view(b, n, self.cfg.n_kv_heads, hd)
-        if self.cfg.attention == "ring":
+        if step is not None and step.mode == "decode":
+            o = self._decode(q, k, v, step, attn_kwargs.get("group"))
+        elif self.cfg.attention == "ring":
+            if step is not None:
+                step.cache.store_prefill(self.index, k, v, step.positions)
             o = ring_attention(q, k, v, causal=True, **attn_kwargs)
         else:
             o = single_process_attention(q, k, v, self.cfg.attention)
         return self.wo(o.reshape(b, n, -1))
+
+    def _decode(self, q, k, v, step, group):
+        if q.shape[1] != 1:
+            raise ValueError(f"decoding runs one new token at a time, got {q.shape[1]}")
+        step.cache.store_token(self.index, k, v, int(step.positions[0]))
+        kk, vv, pos = step.cache.view(self.index)
+        if kk is None:  # this rank holds nothing of this layer yet
+            kk = vv = k.new_zeros(k.shape[0], 0, *k.shape[2:])
+            pos = torch.zeros(0, dtype=torch.int64, device=k.device)
+        return decode_attention(q, kk, vv, group=group, key_positions=pos, query_positions=step.positions)
 
 
 def single_process_attention(q, k, v, kind):
@@ -168,15 +194,15 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, index)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, attn_kwargs):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_kwargs)
+    def forward(self, x, cos, sin, attn_kwargs, step=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_kwargs, step)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -187,7 +213,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if self.embed.weight.device.type != "meta":  # on meta, the owner fills each shard (ringwise.train)
@@ -209,10 +235,12 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             p.copy_(self.initial_value(name, seed))
 
-    def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True, ulysses_group=None):
+    def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True, ulysses_group=None,
+               step: CacheStep | None = None):
         """Final normalised hidden states of the local tokens: (batch, local_seq, dim).
 
-        layout, group, ulysses_group: how the sequence is sharded (`SeqShard.ring_kwargs()`)."""
+        layout, group, ulysses_group: how the sequence is sharded (`SeqShard.ring_kwargs()`).
+        step: fill (prefill) or read (decode) a sharded KV cache; see ringwise.generate."""
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         attn_kwargs = dict(layout=layout, group=group, validate=validate, ulysses_group=ulysses_group)
         x = self.embed(input_ids)
@@ -220,7 +248,7 @@ class Transformer(nn.Module):
             if self.cfg.checkpoint_layers and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, attn_kwargs, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_kwargs)
+                x = layer(x, cos, sin, attn_kwargs, step)
         return self.norm(x)
 
     def _chunk_loss(self, h, labels):
