@@ -1,4 +1,4 @@
-"""`ringwise` command line: train, export, demo, plan, bench.
+"""`ringwise` command line: train, export, generate, demo, plan, bench.
 
 Only the chosen command's flags are built, from its own module, imported then: `ringwise
 plan` and `ringwise --help` run without torch, and `ringwise bench X` imports suite X alone
@@ -17,6 +17,8 @@ COMMANDS = {
     "train": ("sequence-parallel training of the Blockwise Transformer (the main job)",
               "ringwise.train.__main__:add_arguments"),
     "export": ("a training run's newest checkpoint as one .pt file", "ringwise.train.__main__:add_export_arguments"),
+    "generate": ("generation from a trained model across local ranks (sharded KV cache)",
+                 "ringwise.lab.generation:add_arguments"),
     "plan": ("the paper's memory/overlap model for a cluster you plan", "ringwise.lab.plan:add_plan_arguments"),
     "bench": ("benchmarks measured side by side (results to --out)", "ringwise.lab.bench.flags:add_bench_arguments"),
 }
@@ -53,6 +55,10 @@ def main(argv=None) -> int:
         from .train import __main__ as train
 
         return train.run(args) if args.command == "train" else train.export(args)
+    elif args.command == "generate":
+        from .lab import generation
+
+        return generation.run(args)
     elif args.command == "demo":
         from .lab import demo
 

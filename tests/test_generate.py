@@ -43,3 +43,27 @@ def test_generation_matches_one_process(grid_results, case):
         assert torch.equal(results[0], single)
     else:
         assert torch.equal(results[0], generate_single_process(tiny_model(), prompt(case["prompt"]), case["new"]))
+
+
+def test_generate_command_answers_the_runs_questions_and_checks_them(cluster, tmp_path, capsys):
+    """`ringwise generate RUN_DIR --world 3 --retrieval 4 --check`: a short retrieval run trained on the test
+    cluster, its evaluation documents answered over the sharded cache on 3 launched ranks (a prompt length
+    not divisible by 6), tokens identical to one process, generate.json written; bad flags refused first."""
+    import json
+
+    from ringwise.cli import main
+    from test_train import job_args, run_job
+
+    out = tmp_path / "run"
+    cluster(2).run(run_job, job_args(out, steps=3, ckpt_every=3))
+    assert main(["generate", str(out), "--world", "3", "--retrieval", "4", "--check", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "check: identical tokens to one process" in printed and "retrieval accuracy" in printed
+    report = json.loads((out / "generate.json").read_text())
+    assert report["world"] == 3 and report["retrieval"]["documents"] == 4
+    assert report["decode_collectives_per_token"] == 2  # one all-gather per layer of the tiny model
+    assert len(report["kv_bytes_per_rank"]) == 3 and all(b > 0 for b in report["kv_bytes_per_rank"])
+    assert report["time_to_first_token_s"] > 0 and report["tokens_per_s"] > 0
+    assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "no such run folder" in err and "--max-new-tokens must be >= 1" in err

@@ -266,7 +266,8 @@ def consolidated(path: Path) -> dict:
 
 
 def export(run_dir: Path, out_file: Path) -> Path:
-    """The newest intact checkpoint of a run as one file for inference: {step, config, model}."""
+    """The newest intact checkpoint of a run as one file for inference: {step, config, model, task}
+    (task: the run's retrieval task and evaluation grid, None for runs saved before it was kept)."""
     path, skipped = newest_intact(Path(run_dir) / "checkpoints")
     if path is None:
         raise FileNotFoundError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}"
@@ -275,7 +276,8 @@ def export(run_dir: Path, out_file: Path) -> Path:
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp")
-    torch.save({"step": state["step"], "config": state["config"], "model": state["model"]}, tmp)
+    torch.save({"step": state["step"], "config": state["config"], "model": state["model"],
+                "task": state.get("task")}, tmp)
     os.replace(tmp, out_file)
     return path
 
@@ -283,7 +285,7 @@ def export(run_dir: Path, out_file: Path) -> Path:
 def load_export(path: Path) -> dict:
     """An `export` file ({step, config, model}) on the CPU, read with weights_only=True: a file from
     elsewhere cannot run code when loaded."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)  # ranks share its pages
 
 
 class LockHeld(RuntimeError):

@@ -182,8 +182,11 @@ def evaluate(run: Run) -> dict:
 
 
 def save(run: Run, done: int) -> None:
-    meta = dict(config=run.model.cfg.to_dict(), run=checkpoint.run_settings(run.cfg), world=run.mesh.world,
-                mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp, ulysses=run.mesh.ulysses))
+    cfg = run.cfg
+    meta = dict(config=run.model.cfg.to_dict(), run=checkpoint.run_settings(cfg), world=run.mesh.world,
+                mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp, ulysses=run.mesh.ulysses),
+                task=dict(cfg.task_kwargs(), decoys=cfg.eval_decoys, lengths=cfg.eval_lengths_for(run.mesh.cp),
+                          depths=list(cfg.eval_depths), per_cell=cfg.eval_per_cell))  # for `ringwise generate --retrieval`
     checkpoint.save(Path(run.cfg.out) / "checkpoints", done, run.model, run.optimizer, meta, keep=run.cfg.keep)
 
 

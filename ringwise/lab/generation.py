@@ -1,0 +1,231 @@
+"""`ringwise generate RUN_DIR|EXPORT.pt --world N (--prompt TEXT | --retrieval K)`: generation
+from ringwise's own model across local ranks (the training job's launcher and flags), the
+prompt prefilled through the ring and decoded over the sharded KV cache (ringwise.generate).
+
+--retrieval K answers K evaluation documents of the run's own task (its retrieval settings and
+evaluation grid are kept in the checkpoint) and prints the accuracy; --check reruns every prompt
+in this process with the whole sequence in one SDPA model and fails unless the tokens are
+identical. Writes generate.json next to the model: time to first token, per-token latency
+(p50/p90), tokens/s, KV bytes per rank and collectives per new token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a training --out folder (its newest intact checkpoint) or an exported .pt")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text to continue (byte tokens)")
+    what.add_argument("--retrieval", type=int, metavar="K", help="answer K evaluation documents of the run's task")
+    p.add_argument("--world", type=int, default=2, help="local ranks")
+    p.add_argument("--layout", default="zigzag", choices=("zigzag", "striped", "contiguous"))
+    p.add_argument("--device", default="cpu", choices=("cpu",), help="where ranks run (CPU for now)")
+    p.add_argument("--backend", default="gloo", choices=("gloo",))
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true", help="rerun in one process and fail unless the tokens are identical")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits on another")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per rank")
+
+
+def problems(args) -> list[str]:
+    found = []
+    if not Path(args.model).exists():
+        found.append(f"{args.model}: no such run folder or file")
+    if args.world < 1:
+        found.append(f"--world must be >= 1, got {args.world}")
+    if args.max_new_tokens < 1:
+        found.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.retrieval is not None and args.retrieval < 1:
+        found.append(f"--retrieval must be >= 1, got {args.retrieval}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        found.append("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.check and args.temperature > 0:
+        found.append("--check compares greedy tokens: drop --temperature")
+    return found
+
+
+def model_file(path: Path, tmp: str) -> Path:
+    """An exported .pt as it is; a run folder's newest intact checkpoint exported once, here in
+    the launcher, for every rank to load (weights_only, memory-mapped)."""
+    if path.is_file():
+        return path
+    from ..train import checkpoint
+
+    out = Path(tmp) / "model.pt"
+    checkpoint.export(path, out)
+    return out
+
+
+def load_model(file: Path):
+    import torch
+
+    from ..model import ModelConfig, Transformer
+    from ..train.checkpoint import load_export
+
+    state = load_export(file)
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**state["config"]))
+    model.load_state_dict(state["model"], assign=True)
+    return model.eval(), state
+
+
+def prompts(args, state) -> list[dict]:
+    """[{ids (batch, S), answers (batch, n) or None}]: the text prompt, or K retrieval documents
+    drawn round-robin over the run's evaluation grid, batched by length."""
+    import torch
+
+    if args.prompt is not None:
+        from ..data.text import ByteTokenizer
+
+        ids = torch.tensor([[ByteTokenizer.BOS] + list(args.prompt.encode())])
+        return [dict(ids=ids, answers=None, new=args.max_new_tokens)]
+    task = state.get("task")
+    if not task:
+        raise ValueError("--retrieval needs a checkpoint that keeps its task (trained by this version)")
+    from ..data.retrieval import retrieval_eval_grid
+
+    cells = [(L, d) for L in task["lengths"] for d in task["depths"]]
+    per_cell = -(-args.retrieval // len(cells))
+    kwargs = {k: task[k] for k in ("fmt", "id_digits", "value_digits", "id_chars", "id_pool")}
+    grid = retrieval_eval_grid(task["lengths"], task["depths"], per_cell, decoys=task["decoys"], **kwargs)
+    chosen = [grid[cells[i % len(cells)]][i // len(cells)] for i in range(args.retrieval)]
+    groups: dict[tuple, list] = {}
+    for ex in chosen:
+        a, b = ex["answer_span"]
+        groups.setdefault((a, b), []).append(ex["input_ids"])
+    return [dict(ids=torch.stack(docs)[:, :a], answers=torch.stack(docs)[:, a:b], new=b - a)
+            for (a, b), docs in groups.items()]
+
+
+def worker(args, file: str) -> dict | None:
+    """One rank: every prompt through ringwise.generate; rank 0 returns the report."""
+    import torch
+    import torch.distributed as dist
+
+    from ..generate import generate
+    from ..train.parallel import init_distributed
+    from .comms import count_comms
+
+    init_distributed("cpu", "gloo", args.timeout)
+    rank = dist.get_rank()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, state = load_model(Path(file))
+    bar = None
+    jobs = prompts(args, state)
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(j["new"] for j in jobs), desc="generate", unit="tok", dynamic_ncols=True)
+    results, ttft, latencies, comms, kv = [], [], [], [], []
+    for j in jobs:
+        stamps = [time.perf_counter()]
+
+        def tick(step, token):
+            stamps.append(time.perf_counter())
+            if bar is not None:
+                bar.update()
+
+        with count_comms() as counted:
+            from ..attention.kvcache import KVCache
+
+            cache = KVCache(model.cfg.n_layers, rank, dist.get_world_size())
+            tokens = generate(model, j["ids"], j["new"], layout=args.layout, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, cache=cache, on_token=tick)
+        ttft.append(stamps[1] - stamps[0])
+        latencies += [b - a for a, b in zip(stamps[1:], stamps[2:])]
+        decode_calls = counted.counts.get("all_gather_into_tensor", 0)
+        comms.append(decode_calls / max(1, j["new"] - 1))
+        kv.append(cache.nbytes())
+        results.append(tokens[:, j["ids"].shape[1]:])
+    if bar is not None:
+        bar.close()
+    kv_all = [None] * dist.get_world_size()
+    dist.all_gather_object(kv_all, max(kv))
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    total = sum(j["new"] * j["ids"].shape[0] for j in jobs)
+    report = dict(world=len(kv_all), layout=args.layout,
+                  prompts=sum(j["ids"].shape[0] for j in jobs), new_tokens=total,
+                  time_to_first_token_s=statistics.median(ttft),
+                  per_token_latency_s=dict(p50=_quantile(latencies, 0.5), p90=_quantile(latencies, 0.9)),
+                  tokens_per_s=total / (sum(ttft) + sum(latencies)), kv_bytes_per_rank=kv_all,
+                  decode_collectives_per_token=max(comms))
+    if args.retrieval is not None:
+        hits = []
+        for got, j in zip(results, jobs):  # an answer counts only when every one of its tokens is right
+            hits += (got == j["answers"]).all(1).tolist()
+        report["retrieval"] = dict(documents=len(hits), accuracy=sum(hits) / len(hits))
+    report["tokens"] = [t.tolist() for t in results]
+    Path(args.report).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _quantile(xs, q):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def check(args, file: Path, report: dict) -> list[str]:
+    """The same prompts in this process, whole-sequence SDPA each step, no cache: tokens must match."""
+    from ..generate import generate_single_process
+
+    model, state = load_model(file)
+    mismatches = []
+    for i, (j, got) in enumerate(zip(prompts(args, state), report["tokens"])):
+        want = generate_single_process(model, j["ids"], j["new"])[:, j["ids"].shape[1]:].tolist()
+        if want != got:
+            mismatches.append(f"prompt group {i}: {got} vs one process {want}")
+    return mismatches
+
+
+def run(args) -> int:
+    found = problems(args)
+    if found:
+        print("ringwise generate: " + "; ".join(found), file=sys.stderr)
+        return 2
+    from ..train.parallel import elastic_run
+
+    path = Path(args.model)
+    with tempfile.TemporaryDirectory(prefix="ringwise-generate-") as tmp:
+        file = model_file(path, tmp)
+        args.report = str((path if path.is_dir() else path.parent) / "generate.json")
+        elastic_run(worker, args.world, args, str(file))
+        report = json.loads(Path(args.report).read_text())
+        line = (f"generated {report['new_tokens']} tokens on {report['world']} ranks: first token "
+                f"{report['time_to_first_token_s'] * 1e3:.0f} ms, {report['tokens_per_s']:.1f} tokens/s, "
+                f"{report['decode_collectives_per_token']:.0f} collectives per token, KV per rank "
+                f"{[round(b / 2**10, 1) for b in report['kv_bytes_per_rank']]} KiB")
+        if "retrieval" in report:
+            r = report["retrieval"]
+            line += f"; retrieval accuracy {r['accuracy']:.0%} over {r['documents']} documents"
+            summary = path / "summary.json"
+            if path.is_dir() and summary.exists():
+                acc = json.loads(summary.read_text()).get("retrieval", {}).get("accuracy")
+                if acc:
+                    flat = [a for row in acc for a in row]
+                    line += f" (the run's own evaluation: {sum(flat) / len(flat):.0%})"
+        if args.prompt is not None:
+            print(bytes(t for t in report["tokens"][0][0] if t < 256).decode(errors="replace"))
+        print(line)
+        if args.check:
+            mismatches = check(args, file, report)
+            if mismatches:
+                print("ringwise generate --check: tokens differ from one process:\n  " + "\n  ".join(mismatches),
+                      file=sys.stderr)
+                return 1
+            print("check: identical tokens to one process")
+    return 0
