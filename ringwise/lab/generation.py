@@ -144,8 +144,8 @@ def worker(args, file: str) -> dict | None:
                               top_p=args.top_p, seed=args.seed, cache=cache, on_token=tick)
         ttft.append(stamps[1] - stamps[0])
         latencies += [b - a for a, b in zip(stamps[1:], stamps[2:])]
-        decode_calls = counted.counts.get("all_gather_into_tensor", 0)
-        comms.append(decode_calls / max(1, j["new"] - 1))
+        if j["new"] > 1:  # the first new token comes from the prefill; the rest are decode steps
+            comms.append(counted.counts.get("all_gather_into_tensor", 0) / (j["new"] - 1))
         kv.append(cache.nbytes())
         results.append(tokens[:, j["ids"].shape[1]:])
     if bar is not None:
@@ -161,7 +161,7 @@ def worker(args, file: str) -> dict | None:
                   time_to_first_token_s=statistics.median(ttft),
                   per_token_latency_s=dict(p50=_quantile(latencies, 0.5), p90=_quantile(latencies, 0.9)),
                   tokens_per_s=total / (sum(ttft) + sum(latencies)), kv_bytes_per_rank=kv_all,
-                  decode_collectives_per_token=max(comms))
+                  decode_collectives_per_token=max(comms) if comms else None)
     if args.retrieval is not None:
         hits = []
         for got, j in zip(results, jobs):  # an answer counts only when every one of its tokens is right
@@ -205,10 +205,12 @@ def run(args) -> int:
         args.report = str((path if path.is_dir() else path.parent) / "generate.json")
         elastic_run(worker, args.world, args, str(file))
         report = json.loads(Path(args.report).read_text())
+        per_token = report["decode_collectives_per_token"]
         line = (f"generated {report['new_tokens']} tokens on {report['world']} ranks: first token "
                 f"{report['time_to_first_token_s'] * 1e3:.0f} ms, {report['tokens_per_s']:.1f} tokens/s, "
-                f"{report['decode_collectives_per_token']:.0f} collectives per token, KV per rank "
-                f"{[round(b / 2**10, 1) for b in report['kv_bytes_per_rank']]} KiB")
+                + ("no decode step (one new token per prompt)" if per_token is None else
+                   f"{per_token:.0f} collectives per decoded token, p50 {report['per_token_latency_s']['p50'] * 1e3:.1f} ms")
+                + f", KV per rank {[round(b / 2**10, 1) for b in report['kv_bytes_per_rank']]} KiB")
         if "retrieval" in report:
             r = report["retrieval"]
             line += f"; retrieval accuracy {r['accuracy']:.0%} over {r['documents']} documents"
