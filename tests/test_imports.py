@@ -214,8 +214,9 @@ def test_plan_runs_without_torch():
     assert "llama-7b" in done.stdout and "Ring Attention" in done.stdout
 
 
-@pytest.mark.parametrize("argv, shown", [(["--help"], "{demo,train,export,plan,bench}"),
-                                         (["plan", "--help"], "--devices-per-node")])
+@pytest.mark.parametrize("argv, shown", [(["--help"], "{demo,train,export,generate,plan,bench}"),
+                                         (["plan", "--help"], "--devices-per-node"),
+                                         (["generate", "--help"], "--retrieval")])
 def test_help_runs_without_torch(argv, shown):
     done = run_python(NO_TORCH + f"from ringwise.cli import main\nmain({argv!r})")
     assert done.returncode == 0, done.stderr  # argparse's --help exits 0
