@@ -84,3 +84,15 @@ def test_every_bench_suite_names_its_module():
     for name in SUITES + OPTIONAL:
         assert callable(suite(name).run) and callable(suite(name).add_arguments)
     assert suite("memory").__name__ == "ringwise.lab.bench.memory_plan"
+
+
+def test_bench_decode_quick(tmp_path):
+    assert main(["bench", "decode", "--quick", "--decode-heads", "4", "--decode-kv-heads", "2", "--decode-head-dim", "16",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert {(r["world"], r["seq"]) for r in rows} == {(1, 1024), (1, 4096), (2, 1024), (2, 4096)}
+    assert all(r["total"] > 0 and r["sdpa"] > 0 for r in rows)
+    two = [r for r in rows if r["world"] == 2]
+    # the bytes each rank gathers per call do not grow with the cache: (out, lse) of one token plus the header
+    assert len({r["gather_bytes"] for r in two}) == 1 and two[0]["gather_bytes"] == 4 * (6 + 4 * 16 + 4)
+    assert all(r["gather"] > 0 and r["tree_all_reduces"] > 0 and r["kv_ring"] > 0 for r in two)

@@ -120,14 +120,16 @@ def local_attention(q, k, v, scale, mask, softcap) -> tuple[Tensor, Tensor]:
     qg = q.permute(0, 2, 1, 3).reshape(B, Hk, g * Tq, D)  # rows: (head in group, new token)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, Sk, D)
     rows_mask = None if mask is None else mask.repeat(g, 1)  # (g*Tq, Sk)
-    finite = bool(torch.isfinite(q).all() and torch.isfinite(k).all() and torch.isfinite(v).all())
-    if (q.device.type == "cpu" and softcap is None and finite
+    out = None
+    if (q.device.type == "cpu" and softcap is None and bool(torch.isfinite(q).all())
             and (rows_mask is None or bool(rows_mask.any(-1).all()))):
         bias = None if rows_mask is None else torch.zeros(rows_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
             ~rows_mask, float("-inf"))  # the fused kernel takes an additive mask of q's dtype
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qg, kt, vt, 0.0, False, attn_mask=bias, scale=scale)
         out, lse = out.to(dt), lse.to(dt)
-    else:  # masked rows, soft-capping, non-finite inputs, other devices: plain float math, exact semantics
+        if not bool(torch.isfinite(out).all() and torch.isfinite(lse).all()):
+            out = None  # a non-finite key or value (the cache is not scanned up front): the exact path decides
+    if out is None:  # masked rows, soft-capping, non-finite inputs, other devices: plain float math, exact semantics
         s = torch.matmul(qg.to(dt), kt.to(dt).transpose(-1, -2)) * scale
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap

@@ -11,7 +11,7 @@ import json
 import platform
 from pathlib import Path
 
-SUITES = ("attention", "compute", "overlap", "scaling", "memory", "context", "ulysses")
+SUITES = ("attention", "compute", "overlap", "scaling", "memory", "context", "ulysses", "decode")
 OPTIONAL = ("peers",)  # not in `bench all`: it needs the peers extra
 # suite name (the CLI's, the results' file names) -> module, where the two differ:
 # `memory_plan` so that the package holds one memory.py (ringwise.lab.memory, the probes)

@@ -88,6 +88,17 @@ def ulysses_flags(p):
     p.add_argument("--ulysses-repeats", type=int, default=3, help="timed iterations per case (after one warm-up)")
 
 
+def decode_flags(p):
+    p.add_argument("--decode-seqs", type=int, nargs="+", default=[4096, 16384, 65536, 262144],
+                   help="decode: cache lengths S")
+    p.add_argument("--decode-worlds", type=int, nargs="+", default=[1, 2], help="decode: ranks W (each --threads/W threads)")
+    p.add_argument("--decode-heads", type=int, default=32, help="decode: query heads (Llama-3-8B)")
+    p.add_argument("--decode-kv-heads", type=int, default=8, help="decode: key/value heads")
+    p.add_argument("--decode-head-dim", type=int, default=128)
+    p.add_argument("--decode-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--decode-repeats", type=int, default=5, help="decode: timed calls per case (after one warm-up)")
+
+
 def peers_flags(p):
     p.add_argument("--peer-world", type=int, default=2)
     p.add_argument("--peer-seq", type=int, default=8192)
@@ -95,7 +106,7 @@ def peers_flags(p):
 
 SUITE_FLAGS = {"attention": attention_flags, "compute": compute_flags, "overlap": overlap_flags,
                "scaling": scaling_flags, "memory": memory_flags, "context": context_flags,
-               "ulysses": ulysses_flags, "peers": peers_flags}
+               "ulysses": ulysses_flags, "decode": decode_flags, "peers": peers_flags}
 
 
 def add_bench_arguments(b) -> None:
