@@ -41,6 +41,9 @@ def make_case(case):
         query_pos = torch.sort(key_pos[torch.randperm(S, generator=g)[:Tq]]).values
     if case.get("nan"):
         q[0, -1, 0, 0] = float("nan")
+    if case.get("nan_hidden_key"):  # a NaN key no new token can see changes nothing (the fused result is checked)
+        query_pos = torch.tensor([top - 5 + 2 * i for i in range(Tq)])
+        k[:, int(key_pos.argmax())] = float("nan")
     sinks = torch.randn(H, generator=g, dtype=torch.float64) if case.get("sinks") else None
     return q, k, v, key_pos, query_pos, sinks
 
@@ -77,7 +80,7 @@ GRID = []
 for W in (1, 2, 3, 4):
     for extra in (dict(), dict(tq=3), dict(uneven=True), dict(empty=(0,)), dict(window=5, tq=3),
                   dict(sinks=True), dict(softcap=4.0, tq=3), dict(kv_heads=1), dict(masked_row=True, tq=3),
-                  dict(future_keys=True, tq=3), dict(nan=True, tq=3), dict(dtype="bfloat16"), dict(dtype="float64"),
+                  dict(future_keys=True, tq=3), dict(nan=True, tq=3), dict(nan_hidden_key=True, tq=3), dict(dtype="bfloat16"), dict(dtype="float64"),
                   dict(sinks=True, window=3, masked_row=True, tq=3)):
         if W == 1 and "empty" in extra:
             continue
