@@ -47,42 +47,37 @@ class Job:
             self.proc.wait()
 
 
-def _children(pid: int) -> list[tuple[int, bytes]]:
-    kids = []
+def _children() -> dict[int, list[tuple[int, bytes]]]:
+    """Every process's children as (pid, command line), read once from /proc."""
+    kids: dict[int, list[tuple[int, bytes]]] = {}
     for d in Path("/proc").iterdir():
-        try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            kids.append((int(d.name), cmd))
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd = (d / "cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append((int(d.name), cmd))
     return kids
 
 
 def _ranks(launcher: int) -> list[int]:
     """Pids of the ranks the launcher started, in rank order (forked one after another by its
     forkserver, or spawned by the launcher itself where there is no forkserver)."""
-    kids = _children(launcher)
-    servers = [pid for pid, cmd in kids if b"forkserver" in cmd]
+    kids = _children()
+    mine = kids.get(launcher, [])
+    servers = [pid for pid, cmd in mine if b"forkserver" in cmd]
     if servers:
-        return sorted(pid for pid, _ in _children(servers[0]))
-    return sorted(pid for pid, cmd in kids if b"spawn_main" in cmd)
+        return sorted(pid for pid, _ in kids.get(servers[0], []))
+    return sorted(pid for pid, cmd in mine if b"spawn_main" in cmd)
 
 
 def descendants(pid: int) -> list[int]:
     """pid and every process below it."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
+    kids = _children()
     found, todo = [], [pid]
     while todo:
         p = todo.pop()
         found.append(p)
-        todo.extend(children.get(p, []))
+        todo.extend(child for child, _ in kids.get(p, []))
     return found

@@ -548,3 +548,23 @@ def test_transformers_bf16_ring_on_one_gpu(cluster):
     for n, g in results[0]["grads"].items():
         assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(bf16["grads"][n], ref["grads"][n]), 1e-3,
                              ceiling=CEILINGS["bfloat16"])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_attention_on_a_gpu_matches_float64(dtype):
+    """decode_attention's local path on CUDA (the exact float math; no fused kernel there yet), one
+    process: windows over random positions, sinks, GQA, a fully masked new token; within 2x the CPU
+    run's error of the same dtype (or that error's floor) against float64."""
+    from test_decode import BASE, kwargs, make_case, visible
+
+    case = dict(BASE, world=1, seed=3, tq=3, dtype=dtype, window=5, sinks=True, masked_row=True)
+    dt = DTYPES[dtype]
+    q, k, v, key_pos, query_pos, sinks = make_case(case)
+    ref, _ = reference_attention(q, k, v, mask=visible(key_pos, query_pos, 5), sinks=sinks)
+    cpu, _ = ringwise.decode_attention(q.to(dt), k.to(dt), v.to(dt), **kwargs(case, key_pos, query_pos, sinks, dt))
+    on_gpu = [x.cuda() for x in (q.to(dt), k.to(dt), v.to(dt))]
+    kw = kwargs(case, key_pos.cuda(), query_pos.cuda(), sinks.cuda(), dt)
+    out, lse = ringwise.decode_attention(*on_gpu, **kw)
+    assert out.device.type == "cuda" and torch.isfinite(out).all()
+    assert_within_budget("out", max_err(out.cpu(), ref), max_err(cpu, ref), EPS[dtype], ceiling=CEILINGS[dtype])

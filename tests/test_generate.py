@@ -67,3 +67,11 @@ def test_generate_command_answers_the_runs_questions_and_checks_them(cluster, tm
     assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x", "--max-new-tokens", "0"]) == 2
     err = capsys.readouterr().err
     assert "no such run folder" in err and "--max-new-tokens must be >= 1" in err
+    # an export without its task (saved before checkpoints kept it): --retrieval refused before any rank starts
+    assert main(["export", str(out), str(tmp_path / "model.pt")]) == 0
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state["task"] = None
+    torch.save(state, tmp_path / "old.pt")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "old.pt"), "--retrieval", "2"]) == 2
+    assert "--retrieval needs a checkpoint that keeps its task" in capsys.readouterr().err

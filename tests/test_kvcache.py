@@ -7,14 +7,14 @@ import torch.distributed as dist
 
 import ringwise
 from ringwise.attention.kvcache import KVCache, prompt_loads
-from ringwise.attention.layout import global_indices
+from ringwise.attention.layout import global_indices, split_unit
 from helpers import CEILINGS, EPS, assert_within_budget, max_err, reference_attention
 
 
 @pytest.mark.parametrize("layout", ringwise.LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_every_token_is_kept_once_and_loads_even_out(layout, world):
-    unit = {"zigzag": 2 * world, "striped": world, "contiguous": world}[layout]
+    unit = split_unit(layout, world)
     real = 11
     padded = -(-real // unit) * unit
     loads = prompt_loads(layout, world, padded, real)
@@ -75,7 +75,7 @@ def decode_over_cache(layout, real, steps):
     """A prompt's K/V stored from its ring shards, then `steps` new tokens decoded over the cache."""
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(3)
-    unit = {"zigzag": 2 * world, "striped": world, "contiguous": world}[layout]
+    unit = split_unit(layout, world)
     padded = -(-real // unit) * unit
     k = torch.randn(1, padded, 2, 8, generator=g, dtype=torch.float64).float()
     v = torch.randn(1, padded, 2, 8, generator=g, dtype=torch.float64).float()
@@ -101,7 +101,7 @@ def test_decoding_over_the_sharded_cache_is_exact(cluster, layout, world):
     real, steps = 13, 5
     results = cluster(world).run(decode_over_cache, layout, real, steps)
     g = torch.Generator().manual_seed(3)
-    unit = {"zigzag": 2 * world, "striped": world, "contiguous": world}[layout]
+    unit = split_unit(layout, world)
     padded = -(-real // unit) * unit
     k = torch.randn(1, padded, 2, 8, generator=g, dtype=torch.float64)[:, :real]
     v = torch.randn(1, padded, 2, 8, generator=g, dtype=torch.float64)[:, :real]

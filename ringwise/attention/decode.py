@@ -204,7 +204,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_sca
         parts = torch.empty(world * packed.numel(), dtype=dt, device=q.device)
         dist.all_gather_into_tensor(parts, packed, group=group)
         parts = parts.view(world, -1)
-        headers = [_read_header(p.cpu(), head.numel()) for p in parts]
+        heads = parts[:, :head.numel()].cpu()  # one small copy to the host for every rank's header
+        headers = [_read_header(h, head.numel()) for h in heads]
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
         for r, (c, _, _) in zip(ranks, headers):
             if c:

@@ -168,7 +168,10 @@ def worker(args, file: str) -> dict | None:
             hits += (got == j["answers"]).all(1).tolist()
         report["retrieval"] = dict(documents=len(hits), accuracy=sum(hits) / len(hits))
     report["tokens"] = [t.tolist() for t in results]
-    Path(args.report).write_text(json.dumps(report, indent=2))
+    out = Path(args.report)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)  # whole or not at all
     return report
 
 
@@ -197,13 +200,29 @@ def run(args) -> int:
     if found:
         print("ringwise generate: " + "; ".join(found), file=sys.stderr)
         return 2
-    from ..train.parallel import elastic_run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from ..train.checkpoint import load_export
+    from ..train.parallel import elastic_run, failure_causes
 
     path = Path(args.model)
     with tempfile.TemporaryDirectory(prefix="ringwise-generate-") as tmp:
-        file = model_file(path, tmp)
+        try:
+            file = model_file(path, tmp)
+        except FileNotFoundError as e:
+            print(f"ringwise generate: {e}", file=sys.stderr)
+            return 2
+        if args.retrieval is not None and not load_export(file).get("task"):  # memory-mapped: cheap
+            print(f"ringwise generate: --retrieval needs a checkpoint that keeps its task; {path} was saved "
+                  "before checkpoints kept it (use --prompt, or train again)", file=sys.stderr)
+            return 2
         args.report = str((path if path.is_dir() else path.parent) / "generate.json")
-        elastic_run(worker, args.world, args, str(file))
+        logs = Path(tmp) / "logs"
+        try:
+            elastic_run(worker, args.world, args, str(file), log_dir=str(logs))
+        except ChildFailedError as e:
+            print("ringwise generate: the job failed:\n  " + "\n  ".join(failure_causes(e, str(logs))), file=sys.stderr)
+            return 1
         report = json.loads(Path(args.report).read_text())
         per_token = report["decode_collectives_per_token"]
         line = (f"generated {report['new_tokens']} tokens on {report['world']} ranks: first token "

@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from . import checkpoint
 from .config import ConfigError, TrainConfig, add_arguments, check
 from .loop import worker
-from .parallel import elastic_run, rank_errors, under_torchrun
+from .parallel import elastic_run, failure_causes, under_torchrun
 
 
 def launch(cfg: TrainConfig) -> None:
@@ -36,18 +36,6 @@ def launch(cfg: TrainConfig) -> None:
             elastic_run(worker, cfg.world, cfg, True, log_dir=logs)
         except ChildFailedError as e:  # the ranks printed their tracebacks: end with the causes, a line each
             raise JobFailed("the job failed:\n  " + "\n  ".join(failure_causes(e, logs))) from None
-
-
-def failure_causes(e: ChildFailedError, logs: str) -> list[str]:
-    """What each rank recorded, every rank a signal ended (a killed rank leaves no record, and
-    its peers' errors may be timed before the launcher sees it die), then the first to exit."""
-    def line(rank, failure):
-        message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
-        return f"rank {rank} (exit code {failure.exitcode}): {message}"
-
-    first = e.get_first_failure()[0]
-    signalled = [line(r, f) for r, f in sorted(e.failures.items()) if f.exitcode < 0 and r != first]
-    return list(dict.fromkeys(rank_errors(logs) + signalled + ["first to exit: " + line(first, e.failures[first])]))
 
 
 class JobFailed(RuntimeError):

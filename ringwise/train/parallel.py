@@ -125,6 +125,18 @@ def rank_errors(log_dir: str) -> list[str]:
     return found
 
 
+def failure_causes(e, logs: str) -> list[str]:
+    """From an elastic_run's ChildFailedError `e` and its log_dir: what each rank recorded, every rank a signal ended (a killed rank leaves no record, and
+    its peers' errors may be timed before the launcher sees it die), then the first to exit."""
+    def line(rank, failure):
+        message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
+        return f"rank {rank} (exit code {failure.exitcode}): {message}"
+
+    first = e.get_first_failure()[0]
+    signalled = [line(r, f) for r, f in sorted(e.failures.items()) if f.exitcode < 0 and r != first]
+    return list(dict.fromkeys(rank_errors(logs) + signalled + ["first to exit: " + line(first, e.failures[first])]))
+
+
 def placement(device: str = "auto", backend: str | None = None, local_ranks: int = 1,
               gpus: int | None = None) -> tuple[str, str]:
     """(device type, backend) for a job of `local_ranks` processes per node with `gpus` GPUs.
