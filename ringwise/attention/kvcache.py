@@ -92,6 +92,22 @@ class KVCache:
             self.loads[self.owner()] += 1
             self.next_position += 1
 
+    def claim(self, tokens: int, device=None) -> tuple[Tensor, list[int]]:
+        """Every rank, before a step's first layer: the global positions and owners of its `tokens`
+        new tokens (each to the least-loaded rank in turn); the loads move on at once."""
+        start, owners = self.next_position, []
+        for _ in range(tokens):
+            owners.append(self.owner())
+            self.advance()
+        return torch.arange(start, start + tokens, dtype=torch.int64, device=device), owners
+
+    def store_owned(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, owners: list[int]) -> None:
+        """A step's new K/V (batch, n, kv_heads, d) for one layer: this rank keeps the tokens it owns."""
+        keep = [j for j, o in enumerate(owners) if o == self.rank]
+        if keep:
+            idx = torch.tensor(keep, device=k.device)
+            self.layers[layer].add(k.index_select(1, idx), v.index_select(1, idx), positions.index_select(0, idx))
+
     def view(self, layer: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(k, v, positions) this rank holds for a layer (views, no copy)."""
         L = self.layers[layer]

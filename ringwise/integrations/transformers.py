@@ -29,7 +29,7 @@ Tested on transformers 5.24.0; check_model (hf_support) lists what is refused an
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,41 +38,14 @@ from ..attention.api import attention
 from ..attention.checks import not_global_positions
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
 from .hf_masks import read_mask_function
+from .hf_rings import DEFAULT, ModelRing, all_rings, configs_of, ring_of, shard_of_state
 from .hf_support import architecture_problems
 
 NAME = "ringwise"
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
 
 
-@dataclass
-class _ModelRing:
-    """One model's ring: its sharding (None: use_ring's default) and its check state."""
-
-    shard: SeqShard | None = None
-    first_layer: object = None  # weakref to the first attention module seen (see _check_due)
-    pending: list = field(default_factory=list)  # masks built since the last collective check
-
-
-_DEFAULT = {"shard": SeqShard()}  # use_ring's ring, for models given none of their own
-_RINGS: dict[int, tuple] = {}  # id(model config) -> (weakref to the config, _ModelRing)
-
-
-def _ring_of(config) -> _ModelRing:
-    """The ring state of the model whose config this is (made on first use; freed with the config)."""
-    key = id(config)
-    entry = _RINGS.get(key)
-    if entry is None or entry[0]() is not config:
-        state = _ModelRing()
-        try:
-            ref = weakref.ref(config, lambda _, key=key: _RINGS.pop(key, None))
-        except TypeError:  # no config (None) or one that cannot be weakly referenced: the shared state
-            ref = lambda: config  # noqa: E731
-        _RINGS[key] = entry = (ref, state)
-    return entry[1]
-
-
-def _shard_of(state: _ModelRing | None = None) -> SeqShard:
-    return state.shard if state is not None and state.shard is not None else _DEFAULT["shard"]
+_ring_of, _shard_of = ring_of, shard_of_state
 
 
 @dataclass(eq=False)
@@ -158,7 +131,7 @@ def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None
     return mask, None
 
 
-def _check_due(state: _ModelRing, module) -> bool:
+def _check_due(state: ModelRing, module) -> bool:
     """Whether this call runs the collective check: the model's first attention layer (layer_idx 0,
     or the first attention module seen since the model changed).
 
@@ -184,6 +157,8 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
     window = kwargs.get("sliding_window")
     mask, problem = _layer_mask(attention_mask, window, kwargs)
     problem = problem or _dropout_problem(module, dropout)
+    if state.decoding is not None and state.decoding.phase == "decode":
+        return _decode_step(module, query, key, value, mask, problem, scaling, kwargs, state.decoding), None
     check = dict(validate=False)
     first = _check_due(state, module)
     if first or (mask is not None and not mask.checked):
@@ -224,6 +199,20 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
     return out[..., :dv], None
 
 
+def _decode_step(module, query, key, value, mask, problem, scaling, kwargs, cache):
+    """A generate() step over rw.generate's sharded cache (key/value: this rank's shard, update's result).
+    Every rank runs the same tokens through the same model, so a problem here is the same on every rank."""
+    problem = problem or (mask.problem if mask is not None else None)
+    if mask is None and not getattr(module, "is_causal", True):
+        problem = problem or "a bidirectional attention layer cannot decode token by token"
+    if problem:
+        raise ValueError(f"ringwise attention: {problem}")
+    window = mask.window if mask is not None else kwargs.get("sliding_window")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return cache.attend(module, query, key, value, None if window is None else window - 1, scaling,
+                        kwargs.get("s_aux"), kwargs.get("softcap"))
+
+
 def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, local_size=None, config=None, **kwargs):
     """Mask hook: read the mask transformers asks for and hand the layers a RingMask.
@@ -236,6 +225,7 @@ def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
     """
     mask = RingMask()
     state = _ring_of(config)
+    decoding = state.decoding is not None and state.decoding.phase == "decode"
     cache_position = kwargs.get("cache_position")  # older transformers pass this, not q_length/q_offset
     if q_length is None and cache_position is not None:
         q_length, q_offset = cache_position.shape[0], cache_position[0]
@@ -244,7 +234,8 @@ def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
         mask.window = spec.window
         mask.position_ids = spec.position_ids
         mask.problem = (
-            _cache_problem(q_length, kv_length, q_offset, kv_offset)
+            (state.decoding.mask_problem(q_length, kv_length, q_offset, kv_offset) if decoding
+             else _cache_problem(q_length, kv_length, q_offset, kv_offset))
             or _padding_problem(attention_mask)
             or _packed_problem(spec.packed_ids, _shard_of(state))
         )
@@ -255,7 +246,8 @@ def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
                                             f"but its mask function has window {spec.window}")
     except Exception as e:  # whatever a check trips on is an objection for the collective check, never a raise here
         mask.problem = str(e) if isinstance(e, ValueError) else f"{type(e).__name__} while reading the mask: {e}"
-    state.pending.append(mask)
+    if not decoding:  # a decode step's masks are checked where they are used (every rank alike)
+        state.pending.append(mask)
     return mask
 
 
@@ -264,8 +256,8 @@ def _cache_problem(q_length, kv_length, q_offset, kv_offset) -> str | None:
         return None
     if kv_length != q_length or int(q_offset) != 0 or int(kv_offset) != 0:
         return ("ringwise attention runs whole sequences (training, prefill): this call continues a KV cache "
-                f"(query {q_length} tokens, keys {kv_length}, offset {int(kv_offset)}); decode with another "
-                "attention implementation")
+                f"(query {q_length} tokens, keys {kv_length}, offset {int(kv_offset)}); generate with rw.generate "
+                "(a sequence-sharded cache) or decode with another attention implementation")
     return None
 
 
@@ -288,8 +280,8 @@ def use_ring(group=None, layout: str = "zigzag", ulysses_group=None) -> None:
     sequence for heads around the ring over `group` (see ringwise/attention/ulysses.py).
     """
     register()
-    _DEFAULT["shard"] = SeqShard(layout, group, ulysses_group)
-    for _, state in list(_RINGS.values()):  # a new ring: every model's next call checks again
+    DEFAULT["shard"] = SeqShard(layout, group, ulysses_group)
+    for state in all_rings():  # a new ring: every model's next call checks again
         state.first_layer, state.pending = None, []
 
 
@@ -306,11 +298,7 @@ def configure(model_or_config, shard: SeqShard) -> None:
     """Give one model its own ring (a ringwise.SeqShard: layout, ring group, ulysses group),
     instead of use_ring's default; another model in the same process may use another ring."""
     register()
-    config = getattr(model_or_config, "config", model_or_config)
-    configs = {id(config): config}
-    if hasattr(model_or_config, "modules"):  # every config its attention layers read (text configs of multimodal models)
-        configs.update({id(m.config): m.config for m in model_or_config.modules() if hasattr(m, "config")})
-    for c in configs.values():
+    for c in configs_of(model_or_config):
         state = _ring_of(c)
         state.shard, state.first_layer, state.pending = shard, None, []
 
@@ -368,6 +356,24 @@ def from_pretrained(path, shard: SeqShard | None = None, **kwargs):
     if shard is not None:
         configure(model, shard)
     return model
+
+
+def generate(model, input_ids: torch.Tensor, **generate_kwargs):
+    """`model.generate(input_ids, **generate_kwargs)` with the prompt sharded over the model's ring:
+    prefill through ring attention, K/V kept sharded where the ring left them, each step decoded
+    over the whole sharded cache with ringwise.decode_attention. Every rank calls it with the same
+    prompt and options (and, to sample, the same random state: torch.manual_seed) and gets the
+    sequences model.generate returns in one process. Greedy search and sampling; refused alike
+    on every rank: padding masks, beam search, assisted decoding, caches of the caller's,
+    Ulysses meshes. See hf_generate.py."""
+    from .hf_generate import generate as sharded_generate
+
+    try:
+        check_model(model)
+        objection = None
+    except ValueError as e:  # raised on every rank by generate's one verdict
+        objection = str(e)
+    return sharded_generate(model, input_ids, objection=objection, **generate_kwargs)
 
 
 def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_seqlens=None,

@@ -1,0 +1,138 @@
+"""A transformers `Cache` whose layers hold only this rank's share of the sequence.
+
+The attention layer calls `update` and hands the attention function exactly what it
+returns: here, this rank's shard of the layer's keys and values (possibly none), while
+`get_seq_length` / `get_mask_sizes` report the *global* sizes, so transformers builds the
+masks and positions of the whole sequence. The attention function of a decode step
+(`attend`) then reads the shard's global positions from this cache and runs
+`decode_attention` over the ring group: each rank attends its shard, one all-gather, a
+merge in rank order, the same bits on every rank.
+
+Two phases: "prefill" (rw.generate's forward over this rank's layout shard of the prompt:
+update stores the real tokens and returns its input unchanged for the ring) and "decode"
+(transformers' generate() steps: every rank runs the same new tokens; the least-loaded rank
+keeps each, ringwise.attention.kvcache decides which, the same on every rank).
+
+Nothing that would need the whole cache on one rank is offered: crop, reorder (beam search),
+batch repeats and offloading raise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..attention.decode import decode_attention
+from ..attention.kvcache import KVCache
+from ..attention.seqshard import SeqShard
+
+_NO = ("ringwise's sharded cache holds one shard of the sequence per rank; it cannot {what} "
+       "(beam search, assisted decoding, cache cropping and offloading are not supported by rw.generate)")
+
+
+class _ShardLayer(CacheLayerMixin):
+    """transformers' view of one layer: sizes from the sharded cache, storage in it."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, cache: "ShardedCache", index: int, sliding: bool):
+        super().__init__()
+        self._cache, self._index, self.is_sliding = cache, index, sliding
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device, self.is_initialized = key_states.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self._cache._update(self._index, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache.seen() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._cache.seen()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _refuse(self, *_, what="change its layout", **__):
+        raise ValueError(_NO.format(what=what))
+
+    def crop(self, *_):
+        self._refuse(what="crop")
+
+    def reorder_cache(self, *_):
+        self._refuse(what="reorder its rows")
+
+    batch_repeat_interleave = batch_select_indices = offload = prefetch = reset = _refuse
+
+
+class ShardedCache(Cache):
+    """This rank's share of every layer's K/V for one generate() call; see the module docstring."""
+
+    def __init__(self, n_layers: int, shard: SeqShard, sliding: list[bool] | None = None):
+        sliding = sliding or [False] * n_layers
+        super().__init__(layers=[_ShardLayer(self, i, sliding[i]) for i in range(n_layers)])
+        self.shard = shard
+        self.rank = _rank_in(shard.group)
+        self.store = KVCache(n_layers, self.rank, shard.world)
+        self.phase = "prefill"
+        self.prefill_positions = None  # (local,) global positions of this rank's prompt shard
+        self.step_positions, self.step_owners, self._last_layer = None, [], None
+        self.decode_calls = 0  # decode_attention calls (one collective each)
+
+    # -- what transformers asks ------------------------------------------------------------
+    def seen(self) -> int:
+        """Global tokens before the running forward (0 during the prefill: it runs as a whole sequence)."""
+        return 0 if self.phase == "prefill" else self.store.next_position
+
+    def _update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        if self.phase == "prefill":
+            self.store.store_prefill(layer, key.transpose(1, 2), value.transpose(1, 2), self.prefill_positions)
+            return key, value
+        if self._last_layer is None or layer <= self._last_layer:  # a new step: its tokens' positions and owners
+            self.step_positions, self.step_owners = self.store.claim(key.shape[2], key.device)
+        self._last_layer = layer
+        self.store.store_owned(layer, key.transpose(1, 2), value.transpose(1, 2), self.step_positions,
+                               self.step_owners)
+        k, v, _ = self.store.view(layer)
+        if k is None:  # this rank holds none of the layer's tokens yet
+            b, h, _, d = key.shape
+            return key.new_empty(b, h, 0, d), value.new_empty(b, h, 0, value.shape[-1])
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    # -- what the attention function asks ---------------------------------------------------
+    def mask_problem(self, q_length, kv_length, q_offset, kv_offset) -> str | None:
+        """A decode step's mask must cover exactly the cache plus the new tokens."""
+        seen = self.store.next_position
+        if q_length is None or kv_length is None:
+            return None
+        if int(kv_offset) != 0 or kv_length != seen + q_length or (q_offset is not None and int(q_offset) != seen):
+            return (f"the decode step's mask (query {q_length} tokens at offset {q_offset}, keys {kv_length} at "
+                    f"offset {kv_offset}) does not continue the sharded cache of {seen} tokens")
+        return None
+
+    def attend(self, module, query, key, value, window, scaling, sinks, softcap) -> torch.Tensor:
+        """The decode step's attention: query (batch, heads, new, d) against the whole cache, of which
+        key/value (batch, kv_heads, local, d) are this rank's (update's result) -> (batch, new, heads, d)."""
+        layer = module.layer_idx
+        _, _, positions = self.store.view(layer)
+        if positions is None:
+            positions = torch.empty(0, dtype=torch.int64, device=query.device)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        dv = v.shape[-1]
+        if dv != q.shape[-1]:  # MLA: zero columns change neither the scores nor the real output columns
+            d = max(dv, q.shape[-1])
+            q, k, v = (F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
+        self.decode_calls += 1
+        out = decode_attention(q, k, v, group=self.shard.group, softmax_scale=scaling, key_positions=positions,
+                               query_positions=self.step_positions, window=window, sinks=sinks, softcap=softcap)
+        return out[..., :dv]
+
+
+def _rank_in(group) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
