@@ -10,44 +10,12 @@ transformers = pytest.importorskip("transformers")
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
-from hf_versions import EAGER_EXPERTS, REFUSED_HERE, config_class  # noqa: E402
+from hf_models import REFERENCE_ATTN, make_config  # noqa: E402
+from hf_versions import EAGER_EXPERTS, REFUSED_HERE  # noqa: E402
 from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
 
 SEQ = 48  # splits evenly for every layout at W = 2 and 3
 DOCS = [0, 5, 6, 29, 48]
-WINDOW = 8  # shorter than a zigzag chunk at W = 2 (12), as long as one at W = 3 (8)
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def make_config(name):
-    T = transformers
-    if name == "mistral":  # every layer windowed, window shorter than the sequence
-        return T.MistralConfig(**SMALL, sliding_window=WINDOW)
-    if name == "gemma2":  # local/global layers, attention and final logit soft-capping
-        return T.Gemma2Config(**SMALL, head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8)
-    if name == "gemma3":  # local/global layers, per-layer-type RoPE
-        return T.Gemma3TextConfig(**SMALL, head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8,
-                                  layer_types=["sliding_attention", "full_attention"])
-    if name == "gpt_oss":  # attention sinks, local/global layers, MoE
-        return config_class("GptOssConfig")(**SMALL, head_dim=8, sliding_window=WINDOW, num_local_experts=4,
-                                            num_experts_per_tok=2)
-    if name == "qwen2_moe":  # builds a sliding mask (window 0) that no layer uses
-        return T.Qwen2MoeConfig(**SMALL, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
-                                num_experts_per_tok=2)
-    if name == "qwen2_moe_window":  # windows that only the mask carries (no sliding_window kwarg)
-        return T.Qwen2MoeConfig(**SMALL, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
-                                num_experts_per_tok=2, use_sliding_window=True, sliding_window=WINDOW,
-                                max_window_layers=2)
-    if name == "llama":
-        return T.LlamaConfig(**SMALL)
-    raise ValueError(name)
-
-
-# Single-process reference: SDPA where the model supports it, else eager (soft-capping, sinks).
-REFERENCE_ATTN = dict(gemma2="eager", gpt_oss="eager")
-
-
 def make_model(name, attn, seed=0):
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(make_config(name), attn_implementation=attn,

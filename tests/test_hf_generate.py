@@ -11,8 +11,12 @@ transformers = pytest.importorskip("transformers")
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from helpers import count_comms  # noqa: E402
-from hf_versions import EAGER_EXPERTS, REFUSED_HERE  # noqa: E402
-from test_hf_architectures import REFERENCE_ATTN, make_config  # noqa: E402
+from hf_versions import EAGER_EXPERTS, REFUSED_HERE, VERSION  # noqa: E402
+from hf_models import REFERENCE_ATTN, make_config  # noqa: E402
+
+if VERSION < (5, 0):
+    pytest.skip(f"rw.generate needs transformers 5 (cache layers); {transformers.__version__} is refused",
+                allow_module_level=True)
 
 NEW = 7
 OPTIONS = dict(max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
@@ -49,7 +53,7 @@ def single_generate(case):
     return model.generate(prompt(case["prompt"]), **OPTIONS, **sampling(case))
 
 
-GRID = [dict(name=n, world=W, layout="zigzag", prompt=21) for n in ("llama", "mistral", "gemma2", "gpt_oss", "qwen2_moe")
+GRID = [dict(name=n, world=W, layout="zigzag", prompt=21) for n in ("llama", "mistral", "gemma2", "gpt_oss", "qwen2", "qwen2_moe")
         for W in (2, 3)]
 GRID += [dict(name="gemma3", world=3, layout="zigzag", prompt=21),
          dict(name="llama", world=3, layout="contiguous", prompt=2),   # one prompt token to prefill: 2 ranks hold none

@@ -46,6 +46,38 @@ def test_every_token_is_kept_once_and_loads_even_out(layout, world):
     assert sorted(torch.cat([c.view(0)[2] for c in caches]).tolist()) == list(range(real + 40))
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_claimed_steps_match_token_by_token_storage(world):
+    """claim + store_owned (a step of several tokens, as transformers' cache layers store them) keeps
+    the same tokens on the same ranks as store_token + advance one token at a time."""
+    loads, real = [3, 0, 2][:world] if world == 3 else ([5] if world == 1 else [2, 3]), 5
+    steps = [1, 3, 1, 2, 1]
+    new = torch.randn(1, sum(steps), 2, 4)
+    by_step, by_token = ([KVCache(2, r, world) for r in range(world)] for _ in range(2))
+    for c in by_step + by_token:
+        c.set_prompt(loads, real)
+    start = 0
+    for n in steps:
+        claims = [c.claim(n) for c in by_step]
+        assert all(torch.equal(p, claims[0][0]) and o == claims[0][1] for p, o in claims), "ranks disagree"
+        positions, owners = claims[0]
+        assert positions.tolist() == list(range(real + start, real + start + n))
+        for c in by_step:
+            for layer in range(2):
+                c.store_owned(layer, new[:, start:start + n], new[:, start:start + n] * 2, positions, owners)
+        start += n
+    for t in range(sum(steps)):
+        for c in by_token:
+            for layer in range(2):
+                c.store_token(layer, new[:, t:t + 1], new[:, t:t + 1] * 2, real + t)
+            c.advance()
+    for a, b in zip(by_step, by_token):
+        assert a.loads == b.loads and a.next_position == b.next_position == real + sum(steps)
+        for layer in range(2):
+            for x, y in zip(a.view(layer), b.view(layer)):
+                assert (x is None and y is None) or torch.equal(x, y)
+
+
 def test_storage_grows_by_doubling():
     c = KVCache(1, 0, 1)
     c.set_prompt([0], 0)
