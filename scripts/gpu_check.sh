@@ -27,7 +27,15 @@ step() {  # step NAME SECONDS CMD...: run under a timeout, log to OUT/NAME.log, 
     echo "$name: exit $rc$note after $((SECONDS - t0))s" | tee -a "$SUMMARY"
 }
 
-step env 20 bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version()); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; $PY -m pytest --version; $PY -c 'import tqdm, transformers; print(\"tqdm\", tqdm.__version__, \"transformers\", transformers.__version__)'"
+step env 20 bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version()); print(\"gpu:\", \"yes\" if torch.cuda.is_available() else \"no\"); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; $PY -m pytest --version; $PY -c 'import tqdm, transformers; print(\"tqdm\", tqdm.__version__, \"transformers\", transformers.__version__)'"
+# Without a GPU the benches would only refuse (tests/test_cuda.py checks that they do): say so, and skip them.
+gpu_step() {
+    if grep -q "^gpu: yes" "$OUT/env.log"; then
+        step "$@"
+    else
+        echo "$1: skipped (torch sees no GPU)" | tee "$OUT/$1.log" | tee -a "$SUMMARY"
+    fi
+}
 
 if command -v make >/dev/null; then
     step test-gpu 240 make test-gpu PYTHON="$PY"
@@ -36,12 +44,12 @@ else  # the same command make would run
     step test-gpu 240 "$PY" -m pytest -m cuda -q --continue-on-collection-errors --durations=15
 fi
 
-step bench-attention 110 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seqs 8192 32768 131072 \
+gpu_step bench-attention 110 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seqs 8192 32768 131072 \
     --out "$OUT/bench"
 # Per-rank compute of a W = 2, 4, 8 ring (each rank alone, transfers excluded) vs one process, S = 128K
-step bench-compute 70 "$PY" -m ringwise.cli bench compute --device cuda --out "$OUT/bench"
+gpu_step bench-compute 70 "$PY" -m ringwise.cli bench compute --device cuda --out "$OUT/bench"
 # Does the ~1B preset train at 256K on this GPU (BPT), and how far do vanilla and SDPA get?
-step bench-context 150 "$PY" -m ringwise.cli bench context --device cuda --gpu-methods bpt memeff vanilla \
+gpu_step bench-context 150 "$PY" -m ringwise.cli bench context --device cuda --gpu-methods bpt memeff vanilla \
     --gpu-granularity 32768 --gpu-max-seq 262144 --out "$OUT/bench"
 
 echo "== summary"; cat "$SUMMARY"

@@ -186,21 +186,23 @@ def test_op_is_one_node_in_the_graph():
 
 
 def test_train_compile_flag_trains_the_same_first_step(tmp_path):
-    """`ringwise train --compile` (inductor, each block fullgraph) on a ring of 2: its first loss is
-    the eager run's to float32 rounding, and the run completes with its checkpoint."""
+    """`ringwise train --compile` (inductor, each block fullgraph) on a ring of 2: the first step runs
+    eager (validated), the second's loss is the compiled forward's, the third's follows the compiled
+    backward's update; all equal the eager run's to float32 rounding, and the run completes."""
     import json
 
     from ringwise.cli import main
 
     def first_losses(name, *extra):
         out = tmp_path / name
-        assert main(["train", "--world", "2", "--model", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "2",
+        assert main(["train", "--world", "2", "--model", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "3",
                      "--eval-per-cell", "1", "--eval-lengths", "64", "--no-plots", "--out", str(out), *extra]) == 0
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in rows if "loss" in r]
 
     eager, compiled = first_losses("eager"), first_losses("compiled", "--compile")
-    assert len(compiled) == 2 and abs(eager[0] - compiled[0]) <= 1e-5 * abs(eager[0]), (eager, compiled)
+    assert len(compiled) == 3 and all(abs(e - c) <= 1e-5 * abs(e) for e, c in zip(eager, compiled)), (eager, compiled)
+    assert len(set(eager)) == 3, eager  # the steps changed the model: the later losses test the compiled graphs
 
 
 def test_inductor_passes_every_argument_of_the_backward_op():

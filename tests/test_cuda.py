@@ -272,7 +272,7 @@ def test_bench_device_cuda_without_gpu_says_so(tmp_path):
 
 def test_gpu_check_script_runs_every_step_and_logs_it(tmp_path):
     """scripts/gpu_check.sh, dry-run here (no GPU): every step runs under its limit, logs into
-    OUT and lands in the summary; the GPU benches refuse clearly instead of timing the CPU."""
+    OUT and lands in the summary; the GPU benches are skipped, said so, instead of timing the CPU."""
     import os
     import subprocess
     import sys
@@ -284,12 +284,12 @@ def test_gpu_check_script_runs_every_step_and_logs_it(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = (tmp_path / "summary.txt").read_text()
-    steps = ["env", "test-gpu", "bench-attention", "bench-compute", "bench-context"]
-    assert [line.split(":")[0] for line in summary.splitlines() if ": exit " in line] == steps
+    assert [line.split(":")[0] for line in summary.splitlines() if ": exit " in line] == ["env", "test-gpu"]
     assert "test-gpu: exit 0" in summary  # the cuda tests skip cleanly without a GPU
-    for name in steps[2:]:
-        assert f"{name}: exit 1" in summary
-        assert "torch sees no GPU" in (tmp_path / f"{name}.log").read_text()
+    assert "gpu: no" in (tmp_path / "env.log").read_text()
+    for name in ["bench-attention", "bench-compute", "bench-context"]:  # they would refuse (tested above)
+        assert f"{name}: skipped (torch sees no GPU)" in summary.splitlines()
+        assert (tmp_path / f"{name}.log").exists()
 
 
 # ---------------------------------------------------------------- on a GPU (make test-gpu)

@@ -131,7 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=d.model, choices=tuple(PRESETS))
     g.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block (fullgraph; ring attention is one operator in it)")
+                   help="torch.compile each transformer block (fullgraph; ring attention is one operator in it); "
+                        "the validated first step and evaluation run eager")
     g.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="compute dtype (master weights, optimizer state, loss and lse stay fp32); "
                         "default bf16 on CUDA, fp32 on CPU")

@@ -8,6 +8,7 @@ metrics.jsonl and summary.json; train never draws plots (the CLI does, through l
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -136,7 +137,9 @@ def compute_gradients(run: Run, step: int) -> tuple[float, int]:
     seqshard = run.seqshard
     ids, labels = local_batch(run, step)
     pos = seqshard.positions(run.cfg.seq_len, device=run.device)
-    loss_sum, n_tokens = run.model(ids, pos, labels, **seqshard.ring_kwargs(), validate=step == run.start)
+    validate = step == run.start
+    with eager_if(run.cfg.compile and validate):  # validate is a constant of the graph: one graph, not two
+        loss_sum, n_tokens = run.model(ids, pos, labels, **seqshard.ring_kwargs(), validate=validate)
     totals = torch.stack([loss_sum.detach().double(), n_tokens.double()])
     dist.all_reduce(totals)
     if totals[1] == 0:
@@ -172,12 +175,20 @@ def gather_peaks(run: Run) -> list[float]:
     return [round(x, 1) for x in every.tolist()]
 
 
+def eager_if(flag: bool):
+    """Run compiled blocks eagerly inside (under --compile): the validated first step, whose verdict
+    gather would be a second graph to compile for one call, and evaluation, whose lengths and no-grad
+    mode would be more graphs for a few batches (attention, the cost at long context, is the same op)."""
+    return torch.compiler.set_stance("force_eager") if flag else contextlib.nullcontext()
+
+
 def evaluate(run: Run) -> dict:
     """Retrieval accuracy by (context length, needle depth) on the held-out grid."""
     cfg = run.cfg
     lengths = cfg.eval_lengths_for(run.mesh.cp)
-    acc = retrieval_accuracy(run.model, lengths, cfg.eval_depths, cfg.eval_per_cell, **run.seqshard.ring_kwargs(),
-                             device=run.device, decoys=cfg.eval_decoys, **cfg.task_kwargs())
+    with eager_if(cfg.compile):
+        acc = retrieval_accuracy(run.model, lengths, cfg.eval_depths, cfg.eval_per_cell, **run.seqshard.ring_kwargs(),
+                                 device=run.device, decoys=cfg.eval_decoys, **cfg.task_kwargs())
     return dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc)
 
 
