@@ -96,3 +96,7 @@ def test_bench_decode_quick(tmp_path):
     # the bytes each rank gathers per call do not grow with the cache: (out, lse) of one token plus the header
     assert len({r["gather_bytes"] for r in two}) == 1 and two[0]["gather_bytes"] == 4 * (6 + 4 * 16 + 4)
     assert all(r["gather"] > 0 and r["tree_all_reduces"] > 0 and r["kv_ring"] > 0 for r in two)
+    e2e = json.loads((tmp_path / "decode.json").read_text())["end_to_end"]  # ringwise.generate, W = 1 and 2
+    assert [(r["world"], r["prompt"]) for r in e2e] == [(1, 256), (2, 256)]
+    assert all(r["ttft"] > 0 and r["step"] > 0 for r in e2e) and e2e[0]["step_vs_one_process"] == 1.0
+    assert "End to end" in (tmp_path / "decode.md").read_text()

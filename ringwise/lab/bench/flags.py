@@ -97,6 +97,10 @@ def decode_flags(p):
     p.add_argument("--decode-head-dim", type=int, default=128)
     p.add_argument("--decode-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--decode-repeats", type=int, default=5, help="decode: timed calls per case (after one warm-up)")
+    p.add_argument("--decode-e2e-model", default="base", help="decode: model preset of the end-to-end generate rows")
+    p.add_argument("--decode-e2e-prompts", type=int, nargs="+", default=[4096, 16384],
+                   help="decode: prompt lengths of the end-to-end generate rows (ringwise.generate, random weights)")
+    p.add_argument("--decode-e2e-new", type=int, default=16, help="decode: new tokens per end-to-end row")
 
 
 def peers_flags(p):
