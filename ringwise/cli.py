@@ -16,7 +16,10 @@ COMMANDS = {
     "demo": ("ring attention on a long sequence across local processes, measured", "ringwise.lab.demo:add_arguments"),
     "train": ("sequence-parallel training of the Blockwise Transformer (the main job)",
               "ringwise.train.__main__:add_arguments"),
-    "export": ("a training run's newest checkpoint as one .pt file", "ringwise.train.__main__:add_export_arguments"),
+    "finetune": ("context extension of a pretrained transformers model on your text (the train job's machinery)",
+                 "ringwise.train.__main__:add_finetune_arguments"),
+    "export": ("a training run's newest checkpoint as one .pt file (or, --hf, a transformers folder)",
+               "ringwise.train.__main__:add_export_arguments"),
     "generate": ("generation from a trained model across local ranks (sharded KV cache)",
                  "ringwise.lab.generation:add_arguments"),
     "plan": ("the paper's memory/overlap model for a cluster you plan", "ringwise.lab.plan:add_plan_arguments"),
@@ -51,10 +54,10 @@ def main(argv=None) -> int:
     command = chosen_command(argv)
     parser = build_parser(() if command is None else (command,))
     args = parser.parse_args(argv)
-    if args.command in ("train", "export"):
+    if args.command in ("train", "finetune", "export"):
         from .train import __main__ as train
 
-        return train.run(args) if args.command == "train" else train.export(args)
+        return train.export(args) if args.command == "export" else train.run(args, args.command)
     elif args.command == "generate":
         from .lab import generation
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from . import checkpoint
-from .config import ConfigError, TrainConfig, add_arguments, check
+from .config import ConfigError, TrainConfig, add_arguments, add_finetune_arguments, check  # noqa: F401 (the CLI's)
 from .loop import worker
 from .parallel import elastic_run, failure_causes, under_torchrun
 
@@ -50,23 +50,31 @@ def draw_plots(out: Path) -> None:
     plot_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], out / "loss.png",
                     title="Training loss (global mean per labelled token)")
     summary = json.loads((out / "summary.json").read_text())
+    if "perplexity" in summary:  # finetune: held-out perplexity by position inside the document
+        from ..lab.plots import plot_lines
+
+        runs = {name: r for name, r in summary["perplexity"].items() if r}
+        xs = {f"{name} training": [s for s, p in zip(r["starts"], r["ppl"]) if p] for name, r in runs.items()}
+        ys = {f"{name} training": [p for p in r["ppl"] if p] for name, r in runs.items()}
+        plot_lines(xs, ys, out / "ppl_by_position.png", xlabel="position inside the document (bucket start, tokens)",
+                   ylabel="held-out perplexity", title="Perplexity by position, before and after fine-tuning")
     if "retrieval" in summary:
         r = summary["retrieval"]
         plot_retrieval_heatmap(r["accuracy"], r["lengths"], r["depths"], out / "retrieval.png",
                                title="Line retrieval accuracy")
 
 
-def run(args) -> int:
+def run(args, command: str = "train") -> int:
     """`ringwise train`: 0 on success, 2 (with every problem listed, no traceback) on bad flags
     or a folder in use."""
     cfg = TrainConfig.from_args(args)
     try:
         launch(cfg)
     except (ConfigError, checkpoint.LockHeld) as e:
-        print(f"ringwise train: {e}", file=sys.stderr)
+        print(f"ringwise {command}: {e}", file=sys.stderr)
         return 2
     except JobFailed as e:
-        print(f"ringwise train: {e}", file=sys.stderr)
+        print(f"ringwise {command}: {e}", file=sys.stderr)
         return 1
     out = Path(cfg.out)
     main_process = not under_torchrun() or os.environ["RANK"] == "0"
@@ -77,14 +85,22 @@ def run(args) -> int:
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training --out folder")
-    p.add_argument("out_file", help="where to write the consolidated checkpoint (.pt)")
+    p.add_argument("out_file", help="where to write the consolidated checkpoint (.pt), or the folder (--hf)")
+    p.add_argument("--hf", action="store_true", help="a ringwise finetune run as a transformers folder "
+                   "(safetensors, its config with the new RoPE, the tokenizer)")
 
 
 def export(args) -> int:
-    """`ringwise export RUN_DIR OUT.pt`: the newest intact checkpoint as one file ({step, config, model})."""
+    """`ringwise export RUN_DIR OUT.pt`: the newest intact checkpoint as one file ({step, config, model});
+    with --hf, a finetune run's as a folder AutoModelForCausalLM.from_pretrained reads."""
     try:
-        path = checkpoint.export(args.run_dir, args.out_file)
-    except FileNotFoundError as e:
+        if getattr(args, "hf", False):
+            from .pretrained import export_hf
+
+            path = export_hf(args.run_dir, args.out_file)
+        else:
+            path = checkpoint.export(args.run_dir, args.out_file)
+    except (FileNotFoundError, ValueError) as e:
         print(f"ringwise export: {e}", file=sys.stderr)
         return 2
     print(f"exported {path} to {args.out_file}")

@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 MARKER = "COMPLETE"
 RUN_KEYS = ("seed", "batch", "seq_len", "data", "fmt", "id_digits", "value_digits", "questions", "id_chars",
-            "id_pool", "loss_on", "lr", "steps", "warmup", "model")
+            "id_pool", "loss_on", "lr", "steps", "warmup", "model", "pretrained", "text", "rope_theta",
+            "rope_scaling", "rope_factor", "eval_fraction")
 
 
 def _name(step: int) -> str:

@@ -40,6 +40,10 @@ class TrainConfig:
     timeout: float = 120.0
     # model
     model: str = "small"
+    pretrained: str | None = None  # a transformers checkpoint folder (ringwise finetune), instead of a preset
+    rope_theta: float | None = None
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
     checkpoint_layers: bool = False
     compile: bool = False
     dtype: str | None = None
@@ -72,6 +76,9 @@ class TrainConfig:
     eval_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     eval_per_cell: int = 8
     eval_decoys: int = 0
+    eval_fraction: float = 0.1  # finetune: the held-out share of the packed sequences
+    eval_sequences: int = 8  # finetune: held-out sequences evaluated (perplexity by position)
+    eval_bucket: int = 1024  # finetune: tokens per position bucket
     no_plots: bool = False
 
     @classmethod
@@ -110,7 +117,75 @@ class TrainConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`ringwise train`: ringwise's own model (a preset) on the retrieval task or text."""
     d = TrainConfig()
+    _process_flags(p, d)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, choices=tuple(PRESETS))
+    g.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (fullgraph; ring attention is one operator in it); "
+                        "the validated first step and evaluation run eager")
+    _dtype_flag(g)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=d.data, choices=("retrieval", "text"))
+    g.add_argument("--text", nargs="+", default=None, help="text files or folders (with --data text)")
+    g.add_argument("--fmt", default=d.fmt, choices=tuple(RETRIEVAL_FORMATS), help="retrieval line format")
+    g.add_argument("--id-digits", type=int, default=None)
+    g.add_argument("--id-chars", default=None, help="single-character ids drawn from these characters")
+    g.add_argument("--value-digits", type=int, default=None)
+    g.add_argument("--questions", type=int, default=d.questions,
+                   help="retrieval questions per training sequence (evaluation always asks one)")
+    g.add_argument("--id-pool", type=int, default=None,
+                   help="haystack ids recur, drawn from this many ids (training and evaluation)")
+    g.add_argument("--loss-on", default=d.loss_on, choices=("answer", "recall", "all"),
+                   help="training targets: answers only; also every recurring line's value; every token")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="global tokens per sequence")
+    g.add_argument("--batch", type=int, default=d.batch, help="global sequences per step")
+    _optimisation_flags(p, d)
+    g = _output_flags(p, d)
+    g.add_argument("--eval-lengths", type=int, nargs="*", default=None, help="retrieval eval context lengths")
+    g.add_argument("--eval-depths", type=float, nargs="*", default=d.eval_depths)
+    g.add_argument("--eval-per-cell", type=int, default=d.eval_per_cell)
+    g.add_argument("--eval-decoys", type=int, default=d.eval_decoys,
+                   help="with --id-pool: other ids that occur once in each evaluation document, so the "
+                        "needle is not the only line seen once")
+
+
+FINETUNE_DEFAULTS = dict(data="documents", seq_len=1024, batch=1, steps=100, lr=2e-5, warmup=10, weight_decay=0.1,
+                         ckpt_every=50, out="runs/finetune")
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    """`ringwise finetune`: a pretrained transformers model, the same job as train."""
+    d = TrainConfig(**FINETUNE_DEFAULTS)
+    _process_flags(p, d)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", dest="pretrained", required=True, metavar="PATH",
+                   help="a local transformers checkpoint folder (config.json, *.safetensors, tokenizer)")
+    g.add_argument("--checkpoint-layers", action="store_true",
+                   help="transformers' gradient checkpointing: recompute each layer in backward")
+    _dtype_flag(g)
+    g.add_argument("--rope-theta", type=float, default=None, help="a new RoPE base (context extension)")
+    g.add_argument("--rope-scaling", default=None, choices=("linear", "yarn", "llama3"),
+                   help="a static RoPE scaling, written into the model's config (needs --rope-factor)")
+    g.add_argument("--rope-factor", type=float, default=None, help="the scaling's factor (> 1)")
+    g = p.add_argument_group("data")
+    g.add_argument("--text", nargs="+", required=True, metavar="FILE",
+                   help="text files, folders and .jsonl files (a \"text\" field per line); one document each, "
+                        "tokenized with the model's tokenizer (cached in .ringwise-tokens/ beside them)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="global tokens per sequence (documents packed)")
+    g.add_argument("--batch", type=int, default=d.batch, help="global sequences per step")
+    _optimisation_flags(p, d)
+    g = _output_flags(p, d)
+    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share of the sequences")
+    g.add_argument("--eval-sequences", type=int, default=d.eval_sequences,
+                   help="held-out sequences for perplexity by position, before and after training")
+    g.add_argument("--eval-bucket", type=int, default=d.eval_bucket, help="tokens per position bucket")
+    p.set_defaults(**{k: v for k, v in FINETUNE_DEFAULTS.items() if k not in ("seq_len", "batch")})
+
+
+def _process_flags(p, d) -> None:
     g = p.add_argument_group("processes")
     g.add_argument("--world", type=int, default=d.world, help="local processes to start (ignored under torchrun)")
     g.add_argument("--dp", type=int, default=d.dp,
@@ -127,50 +202,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
     g.add_argument("--timeout", type=float, default=d.timeout,
                    help="seconds a rank may wait on another before the job ends, naming the silent rank")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, choices=tuple(PRESETS))
-    g.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block (fullgraph; ring attention is one operator in it); "
-                        "the validated first step and evaluation run eager")
+
+
+def _dtype_flag(g) -> None:
     g.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="compute dtype (master weights, optimizer state, loss and lse stay fp32); "
                         "default bf16 on CUDA, fp32 on CPU")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data, choices=("retrieval", "text"))
-    g.add_argument("--text", nargs="+", default=None, help="text files or folders (with --data text)")
-    g.add_argument("--fmt", default=d.fmt, choices=tuple(RETRIEVAL_FORMATS), help="retrieval line format")
-    g.add_argument("--id-digits", type=int, default=None)
-    g.add_argument("--id-chars", default=None, help="single-character ids drawn from these characters")
-    g.add_argument("--value-digits", type=int, default=None)
-    g.add_argument("--questions", type=int, default=d.questions,
-                   help="retrieval questions per training sequence (evaluation always asks one)")
-    g.add_argument("--id-pool", type=int, default=None,
-                   help="haystack ids recur, drawn from this many ids (training and evaluation)")
-    g.add_argument("--loss-on", default=d.loss_on, choices=("answer", "recall", "all"),
-                   help="training targets: answers only; also every recurring line's value; every token")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="global tokens per sequence")
-    g.add_argument("--batch", type=int, default=d.batch, help="global sequences per step")
-    g = p.add_argument_group("optimisation")
+
+
+def _optimisation_flags(p, d) -> None:
+    g = p.add_argument_group("optimisation (AdamW, linear warm-up then cosine decay to 10%)")
     g.add_argument("--steps", type=int, default=d.steps)
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--warmup", type=int, default=d.warmup)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--grad-clip", type=float, default=d.grad_clip)
     g.add_argument("--seed", type=int, default=d.seed)
+
+
+def _output_flags(p, d):
     g = p.add_argument_group("output")
     g.add_argument("--out", default=d.out, help="folder for checkpoints, metrics, plots (one job at a time)")
     g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     g.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
     g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
     g.add_argument("--stop-after", type=int, default=None, help="stop (as if interrupted) after this step")
-    g.add_argument("--eval-lengths", type=int, nargs="*", default=None, help="retrieval eval context lengths")
-    g.add_argument("--eval-depths", type=float, nargs="*", default=d.eval_depths)
-    g.add_argument("--eval-per-cell", type=int, default=d.eval_per_cell)
-    g.add_argument("--eval-decoys", type=int, default=d.eval_decoys,
-                   help="with --id-pool: other ids that occur once in each evaluation document, so the "
-                        "needle is not the only line seen once")
     g.add_argument("--no-plots", action="store_true")
+    return g
 
 
 def _positive(cfg, names) -> list[str]:
@@ -206,7 +264,7 @@ def problems(cfg: TrainConfig) -> list[str]:
             unit = split_unit(cfg.layout, cp, cfg.ulysses)
             out.append(f"--seq-len {cfg.seq_len} must be a positive multiple of {unit} for layout {cfg.layout!r} "
                        f"on a ring of {cp}" + (f" x ulysses {cfg.ulysses}" if cfg.ulysses > 1 else ""))
-    if cfg.ulysses > 1 and cfg.model in PRESETS:
+    if cfg.ulysses > 1 and cfg.model in PRESETS and not cfg.pretrained:
         heads = model_config(cfg.model).n_heads
         if heads % cfg.ulysses:
             out.append(f"--ulysses {cfg.ulysses} must divide the {heads} attention heads of --model {cfg.model} "
@@ -218,7 +276,52 @@ def problems(cfg: TrainConfig) -> list[str]:
             placement(cfg.device, cfg.backend, cfg.local_ranks)
         except ValueError as e:
             out.append(str(e))
-    out += _output_problems(cfg) + _data_problems(cfg)
+    out += _output_problems(cfg) + (_pretrained_problems(cfg) if cfg.pretrained else _data_problems(cfg))
+    return out
+
+
+def _pretrained_problems(cfg) -> list[str]:
+    """ringwise finetune's model, RoPE change and text, checked (and the text tokenized into its cache)
+    before any rank starts."""
+    import importlib.util
+
+    missing = [m for m in ("transformers", "accelerate", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        return [f"--model needs {', '.join(missing)}: pip install 'ringwise[hf]'"]
+    from .pretrained import checkpoint_problems, documents, extended_config  # documents: --text into its cache
+
+    out = checkpoint_problems(cfg.pretrained)
+    if cfg.compile:
+        out.append("--compile is not supported with --model checkpoints yet")
+    if (cfg.rope_scaling is None) != (cfg.rope_factor is None):
+        out.append("--rope-scaling and --rope-factor go together (e.g. --rope-scaling yarn --rope-factor 4)")
+    if cfg.rope_factor is not None and not (math.isfinite(cfg.rope_factor) and cfg.rope_factor > 1):
+        out.append(f"--rope-factor {cfg.rope_factor}: must be a finite number > 1")
+    if cfg.rope_theta is not None and not (math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
+        out.append(f"--rope-theta {cfg.rope_theta}: must be a finite number > 0")
+    if not 0 < cfg.eval_fraction < 1:
+        out.append(f"--eval-fraction {cfg.eval_fraction}: must lie strictly between 0 and 1")
+    out += _positive(cfg, ("eval_sequences", "eval_bucket"))
+    if out:
+        return out
+    try:
+        config = extended_config(cfg.pretrained, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
+        import ringwise.integrations.transformers as rw
+
+        rw.check_model(config)
+    except (ValueError, OSError, KeyError) as e:
+        return [f"--model {cfg.pretrained}: {e}"]
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    if cfg.ulysses > 1 and heads % cfg.ulysses:
+        out.append(f"--ulysses {cfg.ulysses} must divide the model's {heads} attention heads "
+                   f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})")
+    if cfg.seq_len >= 1:
+        try:
+
+            documents(cfg)
+        except (OSError, ValueError) as e:
+            out.append(f"--text: {e}")
     return out
 
 

@@ -21,11 +21,13 @@ import torch.distributed as dist
 
 from ..attention.seqshard import SeqShard
 from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, collate, retrieval_accuracy, sample_indices
-from ..model import Transformer, model_config
+from ..model import IGNORE_INDEX, Transformer, model_config
 from . import checkpoint
 from .config import TrainConfig
 from .parallel import (Heartbeat, Mesh, fill_shards, init_distributed, make_mesh, name_failed_peers, peak_memory_mib,
                        shard_model)
+from .perplexity import perplexity_by_position
+from .pretrained import build_pretrained, documents, save_config
 
 
 def log(msg: str) -> None:
@@ -38,10 +40,11 @@ class Run:
 
     cfg: TrainConfig
     mesh: Mesh
-    model: Transformer
+    model: torch.nn.Module  # ringwise's Transformer, or a pretrained transformers model (pretrained.py)
     optimizer: torch.optim.Optimizer
     dataset: torch.utils.data.Dataset
     start: int = 0
+    held_out: torch.utils.data.Dataset | None = None  # finetune: the windows perplexity is measured on
 
     @property
     def device(self) -> torch.device:
@@ -58,6 +61,8 @@ class Run:
 
 
 def make_dataset(cfg: TrainConfig):
+    if cfg.pretrained:
+        return documents(cfg).train
     if cfg.data == "text":
         return PackedTextDataset(cfg.text, cfg.seq_len)
     return RetrievalDataset(cfg.seq_len, seed=cfg.seed, questions=cfg.questions, loss_on=cfg.loss_on,
@@ -67,6 +72,11 @@ def make_dataset(cfg: TrainConfig):
 def build(cfg: TrainConfig, mesh: Mesh) -> Run:
     """Model (built on the meta device, sharded, then each rank fills its shards: never whole
     in one process), optimizer, data."""
+    if cfg.pretrained:  # a transformers checkpoint, each rank reading its shards
+        data = documents(cfg)
+        model = build_pretrained(cfg, mesh)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        return Run(cfg, mesh, model, optimizer, data.train, held_out=data.held_out)
     dataset = make_dataset(cfg)
     overrides = {"vocab_size": dataset.tokenizer.vocab_size} if cfg.data == "text" else {}
     torch.manual_seed(cfg.seed)
@@ -88,6 +98,8 @@ def setup(cfg: TrainConfig, mesh: Mesh) -> Run:
     out = Path(cfg.out)
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.pretrained:  # the run's model config (its RoPE changes) and tokenizer, for export --hf
+            save_config(cfg, out / "hf")
     if cfg.resume:
         meta = checkpoint.resume(out / "checkpoints", run.model, run.optimizer,
                                  log=log if run.is_main else (lambda m: None))
@@ -114,14 +126,19 @@ def truncate_metrics(path: Path, start: int) -> None:
     os.replace(tmp, path)
 
 
-def local_batch(run: Run, step: int):
-    """This replica's sequences of the global batch at `step`, sharded for this ring rank."""
+def local_batch(run: Run, step: int) -> list[tuple]:
+    """This replica's sequences of the global batch at `step`, sharded for this ring rank, as
+    micro-batches (input_ids, labels, cu_seqlens): the whole batch at once, or, for packed
+    documents, one sequence at a time (each has its own boundaries)."""
     cfg, mesh = run.cfg, run.mesh
     indices = sample_indices(step, cfg.batch, len(run.dataset), cfg.seed)
     per = cfg.batch // mesh.dp
-    batch = collate([run.dataset[i] for i in indices[mesh.dp_rank * per:(mesh.dp_rank + 1) * per]])
-    seqshard = run.seqshard  # the dataset's labels are already next-token targets: sharded as they are
-    return tuple(seqshard.shard(batch[k]).to(run.device) for k in ("input_ids", "labels"))
+    examples = [run.dataset[i] for i in indices[mesh.dp_rank * per:(mesh.dp_rank + 1) * per]]
+    shard = lambda x: run.seqshard.shard(x).to(run.device)  # noqa: E731  (labels are already next-token targets)
+    if "cu_seqlens" in examples[0]:
+        return [(shard(ex["input_ids"][None]), shard(ex["labels"][None]), ex["cu_seqlens"]) for ex in examples]
+    batch = collate(examples)
+    return [(shard(batch["input_ids"]), shard(batch["labels"]), None)]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -135,17 +152,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def compute_gradients(run: Run, step: int) -> tuple[float, int]:
     """Loss and parameter gradients of the whole global batch at `step` (gradients summed by FSDP2)."""
     seqshard = run.seqshard
-    ids, labels = local_batch(run, step)
+    micro = local_batch(run, step)
     pos = seqshard.positions(run.cfg.seq_len, device=run.device)
-    validate = step == run.start
-    with eager_if(run.cfg.compile and validate):  # validate is a constant of the graph: one graph, not two
-        loss_sum, n_tokens = run.model(ids, pos, labels, **seqshard.ring_kwargs(), validate=validate)
-    totals = torch.stack([loss_sum.detach().double(), n_tokens.double()])
-    dist.all_reduce(totals)
-    if totals[1] == 0:
+    count = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels, _ in micro]).sum().double()
+    dist.all_reduce(count)  # every rank divides by the global labelled-token count
+    if count == 0:
         raise RuntimeError(f"step {step}: the global batch has no labelled tokens")
-    (loss_sum / totals[1].to(loss_sum.dtype)).backward()
-    return (totals[0] / totals[1]).item(), int(totals[1].item())
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    for i, (ids, labels, cu) in enumerate(micro):
+        validate = step == run.start and i == 0
+        extra = {} if cu is None else {"cu_seqlens": cu}
+        with eager_if(run.cfg.compile and validate):  # validate is a constant of the graph: one graph, not two
+            loss_sum, _ = run.model(ids, pos, labels, **seqshard.ring_kwargs(), validate=validate, **extra)
+        (loss_sum / count.to(loss_sum.dtype)).backward()
+        total += loss_sum.detach().double()
+    dist.all_reduce(total)
+    return (total / count).item(), int(count.item())
 
 
 def step(run: Run, step: int) -> dict:
@@ -192,9 +214,24 @@ def evaluate(run: Run) -> dict:
     return dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc)
 
 
+def baseline_perplexity(run: Run) -> dict | None:
+    """The pretrained model's held-out perplexity by position before any step (eval_before.json; a
+    resumed run reads the one its first start measured)."""
+    path = Path(run.cfg.out) / "eval_before.json"
+    if run.start > 0:
+        return json.loads(path.read_text()) if path.exists() else None
+    result = perplexity_by_position(run, eager_if)
+    if run.is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(path)
+    return result
+
+
 def save(run: Run, done: int) -> None:
     cfg = run.cfg
-    meta = dict(config=run.model.cfg.to_dict(), run=checkpoint.run_settings(cfg), world=run.mesh.world,
+    config = run.model.cfg.to_dict() if hasattr(run.model, "cfg") else dict(transformers=str(Path(cfg.out) / "hf"))
+    meta = dict(config=config, run=checkpoint.run_settings(cfg), world=run.mesh.world,
                 mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp, ulysses=run.mesh.ulysses),
                 task=dict(cfg.task_kwargs(), decoys=cfg.eval_decoys, lengths=cfg.eval_lengths_for(run.mesh.cp),
                           depths=list(cfg.eval_depths), per_cell=cfg.eval_per_cell))  # for `ringwise generate --retrieval`
@@ -217,9 +254,10 @@ def train(run: Run) -> dict | None:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True)
-        log(f"training {cfg.model} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
+        log(f"training {cfg.pretrained or cfg.model} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
             f"on {run.mesh.world} ranks (dp {run.mesh.dp} x cp {run.mesh.cp} x ulysses {run.mesh.ulysses}, {cfg.layout}), {cfg.seq_len} tokens "
             f"per sequence, {cfg.batch} sequences per step")
+    before = baseline_perplexity(run) if cfg.pretrained else None
     rec = dict(loss=float("nan"))
     for s in range(run.start, cfg.steps):
         rec = step(run, s)
@@ -242,7 +280,9 @@ def train(run: Run) -> dict | None:
     if run.start >= cfg.steps and run.is_main:  # resumed a finished run: its last step's loss, from its log
         rec = _last_record(out / "metrics.jsonl") or rec
     result = dict(final_loss=rec["loss"], steps=cfg.steps)
-    if cfg.data == "retrieval":
+    if cfg.pretrained:
+        result["perplexity"] = dict(before=before, after=perplexity_by_position(run, eager_if))
+    elif cfg.data == "retrieval":
         result["retrieval"] = evaluate(run)
     if run.is_main:
         (out / "summary.json").write_text(json.dumps(result, indent=2))
@@ -305,4 +345,8 @@ def summary_line(cfg: TrainConfig, run: Run, result: dict) -> str:
         digits = cfg.value_digits or DEFAULT_DIGITS[cfg.fmt][1]
         line += "; retrieval accuracy " + ", ".join(f"{a:.0%} at {L} tokens" for a, L in zip(per_len, r["lengths"]))
         line += f" (chance {1 / (9 * 10 ** (digits - 1)):.2g})"  # values have no leading zero
+    if "perplexity" in result:
+        p = result["perplexity"]
+        ppl = lambda r: "?" if not r or r["loss"] is None else f"{math.exp(r['loss']):.2f}"  # noqa: E731
+        line += f"; held-out perplexity {ppl(p['before'])} before, {ppl(p['after'])} after"
     return line + f"; results in {cfg.out}/"

@@ -1,0 +1,259 @@
+"""A pretrained transformers causal LM as the training loop's model (`ringwise finetune`).
+
+Built so that no rank ever holds the whole model: the parameters are made on the meta device
+(accelerate's init_empty_weights; buffers such as RoPE's inverse frequencies stay real), FSDP2
+shards them over the mesh, and each rank reads only its shards of the checkpoint's safetensors
+(torch.distributed.checkpoint's HuggingFaceStorageReader, which reads the slices a DTensor needs).
+Attention is the ring, through ringwise's transformers integration, with the run's own SeqShard.
+
+`PretrainedLM` gives the loop ringwise's model interface: forward(input_ids, positions, labels,
+cu_seqlens=...) -> (sum of the local token losses, local labelled tokens), the loss computed in
+float32 chunks of the vocabulary projection (never the whole (tokens, vocab) logits at once).
+
+Context extension: `extended_config` writes --rope-theta / --rope-scaling / --rope-factor into the
+config (static scalings only: the integration refuses those that depend on the local length)
+and raises max_position_embeddings to cover the trained length.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..attention.seqshard import IGNORE_INDEX, SeqShard
+from ..data.documents import PackedDocuments, split, tokenize_documents
+from ..model import blockwise
+from .parallel import shard_model
+
+ROPE_SCALINGS = ("linear", "yarn", "llama3")
+LOSS_CHUNK = 1024  # tokens per vocabulary projection in the loss
+
+
+def weight_files(path) -> list[Path]:
+    return sorted(Path(path).glob("*.safetensors"))
+
+
+def checkpoint_problems(path) -> list[str]:
+    """What keeps `path` from being a transformers checkpoint this job can read (empty: none)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return [f"--model {path}: no config.json there (give a transformers checkpoint folder; "
+                "scripts/fetch_smollm2.py makes one)"]
+    if not weight_files(p):
+        return [f"--model {path}: no .safetensors weights there (save the model with save_pretrained)"]
+    return []
+
+
+def _rope_parameters(config) -> dict:
+    """The config's RoPE parameters as one dict (transformers 5: rope_parameters; 4.x: rope_theta/rope_scaling)."""
+    if isinstance(getattr(config, "rope_parameters", None), dict):
+        return dict(config.rope_parameters)
+    params = dict(getattr(config, "rope_scaling", None) or {"rope_type": "default"})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+def _set_rope_parameters(config, params: dict) -> None:
+    if isinstance(getattr(config, "rope_parameters", None), dict):
+        config.rope_parameters = params
+    else:
+        config.rope_theta = params.pop("rope_theta")
+        config.rope_scaling = None if params.get("rope_type") == "default" else params
+
+
+def extended_config(path, seq_len: int, rope_theta=None, rope_scaling=None, rope_factor=None):
+    """The checkpoint's config with the run's RoPE changes; max_position_embeddings covers seq_len."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    params = _rope_parameters(text)
+    original = text.max_position_embeddings
+    if rope_theta is not None:
+        params["rope_theta"] = float(rope_theta)
+    if rope_scaling is not None:
+        params.update(rope_type=rope_scaling, factor=float(rope_factor))
+        if rope_scaling in ("yarn", "llama3"):
+            params.setdefault("original_max_position_embeddings", original)
+        if rope_scaling == "llama3":
+            params.setdefault("low_freq_factor", 1.0)
+            params.setdefault("high_freq_factor", 4.0)
+    _set_rope_parameters(text, params)
+    grown = int(original * (rope_factor or 1.0)) if rope_scaling is not None else original
+    text.max_position_embeddings = max(grown, seq_len)
+    return config
+
+
+class PretrainedLM(nn.Module):
+    """The training loop's model interface around a transformers causal LM (see the module docstring)."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    @property
+    def layers(self):
+        """The decoder layers, FSDP2's per-layer units (parallel.shard_model); not registered twice."""
+        return self.hf.base_model.layers
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _chunk_loss(self, h, labels):
+        logits = self.hf.get_output_embeddings()(h).float()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _token_losses(self, h, labels):
+        logits = self.hf.get_output_embeddings()(h).float()
+        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+    def forward(self, input_ids, positions, labels, *, cu_seqlens=None, per_token=False, validate=True,
+                layout=None, group=None, ulysses_group=None):
+        """(local loss sum, local labelled tokens); per_token: the (batch, local) losses instead (0 where
+        unlabelled). The ring comes from the model's SeqShard (rw.configure at build)."""
+        extra = {} if cu_seqlens is None else {"ringwise_cu_seqlens": list(cu_seqlens)}
+        out = self.hf.base_model(input_ids=input_ids, position_ids=positions[None].expand(input_ids.shape[0], -1),
+                                 use_cache=False, **extra)
+        h = out.last_hidden_state
+        if per_token:
+            return torch.cat(blockwise(self._token_losses, h, LOSS_CHUNK, labels), 1)
+        loss = torch.stack(blockwise(self._chunk_loss, h, LOSS_CHUNK, labels)).sum()
+        return loss, (labels != IGNORE_INDEX).sum()
+
+
+def build_pretrained(cfg, mesh) -> PretrainedLM:
+    """The sharded model with the checkpoint's weights, each rank reading its shards only."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    import ringwise.integrations.transformers as rw
+
+    config = extended_config(cfg.pretrained, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
+    rw.register()
+    rw.check_model(config)
+    with init_empty_weights(include_buffers=False):
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation=rw.NAME, dtype=torch.float32)
+    hf.tie_weights()  # from_config leaves a tied output matrix untied until weights load: tie it before sharding
+    rw.check_model(hf)
+    rw.configure(hf, SeqShard(cfg.layout, mesh.cp_group, mesh.ulysses_group))
+    if cfg.checkpoint_layers:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PretrainedLM(hf)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    shard_model(model, mesh, cfg.compute_dtype(mesh.device), per_layer=True)
+    model.to_empty(device=mesh.device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():  # to_empty left them uninitialised
+            b.copy_(buffers[name].to(b.device))
+    load_weights(hf, cfg.pretrained)
+    return model
+
+
+def stored_keys(path) -> set[str]:
+    """The tensor names the checkpoint's safetensors hold (from their headers)."""
+    from safetensors import safe_open
+
+    keys = set()
+    for f in weight_files(path):
+        with safe_open(str(f), "pt") as st:
+            keys.update(st.keys())
+    return keys
+
+
+def load_weights(hf: nn.Module, path) -> None:
+    """Each rank fills its parameter shards from the checkpoint's safetensors (a tied output matrix is
+    its embedding's, which is read once)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    state = {k: v for k, v in hf.state_dict().items()}
+    stored = stored_keys(path)
+    tied = {k for k in state if k not in stored and _is_tied(hf, k)}
+    missing = sorted(k for k in state if k not in stored and k not in tied)
+    if missing:
+        raise ValueError(f"--model {path}: the checkpoint lacks {len(missing)} of the model's tensors "
+                         f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+    wanted = {k: v for k, v in state.items() if k not in tied}
+    dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(path)), planner=DefaultLoadPlanner())
+
+
+def _is_tied(hf, key) -> bool:
+    """Whether `key` is the output projection that the config ties to the input embedding."""
+    config = hf.config.get_text_config(decoder=True) if hasattr(hf.config, "get_text_config") else hf.config
+    out = hf.get_output_embeddings()
+    names = {f"{n}.weight" for n, m in hf.named_modules() if m is out}
+    return bool(getattr(config, "tie_word_embeddings", False)) and key in names
+
+
+def save_config(cfg, folder: Path) -> None:
+    """The run's model config (with its RoPE changes) and the tokenizer, for export --hf."""
+    from transformers import AutoTokenizer
+
+    config = extended_config(cfg.pretrained, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(cfg.pretrained).save_pretrained(folder)
+    (folder / "ringwise.json").write_text(json.dumps(dict(source=str(Path(cfg.pretrained).resolve())), indent=2))
+
+
+@dataclass
+class Documents:
+    """A pretrained model's text: packed windows, the training ones and the held-out ones."""
+
+    train: torch.utils.data.Dataset
+    held_out: torch.utils.data.Dataset
+    tokenizer: object
+
+
+def documents(cfg) -> Documents:
+    """--text in the model's tokens (cached next to the data), packed and split."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--model {cfg.pretrained}: its tokenizer has no EOS token to separate documents")
+    packed = PackedDocuments(tokenize_documents(cfg.text, tokenizer), cfg.seq_len, tokenizer.eos_token_id)
+    train, held_out = split(len(packed), cfg.eval_fraction)
+    if not len(train) or not len(held_out):
+        raise ValueError(f"--text holds {packed.tokens.numel()} tokens of --model's tokenizer: {len(packed)} "
+                         f"sequence(s) of --seq-len {cfg.seq_len}; training and evaluation need 2 at least")
+    return Documents(torch.utils.data.Subset(packed, train), torch.utils.data.Subset(packed, held_out), tokenizer)
+
+
+def export_hf(run_dir, out) -> Path:
+    """The newest intact checkpoint of a finetune run as a transformers folder: the run's config (with
+    its RoPE changes), safetensors and tokenizer. Made whole in this process (offline, once)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import checkpoint
+
+    run_dir, out = Path(run_dir), Path(out)
+    hf_dir = run_dir / "hf"
+    if not (hf_dir / "config.json").exists():
+        raise ValueError(f"{run_dir} is not a ringwise finetune run (no hf/config.json); export it without --hf")
+    path, skipped = checkpoint.newest_intact(run_dir / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"no intact checkpoint in {run_dir / 'checkpoints'}"
+                                + "".join(f"; skipped {why}" for why in skipped))
+    weights = {k.removeprefix("hf."): v for k, v in checkpoint.consolidated(path)["model"].items()}
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), dtype=torch.float32)
+    model.load_state_dict(weights, strict=False)
+    expected = set(model.state_dict())
+    missing = sorted(k for k in expected - set(weights) if not _is_tied(model, k))
+    if missing or set(weights) - expected:
+        raise ValueError(f"{path}: its tensors do not match the model (missing {missing[:4]}, "
+                         f"unexpected {sorted(set(weights) - expected)[:4]})")
+    model.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for f in hf_dir.iterdir():  # the tokenizer's files (the config was just written with the weights)
+        if f.is_file() and f.name not in ("config.json", "ringwise.json"):
+            shutil.copy2(f, out / f.name)
+    return path
