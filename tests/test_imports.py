@@ -214,7 +214,7 @@ def test_plan_runs_without_torch():
     assert "llama-7b" in done.stdout and "Ring Attention" in done.stdout
 
 
-@pytest.mark.parametrize("argv, shown", [(["--help"], "{demo,train,export,generate,plan,bench}"),
+@pytest.mark.parametrize("argv, shown", [(["--help"], "{demo,train,finetune,export,generate,plan,bench}"),
                                          (["plan", "--help"], "--devices-per-node"),
                                          (["generate", "--help"], "--retrieval")])
 def test_help_runs_without_torch(argv, shown):
