@@ -41,16 +41,20 @@ def make_config(name):
 REFERENCE_ATTN = dict(gemma2="eager", gpt_oss="eager")
 
 
-WORDS = [f"w{i}" for i in range(61)]  # with [UNK], <s>, </s>: the 64 ids of SMALL's vocabulary
+WORDS = [f"w{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(51)]  # "waa", "wab", ...: letters only, so
+# digits split from nothing but numbers; with [UNK], <s>, </s> and the ten digits: SMALL's 64 ids
 
 
 def tiny_tokenizer():
-    """A word-level fast tokenizer over WORDS (no download): "w3 w17" -> two ids; EOS "</s>"."""
+    """A word-level fast tokenizer over WORDS and the digits, one token each (no download): "waa wab" -> two
+    ids, "71432" -> five; anything else (punctuation, other words) [UNK]; EOS "</s>"."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{str(d): 3 + d for d in range(10)},
+             **{w: i + 13 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>",
                                                 eos_token="</s>", pad_token="[UNK]")
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hf_models import save_tiny_checkpoint, tiny_tokenizer, word_documents  # noqa: E402
+from hf_models import WORDS, save_tiny_checkpoint, tiny_tokenizer, word_documents  # noqa: E402
 from ringwise.data.documents import CACHE_DIR, PackedDocuments, read_documents, tokenize_documents  # noqa: E402
 from ringwise.model import IGNORE_INDEX  # noqa: E402
 from ringwise.train.config import TrainConfig  # noqa: E402
@@ -40,7 +40,8 @@ def checkpoint_and_text(tmp_path_factory):
 
 def config(model, text, out, **kw):
     base = dict(pretrained=str(model), text=[str(text)], data="documents", seq_len=SEQ, batch=2, steps=3, lr=1e-3,
-                warmup=1, weight_decay=0.1, ckpt_every=100, eval_sequences=2, eval_bucket=32, out=str(out),
+                warmup=1, weight_decay=0.1, ckpt_every=100, eval_sequences=2, eval_bucket=32, eval_per_cell=1,
+                eval_depths=[0.5], out=str(out),
                 no_plots=True, timeout=60.0)
     base.update(kw)
     return TrainConfig(**base)
@@ -49,24 +50,26 @@ def config(model, text, out, **kw):
 # ---------------------------------------------------------------- documents
 
 def test_documents_pack_with_their_boundaries_and_cache_their_tokens(tmp_path):
-    (tmp_path / "one.txt").write_text("w1 w2 w3")
-    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "w4 w5"}) + "\n\n" + json.dumps({"text": "w6"}) + "\n")
+    w = WORDS
+    (tmp_path / "one.txt").write_text(f"{w[1]} {w[2]} {w[3]}")
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": f"{w[4]} {w[5]}"}) + "\n\n"
+                                         + json.dumps({"text": w[6]}) + "\n")
     tok = tiny_tokenizer()
     calls = []
     counting = lambda texts, **kw: calls.append(len(texts)) or tok(texts, **kw)  # noqa: E731
     counting.get_vocab = tok.get_vocab
     docs = tokenize_documents([tmp_path], counting)
-    assert [d.tolist() for d in docs] == [[7, 8], [9], [4, 5, 6]]  # sorted files: docs.jsonl, then one.txt
+    assert [d.tolist() for d in docs] == [[17, 18], [19], [14, 15, 16]]  # sorted files: docs.jsonl, then one.txt
     assert calls == [2, 1] and len(list((tmp_path / CACHE_DIR).iterdir())) == 2
-    assert [d.tolist() for d in tokenize_documents([tmp_path], counting)] == [[7, 8], [9], [4, 5, 6]]
+    assert [d.tolist() for d in tokenize_documents([tmp_path], counting)] == [[17, 18], [19], [14, 15, 16]]
     assert calls == [2, 1], "the second read came from the cache"
 
     eos = tok.eos_token_id
     packed = PackedDocuments(docs, 4, eos)  # stream 7 8 E 9 E 4 5 6 E: windows of 4 (+1 label)
     w0, w1 = packed[0], packed[1]
-    assert w0["input_ids"].tolist() == [7, 8, eos, 9] and w0["labels"].tolist() == [8, eos, IGNORE_INDEX, eos]
+    assert w0["input_ids"].tolist() == [17, 18, eos, 19] and w0["labels"].tolist() == [18, eos, IGNORE_INDEX, eos]
     assert w0["cu_seqlens"] == [0, 3, 4] and w0["doc_offset"].tolist() == [0, 1, 2, 0]
-    assert w1["input_ids"].tolist() == [eos, 4, 5, 6] and w1["labels"].tolist() == [IGNORE_INDEX, 5, 6, eos]
+    assert w1["input_ids"].tolist() == [eos, 14, 15, 16] and w1["labels"].tolist() == [IGNORE_INDEX, 15, 16, eos]
     assert w1["cu_seqlens"] == [0, 1, 4] and w1["doc_offset"].tolist() == [0, 0, 1, 2]  # context from the window
 
 
@@ -153,6 +156,44 @@ def test_parameter_and_optimizer_bytes_per_rank_fall_as_one_over_world(cluster, 
         assert per_rank[1] / per_rank[world] == pytest.approx(world, rel=0.05), per_rank
 
 
+def one_process_answers(path, flip):
+    """A passkey document maker whose labels are what the one-process model (plain transformers, eager,
+    the whole document) predicts at the key's positions: the ring's evaluation must find every one
+    right; `flip` makes one label wrong, which must count the document as missed."""
+    from ringwise.train.passkey import passkey_document
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager")
+
+    def make(tokenizer, length, depth, key):
+        ids, labels = passkey_document(tokenizer, length, depth, key)
+        with torch.no_grad():
+            predicted = model(input_ids=ids[None]).logits[0].argmax(-1)
+        keep = labels != IGNORE_INDEX
+        labels[keep] = predicted[keep]
+        if flip:
+            labels[keep.nonzero()[0]] += 1
+        return ids, labels
+    return make
+
+
+def passkey_job(cfg_dict, flip):
+    from ringwise.train.loop import setup
+    from ringwise.train.parallel import make_mesh
+    from ringwise.train.passkey import passkey_accuracy
+
+    cfg = TrainConfig(**cfg_dict)
+    run = setup(cfg, make_mesh(1, torch.device("cpu"), cfg.timeout))
+    return passkey_accuracy(run, run.tokenizer, [48, SEQ], [0.0, 0.5, 1.0], 2,
+                            document=one_process_answers(cfg.pretrained, flip))
+
+
+def test_passkey_evaluation_through_the_ring_reads_the_whole_document(cluster, checkpoint_and_text, tmp_path):
+    model, text = checkpoint_and_text
+    cfg = config(model, text, tmp_path / "p", layout="zigzag")
+    assert cluster(3).run(passkey_job, vars(cfg), False) == [[[1.0, 1.0]] * 3] * 3
+    assert cluster(2).run(passkey_job, vars(cfg), True) == [[[0.0, 0.0]] * 3] * 2
+
+
 # ---------------------------------------------------------------- the command
 
 def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text, tmp_path):
@@ -170,10 +211,13 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
     summary = json.loads((out / "summary.json").read_text())
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2]
     before, after = summary["perplexity"]["before"], summary["perplexity"]["after"]
-    assert before == json.loads((out / "eval_before.json").read_text())  # measured once, before step 0
+    assert before == json.loads((out / "eval_before.json").read_text())["perplexity"]  # measured once, before step 0
     assert before["starts"] == [0, 32, 64] and sum(before["tokens"]) == sum(after["tokens"]) > 0
     assert all(p is None or math.isfinite(p) for p in before["ppl"] + after["ppl"])
-    for name in ("loss.png", "ppl_by_position.png"):
+    passkey = summary["passkey"]
+    assert passkey["lengths"] == [48, 96] and len(passkey["accuracy"]) == len(passkey["depths"]) == 5
+    assert passkey["before"] == json.loads((out / "eval_before.json").read_text())["passkey"]["accuracy"]
+    for name in ("loss.png", "ppl_by_position.png", "retrieval.png"):
         assert (out / name).stat().st_size > 0
 
     exported = tmp_path / "exported"
@@ -187,7 +231,8 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
     assert not torch.equal(hf.state_dict()["model.layers.0.mlp.up_proj.weight"],
                            transformers.AutoModelForCausalLM.from_pretrained(model).state_dict()[
                                "model.layers.0.mlp.up_proj.weight"])
-    assert transformers.AutoTokenizer.from_pretrained(exported)("w3 w4", add_special_tokens=False)["input_ids"] == [6, 7]
+    assert transformers.AutoTokenizer.from_pretrained(exported)(f"{WORDS[3]} {WORDS[4]} 71", add_special_tokens=False)[
+        "input_ids"] == [16, 17, 10, 4]
 
 
 def test_bad_flags_are_listed_before_any_rank_starts(checkpoint_and_text, tmp_path, capsys):

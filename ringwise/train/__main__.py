@@ -58,6 +58,12 @@ def draw_plots(out: Path) -> None:
         ys = {f"{name} training": [p for p in r["ppl"] if p] for name, r in runs.items()}
         plot_lines(xs, ys, out / "ppl_by_position.png", xlabel="position inside the document (bucket start, tokens)",
                    ylabel="held-out perplexity", title="Perplexity by position, before and after fine-tuning")
+    if "passkey" in summary:
+        from ..lab.plots import plot_retrieval_heatmap
+
+        r = summary["passkey"]
+        plot_retrieval_heatmap(r["accuracy"], r["lengths"], r["depths"], out / "retrieval.png",
+                               title="Passkey retrieval after fine-tuning")
     if "retrieval" in summary:
         r = summary["retrieval"]
         plot_retrieval_heatmap(r["accuracy"], r["lengths"], r["depths"], out / "retrieval.png",

@@ -153,7 +153,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 FINETUNE_DEFAULTS = dict(data="documents", seq_len=1024, batch=1, steps=100, lr=2e-5, warmup=10, weight_decay=0.1,
-                         ckpt_every=50, out="runs/finetune")
+                         ckpt_every=50, out="runs/finetune", eval_per_cell=2)
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,7 +182,11 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-sequences", type=int, default=d.eval_sequences,
                    help="held-out sequences for perplexity by position, before and after training")
     g.add_argument("--eval-bucket", type=int, default=d.eval_bucket, help="tokens per position bucket")
-    p.set_defaults(**{k: v for k, v in FINETUNE_DEFAULTS.items() if k not in ("seq_len", "batch")})
+    g.add_argument("--eval-lengths", type=int, nargs="*", default=None,
+                   help="passkey retrieval context lengths (default: half and all of --seq-len)")
+    g.add_argument("--eval-depths", type=float, nargs="*", default=d.eval_depths, help="passkey depths in [0, 1]")
+    g.add_argument("--eval-per-cell", type=int, default=d.eval_per_cell, help="passkey documents per cell")
+    p.set_defaults(**{k: v for k, v in FINETUNE_DEFAULTS.items() if k not in ("seq_len", "batch", "eval_per_cell")})
 
 
 def _process_flags(p, d) -> None:
@@ -319,10 +323,27 @@ def _pretrained_problems(cfg) -> list[str]:
     if cfg.seq_len >= 1:
         try:
 
-            documents(cfg)
+            tokenizer = documents(cfg).tokenizer
         except (OSError, ValueError) as e:
-            out.append(f"--text: {e}")
+            return out + [f"--text: {e}"]
+        out += _passkey_problems(cfg, tokenizer)
     return out
+
+
+def _passkey_problems(cfg, tokenizer) -> list[str]:
+    from .passkey import passkey_document
+
+    if any(not 0.0 <= d <= 1.0 for d in cfg.eval_depths):
+        return [f"--eval-depths {cfg.eval_depths}: depths must lie in [0, 1]"]
+    world = cfg.world_size
+    if world < 1 or cfg.dp < 1 or cfg.ulysses < 1 or world % (cfg.dp * cfg.ulysses):
+        return []
+    for L in cfg.eval_lengths_for(world // (cfg.dp * cfg.ulysses)):
+        try:
+            passkey_document(tokenizer, L, 0.5, "12345")
+        except ValueError as e:
+            return [f"--eval-lengths: {e}"]
+    return []
 
 
 def _output_problems(cfg) -> list[str]:

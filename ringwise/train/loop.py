@@ -26,6 +26,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .parallel import (Heartbeat, Mesh, fill_shards, init_distributed, make_mesh, name_failed_peers, peak_memory_mib,
                        shard_model)
+from .passkey import passkey_accuracy
 from .perplexity import perplexity_by_position
 from .pretrained import build_pretrained, documents, save_config
 
@@ -45,6 +46,7 @@ class Run:
     dataset: torch.utils.data.Dataset
     start: int = 0
     held_out: torch.utils.data.Dataset | None = None  # finetune: the windows perplexity is measured on
+    tokenizer: object = None  # finetune: the model's tokenizer (passkey documents)
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +78,7 @@ def build(cfg: TrainConfig, mesh: Mesh) -> Run:
         data = documents(cfg)
         model = build_pretrained(cfg, mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-        return Run(cfg, mesh, model, optimizer, data.train, held_out=data.held_out)
+        return Run(cfg, mesh, model, optimizer, data.train, held_out=data.held_out, tokenizer=data.tokenizer)
     dataset = make_dataset(cfg)
     overrides = {"vocab_size": dataset.tokenizer.vocab_size} if cfg.data == "text" else {}
     torch.manual_seed(cfg.seed)
@@ -214,13 +216,22 @@ def evaluate(run: Run) -> dict:
     return dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc)
 
 
-def baseline_perplexity(run: Run) -> dict | None:
-    """The pretrained model's held-out perplexity by position before any step (eval_before.json; a
-    resumed run reads the one its first start measured)."""
+def finetune_evaluation(run: Run) -> dict:
+    """Held-out perplexity by position and passkey retrieval by (depth, length), through the ring."""
+    cfg = run.cfg
+    lengths = cfg.eval_lengths_for(run.mesh.cp)
+    acc = passkey_accuracy(run, run.tokenizer, lengths, cfg.eval_depths, cfg.eval_per_cell, cfg.seed)
+    return dict(perplexity=perplexity_by_position(run, eager_if),
+                passkey=dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc))
+
+
+def baseline_evaluation(run: Run) -> dict | None:
+    """The pretrained model's evaluation before any step (eval_before.json; a resumed run reads the one
+    its first start measured)."""
     path = Path(run.cfg.out) / "eval_before.json"
     if run.start > 0:
         return json.loads(path.read_text()) if path.exists() else None
-    result = perplexity_by_position(run, eager_if)
+    result = finetune_evaluation(run)
     if run.is_main:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(result, indent=2))
@@ -257,7 +268,7 @@ def train(run: Run) -> dict | None:
         log(f"training {cfg.pretrained or cfg.model} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
             f"on {run.mesh.world} ranks (dp {run.mesh.dp} x cp {run.mesh.cp} x ulysses {run.mesh.ulysses}, {cfg.layout}), {cfg.seq_len} tokens "
             f"per sequence, {cfg.batch} sequences per step")
-    before = baseline_perplexity(run) if cfg.pretrained else None
+    before = baseline_evaluation(run) if cfg.pretrained else None
     rec = dict(loss=float("nan"))
     for s in range(run.start, cfg.steps):
         rec = step(run, s)
@@ -281,7 +292,9 @@ def train(run: Run) -> dict | None:
         rec = _last_record(out / "metrics.jsonl") or rec
     result = dict(final_loss=rec["loss"], steps=cfg.steps)
     if cfg.pretrained:
-        result["perplexity"] = dict(before=before, after=perplexity_by_position(run, eager_if))
+        after, before = finetune_evaluation(run), before or {}
+        result["perplexity"] = dict(before=before.get("perplexity"), after=after["perplexity"])
+        result["passkey"] = dict(after["passkey"], before=(before.get("passkey") or {}).get("accuracy"))
     elif cfg.data == "retrieval":
         result["retrieval"] = evaluate(run)
     if run.is_main:
@@ -349,4 +362,7 @@ def summary_line(cfg: TrainConfig, run: Run, result: dict) -> str:
         p = result["perplexity"]
         ppl = lambda r: "?" if not r or r["loss"] is None else f"{math.exp(r['loss']):.2f}"  # noqa: E731
         line += f"; held-out perplexity {ppl(p['before'])} before, {ppl(p['after'])} after"
+    if "passkey" in result:
+        mean = lambda acc: "?" if not acc else f"{sum(map(sum, acc)) / sum(map(len, acc)):.0%}"  # noqa: E731
+        line += f"; passkey retrieval {mean(result['passkey']['before'])} before, {mean(result['passkey']['accuracy'])} after"
     return line + f"; results in {cfg.out}/"

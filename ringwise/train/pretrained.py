@@ -111,16 +111,20 @@ class PretrainedLM(nn.Module):
         logits = self.hf.get_output_embeddings()(h).float()
         return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
 
-    def forward(self, input_ids, positions, labels, *, cu_seqlens=None, per_token=False, validate=True,
-                layout=None, group=None, ulysses_group=None):
+    def _token_argmax(self, h, labels):
+        return self.hf.get_output_embeddings()(h).argmax(-1)
+
+    def forward(self, input_ids, positions, labels, *, cu_seqlens=None, per_token=False, predict=False,
+                validate=True, layout=None, group=None, ulysses_group=None):
         """(local loss sum, local labelled tokens); per_token: the (batch, local) losses instead (0 where
-        unlabelled). The ring comes from the model's SeqShard (rw.configure at build)."""
+        unlabelled); predict: the greedy next tokens. The ring comes from the model's SeqShard
+        (rw.configure at build)."""
         extra = {} if cu_seqlens is None else {"ringwise_cu_seqlens": list(cu_seqlens)}
         out = self.hf.base_model(input_ids=input_ids, position_ids=positions[None].expand(input_ids.shape[0], -1),
                                  use_cache=False, **extra)
         h = out.last_hidden_state
-        if per_token:
-            return torch.cat(blockwise(self._token_losses, h, LOSS_CHUNK, labels), 1)
+        if per_token or predict:
+            return torch.cat(blockwise(self._token_argmax if predict else self._token_losses, h, LOSS_CHUNK, labels), 1)
         loss = torch.stack(blockwise(self._chunk_loss, h, LOSS_CHUNK, labels)).sum()
         return loss, (labels != IGNORE_INDEX).sum()
 
