@@ -8,7 +8,8 @@ Attention is the ring, through ringwise's transformers integration, with the run
 
 `PretrainedLM` gives the loop ringwise's model interface: forward(input_ids, positions, labels,
 cu_seqlens=...) -> (sum of the local token losses, local labelled tokens), the loss computed in
-float32 chunks of the vocabulary projection (never the whole (tokens, vocab) logits at once).
+float32 chunks of LOSS_CHUNK tokens through the vocabulary projection, each recomputed in backward
+when there are several (never more than one chunk's (tokens, vocab) logits alive at once).
 
 Context extension: `extended_config` writes --rope-theta / --rope-scaling / --rope-factor into the
 config (static scalings only: the integration refuses those that depend on the local length)
@@ -125,7 +126,10 @@ class PretrainedLM(nn.Module):
         h = out.last_hidden_state
         if per_token or predict:
             return torch.cat(blockwise(self._token_argmax if predict else self._token_losses, h, LOSS_CHUNK, labels), 1)
-        loss = torch.stack(blockwise(self._chunk_loss, h, LOSS_CHUNK, labels)).sum()
+        if h.shape[1] <= LOSS_CHUNK:  # one chunk: its logits are the one chunk the bound allows, kept, not recomputed
+            loss = self._chunk_loss(h, labels)
+        else:
+            loss = torch.stack(blockwise(self._chunk_loss, h, LOSS_CHUNK, labels)).sum()
         return loss, (labels != IGNORE_INDEX).sum()
 
 
