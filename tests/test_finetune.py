@@ -121,14 +121,16 @@ def reference_first_loss(cfg):
 def test_steps_agree_across_world_sizes_and_with_one_process(cluster, checkpoint_and_text, tmp_path):
     model, text = checkpoint_and_text
     runs = {}
-    for world, layout in ((1, "zigzag"), (2, "zigzag"), (3, "contiguous")):
-        cfg = config(model, text, tmp_path / f"w{world}", layout=layout)
-        runs[world] = cluster(world).run(train_job, vars(cfg))[0]
+    meshes = {"W1": (1, dict()), "W2": (2, dict()), "W3-contiguous": (3, dict(layout="contiguous")),
+              "W4-dp2": (4, dict(dp=2)), "W4-ulysses2-ckpt": (4, dict(ulysses=2, checkpoint_layers=True))}
+    for name, (world, kw) in meshes.items():
+        cfg = config(model, text, tmp_path / name, **kw)
+        runs[name] = cluster(world).run(train_job, vars(cfg))[0]
     ref = reference_first_loss(cfg)
     for world, losses in runs.items():
         assert len(losses) == 3 and len(set(losses)) == 3, losses  # the steps changed the model
         assert abs(losses[0] - ref) <= 1e-5 * ref, (world, losses[0], ref)
-        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, runs[1])), (world, losses, runs[1])
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, runs["W1"])), (world, losses, runs["W1"])
 
 
 def bytes_job(cfg_dict):
