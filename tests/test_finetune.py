@@ -226,6 +226,8 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
 
     exported = tmp_path / "exported"
     assert main(["export", str(out), str(exported), "--hf"]) == 0
+    assert main(["export", str(out), str(exported), "--hf"]) == 2  # never over another folder
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exported.tmp")]
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     rope = hf.config.rope_parameters
     assert rope["rope_type"] == "linear" and rope["factor"] == 2.0

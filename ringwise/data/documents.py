@@ -80,24 +80,9 @@ def tokenize_file(path: Path, tokenizer, key: str, batch: int = 256) -> list[tor
     return docs
 
 
-def source_files(paths) -> list[Path]:
-    """The files `paths` stand for (folders searched recursively, sorted; the token caches left out),
-    checked to be UTF-8 text."""
-    files = []
-    for p in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and CACHE_DIR not in f.relative_to(p).parts)
-            if not found:
-                raise ValueError(f"{p} is a folder with no files in it")
-            files += found
-        else:
-            files.append(p)
-    return text_files(files)
-
-
 def tokenize_documents(paths, tokenizer) -> list[torch.Tensor]:
     key = tokenizer_key(tokenizer)
-    return [d for f in source_files(paths) for d in tokenize_file(f, tokenizer, key) if d.numel()]
+    return [d for f in text_files(paths, skip=CACHE_DIR) for d in tokenize_file(f, tokenizer, key) if d.numel()]
 
 
 class PackedDocuments(torch.utils.data.Dataset):

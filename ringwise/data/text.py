@@ -60,8 +60,9 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
-def text_files(paths) -> list[Path]:
-    """The files that `paths` (files or folders, searched recursively) stand for, sorted.
+def text_files(paths, skip: str | None = None) -> list[Path]:
+    """The files that `paths` (files or folders, searched recursively) stand for, sorted; inside a
+    folder, files under a sub-folder named `skip` (a cache kept beside the data) are left out.
 
     Refuses a missing path, a folder without files, and a file that is not UTF-8 text
     (a NUL byte or invalid UTF-8 in its first 64 KiB), naming it: training on the
@@ -71,7 +72,7 @@ def text_files(paths) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file())
+            found = sorted(f for f in p.rglob("*") if f.is_file() and skip not in f.relative_to(p).parts)
             if not found:
                 raise ValueError(f"{p} is a folder with no files in it")
             files.extend(found)

@@ -60,7 +60,7 @@ def _generation_config(model, kwargs):
     return config
 
 
-def _problem(model, input_ids, shard, kwargs, config) -> str | None:
+def _problem(input_ids, shard, kwargs, config) -> str | None:
     """This rank's objection to the call, or None."""
     from transformers.generation.configuration_utils import GenerationMode
 
@@ -157,7 +157,7 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
     shard = shard_of_state(states[0])
     kwargs = dict(generate_kwargs)
     config = _generation_config(model, kwargs)
-    problem = objection or _problem(model, input_ids, shard, kwargs, config)
+    problem = objection or _problem(input_ids, shard, kwargs, config)
     facts = {} if problem else {
         "prompt": _describe(input_ids), "options": _describe({k: v for k, v in kwargs.items()}),
         "random state": _random_state(input_ids.device) if config.do_sample else None}

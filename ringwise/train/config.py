@@ -186,7 +186,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="passkey retrieval context lengths (default: half and all of --seq-len)")
     g.add_argument("--eval-depths", type=float, nargs="*", default=d.eval_depths, help="passkey depths in [0, 1]")
     g.add_argument("--eval-per-cell", type=int, default=d.eval_per_cell, help="passkey documents per cell")
-    p.set_defaults(**{k: v for k, v in FINETUNE_DEFAULTS.items() if k not in ("seq_len", "batch", "eval_per_cell")})
+    p.set_defaults(data=FINETUNE_DEFAULTS["data"])  # no flag of its own: the other defaults are the flags' (d)
 
 
 def _process_flags(p, d) -> None:
@@ -322,7 +322,6 @@ def _pretrained_problems(cfg) -> list[str]:
                    f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})")
     if cfg.seq_len >= 1:
         try:
-
             tokenizer = documents(cfg).tokenizer
         except (OSError, ValueError) as e:
             return out + [f"--text: {e}"]

@@ -63,8 +63,6 @@ class Run:
 
 
 def make_dataset(cfg: TrainConfig):
-    if cfg.pretrained:
-        return documents(cfg).train
     if cfg.data == "text":
         return PackedTextDataset(cfg.text, cfg.seq_len)
     return RetrievalDataset(cfg.seq_len, seed=cfg.seed, questions=cfg.questions, loss_on=cfg.loss_on,

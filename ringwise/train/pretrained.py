@@ -18,6 +18,7 @@ and raises max_position_embeddings to cover the trained length.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,9 +260,18 @@ def export_hf(run_dir, out) -> Path:
         raise ValueError(f"{path}: its tensors do not match the model (missing {missing[:4]}, "
                          f"unexpected {sorted(set(weights) - expected)[:4]})")
     model.tie_weights()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    for f in hf_dir.iterdir():  # the tokenizer's files (the config was just written with the weights)
-        if f.is_file() and f.name not in ("config.json", "ringwise.json"):
-            shutil.copy2(f, out / f.name)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: give a new folder for the export")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written whole, then renamed: never half a folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        for f in hf_dir.iterdir():  # the tokenizer's files (the config was just written with the weights)
+            if f.is_file() and f.name not in ("config.json", "ringwise.json"):
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
