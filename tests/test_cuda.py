@@ -272,20 +272,23 @@ def test_bench_device_cuda_without_gpu_says_so(tmp_path):
 
 def test_gpu_check_script_runs_every_step_and_logs_it(tmp_path):
     """scripts/gpu_check.sh, dry-run here (no GPU): every step runs under its limit, logs into
-    OUT and lands in the summary; the GPU benches are skipped, said so, instead of timing the CPU."""
+    OUT and lands in the summary; the GPU benches are skipped, said so, instead of timing the CPU.
+    Its pytest step collects this file only (PYTEST_ADDOPTS): collecting the whole suite again
+    is what the suite itself just did."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = dict(os.environ, PYTHON=sys.executable, PYTEST_ADDOPTS=str(root / "tests" / "test_cuda.py"))
     done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), str(tmp_path)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = (tmp_path / "summary.txt").read_text()
     assert [line.split(":")[0] for line in summary.splitlines() if ": exit " in line] == ["env", "test-gpu"]
     assert "test-gpu: exit 0" in summary  # the cuda tests skip cleanly without a GPU
+    assert " skipped" in (tmp_path / "test-gpu.log").read_text()
     assert "gpu: no" in (tmp_path / "env.log").read_text()
     for name in ["bench-attention", "bench-compute", "bench-context"]:  # they would refuse (tested above)
         assert f"{name}: skipped (torch sees no GPU)" in summary.splitlines()

@@ -373,14 +373,17 @@ def name_failed_peers(error: BaseException, heartbeat: Heartbeat | None, timeout
         return error
     here = socket.gethostname()
     local = [(r, pid) for r, host, pid, _ in peers if host == here]
-    exited = []
-    for _ in range(20):  # a peer's sockets close just before it turns zombie: look again briefly
+    silent = [p for p in peers if p[3] > min(timeout / 2, 10.0)]
+    # a peer's sockets close just before it turns zombie: look again briefly, unless a peer
+    # is already silent (a dead peer's closed connection fails this rank at once, before its
+    # stamp can go stale; a stale one is frozen, and looking again only delays the report)
+    for attempt in range(1 if silent else 20):
         exited = [f"rank {r} (pid {pid} on {here})" for r, pid in local if _has_exited(pid)]
         if exited:
             return RuntimeError(f"rank {heartbeat.rank}: {', '.join(exited)} exited while the job ran "
                                 f"(killed or crashed; its own error, if any, is above). Cause here: {error}")
-        time.sleep(0.05)
-    silent = [p for p in peers if p[3] > min(timeout / 2, 10.0)]
+        if attempt < 19 and not silent:
+            time.sleep(0.05)
     if not silent:
         return error
     names = []
