@@ -242,3 +242,16 @@ def test_document_ids_equal_cu_seqlens():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="contiguous"):
         ringwise.ring_attention(q, k, v, document_ids=torch.tensor([1] * 4 + [2] * 4 + [1] * 4))
+
+
+def _dynamo_loaded_before_any_op():
+    import sys
+
+    return "torch._dynamo" in sys.modules
+
+
+def test_a_fresh_rank_has_what_its_first_op_imports():
+    """A rank is forked from a server that imported torch._dynamo (a custom op's first call
+    imports it: ~0.45 s of CPU per rank otherwise); this module does not import it itself."""
+    with LocalCluster(1) as c:
+        assert c.run(_dynamo_loaded_before_any_op) == [True]
