@@ -380,12 +380,12 @@ def name_failed_peers(error: BaseException, heartbeat: Heartbeat | None, timeout
     # is already silent (a dead peer's closed connection fails this rank at once, before its
     # stamp can go stale; a stale one is frozen, and looking again only delays the report)
     for attempt in range(1 if silent else 20):
+        if attempt:
+            time.sleep(0.05)
         exited = [f"rank {r} (pid {pid} on {here})" for r, pid in local if _has_exited(pid)]
         if exited:
             return RuntimeError(f"rank {heartbeat.rank}: {', '.join(exited)} exited while the job ran "
                                 f"(killed or crashed; its own error, if any, is above). Cause here: {error}")
-        if attempt < 19 and not silent:
-            time.sleep(0.05)
     if not silent:
         return error
     names = []
