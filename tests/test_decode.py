@@ -2,6 +2,8 @@
 the whole cache, bit-identical on every rank, one collective a call; uneven and empty shards,
 random non-contiguous positions, Tq in {1, 3}, GQA, windows narrower than a shard, sinks,
 softcap, fully masked rows and NaN."""
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -89,16 +91,22 @@ GRID.append(dict(BASE, world=4, seed=len(GRID), empty=(0, 2), keys=3))
 for W in (2, 3):  # scores in the hundreds: see the budget in the test
     GRID.append(dict(BASE, world=W, seed=len(GRID), q_scale=30.0, tq=3))  # two of four ranks hold nothing
 GRID.append(dict(BASE, world=3, seed=len(GRID), keys=2, window=1, tq=3))  # window narrower than a shard
+# real models' heads (SmolLM2 9/3, 5/1, MHA 7/7) and head dims: payloads of odd length put every rank's
+# header at an odd offset of the gathered buffer
+for W in (2, 3):
+    for heads, kv_heads, head_dim in ((9, 3, 64), (5, 1, 80), (7, 7, 96), (9, 3, 128)):
+        GRID.append(dict(BASE, world=W, seed=len(GRID), batch=1, heads=heads, kv_heads=kv_heads, head_dim=head_dim))
+    GRID.append(dict(BASE, world=W, seed=len(GRID), batch=1, heads=9, kv_heads=3, head_dim=64, tq=3, window=7))
 
 
 def case_id(c):
-    skip = set(BASE) - {"dtype"} | {"world", "seed"}
+    skip = {"world", "seed", "dtype"}
     rest = "-".join(f"{k}{'' if v is True else v}" for k, v in c.items() if k not in skip and v != BASE.get(k))
     return f"W{c['world']}-{c['dtype']}" + (f"-{rest}" if rest else "")
 
 
 def same_bits(a, b):
-    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return a.shape == b.shape and torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8))
 
 
 @pytest.mark.parametrize("case", GRID, ids=case_id)
@@ -140,9 +148,9 @@ def test_decode_matches_reference_on_every_rank(grid_results, case):
 
 def refusal_case(kind):
     """Rank 1 alone passes something wrong, on a group's first call (checked by one object gather
-    before any data moves) and on a later one (the header of the data gather): every rank raises
-    the same error."""
-    from ringwise.attention.decode import _CHECKED_GROUPS
+    before any data moves) and on a later one (the header of the data gather, then the worded check
+    where the call's signature changed): every rank raises the same error."""
+    from ringwise.attention.decode import _AGREED
 
     rank = dist.get_rank()
     q = torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(0))
@@ -155,30 +163,72 @@ def refusal_case(kind):
         bad["key_positions"] = good["key_positions"][:4]
     elif kind == "heads" and rank == 1:
         bad_k = bad_v = torch.randn(1, 5, 3, 8)
+    elif kind == "shape" and rank == 1:  # another number of new tokens: another packed size
+        bad_q, bad["query_positions"] = torch.randn(1, 2, 4, 8), torch.tensor([99, 100])
+    elif kind == "window" and rank == 1:  # an invalid argument: no packed buffer of its own
+        bad["window"] = -1
     errors = []
     for first_good in (False, True):
-        _CHECKED_GROUPS.discard(dist.group.WORLD.group_name)
+        _AGREED.pop(dist.group.WORLD.group_name, None)
         if first_good:
             ringwise.decode_attention(q, k, v, **good)
+        start = time.monotonic()
         with count_comms() as comms:
             try:
                 ringwise.decode_attention(bad_q, bad_k, bad_v, **bad)
             except ValueError as e:
-                errors.append((str(e), dict(comms.counts)))
-    _CHECKED_GROUPS.discard(dist.group.WORLD.group_name)
+                errors.append((str(e), dict(comms.counts), time.monotonic() - start))
+    _AGREED.pop(dist.group.WORLD.group_name, None)
     return errors
 
 
-@pytest.mark.parametrize("kind", ["q", "positions", "heads"])
+REFUSALS = {  # kind -> (what the error says, whether a later call's header asks for the worded check)
+    "q": ("q differs between ranks", False), "positions": ("same number of keys", False),
+    "heads": ("kv_heads dividing", False), "shape": ("different signatures", True), "window": ("window must be", True),
+}
+
+
+@pytest.mark.parametrize("kind", REFUSALS)
 def test_a_problem_on_one_rank_is_raised_on_every_rank(cluster, kind):
-    want = {"q": "q differs between ranks", "positions": "same number of keys", "heads": "kv_heads dividing"}[kind]
+    want, rechecked = REFUSALS[kind]
     results = cluster(3).run(refusal_case, kind)
     for errors in results:
         assert len(errors) == 2, errors
-        assert all("rank 1" in msg and want in msg for msg, _ in errors), errors
+        assert all("rank 1" in msg and want in msg for msg, _, _ in errors), errors
+        assert all(seconds < 5 for _, _, seconds in errors), errors  # promptly: no rank waits for the timeout
         assert errors[0][1] == {"all_gather_object": 1}, errors  # a first call: nothing but the verdict
-        assert errors[1][1] == {"all_gather_into_tensor": 1}, errors  # later: the one data gather
-    assert len({tuple(m for m, _ in e) for e in results}) == 1, "ranks raised different errors"
+        later = {"all_gather_into_tensor": 1, **({"all_gather_object": 1} if rechecked else {})}
+        assert errors[1][1] == later, errors  # later: the one data gather (and the worded check it asked for)
+    assert len({tuple(m for m, _, _ in e) for e in results}) == 1, "ranks raised different errors"
+
+
+def changed_call_case(_):
+    """Every rank changes its call alike after the group's first call (another batch and number of new tokens):
+    the group agrees on the new call and the result is exact; then one data gather a call again."""
+    from ringwise.attention.decode import _AGREED
+
+    _AGREED.pop(dist.group.WORLD.group_name, None)
+    rank, W = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 12, 3, 64, generator=g, dtype=torch.float64), torch.randn(2, 12, 3, 64, generator=g,
+                                                                                  dtype=torch.float64)
+    mine = torch.arange(12)[rank::W]
+    counts, outs = [], []
+    for B, Tq in ((1, 1), (2, 3), (2, 3)):
+        q = torch.randn(B, Tq, 9, 64, generator=g, dtype=torch.float64)
+        with count_comms() as comms:
+            outs.append(ringwise.decode_attention(q, k[:B, mine], v[:B, mine]))
+        counts.append(dict(comms.counts))
+        ref = reference_attention(q, k[:B], v[:B])[0]
+        assert max_err(outs[-1], ref) < 1e-12
+    return counts
+
+
+def test_all_ranks_changing_their_call_alike_agree_again(cluster):
+    for counts in cluster(2).run(changed_call_case, None):
+        assert counts[0] == {"all_gather_object": 1, "all_gather_into_tensor": 1}, counts  # the first call
+        assert counts[1] == {"all_gather_into_tensor": 2, "all_gather_object": 1}, counts  # marker, check, data
+        assert counts[2] == {"all_gather_into_tensor": 1}, counts
 
 
 def test_refuses_bad_arguments_in_one_process():

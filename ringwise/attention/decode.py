@@ -11,15 +11,19 @@ This is the Tree-Attention / vLLM-decode-context-parallel shape of the problem (
 paper's K/V ring, which moves the whole cache every token): the bytes per call do not grow
 with the context, only with batch x query rows x heads x head_dim.
 
-Checks: the first call in a group is checked collectively (each rank's problems, its
-signature and a digest of q, in one object all-gather, before any data moves). Later calls
-carry in the same packed tensor a header: a problem code, a digest of the signature and one
-of q; every rank reads every header before it merges, so a problem on one rank is raised on
-every rank alike.
+Checks: the first call in a group is checked in words (each rank's problems, its signature
+and a digest of q, in one object all-gather, before any data moves), and the packed buffer's
+size is agreed. Later calls carry a header in the data gather itself: a problem code, a hash of
+the signature and a digest of q; every rank reads every header before it merges. A rank whose
+call differs from the agreed one (another query shape, an invalid argument) still sends a buffer
+of the agreed size, whose header asks every rank for the worded check: so a problem on one rank
+is raised on every rank alike, promptly, with one collective per call while the buffer's size
+stays (options that change alike on every rank, such as a hybrid model's windows, cost nothing).
 """
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -41,7 +45,19 @@ CALL_PROBLEMS = (
     "the ranks called decode_attention with different signatures (shapes, dtype or options)",
 )
 _Q_DIFFERS, _SIG_DIFFERS = 4, 5
-_CHECKED_GROUPS: set = set()  # groups whose first call was checked collectively (by name)
+_RECHECK = 6  # header code: this rank's call is not the group's agreed signature (or not valid): check in words
+
+
+@dataclass(frozen=True)
+class _Agreement:
+    """What every rank of a group agreed on at its last worded check: the packed buffer a call sends."""
+
+    numel: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+_AGREED: dict = {}  # group name -> _Agreement
 
 
 def _digest(x: Optional[Tensor]) -> int:
@@ -144,13 +160,55 @@ def local_attention(q, k, v, scale, mask, softcap) -> tuple[Tensor, Tensor]:
     return out.reshape(B, Hk, g, Tq, D).reshape(B, H, Tq, D), lse.reshape(B, Hk, g, Tq).reshape(B, H, Tq)
 
 
-def _header(code: int, sig_hash: int, q_digest: int, dt) -> Tensor:
-    ints = torch.tensor([code, sig_hash, q_digest], dtype=torch.int64)
-    return ints.view(dt)  # bit-exact through the collective
+def _header(code: int, sig_hash: int, q_digest: int, dt, device) -> Tensor:
+    return torch.tensor([code, sig_hash, q_digest], dtype=torch.int64).view(dt).to(device)  # bit-exact
 
 
-def _read_header(part: Tensor, n: int) -> tuple[int, int, int]:
-    return tuple(int(x) for x in part[:n].contiguous().view(torch.int64).tolist())
+def _read_headers(parts: Tensor, n: int) -> list[tuple[int, int, int]]:
+    """Every rank's header from the gathered (world, numel) buffer. Copied into a fresh tensor first: a row's
+    offset into the gathered storage is arbitrary (odd for an odd payload), and int64 needs an aligned view."""
+    heads = torch.empty((parts.shape[0], n), dtype=parts.dtype).copy_(parts[:, :n])  # one small host copy
+    return [tuple(row) for row in heads.view(torch.int64).tolist()]
+
+
+def _worded_check(group, world: int, problem: Optional[str], sig: tuple, q_digest: int) -> None:
+    """Every rank's problem in words, its signature and its q digest, in one object all-gather: raises the same
+    error on every rank, or returns when all agree. Runs at a group's first call and whenever a header asks."""
+    infos = [None] * world
+    dist.all_gather_object(infos, dict(rank=dist.get_rank(), problem=problem, sig=sig, q=q_digest), group=group)
+    for i in infos:
+        if i["problem"]:
+            raise ValueError(f"decode_attention: rank {i['rank']}: {i['problem']}")
+    for i in infos[1:]:
+        if i["sig"] != infos[0]["sig"]:
+            raise ValueError(f"decode_attention: rank {i['rank']}: {CALL_PROBLEMS[_SIG_DIFFERS]}: "
+                             f"{i['sig']} vs rank {infos[0]['rank']} {infos[0]['sig']}")
+        if i["q"] != infos[0]["q"]:
+            raise ValueError(f"decode_attention: rank {i['rank']}: {CALL_PROBLEMS[_Q_DIFFERS]}")
+
+
+def _packed_numel(q: Tensor) -> int:
+    """Elements a rank sends for queries q: header, out (B, H, Tq, D) and lse (B, H, Tq), in the accumulator dtype."""
+    B, Tq, H, D = q.shape
+    return _header(0, 0, 0, acc_dtype(q.dtype), "cpu").numel() + B * H * Tq * (D + 1)
+
+
+def _gather(packed: Tensor, world: int, group) -> Tensor:
+    parts = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
+    dist.all_gather_into_tensor(parts, packed, group=group)
+    return parts.view(world, -1)
+
+
+def _raise_from_headers(headers, ranks) -> None:
+    """The same error on every rank from what every rank reads alike: a call problem, or differing calls."""
+    for r, (c, _, _) in zip(ranks, headers):
+        if c:
+            raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[c]}")
+    for r, (_, s, d) in zip(ranks, headers):
+        if s != headers[0][1]:
+            raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[_SIG_DIFFERS]}")
+        if d != headers[0][2]:
+            raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[_Q_DIFFERS]}")
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_scale: Optional[float] = None,
@@ -167,28 +225,27 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_sca
     world = dist.get_world_size(group) if distributed else 1
     problem = _signature_problem(q, softmax_scale, query_positions, window, sinks, softcap)
     code = 0 if problem else _call_problem(q, k, v, key_positions)
+    if world == 1 and (problem or code):
+        raise ValueError(f"decode_attention: {problem or CALL_PROBLEMS[code]}")
     sig = () if problem else (tuple(q.shape), str(q.dtype), q.device.type, softmax_scale, window, softcap,
                               sinks is not None, key_positions is not None, query_positions is not None, return_lse)
     q_digest = 0 if problem else _digest(q)
-    name = getattr(group or (dist.group.WORLD if distributed else None), "group_name", None)
-    if world > 1 and name not in _CHECKED_GROUPS:  # the first call: every problem worded, from every rank
-        infos = [None] * world
-        dist.all_gather_object(infos, dict(rank=dist.get_rank(), problem=problem or (
-            CALL_PROBLEMS[code] if code else None), sig=sig, q=q_digest), group=group)
-        for i in infos:
-            if i["problem"]:
-                raise ValueError(f"decode_attention: rank {i['rank']}: {i['problem']}")
-        for i in infos[1:]:
-            if i["sig"] != infos[0]["sig"]:
-                raise ValueError(f"decode_attention: rank {i['rank']}: {CALL_PROBLEMS[_SIG_DIFFERS]}: "
-                                 f"{i['sig']} vs rank {infos[0]['rank']} {infos[0]['sig']}")
-            if i["q"] != infos[0]["q"]:
-                raise ValueError(f"decode_attention: rank {i['rank']}: {CALL_PROBLEMS[_Q_DIFFERS]}")
-        _CHECKED_GROUPS.add(name)
-    if problem:  # a checked group's rank with a problem the signature cannot carry: tell the others
-        raise ValueError(f"decode_attention: {problem}")
-    if code and world == 1:
-        raise ValueError(f"decode_attention: {CALL_PROBLEMS[code]}")
+    if world > 1:
+        name = getattr(group or dist.group.WORLD, "group_name", None)
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+        agreed = _AGREED.get(name)
+        if agreed is None:  # a group's first call: every problem worded, from every rank, before data moves
+            _worded_check(group, world, problem or (CALL_PROBLEMS[code] if code else None), sig, q_digest)
+        elif problem or _packed_numel(q) != agreed.numel or acc_dtype(q.dtype) != agreed.dtype:
+            # this rank cannot send the buffer the group agreed on (another query shape or dtype, an invalid
+            # argument): it sends one of the agreed size that says so, and every rank, reading every header,
+            # runs the worded check (the same error everywhere, or a new agreement when all ranks changed their
+            # call alike); no rank waits on a collective alone
+            marker = torch.zeros(agreed.numel, dtype=agreed.dtype, device=agreed.device)
+            head = _header(_RECHECK, 0, 0, agreed.dtype, agreed.device)
+            marker[:head.numel()] = head
+            _gather(marker, world, group)
+            _worded_check(group, world, problem or (CALL_PROBLEMS[code] if code else None), sig, q_digest)
     B, Tq, H, D = q.shape
     dt = acc_dtype(q.dtype)
     scale = default_scale(D) if softmax_scale is None else float(softmax_scale)
@@ -199,22 +256,15 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_sca
         mask = visible(key_positions, query_positions, window)
         out, lse = local_attention(q, k, v, scale, mask, softcap)
     if world > 1:
-        head = _header(code, _hash_sig(sig), q_digest, dt).to(q.device)
+        head = _header(code, _hash_sig(sig), q_digest, dt, q.device)
         packed = torch.cat([head, out.reshape(-1), lse.reshape(-1)])
-        parts = torch.empty(world * packed.numel(), dtype=dt, device=q.device)
-        dist.all_gather_into_tensor(parts, packed, group=group)
-        parts = parts.view(world, -1)
-        heads = parts[:, :head.numel()].cpu()  # one small copy to the host for every rank's header
-        headers = [_read_header(h, head.numel()) for h in heads]
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
-        for r, (c, _, _) in zip(ranks, headers):
-            if c:
-                raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[c]}")
-        for r, (_, s, d) in zip(ranks, headers):
-            if s != headers[0][1]:
-                raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[_SIG_DIFFERS]}")
-            if d != headers[0][2]:
-                raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[_Q_DIFFERS]}")
+        _AGREED[name] = _Agreement(packed.numel(), dt, q.device)
+        parts = _gather(packed, world, group)
+        headers = _read_headers(parts, head.numel())
+        if any(c == _RECHECK for c, _, _ in headers):  # another rank's call changed: check in words, as it does
+            _worded_check(group, world, CALL_PROBLEMS[code] if code else None, sig, q_digest)
+            raise AssertionError("unreachable: a rank that asks for the check has a problem or another signature")
+        _raise_from_headers(headers, ranks)
         n_out = out.numel()
         out = torch.zeros_like(out)
         lse = torch.full_like(lse, float("-inf"))
