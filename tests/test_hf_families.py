@@ -18,6 +18,8 @@ SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
              num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 GPT_STYLE = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MOE = dict(num_experts_per_tok=2)
+FALCON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2)
 
 FAMILIES = {  # family -> (config class, its extra arguments); windowed ones marked by sliding_window
     "qwen2": ("Qwen2Config", {}),
@@ -53,22 +55,23 @@ FAMILIES = {  # family -> (config class, its extra arguments); windowed ones mar
     "seed_oss": ("SeedOssConfig", dict(head_dim=8)),
     "arcee": ("ArceeConfig", {}),
     "ernie4_5": ("Ernie4_5Config", dict(head_dim=8)),
-    "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32, num_hidden_layers=2, num_attention_heads=4)),
+    "opt": ("OPTConfig", dict(vocab_size=64, hidden_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, ffn_dim=64,
+                              word_embed_proj_dim=32, num_hidden_layers=2, num_attention_heads=4)),
     "gpt2": ("GPT2Config", dict(GPT_STYLE)),
     "gptj": ("GPTJConfig", dict(GPT_STYLE, rotary_dim=4)),
     "codegen": ("CodeGenConfig", dict(GPT_STYLE, rotary_dim=4)),
+    # attention hard-coded in older releases: refused there, exact where transformers routes it through the registry
+    # (ALiBi Falcon, Bloom and MPT build position biases outside it: test_hf_refusals.py)
+    "falcon": ("FalconConfig", dict(FALCON)),  # rotary, multi-query, parallel attention
+    "falcon_new_decoder": ("FalconConfig", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2)),
+    "gpt_neo": ("GPTNeoConfig", dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, window_size=WINDOW,
+                                     attention_types=[[["global", "local"], 1]])),
 }
 
 
 def make_config(name):
     cls, extra = FAMILIES[name]
-    if "n_embd" in extra:
-        args = extra
-    elif name == "opt":
-        args = dict(vocab_size=64, hidden_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
-    else:
-        args = {**SMALL, **extra}
-    return config_class(cls)(**args)
+    return config_class(cls)(**(extra if "vocab_size" in extra else {**SMALL, **extra}))
 
 
 def global_ids():

@@ -21,11 +21,8 @@ def refused_config(name):
     T = transformers
     if name == "bloom":  # ALiBi, attention hard-coded
         return T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
-    if name == "falcon":  # hard-coded attention classes (KeyError 'ringwise' when built directly)
-        return T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-    if name == "gpt_neo":
-        return T.GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                              attention_types=[[["global", "local"], 1]])
+    if name == "falcon_alibi":  # ALiBi biases built by the model (rotary Falcon: test_hf_families.py)
+        return T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True)
     if name == "mpt":  # ALiBi, hard-coded attention
         return T.MptConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2)
     if name == "lfm2":  # short convolutions
@@ -59,8 +56,7 @@ def refused_config(name):
 
 REFUSED = {  # family -> what the error must say
     "bloom": "does not use transformers' attention registry",
-    "falcon": "does not use transformers' attention registry",
-    "gpt_neo": "does not use transformers' attention registry",
+    "falcon_alibi": "ALiBi",
     "mpt": "ALiBi",
     "lfm2": "['conv']",
     "qwen3_next": "['linear_attention']",
