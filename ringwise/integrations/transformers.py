@@ -8,6 +8,7 @@
     labels = batch.pop("labels")
     loss = rw.causal_lm_loss(model(**batch).logits, labels)
     loss.backward()                                   # then sum parameter gradients over the ranks
+    # or model(**batch, labels=labels).loss (Trainer's way): the same share, with shard_batch's labels as they are
 
 "ringwise" is registered in `AttentionInterface` (the attention op) and in
 `AttentionMaskInterface` (the mask hook). The hook reads the mask function transformers
@@ -296,11 +297,13 @@ def register() -> None:
 
 def configure(model_or_config, shard: SeqShard) -> None:
     """Give one model its own ring (a ringwise.SeqShard: layout, ring group, ulysses group),
-    instead of use_ring's default; another model in the same process may use another ring."""
+    instead of use_ring's default; another model in the same process may use another ring.
+    Given a model, it installs the ring-aware loss (RingLoss) too, as check_model does."""
     register()
     for c in configs_of(model_or_config):
         state = _ring_of(c)
         state.shard, state.first_layer, state.pending = shard, None, []
+    _install_loss(model_or_config)  # a model: its own loss_function sums over this ring (RingLoss)
 
 
 def shard_of(model_or_config) -> SeqShard:
@@ -317,7 +320,8 @@ def check_model(model) -> None:
     scalings that depend on the local sequence length. Each would run on one shard of the
     sequence: wrong results, no error. Deterministic, so every rank gets the same verdict.
     Call it with the config before building (a hard-coded model fails at construction)
-    and with the model after loading; from_config / from_pretrained here do both.
+    and with the model after loading; from_config / from_pretrained here do both. Given a
+    model, it installs the ring-aware loss (RingLoss): model(**batch).loss is exact or refused.
     """
     problems = architecture_problems(model)
     if hasattr(model, "named_modules"):
@@ -328,6 +332,7 @@ def check_model(model) -> None:
     if problems:
         what = type(model).__name__ if hasattr(model, "named_modules") else f"model_type={model.model_type!r}"
         raise ValueError(f"{what} does not route its attention through ringwise exactly: " + "; ".join(problems))
+    _install_loss(model)  # a model: model(labels=).loss is the exact share over its ring, or refused (RingLoss)
 
 
 def from_config(config, shard: SeqShard | None = None, **kwargs):
@@ -384,8 +389,11 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_
     Labels are shifted on the *global* sequence before sharding (each token's target is
     the next global token; the last token of every document gets -100), position_ids are
     the global positions of the local tokens; documents go to the model as ringwise_cu_seqlens.
+    `model(**out).loss` (labels included) is rw.causal_lm_loss's share: these labels, passed as they are,
+    are known to be shifted; a copy of them is refused.
     """
     out = (shard or _shard_of()).shard_batch(input_ids, labels, cu_seqlens)
+    _SHIFTED[id(out["labels"])] = out["labels"]  # model(**out) takes these as they are (RingLoss)
     if "cu_seqlens" in out:
         out["ringwise_cu_seqlens"] = out.pop("cu_seqlens")
     return out
@@ -395,8 +403,133 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shard: SeqShard |
     """This rank's share of the mean next-token loss over the *global* labelled-token count.
 
     Summing these over the ranks gives the whole batch's mean loss, so summing the
-    parameter gradients over the ranks gives its exact gradient.
+    parameter gradients over the ranks gives its exact gradient. A model configured for
+    ringwise returns the same share as `model(**batch).loss` (RingLoss).
     """
-    local = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (shard or _shard_of()).all_reduce((labels != IGNORE_INDEX).sum().to(torch.float64))
-    return local / count.clamp_min(1).to(local.dtype)
+    count = _label_sums(labels, shard or _shard_of())[0]
+    return _ce_share(logits, labels, count.clamp_min(1))
+
+
+# ---------------------------------------------------------------- the model's own loss (model(labels=).loss)
+
+# The label tensors shard_batch returned (by id, held weakly): shifted on the global sequence, so the model's
+# loss takes them as they are. Other `labels` cannot be told apart from unshifted ones, and are refused.
+_SHIFTED = weakref.WeakValueDictionary()
+
+
+def _label_sums(labels: torch.Tensor, shard: SeqShard, extra=(), ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """[labelled tokens, *extra] summed over the shard's ranks (float64): the loss's one collective."""
+    sums = torch.tensor([0.0, *extra], dtype=torch.float64, device=labels.device)
+    sums[0] = (labels != ignore_index).sum()
+    return shard.all_reduce(sums)
+
+
+def _ce_share(logits: torch.Tensor, labels: torch.Tensor, denominator, ignore_index: int = IGNORE_INDEX):
+    """The loss math, said once: this rank's summed next-token cross-entropy (float32) / denominator."""
+    local = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, reduction="sum")
+    return local / (denominator.to(local.device, local.dtype) if torch.is_tensor(denominator) else denominator)
+
+
+class RingLoss:
+    """A ringwise model's `loss_function` (check_model, configure, from_config and from_pretrained install it):
+    `model(**batch, labels=...).loss` is rw.causal_lm_loss's share on this rank, or an error raised alike on
+    every rank. Targets: the `labels` rw.shard_batch returned (already shifted on the global sequence, not
+    shifted again) or transformers' `shift_labels` (pre-shifted, used as they are); any other `labels` are
+    refused (a collator's copy of input_ids would be shifted inside each rank's shard: wrong, silently).
+    Denominator: the ring's labelled-token count, or transformers' `num_items_in_batch` when it passes one.
+    Each rank's objections ride in the loss's one all-reduce, so every rank raises the same error before
+    any backward ring starts."""
+
+    def __init__(self, config):
+        self.config = config  # the model's: its ring (configure, use_ring) is read at each call
+        self.returned = None  # (weakref to the loss last returned, its version), for _check_loss_hook
+
+    def __call__(self, logits, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
+                 shift_labels=None, **kwargs):
+        shard = _shard_of(_ring_of(self.config))
+        targets = (shift_labels if shift_labels is not None else labels).to(logits.device)
+        n = None if num_items_in_batch is None else float(num_items_in_batch)
+        flags = (shift_labels is None and _SHIFTED.get(id(labels)) is not labels,  # not known to be shifted
+                 tuple(targets.shape) != tuple(logits.shape[:-1]),
+                 n is not None, n or 0.0, (n or 0.0) ** 2)  # num_items_in_batch: given, its sum, its sum of squares
+        sums = _label_sums(targets, shard, [float(f) for f in flags], ignore_index)
+        problems = _loss_problems(*sums[1:].tolist(), world=shard.world)
+        if problems:
+            raise ValueError("ringwise: model(labels=...).loss refused on every rank: " + "; ".join(problems))
+        loss = _ce_share(logits, targets, sums[0].clamp_min(1) if n is None else num_items_in_batch, ignore_index)
+        self.returned = (weakref.ref(loss), loss._version)
+        return loss
+
+
+def _loss_problems(unshifted, bad_shape, given, n_sum, n_sq, world) -> list[str]:
+    """The objections of the ring's ranks, from their summed flags: the same list on every rank."""
+    problems = []
+    if unshifted:
+        problems.append(
+            f"the labels on {int(unshifted)} of the ring's {world} ranks are not the tensor rw.shard_batch returned, "
+            "so ringwise cannot tell whether they are already shifted (transformers would shift them again, inside "
+            "each rank's shard). Pass the labels rw.shard_batch returned, straight to the model (a copy is not "
+            "recognised, e.g. .to(device): shard the batch on the model's device), or pass shift_labels= (targets "
+            "already shifted on the global sequence, then sharded), or compute the loss with "
+            "rw.causal_lm_loss(model(**batch).logits, labels)")
+    if bad_shape:
+        problems.append(f"on {int(bad_shape)} of the ring's {world} ranks the labels' shape is not the logits' "
+                        "(batch, local sequence): pass this rank's shard of them (rw.shard_batch), no logits_to_keep")
+    if 0 < given < world:
+        problems.append(f"num_items_in_batch was passed on {int(given)} of the ring's {world} ranks only")
+    elif given and abs(world * n_sq - n_sum * n_sum) > 1e-9 * n_sum * n_sum:
+        problems.append("num_items_in_batch differs between the ring's ranks: each rank would divide its share by "
+                        "another count; pass the whole batch's labelled-token count, the same on every rank")
+    return problems
+
+
+def _install_loss(model) -> None:
+    """Give a transformers model the ring-aware loss through the public `model.loss_function` setter, and a
+    forward hook that refuses a loss computed any other way (idempotent; configs and other modules: nothing)."""
+    if not isinstance(getattr(type(model), "loss_function", None), property):
+        return
+    current = model.loss_function
+    if not isinstance(current, RingLoss) and current is _transformers_causal_lm_loss():
+        try:
+            model.loss_function = RingLoss(model.config)
+        except AttributeError:  # a transformers without the setter: the hook refuses model(labels=)
+            pass
+    if not getattr(model, "_ringwise_loss_hook", False):
+        model.register_forward_hook(_check_loss_hook, with_kwargs=True)
+        model._ringwise_loss_hook = True
+
+
+def _transformers_causal_lm_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss
+
+
+def _check_loss_hook(module, args, kwargs, output):
+    """After a forward that returned a loss: it must be the tensor RingLoss returned, unchanged. Whether it is
+    depends on the model class and config alone, so every rank raises alike (after the loss's collective)."""
+    if isinstance(output, tuple):  # return_dict=False: the loss comes first when labels were given
+        loss = output[0] if kwargs.get("labels") is not None else None
+    else:
+        loss = getattr(output, "loss", None)
+    if loss is None:
+        return
+    fn = module.loss_function
+    returned = fn.returned if isinstance(fn, RingLoss) else None
+    if returned is not None:
+        fn.returned = None
+        if returned[0]() is loss and loss._version == returned[1]:
+            return
+    prop = getattr(type(module), "loss_function", None)
+    if isinstance(fn, RingLoss):
+        why = (f"{type(module).__name__}'s forward computed its loss without model.loss_function" if returned is None
+               else "the model changed the loss after its loss_function returned it (e.g. added a router "
+                    "load-balancing loss, output_router_logits=True, computed on this rank's tokens only)")
+    elif isinstance(prop, property) and prop.fset is None:
+        why = (f"{type(module).__name__}.loss_function has no setter (transformers {_transformers_version()}), "
+               "so ringwise cannot give the model its ring-aware loss")
+    else:
+        why = (f"the model's loss_function is {getattr(fn, '__name__', type(fn).__name__)}, not ringwise's "
+               "ring-aware causal LM loss (check_model / configure install it over transformers' ForCausalLMLoss)")
+    raise ValueError(f"ringwise: model(labels=...).loss would not be the exact loss over the ring: {why}. Compute "
+                     "it with rw.causal_lm_loss(model(**batch).logits, labels)")

@@ -1,0 +1,575 @@
+"""Every code example in README.md (and docs/*.md, if that folder exists) runs as written, and does
+what its comments say.
+
+Python blocks (```python). Each is found by the file and the heading above it, its key (a second
+block under one heading gets " (2)", ...), and must have a case in EXAMPLES: a new example without
+one fails test_every_python_example_has_a_case, as does a case whose example is gone. A block runs
+*as written*, on W = 2 and 3 ranks of the suite's live local gloo clusters, every rank exec'ing its
+text, except for the case's substitutions (the table in each case: text as written -> text as run,
+and why; each must still match the block, or the test fails). Before a block runs, each rank's
+random state is set differently (a real job's ranks have no reason to share one), so an example
+that forgets to seed its "same on every rank" input fails. Names an example takes from its
+surroundings (`path`, `input_ids`: the example says so in a comment) come from the case's `given`.
+The case's check then compares what the ranks got with one process on the whole sequence.
+
+Shell commands: every command line of the fenced bash/sh/shell/console blocks (each line must be a
+command this test knows how to check), and those of the indented code blocks and inline `...` spans
+that start with ringwise, torchrun, python or make. A command is checked without launching
+anything, in a temporary folder holding what it reads (the `world` fixture: copies of the
+repository's *.md files, a tiny random Llama with a byte-level tokenizer where the README fetches
+SmolLM2, data/, the runs/demo/ that `make demo` would make):
+
+- `ringwise ...`, `python -m ringwise.cli ...`, `python -m ringwise.train ...`: the command's own
+  entry point (ringwise.cli.main / ringwise.train.__main__.main) parses the argv and runs the same
+  flag validation as before any rank starts; LAUNCH_POINTS (the launcher, the checkpoint export,
+  the demo and benchmark runs) raise instead of starting anything, and the command must reach one
+  (or, `ringwise plan`, `--help`: finish with status 0). A flag the parser rejects, or a flag
+  combination the validation refuses, fails the test with the command's own message.
+- `torchrun ...`: torchrun's own parser reads its flags; the module then runs as under torchrun on
+  one of its nodes (WORLD_SIZE = nnodes x nproc-per-node, LOCAL_WORLD_SIZE = nproc-per-node, and
+  torch.cuda.device_count() = nproc-per-node: the nodes' GPUs, which this machine lacks).
+- `python -c CODE`: CODE runs in this process. `python SCRIPT ...`: SCRIPT exists and compiles
+  (it downloads or runs for minutes). `make TARGET`: TARGET is a Makefile target (not run).
+- A synopsis (`[...]`, `a|b`, `(...)`, or an upper-case placeholder that PLACEHOLDERS does not
+  fill): its command exists and every --flag it names is one of the command's flags.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helpers import CEILINGS, assert_within_budget, max_err, reference_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+# ---------------------------------------------------------------- reading the markdown
+
+@dataclass
+class Block:
+    source: str  # "README.md"
+    line: int  # the first line of its text
+    heading: str
+    lang: str  # the fence's language; "indented" for an indented code block
+    text: str
+
+
+@dataclass
+class Span:
+    source: str
+    line: int
+    text: str
+
+
+FENCE = re.compile(r"^(```+|~~~+)\s*([\w+-]*)")
+
+
+def read_markdown(path: Path) -> tuple[list[Block], list[Span]]:
+    """The code blocks (fenced and indented) and inline code spans of a markdown file."""
+    lines = path.read_text().splitlines()
+    source = str(path.relative_to(ROOT))
+    blocks, prose = [], []
+    heading, prev_blank, i = "", True, 0
+    while i < len(lines):
+        line = lines[i]
+        m = FENCE.match(line)
+        if m:
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith(m.group(1)):
+                j += 1
+            blocks.append(Block(source, i + 2, heading, m.group(2).lower(), "\n".join(lines[i + 1:j]) + "\n"))
+            i, prev_blank = j + 1, False
+            continue
+        if prev_blank and line.startswith("    ") and line.strip():
+            j = i
+            while j < len(lines) and (lines[j].startswith("    ") or not lines[j].strip()):
+                j += 1
+            blocks.append(Block(source, i + 1, heading, "indented", "\n".join(t[4:] for t in lines[i:j]) + "\n"))
+            i, prev_blank = j, True
+            continue
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        prose.append((i + 1, line))
+        prev_blank = not line.strip()
+        i += 1
+    text = "\n".join(t for _, t in prose)
+    starts = [n for n, _ in prose]
+    spans = [Span(source, starts[text.count("\n", 0, m.start())], " ".join(m.group(1).split()))
+             for m in re.finditer(r"`([^`]+)`", text)]
+    return blocks, spans
+
+
+def python_blocks() -> dict[str, Block]:
+    found = {}
+    for path in DOCS:
+        for b in read_markdown(path)[0]:
+            if b.lang in ("python", "py", "python3"):
+                key = f"{b.source} > {b.heading}"
+                n = sum(k == key or k.startswith(key + " (") for k in found)
+                found[key if n == 0 else f"{key} ({n + 1})"] = b
+    return found
+
+
+# ---------------------------------------------------------------- Python examples on the ranks
+
+def run_example(code: str, given: dict, collect: Callable):
+    """On every rank: exec the example's text (the names the example takes from its surroundings
+    in `given`), then collect(namespace) -> what the check compares."""
+    torch.manual_seed(1000 + dist.get_rank())  # ranks of a real job hold different random states
+    namespace = {"__name__": "__readme__", **given}
+    try:
+        exec(compile(code, "<readme example>", "exec"), namespace)
+        return collect(namespace)
+    finally:
+        if "ringwise.integrations.transformers" in sys.modules:  # the next job on this cluster gets the plain ring
+            sys.modules["ringwise.integrations.transformers"].use_ring()
+
+
+@dataclass
+class Example:
+    """How one Python example runs and what is checked. substitutions: (as written, as run, why)."""
+    substitutions: list[tuple[str, str, str]]
+    collect: Callable  # on each rank, after the example: namespace -> picklable results
+    check: Callable  # in this process: check(per-rank results, W, given)
+    given: Callable = lambda world: {}  # world folder -> names the example takes from its surroundings
+    worlds: tuple = (2, 3)
+
+
+# --- "The op, in your model": ring attention fwd + bwd on a seeded global x
+
+OP_SEQ = 48  # splits into 2W zigzag chunks at W = 2 and 3
+
+
+def collect_op(ns):
+    import ringwise
+
+    q, k, v = ns["q"], ns["k"], ns["v"]
+    pos = ringwise.positions(ns["x"].shape[1], layout="zigzag")
+    # the text below the example: had x itself required grad, x.grad would be this rank's share only
+    x = ns["x"].clone().requires_grad_()
+    parts = (ringwise.shard(t, dim=1, layout="zigzag") for t in (x, x[:, :, :8], x[:, :, :8]))
+    ringwise.ring_attention(*parts, causal=True, layout="zigzag").sum().backward()
+    return dict(x=ns["x"], out=ns["out"].detach(), full=ns["full"].detach(), grads=[t.grad for t in (q, k, v)],
+                leaves=[t.is_leaf and t.requires_grad for t in (q, k, v)], x_grad=x.grad,
+                q_is_x_at_pos=torch.equal(q.detach(), ns["x"][:, pos]))
+
+
+def check_op(results, W, given):
+    from ringwise.attention.layout import global_indices
+
+    x = results[0]["x"]
+    for r in results:
+        assert torch.equal(r["x"], x), "the ranks drew different global x (the comment says: the same on every rank)"
+        assert r["leaves"] == [True] * 3 and r["q_is_x_at_pos"]
+        assert r["out"].shape == (1, OP_SEQ // W, 32, 128)  # the comment: (1, 131072/W, 32, 128)
+        assert r["full"].shape == (1, OP_SEQ, 32, 128)
+        assert torch.equal(r["full"], results[0]["full"]), "unshard gave the ranks different tensors"
+    kv = x[:, :, :8]
+    # float64 oracle and the one-process float32 kernel (SDPA), forward and the gradients of full.sum()
+    q64, k64, v64 = (t.double().requires_grad_() for t in (x, kv, kv))
+    ref, _ = reference_attention(q64, k64, v64, causal=True)
+    ref.sum().backward()
+    q32, k32, v32 = (t.transpose(1, 2).clone().requires_grad_() for t in (x, kv, kv))
+    one = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, is_causal=True, enable_gqa=True)
+    one.sum().backward()
+    one = one.transpose(1, 2)
+    assert_within_budget("full", max_err(results[0]["full"], ref), max_err(one, ref), 1e-6, ceiling=CEILINGS["float32"])
+    # each rank's q.grad, k.grad, v.grad: the one-process gradient at that rank's positions
+    for i, (name, t64, t32) in enumerate(zip("qkv", (q64, k64, v64), (q32, k32, v32))):
+        got = torch.empty_like(t64.grad, dtype=torch.float32)
+        for rank, r in enumerate(results):
+            got[:, global_indices("zigzag", rank, W, OP_SEQ)] = r["grads"][i]
+        assert_within_budget(f"d{name}", max_err(got, t64.grad), max_err(t32.grad.transpose(1, 2), t64.grad), 1e-6,
+                             ceiling=CEILINGS["float32"])
+    # a replicated x: each rank's x.grad is its share; their sum is the one-process gradient
+    dx64, dx32 = q64.grad.clone(), q32.grad.transpose(1, 2).clone()
+    dx64[:, :, :8] += k64.grad + v64.grad
+    dx32[:, :, :8] += (k32.grad + v32.grad).transpose(1, 2)
+    summed = sum(r["x_grad"] for r in results)
+    assert_within_budget("dx summed", max_err(summed, dx64), max_err(dx32, dx64), 1e-6, ceiling=CEILINGS["float32"])
+    assert all(max_err(r["x_grad"], dx64) > 1e-2 for r in results), "one rank's x.grad is not just its share"
+
+
+# --- tiny transformers checkpoints stand in for `path`
+
+TINY_MODEL = "models/smollm2-135m"  # in the world folder, where the README fetches SmolLM2: a tiny random Llama
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (one token per byte, no merges; no download): any text, many tokens."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="<unk>")
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A random 2-layer Llama (GQA, float64: the ring and one process agree to round-off) and its tokenizer."""
+    import transformers
+
+    tokenizer = tiny_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, attention_dropout=0.0, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).double()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tokens(shape, seed):
+    return torch.randint(3, 200, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- "Hugging Face transformers": shard_batch + causal_lm_loss against one process
+
+HF_SEQ, HF_DOCS = 48, [0, 10, 48]
+F32_REL = 1e-6  # relative agreement of a float32 cross-entropy (eps 1.2e-7) summed over a few ranks
+
+
+def given_hf(world):
+    return dict(path=str(world / TINY_MODEL), input_ids=tokens((2, HF_SEQ), 1))
+
+
+def collect_hf(ns):
+    return dict(loss=ns["loss"].detach(), grads={n: p.grad for n, p in ns["model"].named_parameters()})
+
+
+def check_hf(results, W, given):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(given["path"], attn_implementation="sdpa")
+    assert model.dtype == torch.float64
+    ids = given["input_ids"]
+    bounds = torch.tensor(HF_DOCS)
+    doc = torch.repeat_interleave(torch.arange(len(HF_DOCS) - 1), bounds[1:] - bounds[:-1])
+    mask = ((doc[:, None] == doc[None, :]) & torch.ones(HF_SEQ, HF_SEQ, dtype=torch.bool).tril())[None, None]
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    labels[:, bounds[1:] - 1] = -100  # no target across a document's end
+    logits = model(input_ids=ids, attention_mask=mask.expand(ids.shape[0], 1, HF_SEQ, HF_SEQ)).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    # the comments: the sum over ranks is the mean loss; summed parameter gradients are the exact gradient.
+    # The model is float64, but causal_lm_loss takes the cross-entropy in float32: float32 round-off.
+    total = sum(r["loss"] for r in results)
+    assert abs(total.item() - loss.item()) <= F32_REL * abs(loss.item()), (total.item(), loss.item())
+    for n, p in model.named_parameters():
+        got = sum(r["grads"][n] for r in results)
+        assert max_err(got, p.grad) <= F32_REL * p.grad.abs().max().item(), n
+
+
+# --- "Inference": rw.generate against model.generate in one process
+
+GEN_NEW = 8
+
+
+def given_generate(world):
+    return dict(path=str(world / TINY_MODEL), input_ids=tokens((2, 21), 2))
+
+
+def collect_generate(ns):
+    return ns["out"]
+
+
+def check_generate(results, W, given):
+    import transformers
+
+    for r in results:
+        assert torch.equal(r, results[0]), "ranks generated different sequences"
+    model = transformers.AutoModelForCausalLM.from_pretrained(given["path"], attn_implementation="eager")
+    torch.manual_seed(0)  # as the example seeds every rank
+    want = model.generate(given["input_ids"], max_new_tokens=GEN_NEW, do_sample=True, top_p=0.9)
+    assert want.shape[1] > given["input_ids"].shape[1]
+    assert torch.equal(results[0], want), (results[0], want)
+
+
+INIT = ('dist.init_process_group("nccl")', 'dist.is_initialized() or dist.init_process_group("gloo")',
+        "the cluster's ranks already share a gloo process group (no GPUs here)")
+
+EXAMPLES = {
+    "README.md > The op, in your model": Example(
+        substitutions=[INIT,
+                       ('device="cuda"', 'device="cpu"', "no GPU here"),
+                       ("131072", str(OP_SEQ), "a sequence this machine holds (2W zigzag chunks at W = 2, 3)")],
+        collect=collect_op, check=check_op),
+    "README.md > Hugging Face transformers": Example(
+        substitutions=[("[0, 900, 4096]", str(HF_DOCS), "the tiny model's sequence (2W zigzag chunks at W = 2, 3)")],
+        given=given_hf, collect=collect_hf, check=check_hf),
+    "README.md > Inference": Example(
+        substitutions=[("max_new_tokens=256", f"max_new_tokens={GEN_NEW}", "fewer tokens, same code")],
+        given=given_generate, collect=collect_generate, check=check_generate),
+}
+
+
+def as_run(key: str, block: Block) -> str:
+    code = block.text
+    for written, run, why in EXAMPLES[key].substitutions:
+        assert written in code, (f"{key}: the substitution {written!r} -> {run!r} ({why}) no longer matches the "
+                                 "example; update EXAMPLES")
+        code = code.replace(written, run)
+    return code
+
+
+def test_every_python_example_has_a_case():
+    found = python_blocks()
+    untested = sorted(set(found) - set(EXAMPLES))
+    assert not untested, f"Python examples without a case in EXAMPLES (tests/test_readme_examples.py): {untested}"
+    gone = sorted(set(EXAMPLES) - set(found))
+    assert not gone, f"cases in EXAMPLES whose example is gone (or moved under another heading): {gone}"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("key", list(EXAMPLES))
+def test_python_example_runs_as_written(cluster, world, key, world_size):
+    case = EXAMPLES[key]
+    if world_size not in case.worlds:
+        pytest.skip(f"{key} runs on W = {case.worlds}")
+    block = python_blocks().get(key)
+    if block is None:
+        pytest.fail(f"no Python example {key!r} (test_every_python_example_has_a_case says more)")
+    code = as_run(key, block)
+    given = case.given(world)
+    for name in given:
+        assert re.search(rf"\b{name}\b", block.text), f"{key}: given {name!r}, which the example never names"
+    results = cluster(world_size).run(run_example, code, given, case.collect)
+    case.check(results, world_size, given)
+
+
+# ---------------------------------------------------------------- shell commands
+
+# Placeholders that the README's synopses use in commands otherwise complete; any other
+# upper-case word (or [ ] | ( ) ...) makes a command a synopsis (its flags are checked).
+PLACEHOLDERS = {"$HEAD": "head-node", "PATH": TINY_MODEL, "FILES": "README.md BENCHMARKS.md", "RUN_DIR": "runs/demo",
+                "OUT.pt": "exported.pt", "OUT": "exported", "FOLDER": "exported"}
+SYNOPSIS = re.compile(r"[\[\]|()]|\.\.\.")
+# Folders the README's commands read that a command not run here (make demo) would have made.
+MADE_BEFORE = ["runs/demo"]
+TEXT_KB = 400  # data/: enough text for two 131072-token sequences of the byte-level tokenizer
+
+
+def is_synopsis(text: str) -> bool:
+    """[ ] | ( ) ..., or an upper-case placeholder (a word like N, TEXT or OUT.pt that is no file here)."""
+    text = re.sub(r"#.*", "", text)
+    return bool(SYNOPSIS.search(text)) or any(
+        re.fullmatch(r"[A-Z][A-Z_]*(\.\w+)?", w) and not (ROOT / w).exists() for w in text.split())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The folder the commands run in: the repository's *.md files, the tiny model, data/, runs/demo/."""
+    folder = tmp_path_factory.mktemp("readme-world")
+    for md in ROOT.glob("*.md"):
+        shutil.copy(md, folder / md.name)
+    save_tiny_llama(folder / TINY_MODEL)
+    for made in MADE_BEFORE:
+        (folder / made).mkdir(parents=True)
+    (folder / "data").mkdir()
+    readme = (ROOT / "README.md").read_text()
+    (folder / "data" / "text.txt").write_text(readme * (TEXT_KB * 1024 // len(readme) + 1))
+    return folder
+
+
+class Launched(Exception):
+    """A command got past its validation to the point where it starts ranks or does its work."""
+
+
+def _stub_suite(name):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(run=lambda args: (_ for _ in ()).throw(Launched(f"bench {name}")))
+
+
+def _launched(*args, **kwargs):
+    raise Launched()
+
+
+# (module, attribute) -> replacement: where each command stops being validation and starts work
+LAUNCH_POINTS = {
+    ("ringwise.train.__main__", "elastic_run"): _launched,  # train, finetune (local ranks or torchrun)
+    ("ringwise.lab.generation", "model_file"): _launched,  # generate: after problems(), before loading
+    ("ringwise.train.checkpoint", "export"): _launched,  # export
+    ("ringwise.train.pretrained", "export_hf"): _launched,  # export --hf
+    ("ringwise.lab.demo", "run"): _launched,  # demo
+    ("ringwise.lab.bench", "suite"): _stub_suite,  # bench X
+}
+MODULE_MAINS = {"ringwise.cli": ("ringwise.cli", "main"), "ringwise.train": ("ringwise.train.__main__", "main")}
+
+
+def module_main(module: str):
+    import importlib
+
+    if module not in MODULE_MAINS:
+        pytest.fail(f"python -m {module}: not an entry point this test knows (MODULE_MAINS); is it one?")
+    mod, fn = MODULE_MAINS[module]
+    return getattr(importlib.import_module(mod), fn)
+
+
+@dataclass
+class Command:
+    where: str
+    text: str
+    synopsis: bool = False
+    words: list[str] = field(default_factory=list)
+
+
+def logical_lines(text: str) -> list[str]:
+    return [line.strip() for line in re.sub(r"\\\n", " ", text).splitlines() if line.strip()]
+
+
+def shell_commands() -> list[Command]:
+    """Every command line of the shell blocks, and the commands of indented blocks and inline spans."""
+    starts = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(ringwise|torchrun|python3?|make)(\s|$)")
+    found = []
+    for path in DOCS:
+        blocks, spans = read_markdown(path)
+        for b in blocks:
+            shell = b.lang in ("bash", "sh", "shell", "console")
+            if not (shell or b.lang in ("indented", "")):
+                continue
+            for line in logical_lines(b.text):
+                line = line[2:] if b.lang == "console" and line.startswith("$ ") else line
+                if line.startswith("#"):
+                    continue
+                if shell or starts.match(line):
+                    found.append(Command(f"{b.source}:{b.line}", line))
+        for s in spans:
+            if starts.match(s.text) and len(s.text.split()) > 1:  # `ringwise` alone names the package
+                found.append(Command(f"{s.source}:{s.line} (inline)", s.text))
+    for c in found:
+        text = c.text
+        for placeholder, value in PLACEHOLDERS.items():
+            text = re.sub(rf"(?<![\w./-]){re.escape(placeholder)}(?![\w/-])", value, text)
+        # an inline `ringwise finetune` names a command in a sentence: a synopsis, its command must exist
+        c.synopsis = is_synopsis(text) or ("inline" in c.where and len(text.split()) <= 2)
+        if not c.synopsis:
+            c.words = shlex.split(text, comments=True)
+    return found
+
+
+COMMANDS = shell_commands()
+
+
+def run_main(main, argv):
+    """main(argv) -> ("launched" | exit status, its stdout + stderr)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            status = main(argv)
+        except Launched:
+            status = "launched"
+        except SystemExit as e:  # argparse: a rejected flag (2), --help (0)
+            status = e.code
+    return status, out.getvalue()
+
+
+def check_ringwise(main, argv, where):
+    status, output = run_main(main, argv)
+    assert status in ("launched", 0, None), f"{where}: {' '.join(argv)} -> exit status {status}:\n{output}"
+
+
+def check_torchrun(argv, where, monkeypatch):
+    from torch.distributed.run import get_args_parser
+
+    status, output = run_main(lambda a: get_args_parser().parse_args(a), argv)
+    assert not isinstance(status, int) or status == 0, f"{where}: torchrun rejects its flags:\n{output}"
+    args = get_args_parser().parse_args(argv)
+    assert args.module, f"{where}: torchrun runs a script, not -m ringwise...; teach this test to check it"
+    nodes, per_node = int(str(args.nnodes).split(":")[-1]), int(args.nproc_per_node)
+    monkeypatch.setenv("WORLD_SIZE", str(nodes * per_node))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: per_node)  # the nodes' GPUs
+    check_ringwise(module_main(args.training_script), args.training_script_args, where)
+
+
+def makefile_targets() -> set[str]:
+    text = (ROOT / "Makefile").read_text()
+    return set(re.findall(r"^([\w.-]+)\s*:(?!=)", text, re.M))
+
+
+def check_synopsis(words: list[str], where: str):
+    """A synopsis: the ringwise command exists and takes every --flag named."""
+    from ringwise.cli import COMMANDS as CLI, build_parser
+
+    if words[0] == "make":
+        missing = set(words[1:]) - makefile_targets()
+        assert not missing, f"{where}: the Makefile has no target {sorted(missing)}"
+    if words[0] != "ringwise":
+        return  # python synopses name no flags of ours
+    if len(words) == 1 or words[1].startswith("-"):
+        unknown = [w for w in words[1:] if w.startswith("--") and w != "--help"]
+        assert not unknown, f"{where}: `ringwise` takes no {unknown}"
+        return
+    assert words[1] in CLI, f"{where}: `ringwise {words[1]}` is no command (ringwise.cli.COMMANDS)"
+    sub = next(a for a in build_parser((words[1],))._actions if hasattr(a, "choices") and a.choices)
+    options = sub.choices[words[1]]._option_string_actions
+    unknown = [w for w in words if w.startswith("--") and w not in options]
+    assert not unknown, f"{where}: `ringwise {words[1]}` has no flag {unknown}"
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[f"{c.where}: {c.text[:60]}" for c in COMMANDS])
+def test_shell_command_is_valid(command, world, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(world)
+    if command.synopsis:
+        check_synopsis(re.findall(r"[\w./-]+", command.text), command.where)
+        return
+    for (module, name), stub in LAUNCH_POINTS.items():
+        monkeypatch.setattr(importlib.import_module(module), name, stub)
+    words = list(command.words)
+    while words and re.match(r"^[A-Z_]+=", words[0]):  # VAR=value prefixes
+        words.pop(0)
+    program, args = words[0], words[1:]
+    if program == "ringwise":
+        from ringwise.cli import main
+
+        check_ringwise(main, args, command.where)
+    elif program == "torchrun":
+        check_torchrun(args, command.where, monkeypatch)
+    elif program in ("python", "python3") and args[:1] == ["-m"]:
+        check_ringwise(module_main(args[1]), args[2:], command.where)
+    elif program in ("python", "python3") and args[:1] == ["-c"]:
+        exec(compile(args[1], f"<{command.where}>", "exec"), {"__name__": "__main__"})
+    elif program in ("python", "python3"):
+        script = ROOT / args[0]
+        assert script.is_file(), f"{command.where}: no script {args[0]}"
+        compile(script.read_text(), str(script), "exec")
+    elif program == "make":
+        targets = [a for a in args if not a.startswith("-") and "=" not in a]
+        missing = set(targets) - makefile_targets()
+        assert not missing, f"{command.where}: the Makefile has no target {sorted(missing)}"
+    else:
+        pytest.fail(f"{command.where}: `{command.text}`: no way to check this command; teach "
+                    "tests/test_readme_examples.py (or write it as a synopsis)")
+
+
+def test_the_shell_commands_are_found():
+    """The extraction itself: the README's fenced commands, continuations joined, are all here."""
+    texts = [" ".join(c.words) for c in COMMANDS if not c.synopsis]
+    assert any(t.startswith("ringwise train --world 4") for t in texts)
+    assert any(t.startswith("torchrun --nnodes 4") and "-m ringwise.train" in t for t in texts)
+    assert any(t.startswith("ringwise finetune --model") and "--rope-theta" in t for t in texts)
+    assert any(t.startswith("ringwise generate runs/demo") for t in texts)
