@@ -187,6 +187,51 @@ def test_forward_refusal_is_collective(cluster, case):
     assert FORWARD_REFUSALS[case] in run_all(cluster, forward_refused, case)
 
 
+MROPE = dict(rope_type="default", mrope_section=[2, 1, 1], rope_theta=10000.0)  # head_dim 8: 4 frequencies
+MROPE_FAMILIES = {  # multimodal RoPE text models: family -> (config class, its extra arguments)
+    "qwen2_vl": ("Qwen2VLTextConfig", dict(rope_parameters=MROPE)),
+    "qwen2_5_vl": ("Qwen2_5_VLTextConfig", dict(rope_parameters=MROPE)),
+    "qwen3_vl": ("Qwen3VLTextConfig", dict(head_dim=8, rope_parameters=dict(MROPE, mrope_interleaved=True))),
+    "glm4v": ("Glm4vTextConfig", dict(rope_parameters=dict(MROPE, partial_rotary_factor=1.0))),
+}
+
+
+def mrope_config(name):
+    cls, extra = MROPE_FAMILIES[name]
+    if "rope_parameters" not in inspect.signature(transformers.LlamaConfig.__init__).parameters:
+        pytest.skip(f"transformers {transformers.__version__} configures M-RoPE through rope_scaling")
+    return config_class(cls)(**SMALL, **extra)
+
+
+@pytest.mark.parametrize("name", MROPE_FAMILIES)
+def test_mrope_models_are_refused_by_check_model(name):
+    with pytest.raises(ValueError, match=r"M-RoPE"):
+        rw.check_model(mrope_config(name))
+
+
+def mrope_forward(name, rows):
+    """A multimodal RoPE text model built directly by transformers (no check_model), called with global 3-row
+    (time, height, width) or 4-row (text + 3) position ids: refused at its first attention call."""
+    rw.use_ring(layout="zigzag")
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(mrope_config(name), attn_implementation="ringwise")
+    batch = rw.shard_batch(torch.randint(3, 64, (1, 16), generator=torch.Generator().manual_seed(0)))
+    positions = batch["position_ids"][None].expand(rows, -1, -1)
+    try:
+        model(input_ids=batch["input_ids"], position_ids=positions)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("rows", [3, 4])
+@pytest.mark.parametrize("name", MROPE_FAMILIES)
+def test_mrope_model_built_directly_is_refused_on_every_rank(cluster, name, rows):
+    mrope_config(name)  # skips before any rank starts
+    message = run_all(cluster, mrope_forward, name, rows)
+    assert "M-RoPE" in message and type(mrope_config(name)).model_type in message, message
+
+
 def test_mask_functions_are_read_by_identity_not_guessed():
     mu = pytest.importorskip("transformers.masking_utils")
     assert read_mask_function(mu.causal_mask_function).window is None

@@ -21,6 +21,7 @@ class ModelRing:
     first_layer: object = None  # weakref to the first attention module seen (see _check_due)
     pending: list = field(default_factory=list)  # masks built since the last collective check
     decoding: object = None  # a hf_cache.ShardedCache while rw.generate runs this model
+    config_problems: list | None = None  # hf_support.config_problems of the config, read at the first check
 
 
 DEFAULT = {"shard": SeqShard()}  # use_ring's ring, for models given none of their own

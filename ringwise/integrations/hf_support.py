@@ -56,7 +56,16 @@ def config_problems(config) -> list[str]:
                             "attention registry")
         rope = {t for key in ("rope_parameters", "rope_scaling") for t in _rope_types(getattr(c, key, None))}
         problems += _local_length_rope(rope, "RoPE scaling")
+        if "mrope" in rope or any(_has_key(getattr(c, key, None), "mrope_section")
+                                  for key in ("rope_parameters", "rope_scaling")):
+            problems.append("multimodal RoPE (M-RoPE: mrope_section) rotates by 3-D (time, height, width) positions "
+                            "that ringwise cannot verify or shard yet; run it with another attn_implementation")
     return problems
+
+
+def _has_key(params, key: str) -> bool:
+    """Whether a rope_parameters / rope_scaling dict (flat, or one per layer type) holds `key`."""
+    return isinstance(params, dict) and (key in params or any(_has_key(v, key) for v in params.values()))
 
 
 def _local_length_rope(rope_types, what: str) -> list[str]:

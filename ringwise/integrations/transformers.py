@@ -40,7 +40,7 @@ from ..attention.checks import not_global_positions
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
 from .hf_masks import read_mask_function
 from .hf_rings import DEFAULT, ModelRing, all_rings, configs_of, ring_of, shard_of_state
-from .hf_support import architecture_problems
+from .hf_support import architecture_problems, config_problems
 
 NAME = "ringwise"
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
@@ -171,6 +171,13 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
             position_ids = kwargs.get("position_ids")
             if position_ids is None:  # the mask's remap read them (packed sequences)
                 position_ids = next((m.position_ids for m in pending if m.position_ids is not None), None)
+            if position_ids is None:
+                problem = problem or _unverifiable_positions(module)
+            if state.config_problems is None:  # a model built without check_model (directly by transformers)
+                config = getattr(module, "config", None)
+                state.config_problems = [f"model_type={config.model_type!r}: {p}"
+                                         for p in (config_problems(config) if config is not None else [])]
+            problem = problem or next(iter(state.config_problems), None)
         if mask is not None:
             mask.checked = True
         check = dict(validate=True, objection=problem or (mask.problem if mask is not None else None),
@@ -198,6 +205,17 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
     out = attention(q, k, v, causal=causal, softmax_scale=scaling, cu_seqlens=kwargs.get("ringwise_cu_seqlens"),
                     **seq.ring_kwargs(), **extra, **check)
     return out[..., :dv], None
+
+
+def _unverifiable_positions(module) -> str:
+    """Why a first attention layer that receives no position ids is refused: the op checks that the positions the
+    model rotates by are the layout's global ones, and here it cannot (multimodal RoPE keeps its 3-D positions from
+    the attention layers, e.g. Qwen2-VL given 3-row position_ids)."""
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    return (f"{type(module).__name__} layers (model_type={model_type!r}) receive no position_ids, so "
+            "ringwise cannot verify that the model's positions are the layout's global positions (multimodal "
+            "3-D RoPE, M-RoPE, keeps them outside the attention); ringwise does not run such models: use another "
+            "attn_implementation, or a text model whose layers get the global position_ids (rw.shard_batch gives them)")
 
 
 def _decode_step(module, query, key, value, mask, problem, scaling, kwargs, cache):
