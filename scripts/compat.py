@@ -7,6 +7,7 @@ table of every family's verdict per version (.compat/verdicts.md and .json):
     broken   one of its tests failed or errored
     absent   skipped: this transformers has no such config ("has no <Config>")
     skipped  skipped for another reason (the JSON has each test's outcome and reason)
+    -        no test of it ran on that version
 
 The families are not listed here: this file is also a pytest plugin (`-p compat`) that tags each test with the
 family it is parametrized by, its `name` (or `family`, or a case dict's "name"), so new or renamed cases
@@ -95,17 +96,17 @@ def outcomes(junit: Path) -> list[dict]:
 
 def verdict(tests: list[dict]) -> str:
     """One family's verdict on one version, from its tests (a test of refusals has "refus" in its id)."""
-    def any_(outcome, pattern=None, refusal=None):
-        return any(t["outcome"] == outcome and (pattern is None or pattern.search(t["message"]))
+    def seen(outcome, reason=None, refusal=None):
+        return any(t["outcome"] == outcome and (reason is None or reason.search(t["message"]))
                    and (refusal is None or ("refus" in t["test"].lower()) == refusal) for t in tests)
 
-    if any_("failure") or any_("error"):
+    if seen("failure") or seen("error"):
         return "broken"
-    if any_("passed", refusal=False):
+    if seen("passed", refusal=False):
         return "exact"
-    if any_("passed", refusal=True) or any_("skipped", REFUSED_SKIP):
+    if seen("passed", refusal=True) or seen("skipped", REFUSED_SKIP):
         return "refused"
-    if any_("skipped", ABSENT_SKIP):
+    if seen("skipped", ABSENT_SKIP):
         return "absent"
     return "skipped"
 
