@@ -53,6 +53,32 @@ class _Refusals(dict):
         return True
 
 
+POSITIONS_UNSEEN = "receive no position_ids"  # ringwise's refusal of a model whose layers never see positions
+
+
+def attention_sees_position_ids(config, **kwargs) -> bool:
+    """Behavior, not ringwise: does the installed transformers hand this model's attention function position_ids?
+    One forward in one process through a spy registered beside SDPA (some 4.x families, e.g. Cohere 2, keep them
+    in the model: ringwise then cannot verify the positions and refuses)."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen = []
+
+    def spy(module, *args, **kw):
+        seen.append(kw.get("position_ids") is not None)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, *args, **kw)
+
+    AttentionInterface.register("position_spy", spy)
+    AttentionMaskInterface.register("position_spy", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="position_spy", **kwargs)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 60, (1, 8)), position_ids=torch.arange(8)[None])
+    return bool(seen) and all(seen)
+
+
 MODELING_OF = dict(falcon_new_decoder="falcon")  # test variants of a family -> its modeling module
 REFUSED_HERE = _Refusals()
 

@@ -23,6 +23,7 @@ from hf_models import (WORDS, needs_smollm2, save_tiny_checkpoint, smollm2_folde
 from ringwise.data.documents import CACHE_DIR, PackedDocuments, read_documents, tokenize_documents  # noqa: E402
 from ringwise.model import IGNORE_INDEX  # noqa: E402
 from ringwise.train.config import TrainConfig  # noqa: E402
+from ringwise.train.pretrained import dtype_kwarg, rope_parameters  # noqa: E402
 
 SEQ = 96  # splits for zigzag at W = 2, 3 (units 4, 6) and contiguous at 4
 
@@ -100,7 +101,7 @@ def reference_first_loss(cfg):
     from ringwise.train.pretrained import documents
 
     data = documents(cfg)
-    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=torch.float64,
+    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.pretrained, **dtype_kwarg(torch.float64),
                                                               attn_implementation="eager")
     total, count = 0.0, 0
     for i in sample_indices(0, cfg.batch, len(data.train), cfg.seed):
@@ -165,7 +166,7 @@ def one_process_answers(path, flip):
     right; `flip` makes one label wrong, which must count the document as missed."""
     from ringwise.train.passkey import passkey_document
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float64), attn_implementation="eager")
 
     def make(tokenizer, length, depth, key):
         ids, labels = passkey_document(tokenizer, length, depth, key)
@@ -229,8 +230,8 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
     assert main(["export", str(out), str(exported), "--hf"]) == 0
     assert main(["export", str(out), str(exported), "--hf"]) == 2  # never over another folder
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exported.tmp")]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
-    rope = hf.config.rope_parameters
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, **dtype_kwarg(torch.float32))
+    rope = rope_parameters(hf.config)  # rope_parameters, or 4.x's rope_scaling and rope_theta
     assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
     assert hf.config.max_position_embeddings == 2 * transformers.AutoConfig.from_pretrained(model).max_position_embeddings
     trained = checkpoint.consolidated(checkpoint.newest_intact(out / "checkpoints")[0])["model"]
@@ -282,7 +283,7 @@ def test_smollm2_sharded_load_matches_transformers(cluster):
     path, seq = smollm2_folder(), 256
     got = cluster(2).run(real_model_loss, path, seq, timeout=600)
     ids = torch.randint(0, 49152, (1, seq + 1), generator=torch.Generator().manual_seed(0))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float32))
     with torch.no_grad():
         want = torch.nn.functional.cross_entropy(ref(input_ids=ids[:, :-1]).logits[0], ids[0, 1:]).item()
     assert got[0] == got[1] and abs(got[0] - want) <= 1e-5 * want, (got, want)

@@ -50,7 +50,7 @@ def checkpoint_problems(path) -> list[str]:
     return []
 
 
-def _rope_parameters(config) -> dict:
+def rope_parameters(config) -> dict:
     """The config's RoPE parameters as one dict (transformers 5: rope_parameters; 4.x: rope_theta/rope_scaling)."""
     if isinstance(getattr(config, "rope_parameters", None), dict):
         return dict(config.rope_parameters)
@@ -73,7 +73,7 @@ def extended_config(path, seq_len: int, rope_theta=None, rope_scaling=None, rope
 
     config = AutoConfig.from_pretrained(path)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    params = _rope_parameters(text)
+    params = rope_parameters(text)
     original = text.max_position_embeddings
     if rope_theta is not None:
         params["rope_theta"] = float(rope_theta)
@@ -134,6 +134,14 @@ class PretrainedLM(nn.Module):
         return loss, (labels != IGNORE_INDEX).sum()
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """from_config / from_pretrained's dtype keyword: `dtype` from transformers 4.56, `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 def build_pretrained(cfg, mesh) -> PretrainedLM:
     """The sharded model with the checkpoint's weights, each rank reading its shards only."""
     from accelerate import init_empty_weights
@@ -145,7 +153,7 @@ def build_pretrained(cfg, mesh) -> PretrainedLM:
     rw.register()
     rw.check_model(config)
     with init_empty_weights(include_buffers=False):
-        hf = AutoModelForCausalLM.from_config(config, attn_implementation=rw.NAME, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation=rw.NAME, **dtype_kwarg(torch.float32))
     hf.tie_weights()  # from_config leaves a tied output matrix untied until weights load: tie it before sharding
     rw.check_model(hf)
     rw.configure(hf, SeqShard(cfg.layout, mesh.cp_group, mesh.ulysses_group))
@@ -252,7 +260,7 @@ def export_hf(run_dir, out) -> Path:
         raise FileNotFoundError(f"no intact checkpoint in {run_dir / 'checkpoints'}"
                                 + "".join(f"; skipped {why}" for why in skipped))
     weights = {k.removeprefix("hf."): v for k, v in checkpoint.consolidated(path)["model"].items()}
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), **dtype_kwarg(torch.float32))
     model.load_state_dict(weights, strict=False)
     expected = set(model.state_dict())
     missing = sorted(k for k in expected - set(weights) if not _is_tied(model, k))
