@@ -14,6 +14,9 @@ SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
              num_key_value_heads=2, attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+REAL_HEADS = {"llama_9_3_64": (9, 3, 64), "llama_5_1_80": (5, 1, 80), "llama_7_7_128": (7, 7, 128)}
+
+
 def make_config(name):
     T = transformers
     if name == "mistral":  # every layer windowed, window shorter than the sequence
@@ -35,6 +38,10 @@ def make_config(name):
                                 max_window_layers=2)
     if name == "llama":
         return T.LlamaConfig(**SMALL)
+    if name in REAL_HEADS:  # real models' head counts and head dims (SmolLM2: 9 query / 3 kv heads of 64)
+        heads, kv_heads, head_dim = REAL_HEADS[name]
+        return T.LlamaConfig(**dict(SMALL, hidden_size=heads * head_dim, num_attention_heads=heads,
+                                    num_key_value_heads=kv_heads, head_dim=head_dim))
     if name == "qwen2":
         return T.Qwen2Config(**SMALL)
     raise ValueError(name)

@@ -62,7 +62,10 @@ GRID += [dict(name="gemma3", world=3, layout="zigzag", prompt=21),
          dict(name="llama", world=3, layout="contiguous", prompt=2),   # one prompt token to prefill: 2 ranks hold none
          dict(name="llama", world=2, layout="striped", prompt=1),      # nothing to prefill
          dict(name="mistral", world=3, layout="zigzag", prompt=17, sample=True),
-         dict(name="gpt_oss", world=2, layout="zigzag", prompt=13, sample=True)]
+         dict(name="gpt_oss", world=2, layout="zigzag", prompt=13, sample=True),
+         dict(name="llama_9_3_64", world=2, layout="zigzag", prompt=21),  # real models' heads and head dims
+         dict(name="llama_5_1_80", world=3, layout="striped", prompt=21),
+         dict(name="llama_7_7_128", world=3, layout="zigzag", prompt=17)]
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: f"{c['name']}-W{c['world']}-{c['layout']}-S{c['prompt']}"
