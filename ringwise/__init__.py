@@ -1,7 +1,7 @@
 """ringwise: exact ring attention and blockwise transformers for near-infinite context.
 
 The public names load on first use (PEP 562), so torch-free parts such as
-`ringwise.presets` and `ringwise.lab.plan` import without torch.
+`ringwise.presets` and `ringwise.plan` import without torch.
 """
 import importlib
 

@@ -1,6 +1,6 @@
 """Model shapes by name, in plain Python: one source for the model and the planner.
 
-`ringwise.model` builds a ModelConfig from each, `ringwise.lab.plan` a ModelShape from the
+`ringwise.model` builds a ModelConfig from each, `ringwise.plan` a ModelShape from the
 LLaMA ones; the planner runs without torch, so this module imports nothing.
 Keys are ModelConfig's field names.
 """

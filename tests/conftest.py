@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-from ringwise.lab.cluster import ClusterError, LocalCluster  # noqa: E402
+from ringwise.testing.cluster import ClusterError, LocalCluster  # noqa: E402
 
 from helpers import run_each  # noqa: E402
 

@@ -10,7 +10,7 @@ Every test file imports what it shares from here (never from another test file):
   huge error cannot also widen the budget that the ring is checked against.
 - `make_inputs`, `assemble`, `document_mask`, `visible_mask`, `packed`, case ids, and the
   hop schedule read off a mask (`schedule_from_mask`, `expected_hops`).
-- `count_comms` (from ringwise.lab.comms): every torch.distributed call made while active.
+- `count_comms` (from ringwise.testing.comms): every torch.distributed call made while active.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 
 import ringwise
 from ringwise.attention.layout import global_indices
-from ringwise.lab.comms import count_comms  # noqa: F401  (re-exported for the tests)
+from ringwise.testing.comms import count_comms  # noqa: F401  (re-exported for the tests)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # The budget's additive eps: room for a ring whose kernel error happens to be ~0 on some entry.

@@ -14,7 +14,7 @@ from ringwise.attention.kernels import select_kernel
 from ringwise.attention.layout import global_indices
 from ringwise.attention.ring import ring_backward, ring_forward
 from ringwise.cli import main
-from ringwise.lab.bench.compute import LoopbackRing, rank_inputs
+from ringwise.bench.compute import LoopbackRing, rank_inputs
 
 from helpers import max_err, reference_attention
 

@@ -66,7 +66,7 @@ def test_median_time_skips_warmup_and_takes_the_median(monkeypatch):
     """One timer for every bench: warm-up runs are not counted, the median of the rest is."""
     import pytest
 
-    from ringwise.lab.bench import timing
+    from ringwise.bench import timing
 
     clock = iter([0, 100, 100, 101, 101, 104, 104, 106])  # runs of 100 (warm-up), 1, 3, 2 seconds
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
@@ -79,11 +79,11 @@ def test_median_time_skips_warmup_and_takes_the_median(monkeypatch):
 
 def test_every_bench_suite_names_its_module():
     """`ringwise bench all` walks SUITES; the memory suite lives in memory_plan.py (one memory.py in the package)."""
-    from ringwise.lab.bench import OPTIONAL, SUITES, suite
+    from ringwise.bench import OPTIONAL, SUITES, suite
 
     for name in SUITES + OPTIONAL:
         assert callable(suite(name).run) and callable(suite(name).add_arguments)
-    assert suite("memory").__name__ == "ringwise.lab.bench.memory_plan"
+    assert suite("memory").__name__ == "ringwise.bench.memory_plan"
 
 
 def test_bench_decode_quick(tmp_path):

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 import ringwise
-from ringwise.lab.comms import KINDS, count_comms
+from ringwise.testing.comms import KINDS, count_comms
 
 
 @pytest.fixture

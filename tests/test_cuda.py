@@ -219,7 +219,7 @@ def test_cudnn_kernel_refuses_fp32_and_rectangular_causal():
 
 def test_bench_attention_device_rows_on_cpu():
     """The --device cuda bench's loop, run on CPU: times where an impl runs, the error where not."""
-    from ringwise.lab.bench.attention import attention_flops, device_rows
+    from ringwise.bench.attention import attention_flops, device_rows
 
     rows = device_rows([64], 1, 2, 16, torch.bfloat16, "cpu", repeats=1)
     by = {(r["impl"], r["causal"]): r for r in rows}
@@ -236,7 +236,7 @@ def test_bench_attention_device_rows_on_cpu():
 
 @pytest.mark.parametrize("n,cap", [(0, None), (1, None), (13, None), (13, 8), (13, 10), (13, 13), (5, 64)])
 def test_context_search_finds_the_largest_fitting_multiple(n, cap):
-    from ringwise.lab.bench.context import largest
+    from ringwise.bench.context import largest
 
     tried = []
 
@@ -249,7 +249,7 @@ def test_context_search_finds_the_largest_fitting_multiple(n, cap):
 
 
 def test_context_gpu_model_flops():
-    from ringwise.lab.bench.context import GPU_MODEL, METHODS, train_flops
+    from ringwise.bench.context import GPU_MODEL, METHODS, train_flops
     from ringwise.model import Transformer, model_config
 
     cfg = model_config("llama-3b", **GPU_MODEL, **METHODS["bpt"])

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 import ringwise
-from ringwise.lab.cluster import ClusterError, LocalCluster
+from ringwise.testing.cluster import ClusterError, LocalCluster
 from helpers import max_err, reference_attention
 
 

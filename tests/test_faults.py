@@ -79,7 +79,7 @@ def _wait_on_silent_peer(timeout):
 def test_every_mesh_group_has_the_jobs_timeout():
     """The ring (cp) group and FSDP's flattened group time out after the job's timeout,
     not gloo's default 30 minutes."""
-    from ringwise.lab.cluster import LocalCluster
+    from ringwise.testing.cluster import LocalCluster
 
     with LocalCluster(2, pg_timeout=60) as c:
         took = c.run(_wait_on_silent_peer, 1.0, timeout=60)[0]

@@ -75,3 +75,23 @@ def test_generate_command_answers_the_runs_questions_and_checks_them(cluster, tm
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "old.pt"), "--retrieval", "2"]) == 2
     assert "--retrieval needs a checkpoint that keeps its task" in capsys.readouterr().err
+
+
+def test_generate_places_its_ranks_as_train_does(tmp_path, capsys):
+    """`ringwise generate` runs wherever `ringwise train` runs: the same --device / --backend choices and
+    defaults, resolved by the training job's placement, so an impossible pair is refused, naming the fix,
+    before any rank starts."""
+    from ringwise.cli import build_parser, main
+
+    def placement_flags(command):
+        sub = next(a for a in build_parser((command,))._actions if getattr(a, "choices", None))
+        options = sub.choices[command]._option_string_actions
+        return {flag: (options[flag].choices, options[flag].default) for flag in ("--device", "--backend")}
+
+    assert placement_flags("generate") == placement_flags("train")
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert main(["generate", str(tmp_path / "model.pt"), "--prompt", "x", "--device", "cpu", "--backend", "nccl"]) == 2
+    assert "--backend nccl needs --device cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", str(tmp_path / "model.pt"), "--prompt", "x", "--device", "cuda"]) == 2
+        assert "--device cuda: torch sees no GPU" in capsys.readouterr().err

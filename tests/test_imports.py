@@ -1,5 +1,6 @@
-"""What imports what: the planner and the CLI's parser run without torch, a bench suite
-imports no other suite, and no module of ringwise/ is part of an import cycle.
+"""What imports what: imports go down only (LAYERS), the process harness (ringwise.testing) is
+imported by measuring code alone, the planner and the CLI's parser run without torch, a bench
+suite imports no other suite, and no module of ringwise/ is part of an import cycle.
 
 The import graph is read from the source with `ast`, not by importing: every `import` and
 `from ... import` statement of a module counts, at module level or inside a function (a
@@ -8,7 +9,7 @@ lazy import still closes a cycle the moment it runs), with relative imports reso
 itself (its __init__). Importing pkg.mod also runs pkg/__init__, but that implied parent
 import is not an edge: the parent's __init__ runs first and complete whatever the child
 needs, so it cannot close a cycle through the child. Imports by string at run time
-(ringwise.__init__'s lazy _PUBLIC table, ringwise.lab.bench.suite(), the CLI's COMMANDS
+(ringwise.__init__'s lazy _PUBLIC table, ringwise.bench.suite(), the CLI's COMMANDS
 table) are not statements and are not edges either: they load on demand, by design.
 """
 from __future__ import annotations
@@ -143,10 +144,10 @@ def test_the_import_reader_sees_relative_lazy_and_package_imports(tmp_path):
 
 def test_the_reader_finds_ringwise_imports_lazy_ones_included():
     graph = import_graph()
-    assert len(graph) > 40 and "ringwise.lab.bench.common" in graph
-    assert graph["ringwise.lab.bench.compute"]["ringwise.lab.bench.common"] is False
-    assert graph["ringwise.lab.bench.attention"]["ringwise.lab.bench.ulysses"] is True  # inside run()
-    assert graph["ringwise.lab.bench.attention"]["ringwise"] is False  # `import ringwise`
+    assert len(graph) > 40 and "ringwise.bench.common" in graph
+    assert graph["ringwise.bench.compute"]["ringwise.bench.common"] is False
+    assert graph["ringwise.bench.attention"]["ringwise.bench.ulysses"] is True  # inside run()
+    assert graph["ringwise.bench.attention"]["ringwise"] is False  # `import ringwise`
 
 
 def test_no_import_cycle_in_ringwise():
@@ -155,12 +156,103 @@ def test_no_import_cycle_in_ringwise():
     assert not found, "import cycles: " + "; ".join(" -> ".join(a_cycle_path(graph, c)) for c in found)
 
 
+# ---------------------------------------------------------------- the layers: imports go down only
+
+# Lowest first. A module may import modules of its own layer and of the layers below, never one
+# above; a module belongs to the entry naming it or its nearest package ("ringwise" itself, the
+# package's front door, only by that exact name). Every module of ringwise/ must have a layer: a
+# new top-level module or package is placed here on purpose.
+LAYERS = (
+    ("ringwise.presets",),  # model shapes, torch-free: the model and the planner share them
+    ("ringwise.plan",),  # the paper's memory/overlap model, torch-free
+    ("ringwise", "ringwise.attention"),  # the op; the front door loads attention's names lazily
+    ("ringwise.model",),
+    ("ringwise.data",),
+    ("ringwise.generate",),  # generation over the sharded KV cache (the library function)
+    ("ringwise.integrations",),  # transformers; the finetune job imports it
+    ("ringwise.train",),  # the training job, its plots (train.plots) included
+    ("ringwise.testing",),  # the process harness of the tests and benchmarks (cluster, comms, memory)
+    ("ringwise.bench",),  # the benchmark suites
+    ("ringwise.commands",),  # one module per `ringwise` command
+    ("ringwise.cli", "ringwise.train.__main__"),  # the entry points: `ringwise`, `python -m ringwise.train`
+)
+
+# The harness is test and benchmark code: inside ringwise/ only what measures imports it (module
+# or package -> why). Anything else importing it fails test_only_measuring_code_imports_the_harness.
+HARNESS_USERS = {
+    "ringwise.bench": "the benchmark suites run on its process rings and memory probes",
+    "ringwise.commands.demo": "a measurement: ring attention on LocalCluster ranks, PeakMemory, against SDPA",
+    "ringwise.commands.generate": "its report counts the collectives per decoded token (count_comms)",
+}
+
+
+def layer_of(module: str, layers=LAYERS) -> int | None:
+    """The index in `layers` of the entry that names `module` or its nearest package; None if none."""
+    best = None  # (length of the matching name, layer)
+    for i, names in enumerate(layers):
+        for name in names:
+            inside = module == name or ("." in name and module.startswith(name + "."))
+            if inside and (best is None or len(name) > best[0]):
+                best = (len(name), i)
+    return None if best is None else best[1]
+
+
+def upward_imports(graph: dict[str, dict], layers=LAYERS) -> list[str]:
+    """Every import of a module in a higher layer than the importer's, lazy ones included."""
+    return [f"{a} (layer {layer_of(a, layers)}) imports {b} (layer {layer_of(b, layers)})"
+            + (" lazily" if lazy else "")
+            for a, targets in sorted(graph.items()) for b, lazy in sorted(targets.items())
+            if layer_of(b, layers) > layer_of(a, layers)]
+
+
+def test_the_layer_check_catches_an_upward_import():
+    """The check itself, on made-up graphs: else a check that sees nothing would pass everything."""
+    assert layer_of("ringwise.train.plots") == layer_of("ringwise.train") < layer_of("ringwise.train.__main__")
+    assert layer_of("ringwise") == layer_of("ringwise.attention.ring") < layer_of("ringwise.model")
+    assert layer_of("ringwise.nowhere") is None
+    graph = {"ringwise.train.loop": {"ringwise.train.plots": True, "ringwise.model": False},
+             "ringwise.train.plots": {}, "ringwise.model": {}}
+    assert upward_imports(graph) == []
+    graph["ringwise.train.loop"]["ringwise.commands.demo"] = True
+    graph["ringwise.model"]["ringwise.data.text"] = False
+    graph["ringwise.commands.demo"], graph["ringwise.data.text"] = {}, {}
+    assert upward_imports(graph) == [
+        f"ringwise.model (layer {layer_of('ringwise.model')}) imports ringwise.data.text "
+        f"(layer {layer_of('ringwise.data')})",
+        f"ringwise.train.loop (layer {layer_of('ringwise.train')}) imports ringwise.commands.demo "
+        f"(layer {layer_of('ringwise.commands')}) lazily"]
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in import_graph() if layer_of(m) is None]
+    assert not unplaced, f"modules in no layer of LAYERS (place them): {unplaced}"
+
+
+def test_imports_go_down_only():
+    """attention < model < data < generate < integrations < train < testing < bench < commands < cli:
+    no module imports one above its layer, not even inside a function."""
+    found = upward_imports(import_graph())
+    assert not found, "imports that run up the layers:\n  " + "\n  ".join(found)
+
+
+def test_only_measuring_code_imports_the_harness():
+    def user(module):
+        return any(module == u or module.startswith(u + ".") for u in HARNESS_USERS)
+
+    graph = import_graph()
+    found = [f"{a} imports {b}" for a, targets in sorted(graph.items()) for b in sorted(targets)
+             if b.startswith("ringwise.testing") and not a.startswith("ringwise.testing") and not user(a)]
+    assert not found, "the test/benchmark harness imported by product code: " + "; ".join(found)
+    assert all(layer_of(u) > layer_of("ringwise.testing") for u in HARNESS_USERS)
+
+
+
 # ---------------------------------------------------------------- bench suites stand alone
 
 def suite_modules() -> dict[str, str]:
-    from ringwise.lab.bench import _MODULES, OPTIONAL, SUITES
+    from ringwise.bench import _MODULES, OPTIONAL, SUITES
 
-    return {name: f"ringwise.lab.bench.{_MODULES.get(name, name)}" for name in SUITES + OPTIONAL}
+    return {name: f"ringwise.bench.{_MODULES.get(name, name)}" for name in SUITES + OPTIONAL}
 
 
 def module_level_closure(graph, start: str) -> set[str]:
@@ -181,14 +273,14 @@ def test_a_bench_suite_imports_no_other_suite(suite):
     others = set(modules.values()) - {modules[suite]}
     assert not module_level_closure(graph, modules[suite]) & others
     lazy = {w for w in graph[modules[suite]] if w in others}
-    assert lazy <= ({"ringwise.lab.bench.ulysses"} if suite == "attention" else set())  # --ulysses runs it
+    assert lazy <= ({"ringwise.bench.ulysses"} if suite == "attention" else set())  # --ulysses runs it
 
 
 def test_every_suite_keeps_its_flags_and_the_shared_names():
     """Suites' `add_arguments` are flags.py's groups; the tables flags.py names by string
     (--gpu-dtype, --gpu-methods) match the suites' torch-side ones."""
-    from ringwise.lab.bench import flags, suite
-    from ringwise.lab.bench.common import DTYPES
+    from ringwise.bench import flags, suite
+    from ringwise.bench.common import DTYPES
 
     for name in suite_modules():
         assert suite(name).add_arguments is flags.SUITE_FLAGS[name]

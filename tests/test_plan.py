@@ -1,4 +1,5 @@
-"""The analytic planner against the paper's Tables 1-3 (arXiv 2310.01889) and its CLI glue."""
+"""The analytic planner (ringwise.plan) against the paper's Tables 1-3 (arXiv 2310.01889), and its
+command (ringwise.commands.plan)."""
 import argparse
 import ast
 import math
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ringwise.lab import plan
+from ringwise import plan
+from ringwise.commands import plan as plan_command
 
 BRIEF_SETUPS = {"8x A100 NVLink", "32x A100 InfiniBand", "TPUv4-1024 (512 chips)"}
 
@@ -27,11 +29,11 @@ def test_module_is_pure_python():
 def test_planner_imports_without_torch():
     """The planner and the presets load in an interpreter that never imports torch, while
     the public op stays one attribute away."""
-    code = ("import sys; import ringwise.lab.plan, ringwise.presets; assert 'torch' not in sys.modules, 'torch'; "
+    code = ("import sys; import ringwise.plan, ringwise.presets; assert 'torch' not in sys.modules, 'torch'; "
             "import ringwise; ringwise.ring_attention, ringwise.shard, ringwise.unshard, ringwise.positions, "
             "ringwise.pad_to_multiple, ringwise.LAYOUTS; from ringwise import ring_attention; "
             "assert 'torch' in sys.modules")
-    root = Path(plan.__file__).parents[2]
+    root = Path(plan.__file__).parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(root)))
 
 
@@ -175,25 +177,27 @@ def test_custom_devices_and_bad_input():
 
 
 def _args(*argv):
-    return plan.add_plan_arguments(argparse.ArgumentParser()).parse_args(argv)
+    parser = argparse.ArgumentParser()
+    plan_command.add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def test_cli_report_tables_and_custom_device(capsys):
-    assert plan.run_plan(_args("--model", "7b", "--device", "a100-nvlink", "--devices", "8",
-                               "--batch", "1")) == 0
+    assert plan_command.main(_args("--model", "7b", "--device", "a100-nvlink", "--devices", "8",
+                                   "--batch", "1")) == 0
     out = capsys.readouterr().out
     assert "llama-7b" in out and "F/B = 1,040" in out and "Ring Attention" in out
-    assert plan.run_plan(_args("--table2", "--table3")) == 0
+    assert plan_command.main(_args("--table2", "--table3")) == 0
     out = capsys.readouterr().out
     assert "Table 2" in out and "Table 3" in out and "16384/16384" in out
-    plan.run_plan(_args("--device", "h100", "--flops", "1e15", "--memory-gb", "141",
-                        "--bandwidth-gbps", "450"))
+    plan_command.run(_args("--device", "h100", "--flops", "1e15", "--memory-gb", "141",
+                           "--bandwidth-gbps", "450"))
     out = capsys.readouterr().out
     assert "custom(h100)" in out and "141 GB" in out and "1000 TFLOP/s" in out
     with pytest.raises(ValueError, match="--memory-gb"):
-        plan.run_plan(_args("--memory-gb", "0"))
+        plan_command.run(_args("--memory-gb", "0"))
     with pytest.raises(ValueError, match="tpu-v4"):
-        plan.run_plan(_args("--device", "tpu-v9"))
+        plan_command.run(_args("--device", "tpu-v9"))
 
 
 def test_report_warns_when_ring_is_too_short_to_overlap():
@@ -267,13 +271,13 @@ def test_recommends_ulysses_in_node_and_ring_across_nodes():
 
 
 def test_cli_plans_the_split(capsys):
-    assert plan.run_plan(_args("--device", "h100", "--devices", "32", "--devices-per-node", "8",
-                               "--seq", "131072")) == 0
+    assert plan_command.main(_args("--device", "h100", "--devices", "32", "--devices-per-node", "8",
+                                   "--seq", "131072")) == 0
     assert "recommended: Ulysses 8 x ring 4" in capsys.readouterr().out
     with pytest.raises(ValueError, match="multiple of --devices-per-node"):
-        plan.run_plan(_args("--devices", "12", "--devices-per-node", "8"))
+        plan_command.run(_args("--devices", "12", "--devices-per-node", "8"))
     with pytest.raises(ValueError, match="internode"):
-        plan.run_plan(_args("--devices", "16", "--devices-per-node", "8", "--internode-gbps", "0"))
+        plan_command.run(_args("--devices", "16", "--devices-per-node", "8", "--internode-gbps", "0"))
 
 
 def test_decode_plan_counts_the_cache_share_and_a_context_free_collective():

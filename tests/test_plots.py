@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from ringwise.lab.plots import plot_bars, plot_lines, plot_loss_curve, plot_retrieval_heatmap  # noqa: E402
+from ringwise.train.plots import plot_bars, plot_lines, plot_loss_curve, plot_retrieval_heatmap  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +75,7 @@ def test_benchmarks_skip_the_picture_not_the_results(tmp_path, monkeypatch, caps
     """Without matplotlib a benchmark says the plot was skipped and how to get it."""
     import sys
 
-    from ringwise.lab.bench import draw
+    from ringwise.bench import draw
 
     assert_png(draw("lines", {"a": [1, 2]}, {"a": [1, 2]}, tmp_path / "ok.png"))
     for name in ["matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"]:
@@ -90,5 +90,27 @@ def test_modules_import_without_matplotlib():
     import subprocess
     import sys
 
-    code = "import sys, ringwise.data, ringwise.lab.plots; assert 'matplotlib' not in sys.modules"
+    code = "import sys, ringwise.data, ringwise.train.plots; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_runs_plots_are_drawn_from_its_files(tmp_path):
+    """draw_run (what `ringwise train` / `finetune` draw after the job): the loss curve from metrics.jsonl;
+    from summary.json the retrieval heatmap, and finetune's perplexity by position and passkey heatmap."""
+    import json
+
+    from ringwise.train.plots import draw_run
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, loss=3.0 / s)) + "\n" for s in (1, 2, 3)))
+    grid = dict(accuracy=[[1.0, 0.5], [0.25, 0.0]], lengths=[64, 128], depths=[0.0, 1.0])
+    (tmp_path / "summary.json").write_text(json.dumps(dict(retrieval=grid)))
+    draw_run(tmp_path)
+    assert_png(tmp_path / "loss.png")
+    assert_png(tmp_path / "retrieval.png")
+    assert not (tmp_path / "ppl_by_position.png").exists()
+    ppl = dict(before=dict(starts=[0, 64, 128], ppl=[9.0, None, 7.0]), after=dict(starts=[0, 64, 128], ppl=[8.0, 6.0, 5.0]))
+    (tmp_path / "retrieval.png").unlink()
+    (tmp_path / "summary.json").write_text(json.dumps(dict(perplexity=ppl, passkey=grid)))
+    draw_run(tmp_path)
+    assert_png(tmp_path / "ppl_by_position.png")
+    assert_png(tmp_path / "retrieval.png")

@@ -406,12 +406,12 @@ def _launched(*args, **kwargs):
 
 # (module, attribute) -> replacement: where each command stops being validation and starts work
 LAUNCH_POINTS = {
-    ("ringwise.train.__main__", "elastic_run"): _launched,  # train, finetune (local ranks or torchrun)
-    ("ringwise.lab.generation", "model_file"): _launched,  # generate: after problems(), before loading
+    ("ringwise.train.job", "elastic_run"): _launched,  # train, finetune (local ranks or torchrun)
+    ("ringwise.commands.generate", "model_file"): _launched,  # generate: after problems(), before loading
     ("ringwise.train.checkpoint", "export"): _launched,  # export
     ("ringwise.train.pretrained", "export_hf"): _launched,  # export --hf
-    ("ringwise.lab.demo", "run"): _launched,  # demo
-    ("ringwise.lab.bench", "suite"): _stub_suite,  # bench X
+    ("ringwise.commands.demo", "run"): _launched,  # demo
+    ("ringwise.bench", "suite"): _stub_suite,  # bench X
 }
 MODULE_MAINS = {"ringwise.cli": ("ringwise.cli", "main"), "ringwise.train": ("ringwise.train.__main__", "main")}
 

@@ -10,7 +10,7 @@ from ringwise.attention.kernels import AtenCpuKernel, select_kernel
 from ringwise.attention.layout import global_indices
 from ringwise.attention.ring import ring_backward, ring_forward
 from ringwise.attention.tiles import step_tiles
-from ringwise.lab.bench.compute import LoopbackRing, rank_inputs
+from ringwise.bench.compute import LoopbackRing, rank_inputs
 
 from helpers import max_err, reference_attention
 

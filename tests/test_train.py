@@ -261,9 +261,9 @@ def test_train_on_text_files(cluster, tmp_path):
 
 @pytest.fixture
 def no_ranks(monkeypatch):
-    import ringwise.train.__main__ as cli
+    import ringwise.train.job as job
 
-    monkeypatch.setattr(cli, "elastic_run", lambda *a: pytest.fail("ranks started despite bad flags"))
+    monkeypatch.setattr(job, "elastic_run", lambda *a: pytest.fail("ranks started despite bad flags"))
 
 
 @pytest.mark.parametrize("flags,match", [

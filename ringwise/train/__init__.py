@@ -2,9 +2,11 @@
 
 config.py (TrainConfig, flags, validation) <- parallel.py (groups, mesh, FSDP2, launcher)
 <- checkpoint.py (DCP checkpoints, export, run lock) <- loop.py (setup / step / evaluate /
-save) <- __main__.py (the command line). Locally `ringwise train --world 4` starts the
-ranks through PyTorch's elastic launcher (the code torchrun runs); on a cluster the same
-module runs under `torchrun --nnodes N --nproc-per-node 8 -m ringwise.train ...`.
+save) <- job.py (launch: check, lock, start the ranks); plots.py (the run's PNGs, drawn after
+the job). The command is ringwise.commands.train; __main__.py is its `python -m ringwise.train`
+entry point. Locally `ringwise train --world 4` starts the ranks through PyTorch's elastic
+launcher (the code torchrun runs); on a cluster the same module runs under `torchrun --nnodes N
+--nproc-per-node 8 -m ringwise.train ...`.
 """
 from .config import ConfigError, TrainConfig, add_arguments, check, problems
 from .loop import compute_gradients, evaluate, lr_at, make_dataset, run_on_mesh, save, setup, step, worker

@@ -4,7 +4,7 @@ Every rank holds one shard of each sequence of its replica. Each rank's loss cov
 its own tokens and is divided by the *global* labelled-token count, so summing parameter
 gradients over all ranks (FSDP2's reduce-scatter, see parallel.py) gives exactly the
 gradient of the whole batch, whatever the world size, dp or layout. Rank 0 writes
-metrics.jsonl and summary.json; train never draws plots (the CLI does, through lab).
+metrics.jsonl and summary.json; the ranks never draw plots (the command does, after the job: plots.py).
 """
 from __future__ import annotations
 

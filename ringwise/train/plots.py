@@ -1,4 +1,5 @@
-"""PNG figures for training runs and benchmarks.
+"""PNG figures for training runs (`draw_run`: what `ringwise train` / `finetune` draw from a
+run's files after the job) and the primitives the benchmarks draw with too.
 
 matplotlib is an optional dependency (``pip install ringwise[plot]``), imported only when
 a plot is drawn, so the library and the training job run without it.  Figures are drawn
@@ -8,11 +9,12 @@ nothing leaks between calls, and the user's own backend choice is left alone.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["plot_retrieval_heatmap", "plot_loss_curve", "plot_lines", "plot_bars"]
+__all__ = ["draw_run", "plot_retrieval_heatmap", "plot_loss_curve", "plot_lines", "plot_bars"]
 
 
 def _figure(figsize):
@@ -213,3 +215,27 @@ def plot_bars(groups: Sequence[str], values_by_series: Mapping[str, Sequence[flo
     if values_by_series:
         ax.legend()
     return _save(fig, path)
+
+
+def draw_run(out) -> None:
+    """A run's plots from its metrics.jsonl and summary.json, into its folder: loss.png; finetune's
+    ppl_by_position.png and retrieval.png (passkey); the retrieval task's retrieval.png."""
+    out = Path(out)
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    plot_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], out / "loss.png",
+                    title="Training loss (global mean per labelled token)")
+    summary = json.loads((out / "summary.json").read_text())
+    if "perplexity" in summary:  # finetune: held-out perplexity by position inside the document
+        runs = {name: r for name, r in summary["perplexity"].items() if r}
+        xs = {f"{name} training": [s for s, p in zip(r["starts"], r["ppl"]) if p] for name, r in runs.items()}
+        ys = {f"{name} training": [p for p in r["ppl"] if p] for name, r in runs.items()}
+        plot_lines(xs, ys, out / "ppl_by_position.png", xlabel="position inside the document (bucket start, tokens)",
+                   ylabel="held-out perplexity", title="Perplexity by position, before and after fine-tuning")
+    if "passkey" in summary:
+        r = summary["passkey"]
+        plot_retrieval_heatmap(r["accuracy"], r["lengths"], r["depths"], out / "retrieval.png",
+                               title="Passkey retrieval after fine-tuning")
+    if "retrieval" in summary:
+        r = summary["retrieval"]
+        plot_retrieval_heatmap(r["accuracy"], r["lengths"], r["depths"], out / "retrieval.png",
+                               title="Line retrieval accuracy")

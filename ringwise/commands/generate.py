@@ -1,6 +1,9 @@
 """`ringwise generate RUN_DIR|EXPORT.pt --world N (--prompt TEXT | --retrieval K)`: generation
 from ringwise's own model across local ranks (the training job's launcher and flags), the
 prompt prefilled through the ring and decoded over the sharded KV cache (ringwise.generate).
+The ranks run where `ringwise train`'s do: --device auto|cpu|cuda and --backend gloo|nccl are
+resolved by the training job's own rules (ringwise.train.parallel.placement, init_distributed),
+also under torchrun.
 
 --retrieval K answers K evaluation documents of the run's own task (its retrieval settings and
 evaluation grid are kept in the checkpoint) and prints the accuracy; --check reruns every prompt
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,8 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--retrieval", type=int, metavar="K", help="answer K evaluation documents of the run's task")
     p.add_argument("--world", type=int, default=2, help="local ranks")
     p.add_argument("--layout", default="zigzag", choices=("zigzag", "striped", "contiguous"))
-    p.add_argument("--device", default="cpu", choices=("cpu",), help="where ranks run (CPU for now)")
-    p.add_argument("--backend", default="gloo", choices=("gloo",))
+    # the choices and defaults of `ringwise train`'s --device / --backend (a test holds them equal);
+    # defined here because ringwise.train.config imports torch and `generate --help` must not
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda where torch "
+                   "sees a GPU (each rank binds GPU LOCAL_RANK), else cpu")
+    p.add_argument("--backend", default=None, choices=("gloo", "nccl"),
+                   help="default: nccl when every rank has a GPU of its own, else gloo")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -51,7 +59,19 @@ def problems(args) -> list[str]:
         found.append("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.check and args.temperature > 0:
         found.append("--check compares greedy tokens: drop --temperature")
+    if args.world >= 1:
+        from ..train.parallel import placement
+
+        try:  # the ranks make the same decision from the same facts, as the training job's do
+            placement(args.device, args.backend, local_ranks(args))
+        except ValueError as e:
+            found.append(str(e))
     return found
+
+
+def local_ranks(args) -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE when it launched us, else --world."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", args.world))
 
 
 def model_file(path: Path, tmp: str) -> Path:
@@ -114,15 +134,16 @@ def worker(args, file: str) -> dict | None:
 
     from ..generate import generate
     from ..train.parallel import init_distributed
-    from .comms import count_comms
+    from ..testing.comms import count_comms
 
-    init_distributed("cpu", "gloo", args.timeout)
+    device = init_distributed(args.device, args.backend, args.timeout)
     rank = dist.get_rank()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, state = load_model(Path(file))
+    model = model.to(device)
     bar = None
-    jobs = prompts(args, state)
+    jobs = [dict(j, ids=j["ids"].to(device)) for j in prompts(args, state)]
     if rank == 0:
         from tqdm import tqdm
 
@@ -132,6 +153,8 @@ def worker(args, file: str) -> dict | None:
         stamps = [time.perf_counter()]
 
         def tick(step, token):
+            if device.type == "cuda":  # the token's kernels done, not just queued
+                torch.cuda.synchronize(device)
             stamps.append(time.perf_counter())
             if bar is not None:
                 bar.update()
@@ -141,7 +164,7 @@ def worker(args, file: str) -> dict | None:
 
             cache = KVCache(model.cfg.n_layers, rank, dist.get_world_size())
             tokens = generate(model, j["ids"], j["new"], layout=args.layout, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, cache=cache, on_token=tick)
+                              top_p=args.top_p, seed=args.seed, cache=cache, on_token=tick).cpu()
         ttft.append(stamps[1] - stamps[0])
         latencies += [b - a for a, b in zip(stamps[1:], stamps[2:])]
         if j["new"] > 1:  # the first new token comes from the prefill; the rest are decode steps
@@ -183,19 +206,26 @@ def _quantile(xs, q):
 
 
 def check(args, file: Path, report: dict) -> list[str]:
-    """The same prompts in this process, whole-sequence SDPA each step, no cache: tokens must match."""
+    """The same prompts in this process, whole-sequence SDPA each step, no cache, on the ranks'
+    kind of device: tokens must match."""
     from ..generate import generate_single_process
+    from ..train.parallel import placement
 
+    kind, _ = placement(args.device, args.backend, local_ranks(args))
     model, state = load_model(file)
+    model = model.to(kind)
     mismatches = []
     for i, (j, got) in enumerate(zip(prompts(args, state), report["tokens"])):
-        want = generate_single_process(model, j["ids"], j["new"])[:, j["ids"].shape[1]:].tolist()
+        ids = j["ids"].to(kind)
+        want = generate_single_process(model, ids, j["new"])[:, ids.shape[1]:].tolist()
         if want != got:
             mismatches.append(f"prompt group {i}: {got} vs one process {want}")
     return mismatches
 
 
-def run(args) -> int:
+def main(args) -> int:
+    """0 with the tokens printed and generate.json written; 2 on bad flags or a missing model (before
+    any rank starts); 1 when a rank failed or --check found different tokens."""
     found = problems(args)
     if found:
         print("ringwise generate: " + "; ".join(found), file=sys.stderr)
@@ -203,7 +233,7 @@ def run(args) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from ..train.checkpoint import load_export
-    from ..train.parallel import elastic_run, failure_causes
+    from ..train.parallel import elastic_run, failure_causes, under_torchrun
 
     path = Path(args.model)
     with tempfile.TemporaryDirectory(prefix="ringwise-generate-") as tmp:
@@ -223,6 +253,8 @@ def run(args) -> int:
         except ChildFailedError as e:
             print("ringwise generate: the job failed:\n  " + "\n  ".join(failure_causes(e, str(logs))), file=sys.stderr)
             return 1
+        if under_torchrun() and os.environ["RANK"] != "0":  # this rank was one of the job's: rank 0 reports
+            return 0
         report = json.loads(Path(args.report).read_text())
         per_token = report["decode_collectives_per_token"]
         line = (f"generated {report['new_tokens']} tokens on {report['world']} ranks: first token "

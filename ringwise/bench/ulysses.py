@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import ringwise
 from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, mesh_groups
-from ringwise.lab.cluster import LocalCluster
+from ringwise.testing.cluster import LocalCluster
 
 from . import draw, write_results
 from .common import add_sdpa_ratios, fwd_bwd_step, sdpa_seconds

@@ -20,8 +20,8 @@ import sys
 import torch
 
 import ringwise
-from ringwise.lab.cluster import LocalCluster
-from ringwise.lab.memory import PeakMemory, mib
+from ringwise.testing.cluster import LocalCluster
+from ringwise.testing.memory import PeakMemory, mib
 
 from . import draw, write_results
 from .common import sdpa_seconds
@@ -87,7 +87,7 @@ def run(args) -> dict:
 
         for causal in (False, True):
             env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.peer_world}")
-            cmd = [sys.executable, "-m", "ringwise.lab.bench.jax_peer", str(args.peer_world), str(args.peer_seq),
+            cmd = [sys.executable, "-m", "ringwise.bench.jax_peer", str(args.peer_world), str(args.peer_seq),
                    str(args.heads), str(args.head_dim), "1" if causal else "0", str(max(1, args.repeats))]
             res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                                             timeout=3600).stdout.strip().splitlines()[-1])

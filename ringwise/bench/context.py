@@ -22,8 +22,8 @@ import gc
 import torch
 from tqdm import tqdm
 
-from ringwise.lab.cluster import LocalCluster
-from ringwise.lab.memory import mib
+from ringwise.testing.cluster import LocalCluster
+from ringwise.testing.memory import mib
 
 from . import draw, write_results
 from .common import step_memory
@@ -97,7 +97,7 @@ def _param_shapes(cfg):
 def gpu_step(model, seq: int, device) -> tuple[int, float] | None:
     """(peak bytes above the start, seconds) of one forward+backward at seq tokens; None if
     the GPU runs out of memory."""
-    from ringwise.lab.memory import PeakMemory
+    from ringwise.testing.memory import PeakMemory
 
     g = torch.Generator(device=device).manual_seed(1)
     tokens = torch.randint(0, model.cfg.vocab_size, (1, seq + 1), generator=g, device=device)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import ringwise
-from ringwise.lab.cluster import LocalCluster
+from ringwise.testing.cluster import LocalCluster
 
 from . import draw, public_args, write_results
 from .common import DTYPES, add_sdpa_ratios, fwd_bwd_step, random_inputs, sdpa_seconds

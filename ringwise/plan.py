@@ -54,11 +54,10 @@ Assumptions, all of them (the defaults reproduce the paper's setups; every one i
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, replace
 
-from ..presets import LLAMA, SHAPES
+from .presets import LLAMA, SHAPES
 
 METHODS = ("vanilla", "memeff", "bpt", "ring")
 METHOD_TITLES = {"vanilla": "Vanilla", "memeff": "Memory-efficient attn",
@@ -66,7 +65,8 @@ METHOD_TITLES = {"vanilla": "Vanilla", "memeff": "Memory-efficient attn",
 K = 1024  # tokens per "K" in the tables
 
 
-def _positive(name, value, integer=False):
+def positive(name, value, integer=False):
+    """value, checked: a finite number > 0 (an int with integer=True); else ValueError naming `name`."""
     kinds = int if integer else (int, float)
     if not isinstance(value, kinds) or isinstance(value, bool) or not value > 0 \
             or not math.isfinite(value):
@@ -88,7 +88,7 @@ class ModelShape:
 
     def __post_init__(self):
         for f in ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab"):
-            _positive(f"ModelShape.{f}", getattr(self, f), integer=True)
+            positive(f"ModelShape.{f}", getattr(self, f), integer=True)
         if self.hidden % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"{self.name}: hidden {self.hidden} must divide into n_heads "
                              f"{self.n_heads}, and n_heads into n_kv_heads {self.n_kv_heads}")
@@ -116,7 +116,7 @@ class Device:
 
     def __post_init__(self):
         for f in ("flops", "memory_bytes", "bandwidth_bytes_per_s"):
-            _positive(f"Device.{f}", getattr(self, f))
+            positive(f"Device.{f}", getattr(self, f))
 
 
 def _shape(name) -> ModelShape:
@@ -170,7 +170,7 @@ def activation_parts(method, b, s, hidden, heads, block, bytes_per_element=2, sc
     _method(method)
     for n, v in (("b", b), ("s", s), ("hidden", hidden), ("heads", heads), ("block", block),
                  ("bytes_per_element", bytes_per_element), ("score_copies", score_copies)):
-        _positive(n, v)
+        positive(n, v)
     unit = bytes_per_element / 2  # Table 1 is in bf16 bytes
     c = min(block, s)
     attn, ffn = {
@@ -196,8 +196,8 @@ def min_block_size(device, bytes_per_element=2, kv_fraction=1.0) -> float:
     ``kv_fraction``) scale the bytes sent, hence c, linearly.
     """
     device = get_device(device)
-    _positive("bytes_per_element", bytes_per_element)
-    _positive("kv_fraction", kv_fraction)
+    positive("bytes_per_element", bytes_per_element)
+    positive("kv_fraction", kv_fraction)
     return device.flops / device.bandwidth_bytes_per_s * (bytes_per_element / 2) * kv_fraction
 
 
@@ -227,7 +227,7 @@ def training_memory(method, model, n_devices, seq, batch=1, memory=DEFAULT_MEMOR
     """Bytes per device, by part, to train ``model`` on ``seq``-token sequences."""
     model, _ = get_model(model), _method(method)
     for n, v in (("n_devices", n_devices), ("seq", seq), ("batch", batch)):
-        _positive(n, v, integer=n != "seq")
+        positive(n, v, integer=n != "seq")
     e, h = memory.bytes_per_element, model.hidden
     local = seq / n_devices if method == "ring" else seq
     block = local if method == "ring" else memory.chunk
@@ -246,8 +246,8 @@ def training_memory(method, model, n_devices, seq, batch=1, memory=DEFAULT_MEMOR
 
 def max_context(method, model, device, n_devices, batch=1, memory=DEFAULT_MEMORY) -> int:
     """Longest sequence (tokens; a multiple of n_devices for ring) that fits; 0 if none does."""
-    device, n_devices = get_device(device), _positive("n_devices", n_devices, integer=True)
-    _method(method), _positive("batch", batch, integer=True)
+    device, n_devices = get_device(device), positive("n_devices", n_devices, integer=True)
+    _method(method), positive("batch", batch, integer=True)
     step = n_devices if method == "ring" else 1
     fits = lambda k: training_memory(method, model, n_devices, k * step, batch,
                                      memory)["total"] <= device.memory_bytes
@@ -293,7 +293,7 @@ def ringwise_activation_bytes(model, tokens_per_rank, world, batch=1, bytes_per_
     """
     model = get_model(model)
     for n, v in (("tokens_per_rank", tokens_per_rank), ("world", world), ("batch", batch)):
-        _positive(n, v, integer=True)
+        positive(n, v, integer=True)
     h, kv = model.hidden, model.hidden // model.n_heads * model.n_kv_heads
     per_token = {
         "checkpoints": model.n_layers * h,
@@ -316,10 +316,10 @@ class Cluster:
     internode_bytes_per_s: float
 
     def __post_init__(self):
-        _positive("devices_per_node", self.devices_per_node, integer=True)
-        _positive("nodes", self.nodes, integer=True)
-        _positive("nvlink_bytes_per_s", self.nvlink_bytes_per_s)
-        _positive("internode_bytes_per_s", self.internode_bytes_per_s)
+        positive("devices_per_node", self.devices_per_node, integer=True)
+        positive("nodes", self.nodes, integer=True)
+        positive("nvlink_bytes_per_s", self.nvlink_bytes_per_s)
+        positive("internode_bytes_per_s", self.internode_bytes_per_s)
 
     @property
     def n_devices(self) -> int:
@@ -335,7 +335,7 @@ def mesh_traffic(model, seq, ulysses, ring, batch=1, bytes_per_element=2) -> dic
     S/R tokens and heads/U, sends R-1 K/V hops each way and R float32 dK/dV hops backward.
     """
     model = get_model(model)
-    U, R = _positive("ulysses", ulysses, True), _positive("ring", ring, True)
+    U, R = positive("ulysses", ulysses, True), positive("ring", ring, True)
     if model.n_heads % U:
         raise ValueError(f"ulysses={U} does not divide the {model.n_heads} heads of {model.name}")
     e, h, d = bytes_per_element, model.hidden, model.hidden // model.n_heads
@@ -501,7 +501,7 @@ def decode_plan(model, n_devices, context, batch=1, bytes_per_element=2, new_tok
     the one all-gather per layer and step: each rank sends its float32 (out, lse) for the new
     tokens plus the header, and receives the other ranks'; independent of the context."""
     model = get_model(model) if isinstance(model, str) else model
-    _positive("n_devices", n_devices, True), _positive("context", context, True), _positive("batch", batch, True)
+    positive("n_devices", n_devices, True), positive("context", context, True), positive("batch", batch, True)
     head_dim = model.hidden // model.n_heads
     per_token = 2 * model.n_layers * model.n_kv_heads * head_dim * bytes_per_element * batch
     rows = batch * model.n_heads * new_tokens
@@ -523,10 +523,10 @@ def format_decode_plan(model, n_devices, context, batch=1, bytes_per_element=2) 
 def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMORY) -> str:
     """Readable plan: per-layer activations at ``seq``, overlap block, longest context per method."""
     model, device = get_model(model), get_device(device)
-    _positive("n_devices", n_devices, True), _positive("batch", batch, True)
+    positive("n_devices", n_devices, True), positive("batch", batch, True)
     c = min_block_size(device)
     asked = seq
-    seq = _positive("seq", max(32 * K, n_devices * K) if seq is None else seq, True)
+    seq = positive("seq", max(32 * K, n_devices * K) if seq is None else seq, True)
     e = memory.bytes_per_element
     gib = lambda x: f"{x / 2**30:10.2f} GiB"
     lines = [f"plan: {model.name} ({model.n_params / 1e9:.2f}B params) on {n_devices} x "
@@ -561,56 +561,3 @@ def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMO
     # decode at the asked length, else at the longest trainable one
     lines.append(format_decode_plan(model, n_devices, asked or longest or seq, batch, bytes_per_element=2))  # bf16 K/V
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- CLI glue
-def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of `ringwise plan`; the custom-device numbers override the --device preset."""
-    parser.add_argument("--model", default="7b", help=f"one of {', '.join(MODELS)}")
-    parser.add_argument("--device", default="a100-nvlink", help=f"one of {', '.join(DEVICES)}")
-    parser.add_argument("--devices", type=int, default=8, help="devices in the ring (FSDP too)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per ring")
-    parser.add_argument("--seq", type=int, default=None, help="sequence for per-layer numbers")
-    parser.add_argument("--flops", type=float, default=None, help="custom dense FLOP/s")
-    parser.add_argument("--memory-gb", type=float, default=None, help="custom memory, GB")
-    parser.add_argument("--bandwidth-gbps", type=float, default=None,
-                        help="custom unidirectional bandwidth, GB/s")
-    parser.add_argument("--devices-per-node", type=int, default=None,
-                        help="plan the Ulysses x ring split for nodes of this many devices (--devices in all)")
-    parser.add_argument("--nvlink-gbps", type=float, default=None,
-                        help="in-node bandwidth per device, GB/s (default: the device's bandwidth)")
-    parser.add_argument("--internode-gbps", type=float, default=50.0,
-                        help="network bandwidth per device between nodes, GB/s (50 = 400 Gb/s)")
-    parser.add_argument("--table2", action="store_true", help="print paper Table 2 vs ours")
-    parser.add_argument("--table3", action="store_true", help="print paper Table 3 vs ours")
-    return parser
-
-
-def run_plan(args) -> int:
-    """Print the plan (or the tables) for parsed ``args``; bad input raises ValueError."""
-    if args.table2 or args.table3:
-        print("\n\n".join(t() for f, t in ((args.table2, format_table2),
-                                          (args.table3, format_table3)) if f))
-        return 0
-    device = get_device(args.device)
-    custom = {}
-    for name, field, scale in (("flops", "flops", 1), ("memory_gb", "memory_bytes", 1e9),
-                               ("bandwidth_gbps", "bandwidth_bytes_per_s", 1e9)):
-        value = getattr(args, name, None)
-        if value is not None:
-            custom[field] = _positive(f"--{name.replace('_', '-')}", value) * scale
-    if custom:
-        device = replace(device, name=f"custom({device.name})", **custom)
-    print(plan_report(args.model, device, args.devices, args.batch, args.seq))
-    dpn = getattr(args, "devices_per_node", None)
-    if dpn is not None:
-        _positive("--devices-per-node", dpn, integer=True)
-        if args.devices % dpn:
-            raise ValueError(f"--devices {args.devices} must be a multiple of --devices-per-node {dpn}")
-        nvlink = device.bandwidth_bytes_per_s if args.nvlink_gbps is None else \
-            _positive("--nvlink-gbps", args.nvlink_gbps) * 1e9
-        cluster = Cluster(dpn, args.devices // dpn, nvlink, _positive("--internode-gbps", args.internode_gbps) * 1e9)
-        seq = args.seq or max(32 * K, args.devices * K)
-        print()
-        print(format_mesh_plan(args.model, device, cluster, seq, batch=args.batch))
-    return 0

@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from ringwise.attention.comm import Hop, Ring
 from ringwise.attention.seqshard import SeqShard
-from ringwise.lab.cluster import LocalCluster
-from ringwise.lab.memory import PeakMemory
+from ringwise.testing.cluster import LocalCluster
+from ringwise.testing.memory import PeakMemory
 from ringwise.model import Transformer, model_config
 
 from .flags import GPU_DTYPES

@@ -14,7 +14,7 @@ from pathlib import Path
 SUITES = ("attention", "compute", "overlap", "scaling", "memory", "context", "ulysses", "decode")
 OPTIONAL = ("peers",)  # not in `bench all`: it needs the peers extra
 # suite name (the CLI's, the results' file names) -> module, where the two differ:
-# `memory_plan` so that the package holds one memory.py (ringwise.lab.memory, the probes)
+# `memory_plan` so that the package holds one memory.py (ringwise.testing.memory, the probes)
 _MODULES = {"memory": "memory_plan"}
 
 
@@ -51,12 +51,12 @@ def machine_info() -> dict:
 
 
 def draw(kind: str, *args, **kwargs) -> Path | None:
-    """``ringwise.lab.plots.plot_<kind>(...)``; without matplotlib, say so and go on.
+    """``ringwise.train.plots.plot_<kind>(...)``; without matplotlib, say so and go on.
 
     The PNG is optional (the ``plot`` extra), the JSON and markdown results are not, so a
     missing matplotlib costs the picture only, and the user is told how to get it.
     """
-    from ringwise.lab import plots
+    from ringwise.train import plots
 
     try:
         return getattr(plots, f"plot_{kind}")(*args, **kwargs)

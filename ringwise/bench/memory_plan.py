@@ -1,6 +1,6 @@
 """Measured per-rank training memory against the planner's analytic model.
 
-The planner (ringwise.lab.plan) predicts, per device, the activation memory of a training
+The planner (ringwise.plan) predicts, per device, the activation memory of a training
 step under full activation checkpointing: the saved layer inputs plus the peak of one
 layer's recompute (paper Table 1, ring row: 6bch attention, 2bch FFN, scaled to float32).
 Here the same function is evaluated for our model's shapes and compared with a real
@@ -13,9 +13,9 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from ringwise.lab import plan
-from ringwise.lab.cluster import LocalCluster
-from ringwise.lab.memory import mib
+from ringwise import plan
+from ringwise.testing.cluster import LocalCluster
+from ringwise.testing.memory import mib
 from ringwise.model import model_config
 
 from . import draw, write_results
@@ -60,8 +60,8 @@ def run(args) -> dict:
     lines = [f"Model preset `{args.memory_model}` ({cfg.n_layers} layers, dim {cfg.dim}, ffn {cfg.ffn_dim}), "
              "batch 1, causal zigzag, per-layer activation checkpointing, float32; measured: per-rank peak "
              "resident memory of one forward+backward above the model state (max over ranks); planned: "
-             "`ringwise.lab.plan.training_memory('ring', ...)` checkpoints + layer peak (the paper's Table 1 "
-             "accounting); counted: `ringwise.lab.plan.ringwise_activation_bytes` (ringwise's own per-token buffers).", "",
+             "`ringwise.plan.training_memory('ring', ...)` checkpoints + layer peak (the paper's Table 1 "
+             "accounting); counted: `ringwise.plan.ringwise_activation_bytes` (ringwise's own per-token buffers).", "",
              "| S | W | tokens per rank | measured MiB | planned MiB (checkpoints + layer peak) | measured / planned "
              "| counted MiB | measured / counted |",
              "|---|---|---|---|---|---|---|---|"]

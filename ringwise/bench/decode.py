@@ -20,7 +20,7 @@ import ringwise
 from ringwise.attention.decode import local_attention
 from ringwise.attention.kernels import acc_dtype, default_scale
 from ringwise.attention.merge import merge_into
-from ringwise.lab.cluster import LocalCluster
+from ringwise.testing.cluster import LocalCluster
 
 from . import draw, write_results
 from .flags import decode_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)

@@ -1,7 +1,7 @@
 """Times the paper authors' JAX package (ringattention 0.1.2) on simulated CPU devices.
 
 Run as a script in its own process (the device count must be set before JAX starts):
-    XLA_FLAGS=--xla_force_host_platform_device_count=W python -m ringwise.lab.bench.jax_peer W SEQ HEADS DIM CAUSAL REPEATS
+    XLA_FLAGS=--xla_force_host_platform_device_count=W python -m ringwise.bench.jax_peer W SEQ HEADS DIM CAUSAL REPEATS
 prints one JSON line {"seconds": median forward+backward time}.
 """
 from __future__ import annotations

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from ringwise.lab.cluster import LocalCluster
-from ringwise.lab.memory import mib
+from ringwise.testing.cluster import LocalCluster
+from ringwise.testing.memory import mib
 
 from . import draw, public_args, write_results
 from .common import step_memory

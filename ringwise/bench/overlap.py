@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ringwise.attention.comm import Ring
 from ringwise.attention.kernels import default_scale, select_kernel
-from ringwise.lab.cluster import LocalCluster
+from ringwise.testing.cluster import LocalCluster
 from ringwise.attention.ring import ring_backward, ring_forward
 
 from . import draw, write_results
