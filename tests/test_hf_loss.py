@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise import SeqShard  # noqa: E402
+from hf_models import needs_smollm2, smollm2_folder  # noqa: E402
 from hf_versions import EAGER_EXPERTS  # noqa: E402
 from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
 
@@ -210,3 +211,26 @@ def test_a_loss_changed_after_the_ring_loss_is_refused():
         model(**batch)
     out = model(**batch, output_router_logits=False)
     assert out.loss.item() == rw.causal_lm_loss(out.logits, batch["labels"]).item()
+
+
+# ---------------------------------------------------------------- a real model: SmolLM2-135M
+
+def smollm2_loss(path, seq):
+    """model(**batch).loss, labels left in the batch as shard_batch made them, on this rank: its share."""
+    rw.use_ring(layout="zigzag")
+    model = rw.from_pretrained(path).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(**rw.shard_batch(ids)).loss.item()
+
+
+@needs_smollm2
+@pytest.mark.parametrize("world", [2, 3])
+def test_smollm2_model_loss_sums_to_one_process(cluster, world):
+    path, seq = smollm2_folder(), 384
+    shares = cluster(world).run(smollm2_loss, path, seq, timeout=600)
+    ids = torch.randint(0, 49152, (1, seq), generator=torch.Generator().manual_seed(0))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(sum(shares) - want) <= 1e-5 * want, (shares, want)
