@@ -4,6 +4,11 @@ Each sub-benchmark is a module with `add_arguments(parser)` and `run(args) -> di
 results go to JSON and markdown (and a PNG where a picture helps) in --out. The flags
 of all of them are in `flags.py`, the measurements several share in `common.py`. This
 package module imports no suite and not torch, so `ringwise bench X --help` stays light.
+
+The suites live in the package, so that `ringwise bench X` runs from an installed ringwise;
+their published results (`make bench`) are in the repository's benchmarks/results/, beside
+the loose benchmark scripts (benchmarks/*.py), and BENCHMARKS.md reads them. The suites run on
+the process harness of ringwise.testing and draw with ringwise.train.plots.
 """
 from __future__ import annotations
 
