@@ -1,4 +1,4 @@
-"""The architecture table (docs/architectures.md), as tested: each family marked exact runs at W = 2
+"""The architecture table (docs/transformers.md), as tested: each family marked exact runs at W = 2
 (zigzag, float32, gloo) and matches the one-process eager model, logits and every parameter gradient,
 within 2x the float32 model's own error vs float64. Windowed families use windows shorter than the
 sequence; the ones in test_hf_architectures.py are tested more deeply there."""

@@ -1,16 +1,16 @@
-"""Every code example in README.md (and docs/*.md, if that folder exists) runs as written, and does
-what its comments say.
+"""Every code example in README.md and docs/*.md runs as written, and does what its comments say.
 
 Python blocks (```python). Each is found by the file and the heading above it, its key (a second
 block under one heading gets " (2)", ...), and must have a case in EXAMPLES: a new example without
 one fails test_every_python_example_has_a_case, as does a case whose example is gone. A block runs
-*as written*, on W = 2 and 3 ranks of the suite's live local gloo clusters, every rank exec'ing its
-text, except for the case's substitutions (the table in each case: text as written -> text as run,
-and why; each must still match the block, or the test fails). Before a block runs, each rank's
-random state is set differently (a real job's ranks have no reason to share one), so an example
-that forgets to seed its "same on every rank" input fails. Names an example takes from its
-surroundings (`path`, `input_ids`: the example says so in a comment) come from the case's `given`.
-The case's check then compares what the ranks got with one process on the whole sequence.
+*as written*, on W = 2 and 3 ranks (or the case's own `worlds`) of the suite's live local gloo
+clusters, every rank exec'ing its text, except for the case's substitutions (the table in each
+case: text as written -> text as run, and why; each must still match the block, or the test
+fails). Before a block runs, each rank's random state is set differently (a real job's ranks
+have no reason to share one), so an example that forgets to seed its "same on every rank" input
+fails. Names an example takes from its surroundings (`path`, `input_ids`: the example says so
+in a comment) come from the case's `given`. The case's check then compares what the ranks got
+with one process on the whole sequence.
 
 Shell commands: every command line of the fenced bash/sh/shell/console blocks (each line must be a
 command this test knows how to check), and those of the indented code blocks and inline `...` spans
@@ -49,7 +49,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import CEILINGS, assert_within_budget, max_err, reference_attention
+from helpers import CEILINGS, assemble, assert_within_budget, max_err, reference_attention, visible_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -202,6 +202,103 @@ def check_op(results, W, given):
     assert all(max_err(r["x_grad"], dx64) > 1e-2 for r in results), "one rank's x.grad is not just its share"
 
 
+# --- the float32 kernel one process runs: the error budget's yardstick (against float64)
+
+def sdpa32(q, k, v, causal=False, mask=None):
+    """One process's float32 SDPA, (batch, seq, heads, dim) in and out; GQA; mask: bool (sq, sk), True = visible."""
+    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def check_global(results, W, want, one, name, ceiling=CEILINGS["float32"]):
+    """Every rank drew the same inputs and assembled output `full`; it is within budget of float64."""
+    for r in results:
+        assert torch.equal(r["x"], results[0]["x"]), "the ranks drew different global inputs (the same on every rank)"
+        assert torch.equal(r["full"], results[0]["full"]), "the ranks hold different global outputs"
+    assert_within_budget(name, max_err(results[0]["full"], want), max_err(one, want), 1e-6, ceiling=ceiling)
+
+
+# --- docs/op.md, "one sharding, said once": SeqShard.shard / ring_attention / unshard
+
+def collect_seqshard(ns):
+    return dict(x=ns["x"], out_shape=tuple(ns["out"].shape), full=ns["full"].detach())
+
+
+def check_seqshard(results, W, given):
+    x = results[0]["x"]
+    assert all(r["out_shape"] == (2, OP_SEQ // W, 8, 64) for r in results)  # the comment: (2, 4096/W, 8, 64)
+    want, _ = reference_attention(x, x, x, causal=True)
+    check_global(results, W, want, sdpa32(x, x, x, causal=True), "SeqShard full")
+
+
+# --- docs/masks.md: packed documents and a window, against the float64 mask
+
+MASK_DOCS, MASK_WINDOW = [0, 10, 30, 48], 12  # documents spanning shards; a window of a few shards' tokens
+
+
+def collect_masks(ns):
+    return dict(x=torch.stack([ns["q"], ns["k"], ns["v"]]), out=ns["out"].detach())
+
+
+def check_masks(results, W, given):
+    q, k, v = results[0]["x"]
+    for r in results:
+        assert torch.equal(r["x"], results[0]["x"]), "the ranks drew different global q, k, v"
+    got = assemble([r["out"] for r in results], "zigzag", 1)
+    vis = visible_mask(OP_SEQ, causal=True, window=MASK_WINDOW, cu_seqlens=MASK_DOCS)
+    want, _ = reference_attention(q, k, v, mask=vis)
+    assert_within_budget("masked out", max_err(got, want), max_err(sdpa32(q, k, v, mask=vis), want), 1e-6,
+                         ceiling=CEILINGS["float32"])
+
+
+# --- docs/ulysses.md: a (2 x W/2) Ulysses x ring mesh from mesh_groups
+
+def check_ulysses(results, W, given):
+    x = results[0]["x"]
+    assert all(r["out_shape"] == (1, OP_SEQ // W, 8, 64) for r in results)  # the comment: (1, 8192/W, 8, 64)
+    want, _ = reference_attention(x, x, x, causal=True)
+    check_global(results, W, want, sdpa32(x, x, x, causal=True), "Ulysses full")
+
+
+# --- docs/inference.md: decode_attention of one new token over a striped share of the cache
+
+DECODE_WINDOW = 16
+
+
+def collect_decode(ns):
+    return dict(x=torch.cat([ns["k"], ns["v"]], 2), q=ns["q"], full=ns["out"])
+
+
+def check_decode(results, W, given):
+    k, v = results[0]["x"].chunk(2, dim=2)
+    q = results[0]["q"]
+    assert results[0]["full"].shape == (1, 1, 32, 64)
+    pos = torch.arange(OP_SEQ)
+    vis = ((pos <= OP_SEQ) & (OP_SEQ - pos <= DECODE_WINDOW))[None, :]  # the new token sits at position OP_SEQ
+    want, _ = reference_attention(q, k, v, mask=vis)
+    # the comment: bit-identical on every rank (check_global asserts torch.equal across ranks)
+    check_global(results, W, want, sdpa32(q, k, v, mask=vis), "decode out")
+
+
+# --- docs/design.md: the lse merge of two key blocks, in plain PyTorch
+
+def collect_merge(ns):
+    q, k, v = ns["q"], ns["k"], ns["v"]
+    return dict(q=q, k=k, v=v, o=ns["o"], lse=ns["lse"], one=ns["attend"](q, k, v))
+
+
+def check_merge(results, W, given):
+    for r in results:  # every rank runs the whole example: one process's arithmetic
+        q, k, v = r["q"], r["k"], r["v"]
+        want, want_lse = reference_attention(q[None, :, None], k[None, :, None], v[None, :, None])
+        one_o, one_lse = r["one"]
+        assert_within_budget("merged o", max_err(r["o"], want[0, :, 0]), max_err(one_o, want[0, :, 0]), 1e-6,
+                             ceiling=CEILINGS["float32"])
+        assert_within_budget("merged lse", max_err(r["lse"], want_lse[0, 0]), max_err(one_lse, want_lse[0, 0]), 1e-6,
+                             ceiling=CEILINGS["float32"])
+
+
 # --- tiny transformers checkpoints stand in for `path`
 
 TINY_MODEL = "models/smollm2-135m"  # in the world folder, where the README fetches SmolLM2: a tiny random Llama
@@ -306,6 +403,8 @@ def check_generate(results, W, given):
 
 INIT = ('dist.init_process_group("nccl")', 'dist.is_initialized() or dist.init_process_group("gloo")',
         "the cluster's ranks already share a gloo process group (no GPUs here)")
+INIT_GLOO = ('dist.init_process_group("gloo")', 'dist.is_initialized() or dist.init_process_group("gloo")',
+             "the cluster's ranks already share a gloo process group")
 
 EXAMPLES = {
     "README.md > The op, in your model": Example(
@@ -313,12 +412,32 @@ EXAMPLES = {
                        ('device="cuda"', 'device="cpu"', "no GPU here"),
                        ("131072", str(OP_SEQ), "a sequence this machine holds (2W zigzag chunks at W = 2, 3)")],
         collect=collect_op, check=check_op),
-    "README.md > Hugging Face transformers": Example(
+    "docs/op.md > A minimal example: one sharding, said once": Example(
+        substitutions=[INIT_GLOO,
+                       ("4096", str(OP_SEQ), "a sequence this machine holds (2W zigzag chunks at W = 2, 3)")],
+        collect=collect_seqshard, check=check_seqshard),
+    "docs/masks.md > A minimal example: three documents, a 256-token window": Example(
+        substitutions=[("[0, 1000, 2500, 4096]", str(MASK_DOCS), "three documents of the shorter sequence"),
+                       ("4096", str(OP_SEQ), "a sequence this machine holds (2W zigzag chunks at W = 2, 3)"),
+                       ("window=256", f"window={MASK_WINDOW}", "a window as short against the sequence")],
+        collect=collect_masks, check=check_masks),
+    "docs/ulysses.md > A minimal example": Example(
+        substitutions=[INIT,
+                       ('device="cuda"', 'device="cpu"', "no GPU here"),
+                       ("8192", str(OP_SEQ), "a sequence this machine holds (2R x U pieces at W = 2, 4)")],
+        collect=collect_seqshard, check=check_ulysses, worlds=(2, 4)),
+    "docs/transformers.md > A minimal example: three lines": Example(
         substitutions=[("[0, 900, 4096]", str(HF_DOCS), "the tiny model's sequence (2W zigzag chunks at W = 2, 3)")],
         given=given_hf, collect=collect_hf, check=check_hf),
-    "README.md > Inference": Example(
+    "docs/inference.md > A minimal example: one new token against a sharded cache": Example(
+        substitutions=[("4096", str(OP_SEQ), "a cache this machine holds (W striped shares at W = 2, 3)"),
+                       ("window=1024", f"window={DECODE_WINDOW}", "a window as short against the cache")],
+        collect=collect_decode, check=check_decode),
+    "docs/inference.md > transformers models: `rw.generate`": Example(
         substitutions=[("max_new_tokens=256", f"max_new_tokens={GEN_NEW}", "fewer tokens, same code")],
         given=given_generate, collect=collect_generate, check=check_generate),
+    "docs/design.md > A minimal example: the merge every part relies on": Example(
+        substitutions=[], collect=collect_merge, check=check_merge),
 }
 
 
@@ -339,12 +458,10 @@ def test_every_python_example_has_a_case():
     assert not gone, f"cases in EXAMPLES whose example is gone (or moved under another heading): {gone}"
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("key", list(EXAMPLES))
+@pytest.mark.parametrize("key, world_size", [(key, W) for key, case in EXAMPLES.items() for W in case.worlds],
+                         ids=[f"{key}-{W}" for key, case in EXAMPLES.items() for W in case.worlds])
 def test_python_example_runs_as_written(cluster, world, key, world_size):
     case = EXAMPLES[key]
-    if world_size not in case.worlds:
-        pytest.skip(f"{key} runs on W = {case.worlds}")
     block = python_blocks().get(key)
     if block is None:
         pytest.fail(f"no Python example {key!r} (test_every_python_example_has_a_case says more)")
