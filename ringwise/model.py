@@ -236,13 +236,14 @@ class Transformer(nn.Module):
             p.copy_(self.initial_value(name, seed))
 
     def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True, ulysses_group=None,
-               step: CacheStep | None = None):
+               mesh_group=None, step: CacheStep | None = None):
         """Final normalised hidden states of the local tokens: (batch, local_seq, dim).
 
-        layout, group, ulysses_group: how the sequence is sharded (`SeqShard.ring_kwargs()`).
+        layout, group, ulysses_group, mesh_group: how the sequence is sharded (`SeqShard.ring_kwargs()`).
         step: fill (prefill) or read (decode) a sharded KV cache; see ringwise.generate."""
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        attn_kwargs = dict(layout=layout, group=group, validate=validate, ulysses_group=ulysses_group)
+        attn_kwargs = dict(layout=layout, group=group, validate=validate, ulysses_group=ulysses_group,
+                           mesh_group=mesh_group)
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.checkpoint_layers and torch.is_grad_enabled():

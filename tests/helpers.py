@@ -10,7 +10,8 @@ Every test file imports what it shares from here (never from another test file):
   huge error cannot also widen the budget that the ring is checked against.
 - `make_inputs`, `assemble`, `document_mask`, `visible_mask`, `packed`, case ids, and the
   hop schedule read off a mask (`schedule_from_mask`, `expected_hops`).
-- `count_comms` (from ringwise.testing.comms): every torch.distributed call made while active.
+- `count_comms` (from ringwise.testing.comms): every torch.distributed call made while active,
+  and the attention's own traffic (`.hops`, `.all_to_all`, `.staged`): one context counts it all.
 """
 from __future__ import annotations
 
@@ -287,20 +288,17 @@ def run_attention(case, q, k, v, dout):
     """On each rank: forward + backward of ring_attention on this rank's shard of the global
     q, k, v, dout (the case's dtype, layout, causal, cu_seqlens); local results and the ring's
     hop counts, forward and backward. Checks that the ring does not write into its inputs."""
-    from ringwise.attention.comm import HOP_COUNTS
-
     dt, layout = DTYPES[case["dtype"]], case["layout"]
     ql, kl, vl = (ringwise.shard(x.to(dt), 1, layout).requires_grad_() for x in (q, k, v))
     before = [x.detach().clone() for x in (ql, kl, vl)]
-    HOP_COUNTS.clear()
-    out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True,
-                                       cu_seqlens=case.get("cu_seqlens"))
-    fwd_hops = dict(HOP_COUNTS)
-    out.backward(ringwise.shard(dout.to(dt), 1, layout))
+    with count_comms() as fwd:
+        out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True,
+                                           cu_seqlens=case.get("cu_seqlens"))
+    with count_comms() as bwd:
+        out.backward(ringwise.shard(dout.to(dt), 1, layout))
     assert all(torch.equal(a, b) for a, b in zip(before, (ql, kl, vl))), "the ring wrote into its inputs"
-    bwd_hops = {s: n - fwd_hops.get(s, 0) for s, n in HOP_COUNTS.items()}
     return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad,
-                fwd_hops=fwd_hops, bwd_hops=bwd_hops)
+                fwd_hops=dict(fwd.hops), bwd_hops=dict(bwd.hops))
 
 
 # ---------------------------------------------------------------- many cases in one cluster job

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 import ringwise
-from ringwise.attention.comm import HOP_COUNTS
 from ringwise.attention.kernels import select_kernel
 from ringwise.attention.layout import global_indices
-from ringwise.attention.ring import ring_backward, ring_forward
+from ringwise.attention.ring import Engine, ring_backward, ring_forward
 from ringwise.cli import main
 from ringwise.bench.compute import LoopbackRing, rank_inputs
 
-from helpers import max_err, reference_attention
+from helpers import count_comms, max_err, reference_attention
 
 
 def _periodic(block, layout, world):
@@ -46,11 +45,11 @@ def test_loopback_rank_reproduces_its_rows_of_the_whole_sequence(world, layout, 
         idx = global_indices(layout, r, world, L * world)
         q_r, k_r, v_r, dout_r = rank_inputs((q.detach(), k, v, dout), layout, r, world)
         assert torch.equal(k_r, k_block) and torch.equal(v_r, v_block)
-        HOP_COUNTS.clear()
-        ring = LoopbackRing(r, world)
-        out, lse = ring_forward(q_r, k_r, v_r, causal, scale, layout, ring, kernel)
-        assert HOP_COUNTS["kv"] == world - 1  # every ring step visited, as on a real ring
-        dq, _, _ = ring_backward(dout_r, q_r, k_r, v_r, out, lse, causal, scale, layout, ring, kernel)
+        engine = Engine(causal, scale, layout, LoopbackRing(r, world), kernel)
+        with count_comms() as c:
+            out, lse = ring_forward(q_r, k_r, v_r, engine)
+        assert c.hops["kv"] == world - 1  # every ring step visited, as on a real ring
+        dq, _, _ = ring_backward(dout_r, q_r, k_r, v_r, out, lse, engine)
         assert max_err(out, ref_out[:, idx]) < 1e-12
         assert max_err(lse, ref_lse[:, :, idx]) < 1e-12
         assert max_err(dq, ref_dq[:, idx]) < 1e-12

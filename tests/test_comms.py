@@ -151,20 +151,17 @@ def two_rank_job():
 
 
 def two_rank_hops(layout):
-    """A real 2-rank ring, forward and backward: the calls by kind, and the ring's own hop counts."""
-    from ringwise.attention.comm import HOP_COUNTS
-
+    """A real 2-rank ring, forward and backward: the calls by kind, and the ring's own hop counts
+    (reported by the ring to the same context)."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 8, 2, 4, generator=g) for _ in range(3))
     ql, kl, vl = (ringwise.shard(x, 1, layout).requires_grad_() for x in (q, k, v))
-    HOP_COUNTS.clear()
     with count_comms() as fwd:
         out = ringwise.ring_attention(ql, kl, vl, causal=True, layout=layout)
-    fwd_hops = sum(HOP_COUNTS.values())
     with count_comms() as bwd:
         out.sum().backward()
-    return dict(fwd=dict(fwd.counts), bwd=dict(bwd.counts), fwd_hops=fwd_hops,
-                bwd_hops=sum(HOP_COUNTS.values()) - fwd_hops, restored=dist.P2POp is dist.distributed_c10d.P2POp)
+    return dict(fwd=dict(fwd.counts), bwd=dict(bwd.counts), fwd_hops=sum(fwd.hops.values()),
+                bwd_hops=sum(bwd.hops.values()), restored=dist.P2POp is dist.distributed_c10d.P2POp)
 
 
 def test_two_ranks(cluster):
@@ -192,3 +189,21 @@ def test_two_rank_ring_traffic(cluster, layout):
         assert r["fwd"].get("all_gather_object", 0) <= 1, r
         assert set(r["bwd"]) == {"batch_isend_irecv", "p2p_isend", "p2p_irecv"}, r
         assert r["restored"]
+
+
+def test_the_attentions_own_traffic_counts_inside_its_context_only():
+    """Hops, all-to-alls and staged bytes the attention reports reach every open context (the
+    same count_comms that counts the torch.distributed calls), and nothing outside one."""
+    from ringwise.attention.traffic import recording, report
+
+    report("hops", "kv")  # nobody records: nothing is kept anywhere
+    with count_comms() as outer:
+        report("hops", "kv")
+        with recording() as inner:
+            report("staged", "to_host", 8)
+            report("all_to_all", "qkv")
+    report("hops", "dkv")
+    assert (outer.hops, outer.staged, outer.all_to_all) == ({"kv": 1}, {"to_host": 8}, {"qkv": 1})
+    assert (inner.hops, inner.staged, inner.all_to_all) == ({}, {"to_host": 8}, {"qkv": 1})
+    with pytest.raises(ValueError, match="unknown"):
+        report("hop", "kv")

@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 import ringwise
-from ringwise.attention.comm import HOP_COUNTS
-from helpers import CEILINGS, EPS, assert_within_budget, reference_attention, visible_mask
+from helpers import CEILINGS, EPS, assert_within_budget, count_comms, reference_attention, visible_mask
 
 
 def _cases(W):
@@ -123,10 +122,10 @@ def model_step(compile_model):
     pos = ringwise.positions(ids.shape[1], "zigzag")
     run = torch.compile(model, fullgraph=True, backend="aot_eager") if compile_model else model
     torch._dynamo.reset()
-    HOP_COUNTS.clear()
-    loss, n = run(ringwise.shard(ids, 1), pos, ringwise.shard(labels, 1))
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()], dict(HOP_COUNTS)
+    with count_comms() as c:
+        loss, n = run(ringwise.shard(ids, 1), pos, ringwise.shard(labels, 1))
+        loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], dict(c.hops)
 
 
 def test_ringwise_model_compiles_whole(cluster):

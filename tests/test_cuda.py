@@ -13,13 +13,12 @@ import torch.nn.functional as F
 
 import ringwise
 from ringwise.attention import kernels
-from ringwise.attention.comm import HOP_COUNTS, STAGED_BYTES
 from ringwise.attention.kernels import (
     CudaCudnnKernel, CudaEfficientKernel, CudaFlashKernel, auto_backend, cudnn_backward_args, cudnn_forward_args,
     efficient_backward_args, efficient_forward_args, flash_backward_args, flash_forward_args, select_kernel,
 )
 from helpers import (
-    CEILINGS, DTYPES, EPS, assemble, assert_within_budget, document_mask, make_inputs, max_err, packed,
+    CEILINGS, DTYPES, EPS, assemble, assert_within_budget, count_comms, document_mask, make_inputs, max_err, packed,
     reference_attention, run_attention,
 )
 
@@ -382,15 +381,14 @@ def gpu_ring_case(case):
     dt, layout = DTYPES[case["dtype"]], case["layout"]
     q, k, v, dout = make_inputs(case)
     ql, kl, vl = (ringwise.shard(x, 1, layout).to("cuda", dt).requires_grad_() for x in (q, k, v))
-    HOP_COUNTS.clear()
-    STAGED_BYTES.clear()
-    out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True,
-                                       cu_seqlens=case.get("cu_seqlens"), backend=case.get("backend", "auto"))
-    fwd_hops = dict(HOP_COUNTS)
-    out.backward(ringwise.shard(dout, 1, layout).to("cuda", dt))
-    torch.cuda.synchronize()
+    with count_comms() as whole:
+        with count_comms() as fwd:
+            out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True,
+                                               cu_seqlens=case.get("cu_seqlens"), backend=case.get("backend", "auto"))
+        out.backward(ringwise.shard(dout, 1, layout).to("cuda", dt))
+        torch.cuda.synchronize()
     res = dict(out=out.detach().cpu(), lse=lse.cpu(), dq=ql.grad.cpu(), dk=kl.grad.cpu(), dv=vl.grad.cpu(),
-               fwd_hops=fwd_hops, hops=dict(HOP_COUNTS), staged=dict(STAGED_BYTES))
+               fwd_hops=dict(fwd.hops), hops=dict(whole.hops), staged=dict(whole.staged))
     # The same ring on CPU copies, sent directly: the hops the host-staged ring must match.
     direct = run_attention(dict(case, dtype="float32"), q, k, v, dout)
     res["direct_hops"] = (direct["fwd_hops"], dict(Counter(direct["fwd_hops"]) + Counter(direct["bwd_hops"])))

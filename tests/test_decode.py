@@ -150,7 +150,7 @@ def refusal_case(kind):
     """Rank 1 alone passes something wrong, on a group's first call (checked by one object gather
     before any data moves) and on a later one (the header of the data gather, then the worded check
     where the call's signature changed): every rank raises the same error."""
-    from ringwise.attention.decode import _AGREED
+    from ringwise.attention.decode import AGREEMENTS
 
     rank = dist.get_rank()
     q = torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(0))
@@ -169,7 +169,7 @@ def refusal_case(kind):
         bad["window"] = -1
     errors = []
     for first_good in (False, True):
-        _AGREED.pop(dist.group.WORLD.group_name, None)
+        AGREEMENTS.forget()  # the default group's next call checks in words
         if first_good:
             ringwise.decode_attention(q, k, v, **good)
         start = time.monotonic()
@@ -178,7 +178,7 @@ def refusal_case(kind):
                 ringwise.decode_attention(bad_q, bad_k, bad_v, **bad)
             except ValueError as e:
                 errors.append((str(e), dict(comms.counts), time.monotonic() - start))
-    _AGREED.pop(dist.group.WORLD.group_name, None)
+    AGREEMENTS.forget()  # the default group's next call checks in words
     return errors
 
 
@@ -205,9 +205,9 @@ def test_a_problem_on_one_rank_is_raised_on_every_rank(cluster, kind):
 def changed_call_case(_):
     """Every rank changes its call alike after the group's first call (another batch and number of new tokens):
     the group agrees on the new call and the result is exact; then one data gather a call again."""
-    from ringwise.attention.decode import _AGREED
+    from ringwise.attention.decode import AGREEMENTS
 
-    _AGREED.pop(dist.group.WORLD.group_name, None)
+    AGREEMENTS.forget()  # the default group's next call checks in words
     rank, W = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(2, 12, 3, 64, generator=g, dtype=torch.float64), torch.randn(2, 12, 3, 64, generator=g,

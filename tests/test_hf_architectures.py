@@ -12,7 +12,7 @@ import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
 from hf_models import REFERENCE_ATTN, make_config  # noqa: E402
 from hf_versions import EAGER_EXPERTS, REFUSED_HERE  # noqa: E402
-from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
+from helpers import CEILINGS, assert_within_budget, count_comms, max_err  # noqa: E402
 
 SEQ = 48  # splits evenly for every layout at W = 2 and 3
 DOCS = [0, 5, 6, 29, 48]
@@ -134,8 +134,6 @@ def test_architecture_matches_single_process(cluster, name, world, docs, layout,
 
 def forward_hops(name, window):
     """kv hops of one forward of a 2-layer Mistral: full attention, or a window of `window` tokens."""
-    from ringwise.attention.comm import HOP_COUNTS
-
     rw.use_ring(layout="contiguous")
     torch.manual_seed(0)
     cfg = make_config(name)
@@ -143,10 +141,9 @@ def forward_hops(name, window):
     model = rw.from_config(cfg)
     batch = rw.shard_batch(global_ids())
     batch.pop("labels")
-    HOP_COUNTS.clear()
-    with torch.no_grad():
+    with torch.no_grad(), count_comms() as c:
         model(**batch)
-    return HOP_COUNTS["kv"]
+    return c.hops["kv"]
 
 
 def test_window_layers_send_fewer_hops(cluster):

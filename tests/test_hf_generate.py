@@ -39,9 +39,9 @@ def sampling(case):
 
 
 def ring_generate(case):
-    from ringwise.attention.decode import _AGREED
+    from ringwise.attention.decode import AGREEMENTS
 
-    _AGREED.clear()  # counted below for a group's first decode calls (a group used before at another size
+    AGREEMENTS.forget(every=True)  # counted below for a group's first decode calls (a group used before at another size
     rw.use_ring(layout=case["layout"])  # pays one more gather and a worded check at its first call)
     model = model_for(case["name"], "ringwise")
     torch.manual_seed(5)

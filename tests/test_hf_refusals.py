@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.integrations.hf_masks import read_mask_function  # noqa: E402
 from hf_versions import REFUSED_HERE, VERSION, config_class, rope_scaling  # noqa: E402
+from helpers import count_comms  # noqa: E402
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -155,14 +156,12 @@ def forward_refused(case):
         kwargs["cu_seq_lens_q"] = torch.tensor([0, 8], dtype=torch.int32)
     elif case == "gpt2-dropout":
         model.train()
-    from ringwise.attention.comm import HOP_COUNTS
-
-    HOP_COUNTS.clear()
-    try:
-        model(**batch, **kwargs)
-    except ValueError as e:
-        assert not HOP_COUNTS, f"refused after ring traffic: {dict(HOP_COUNTS)}"
-        return str(e)
+    with count_comms() as c:
+        try:
+            model(**batch, **kwargs)
+        except ValueError as e:
+            assert not c.hops, f"refused after ring traffic: {dict(c.hops)}"
+            return str(e)
     return None
 
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import ringwise.attention.ring as ring_mod
-from ringwise.attention.comm import HOP_COUNTS, Ring
+from ringwise.attention.comm import Ring
 from ringwise.attention.kernels import AtenCpuKernel, select_kernel
 from ringwise.attention.layout import global_indices
-from ringwise.attention.ring import ring_backward, ring_forward
+from ringwise.attention.ring import Engine, ring_backward, ring_forward
 from ringwise.attention.tiles import step_tiles
 from ringwise.bench.compute import LoopbackRing, rank_inputs
 
-from helpers import max_err, reference_attention
+from helpers import count_comms, max_err, reference_attention
 
 L, WINDOW = 160, 70  # at W=1: causal squares, anti-causal squares (a flipped fused kernel) and a full tile
 
@@ -66,11 +66,12 @@ def test_a_non_finite_fused_tile_is_recomputed_on_the_reference_kernel(monkeypat
     reruns = _count_calls(monkeypatch, ring_mod._REFERENCE, direction)
     ring = Ring()
     assert ring.world_size == 1
-    out, lse = ring_forward(q, k, v, True, scale, "contiguous", ring, kernel, window=WINDOW)
+    engine = Engine(True, scale, "contiguous", ring, kernel, window=WINDOW)
+    out, lse = ring_forward(q, k, v, engine)
     if direction == "forward":
         got, want = (out, lse), (ref_out, ref_lse)
     else:
-        got = ring_backward(dout, q, k, v, out, lse, True, scale, "contiguous", ring, kernel, window=WINDOW)
+        got = ring_backward(dout, q, k, v, out, lse, engine)
         want = ref_grads
     assert len(calls) == len(tiles) and len(poisoned) == 4 and len(reruns) == len(poisoned)
     for a, b in zip(got, want):
@@ -96,8 +97,9 @@ def test_float16_tiles_whose_fused_backward_overflows_rerun_on_the_reference_ker
 
     def grads(backend):
         kernel = select_kernel(backend, q.device, q.dtype, d)
-        out, lse = ring_forward(q, k, v, causal, scale, "contiguous", ring, kernel)
-        return ring_backward(dout, q, k, v, out, lse, causal, scale, "contiguous", ring, kernel), out, lse
+        engine = Engine(causal, scale, "contiguous", ring, kernel)
+        out, lse = ring_forward(q, k, v, engine)
+        return ring_backward(dout, q, k, v, out, lse, engine), out, lse
 
     budget, _, _ = grads("reference")
     reruns = _count_calls(monkeypatch, ring_mod._REFERENCE, "backward")
@@ -140,23 +142,21 @@ def test_relayed_and_direct_routes_give_identical_gradients(monkeypatch, world, 
     ref_out, _ = reference_attention(qr, kr, vr, causal, mask=None if window is None else i - j <= window)
     _, ref_dk, ref_dv = torch.autograd.grad(ref_out, (qr, kr, vr), dout)
     kernel, scale = select_kernel("auto", q.device, q.dtype, d), d ** -0.5
-    steps, relay = ring_mod._schedule(layout, world, Ls, causal, None, window)
+    schedule = Engine.schedule
+    steps, relay = schedule(Engine(causal, scale, layout, LoopbackRing(0, world), kernel, window=window), Ls)
     assert relay and len(steps) == (2 if window == 5 else world)  # a prefix of the ring, all of it or not
-    schedule = ring_mod._schedule
     totals = {}
     for r in range(world):
         q_r, k_r, v_r, dout_r = rank_inputs((q, k, v, dout), layout, r, world)
-        ring = LoopbackRing(r, world)
-        out, lse = ring_forward(q_r, k_r, v_r, causal, scale, layout, ring, kernel, window=window)
+        engine = Engine(causal, scale, layout, LoopbackRing(r, world), kernel, window=window)
+        out, lse = ring_forward(q_r, k_r, v_r, engine)
         routes = {}
         for route, relayed in (("relayed", True), ("direct", False)):
-            with monkeypatch.context() as patch:  # the same steps, routed one way or the other
-                patch.setattr(ring_mod, "_schedule", lambda *a, relayed=relayed: (schedule(*a)[0], relayed))
-                HOP_COUNTS.clear()
-                routes[route] = ring_backward(dout_r, q_r, k_r, v_r, out, lse, causal, scale, layout, ring,
-                                              kernel, window=window)
+            with monkeypatch.context() as patch, count_comms() as c:  # the same steps, routed one way or the other
+                patch.setattr(Engine, "schedule", lambda *a, relayed=relayed: (schedule(*a)[0], relayed))
+                routes[route] = ring_backward(dout_r, q_r, k_r, v_r, out, lse, engine)
             m = len(steps) - 1
-            assert dict(HOP_COUNTS) == ({"kv": m, "dkv": m + relayed} if m else {}), route
+            assert dict(c.hops) == ({"kv": m, "dkv": m + relayed} if m else {}), route
         assert all(torch.equal(a, b) for a, b in zip(routes["relayed"], routes["direct"]))
         for name, x in zip(("dk", "dv"), routes["relayed"][1:]):
             totals[name] = totals.get(name, 0) + x

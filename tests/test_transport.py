@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ringwise.attention import comm
-from ringwise.attention.comm import HOP_COUNTS, STAGED_BYTES, resolve_transport
-from helpers import DTYPES, check_against_reference, make_inputs, packed, run_attention
+from ringwise.attention.comm import resolve_transport
+from helpers import DTYPES, check_against_reference, count_comms, make_inputs, packed, run_attention
 
 
 def ring_case(case):
@@ -22,15 +22,15 @@ def ring_case_over(transport, case):
     """ring_case with $RINGWISE_TRANSPORT set on this rank; also the bytes staged per pass."""
     saved = os.environ.get(comm.TRANSPORT_ENV)
     os.environ[comm.TRANSPORT_ENV] = transport
-    STAGED_BYTES.clear()
     try:
-        res = ring_case(case)
+        with count_comms() as c:
+            res = ring_case(case)
     finally:
         if saved is None:
             del os.environ[comm.TRANSPORT_ENV]
         else:
             os.environ[comm.TRANSPORT_ENV] = saved
-    res["staged"] = dict(STAGED_BYTES)
+    res["staged"] = dict(c.staged)
     return res
 
 

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 
 import ringwise
-from ringwise.attention.comm import HOP_COUNTS
 from ringwise.attention.layout import global_indices
-from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, _local_heads, kv_copies, mesh_groups
-from helpers import DTYPES, VARLEN, check_errors, make_inputs, make_sinks, options, schedule_from_mask, visible_mask
+from ringwise.attention.ulysses import _local_heads, kv_copies, mesh_groups
+from helpers import (DTYPES, VARLEN, check_errors, count_comms, make_inputs, make_sinks, options, reference_attention,
+                     schedule_from_mask, visible_mask)
 from helpers import expected_hops as ring_hops
 
 MESHES = [(1, 4), (2, 2), (4, 1), (2, 3), (3, 2)]
@@ -68,15 +68,13 @@ def run_case(case):
 
     ql, kl, vl = (piece(x).requires_grad_() for x in (q, k, v))
     before = [x.detach().clone() for x in (ql, kl, vl)]
-    HOP_COUNTS.clear()
-    ALL_TO_ALL_COUNTS.clear()
-    out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, group=rg,
-                                       ulysses_group=ug, return_lse=True, cu_seqlens=case.get("cu_seqlens"))
-    fwd = (dict(HOP_COUNTS), dict(ALL_TO_ALL_COUNTS))
-    out.backward(piece(dout))
+    with count_comms() as forward:
+        out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, group=rg,
+                                           ulysses_group=ug, return_lse=True, cu_seqlens=case.get("cu_seqlens"))
+    with count_comms() as backward:
+        out.backward(piece(dout))
     assert all(torch.equal(a, b) for a, b in zip(before, (ql, kl, vl))), "the op wrote into its inputs"
-    bwd = tuple({s: n - f.get(s, 0) for s, n in c.items() if n > f.get(s, 0)}
-                for c, f in zip((HOP_COUNTS, ALL_TO_ALL_COUNTS), fwd))
+    fwd, bwd = ((dict(c.hops), dict(c.all_to_all)) for c in (forward, backward))
     # without lse and without the argument check: the same out, bit for bit
     again = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, group=rg, ulysses_group=ug,
                                     validate=False, cu_seqlens=case.get("cu_seqlens"))
@@ -155,14 +153,13 @@ def bad_call(key, heads=4, seq_of_rank=None):
     ug, rg = groups(key)
     L = (seq_of_rank or {}).get(dist.get_rank(), 4)
     q = torch.randn(1, L, heads, 8)
-    HOP_COUNTS.clear()
-    ALL_TO_ALL_COUNTS.clear()
-    try:
-        ringwise.ring_attention(q, q, q, causal=True, layout="contiguous", group=rg, ulysses_group=ug)
-        error = None
-    except ValueError as e:
-        error = str(e)
-    return error, dict(HOP_COUNTS), dict(ALL_TO_ALL_COUNTS)
+    with count_comms() as c:
+        try:
+            ringwise.ring_attention(q, q, q, causal=True, layout="contiguous", group=rg, ulysses_group=ug)
+            error = None
+        except ValueError as e:
+            error = str(e)
+    return error, dict(c.hops), dict(c.all_to_all)
 
 
 @pytest.mark.parametrize("key,kwargs,expect", [
@@ -180,11 +177,41 @@ def test_bad_mesh_raises_one_clear_error_on_every_rank(cluster, key, kwargs, exp
         assert hops == {} and a2a == {}, f"rank {rank} sent traffic before the error: {hops} {a2a}"
         if expect:
             assert expect in error, error
+    # one verdict over the mesh's group (here the default group): the same error on every rank, rank 3 of
+    # "disjoint" (in neither group) included
+    assert len({e for e, _, _ in results}) == 1, [e for e, _, _ in results]
     if key == "disjoint":
-        assert "neither" in results[3][0]
-        assert all("rank 1: global rank 1 is in ulysses_group but not in group" in e for e, _, _ in results[:3])
-    elif key not in ("overlap", "uneven"):  # there ranks see different parts of a broken mesh: same kind of error
-        assert len({e for e, _, _ in results}) == 1, [e for e, _, _ in results]
+        assert "rank 1: global rank 1 is in ulysses_group but not in group" in results[0][0]
+
+
+def replica_call(named):
+    """Two data-parallel replicas of a 2 x 1 mesh on 4 ranks ({0, 1} and {2, 3}), each with its own
+    sequence length: with its mesh group named, each replica's verdict gathers over its own ranks and
+    its result is exact; unnamed, the verdict gathers over the default group and says what to pass."""
+    if "replicas" not in _GROUPS:
+        ug = dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0]
+        alone = dist.new_subgroups_by_enumeration([[r] for r in range(4)])[0]
+        _GROUPS["replicas"] = (ug, alone, dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0])
+    ug, rg, mesh = _GROUPS["replicas"]
+    replica = dist.get_rank() // 2
+    x = torch.randn(1, 8 * (replica + 1), 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(replica))
+    shard = ringwise.SeqShard("zigzag", rg, ug, mesh if named else None)
+    try:
+        with count_comms() as c:
+            out = ringwise.ring_attention(*(shard.shard(x) for _ in range(3)), causal=True, **shard.ring_kwargs())
+    except ValueError as e:
+        return str(e), dict(c.counts)
+    want = shard.shard(reference_attention(x, x, x, causal=True)[0])
+    return (out - want).abs().max().item(), dict(c.counts)
+
+
+def test_a_mesh_inside_a_larger_job_names_its_group(cluster):
+    named = cluster(4).run(replica_call, True, timeout=60)
+    assert all(err < 1e-12 for err, _ in named), named
+    assert all(counts["all_gather_object"] == 1 for _, counts in named), named
+    unnamed = cluster(4).run(replica_call, False, timeout=60)
+    assert len({e for e, _ in unnamed}) == 1 and "pass mesh_group=" in unnamed[0][0], unnamed
+    assert all(counts == {"all_gather_object": 1} for _, counts in unnamed), unnamed
 
 
 def test_bench_attention_ulysses_quick(tmp_path):
@@ -241,19 +268,17 @@ def test_window_sinks_softcap_compose_with_ulysses(cluster, layout):
 
 def run_transports(case):
     """The same mesh call with direct and with host-staged traffic: outputs, gradients, staged bytes."""
-    from ringwise.attention.comm import STAGED_BYTES
-
     ug, rg = groups(case["mesh"])
     q, k, v, dout = make_inputs(case)
     got = {}
     for transport in ("direct", "host"):
         ql, kl, vl = (ringwise.shard(x.float(), 1, case["layout"], group=rg, ulysses_group=ug).requires_grad_()
                       for x in (q, k, v))
-        STAGED_BYTES.clear()
-        o = ringwise.ring_attention(ql, kl, vl, causal=True, layout=case["layout"], group=rg, ulysses_group=ug,
-                                    transport=transport)
-        o.backward(ringwise.shard(dout.float(), 1, case["layout"], group=rg, ulysses_group=ug))
-        got[transport] = dict(out=o.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad, staged=dict(STAGED_BYTES))
+        with count_comms() as c:
+            o = ringwise.ring_attention(ql, kl, vl, causal=True, layout=case["layout"], group=rg, ulysses_group=ug,
+                                        transport=transport)
+            o.backward(ringwise.shard(dout.float(), 1, case["layout"], group=rg, ulysses_group=ug))
+        got[transport] = dict(out=o.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad, staged=dict(c.staged))
     return got
 
 

@@ -7,14 +7,13 @@ import torch
 import torch.distributed as dist
 
 import ringwise
-from ringwise.attention.comm import HOP_COUNTS
 from ringwise.attention.kernels import ReferenceKernel
 from ringwise.attention.layout import global_indices
 from ringwise.attention import tiles
 from ringwise.attention.kernels import AtenCpuKernel, Flipped
 from ringwise.attention.tiles import needed_steps, step_tiles
 from helpers import (
-    check_against_reference, expected_hops, feature_id, make_inputs, make_sinks, max_err, options,
+    check_against_reference, count_comms, expected_hops, feature_id, make_inputs, make_sinks, max_err, options,
     packed, reference_attention, schedule_from_mask, visible_mask,
 )
 from helpers import DTYPES, case_id as ring_case_id
@@ -30,13 +29,12 @@ def ring_run(case):
     ql, kl, vl = (ringwise.shard(x.to(dt), 1, layout).requires_grad_() for x in (q, k, v))
     sinks = make_sinks(case)
     sinks = None if sinks is None else sinks.float().requires_grad_()
-    HOP_COUNTS.clear()
-    out, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, return_lse=True, sinks=sinks, **options(case))
-    fwd = dict(HOP_COUNTS)
-    out.backward(ringwise.shard(dout.to(dt), 1, layout))
-    bwd = {s: n - fwd.get(s, 0) for s, n in HOP_COUNTS.items() if n - fwd.get(s, 0)}
+    with count_comms() as fwd:
+        out, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, return_lse=True, sinks=sinks, **options(case))
+    with count_comms() as bwd:
+        out.backward(ringwise.shard(dout.to(dt), 1, layout))
     return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad,
-                dsinks=None if sinks is None else sinks.grad, fwd=fwd, bwd=bwd)
+                dsinks=None if sinks is None else sinks.grad, fwd=dict(fwd.hops), bwd=dict(bwd.hops))
 
 
 def check(case, results):
@@ -219,11 +217,11 @@ def windowed_subgroup_ring():
                 seq=32, seed=12, window=2)
     q, k, v, dout = make_inputs(case)
     ql, kl, vl = (ringwise.shard(x.float(), 1, "zigzag", group).requires_grad_() for x in (q, k, v))
-    HOP_COUNTS.clear()
-    out = ringwise.ring_attention(ql, kl, vl, causal=True, window=2, layout="zigzag", group=group)
-    out.backward(ringwise.shard(dout.float(), 1, "zigzag", group))
+    with count_comms() as c:
+        out = ringwise.ring_attention(ql, kl, vl, causal=True, window=2, layout="zigzag", group=group)
+        out.backward(ringwise.shard(dout.float(), 1, "zigzag", group))
     grads = [ringwise.unshard(x.grad, 1, "zigzag", group) for x in (ql, kl, vl)]
-    return dict(out=ringwise.unshard(out.detach(), 1, "zigzag", group), grads=grads, hops=dict(HOP_COUNTS))
+    return dict(out=ringwise.unshard(out.detach(), 1, "zigzag", group), grads=grads, hops=dict(c.hops))
 
 
 def test_window_direct_sends_inside_a_subgroup(cluster):

@@ -1,10 +1,15 @@
-"""Every argument check of the attention op, as pure functions that return a problem or None.
+"""Every argument check of the attention ops, as pure functions that return a problem or None.
 
 Nothing here communicates or raises for a bad argument: api.py gathers each rank's verdict
 in one collective and raises the same error on every rank, so a problem found on one rank
 can never leave the others waiting in the ring. The checks catch only the errors they raise
 themselves (`ValueError` from the layout and kernel tables); anything else is a bug and
 propagates as it is.
+
+The option checks (`option_problem` and the per-option ones it calls) are shared by
+ring_attention (spec.py runs them once per call, on the normalised options) and
+decode_attention; `parse_bounds` is the one reader of document boundaries (cu_seqlens),
+for the op and for SeqShard.shard_batch alike.
 """
 from __future__ import annotations
 
@@ -17,22 +22,41 @@ from .kernels import BACKENDS, select_kernel
 from .layout import check_layout, check_local_len, global_indices
 
 
-def document_bounds(cu_seqlens, total: int) -> tuple[tuple[int, ...] | None, str | None]:
-    """cu_seqlens (global, flash-attn style: 0, len0, len0+len1, ..., total) as a checked tuple."""
+def _integer_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
+def parse_bounds(cu_seqlens, total: int | None = None, what: str | None = None
+                 ) -> tuple[tuple[int, ...] | None, str | None]:
+    """Document boundaries (flash-attn's cu_seqlens: 0, len0, len0+len1, ..., total) from a 1-D
+    integer tensor or a sequence of ints, as a tuple; or the problem with them. With `total`,
+    also checked to start at 0, end at `total` (`what` words that length) and strictly increase."""
+    bad = "cu_seqlens must be a 1-D integer tensor or a list of ints"
     if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
-            return None, "cu_seqlens must be a 1-D integer tensor or a list of ints"
-        cu_seqlens = cu_seqlens.tolist()
-    if not isinstance(cu_seqlens, (list, tuple)) or not all(
-            isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in cu_seqlens):
-        return None, f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}"
-    bounds = tuple(int(b) for b in cu_seqlens)
+        if cu_seqlens.dim() != 1 or not _integer_tensor(cu_seqlens):
+            return None, bad
+        items = cu_seqlens.tolist()
+    else:
+        try:
+            items = list(cu_seqlens)
+        except TypeError:
+            return None, f"{bad}, got {type(cu_seqlens).__name__}"
+    bounds = []
+    for b in items:
+        if _integer_tensor(b) and b.dim() == 0:
+            b = b.item()
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            return None, bad
+        bounds.append(int(b))
+    if total is None:
+        return tuple(bounds), None
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
-        return None, (f"cu_seqlens must start at 0 and end at the global sequence length {total} "
-                      f"(local length x ranks), got {list(bounds)[:4]}...{list(bounds)[-2:]}")
+        what = what or f"global sequence length {total} (local length x ranks)"
+        shown = str(bounds) if len(bounds) <= 6 else f"{bounds[:4]}...{bounds[-2:]}"
+        return None, f"cu_seqlens must start at 0 and end at the {what}, got {shown}"
     if any(b >= c for b, c in zip(bounds, bounds[1:])):
-        return None, "cu_seqlens must be strictly increasing (documents of length >= 1)"
-    return bounds, None
+        return None, f"cu_seqlens must be strictly increasing (documents of length >= 1), got {bounds}"
+    return tuple(bounds), None
 
 
 def bounds_from_document_ids(document_ids) -> tuple[list[int] | None, str | None]:
@@ -76,25 +100,48 @@ def tensor_problem(q, k, v) -> str | None:
     return None
 
 
-def scalar_problem(causal, scale, window, softcap, backend) -> str | None:
-    """The non-tensor options (cheap, pure Python: the front door runs them before the op)."""
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def scale_problem(scale) -> str | None:
+    if scale is not None and not _real(scale):
         return f"softmax_scale must be a real number or None (1/sqrt(head_dim)), got {scale!r}"
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
-            return (f"window must be an int >= 0 (keys at most `window` positions before the query, "
-                    f"flash-attn's window_size=(window, 0)) or None, got {window!r}")
-        if not causal:
-            return "window needs causal=True (a left sliding window: i - window <= j <= i)"
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < softcap < math.inf:
-            return f"softcap must be a finite number > 0 (scores -> softcap * tanh(scores / softcap)), got {softcap!r}"
-        if backend not in ("auto", "reference"):
-            return (f"softcap is computed by the reference kernel only, but backend={backend!r}; "
-                    "use backend='auto' or 'reference'")
+    return None
+
+
+def window_problem(window, causal=True) -> str | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+        return (f"window must be an int >= 0 (keys at most `window` positions before the query, "
+                f"flash-attn's window_size=(window, 0)) or None, got {window!r}")
+    if not causal:
+        return "window needs causal=True (a left sliding window: i - window <= j <= i)"
+    return None
+
+
+def softcap_problem(softcap, backend="auto") -> str | None:
+    if softcap is None:
+        return None
+    if not _real(softcap) or not 0 < softcap < math.inf:
+        return f"softcap must be a finite number > 0 (scores -> softcap * tanh(scores / softcap)), got {softcap!r}"
+    if backend not in ("auto", "reference"):
+        return (f"softcap is computed by the reference kernel only, but backend={backend!r}; "
+                "use backend='auto' or 'reference'")
+    return None
+
+
+def backend_problem(backend) -> str | None:
     if not isinstance(backend, str) or backend not in BACKENDS:
         return f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}"
     return None
+
+
+def option_problem(spec) -> str | None:
+    """What is wrong with the options alone (no tensors, no groups): spec is an AttentionSpec."""
+    return (scale_problem(spec.softmax_scale) or window_problem(spec.window, spec.causal)
+            or softcap_problem(spec.softcap, spec.backend) or backend_problem(spec.backend))
 
 
 def sinks_problem(q, sinks) -> str | None:
@@ -157,7 +204,7 @@ def documents(cu_seqlens, document_ids, total: int) -> tuple[tuple[int, ...] | N
             return None, problem
     if cu_seqlens is None:
         return None, None
-    return document_bounds(cu_seqlens, total)
+    return parse_bounds(cu_seqlens, total)
 
 
 def signature_mismatch(sigs: list, ranks: list[int]) -> str | None:
@@ -166,9 +213,9 @@ def signature_mismatch(sigs: list, ranks: list[int]) -> str | None:
     for r, s in zip(ranks, sigs):
         if s != first:
             diffs = [f"{n}: rank {ranks[0]} {a} vs rank {r} {b}" for (n, a), (_, b) in zip(first, s) if a != b]
-            return ("every rank must pass the same batch, local sequence length, heads, dtype, causal, layout, "
-                    "documents, window, sinks, softcap, scale, backend and transport (shard the global sequence "
-                    "with ringwise.shard); " + "; ".join(diffs))
+            return ("every rank must pass the same shapes, dtype and options (batch, local sequence length, heads, "
+                    "causal, layout, documents, window, sinks, softcap, softmax_scale, backend, transport; shard "
+                    "the global sequence with ringwise.shard); " + "; ".join(diffs))
     return None
 
 
@@ -216,5 +263,7 @@ def mesh_problem(infos: dict) -> str | None:
                 return (f"ranks {g} and {n} share a ulysses group but are ring ranks {i['r']} and {infos[n]['r']}: "
                         "a ulysses group must hold one ring shard (same ring rank)")
     if len(infos) != U * R:
-        return f"the groups do not tile the ranks: {len(infos)} ranks reached, a {U} x {R} mesh has {U * R}"
+        return (f"the groups do not tile the ranks: {len(infos)} ranks reached, a {U} x {R} mesh has {U * R}; "
+                "a mesh that is not the whole default group is checked over its own group: pass "
+                "mesh_group= (ring_attention, SeqShard), the group of exactly its ranks")
     return None

@@ -16,18 +16,17 @@ the same hops in the same order.
 from __future__ import annotations
 
 import os
-from collections import Counter
 
 import torch
 import torch.distributed as dist
 
-# Hops posted per stream ("kv", "dkv") since the last reset: the tests assert that a
-# W-rank forward makes W-1 kv hops and a backward W-1 kv hops plus W dkv hops (and
-# fewer where a window or packed documents leave ring steps unneeded).
-HOP_COUNTS: Counter = Counter()
-_STREAM_TAGS: dict[str, int] = {}
-# Bytes the host transport copied device -> host ("to_host") and host -> device ("to_device").
-STAGED_BYTES: Counter = Counter()
+from .traffic import report
+
+# Each stream's P2P tag, the same on every rank, so that a kv and a dkv hop in flight together
+# never match each other's messages. Hops and host-staged bytes are reported to traffic.py
+# (a W-rank forward makes W-1 kv hops, a backward W-1 kv hops plus W dkv hops, fewer where a
+# window or packed documents leave ring steps unneeded).
+STREAM_TAGS = {"kv": 0, "dkv": 1}
 
 TRANSPORT_ENV = "RINGWISE_TRANSPORT"
 TRANSPORTS = ("auto", "direct", "host")
@@ -77,13 +76,13 @@ def stages_through_host(transport: str, cuda_on_gloo, tensors) -> bool:
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     buf = _host_buffer(t)
     buf.copy_(t)
-    STAGED_BYTES["to_host"] += t.numel() * t.element_size()
+    report("staged", "to_host", t.numel() * t.element_size())
     return buf
 
 
 def _from_host(t: torch.Tensor, buf: torch.Tensor) -> None:
     t.copy_(buf)
-    STAGED_BYTES["to_device"] += t.numel() * t.element_size()
+    report("staged", "to_device", t.numel() * t.element_size())
 
 
 def all_to_all_bytes(send: torch.Tensor, group, transport: str) -> torch.Tensor:
@@ -160,16 +159,16 @@ class Ring:
     def exchange(self, stream: str, send: list[torch.Tensor], recv: list[torch.Tensor], offset: int = 1) -> "Hop":
         """Post send[i] -> rank+offset and recv[i] <- rank-offset, all as one batch (one hop).
 
-        Returns a handle. Each stream has its own tag, so a kv and a dkv hop in flight
-        together never match each other's messages.
+        Returns a handle. Each stream has its own tag (STREAM_TAGS), so a kv and a dkv hop in
+        flight together never match each other's messages.
         """
-        tag = _STREAM_TAGS.setdefault(stream, len(_STREAM_TAGS))
+        tag = STREAM_TAGS[stream]
         to, frm = (self.next_peer, self.prev_peer) if offset == 1 else (self.peer(offset), self.peer(-offset))
         ops = []
         for s, r in zip(send, recv, strict=True):
             ops.append((dist.isend, s, to))
             ops.append((dist.irecv, r, frm))
-        HOP_COUNTS[stream] += 1
+        report("hops", stream)
         return self.post(ops, tag)
 
 

@@ -11,10 +11,12 @@ This is the Tree-Attention / vLLM-decode-context-parallel shape of the problem (
 paper's K/V ring, which moves the whole cache every token): the bytes per call do not grow
 with the context, only with batch x query rows x heads x head_dim.
 
-Checks: the first call in a group is checked in words (each rank's problems, its signature
+Checks: the options are checked as ring_attention's are (checks.py: the same functions and
+words). The first call in a group is checked in words (each rank's problems, its signature
 and a digest of q, in one object all-gather, before any data moves), and the packed buffer's
-size is agreed. Later calls carry a header in the data gather itself: a problem code, a hash of
-the signature and a digest of q; every rank reads every header before it merges. A rank whose
+size is agreed (`AGREEMENTS`, per group). Later calls carry a header in the data gather itself:
+the rank's per-call problem (as its place in CALL_PROBLEMS, so every rank words it alike), a
+hash of the signature and a digest of q; every rank reads every header before it merges. A rank whose
 call differs from the agreed one (another query shape, an invalid argument) still sends a buffer
 of the agreed size, whose header asks every rank for the worded check: so a problem on one rank
 is raised on every rank alike, promptly, with one collective per call while the buffer's size
@@ -22,30 +24,28 @@ stays (options that change alike on every rank, such as a hybrid model's windows
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from . import checks
 from .kernels import _weighted_values, acc_dtype, default_scale
 from .merge import merge_into
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
 
-# Per-call problems a rank reports through the data collective (by code; the text is the same on every rank).
-CALL_PROBLEMS = (
-    None,
-    "k, v and key_positions must have the same number of keys on each rank (batch, keys, kv_heads, head_dim)",
-    "k and v must match q's batch, head_dim, dtype and device, with kv_heads dividing q's heads",
-    "key_positions must be a 1-D integer tensor on q's device",
-    "q differs between ranks: every rank must pass the same queries",
-    "the ranks called decode_attention with different signatures (shapes, dtype or options)",
-)
-_Q_DIFFERS, _SIG_DIFFERS = 4, 5
-_RECHECK = 6  # header code: this rank's call is not the group's agreed signature (or not valid): check in words
+# The problems a call can have on one rank alone, with an unchanged signature (the cache shard is
+# each rank's own); a header carries one as its place in CALL_PROBLEMS, 0 for none.
+KEYS_DIFFER = "k, v and key_positions must have the same number of keys on each rank (batch, keys, kv_heads, head_dim)"
+KV_MISMATCH = "k and v must match q's batch, head_dim, dtype and device, with kv_heads dividing q's heads"
+BAD_KEY_POSITIONS = "key_positions must be a 1-D integer tensor on q's device"
+Q_DIFFERS = "q differs between ranks: every rank must pass the same queries"
+SIG_DIFFERS = "the ranks called decode_attention with different signatures (shapes, dtype or options)"
+CALL_PROBLEMS = (None, KEYS_DIFFER, KV_MISMATCH, BAD_KEY_POSITIONS)
+_RECHECK = len(CALL_PROBLEMS)  # header code: this rank's call is not the group's agreed one (or not valid): check in words
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,33 @@ class _Agreement:
     device: torch.device
 
 
-_AGREED: dict = {}  # group name -> _Agreement
+class _Agreements:
+    """What each group's ranks agreed on at their last worded check: protocol state, the same on
+    every rank of a group (each records it after the same collective), so that later calls need
+    only the data gather. `forget` makes a group's next call check in words again."""
+
+    def __init__(self):
+        self._by_group: dict = {}  # group name -> _Agreement
+
+    @staticmethod
+    def _key(group) -> Optional[str]:
+        return getattr(group or dist.group.WORLD, "group_name", None)
+
+    def of(self, group) -> Optional[_Agreement]:
+        return self._by_group.get(self._key(group))
+
+    def record(self, group, agreement: _Agreement) -> None:
+        self._by_group[self._key(group)] = agreement
+
+    def forget(self, group=None, *, every: bool = False) -> None:
+        """Forget the group's agreement (None: the default group's), or every group's."""
+        if every:
+            self._by_group.clear()
+        else:
+            self._by_group.pop(self._key(group), None)
+
+
+AGREEMENTS = _Agreements()
 
 
 def _digest(x: Optional[Tensor]) -> int:
@@ -75,39 +101,37 @@ def _hash_sig(sig: tuple) -> int:
     return int.from_bytes(hashlib.sha256(repr(sig).encode()).digest()[:6], "little")
 
 
-def _call_problem(q, k, v, key_positions) -> int:
+def _call_problem(q, k, v, key_positions) -> Optional[str]:
+    """What may be wrong on this rank alone (its cache shard), as one of CALL_PROBLEMS."""
     if not (isinstance(k, Tensor) and isinstance(v, Tensor)) or k.dim() != 4 or v.shape != k.shape:
-        return 1
+        return KEYS_DIFFER
     if (k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or k.dtype != q.dtype or v.dtype != q.dtype
             or k.device != q.device or v.device != q.device or k.shape[2] < 1 or q.shape[2] % k.shape[2]):
-        return 2
+        return KV_MISMATCH
     if key_positions is not None:
         if (not isinstance(key_positions, Tensor) or key_positions.dim() != 1 or key_positions.is_floating_point()
                 or key_positions.device != q.device):
-            return 3
+            return BAD_KEY_POSITIONS
         if key_positions.shape[0] != k.shape[1]:
-            return 1
-    return 0
+            return KEYS_DIFFER
+    return None
 
 
 def _signature_problem(q, softmax_scale, query_positions, window, sinks, softcap) -> Optional[str]:
+    """What is wrong with the queries and the options (the same on every rank of a valid call):
+    the options by ring_attention's own checks."""
     if not isinstance(q, Tensor) or q.dim() != 4 or not q.is_floating_point() or min(q.shape) < 1:
         return f"q must be a floating point 4-D tensor (batch, new tokens, heads, head_dim), got {getattr(q, 'shape', q)}"
     if query_positions is not None and (not isinstance(query_positions, Tensor) or query_positions.dim() != 1
                                         or query_positions.shape[0] != q.shape[1]
                                         or query_positions.is_floating_point()):
         return f"query_positions must be a 1-D integer tensor of q's {q.shape[1]} new tokens"
-    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0):
-        return f"window must be an int >= 0 or None, got {window!r}"
+    problem = (checks.window_problem(window) or checks.softcap_problem(softcap)
+               or checks.scale_problem(softmax_scale) or checks.sinks_problem(q, sinks))
+    if problem:
+        return problem
     if window is not None and query_positions is None:
         return "window needs query_positions and key_positions (it counts positions)"
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or softcap <= 0):
-        return f"softcap must be a number > 0 or None, got {softcap!r}"
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)):
-        return f"softmax_scale must be a number or None, got {softmax_scale!r}"
-    if sinks is not None and (not isinstance(sinks, Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[2]
-                              or not sinks.is_floating_point()):
-        return f"sinks must be a 1-D floating point tensor of one logit per query head ({q.shape[2]})"
     return None
 
 
@@ -181,10 +205,10 @@ def _worded_check(group, world: int, problem: Optional[str], sig: tuple, q_diges
             raise ValueError(f"decode_attention: rank {i['rank']}: {i['problem']}")
     for i in infos[1:]:
         if i["sig"] != infos[0]["sig"]:
-            raise ValueError(f"decode_attention: rank {i['rank']}: {CALL_PROBLEMS[_SIG_DIFFERS]}: "
+            raise ValueError(f"decode_attention: rank {i['rank']}: {SIG_DIFFERS}: "
                              f"{i['sig']} vs rank {infos[0]['rank']} {infos[0]['sig']}")
         if i["q"] != infos[0]["q"]:
-            raise ValueError(f"decode_attention: rank {i['rank']}: {CALL_PROBLEMS[_Q_DIFFERS]}")
+            raise ValueError(f"decode_attention: rank {i['rank']}: {Q_DIFFERS}")
 
 
 def _packed_numel(q: Tensor) -> int:
@@ -206,9 +230,9 @@ def _raise_from_headers(headers, ranks) -> None:
             raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[c]}")
     for r, (_, s, d) in zip(ranks, headers):
         if s != headers[0][1]:
-            raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[_SIG_DIFFERS]}")
+            raise ValueError(f"decode_attention: rank {r}: {SIG_DIFFERS}")
         if d != headers[0][2]:
-            raise ValueError(f"decode_attention: rank {r}: {CALL_PROBLEMS[_Q_DIFFERS]}")
+            raise ValueError(f"decode_attention: rank {r}: {Q_DIFFERS}")
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_scale: Optional[float] = None,
@@ -224,18 +248,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_sca
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size(group) if distributed else 1
     problem = _signature_problem(q, softmax_scale, query_positions, window, sinks, softcap)
-    code = 0 if problem else _call_problem(q, k, v, key_positions)
-    if world == 1 and (problem or code):
-        raise ValueError(f"decode_attention: {problem or CALL_PROBLEMS[code]}")
+    mine = None if problem else _call_problem(q, k, v, key_positions)  # this rank's cache shard's problem
+    if world == 1 and (problem or mine):
+        raise ValueError(f"decode_attention: {problem or mine}")
     sig = () if problem else (tuple(q.shape), str(q.dtype), q.device.type, softmax_scale, window, softcap,
                               sinks is not None, key_positions is not None, query_positions is not None, return_lse)
     q_digest = 0 if problem else _digest(q)
     if world > 1:
-        name = getattr(group or dist.group.WORLD, "group_name", None)
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
-        agreed = _AGREED.get(name)
+        agreed = AGREEMENTS.of(group)
         if agreed is None:  # a group's first call: every problem worded, from every rank, before data moves
-            _worded_check(group, world, problem or (CALL_PROBLEMS[code] if code else None), sig, q_digest)
+            _worded_check(group, world, problem or mine, sig, q_digest)
         elif problem or _packed_numel(q) != agreed.numel or acc_dtype(q.dtype) != agreed.dtype:
             # this rank cannot send the buffer the group agreed on (another query shape or dtype, an invalid
             # argument): it sends one of the agreed size that says so, and every rank, reading every header,
@@ -245,24 +268,24 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_sca
             head = _header(_RECHECK, 0, 0, agreed.dtype, agreed.device)
             marker[:head.numel()] = head
             _gather(marker, world, group)
-            _worded_check(group, world, problem or (CALL_PROBLEMS[code] if code else None), sig, q_digest)
+            _worded_check(group, world, problem or mine, sig, q_digest)
     B, Tq, H, D = q.shape
     dt = acc_dtype(q.dtype)
     scale = default_scale(D) if softmax_scale is None else float(softmax_scale)
-    if code:
+    if mine:
         out = q.new_zeros(B, H, Tq, D, dtype=dt)
         lse = torch.full((B, H, Tq), float("-inf"), dtype=dt, device=q.device)
     else:
         mask = visible(key_positions, query_positions, window)
         out, lse = local_attention(q, k, v, scale, mask, softcap)
     if world > 1:
-        head = _header(code, _hash_sig(sig), q_digest, dt, q.device)
+        head = _header(CALL_PROBLEMS.index(mine), _hash_sig(sig), q_digest, dt, q.device)
         packed = torch.cat([head, out.reshape(-1), lse.reshape(-1)])
-        _AGREED[name] = _Agreement(packed.numel(), dt, q.device)
+        AGREEMENTS.record(group, _Agreement(packed.numel(), dt, q.device))
         parts = _gather(packed, world, group)
         headers = _read_headers(parts, head.numel())
         if any(c == _RECHECK for c, _, _ in headers):  # another rank's call changed: check in words, as it does
-            _worded_check(group, world, CALL_PROBLEMS[code] if code else None, sig, q_digest)
+            _worded_check(group, world, mine, sig, q_digest)
             raise AssertionError("unreachable: a rank that asks for the check has a problem or another signature")
         _raise_from_headers(headers, ranks)
         n_out = out.numel()

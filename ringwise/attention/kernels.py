@@ -185,7 +185,7 @@ class Flipped:
 
 
 _HALF = (torch.float16, torch.bfloat16)
-_DROPOUT_STATE: dict = {}
+_DROPOUT_STATE: dict = {}  # pure memoization (nobody reads the tensors): never cleared, never needs to be
 
 
 def _unused_rng_state(device, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
@@ -366,6 +366,8 @@ def _cudnn_sdpa_available() -> bool:
     return bool(torch.backends.cudnn.is_available()) and (torch.backends.cudnn.version() or 0) >= 90000
 
 
+# (device type, index, dtype, head_dim) -> backend name: pure memoization of auto_backend, whose answer
+# depends on those and the device's fixed capability alone, so it never needs clearing.
 _AUTO_CACHE: dict = {}
 
 

@@ -34,6 +34,8 @@ the fused kernel's result.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -43,6 +45,32 @@ from .tiles import needed_steps, step_tiles
 from .merge import merge_into
 
 _REFERENCE = ReferenceKernel()
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How the rings of one call run, the same forward and backward: the mask (causal, the
+    global document bounds `docs`, the left `window`), the scale, the layout, the ring and the
+    fused tile kernel (api.py builds it from the checked call; benchmarks build it directly)."""
+
+    causal: bool
+    scale: float
+    layout: str
+    ring: Ring
+    kernel: object
+    docs: Optional[tuple] = None
+    window: Optional[int] = None
+    softcap: Optional[float] = None
+
+    def schedule(self, local_len: int):
+        """(needed steps, relay?): relay when the steps are a prefix 0..m of the ring."""
+        steps = needed_steps(self.layout, self.ring.world_size, local_len, self.causal, self.docs, self.window)
+        return steps, steps == tuple(range(len(steps)))
+
+    def tiles(self, q_rank: int, kv_rank: int, local_len: int):
+        """The tiles of q_rank's queries against kv_rank's block."""
+        return step_tiles(self.layout, q_rank, kv_rank, self.ring.world_size, local_len, self.causal, self.docs,
+                          self.window)
 
 
 def _rows(t):
@@ -95,12 +123,6 @@ def _run_tile(direction, kernel, t, finite: bool, softcap, scale, *tensors):
     return res
 
 
-def _schedule(layout, W, L, causal, docs, window):
-    """(needed steps, relay?): relay when the steps are a prefix 0..m of the ring."""
-    steps = needed_steps(layout, W, L, causal, docs, window)
-    return steps, steps == tuple(range(len(steps)))
-
-
 def _post_kv(ring, steps, n, relay, held, own, inbox):
     """Post the hop that brings the block of step steps[n+1] (None after the last step)."""
     if n + 1 >= len(steps):
@@ -110,14 +132,14 @@ def _post_kv(ring, steps, n, relay, held, own, inbox):
     return ring.exchange("kv", own, inbox[n % 2], offset=steps[n + 1])
 
 
-def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None, window=None, sinks=None,
-                 softcap=None):
+def ring_forward(q, k, v, engine: Engine, sinks=None):
     """q, k, v: (batch, seq, heads, dim). Returns out (input dtype, same layout) and lse (batch, heads, seq).
 
     Buffers are the paper's: the query block, the visiting K/V block and its receive
     buffers, and the float32 output accumulator. Kernels read strided views, no copies.
     sinks: (heads,) logits merged in last; the returned lse includes them.
     """
+    ring, scale = engine.ring, engine.scale
     W, rank, L = ring.world_size, ring.rank, q.shape[1]
     dt = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=dt, device=q.device)
@@ -125,17 +147,17 @@ def ring_forward(q, k, v, causal, scale, layout, ring: Ring, kernel, docs=None, 
     qh, out_h = _heads_first(q), _heads_first(out)
     own = (k.contiguous(), v.contiguous())  # the first visitor is our own block: no copy
     kv = own
-    steps, relay = _schedule(layout, W, L, causal, docs, window)
+    steps, relay = engine.schedule(L)
     inbox = _receive_buffers(own, len(steps))
     q_finite = math.isfinite(scale) and _finite(q)
     for n, s in enumerate(steps):
         hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
-        tiles = step_tiles(layout, rank, (rank - s) % W, W, L, causal, docs, window)
+        tiles = engine.tiles(rank, (rank - s) % W, L)
         finite = q_finite and bool(tiles) and _finite(*kv)
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            o_b, lse_b = _run_tile("forward", kernel, t, finite, softcap, scale,
+            o_b, lse_b = _run_tile("forward", engine.kernel, t, finite, engine.softcap, scale,
                                    qh[:, :, rows], kh[:, :, cols], vh[:, :, cols])
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
         if hop is not None:
@@ -209,33 +231,33 @@ class DirectGrads(_GradRoute):
         return self._home
 
 
-def ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring: Ring, kernel, docs=None, window=None,
-                  softcap=None):
+def ring_backward(dout, q, k, v, out, lse, engine: Engine):
     """Gradients of q, k, v (input dtype, (batch, seq, heads, dim)) from the final out and lse.
 
     The same ring as ring_forward, with dK/dV shares routed home by RelayedGrads or
     DirectGrads (as the schedule relays K/V or sends each block direct); dQ never moves.
     """
+    ring, scale = engine.ring, engine.scale
     W, rank, L = ring.world_size, ring.rank, q.shape[1]
     dt = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     qh, dq_h, out_h, dout_h = _heads_first(q), _heads_first(dq), _heads_first(out), _heads_first(dout)
     own = (k.contiguous(), v.contiguous())
     kv = own
-    steps, relay = _schedule(layout, W, L, causal, docs, window)
+    steps, relay = engine.schedule(L)
     inbox = _receive_buffers(own, len(steps))
     q_finite = math.isfinite(scale) and _finite(q, dout, out)
     route = (RelayedGrads if relay else DirectGrads)(ring, len(steps))
     for n, s in enumerate(steps):
         kv_hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
-        tiles = step_tiles(layout, rank, (rank - s) % W, W, L, causal, docs, window)
+        tiles = engine.tiles(rank, (rank - s) % W, L)
         finite = q_finite and bool(tiles) and _finite(*kv)
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         dkv = torch.zeros((2,) + tuple(k.shape), dtype=dt, device=q.device)
         dk_h, dv_h = _heads_first(dkv[0]), _heads_first(dkv[1])
         for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            dq_t, dk_t, dv_t = _run_tile("backward", kernel, t, finite, softcap, scale,
+            dq_t, dk_t, dv_t = _run_tile("backward", engine.kernel, t, finite, engine.softcap, scale,
                                          dout_h[:, :, rows], qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
                                          out_h[:, :, rows], lse[:, :, rows].contiguous())
             dq_h[:, :, rows] += dq_t

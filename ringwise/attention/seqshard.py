@@ -6,9 +6,11 @@ global sequence before sharding them. Writing that per call site lets one of the
 (another group, another layout, labels shifted after sharding, which crosses shard
 boundaries wrongly). A `SeqShard` holds the three once; its methods are the layout.py
 functions with those arguments filled in, and `ring_kwargs()` gives the same to
-`ring_attention` (or to `ringwise.model.Transformer`).
+`ring_attention` (or to `ringwise.model.Transformer`). On a (ulysses x ring) mesh that is
+not the whole default group (data-parallel replicas of it), `mesh_group` names the group of
+exactly its ranks, where ring_attention's verdict gathers.
 
-Torch and layout.py only: nothing above `ringwise.attention` is imported here.
+Torch, layout.py and checks.py only: nothing above `ringwise.attention` is imported here.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import layout as _layout
+from .checks import parse_bounds
 
 IGNORE_INDEX = -100  # labels the loss skips (cross_entropy's default); ringwise.model re-exports it
 
@@ -25,7 +28,8 @@ IGNORE_INDEX = -100  # labels the loss skips (cross_entropy's default); ringwise
 @dataclass(frozen=True)
 class SeqShard:
     """The sharding of a sequence over a ring `group` (None: the default group), each ring
-    shard cut into contiguous pieces over `ulysses_group` (None: no Ulysses).
+    shard cut into contiguous pieces over `ulysses_group` (None: no Ulysses); `mesh_group`:
+    the group of exactly the (ulysses x ring) mesh's ranks (None: the default group).
 
     Sizes and ranks are read from the groups when asked, so a SeqShard may be made before
     the process group is initialised; without one it is a single piece (world 1).
@@ -34,6 +38,7 @@ class SeqShard:
     layout: str = "zigzag"
     group: object = None
     ulysses_group: object = None
+    mesh_group: object = None
 
     def __post_init__(self):
         _layout.check_layout(self.layout)
@@ -113,7 +118,7 @@ class SeqShard:
             raise ValueError(f"shard_batch: labels shape {tuple(labels.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
         b, s = input_ids.shape
-        bounds = None if cu_seqlens is None else _bounds(cu_seqlens, s)
+        bounds = None if cu_seqlens is None else self._bounds(cu_seqlens, s)
         shifted = torch.full_like(labels, IGNORE_INDEX)
         shifted[:, :-1] = labels[:, 1:]
         if bounds is not None:
@@ -131,18 +136,18 @@ class SeqShard:
             out["cu_seqlens"] = bounds
         return out
 
+    @staticmethod
+    def _bounds(cu_seqlens, seq: int) -> list[int]:
+        """cu_seqlens as a list of ints, checked before anything is shifted or sent."""
+        bounds, problem = parse_bounds(cu_seqlens, seq, what=f"sequence length {seq} (0, len0, len0+len1, ..., {seq})")
+        if problem:
+            raise ValueError(f"shard_batch: {problem}")
+        return list(bounds)
+
     def ring_kwargs(self) -> dict:
-        """layout=, group=, ulysses_group= for ring_attention (and Transformer.hidden/forward)."""
-        return dict(layout=self.layout, group=self.group, ulysses_group=self.ulysses_group)
-
-
-def _bounds(cu_seqlens, seq: int) -> list[int]:
-    """cu_seqlens as a list of ints, checked before anything is shifted or sent."""
-    values = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
-    bounds = [int(x) for x in values]
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq:
-        raise ValueError(f"shard_batch: cu_seqlens must start at 0 and end at the sequence length {seq} "
-                         f"(0, len0, len0+len1, ..., {seq}), got {bounds}")
-    if any(b <= a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"shard_batch: cu_seqlens must be strictly increasing (documents of length >= 1), got {bounds}")
-    return bounds
+        """layout=, group=, ulysses_group= (and mesh_group= where one is set) for ring_attention
+        (and Transformer.hidden/forward)."""
+        kw = dict(layout=self.layout, group=self.group, ulysses_group=self.ulysses_group)
+        if self.mesh_group is not None:
+            kw["mesh_group"] = self.mesh_group
+        return kw

@@ -12,6 +12,11 @@ returns out and lse to the sequence sharding. Backward mirrors it: dO goes to th
 chunks, the ring backward runs there, and one all-to-all brings dQ, dK, dV back. The
 checks and the autograd op around both live in api.py; this module is the engine.
 
+A validated call's verdict is one all-gather over the group that holds exactly the mesh's
+ranks: `mesh_group` as the caller names it (ring_attention's mesh_group=, SeqShard's
+mesh_group), by default the default group, which is the mesh `mesh_groups` builds. A mesh
+inside a larger job (data-parallel replicas of it) names its own group.
+
 GQA: k/v heads travel unexpanded when kv_heads % U == 0; otherwise each kv head is sent
 U/gcd(kv_heads, U) times, the least that gives every rank whole query groups, and the
 copies' gradients are summed (float32) on the way back.
@@ -21,22 +26,21 @@ mesh.get_group("ulysses"), mesh.get_group("ring")); x_local = ringwise.shard(x, 
 group=rg, ulysses_group=ug); ringwise.positions(S, layout, group=rg, ulysses_group=ug) for
 RoPE; ring_attention(q, k, v, ..., group=rg, ulysses_group=ug). A ring of size 1 is pure
 Ulysses (group=None is the default group, not "no ring").
+
+Each all-to-all is reported to traffic.py: a forward makes one "qkv" and one "out", a
+backward one "dout" and one "dqkv" (none when U = 1).
 """
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import torch
 import torch.distributed as dist
 
 from .checks import valid_degrees  # noqa: F401  (public here since the first release)
 from .comm import all_to_all_bytes
-from .ring import ring_backward, ring_forward, sink_grad
-
-# All-to-alls per stream since the last reset: a forward makes one "qkv" and one "out",
-# a backward one "dout" and one "dqkv" (none when U = 1). The tests assert these.
-ALL_TO_ALL_COUNTS: Counter = Counter()
+from .ring import Engine, ring_backward, ring_forward, sink_grad
+from .traffic import report
 
 # Keyword arguments of ring_attention that hold one value per query head: sliced to the
 # rank's heads after the head scatter.
@@ -50,7 +54,8 @@ def mesh_groups(ulysses: int, ring: int | None = None, timeout=None):
     give it the job's timeout so that a stalled rank ends the job instead of hanging it.
 
     Global rank g sits at ring rank g // U, ulysses rank g % U: consecutive ranks (one
-    node) form a ulysses group. Every rank must call this (it creates process groups).
+    node) form a ulysses group. Every rank must call this (it creates process groups). The
+    mesh is the whole default group, where ring_attention's verdict gathers by default.
     """
     world = dist.get_world_size()
     ring = world // ulysses if ring is None else ring
@@ -60,33 +65,7 @@ def mesh_groups(ulysses: int, ring: int | None = None, timeout=None):
                                               timeout=timeout)
     rg, _ = dist.new_subgroups_by_enumeration([[r * ulysses + u for r in range(ring)] for u in range(ulysses)],
                                               timeout=timeout)
-    register_mesh(ug, rg, None)  # the mesh is the whole default group: its verdict gather runs there
     return ug, rg
-
-
-# (ulysses group name, ring group name) -> a group holding exactly the mesh's ranks (None: the
-# default group). The front door's verdict for a registered mesh is ONE all-gather over it;
-# an unregistered pair of groups is checked with one gather per group.
-MESH_GROUPS: dict = {}
-
-
-def _name(group) -> str | None:
-    """The group's name (None for a rank outside it: torch's NON_GROUP_MEMBER)."""
-    return getattr(dist.group.WORLD if group is None else group, "group_name", None)
-
-
-def register_mesh(ulysses_group, group, mesh_group) -> None:
-    """Declare that mesh_group (None: the default group) holds exactly the ranks of the
-    (ulysses_group x group) mesh. Call it on every rank of the mesh, with the same groups."""
-    MESH_GROUPS[(_name(ulysses_group), _name(group))] = (dist.group.WORLD, mesh_group)
-
-
-def mesh_group(ulysses_group, group):
-    """(True, the registered group covering this mesh) or (False, None) when none was registered
-    (in this process group's life: names restart after destroy_process_group)."""
-    key = (_name(ulysses_group), _name(group))
-    world, registered = MESH_GROUPS.get(key, (None, None)) if None not in key else (None, None)
-    return (True, registered) if world is not None and world is dist.group.WORLD else (False, None)
 
 
 def kv_copies(heads: int, kv_heads: int, ulysses_size: int) -> int:
@@ -95,18 +74,24 @@ def kv_copies(heads: int, kv_heads: int, ulysses_size: int) -> int:
 
 
 class Mesh:
-    """This rank's place in the (ulysses x ring) mesh: u, r are -1 where it is not a member."""
+    """This rank's place in the (ulysses x ring) mesh: u, r are -1 where it is not a member.
+    mesh_group (None: the default group) holds exactly the mesh's ranks: the verdict's gather."""
 
-    def __init__(self, ulysses_group, group, transport: str = "auto"):
+    def __init__(self, ulysses_group, group, transport: str = "auto", mesh_group=None):
         self.transport = transport  # "host": all-to-alls staged through host memory, as the ring's hops
-        self.group, self.ulysses_group = group, ulysses_group
+        self.group, self.ulysses_group, self.mesh_group = group, ulysses_group, mesh_group
         self.rank = dist.get_rank()
         self.u = dist.get_rank(ulysses_group)
         self.r = dist.get_rank(group)
         self.size = dist.get_world_size(ulysses_group) if self.u >= 0 else 0
         self.ring_size = dist.get_world_size(group) if self.r >= 0 else 0
+        self.in_mesh_group = mesh_group is None or dist.get_rank(mesh_group) >= 0
 
     def membership_problem(self) -> str | None:
+        if self.u < 0 and self.r < 0:
+            return (f"global rank {self.rank} is in neither ulysses_group nor group; every rank of the mesh "
+                    "must be in one ulysses group and one ring group (build them with "
+                    "ringwise.attention.ulysses.mesh_groups or a DeviceMesh)")
         if self.u < 0:
             return (f"global rank {self.rank} is in group but not in ulysses_group; pass the ulysses group "
                     "that contains this rank")
@@ -133,7 +118,7 @@ def _exchange(sends: list[torch.Tensor], group, stream: str, transport: str = "a
     U = sends[0].shape[0]
     rows = [x.contiguous().view(U, -1).view(torch.uint8) for x in sends]
     recv = all_to_all_bytes(torch.cat(rows, dim=1), group, transport)
-    ALL_TO_ALL_COUNTS[stream] += 1
+    report("all_to_all", stream)
     out, at = [], 0
     for x, row in zip(sends, rows):
         n = row.shape[1]
@@ -182,28 +167,27 @@ def head_chunk_shapes(q_shape, kv_heads: int, ulysses_size: int) -> tuple:
     return qh, kh, kh, qh, (B, H // U, U * L)
 
 
-def ulysses_forward(q, k, v, sinks, mesh: Mesh, engine: dict):
+def ulysses_forward(q, k, v, sinks, mesh: Mesh, engine: Engine):
     """(out, lse, saved): the ring engine on this rank's head chunk between two all-to-alls.
 
-    engine: ring_forward's keyword arguments (causal, scale, layout, ring, kernel, docs, window,
-    softcap). saved: the head-chunk tensors ulysses_backward needs (no all-to-all repeated)."""
+    saved: the head-chunk tensors ulysses_backward needs (no all-to-all repeated)."""
     heads = q.shape[2]
     copies = kv_copies(heads, k.shape[2], mesh.size)
     if copies > 1:
         k, v = k.repeat_interleave(copies, 2), v.repeat_interleave(copies, 2)
     qh, kh, vh = seq_to_heads([q, k, v], mesh, "qkv")
     local_sinks = None if sinks is None else sinks[head_chunk(heads, mesh)]
-    out_h, lse_h = ring_forward(qh, kh, vh, sinks=local_sinks, **engine)
+    out_h, lse_h = ring_forward(qh, kh, vh, engine, sinks=local_sinks)
     out, lse = heads_to_seq([out_h, lse_h.transpose(1, 2).unsqueeze(-1)], mesh, "out")
     return out, lse.squeeze(-1).transpose(1, 2).contiguous(), [qh, kh, vh, out_h, lse_h]
 
 
-def ulysses_backward(dout, saved, sinks, kv_heads: int, mesh: Mesh, engine: dict):
+def ulysses_backward(dout, saved, sinks, kv_heads: int, mesh: Mesh, engine: Engine):
     """(dq, dk, dv, dsinks or None) from ulysses_forward's saved head chunk; dsinks is zero outside
     this rank's heads (summing parameter gradients over the mesh completes it)."""
     qh, kh, vh, out_h, lse_h = saved
     (dout_h,) = seq_to_heads([dout], mesh, "dout")
-    dqkv = ring_backward(dout_h, qh, kh, vh, out_h, lse_h, **engine)
+    dqkv = ring_backward(dout_h, qh, kh, vh, out_h, lse_h, engine)
     dq, dk, dv = heads_to_seq(list(dqkv), mesh, "dqkv")
     copies = kv_copies(dq.shape[2], kv_heads, mesh.size)
     if copies > 1:  # sum each kv head's copies in float32

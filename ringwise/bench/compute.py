@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ringwise.attention.kernels import default_scale, select_kernel
 from ringwise.attention.layout import check_layout, global_indices, split_unit
-from ringwise.attention.ring import ring_backward, ring_forward
+from ringwise.attention.ring import Engine, ring_backward, ring_forward
 
 from . import draw, public_args, write_results
 from .common import DTYPES, LoopbackRing
@@ -38,11 +38,11 @@ def rank_inputs(whole, layout: str, rank: int, world: int):
 
 def rank_step(q, k, v, dout, rank: int, world: int, layout: str, causal: bool, kernel):
     """Forward and backward of rank's ring steps, every hop a loopback copy: a () -> None."""
-    ring, scale = LoopbackRing(rank, world), default_scale(q.shape[-1])
+    engine = Engine(causal, default_scale(q.shape[-1]), layout, LoopbackRing(rank, world), kernel)
 
     def step():
-        out, lse = ring_forward(q, k, v, causal, scale, layout, ring, kernel)
-        ring_backward(dout, q, k, v, out, lse, causal, scale, layout, ring, kernel)
+        out, lse = ring_forward(q, k, v, engine)
+        ring_backward(dout, q, k, v, out, lse, engine)
 
     return step
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ringwise.attention.comm import Ring
 from ringwise.attention.kernels import default_scale, select_kernel
 from ringwise.testing.cluster import LocalCluster
-from ringwise.attention.ring import ring_backward, ring_forward
+from ringwise.attention.ring import Engine, ring_backward, ring_forward
 
 from . import draw, write_results
 from .common import LoopbackRing
@@ -37,8 +37,9 @@ def measure(block, heads, head_dim, repeats):
     silent = LoopbackRing(real.rank, real.world_size)  # the compute of each step, no transfer
 
     def fwd_bwd(ring):
-        out, lse = ring_forward(q, k, v, False, scale, "contiguous", ring, kernel)
-        ring_backward(dout, q, k, v, out, lse, False, scale, "contiguous", ring, kernel)
+        engine = Engine(False, scale, "contiguous", ring, kernel)
+        out, lse = ring_forward(q, k, v, engine)
+        ring_backward(dout, q, k, v, out, lse, engine)
 
     def comm_only():
         W = real.world_size

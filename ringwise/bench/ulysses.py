@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 import ringwise
-from ringwise.attention.ulysses import ALL_TO_ALL_COUNTS, mesh_groups
+from ringwise.attention.traffic import recording
+from ringwise.attention.ulysses import mesh_groups
 from ringwise.testing.cluster import LocalCluster
 
 from . import draw, write_results
@@ -41,10 +42,16 @@ def time_mesh(U, R, batch, seq, heads, kv_heads, head_dim, causal, repeats, layo
                      for s in shapes)
 
     def attention(q, k, v):
-        ALL_TO_ALL_COUNTS.clear()  # so the count left is one iteration's
         return ringwise.ring_attention(q, k, v, causal=causal, layout=layout, group=rg, ulysses_group=ug)
 
-    return median_time(fwd_bwd_step(attention, (q, k, v, dout)), repeats), sum(ALL_TO_ALL_COUNTS.values())
+    fwd_bwd, last = fwd_bwd_step(attention, (q, k, v, dout)), []
+
+    def step():  # each iteration counted on its own: the count left is one iteration's
+        with recording() as traffic:
+            fwd_bwd()
+        last[:] = [traffic]
+
+    return median_time(step, repeats), sum(last[0].all_to_all.values())
 
 
 def _parse_meshes(text):

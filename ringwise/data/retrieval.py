@@ -272,14 +272,14 @@ def retrieval_eval_grid(
 
 @torch.no_grad()
 def retrieval_accuracy(model, lengths: Sequence[int], depths: Sequence[float], per_cell: int, *, layout: str,
-                       group=None, ulysses_group=None, device=None, **task) -> list[list[float]]:
+                       group=None, ulysses_group=None, mesh_group=None, device=None, **task) -> list[list[float]]:
     """Accuracy[depth][length] of a sequence-parallel model on the evaluation grid.
 
     An answer counts only if every one of its tokens is the greedy prediction. Each rank
     holds one shard of every sequence (ring `group`, times `ulysses_group` if given); hits
     are summed over those groups on `device` tensors, so this runs under gloo and NCCL alike."""
     grid = retrieval_eval_grid(lengths, depths, per_cell, **task)
-    seqshard = SeqShard(layout, group, ulysses_group)
+    seqshard = SeqShard(layout, group, ulysses_group, mesh_group)
     was_training = model.training
     model.eval()
     acc = {}

@@ -15,6 +15,11 @@ Kinds are named as the torch functions ("all_gather_object", "all_to_all_single"
 are seen; a wrapped function that calls another through the module counts once (the
 outermost call). Everything is restored on exit, also on an exception. Contexts nest: each
 active context counts every call. Counting is per process (each rank counts its own calls).
+
+The same context records what the attention reports of its own traffic
+(ringwise.attention.traffic): `.hops` (ring hops per stream, "kv"/"dkv"), `.all_to_all`
+(Ulysses exchanges per stream) and `.staged` (bytes the host transport copied), so one
+context counts all communication, and nothing is left to reset between uses.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
+
+from ringwise.attention.traffic import Traffic, recording
 
 # Every public collective / P2P function of torch.distributed (those a given torch lacks are
 # skipped), plus the deprecated private all-gather / reduce-scatter spellings.
@@ -40,8 +47,24 @@ KINDS = (
 
 @dataclass(eq=False)
 class CommCounts:
-    """What one `count_comms()` context saw: kind -> number of calls."""
+    """What one `count_comms()` context saw: kind -> number of calls, and the attention's traffic."""
     counts: Counter = field(default_factory=Counter)
+    traffic: Traffic = field(default_factory=Traffic)
+
+    @property
+    def hops(self) -> Counter:
+        """Ring hops per stream ("kv", "dkv")."""
+        return self.traffic.hops
+
+    @property
+    def all_to_all(self) -> Counter:
+        """Ulysses all-to-alls per stream ("qkv", "out", "dout", "dqkv")."""
+        return self.traffic.all_to_all
+
+    @property
+    def staged(self) -> Counter:
+        """Bytes the host transport staged, per direction ("to_host", "to_device")."""
+        return self.traffic.staged
 
     @property
     def total(self) -> int:
@@ -126,17 +149,19 @@ def _uninstall():
 
 @contextlib.contextmanager
 def count_comms():
-    """Count the torch.distributed collective and P2P calls made while active; yields a
-    CommCounts whose `.counts` (a Counter) fills in as calls are made."""
-    c = CommCounts()
-    with _lock:
-        if not _active:
-            _install()
-        _active.append(c)
-    try:
-        yield c
-    finally:
+    """Count the torch.distributed collective and P2P calls made while active, and the
+    attention's own traffic; yields a CommCounts whose `.counts` (a Counter), `.hops`,
+    `.all_to_all` and `.staged` fill in as calls are made."""
+    with recording() as traffic:
+        c = CommCounts(traffic=traffic)
         with _lock:
-            _active.remove(c)
             if not _active:
-                _uninstall()
+                _install()
+            _active.append(c)
+        try:
+            yield c
+        finally:
+            with _lock:
+                _active.remove(c)
+                if not _active:
+                    _uninstall()

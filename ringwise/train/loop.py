@@ -59,7 +59,7 @@ class Run:
     @property
     def seqshard(self) -> SeqShard:
         """How this rank's replica cuts each sequence: cfg.layout over the cp (ring) and ulysses groups."""
-        return SeqShard(self.cfg.layout, self.mesh.cp_group, self.mesh.ulysses_group)
+        return SeqShard(self.cfg.layout, self.mesh.cp_group, self.mesh.ulysses_group, self.mesh.seq_group)
 
 
 def make_dataset(cfg: TrainConfig):

@@ -25,8 +25,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ..attention.ulysses import register_mesh
-
 
 def free_port() -> int:
     """A free TCP port of 127.0.0.1 (for a client-side choice; ringwise's own stores bind theirs, see loopback)."""
@@ -198,6 +196,9 @@ class Mesh:
     device_mesh: DeviceMesh  # dims ("dp", "cp") or ("dp", "cp", "ulysses")
     shard_mesh: DeviceMesh  # all ranks as one dimension ("dp_cp"): what FSDP2 shards parameters over
     device: torch.device
+    # with --ulysses: the ranks that share one sequence (cp x ulysses), where attention's verdict is one
+    # gather (SeqShard's mesh_group); None without Ulysses
+    seq_group: object = None
 
     @property
     def rank(self) -> int:
@@ -249,8 +250,7 @@ def make_mesh(dp: int, device: torch.device, timeout: float, ulysses: int = 1) -
         flat = dm._flatten("dp_cp", backend_override=opts)
         # the ranks that share one sequence: attention's verdict is one gather over them
         seq = dm["cp", "ulysses"]._flatten("cp_ulysses", backend_override=opts)
-        register_mesh(dm.get_group("ulysses"), dm.get_group("cp"), seq.get_group())
-        return Mesh(dm, flat, device)
+        return Mesh(dm, flat, device, seq.get_group())
     dm = init_device_mesh(device.type, (dp, world // dp), mesh_dim_names=("dp", "cp"),
                           backend_override={"dp": opts, "cp": opts})
     flat = dm._flatten("dp_cp", backend_override=opts)  # torchtitan's idiom for sharding over several dims

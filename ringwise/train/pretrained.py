@@ -156,7 +156,7 @@ def build_pretrained(cfg, mesh) -> PretrainedLM:
         hf = AutoModelForCausalLM.from_config(config, attn_implementation=rw.NAME, **dtype_kwarg(torch.float32))
     hf.tie_weights()  # from_config leaves a tied output matrix untied until weights load: tie it before sharding
     rw.check_model(hf)
-    rw.configure(hf, SeqShard(cfg.layout, mesh.cp_group, mesh.ulysses_group))
+    rw.configure(hf, SeqShard(cfg.layout, mesh.cp_group, mesh.ulysses_group, mesh.seq_group))
     if cfg.checkpoint_layers:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PretrainedLM(hf)

@@ -1,0 +1,211 @@
+"""`AttentionSpec`: every option of one ring_attention call, normalised and checked once.
+
+The custom operator (api.py) is derived from this class: its schema is q, k, v followed by
+the spec's fields in order, each field's annotation giving its schema type (`schema_args`);
+the op, its fake rule and its backward rebuild the spec from their arguments (`take`), and
+the backward receives the same fields again (`op_args`), its tensors kept by autograd
+(`TENSORS`). The arguments are named as ring_attention's keywords.
+
+`from_options` turns what a caller passed into the schema's types, field by field (each
+field's `normalise`), then runs the checks of the options alone (checks.option_problem).
+A value the schema cannot carry becomes a problem and the field's default, so the call still
+enters the op and its verdict words the problem on every rank alike; only a group that is not
+a process group is raised at once, on this rank (there is no group to tell). The checks that
+need the tensors, the groups or the world size run inside the op (api._check).
+
+A new option: one field here (annotation, default, normaliser) and its check in checks.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checks
+
+Tensor = torch.Tensor
+
+_NOT_A_MEMBER = ""  # the name a rank outside a group passes for it (torch's NON_GROUP_MEMBER)
+
+
+# -- normalisers: what a caller passed -> (the schema's value, problem or None) ------------------
+
+def _flag(name):
+    def normalise(x):
+        try:
+            return bool(x), None
+        except (TypeError, ValueError, RuntimeError):
+            return None, f"{name} must be True or False, got {x!r}"
+    return normalise
+
+
+def _real(name, problem):
+    def normalise(x):
+        if isinstance(x, Tensor) and x.numel() == 1 and not x.dtype.is_complex:
+            x = x.item()  # a 1-element real tensor is read once
+        if x is None or (isinstance(x, numbers.Real) and not isinstance(x, bool)):
+            return (None if x is None else float(x)), None
+        return None, problem(x)
+    return normalise
+
+
+def _integer(problem):
+    def normalise(x):
+        if x is None or (isinstance(x, numbers.Integral) and not isinstance(x, bool)):
+            return (None if x is None else int(x)), None
+        return None, problem(x)
+    return normalise
+
+
+def _name(what, optional=False):
+    def normalise(x):
+        if isinstance(x, str) or (optional and x is None):
+            return x, None
+        return None, f"{what} must be a name (str){' or None' if optional else ''}, got {x!r}"
+    return normalise
+
+
+def _bounds(x):
+    if x is None:
+        return None, None
+    bounds, problem = checks.parse_bounds(x)
+    return (None if problem else list(bounds)), problem
+
+
+def _document_ids(x):
+    if x is None or isinstance(x, Tensor):
+        return x, None
+    try:  # a list or array of ids
+        return torch.as_tensor(x), None
+    except (TypeError, ValueError, RuntimeError):
+        return None, f"document_ids must be a 1-D integer tensor over the global sequence, got {type(x).__name__}"
+
+
+def _sinks(x):
+    if x is None or isinstance(x, Tensor):
+        return x, None
+    return None, f"sinks must be a 1-D tensor of one logit per query head, got {type(x).__name__}"
+
+
+def _group(what):
+    def normalise(group):
+        """Process groups cross into the op by name (a rank outside the group passes _NOT_A_MEMBER
+        and the op's checks word it). Not a group at all: raised here, on this rank alone."""
+        if group is None:
+            return None, None
+        if dist.is_available() and dist.is_initialized() and group is dist.GroupMember.NON_GROUP_MEMBER:
+            return _NOT_A_MEMBER, None
+        name = getattr(group, "group_name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"ring_attention: {what} must be a torch.distributed ProcessGroup or None, "
+                             f"got {type(group).__name__}")
+        return name, None
+    return normalise
+
+
+def process_group(name: Optional[str]):
+    """The process group an op argument names (None: the default group)."""
+    if name is None:
+        return None
+    if name == _NOT_A_MEMBER:
+        return dist.GroupMember.NON_GROUP_MEMBER
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def _option(default, normalise):
+    return field(default=default, metadata=dict(normalise=normalise))
+
+
+# -- the spec ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class AttentionSpec:
+    """The options of one call, in the op's schema types (process groups by name)."""
+
+    causal: bool = _option(False, _flag("causal"))
+    softmax_scale: Optional[float] = _option(None, _real("softmax_scale", checks.scale_problem))
+    layout: str = _option("zigzag", _name("layout"))
+    group: Optional[str] = _option(None, _group("group"))
+    backend: str = _option("auto", _name("backend"))
+    cu_seqlens: Optional[list[int]] = _option(None, _bounds)
+    document_ids: Optional[Tensor] = _option(None, _document_ids)
+    window: Optional[int] = _option(None, _integer(checks.window_problem))
+    sinks: Optional[Tensor] = _option(None, _sinks)
+    softcap: Optional[float] = _option(None, _real("softcap", checks.softcap_problem))
+    ulysses_group: Optional[str] = _option(None, _group("ulysses_group"))
+    mesh_group: Optional[str] = _option(None, _group("mesh_group"))
+    transport: Optional[str] = _option(None, _name("transport", optional=True))
+
+    @classmethod
+    def from_options(cls, options: dict) -> tuple["AttentionSpec", Optional[str]]:
+        """(spec, the first problem or None) from ring_attention's keyword arguments."""
+        unknown = set(options) - set(NAMES)
+        if unknown:
+            raise TypeError(f"ring_attention got unexpected keyword arguments {sorted(unknown)}")
+        values, problems = {}, []
+        for name, default, normalise in _NORMALISERS:
+            if name in options:
+                value, problem = normalise(options[name])
+                values[name] = default if problem else value
+                problems.append(problem)
+        spec = cls(**values)
+        problem = next((p for p in problems if p), None)
+        return spec, problem or checks.option_problem(spec)
+
+    # -- the op's arguments --------------------------------------------------------------------
+    @classmethod
+    def take(cls, args: tuple) -> tuple["AttentionSpec", tuple]:
+        """(the spec, the arguments after it) from an op's arguments that start with the spec's fields."""
+        n = len(FIELDS)
+        return cls(*args[:n]), tuple(args[n:])
+
+    def op_args(self) -> tuple:
+        """The fields in schema order: the op's arguments after q, k, v (after saved, backward)."""
+        return tuple(getattr(self, n) for n in NAMES)
+
+    def without_tensors(self) -> "AttentionSpec":
+        """The spec with its tensors taken out (autograd keeps those: save_for_backward)."""
+        return dataclasses.replace(self, **{n: None for n in TENSORS})
+
+    def with_tensors(self, tensors) -> "AttentionSpec":
+        return dataclasses.replace(self, **dict(zip(TENSORS, tensors, strict=True)))
+
+    # -- what every rank must pass alike ---------------------------------------------------------
+    def signature(self, **resolved) -> tuple:
+        """((name, value), ...) of every option the ranks must agree on, as the op resolved it
+        (`resolved` overrides: the scale, the document bounds, the transport). Groups are checked
+        as a ring or a mesh, and document_ids by the bounds they give (cu_seqlens), not here."""
+        sig = []
+        for n in NAMES:
+            if n in _NOT_COMPARED:
+                continue
+            value = resolved[n] if n in resolved else getattr(self, n)
+            sig.append((n, (value is not None) if n in TENSORS else value))
+        return tuple(sig)
+
+
+FIELDS = dataclasses.fields(AttentionSpec)
+NAMES = tuple(f.name for f in FIELDS)
+# (name, default, normaliser) per field, as plain tuples (torch.compile traces from_options, and
+# refuses to read a field's metadata mapping)
+_NORMALISERS = tuple((f.name, f.default, f.metadata["normalise"]) for f in FIELDS)
+TENSORS = tuple(f.name for f in FIELDS if f.type == "Optional[Tensor]")
+_NOT_COMPARED = ("group", "ulysses_group", "mesh_group", "document_ids")
+
+# each field's annotation -> its type in the op's schema
+_SCHEMA_TYPES = {"bool": "bool", "str": "str", "Optional[str]": "str?", "Optional[float]": "float?",
+                 "Optional[int]": "SymInt?", "Optional[list[int]]": "SymInt[]?", "Optional[Tensor]": "Tensor?"}
+
+
+def schema_args() -> str:
+    """The spec's fields as schema arguments: "bool causal, float? softmax_scale, ..."."""
+    unknown = [f.name for f in FIELDS if f.type not in _SCHEMA_TYPES]
+    if unknown:
+        raise TypeError(f"AttentionSpec fields {unknown} have no schema type; add theirs to _SCHEMA_TYPES")
+    return ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in FIELDS)
