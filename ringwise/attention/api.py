@@ -122,7 +122,7 @@ def verdict(call: _Call) -> None:
         infos = _gather(me, call.ring.group)
     else:
         infos = [me]
-    infos = sorted({i["rank"]: i for i in infos}.values(), key=lambda i: i["rank"])
+    infos = sorted(infos, key=lambda i: i["rank"])  # in global rank order, whatever the group's order
     where = "ring_attention (ulysses)" if call.mesh is not None else "ring_attention"
     for i in infos:
         if i["problem"]:

@@ -28,6 +28,9 @@ over only the keys each chunk can see.
 Adjacent full tiles are merged so that each ring step is as few kernel calls as possible
 (e.g. zigzag's off-diagonal steps are one call each). `needed_steps` tells the ring which
 steps any rank needs at all, so hops that would only carry skipped blocks are never sent.
+Both are cached per argument tuple: pure memoization (their result depends on the arguments
+and the module constant MIN_FUSED_WINDOW alone), so nothing needs clearing unless a test
+changes that constant.
 """
 from __future__ import annotations
 
