@@ -117,7 +117,7 @@ class PretrainedLM(nn.Module):
         return self.hf.get_output_embeddings()(h).argmax(-1)
 
     def forward(self, input_ids, positions, labels, *, cu_seqlens=None, per_token=False, predict=False,
-                validate=True, layout=None, group=None, ulysses_group=None):
+                validate=True, layout=None, group=None, ulysses_group=None, mesh_group=None):
         """(local loss sum, local labelled tokens); per_token: the (batch, local) losses instead (0 where
         unlabelled); predict: the greedy next tokens. The ring comes from the model's SeqShard
         (rw.configure at build)."""
