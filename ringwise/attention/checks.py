@@ -213,9 +213,9 @@ def signature_mismatch(sigs: list, ranks: list[int]) -> str | None:
     for r, s in zip(ranks, sigs):
         if s != first:
             diffs = [f"{n}: rank {ranks[0]} {a} vs rank {r} {b}" for (n, a), (_, b) in zip(first, s) if a != b]
-            return ("every rank must pass the same shapes, dtype and options (batch, local sequence length, heads, "
-                    "causal, layout, documents, window, sinks, softcap, softmax_scale, backend, transport; shard "
-                    "the global sequence with ringwise.shard); " + "; ".join(diffs))
+            return ("every rank must pass the same batch, local sequence length, heads, dtype and options (causal, "
+                    "layout, documents, window, sinks, softcap, softmax_scale, backend, transport; shard the global "
+                    "sequence with ringwise.shard); " + "; ".join(diffs))
     return None
 
 
