@@ -86,7 +86,7 @@ def test_jsonl_lines_need_a_text_field(tmp_path):
 
 def train_job(cfg_dict):
     from ringwise.train.loop import run_on_mesh
-    from ringwise.train.parallel import make_mesh
+    from ringwise.train.mesh import make_mesh
 
     cfg = TrainConfig(**cfg_dict)
     run_on_mesh(cfg, make_mesh(cfg.dp, torch.device("cpu"), cfg.timeout, cfg.ulysses))
@@ -138,7 +138,7 @@ def test_steps_agree_across_world_sizes_and_with_one_process(cluster, checkpoint
 def bytes_job(cfg_dict):
     """This rank's parameter and optimizer-state bytes after one step (its shards only)."""
     from ringwise.train.loop import setup, step
-    from ringwise.train.parallel import make_mesh
+    from ringwise.train.mesh import make_mesh
 
     cfg = TrainConfig(**cfg_dict)
     run = setup(cfg, make_mesh(1, torch.device("cpu"), cfg.timeout))
@@ -182,7 +182,7 @@ def one_process_answers(path, flip):
 
 def passkey_job(cfg_dict, flip):
     from ringwise.train.loop import setup
-    from ringwise.train.parallel import make_mesh
+    from ringwise.train.mesh import make_mesh
     from ringwise.train.passkey import passkey_accuracy
 
     cfg = TrainConfig(**cfg_dict)
@@ -263,7 +263,7 @@ def test_bad_flags_are_listed_before_any_rank_starts(checkpoint_and_text, tmp_pa
 
 def real_model_loss(path, seq):
     from ringwise.attention.seqshard import SeqShard
-    from ringwise.train.parallel import make_mesh
+    from ringwise.train.mesh import make_mesh
     from ringwise.train.pretrained import build_pretrained
 
     cfg = TrainConfig(pretrained=str(path), seq_len=seq, layout="zigzag")

@@ -309,7 +309,7 @@ def test_train_refuses_bad_flags_before_starting_ranks(tmp_path, flags, match, n
 def test_placement_of_ranks_on_devices(device, backend, ranks, gpus, want):
     """Where the ranks run and how they talk: decided from the flags and the node's GPUs alone,
     so the launcher's check and every rank reach the same answer."""
-    from ringwise.train.parallel import placement
+    from ringwise.train.mesh import placement
 
     if isinstance(want, str):
         with pytest.raises(ValueError, match=want):

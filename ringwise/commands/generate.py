@@ -2,7 +2,7 @@
 from ringwise's own model across local ranks (the training job's launcher and flags), the
 prompt prefilled through the ring and decoded over the sharded KV cache (ringwise.generate).
 The ranks run where `ringwise train`'s do: --device auto|cpu|cuda and --backend gloo|nccl are
-resolved by the training job's own rules (ringwise.train.parallel.placement, init_distributed),
+resolved by the training job's own rules (ringwise.train.mesh.placement, init_distributed),
 also under torchrun.
 
 --retrieval K answers K evaluation documents of the run's own task (its retrieval settings and
@@ -60,7 +60,7 @@ def problems(args) -> list[str]:
     if args.check and args.temperature > 0:
         found.append("--check compares greedy tokens: drop --temperature")
     if args.world >= 1:
-        from ..train.parallel import placement
+        from ..train.mesh import placement
 
         try:  # the ranks make the same decision from the same facts, as the training job's do
             placement(args.device, args.backend, local_ranks(args))
@@ -133,7 +133,7 @@ def worker(args, file: str) -> dict | None:
     import torch.distributed as dist
 
     from ..generate import generate
-    from ..train.parallel import init_distributed
+    from ..train.mesh import init_distributed
     from ..testing.comms import count_comms
 
     device = init_distributed(args.device, args.backend, args.timeout)
@@ -209,7 +209,7 @@ def check(args, file: Path, report: dict) -> list[str]:
     """The same prompts in this process, whole-sequence SDPA each step, no cache, on the ranks'
     kind of device: tokens must match."""
     from ..generate import generate_single_process
-    from ..train.parallel import placement
+    from ..train.mesh import placement
 
     kind, _ = placement(args.device, args.backend, local_ranks(args))
     model, state = load_model(file)
@@ -233,7 +233,7 @@ def main(args) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from ..train.checkpoint import load_export
-    from ..train.parallel import elastic_run, failure_causes, under_torchrun
+    from ..train.launcher import elastic_run, failure_causes, under_torchrun
 
     path = Path(args.model)
     with tempfile.TemporaryDirectory(prefix="ringwise-generate-") as tmp:

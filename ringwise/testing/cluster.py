@@ -19,7 +19,7 @@ import traceback
 from datetime import timedelta
 
 from ..train.loopback import LOOPBACK, keep_sockets_on_loopback, loopback_store
-from ..train.parallel import die_with, start_method
+from ..train.launcher import die_with, start_method
 
 
 class ClusterError(RuntimeError):

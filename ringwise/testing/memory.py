@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..train.parallel import proc_status_kb
+from ..train.watchdog import proc_status_kb
 
 
 def return_large_frees() -> None:

@@ -1,7 +1,8 @@
 """`ringwise train`: sequence-parallel training of the Blockwise Transformer.
 
-config.py (TrainConfig, flags, validation) <- parallel.py (groups, mesh, FSDP2, launcher)
-<- checkpoint.py (DCP checkpoints, export, run lock) <- loop.py (setup / step / evaluate /
+config.py (TrainConfig, flags, validation) <- launcher.py (the local launcher, torchrun's
+environment), mesh.py (devices, groups, the mesh, FSDP2), watchdog.py (heartbeats, failed peers named,
+/proc) <- checkpoint.py (DCP checkpoints, export, run lock) <- loop.py (setup / step / evaluate /
 save) <- job.py (launch: check, lock, start the ranks); plots.py (the run's PNGs, drawn after
 the job). The command is ringwise.commands.train; __main__.py is its `python -m ringwise.train`
 entry point. Locally `ringwise train --world 4` starts the ranks through PyTorch's elastic
@@ -10,7 +11,8 @@ launcher (the code torchrun runs); on a cluster the same module runs under `torc
 """
 from .config import ConfigError, TrainConfig, add_arguments, check, problems
 from .loop import compute_gradients, evaluate, lr_at, make_dataset, run_on_mesh, save, setup, step, worker
-from .parallel import Mesh, elastic_run, free_port, make_mesh, shard_model
+from .launcher import elastic_run, free_port
+from .mesh import Mesh, make_mesh, shard_model
 
 __all__ = ["TrainConfig", "ConfigError", "add_arguments", "check", "problems", "Mesh", "make_mesh", "shard_model",
            "elastic_run", "free_port", "setup", "step", "evaluate", "save", "compute_gradients", "lr_at",

@@ -13,7 +13,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from . import checkpoint
 from .config import TrainConfig, check
 from .loop import worker
-from .parallel import elastic_run, failure_causes, under_torchrun
+from .launcher import elastic_run, failure_causes, under_torchrun
 
 
 class JobFailed(RuntimeError):

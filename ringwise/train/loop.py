@@ -2,7 +2,7 @@
 
 Every rank holds one shard of each sequence of its replica. Each rank's loss covers only
 its own tokens and is divided by the *global* labelled-token count, so summing parameter
-gradients over all ranks (FSDP2's reduce-scatter, see parallel.py) gives exactly the
+gradients over all ranks (FSDP2's reduce-scatter, see mesh.py) gives exactly the
 gradient of the whole batch, whatever the world size, dp or layout. Rank 0 writes
 metrics.jsonl and summary.json; the ranks never draw plots (the command does, after the job: plots.py).
 """
@@ -24,8 +24,8 @@ from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, collate,
 from ..model import IGNORE_INDEX, Transformer, model_config
 from . import checkpoint
 from .config import TrainConfig
-from .parallel import (Heartbeat, Mesh, fill_shards, init_distributed, make_mesh, name_failed_peers, peak_memory_mib,
-                       shard_model)
+from .mesh import Mesh, fill_shards, init_distributed, make_mesh, shard_model
+from .watchdog import Heartbeat, name_failed_peers, peak_memory_mib
 from .passkey import passkey_accuracy
 from .perplexity import perplexity_by_position
 from .pretrained import build_pretrained, documents, save_config

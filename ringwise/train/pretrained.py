@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
 from ..data.documents import PackedDocuments, split, tokenize_documents
 from ..model import blockwise
-from .parallel import shard_model
+from .mesh import shard_model
 
 ROPE_SCALINGS = ("linear", "yarn", "llama3")
 LOSS_CHUNK = 1024  # tokens per vocabulary projection in the loss
@@ -99,7 +99,7 @@ class PretrainedLM(nn.Module):
 
     @property
     def layers(self):
-        """The decoder layers, FSDP2's per-layer units (parallel.shard_model); not registered twice."""
+        """The decoder layers, FSDP2's per-layer units (mesh.shard_model); not registered twice."""
         return self.hf.base_model.layers
 
     def num_params(self) -> int:
