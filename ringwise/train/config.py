@@ -18,7 +18,7 @@ import torch
 from ..attention.layout import LAYOUTS, split_unit
 from ..data import RETRIEVAL_FORMATS, RetrievalDataset, text_files
 from ..model import PRESETS, model_config
-from .parallel import placement
+from .mesh import placement
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -77,7 +77,7 @@ class TrainConfig:
     eval_per_cell: int = 8
     eval_decoys: int = 0
     eval_fraction: float = 0.1  # finetune: the held-out share of the packed sequences
-    eval_sequences: int = 8  # finetune: held-out sequences evaluated (perplexity by position)
+    eval_sequences: int | None = None  # finetune: held-out sequences evaluated (None: up to EVAL_SEQUENCES)
     eval_bucket: int = 1024  # finetune: tokens per position bucket
     no_plots: bool = False
 
@@ -152,6 +152,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "needle is not the only line seen once")
 
 
+EVAL_SEQUENCES = 8  # finetune's --eval-sequences when not given (fewer where the held-out share holds fewer)
 FINETUNE_DEFAULTS = dict(data="documents", seq_len=1024, batch=1, steps=100, lr=2e-5, warmup=10, weight_decay=0.1,
                          ckpt_every=50, out="runs/finetune", eval_per_cell=2)
 
@@ -173,14 +174,17 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--text", nargs="+", required=True, metavar="FILE",
                    help="text files, folders and .jsonl files (a \"text\" field per line); one document each, "
-                        "tokenized with the model's tokenizer (cached in .ringwise-tokens/ beside them)")
+                        "tokenized with the model's tokenizer (cached in $RINGWISE_CACHE/tokens, default "
+                        "~/.cache/ringwise/tokens; never beside your data)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="global tokens per sequence (documents packed)")
     g.add_argument("--batch", type=int, default=d.batch, help="global sequences per step")
     _optimisation_flags(p, d)
     g = _output_flags(p, d)
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share of the sequences")
     g.add_argument("--eval-sequences", type=int, default=d.eval_sequences,
-                   help="held-out sequences for perplexity by position, before and after training")
+                   help=f"held-out sequences for perplexity by position, before and after training (default: "
+                        f"{EVAL_SEQUENCES}, or every held-out sequence where there are fewer; more than there are "
+                        "is refused)")
     g.add_argument("--eval-bucket", type=int, default=d.eval_bucket, help="tokens per position bucket")
     g.add_argument("--eval-lengths", type=int, nargs="*", default=None,
                    help="passkey retrieval context lengths (default: half and all of --seq-len)")
@@ -268,7 +272,8 @@ def problems(cfg: TrainConfig) -> list[str]:
             unit = split_unit(cfg.layout, cp, cfg.ulysses)
             out.append(f"--seq-len {cfg.seq_len} must be a positive multiple of {unit} for layout {cfg.layout!r} "
                        f"on a ring of {cp}" + (f" x ulysses {cfg.ulysses}" if cfg.ulysses > 1 else ""))
-    if cfg.ulysses > 1 and cfg.model in PRESETS and not cfg.pretrained:
+    finetune = bool(cfg.pretrained) or cfg.data == "documents"  # (without --model: the parser said so)
+    if cfg.ulysses > 1 and cfg.model in PRESETS and not finetune:
         heads = model_config(cfg.model).n_heads
         if heads % cfg.ulysses:
             out.append(f"--ulysses {cfg.ulysses} must divide the {heads} attention heads of --model {cfg.model} "
@@ -276,11 +281,11 @@ def problems(cfg: TrainConfig) -> list[str]:
     if cfg.dp >= 1 and cfg.batch >= 1 and cfg.batch % cfg.dp:
         out.append(f"--batch {cfg.batch} must be divisible by --dp {cfg.dp} (each replica takes batch / dp)")
     if world >= 1:
-        try:  # the ranks make the same decision from the same facts (parallel.placement)
+        try:  # the ranks make the same decision from the same facts (mesh.placement)
             placement(cfg.device, cfg.backend, cfg.local_ranks)
         except ValueError as e:
             out.append(str(e))
-    out += _output_problems(cfg) + (_pretrained_problems(cfg) if cfg.pretrained else _data_problems(cfg))
+    out += _output_problems(cfg) + (_pretrained_problems(cfg) if finetune else _data_problems(cfg))
     return out
 
 
@@ -294,38 +299,50 @@ def _pretrained_problems(cfg) -> list[str]:
         return [f"--model needs {', '.join(missing)}: pip install 'ringwise[hf]'"]
     from .pretrained import checkpoint_problems, documents, extended_config  # documents: --text into its cache
 
-    out = checkpoint_problems(cfg.pretrained)
+    if not cfg.pretrained:  # finetune without --model: the parser reported it
+        return []
+    model = checkpoint_problems(cfg.pretrained)
+    out = list(model)
     if cfg.compile:
         out.append("--compile is not supported with --model checkpoints yet")
+    rope = []
     if (cfg.rope_scaling is None) != (cfg.rope_factor is None):
-        out.append("--rope-scaling and --rope-factor go together (e.g. --rope-scaling yarn --rope-factor 4)")
+        rope.append("--rope-scaling and --rope-factor go together (e.g. --rope-scaling yarn --rope-factor 4)")
     if cfg.rope_factor is not None and not (math.isfinite(cfg.rope_factor) and cfg.rope_factor > 1):
-        out.append(f"--rope-factor {cfg.rope_factor}: must be a finite number > 1")
+        rope.append(f"--rope-factor {cfg.rope_factor}: must be a finite number > 1")
     if cfg.rope_theta is not None and not (math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
-        out.append(f"--rope-theta {cfg.rope_theta}: must be a finite number > 0")
+        rope.append(f"--rope-theta {cfg.rope_theta}: must be a finite number > 0")
+    out += rope
     if not 0 < cfg.eval_fraction < 1:
         out.append(f"--eval-fraction {cfg.eval_fraction}: must lie strictly between 0 and 1")
     out += _positive(cfg, ("eval_sequences", "eval_bucket"))
-    if out:
+    if model:  # nothing more can be read from the model
         return out
-    try:
-        config = extended_config(cfg.pretrained, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
-        import ringwise.integrations.transformers as rw
-
-        rw.check_model(config)
-    except (ValueError, OSError, KeyError) as e:
-        return [f"--model {cfg.pretrained}: {e}"]
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    if cfg.ulysses > 1 and heads % cfg.ulysses:
-        out.append(f"--ulysses {cfg.ulysses} must divide the model's {heads} attention heads "
-                   f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})")
-    if cfg.seq_len >= 1:
+    if not rope:  # the model's config with the RoPE change: does the integration run it, what heads
         try:
-            tokenizer = documents(cfg).tokenizer
+            config = extended_config(cfg.pretrained, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
+            import ringwise.integrations.transformers as rw
+
+            rw.check_model(config)
+        except (ValueError, OSError, KeyError) as e:
+            out.append(f"--model {cfg.pretrained}: {e}")
+        else:
+            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            heads = text.num_attention_heads
+            if cfg.ulysses > 1 and heads % cfg.ulysses:
+                out.append(f"--ulysses {cfg.ulysses} must divide the model's {heads} attention heads "
+                           f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})")
+    if cfg.seq_len >= 1 and cfg.text:
+        try:
+            data = documents(cfg)
         except (OSError, ValueError) as e:
             return out + [f"--text: {e}"]
-        out += _passkey_problems(cfg, tokenizer)
+        out += _passkey_problems(cfg, data.tokenizer)
+        held, total = len(data.held_out), len(data.train) + len(data.held_out)
+        if cfg.eval_sequences is not None and cfg.eval_sequences > held:
+            out.append(f"--eval-sequences {cfg.eval_sequences}: the held-out share holds {held} "
+                       f"sequence{'s' * (held != 1)} (--eval-fraction {cfg.eval_fraction} of the {total} sequences "
+                       f"of --seq-len {cfg.seq_len} in --text); give at most {held}, or raise --eval-fraction")
     return out
 
 
@@ -389,5 +406,4 @@ def check(cfg: TrainConfig, more: list[str] = ()) -> None:
     """Raise ConfigError listing every problem of `cfg` (and `more`) at once."""
     found = problems(cfg) + list(more)
     if found:
-        raise ConfigError(f"{len(found)} problem{'s' * (len(found) > 1)} with the training flags:\n  "
-                          + "\n  ".join(found))
+        raise ConfigError(f"{len(found)} problem{'s' * (len(found) > 1)} with the flags:\n  " + "\n  ".join(found))

@@ -14,14 +14,19 @@ import torch
 import torch.distributed as dist
 
 from ..model import IGNORE_INDEX
+from .config import EVAL_SEQUENCES
 
 
 @torch.no_grad()
 def perplexity_by_position(run, eager_if) -> dict:
-    """{bucket, starts, ppl, tokens, loss} over the first --eval-sequences held-out windows (at least
-    one per data-parallel replica; every replica runs as many forwards, as FSDP's gathers need)."""
+    """{bucket, starts, ppl, tokens, loss, sequences} over the first --eval-sequences held-out windows
+    (default EVAL_SEQUENCES, or all where fewer), dealt round-robin to the data-parallel replicas; every
+    replica runs as many forwards, as FSDP's gathers need, a replica short of a window repeating one
+    that it does not count. `sequences` is how many were evaluated: exactly --eval-sequences (the
+    flag's check refuses more than the held-out share holds)."""
     cfg, mesh, data = run.cfg, run.mesh, run.held_out
-    per_replica = max(1, min(cfg.eval_sequences, len(data)) // mesh.dp)
+    n = min(cfg.eval_sequences or EVAL_SEQUENCES, len(data))
+    per_replica = -(-n // mesh.dp)
     width = cfg.eval_bucket
     n_buckets = -(-cfg.seq_len // width)
     sums = torch.zeros(n_buckets, dtype=torch.float64, device=run.device)
@@ -33,12 +38,15 @@ def perplexity_by_position(run, eager_if) -> dict:
     try:
         with eager_if(cfg.compile):
             for j in range(per_replica):
-                ex = data[(j * mesh.dp + mesh.dp_rank) % len(data)]
+                i = j * mesh.dp + mesh.dp_rank
+                ex = data[i % n]
                 ids, labels, offset = (seqshard.shard(ex[k][None]).to(run.device)
                                        for k in ("input_ids", "labels", "doc_offset"))
                 losses = run.model(ids, pos, labels, cu_seqlens=ex["cu_seqlens"], per_token=True,
                                    **seqshard.ring_kwargs())
                 keep = labels != IGNORE_INDEX
+                if i >= n:  # a repeated window: run (the replicas' forwards pair up), not counted
+                    keep = torch.zeros_like(keep)
                 bucket = (offset // width).clamp_max(n_buckets - 1)[keep]
                 sums.index_add_(0, bucket, losses[keep].double())
                 counts.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
@@ -49,4 +57,4 @@ def perplexity_by_position(run, eager_if) -> dict:
     ppl = [math.exp(s / c) if c else None for s, c in zip(sums.tolist(), counts.tolist())]
     total = counts.sum().item()
     return dict(bucket=width, starts=[b * width for b in range(n_buckets)], ppl=ppl, tokens=counts.tolist(),
-                loss=sums.sum().item() / total if total else None)
+                loss=sums.sum().item() / total if total else None, sequences=n)
