@@ -15,6 +15,7 @@ checks (ringwise.commands.refused) before any work, exit status 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import shlex
 import sys
@@ -39,14 +40,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's help ends with its default: "(default: 600)", a list's values space-separated, as
     typed. Left out where there is none to show (None, a switch's False) or the help says it already."""
 
-    def _get_help_string(self, action):
-        help = action.help or ""
+    @staticmethod
+    def _default(action) -> str | None:
         default = action.default
-        if (default is None or default is False or default is argparse.SUPPRESS or "%(default)" in help
-                or "default" in help.lower() or not action.option_strings):
-            return help
+        if (default is None or default is False or default is argparse.SUPPRESS or not action.option_strings
+                or "default" in (action.help or "").lower()):
+            return None
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-        return f"{help} (default: {shown.replace('%', '%%')})".lstrip()
+        return f"(default: {shown.replace('%', '%%')})"
+
+    def _get_help_string(self, action):
+        default = self._default(action)
+        return action.help if default is None else f"{action.help or ''} {default}".lstrip()
+
+    def _format_action(self, action):
+        default = self._default(action)
+        if not (action.help or "").strip() and default is not None:  # a flag without help: its default
+            action = copy.copy(action)
+            action.help = default
+        return super()._format_action(action)
 
 
 class FlagProblems(Exception):
@@ -81,17 +93,34 @@ class FlagParser(argparse.ArgumentParser):
         required = [a for a in self._actions if a.required and a.option_strings]
         for a in required:  # checked below, with the rest, instead of by argparse's error()
             a.required = False
+        self._required = required  # (--help, printed while parsing, shows them as required)
         try:
             ns, extras = super().parse_known_args(args, namespace)
         finally:
             for a in required:
                 a.required = True
+            self._required = []
         for a in required:
             if getattr(ns, a.dest, None) is None:
                 self.problems.append(f"{flag_name(a)} {a.metavar or a.dest.upper()}: required")
         for dest, action in self._invalid.items():
             setattr(ns, dest, action.default)
         return ns, extras
+
+    def format_help(self):
+        return self._with_required(super().format_help)
+
+    def format_usage(self):
+        return self._with_required(super().format_usage)
+
+    def _with_required(self, format):
+        for a in getattr(self, "_required", ()):
+            a.required = True
+        try:
+            return format()
+        finally:
+            for a in getattr(self, "_required", ()):
+                a.required = False
 
     def _get_value(self, action, arg_string):
         try:

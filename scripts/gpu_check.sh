@@ -44,12 +44,12 @@ else  # the same command make would run
     step test-gpu 240 "$PY" -m pytest -m cuda -q --continue-on-collection-errors --durations=15
 fi
 
-gpu_step bench-attention 110 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seqs 8192 32768 131072 \
+gpu_step bench-attention 110 "$PY" -m ringwise.cli bench attention --device cuda --gpu-seq-lens 8192 32768 131072 \
     --out "$OUT/bench"
 # Per-rank compute of a W = 2, 4, 8 ring (each rank alone, transfers excluded) vs one process, S = 128K
 gpu_step bench-compute 70 "$PY" -m ringwise.cli bench compute --device cuda --out "$OUT/bench"
 # Does the ~1B preset train at 256K on this GPU (BPT), and how far do vanilla and SDPA get?
 gpu_step bench-context 150 "$PY" -m ringwise.cli bench context --device cuda --gpu-methods bpt memeff vanilla \
-    --gpu-granularity 32768 --gpu-max-seq 262144 --out "$OUT/bench"
+    --gpu-granularity 32768 --gpu-max-seq-len 262144 --out "$OUT/bench"
 
 echo "== summary"; cat "$SUMMARY"

@@ -6,7 +6,7 @@ from ringwise.cli import main
 
 
 def test_demo_small(capsys):
-    assert main(["demo", "--world", "3", "--seq", "384", "--heads", "2", "--head-dim", "16"]) == 0
+    assert main(["demo", "--world", "3", "--seq-len", "384", "--heads", "2", "--head-dim", "16"]) == 0
     out = capsys.readouterr().out
     assert "max |error| vs float64 reference" in out and "time ratio SDPA / ring" in out
     # the printed errors are float32-sized, not garbage
@@ -15,7 +15,7 @@ def test_demo_small(capsys):
 
 
 def test_bench_attention_quick(tmp_path):
-    assert main(["bench", "attention", "--quick", "--seq", "512", "--heads", "2", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "attention", "--quick", "--seq-len", "512", "--heads", "2", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
     assert {(r["impl"], r["causal"], r["layout"]) for r in rows} >= {("ring", True, "zigzag"), ("sdpa", False, "-")}
     assert all(r["seconds"] > 0 for r in rows)
@@ -29,7 +29,7 @@ def test_plan_tables(capsys):
 
 def test_plan_bad_preset(capsys):
     assert main(["plan", "--model", "nope"]) == 2
-    assert "nope" in capsys.readouterr().err
+    assert "--model nope: must be one of llama-3b, llama-7b, llama-13b, llama-30b, llama-65b" in capsys.readouterr().err
 
 
 def test_bench_overlap_quick(tmp_path):
@@ -41,7 +41,7 @@ def test_bench_overlap_quick(tmp_path):
 
 
 def test_bench_scaling_quick(tmp_path):
-    assert main(["bench", "scaling", "--quick", "--scaling-model", "tiny", "--worlds", "1", "2",
+    assert main(["bench", "scaling", "--quick", "--scaling-model", "tiny", "--scaling-worlds", "1", "2",
                  "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
     assert {(r["sweep"], r["world"]) for r in rows} == {("weak", 1), ("weak", 2), ("strong", 1), ("strong", 2)}

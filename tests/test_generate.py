@@ -46,7 +46,7 @@ def test_generation_matches_one_process(grid_results, case):
 
 
 def test_generate_command_answers_the_runs_questions_and_checks_them(cluster, tmp_path, capsys):
-    """`ringwise generate RUN_DIR --world 3 --retrieval 4 --check`: a short retrieval run trained on the test
+    """`ringwise generate --model RUN_DIR --world 3 --retrieval 4 --check`: a short retrieval run trained on the test
     cluster, its evaluation documents answered over the sharded cache on 3 launched ranks (a prompt length
     not divisible by 6), tokens identical to one process, generate.json written; bad flags refused first."""
     import json
@@ -56,7 +56,7 @@ def test_generate_command_answers_the_runs_questions_and_checks_them(cluster, tm
 
     out = tmp_path / "run"
     cluster(2).run(run_job, job_args(out, steps=3, ckpt_every=3))
-    assert main(["generate", str(out), "--world", "3", "--retrieval", "4", "--check", "--threads", "1"]) == 0
+    assert main(["generate", "--model", str(out), "--world", "3", "--retrieval", "4", "--check", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "check: identical tokens to one process" in printed and "retrieval accuracy" in printed
     report = json.loads((out / "generate.json").read_text())
@@ -64,7 +64,7 @@ def test_generate_command_answers_the_runs_questions_and_checks_them(cluster, tm
     assert report["decode_collectives_per_token"] == 2  # one all-gather per layer of the tiny model
     assert len(report["kv_bytes_per_rank"]) == 3 and all(b > 0 for b in report["kv_bytes_per_rank"])
     assert report["time_to_first_token_s"] > 0 and report["tokens_per_s"] > 0
-    assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "x", "--max-new-tokens", "0"]) == 2
     err = capsys.readouterr().err
     assert "no such run folder" in err and "--max-new-tokens must be >= 1" in err
     # an export without its task (saved before checkpoints kept it): --retrieval refused before any rank starts
@@ -73,7 +73,7 @@ def test_generate_command_answers_the_runs_questions_and_checks_them(cluster, tm
     state["task"] = None
     torch.save(state, tmp_path / "old.pt")
     capsys.readouterr()
-    assert main(["generate", str(tmp_path / "old.pt"), "--retrieval", "2"]) == 2
+    assert main(["generate", "--model", str(tmp_path / "old.pt"), "--retrieval", "2"]) == 2
     assert "--retrieval needs a checkpoint that keeps its task" in capsys.readouterr().err
 
 
@@ -90,8 +90,8 @@ def test_generate_places_its_ranks_as_train_does(tmp_path, capsys):
 
     assert placement_flags("generate") == placement_flags("train")
     (tmp_path / "model.pt").write_bytes(b"")
-    assert main(["generate", str(tmp_path / "model.pt"), "--prompt", "x", "--device", "cpu", "--backend", "nccl"]) == 2
+    assert main(["generate", "--model", str(tmp_path / "model.pt"), "--prompt", "x", "--device", "cpu", "--backend", "nccl"]) == 2
     assert "--backend nccl needs --device cuda" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main(["generate", str(tmp_path / "model.pt"), "--prompt", "x", "--device", "cuda"]) == 2
+        assert main(["generate", "--model", str(tmp_path / "model.pt"), "--prompt", "x", "--device", "cuda"]) == 2
         assert "--device cuda: torch sees no GPU" in capsys.readouterr().err

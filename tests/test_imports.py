@@ -146,7 +146,7 @@ def test_the_reader_finds_ringwise_imports_lazy_ones_included():
     graph = import_graph()
     assert len(graph) > 40 and "ringwise.bench.common" in graph
     assert graph["ringwise.bench.compute"]["ringwise.bench.common"] is False
-    assert graph["ringwise.bench.attention"]["ringwise.bench.ulysses"] is True  # inside run()
+    assert graph["ringwise.commands.train"]["ringwise.train.summary"] is True  # inside run()
     assert graph["ringwise.bench.attention"]["ringwise"] is False  # `import ringwise`
 
 
@@ -273,7 +273,7 @@ def test_a_bench_suite_imports_no_other_suite(suite):
     others = set(modules.values()) - {modules[suite]}
     assert not module_level_closure(graph, modules[suite]) & others
     lazy = {w for w in graph[modules[suite]] if w in others}
-    assert lazy <= ({"ringwise.bench.ulysses"} if suite == "attention" else set())  # --ulysses runs it
+    assert not lazy
 
 
 def test_every_suite_keeps_its_flags_and_the_shared_names():
@@ -301,7 +301,7 @@ NO_TORCH = "import sys; sys.modules['torch'] = None\n"  # `import torch` raises 
 
 def test_plan_runs_without_torch():
     done = run_python(NO_TORCH + "from ringwise.cli import main\n"
-                      "sys.exit(main(['plan', '--model', '7b', '--device', 'a100-nvlink', '--devices', '8']))")
+                      "sys.exit(main(['plan', '--model', 'llama-7b', '--hardware', 'a100-nvlink', '--devices', '8']))")
     assert done.returncode == 0, done.stderr
     assert "llama-7b" in done.stdout and "Ring Attention" in done.stdout
 
@@ -320,7 +320,7 @@ def test_bench_parser_imports_no_suite():
     a parsed `bench compute` command line neither."""
     code = ("import json, sys\nfrom ringwise.cli import build_parser, main\n"
             "try:\n    main(['bench', 'attention', '--help'])\nexcept SystemExit as e:\n    code = e.code\n"
-            "args = build_parser(['bench']).parse_args(['bench', 'compute', '--compute-seq', '64', '--repeats', '2'])\n"
+            "args = build_parser(['bench']).parse_args(['bench', 'compute', '--compute-seq-len', '64', '--repeats', '2'])\n"
             "print(json.dumps(dict(code=code, modules=sorted(m for m in sys.modules if m.startswith('ringwise')),"
             " torch='torch' in sys.modules, repeats=args.repeats)))")
     done = run_python(code)
@@ -328,5 +328,5 @@ def test_bench_parser_imports_no_suite():
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["code"] == 0 and report["repeats"] == 2 and not report["torch"]
     assert not set(report["modules"]) & set(suite_modules().values()), report["modules"]
-    for flag in ("--seq", "--compute-seq", "--ulysses-meshes", "--budget-mib", "--peer-seq"):
+    for flag in ("--seq-len", "--compute-seq-len", "--ulysses-meshes", "--budget-mib", "--peer-seq-len"):
         assert flag in done.stdout  # the help printed before the JSON line

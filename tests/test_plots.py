@@ -4,7 +4,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from ringwise.train.plots import plot_bars, plot_lines, plot_loss_curve, plot_retrieval_heatmap  # noqa: E402
+from ringwise.train.plots import (plot_bars, plot_lines, plot_loss_curve, plot_retrieval_heatmap,  # noqa: E402
+                                  plot_retrieval_heatmaps)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,6 +26,16 @@ def test_retrieval_heatmap(tmp_path):
         plot_retrieval_heatmap([[1.0]], lengths, depths, tmp_path / "bad.png")
 
 
+def test_retrieval_heatmaps_side_by_side(tmp_path):
+    """Before and after on one color scale, one title (the sample size goes there)."""
+    before, after = [[0.5, 0.0], [0.0, 0.5]], [[1.0, 0.5], [0.5, 1.0]]
+    out = plot_retrieval_heatmaps({"before": before, "after": after}, [64, 128], [0.0, 1.0], tmp_path / "two.png",
+                                  title="Passkey retrieval, 2 documents per cell")
+    assert_png(out)
+    with pytest.raises(ValueError, match="'after' has shape"):
+        plot_retrieval_heatmaps({"before": before, "after": [[1.0]]}, [64, 128], [0.0, 1.0], tmp_path / "bad.png")
+
+
 def test_retrieval_heatmap_accepts_tensors(tmp_path):
     torch = pytest.importorskip("torch")
     out = plot_retrieval_heatmap(torch.rand(3, 2), [128, 256], [0.0, 0.5, 1.0], tmp_path / "h.png")
@@ -40,6 +51,9 @@ def test_loss_curve(tmp_path, n):
     assert_png(out)
     with pytest.raises(ValueError):
         plot_loss_curve([1, 2], [1.0], tmp_path / "bad.png")
+    assert_png(plot_loss_curve(steps, losses, tmp_path / f"lr{n}.png", lr=[1e-3 * (s + 1) / n for s in steps]))
+    with pytest.raises(ValueError, match="lr has 1 values for 2 steps"):
+        plot_loss_curve([1, 2], [1.0, 0.5], tmp_path / "bad.png", lr=[1e-3])
 
 
 def test_lines(tmp_path):
@@ -114,3 +128,21 @@ def test_a_runs_plots_are_drawn_from_its_files(tmp_path):
     draw_run(tmp_path)
     assert_png(tmp_path / "ppl_by_position.png")
     assert_png(tmp_path / "retrieval.png")
+    # as a finetune run writes them: the learning rate per step, sample sizes, the passkey grid before and after
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, loss=3.0 / s, lr=1e-5 * s)) + "\n"
+                                                    for s in (1, 2, 3)))
+    sized = {k: dict(v, tokens=[10, 0, 12], sequences=2) for k, v in ppl.items()}
+    (tmp_path / "summary.json").write_text(json.dumps(dict(config=dict(eval_per_cell=2), perplexity=sized,
+                                                           passkey=dict(grid, before=[[0.0, 0.5], [0.5, 0.0]]))))
+    draw_run(tmp_path)
+    for name in ("loss.png", "ppl_by_position.png", "retrieval.png"):
+        assert_png(tmp_path / name)
+
+
+def test_a_curves_label_says_how_much_was_evaluated():
+    from ringwise.train.plots import _evaluated, _per_cell
+
+    assert _evaluated("before", dict(sequences=8, tokens=[7000.0, 680.0, 0])) == "before training (8 sequences, 7,680 tokens)"
+    assert _evaluated("after", dict(sequences=1, tokens=[5.0])) == "after training (1 sequence, 5 tokens)"
+    assert _evaluated("after", {}) == "after training"
+    assert _per_cell(2) == ", 2 documents per cell" and _per_cell(None) == ""

@@ -214,13 +214,13 @@ def test_a_mesh_inside_a_larger_job_names_its_group(cluster):
     assert all(counts == {"all_gather_object": 1} for _, counts in unnamed), unnamed
 
 
-def test_bench_attention_ulysses_quick(tmp_path):
-    """`bench attention --ulysses` runs the mesh suite (here SDPA, ring 1x2 and Ulysses 2x1, MQA)."""
+def test_bench_ulysses_quick(tmp_path):
+    """`bench ulysses` runs the mesh suite (here SDPA, ring 1x2 and Ulysses 2x1, MQA)."""
     import json
 
     from ringwise.cli import main
 
-    assert main(["bench", "attention", "--ulysses", "--ulysses-meshes", "1x2", "2x1", "--ulysses-seq", "128",
+    assert main(["bench", "ulysses", "--ulysses-meshes", "1x2", "2x1", "--ulysses-seq-len", "128",
                  "--ulysses-repeats", "1", "--ulysses-head-dim", "16", "--ulysses-heads", "4",
                  "--ulysses-kv-heads", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "ulysses.json").read_text())["rows"]

@@ -7,7 +7,7 @@ efficiency of the ring: 1.0 means the ring costs nothing over the fused kernel.
 
 With --device cuda: one process on one GPU, ringwise at W = 1 (its own kernel calls and
 float32 merge) against SDPA's flash and cuDNN backends, forward+backward, timed with CUDA
-events, in ms and TFLOP/s over --gpu-seqs, causal and full.
+events, in ms and TFLOP/s over --gpu-seq-lens, causal and full.
 """
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def run_device(args) -> dict:
                          "run on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device")
     dtype = DTYPES[args.gpu_dtype]
     shape = dict(batch=args.batch, heads=args.gpu_heads, head_dim=args.gpu_head_dim)
-    with tqdm(total=len(args.gpu_seqs) * 2 * len(GPU_IMPLS), desc="attention bench (one GPU)", unit="case") as bar:
-        rows = device_rows(args.gpu_seqs, dtype=dtype, device=device, repeats=args.repeats, bar=bar, **shape)
+    with tqdm(total=len(args.gpu_seq_lens) * 2 * len(GPU_IMPLS), desc="attention bench (one GPU)", unit="case") as bar:
+        rows = device_rows(args.gpu_seq_lens, dtype=dtype, device=device, repeats=args.repeats, bar=bar, **shape)
     ref = {(r["seq"], r["causal"]): r["ms"] for r in rows if r["impl"] == "sdpa_cudnn"}
     for r in rows:
         base = ref.get((r["seq"], r["causal"]))
@@ -129,31 +129,27 @@ def run_device(args) -> dict:
     return dict(rows=rows)
 
 
-QUICK = dict(seq=2048, repeats=1, gpu_seqs=[4096, 8192])
+QUICK = dict(seq_len=2048, repeats=1, gpu_seq_lens=[4096, 8192])
 
 
 def run(args) -> dict:
     if getattr(args, "device", "cpu") != "cpu":
         return run_device(args)
-    if getattr(args, "ulysses", False):  # --ulysses: ring, Ulysses and hybrid meshes (bench/ulysses.py)
-        from . import ulysses  # the one suite another runs: lazily, so that the two never form a cycle
-
-        return ulysses.run(args)
-    args.world = list(dict.fromkeys(args.world))  # a repeated size would run its cases twice
-    bad = [W for W in args.world if W < 1 or args.threads % W]
+    args.worlds = list(dict.fromkeys(args.worlds))  # a repeated size would run its cases twice
+    bad = [W for W in args.worlds if W < 1 or args.threads % W]
     if bad:  # refuse before any timing, not after minutes of it
-        raise ValueError(f"--threads {args.threads} must be divisible by every --world size (same total threads "
+        raise ValueError(f"--threads {args.threads} must be divisible by every --worlds size (same total threads "
                          f"for ring and SDPA); not by {bad}")
-    shape = (args.batch, args.seq, args.heads, args.head_dim)
+    shape = (args.batch, args.seq_len, args.heads, args.head_dim)
     cases = [("sdpa", 1, False, None), ("sdpa", 1, True, None)]
-    for W in args.world:
+    for W in args.worlds:
         cases.append(("ring", W, False, "zigzag"))
         cases += [("ring", W, True, layout) for layout in ringwise.LAYOUTS]
     rows = []
     with tqdm(total=len(cases), desc="attention bench", unit="case") as bar:
         for causal, t in sdpa_seconds(*shape, args.threads, args.repeats, bar).items():
             rows.append(dict(impl="sdpa", world=1, threads=args.threads, causal=causal, layout="-", seconds=t))
-        for W in args.world:
+        for W in args.worlds:
             with LocalCluster(W, threads_per_rank=args.threads // W) as ring:
                 for kind, w, causal, layout in cases[2:]:
                     if w != W:
@@ -164,7 +160,7 @@ def run(args) -> dict:
                     bar.update()
     add_sdpa_ratios(rows)
     lines = [
-        f"Global sequence {args.seq}, batch {args.batch}, {args.heads} heads x {args.head_dim}, float32, "
+        f"Global sequence {args.seq_len}, batch {args.batch}, {args.heads} heads x {args.head_dim}, float32, "
         f"forward+backward, {args.threads} threads in total, median of {args.repeats}.",
         "",
         "| impl | ranks x threads | mask | layout | seconds | SDPA time / this |",
@@ -174,7 +170,7 @@ def run(args) -> dict:
         mask = "causal" if r["causal"] else "full"
         lines.append(f"| {r['impl']} | {r['world']} x {r['threads']} | {mask} | {r['layout']} | "
                      f"{r['seconds']:.3f} | {r['sdpa_over_this']:.3f} |")
-    for W in (w for w in args.world if w > 1):  # one rank has nothing to balance
+    for W in (w for w in args.worlds if w > 1):  # one rank has nothing to balance
         by = {r["layout"]: r["seconds"] for r in rows if r["impl"] == "ring" and r["world"] == W and r["causal"]}
         lines.append("")
         lines.append(f"W={W} causal load balance: contiguous / zigzag time = {by['contiguous'] / by['zigzag']:.2f}, "
@@ -189,6 +185,6 @@ def run(args) -> dict:
     draw("lines", {k: [r["world"] for r in v] for k, v in series.items()},
          {k: [r["sdpa_over_this"] for r in v] for k, v in series.items()},
          out / "attention.png", xlabel="ring ranks W (same total threads as SDPA)",
-         ylabel="SDPA time / ring time", title=f"Ring vs single-process SDPA, S={args.seq}", logx=True)
+         ylabel="SDPA time / ring time", title=f"Ring vs single-process SDPA, S={args.seq_len}", logx=True)
     print(md)
     return dict(rows=rows)

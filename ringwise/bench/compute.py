@@ -47,7 +47,7 @@ def rank_step(q, k, v, dout, rank: int, world: int, layout: str, causal: bool, k
     return step
 
 
-QUICK = dict(compute_seq=1152, compute_worlds=[2, 3], repeats=1)
+QUICK = dict(compute_seq_len=1152, compute_worlds=[2, 3], repeats=1)
 
 
 def _settings(args):
@@ -58,7 +58,7 @@ def _settings(args):
         raise ValueError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     cuda = device.type == "cuda"
     dtype = DTYPES[getattr(args, "gpu_dtype", "bf16")] if cuda else torch.float32
-    seq = args.compute_seq or (131072 if cuda else 8192)
+    seq = args.compute_seq_len or (131072 if cuda else 8192)
     heads = args.compute_heads or (32 if cuda else 8)
     head_dim = args.compute_head_dim or (128 if cuda else 64)
     kv_heads = args.compute_kv_heads or heads
@@ -77,7 +77,7 @@ def _settings(args):
 def run(args) -> dict:
     device, dtype, seq, heads, kv_heads, head_dim, worlds = _settings(args)
     causal, layout, repeats = args.compute_mask == "causal", args.compute_layout, max(1, args.repeats)
-    kernel = select_kernel(args.compute_backend, device, dtype, head_dim)
+    kernel = select_kernel(args.compute_kernel, device, dtype, head_dim)
     g = torch.Generator(device=device).manual_seed(0)
     shapes = [(1, seq, heads, head_dim), (1, seq, kv_heads, head_dim), (1, seq, kv_heads, head_dim),
               (1, seq, heads, head_dim)]

@@ -6,14 +6,14 @@ by doubling then bisection on real runs:
   vanilla  one process, materialised attention scores, plain FFN and loss
   memeff   one process, fused SDPA attention, plain FFN and loss
   bpt      one process, blockwise attention + blockwise FFN and loss
-  ring     W processes, ring attention + blockwise FFN and loss (W from --ring-worlds)
+  ring     W processes, ring attention + blockwise FFN and loss (W from --context-worlds)
 The paper's claim: ring on W devices trains W times the BPT length.
 
 With --device cuda: one GPU, a ~1B LLaMA-shaped model in bf16 with layer checkpointing;
 the longest sequence whose forward+backward runs without running out of GPU memory while
 12 bytes per parameter stay reserved for fp32 master weights and Adam moments (vanilla,
 memeff = SDPA, bpt = ringwise at W = 1 with blockwise FFN and loss), and the BPT step's
-tokens/s and MFU at --gpu-mfu-seq.
+tokens/s and MFU at --gpu-mfu-seq-len.
 """
 from __future__ import annotations
 
@@ -151,15 +151,15 @@ def run_device(args) -> dict:
                                                      f"{res[1]:.2f} s" if res else "out of memory"), flush=True)
                 return res is not None
 
-            best = largest(ok, args.gpu_max_seq // unit) * unit
+            best = largest(ok, args.gpu_max_seq_len // unit) * unit
             rows.append(dict(method=method, max_seq=best, probes=probes, params=model.num_params()))
             if method == "bpt":
-                gpu_step(model, args.gpu_mfu_seq, device)  # warm-up
-                res = gpu_step(model, args.gpu_mfu_seq, device)
+                gpu_step(model, args.gpu_mfu_seq_len, device)  # warm-up
+                res = gpu_step(model, args.gpu_mfu_seq_len, device)
                 if res is not None:
-                    tps = args.gpu_mfu_seq / res[1]
-                    achieved = train_flops(cfg, args.gpu_mfu_seq) / res[1] / 1e12
-                    mfu = dict(seq=args.gpu_mfu_seq, seconds=res[1], tokens_per_s=tps, tflops=achieved,
+                    tps = args.gpu_mfu_seq_len / res[1]
+                    achieved = train_flops(cfg, args.gpu_mfu_seq_len) / res[1] / 1e12
+                    mfu = dict(seq=args.gpu_mfu_seq_len, seconds=res[1], tokens_per_s=tps, tflops=achieved,
                                mfu=achieved / peak if peak else None)
             del model, reserve
             gc.collect()
@@ -169,10 +169,10 @@ def run_device(args) -> dict:
     lines = [f"{name} ({total:.0f} GiB), torch {torch.__version__}: ~{rows[0]['params'] / 1e9:.2f}B-parameter "
              f"LLaMA-shaped model ({GPU_MODEL}), bf16, layer checkpointing, batch 1, causal; "
              f"{STATE_BYTES_PER_PARAM} B/parameter held back for fp32 master weights and Adam moments. Longest "
-             f"sequence whose forward+backward runs (searched in steps of {unit}, up to {args.gpu_max_seq}).", "",
+             f"sequence whose forward+backward runs (searched in steps of {unit}, up to {args.gpu_max_seq_len}).", "",
              "| method | longest sequence | at the search cap |", "|---|---|---|"]
     for r in rows:
-        capped = "yes" if r["max_seq"] >= args.gpu_max_seq // unit * unit else ""
+        capped = "yes" if r["max_seq"] >= args.gpu_max_seq_len // unit * unit else ""
         lines.append(f"| {r['method']} | {r['max_seq'] if r['max_seq'] else f'< {unit}'} | {capped} |")
     if mfu:
         share = f", MFU {mfu['mfu']:.1%} of {peak:.0f} TFLOP/s" if mfu["mfu"] is not None else ""
@@ -184,7 +184,7 @@ def run_device(args) -> dict:
     return dict(rows=rows, mfu=mfu)
 
 
-QUICK = dict(budget_mib=8.0, ring_worlds=[2], granularity=256)  # 4 MiB resolved only 1-2 steps: flaky
+QUICK = dict(budget_mib=8.0, context_worlds=[2], granularity=256)  # 4 MiB resolved only 1-2 steps: flaky
 
 
 def run(args) -> dict:
@@ -192,7 +192,7 @@ def run(args) -> dict:
         return run_device(args)
     budget = args.budget_mib * 2**20
     rows = []
-    jobs = [(name, 1, ov) for name, ov in METHODS.items()] + [("ring", W, {}) for W in args.ring_worlds]
+    jobs = [(name, 1, ov) for name, ov in METHODS.items()] + [("ring", W, {}) for W in args.context_worlds]
     with tqdm(total=len(jobs), desc="max-context bench", unit="method") as bar:
         for name, W, overrides in jobs:
             with LocalCluster(W, threads_per_rank=max(1, 2 // W), track_memory=True) as cluster:

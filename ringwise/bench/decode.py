@@ -26,7 +26,7 @@ from . import draw, write_results
 from .flags import decode_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --decode-dtype, named as --dtype everywhere
 
 
 def _inputs(keys, heads, kv_heads, head_dim, dtype, seed):
@@ -120,16 +120,16 @@ def end_to_end(args, worlds, T, bar) -> list[dict]:
     return rows
 
 
-QUICK = dict(decode_seqs=[1024, 4096], decode_worlds=[1, 2], decode_repeats=2, decode_e2e_model="tiny",
+QUICK = dict(decode_seq_lens=[1024, 4096], decode_worlds=[1, 2], decode_repeats=2, decode_e2e_model="tiny",
              decode_e2e_prompts=[256], decode_e2e_new=3)
 
 
 def run(args) -> dict:
-    worlds, seqs = sorted(set(args.decode_worlds)), sorted(set(args.decode_seqs))
+    worlds, seqs = sorted(set(args.decode_worlds)), sorted(set(args.decode_seq_lens))
     H, Hk, d, T = args.decode_heads, args.decode_kv_heads, args.decode_head_dim, args.threads
     bad = [S for S in seqs for W in worlds if S % W] + ([] if H % Hk == 0 else [f"heads {H} % kv {Hk}"])
     if bad or min(worlds) < 1 or T < max(worlds):
-        raise ValueError(f"--decode-seqs must divide by every world size, heads by kv heads, and --threads {T} "
+        raise ValueError(f"--decode-seq-lens must divide by every world size, heads by kv heads, and --threads {T} "
                          f"must give each rank a thread (worlds {worlds}): {bad}")
     rows = []
     e2e_cases = len(set(args.decode_e2e_prompts)) * len(worlds)

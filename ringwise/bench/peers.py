@@ -63,7 +63,7 @@ def compare(seq, heads, head_dim, causal, repeats):
     return result
 
 
-QUICK = dict(peer_seq=1024, repeats=1)
+QUICK = dict(peer_seq_len=1024, repeats=1)
 
 
 def run(args) -> dict:
@@ -74,11 +74,11 @@ def run(args) -> dict:
     rows = []
     with LocalCluster(args.peer_world, threads_per_rank=max(1, args.threads // args.peer_world), track_memory=True) as c:
         for causal in (False, True):
-            res = c.run(compare, args.peer_seq, args.heads, args.head_dim, causal, max(1, args.repeats), timeout=3600)
+            res = c.run(compare, args.peer_seq_len, args.heads, args.head_dim, causal, max(1, args.repeats), timeout=3600)
             for name in res[0]:
                 rows.append(dict(impl=name, causal=causal, seconds=res[0][name][0],
                                  peak_mib=max(mib(r[name][1]) for r in res)))
-    for causal, t in sdpa_seconds(1, args.peer_seq, args.heads, args.head_dim, args.threads,
+    for causal, t in sdpa_seconds(1, args.peer_seq_len, args.heads, args.head_dim, args.threads,
                                   max(1, args.repeats)).items():
         rows.append(dict(impl=f"SDPA, 1 process x {args.threads} threads (reference, not a ring)", causal=causal,
                          seconds=t, peak_mib=None))
@@ -87,14 +87,14 @@ def run(args) -> dict:
 
         for causal in (False, True):
             env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.peer_world}")
-            cmd = [sys.executable, "-m", "ringwise.bench.jax_peer", str(args.peer_world), str(args.peer_seq),
+            cmd = [sys.executable, "-m", "ringwise.bench.jax_peer", str(args.peer_world), str(args.peer_seq_len),
                    str(args.heads), str(args.head_dim), "1" if causal else "0", str(max(1, args.repeats))]
             res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                                             timeout=3600).stdout.strip().splitlines()[-1])
             rows.append(dict(impl="ringattention (JAX)", causal=causal, seconds=res["seconds"], peak_mib=None))
     except ImportError:
         print("ringattention (JAX) not installed: skipped")
-    lines = [f"W={args.peer_world} ranks, global sequence {args.peer_seq}, {args.heads} heads x {args.head_dim}, float32, "
+    lines = [f"W={args.peer_world} ranks, global sequence {args.peer_seq_len}, {args.heads} heads x {args.head_dim}, float32, "
              f"forward+backward, median of {max(1, args.repeats)}; causal runs use each package's balanced layout.", "",
              "| impl | mask | seconds | peak MiB per rank | ringwise speed-up |", "|---|---|---|---|---|"]
     for r in rows:
@@ -108,6 +108,6 @@ def run(args) -> dict:
     seconds = {(r["impl"], r["causal"]): r["seconds"] for r in rows}
     draw("bars", ["full", "causal"], {i: [seconds.get((i, False)), seconds.get((i, True))] for i in impls},
          out / "peers.png", ylabel="seconds, forward+backward (lower is better)",
-         title=f"W={args.peer_world}, S={args.peer_seq}: ringwise vs other packages")
+         title=f"W={args.peer_world}, S={args.peer_seq_len}: ringwise vs other packages")
     print(md)
     return dict(rows=rows)

@@ -20,16 +20,16 @@ from .common import step_memory
 from .flags import scaling_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 
 
-QUICK = dict(tokens_per_rank=256, global_len=1024, worlds=[1, 2, 4])
+QUICK = dict(tokens_per_rank=256, scaling_seq_len=1024, scaling_worlds=[1, 2, 4])
 
 
 def run(args) -> dict:
     rows = []
-    sweeps = [("weak", W, args.tokens_per_rank * W) for W in args.worlds]
-    sweeps += [("strong", W, args.global_len) for W in args.worlds]
+    sweeps = [("weak", W, args.tokens_per_rank * W) for W in args.scaling_worlds]
+    sweeps += [("strong", W, args.scaling_seq_len) for W in args.scaling_worlds]
     chunk = 1024
     with tqdm(total=len(sweeps), desc="scaling bench", unit="run") as bar:
-        for W in args.worlds:
+        for W in args.scaling_worlds:
             with LocalCluster(W, threads_per_rank=1, track_memory=True) as cluster:
                 for kind, w, global_len in sweeps:
                     if w != W:

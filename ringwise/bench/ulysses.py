@@ -5,7 +5,6 @@ default) run ring_attention(..., group=ring, ulysses_group=ulysses) forward + ba
 meshes U x R (1 x W is the pure ring, W x 1 pure Ulysses); one process with W threads runs
 torch SDPA on the whole sequence. Full and causal (zigzag). The ratio SDPA time / mesh
 time is the efficiency of the mesh: 1.0 means sharding costs nothing over the fused kernel.
-`ringwise bench attention --ulysses` runs this suite too.
 """
 from __future__ import annotations
 
@@ -67,7 +66,7 @@ def _parse_meshes(text):
     return list(dict.fromkeys(meshes))
 
 
-QUICK = dict(ulysses_seq=512, ulysses_repeats=1, ulysses_head_dim=32)
+QUICK = dict(ulysses_seq_len=512, ulysses_repeats=1, ulysses_head_dim=32)
 
 
 def run(args) -> dict:
@@ -79,7 +78,7 @@ def run(args) -> dict:
         raise ValueError(f"--ulysses-meshes must share one world size (got {sorted(worlds)}) and U must divide "
                          f"--ulysses-heads {heads} (not {bad}); heads must be a multiple of kv heads {kv}")
     W, T = worlds.pop(), args.ulysses_threads_per_rank
-    batch, seq, d, repeats = 1, args.ulysses_seq, args.ulysses_head_dim, args.ulysses_repeats
+    batch, seq, d, repeats = 1, args.ulysses_seq_len, args.ulysses_head_dim, args.ulysses_repeats
     rows = []
     with tqdm(total=2 + 2 * len(meshes), desc="ulysses bench", unit="case") as bar:
         for causal, t in sdpa_seconds(batch, seq, heads, d, W * T, repeats, bar).items():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import flag_problems, refused
+
 
 def add_arguments(parser) -> None:
     from ..bench.flags import add_bench_arguments
@@ -15,6 +17,9 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    found = flag_problems(args)
+    if found:
+        return refused("bench", found)
     from .. import bench
 
     parser = argparse.ArgumentParser()

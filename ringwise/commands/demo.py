@@ -15,15 +15,17 @@ from tqdm import tqdm
 
 import ringwise
 from ringwise.attention.kernels import ReferenceKernel, default_scale
-from ringwise.attention.layout import global_indices
+from ringwise.attention.layout import global_indices, split_unit
 from ringwise.bench.timing import median_time
 from ringwise.testing.cluster import LocalCluster
 from ringwise.testing.memory import PeakMemory, mib
 
+from . import flag_problems, refused
+
 
 def _inputs(args):
     g = torch.Generator().manual_seed(args.seed)
-    shape = (1, args.seq, args.heads, args.head_dim)
+    shape = (1, args.seq_len, args.heads, args.head_dim)
     return [torch.randn(shape, generator=g) for _ in range(4)]
 
 
@@ -79,22 +81,33 @@ def reference_errors(args, ring_results):
     W = len(ring_results)
     errors = {}
     for name, ref in refs.items():
-        whole = torch.empty(1, args.seq, args.heads, args.head_dim)
+        whole = torch.empty(1, args.seq_len, args.heads, args.head_dim)
         for r, res in enumerate(ring_results):
-            whole[:, global_indices(args.layout, r, W, args.seq)] = res[name]
+            whole[:, global_indices(args.layout, r, W, args.seq_len)] = res[name]
         errors[name] = (whole.double() - ref.transpose(1, 2)).abs().max().item()
     return errors
 
 
 def add_arguments(p):
-    p.add_argument("--world", type=int, default=4, help="processes in the ring")
-    p.add_argument("--seq", type=int, default=16384, help="global sequence length")
+    p.add_argument("--world", type=int, default=4, help="local processes in the ring")
+    p.add_argument("--seq-len", type=int, default=16384, help="global tokens of the sequence")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--layout", default="zigzag", choices=ringwise.LAYOUTS)
-    p.add_argument("--threads", type=int, default=2, help="total CPU threads (shared by the ranks)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads in all, shared by the ranks (SDPA gets them all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=2, help="forward+backward runs; the last one is reported")
+
+
+def problems(args) -> list[str]:
+    """Every bad value among the flags, one line each."""
+    found = [f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer"
+             for name in ("world", "seq_len", "heads", "head_dim", "threads", "iters")
+             if getattr(args, name) < 1]
+    if args.world >= 1 and args.seq_len >= 1 and args.seq_len % split_unit(args.layout, args.world):
+        found.append(f"--seq-len {args.seq_len} must be a multiple of {split_unit(args.layout, args.world)} "
+                     f"for layout {args.layout!r} on {args.world} ranks")
+    return found
 
 
 def run(args):
@@ -103,7 +116,7 @@ def run(args):
     stages.set_postfix_str(f"starting {W} processes (gloo)")
     with LocalCluster(W, threads_per_rank=max(1, args.threads // W), track_memory=True) as cluster:
         stages.update()
-        stages.set_postfix_str(f"causal ring attention fwd+bwd, {args.seq} tokens over {W} ranks")
+        stages.set_postfix_str(f"causal ring attention fwd+bwd, {args.seq_len} tokens over {W} ranks")
         results = cluster.run(ring_rank, args, timeout=3600)
     stages.update()
     stages.set_postfix_str("single-process SDPA on the whole sequence")
@@ -116,13 +129,13 @@ def run(args):
     stages.close()
 
     ring_time = max(r["seconds"] for r in results)
-    print(f"\nringwise demo: causal attention over {args.seq} tokens, {args.heads} heads x {args.head_dim}, "
+    print(f"\nringwise demo: causal attention over {args.seq_len} tokens, {args.heads} heads x {args.head_dim}, "
           f"float32, {W} ranks ({args.layout}), forward+backward")
     print(f"(iteration {args.iters} of {args.iters}; peak MiB = peak resident memory above the inputs)")
     print(f"{'rank':>6} {'tokens':>8} {'seconds':>9} {'peak MiB':>9}")
     for r, res in enumerate(results):
-        print(f"{r:>6} {args.seq // W:>8} {res['seconds']:>9.2f} {mib(res['peak']):>9.1f}")
-    print(f"{'SDPA':>6} {args.seq:>8} {sdpa['seconds']:>9.2f} {mib(sdpa['peak']):>9.1f}   (one process, {args.threads} threads)")
+        print(f"{r:>6} {args.seq_len // W:>8} {res['seconds']:>9.2f} {mib(res['peak']):>9.1f}")
+    print(f"{'SDPA':>6} {args.seq_len:>8} {sdpa['seconds']:>9.2f} {mib(sdpa['peak']):>9.1f}   (one process, {args.threads} threads)")
     print("max |error| vs float64 reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     print(f"time ratio SDPA / ring: {sdpa['seconds'] / ring_time:.2f}   "
           f"(ring per-rank peak memory is {mib(max(r['peak'] for r in results)) / max(mib(sdpa['peak']), 1e-9):.2f} x SDPA's)")
@@ -130,5 +143,8 @@ def run(args):
 
 
 def main(args) -> int:
+    found = flag_problems(args) + problems(args)
+    if found:
+        return refused("demo", found)
     run(args)
     return 0

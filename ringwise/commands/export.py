@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import sys
 
+from . import flag_problems, refused
+
 
 def add_arguments(p) -> None:
-    p.add_argument("run_dir", help="a training --out folder")
-    p.add_argument("out_file", help="where to write the consolidated checkpoint (.pt), or the folder (--hf)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `ringwise train` / `finetune` run's folder (its --out)")
+    p.add_argument("out_file", metavar="OUT", help="the file to write (.pt), or with --hf the folder (new or empty)")
     p.add_argument("--hf", action="store_true", help="a ringwise finetune run as a transformers folder "
                    "(safetensors, its config with the new RoPE, the tokenizer)")
 
 
 def main(args) -> int:
-    """0 with the export written; 2 (one line, no traceback) when there is nothing to export."""
+    """0 with the export written; 2 (no traceback) on bad flags or when there is nothing to export."""
+    found = flag_problems(args)
+    if found:
+        return refused("export", found)
     try:
         if getattr(args, "hf", False):
             from ..train.pretrained import export_hf

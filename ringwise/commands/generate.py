@@ -1,4 +1,4 @@
-"""`ringwise generate RUN_DIR|EXPORT.pt --world N (--prompt TEXT | --retrieval K)`: generation
+"""`ringwise generate --model RUN_DIR|EXPORT.pt --world N (--prompt TEXT | --retrieval K)`: generation
 from ringwise's own model across local ranks (the training job's launcher and flags), the
 prompt prefilled through the ring and decoded over the sharded KV cache (ringwise.generate).
 The ranks run where `ringwise train`'s do: --device auto|cpu|cuda and --backend gloo|nccl are
@@ -22,13 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import flag_problems, refused
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a training --out folder (its newest intact checkpoint) or an exported .pt")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="text to continue (byte tokens)")
-    what.add_argument("--retrieval", type=int, metavar="K", help="answer K evaluation documents of the run's task")
-    p.add_argument("--world", type=int, default=2, help="local ranks")
+    p.add_argument("--model", required=True, metavar="RUN_DIR|EXPORT.pt",
+                   help="a `ringwise train` run's folder (its newest intact checkpoint) or a `ringwise export` .pt")
+    p.add_argument("--prompt", metavar="TEXT", help="text to continue (byte tokens); or --retrieval")
+    p.add_argument("--retrieval", type=int, metavar="K", help="answer K evaluation documents of the run's task; "
+                   "or --prompt")
+    p.add_argument("--world", type=int, default=2, help="local processes to start (ignored under torchrun)")
     p.add_argument("--layout", default="zigzag", choices=("zigzag", "striped", "contiguous"))
     # the choices and defaults of `ringwise train`'s --device / --backend (a test holds them equal);
     # defined here because ringwise.train.config imports torch and `generate --help` must not
@@ -47,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def problems(args) -> list[str]:
     found = []
-    if not Path(args.model).exists():
+    if (args.prompt is None) == (args.retrieval is None):
+        found.append("give one of --prompt TEXT and --retrieval K")
+    if args.model is not None and not Path(args.model).exists():
         found.append(f"{args.model}: no such run folder or file")
     if args.world < 1:
         found.append(f"--world must be >= 1, got {args.world}")
@@ -226,10 +231,9 @@ def check(args, file: Path, report: dict) -> list[str]:
 def main(args) -> int:
     """0 with the tokens printed and generate.json written; 2 on bad flags or a missing model (before
     any rank starts); 1 when a rank failed or --check found different tokens."""
-    found = problems(args)
+    found = flag_problems(args) + problems(args)
     if found:
-        print("ringwise generate: " + "; ".join(found), file=sys.stderr)
-        return 2
+        return refused("generate", found)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from ..train.checkpoint import load_export

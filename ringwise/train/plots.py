@@ -14,7 +14,8 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["draw_run", "plot_retrieval_heatmap", "plot_loss_curve", "plot_lines", "plot_bars"]
+__all__ = ["draw_run", "plot_retrieval_heatmap", "plot_retrieval_heatmaps", "plot_loss_curve", "plot_lines",
+           "plot_bars"]
 
 
 def _figure(figsize):
@@ -60,27 +61,44 @@ def plot_retrieval_heatmap(acc, context_lengths: Sequence[int], depths: Sequence
     NaN marks a cell not evaluated (drawn grey).  Red is 0, green is 1, and each cell is
     annotated with its value.  Returns the PNG path.
     """
-    rows = [[float(v) for v in _tolist(r)] for r in _tolist(acc)]
-    if len(rows) != len(depths) or any(len(r) != len(context_lengths) for r in rows):
-        shape = (len(rows), len(rows[0]) if rows else 0)
-        raise ValueError(f"acc has shape {shape}, expected (len(depths), len(context_lengths)) = "
-                         f"({len(depths)}, {len(context_lengths)})")
+    return plot_retrieval_heatmaps({"": acc}, context_lengths, depths, path, title=title)
+
+
+def plot_retrieval_heatmaps(panels: Mapping[str, object], context_lengths: Sequence[int], depths: Sequence[float],
+                            path, title: str = "Line retrieval accuracy") -> Path:
+    """Heatmaps side by side on one color scale, one per ``panels`` item (its label -> an ``acc`` as
+    plot_retrieval_heatmap's, e.g. ``{"before": ..., "after": ...}``), under one title."""
+    grids = {}
+    for label, acc in panels.items():
+        rows = [[float(v) for v in _tolist(r)] for r in _tolist(acc)]
+        if len(rows) != len(depths) or any(len(r) != len(context_lengths) for r in rows):
+            shape = (len(rows), len(rows[0]) if rows else 0)
+            raise ValueError(f"acc{f' {label!r}' if label else ''} has shape {shape}, expected (len(depths), "
+                             f"len(context_lengths)) = ({len(depths)}, {len(context_lengths)})")
+        grids[label] = rows
     import numpy as np  # matplotlib depends on numpy, so it is present once _figure succeeds
 
-    fig = _figure((1.2 + 0.9 * len(context_lengths), 1.2 + 0.5 * len(depths)))
-    data = np.ma.masked_invalid(np.array(rows, dtype=float))
-    ax = fig.add_subplot()
+    n = max(1, len(grids))
+    fig = _figure((0.2 + n * (1.0 + 0.9 * len(context_lengths)) + 1.0, 1.4 + 0.5 * len(depths)))
+    axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
     cmap = _red_to_green()
-    im = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
-    for i, row in enumerate(rows):
-        for j, v in enumerate(row):
-            ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(context_lengths)), [_human(int(n)) for n in context_lengths])
-    ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="accuracy")
+    for ax, (label, rows) in zip(axes, grids.items()):
+        data = np.ma.masked_invalid(np.array(rows, dtype=float))
+        im = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
+        for i, row in enumerate(rows):
+            for j, v in enumerate(row):
+                ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(context_lengths)), [_human(int(n)) for n in context_lengths])
+        ax.set_xlabel("context length (tokens)")
+        if label:
+            ax.set_title(label)
+    axes[0].set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+    axes[0].set_ylabel("needle depth")
+    if n == 1 and not next(iter(grids)):
+        axes[0].set_title(title)
+    else:
+        fig.suptitle(title)
+    fig.colorbar(im, ax=list(axes), label="accuracy")
     return _save(fig, path)
 
 
@@ -115,37 +133,53 @@ def _ema(values: list[float], alpha: float) -> list[float]:
 
 
 def plot_loss_curve(steps, losses, path, title: str = "Training loss", extra: Mapping | None = None,
-                    smooth: float | None = None, logy: bool = False) -> Path:
-    """Loss against step, raw values faint with an exponential moving average on top.
+                    smooth: float | None = None, logy: bool = False, lr=None) -> Path:
+    """Loss against step (integer ticks), raw values faint with an exponential moving average on top.
 
     ``smooth`` is the EMA factor in [0, 1) (``None``: 0.9 when there are more than 50
     points, else no smoothing line).  ``extra`` adds labelled curves, e.g.
-    ``{"eval": (eval_steps, eval_losses)}``.  Returns the PNG path.
+    ``{"eval": (eval_steps, eval_losses)}``.  ``lr``, one value per step, is drawn dashed
+    against a second axis on the right (the schedule).  Returns the PNG path.
     """
     steps, losses = [float(s) for s in _tolist(steps)], [float(v) for v in _tolist(losses)]
     if len(steps) != len(losses):
         raise ValueError(f"steps and losses differ in length: {len(steps)} vs {len(losses)}")
+    if lr is not None and len(_tolist(lr)) != len(steps):
+        raise ValueError(f"lr has {len(_tolist(lr))} values for {len(steps)} steps")
     if smooth is None:
         smooth = 0.9 if len(losses) > 50 else 0.0
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"smooth must be in [0, 1), got {smooth}")
     fig = _figure((7, 4))
+    from matplotlib.ticker import MaxNLocator  # (matplotlib is there once _figure succeeds)
+
     ax = fig.add_subplot()
     if smooth > 0:
         ax.plot(steps, losses, color="C0", alpha=0.3, linewidth=1, label="train (raw)")
         ax.plot(steps, _ema(losses, smooth), color="C0", linewidth=2, label=f"train (EMA {smooth:g})")
     else:
-        ax.plot(steps, losses, color="C0", linewidth=1.5, label="train")
+        ax.plot(steps, losses, color="C0", linewidth=1.5, marker="o" if len(steps) <= 20 else None, markersize=3,
+                label="train")
     for k, (label, (xs, ys)) in enumerate((extra or {}).items()):
         ax.plot(_tolist(xs), _tolist(ys), color=f"C{k + 1}", marker="o", markersize=3, linewidth=1.5, label=label)
     if logy:
         ax.set_yscale("log")
         _plain_log_labels(ax.yaxis)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if lr is not None:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [float(v) for v in _tolist(lr)], color="C3", linestyle="--", linewidth=1, label="learning rate")
+        ax2.set_ylabel("learning rate")
+        ax2.set_ylim(bottom=0)
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     return _save(fig, path)
 
 
@@ -217,25 +251,42 @@ def plot_bars(groups: Sequence[str], values_by_series: Mapping[str, Sequence[flo
     return _save(fig, path)
 
 
+def _per_cell(n) -> str:
+    return "" if n is None else f", {n} document{'s' * (n != 1)} per cell"
+
+
+def _evaluated(name: str, r: dict) -> str:
+    """'before training (8 sequences, 7,680 tokens)': a perplexity curve's label with its sample size."""
+    n, tokens = r.get("sequences"), sum(t for t in r.get("tokens") or [] if t)
+    size = ", ".join(part for part in (f"{n} sequence{'s' * (n != 1)}" if n is not None else "",
+                                        f"{tokens:,.0f} tokens" if tokens else "") if part)
+    return f"{name} training" + (f" ({size})" if size else "")
+
+
 def draw_run(out) -> None:
-    """A run's plots from its metrics.jsonl and summary.json, into its folder: loss.png; finetune's
-    ppl_by_position.png and retrieval.png (passkey); the retrieval task's retrieval.png."""
+    """A run's plots from its metrics.jsonl and summary.json, into its folder: loss.png (with the
+    learning rate); finetune's ppl_by_position.png and retrieval.png (passkey), before and after, with
+    their sample sizes; the retrieval task's retrieval.png."""
     out = Path(out)
-    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl") if line.strip()]
+    lr = [r["lr"] for r in recs] if recs and all("lr" in r for r in recs) else None
     plot_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], out / "loss.png",
-                    title="Training loss (global mean per labelled token)")
+                    title="Training loss (global mean per labelled token)", lr=lr)
     summary = json.loads((out / "summary.json").read_text())
+    per_cell = (summary.get("config") or {}).get("eval_per_cell")
     if "perplexity" in summary:  # finetune: held-out perplexity by position inside the document
         runs = {name: r for name, r in summary["perplexity"].items() if r}
-        xs = {f"{name} training": [s for s, p in zip(r["starts"], r["ppl"]) if p] for name, r in runs.items()}
-        ys = {f"{name} training": [p for p in r["ppl"] if p] for name, r in runs.items()}
+        xs = {_evaluated(name, r): [s for s, p in zip(r["starts"], r["ppl"]) if p] for name, r in runs.items()}
+        ys = {_evaluated(name, r): [p for p in r["ppl"] if p] for name, r in runs.items()}
         plot_lines(xs, ys, out / "ppl_by_position.png", xlabel="position inside the document (bucket start, tokens)",
                    ylabel="held-out perplexity", title="Perplexity by position, before and after fine-tuning")
     if "passkey" in summary:
         r = summary["passkey"]
-        plot_retrieval_heatmap(r["accuracy"], r["lengths"], r["depths"], out / "retrieval.png",
-                               title="Passkey retrieval after fine-tuning")
+        panels = {"before fine-tuning": r["before"], "after fine-tuning": r["accuracy"]} if r.get("before") else \
+            {"after fine-tuning": r["accuracy"]}
+        plot_retrieval_heatmaps(panels, r["lengths"], r["depths"], out / "retrieval.png",
+                                title=f"Passkey retrieval{_per_cell(per_cell)}")
     if "retrieval" in summary:
         r = summary["retrieval"]
         plot_retrieval_heatmap(r["accuracy"], r["lengths"], r["depths"], out / "retrieval.png",
-                               title="Line retrieval accuracy")
+                               title=f"Line retrieval accuracy after training{_per_cell(per_cell)}")
