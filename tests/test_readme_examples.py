@@ -636,7 +636,7 @@ def check_synopsis(words: list[str], where: str):
     if words[0] != "ringwise":
         return  # python synopses name no flags of ours
     if len(words) == 1 or words[1].startswith("-"):
-        unknown = [w for w in words[1:] if w.startswith("--") and w != "--help"]
+        unknown = [w for w in words[1:] if w.startswith("--") and w not in ("--help", "--version")]
         assert not unknown, f"{where}: `ringwise` takes no {unknown}"
         return
     assert words[1] in CLI, f"{where}: `ringwise {words[1]}` is no command (ringwise.cli.COMMANDS)"
@@ -689,4 +689,4 @@ def test_the_shell_commands_are_found():
     assert any(t.startswith("ringwise train --world 4") for t in texts)
     assert any(t.startswith("torchrun --nnodes 4") and "-m ringwise.train" in t for t in texts)
     assert any(t.startswith("ringwise finetune --model") and "--rope-theta" in t for t in texts)
-    assert any(t.startswith("ringwise generate runs/demo") for t in texts)
+    assert any(t.startswith("ringwise generate --model runs/demo") for t in texts)
