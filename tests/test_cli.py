@@ -100,3 +100,119 @@ def test_bench_decode_quick(tmp_path):
     assert [(r["world"], r["prompt"]) for r in e2e] == [(1, 256), (2, 256)]
     assert all(r["ttft"] > 0 and r["step"] > 0 for r in e2e) and e2e[0]["step_vs_one_process"] == 1.0
     assert "End to end" in (tmp_path / "decode.md").read_text()
+
+
+# ---------------------------------------------------------------- one vocabulary, checked whole
+
+def _options(command):
+    from ringwise.cli import build_parser
+
+    sub = next(a for a in build_parser((command,))._actions if getattr(a, "choices", None))
+    return sub.choices[command]._option_string_actions
+
+
+def test_every_command_speaks_one_vocabulary():
+    """The same flag for the same thing (docs/cli.md): --model, --seq-len, --world (processes to start),
+    --device (where ranks run), --backend (gloo | nccl), --dtype (bf16 | fp32); no old spelling left."""
+    from ringwise.cli import COMMANDS
+
+    flags = {name: _options(name) for name in COMMANDS}
+    for name in ("train", "finetune", "generate", "plan"):
+        assert "--model" in flags[name], name
+    for name in ("train", "finetune", "demo", "plan", "bench"):
+        assert "--seq-len" in flags[name], name
+    for name in ("train", "finetune", "generate", "demo"):
+        assert flags[name]["--world"].type is int and flags[name]["--world"].nargs is None, name
+    for name in ("train", "finetune", "generate"):
+        assert set(flags[name]["--device"].choices) == {"auto", "cpu", "cuda"}
+        assert set(flags[name]["--backend"].choices) == {"gloo", "nccl"}
+    for name in ("train", "finetune"):
+        assert set(flags[name]["--dtype"].choices) == {"bf16", "fp32"}
+    assert set(flags["bench"]["--gpu-dtype"].choices) | set(flags["bench"]["--decode-dtype"].choices) <= {
+        "bf16", "fp16", "fp32"}
+    assert set(flags["bench"]["--device"].choices) == {"cpu", "cuda"}
+    old = {"--seq", "--global-len", "--ring-worlds", "--compute-seq", "--compute-backend", "--ulysses-seq",
+           "--peer-seq", "--gpu-seqs", "--decode-seqs", "--gpu-max-seq", "--gpu-mfu-seq"}
+    for name, options in flags.items():
+        assert not old & set(options), (name, old & set(options))
+    assert "--world" not in flags["bench"] and "--ulysses" not in flags["bench"]  # --worlds sweeps; bench ulysses
+    assert "--device" not in flags["plan"] and "--hardware" in flags["plan"]  # plan's is an accelerator model
+    assert list(flags["plan"]["--model"].choices) == ["llama-3b", "llama-7b", "llama-13b", "llama-30b", "llama-65b"]
+
+
+def test_help_shows_every_default_and_the_version(capsys):
+    import pytest
+
+    from ringwise import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ringwise {__version__}"
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--lr LR (default: 2e-05)", "--steps STEPS (default: 100)", "--seq-len SEQ_LEN global tokens",
+                  "(default: 1024)", "--eval-depths [EVAL_DEPTHS ...] passkey depths in [0, 1] (default: 0.0 0.25"):
+        assert shown in text, shown
+    assert " --model PATH " in text and "[--model" not in text and "[--text" not in text  # required, as such
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: ringwise bench SUITE [--quick]")
+    assert text.index("SUITE:") < text.index("  attention  ") < text.index("every suite:") < text.index("\ndecode (")
+
+
+def test_every_problem_of_a_command_line_at_once(capsys):
+    """Bad values, choices, unknown and missing flags, and the command's own checks: one list, status 2,
+    no traceback, nothing started."""
+    assert main(["generate", "--world", "0", "--temperature", "hot", "--bogus", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ringwise generate: 5 problems with the flags:"), err
+    for what in ("--temperature hot: must be a number", "unrecognized --bogus 1", "--model RUN_DIR|EXPORT.pt: required",
+                 "give one of --prompt TEXT and --retrieval K", "--world must be >= 1, got 0"):
+        assert what in err, (what, err)
+    assert main(["plan", "--model", "7b", "--hardware", "tpu-v9", "--devices", "12", "--devices-per-node", "8",
+                 "--seq-len", "-1"]) == 2
+    err = capsys.readouterr().err
+    for what in ("--model 7b: must be one of llama-3b,", "--hardware tpu-v9: must be one of a100-nvlink,",
+                 "--seq-len -1: must be a positive integer", "--devices 12 must be a multiple of --devices-per-node 8"):
+        assert what in err, (what, err)
+    assert main(["demo", "--seq-len", "100", "--world", "3", "--heads", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--heads x: must be an integer" in err and "--seq-len 100 must be a multiple of 6" in err
+    assert main(["finetune", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--model PATH: required" in err and "--text FILE: required" in err and "--steps 0" in err, err
+    assert main(["export"]) == 2 and "RUN_DIR, OUT" in capsys.readouterr().err
+    assert main(["bench", "attention", "--worlds", "1", "x", "--decode-dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "--worlds x: must be an integer" in err and "--decode-dtype float32: must be one of fp32, bf16" in err
+
+
+def test_summary_says_what_was_asked_what_ran_and_how_fast(tmp_path, monkeypatch):
+    """After the job: the command line, every flag as resolved, wall time, step time, tokens/s, peak memory."""
+    from ringwise.cli import parse
+    from ringwise.train.config import TrainConfig
+    from ringwise.train.summary import complete_summary
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    args = parse(["train", "--world", "2", "--model", "tiny", "--seq-len", "64", "--batch", "4", "--device", "cpu",
+                  "--out", str(tmp_path)])
+    cfg = TrainConfig.from_args(args)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, loss=1.0, seconds=0.5, peak_rss_mib=100.0 + s))
+                                                    + "\n" for s in range(4)))
+    (tmp_path / "summary.json").write_text(json.dumps(dict(final_loss=1.0, steps=4)))
+    flags = [k for k in vars(args) if not k.startswith("_") and k != "command"]
+    complete_summary(tmp_path, cfg, flags, args._argv, 12.5)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["command"].startswith("ringwise train --world 2 --model tiny")
+    config = summary["config"]
+    assert config["world"] == 2 and config["device"] == "cpu" and config["backend"] == "gloo"
+    assert config["dtype"] == "fp32" and config["threads"] >= 1 and config["eval_lengths"] == [32, 64]
+    assert config["model"] == "tiny" and config["lr"] == 3e-3 and config["mesh"] == dict(dp=1, cp=2, ulysses=1)
+    assert "out" not in config and "pretrained" not in config  # not a flag of train
+    assert summary["final_loss"] == 1.0 and summary["wall_time_s"] == 12.5 and summary["train_time_s"] == 2.0
+    assert summary["tokens_per_s"] == 4 * 4 * 64 / 2.0 and summary["peak_memory_mib"] == 103.0
+    complete_summary(tmp_path, cfg, flags, args._argv, 3.0)  # evaluated again: this invocation's numbers
+    assert json.loads((tmp_path / "summary.json").read_text())["wall_time_s"] == 3.0
