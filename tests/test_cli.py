@@ -200,8 +200,8 @@ def test_summary_says_what_was_asked_what_ran_and_how_fast(tmp_path, monkeypatch
     args = parse(["train", "--world", "2", "--model", "tiny", "--seq-len", "64", "--batch", "4", "--device", "cpu",
                   "--out", str(tmp_path)])
     cfg = TrainConfig.from_args(args)
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, loss=1.0, seconds=0.5, peak_rss_mib=100.0 + s))
-                                                    + "\n" for s in range(4)))
+    records = [dict(step=s, loss=1.0, seconds=0.5, peak_rss_mib=100.0 + s) for s in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "summary.json").write_text(json.dumps(dict(final_loss=1.0, steps=4)))
     flags = [k for k in vars(args) if not k.startswith("_") and k != "command"]
     complete_summary(tmp_path, cfg, flags, args._argv, 12.5)

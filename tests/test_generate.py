@@ -90,8 +90,9 @@ def test_generate_places_its_ranks_as_train_does(tmp_path, capsys):
 
     assert placement_flags("generate") == placement_flags("train")
     (tmp_path / "model.pt").write_bytes(b"")
-    assert main(["generate", "--model", str(tmp_path / "model.pt"), "--prompt", "x", "--device", "cpu", "--backend", "nccl"]) == 2
+    model = ["--model", str(tmp_path / "model.pt")]
+    assert main(["generate", *model, "--prompt", "x", "--device", "cpu", "--backend", "nccl"]) == 2
     assert "--backend nccl needs --device cuda" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main(["generate", "--model", str(tmp_path / "model.pt"), "--prompt", "x", "--device", "cuda"]) == 2
+        assert main(["generate", *model, "--prompt", "x", "--device", "cuda"]) == 2
         assert "--device cuda: torch sees no GPU" in capsys.readouterr().err

@@ -320,7 +320,8 @@ def test_bench_parser_imports_no_suite():
     a parsed `bench compute` command line neither."""
     code = ("import json, sys\nfrom ringwise.cli import build_parser, main\n"
             "try:\n    main(['bench', 'attention', '--help'])\nexcept SystemExit as e:\n    code = e.code\n"
-            "args = build_parser(['bench']).parse_args(['bench', 'compute', '--compute-seq-len', '64', '--repeats', '2'])\n"
+            "args = build_parser(['bench']).parse_args(['bench', 'compute', '--compute-seq-len', '64',\n"
+            "                                            '--repeats', '2'])\n"
             "print(json.dumps(dict(code=code, modules=sorted(m for m in sys.modules if m.startswith('ringwise')),"
             " torch='torch' in sys.modules, repeats=args.repeats)))")
     done = run_python(code)

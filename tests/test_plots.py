@@ -4,8 +4,13 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from ringwise.train.plots import (plot_bars, plot_lines, plot_loss_curve, plot_retrieval_heatmap,  # noqa: E402
-                                  plot_retrieval_heatmaps)
+from ringwise.train.plots import (  # noqa: E402
+    plot_bars,
+    plot_lines,
+    plot_loss_curve,
+    plot_retrieval_heatmap,
+    plot_retrieval_heatmaps,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -142,7 +147,8 @@ def test_a_runs_plots_are_drawn_from_its_files(tmp_path):
 def test_a_curves_label_says_how_much_was_evaluated():
     from ringwise.train.plots import _evaluated, _per_cell
 
-    assert _evaluated("before", dict(sequences=8, tokens=[7000.0, 680.0, 0])) == "before training (8 sequences, 7,680 tokens)"
+    label = _evaluated("before", dict(sequences=8, tokens=[7000.0, 680.0, 0]))
+    assert label == "before training (8 sequences, 7,680 tokens)"
     assert _evaluated("after", dict(sequences=1, tokens=[5.0])) == "after training (1 sequence, 5 tokens)"
     assert _evaluated("after", {}) == "after training"
     assert _per_cell(2) == ", 2 documents per cell" and _per_cell(None) == ""

@@ -94,7 +94,8 @@ def run(args) -> dict:
             rows.append(dict(impl="ringattention (JAX)", causal=causal, seconds=res["seconds"], peak_mib=None))
     except ImportError:
         print("ringattention (JAX) not installed: skipped")
-    lines = [f"W={args.peer_world} ranks, global sequence {args.peer_seq_len}, {args.heads} heads x {args.head_dim}, float32, "
+    lines = [f"W={args.peer_world} ranks, global sequence {args.peer_seq_len}, {args.heads} heads x {args.head_dim}, "
+             "float32, "
              f"forward+backward, median of {max(1, args.repeats)}; causal runs use each package's balanced layout.", "",
              "| impl | mask | seconds | peak MiB per rank | ringwise speed-up |", "|---|---|---|---|---|"]
     for r in rows:

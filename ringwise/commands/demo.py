@@ -94,7 +94,8 @@ def add_arguments(p):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--layout", default="zigzag", choices=ringwise.LAYOUTS)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads in all, shared by the ranks (SDPA gets them all)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads in all, shared by the ranks (SDPA gets them all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=2, help="forward+backward runs; the last one is reported")
 
