@@ -71,7 +71,9 @@ def time_ranks(S, heads, kv_heads, head_dim, dtype, repeats):
     row = dict(total=median_time(lambda: ringwise.decode_attention(q, k, v), repeats),
                local=median_time(lambda: local_attention(q, k, v, scale, None, None), repeats))
     if W > 1:
-        row.update(gather=median_time(lambda: dist.all_gather_into_tensor(parts, packed), repeats),
+        # torch >= 2.13's name; all_gather_into_tensor, the older one, warns (FutureWarning) on every call there
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        row.update(gather=median_time(lambda: gather(parts, packed), repeats),
                    merge=median_time(merge, repeats), tree_all_reduces=median_time(tree, repeats),
                    kv_ring=median_time(kv_ring, max(1, repeats // 2)), gather_bytes=packed.numel() * packed.element_size())
     return row

@@ -173,7 +173,9 @@ def worker(args, file: str) -> dict | None:
         ttft.append(stamps[1] - stamps[0])
         latencies += [b - a for a, b in zip(stamps[1:], stamps[2:])]
         if j["new"] > 1:  # the first new token comes from the prefill; the rest are decode steps
-            comms.append(counted.counts.get("all_gather_into_tensor", 0) / (j["new"] - 1))
+            # the decode step's gathers: torch >= 2.13's all_gather_single, or its older name
+            gathers = sum(counted.counts.get(k, 0) for k in ("all_gather_single", "all_gather_into_tensor"))
+            comms.append(gathers / (j["new"] - 1))
         kv.append(cache.nbytes())
         results.append(tokens[:, j["ids"].shape[1]:])
     if bar is not None:
