@@ -47,7 +47,7 @@ def main():
                     continue
                 batch = collate(examples)
                 with torch.no_grad():
-                    pred, mask = model.labelled_predictions(batch["input_ids"], torch.arange(L), batch["labels"])
+                    pred, mask = model.predict(batch["input_ids"], torch.arange(L), batch["labels"])
                 right = torch.zeros_like(mask)
                 right[mask] = pred == batch["labels"][mask]
                 hits += int((right.sum(1) == mask.sum(1)).sum())

@@ -6,6 +6,13 @@ feed-forward and the output loss run chunk by chunk along the sequence and are
 recomputed in backward, so neither a (seq x ffn_dim) hidden nor (seq x vocab) logits ever
 exist whole (Blockwise Parallel Transformer). Activation checkpointing per layer is an
 option on top.
+
+The training job's calls, the same as ringwise.train.pretrained.PretrainedLM's (a transformers
+model): `set_ring(shard)` once, then `loss(input_ids, positions, labels, cu_seqlens=None)` ->
+(summed loss, labelled-token count), `predict(...)` -> (greedy tokens at the labelled positions,
+their mask) and `token_losses(...)` -> every local token's loss, on that ring. `forward` and
+`hidden` take the ring per call (layout=, group=, ...: `SeqShard.ring_kwargs()`), for code that
+drives the model directly (benchmarks, generation).
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention.api import ring_attention
 from .attention.decode import decode_attention
-from .attention.seqshard import IGNORE_INDEX  # labels the loss skips; defined where labels are shifted
+from .attention.seqshard import IGNORE_INDEX, SeqShard  # IGNORE_INDEX: labels the loss skips (defined with the shift)
 from .presets import SHAPES
 
 
@@ -216,6 +223,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.set_ring(SeqShard())  # one process (world 1) until the job gives its own
         if self.embed.weight.device.type != "meta":  # on meta, the owner fills each shard (ringwise.train)
             self.reset_parameters(torch.initial_seed())
 
@@ -236,14 +244,19 @@ class Transformer(nn.Module):
             p.copy_(self.initial_value(name, seed))
 
     def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True, ulysses_group=None,
-               mesh_group=None, step: CacheStep | None = None):
+               mesh_group=None, cu_seqlens=None, step: CacheStep | None = None):
         """Final normalised hidden states of the local tokens: (batch, local_seq, dim).
 
         layout, group, ulysses_group, mesh_group: how the sequence is sharded (`SeqShard.ring_kwargs()`).
+        cu_seqlens: packed documents' global boundaries (ring attention stays inside each document).
         step: fill (prefill) or read (decode) a sharded KV cache; see ringwise.generate."""
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         attn_kwargs = dict(layout=layout, group=group, validate=validate, ulysses_group=ulysses_group,
                            mesh_group=mesh_group)
+        if cu_seqlens is not None:
+            if step is not None or self.cfg.attention != "ring":
+                raise ValueError("cu_seqlens (packed documents) needs ring attention and no KV cache")
+            attn_kwargs["cu_seqlens"] = cu_seqlens
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.checkpoint_layers and torch.is_grad_enabled():
@@ -269,12 +282,42 @@ class Transformer(nn.Module):
         h = self.hidden(input_ids, positions, **attn_kwargs)
         return self.loss_sum(h, labels), (labels != IGNORE_INDEX).sum()
 
+    # -- the training job's calls, on the ring set by set_ring (see the module docstring) ----------
+    def set_ring(self, shard: SeqShard) -> None:
+        """The ring `loss`, `predict` and `token_losses` run on. The first `loss` after it validates its
+        arguments across the ring's ranks (ring_attention's verdict); later ones trust them, as a
+        training job's steps repeat the first one's shapes. `predict` and `token_losses` (evaluation:
+        new lengths) validate every call."""
+        self.ring, self._loss_validated = shard, False
+
+    def _on_ring(self, validate: bool, cu_seqlens) -> dict:
+        return dict(self.ring.ring_kwargs(), validate=validate, cu_seqlens=cu_seqlens)
+
+    def loss(self, input_ids, positions, labels, cu_seqlens=None):
+        """(sum of the local token losses, local labelled tokens), on the ring."""
+        validate, self._loss_validated = not self._loss_validated, True
+        return self(input_ids, positions, labels, **self._on_ring(validate, cu_seqlens))
+
     @torch.no_grad()
-    def labelled_predictions(self, input_ids, positions, labels, **attn_kwargs):
-        """Greedy predictions at the labelled positions only (batch-major order)."""
-        h = self.hidden(input_ids, positions, **attn_kwargs)
+    def predict(self, input_ids, positions, labels, cu_seqlens=None):
+        """(greedy next tokens at the labelled positions, batch-major; the (batch, local) mask of those
+        positions), on the ring."""
+        h = self.hidden(input_ids, positions, **self._on_ring(True, cu_seqlens))
         mask = labels != IGNORE_INDEX
         return self.output(h[mask]).argmax(-1), mask
+
+    def token_losses(self, input_ids, positions, labels, cu_seqlens=None):
+        """Every local token's next-token loss, (batch, local) in float32 at least, 0 where unlabelled,
+        on the ring (blockwise, as `loss_sum`)."""
+        h = self.hidden(input_ids, positions, **self._on_ring(True, cu_seqlens))
+        if not self.cfg.blockwise:
+            return self._chunk_token_losses(h, labels)
+        return torch.cat(blockwise(self._chunk_token_losses, h, self.cfg.loss_chunk, labels), 1)
+
+    def _chunk_token_losses(self, h, labels):
+        logits = self.output(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

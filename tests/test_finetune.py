@@ -187,7 +187,7 @@ def passkey_job(cfg_dict, flip):
 
     cfg = TrainConfig(**cfg_dict)
     run = setup(cfg, make_mesh(1, torch.device("cpu"), cfg.timeout))
-    return passkey_accuracy(run, run.tokenizer, [48, SEQ], [0.0, 0.5, 1.0], 2,
+    return passkey_accuracy(run, run.task.tokenizer, [48, SEQ], [0.0, 0.5, 1.0], 2,
                             document=one_process_answers(cfg.pretrained, flip))
 
 
@@ -243,6 +243,67 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
         "input_ids"] == [16, 17, 10, 4]
 
 
+def test_both_models_offer_the_same_calls():
+    """The training job calls ringwise's Transformer and a pretrained model alike (tasks.py)."""
+    import inspect
+
+    from ringwise.model import Transformer
+    from ringwise.train.pretrained import PretrainedLM
+
+    for name in ("set_ring", "loss", "predict", "token_losses"):
+        assert inspect.signature(getattr(Transformer, name)) == inspect.signature(getattr(PretrainedLM, name)), name
+
+
+def calls_job(cfg_dict):
+    """A sharded pretrained model's training calls on this rank, summed over the ring."""
+    from ringwise.train.loop import build
+    from ringwise.train.mesh import make_mesh
+
+    cfg = TrainConfig(**cfg_dict)
+    run = build(cfg, make_mesh(1, torch.device("cpu"), cfg.timeout))
+    ex = run.task.held_out[0]
+    shard = run.model.ring
+    ids, labels = (shard.shard(ex[k][None]) for k in ("input_ids", "labels"))
+    pos = shard.positions(SEQ)
+    loss, n = run.model.loss(ids, pos, labels, ex["cu_seqlens"])
+    with torch.no_grad():
+        per_token = run.model.token_losses(ids, pos, labels, ex["cu_seqlens"])
+    predicted, mask = run.model.predict(ids, pos, labels, ex["cu_seqlens"])
+    sums = torch.stack([loss.detach().double(), per_token.sum().double(), n.double(), mask.sum().double()])
+    dist.all_reduce(sums, group=shard.group)
+    return sums.tolist(), bool((per_token[~mask] == 0).all()), predicted.numel() == int(mask.sum())
+
+
+def test_a_pretrained_models_calls_agree_on_the_ring(cluster, checkpoint_and_text, tmp_path):
+    model, text = checkpoint_and_text
+    for (loss, summed, n, labelled), zero_elsewhere, one_per_label in cluster(2).run(
+            calls_job, vars(config(model, text, tmp_path / "c"))):
+        assert abs(loss - summed) <= 1e-6 * loss and n == labelled > 0 and zero_elsewhere and one_per_label
+
+
+def test_validation_and_the_build_share_one_tokenization(checkpoint_and_text, tmp_path, monkeypatch):
+    """The flag check tokenizes --text (config.py); the build's task reuses it in the same process
+    (a rank under torchrun does both); an edited file is read again."""
+    import shutil
+
+    import ringwise.train.pretrained as pretrained
+    from ringwise.train.config import problems
+    from ringwise.train.tasks import task_for
+
+    model, text = checkpoint_and_text
+    shutil.copytree(text, tmp_path / "text")
+    cfg = config(model, tmp_path / "text", tmp_path / "run")
+    made = []
+    real = pretrained._prepare_documents
+    monkeypatch.setattr(pretrained, "_prepare_documents", lambda c: made.append(c) or real(c))
+    assert problems(cfg) == [] and len(made) == 1
+    task = task_for(cfg)
+    assert task.train_data is pretrained.documents(cfg).train and task.tokenizer is not None and len(made) == 1
+    edited = tmp_path / "text" / "a.txt"
+    os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))
+    assert task_for(cfg).train_data is not task.train_data and len(made) == 2
+
+
 def test_bad_flags_are_listed_before_any_rank_starts(checkpoint_and_text, tmp_path, capsys):
     from ringwise.cli import main
 
@@ -272,7 +333,7 @@ def real_model_loss(path, seq):
     ids = torch.randint(0, 49152, (1, seq + 1), generator=torch.Generator().manual_seed(0))
     shard = SeqShard("zigzag", mesh.cp_group)
     with torch.no_grad():
-        loss, n = model(shard.shard(ids[:, :-1]), shard.positions(seq), shard.shard(ids[:, 1:]), cu_seqlens=[0, seq])
+        loss, n = model.loss(shard.shard(ids[:, :-1]), shard.positions(seq), shard.shard(ids[:, 1:]), [0, seq])
     t = torch.stack([loss.double(), n.double()])
     dist.all_reduce(t)
     return (t[0] / t[1]).item()

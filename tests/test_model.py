@@ -1,10 +1,12 @@
 """The Blockwise Transformer and the training step: exact across ring sizes and layouts."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ringwise.model import ModelConfig, Transformer, model_config
-from ringwise.train import compute_gradients, make_dataset, make_mesh, shard_model, step
+from ringwise.train import compute_gradients, make_mesh, shard_model, step, task_for
 from ringwise.train.loop import Run
 
 from helpers import CEILINGS, assert_within_budget, train_args
@@ -46,6 +48,43 @@ def test_blockwise_keeps_only_chunk_inputs():
     assert max(saved) < 64 * 1024  # a whole hidden would be 64 x 1024
 
 
+def test_the_training_calls_agree_and_take_packed_documents(monkeypatch):
+    """loss, token_losses and predict (the calls the training job makes of either model) on one
+    process: loss is forward's, token_losses sum to it (0 where unlabelled), predict is the greedy
+    token at the labelled positions; packed documents (cu_seqlens) are each document alone; the first
+    loss after set_ring is validated, later ones are not, evaluation's calls always are."""
+    import ringwise.model as rw_model
+    from ringwise.attention.seqshard import SeqShard
+
+    torch.manual_seed(0)
+    model = Transformer(TINY).double()
+    ids, labels = torch.randint(0, TINY.vocab_size, (2, 2, 24))
+    labels[:, :5] = -100
+    pos = torch.arange(24)
+    validated = []
+    real = rw_model.ring_attention
+    monkeypatch.setattr(rw_model, "ring_attention", lambda *a, **kw: validated.append(kw["validate"]) or real(*a, **kw))
+    model.set_ring(SeqShard("contiguous"))
+    loss, n = model.loss(ids, pos, labels)
+    assert validated == [True, True]  # a call per layer
+    assert torch.equal(loss, model(ids, pos, labels, layout="contiguous")[0]) and n == 38
+    validated.clear()
+    model.loss(ids, pos, labels)
+    per_token = model.token_losses(ids, pos, labels)
+    predicted, mask = model.predict(ids, pos, labels)
+    assert validated == [False] * 2 + [True] * 4
+    assert per_token.shape == (2, 24) and (per_token[:, :5] == 0).all()
+    assert torch.allclose(per_token.sum(), loss, rtol=1e-12)
+    h = model.hidden(ids, pos)
+    assert torch.equal(mask, labels != -100) and torch.equal(predicted, model.output(h[mask]).argmax(-1))
+
+    packed, _ = model.loss(ids, pos, labels, [0, 10, 24])
+    alone = sum(model(ids[:, a:b], pos[a:b], labels[:, a:b])[0] for a, b in ((0, 10), (10, 24)))
+    assert torch.allclose(packed, alone, rtol=1e-12) and not torch.allclose(packed, loss, rtol=1e-6)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        Transformer(replace(TINY, attention="sdpa")).loss(ids, pos, labels, [0, 10, 24])
+
+
 def gradients_and_step(cfg, dtype_name, per_layer=None):
     """Loss, grads and post-step parameters of the global batch at step 0, on this mesh."""
     dtype = getattr(torch, dtype_name)
@@ -53,11 +92,12 @@ def gradients_and_step(cfg, dtype_name, per_layer=None):
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config(cfg.model, ffn_chunk=16, loss_chunk=16)).to(dtype)
     shard_model(model, mesh, per_layer=per_layer)  # FSDP2 over the whole (dp, cp) mesh: the one gradient path
+    model.set_ring(mesh.seqshard(cfg.layout))
     # SGD with momentum: the stepped parameters are linear in the gradients, so the float32
     # budget carries over. (AdamW's first step, g / (|g| + 1e-8), amplifies the round-off of
     # near-zero gradients without bound, making a max-error comparison a coin toss.)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-    run = Run(cfg, mesh, model, optimizer, make_dataset(cfg))
+    run = Run(cfg, mesh, task_for(cfg), model, optimizer)
 
     def whole(t):  # FSDP holds DTensor shards
         return t.full_tensor().flatten()

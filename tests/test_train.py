@@ -41,6 +41,21 @@ def built_params(cfg):
     return {k: v.full_tensor() for k, v in run.model.state_dict().items()}
 
 
+def test_the_loop_asks_its_task_not_the_configuration():
+    """What differs between retrieval, text and finetune runs is the task's (tasks.py), picked once:
+    loop.py reads neither cfg.pretrained nor cfg.data."""
+    import ast
+    import inspect
+
+    from ringwise.train import loop, tasks
+
+    read = {n.attr for n in ast.walk(ast.parse(inspect.getsource(loop))) if isinstance(n, ast.Attribute)}
+    assert not read & {"pretrained", "data"}
+    assert type(tasks.task_for(train_args())) is tasks.RetrievalTask
+    assert type(tasks.task_for(train_args(data="text", text=["corpus.txt"]))) is tasks.TextTask
+    assert type(tasks.task_for(train_args(pretrained="model", data="documents"))) is tasks.FinetuneTask
+
+
 def test_sharded_build_equals_the_whole_model(cluster):
     """Training never builds the model whole: each rank fills its shards one parameter at a
     time, and the result is exactly the model built whole in one process."""

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import torch
 
-from ..attention.seqshard import SeqShard
 from ..model import IGNORE_INDEX
 from .sampling import _rng, collate
 from .text import ByteTokenizer
@@ -271,23 +270,23 @@ def retrieval_eval_grid(
 
 
 @torch.no_grad()
-def retrieval_accuracy(model, lengths: Sequence[int], depths: Sequence[float], per_cell: int, *, layout: str,
-                       group=None, ulysses_group=None, mesh_group=None, device=None, **task) -> list[list[float]]:
+def retrieval_accuracy(model, lengths: Sequence[int], depths: Sequence[float], per_cell: int, *, device=None,
+                       **task) -> list[list[float]]:
     """Accuracy[depth][length] of a sequence-parallel model on the evaluation grid.
 
-    An answer counts only if every one of its tokens is the greedy prediction. Each rank
-    holds one shard of every sequence (ring `group`, times `ulysses_group` if given); hits
-    are summed over those groups on `device` tensors, so this runs under gloo and NCCL alike."""
+    An answer counts only if every one of its tokens is the greedy prediction (`model.predict`).
+    Each rank holds one shard of every sequence, cut as the model's ring (`model.ring`, a
+    SeqShard) cuts it; hits are summed over the ring's groups on `device` tensors, so this runs
+    under gloo and NCCL alike."""
     grid = retrieval_eval_grid(lengths, depths, per_cell, **task)
-    seqshard = SeqShard(layout, group, ulysses_group, mesh_group)
+    seqshard = model.ring
     was_training = model.training
     model.eval()
     acc = {}
     for (L, depth), examples in grid.items():
         batch = collate(examples)  # labels are already next-token targets: sharded as they are
         ids, labels = (seqshard.shard(batch[k]).to(device) for k in ("input_ids", "labels"))
-        pred, mask = model.labelled_predictions(ids, seqshard.positions(L, device=device), labels,
-                                                **seqshard.ring_kwargs())
+        pred, mask = model.predict(ids, seqshard.positions(L, device=device), labels)
         hits = torch.zeros(labels.shape, dtype=torch.bool, device=device)
         hits[mask] = pred == labels[mask]
         counts = seqshard.all_reduce(torch.stack([(hits & mask).sum(1), mask.sum(1)]).double())

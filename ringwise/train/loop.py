@@ -1,5 +1,7 @@
-"""The training loop: `setup`, `step`, `evaluate`, `save`, and `worker` that runs them on one rank.
+"""The training loop: `setup`, `step`, `save`, `train`, and `worker` that runs them on one rank.
 
+What differs between runs (the model, the data, the evaluation, what a checkpoint keeps of them)
+is the run's task (tasks.py), picked once from the configuration: nothing here asks which.
 Every rank holds one shard of each sequence of its replica. Each rank's loss covers only
 its own tokens and is divided by the *global* labelled-token count, so summing parameter
 gradients over all ranks (FSDP2's reduce-scatter, see mesh.py) gives exactly the
@@ -8,7 +10,6 @@ metrics.jsonl and summary.json; the ranks never draw plots (the command does, af
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -20,15 +21,13 @@ import torch
 import torch.distributed as dist
 
 from ..attention.seqshard import SeqShard
-from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, collate, retrieval_accuracy, sample_indices
-from ..model import IGNORE_INDEX, Transformer, model_config
+from ..data import collate, sample_indices
+from ..model import IGNORE_INDEX
 from . import checkpoint
 from .config import TrainConfig
-from .mesh import Mesh, fill_shards, init_distributed, make_mesh, shard_model
+from .mesh import Mesh, init_distributed, make_mesh
+from .tasks import Task, eager_if, task_for
 from .watchdog import Heartbeat, name_failed_peers, peak_memory_mib
-from .passkey import passkey_accuracy
-from .perplexity import perplexity_by_position
-from .pretrained import build_pretrained, documents, save_config
 
 
 def log(msg: str) -> None:
@@ -41,12 +40,10 @@ class Run:
 
     cfg: TrainConfig
     mesh: Mesh
+    task: Task  # the model's and the data's maker, the evaluation (tasks.py)
     model: torch.nn.Module  # ringwise's Transformer, or a pretrained transformers model (pretrained.py)
     optimizer: torch.optim.Optimizer
-    dataset: torch.utils.data.Dataset
     start: int = 0
-    held_out: torch.utils.data.Dataset | None = None  # finetune: the windows perplexity is measured on
-    tokenizer: object = None  # finetune: the model's tokenizer (passkey documents)
 
     @property
     def device(self) -> torch.device:
@@ -59,37 +56,15 @@ class Run:
     @property
     def seqshard(self) -> SeqShard:
         """How this rank's replica cuts each sequence: cfg.layout over the cp (ring) and ulysses groups."""
-        return SeqShard(self.cfg.layout, self.mesh.cp_group, self.mesh.ulysses_group, self.mesh.seq_group)
-
-
-def make_dataset(cfg: TrainConfig):
-    if cfg.data == "text":
-        return PackedTextDataset(cfg.text, cfg.seq_len)
-    return RetrievalDataset(cfg.seq_len, seed=cfg.seed, questions=cfg.questions, loss_on=cfg.loss_on,
-                            **cfg.task_kwargs())
+        return self.mesh.seqshard(self.cfg.layout)
 
 
 def build(cfg: TrainConfig, mesh: Mesh) -> Run:
-    """Model (built on the meta device, sharded, then each rank fills its shards: never whole
-    in one process), optimizer, data."""
-    if cfg.pretrained:  # a transformers checkpoint, each rank reading its shards
-        data = documents(cfg)
-        model = build_pretrained(cfg, mesh)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-        return Run(cfg, mesh, model, optimizer, data.train, held_out=data.held_out, tokenizer=data.tokenizer)
-    dataset = make_dataset(cfg)
-    overrides = {"vocab_size": dataset.tokenizer.vocab_size} if cfg.data == "text" else {}
-    torch.manual_seed(cfg.seed)
-    with torch.device("meta"):
-        model = Transformer(model_config(cfg.model, checkpoint_layers=cfg.checkpoint_layers, **overrides))
-    if cfg.compile:  # per block, as torchtitan does: FSDP's hooks stay outside the compiled graphs
-        for layer in model.layers:
-            layer.compile(fullgraph=True)
-    shard_model(model, mesh, cfg.compute_dtype(mesh.device))
-    model.to_empty(device=mesh.device)
-    fill_shards(model, cfg.seed)
+    """The task's data and model (sharded: never whole in one process), and the optimizer."""
+    task = task_for(cfg)
+    model = task.build_model(mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    return Run(cfg, mesh, model, optimizer, dataset)
+    return Run(cfg, mesh, task, model, optimizer)
 
 
 def setup(cfg: TrainConfig, mesh: Mesh) -> Run:
@@ -98,8 +73,7 @@ def setup(cfg: TrainConfig, mesh: Mesh) -> Run:
     out = Path(cfg.out)
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.pretrained:  # the run's model config (its RoPE changes) and tokenizer, for export --hf
-            save_config(cfg, out / "hf")
+        run.task.prepare_folder(out)
     if cfg.resume:
         meta = checkpoint.resume(out / "checkpoints", run.model, run.optimizer,
                                  log=log if run.is_main else (lambda m: None))
@@ -131,9 +105,10 @@ def local_batch(run: Run, step: int) -> list[tuple]:
     micro-batches (input_ids, labels, cu_seqlens): the whole batch at once, or, for packed
     documents, one sequence at a time (each has its own boundaries)."""
     cfg, mesh = run.cfg, run.mesh
-    indices = sample_indices(step, cfg.batch, len(run.dataset), cfg.seed)
+    data = run.task.train_data
+    indices = sample_indices(step, cfg.batch, len(data), cfg.seed)
     per = cfg.batch // mesh.dp
-    examples = [run.dataset[i] for i in indices[mesh.dp_rank * per:(mesh.dp_rank + 1) * per]]
+    examples = [data[i] for i in indices[mesh.dp_rank * per:(mesh.dp_rank + 1) * per]]
     shard = lambda x: run.seqshard.shard(x).to(run.device)  # noqa: E731  (labels are already next-token targets)
     if "cu_seqlens" in examples[0]:
         return [(shard(ex["input_ids"][None]), shard(ex["labels"][None]), ex["cu_seqlens"]) for ex in examples]
@@ -160,10 +135,9 @@ def compute_gradients(run: Run, step: int) -> tuple[float, int]:
         raise RuntimeError(f"step {step}: the global batch has no labelled tokens")
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     for i, (ids, labels, cu) in enumerate(micro):
-        validate = step == run.start and i == 0
-        extra = {} if cu is None else {"cu_seqlens": cu}
-        with eager_if(run.cfg.compile and validate):  # validate is a constant of the graph: one graph, not two
-            loss_sum, _ = run.model(ids, pos, labels, **seqshard.ring_kwargs(), validate=validate, **extra)
+        first = step == run.start and i == 0  # the model's first loss, validated (set_ring): eager, not a 2nd graph
+        with eager_if(run.cfg.compile and first):
+            loss_sum, _ = run.model.loss(ids, pos, labels, cu)
         (loss_sum / count.to(loss_sum.dtype)).backward()
         total += loss_sum.detach().double()
     dist.all_reduce(total)
@@ -197,53 +171,11 @@ def gather_peaks(run: Run) -> list[float]:
     return [round(x, 1) for x in every.tolist()]
 
 
-def eager_if(flag: bool):
-    """Run compiled blocks eagerly inside (under --compile): the validated first step, whose verdict
-    gather would be a second graph to compile for one call, and evaluation, whose lengths and no-grad
-    mode would be more graphs for a few batches (attention, the cost at long context, is the same op)."""
-    return torch.compiler.set_stance("force_eager") if flag else contextlib.nullcontext()
-
-
-def evaluate(run: Run) -> dict:
-    """Retrieval accuracy by (context length, needle depth) on the held-out grid."""
-    cfg = run.cfg
-    lengths = cfg.eval_lengths_for(run.mesh.cp)
-    with eager_if(cfg.compile):
-        acc = retrieval_accuracy(run.model, lengths, cfg.eval_depths, cfg.eval_per_cell, **run.seqshard.ring_kwargs(),
-                                 device=run.device, decoys=cfg.eval_decoys, **cfg.task_kwargs())
-    return dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc)
-
-
-def finetune_evaluation(run: Run) -> dict:
-    """Held-out perplexity by position and passkey retrieval by (depth, length), through the ring."""
-    cfg = run.cfg
-    lengths = cfg.eval_lengths_for(run.mesh.cp)
-    acc = passkey_accuracy(run, run.tokenizer, lengths, cfg.eval_depths, cfg.eval_per_cell, cfg.seed)
-    return dict(perplexity=perplexity_by_position(run, eager_if),
-                passkey=dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc))
-
-
-def baseline_evaluation(run: Run) -> dict | None:
-    """The pretrained model's evaluation before any step (eval_before.json; a resumed run reads the one
-    its first start measured)."""
-    path = Path(run.cfg.out) / "eval_before.json"
-    if run.start > 0:
-        return json.loads(path.read_text()) if path.exists() else None
-    result = finetune_evaluation(run)
-    if run.is_main:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(path)
-    return result
-
-
 def save(run: Run, done: int) -> None:
-    cfg = run.cfg
-    config = run.model.cfg.to_dict() if hasattr(run.model, "cfg") else dict(transformers=str(Path(cfg.out) / "hf"))
-    meta = dict(config=config, run=checkpoint.run_settings(cfg), world=run.mesh.world,
-                mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp, ulysses=run.mesh.ulysses),
-                task=dict(cfg.task_kwargs(), decoys=cfg.eval_decoys, lengths=cfg.eval_lengths_for(run.mesh.cp),
-                          depths=list(cfg.eval_depths), per_cell=cfg.eval_per_cell))  # for `ringwise generate --retrieval`
+    """A checkpoint of the run after `done` steps; its meta keeps the model's config and the task's (tasks.py)."""
+    kept = run.task.checkpoint_meta(run.mesh, run.model)
+    meta = dict(config=kept["config"], run=checkpoint.run_settings(run.cfg), world=run.mesh.world,
+                mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp, ulysses=run.mesh.ulysses), task=kept["task"])
     checkpoint.save(Path(run.cfg.out) / "checkpoints", done, run.model, run.optimizer, meta, keep=run.cfg.keep)
 
 
@@ -263,10 +195,11 @@ def train(run: Run) -> dict | None:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True)
-        log(f"training {cfg.pretrained or cfg.model} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
-            f"on {run.mesh.world} ranks (dp {run.mesh.dp} x cp {run.mesh.cp} x ulysses {run.mesh.ulysses}, {cfg.layout}), {cfg.seq_len} tokens "
-            f"per sequence, {cfg.batch} sequences per step")
-    before = baseline_evaluation(run) if cfg.pretrained else None
+        mesh = run.mesh
+        log(f"training {run.task.name} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
+            f"on {mesh.world} ranks (dp {mesh.dp} x cp {mesh.cp} x ulysses {mesh.ulysses}, {cfg.layout}), "
+            f"{cfg.seq_len} tokens per sequence, {cfg.batch} sequences per step")
+    before = run.task.evaluate_before(run)
     rec = dict(loss=float("nan"))
     for s in range(run.start, cfg.steps):
         rec = step(run, s)
@@ -288,13 +221,7 @@ def train(run: Run) -> dict | None:
         bar.close()
     if run.start >= cfg.steps and run.is_main:  # resumed a finished run: its last step's loss, from its log
         rec = _last_record(out / "metrics.jsonl") or rec
-    result = dict(final_loss=rec["loss"], steps=cfg.steps)
-    if cfg.pretrained:
-        after, before = finetune_evaluation(run), before or {}
-        result["perplexity"] = dict(before=before.get("perplexity"), after=after["perplexity"])
-        result["passkey"] = dict(after["passkey"], before=(before.get("passkey") or {}).get("accuracy"))
-    elif cfg.data == "retrieval":
-        result["retrieval"] = evaluate(run)
+    result = dict(final_loss=rec["loss"], steps=cfg.steps, **run.task.evaluate(run, before))
     if run.is_main:
         (out / "summary.json").write_text(json.dumps(result, indent=2))
     return result
@@ -348,19 +275,7 @@ def run_on_mesh(cfg: TrainConfig, mesh: Mesh) -> dict | None:
 
 
 def summary_line(cfg: TrainConfig, run: Run, result: dict) -> str:
-    line = (f"done: {cfg.steps} steps, {run.model.num_params() / 1e6:.2f}M params, {run.mesh.world} ranks "
-            f"(dp {run.mesh.dp} x cp {run.mesh.cp} x ulysses {run.mesh.ulysses}), final loss {result['final_loss']:.4f}")
-    if "retrieval" in result:
-        r = result["retrieval"]
-        per_len = [sum(row[j] for row in r["accuracy"]) / len(r["accuracy"]) for j in range(len(r["lengths"]))]
-        digits = cfg.value_digits or DEFAULT_DIGITS[cfg.fmt][1]
-        line += "; retrieval accuracy " + ", ".join(f"{a:.0%} at {L} tokens" for a, L in zip(per_len, r["lengths"]))
-        line += f" (chance {1 / (9 * 10 ** (digits - 1)):.2g})"  # values have no leading zero
-    if "perplexity" in result:
-        p = result["perplexity"]
-        ppl = lambda r: "?" if not r or r["loss"] is None else f"{math.exp(r['loss']):.2f}"  # noqa: E731
-        line += f"; held-out perplexity {ppl(p['before'])} before, {ppl(p['after'])} after"
-    if "passkey" in result:
-        mean = lambda acc: "?" if not acc else f"{sum(map(sum, acc)) / sum(map(len, acc)):.0%}"  # noqa: E731
-        line += f"; passkey retrieval {mean(result['passkey']['before'])} before, {mean(result['passkey']['accuracy'])} after"
-    return line + f"; results in {cfg.out}/"
+    mesh = run.mesh
+    line = (f"done: {cfg.steps} steps, {run.model.num_params() / 1e6:.2f}M params, {mesh.world} ranks "
+            f"(dp {mesh.dp} x cp {mesh.cp} x ulysses {mesh.ulysses}), final loss {result['final_loss']:.4f}")
+    return line + run.task.summary(result) + f"; results in {cfg.out}/"

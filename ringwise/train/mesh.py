@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ..attention.seqshard import SeqShard
+
 
 def placement(device: str = "auto", backend: str | None = None, local_ranks: int = 1,
               gpus: int | None = None) -> tuple[str, str]:
@@ -117,6 +119,10 @@ class Mesh:
         """The Ulysses group (consecutive ranks: one node), or None without Ulysses."""
         return self.device_mesh.get_group("ulysses") if self.ulysses > 1 else None
 
+    def seqshard(self, layout: str) -> SeqShard:
+        """How this rank's replica cuts each sequence: `layout` over the cp (ring) and ulysses groups."""
+        return SeqShard(layout, self.cp_group, self.ulysses_group, self.seq_group)
+
 
 def make_mesh(dp: int, device: torch.device, timeout: float, ulysses: int = 1) -> Mesh:
     """The (dp, cp) mesh; with ulysses > 1 a (dp, cp, ulysses) mesh whose innermost dimension
@@ -167,8 +173,9 @@ def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype |
         for layer in model.layers:
             fully_shard(layer, mesh=mesh.shard_mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh.shard_mesh, mp_policy=policy)
-    if hasattr(model, "labelled_predictions"):  # evaluation's entry point gathers parameters too
-        register_fsdp_forward_method(model, "labelled_predictions")
+    for method in ("predict", "token_losses"):  # evaluation's entry points (not forward) gather parameters too
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)

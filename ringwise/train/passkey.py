@@ -59,9 +59,8 @@ def passkey_accuracy(run, tokenizer, lengths, depths, per_cell: int, seed: int =
                 for _ in range(per_cell):
                     ids, labels = document(tokenizer, L, depth, str(rng.randint(10000, 99999)))
                     ids, labels = (seqshard.shard(t[None]).to(run.device) for t in (ids, labels))
-                    predicted = run.model(ids, pos, labels, cu_seqlens=[0, L], predict=True, **seqshard.ring_kwargs())
-                    keep = labels != IGNORE_INDEX
-                    wrong = seqshard.all_reduce((predicted[keep] != labels[keep]).sum())  # the whole document's
+                    predicted, keep = run.model.predict(ids, pos, labels, [0, L])
+                    wrong = seqshard.all_reduce((predicted != labels[keep]).sum())  # the whole document's
                     answered += int(wrong.item() == 0)
                 row.append(answered / per_cell)
             acc.append(row)

@@ -24,7 +24,7 @@ def perplexity_by_position(run, eager_if) -> dict:
     replica runs as many forwards, as FSDP's gathers need, a replica short of a window repeating one
     that it does not count. `sequences` is how many were evaluated: exactly --eval-sequences (the
     flag's check refuses more than the held-out share holds)."""
-    cfg, mesh, data = run.cfg, run.mesh, run.held_out
+    cfg, mesh, data = run.cfg, run.mesh, run.task.held_out
     n = min(cfg.eval_sequences or EVAL_SEQUENCES, len(data))
     per_replica = -(-n // mesh.dp)
     width = cfg.eval_bucket
@@ -42,8 +42,7 @@ def perplexity_by_position(run, eager_if) -> dict:
                 ex = data[i % n]
                 ids, labels, offset = (seqshard.shard(ex[k][None]).to(run.device)
                                        for k in ("input_ids", "labels", "doc_offset"))
-                losses = run.model(ids, pos, labels, cu_seqlens=ex["cu_seqlens"], per_token=True,
-                                   **seqshard.ring_kwargs())
+                losses = run.model.token_losses(ids, pos, labels, ex["cu_seqlens"])
                 keep = labels != IGNORE_INDEX
                 if i >= n:  # a repeated window: run (the replicas' forwards pair up), not counted
                     keep = torch.zeros_like(keep)

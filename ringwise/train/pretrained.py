@@ -6,10 +6,12 @@ shards them over the mesh, and each rank reads only its shards of the checkpoint
 (torch.distributed.checkpoint's HuggingFaceStorageReader, which reads the slices a DTensor needs).
 Attention is the ring, through ringwise's transformers integration, with the run's own SeqShard.
 
-`PretrainedLM` gives the loop ringwise's model interface: forward(input_ids, positions, labels,
-cu_seqlens=...) -> (sum of the local token losses, local labelled tokens), the loss computed in
-float32 chunks of LOSS_CHUNK tokens through the vocabulary projection, each recomputed in backward
-when there are several (never more than one chunk's (tokens, vocab) logits alive at once).
+`PretrainedLM` gives the loop the calls of ringwise's own model (ringwise.model.Transformer):
+set_ring(shard), then loss(input_ids, positions, labels, cu_seqlens=None) -> (sum of the local token
+losses, local labelled tokens), predict(...) -> (greedy tokens at the labelled positions, their mask)
+and token_losses(...) -> every local token's loss. Losses are computed in float32 chunks of
+LOSS_CHUNK tokens through the vocabulary projection, each recomputed in backward when there are
+several (never more than one chunk's (tokens, vocab) logits alive at once).
 
 Context extension: `extended_config` writes --rope-theta / --rope-scaling / --rope-factor into the
 config (static scalings only: the integration refuses those that depend on the local length)
@@ -27,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
-from ..data.documents import PackedDocuments, split, tokenize_documents
+from ..data.documents import CACHE_DIR, PackedDocuments, split, tokenize_documents
+from ..data.text import text_files
 from ..model import blockwise
 from .mesh import shard_model
 
@@ -98,6 +101,20 @@ class PretrainedLM(nn.Module):
         self.hf = hf
 
     @property
+    def ring(self) -> SeqShard:
+        """The ring the model's attention runs on (the integration's, for this model)."""
+        import ringwise.integrations.transformers as rw
+
+        return rw.shard_of(self.hf)
+
+    def set_ring(self, shard: SeqShard) -> None:
+        """The ring every call runs on (the integration's `configure`). The integration validates
+        every call: its first attention layer checks the call's arguments across the ring's ranks."""
+        import ringwise.integrations.transformers as rw
+
+        rw.configure(self.hf, shard)
+
+    @property
     def layers(self):
         """The decoder layers, FSDP2's per-layer units (mesh.shard_model); not registered twice."""
         return self.hf.base_model.layers
@@ -116,22 +133,38 @@ class PretrainedLM(nn.Module):
     def _token_argmax(self, h, labels):
         return self.hf.get_output_embeddings()(h).argmax(-1)
 
-    def forward(self, input_ids, positions, labels, *, cu_seqlens=None, per_token=False, predict=False,
-                validate=True, layout=None, group=None, ulysses_group=None, mesh_group=None):
-        """(local loss sum, local labelled tokens); per_token: the (batch, local) losses instead (0 where
-        unlabelled); predict: the greedy next tokens. The ring comes from the model's SeqShard
-        (rw.configure at build)."""
+    def _hidden(self, input_ids, positions, cu_seqlens):
+        """The decoder's final hidden states of the local tokens, on the model's ring."""
         extra = {} if cu_seqlens is None else {"ringwise_cu_seqlens": list(cu_seqlens)}
         out = self.hf.base_model(input_ids=input_ids, position_ids=positions[None].expand(input_ids.shape[0], -1),
                                  use_cache=False, **extra)
-        h = out.last_hidden_state
-        if per_token or predict:
-            return torch.cat(blockwise(self._token_argmax if predict else self._token_losses, h, LOSS_CHUNK, labels), 1)
+        return out.last_hidden_state
+
+    def forward(self, input_ids, positions, labels, cu_seqlens=None):
+        """(local loss sum, local labelled tokens): `loss`."""
+        h = self._hidden(input_ids, positions, cu_seqlens)
         if h.shape[1] <= LOSS_CHUNK:  # one chunk: its logits are the one chunk the bound allows, kept, not recomputed
             loss = self._chunk_loss(h, labels)
         else:
             loss = torch.stack(blockwise(self._chunk_loss, h, LOSS_CHUNK, labels)).sum()
         return loss, (labels != IGNORE_INDEX).sum()
+
+    def loss(self, input_ids, positions, labels, cu_seqlens=None):
+        """(sum of the local token losses, local labelled tokens), on the ring."""
+        return self(input_ids, positions, labels, cu_seqlens)
+
+    @torch.no_grad()
+    def predict(self, input_ids, positions, labels, cu_seqlens=None):
+        """(greedy next tokens at the labelled positions, batch-major; the (batch, local) mask of those
+        positions), on the ring."""
+        h = self._hidden(input_ids, positions, cu_seqlens)
+        mask = labels != IGNORE_INDEX
+        return torch.cat(blockwise(self._token_argmax, h, LOSS_CHUNK, labels), 1)[mask], mask
+
+    def token_losses(self, input_ids, positions, labels, cu_seqlens=None):
+        """Every local token's next-token loss, (batch, local) float32, 0 where unlabelled, on the ring."""
+        h = self._hidden(input_ids, positions, cu_seqlens)
+        return torch.cat(blockwise(self._token_losses, h, LOSS_CHUNK, labels), 1)
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -156,10 +189,10 @@ def build_pretrained(cfg, mesh) -> PretrainedLM:
         hf = AutoModelForCausalLM.from_config(config, attn_implementation=rw.NAME, **dtype_kwarg(torch.float32))
     hf.tie_weights()  # from_config leaves a tied output matrix untied until weights load: tie it before sharding
     rw.check_model(hf)
-    rw.configure(hf, SeqShard(cfg.layout, mesh.cp_group, mesh.ulysses_group, mesh.seq_group))
+    model = PretrainedLM(hf)
+    model.set_ring(mesh.seqshard(cfg.layout))
     if cfg.checkpoint_layers:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PretrainedLM(hf)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     shard_model(model, mesh, cfg.compute_dtype(mesh.device), per_layer=True)
     model.to_empty(device=mesh.device)
@@ -227,8 +260,35 @@ class Documents:
     tokenizer: object
 
 
+_PREPARED: dict = {}  # the last documents() of this process: {its sources' key: Documents}
+
+
+def _sources_key(cfg) -> tuple:
+    """What documents() reads: the checkpoint's folder and every --text file, each with its size and
+    modification time (an edited file is read again), and the packing's settings."""
+    def stats(paths):
+        return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in paths)
+
+    model = Path(cfg.pretrained)
+    model_files = sorted(f for f in model.iterdir() if f.is_file()) if model.is_dir() else []
+    return (stats(model_files), stats(text_files(cfg.text, skip=CACHE_DIR)), cfg.seq_len, cfg.eval_fraction)
+
+
 def documents(cfg) -> Documents:
-    """--text in the model's tokens (cached next to the data), packed and split."""
+    """--text in the model's tokens, packed and split.
+
+    The flag validation (config.py, before any rank starts) and the build (tasks.FinetuneTask) share
+    one tokenization: in one process (each rank under torchrun) the second call returns the first's
+    result while its sources are unchanged; across processes (the launcher, then its local ranks) the
+    tokens are read from the cache the first call wrote (data/documents.py)."""
+    key = _sources_key(cfg)
+    if key not in _PREPARED:
+        _PREPARED.clear()  # the last corpus only: a long-lived process (tests) keeps no more
+        _PREPARED[key] = _prepare_documents(cfg)
+    return _PREPARED[key]
+
+
+def _prepare_documents(cfg) -> Documents:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
