@@ -234,6 +234,8 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
     rope = rope_parameters(hf.config)  # rope_parameters, or 4.x's rope_scaling and rope_theta
     assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
     assert hf.config.max_position_embeddings == 2 * transformers.AutoConfig.from_pretrained(model).max_position_embeddings
+    meta = checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])
+    assert meta["config"] == dict(transformers=str(out / "hf")) and meta["task"] is None
     trained = checkpoint.consolidated(checkpoint.newest_intact(out / "checkpoints")[0])["model"]
     assert all(torch.equal(trained[f"hf.{k}"], v) for k, v in hf.state_dict().items())
     assert not torch.equal(hf.state_dict()["model.layers.0.mlp.up_proj.weight"],

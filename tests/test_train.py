@@ -272,6 +272,8 @@ def test_train_on_text_files(cluster, tmp_path):
     assert len(losses(out)) == 2 and all(l > 0 for l in losses(out))
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(rec["peak_rss_mib_per_rank"]) == 2 and rec["peak_rss_mib"] == max(rec["peak_rss_mib_per_rank"]) > 0
+    meta = checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])
+    assert meta["task"] is None  # no retrieval grid: nothing for `ringwise generate --retrieval` to answer
 
 
 @pytest.fixture
