@@ -93,8 +93,8 @@ def elastic_run(entrypoint, nproc: int, *args, log_dir: str | None = None) -> No
 
     config = LaunchConfig(  # one node: the rendezvous is a store on 127.0.0.1, the ranks its clients
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ringwise-{os.getpid()}",
-        rdzv_backend=register_rendezvous(), max_restarts=0,
-        monitor_interval=0.2, start_method=start_method(entrypoint.__module__), logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        rdzv_backend=register_rendezvous(), max_restarts=0, monitor_interval=0.2,
+        start_method=start_method(entrypoint.__module__), logs_specs=DefaultLogsSpecs(log_dir=log_dir),
     )
     elastic_launch(config, _Rank(entrypoint))(*args)
 
@@ -115,8 +115,9 @@ def rank_errors(log_dir: str) -> list[str]:
 
 
 def failure_causes(e, logs: str) -> list[str]:
-    """From an elastic_run's ChildFailedError `e` and its log_dir: what each rank recorded, every rank a signal ended (a killed rank leaves no record, and
-    its peers' errors may be timed before the launcher sees it die), then the first to exit."""
+    """From an elastic_run's ChildFailedError `e` and its log_dir: what each rank recorded, every rank a
+    signal ended (a killed rank leaves no record, and its peers' errors may be timed before the launcher
+    sees it die), then the first to exit."""
     def line(rank, failure):
         message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
         return f"rank {rank} (exit code {failure.exitcode}): {message}"
