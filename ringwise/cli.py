@@ -9,7 +9,8 @@ One vocabulary (docs/cli.md): the same flag for the same thing in every command,
 default in its --help. Every problem of a command line is reported at once: the parser
 (FlagParser) records a bad value, a missing required flag or an unknown flag instead of
 stopping at the first, puts the flag's default in place of a bad value, and hands the list to
-the command as `args._flag_problems`; the command's main() lists them together with its own
+the command as `args._flag_problems` (with `args._argv`, the command line as typed, and
+`args._flags`, the names of the command's flags); the command's main() lists them together with its own
 checks (ringwise.commands.refused) before any work, exit status 2.
 """
 from __future__ import annotations
@@ -177,6 +178,8 @@ def parse(argv) -> argparse.Namespace:
         parser.problems.append(f"unrecognized {' '.join(unknown)} (ringwise {args.command} --help lists the flags)")
     args._flag_problems = list(parser.problems)
     args._argv = shlex.join(["ringwise", *argv])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    args._flags = [a.dest for a in sub._actions if a.option_strings and a.dest != "help"]  # the command's own
     return args
 
 

@@ -9,6 +9,14 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # clusters' ranks (one thread each) work on the same cores; a second OpenMP thread that spins
 # after each small op only takes a core from a rank (the suite: 3:10 -> 2:45 on two cores).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# ringwise's cache (finetune's token cache) in a folder of this session, not the user's ~/.cache
+if "RINGWISE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["RINGWISE_CACHE"] = tempfile.mkdtemp(prefix="ringwise-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["RINGWISE_CACHE"], True)
 
 import pytest  # noqa: E402
 

@@ -203,8 +203,7 @@ def test_summary_says_what_was_asked_what_ran_and_how_fast(tmp_path, monkeypatch
     records = [dict(step=s, loss=1.0, seconds=0.5, peak_rss_mib=100.0 + s) for s in range(4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "summary.json").write_text(json.dumps(dict(final_loss=1.0, steps=4)))
-    flags = [k for k in vars(args) if not k.startswith("_") and k != "command"]
-    complete_summary(tmp_path, cfg, flags, args._argv, 12.5)
+    complete_summary(tmp_path, cfg, args._flags, args._argv, 12.5)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["command"].startswith("ringwise train --world 2 --model tiny")
     config = summary["config"]
@@ -214,5 +213,5 @@ def test_summary_says_what_was_asked_what_ran_and_how_fast(tmp_path, monkeypatch
     assert "out" not in config and "pretrained" not in config  # not a flag of train
     assert summary["final_loss"] == 1.0 and summary["wall_time_s"] == 12.5 and summary["train_time_s"] == 2.0
     assert summary["tokens_per_s"] == 4 * 4 * 64 / 2.0 and summary["peak_memory_mib"] == 103.0
-    complete_summary(tmp_path, cfg, flags, args._argv, 3.0)  # evaluated again: this invocation's numbers
+    complete_summary(tmp_path, cfg, args._flags, args._argv, 3.0)  # evaluated again: this invocation's numbers
     assert json.loads((tmp_path / "summary.json").read_text())["wall_time_s"] == 3.0

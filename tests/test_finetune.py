@@ -20,7 +20,7 @@ pytest.importorskip("accelerate")
 
 from hf_models import (WORDS, needs_smollm2, save_tiny_checkpoint, smollm2_folder, tiny_tokenizer,  # noqa: E402
                        word_documents)
-from ringwise.data.documents import CACHE_DIR, PackedDocuments, read_documents, tokenize_documents  # noqa: E402
+from ringwise.data.documents import PackedDocuments, read_documents, tokenize_documents  # noqa: E402
 from ringwise.model import IGNORE_INDEX  # noqa: E402
 from ringwise.train.config import TrainConfig  # noqa: E402
 from ringwise.train.pretrained import dtype_kwarg, rope_parameters  # noqa: E402
@@ -51,20 +51,32 @@ def config(model, text, out, **kw):
 
 # ---------------------------------------------------------------- documents
 
-def test_documents_pack_with_their_boundaries_and_cache_their_tokens(tmp_path):
-    w = WORDS
-    (tmp_path / "one.txt").write_text(f"{w[1]} {w[2]} {w[3]}")
-    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": f"{w[4]} {w[5]}"}) + "\n\n"
-                                         + json.dumps({"text": w[6]}) + "\n")
+def test_documents_pack_with_their_boundaries_and_cache_their_tokens(tmp_path, monkeypatch):
+    """Tokens cached in ringwise's cache folder ($RINGWISE_CACHE/tokens), never beside the data."""
+    w, data = WORDS, tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv("RINGWISE_CACHE", str(tmp_path / "cache"))
+    (data / "one.txt").write_text(f"{w[1]} {w[2]} {w[3]}")
+    (data / "docs.jsonl").write_text(json.dumps({"text": f"{w[4]} {w[5]}"}) + "\n\n"
+                                     + json.dumps({"text": w[6]}) + "\n")
     tok = tiny_tokenizer()
     calls = []
     counting = lambda texts, **kw: calls.append(len(texts)) or tok(texts, **kw)  # noqa: E731
     counting.get_vocab = tok.get_vocab
-    docs = tokenize_documents([tmp_path], counting)
+    docs = tokenize_documents([data], counting)
     assert [d.tolist() for d in docs] == [[17, 18], [19], [14, 15, 16]]  # sorted files: docs.jsonl, then one.txt
-    assert calls == [2, 1] and len(list((tmp_path / CACHE_DIR).iterdir())) == 2
-    assert [d.tolist() for d in tokenize_documents([tmp_path], counting)] == [[17, 18], [19], [14, 15, 16]]
+    assert calls == [2, 1] and len(list((tmp_path / "cache" / "tokens").iterdir())) == 2
+    assert sorted(p.name for p in data.rglob("*")) == ["docs.jsonl", "one.txt"]  # nothing written into the data
+    assert [d.tolist() for d in tokenize_documents([data], counting)] == [[17, 18], [19], [14, 15, 16]]
     assert calls == [2, 1], "the second read came from the cache"
+    (data / ".ringwise-tokens").mkdir()  # an earlier version's cache beside the data: never read as text
+    (data / ".ringwise-tokens" / "one.txt.0123.pt").write_bytes(b"\x80\x02")
+    assert [d.tolist() for d in tokenize_documents([data], counting)] == [[17, 18], [19], [14, 15, 16]]
+    monkeypatch.delenv("RINGWISE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    from ringwise.data.documents import cache_root
+
+    assert cache_root() == tmp_path / "xdg" / "ringwise"
 
     eos = tok.eos_token_id
     packed = PackedDocuments(docs, 4, eos)  # stream 7 8 E 9 E 4 5 6 E: windows of 4 (+1 label)
@@ -216,9 +228,19 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
     assert main(on_three + ["--resume"]) == 0  # resumed on another world size (DCP reshards)
     summary = json.loads((out / "summary.json").read_text())
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2]
+    # what was asked (the command line), what ran (every flag resolved), how long and how fast
+    assert summary["command"].startswith(f"ringwise finetune --model {model} ") and "--resume" in summary["command"]
+    config = summary["config"]
+    assert config["model"] == str(model) and config["world"] == 3 and config["device"] == "cpu"
+    assert config["backend"] == "gloo" and config["dtype"] == "fp32" and config["lr"] == 1e-3
+    assert config["eval_sequences"] == 2 and config["eval_lengths"] == [48, 96] and config["rope_factor"] == 2.0
+    assert config["mesh"] == dict(dp=1, cp=3, ulysses=1) and "out" not in config and "data" not in config
+    assert summary["wall_time_s"] > 0 and summary["train_time_s"] > 0 and summary["steps_timed"] == 3
+    assert summary["tokens_per_s"] == pytest.approx(3 * 2 * SEQ / summary["train_time_s"], rel=1e-3)
     before, after = summary["perplexity"]["before"], summary["perplexity"]["after"]
     assert before == json.loads((out / "eval_before.json").read_text())["perplexity"]  # measured once, before step 0
     assert before["starts"] == [0, 32, 64] and sum(before["tokens"]) == sum(after["tokens"]) > 0
+    assert before["sequences"] == after["sequences"] == 2  # --eval-sequences 2: exactly 2
     assert all(p is None or math.isfinite(p) for p in before["ppl"] + after["ppl"])
     passkey = summary["passkey"]
     assert passkey["lengths"] == [48, 96] and len(passkey["accuracy"]) == len(passkey["depths"]) == 5
@@ -230,6 +252,10 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
     assert main(["export", str(out), str(exported), "--hf"]) == 0
     assert main(["export", str(out), str(exported), "--hf"]) == 2  # never over another folder
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exported.tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in exported.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes  # as new files are
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, **dtype_kwarg(torch.float32))
     rope = rope_parameters(hf.config)  # rope_parameters, or 4.x's rope_scaling and rope_theta
     assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
@@ -317,9 +343,15 @@ def test_bad_flags_are_listed_before_any_rank_starts(checkpoint_and_text, tmp_pa
                  "--eval-fraction", "1.5", "--seq-len", "32", "--world", "2", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "--rope-scaling and --rope-factor go together" in err and "--eval-fraction 1.5" in err
+    assert "training and evaluation need 2 at least" in err  # the text checked too, in the same pass
     assert main(["finetune", "--model", str(model), "--text", str(tmp_path / "short.txt"), "--seq-len", "32",
                  "--world", "2", "--out", str(tmp_path / "c")]) == 2
     assert "training and evaluation need 2 at least" in capsys.readouterr().err
+    # --eval-sequences beyond the held-out share: refused, naming how many there are (never silently fewer)
+    assert main(["finetune", "--model", str(model), "--text", str(text), "--seq-len", str(SEQ), "--world", "2",
+                 "--eval-sequences", "99", "--steps", "0", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "--steps 0" in err and "--eval-sequences 99: the held-out share holds " in err, err
 
 
 # ---------------------------------------------------------------- a real pretrained model

@@ -49,7 +49,7 @@ def run(args, command: str) -> int:
     if main_process and (out / "summary.json").exists():
         from ..train.summary import complete_summary
 
-        flags = [k for k in vars(args) if not k.startswith("_") and k != "command"]
+        flags = getattr(args, "_flags", [k for k in vars(args) if not k.startswith("_") and k != "command"])
         complete_summary(out, cfg, flags, getattr(args, "_argv", f"ringwise {command}"),
                          time.perf_counter() - started)
         if not cfg.no_plots:

@@ -2,9 +2,10 @@
 
 Sources: plain text files (each file one document), folders (every file below, sorted) and
 JSONL files (`.jsonl`: each line's "text" field one document). Tokenized with the model's
-tokenizer in batches, without its special tokens, and cached on disk next to the data
-(`.ringwise-tokens/` beside each file, keyed by the file's size and mtime and the tokenizer),
-so a second run, and every rank of a run, reads ids instead of tokenizing again.
+tokenizer in batches, without its special tokens, and cached in ringwise's cache folder
+(`cache_root()/tokens`: $RINGWISE_CACHE, else $XDG_CACHE_HOME/ringwise, else ~/.cache/ringwise;
+never in the user's data folder), an entry per file keyed by its absolute path, size and mtime and
+by the tokenizer, so a second run, and every rank of a run, reads ids instead of tokenizing again.
 
 Packing: the documents, each followed by EOS, form one stream cut into windows of seq_len + 1
 tokens (inputs and next-token labels, as PackedTextDataset). Each window carries its document
@@ -26,7 +27,14 @@ import torch
 from ..model import IGNORE_INDEX
 from .text import text_files
 
-CACHE_DIR = ".ringwise-tokens"
+LEGACY_CACHE_DIR = ".ringwise-tokens"  # where earlier versions cached beside the data: never read as text
+
+
+def cache_root() -> Path:
+    """ringwise's cache folder: $RINGWISE_CACHE, else $XDG_CACHE_HOME/ringwise, else ~/.cache/ringwise."""
+    if os.environ.get("RINGWISE_CACHE"):
+        return Path(os.environ["RINGWISE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "ringwise"
 
 
 def read_documents(path: Path) -> list[str]:
@@ -56,8 +64,8 @@ def tokenizer_key(tokenizer) -> str:
 
 def _cache_path(path: Path, key: str) -> Path:
     stat = path.stat()
-    tag = hashlib.sha256(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{key}".encode()).hexdigest()[:20]
-    return path.parent / CACHE_DIR / f"{path.name}.{tag}.pt"
+    tag = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{key}".encode()).hexdigest()[:20]
+    return cache_root() / "tokens" / f"{path.name}.{tag}.pt"
 
 
 def tokenize_file(path: Path, tokenizer, key: str, batch: int = 256) -> list[torch.Tensor]:
@@ -71,18 +79,18 @@ def tokenize_file(path: Path, tokenizer, key: str, batch: int = 256) -> list[tor
         for ids in tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]:
             docs.append(torch.tensor(ids, dtype=torch.int32))
     try:
-        cache.parent.mkdir(exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # ranks tokenizing at once never share one
         torch.save({"documents": docs}, tmp)
         tmp.replace(cache)
-    except OSError:  # a read-only data folder: tokenize again next time
+    except OSError:  # a cache folder that cannot be written: tokenize again next time
         pass
     return docs
 
 
 def tokenize_documents(paths, tokenizer) -> list[torch.Tensor]:
     key = tokenizer_key(tokenizer)
-    return [d for f in text_files(paths, skip=CACHE_DIR) for d in tokenize_file(f, tokenizer, key) if d.numel()]
+    return [d for f in text_files(paths, skip=LEGACY_CACHE_DIR) for d in tokenize_file(f, tokenizer, key) if d.numel()]
 
 
 class PackedDocuments(torch.utils.data.Dataset):

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
-from ..data.documents import CACHE_DIR, PackedDocuments, split, tokenize_documents
+from ..data.documents import LEGACY_CACHE_DIR, PackedDocuments, split, tokenize_documents
 from ..data.text import text_files
 from ..model import blockwise
 from .mesh import shard_model
@@ -271,7 +271,7 @@ def _sources_key(cfg) -> tuple:
 
     model = Path(cfg.pretrained)
     model_files = sorted(f for f in model.iterdir() if f.is_file()) if model.is_dir() else []
-    return (stats(model_files), stats(text_files(cfg.text, skip=CACHE_DIR)), cfg.seq_len, cfg.eval_fraction)
+    return (stats(model_files), stats(text_files(cfg.text, skip=LEGACY_CACHE_DIR)), cfg.seq_len, cfg.eval_fraction)
 
 
 def documents(cfg) -> Documents:
@@ -300,6 +300,16 @@ def _prepare_documents(cfg) -> Documents:
         raise ValueError(f"--text holds {packed.tokens.numel()} tokens of --model's tokenizer: {len(packed)} "
                          f"sequence(s) of --seq-len {cfg.seq_len}; training and evaluation need 2 at least")
     return Documents(torch.utils.data.Subset(packed, train), torch.utils.data.Subset(packed, held_out), tokenizer)
+
+
+def _as_new_files(folder: Path) -> None:
+    """Every file in `folder` readable as a new file is (0666 less the umask): safetensors writes its
+    files 0600, as a private temporary file, which an export for others to load should not be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def export_hf(run_dir, out) -> Path:
@@ -337,6 +347,7 @@ def export_hf(run_dir, out) -> Path:
         for f in hf_dir.iterdir():  # the tokenizer's files (the config was just written with the weights)
             if f.is_file() and f.name not in ("config.json", "ringwise.json"):
                 shutil.copy2(f, tmp / f.name)
+        _as_new_files(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
