@@ -4,6 +4,7 @@ Runs `ringwise train` twice on the same flags, eager then `--compile` (inductor,
 fullgraph), and compares the median step time over the steps after warm-up (the first steps
 compile). Usage: python benchmarks/compile_step.py [--world 2 --seq-len 1024 --steps 12 --warmup-steps 4]
 """
+
 import argparse
 import json
 import statistics
@@ -27,17 +28,38 @@ def run() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup-steps", type=int, default=4, help="steps left out of the median (compilation)")
     a = p.parse_args()
-    flags = ["train", "--world", str(a.world), "--model", a.model, "--seq-len", str(a.seq_len), "--batch",
-             str(a.batch), "--steps", str(a.steps), "--ckpt-every", str(a.steps), "--eval-per-cell", "1",
-             "--eval-lengths", str(a.seq_len), "--no-plots", "--loss-on", "all"]
+    flags = [
+        "train",
+        "--world",
+        str(a.world),
+        "--model",
+        a.model,
+        "--seq-len",
+        str(a.seq_len),
+        "--batch",
+        str(a.batch),
+        "--steps",
+        str(a.steps),
+        "--ckpt-every",
+        str(a.steps),
+        "--eval-per-cell",
+        "1",
+        "--eval-lengths",
+        str(a.seq_len),
+        "--no-plots",
+        "--loss-on",
+        "all",
+    ]
     med = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (("eager", []), ("compiled", ["--compile"])):
             out = Path(tmp) / name
             assert main(flags + ["--out", str(out)] + extra) == 0
             med[name] = statistics.median(step_seconds(out, a.warmup_steps))
-    print(f"| model {a.model}, W = {a.world}, seq {a.seq_len}, batch {a.batch} | eager {med['eager']:.3f} s/step | "
-          f"compiled {med['compiled']:.3f} s/step | eager / compiled = {med['eager'] / med['compiled']:.3f} |")
+    print(
+        f"| model {a.model}, W = {a.world}, seq {a.seq_len}, batch {a.batch} | eager {med['eager']:.3f} s/step | "
+        f"compiled {med['compiled']:.3f} s/step | eager / compiled = {med['eager'] / med['compiled']:.3f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ causal sequence), AdamW, clipping. The ring step: `ringwise finetune` (FSDP2, do
 Median of the steps after the first. Usage:
     python benchmarks/finetune_step.py --model models/smollm2-135m --text README.md BENCHMARKS.md
 """
+
 import argparse
 import json
 import os
@@ -24,8 +25,9 @@ def one_process(model_path, ids, steps, threads) -> list[float]:
     import transformers
 
     torch.set_num_threads(threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                              attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, attn_implementation="sdpa"
+    )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.1)
     times = []
@@ -51,9 +53,35 @@ def run() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ring"
-        assert main(["finetune", "--model", a.model, "--text", *a.text, "--world", str(a.world), "--seq-len",
-                     str(a.seq_len), "--steps", str(a.steps), "--warmup", "1", "--threads", str(a.threads // a.world),
-                     "--eval-sequences", "1", "--ckpt-every", str(10 * a.steps), "--no-plots", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "finetune",
+                    "--model",
+                    a.model,
+                    "--text",
+                    *a.text,
+                    "--world",
+                    str(a.world),
+                    "--seq-len",
+                    str(a.seq_len),
+                    "--steps",
+                    str(a.steps),
+                    "--warmup",
+                    "1",
+                    "--threads",
+                    str(a.threads // a.world),
+                    "--eval-sequences",
+                    "1",
+                    "--ckpt-every",
+                    str(10 * a.steps),
+                    "--no-plots",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
         ring = statistics.median(r["seconds"] for r in rows[1:])
         peak_ring = max(r["peak_rss_mib"] for r in rows)
@@ -63,9 +91,11 @@ def run() -> None:
     data = documents(TrainConfig(pretrained=a.model, text=a.text, seq_len=a.seq_len))
     ids = data.train[0]["input_ids"][None]
     single = statistics.median(one_process(a.model, ids, a.steps, a.threads)[1:])
-    print(f"| {Path(a.model).name}, {a.seq_len} tokens, {a.threads} threads in all | one process {single:.2f} s/step | "
-          f"ringwise finetune W = {a.world} {ring:.2f} s/step (peak RSS per rank {peak_ring:.0f} MiB) | "
-          f"one process / ring = {single / ring:.2f} |")
+    print(
+        f"| {Path(a.model).name}, {a.seq_len} tokens, {a.threads} threads in all | one process {single:.2f} s/step | "
+        f"ringwise finetune W = {a.world} {ring:.2f} s/step (peak RSS per rank {peak_ring:.0f} MiB) | "
+        f"one process / ring = {single / ring:.2f} |"
+    )
 
 
 if __name__ == "__main__":

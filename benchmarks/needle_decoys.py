@@ -6,6 +6,7 @@ With recurring ids (`--id-pool`) the needle is the only line that occurs once un
 Usage (after `make demo`):
     python benchmarks/needle_decoys.py runs/demo [--lengths 64 128] [--per-cell 64]
 """
+
 import argparse
 import dataclasses
 

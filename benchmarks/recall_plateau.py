@@ -12,6 +12,7 @@ Three variants differ only in the output classes:
 Prints the mean value loss every 100 steps (chance ln 16 = 2.77). Usage:
     python benchmarks/recall_plateau.py [--steps 600] [--threads 1]
 """
+
 import argparse
 import random
 import time

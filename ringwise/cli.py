@@ -13,6 +13,7 @@ the command as `args._flag_problems` (with `args._argv`, the command line as typ
 `args._flags`, the names of the command's flags); the command's main() lists them together with its own
 checks (ringwise.commands.refused) before any work, exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,14 @@ from . import __version__
 COMMANDS = {
     "demo": ("ring attention on a long sequence across local processes, measured", "ringwise.commands.demo"),
     "train": ("sequence-parallel training of the Blockwise Transformer (the main job)", "ringwise.commands.train"),
-    "finetune": ("context extension of a pretrained transformers model on your text (the train job's machinery)",
-                 "ringwise.commands.finetune"),
-    "export": ("a training run's newest checkpoint as one .pt file (or, --hf, a transformers folder)",
-               "ringwise.commands.export"),
+    "finetune": (
+        "context extension of a pretrained transformers model on your text (the train job's machinery)",
+        "ringwise.commands.finetune",
+    ),
+    "export": (
+        "a training run's newest checkpoint as one .pt file (or, --hf, a transformers folder)",
+        "ringwise.commands.export",
+    ),
     "generate": ("generation from a trained model across local ranks (sharded KV cache)", "ringwise.commands.generate"),
     "plan": ("the paper's memory/overlap model for a cluster you plan", "ringwise.commands.plan"),
     "bench": ("benchmarks measured side by side (results to --out)", "ringwise.commands.bench"),
@@ -44,8 +49,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     @staticmethod
     def _default(action) -> str | None:
         default = action.default
-        if (default is None or default is False or default is argparse.SUPPRESS or not action.option_strings
-                or "default" in (action.help or "").lower()):
+        if (
+            default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+            or "default" in (action.help or "").lower()
+        ):
             return None
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"(default: {shown.replace('%', '%%')})"

@@ -8,6 +8,7 @@ the new token; its K/V go to the least-loaded rank and attention covers the whol
 cache with decode_attention (one all-gather per layer), so every rank computes the same
 logits, bit for bit, and draws the same next token from the same seeded generator.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,9 +40,19 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torc
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, group=None, layout: str = "zigzag",
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, cache: KVCache | None = None,
-             on_token=None) -> torch.Tensor:
+def generate(
+    model: Transformer,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    group=None,
+    layout: str = "zigzag",
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    cache: KVCache | None = None,
+    on_token=None,
+) -> torch.Tensor:
     """prompt (batch, S) token ids, the same on every rank -> (batch, S + max_new_tokens), the same
     on every rank. on_token(step, tokens) is called after each new token (a progress bar)."""
     if prompt.dim() != 2 or prompt.shape[1] < 1:
@@ -58,7 +69,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, g
     cache.set_prompt(prompt_loads(layout, world, padded, S), S)
     h = model.hidden(ids[:, mine], mine, layout=layout, group=group, step=CacheStep(cache, "prefill", mine))
     holder = next(r for r in range(world) if bool((global_indices(layout, r, world, padded) == S - 1).any()))
-    last = h[:, (mine == S - 1).nonzero().item()].contiguous() if rank == holder else h.new_zeros(h.shape[0], h.shape[2])
+    last = (
+        h[:, (mine == S - 1).nonzero().item()].contiguous() if rank == holder else h.new_zeros(h.shape[0], h.shape[2])
+    )
     if world > 1:
         src = dist.get_global_rank(group, holder) if group is not None else holder
         dist.broadcast(last, src=src, group=group)

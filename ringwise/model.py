@@ -14,6 +14,7 @@ their mask) and `token_losses(...)` -> every local token's loss, on that ring. `
 `hidden` take the ring per call (layout=, group=, ...: `SeqShard.ring_kwargs()`), for code that
 drives the model directly (benchmarks, generation).
 """
+
 from __future__ import annotations
 
 import math
@@ -84,7 +85,7 @@ def blockwise(fn, x: torch.Tensor, chunk: int, *extra: torch.Tensor) -> list:
     """
     outs = []
     for start in range(0, x.shape[1], chunk):
-        parts = [t[:, start:start + chunk] for t in (x,) + extra]
+        parts = [t[:, start : start + chunk] for t in (x,) + extra]
         if torch.is_grad_enabled() and x.requires_grad:
             outs.append(checkpoint(fn, *parts, use_reentrant=False))
         else:
@@ -125,6 +126,7 @@ class CacheStep:
     stores each rank's prompt shard as the ring attends it; "decode" stores the new token's K/V on
     its owner rank and attends the whole cache with decode_attention (every rank runs the token).
     positions: the global positions of this pass's (local) tokens."""
+
     cache: object
     mode: str
     positions: torch.Tensor
@@ -243,16 +245,28 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             p.copy_(self.initial_value(name, seed))
 
-    def hidden(self, input_ids, positions, *, layout="zigzag", group=None, validate=True, ulysses_group=None,
-               mesh_group=None, cu_seqlens=None, step: CacheStep | None = None):
+    def hidden(
+        self,
+        input_ids,
+        positions,
+        *,
+        layout="zigzag",
+        group=None,
+        validate=True,
+        ulysses_group=None,
+        mesh_group=None,
+        cu_seqlens=None,
+        step: CacheStep | None = None,
+    ):
         """Final normalised hidden states of the local tokens: (batch, local_seq, dim).
 
         layout, group, ulysses_group, mesh_group: how the sequence is sharded (`SeqShard.ring_kwargs()`).
         cu_seqlens: packed documents' global boundaries (ring attention stays inside each document).
         step: fill (prefill) or read (decode) a sharded KV cache; see ringwise.generate."""
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        attn_kwargs = dict(layout=layout, group=group, validate=validate, ulysses_group=ulysses_group,
-                           mesh_group=mesh_group)
+        attn_kwargs = dict(
+            layout=layout, group=group, validate=validate, ulysses_group=ulysses_group, mesh_group=mesh_group
+        )
         if cu_seqlens is not None:
             if step is not None or self.cfg.attention != "ring":
                 raise ValueError("cu_seqlens (packed documents) needs ring attention and no KV cache")

@@ -15,6 +15,7 @@ family it is parametrized by, its `name` (or `family`, or a case dict's "name"),
 
     python3 scripts/compat.py [--versions newest 4.53.0] [--torch torch==2.13.0] [-- extra pytest args]
 """
+
 import argparse
 import hashlib
 import json
@@ -30,7 +31,9 @@ OUT = ROOT / ".compat"
 OLDEST = "4.53.0"  # pyproject: transformers>=4.53
 # the transformers-facing tests: every test_hf_*.py (a new one joins by its name), and two more
 TESTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_hf_*.py")) + [
-    "tests/test_transformers.py", "tests/test_finetune.py"]
+    "tests/test_transformers.py",
+    "tests/test_finetune.py",
+]
 REFUSED_SKIP = re.compile(r"is refused\b.*\bchecked")
 ABSENT_SKIP = re.compile(r"has no \w+")
 
@@ -48,9 +51,24 @@ def pytest_collection_modifyitems(items):
 
 def newest_transformers() -> str:
     """The version pip would install now (a dry run, no install)."""
-    report = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-",
-                             "--no-deps", "--ignore-installed", "transformers"],
-                            capture_output=True, text=True, check=True).stdout
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            "-",
+            "--no-deps",
+            "--ignore-installed",
+            "transformers",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(report)["install"][0]["metadata"]["version"]
 
 
@@ -59,7 +77,8 @@ def venv_for(version: str, torch: str) -> Path:
     rest); reused as it is while its torch, transformers and pyproject.toml are the ones it was installed with."""
     env = OUT / version
     python, marker = env / "bin" / "python", env / ".installed"
-    want = f"{torch} transformers=={version} pyproject {hashlib.sha256((ROOT / 'pyproject.toml').read_bytes()).hexdigest()}"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    want = f"{torch} transformers=={version} pyproject {digest}"
     if marker.exists() and marker.read_text() == want:
         return python
     print(f"== installing {torch} and transformers=={version} into {env.relative_to(ROOT)}", flush=True)
@@ -89,16 +108,27 @@ def outcomes(junit: Path) -> list[dict]:
             if element is not None:
                 outcome, message = tag, element.get("message", "")
                 break
-        tests.append(dict(test=f"{case.get('classname')}::{case.get('name')}", family=props.get("family"),
-                          outcome=outcome, message=message))
+        tests.append(
+            dict(
+                test=f"{case.get('classname')}::{case.get('name')}",
+                family=props.get("family"),
+                outcome=outcome,
+                message=message,
+            )
+        )
     return tests
 
 
 def verdict(tests: list[dict]) -> str:
     """One family's verdict on one version, from its tests (a test of refusals has "refus" in its id)."""
+
     def seen(outcome, reason=None, refusal=None):
-        return any(t["outcome"] == outcome and (reason is None or reason.search(t["message"]))
-                   and (refusal is None or ("refus" in t["test"].lower()) == refusal) for t in tests)
+        return any(
+            t["outcome"] == outcome
+            and (reason is None or reason.search(t["message"]))
+            and (refusal is None or ("refus" in t["test"].lower()) == refusal)
+            for t in tests
+        )
 
     if seen("failure") or seen("error"):
         return "broken"
@@ -113,8 +143,10 @@ def verdict(tests: list[dict]) -> str:
 
 def table(families: dict[str, dict[str, str]], columns: list[str]) -> str:
     rows = [["family", *columns], ["---"] * (len(columns) + 1)]
-    rows += [[family, *(by_version.get(c.split()[0], "-") for c in columns)]
-             for family, by_version in sorted(families.items())]
+    rows += [
+        [family, *(by_version.get(c.split()[0], "-") for c in columns)]
+        for family, by_version in sorted(families.items())
+    ]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -135,15 +167,19 @@ def main() -> int:
         print(f"== transformers {version}: pytest", flush=True)
         rc = run_tests(python, junit, args.pytest_args)
         tests = outcomes(junit) if junit.exists() else []
-        runs[version] = dict(pytest_exit=rc, tests=tests,
-                             failed=[t["test"] for t in tests if t["outcome"] in ("failure", "error")])
+        runs[version] = dict(
+            pytest_exit=rc, tests=tests, failed=[t["test"] for t in tests if t["outcome"] in ("failure", "error")]
+        )
         for family in {t["family"] for t in tests if t["family"]}:
             families.setdefault(family, {})[version] = verdict([t for t in tests if t["family"] == family])
 
     report = table(families, columns)
     failed = [f"- transformers {v}: {t}" for v, run in runs.items() for t in run["failed"]]
-    failed += [f"- transformers {v}: pytest exited {run['pytest_exit']}" for v, run in runs.items()
-               if run["pytest_exit"] != 0 and not run["failed"]]
+    failed += [
+        f"- transformers {v}: pytest exited {run['pytest_exit']}"
+        for v, run in runs.items()
+        if run["pytest_exit"] != 0 and not run["failed"]
+    ]
     text = report + ("\n\nFailed:\n" + "\n".join(failed) if failed else "") + "\n"
     (OUT / "verdicts.md").write_text(text)
     (OUT / "verdicts.json").write_text(json.dumps(dict(columns=columns, families=families, runs=runs), indent=1))

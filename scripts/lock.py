@@ -6,6 +6,7 @@ the suite passed with. The version changes are printed either way. Standard libr
 
     python3 scripts/lock.py [--torch torch==2.13.0]
 """
+
 import argparse
 import datetime
 import platform
@@ -39,8 +40,9 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
 
 def freeze(python: Path) -> dict[str, str]:
     """{package: version} of what `pip freeze` shows in a venv, less torch and ringwise."""
-    out = subprocess.run([str(python), "-m", "pip", "freeze", "--exclude-editable"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(python), "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True, check=True
+    ).stdout
     pins = {}
     for line in out.splitlines():
         if "==" in line and not line.startswith("#"):

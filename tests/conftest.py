@@ -1,5 +1,6 @@
 """Shared fixtures: live local clusters (one per world size, reused across tests), and grids of
 cases run as one cluster job per world size."""
+
 import os
 import threading
 
@@ -19,10 +20,9 @@ if "RINGWISE_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["RINGWISE_CACHE"], True)
 
 import pytest  # noqa: E402
+from helpers import run_each  # noqa: E402
 
 from ringwise.testing.cluster import ClusterError, LocalCluster  # noqa: E402
-
-from helpers import run_each  # noqa: E402
 
 _CLUSTERS: dict[int, LocalCluster] = {}
 
@@ -60,8 +60,11 @@ def grid_results(cluster, request):
     and round-trips paid once; fn must be importable by name). Each test still checks its own
     case. A case the batch did not complete on every rank (it raised, or the job died or hung)
     is run again on its own, on a fresh cluster, so it fails with every rank's traceback."""
-    selected = {id(item.callspec.params["case"]) for item in request.session.items
-                if hasattr(item, "callspec") and "case" in item.callspec.params}
+    selected = {
+        id(item.callspec.params["case"])
+        for item in request.session.items
+        if hasattr(item, "callspec") and "case" in item.callspec.params
+    }
     cache = {}
 
     def run(fn, grid, case):

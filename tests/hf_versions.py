@@ -1,5 +1,6 @@
 """What the installed transformers offers, read once, so the HF tests run on every version pyproject allows
 (4.53 up): families newer than the installed version are skipped by name, never faked."""
+
 import pytest
 from packaging.version import Version
 
@@ -11,11 +12,20 @@ _REGISTRY = "does not use transformers' attention registry"
 _TENSOR_MASK = "tensor attention mask"
 # What ringwise says, collectively, to families that transformers < 5 does not yet route through the attention
 # registry (hard-coded attention) or the mask registry (a 4-D mask built by the model): refused, never wrong.
-# Run on 4.53 and 4.57.1; read from the 4.54-4.57 wheels: GPT-2 uses the mask registry from 4.54.1 on, the others only in 5.x.
-REFUSED_BEFORE_5 = dict(qwen2_moe=_REGISTRY, phimoe=_REGISTRY, jetmoe=_REGISTRY, stablelm=_REGISTRY,
-                        nemotron=_REGISTRY, gptj=_REGISTRY, codegen=_REGISTRY, granitemoe=_TENSOR_MASK,
-                        opt=_TENSOR_MASK,
-                        **(dict(gpt2=_TENSOR_MASK) if VERSION < (4, 54, 1) else {}))
+# Run on 4.53 and 4.57.1; read from the 4.54-4.57 wheels: GPT-2 uses the mask registry from 4.54.1 on,
+# the others only in 5.x.
+REFUSED_BEFORE_5 = dict(
+    qwen2_moe=_REGISTRY,
+    phimoe=_REGISTRY,
+    jetmoe=_REGISTRY,
+    stablelm=_REGISTRY,
+    nemotron=_REGISTRY,
+    gptj=_REGISTRY,
+    codegen=_REGISTRY,
+    granitemoe=_TENSOR_MASK,
+    opt=_TENSOR_MASK,
+    **(dict(gpt2=_TENSOR_MASK) if VERSION < (4, 54, 1) else {}),
+)
 
 
 def uses_attention_registry(family: str) -> bool:
@@ -84,8 +94,9 @@ REFUSED_HERE = _Refusals()
 
 # transformers 5 chooses an experts kernel per model; grouped_mm has no float64 kernel for the oracle, so the
 # tests ask for eager experts. Older versions have one (eager) implementation and no such keyword.
-EAGER_EXPERTS = (dict(experts_implementation="eager")
-                 if hasattr(transformers.PretrainedConfig, "_experts_implementation") else {})
+EAGER_EXPERTS = (
+    dict(experts_implementation="eager") if hasattr(transformers.PretrainedConfig, "_experts_implementation") else {}
+)
 
 
 def config_class(name):

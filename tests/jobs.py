@@ -1,4 +1,5 @@
 """A long local training job run as a user runs it (`python -m ringwise.train`), and its processes."""
+
 import subprocess
 import sys
 import time
@@ -12,9 +13,30 @@ class Job:
 
     def __init__(self, out: Path, timeout: float):
         self.out, self.log = out, out.parent / f"{out.name}.log"
-        cmd = [sys.executable, "-m", "ringwise.train", "--world", "2", "--model", "tiny", "--seq-len", "64",
-               "--batch", "2", "--steps", "100000", "--ckpt-every", "100000", "--threads", "1",
-               "--timeout", str(timeout), "--out", str(out), "--no-plots"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ringwise.train",
+            "--world",
+            "2",
+            "--model",
+            "tiny",
+            "--seq-len",
+            "64",
+            "--batch",
+            "2",
+            "--steps",
+            "100000",
+            "--ckpt-every",
+            "100000",
+            "--threads",
+            "1",
+            "--timeout",
+            str(timeout),
+            "--out",
+            str(out),
+            "--no-plots",
+        ]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
@@ -39,7 +61,7 @@ class Job:
     def report(self) -> str:
         out = self.output()
         assert "ringwise train: the job failed:" in out, out[-3000:]
-        return out[out.index("ringwise train: the job failed:"):]
+        return out[out.index("ringwise train: the job failed:") :]
 
     def end(self) -> None:
         if self.proc.poll() is None:

@@ -1,4 +1,5 @@
 """Listening TCP sockets of a set of processes, read from /proc (Linux)."""
+
 import ipaddress
 import os
 import socket

@@ -1,12 +1,13 @@
 """The front door's communication, counted exactly (PyTorch context parallel's style): a
 validated call makes ONE verdict gather before any ring traffic, Ulysses and the transformers
 integration included; validate=False makes none; W-1 kv hops forward, W-1 kv + W dkv back."""
+
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import count_comms
 
 import ringwise
-from helpers import count_comms
 
 
 def ring_counts(validate):
@@ -25,7 +26,10 @@ def test_a_validated_call_makes_one_gather_and_the_ring_its_hops(cluster, W, val
     for _, fwd, bwd in cluster(W).run(ring_counts, validate):
         hops = W - 1
         assert fwd == ({"all_gather_object": 1} if validate else {}) | {
-            "batch_isend_irecv": hops, "p2p_isend": 2 * hops, "p2p_irecv": 2 * hops}  # K and V
+            "batch_isend_irecv": hops,
+            "p2p_isend": 2 * hops,
+            "p2p_irecv": 2 * hops,
+        }  # K and V
         # K, V per kv hop; dK and dV travel as one stacked tensor
         assert bwd == {"batch_isend_irecv": hops + W, "p2p_isend": 2 * hops + W, "p2p_irecv": 2 * hops + W}
 
@@ -34,11 +38,14 @@ def ulysses_counts():
     from ringwise.attention.ulysses import mesh_groups
 
     ug, rg = mesh_groups(2, 2)
-    q, k, v = (ringwise.shard(torch.randn(1, 32, 4, 8), 1, "zigzag", rg, ulysses_group=ug).requires_grad_()
-               for _ in range(3))
+    q, k, v = (
+        ringwise.shard(torch.randn(1, 32, 4, 8), 1, "zigzag", rg, ulysses_group=ug).requires_grad_() for _ in range(3)
+    )
     saved = []
-    with count_comms() as fwd, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
-                                                                        lambda t: t):
+    with (
+        count_comms() as fwd,
+        torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t),
+    ):
         out = ringwise.ring_attention(q, k, v, causal=True, group=rg, ulysses_group=ug)
     with count_comms() as bwd:
         out.sum().backward()
@@ -51,8 +58,13 @@ def test_ulysses_mesh_makes_one_gather_too(cluster):
     for fwd, bwd, saved, seq_shape in cluster(4).run(ulysses_counts):
         # the backward keeps the head chunks (q, k, v, out: (1, 16, 2, 8); lse), not the sequence shards
         assert seq_shape == (1, 8, 4, 8) and seq_shape not in saved and len(saved) == 5, saved
-        assert fwd == {"all_gather_object": 1, "all_to_all_single": 2, "batch_isend_irecv": 1,
-                       "p2p_isend": 2, "p2p_irecv": 2}
+        assert fwd == {
+            "all_gather_object": 1,
+            "all_to_all_single": 2,
+            "batch_isend_irecv": 1,
+            "p2p_isend": 2,
+            "p2p_irecv": 2,
+        }
         assert bwd == {"all_to_all_single": 2, "batch_isend_irecv": 3, "p2p_isend": 4, "p2p_irecv": 4}
 
 
@@ -88,8 +100,15 @@ def _llama(seed=0):
 
     import ringwise.integrations.transformers as rw
 
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(seed)
     return rw.from_config(cfg).eval()
 

@@ -3,19 +3,19 @@
 With every rank's shard of K and V identical, a loopback hop delivers exactly the block the
 real ring would, so rank r alone must reproduce the whole-sequence float64 reference on its
 own rows (out, lse and dq; dK/dV partials are the ring's to sum, not the rank's)."""
+
 import json
 
 import pytest
 import torch
+from helpers import count_comms, max_err, reference_attention
 
 import ringwise
 from ringwise.attention.kernels import select_kernel
 from ringwise.attention.layout import global_indices
 from ringwise.attention.ring import Engine, ring_backward, ring_forward
-from ringwise.cli import main
 from ringwise.bench.compute import LoopbackRing, rank_inputs
-
-from helpers import count_comms, max_err, reference_attention
+from ringwise.cli import main
 
 
 def _periodic(block, layout, world):
@@ -40,7 +40,7 @@ def test_loopback_rank_reproduces_its_rows_of_the_whole_sequence(world, layout, 
     ref_out, ref_lse = reference_attention(q, k, v, causal=causal)
     (ref_dq,) = torch.autograd.grad(ref_out, q, dout)
     kernel = select_kernel("auto", q.device, q.dtype, d)
-    scale = d ** -0.5
+    scale = d**-0.5
     for r in range(world):
         idx = global_indices(layout, r, world, L * world)
         q_r, k_r, v_r, dout_r = rank_inputs((q.detach(), k, v, dout), layout, r, world)
@@ -61,8 +61,12 @@ def test_loopback_ring_refuses_a_rank_outside_it():
 
 
 def test_bench_compute_quick(tmp_path):
-    assert main(["bench", "compute", "--quick", "--compute-heads", "2", "--compute-head-dim", "16",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            ["bench", "compute", "--quick", "--compute-heads", "2", "--compute-head-dim", "16", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "compute.json").read_text())
     assert sorted({(r["world"], r["rank"]) for r in data["rows"]}) == [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
     assert [s["world"] for s in data["summary"]] == [2, 3]

@@ -1,18 +1,21 @@
 """Single-process pieces: causal tiling, the lse merge, layouts, kernels."""
+
 import itertools
 
 import pytest
 import torch
+from helpers import max_err, reference_attention
 
 import ringwise
 from ringwise.attention.kernels import ReferenceKernel, select_kernel
 from ringwise.attention.layout import global_indices, segments
-from ringwise.attention.tiles import step_tiles
 from ringwise.attention.merge import merge_into
-from helpers import max_err, reference_attention
+from ringwise.attention.tiles import step_tiles
 
 
-@pytest.mark.parametrize("layout,W,causal", list(itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5, 8], [False, True])))
+@pytest.mark.parametrize(
+    "layout,W,causal", list(itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5, 8], [False, True]))
+)
 def test_tiles_cover_exactly_the_mask(layout, W, causal):
     """Every visible (query, key) pair is computed exactly once; no invisible pair is."""
     L = 2 * 3  # even, so zigzag can split it
@@ -56,14 +59,18 @@ def test_zigzag_steps_are_single_calls():
 
 def test_merge_is_exact_and_inf_safe():
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 2, 8, 4, dtype=torch.float64), torch.randn(1, 2, 10, 4, dtype=torch.float64), torch.randn(1, 2, 10, 4, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(1, 2, 8, 4, dtype=torch.float64),
+        torch.randn(1, 2, 10, 4, dtype=torch.float64),
+        torch.randn(1, 2, 10, 4, dtype=torch.float64),
+    )
     ref = ReferenceKernel()
     full_o, full_lse = ref.forward(q, k, v, False, 0.5)
     a_o, a_lse = ref.forward(q, k[:, :, :4], v[:, :, :4], False, 0.5)
     b_o, b_lse = ref.forward(q, k[:, :, 4:], v[:, :, 4:], False, 0.5)
     out, lse = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
-    for o, l in ((a_o, a_lse), (b_o, b_lse)):
-        merge_into(out, lse, o, l)
+    for o, part_lse in ((a_o, a_lse), (b_o, b_lse)):
+        merge_into(out, lse, o, part_lse)
     assert max_err(out, full_o) < 1e-14 and max_err(lse, full_lse) < 1e-14
     # rows that saw nothing (lse = -inf on both sides) stay exactly 0
     out, lse = torch.zeros(1, 1, 3, 4), torch.full((1, 1, 3), float("-inf"))
@@ -94,7 +101,9 @@ def test_kernels_agree_with_reference(dtype, causal):
     ref = ReferenceKernel(chunk=8)
     (o1, l1), (o2, l2) = aten.forward(q, k, v, causal, 0.25), ref.forward(q, k, v, causal, 0.25)
     assert max_err(o1, o2) < tol and max_err(l1, l2) < tol
-    for g1, g2 in zip(aten.backward(dout, q, k, v, o1, l1, causal, 0.25), ref.backward(dout, q, k, v, o1, l1, causal, 0.25)):
+    for g1, g2 in zip(
+        aten.backward(dout, q, k, v, o1, l1, causal, 0.25), ref.backward(dout, q, k, v, o1, l1, causal, 0.25)
+    ):
         assert max_err(g1, g2) < tol * 10
 
 
@@ -126,7 +135,12 @@ def test_positions_and_shard_single_process():
 
 
 DOC_CASES = [  # document lengths, for a global length of 24 (W in 1, 2, 3, 4 with L = 24 / W)
-    (24,), (1, 23), (5, 1, 1, 17), (3, 9, 1, 4, 7), (1,) * 24, (13, 11),
+    (24,),
+    (1, 23),
+    (5, 1, 1, 17),
+    (3, 9, 1, 4, 7),
+    (1,) * 24,
+    (13, 11),
 ]
 
 

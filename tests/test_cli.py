@@ -1,6 +1,6 @@
 """The command line end to end, at smoke-test sizes."""
-import json
 
+import json
 
 from ringwise.cli import main
 
@@ -33,7 +33,9 @@ def test_plan_bad_preset(capsys):
 
 
 def test_bench_overlap_quick(tmp_path):
-    assert main(["bench", "overlap", "--quick", "--head-dim", "16", "--overlap-heads", "2", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["bench", "overlap", "--quick", "--head-dim", "16", "--overlap-heads", "2", "--out", str(tmp_path)]) == 0
+    )
     data = json.loads((tmp_path / "overlap.json").read_text())
     assert [r["block"] for r in data["rows"]] == [64, 256]
     assert data["flops"] > 0 and data["bandwidth"] > 0
@@ -41,8 +43,23 @@ def test_bench_overlap_quick(tmp_path):
 
 
 def test_bench_scaling_quick(tmp_path):
-    assert main(["bench", "scaling", "--quick", "--scaling-model", "tiny", "--scaling-worlds", "1", "2",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "scaling",
+                "--quick",
+                "--scaling-model",
+                "tiny",
+                "--scaling-worlds",
+                "1",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
     assert {(r["sweep"], r["world"]) for r in rows} == {("weak", 1), ("weak", 2), ("strong", 1), ("strong", 2)}
     assert all(r["peak_mib_max"] > 0 for r in rows)
@@ -57,7 +74,9 @@ def test_bench_memory_quick(tmp_path):
 
 def test_bench_context_quick(tmp_path):
     assert main(["bench", "context", "--quick", "--out", str(tmp_path)]) == 0
-    rows = {(r["method"], r["world"]): r["max_seq"] for r in json.loads((tmp_path / "context.json").read_text())["rows"]}
+    rows = {
+        (r["method"], r["world"]): r["max_seq"] for r in json.loads((tmp_path / "context.json").read_text())["rows"]
+    }
     assert set(rows) == {("vanilla", 1), ("memeff", 1), ("bpt", 1), ("ring", 2)}
     assert rows[("vanilla", 1)] <= rows[("memeff", 1)] <= rows[("bpt", 1)] < rows[("ring", 2)]
 
@@ -87,8 +106,24 @@ def test_every_bench_suite_names_its_module():
 
 
 def test_bench_decode_quick(tmp_path):
-    assert main(["bench", "decode", "--quick", "--decode-heads", "4", "--decode-kv-heads", "2", "--decode-head-dim", "16",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "decode",
+                "--quick",
+                "--decode-heads",
+                "4",
+                "--decode-kv-heads",
+                "2",
+                "--decode-head-dim",
+                "16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
     assert {(r["world"], r["seq"]) for r in rows} == {(1, 1024), (1, 4096), (2, 1024), (2, 4096)}
     assert all(r["total"] > 0 and r["sdpa"] > 0 for r in rows)
@@ -103,6 +138,7 @@ def test_bench_decode_quick(tmp_path):
 
 
 # ---------------------------------------------------------------- one vocabulary, checked whole
+
 
 def _options(command):
     from ringwise.cli import build_parser
@@ -129,10 +165,24 @@ def test_every_command_speaks_one_vocabulary():
     for name in ("train", "finetune"):
         assert set(flags[name]["--dtype"].choices) == {"bf16", "fp32"}
     assert set(flags["bench"]["--gpu-dtype"].choices) | set(flags["bench"]["--decode-dtype"].choices) <= {
-        "bf16", "fp16", "fp32"}
+        "bf16",
+        "fp16",
+        "fp32",
+    }
     assert set(flags["bench"]["--device"].choices) == {"cpu", "cuda"}
-    old = {"--seq", "--global-len", "--ring-worlds", "--compute-seq", "--compute-backend", "--ulysses-seq",
-           "--peer-seq", "--gpu-seqs", "--decode-seqs", "--gpu-max-seq", "--gpu-mfu-seq"}
+    old = {
+        "--seq",
+        "--global-len",
+        "--ring-worlds",
+        "--compute-seq",
+        "--compute-backend",
+        "--ulysses-seq",
+        "--peer-seq",
+        "--gpu-seqs",
+        "--decode-seqs",
+        "--gpu-max-seq",
+        "--gpu-mfu-seq",
+    }
     for name, options in flags.items():
         assert not old & set(options), (name, old & set(options))
     assert "--world" not in flags["bench"] and "--ulysses" not in flags["bench"]  # --worlds sweeps; bench ulysses
@@ -151,8 +201,13 @@ def test_help_shows_every_default_and_the_version(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("--lr LR (default: 2e-05)", "--steps STEPS (default: 100)", "--seq-len SEQ_LEN global tokens",
-                  "(default: 1024)", "--eval-depths [EVAL_DEPTHS ...] passkey depths in [0, 1] (default: 0.0 0.25"):
+    for shown in (
+        "--lr LR (default: 2e-05)",
+        "--steps STEPS (default: 100)",
+        "--seq-len SEQ_LEN global tokens",
+        "(default: 1024)",
+        "--eval-depths [EVAL_DEPTHS ...] passkey depths in [0, 1] (default: 0.0 0.25",
+    ):
         assert shown in text, shown
     assert " --model PATH " in text and "[--model" not in text and "[--text" not in text  # required, as such
     with pytest.raises(SystemExit):
@@ -168,14 +223,39 @@ def test_every_problem_of_a_command_line_at_once(capsys):
     assert main(["generate", "--world", "0", "--temperature", "hot", "--bogus", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ringwise generate: 5 problems with the flags:"), err
-    for what in ("--temperature hot: must be a number", "unrecognized --bogus 1", "--model RUN_DIR|EXPORT.pt: required",
-                 "give one of --prompt TEXT and --retrieval K", "--world must be >= 1, got 0"):
+    for what in (
+        "--temperature hot: must be a number",
+        "unrecognized --bogus 1",
+        "--model RUN_DIR|EXPORT.pt: required",
+        "give one of --prompt TEXT and --retrieval K",
+        "--world must be >= 1, got 0",
+    ):
         assert what in err, (what, err)
-    assert main(["plan", "--model", "7b", "--hardware", "tpu-v9", "--devices", "12", "--devices-per-node", "8",
-                 "--seq-len", "-1"]) == 2
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "7b",
+                "--hardware",
+                "tpu-v9",
+                "--devices",
+                "12",
+                "--devices-per-node",
+                "8",
+                "--seq-len",
+                "-1",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    for what in ("--model 7b: must be one of llama-3b,", "--hardware tpu-v9: must be one of a100-nvlink,",
-                 "--seq-len -1: must be a positive integer", "--devices 12 must be a multiple of --devices-per-node 8"):
+    for what in (
+        "--model 7b: must be one of llama-3b,",
+        "--hardware tpu-v9: must be one of a100-nvlink,",
+        "--seq-len -1: must be a positive integer",
+        "--devices 12 must be a multiple of --devices-per-node 8",
+    ):
         assert what in err, (what, err)
     assert main(["demo", "--seq-len", "100", "--world", "3", "--heads", "x"]) == 2
     err = capsys.readouterr().err
@@ -197,8 +277,23 @@ def test_summary_says_what_was_asked_what_ran_and_how_fast(tmp_path, monkeypatch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    args = parse(["train", "--world", "2", "--model", "tiny", "--seq-len", "64", "--batch", "4", "--device", "cpu",
-                  "--out", str(tmp_path)])
+    args = parse(
+        [
+            "train",
+            "--world",
+            "2",
+            "--model",
+            "tiny",
+            "--seq-len",
+            "64",
+            "--batch",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     cfg = TrainConfig.from_args(args)
     records = [dict(step=s, loss=1.0, seconds=0.5, peak_rss_mib=100.0 + s) for s in range(4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -2,16 +2,17 @@
 
 Every path (causal/full, every layout, GQA, packed documents, window, sinks, softcap, Ulysses)
 compiled gives the eager op's result, and both stay within 2x the single-device kernel's error
-against the float64 reference on the whole sequence (tests/helpers.py); ringwise's model and a transformers Llama compile whole. One cluster job per
-world size runs every case (compiling is the slow part: aot_eager, inductor in the training run).
+against the float64 reference on the whole sequence (tests/helpers.py); ringwise's model and a
+transformers Llama compile whole. One cluster job per world size runs every case (compiling is the slow
+part: aot_eager, inductor in the training run).
 """
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import CEILINGS, EPS, assert_within_budget, count_comms, reference_attention, visible_mask
 
 import ringwise
-from helpers import CEILINGS, EPS, assert_within_budget, count_comms, reference_attention, visible_mask
 
 
 def _cases(W):
@@ -86,8 +87,14 @@ def compiled_vs_eager(W, ulysses=False):
         whole = _run(truth, q, k, v, sinks, dout, torch.float64, lambda x: x)
         single = lambda *a: ringwise.ring_attention(*a[:3], sinks=a[3], **_options(case, group=alone))  # noqa: E731
         kernel = _run(single, q, k, v, sinks, dout, dt, lambda x: x)
-        idx = global_indices(case["layout"], dist.get_rank(rg), dist.get_world_size(rg), total,
-                             dist.get_rank(ug) if ug else 0, dist.get_world_size(ug) if ug else 1)
+        idx = global_indices(
+            case["layout"],
+            dist.get_rank(rg),
+            dist.get_world_size(rg),
+            total,
+            dist.get_rank(ug) if ug else 0,
+            dist.get_world_size(ug) if ug else 1,
+        )
         errs = []
         for j, (e, c, t, kk) in enumerate(zip(eager, compiled, whole, kernel)):
             local = (lambda x: x[:, idx]) if j < 4 else (lambda x: x)  # sinks' gradient: summed below
@@ -106,8 +113,9 @@ def test_every_path_compiled_equals_eager_within_the_kernel_budget(cluster, W, u
         for case, errs, identical in report:
             for name, (eager, compiled, kernel) in zip(("out", "dq", "dk", "dv", "dsinks"), errs):
                 for what, err in (("eager", eager), ("compiled", compiled)):
-                    assert_within_budget(f"{case} {name} {what}", err, kernel, EPS[case["dtype"]],
-                                         ceiling=CEILINGS[case["dtype"]])
+                    assert_within_budget(
+                        f"{case} {name} {what}", err, kernel, EPS[case["dtype"]], ceiling=CEILINGS[case["dtype"]]
+                    )
             assert identical, f"compiled differs from eager (aot_eager runs the same op): {case}"
 
 
@@ -149,8 +157,15 @@ def hf_logits(compile_model):
     import ringwise.integrations.transformers as rw
 
     rw.use_ring()
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     model = rw.from_config(cfg).eval()
     ids = torch.randint(0, 97, (1, 32 * dist.get_world_size()))
@@ -194,8 +209,32 @@ def test_train_compile_flag_trains_the_same_first_step(tmp_path):
 
     def first_losses(name, *extra):
         out = tmp_path / name
-        assert main(["train", "--world", "2", "--model", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "3",
-                     "--eval-per-cell", "1", "--eval-lengths", "64", "--no-plots", "--out", str(out), *extra]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--world",
+                    "2",
+                    "--model",
+                    "tiny",
+                    "--seq-len",
+                    "64",
+                    "--batch",
+                    "2",
+                    "--steps",
+                    "3",
+                    "--eval-per-cell",
+                    "1",
+                    "--eval-lengths",
+                    "64",
+                    "--no-plots",
+                    "--out",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in rows if "loss" in r]
 

@@ -4,22 +4,42 @@ Tests without a mark run everywhere: the backend table, the argument lists built
 CUDA ops (checked against the ops' schemas and run on meta tensors, which torch shapes
 without a GPU). Tests marked `cuda` need a GPU (`make test-gpu`) and skip without one.
 """
+
 import itertools
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    CEILINGS,
+    DTYPES,
+    EPS,
+    assemble,
+    assert_within_budget,
+    count_comms,
+    document_mask,
+    make_inputs,
+    max_err,
+    packed,
+    reference_attention,
+    run_attention,
+)
 
 import ringwise
 from ringwise.attention import kernels
 from ringwise.attention.kernels import (
-    CudaCudnnKernel, CudaEfficientKernel, CudaFlashKernel, auto_backend, cudnn_backward_args, cudnn_forward_args,
-    efficient_backward_args, efficient_forward_args, flash_backward_args, flash_forward_args, select_kernel,
-)
-from helpers import (
-    CEILINGS, DTYPES, EPS, assemble, assert_within_budget, count_comms, document_mask, make_inputs, max_err, packed,
-    reference_attention, run_attention,
+    CudaCudnnKernel,
+    CudaEfficientKernel,
+    CudaFlashKernel,
+    auto_backend,
+    cudnn_backward_args,
+    cudnn_forward_args,
+    efficient_backward_args,
+    efficient_forward_args,
+    flash_backward_args,
+    flash_forward_args,
+    select_kernel,
 )
 
 aten = torch.ops.aten
@@ -28,22 +48,26 @@ HALF = (torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------- backend selection (CPU)
 
-@pytest.mark.parametrize("facts,expected", [
-    (("cuda", torch.bfloat16, 128, (9, 0), True), "cuda_cudnn"),   # Hopper
-    (("cuda", torch.float16, 64, (8, 0), True), "cuda_cudnn"),     # Ampere, smallest cuDNN head_dim
-    (("cuda", torch.bfloat16, 256, (9, 0), True), "cuda_cudnn"),
-    (("cuda", torch.bfloat16, 72, (9, 0), True), "cuda_cudnn"),
-    (("cuda", torch.bfloat16, 128, (9, 0), False), "cuda_flash"),  # no cuDNN 9
-    (("cuda", torch.bfloat16, 32, (9, 0), True), "cuda_flash"),    # below cuDNN's head_dim range
-    (("cuda", torch.bfloat16, 512, (9, 0), True), "cuda_efficient"),
-    (("cuda", torch.float32, 128, (9, 0), True), "cuda_efficient"),  # cuDNN returns NaN for fp32
-    (("cuda", torch.bfloat16, 128, (7, 5), True), "cuda_efficient"),  # Turing: no flash, no cuDNN attention
-    (("cuda", torch.bfloat16, 20, (9, 0), True), "reference"),     # head_dim not a multiple of 8
-    (("cuda", torch.float64, 128, (9, 0), True), "reference"),
-    (("cpu", torch.bfloat16, 128), "aten_cpu"),
-    (("cpu", torch.float64, 20), "aten_cpu"),
-    (("mps", torch.float16, 64), "reference"),
-])
+
+@pytest.mark.parametrize(
+    "facts,expected",
+    [
+        (("cuda", torch.bfloat16, 128, (9, 0), True), "cuda_cudnn"),  # Hopper
+        (("cuda", torch.float16, 64, (8, 0), True), "cuda_cudnn"),  # Ampere, smallest cuDNN head_dim
+        (("cuda", torch.bfloat16, 256, (9, 0), True), "cuda_cudnn"),
+        (("cuda", torch.bfloat16, 72, (9, 0), True), "cuda_cudnn"),
+        (("cuda", torch.bfloat16, 128, (9, 0), False), "cuda_flash"),  # no cuDNN 9
+        (("cuda", torch.bfloat16, 32, (9, 0), True), "cuda_flash"),  # below cuDNN's head_dim range
+        (("cuda", torch.bfloat16, 512, (9, 0), True), "cuda_efficient"),
+        (("cuda", torch.float32, 128, (9, 0), True), "cuda_efficient"),  # cuDNN returns NaN for fp32
+        (("cuda", torch.bfloat16, 128, (7, 5), True), "cuda_efficient"),  # Turing: no flash, no cuDNN attention
+        (("cuda", torch.bfloat16, 20, (9, 0), True), "reference"),  # head_dim not a multiple of 8
+        (("cuda", torch.float64, 128, (9, 0), True), "reference"),
+        (("cpu", torch.bfloat16, 128), "aten_cpu"),
+        (("cpu", torch.float64, 20), "aten_cpu"),
+        (("mps", torch.float16, 64), "reference"),
+    ],
+)
 def test_auto_backend_table(facts, expected):
     assert auto_backend(*facts) == expected
 
@@ -81,6 +105,7 @@ def test_named_backends_check_device_and_dtype():
 
 # ---------------------------------------------------------------- op arguments vs schemas (CPU)
 
+
 def _bind(op, kwargs):
     """The named arguments, checked against the op's schema: every name is the schema's and every
     argument without a default is given (what torch checks when the kernels call op(**kwargs))."""
@@ -105,8 +130,9 @@ def test_flash_args_fit_schema_dense_path():
     out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="meta")
     fwd = _bind(aten._scaled_dot_product_flash_attention, flash_forward_args(q, k, v, True, 0.125))
     assert (fwd["dropout_p"], fwd["is_causal"], fwd["return_debug_mask"], fwd["scale"]) == (0.0, True, False, 0.125)
-    bwd = _bind(aten._scaled_dot_product_flash_attention_backward,
-                flash_backward_args(out, q, k, v, out, lse, False, 0.125))
+    bwd = _bind(
+        aten._scaled_dot_product_flash_attention_backward, flash_backward_args(out, q, k, v, out, lse, False, 0.125)
+    )
     # A defined cum_seq tensor selects flash's varlen path ("batch size must be positive").
     assert bwd["cum_seq_q"] is None and bwd["cum_seq_k"] is None
     assert (bwd["max_q"], bwd["max_k"], bwd["dropout_p"], bwd["is_causal"]) == (48, 32, 0.0, False)
@@ -120,8 +146,9 @@ def test_cudnn_args_fit_schema():
     out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="meta")
     fwd = _bind(aten._scaled_dot_product_cudnn_attention, cudnn_forward_args(q, k, v, False, 0.125))
     assert fwd["attn_bias"] is None and fwd["compute_log_sumexp"] is True and fwd["dropout_p"] == 0.0
-    bwd = _bind(aten._scaled_dot_product_cudnn_attention_backward,
-                cudnn_backward_args(out, q, k, v, out, lse, False, 0.125))
+    bwd = _bind(
+        aten._scaled_dot_product_cudnn_attention_backward, cudnn_backward_args(out, q, k, v, out, lse, False, 0.125)
+    )
     assert bwd["attn_bias"] is None and bwd["cum_seq_q"] is None and bwd["cum_seq_k"] is None
     assert (bwd["max_q"], bwd["max_k"], bwd["scale"]) == (48, 32, 0.125)
     assert bwd["logsumexp"].shape == (2, 4, 48, 1)  # the op's own lse layout
@@ -132,8 +159,10 @@ def test_efficient_args_fit_schema():
     out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="meta")
     fwd = _bind(aten._scaled_dot_product_efficient_attention, efficient_forward_args(q, k, v, True, 0.125))
     assert fwd["attn_bias"] is None and fwd["compute_log_sumexp"] is True and fwd["is_causal"] is True
-    bwd = _bind(aten._scaled_dot_product_efficient_attention_backward,
-                efficient_backward_args(out, q, k, v, out, lse, False, 0.125))
+    bwd = _bind(
+        aten._scaled_dot_product_efficient_attention_backward,
+        efficient_backward_args(out, q, k, v, out, lse, False, 0.125),
+    )
     assert bwd["logsumexp"].shape == (2, 4, 64)  # padded to a multiple of 32 rows, as the forward returns it
     assert bwd["grad_input_mask"] == [True, True, True, False] and bwd["attn_bias"] is None
 
@@ -216,6 +245,7 @@ def test_cudnn_kernel_refuses_fp32_and_rectangular_causal():
 
 # ---------------------------------------------------------------- GPU benchmark code (CPU smoke)
 
+
 def test_bench_attention_device_rows_on_cpu():
     """The --device cuda bench's loop, run on CPU: times where an impl runs, the error where not."""
     from ringwise.bench.attention import attention_flops, device_rows
@@ -230,7 +260,11 @@ def test_bench_attention_device_rows_on_cpu():
             assert r["tflops"] == pytest.approx(attention_flops(1, 64, 2, 16, causal) / (r["ms"] * 1e-3) / 1e12)
         assert "runs on cuda tensors" in by[("ringwise_flash", causal)]["error"]
         assert by[("sdpa_cudnn", causal)]["error"]
-    assert attention_flops(1, 1024, 32, 128, False) == 2 * attention_flops(1, 1024, 32, 128, True) == 3.5 * 4 * 32 * 1024**2 * 128
+    assert (
+        attention_flops(1, 1024, 32, 128, False)
+        == 2 * attention_flops(1, 1024, 32, 128, True)
+        == 3.5 * 4 * 32 * 1024**2 * 128
+    )
 
 
 @pytest.mark.parametrize("n,cap", [(0, None), (1, None), (13, None), (13, 8), (13, 10), (13, 13), (5, 64)])
@@ -281,8 +315,14 @@ def test_gpu_check_script_runs_every_step_and_logs_it(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHON=sys.executable, PYTEST_ADDOPTS=str(root / "tests" / "test_cuda.py"))
-    done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), str(tmp_path)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_check.sh"), str(tmp_path)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = (tmp_path / "summary.txt").read_text()
     assert [line.split(":")[0] for line in summary.splitlines() if ": exit " in line] == ["env", "test-gpu"]
@@ -319,8 +359,14 @@ def sdpa_errors(case, q, k, v, dout, refs):
 
     def sdpa(q, k, v):
         attn = None if mask is None else mask.cuda()
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn,
-                                           is_causal=causal and mask is None, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn,
+            is_causal=causal and mask is None,
+            enable_gqa=True,
+        )
         return o.transpose(1, 2)
 
     res = _grads(sdpa, [x.cuda().to(dt) for x in (q, k, v)], dout.cuda().to(dt))
@@ -336,19 +382,38 @@ def float64_refs(case, q, k, v, dout):
 
 
 KERNEL_CASES = [
-    dict(backend=b, dtype=dt, causal=c, kv_heads=hk, head_dim=d, world=1, layout="contiguous", batch=2, heads=8,
-         seq=250, seed=11)
+    dict(
+        backend=b,
+        dtype=dt,
+        causal=c,
+        kv_heads=hk,
+        head_dim=d,
+        world=1,
+        layout="contiguous",
+        batch=2,
+        heads=8,
+        seq=250,
+        seed=11,
+    )
     for b, dt, c, hk, d in itertools.product(
-        ["cuda_cudnn", "cuda_flash", "cuda_efficient"], ["float16", "bfloat16", "float32"], [False, True], [8, 2],
-        [64, 128])
+        ["cuda_cudnn", "cuda_flash", "cuda_efficient"],
+        ["float16", "bfloat16", "float32"],
+        [False, True],
+        [8, 2],
+        [64, 128],
+    )
     if not (b in ("cuda_cudnn", "cuda_flash") and dt == "float32")
 ]
 
 
 @gpu
-@pytest.mark.parametrize("case", KERNEL_CASES,
-                         ids=lambda c: f"{c['backend']}-{c['dtype']}-{'causal' if c['causal'] else 'full'}"
-                                       f"-h8/{c['kv_heads']}-d{c['head_dim']}")
+@pytest.mark.parametrize(
+    "case",
+    KERNEL_CASES,
+    ids=lambda c: (
+        f"{c['backend']}-{c['dtype']}-{'causal' if c['causal'] else 'full'}-h8/{c['kv_heads']}-d{c['head_dim']}"
+    ),
+)
 def test_kernel_matches_float64_within_sdpa_error(case):
     q, k, v, dout = make_inputs(case)
     refs = float64_refs(case, q, k, v, dout)
@@ -361,8 +426,9 @@ def test_kernel_matches_float64_within_sdpa_error(case):
     res = _grads(ring, [x.cuda().to(dt) for x in (q, k, v)], dout.cuda().to(dt))
     for name, r in zip(("out", "dq", "dk", "dv"), res):
         e = max_err(r.cpu(), refs[name])
-        assert_within_budget(f"{name} (budget: SDPA's error)", e, budget[name], EPS[case["dtype"]],
-                             ceiling=CEILINGS[case["dtype"]])
+        assert_within_budget(
+            f"{name} (budget: SDPA's error)", e, budget[name], EPS[case["dtype"]], ceiling=CEILINGS[case["dtype"]]
+        )
 
 
 @gpu
@@ -383,12 +449,28 @@ def gpu_ring_case(case):
     ql, kl, vl = (ringwise.shard(x, 1, layout).to("cuda", dt).requires_grad_() for x in (q, k, v))
     with count_comms() as whole:
         with count_comms() as fwd:
-            out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True,
-                                               cu_seqlens=case.get("cu_seqlens"), backend=case.get("backend", "auto"))
+            out, lse = ringwise.ring_attention(
+                ql,
+                kl,
+                vl,
+                causal=case["causal"],
+                layout=layout,
+                return_lse=True,
+                cu_seqlens=case.get("cu_seqlens"),
+                backend=case.get("backend", "auto"),
+            )
         out.backward(ringwise.shard(dout, 1, layout).to("cuda", dt))
         torch.cuda.synchronize()
-    res = dict(out=out.detach().cpu(), lse=lse.cpu(), dq=ql.grad.cpu(), dk=kl.grad.cpu(), dv=vl.grad.cpu(),
-               fwd_hops=dict(fwd.hops), hops=dict(whole.hops), staged=dict(whole.staged))
+    res = dict(
+        out=out.detach().cpu(),
+        lse=lse.cpu(),
+        dq=ql.grad.cpu(),
+        dk=kl.grad.cpu(),
+        dv=vl.grad.cpu(),
+        fwd_hops=dict(fwd.hops),
+        hops=dict(whole.hops),
+        staged=dict(whole.staged),
+    )
     # The same ring on CPU copies, sent directly: the hops the host-staged ring must match.
     direct = run_attention(dict(case, dtype="float32"), q, k, v, dout)
     res["direct_hops"] = (direct["fwd_hops"], dict(Counter(direct["fwd_hops"]) + Counter(direct["bwd_hops"])))
@@ -402,17 +484,47 @@ def _ring_cases():
         base = dict(world=W, layout=layout, batch=2, heads=4, kv_heads=2, head_dim=64, seq=seq, seed=100 + i)
         cases.append(dict(base, dtype="bfloat16", causal=True, cu_seqlens=packed([1, 37, 5, seq - 43])))
         cases.append(dict(base, dtype="float16", causal=False))
-    cases.append(dict(world=3, layout="zigzag", batch=1, heads=4, kv_heads=1, head_dim=64, seq=288, seed=7,
-                      dtype="float32", causal=True))  # cuda_efficient in the ring
-    cases.append(dict(world=3, layout="striped", batch=1, heads=4, kv_heads=2, head_dim=128, seq=288, seed=8,
-                      dtype="bfloat16", causal=True, backend="cuda_flash"))
+    cases.append(
+        dict(
+            world=3,
+            layout="zigzag",
+            batch=1,
+            heads=4,
+            kv_heads=1,
+            head_dim=64,
+            seq=288,
+            seed=7,
+            dtype="float32",
+            causal=True,
+        )
+    )  # cuda_efficient in the ring
+    cases.append(
+        dict(
+            world=3,
+            layout="striped",
+            batch=1,
+            heads=4,
+            kv_heads=2,
+            head_dim=128,
+            seq=288,
+            seed=8,
+            dtype="bfloat16",
+            causal=True,
+            backend="cuda_flash",
+        )
+    )
     return cases
 
 
 @gpu
-@pytest.mark.parametrize("case", _ring_cases(), ids=lambda c: (
-    f"W{c['world']}-{c['layout']}-{c['dtype']}-{'causal' if c['causal'] else 'full'}"
-    f"{'-docs' if c.get('cu_seqlens') else ''}-{c.get('backend', 'auto')}"))
+@pytest.mark.parametrize(
+    "case",
+    _ring_cases(),
+    ids=lambda c: (
+        f"W{c['world']}-{c['layout']}-{c['dtype']}-{'causal' if c['causal'] else 'full'}"
+        f"{'-docs' if c.get('cu_seqlens') else ''}-{c.get('backend', 'auto')}"
+    ),
+)
 def test_ring_on_one_gpu_matches_float64(cluster, case):
     """W ranks on one GPU (gloo group, so host-staged hops): error <= 2 x SDPA's, hop counts as direct."""
     W = case["world"]
@@ -422,8 +534,13 @@ def test_ring_on_one_gpu_matches_float64(cluster, case):
     budget = sdpa_errors(case, q, k, v, dout, refs)
     # lse: SDPA returns none, so the budget is the single-device kernel's own lse error
     dt = DTYPES[case["dtype"]]
-    _, lse1 = ringwise.ring_attention(*(x.cuda().to(dt) for x in (q, k, v)), causal=case["causal"], return_lse=True,
-                                      cu_seqlens=case.get("cu_seqlens"), backend=case.get("backend", "auto"))
+    _, lse1 = ringwise.ring_attention(
+        *(x.cuda().to(dt) for x in (q, k, v)),
+        causal=case["causal"],
+        return_lse=True,
+        cu_seqlens=case.get("cu_seqlens"),
+        backend=case.get("backend", "auto"),
+    )
     budget["lse"] = max_err(lse1.cpu(), refs["lse"])
     for name in ("out", "lse", "dq", "dk", "dv"):
         got = assemble([r[name] for r in results], case["layout"], 2 if name == "lse" else 1)
@@ -460,11 +577,18 @@ def gpu_ulysses_case(case):
         return ringwise.shard(x, 1, layout, group=rg, ulysses_group=ug).to(DEVICE, dt)
 
     ql, kl, vl = (piece(x).requires_grad_() for x in (q, k, v))
-    out = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, group=rg, ulysses_group=ug,
-                                  cu_seqlens=case.get("cu_seqlens"))
+    out = ringwise.ring_attention(
+        ql, kl, vl, causal=case["causal"], layout=layout, group=rg, ulysses_group=ug, cu_seqlens=case.get("cu_seqlens")
+    )
     out.backward(piece(dout))
-    return dict(out=out.detach().cpu(), dq=ql.grad.cpu(), dk=kl.grad.cpu(), dv=vl.grad.cpu(),
-                u=torch.distributed.get_rank(ug), r=torch.distributed.get_rank(rg))
+    return dict(
+        out=out.detach().cpu(),
+        dq=ql.grad.cpu(),
+        dk=kl.grad.cpu(),
+        dv=vl.grad.cpu(),
+        u=torch.distributed.get_rank(ug),
+        r=torch.distributed.get_rank(rg),
+    )
 
 
 @gpu
@@ -473,8 +597,20 @@ def test_ulysses_ring_on_one_gpu_matches_float64(cluster, layout):
     """A 2 x 2 mesh (GQA 8:2, packed documents, bf16) on one GPU: error <= 2 x SDPA's own error."""
     from ringwise.attention.layout import global_indices
 
-    case = dict(mesh=(2, 2), world=4, layout=layout, batch=1, heads=8, kv_heads=2, head_dim=64, seq=384, seed=21,
-                dtype="bfloat16", causal=True, cu_seqlens=packed([1, 150, 33, 200]))
+    case = dict(
+        mesh=(2, 2),
+        world=4,
+        layout=layout,
+        batch=1,
+        heads=8,
+        kv_heads=2,
+        head_dim=64,
+        seq=384,
+        seed=21,
+        dtype="bfloat16",
+        causal=True,
+        cu_seqlens=packed([1, 150, 33, 200]),
+    )
     results = cluster(4).run(gpu_ulysses_case, case, timeout=120)
     q, k, v, dout = make_inputs(case)
     refs = float64_refs(case, q, k, v, dout)
@@ -489,13 +625,21 @@ def test_ulysses_ring_on_one_gpu_matches_float64(cluster, layout):
 
 # ---------------------------------------------------------------- transformers in bf16 on a GPU
 
+
 def _hf_model(attn):
     """A LLaMA-shaped test model with head_dim 64 (cuDNN's range), weights rounded to bf16."""
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_dropout=0.0,
+    )
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(torch.bfloat16)
 
 
@@ -506,6 +650,7 @@ def _hf_ids(seq):
 def hf_ring_run(seq):
     """One rank: the bf16 model on cuda:0 through the ring (auto: host-staged); grads summed over ranks."""
     import torch.distributed as dist
+
     import ringwise.integrations.transformers as rw
 
     torch.cuda.set_device(0)
@@ -529,8 +674,9 @@ def _hf_single(seq, dtype, device):
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100).backward()
-    return dict(logits=logits.detach().double().cpu(),
-                grads={n: p.grad.double().cpu() for n, p in model.named_parameters()})
+    return dict(
+        logits=logits.detach().double().cpu(), grads={n: p.grad.double().cpu() for n, p in model.named_parameters()}
+    )
 
 
 @gpu
@@ -544,11 +690,21 @@ def test_transformers_bf16_ring_on_one_gpu(cluster):
     logits = torch.empty_like(ref["logits"])
     for r, res in enumerate(results):
         logits[:, global_indices("zigzag", r, W, seq)] = res["logits"].double()
-    assert_within_budget("logits", max_err(logits, ref["logits"]), max_err(bf16["logits"], ref["logits"]), 1e-3,
-                         ceiling=CEILINGS["bfloat16"])
+    assert_within_budget(
+        "logits",
+        max_err(logits, ref["logits"]),
+        max_err(bf16["logits"], ref["logits"]),
+        1e-3,
+        ceiling=CEILINGS["bfloat16"],
+    )
     for n, g in results[0]["grads"].items():
-        assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(bf16["grads"][n], ref["grads"][n]), 1e-3,
-                             ceiling=CEILINGS["bfloat16"])
+        assert_within_budget(
+            n,
+            max_err(g, ref["grads"][n]),
+            max_err(bf16["grads"][n], ref["grads"][n]),
+            1e-3,
+            ceiling=CEILINGS["bfloat16"],
+        )
 
 
 @gpu

@@ -18,7 +18,10 @@ from ringwise.data import (
 TOK = ByteTokenizer()
 PATTERNS = {
     "compact": (r"(\d+):(\d+)\n", r"\?(\d+)=(\d+)$"),
-    "paper": (r"line (\d+): REGISTER_CONTENT is (\d+)\n", r"Tell me what is the REGISTER_CONTENT in line (\d+)\? (\d+)$"),
+    "paper": (
+        r"line (\d+): REGISTER_CONTENT is (\d+)\n",
+        r"Tell me what is the REGISTER_CONTENT in line (\d+)\? (\d+)$",
+    ),
 }
 
 
@@ -193,8 +196,9 @@ def test_recurring_registers_and_recall_labels(depth):
 def test_recall_labels_in_other_formats(fmt, questions):
     """Recall labels sit where the value's first digit is predicted, in any id-first format,
     and the extra questions keep their answer labels."""
-    ds = RetrievalDataset(400, seed=5, fmt=fmt, id_digits=1, value_digits=2, id_pool=6, loss_on="recall",
-                          questions=questions)
+    ds = RetrievalDataset(
+        400, seed=5, fmt=fmt, id_digits=1, value_digits=2, id_pool=6, loss_on="recall", questions=questions
+    )
     ex = ds[0]
     ids, labels = ex["input_ids"], ex["labels"]
     at = (labels != IGNORE_INDEX).nonzero().flatten()
@@ -213,7 +217,7 @@ def test_decoys_occur_once_and_needle_stays(depth):
     ds = RetrievalDataset(128, seed=4, fmt="registers", id_pool=9, depth=depth, decoys=4)
     for index in range(10):
         ex = ds[index]
-        body, question = TOK.decode(ex["input_ids"][1:ex["answer_span"][1]]).rsplit("?", 1)
+        body, question = TOK.decode(ex["input_ids"][1 : ex["answer_span"][1]]).rsplit("?", 1)
         lines = [line[0] for line in body.split("\n")[:-1]]
         once = [i for i in set(lines) if lines.count(i) == 1]
         assert question[0] in once and len(once) == 5  # the needle and 4 decoys
@@ -246,7 +250,6 @@ def test_eval_grid():
         for ex, ex2 in zip(exs, again[key]):
             assert ex["input_ids"].shape == (key[0],)
             assert torch.equal(ex["input_ids"], ex2["input_ids"])
-
 
 
 # ---------------------------------------------------------------------- packed text

@@ -1,11 +1,12 @@
 """Multi-process behaviour beyond numerics: layouts, gradcheck, sub-groups, errors, failures."""
+
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import max_err, reference_attention
 
 import ringwise
 from ringwise.testing.cluster import ClusterError, LocalCluster
-from helpers import max_err, reference_attention
 
 
 def shard_roundtrip(layout, global_len):
@@ -67,8 +68,9 @@ class _GatherShards(torch.autograd.Function):
 def gradcheck_ring(layout, causal):
     """gradcheck of the whole-sequence function q, k, v -> out, built from shards on every rank."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 8 if layout == "zigzag" else 6, h, 3, generator=g, dtype=torch.float64)
-               for h in (2, 1, 1))
+    q, k, v = (
+        torch.randn(1, 8 if layout == "zigzag" else 6, h, 3, generator=g, dtype=torch.float64) for h in (2, 1, 1)
+    )
 
     def f(q, k, v):
         ql, kl, vl = (ringwise.shard(_SumGradAcrossRanks.apply(x), 1, layout) for x in (q, k, v))
@@ -90,8 +92,9 @@ def subgroup_rings():
     group = groups[rank % 2]
     g = torch.Generator().manual_seed(rank % 2)
     q, k, v = (torch.randn(1, 16, 2, 8, generator=g) for _ in range(3))
-    out = ringwise.ring_attention(*(ringwise.shard(x, 1, "zigzag", group) for x in (q, k, v)),
-                                  causal=True, layout="zigzag", group=group)
+    out = ringwise.ring_attention(
+        *(ringwise.shard(x, 1, "zigzag", group) for x in (q, k, v)), causal=True, layout="zigzag", group=group
+    )
     ref, _ = reference_attention(q, k, v, causal=True)
     return max_err(ringwise.unshard(out, 1, "zigzag", group), ref)
 
@@ -136,13 +139,16 @@ def args_layout_differs(rank, W):
     return _t(1, 4, 2, 8), _t(1, 4, 2, 8), _t(1, 4, 2, 8), {"layout": "striped" if rank == 2 else "zigzag"}
 
 
-@pytest.mark.parametrize("make_args,match", [
-    (args_local_len_differs, "same batch, local sequence length"),
-    (args_dtype_on_rank0, "rank 0: k.dtype=torch.float64 differs"),
-    (args_odd_zigzag, "even local sequence length"),
-    (args_heads, "multiple of the 2 key/value heads"),
-    (args_layout_differs, "layout: rank 0 zigzag vs rank 2 striped"),
-])
+@pytest.mark.parametrize(
+    "make_args,match",
+    [
+        (args_local_len_differs, "same batch, local sequence length"),
+        (args_dtype_on_rank0, "rank 0: k.dtype=torch.float64 differs"),
+        (args_odd_zigzag, "even local sequence length"),
+        (args_heads, "multiple of the 2 key/value heads"),
+        (args_layout_differs, "layout: rank 0 zigzag vs rank 2 striped"),
+    ],
+)
 def test_bad_input_raises_on_every_rank(cluster, make_args, match):
     messages = cluster(3).run(expect_error, make_args, match)
     assert len(set(messages)) == 1  # the same error everywhere
@@ -160,13 +166,16 @@ def test_rank_outside_group(cluster):
     assert all(cluster(3).run(not_in_group))
 
 
-@pytest.mark.parametrize("q_shape,k_shape,match", [
-    ((2, 8, 2, 8), (1, 8, 2, 8), "k has batch 1 but q has 2"),
-    ((1, 8, 2, 8), (1, 6, 2, 8), "k has sequence length 6"),
-    ((1, 8, 2, 8), (1, 8, 2, 4), "k has head_dim 4"),
-    ((1, 8, 4, 8), (1, 8, 3, 8), "heads % kv_heads == 0"),
-    ((8, 2, 8), (8, 2, 8), "4-D tensor"),
-])
+@pytest.mark.parametrize(
+    "q_shape,k_shape,match",
+    [
+        ((2, 8, 2, 8), (1, 8, 2, 8), "k has batch 1 but q has 2"),
+        ((1, 8, 2, 8), (1, 6, 2, 8), "k has sequence length 6"),
+        ((1, 8, 2, 8), (1, 8, 2, 4), "k has head_dim 4"),
+        ((1, 8, 4, 8), (1, 8, 3, 8), "heads % kv_heads == 0"),
+        ((8, 2, 8), (8, 2, 8), "4-D tensor"),
+    ],
+)
 def test_bad_shapes_single_process(q_shape, k_shape, match):
     with pytest.raises(ValueError, match=match):
         ringwise.ring_attention(_t(*q_shape), _t(*k_shape), _t(*k_shape))
@@ -202,12 +211,15 @@ def test_dead_rank_fails_fast():
             c.run(die_mid_ring, timeout=30)
 
 
-@pytest.mark.parametrize("cu_seqlens,match", [
-    ([1, 8], "start at 0 and end at the global sequence length 8"),
-    ([0, 5], "start at 0 and end at the global sequence length 8"),
-    ([0, 4, 4, 8], "strictly increasing"),
-    (torch.tensor([[0, 8]]), "1-D integer tensor"),
-])
+@pytest.mark.parametrize(
+    "cu_seqlens,match",
+    [
+        ([1, 8], "start at 0 and end at the global sequence length 8"),
+        ([0, 5], "start at 0 and end at the global sequence length 8"),
+        ([0, 4, 4, 8], "strictly increasing"),
+        (torch.tensor([[0, 8]]), "1-D integer tensor"),
+    ],
+)
 def test_bad_cu_seqlens(cu_seqlens, match):
     q = _t(1, 8, 2, 8)
     with pytest.raises(ValueError, match=match):
@@ -224,10 +236,13 @@ def args_bad_docs_on_one_rank(rank, W):
     return _t(1, 4, 2, 8), _t(1, 4, 2, 8), _t(1, 4, 2, 8), {"cu_seqlens": docs}
 
 
-@pytest.mark.parametrize("make_args,match", [
-    (args_docs_differ, "cu_seqlens: rank 0"),
-    (args_bad_docs_on_one_rank, "rank 2: cu_seqlens must start at 0"),
-])
+@pytest.mark.parametrize(
+    "make_args,match",
+    [
+        (args_docs_differ, "cu_seqlens: rank 0"),
+        (args_bad_docs_on_one_rank, "rank 2: cu_seqlens must start at 0"),
+    ],
+)
 def test_document_errors_on_every_rank(cluster, make_args, match):
     messages = cluster(3).run(expect_error, make_args, match)
     assert len(set(messages)) == 1

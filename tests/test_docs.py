@@ -5,6 +5,7 @@ repository (http:, https:, mailto:) are not followed. Every page of docs/ is lin
 
 (The code examples and command lines of the same pages are run and checked by
 tests/test_readme_examples.py.)"""
+
 from __future__ import annotations
 
 import re
@@ -78,8 +79,7 @@ def test_the_pages_have_links():
     assert any(p.endswith(".md") and t.startswith("../BENCHMARKS.md#") for p, t in found)
 
 
-@pytest.mark.parametrize("page, line, target", CASES,
-                         ids=[f"{p.relative_to(ROOT)}:{n}: {t}" for p, n, t in CASES])
+@pytest.mark.parametrize("page, line, target", CASES, ids=[f"{p.relative_to(ROOT)}:{n}: {t}" for p, n, t in CASES])
 def test_relative_link_resolves(page, line, target):
     where = f"{page.relative_to(ROOT)}:{line}"
     file_part, _, anchor = target.partition("#")
@@ -88,12 +88,17 @@ def test_relative_link_resolves(page, line, target):
     assert dest.is_relative_to(ROOT), f"{where}: {target!r} leaves the repository"
     if anchor:
         assert dest.suffix == ".md", f"{where}: {target!r}: an anchor into a file that is not markdown"
-        assert anchor in anchors(dest), (f"{where}: {target!r}: no heading of {dest.relative_to(ROOT)} has the "
-                                         f"anchor #{anchor}; its anchors: {sorted(anchors(dest))}")
+        assert anchor in anchors(dest), (
+            f"{where}: {target!r}: no heading of {dest.relative_to(ROOT)} has the "
+            f"anchor #{anchor}; its anchors: {sorted(anchors(dest))}"
+        )
 
 
 def test_every_docs_page_is_linked_from_the_readme():
-    linked = {(ROOT / t.partition("#")[0]).resolve() for _, t in links(ROOT / "README.md")
-              if not EXTERNAL.match(t) and t.partition("#")[0]}
+    linked = {
+        (ROOT / t.partition("#")[0]).resolve()
+        for _, t in links(ROOT / "README.md")
+        if not EXTERNAL.match(t) and t.partition("#")[0]
+    }
     orphans = [p.relative_to(ROOT).as_posix() for p in PAGES[2:] if p.resolve() not in linked]
     assert not orphans, f"docs pages the README does not link to: {orphans}"

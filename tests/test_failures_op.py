@@ -1,5 +1,6 @@
 """Every argument problem of ring_attention, on ONE rank only, stops every rank with the same
 clear ValueError within seconds (found inside the collective check, never before it)."""
+
 import re
 
 import pytest
@@ -55,8 +56,10 @@ PROBLEMS = [  # (the bad rank's arguments, options added to them, what every ran
     (good_args, dict(document_ids=[[0], [0, 1]]), "document_ids must be a 1-D integer tensor"),
     (good_args, dict(causal=torch.ones(3)), "causal must be True or False"),
 ]
-IDS = [p[0].__name__.removeprefix("bad_") if p[0] is not good_args else "_".join(p[1]) + f"{i}"
-       for i, p in enumerate(PROBLEMS)]
+IDS = [
+    p[0].__name__.removeprefix("bad_") if p[0] is not good_args else "_".join(p[1]) + f"{i}"
+    for i, p in enumerate(PROBLEMS)
+]
 
 
 def one_bad_rank(make_bad, extra, bad_rank):

@@ -1,14 +1,12 @@
 """Failure paths of the training job: a frozen rank ends the job, naming it, within the timeout."""
+
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from jobs import Job
 
 
@@ -50,8 +48,10 @@ def test_a_frozen_or_killed_rank_ends_the_job_naming_it(tmp_path):
     assert job.proc.returncode == 1, job.output()[-3000:]
     report = job.report()
     # the launcher's own record, or rank 0's when the launcher saw rank 0's error first
-    assert ("rank 1 (exit code -9): Signal 9 (SIGKILL)" in report
-            or f"rank 1 (pid {victim} on {socket.gethostname()}) exited while the job ran" in report), report
+    assert (
+        "rank 1 (exit code -9): Signal 9 (SIGKILL)" in report
+        or f"rank 1 (pid {victim} on {socket.gethostname()}) exited while the job ran" in report
+    ), report
     assert elapsed["killed"] < 10, elapsed  # not the timeout: a dead peer's connection closes
     assert not (tmp_path / "killed" / ".lock").exists()
 

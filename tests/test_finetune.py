@@ -6,6 +6,7 @@ and 3 (zigzag and contiguous) to float32 rounding; per-rank parameter + optimize
 the command runs, stops, resumes, evaluates perplexity by position before and after, writes its RoPE
 change into the config, and exports a folder transformers loads with the trained weights. A real
 pretrained model (SmolLM2-135M) is used where it is installed (else skipped, with the reason)."""
+
 import json
 import math
 import os
@@ -18,8 +19,15 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hf_models import (WORDS, needs_smollm2, save_tiny_checkpoint, smollm2_folder, tiny_tokenizer,  # noqa: E402
-                       word_documents)
+from hf_models import (
+    WORDS,
+    needs_smollm2,
+    save_tiny_checkpoint,
+    smollm2_folder,
+    tiny_tokenizer,  # noqa: E402
+    word_documents,
+)
+
 from ringwise.data.documents import PackedDocuments, read_documents, tokenize_documents  # noqa: E402
 from ringwise.model import IGNORE_INDEX  # noqa: E402
 from ringwise.train.config import TrainConfig  # noqa: E402
@@ -41,15 +49,31 @@ def checkpoint_and_text(tmp_path_factory):
 
 
 def config(model, text, out, **kw):
-    base = dict(pretrained=str(model), text=[str(text)], data="documents", seq_len=SEQ, batch=2, steps=3, lr=1e-3,
-                warmup=1, weight_decay=0.1, ckpt_every=100, eval_sequences=2, eval_bucket=32, eval_per_cell=1,
-                eval_depths=[0.5], out=str(out),
-                no_plots=True, timeout=60.0)
+    base = dict(
+        pretrained=str(model),
+        text=[str(text)],
+        data="documents",
+        seq_len=SEQ,
+        batch=2,
+        steps=3,
+        lr=1e-3,
+        warmup=1,
+        weight_decay=0.1,
+        ckpt_every=100,
+        eval_sequences=2,
+        eval_bucket=32,
+        eval_per_cell=1,
+        eval_depths=[0.5],
+        out=str(out),
+        no_plots=True,
+        timeout=60.0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 # ---------------------------------------------------------------- documents
+
 
 def test_documents_pack_with_their_boundaries_and_cache_their_tokens(tmp_path, monkeypatch):
     """Tokens cached in ringwise's cache folder ($RINGWISE_CACHE/tokens), never beside the data."""
@@ -57,8 +81,9 @@ def test_documents_pack_with_their_boundaries_and_cache_their_tokens(tmp_path, m
     data.mkdir()
     monkeypatch.setenv("RINGWISE_CACHE", str(tmp_path / "cache"))
     (data / "one.txt").write_text(f"{w[1]} {w[2]} {w[3]}")
-    (data / "docs.jsonl").write_text(json.dumps({"text": f"{w[4]} {w[5]}"}) + "\n\n"
-                                     + json.dumps({"text": w[6]}) + "\n")
+    (data / "docs.jsonl").write_text(
+        json.dumps({"text": f"{w[4]} {w[5]}"}) + "\n\n" + json.dumps({"text": w[6]}) + "\n"
+    )
     tok = tiny_tokenizer()
     calls = []
     counting = lambda texts, **kw: calls.append(len(texts)) or tok(texts, **kw)  # noqa: E731
@@ -96,6 +121,7 @@ def test_jsonl_lines_need_a_text_field(tmp_path):
 
 # ---------------------------------------------------------------- exactness and memory, on test clusters
 
+
 def train_job(cfg_dict):
     from ringwise.train.loop import run_on_mesh
     from ringwise.train.mesh import make_mesh
@@ -113,8 +139,9 @@ def reference_first_loss(cfg):
     from ringwise.train.pretrained import documents
 
     data = documents(cfg)
-    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.pretrained, **dtype_kwarg(torch.float64),
-                                                              attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        cfg.pretrained, **dtype_kwarg(torch.float64), attn_implementation="eager"
+    )
     total, count = 0.0, 0
     for i in sample_indices(0, cfg.batch, len(data.train), cfg.seed):
         ex = data.train[i]
@@ -126,8 +153,9 @@ def reference_first_loss(cfg):
         mask = torch.zeros(SEQ, SEQ, dtype=torch.float64).masked_fill(~visible, float("-inf"))[None, None]
         with torch.no_grad():
             logits = model(input_ids=ex["input_ids"][None], attention_mask=mask).logits[0]
-        total += torch.nn.functional.cross_entropy(logits, ex["labels"], ignore_index=IGNORE_INDEX,
-                                                   reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits, ex["labels"], ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
         count += int((ex["labels"] != IGNORE_INDEX).sum())
     return total / count
 
@@ -135,8 +163,13 @@ def reference_first_loss(cfg):
 def test_steps_agree_across_world_sizes_and_with_one_process(cluster, checkpoint_and_text, tmp_path):
     model, text = checkpoint_and_text
     runs = {}
-    meshes = {"W1": (1, dict()), "W2": (2, dict()), "W3-contiguous": (3, dict(layout="contiguous")),
-              "W4-dp2": (4, dict(dp=2)), "W4-ulysses2-ckpt": (4, dict(ulysses=2, checkpoint_layers=True))}
+    meshes = {
+        "W1": (1, dict()),
+        "W2": (2, dict()),
+        "W3-contiguous": (3, dict(layout="contiguous")),
+        "W4-dp2": (4, dict(dp=2)),
+        "W4-ulysses2-ckpt": (4, dict(ulysses=2, checkpoint_layers=True)),
+    }
     for name, (world, kw) in meshes.items():
         cfg = config(model, text, tmp_path / name, **kw)
         runs[name] = cluster(world).run(train_job, vars(cfg))[0]
@@ -157,8 +190,12 @@ def bytes_job(cfg_dict):
     step(run, 0)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     params = sum(local(p).numel() * p.element_size() for p in run.model.parameters())
-    optim = sum(local(v).numel() * v.element_size() for s in run.optimizer.state.values() for v in s.values()
-                if torch.is_tensor(v) and v.dim() > 0)
+    optim = sum(
+        local(v).numel() * v.element_size()
+        for s in run.optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
     return params + optim
 
 
@@ -178,7 +215,9 @@ def one_process_answers(path, flip):
     right; `flip` makes one label wrong, which must count the document as missed."""
     from ringwise.train.passkey import passkey_document
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float64), attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, **dtype_kwarg(torch.float64), attn_implementation="eager"
+    )
 
     def make(tokenizer, length, depth, key):
         ids, labels = passkey_document(tokenizer, length, depth, key)
@@ -189,6 +228,7 @@ def one_process_answers(path, flip):
         if flip:
             labels[keep.nonzero()[0]] += 1
         return ids, labels
+
     return make
 
 
@@ -199,8 +239,9 @@ def passkey_job(cfg_dict, flip):
 
     cfg = TrainConfig(**cfg_dict)
     run = setup(cfg, make_mesh(1, torch.device("cpu"), cfg.timeout))
-    return passkey_accuracy(run, run.task.tokenizer, [48, SEQ], [0.0, 0.5, 1.0], 2,
-                            document=one_process_answers(cfg.pretrained, flip))
+    return passkey_accuracy(
+        run, run.task.tokenizer, [48, SEQ], [0.0, 0.5, 1.0], 2, document=one_process_answers(cfg.pretrained, flip)
+    )
 
 
 def test_passkey_evaluation_through_the_ring_reads_the_whole_document(cluster, checkpoint_and_text, tmp_path):
@@ -212,15 +253,42 @@ def test_passkey_evaluation_through_the_ring_reads_the_whole_document(cluster, c
 
 # ---------------------------------------------------------------- the command
 
+
 def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text, tmp_path):
     from ringwise.cli import main
     from ringwise.train import checkpoint
 
     model, text = checkpoint_and_text
     out = tmp_path / "run"
-    flags = ["finetune", "--model", str(model), "--text", str(text), "--world", "2", "--seq-len", str(SEQ),
-             "--batch", "2", "--steps", "3", "--warmup", "1", "--lr", "1e-3", "--eval-sequences", "2",
-             "--eval-bucket", "32", "--rope-scaling", "linear", "--rope-factor", "2", "--out", str(out)]
+    flags = [
+        "finetune",
+        "--model",
+        str(model),
+        "--text",
+        str(text),
+        "--world",
+        "2",
+        "--seq-len",
+        str(SEQ),
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--lr",
+        "1e-3",
+        "--eval-sequences",
+        "2",
+        "--eval-bucket",
+        "32",
+        "--rope-scaling",
+        "linear",
+        "--rope-factor",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(flags + ["--stop-after", "2"]) == 0
     assert not (out / "summary.json").exists() and (out / "eval_before.json").exists()
     on_three = list(flags)
@@ -259,16 +327,20 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, **dtype_kwarg(torch.float32))
     rope = rope_parameters(hf.config)  # rope_parameters, or 4.x's rope_scaling and rope_theta
     assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
-    assert hf.config.max_position_embeddings == 2 * transformers.AutoConfig.from_pretrained(model).max_position_embeddings
+    assert (
+        hf.config.max_position_embeddings == 2 * transformers.AutoConfig.from_pretrained(model).max_position_embeddings
+    )
     meta = checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])
     assert meta["config"] == dict(transformers=str(out / "hf")) and meta["task"] is None
     trained = checkpoint.consolidated(checkpoint.newest_intact(out / "checkpoints")[0])["model"]
     assert all(torch.equal(trained[f"hf.{k}"], v) for k, v in hf.state_dict().items())
-    assert not torch.equal(hf.state_dict()["model.layers.0.mlp.up_proj.weight"],
-                           transformers.AutoModelForCausalLM.from_pretrained(model).state_dict()[
-                               "model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        hf.state_dict()["model.layers.0.mlp.up_proj.weight"],
+        transformers.AutoModelForCausalLM.from_pretrained(model).state_dict()["model.layers.0.mlp.up_proj.weight"],
+    )
     assert transformers.AutoTokenizer.from_pretrained(exported)(f"{WORDS[3]} {WORDS[4]} 71", add_special_tokens=False)[
-        "input_ids"] == [16, 17, 10, 4]
+        "input_ids"
+    ] == [16, 17, 10, 4]
 
 
 def test_both_models_offer_the_same_calls():
@@ -305,7 +377,8 @@ def calls_job(cfg_dict):
 def test_a_pretrained_models_calls_agree_on_the_ring(cluster, checkpoint_and_text, tmp_path):
     model, text = checkpoint_and_text
     for (loss, summed, n, labelled), zero_elsewhere, one_per_label in cluster(2).run(
-            calls_job, vars(config(model, text, tmp_path / "c"))):
+        calls_job, vars(config(model, text, tmp_path / "c"))
+    ):
         assert abs(loss - summed) <= 1e-6 * loss and n == labelled > 0 and zero_elsewhere and one_per_label
 
 
@@ -339,22 +412,79 @@ def test_bad_flags_are_listed_before_any_rank_starts(checkpoint_and_text, tmp_pa
     (tmp_path / "short.txt").write_text("w1 w2")
     assert main(["finetune", "--model", str(tmp_path), "--text", str(text), "--out", str(tmp_path / "a")]) == 2
     assert "no config.json there" in capsys.readouterr().err
-    assert main(["finetune", "--model", str(model), "--text", str(tmp_path / "short.txt"), "--rope-scaling", "yarn",
-                 "--eval-fraction", "1.5", "--seq-len", "32", "--world", "2", "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(model),
+                "--text",
+                str(tmp_path / "short.txt"),
+                "--rope-scaling",
+                "yarn",
+                "--eval-fraction",
+                "1.5",
+                "--seq-len",
+                "32",
+                "--world",
+                "2",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--rope-scaling and --rope-factor go together" in err and "--eval-fraction 1.5" in err
     assert "training and evaluation need 2 at least" in err  # the text checked too, in the same pass
-    assert main(["finetune", "--model", str(model), "--text", str(tmp_path / "short.txt"), "--seq-len", "32",
-                 "--world", "2", "--out", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(model),
+                "--text",
+                str(tmp_path / "short.txt"),
+                "--seq-len",
+                "32",
+                "--world",
+                "2",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert "training and evaluation need 2 at least" in capsys.readouterr().err
     # --eval-sequences beyond the held-out share: refused, naming how many there are (never silently fewer)
-    assert main(["finetune", "--model", str(model), "--text", str(text), "--seq-len", str(SEQ), "--world", "2",
-                 "--eval-sequences", "99", "--steps", "0", "--out", str(tmp_path / "d")]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(model),
+                "--text",
+                str(text),
+                "--seq-len",
+                str(SEQ),
+                "--world",
+                "2",
+                "--eval-sequences",
+                "99",
+                "--steps",
+                "0",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "2 problems" in err and "--steps 0" in err and "--eval-sequences 99: the held-out share holds " in err, err
 
 
 # ---------------------------------------------------------------- a real pretrained model
+
 
 def real_model_loss(path, seq):
     from ringwise.attention.seqshard import SeqShard

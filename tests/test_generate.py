@@ -1,9 +1,9 @@
 """Generation with ringwise's model over a sequence-sharded cache: the same tokens on every rank,
 and greedy tokens equal to one process's SDPA model run on the whole sequence each step, for
 W = 1..4, every layout, prompts not divisible by 2W."""
+
 import pytest
 import torch
-import torch.distributed as dist
 
 import ringwise
 from ringwise.generate import generate, generate_single_process
@@ -16,7 +16,9 @@ def tiny_model():
 
 
 def prompt(length, batch=2):
-    return torch.randint(0, model_config("tiny").vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
+    return torch.randint(
+        0, model_config("tiny").vocab_size, (batch, length), generator=torch.Generator().manual_seed(length)
+    )
 
 
 def generate_case(case):
@@ -26,18 +28,25 @@ def generate_case(case):
     return tokens
 
 
-GRID = [dict(world=W, layout=layout, prompt=length, new=6)
-        for W in (1, 2, 3, 4) for layout in ringwise.LAYOUTS for length in (5, 13)]
+GRID = [
+    dict(world=W, layout=layout, prompt=length, new=6)
+    for W in (1, 2, 3, 4)
+    for layout in ringwise.LAYOUTS
+    for length in (5, 13)
+]
 GRID += [dict(world=W, layout="zigzag", prompt=11, new=6, temperature=0.8, top_p=0.9) for W in (2, 3)]
 
 
-@pytest.mark.parametrize("case", GRID, ids=lambda c: f"W{c['world']}-{c['layout']}-S{c['prompt']}"
-                         + ("-sampled" if "temperature" in c else ""))
+@pytest.mark.parametrize(
+    "case",
+    GRID,
+    ids=lambda c: f"W{c['world']}-{c['layout']}-S{c['prompt']}" + ("-sampled" if "temperature" in c else ""),
+)
 def test_generation_matches_one_process(grid_results, case):
     results = grid_results(generate_case, GRID, case)
     for r in results:
         assert torch.equal(r, results[0]), "ranks generated different tokens"
-    assert torch.equal(results[0][:, :case["prompt"]], prompt(case["prompt"]))
+    assert torch.equal(results[0][:, : case["prompt"]], prompt(case["prompt"]))
     if "temperature" in case:  # seeded sampling: the same draw on every rank, as in one process
         single = generate(tiny_model().eval(), prompt(case["prompt"]), case["new"], temperature=0.8, top_p=0.9, seed=7)
         assert torch.equal(results[0], single)
@@ -51,8 +60,9 @@ def test_generate_command_answers_the_runs_questions_and_checks_them(cluster, tm
     not divisible by 6), tokens identical to one process, generate.json written; bad flags refused first."""
     import json
 
-    from ringwise.cli import main
     from test_train import job_args, run_job
+
+    from ringwise.cli import main
 
     out = tmp_path / "run"
     cluster(2).run(run_job, job_args(out, steps=3, ckpt_every=3))

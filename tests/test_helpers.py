@@ -1,11 +1,19 @@
 """The harness itself: the oracle, the one budget rule, the batched-grid runner."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import (
-    CEILINGS, assert_within_budget, document_mask, expected_hops, max_err, packed, reference_attention, run_each,
-    schedule_from_mask, visible_mask,
+    CEILINGS,
+    assert_within_budget,
+    document_mask,
+    expected_hops,
+    max_err,
+    packed,
+    reference_attention,
+    run_each,
+    schedule_from_mask,
+    visible_mask,
 )
 
 
@@ -25,11 +33,16 @@ def test_budget_is_two_kernel_errors_plus_eps_and_capped():
 
 def test_reference_matches_sdpa_and_masks():
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 11, 4, 8, generator=g), torch.randn(2, 11, 2, 8, generator=g), torch.randn(2, 11, 2, 8, generator=g)
+    q, k, v = (
+        torch.randn(2, 11, 4, 8, generator=g),
+        torch.randn(2, 11, 2, 8, generator=g),
+        torch.randn(2, 11, 2, 8, generator=g),
+    )
     mask = visible_mask(11, True, 3, packed([4, 7]))
     out, lse = reference_attention(q, k, v, mask=mask)
-    sdpa = F.scaled_dot_product_attention(*(x.double().transpose(1, 2) for x in (q, k, v)), attn_mask=mask,
-                                          enable_gqa=True).transpose(1, 2)
+    sdpa = F.scaled_dot_product_attention(
+        *(x.double().transpose(1, 2) for x in (q, k, v)), attn_mask=mask, enable_gqa=True
+    ).transpose(1, 2)
     assert max_err(out, sdpa) < 1e-12
     # causal= and a mask are and-ed; a document mask is the same as visible_mask's documents
     out2, lse2 = reference_attention(q, k, v, causal=True, mask=visible_mask(11, False, 3, packed([4, 7])))

@@ -2,24 +2,27 @@
 MoE and gradient checkpointing run sequence-parallel through the registry: logits and every parameter
 gradient equal the one-process model (float64 oracle; budget 2x the float32 model's own error).
 Refusals: test_hf_refusals.py; more families at W = 2: test_hf_families.py."""
+
 import pytest
 import torch
 import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
-import ringwise.integrations.transformers as rw  # noqa: E402
-from ringwise.attention.layout import global_indices  # noqa: E402
+from helpers import CEILINGS, assert_within_budget, count_comms, max_err  # noqa: E402
 from hf_models import REFERENCE_ATTN, make_config  # noqa: E402
 from hf_versions import EAGER_EXPERTS, REFUSED_HERE  # noqa: E402
-from helpers import CEILINGS, assert_within_budget, count_comms, max_err  # noqa: E402
+
+import ringwise.integrations.transformers as rw  # noqa: E402
+from ringwise.attention.layout import global_indices  # noqa: E402
 
 SEQ = 48  # splits evenly for every layout at W = 2 and 3
 DOCS = [0, 5, 6, 29, 48]
+
+
 def make_model(name, attn, seed=0):
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(make_config(name), attn_implementation=attn,
-                                                         **EAGER_EXPERTS)
+    return transformers.AutoModelForCausalLM.from_config(make_config(name), attn_implementation=attn, **EAGER_EXPERTS)
 
 
 def global_ids(seed=1):
@@ -76,8 +79,10 @@ def single_run(name, docs, dtype):
         cfg = model.config
         window = getattr(cfg, "sliding_window", None) or None
         if getattr(cfg, "layer_types", None):
-            mask = {t: reference_mask(docs, window if t == "sliding_attention" else None, dtype)
-                    for t in ("full_attention", "sliding_attention")}
+            mask = {
+                t: reference_mask(docs, window if t == "sliding_attention" else None, dtype)
+                for t in ("full_attention", "sliding_attention")
+            }
         else:
             mask = reference_mask(docs, window, dtype)
     logits = model(input_ids=ids, attention_mask=mask).logits
@@ -109,8 +114,11 @@ CASES = [  # (architecture, world, documents, layout, mode): each architecture a
 ]
 
 
-@pytest.mark.parametrize("name,world,docs,layout,mode", CASES,
-                         ids=[f"{n}-W{w}-{'packed' if d else 'one-doc'}-{lay}-{m}" for n, w, d, lay, m in CASES])
+@pytest.mark.parametrize(
+    "name,world,docs,layout,mode",
+    CASES,
+    ids=[f"{n}-W{w}-{'packed' if d else 'one-doc'}-{lay}-{m}" for n, w, d, lay, m in CASES],
+)
 def test_architecture_matches_single_process(cluster, name, world, docs, layout, mode):
     make_config(name)  # skips an architecture the installed transformers lacks, before any rank starts
     family = name.removesuffix("_window")
@@ -124,12 +132,18 @@ def test_architecture_matches_single_process(cluster, name, world, docs, layout,
     logits = torch.empty_like(f32["logits"])
     for r, res in enumerate(results):
         logits[:, global_indices(layout, r, world, SEQ)] = res["logits"]
-    assert_within_budget("logits", max_err(logits, ref["logits"]), max_err(f32["logits"], ref["logits"]), 1e-6,
-                         ceiling=CEILINGS["float32"])
+    assert_within_budget(
+        "logits",
+        max_err(logits, ref["logits"]),
+        max_err(f32["logits"], ref["logits"]),
+        1e-6,
+        ceiling=CEILINGS["float32"],
+    )
     assert results[0]["grads"].keys() == ref["grads"].keys()
     for n, g in results[0]["grads"].items():
-        assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7,
-                             ceiling=CEILINGS["float32"])
+        assert_within_budget(
+            n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7, ceiling=CEILINGS["float32"]
+        )
 
 
 def forward_hops(name, window):

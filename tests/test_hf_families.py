@@ -2,25 +2,49 @@
 (zigzag, float32, gloo) and matches the one-process eager model, logits and every parameter gradient,
 within 2x the float32 model's own error vs float64. Windowed families use windows shorter than the
 sequence; the ones in test_hf_architectures.py are tested more deeply there."""
+
 import pytest
 import torch
 import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
+from hf_versions import (
+    EAGER_EXPERTS,
+    POSITIONS_UNSEEN,
+    REFUSED_HERE,
+    VERSION,  # noqa: E402
+    attention_sees_position_ids,
+    config_class,
+)
+
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
-from hf_versions import (EAGER_EXPERTS, POSITIONS_UNSEEN, REFUSED_HERE, VERSION,  # noqa: E402
-                         attention_sees_position_ids, config_class)
-from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
 
 SEQ, WINDOW = 32, 6
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 GPT_STYLE = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MOE = dict(num_experts_per_tok=2)
-FALCON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
-              bos_token_id=1, eos_token_id=2)
+FALCON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 FAMILIES = {  # family -> (config class, its extra arguments); windowed ones marked by sliding_window
     "qwen2": ("Qwen2Config", {}),
@@ -30,10 +54,23 @@ FAMILIES = {  # family -> (config class, its extra arguments); windowed ones mar
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, **MOE)),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, **MOE)),
     "jetmoe": ("JetMoeConfig", dict(kv_channels=8, num_local_experts=2, num_experts_per_tok=1)),
-    "deepseek_v3": ("DeepseekV3Config", dict(  # MLA: value heads narrower than query/key heads
-        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=8, n_routed_experts=4, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
-        topk_group=1, **MOE)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(  # MLA: value heads narrower than query/key heads
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_routed_experts=4,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            **MOE,
+        ),
+    ),
     "gemma": ("GemmaConfig", dict(head_dim=8)),
     "phi": ("PhiConfig", {}),
     "phi3": ("Phi3Config", {}),
@@ -56,8 +93,20 @@ FAMILIES = {  # family -> (config class, its extra arguments); windowed ones mar
     "seed_oss": ("SeedOssConfig", dict(head_dim=8)),
     "arcee": ("ArceeConfig", {}),
     "ernie4_5": ("Ernie4_5Config", dict(head_dim=8)),
-    "opt": ("OPTConfig", dict(vocab_size=64, hidden_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, ffn_dim=64,
-                              word_embed_proj_dim=32, num_hidden_layers=2, num_attention_heads=4)),
+    "opt": (
+        "OPTConfig",
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+    ),
     "gpt2": ("GPT2Config", dict(GPT_STYLE)),
     "gptj": ("GPTJConfig", dict(GPT_STYLE, rotary_dim=4)),
     "codegen": ("CodeGenConfig", dict(GPT_STYLE, rotary_dim=4)),
@@ -65,8 +114,17 @@ FAMILIES = {  # family -> (config class, its extra arguments); windowed ones mar
     # (ALiBi Falcon, Bloom and MPT build position biases outside it: test_hf_refusals.py)
     "falcon": ("FalconConfig", dict(FALCON)),  # rotary, multi-query, parallel attention
     "falcon_new_decoder": ("FalconConfig", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2)),
-    "gpt_neo": ("GPTNeoConfig", dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, window_size=WINDOW,
-                                     attention_types=[[["global", "local"], 1]])),
+    "gpt_neo": (
+        "GPTNeoConfig",
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            window_size=WINDOW,
+            attention_types=[[["global", "local"], 1]],
+        ),
+    ),
 }
 
 
@@ -108,8 +166,11 @@ def refused_run(name):
 
 def single_run(name, dtype):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(make_config(name), attn_implementation="eager",
-                                                          **EAGER_EXPERTS).to(dtype).eval()
+    model = (
+        transformers.AutoModelForCausalLM.from_config(make_config(name), attn_implementation="eager", **EAGER_EXPERTS)
+        .to(dtype)
+        .eval()
+    )
     ids = global_ids()
     logits = model(input_ids=ids).logits
     labels = torch.full_like(ids, -100)
@@ -138,16 +199,24 @@ def test_family_is_exact(cluster, name):
         assert refusal in messages[0], messages[0]
         pytest.skip(f"transformers {transformers.__version__}: {name} is refused ({refusal}), checked")
     if name == "deepseek_v3" and VERSION < (5, 0):
-        pytest.skip(f"transformers {transformers.__version__}'s DeepseekV3 MoE fails in float64 (index_add_ of a "
-                    "float32 buffer), so the oracle cannot run; seen on 4.53 and 4.57.1")
+        pytest.skip(
+            f"transformers {transformers.__version__}'s DeepseekV3 MoE fails in float64 (index_add_ of a "
+            "float32 buffer), so the oracle cannot run; seen on 4.53 and 4.57.1"
+        )
     results = cluster(2).run(ring_run, name)
     ref, f32 = single_run(name, torch.float64), single_run(name, torch.float32)
     logits = torch.empty_like(f32["logits"])
     for r, res in enumerate(results):
         logits[:, global_indices("zigzag", r, 2, SEQ)] = res["logits"]
-    assert_within_budget("logits", max_err(logits, ref["logits"]), max_err(f32["logits"], ref["logits"]), 1e-6,
-                         ceiling=CEILINGS["float32"])
+    assert_within_budget(
+        "logits",
+        max_err(logits, ref["logits"]),
+        max_err(f32["logits"], ref["logits"]),
+        1e-6,
+        ceiling=CEILINGS["float32"],
+    )
     assert results[0]["grads"].keys() == ref["grads"].keys()
     for n, g in results[0]["grads"].items():
-        assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7,
-                             ceiling=CEILINGS["float32"])
+        assert_within_budget(
+            n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7, ceiling=CEILINGS["float32"]
+        )

@@ -2,6 +2,7 @@
 configured for ringwise: rw.causal_lm_loss's share on every rank (no second shift; over the ring's label
 count, or num_items_in_batch), whose sum and summed gradients equal one process's
 `model(input_ids, labels=input_ids)`; or the same error on every rank, never another number."""
+
 import time
 
 import pytest
@@ -11,15 +12,23 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-import ringwise.integrations.transformers as rw  # noqa: E402
-from ringwise import SeqShard  # noqa: E402
+from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
 from hf_models import needs_smollm2, smollm2_folder  # noqa: E402
 from hf_versions import EAGER_EXPERTS  # noqa: E402
-from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
+
+import ringwise.integrations.transformers as rw  # noqa: E402
+from ringwise import SeqShard  # noqa: E402
 
 SEQ, DOCS, N_ITEMS = 24, [0, 5, 6, 17, 24], 37  # 24 splits for zigzag and striped at W = 2 and 3
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, attention_dropout=0.0)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attention_dropout=0.0,
+)
 
 
 def make_config():
@@ -54,8 +63,14 @@ def loss_case(case):
         shifted = model(**without_labels(batch), labels=labels.clone(), shift_labels=labels.clone()).loss
         n_items = model(**batch, num_items_in_batch=torch.tensor(N_ITEMS)).loss
         local_sum = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-    return dict(loss=out.loss.item(), want=want.item(), shifted=shifted.item(), n_items=n_items.item(),
-                local_sum=local_sum.item(), grads=grads)
+    return dict(
+        loss=out.loss.item(),
+        want=want.item(),
+        shifted=shifted.item(),
+        n_items=n_items.item(),
+        local_sum=local_sum.item(),
+        grads=grads,
+    )
 
 
 def refusals(model, batch, shard):
@@ -73,13 +88,22 @@ def refusals(model, batch, shard):
         seconds.append(time.perf_counter() - start)
     model.zero_grad()
     out = model(**batch)
-    return dict(messages=messages, seconds=seconds, after=out.loss.item(),
-                want=rw.causal_lm_loss(out.logits, batch["labels"], shard=shard).item())
+    return dict(
+        messages=messages,
+        seconds=seconds,
+        after=out.loss.item(),
+        want=rw.causal_lm_loss(out.logits, batch["labels"], shard=shard).item(),
+    )
 
 
-GRID = [dict(world=W, layout=layout, docs=docs, kind=kind)
-        for W in (2, 3) for layout in ("zigzag", "striped") for docs in (None, DOCS) for kind in ("exact", "refuse")
-        if kind == "exact" or docs is None]
+GRID = [
+    dict(world=W, layout=layout, docs=docs, kind=kind)
+    for W in (2, 3)
+    for layout in ("zigzag", "striped")
+    for docs in (None, DOCS)
+    for kind in ("exact", "refuse")
+    if kind == "exact" or docs is None
+]
 
 
 def case_id(c):
@@ -94,7 +118,7 @@ def single_loss(docs, dtype):
     ids, mask, labels = global_ids(), None, global_ids()
     if docs is not None:
         doc = torch.repeat_interleave(torch.arange(len(docs) - 1), torch.tensor(docs).diff())
-        mask = ((doc[:, None] == doc[None, :]) & torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
+        mask = (doc[:, None] == doc[None, :]) & torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
         mask = mask[None, None].expand(ids.shape[0], 1, SEQ, SEQ)
         labels[:, docs[1:-1]] = -100
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -114,8 +138,9 @@ def test_model_loss_is_the_exact_share(grid_results, case):
     total = torch.tensor(sum(r["loss"] for r in results), dtype=torch.float64)
     assert_within_budget("loss", max_err(total, ref), max_err(f32, ref), 1e-6, ceiling=CEILINGS["float32"])
     for n, g in results[0]["grads"].items():
-        assert_within_budget(n, max_err(g, ref_grads[n]), max_err(f32_grads[n], ref_grads[n]), 1e-7,
-                             ceiling=CEILINGS["float32"])
+        assert_within_budget(
+            n, max_err(g, ref_grads[n]), max_err(f32_grads[n], ref_grads[n]), 1e-7, ceiling=CEILINGS["float32"]
+        )
 
 
 @pytest.mark.parametrize("case", [c for c in GRID if c["kind"] == "refuse"], ids=case_id)
@@ -146,8 +171,12 @@ def made_run(folder):
     torch.manual_seed(0)
     checked = plain()
     rw.check_model(checked)
-    models = dict(from_config=rw.from_config(cfg, shard=SeqShard("striped")),
-                  from_pretrained=rw.from_pretrained(folder), configure=configured, check_model=checked)
+    models = dict(
+        from_config=rw.from_config(cfg, shard=SeqShard("striped")),
+        from_pretrained=rw.from_pretrained(folder),
+        configure=configured,
+        check_model=checked,
+    )
     got = {}
     for how, model in models.items():
         shard = rw.shard_of(model)
@@ -183,8 +212,11 @@ class NoSetterForCausalLM(transformers.LlamaForCausalLM):
     loss_function = property(transformers.PreTrainedModel.loss_function.fget)
 
 
-@pytest.mark.parametrize("cls,why", [(InlineLossForCausalLM, "computed its loss without model.loss_function"),
-                                     (NoSetterForCausalLM, "has no setter")], ids=["inline-loss", "no-setter"])
+@pytest.mark.parametrize(
+    "cls,why",
+    [(InlineLossForCausalLM, "computed its loss without model.loss_function"), (NoSetterForCausalLM, "has no setter")],
+    ids=["inline-loss", "no-setter"],
+)
 def test_a_loss_not_computed_by_the_ring_loss_is_refused(cls, why):
     """No family of test_hf_families computes its loss inline on transformers 5.25 (each calls
     self.loss_function); a model that does, or one whose loss_function cannot be set, is refused (its class
@@ -214,6 +246,7 @@ def test_a_loss_changed_after_the_ring_loss_is_refused():
 
 
 # ---------------------------------------------------------------- a real model: SmolLM2-135M
+
 
 def smollm2_loss(path, seq):
     """model(**batch).loss, labels left in the batch as shard_batch made them, on this rank: its share."""

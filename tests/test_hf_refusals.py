@@ -1,5 +1,6 @@
 """What ringwise cannot make exact in transformers is refused: the same clear error on every rank,
 within seconds, never a hang and never a silently wrong result."""
+
 import inspect
 import time
 
@@ -8,13 +9,23 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import count_comms  # noqa: E402
+from hf_versions import REFUSED_HERE, VERSION, config_class, rope_scaling  # noqa: E402
+
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.integrations.hf_masks import read_mask_function  # noqa: E402
-from hf_versions import REFUSED_HERE, VERSION, config_class, rope_scaling  # noqa: E402
-from helpers import count_comms  # noqa: E402
 
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAST = 20.0  # seconds: model construction and one collective, far below the 30 s process-group timeout
 
 
@@ -31,14 +42,23 @@ def refused_config(name):
     if name == "qwen3_next":  # linear attention (gated delta net)
         return config_class("Qwen3NextConfig")(**SMALL)
     if name == "bamba":  # Mamba2 layers
-        return T.BambaConfig(**SMALL, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
-                             attn_layer_indices=[1])
+        return T.BambaConfig(
+            **SMALL, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, attn_layer_indices=[1]
+        )
     if name == "jamba":  # Mamba layers
-        return T.JambaConfig(**SMALL, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, num_experts=2,
-                             mamba_d_state=8, mamba_dt_rank=4)
+        return T.JambaConfig(
+            **SMALL,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            num_experts=2,
+            mamba_d_state=8,
+            mamba_dt_rank=4,
+        )
     if name == "falcon_h1":  # attention and Mamba2 in parallel in every layer
-        return T.FalconH1Config(**SMALL, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
-                                mamba_n_groups=1)
+        return T.FalconH1Config(
+            **SMALL, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1
+        )
     if name == "mamba":
         return T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
     if name == "recurrent_gemma":  # RG-LRU recurrent blocks
@@ -50,8 +70,12 @@ def refused_config(name):
     if name == "llama_dynamic_rope":
         return T.LlamaConfig(**SMALL, **rope_scaling("dynamic", factor=2.0))
     if name == "phi3_longrope":
-        return T.Phi3Config(**SMALL, max_position_embeddings=64, original_max_position_embeddings=16,
-                            **rope_scaling("longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4))
+        return T.Phi3Config(
+            **SMALL,
+            max_position_embeddings=64,
+            original_max_position_embeddings=16,
+            **rope_scaling("longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4),
+        )
     raise ValueError(name)
 
 
@@ -76,8 +100,9 @@ REFUSED = {  # family -> what the error must say
 # transformers < 5 has no layer_types for these hybrids; the refusal names config.layers_block_type's values, or
 # (Falcon-H1) the sequence convolutions that check_model finds in the modules.
 if VERSION < (5, 0):
-    REFUSED.update(bamba="['mamba']", jamba="['mamba']", recurrent_gemma="['recurrent']",
-                   falcon_h1="sequence convolution")
+    REFUSED.update(
+        bamba="['mamba']", jamba="['mamba']", recurrent_gemma="['recurrent']", falcon_h1="sequence convolution"
+    )
 elif getattr(transformers.RecurrentGemmaConfig(), "layer_types", None) is None:  # 5.x before its layer_types (5.17)
     REFUSED.update(recurrent_gemma="['recurrent']")
 
@@ -117,9 +142,12 @@ def test_check_model_reads_the_modules(name):
 
 
 def test_accepted_families_pass_check_model():
-    for cfg in (transformers.LlamaConfig(**SMALL), transformers.MistralConfig(**SMALL, sliding_window=8),
-                transformers.Gemma2Config(**SMALL, head_dim=8),
-                transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4)):
+    for cfg in (
+        transformers.LlamaConfig(**SMALL),
+        transformers.MistralConfig(**SMALL, sliding_window=8),
+        transformers.Gemma2Config(**SMALL, head_dim=8),
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4),
+    ):
         rw.use_ring()
         rw.from_config(cfg)
 
@@ -130,8 +158,11 @@ def forward_refused(case):
     rw.use_ring(layout=layout)
     rank = torch.distributed.get_rank()
     name = "gpt2" if case == "gpt2-dropout" else "llama"
-    cfg = (transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.1)
-           if name == "gpt2" else transformers.LlamaConfig(**SMALL))
+    cfg = (
+        transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.1)
+        if name == "gpt2"
+        else transformers.LlamaConfig(**SMALL)
+    )
     torch.manual_seed(0)
     model = rw.from_config(cfg)
     ids = torch.randint(3, 64, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -239,9 +270,11 @@ def test_mask_functions_are_read_by_identity_not_guessed():
     assert read_mask_function(mu.causal_mask_function).window is None
     assert read_mask_function(mu.sliding_window_causal_mask_function(5)).window == 5
     chunked = inspect.signature(mu.chunked_causal_mask_function).parameters  # left_padding from 4.54
-    bad = [mu.or_masks(mu.causal_mask_function, mu.sliding_window_overlay(3)),  # OR: more than causal
-           mu.chunked_causal_mask_function(4, *([torch.zeros(1, dtype=torch.long)] if len(chunked) > 1 else [])),
-           lambda b, h, q, k: k <= q]  # a custom function equal to causal is still not read as causal
+    bad = [
+        mu.or_masks(mu.causal_mask_function, mu.sliding_window_overlay(3)),  # OR: more than causal
+        mu.chunked_causal_mask_function(4, *([torch.zeros(1, dtype=torch.long)] if len(chunked) > 1 else [])),
+        lambda b, h, q, k: k <= q,
+    ]  # a custom function equal to causal is still not read as causal
     if hasattr(mu, "bidirectional_mask_function"):  # transformers 5
         bad += [mu.or_masks(mu.causal_mask_function, mu.bidirectional_mask_function), mu.bidirectional_mask_function]
     for fn in bad:
@@ -252,11 +285,17 @@ def test_mask_functions_are_read_by_identity_not_guessed():
 def test_packed_sequence_masks_are_read():
     mu = pytest.importorskip("transformers.masking_utils")
     if not hasattr(mu, "remap_positions_for_packed_sequence"):
-        pytest.skip(f"transformers {transformers.__version__} has no position remap for packed sequences (4.54-4.57 "
-                    "pack without one: the use_cache=False cases of test_hf_architectures.py cover that)")
+        pytest.skip(
+            f"transformers {transformers.__version__} has no position remap for packed sequences (4.54-4.57 "
+            "pack without one: the use_cache=False cases of test_hf_architectures.py cover that)"
+        )
     pos = torch.arange(4)[None]
-    spec = read_mask_function(mu.and_masks(mu.remap_positions_for_packed_sequence(mu.causal_mask_function, pos),
-                                           mu.packed_sequence_mask_function(torch.zeros(1, 4))))
+    spec = read_mask_function(
+        mu.and_masks(
+            mu.remap_positions_for_packed_sequence(mu.causal_mask_function, pos),
+            mu.packed_sequence_mask_function(torch.zeros(1, 4)),
+        )
+    )
     assert spec.position_ids is pos and spec.window is None
 
 
@@ -300,8 +339,10 @@ def test_mask_hook_turns_any_error_into_an_objection(monkeypatch):
 def test_model_built_past_check_model_fails_clearly(name):
     """Built directly with attn_implementation='ringwise' (no check), ALiBi models still stop, with a clear error."""
     if VERSION < (5, 0):
-        pytest.skip(f"transformers {transformers.__version__} builds {name}'s mask and attention outside the "
-                    "registries, so nothing of ringwise runs; check_model alone refuses it there")
+        pytest.skip(
+            f"transformers {transformers.__version__} builds {name}'s mask and attention outside the "
+            "registries, so nothing of ringwise runs; check_model alone refuses it there"
+        )
     rw.use_ring()
     model = transformers.AutoModelForCausalLM.from_config(refused_config(name), attn_implementation="ringwise")
     with pytest.raises(TypeError, match="operates on the attention mask itself"):

@@ -12,6 +12,7 @@ needs, so it cannot close a cycle through the child. Imports by string at run ti
 (ringwise.__init__'s lazy _PUBLIC table, ringwise.bench.suite(), the CLI's COMMANDS
 table) are not statements and are not edges either: they load on demand, by design.
 """
+
 from __future__ import annotations
 
 import ast
@@ -26,6 +27,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ringwise"
 
 
 # ---------------------------------------------------------------- the graph, from the source
+
 
 def module_files(root: Path = PACKAGE) -> dict[str, Path]:
     """Dotted module name -> file, for every .py file under root (a package's is its __init__.py)."""
@@ -55,7 +57,7 @@ def imports_of(module: str, source: str, is_package: bool, known: set[str]) -> d
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
                     base = package.split(".")
-                    base = base[:len(base) - (child.level - 1)]
+                    base = base[: len(base) - (child.level - 1)]
                     base = ".".join(base + ([child.module] if child.module else []))
                 else:
                     base = child.module or ""
@@ -71,8 +73,9 @@ def imports_of(module: str, source: str, is_package: bool, known: set[str]) -> d
 def import_graph(root: Path = PACKAGE) -> dict[str, dict[str, bool]]:
     """Module -> {imported module of the package: lazy?}."""
     files = module_files(root)
-    return {name: imports_of(name, path.read_text(), path.name == "__init__.py", set(files))
-            for name, path in files.items()}
+    return {
+        name: imports_of(name, path.read_text(), path.name == "__init__.py", set(files)) for name, path in files.items()
+    }
 
 
 def cycles(graph: dict[str, dict]) -> list[list[str]]:
@@ -199,10 +202,12 @@ def layer_of(module: str, layers=LAYERS) -> int | None:
 
 def upward_imports(graph: dict[str, dict], layers=LAYERS) -> list[str]:
     """Every import of a module in a higher layer than the importer's, lazy ones included."""
-    return [f"{a} (layer {layer_of(a, layers)}) imports {b} (layer {layer_of(b, layers)})"
-            + (" lazily" if lazy else "")
-            for a, targets in sorted(graph.items()) for b, lazy in sorted(targets.items())
-            if layer_of(b, layers) > layer_of(a, layers)]
+    return [
+        f"{a} (layer {layer_of(a, layers)}) imports {b} (layer {layer_of(b, layers)})" + (" lazily" if lazy else "")
+        for a, targets in sorted(graph.items())
+        for b, lazy in sorted(targets.items())
+        if layer_of(b, layers) > layer_of(a, layers)
+    ]
 
 
 def test_the_layer_check_catches_an_upward_import():
@@ -210,8 +215,11 @@ def test_the_layer_check_catches_an_upward_import():
     assert layer_of("ringwise.train.plots") == layer_of("ringwise.train") < layer_of("ringwise.train.__main__")
     assert layer_of("ringwise") == layer_of("ringwise.attention.ring") < layer_of("ringwise.model")
     assert layer_of("ringwise.nowhere") is None
-    graph = {"ringwise.train.loop": {"ringwise.train.plots": True, "ringwise.model": False},
-             "ringwise.train.plots": {}, "ringwise.model": {}}
+    graph = {
+        "ringwise.train.loop": {"ringwise.train.plots": True, "ringwise.model": False},
+        "ringwise.train.plots": {},
+        "ringwise.model": {},
+    }
     assert upward_imports(graph) == []
     graph["ringwise.train.loop"]["ringwise.commands.demo"] = True
     graph["ringwise.model"]["ringwise.data.text"] = False
@@ -220,7 +228,8 @@ def test_the_layer_check_catches_an_upward_import():
         f"ringwise.model (layer {layer_of('ringwise.model')}) imports ringwise.data.text "
         f"(layer {layer_of('ringwise.data')})",
         f"ringwise.train.loop (layer {layer_of('ringwise.train')}) imports ringwise.commands.demo "
-        f"(layer {layer_of('ringwise.commands')}) lazily"]
+        f"(layer {layer_of('ringwise.commands')}) lazily",
+    ]
 
 
 def test_every_module_has_a_layer():
@@ -240,14 +249,18 @@ def test_only_measuring_code_imports_the_harness():
         return any(module == u or module.startswith(u + ".") for u in HARNESS_USERS)
 
     graph = import_graph()
-    found = [f"{a} imports {b}" for a, targets in sorted(graph.items()) for b in sorted(targets)
-             if b.startswith("ringwise.testing") and not a.startswith("ringwise.testing") and not user(a)]
+    found = [
+        f"{a} imports {b}"
+        for a, targets in sorted(graph.items())
+        for b in sorted(targets)
+        if b.startswith("ringwise.testing") and not a.startswith("ringwise.testing") and not user(a)
+    ]
     assert not found, "the test/benchmark harness imported by product code: " + "; ".join(found)
     assert all(layer_of(u) > layer_of("ringwise.testing") for u in HARNESS_USERS)
 
 
-
 # ---------------------------------------------------------------- bench suites stand alone
+
 
 def suite_modules() -> dict[str, str]:
     from ringwise.bench import _MODULES, OPTIONAL, SUITES
@@ -290,25 +303,32 @@ def test_every_suite_keeps_its_flags_and_the_shared_names():
 
 # ---------------------------------------------------------------- without torch
 
+
 def run_python(code: str) -> subprocess.CompletedProcess:
     """`code` in a fresh interpreter, ringwise from this checkout."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=PACKAGE.parent)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent)
 
 
 NO_TORCH = "import sys; sys.modules['torch'] = None\n"  # `import torch` raises ImportError
 
 
 def test_plan_runs_without_torch():
-    done = run_python(NO_TORCH + "from ringwise.cli import main\n"
-                      "sys.exit(main(['plan', '--model', 'llama-7b', '--hardware', 'a100-nvlink', '--devices', '8']))")
+    done = run_python(
+        NO_TORCH + "from ringwise.cli import main\n"
+        "sys.exit(main(['plan', '--model', 'llama-7b', '--hardware', 'a100-nvlink', '--devices', '8']))"
+    )
     assert done.returncode == 0, done.stderr
     assert "llama-7b" in done.stdout and "Ring Attention" in done.stdout
 
 
-@pytest.mark.parametrize("argv, shown", [(["--help"], "{demo,train,finetune,export,generate,plan,bench}"),
-                                         (["plan", "--help"], "--devices-per-node"),
-                                         (["generate", "--help"], "--retrieval")])
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (["--help"], "{demo,train,finetune,export,generate,plan,bench}"),
+        (["plan", "--help"], "--devices-per-node"),
+        (["generate", "--help"], "--retrieval"),
+    ],
+)
 def test_help_runs_without_torch(argv, shown):
     done = run_python(NO_TORCH + f"from ringwise.cli import main\nmain({argv!r})")
     assert done.returncode == 0, done.stderr  # argparse's --help exits 0
@@ -318,12 +338,14 @@ def test_help_runs_without_torch(argv, shown):
 def test_bench_parser_imports_no_suite():
     """`ringwise bench attention --help` lists every suite's flags, yet imports no suite, nor torch;
     a parsed `bench compute` command line neither."""
-    code = ("import json, sys\nfrom ringwise.cli import build_parser, main\n"
-            "try:\n    main(['bench', 'attention', '--help'])\nexcept SystemExit as e:\n    code = e.code\n"
-            "args = build_parser(['bench']).parse_args(['bench', 'compute', '--compute-seq-len', '64',\n"
-            "                                            '--repeats', '2'])\n"
-            "print(json.dumps(dict(code=code, modules=sorted(m for m in sys.modules if m.startswith('ringwise')),"
-            " torch='torch' in sys.modules, repeats=args.repeats)))")
+    code = (
+        "import json, sys\nfrom ringwise.cli import build_parser, main\n"
+        "try:\n    main(['bench', 'attention', '--help'])\nexcept SystemExit as e:\n    code = e.code\n"
+        "args = build_parser(['bench']).parse_args(['bench', 'compute', '--compute-seq-len', '64',\n"
+        "                                            '--repeats', '2'])\n"
+        "print(json.dumps(dict(code=code, modules=sorted(m for m in sys.modules if m.startswith('ringwise')),"
+        " torch='torch' in sys.modules, repeats=args.repeats)))"
+    )
     done = run_python(code)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])

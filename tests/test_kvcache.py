@@ -1,14 +1,15 @@
 """The sequence-sharded KV cache: the prompt stays where the ring layout put it, each new token goes
 to the least-loaded rank (computed alike on every rank), storage grows by doubling, and decoding
 over it equals attention over the whole cache (float64 reference)."""
+
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import CEILINGS, EPS, assert_within_budget, max_err, reference_attention
 
 import ringwise
 from ringwise.attention.kvcache import KVCache, prompt_loads
 from ringwise.attention.layout import global_indices, split_unit
-from helpers import CEILINGS, EPS, assert_within_budget, max_err, reference_attention
 
 
 @pytest.mark.parametrize("layout", ringwise.LAYOUTS)
@@ -31,14 +32,14 @@ def test_every_token_is_kept_once_and_loads_even_out(layout, world):
         owner = {c.owner() for c in caches}
         assert len(owner) == 1, "ranks disagree on the owner"
         owners.append(owner.pop())
-        kept = [c.store_token(0, extra[:, t:t + 1], extra[:, t:t + 1] + 1, real + t) for c in caches]
+        kept = [c.store_token(0, extra[:, t : t + 1], extra[:, t : t + 1] + 1, real + t) for c in caches]
         assert kept == [r == owners[-1] for r in range(world)]
         for c in caches:
             c.advance()
     # least loaded first, then round-robin: loads never differ by more than one, once even
     final = [c.view(0)[0].shape[1] for c in caches]
     assert sum(final) == real + 40 and max(final) - min(final) <= 1
-    assert len(set(owners[-world:])) == world and owners[-2 * world:-world] == owners[-world:]  # round-robin
+    assert len(set(owners[-world:])) == world and owners[-2 * world : -world] == owners[-world:]  # round-robin
     everything = torch.cat([k[:, :real], extra], 1)
     for c in caches:  # each rank's keys are the global keys at its positions, values likewise
         kk, vv, pos = c.view(0)
@@ -64,12 +65,12 @@ def test_claimed_steps_match_token_by_token_storage(world):
         assert positions.tolist() == list(range(real + start, real + start + n))
         for c in by_step:
             for layer in range(2):
-                c.store_owned(layer, new[:, start:start + n], new[:, start:start + n] * 2, positions, owners)
+                c.store_owned(layer, new[:, start : start + n], new[:, start : start + n] * 2, positions, owners)
         start += n
     for t in range(sum(steps)):
         for c in by_token:
             for layer in range(2):
-                c.store_token(layer, new[:, t:t + 1], new[:, t:t + 1] * 2, real + t)
+                c.store_token(layer, new[:, t : t + 1], new[:, t : t + 1] * 2, real + t)
             c.advance()
     for a, b in zip(by_step, by_token):
         assert a.loads == b.loads and a.next_position == b.next_position == real + sum(steps)
@@ -118,12 +119,14 @@ def decode_over_cache(layout, real, steps):
     outs = []
     for t in range(steps):
         q = torch.randn(1, 1, 4, 8, generator=g, dtype=torch.float64).float()
-        nk, nv = torch.randn(1, 1, 2, 8, generator=g, dtype=torch.float64).float(), torch.randn(1, 1, 2, 8, generator=g, dtype=torch.float64).float()
+        nk, nv = (
+            torch.randn(1, 1, 2, 8, generator=g, dtype=torch.float64).float(),
+            torch.randn(1, 1, 2, 8, generator=g, dtype=torch.float64).float(),
+        )
         cache.store_token(0, nk, nv, real + t)
         cache.advance()
         kk, vv, pos = cache.view(0)
-        outs.append(ringwise.decode_attention(q, kk, vv, key_positions=pos,
-                                              query_positions=torch.tensor([real + t])))
+        outs.append(ringwise.decode_attention(q, kk, vv, key_positions=pos, query_positions=torch.tensor([real + t])))
     return torch.cat(outs, 1), cache.nbytes()
 
 
@@ -138,7 +141,7 @@ def test_decoding_over_the_sharded_cache_is_exact(cluster, layout, world):
     k = torch.randn(1, padded, 2, 8, generator=g, dtype=torch.float64)[:, :real]
     v = torch.randn(1, padded, 2, 8, generator=g, dtype=torch.float64)[:, :real]
     refs, kerns = [], []
-    for t in range(steps):
+    for _ in range(steps):
         q = torch.randn(1, 1, 4, 8, generator=g, dtype=torch.float64)
         k = torch.cat([k, torch.randn(1, 1, 2, 8, generator=g, dtype=torch.float64)], 1)
         v = torch.cat([v, torch.randn(1, 1, 2, 8, generator=g, dtype=torch.float64)], 1)
@@ -147,7 +150,8 @@ def test_decoding_over_the_sharded_cache_is_exact(cluster, layout, world):
     ref, kern = torch.cat(refs, 1), torch.cat(kerns, 1)
     for out, _ in results:
         assert torch.equal(out, results[0][0])
-    assert_within_budget("out", max_err(results[0][0], ref), max_err(kern, ref), EPS["float32"],
-                         ceiling=CEILINGS["float32"])
+    assert_within_budget(
+        "out", max_err(results[0][0], ref), max_err(kern, ref), EPS["float32"], ceiling=CEILINGS["float32"]
+    )
     per_token = 2 * 2 * 8 * 4  # k and v, 2 kv heads x 8 dims, float32
     assert sum(b for _, b in results) == (real + steps) * per_token  # each token held once: memory is a share

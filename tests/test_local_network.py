@@ -2,13 +2,13 @@
 (the launcher's rendezvous store, the ranks' gloo sockets; a test cluster's store and ranks)
 is bound to a loopback address, read from /proc/net/tcp{,6} against the processes' socket
 inodes. And a launcher killed outright takes its ranks with it."""
+
 import os
 import signal
 import sys
 import time
 
 import pytest
-
 from jobs import Job, descendants
 from sockets import is_loopback, listening
 

@@ -1,15 +1,15 @@
 """The Blockwise Transformer and the training step: exact across ring sizes and layouts."""
+
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CEILINGS, assert_within_budget, train_args
 
 from ringwise.model import ModelConfig, Transformer, model_config
 from ringwise.train import compute_gradients, make_mesh, shard_model, step, task_for
 from ringwise.train.loop import Run
-
-from helpers import CEILINGS, assert_within_budget, train_args
 
 TINY = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, ffn_chunk=5, loss_chunk=7)
 
@@ -121,12 +121,24 @@ def single_process(cluster):
     return {dt: cluster(1).run(gradients_and_step, args, dt)[0] for dt in ("float64", "float32")}
 
 
-@pytest.mark.parametrize("world,dp,layout,per_layer", [
-    (2, 1, "zigzag", None), (3, 1, "striped", None), (4, 1, "contiguous", None), (3, 1, "zigzag", True),
-    (4, 1, "striped", None), (4, 2, "zigzag", True), (4, 2, "contiguous", None), (2, 2, "striped", None),
-    (4, (1, 2), "zigzag", None), (4, (1, 4), "striped", None), (4, (2, 2), "contiguous", None),
-    (6, (1, 2), "zigzag", None),
-], ids=str)
+@pytest.mark.parametrize(
+    "world,dp,layout,per_layer",
+    [
+        (2, 1, "zigzag", None),
+        (3, 1, "striped", None),
+        (4, 1, "contiguous", None),
+        (3, 1, "zigzag", True),
+        (4, 1, "striped", None),
+        (4, 2, "zigzag", True),
+        (4, 2, "contiguous", None),
+        (2, 2, "striped", None),
+        (4, (1, 2), "zigzag", None),
+        (4, (1, 4), "striped", None),
+        (4, (2, 2), "contiguous", None),
+        (6, (1, 2), "zigzag", None),
+    ],
+    ids=str,
+)
 def test_training_step_is_exact_across_ranks(cluster, single_process, world, dp, layout, per_layer):
     """Same global batch and seed: loss, every gradient and the stepped parameters of a
     W-rank run equal the one-process run within float32 round-off (measured against float64)."""
@@ -137,7 +149,9 @@ def test_training_step_is_exact_across_ranks(cluster, single_process, world, dp,
     for r in results:  # every rank ends with the same full gradient
         assert r["tokens"] == ref["tokens"]
         for name, eps in (("grads", 1e-7), ("params", 1e-7)):
-            assert_within_budget(name, _err(r[name], ref[name]), _err(f32[name], ref[name]), eps,
-                                 ceiling=CEILINGS["float32"])
-        assert_within_budget("loss", abs(r["loss"] - ref["loss"]), abs(f32["loss"] - ref["loss"]), 1e-6,
-                             ceiling=CEILINGS["float32"])
+            assert_within_budget(
+                name, _err(r[name], ref[name]), _err(f32[name], ref[name]), eps, ceiling=CEILINGS["float32"]
+            )
+        assert_within_budget(
+            "loss", abs(r["loss"] - ref["loss"]), abs(f32["loss"] - ref["loss"]), 1e-6, ceiling=CEILINGS["float32"]
+        )

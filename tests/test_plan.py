@@ -1,5 +1,6 @@
 """The analytic planner (ringwise.plan) against the paper's Tables 1-3 (arXiv 2310.01889), and its
 command (ringwise.commands.plan)."""
+
 import argparse
 import ast
 import math
@@ -19,20 +20,20 @@ BRIEF_SETUPS = {"8x A100 NVLink", "32x A100 InfiniBand", "TPUv4-1024 (512 chips)
 
 def test_module_is_pure_python():
     tree = ast.parse(Path(plan.__file__).read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
-                for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
-                 if isinstance(n, ast.ImportFrom) and n.module}
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= {"__future__", "argparse", "math", "dataclasses", "presets"}
 
 
 def test_planner_imports_without_torch():
     """The planner and the presets load in an interpreter that never imports torch, while
     the public op stays one attribute away."""
-    code = ("import sys; import ringwise.plan, ringwise.presets; assert 'torch' not in sys.modules, 'torch'; "
-            "import ringwise; ringwise.ring_attention, ringwise.shard, ringwise.unshard, ringwise.positions, "
-            "ringwise.pad_to_multiple, ringwise.LAYOUTS; from ringwise import ring_attention; "
-            "assert 'torch' in sys.modules")
+    code = (
+        "import sys; import ringwise.plan, ringwise.presets; assert 'torch' not in sys.modules, 'torch'; "
+        "import ringwise; ringwise.ring_attention, ringwise.shard, ringwise.unshard, ringwise.positions, "
+        "ringwise.pad_to_multiple, ringwise.LAYOUTS; from ringwise import ring_attention; "
+        "assert 'torch' in sys.modules"
+    )
     root = Path(plan.__file__).parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(root)))
 
@@ -40,14 +41,19 @@ def test_planner_imports_without_torch():
 def test_planner_and_model_share_the_presets():
     from ringwise.model import model_config
 
-    for key, shape in plan.MODELS.items():
+    for shape in plan.MODELS.values():
         cfg = model_config(shape.name)
-        assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size) == \
-            (shape.n_layers, shape.hidden, shape.n_heads, shape.n_kv_heads, shape.ffn_hidden, shape.vocab)
+        assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size) == (
+            shape.n_layers,
+            shape.hidden,
+            shape.n_heads,
+            shape.n_kv_heads,
+            shape.ffn_hidden,
+            shape.vocab,
+        )
 
 
-@pytest.mark.parametrize("name,billions", [("3b", 3.43), ("7b", 6.74), ("13b", 13.0),
-                                           ("30b", 32.5), ("65b", 65.3)])
+@pytest.mark.parametrize("name,billions", [("3b", 3.43), ("7b", 6.74), ("13b", 13.0), ("30b", 32.5), ("65b", 65.3)])
 def test_model_presets_have_llama_sizes(name, billions):
     assert plan.get_model(name).n_params / 1e9 == pytest.approx(billions, rel=0.01)
     assert plan.get_model("LLaMA-" + name) is plan.get_model(name)
@@ -61,13 +67,11 @@ def test_gqa_shrinks_kv_weights():
 
 def test_table1_formulas_in_bf16_and_rescaled():
     b, s, h, n, c = 2, 8192, 1024, 8, 512
-    table1 = {"vanilla": 2 * b * n * s * s, "memeff": 8 * b * s * h, "bpt": 2 * b * s * h,
-              "ring": 6 * b * c * h}
+    table1 = {"vanilla": 2 * b * n * s * s, "memeff": 8 * b * s * h, "bpt": 2 * b * s * h, "ring": 6 * b * c * h}
     for method, expected in table1.items():
         assert plan.activation_bytes_per_layer(method, b, s, h, n, c) == expected
         assert plan.activation_bytes_per_layer(method, b, s, h, n, c, 4) == 2 * expected
-    assert plan.activation_parts("memeff", b, s, h, n, c) == (2 * b * s * h + 4 * b * c * h,
-                                                              8 * b * s * h)
+    assert plan.activation_parts("memeff", b, s, h, n, c) == (2 * b * s * h + 4 * b * c * h, 8 * b * s * h)
     assert plan.activation_parts("ring", b, s, h, n, c) == (6 * b * c * h, 2 * b * c * h)
     # ring depends on the block only; vanilla counts score buffers when asked
     assert plan.activation_bytes_per_layer("ring", b, 10 * s, h, n, c) == table1["ring"]
@@ -98,15 +102,19 @@ def test_table3_every_cell_within_2x_and_exact_matches():
     exact = sum(ours == paper for *_, ours, paper in rows)
     brief = [r for r in rows if r[0] in BRIEF_SETUPS]
     exact_brief = sum(ours == paper for *_, ours, paper in brief)
-    print(f"exact matches: {exact}/52 over all five setups, {exact_brief}/{len(brief)} over "
-          "8x A100, 32x A100, TPUv4-1024")
+    print(
+        f"exact matches: {exact}/52 over all five setups, {exact_brief}/{len(brief)} over 8x A100, 32x A100, TPUv4-1024"
+    )
     assert len(brief) == 36
     assert exact >= 32 and exact_brief >= 23
 
 
 def misses(memory):
-    return {(setup, m, meth) for setup, m, meth, ours, paper in plan.table3_rows(memory)
-            if not paper / 2 <= ours <= 2 * paper}
+    return {
+        (setup, m, meth)
+        for setup, m, meth, ours, paper in plan.table3_rows(memory)
+        if not paper / 2 <= ours <= 2 * paper
+    }
 
 
 def test_fitted_ffn_term_window():
@@ -183,22 +191,25 @@ def _args(*argv):
 
 
 def test_cli_report_tables_and_custom_device(capsys):
-    assert plan_command.main(_args("--model", "llama-7b", "--hardware", "a100-nvlink", "--devices", "8",
-                                   "--batch", "1")) == 0
+    assert (
+        plan_command.main(_args("--model", "llama-7b", "--hardware", "a100-nvlink", "--devices", "8", "--batch", "1"))
+        == 0
+    )
     out = capsys.readouterr().out
     assert "llama-7b" in out and "F/B = 1,040" in out and "Ring Attention" in out
     assert plan_command.main(_args("--table2", "--table3")) == 0
     out = capsys.readouterr().out
     assert "Table 2" in out and "Table 3" in out and "16384/16384" in out
-    plan_command.run(_args("--hardware", "h100", "--flops", "1e15", "--memory-gb", "141",
-                           "--bandwidth-gbps", "450"))
+    plan_command.run(_args("--hardware", "h100", "--flops", "1e15", "--memory-gb", "141", "--bandwidth-gbps", "450"))
     out = capsys.readouterr().out
     assert "custom(h100)" in out and "141 GB" in out and "1000 TFLOP/s" in out
     with pytest.raises(ValueError, match="--memory-gb"):
         plan_command.run(_args("--memory-gb", "0"))
     assert plan_command.problems(_args("--memory-gb", "0", "--devices", "0", "--seq-len", "-3")) == [
-        "--devices 0: must be a positive integer", "--seq-len -3: must be a positive integer",
-        "--memory-gb 0.0: must be a positive finite number"]
+        "--devices 0: must be a positive integer",
+        "--seq-len -3: must be a positive integer",
+        "--memory-gb 0.0: must be a positive finite number",
+    ]
 
 
 def test_report_warns_when_ring_is_too_short_to_overlap():
@@ -272,8 +283,12 @@ def test_recommends_ulysses_in_node_and_ring_across_nodes():
 
 
 def test_cli_plans_the_split(capsys):
-    assert plan_command.main(_args("--hardware", "h100", "--devices", "32", "--devices-per-node", "8",
-                                   "--seq-len", "131072")) == 0
+    assert (
+        plan_command.main(
+            _args("--hardware", "h100", "--devices", "32", "--devices-per-node", "8", "--seq-len", "131072")
+        )
+        == 0
+    )
     assert "recommended: Ulysses 8 x ring 4" in capsys.readouterr().out
     with pytest.raises(ValueError, match="multiple of --devices-per-node"):
         plan_command.run(_args("--devices", "12", "--devices-per-node", "8"))
@@ -288,7 +303,10 @@ def test_decode_plan_counts_the_cache_share_and_a_context_free_collective():
     d = plan.decode_plan(llama3, 8, 2**20)
     assert d["kv_total_bytes"] == 128 * 2**30 and d["kv_per_rank_bytes"] == 16 * 2**30
     assert d["collectives_per_step"] == 32
-    assert d["sent_per_step_bytes"] == 32 * (4 * 32 * 129 + 24) and d["received_per_step_bytes"] == 7 * d["sent_per_step_bytes"]
+    assert (
+        d["sent_per_step_bytes"] == 32 * (4 * 32 * 129 + 24)
+        and d["received_per_step_bytes"] == 7 * d["sent_per_step_bytes"]
+    )
     assert plan.decode_plan(llama3, 8, 2**10)["sent_per_step_bytes"] == d["sent_per_step_bytes"]
     assert plan.decode_plan(llama3, 1, 2**20)["sent_per_step_bytes"] == 0
     assert "KV cache 128.00 GiB in all, 16.00 GiB per rank" in plan.format_decode_plan(llama3, 8, 2**20)

@@ -34,8 +34,13 @@ def test_retrieval_heatmap(tmp_path):
 def test_retrieval_heatmaps_side_by_side(tmp_path):
     """Before and after on one color scale, one title (the sample size goes there)."""
     before, after = [[0.5, 0.0], [0.0, 0.5]], [[1.0, 0.5], [0.5, 1.0]]
-    out = plot_retrieval_heatmaps({"before": before, "after": after}, [64, 128], [0.0, 1.0], tmp_path / "two.png",
-                                  title="Passkey retrieval, 2 documents per cell")
+    out = plot_retrieval_heatmaps(
+        {"before": before, "after": after},
+        [64, 128],
+        [0.0, 1.0],
+        tmp_path / "two.png",
+        title="Passkey retrieval, 2 documents per cell",
+    )
     assert_png(out)
     with pytest.raises(ValueError, match="'after' has shape"):
         plot_retrieval_heatmaps({"before": before, "after": [[1.0]]}, [64, 128], [0.0, 1.0], tmp_path / "bad.png")
@@ -66,7 +71,12 @@ def test_lines(tmp_path):
     out = plot_lines(
         {"ring": ws, "plain": ws[:2]},
         {"ring": [1.0, 1.0, 1.0, 1.0], "plain": [1.0, 2.0]},
-        tmp_path / "mem.png", xlabel="world size", ylabel="peak GiB", title="memory", logx=True, logy=True,
+        tmp_path / "mem.png",
+        xlabel="world size",
+        ylabel="peak GiB",
+        title="memory",
+        logx=True,
+        logy=True,
     )
     assert_png(out)
     with pytest.raises(ValueError, match="same labels"):
@@ -74,8 +84,14 @@ def test_lines(tmp_path):
 
 
 def test_bars(tmp_path):
-    out = plot_bars(["8192:1", "16384:2"], {"measured": [120.0, 118.5], "planned": [33.0, None]},
-                    tmp_path / "bars.png", ylabel="MiB", title="memory", logy=True)
+    out = plot_bars(
+        ["8192:1", "16384:2"],
+        {"measured": [120.0, 118.5], "planned": [33.0, None]},
+        tmp_path / "bars.png",
+        ylabel="MiB",
+        title="memory",
+        logy=True,
+    )
     assert_png(out)
     with pytest.raises(ValueError, match="2 groups"):
         plot_bars(["a", "b"], {"x": [1.0]}, tmp_path / "bad.png")
@@ -127,18 +143,24 @@ def test_a_runs_plots_are_drawn_from_its_files(tmp_path):
     assert_png(tmp_path / "loss.png")
     assert_png(tmp_path / "retrieval.png")
     assert not (tmp_path / "ppl_by_position.png").exists()
-    ppl = dict(before=dict(starts=[0, 64, 128], ppl=[9.0, None, 7.0]), after=dict(starts=[0, 64, 128], ppl=[8.0, 6.0, 5.0]))
+    ppl = dict(
+        before=dict(starts=[0, 64, 128], ppl=[9.0, None, 7.0]), after=dict(starts=[0, 64, 128], ppl=[8.0, 6.0, 5.0])
+    )
     (tmp_path / "retrieval.png").unlink()
     (tmp_path / "summary.json").write_text(json.dumps(dict(perplexity=ppl, passkey=grid)))
     draw_run(tmp_path)
     assert_png(tmp_path / "ppl_by_position.png")
     assert_png(tmp_path / "retrieval.png")
     # as a finetune run writes them: the learning rate per step, sample sizes, the passkey grid before and after
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, loss=3.0 / s, lr=1e-5 * s)) + "\n"
-                                                    for s in (1, 2, 3)))
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(dict(step=s, loss=3.0 / s, lr=1e-5 * s)) + "\n" for s in (1, 2, 3))
+    )
     sized = {k: dict(v, tokens=[10, 0, 12], sequences=2) for k, v in ppl.items()}
-    (tmp_path / "summary.json").write_text(json.dumps(dict(config=dict(eval_per_cell=2), perplexity=sized,
-                                                           passkey=dict(grid, before=[[0.0, 0.5], [0.5, 0.0]]))))
+    (tmp_path / "summary.json").write_text(
+        json.dumps(
+            dict(config=dict(eval_per_cell=2), perplexity=sized, passkey=dict(grid, before=[[0.0, 0.5], [0.5, 0.0]]))
+        )
+    )
     draw_run(tmp_path)
     for name in ("loss.png", "ppl_by_position.png", "retrieval.png"):
         assert_png(tmp_path / name)

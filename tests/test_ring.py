@@ -1,14 +1,25 @@
 """Ring attention against a float64 reference on the whole sequence, on real gloo rings."""
+
 import itertools
 
 import pytest
 import torch
+from helpers import (
+    CEILINGS,
+    EPS,
+    VARLEN,
+    assemble,
+    assert_within_budget,
+    case_id,
+    check_against_reference,
+    document_mask,
+    expected_hops,
+    make_inputs,
+    run_attention,
+    schedule_from_mask,
+)
 
 import ringwise
-from helpers import (
-    CEILINGS, DTYPES, EPS, assemble, assert_within_budget, case_id, check_against_reference, document_mask,
-    expected_hops, make_inputs, run_attention, VARLEN, schedule_from_mask,
-)
 
 
 def ring_case(case):
@@ -20,10 +31,21 @@ VARIANTS = [  # (dtype, batch, heads, kv_heads, head_dim)
     ("bfloat16", 1, 4, 2, 80),
 ]
 GRID = [
-    dict(world=W, layout=layout, causal=causal, dtype=dt, batch=b, heads=h, kv_heads=hk, head_dim=d,
-         seq=24 * W, seed=1000 * W + i)
+    dict(
+        world=W,
+        layout=layout,
+        causal=causal,
+        dtype=dt,
+        batch=b,
+        heads=h,
+        kv_heads=hk,
+        head_dim=d,
+        seq=24 * W,
+        seed=1000 * W + i,
+    )
     for i, (W, layout, causal, (dt, b, h, hk, d)) in enumerate(
-        itertools.product([1, 2, 3, 4], ringwise.LAYOUTS, [False, True], VARIANTS))
+        itertools.product([1, 2, 3, 4], ringwise.LAYOUTS, [False, True], VARIANTS)
+    )
 ]
 
 
@@ -39,8 +61,18 @@ def test_ring_matches_reference(grid_results, case):
 
 @pytest.mark.parametrize("layout", ringwise.LAYOUTS)
 def test_eight_ranks(cluster, layout):
-    case = dict(world=8, layout=layout, causal=True, dtype="bfloat16", batch=1, heads=2, kv_heads=1,
-                head_dim=32, seq=128, seed=8)
+    case = dict(
+        world=8,
+        layout=layout,
+        causal=True,
+        dtype="bfloat16",
+        batch=1,
+        heads=2,
+        kv_heads=1,
+        head_dim=32,
+        seq=128,
+        seed=8,
+    )
     check_against_reference(case, cluster(8).run(ring_case, case))
 
 
@@ -48,8 +80,18 @@ def test_error_does_not_grow_with_ring_size(cluster):
     """bfloat16, causal zigzag: the ring error stays at the kernel's level for W = 2, 4, 8."""
     errors = {}
     for W in (2, 4, 8):
-        case = dict(world=W, layout="zigzag", causal=True, dtype="bfloat16", batch=1, heads=4, kv_heads=2,
-                    head_dim=64, seq=256, seed=77)
+        case = dict(
+            world=W,
+            layout="zigzag",
+            causal=True,
+            dtype="bfloat16",
+            batch=1,
+            heads=4,
+            kv_heads=2,
+            head_dim=64,
+            seq=256,
+            seed=77,
+        )
         report = check_against_reference(case, cluster(W).run(ring_case, case))
         errors[W] = report
     for name in ("out", "dq", "dk", "dv"):
@@ -66,21 +108,45 @@ def test_huge_logits_stay_finite(cluster, world, layout):
     """Scores around 1e4 (q scaled up): no overflow, still exact. float32 round-off of a score
     of 1e4 is ~1e-3, so the errors are too (kernel error 3.2e-3 observed, dk): the ceiling is
     10x that, rounded up, instead of the unit-scale CEILINGS["float32"]."""
-    case = dict(world=world, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=2,
-                head_dim=16, seq=12 * world, seed=5, q_scale=2500.0)
+    case = dict(
+        world=world,
+        layout=layout,
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=2,
+        kv_heads=2,
+        head_dim=16,
+        seq=12 * world,
+        seed=5,
+        q_scale=2500.0,
+    )
     check_against_reference(case, cluster(world).run(ring_case, case), ceiling=HUGE_LOGITS_CEILING)
 
 
 VARLEN_GRID = [
-    dict(world=W, layout=layout, causal=causal, dtype="float32", batch=1, heads=4, kv_heads=2, head_dim=16,
-         seq=48, seed=500 + i, cu_seqlens=docs)
+    dict(
+        world=W,
+        layout=layout,
+        causal=causal,
+        dtype="float32",
+        batch=1,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        seq=48,
+        seed=500 + i,
+        cu_seqlens=docs,
+    )
     for i, (W, layout, causal, docs) in enumerate(
-        itertools.product([1, 2, 3, 4], ringwise.LAYOUTS, [True, False], VARLEN))
+        itertools.product([1, 2, 3, 4], ringwise.LAYOUTS, [True, False], VARLEN)
+    )
 ]
 
 
-@pytest.mark.parametrize("case", VARLEN_GRID,
-                         ids=lambda c: case_id(c) + "-docs" + "_".join(map(str, c["cu_seqlens"][1:4])))
+@pytest.mark.parametrize(
+    "case", VARLEN_GRID, ids=lambda c: case_id(c) + "-docs" + "_".join(map(str, c["cu_seqlens"][1:4]))
+)
 def test_packed_documents_match_per_document_reference(grid_results, case):
     results = grid_results(ring_case, VARLEN_GRID, case)
     check_against_reference(case, results)
@@ -93,6 +159,7 @@ def test_packed_documents_match_per_document_reference(grid_results, case):
 
 
 # ------------------------------------------------ empty rows and NaN: the reference kernel's semantics
+
 
 def poisoned_inputs(case):
     """float64 q, k, v with one kind of non-finite value planted (q's first feature kept
@@ -117,8 +184,16 @@ def poisoned_run(case):
     q, k, v = poisoned_inputs(case)
     layout = case["layout"]
     ql, kl, vl = (ringwise.shard(x.float(), 1, layout) for x in (q, k, v))
-    out, lse = ringwise.ring_attention(ql, kl, vl, causal=True, layout=layout, return_lse=True,
-                                       softmax_scale=case.get("scale"), window=case.get("window"))
+    out, lse = ringwise.ring_attention(
+        ql,
+        kl,
+        vl,
+        causal=True,
+        layout=layout,
+        return_lse=True,
+        softmax_scale=case.get("scale"),
+        window=case.get("window"),
+    )
     return dict(out=out, lse=lse)
 
 
@@ -137,20 +212,53 @@ def same_semantics(a, b):
 
 
 POISON_GRID = [
-    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
-         seq=S, seed=40 + i, poison=poison, **extra)
-    for i, (W, layout, S, poison, extra) in enumerate(itertools.product(
-        [1, 2, 3], ringwise.LAYOUTS, [6, 24, 96], ["neg_inf_keys", "pos_inf_key", "nan_q", "nan_k", "nan_v"],
-        [{}, dict(window=2)]))
+    dict(
+        world=W,
+        layout=layout,
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=2,
+        kv_heads=1,
+        head_dim=8,
+        seq=S,
+        seed=40 + i,
+        poison=poison,
+        **extra,
+    )
+    for i, (W, layout, S, poison, extra) in enumerate(
+        itertools.product(
+            [1, 2, 3],
+            ringwise.LAYOUTS,
+            [6, 24, 96],
+            ["neg_inf_keys", "pos_inf_key", "nan_q", "nan_k", "nan_v"],
+            [{}, dict(window=2)],
+        )
+    )
 ] + [
-    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
-         seq=24, seed=90, poison=None, scale=float("nan"))
+    dict(
+        world=W,
+        layout=layout,
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=2,
+        kv_heads=1,
+        head_dim=8,
+        seq=24,
+        seed=90,
+        poison=None,
+        scale=float("nan"),
+    )
     for W, layout in itertools.product([1, 2, 3], ringwise.LAYOUTS)
 ]
 
 
-@pytest.mark.parametrize("case", POISON_GRID, ids=lambda c: f"W{c['world']}-{c['layout']}-S{c['seq']}-"
-                         f"{c['poison'] or 'nan_scale'}-w{c.get('window')}")
+@pytest.mark.parametrize(
+    "case",
+    POISON_GRID,
+    ids=lambda c: f"W{c['world']}-{c['layout']}-S{c['seq']}-{c['poison'] or 'nan_scale'}-w{c.get('window')}",
+)
 def test_non_finite_inputs_follow_reference_semantics(grid_results, case):
     """Rows that see only -inf scores: lse = -inf and out = 0 (not lse = 0 merged as real);
     NaN anywhere (q, k, v or the scale) comes back NaN, at every tile size (6 to 96 tokens
@@ -166,6 +274,7 @@ def test_non_finite_inputs_follow_reference_semantics(grid_results, case):
     i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
     vis = (j <= i) & (i - j <= case.get("window", S))
     from ringwise.attention.kernels import ReferenceKernel
+
     heads_first = lambda x: x.transpose(1, 2)  # noqa: E731
     band = (0, case["window"]) if "window" in case else None  # the window's band of the causal mask
     ref_o, ref_lse = ReferenceKernel().forward(*(heads_first(x) for x in (q, k, v)), True, scale, band=band)
@@ -175,6 +284,7 @@ def test_non_finite_inputs_follow_reference_semantics(grid_results, case):
     if case["poison"] == "neg_inf_keys":
         assert torch.isneginf(lse).any() and (out[torch.isneginf(lse).transpose(1, 2)] == 0).all()
     if case["poison"] in ("nan_q", None):  # SDPA's math path lets masked-out inf/NaN keys poison every row
-        sdpa = torch.nn.functional.scaled_dot_product_attention(*(heads_first(x) for x in (q, k, v)),
-                                                                attn_mask=vis, scale=scale)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            *(heads_first(x) for x in (q, k, v)), attn_mask=vis, scale=scale
+        )
         assert torch.equal(torch.isnan(heads_first(out)), torch.isnan(sdpa))

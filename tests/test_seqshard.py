@@ -1,17 +1,18 @@
 """SeqShard against the layout functions it wraps and against sharding written out by hand,
 on real gloo rings (W = 1, 2, 3) and a 2 x 2 Ulysses x ring mesh."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import max_err, reference_attention
 
 import ringwise
 from ringwise.attention import layout as L
 from ringwise.attention.layout import global_indices, split_unit
 from ringwise.attention.seqshard import IGNORE_INDEX, SeqShard
-from helpers import max_err, reference_attention
 
 SEQ, ODD = 12, 13  # ODD needs padding on every ring but a contiguous or striped one of 1
 DOCS = [0, 5, 9, 12]
@@ -37,13 +38,14 @@ def expected_targets(labels, bounds):
 def assemble(parts, layout, dim=1):
     """The global tensor from the ring ranks' shards, placed by global_indices (no communication)."""
     W, n = len(parts), parts[0].shape[dim] * len(parts)
-    out = torch.empty(parts[0].shape[:dim] + (n,) + parts[0].shape[dim + 1:], dtype=parts[0].dtype)
+    out = torch.empty(parts[0].shape[:dim] + (n,) + parts[0].shape[dim + 1 :], dtype=parts[0].dtype)
     for r, p in enumerate(parts):
         out.index_copy_(dim, global_indices(layout, r, W, n), p)
     return out
 
 
 # ------------------------------------------------------------------ one process, no process group
+
 
 def test_one_process_without_process_group():
     assert not dist.is_initialized()
@@ -82,13 +84,16 @@ def test_refusals():
 
 
 def test_imports_nothing_above_attention():
-    code = ("import sys, ringwise.attention.seqshard; "
-            "print(sorted(m for m in sys.modules if m.startswith('ringwise.') and not m.startswith('ringwise.attention')))")
+    code = (
+        "import sys, ringwise.attention.seqshard; "
+        "print(sorted(m for m in sys.modules if m.startswith('ringwise.') and not m.startswith('ringwise.attention')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 # ------------------------------------------------------------------ rings of W = 1, 2, 3
+
 
 def layout_job():
     """Per layout: SeqShard's results next to the layout functions' on this rank."""
@@ -98,11 +103,20 @@ def layout_job():
         s = SeqShard(layout)
         padded, n_pad = s.pad(y, 1, value=-1.0)
         out[layout] = dict(
-            world=s.world, unit=s.unit, shard=s.shard(x), ref_shard=L.shard(x, 1, layout),
-            shard_dim2=s.shard(x.transpose(1, 2), dim=2), positions=s.positions(SEQ),
-            ref_positions=L.positions(SEQ, layout), whole=s.unshard(s.shard(x)),
+            world=s.world,
+            unit=s.unit,
+            shard=s.shard(x),
+            ref_shard=L.shard(x, 1, layout),
+            shard_dim2=s.shard(x.transpose(1, 2), dim=2),
+            positions=s.positions(SEQ),
+            ref_positions=L.positions(SEQ, layout),
+            whole=s.unshard(s.shard(x)),
             whole_dim2=s.unshard(s.shard(x.transpose(1, 2), dim=2), dim=2),
-            pad_len=s.pad_len(ODD), padded=padded, n_pad=n_pad, whole_padded=s.unshard(s.shard(y, pad=True)))
+            pad_len=s.pad_len(ODD),
+            padded=padded,
+            n_pad=n_pad,
+            whole_padded=s.unshard(s.shard(y, pad=True)),
+        )
     return out
 
 
@@ -135,9 +149,11 @@ def shard_batch_job():
     out = {}
     for layout in ringwise.LAYOUTS:
         s = SeqShard(layout)
-        out[layout] = dict(docs=s.shard_batch(ids, labels, cu_seqlens=torch.tensor(DOCS)),
-                           plain=s.shard_batch(ids),
-                           padded=s.shard_batch(odd, cu_seqlens=[0, 7, ODD], pad=True, pad_id=99))
+        out[layout] = dict(
+            docs=s.shard_batch(ids, labels, cu_seqlens=torch.tensor(DOCS)),
+            plain=s.shard_batch(ids),
+            padded=s.shard_batch(odd, cu_seqlens=[0, 7, ODD], pad=True, pad_id=99),
+        )
     # the integration's, on the same ring (the process default is whatever an earlier test set)
     out["hf"] = hf_shard_batch(ids, labels, cu_seqlens=DOCS, shard=SeqShard("zigzag"))
     return out
@@ -148,6 +164,7 @@ def test_shard_batch_shifts_on_the_global_sequence(cluster, W):
     results = cluster(W).run(shard_batch_job, timeout=60)
     ids, labels, odd = _ids(2, 2, SEQ), _ids(3, 2, SEQ), _ids(4, 2, ODD)
     for layout in ringwise.LAYOUTS:
+
         def whole(kind, key):
             return assemble([res[layout][kind][key] for res in results], layout)
 
@@ -163,7 +180,10 @@ def test_shard_batch_shifts_on_the_global_sequence(cluster, W):
         want = torch.full((2, n), IGNORE_INDEX)
         want[:, :ODD] = expected_targets(odd, [0, 7, ODD])
         assert torch.equal(whole("padded", "labels"), want)
-        assert torch.equal(whole("padded", "input_ids")[:, :ODD], odd) and (whole("padded", "input_ids")[:, ODD:] == 99).all()
+        assert (
+            torch.equal(whole("padded", "input_ids")[:, :ODD], odd)
+            and (whole("padded", "input_ids")[:, ODD:] == 99).all()
+        )
     for res in results:  # the same batch as the transformers integration's shard_batch (zigzag)
         for key in ("input_ids", "position_ids", "labels"):
             assert torch.equal(res["zigzag"]["docs"][key], res["hf"][key]), key
@@ -186,12 +206,21 @@ def mesh_job(layout, S=16):
     x, y = _randn(0, 2, S, 3), _randn(1, 2, ODD, 3)
     q, k, v = _randn(5, 1, S, 4, 8), _randn(6, 1, S, 2, 8), _randn(7, 1, S, 2, 8)
     out = ringwise.ring_attention(s.shard(q), s.shard(k), s.shard(v), causal=True, **s.ring_kwargs())
-    return dict(world=s.world, ring_size=s.ring_size, ulysses_size=s.ulysses_size, unit=s.unit,
-                shard=s.shard(x), ref_shard=L.shard(x, 1, layout, rg, ulysses_group=ug),
-                positions=s.positions(S), whole=s.unshard(s.shard(x)),
-                whole_padded=s.unshard(s.shard(y, pad=True)), pad_len=s.pad_len(ODD),
-                count=s.all_reduce(torch.ones(1)), batch=s.shard_batch(_ids(2, 2, S), cu_seqlens=[0, 5, S]),
-                attention=s.unshard(out))
+    return dict(
+        world=s.world,
+        ring_size=s.ring_size,
+        ulysses_size=s.ulysses_size,
+        unit=s.unit,
+        shard=s.shard(x),
+        ref_shard=L.shard(x, 1, layout, rg, ulysses_group=ug),
+        positions=s.positions(S),
+        whole=s.unshard(s.shard(x)),
+        whole_padded=s.unshard(s.shard(y, pad=True)),
+        pad_len=s.pad_len(ODD),
+        count=s.all_reduce(torch.ones(1)),
+        batch=s.shard_batch(_ids(2, 2, S), cu_seqlens=[0, 5, S]),
+        attention=s.unshard(out),
+    )
 
 
 @pytest.mark.parametrize("layout", ringwise.LAYOUTS)

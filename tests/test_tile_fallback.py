@@ -1,8 +1,10 @@
 """The ring engine in one process: a fused tile whose result is not finite is recomputed on the
 reference kernel, forward and backward alike; and the two dK/dV routes (relayed, direct) sum
 the same shares. World size 1 (`Ring()`), or one rank of a loopback ring; no cluster."""
+
 import pytest
 import torch
+from helpers import count_comms, max_err, reference_attention
 
 import ringwise.attention.ring as ring_mod
 from ringwise.attention.comm import Ring
@@ -11,8 +13,6 @@ from ringwise.attention.layout import global_indices
 from ringwise.attention.ring import Engine, ring_backward, ring_forward
 from ringwise.attention.tiles import step_tiles
 from ringwise.bench.compute import LoopbackRing, rank_inputs
-
-from helpers import count_comms, max_err, reference_attention
 
 L, WINDOW = 160, 70  # at W=1: causal squares, anti-causal squares (a flipped fused kernel) and a full tile
 
@@ -40,7 +40,7 @@ def test_a_non_finite_fused_tile_is_recomputed_on_the_reference_kernel(monkeypat
     the reference kernel, and the result is exact against float64 (the poison would be NaN)."""
     g = torch.Generator().manual_seed(11)
     q, k, v, dout = _randn(g, 1, L, 4, 16), _randn(g, 1, L, 2, 16), _randn(g, 1, L, 2, 16), _randn(g, 1, L, 4, 16)
-    scale = 16 ** -0.5
+    scale = 16**-0.5
     i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     ref_out, ref_lse = reference_attention(qr, kr, vr, True, mask=i - j <= WINDOW)
@@ -86,7 +86,7 @@ def test_float16_tiles_whose_fused_backward_overflows_rerun_on_the_reference_ker
     on the reference kernel alone: error <= 2 x that error + eps, against float64."""
     g = torch.Generator().manual_seed(1)
     a, d = 4.0, 16
-    scale = 0.25 / a ** 2  # scores as with unit q, k; q and k a times larger shrink dq, dk by a
+    scale = 0.25 / a**2  # scores as with unit q, k; q and k a times larger shrink dq, dk by a
     q, k = _randn(g, 1, 32, 2, d, scale=a), _randn(g, 1, 32, 2, d, scale=a)
     v, dout = _randn(g, 1, 32, 2, d, scale=30.0), _randn(g, 1, 32, 2, d, scale=3000.0)
     q, k, v, dout = (x.half() for x in (q, k, v, dout))
@@ -106,14 +106,16 @@ def test_float16_tiles_whose_fused_backward_overflows_rerun_on_the_reference_ker
     got, out, lse = grads("auto")
     assert len(reruns) == len(step_tiles("contiguous", 0, 0, 1, 32, causal)) == 1
     alone = AtenCpuKernel().backward(*(x.transpose(1, 2) for x in (dout, q, k, v, out)), lse, causal, scale)
-    assert not torch.isfinite(alone[0]).all() and not torch.isfinite(alone[1]).all(), \
+    assert not torch.isfinite(alone[0]).all() and not torch.isfinite(alone[1]).all(), (
         "the fused CPU kernel no longer overflows here: these inputs test nothing"
+    )
     for name, x, y, r in zip(("dq", "dk", "dv"), got, budget, ref_grads):
         assert r.abs().max() < 60000 and torch.isfinite(x).all(), name
         assert max_err(x, r) <= 2 * max_err(y, r) + 1e-3, (name, max_err(x, r), max_err(y, r))
 
 
 # ---------------------------------------------------------------- the two dK/dV routes
+
 
 def _periodic(block, layout, world):
     """A global tensor whose shard is `block` on every rank."""
@@ -123,10 +125,17 @@ def _periodic(block, layout, world):
     return whole
 
 
-@pytest.mark.parametrize("world,layout,causal,window", [
-    (1, "zigzag", True, None), (2, "zigzag", True, None), (3, "striped", False, None),
-    (4, "contiguous", True, None), (4, "zigzag", True, 30), (4, "contiguous", True, 5),
-])
+@pytest.mark.parametrize(
+    "world,layout,causal,window",
+    [
+        (1, "zigzag", True, None),
+        (2, "zigzag", True, None),
+        (3, "striped", False, None),
+        (4, "contiguous", True, None),
+        (4, "zigzag", True, 30),
+        (4, "contiguous", True, 5),
+    ],
+)
 def test_relayed_and_direct_routes_give_identical_gradients(monkeypatch, world, layout, causal, window):
     """One rank of a loopback ring (each hop hands back a copy of what it sends) with the same
     K/V on every shard: rank r's dK/dV is then the sum of its own shares over the ring steps,
@@ -141,7 +150,7 @@ def test_relayed_and_direct_routes_give_identical_gradients(monkeypatch, world, 
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     ref_out, _ = reference_attention(qr, kr, vr, causal, mask=None if window is None else i - j <= window)
     _, ref_dk, ref_dv = torch.autograd.grad(ref_out, (qr, kr, vr), dout)
-    kernel, scale = select_kernel("auto", q.device, q.dtype, d), d ** -0.5
+    kernel, scale = select_kernel("auto", q.device, q.dtype, d), d**-0.5
     schedule = Engine.schedule
     steps, relay = schedule(Engine(causal, scale, layout, LoopbackRing(0, world), kernel, window=window), Ls)
     assert relay and len(steps) == (2 if window == 5 else world)  # a prefix of the ring, all of it or not

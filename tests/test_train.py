@@ -1,5 +1,6 @@
 """The training job: DCP checkpoints (exact resume, resharding, atomicity, fallback, export),
 the launcher's checks and lock, bf16, the CLI."""
+
 import json
 import os
 import socket
@@ -9,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_args
 
 from ringwise.cli import main
 from ringwise.model import Transformer, model_config
 from ringwise.train import checkpoint, make_mesh, run_on_mesh
 from ringwise.train.config import problems
-
-from helpers import train_args
 
 
 def run_job(cfg):
@@ -87,8 +87,20 @@ def losses(folder):
 
 
 def job_args(out, **kw):
-    base = dict(out=str(out), steps=6, ckpt_every=3, threads=1, seq_len=96, batch=4, lr=3e-3, warmup=2,
-                eval_per_cell=1, eval_lengths=[96], eval_depths=[0.5], no_plots=True)
+    base = dict(
+        out=str(out),
+        steps=6,
+        ckpt_every=3,
+        threads=1,
+        seq_len=96,
+        batch=4,
+        lr=3e-3,
+        warmup=2,
+        eval_per_cell=1,
+        eval_lengths=[96],
+        eval_depths=[0.5],
+        no_plots=True,
+    )
     return train_args(**{**base, **kw})
 
 
@@ -199,8 +211,11 @@ def rng_round_trip(cfg, save: bool):
     torch.rand(100)  # the state moves on
     moved = torch.get_rng_state()
     checkpoint.resume(folder, run.model, run.optimizer)
-    return dict(restored=torch.equal(torch.get_rng_state(), before), kept=torch.equal(torch.get_rng_state(), moved),
-                draw=torch.rand(4))
+    return dict(
+        restored=torch.equal(torch.get_rng_state(), before),
+        kept=torch.equal(torch.get_rng_state(), moved),
+        draw=torch.rand(4),
+    )
 
 
 def test_each_rank_resumes_its_own_random_state(cluster, tmp_path):
@@ -269,7 +284,7 @@ def test_train_on_text_files(cluster, tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "text"
     cluster(2).run(run_job, job_args(out, data="text", text=[str(text)], steps=2))
-    assert len(losses(out)) == 2 and all(l > 0 for l in losses(out))
+    assert len(losses(out)) == 2 and all(loss > 0 for loss in losses(out))
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(rec["peak_rss_mib_per_rank"]) == 2 and rec["peak_rss_mib"] == max(rec["peak_rss_mib_per_rank"]) > 0
     meta = checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])
@@ -283,27 +298,34 @@ def no_ranks(monkeypatch):
     monkeypatch.setattr(job, "elastic_run", lambda *a: pytest.fail("ranks started despite bad flags"))
 
 
-@pytest.mark.parametrize("flags,match", [
-    (["--eval-decoys", "2"], "decoys=2 needs id_pool"),
-    (["--fmt", "registers", "--loss-on", "recall"], "without id_pool"),
-    (["--fmt", "registers", "--seq-len", "128"], "or let ids recur"),
-    (["--dp", "3"], "--dp 3 must divide the world size 2"),
-    (["--world", "0"], "--world 0: must be a positive integer"),
-    (["--world", "-2"], "--world -2: must be a positive integer"),
-    (["--steps", "-5"], "--steps -5: must be a positive integer"),
-    (["--ckpt-every", "-1"], "--ckpt-every -1: must be a positive integer"),
-    (["--batch", "0"], "--batch 0: must be a positive integer"),
-    (["--seq-len", "66"], "--seq-len 66 must be a positive multiple of 4"),
-    (["--batch", "3", "--dp", "2"], "--batch 3 must be divisible by --dp 2"),
-    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
-    (["--timeout", "0"], "--timeout 0.0: must be a finite number > 0"),
-    (["--data", "text", "--text", "missing.txt"], "--text: no such file or folder: missing.txt"),
-    (["--ulysses", "3"], "--dp 1 x --ulysses 3 must divide the world size 2"),
-    (["--world", "8", "--ulysses", "8", "--seq-len", "64"], "--ulysses 8 must divide the 4 attention heads"),
-    (["--ulysses", "0"], "--ulysses 0: must be a positive integer"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cpu", "--backend", "nccl"],
-     "--device cuda: torch sees no GPU" if not torch.cuda.is_available() else "--backend nccl needs --device cuda"),
-])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--eval-decoys", "2"], "decoys=2 needs id_pool"),
+        (["--fmt", "registers", "--loss-on", "recall"], "without id_pool"),
+        (["--fmt", "registers", "--seq-len", "128"], "or let ids recur"),
+        (["--dp", "3"], "--dp 3 must divide the world size 2"),
+        (["--world", "0"], "--world 0: must be a positive integer"),
+        (["--world", "-2"], "--world -2: must be a positive integer"),
+        (["--steps", "-5"], "--steps -5: must be a positive integer"),
+        (["--ckpt-every", "-1"], "--ckpt-every -1: must be a positive integer"),
+        (["--batch", "0"], "--batch 0: must be a positive integer"),
+        (["--seq-len", "66"], "--seq-len 66 must be a positive multiple of 4"),
+        (["--batch", "3", "--dp", "2"], "--batch 3 must be divisible by --dp 2"),
+        (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+        (["--timeout", "0"], "--timeout 0.0: must be a finite number > 0"),
+        (["--data", "text", "--text", "missing.txt"], "--text: no such file or folder: missing.txt"),
+        (["--ulysses", "3"], "--dp 1 x --ulysses 3 must divide the world size 2"),
+        (["--world", "8", "--ulysses", "8", "--seq-len", "64"], "--ulysses 8 must divide the 4 attention heads"),
+        (["--ulysses", "0"], "--ulysses 0: must be a positive integer"),
+        (
+            ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cpu", "--backend", "nccl"],
+            "--device cuda: torch sees no GPU"
+            if not torch.cuda.is_available()
+            else "--backend nccl needs --device cuda",
+        ),
+    ],
+)
 def test_train_refuses_bad_flags_before_starting_ranks(tmp_path, flags, match, no_ranks, capsys):
     assert main(["train", "--world", "2", "--seq-len", "64", "--out", str(tmp_path / "run"), *flags]) == 2
     err = capsys.readouterr().err
@@ -311,18 +333,21 @@ def test_train_refuses_bad_flags_before_starting_ranks(tmp_path, flags, match, n
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("device,backend,ranks,gpus,want", [
-    ("auto", None, 4, 0, ("cpu", "gloo")),
-    ("auto", None, 1, 1, ("cuda", "nccl")),
-    ("auto", None, 8, 8, ("cuda", "nccl")),
-    ("auto", None, 2, 1, ("cuda", "gloo")),  # two ranks share one GPU: gloo, host-staged ring hops
-    ("cuda", "gloo", 1, 1, ("cuda", "gloo")),
-    ("cpu", None, 2, 8, ("cpu", "gloo")),  # CPU training on a GPU machine
-    ("cuda", None, 1, 0, "--device cuda: torch sees no GPU"),
-    ("cpu", "nccl", 1, 1, "--backend nccl needs --device cuda"),
-    ("auto", "nccl", 1, 0, "--backend nccl needs --device cuda"),
-    ("auto", "nccl", 2, 1, "NCCL refuses two ranks on one GPU; use --backend gloo"),
-])
+@pytest.mark.parametrize(
+    "device,backend,ranks,gpus,want",
+    [
+        ("auto", None, 4, 0, ("cpu", "gloo")),
+        ("auto", None, 1, 1, ("cuda", "nccl")),
+        ("auto", None, 8, 8, ("cuda", "nccl")),
+        ("auto", None, 2, 1, ("cuda", "gloo")),  # two ranks share one GPU: gloo, host-staged ring hops
+        ("cuda", "gloo", 1, 1, ("cuda", "gloo")),
+        ("cpu", None, 2, 8, ("cpu", "gloo")),  # CPU training on a GPU machine
+        ("cuda", None, 1, 0, "--device cuda: torch sees no GPU"),
+        ("cpu", "nccl", 1, 1, "--backend nccl needs --device cuda"),
+        ("auto", "nccl", 1, 0, "--backend nccl needs --device cuda"),
+        ("auto", "nccl", 2, 1, "NCCL refuses two ranks on one GPU; use --backend gloo"),
+    ],
+)
 def test_placement_of_ranks_on_devices(device, backend, ranks, gpus, want):
     """Where the ranks run and how they talk: decided from the flags and the node's GPUs alone,
     so the launcher's check and every rank reach the same answer."""
@@ -339,8 +364,26 @@ def test_every_problem_is_reported_at_once(tmp_path, no_ranks, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
     (tmp_path / "afile").write_text("x")
-    assert main(["train", "--world", "2", "--steps", "0", "--lr", "nan", "--out", str(tmp_path / "afile"),
-                 "--data", "text", "--text", str(tmp_path / "blob.bin")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--world",
+                "2",
+                "--steps",
+                "0",
+                "--lr",
+                "nan",
+                "--out",
+                str(tmp_path / "afile"),
+                "--data",
+                "text",
+                "--text",
+                str(tmp_path / "blob.bin"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     for what in ("4 problems", "--steps 0", "--lr nan", "afile: is a file", "blob.bin is not UTF-8 text"):
         assert what in err, err
@@ -367,8 +410,10 @@ def test_a_killed_holders_lock_is_free_at_once(tmp_path):
     """The lock is a flock held for the job's life: another process is refused while the holder
     lives, and the kernel frees it the moment the holder is killed (no stale-lock race)."""
     out = tmp_path / "run"
-    code = ("import sys, time; from ringwise.train.checkpoint import RunLock; RunLock(sys.argv[1]).acquire(); "
-            "print('held', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from ringwise.train.checkpoint import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -386,8 +431,27 @@ def test_fresh_start_refuses_a_folder_with_checkpoints(cluster, tmp_path, no_ran
     cluster(2).run(run_job, job_args(out, steps=2, ckpt_every=2))
     assert main(["train", "--world", "2", "--model", "tiny", "--seq-len", "96", "--out", str(out)]) == 2
     assert "holds checkpoints up to step 2: pass --resume" in capsys.readouterr().err
-    assert main(["train", "--world", "2", "--model", "tiny", "--seq-len", "96", "--batch", "4", "--seed", "5",
-                 "--out", str(out), "--resume"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--world",
+                "2",
+                "--model",
+                "tiny",
+                "--seq-len",
+                "96",
+                "--batch",
+                "4",
+                "--seed",
+                "5",
+                "--out",
+                str(out),
+                "--resume",
+            ]
+        )
+        == 2
+    )
     assert "--seed: checkpoint 0, now 5" in capsys.readouterr().err
 
 
@@ -404,8 +468,27 @@ def test_train_cli_end_to_end(tmp_path):
     out = tmp_path / "run"
     flags = demo_flags()
     assert "--id-pool" in flags and "--loss-on" in flags
-    assert main(["train", *flags, "--world", "2", "--model", "tiny", "--steps", "3", "--batch", "4",
-                 "--eval-per-cell", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *flags,
+                "--world",
+                "2",
+                "--model",
+                "tiny",
+                "--steps",
+                "3",
+                "--batch",
+                "4",
+                "--eval-per-cell",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(losses(out)) == 3
     for name in ("loss.png", "retrieval.png", "summary.json"):
         assert (out / name).stat().st_size > 0
@@ -413,8 +496,28 @@ def test_train_cli_end_to_end(tmp_path):
     assert not (out / ".lock").exists()
     # `make demo` again resumes its folder: a finished run trains nothing more and re-evaluates
     (out / "summary.json").unlink()
-    assert main(["train", *flags, "--world", "2", "--model", "tiny", "--steps", "3", "--batch", "4",
-                 "--eval-per-cell", "1", "--out", str(out), "--resume"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *flags,
+                "--world",
+                "2",
+                "--model",
+                "tiny",
+                "--steps",
+                "3",
+                "--batch",
+                "4",
+                "--eval-per-cell",
+                "1",
+                "--out",
+                str(out),
+                "--resume",
+            ]
+        )
+        == 0
+    )
     assert len(losses(out)) == 3
     assert json.loads((out / "summary.json").read_text())["final_loss"] == losses(out)[-1]  # not NaN
 
@@ -425,8 +528,28 @@ def test_train_on_one_gpu_under_nccl(tmp_path):
     """`ringwise train` on one GPU: NCCL for every collective (loss totals, peak memory, FSDP2,
     checkpoint save and resume, evaluation), bf16 by default, GPU peak memory in the metrics."""
     out = tmp_path / "gpu"
-    flags = ["train", "--world", "1", "--model", "tiny", "--seq-len", "128", "--batch", "2", "--steps", "4",
-             "--ckpt-every", "2", "--eval-per-cell", "1", "--eval-lengths", "128", "--no-plots", "--out", str(out)]
+    flags = [
+        "train",
+        "--world",
+        "1",
+        "--model",
+        "tiny",
+        "--seq-len",
+        "128",
+        "--batch",
+        "2",
+        "--steps",
+        "4",
+        "--ckpt-every",
+        "2",
+        "--eval-per-cell",
+        "1",
+        "--eval-lengths",
+        "128",
+        "--no-plots",
+        "--out",
+        str(out),
+    ]
     assert main(flags + ["--stop-after", "2"]) == 0
     assert main(flags + ["--resume"]) == 0
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -441,8 +564,26 @@ def test_train_two_ranks_share_one_gpu(tmp_path):
     """`ringwise train --world 2` on one GPU: gloo (NCCL refuses two ranks on one GPU), ring hops
     staged through host memory, FSDP2 and checkpoints over gloo's CUDA collectives; in fp32 its
     losses equal one rank's on the same GPU."""
-    common = ["train", "--model", "tiny", "--seq-len", "128", "--batch", "2", "--steps", "3", "--ckpt-every", "3",
-              "--eval-per-cell", "1", "--eval-lengths", "128", "--no-plots", "--dtype", "fp32"]
+    common = [
+        "train",
+        "--model",
+        "tiny",
+        "--seq-len",
+        "128",
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--ckpt-every",
+        "3",
+        "--eval-per-cell",
+        "1",
+        "--eval-lengths",
+        "128",
+        "--no-plots",
+        "--dtype",
+        "fp32",
+    ]
     assert main(common + ["--world", "2", "--out", str(tmp_path / "w2")]) == 0
     assert main(common + ["--world", "1", "--out", str(tmp_path / "w1")]) == 0
     two, one = ([json.loads(line) for line in open(tmp_path / w / "metrics.jsonl")] for w in ("w2", "w1"))
@@ -454,6 +595,7 @@ def test_train_two_ranks_share_one_gpu(tmp_path):
 def _rank0_disk_full():
     def fail():
         raise OSError(28, "No space left on device")
+
     try:
         checkpoint._on_rank0(fail, "finishing step-00000002")
     except RuntimeError as e:
@@ -467,6 +609,7 @@ def _rank1_disk_full():
     def fail():
         if dist.get_rank() == 1:
             raise OSError(28, "No space left on device")
+
     try:
         checkpoint._collectively(fail, "saving the random state into step-x")
     except RuntimeError as e:

@@ -1,20 +1,29 @@
 """Real transformers models (random tiny configs) run sequence-parallel through the registry:
 logits and every parameter gradient equal the one-process SDPA model within float32 round-off."""
+
 import pytest
 import torch
 import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
-import ringwise.integrations.transformers as rw  # noqa: E402
 from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
+
+import ringwise.integrations.transformers as rw  # noqa: E402
 
 SEQ = 24
 
 
 def make_config(name):
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0)
+    common = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_dropout=0.0,
+    )
     if name == "llama":
         return transformers.LlamaConfig(**common)
     if name == "qwen2":
@@ -86,11 +95,17 @@ def test_model_matches_single_process_sdpa(cluster, world, name, docs):
     logits = torch.empty_like(f32["logits"])
     for r, res in enumerate(results):
         logits[:, global_indices("zigzag", r, world, SEQ)] = res["logits"]
-    assert_within_budget("logits", max_err(logits, ref["logits"]), max_err(f32["logits"], ref["logits"]), 1e-6,
-                         ceiling=CEILINGS["float32"])
+    assert_within_budget(
+        "logits",
+        max_err(logits, ref["logits"]),
+        max_err(f32["logits"], ref["logits"]),
+        1e-6,
+        ceiling=CEILINGS["float32"],
+    )
     for n, g in results[0]["grads"].items():
-        assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7,
-                             ceiling=CEILINGS["float32"])
+        assert_within_budget(
+            n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7, ceiling=CEILINGS["float32"]
+        )
 
 
 @pytest.mark.parametrize("mesh", [(2, 2), (4, 1)], ids=["U2xR2", "U4xR1"])
@@ -105,11 +120,17 @@ def test_model_on_a_ulysses_ring_mesh_matches_single_process(cluster, mesh, docs
     logits = torch.empty_like(f32["logits"])
     for res in results:
         logits[:, global_indices("zigzag", res["r"], R, SEQ, res["u"], U)] = res["logits"]
-    assert_within_budget("logits", max_err(logits, ref["logits"]), max_err(f32["logits"], ref["logits"]), 1e-6,
-                         ceiling=CEILINGS["float32"])
+    assert_within_budget(
+        "logits",
+        max_err(logits, ref["logits"]),
+        max_err(f32["logits"], ref["logits"]),
+        1e-6,
+        ceiling=CEILINGS["float32"],
+    )
     for n, g in results[0]["grads"].items():
-        assert_within_budget(n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7,
-                             ceiling=CEILINGS["float32"])
+        assert_within_budget(
+            n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7, ceiling=CEILINGS["float32"]
+        )
 
 
 def test_model_outside_the_registry_is_refused():

@@ -4,14 +4,15 @@ On a GPU it carries CUDA tensors through pinned host buffers (tests/test_cuda.py
 there); forced with RINGWISE_TRANSPORT=host it stages CPU tensors the same way, which is
 what these CPU tests exercise.
 """
+
 import os
 
 import pytest
 import torch
+from helpers import DTYPES, check_against_reference, count_comms, make_inputs, packed, run_attention
 
 from ringwise.attention import comm
 from ringwise.attention.comm import resolve_transport
-from helpers import DTYPES, check_against_reference, count_comms, make_inputs, packed, run_attention
 
 
 def ring_case(case):
@@ -35,12 +36,43 @@ def ring_case_over(transport, case):
 
 
 CASES = [
-    dict(world=2, layout="zigzag", causal=True, dtype="float32", batch=1, heads=4, kv_heads=2, head_dim=16,
-         seq=48, seed=31, cu_seqlens=packed([7, 1, 16, 24])),
-    dict(world=3, layout="striped", causal=True, dtype="bfloat16", batch=2, heads=2, kv_heads=1, head_dim=8,
-         seq=36, seed=32),
-    dict(world=3, layout="contiguous", causal=False, dtype="float64", batch=1, heads=2, kv_heads=2, head_dim=8,
-         seq=30, seed=33),
+    dict(
+        world=2,
+        layout="zigzag",
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        seq=48,
+        seed=31,
+        cu_seqlens=packed([7, 1, 16, 24]),
+    ),
+    dict(
+        world=3,
+        layout="striped",
+        causal=True,
+        dtype="bfloat16",
+        batch=2,
+        heads=2,
+        kv_heads=1,
+        head_dim=8,
+        seq=36,
+        seed=32,
+    ),
+    dict(
+        world=3,
+        layout="contiguous",
+        causal=False,
+        dtype="float64",
+        batch=1,
+        heads=2,
+        kv_heads=2,
+        head_dim=8,
+        seq=30,
+        seed=33,
+    ),
 ]
 
 
@@ -80,9 +112,15 @@ def test_transport_choice(monkeypatch):
         resolve_transport("nccl")
 
 
-@pytest.mark.parametrize("backend,staged", [
-    ("gloo", True), ("nccl", False), ("cpu:gloo,cuda:nccl", False), ("cpu:gloo,cuda:gloo", True),
-])
+@pytest.mark.parametrize(
+    "backend,staged",
+    [
+        ("gloo", True),
+        ("nccl", False),
+        ("cpu:gloo,cuda:nccl", False),
+        ("cpu:gloo,cuda:gloo", True),
+    ],
+)
 def test_auto_stages_cuda_tensors_only_over_gloo(monkeypatch, backend, staged):
     monkeypatch.setattr(comm.dist, "get_backend", lambda group=None: backend)
     assert comm._cuda_on_gloo(None) is staged

@@ -3,18 +3,29 @@
 Meshes are (U ulysses) x (R ring): 1x4 (pure ring), 2x2, 4x1 (pure Ulysses), 2x3 and 3x2.
 Each test sends one job per mesh that runs many small cases on every rank.
 """
+
 import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import (
+    DTYPES,
+    VARLEN,
+    check_errors,
+    count_comms,
+    make_inputs,
+    make_sinks,
+    options,
+    reference_attention,
+    schedule_from_mask,
+    visible_mask,
+)
+from helpers import expected_hops as ring_hops
 
 import ringwise
 from ringwise.attention.layout import global_indices
 from ringwise.attention.ulysses import _local_heads, kv_copies, mesh_groups
-from helpers import (DTYPES, VARLEN, check_errors, count_comms, make_inputs, make_sinks, options, reference_attention,
-                     schedule_from_mask, visible_mask)
-from helpers import expected_hops as ring_hops
 
 MESHES = [(1, 4), (2, 2), (4, 1), (2, 3), (3, 2)]
 _GROUPS = {}  # per worker process; every rank builds the same groups in the same order
@@ -27,14 +38,20 @@ def groups(key):
             a, b = dist.new_group([0, 1]), dist.new_group([0, 2])
             _GROUPS[key] = (a, b)
         elif key == "overlap":  # ulysses and ring groups both {0,1},{2,3}
-            _GROUPS[key] = (dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0],
-                            dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0])
+            _GROUPS[key] = (
+                dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0],
+                dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0],
+            )
         elif key == "crossed":  # ulysses {0,1},{2,3}; rings {0,3},{1,2} join different head chunks
-            _GROUPS[key] = (dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0],
-                            dist.new_subgroups_by_enumeration([[0, 3], [1, 2]])[0])
+            _GROUPS[key] = (
+                dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])[0],
+                dist.new_subgroups_by_enumeration([[0, 3], [1, 2]])[0],
+            )
         elif key == "uneven":  # ulysses {0,1},{2},{3}; rings {0,2},{1,3}: U differs between ranks
-            _GROUPS[key] = (dist.new_subgroups_by_enumeration([[0, 1], [2], [3]])[0],
-                            dist.new_subgroups_by_enumeration([[0, 2], [1, 3]])[0])
+            _GROUPS[key] = (
+                dist.new_subgroups_by_enumeration([[0, 1], [2], [3]])[0],
+                dist.new_subgroups_by_enumeration([[0, 2], [1, 3]])[0],
+            )
         else:
             _GROUPS[key] = mesh_groups(*key)
     return _GROUPS[key]
@@ -47,13 +64,39 @@ def variants(U):
 
 
 def grid(U, R):
-    cases = [dict(mesh=(U, R), layout=layout, causal=causal, dtype=dt, batch=b, heads=h, kv_heads=hk,
-                  head_dim=16, seq=48, seed=100 * U + 10 * R + i)
-             for i, (layout, causal, (dt, b, h, hk)) in enumerate(
-                 itertools.product(ringwise.LAYOUTS, [False, True], variants(U)))]
-    cases += [dict(mesh=(U, R), layout=layout, causal=causal, dtype="float32", batch=1, heads=variants(U)[2][2],
-                   kv_heads=variants(U)[2][3], head_dim=16, seq=48, seed=7 + i, cu_seqlens=VARLEN[1 + i % 2])
-              for i, (layout, causal) in enumerate(itertools.product(ringwise.LAYOUTS, [False, True]))]
+    cases = [
+        dict(
+            mesh=(U, R),
+            layout=layout,
+            causal=causal,
+            dtype=dt,
+            batch=b,
+            heads=h,
+            kv_heads=hk,
+            head_dim=16,
+            seq=48,
+            seed=100 * U + 10 * R + i,
+        )
+        for i, (layout, causal, (dt, b, h, hk)) in enumerate(
+            itertools.product(ringwise.LAYOUTS, [False, True], variants(U))
+        )
+    ]
+    cases += [
+        dict(
+            mesh=(U, R),
+            layout=layout,
+            causal=causal,
+            dtype="float32",
+            batch=1,
+            heads=variants(U)[2][2],
+            kv_heads=variants(U)[2][3],
+            head_dim=16,
+            seq=48,
+            seed=7 + i,
+            cu_seqlens=VARLEN[1 + i % 2],
+        )
+        for i, (layout, causal) in enumerate(itertools.product(ringwise.LAYOUTS, [False, True]))
+    ]
     return cases
 
 
@@ -69,22 +112,49 @@ def run_case(case):
     ql, kl, vl = (piece(x).requires_grad_() for x in (q, k, v))
     before = [x.detach().clone() for x in (ql, kl, vl)]
     with count_comms() as forward:
-        out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, group=rg,
-                                           ulysses_group=ug, return_lse=True, cu_seqlens=case.get("cu_seqlens"))
+        out, lse = ringwise.ring_attention(
+            ql,
+            kl,
+            vl,
+            causal=case["causal"],
+            layout=layout,
+            group=rg,
+            ulysses_group=ug,
+            return_lse=True,
+            cu_seqlens=case.get("cu_seqlens"),
+        )
     with count_comms() as backward:
         out.backward(piece(dout))
     assert all(torch.equal(a, b) for a, b in zip(before, (ql, kl, vl))), "the op wrote into its inputs"
     fwd, bwd = ((dict(c.hops), dict(c.all_to_all)) for c in (forward, backward))
     # without lse and without the argument check: the same out, bit for bit
-    again = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, group=rg, ulysses_group=ug,
-                                    validate=False, cu_seqlens=case.get("cu_seqlens"))
+    again = ringwise.ring_attention(
+        ql,
+        kl,
+        vl,
+        causal=case["causal"],
+        layout=layout,
+        group=rg,
+        ulysses_group=ug,
+        validate=False,
+        cu_seqlens=case.get("cu_seqlens"),
+    )
     assert torch.equal(again, out)
     # unshard inverts shard; pad=True pads to the mesh's split unit
     assert torch.equal(ringwise.unshard(ql.detach(), 1, layout, group=rg, ulysses_group=ug), q.to(dt))
     assert ringwise.shard(q[:, 1:], 1, layout, group=rg, pad=True, ulysses_group=ug).shape == ql.shape
-    return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad, u=dist.get_rank(ug),
-                r=dist.get_rank(rg), fwd=fwd, bwd=bwd,
-                positions=ringwise.positions(case["seq"], layout, group=rg, ulysses_group=ug))
+    return dict(
+        out=out.detach(),
+        lse=lse,
+        dq=ql.grad,
+        dk=kl.grad,
+        dv=vl.grad,
+        u=dist.get_rank(ug),
+        r=dist.get_rank(rg),
+        fwd=fwd,
+        bwd=bwd,
+        positions=ringwise.positions(case["seq"], layout, group=rg, ulysses_group=ug),
+    )
 
 
 def run_cases(cases):
@@ -96,7 +166,7 @@ def assemble(results, name, case):
     U, R = case["mesh"]
     seq_dim = 2 if name == "lse" else 1
     first = results[0][name]
-    out = torch.empty(first.shape[:seq_dim] + (case["seq"],) + first.shape[seq_dim + 1:], dtype=first.dtype)
+    out = torch.empty(first.shape[:seq_dim] + (case["seq"],) + first.shape[seq_dim + 1 :], dtype=first.dtype)
     for res in results:
         out.index_copy_(seq_dim, global_indices(case["layout"], res["r"], R, case["seq"], res["u"], U), res[name])
     return out
@@ -106,8 +176,10 @@ def check_case(case, results):
     """Mesh error <= 2 x (single-device kernel error) + eps for out, lse and every gradient."""
     check_errors(case, {name: assemble(results, name, case) for name in ("out", "lse", "dq", "dk", "dv")}, label=case)
     for res in results:
-        assert torch.equal(res["positions"], global_indices(case["layout"], res["r"], case["mesh"][1], case["seq"],
-                                                            res["u"], case["mesh"][0]))
+        assert torch.equal(
+            res["positions"],
+            global_indices(case["layout"], res["r"], case["mesh"][1], case["seq"], res["u"], case["mesh"][0]),
+        )
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"U{m[0]}xR{m[1]}")
@@ -143,6 +215,7 @@ def test_kv_copies_are_the_least_that_keep_whole_groups():
 def test_per_head_arguments_are_cut_to_the_local_heads():
     class Mesh:
         size, u = 4, 2
+
     sinks = torch.arange(8.0)
     kw = _local_heads(dict(sinks=sinks, causal=True, window=(3, 0)), 8, Mesh())
     assert torch.equal(kw["sinks"], torch.tensor([4.0, 5.0])) and kw["causal"] and kw["window"] == (3, 0)
@@ -162,14 +235,18 @@ def bad_call(key, heads=4, seq_of_rank=None):
     return error, dict(c.hops), dict(c.all_to_all)
 
 
-@pytest.mark.parametrize("key,kwargs,expect", [
-    ((4, 1), dict(heads=6), "valid ulysses degrees for 6 heads: 1, 2, 3, 6"),
-    ((2, 2), dict(seq_of_rank={3: 6}), "every rank must pass the same"),
-    ("disjoint", {}, None),
-    ("overlap", {}, "do not tile"),
-    ("crossed", {}, "same head chunk"),
-    ("uneven", {}, "every rank needs the same U and R"),
-], ids=["heads", "shapes", "neither-group", "overlap", "crossed-rings", "uneven"])
+@pytest.mark.parametrize(
+    "key,kwargs,expect",
+    [
+        ((4, 1), dict(heads=6), "valid ulysses degrees for 6 heads: 1, 2, 3, 6"),
+        ((2, 2), dict(seq_of_rank={3: 6}), "every rank must pass the same"),
+        ("disjoint", {}, None),
+        ("overlap", {}, "do not tile"),
+        ("crossed", {}, "same head chunk"),
+        ("uneven", {}, "every rank needs the same U and R"),
+    ],
+    ids=["heads", "shapes", "neither-group", "overlap", "crossed-rings", "uneven"],
+)
 def test_bad_mesh_raises_one_clear_error_on_every_rank(cluster, key, kwargs, expect):
     results = cluster(4).run(bad_call, key, **kwargs, timeout=60)
     for rank, (error, hops, a2a) in enumerate(results):
@@ -220,9 +297,30 @@ def test_bench_ulysses_quick(tmp_path):
 
     from ringwise.cli import main
 
-    assert main(["bench", "ulysses", "--ulysses-meshes", "1x2", "2x1", "--ulysses-seq-len", "128",
-                 "--ulysses-repeats", "1", "--ulysses-head-dim", "16", "--ulysses-heads", "4",
-                 "--ulysses-kv-heads", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "ulysses",
+                "--ulysses-meshes",
+                "1x2",
+                "2x1",
+                "--ulysses-seq-len",
+                "128",
+                "--ulysses-repeats",
+                "1",
+                "--ulysses-head-dim",
+                "16",
+                "--ulysses-heads",
+                "4",
+                "--ulysses-kv-heads",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "ulysses.json").read_text())["rows"]
     assert [(r["impl"], r["mesh"]) for r in rows[::2]] == [("sdpa", "1 process"), ("ring", "1x2"), ("ulysses", "2x1")]
     assert all(r["seconds"] > 0 and r["all_to_alls"] == (4 if r["ulysses"] > 1 else 0) for r in rows)
@@ -242,11 +340,22 @@ def run_windowed(cases):
 
         ql, kl, vl = (piece(x).requires_grad_() for x in (q, k, v))
         sinks = make_sinks(case).float().requires_grad_()
-        o, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, group=rg, ulysses_group=ug, return_lse=True,
-                                         sinks=sinks, **options(case))
+        o, lse = ringwise.ring_attention(
+            ql, kl, vl, layout=layout, group=rg, ulysses_group=ug, return_lse=True, sinks=sinks, **options(case)
+        )
         o.backward(piece(dout))
-        out.append(dict(out=o.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad, dsinks=sinks.grad,
-                        u=dist.get_rank(ug), r=dist.get_rank(rg)))
+        out.append(
+            dict(
+                out=o.detach(),
+                lse=lse,
+                dq=ql.grad,
+                dk=kl.grad,
+                dv=vl.grad,
+                dsinks=sinks.grad,
+                u=dist.get_rank(ug),
+                r=dist.get_rank(rg),
+            )
+        )
     return out
 
 
@@ -254,10 +363,23 @@ def run_windowed(cases):
 def test_window_sinks_softcap_compose_with_ulysses(cluster, layout):
     """A 2 x 2 mesh with a sliding window across shards, per-head sinks (cut to each rank's heads)
     and soft-capping, packed documents too: within 2 x the single-device error of float64."""
-    base = dict(mesh=(2, 2), layout=layout, causal=True, dtype="float32", batch=1, heads=4, kv_heads=2,
-                head_dim=16, seq=48, sinks=True)
-    cases = [dict(base, seed=1, window=13), dict(base, seed=2, window=5, softcap=3.0),
-             dict(base, seed=3, window=20, cu_seqlens=VARLEN[1])]
+    base = dict(
+        mesh=(2, 2),
+        layout=layout,
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        seq=48,
+        sinks=True,
+    )
+    cases = [
+        dict(base, seed=1, window=13),
+        dict(base, seed=2, window=5, softcap=3.0),
+        dict(base, seed=3, window=20, cu_seqlens=VARLEN[1]),
+    ]
     per_rank = cluster(4).run(run_windowed, cases, timeout=300)
     for i, case in enumerate(cases):
         results = [rank[i] for rank in per_rank]
@@ -272,11 +394,13 @@ def run_transports(case):
     q, k, v, dout = make_inputs(case)
     got = {}
     for transport in ("direct", "host"):
-        ql, kl, vl = (ringwise.shard(x.float(), 1, case["layout"], group=rg, ulysses_group=ug).requires_grad_()
-                      for x in (q, k, v))
+        ql, kl, vl = (
+            ringwise.shard(x.float(), 1, case["layout"], group=rg, ulysses_group=ug).requires_grad_() for x in (q, k, v)
+        )
         with count_comms() as c:
-            o = ringwise.ring_attention(ql, kl, vl, causal=True, layout=case["layout"], group=rg, ulysses_group=ug,
-                                        transport=transport)
+            o = ringwise.ring_attention(
+                ql, kl, vl, causal=True, layout=case["layout"], group=rg, ulysses_group=ug, transport=transport
+            )
             o.backward(ringwise.shard(dout.float(), 1, case["layout"], group=rg, ulysses_group=ug))
         got[transport] = dict(out=o.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad, staged=dict(c.staged))
     return got
@@ -288,8 +412,18 @@ def test_host_staged_transport_carries_the_all_to_alls_too(cluster, mesh):
     the ring's hops, with results identical to direct traffic. At U4xR1 there are no ring hops,
     so every staged byte is an all-to-all's: q, k, v forward, out with its float32 lse (the op
     always returns lse, in the same buffer), dout and dq, dk, dv back."""
-    case = dict(mesh=mesh, layout="zigzag", causal=True, dtype="float32", batch=1, heads=4, kv_heads=4,
-                head_dim=16, seq=48, seed=5)
+    case = dict(
+        mesh=mesh,
+        layout="zigzag",
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=4,
+        kv_heads=4,
+        head_dim=16,
+        seq=48,
+        seed=5,
+    )
     for got in cluster(4).run(run_transports, case, timeout=120):
         for name in ("out", "dq", "dk", "dv"):
             assert torch.equal(got["direct"][name], got["host"][name]), name

@@ -1,23 +1,33 @@
 """Sliding windows, attention sinks and soft-capping: tiles, hop schedule, and real gloo rings
 against a float64 reference on the whole sequence."""
+
 import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import (
+    DTYPES,
+    check_against_reference,
+    count_comms,
+    expected_hops,
+    feature_id,
+    make_inputs,
+    make_sinks,
+    max_err,
+    options,
+    packed,
+    reference_attention,
+    schedule_from_mask,
+    visible_mask,
+)
+from helpers import case_id as ring_case_id
 
 import ringwise
-from ringwise.attention.kernels import ReferenceKernel
-from ringwise.attention.layout import global_indices
 from ringwise.attention import tiles
-from ringwise.attention.kernels import AtenCpuKernel, Flipped
+from ringwise.attention.kernels import AtenCpuKernel, Flipped, ReferenceKernel
+from ringwise.attention.layout import global_indices
 from ringwise.attention.tiles import needed_steps, step_tiles
-from helpers import (
-    check_against_reference, count_comms, expected_hops, feature_id, make_inputs, make_sinks, max_err, options,
-    packed, reference_attention, schedule_from_mask, visible_mask,
-)
-from helpers import DTYPES, case_id as ring_case_id
-
 
 KERNEL_TOL = {"float32": 1e-5, "bfloat16": 3e-2}  # single-device error vs float64, relative to the largest value
 
@@ -33,8 +43,16 @@ def ring_run(case):
         out, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, return_lse=True, sinks=sinks, **options(case))
     with count_comms() as bwd:
         out.backward(ringwise.shard(dout.to(dt), 1, layout))
-    return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad,
-                dsinks=None if sinks is None else sinks.grad, fwd=dict(fwd.hops), bwd=dict(bwd.hops))
+    return dict(
+        out=out.detach(),
+        lse=lse,
+        dq=ql.grad,
+        dk=kl.grad,
+        dv=vl.grad,
+        dsinks=None if sinks is None else sinks.grad,
+        fwd=dict(fwd.hops),
+        bwd=dict(bwd.hops),
+    )
 
 
 def check(case, results):
@@ -44,6 +62,7 @@ def check(case, results):
 
 
 # ---------------------------------------------------------------- tiling, single process
+
 
 @pytest.fixture(params=["band tiles", "fused squares"])
 def min_fused_window(request, monkeypatch):
@@ -95,8 +114,10 @@ def test_flipped_fused_kernel_is_the_anti_causal_square():
     torch.manual_seed(5)
     q, k, v = torch.randn(2, 4, 37, 16, dtype=torch.float64), *torch.randn(2, 2, 2, 37, 16, dtype=torch.float64)
     dout = torch.randn_like(q)
-    (o1, l1), (o2, l2) = Flipped(AtenCpuKernel()).forward(q, k, v, False, 0.3), \
-        ReferenceKernel(chunk=8).forward(q, k, v, False, 0.3, band=(-36, 0))
+    (o1, l1), (o2, l2) = (
+        Flipped(AtenCpuKernel()).forward(q, k, v, False, 0.3),
+        ReferenceKernel(chunk=8).forward(q, k, v, False, 0.3, band=(-36, 0)),
+    )
     assert max_err(o1, o2) < 1e-12 and max_err(l1, l2) < 1e-12
     g1 = Flipped(AtenCpuKernel()).backward(dout, q, k, v, o1, l1, False, 0.3)
     g2 = ReferenceKernel(chunk=8).backward(dout, q, k, v, o1, l1, False, 0.3, band=(-36, 0))
@@ -110,8 +131,9 @@ def test_reference_kernel_band_and_softcap_match_dense():
     for band in [(0, 2), (-3, 1), (4, 20)]:
         vis = (i - j >= band[0]) & (i - j <= band[1])
         out, lse = ReferenceKernel(chunk=4).forward(q, k, v, False, 0.4, band=band, softcap=2.0)
-        ref, ref_lse = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=vis, scale=0.4,
-                                           softcap=2.0)
+        ref, ref_lse = reference_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=vis, scale=0.4, softcap=2.0
+        )
         assert max_err(out, ref.transpose(1, 2)) < 1e-12
         assert max_err(lse.clamp_min(-1e9), ref_lse.clamp_min(-1e9)) < 1e-12  # -inf rows alike
 
@@ -120,24 +142,77 @@ def test_reference_kernel_band_and_softcap_match_dense():
 
 WINDOWS = [0, 3, 13, 30, 100]  # global length 48: inside a shard's chunk, across shards, past the end
 WINDOW_GRID = [
-    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=4, kv_heads=2, head_dim=16,
-         seq=48, seed=700 + i, window=w)
+    dict(
+        world=W,
+        layout=layout,
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        seq=48,
+        seed=700 + i,
+        window=w,
+    )
     for i, (W, layout, w) in enumerate(itertools.product([1, 2, 3, 4], ringwise.LAYOUTS, WINDOWS))
 ]
-WINDOW_GRID += [  # packed documents, and bfloat16
-    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=4, kv_heads=1, head_dim=16,
-         seq=48, seed=800 + i, window=w, cu_seqlens=packed([7, 1, 1, 13, 2, 24]))
-    for i, (W, layout, w) in enumerate(itertools.product([2, 3, 4], ringwise.LAYOUTS, [4, 17]))
-] + [
-    dict(world=W, layout=layout, causal=True, dtype="bfloat16", batch=2, heads=2, kv_heads=2, head_dim=32,
-         seq=48, seed=900 + W, window=9)
-    for W, layout in itertools.product([3, 4], ringwise.LAYOUTS)
-] + [  # windows >= MIN_FUSED_WINDOW: causal and anti-causal squares on the fused kernel
-    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
-         seq=240, seed=950 + i, window=w, **extra)
-    for i, (W, layout, w, extra) in enumerate(itertools.product(
-        [1, 2, 3, 4], ringwise.LAYOUTS, [64, 100, 170], [{}, dict(cu_seqlens=packed([90, 3, 147]))]))
-]
+WINDOW_GRID += (
+    [  # packed documents, and bfloat16
+        dict(
+            world=W,
+            layout=layout,
+            causal=True,
+            dtype="float32",
+            batch=1,
+            heads=4,
+            kv_heads=1,
+            head_dim=16,
+            seq=48,
+            seed=800 + i,
+            window=w,
+            cu_seqlens=packed([7, 1, 1, 13, 2, 24]),
+        )
+        for i, (W, layout, w) in enumerate(itertools.product([2, 3, 4], ringwise.LAYOUTS, [4, 17]))
+    ]
+    + [
+        dict(
+            world=W,
+            layout=layout,
+            causal=True,
+            dtype="bfloat16",
+            batch=2,
+            heads=2,
+            kv_heads=2,
+            head_dim=32,
+            seq=48,
+            seed=900 + W,
+            window=9,
+        )
+        for W, layout in itertools.product([3, 4], ringwise.LAYOUTS)
+    ]
+    + [  # windows >= MIN_FUSED_WINDOW: causal and anti-causal squares on the fused kernel
+        dict(
+            world=W,
+            layout=layout,
+            causal=True,
+            dtype="float32",
+            batch=1,
+            heads=2,
+            kv_heads=1,
+            head_dim=8,
+            seq=240,
+            seed=950 + i,
+            window=w,
+            **extra,
+        )
+        for i, (W, layout, w, extra) in enumerate(
+            itertools.product(
+                [1, 2, 3, 4], ringwise.LAYOUTS, [64, 100, 170], [{}, dict(cu_seqlens=packed([90, 3, 147]))]
+            )
+        )
+    ]
+)
 
 
 def case_id(c):
@@ -154,29 +229,74 @@ def test_window_ring_matches_reference(grid_results, case):
         assert (r["fwd"], r["bwd"]) == (fwd, bwd)
 
 
-@pytest.mark.parametrize("layout,window,fwd,bwd", [
-    ("contiguous", 5, {"kv": 1}, {"kv": 1, "dkv": 2}),  # window inside one shard: one relay hop + home
-    ("zigzag", 3, {"kv": 2}, {"kv": 2, "dkv": 2}),  # steps {0, 1, 3}: direct sends, not 3 relays
-    ("striped", 2, {"kv": 2}, {"kv": 2, "dkv": 3}),
-    ("zigzag", 64, {"kv": 3}, {"kv": 3, "dkv": 4}),  # window >= sequence: plain causal
-])
+@pytest.mark.parametrize(
+    "layout,window,fwd,bwd",
+    [
+        ("contiguous", 5, {"kv": 1}, {"kv": 1, "dkv": 2}),  # window inside one shard: one relay hop + home
+        ("zigzag", 3, {"kv": 2}, {"kv": 2, "dkv": 2}),  # steps {0, 1, 3}: direct sends, not 3 relays
+        ("striped", 2, {"kv": 2}, {"kv": 2, "dkv": 3}),
+        ("zigzag", 64, {"kv": 3}, {"kv": 3, "dkv": 4}),  # window >= sequence: plain causal
+    ],
+)
 def test_window_hop_counts_at_four_ranks(cluster, layout, window, fwd, bwd):
-    case = dict(world=4, layout=layout, causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
-                seq=64, seed=31, window=window)
+    case = dict(
+        world=4,
+        layout=layout,
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=2,
+        kv_heads=1,
+        head_dim=8,
+        seq=64,
+        seed=31,
+        window=window,
+    )
     results = cluster(4).run(ring_run, case)
     check(case, results)
     assert all((r["fwd"], r["bwd"]) == (fwd, bwd) for r in results)
 
 
 SINK_CAP_GRID = [
-    dict(world=W, layout=layout, causal=causal, dtype="float32", batch=2, heads=4, kv_heads=2, head_dim=16,
-         seq=24, seed=600 + i, q_scale=3.0, **extra)
-    for i, (W, layout, causal, extra) in enumerate(itertools.product(
-        [1, 2, 3], ringwise.LAYOUTS, [True, False],
-        [dict(sinks=True), dict(softcap=5.0), dict(sinks=True, softcap=2.0)]))
+    dict(
+        world=W,
+        layout=layout,
+        causal=causal,
+        dtype="float32",
+        batch=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        seq=24,
+        seed=600 + i,
+        q_scale=3.0,
+        **extra,
+    )
+    for i, (W, layout, causal, extra) in enumerate(
+        itertools.product(
+            [1, 2, 3],
+            ringwise.LAYOUTS,
+            [True, False],
+            [dict(sinks=True), dict(softcap=5.0), dict(sinks=True, softcap=2.0)],
+        )
+    )
 ] + [
-    dict(world=W, layout=layout, causal=True, dtype="float32", batch=1, heads=4, kv_heads=2, head_dim=16, seq=24,
-         seed=650 + W, sinks=True, softcap=3.0, window=5, cu_seqlens=packed([5, 11, 8]))
+    dict(
+        world=W,
+        layout=layout,
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        seq=24,
+        seed=650 + W,
+        sinks=True,
+        softcap=3.0,
+        window=5,
+        cu_seqlens=packed([5, 11, 8]),
+    )
     for W, layout in itertools.product([2, 3], ringwise.LAYOUTS)
 ]
 
@@ -213,8 +333,19 @@ def windowed_subgroup_ring():
     group = dist.new_group([1, 2, 3, 4])
     if dist.get_rank() not in (1, 2, 3, 4):
         return None
-    case = dict(world=4, layout="zigzag", causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
-                seq=32, seed=12, window=2)
+    case = dict(
+        world=4,
+        layout="zigzag",
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=2,
+        kv_heads=1,
+        head_dim=8,
+        seq=32,
+        seed=12,
+        window=2,
+    )
     q, k, v, dout = make_inputs(case)
     ql, kl, vl = (ringwise.shard(x.float(), 1, "zigzag", group).requires_grad_() for x in (q, k, v))
     with count_comms() as c:
@@ -228,8 +359,19 @@ def test_window_direct_sends_inside_a_subgroup(cluster):
     everyone = cluster(6).run(windowed_subgroup_ring)
     assert everyone[0] is None and everyone[5] is None
     results = everyone[1:5]
-    case = dict(world=4, layout="zigzag", causal=True, dtype="float32", batch=1, heads=2, kv_heads=1, head_dim=8,
-                seq=32, seed=12, window=2)
+    case = dict(
+        world=4,
+        layout="zigzag",
+        causal=True,
+        dtype="float32",
+        batch=1,
+        heads=2,
+        kv_heads=1,
+        head_dim=8,
+        seq=32,
+        seed=12,
+        window=2,
+    )
     q, k, v, dout = make_inputs(case)
     qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
     ref, _ = reference_attention(qr, kr, vr, mask=visible_mask(32, True, 2))

@@ -10,6 +10,7 @@ their published results (`make bench`) are in the repository's benchmarks/result
 the loose benchmark scripts (benchmarks/*.py), and BENCHMARKS.md reads them. The suites run on
 the process harness of ringwise.testing and draw with ringwise.train.plots.
 """
+
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ With --device cuda: one process on one GPU, ringwise at W = 1 (its own kernel ca
 float32 merge) against SDPA's flash and cuDNN backends, forward+backward, timed with CUDA
 events, in ms and TFLOP/s over --gpu-seq-lens, causal and full.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,14 @@ import ringwise
 from ringwise.testing.cluster import LocalCluster
 
 from . import draw, public_args, write_results
-from .common import DTYPES, add_sdpa_ratios, fwd_bwd_step, random_inputs, sdpa_seconds
-from .common import time_sdpa  # noqa: F401 (it was defined here; still importable from here)
+from .common import (
+    DTYPES,
+    add_sdpa_ratios,
+    fwd_bwd_step,
+    random_inputs,
+    sdpa_seconds,
+    time_sdpa,  # noqa: F401 (it was defined here; still importable from here)
+)
 from .flags import attention_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
 
@@ -56,7 +63,8 @@ def _attention_fn(impl, causal):
     def sdpa(q, k, v):
         with sdpa_kernel(backend):  # that backend or an error, never a silent other one
             out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            )
         return out.transpose(1, 2)
 
     return sdpa
@@ -69,8 +77,9 @@ def device_rows(seqs, batch, heads, head_dim, dtype, device, repeats, impls=GPU_
     rows = []
     for seq in seqs:
         g = torch.Generator(device=device).manual_seed(0)
-        q, k, v, dout = (torch.randn(batch, seq, heads, head_dim, generator=g, device=device, dtype=dtype)
-                         for _ in range(4))
+        q, k, v, dout = (
+            torch.randn(batch, seq, heads, head_dim, generator=g, device=device, dtype=dtype) for _ in range(4)
+        )
         leaves = [x.requires_grad_() for x in (q, k, v)]
         for causal in (True, False):
             for impl in impls:
@@ -92,15 +101,17 @@ def device_rows(seqs, batch, heads, head_dim, dtype, device, repeats, impls=GPU_
                 rows.append(row)
                 if bar is not None:
                     bar.update()
-        del q, k, v, dout, leaves
+        q = k = v = dout = leaves = None  # let go of this length's tensors before the next (the closure is done)
     return rows
 
 
 def run_device(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
-                         "run on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device")
+        raise ValueError(
+            "--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
+            "run on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device"
+        )
     dtype = DTYPES[args.gpu_dtype]
     shape = dict(batch=args.batch, heads=args.gpu_heads, head_dim=args.gpu_head_dim)
     with tqdm(total=len(args.gpu_seq_lens) * 2 * len(GPU_IMPLS), desc="attention bench (one GPU)", unit="case") as bar:
@@ -110,12 +121,16 @@ def run_device(args) -> dict:
         base = ref.get((r["seq"], r["causal"]))
         r["cudnn_over_this"] = base / r["ms"] if base and r["ms"] else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    lines = [f"{name}, torch {torch.__version__}: batch {args.batch}, {args.gpu_heads} heads x {args.gpu_head_dim}, "
-             f"{args.gpu_dtype}, forward+backward, median of {args.repeats} after a warm-up (CUDA events). "
-             "ringwise = ring_attention at W = 1 (backend auto; ringwise_flash: backend cuda_flash); "
-             "sdpa_* = F.scaled_dot_product_attention forced to one backend. TFLOP/s: 3.5 x 4BHS^2D, "
-             "halved if causal.", "",
-             "| S | mask | impl | ms | TFLOP/s | SDPA cuDNN time / this |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"{name}, torch {torch.__version__}: batch {args.batch}, {args.gpu_heads} heads x {args.gpu_head_dim}, "
+        f"{args.gpu_dtype}, forward+backward, median of {args.repeats} after a warm-up (CUDA events). "
+        "ringwise = ring_attention at W = 1 (backend auto; ringwise_flash: backend cuda_flash); "
+        "sdpa_* = F.scaled_dot_product_attention forced to one backend. TFLOP/s: 3.5 x 4BHS^2D, "
+        "halved if causal.",
+        "",
+        "| S | mask | impl | ms | TFLOP/s | SDPA cuDNN time / this |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mask = "causal" if r["causal"] else "full"
         if r["error"]:
@@ -138,8 +153,10 @@ def run(args) -> dict:
     args.worlds = list(dict.fromkeys(args.worlds))  # a repeated size would run its cases twice
     bad = [W for W in args.worlds if W < 1 or args.threads % W]
     if bad:  # refuse before any timing, not after minutes of it
-        raise ValueError(f"--threads {args.threads} must be divisible by every --worlds size (same total threads "
-                         f"for ring and SDPA); not by {bad}")
+        raise ValueError(
+            f"--threads {args.threads} must be divisible by every --worlds size (same total threads "
+            f"for ring and SDPA); not by {bad}"
+        )
     shape = (args.batch, args.seq_len, args.heads, args.head_dim)
     cases = [("sdpa", 1, False, None), ("sdpa", 1, True, None)]
     for W in args.worlds:
@@ -151,12 +168,14 @@ def run(args) -> dict:
             rows.append(dict(impl="sdpa", world=1, threads=args.threads, causal=causal, layout="-", seconds=t))
         for W in args.worlds:
             with LocalCluster(W, threads_per_rank=args.threads // W) as ring:
-                for kind, w, causal, layout in cases[2:]:
+                for _kind, w, causal, layout in cases[2:]:
                     if w != W:
                         continue
                     bar.set_postfix_str(f"ring W={W} causal={causal} {layout}")
                     t = ring.run(time_ring, *shape, causal, layout, args.repeats, timeout=3600)[0]
-                    rows.append(dict(impl="ring", world=W, threads=args.threads // W, causal=causal, layout=layout, seconds=t))
+                    rows.append(
+                        dict(impl="ring", world=W, threads=args.threads // W, causal=causal, layout=layout, seconds=t)
+                    )
                     bar.update()
     add_sdpa_ratios(rows)
     lines = [
@@ -168,13 +187,17 @@ def run(args) -> dict:
     ]
     for r in rows:
         mask = "causal" if r["causal"] else "full"
-        lines.append(f"| {r['impl']} | {r['world']} x {r['threads']} | {mask} | {r['layout']} | "
-                     f"{r['seconds']:.3f} | {r['sdpa_over_this']:.3f} |")
+        lines.append(
+            f"| {r['impl']} | {r['world']} x {r['threads']} | {mask} | {r['layout']} | "
+            f"{r['seconds']:.3f} | {r['sdpa_over_this']:.3f} |"
+        )
     for W in (w for w in args.worlds if w > 1):  # one rank has nothing to balance
         by = {r["layout"]: r["seconds"] for r in rows if r["impl"] == "ring" and r["world"] == W and r["causal"]}
         lines.append("")
-        lines.append(f"W={W} causal load balance: contiguous / zigzag time = {by['contiguous'] / by['zigzag']:.2f}, "
-                     f"contiguous / striped = {by['contiguous'] / by['striped']:.2f}")
+        lines.append(
+            f"W={W} causal load balance: contiguous / zigzag time = {by['contiguous'] / by['zigzag']:.2f}, "
+            f"contiguous / striped = {by['contiguous'] / by['striped']:.2f}"
+        )
     md = "\n".join(lines) + "\n"
     out = write_results(args.out, "attention", dict(args=public_args(args), rows=rows), md)
     ring = [r for r in rows if r["impl"] == "ring"]
@@ -182,9 +205,15 @@ def run(args) -> dict:
     for r in ring:
         label = f"{'causal ' + r['layout'] if r['causal'] else 'full'}"
         series.setdefault(label, []).append(r)
-    draw("lines", {k: [r["world"] for r in v] for k, v in series.items()},
-         {k: [r["sdpa_over_this"] for r in v] for k, v in series.items()},
-         out / "attention.png", xlabel="ring ranks W (same total threads as SDPA)",
-         ylabel="SDPA time / ring time", title=f"Ring vs single-process SDPA, S={args.seq_len}", logx=True)
+    draw(
+        "lines",
+        {k: [r["world"] for r in v] for k, v in series.items()},
+        {k: [r["sdpa_over_this"] for r in v] for k, v in series.items()},
+        out / "attention.png",
+        xlabel="ring ranks W (same total threads as SDPA)",
+        ylabel="SDPA time / ring time",
+        title=f"Ring vs single-process SDPA, S={args.seq_len}",
+        logx=True,
+    )
     print(md)
     return dict(rows=rows)

@@ -6,6 +6,7 @@
 * `step_memory`: one training step's peak memory and time on a rank (scaling, context, memory);
 * `DTYPES`: the --gpu-dtype names to torch dtypes (attention, compute).
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,9 +16,9 @@ import torch.distributed as dist
 
 from ringwise.attention.comm import Hop, Ring
 from ringwise.attention.seqshard import SeqShard
+from ringwise.model import Transformer, model_config
 from ringwise.testing.cluster import LocalCluster
 from ringwise.testing.memory import PeakMemory
-from ringwise.model import Transformer, model_config
 
 from .flags import GPU_DTYPES
 from .timing import median_time
@@ -26,6 +27,7 @@ DTYPES = dict(zip(GPU_DTYPES, (torch.bfloat16, torch.float16, torch.float32), st
 
 
 # ---------------------------------------------------------------- the SDPA yardstick
+
 
 def random_inputs(batch, seq, heads, head_dim, seed=0):
     """q, k, v and the output gradient, (batch, seq, heads, head_dim) each, the same for every caller."""
@@ -75,6 +77,7 @@ def add_sdpa_ratios(rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------- one rank alone
 
+
 class LoopbackRing(Ring):
     """Rank `rank` of a `world_size`-rank ring, alone: each hop's receive buffer gets a copy
     of the tensor sent with it (same shapes, finite values), and nothing leaves the process.
@@ -98,12 +101,21 @@ class LoopbackRing(Ring):
 
 # ---------------------------------------------------------------- one training step
 
-def step_memory(preset: str, global_len: int, layout: str, batch: int, chunk: int, checkpoint_layers: bool = False,
-                overrides: dict | None = None):
+
+def step_memory(
+    preset: str,
+    global_len: int,
+    layout: str,
+    batch: int,
+    chunk: int,
+    checkpoint_layers: bool = False,
+    overrides: dict | None = None,
+):
     """Peak bytes on this rank and the slowest rank's seconds of one training forward+backward (after a warm-up)."""
     torch.manual_seed(0)
-    cfg = model_config(preset, ffn_chunk=chunk, loss_chunk=chunk, checkpoint_layers=checkpoint_layers,
-                       **(overrides or {}))
+    cfg = model_config(
+        preset, ffn_chunk=chunk, loss_chunk=chunk, checkpoint_layers=checkpoint_layers, **(overrides or {})
+    )
     model = Transformer(cfg)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (batch, global_len + 1), generator=g)

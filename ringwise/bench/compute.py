@@ -13,6 +13,7 @@ merges cost throughput. A ring step lasts as long as its slowest rank, so the mi
 ranks is the figure (issue 9's target: >= 0.9 at W = 8). The hop copies are timed with the
 compute (c*d bytes per hop against c^2*d FLOPs), so the ratio errs low, never high.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,9 +65,12 @@ def _settings(args):
     kv_heads = args.compute_kv_heads or heads
     check_layout(args.compute_layout)
     worlds = sorted(set(args.compute_worlds))
-    problems = [f"--compute-worlds {W}: {seq} tokens do not split over {W} ranks in layout "
-                f"{args.compute_layout} (need a multiple of {split_unit(args.compute_layout, W)})"
-                for W in worlds if W < 1 or seq % split_unit(args.compute_layout, W)]
+    problems = [
+        f"--compute-worlds {W}: {seq} tokens do not split over {W} ranks in layout "
+        f"{args.compute_layout} (need a multiple of {split_unit(args.compute_layout, W)})"
+        for W in worlds
+        if W < 1 or seq % split_unit(args.compute_layout, W)
+    ]
     if heads % kv_heads:
         problems.append(f"--compute-heads {heads} is not a multiple of --compute-kv-heads {kv_heads}")
     if problems:  # refuse before timing anything
@@ -79,8 +83,12 @@ def run(args) -> dict:
     causal, layout, repeats = args.compute_mask == "causal", args.compute_layout, max(1, args.repeats)
     kernel = select_kernel(args.compute_kernel, device, dtype, head_dim)
     g = torch.Generator(device=device).manual_seed(0)
-    shapes = [(1, seq, heads, head_dim), (1, seq, kv_heads, head_dim), (1, seq, kv_heads, head_dim),
-              (1, seq, heads, head_dim)]
+    shapes = [
+        (1, seq, heads, head_dim),
+        (1, seq, kv_heads, head_dim),
+        (1, seq, kv_heads, head_dim),
+        (1, seq, heads, head_dim),
+    ]
     whole = tuple(torch.randn(s, generator=g, device=device, dtype=dtype) for s in shapes)  # q, k, v, dout
 
     rows = []
@@ -89,35 +97,58 @@ def run(args) -> dict:
         bar.update()
         for W in worlds:
             for r in range(W):
-                t = median_time(rank_step(*rank_inputs(whole, layout, r, W), r, W, layout, causal, kernel),
-                                repeats, device=device)
+                t = median_time(
+                    rank_step(*rank_inputs(whole, layout, r, W), r, W, layout, causal, kernel), repeats, device=device
+                )
                 rows.append(dict(world=W, rank=r, seconds=t, rate_ratio=one / (W * t)))
                 bar.update()
     summary = []
     for W in worlds:
         ts = [r["seconds"] for r in rows if r["world"] == W]
-        summary.append(dict(world=W, slowest_rank_ratio=one / (W * max(ts)), mean_ratio=one / sum(ts),
-                            imbalance=max(ts) / (sum(ts) / W)))
+        summary.append(
+            dict(
+                world=W,
+                slowest_rank_ratio=one / (W * max(ts)),
+                mean_ratio=one / sum(ts),
+                imbalance=max(ts) / (sum(ts) / W),
+            )
+        )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    lines = [f"{name}, torch {torch.__version__}: S = {seq}, {heads} heads ({kv_heads} kv) x {head_dim}, "
-             f"{str(dtype).replace('torch.', '')}, {args.compute_mask}, layout {layout}, kernel {kernel.name}, "
-             f"forward+backward, median of {repeats} after a warm-up.",
-             f"One process, whole sequence: {one * 1e3:.2f} ms. Rank r of W alone, every hop a local copy: "
-             "rate ratio = T(1) / (W T(r, W)); the ring runs at its slowest rank's.", "",
-             "| W | slowest rank: rate ratio | all ranks: T(1) / sum T(r, W) | slowest / mean rank time |",
-             "|---|---|---|---|"]
+    lines = [
+        f"{name}, torch {torch.__version__}: S = {seq}, {heads} heads ({kv_heads} kv) x {head_dim}, "
+        f"{str(dtype).replace('torch.', '')}, {args.compute_mask}, layout {layout}, kernel {kernel.name}, "
+        f"forward+backward, median of {repeats} after a warm-up.",
+        f"One process, whole sequence: {one * 1e3:.2f} ms. Rank r of W alone, every hop a local copy: "
+        "rate ratio = T(1) / (W T(r, W)); the ring runs at its slowest rank's.",
+        "",
+        "| W | slowest rank: rate ratio | all ranks: T(1) / sum T(r, W) | slowest / mean rank time |",
+        "|---|---|---|---|",
+    ]
     for s in summary:
         lines.append(f"| {s['world']} | {s['slowest_rank_ratio']:.3f} | {s['mean_ratio']:.3f} | {s['imbalance']:.3f} |")
     md = "\n".join(lines) + "\n"
-    out = write_results(args.out, "compute", dict(args=public_args(args), device=name, one_process_seconds=one,
-                                                  rows=rows, summary=summary), md)
+    out = write_results(
+        args.out,
+        "compute",
+        dict(args=public_args(args), device=name, one_process_seconds=one, rows=rows, summary=summary),
+        md,
+    )
     xs = [s["world"] for s in summary]
-    series = {"slowest rank": [s["slowest_rank_ratio"] for s in summary],
-              "mean over ranks": [s["mean_ratio"] for s in summary],
-              "one process (1.0)": [1.0] * len(xs), "target at W = 8 (0.9)": [TARGET] * len(xs)}
-    draw("lines", {k: xs for k in series}, series,
-         out / "compute.png", xlabel="ring ranks W (emulated, transfers excluded)",
-         ylabel="per-token rate / one process's", title=f"Per-rank compute, S={seq}, {args.compute_mask} {layout}",
-         logx=True)
+    series = {
+        "slowest rank": [s["slowest_rank_ratio"] for s in summary],
+        "mean over ranks": [s["mean_ratio"] for s in summary],
+        "one process (1.0)": [1.0] * len(xs),
+        "target at W = 8 (0.9)": [TARGET] * len(xs),
+    }
+    draw(
+        "lines",
+        {k: xs for k in series},
+        series,
+        out / "compute.png",
+        xlabel="ring ranks W (emulated, transfers excluded)",
+        ylabel="per-token rate / one process's",
+        title=f"Per-rank compute, S={seq}, {args.compute_mask} {layout}",
+        logx=True,
+    )
     print(md)
     return dict(rows=rows, summary=summary)

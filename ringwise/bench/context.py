@@ -15,6 +15,7 @@ the longest sequence whose forward+backward runs without running out of GPU memo
 memeff = SDPA, bpt = ringwise at W = 1 with blockwise FFN and loss), and the BPT step's
 tokens/s and MFU at --gpu-mfu-seq-len.
 """
+
 from __future__ import annotations
 
 import gc
@@ -30,9 +31,11 @@ from .common import step_memory
 from .flags import context_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
 
-METHODS = {"vanilla": dict(attention="vanilla", blockwise=False),
-           "memeff": dict(attention="sdpa", blockwise=False),
-           "bpt": dict(attention="ring", blockwise=True)}
+METHODS = {
+    "vanilla": dict(attention="vanilla", blockwise=False),
+    "memeff": dict(attention="sdpa", blockwise=False),
+    "bpt": dict(attention="ring", blockwise=True),
+}
 
 
 def fits(cluster, preset, seq, budget_bytes, overrides):
@@ -125,8 +128,10 @@ def run_device(args) -> dict:
     from ringwise.model import Transformer, model_config
 
     if not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
-                         "run on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device")
+        raise ValueError(
+            "--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
+            "run on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device"
+        )
     device = torch.device("cuda", torch.cuda.current_device())
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -143,12 +148,24 @@ def run_device(args) -> dict:
 
             def ok(k):
                 res = gpu_step(model, k * unit, device)
-                probes.append(dict(seq=k * unit, fits=res is not None,
-                                   peak_gib=None if res is None else res[0] / 2**30,
-                                   seconds=None if res is None else res[1]))
+                probes.append(
+                    dict(
+                        seq=k * unit,
+                        fits=res is not None,
+                        peak_gib=None if res is None else res[0] / 2**30,
+                        seconds=None if res is None else res[1],
+                    )
+                )
                 bar.set_postfix_str(f"{method} S={k * unit} {'fits' if res else 'out of memory'}")
-                print(f"{method}: S={k * unit} " + (f"fits, peak {res[0] / 2**30:.1f} GiB above the model state, "
-                                                     f"{res[1]:.2f} s" if res else "out of memory"), flush=True)
+                print(
+                    f"{method}: S={k * unit} "
+                    + (
+                        f"fits, peak {res[0] / 2**30:.1f} GiB above the model state, {res[1]:.2f} s"
+                        if res
+                        else "out of memory"
+                    ),
+                    flush=True,
+                )
                 return res is not None
 
             best = largest(ok, args.gpu_max_seq_len // unit) * unit
@@ -159,25 +176,38 @@ def run_device(args) -> dict:
                 if res is not None:
                     tps = args.gpu_mfu_seq_len / res[1]
                     achieved = train_flops(cfg, args.gpu_mfu_seq_len) / res[1] / 1e12
-                    mfu = dict(seq=args.gpu_mfu_seq_len, seconds=res[1], tokens_per_s=tps, tflops=achieved,
-                               mfu=achieved / peak if peak else None)
-            del model, reserve
+                    mfu = dict(
+                        seq=args.gpu_mfu_seq_len,
+                        seconds=res[1],
+                        tokens_per_s=tps,
+                        tflops=achieved,
+                        mfu=achieved / peak if peak else None,
+                    )
+            del reserve
+            model = None  # let go of the GPU memory before the next method (ok() is done with it)
             gc.collect()
             torch.cuda.empty_cache()
             bar.update()
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    lines = [f"{name} ({total:.0f} GiB), torch {torch.__version__}: ~{rows[0]['params'] / 1e9:.2f}B-parameter "
-             f"LLaMA-shaped model ({GPU_MODEL}), bf16, layer checkpointing, batch 1, causal; "
-             f"{STATE_BYTES_PER_PARAM} B/parameter held back for fp32 master weights and Adam moments. Longest "
-             f"sequence whose forward+backward runs (searched in steps of {unit}, up to {args.gpu_max_seq_len}).", "",
-             "| method | longest sequence | at the search cap |", "|---|---|---|"]
+    lines = [
+        f"{name} ({total:.0f} GiB), torch {torch.__version__}: ~{rows[0]['params'] / 1e9:.2f}B-parameter "
+        f"LLaMA-shaped model ({GPU_MODEL}), bf16, layer checkpointing, batch 1, causal; "
+        f"{STATE_BYTES_PER_PARAM} B/parameter held back for fp32 master weights and Adam moments. Longest "
+        f"sequence whose forward+backward runs (searched in steps of {unit}, up to {args.gpu_max_seq_len}).",
+        "",
+        "| method | longest sequence | at the search cap |",
+        "|---|---|---|",
+    ]
     for r in rows:
         capped = "yes" if r["max_seq"] >= args.gpu_max_seq_len // unit * unit else ""
         lines.append(f"| {r['method']} | {r['max_seq'] if r['max_seq'] else f'< {unit}'} | {capped} |")
     if mfu:
         share = f", MFU {mfu['mfu']:.1%} of {peak:.0f} TFLOP/s" if mfu["mfu"] is not None else ""
-        lines += ["", f"BPT training step at S = {mfu['seq']}: {mfu['seconds']:.2f} s, {mfu['tokens_per_s']:.0f} "
-                      f"tokens/s, {mfu['tflops']:.0f} model TFLOP/s{share} (recomputation not counted)."]
+        lines += [
+            "",
+            f"BPT training step at S = {mfu['seq']}: {mfu['seconds']:.2f} s, {mfu['tokens_per_s']:.0f} "
+            f"tokens/s, {mfu['tflops']:.0f} model TFLOP/s{share} (recomputation not counted).",
+        ]
     md = "\n".join(lines) + "\n"
     write_results(args.out, "context_gpu", dict(device=name, rows=rows, mfu=mfu, model=GPU_MODEL), md)
     print(md)
@@ -196,24 +226,36 @@ def run(args) -> dict:
     with tqdm(total=len(jobs), desc="max-context bench", unit="method") as bar:
         for name, W, overrides in jobs:
             with LocalCluster(W, threads_per_rank=max(1, 2 // W), track_memory=True) as cluster:
-                best, probes = longest(cluster, args.context_model, args.granularity * W, budget, overrides, bar,
-                                       f"{name} W={W}")
+                best, probes = longest(
+                    cluster, args.context_model, args.granularity * W, budget, overrides, bar, f"{name} W={W}"
+                )
             rows.append(dict(method=name, world=W, max_seq=best, probes=probes))
             bar.update()
     bpt = next(r["max_seq"] for r in rows if r["method"] == "bpt")
-    lines = [f"Longest causal sequence whose forward+backward of preset `{args.context_model}` keeps each "
-             f"process within {args.budget_mib:.0f} MiB above its model state (searched in steps of "
-             f"{args.granularity} tokens per process).", "",
-             "| method | processes | longest sequence | x BPT | target |", "|---|---|---|---|---|"]
+    lines = [
+        f"Longest causal sequence whose forward+backward of preset `{args.context_model}` keeps each "
+        f"process within {args.budget_mib:.0f} MiB above its model state (searched in steps of "
+        f"{args.granularity} tokens per process).",
+        "",
+        "| method | processes | longest sequence | x BPT | target |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         target = f">= {0.9 * r['world']:.1f}" if r["method"] == "ring" else ""
         lines.append(f"| {r['method']} | {r['world']} | {r['max_seq']} | {r['max_seq'] / bpt:.2f} | {target} |")
     md = "\n".join(lines) + "\n"
     out = write_results(args.out, "context", dict(rows=rows, budget_mib=args.budget_mib), md)
     ring = [r for r in rows if r["method"] == "ring"]
-    draw("lines", {"ring (measured)": [r["world"] for r in ring], "W x BPT": [r["world"] for r in ring]},
-         {"ring (measured)": [r["max_seq"] for r in ring], "W x BPT": [r["world"] * bpt for r in ring]},
-         out / "context.png", xlabel="processes W", ylabel="longest sequence (tokens)",
-         title=f"Max context at {args.budget_mib:.0f} MiB per process", logx=True, logy=True)
+    draw(
+        "lines",
+        {"ring (measured)": [r["world"] for r in ring], "W x BPT": [r["world"] for r in ring]},
+        {"ring (measured)": [r["max_seq"] for r in ring], "W x BPT": [r["world"] * bpt for r in ring]},
+        out / "context.png",
+        xlabel="processes W",
+        ylabel="longest sequence (tokens)",
+        title=f"Max context at {args.budget_mib:.0f} MiB per process",
+        logx=True,
+        logy=True,
+    )
     print(md)
     return dict(rows=rows)

@@ -10,6 +10,7 @@ passing the K/V shards round the ring (the paper's code). The slowest rank count
 ringwise.generate of a model preset (prompt through the ring, then decode steps), time to first
 token and per-token step at each W against one process with all the threads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,9 +49,9 @@ def time_ranks(S, heads, kv_heads, head_dim, dtype, repeats):
     parts = torch.empty(W * packed.numel(), dtype=dt)
 
     def merge():
-        o, l = torch.zeros_like(out), torch.full_like(lse, float("-inf"))
+        o, lse_ = torch.zeros_like(out), torch.full_like(lse, float("-inf"))
         for p in parts.view(W, -1):
-            merge_into(o, l, p[6:6 + out.numel()].view_as(out), p[6 + out.numel():].view_as(lse))
+            merge_into(o, lse_, p[6 : 6 + out.numel()].view_as(out), p[6 + out.numel() :].view_as(lse))
 
     def tree():  # Tree Attention's three all-reduces on the same partials
         m = lse.clone()
@@ -68,14 +69,20 @@ def time_ranks(S, heads, kv_heads, head_dim, dtype, repeats):
                 req.wait()
             send, recv = recv, send
 
-    row = dict(total=median_time(lambda: ringwise.decode_attention(q, k, v), repeats),
-               local=median_time(lambda: local_attention(q, k, v, scale, None, None), repeats))
+    row = dict(
+        total=median_time(lambda: ringwise.decode_attention(q, k, v), repeats),
+        local=median_time(lambda: local_attention(q, k, v, scale, None, None), repeats),
+    )
     if W > 1:
         # torch >= 2.13's name; all_gather_into_tensor, the older one, warns (FutureWarning) on every call there
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        row.update(gather=median_time(lambda: gather(parts, packed), repeats),
-                   merge=median_time(merge, repeats), tree_all_reduces=median_time(tree, repeats),
-                   kv_ring=median_time(kv_ring, max(1, repeats // 2)), gather_bytes=packed.numel() * packed.element_size())
+        row.update(
+            gather=median_time(lambda: gather(parts, packed), repeats),
+            merge=median_time(merge, repeats),
+            tree_all_reduces=median_time(tree, repeats),
+            kv_ring=median_time(kv_ring, max(1, repeats // 2)),
+            gather_bytes=packed.numel() * packed.element_size(),
+        )
     return row
 
 
@@ -111,8 +118,15 @@ def end_to_end(args, worlds, T, bar) -> list[dict]:
             for S in sorted(set(args.decode_e2e_prompts)):
                 bar.set_postfix_str(f"generate W={W} S={S}")
                 per_rank = cluster.run(time_generation, args.decode_e2e_model, S, args.decode_e2e_new, timeout=3600)
-                rows.append(dict(world=W, prompt=S, new=args.decode_e2e_new,
-                                 ttft=max(r["ttft"] for r in per_rank), step=max(r["step"] for r in per_rank)))
+                rows.append(
+                    dict(
+                        world=W,
+                        prompt=S,
+                        new=args.decode_e2e_new,
+                        ttft=max(r["ttft"] for r in per_rank),
+                        step=max(r["step"] for r in per_rank),
+                    )
+                )
                 bar.update()
     single = {r["prompt"]: r for r in rows if r["world"] == 1}
     for r in rows:
@@ -122,8 +136,14 @@ def end_to_end(args, worlds, T, bar) -> list[dict]:
     return rows
 
 
-QUICK = dict(decode_seq_lens=[1024, 4096], decode_worlds=[1, 2], decode_repeats=2, decode_e2e_model="tiny",
-             decode_e2e_prompts=[256], decode_e2e_new=3)
+QUICK = dict(
+    decode_seq_lens=[1024, 4096],
+    decode_worlds=[1, 2],
+    decode_repeats=2,
+    decode_e2e_model="tiny",
+    decode_e2e_prompts=[256],
+    decode_e2e_new=3,
+)
 
 
 def run(args) -> dict:
@@ -131,54 +151,87 @@ def run(args) -> dict:
     H, Hk, d, T = args.decode_heads, args.decode_kv_heads, args.decode_head_dim, args.threads
     bad = [S for S in seqs for W in worlds if S % W] + ([] if H % Hk == 0 else [f"heads {H} % kv {Hk}"])
     if bad or min(worlds) < 1 or T < max(worlds):
-        raise ValueError(f"--decode-seq-lens must divide by every world size, heads by kv heads, and --threads {T} "
-                         f"must give each rank a thread (worlds {worlds}): {bad}")
+        raise ValueError(
+            f"--decode-seq-lens must divide by every world size, heads by kv heads, and --threads {T} "
+            f"must give each rank a thread (worlds {worlds}): {bad}"
+        )
     rows = []
     e2e_cases = len(set(args.decode_e2e_prompts)) * len(worlds)
     with tqdm(total=len(seqs) * (1 + len(worlds)) + e2e_cases, desc="decode bench", unit="case") as bar:
         with LocalCluster(1, threads_per_rank=T) as single:
-            sdpa = {S: single.run(time_sdpa, S, H, Hk, d, args.decode_dtype, args.decode_repeats, timeout=3600)[0]
-                    for S in seqs}
+            sdpa = {
+                S: single.run(time_sdpa, S, H, Hk, d, args.decode_dtype, args.decode_repeats, timeout=3600)[0]
+                for S in seqs
+            }
         bar.update(len(seqs))
         for W in worlds:
             with LocalCluster(W, threads_per_rank=T // W) as cluster:
                 for S in seqs:
                     bar.set_postfix_str(f"W={W} S={S}")
-                    per_rank = cluster.run(time_ranks, S, H, Hk, d, args.decode_dtype, args.decode_repeats,
-                                           timeout=3600)
+                    per_rank = cluster.run(
+                        time_ranks, S, H, Hk, d, args.decode_dtype, args.decode_repeats, timeout=3600
+                    )
                     row = {key: max(r[key] for r in per_rank) for key in per_rank[0]}  # the slowest rank
                     rows.append(dict(world=W, seq=S, sdpa=sdpa[S], sdpa_over_ring=sdpa[S] / row["total"], **row))
                     bar.update()
         e2e = end_to_end(args, worlds, T, bar) if 1 in worlds else []
-    lines = [f"One new token against a cache of S tokens: {H} query / {Hk} kv heads x {d}, {args.decode_dtype}, "
-             f"W ranks x {T}/W threads vs SDPA on the whole cache in one process with {T} threads; "
-             f"median of {args.decode_repeats}, the slowest rank, seconds.", "",
-             "| W | S | ringwise decode | local | all-gather | merge | one process SDPA | SDPA / ringwise | "
-             "3 all-reduces | K/V round the ring | bytes gathered per rank |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"One new token against a cache of S tokens: {H} query / {Hk} kv heads x {d}, {args.decode_dtype}, "
+        f"W ranks x {T}/W threads vs SDPA on the whole cache in one process with {T} threads; "
+        f"median of {args.decode_repeats}, the slowest rank, seconds.",
+        "",
+        "| W | S | ringwise decode | local | all-gather | merge | one process SDPA | SDPA / ringwise | "
+        "3 all-reduces | K/V round the ring | bytes gathered per rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     ms = lambda x: "-" if x is None else f"{x * 1e3:.3f} ms"
     for r in rows:
-        lines.append(f"| {r['world']} | {r['seq']} | {ms(r['total'])} | {ms(r['local'])} | {ms(r.get('gather'))} | "
-                     f"{ms(r.get('merge'))} | {ms(r['sdpa'])} | {r['sdpa_over_ring']:.2f} | "
-                     f"{ms(r.get('tree_all_reduces'))} | {ms(r.get('kv_ring'))} | {r.get('gather_bytes', '-')} |")
+        lines.append(
+            f"| {r['world']} | {r['seq']} | {ms(r['total'])} | {ms(r['local'])} | {ms(r.get('gather'))} | "
+            f"{ms(r.get('merge'))} | {ms(r['sdpa'])} | {r['sdpa_over_ring']:.2f} | "
+            f"{ms(r.get('tree_all_reduces'))} | {ms(r.get('kv_ring'))} | {r.get('gather_bytes', '-')} |"
+        )
     if e2e:
-        lines += ["", f"End to end, `ringwise.generate` of the `{args.decode_e2e_model}` preset (random weights, "
-                      f"batch 1): the ring prefill of the prompt, then {args.decode_e2e_new} tokens decoded over the "
-                      f"sharded cache; W ranks x {T}/W threads; W = 1 is one process with {T} threads.", "",
-                  "| W | prompt | time to first token | decode step (median) | TTFT: one process / W ranks | "
-                  "step: one process / W ranks |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"End to end, `ringwise.generate` of the `{args.decode_e2e_model}` preset (random weights, "
+            f"batch 1): the ring prefill of the prompt, then {args.decode_e2e_new} tokens decoded over the "
+            f"sharded cache; W ranks x {T}/W threads; W = 1 is one process with {T} threads.",
+            "",
+            "| W | prompt | time to first token | decode step (median) | TTFT: one process / W ranks | "
+            "step: one process / W ranks |",
+            "|---|---|---|---|---|---|",
+        ]
         ratio = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
         for r in e2e:
-            lines.append(f"| {r['world']} | {r['prompt']} | {ms(r['ttft'])} | {ms(r['step'])} | "
-                         f"{ratio(r['ttft_vs_one_process'])} | {ratio(r['step_vs_one_process'])} |")
+            lines.append(
+                f"| {r['world']} | {r['prompt']} | {ms(r['ttft'])} | {ms(r['step'])} | "
+                f"{ratio(r['ttft_vs_one_process'])} | {ratio(r['step_vs_one_process'])} |"
+            )
     md = "\n".join(lines) + "\n"
-    out = write_results(args.out, "decode", dict(
-        args={k: v for k, v in vars(args).items() if k.startswith("decode") or k in ("out", "quick", "threads")},
-        rows=rows, end_to_end=e2e), md)
+    out = write_results(
+        args.out,
+        "decode",
+        dict(
+            args={k: v for k, v in vars(args).items() if k.startswith("decode") or k in ("out", "quick", "threads")},
+            rows=rows,
+            end_to_end=e2e,
+        ),
+        md,
+    )
     xs = {f"ringwise W={W}": [r["seq"] for r in rows if r["world"] == W] for W in worlds}
     ys = {f"ringwise W={W}": [r["total"] * 1e3 for r in rows if r["world"] == W] for W in worlds}
     xs["one process SDPA"], ys["one process SDPA"] = seqs, [sdpa[S] * 1e3 for S in seqs]
-    draw("lines", xs, ys, out / "decode.png", xlabel="cache length S (tokens)", ylabel="ms per new token",
-         title=f"Decode latency, {H}/{Hk} heads x {d}, {T} threads in all", logx=True, logy=True)
+    draw(
+        "lines",
+        xs,
+        ys,
+        out / "decode.png",
+        xlabel="cache length S (tokens)",
+        ylabel="ms per new token",
+        title=f"Decode latency, {H}/{Hk} heads x {d}, {T} threads in all",
+        logx=True,
+        logy=True,
+    )
     print(md)
     return dict(rows=rows, end_to_end=e2e)

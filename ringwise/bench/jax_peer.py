@@ -4,6 +4,7 @@ Run as a script in its own process (the device count must be set before JAX star
     XLA_FLAGS=--xla_force_host_platform_device_count=W python -m ringwise.bench.jax_peer W SEQ HEADS DIM CAUSAL REPEATS
 prints one JSON line {"seconds": median forward+backward time}.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,26 @@ def main(world, seq, heads, dim, causal, repeats):
 
     mesh = Mesh(np.array(jax.devices()[:world]), ("sp",))
     chunk = min(512, seq // world)
-    kwargs = dict(causal_block_size=1 if causal else None, deterministic=True, dropout_rng=None, attn_pdrop=0.0,
-                  query_chunk_size=chunk, key_chunk_size=chunk, dtype=jnp.float32,
-                  policy=jax.checkpoint_policies.nothing_saveable, precision=None, prevent_cse=True)
+    kwargs = dict(
+        causal_block_size=1 if causal else None,
+        deterministic=True,
+        dropout_rng=None,
+        attn_pdrop=0.0,
+        query_chunk_size=chunk,
+        key_chunk_size=chunk,
+        dtype=jnp.float32,
+        policy=jax.checkpoint_policies.nothing_saveable,
+        precision=None,
+        prevent_cse=True,
+    )
     spec = P(None, "sp", None, None)
-    attn = shard_map(partial(ringattention_jax, axis_name="sp", float32_logits=True, cache_idx=None, blockwise_kwargs=kwargs),
-                     mesh=mesh, in_specs=(spec, spec, spec, None, None), out_specs=spec, check_rep=False)
+    attn = shard_map(
+        partial(ringattention_jax, axis_name="sp", float32_logits=True, cache_idx=None, blockwise_kwargs=kwargs),
+        mesh=mesh,
+        in_specs=(spec, spec, spec, None, None),
+        out_specs=spec,
+        check_rep=False,
+    )
 
     def loss(q, k, v, dout):
         return jnp.sum(attn(q, k, v, None, None) * dout)

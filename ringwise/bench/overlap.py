@@ -10,6 +10,7 @@ c >= F / B (F: FLOP/s per rank, B: bytes/s per link; 4dc^2 FLOPs against 4cd byt
 K and V in bf16 per step; here float32, so c >= 2F/B). F is measured with a matmul and
 B with the comm-only runs at the largest block.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,8 @@ from tqdm import tqdm
 
 from ringwise.attention.comm import Ring
 from ringwise.attention.kernels import default_scale, select_kernel
-from ringwise.testing.cluster import LocalCluster
 from ringwise.attention.ring import Engine, ring_backward, ring_forward
+from ringwise.testing.cluster import LocalCluster
 
 from . import draw, write_results
 from .common import LoopbackRing
@@ -57,9 +58,11 @@ def measure(block, heads, head_dim, repeats):
             for h in hops:
                 h.wait()
 
-    return dict(ring=median_time(lambda: fwd_bwd(real), repeats),
-                compute=median_time(lambda: fwd_bwd(silent), repeats),
-                comm=median_time(comm_only, repeats))
+    return dict(
+        ring=median_time(lambda: fwd_bwd(real), repeats),
+        compute=median_time(lambda: fwd_bwd(silent), repeats),
+        comm=median_time(comm_only, repeats),
+    )
 
 
 def matmul_flops(n=1024, repeats=5):
@@ -77,36 +80,70 @@ def run(args) -> dict:
         flops = cluster.run(matmul_flops)[0]
         for c in tqdm(args.blocks, desc="overlap bench", unit="block"):
             t = cluster.run(measure, c, heads, head_dim, max(1, args.repeats), timeout=3600)[0]
-            rows.append(dict(block=c, **t, hidden_fraction=max(0.0, min(1.0, 1 - (t["ring"] - t["compute"]) / t["comm"]))
-                             if t["comm"] > 0 else 1.0))
+            rows.append(
+                dict(
+                    block=c,
+                    **t,
+                    hidden_fraction=max(0.0, min(1.0, 1 - (t["ring"] - t["compute"]) / t["comm"]))
+                    if t["comm"] > 0
+                    else 1.0,
+                )
+            )
     # bytes per second of one link, from the largest block's comm-only time
     big = rows[-1]
     hops_bytes = (2 * (W - 1) * 2 + 2 * W) * big["block"] * heads * head_dim * 4  # kv fwd+bwd, dkv (fp32)
     bandwidth = hops_bytes / big["comm"]
     hidden_dim = heads * head_dim
     predicted_c = 2 * flops / bandwidth  # float32 K and V: 8cd bytes against 4dc^2 FLOPs
-    lines = [f"W={W} ranks x 1 thread, {heads} heads x {head_dim}, float32, non-causal forward+backward, "
-             f"median of {max(1, args.repeats)}.",
-             f"Measured: matmul {flops / 1e9:.1f} GFLOP/s per rank; ring link {bandwidth / 1e9:.2f} GB/s "
-             f"(from the comm-only run at c={big['block']}).",
-             f"Paper's condition (float32): c >= 2F/B = {predicted_c:.0f} tokens.", "",
-             "| block c | ring s | compute only s | comm only s | ring / compute | transfer hidden |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"W={W} ranks x 1 thread, {heads} heads x {head_dim}, float32, non-causal forward+backward, "
+        f"median of {max(1, args.repeats)}.",
+        f"Measured: matmul {flops / 1e9:.1f} GFLOP/s per rank; ring link {bandwidth / 1e9:.2f} GB/s "
+        f"(from the comm-only run at c={big['block']}).",
+        f"Paper's condition (float32): c >= 2F/B = {predicted_c:.0f} tokens.",
+        "",
+        "| block c | ring s | compute only s | comm only s | ring / compute | transfer hidden |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['block']} | {r['ring']:.4f} | {r['compute']:.4f} | {r['comm']:.4f} | "
-                     f"{r['ring'] / r['compute']:.3f} | {100 * r['hidden_fraction']:.0f}% |")
+        lines.append(
+            f"| {r['block']} | {r['ring']:.4f} | {r['compute']:.4f} | {r['comm']:.4f} | "
+            f"{r['ring'] / r['compute']:.3f} | {100 * r['hidden_fraction']:.0f}% |"
+        )
     hidden_from = next((r["block"] for r in rows if r["ring"] <= 1.05 * r["compute"]), None)
-    lines += ["", f"Smallest block with ring within 5% of compute-only: {hidden_from}; predicted c >= {predicted_c:.0f}."]
+    lines += [
+        "",
+        f"Smallest block with ring within 5% of compute-only: {hidden_from}; predicted c >= {predicted_c:.0f}.",
+    ]
     md = "\n".join(lines) + "\n"
-    out = write_results(args.out, "overlap", dict(rows=rows, flops=flops, bandwidth=bandwidth,
-                                                  predicted_block=predicted_c, hidden_from=hidden_from,
-                                                  hidden_dim=hidden_dim), md)
+    out = write_results(
+        args.out,
+        "overlap",
+        dict(
+            rows=rows,
+            flops=flops,
+            bandwidth=bandwidth,
+            predicted_block=predicted_c,
+            hidden_from=hidden_from,
+            hidden_dim=hidden_dim,
+        ),
+        md,
+    )
     xs = [r["block"] for r in rows]
-    draw("lines", {k: xs for k in ("ring", "compute only", "comm only")},
-         {"ring": [r["ring"] for r in rows], "compute only": [r["compute"] for r in rows],
-          "comm only": [r["comm"] for r in rows]},
-         out / "overlap.png", xlabel="block size c (tokens per rank)", ylabel="seconds (fwd+bwd)",
-         title=f"Overlap: ring vs its compute and its transfer (predicted c >= {predicted_c:.0f})",
-         logx=True, logy=True)
+    draw(
+        "lines",
+        {k: xs for k in ("ring", "compute only", "comm only")},
+        {
+            "ring": [r["ring"] for r in rows],
+            "compute only": [r["compute"] for r in rows],
+            "comm only": [r["comm"] for r in rows],
+        },
+        out / "overlap.png",
+        xlabel="block size c (tokens per rank)",
+        ylabel="seconds (fwd+bwd)",
+        title=f"Overlap: ring vs its compute and its transfer (predicted c >= {predicted_c:.0f})",
+        logx=True,
+        logy=True,
+    )
     print(md)
     return dict(rows=rows)

@@ -10,6 +10,7 @@ same cores) is timed in a subprocess when it is installed (it needs jax 0.4.x, e
 is not measured. A single-process SDPA row (whole sequence, all threads in one process) is
 the yardstick: it shows how fast a ring can be at best on this machine, next to the peers.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,14 +32,17 @@ from .timing import median_time
 
 def _run_impl(name, q, k, v, dout, causal, repeats):
     if name == "ringwise":
+
         def attn(q, k, v):
             return ringwise.ring_attention(q, k, v, causal=causal, layout="zigzag" if causal else "contiguous")
     else:
         from ring_attention_pytorch import ring_flash_attn
 
         def attn(q, k, v):
-            return ring_flash_attn(q, k, v, causal=causal, ring_reduce_col=True, striped_ring_attn=causal,
-                                   bucket_size=1024)
+            return ring_flash_attn(
+                q, k, v, causal=causal, ring_reduce_col=True, striped_ring_attn=causal, bucket_size=1024
+            )
+
     peak = 0
 
     def step():  # the peak of the last run is reported
@@ -72,43 +76,78 @@ def run(args) -> dict:
     except ImportError as e:
         raise SystemExit("bench peers needs the peers extra: pip install 'ringwise[peers]'") from e
     rows = []
-    with LocalCluster(args.peer_world, threads_per_rank=max(1, args.threads // args.peer_world), track_memory=True) as c:
+    with LocalCluster(
+        args.peer_world, threads_per_rank=max(1, args.threads // args.peer_world), track_memory=True
+    ) as c:
         for causal in (False, True):
-            res = c.run(compare, args.peer_seq_len, args.heads, args.head_dim, causal, max(1, args.repeats), timeout=3600)
+            res = c.run(
+                compare, args.peer_seq_len, args.heads, args.head_dim, causal, max(1, args.repeats), timeout=3600
+            )
             for name in res[0]:
-                rows.append(dict(impl=name, causal=causal, seconds=res[0][name][0],
-                                 peak_mib=max(mib(r[name][1]) for r in res)))
-    for causal, t in sdpa_seconds(1, args.peer_seq_len, args.heads, args.head_dim, args.threads,
-                                  max(1, args.repeats)).items():
-        rows.append(dict(impl=f"SDPA, 1 process x {args.threads} threads (reference, not a ring)", causal=causal,
-                         seconds=t, peak_mib=None))
+                rows.append(
+                    dict(impl=name, causal=causal, seconds=res[0][name][0], peak_mib=max(mib(r[name][1]) for r in res))
+                )
+    for causal, t in sdpa_seconds(
+        1, args.peer_seq_len, args.heads, args.head_dim, args.threads, max(1, args.repeats)
+    ).items():
+        rows.append(
+            dict(
+                impl=f"SDPA, 1 process x {args.threads} threads (reference, not a ring)",
+                causal=causal,
+                seconds=t,
+                peak_mib=None,
+            )
+        )
     try:
         import ringattention  # noqa: F401
 
         for causal in (False, True):
             env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.peer_world}")
-            cmd = [sys.executable, "-m", "ringwise.bench.jax_peer", str(args.peer_world), str(args.peer_seq_len),
-                   str(args.heads), str(args.head_dim), "1" if causal else "0", str(max(1, args.repeats))]
-            res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
-                                            timeout=3600).stdout.strip().splitlines()[-1])
+            cmd = [
+                sys.executable,
+                "-m",
+                "ringwise.bench.jax_peer",
+                str(args.peer_world),
+                str(args.peer_seq_len),
+                str(args.heads),
+                str(args.head_dim),
+                "1" if causal else "0",
+                str(max(1, args.repeats)),
+            ]
+            res = json.loads(
+                subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=3600)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             rows.append(dict(impl="ringattention (JAX)", causal=causal, seconds=res["seconds"], peak_mib=None))
     except ImportError:
         print("ringattention (JAX) not installed: skipped")
-    lines = [f"W={args.peer_world} ranks, global sequence {args.peer_seq_len}, {args.heads} heads x {args.head_dim}, "
-             "float32, "
-             f"forward+backward, median of {max(1, args.repeats)}; causal runs use each package's balanced layout.", "",
-             "| impl | mask | seconds | peak MiB per rank | ringwise speed-up |", "|---|---|---|---|---|"]
+    lines = [
+        f"W={args.peer_world} ranks, global sequence {args.peer_seq_len}, {args.heads} heads x {args.head_dim}, "
+        "float32, "
+        f"forward+backward, median of {max(1, args.repeats)}; causal runs use each package's balanced layout.",
+        "",
+        "| impl | mask | seconds | peak MiB per rank | ringwise speed-up |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         ours = next(x for x in rows if x["impl"] == "ringwise" and x["causal"] == r["causal"])
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-        lines.append(f"| {r['impl']} | {'causal' if r['causal'] else 'full'} | {r['seconds']:.3f} | "
-                     f"{peak} | {r['seconds'] / ours['seconds']:.2f}x |")
+        lines.append(
+            f"| {r['impl']} | {'causal' if r['causal'] else 'full'} | {r['seconds']:.3f} | "
+            f"{peak} | {r['seconds'] / ours['seconds']:.2f}x |"
+        )
     md = "\n".join(lines) + "\n"
     out = write_results(args.out, "peers", dict(rows=rows), md)
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     seconds = {(r["impl"], r["causal"]): r["seconds"] for r in rows}
-    draw("bars", ["full", "causal"], {i: [seconds.get((i, False)), seconds.get((i, True))] for i in impls},
-         out / "peers.png", ylabel="seconds, forward+backward (lower is better)",
-         title=f"W={args.peer_world}, S={args.peer_seq_len}: ringwise vs other packages")
+    draw(
+        "bars",
+        ["full", "causal"],
+        {i: [seconds.get((i, False)), seconds.get((i, True))] for i in impls},
+        out / "peers.png",
+        ylabel="seconds, forward+backward (lower is better)",
+        title=f"W={args.peer_world}, S={args.peer_seq_len}: ringwise vs other packages",
+    )
     print(md)
     return dict(rows=rows)

@@ -5,6 +5,7 @@ group initialised) every run starts after a barrier and counts as the slowest ra
 time (all_reduce MAX), since the ring is as fast as its slowest member. On a CUDA device
 runs are timed with CUDA events, so queued kernels are counted, not just their launch.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -29,8 +30,9 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def median_time(fn: Callable[[], object], repeats: int, *, warmup: int = 1,
-                device: torch.device | str = "cpu", group=None) -> float:
+def median_time(
+    fn: Callable[[], object], repeats: int, *, warmup: int = 1, device: torch.device | str = "cpu", group=None
+) -> float:
     """Median seconds of fn() over `repeats` runs after `warmup` untimed ones (the slowest
     rank's per run when torch.distributed is initialised; `group` narrows that to a subgroup)."""
     if repeats < 1:

@@ -6,6 +6,7 @@ meshes U x R (1 x W is the pure ring, W x 1 pure Ulysses); one process with W th
 torch SDPA on the whole sequence. Full and causal (zigzag). The ratio SDPA time / mesh
 time is the efficiency of the mesh: 1.0 means sharding costs nothing over the fused kernel.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,10 +36,13 @@ def time_mesh(U, R, batch, seq, heads, kv_heads, head_dim, causal, repeats, layo
     and the all-to-alls of one iteration."""
     ug, rg = _mesh(U, R)
     g = torch.Generator().manual_seed(0)
-    shapes = [(batch, seq, heads, head_dim), (batch, seq, kv_heads, head_dim), (batch, seq, kv_heads, head_dim),
-              (batch, seq, heads, head_dim)]
-    q, k, v, dout = (ringwise.shard(torch.randn(s, generator=g), 1, layout, group=rg, ulysses_group=ug)
-                     for s in shapes)
+    shapes = [
+        (batch, seq, heads, head_dim),
+        (batch, seq, kv_heads, head_dim),
+        (batch, seq, kv_heads, head_dim),
+        (batch, seq, heads, head_dim),
+    ]
+    q, k, v, dout = (ringwise.shard(torch.randn(s, generator=g), 1, layout, group=rg, ulysses_group=ug) for s in shapes)
 
     def attention(q, k, v):
         return ringwise.ring_attention(q, k, v, causal=causal, layout=layout, group=rg, ulysses_group=ug)
@@ -75,8 +79,10 @@ def run(args) -> dict:
     heads, kv = args.ulysses_heads, args.ulysses_kv_heads or args.ulysses_heads
     bad = [f"{U}x{R}" for U, R in meshes if heads % U]
     if len(worlds) != 1 or bad or heads % kv:  # refuse before any timing
-        raise ValueError(f"--ulysses-meshes must share one world size (got {sorted(worlds)}) and U must divide "
-                         f"--ulysses-heads {heads} (not {bad}); heads must be a multiple of kv heads {kv}")
+        raise ValueError(
+            f"--ulysses-meshes must share one world size (got {sorted(worlds)}) and U must divide "
+            f"--ulysses-heads {heads} (not {bad}); heads must be a multiple of kv heads {kv}"
+        )
     W, T = worlds.pop(), args.ulysses_threads_per_rank
     batch, seq, d, repeats = 1, args.ulysses_seq_len, args.ulysses_head_dim, args.ulysses_repeats
     rows = []
@@ -89,8 +95,9 @@ def run(args) -> dict:
                     bar.set_postfix_str(f"{U}x{R} causal={causal}")
                     t, a2a = cluster.run(time_mesh, U, R, batch, seq, heads, kv, d, causal, repeats, timeout=3600)[0]
                     impl = "ring" if U == 1 else "ulysses" if R == 1 else "hybrid"
-                    rows.append(dict(impl=impl, mesh=f"{U}x{R}", ulysses=U, ring=R, causal=causal, seconds=t,
-                                     all_to_alls=a2a))
+                    rows.append(
+                        dict(impl=impl, mesh=f"{U}x{R}", ulysses=U, ring=R, causal=causal, seconds=t, all_to_alls=a2a)
+                    )
                     bar.update()
     add_sdpa_ratios(rows)
     lines = [
@@ -102,17 +109,29 @@ def run(args) -> dict:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['impl']} | {r['mesh']} | {'causal' if r['causal'] else 'full'} | {r['seconds']:.3f} | "
-                     f"{r['sdpa_over_this']:.3f} | {r['all_to_alls']} |")
+        lines.append(
+            f"| {r['impl']} | {r['mesh']} | {'causal' if r['causal'] else 'full'} | {r['seconds']:.3f} | "
+            f"{r['sdpa_over_this']:.3f} | {r['all_to_alls']} |"
+        )
     md = "\n".join(lines) + "\n"
-    out = write_results(args.out, "ulysses", dict(
-        args={k: v for k, v in vars(args).items() if k.startswith("ulysses") or k in ("out", "quick")},
-        rows=rows), md)
+    out = write_results(
+        args.out,
+        "ulysses",
+        dict(args={k: v for k, v in vars(args).items() if k.startswith("ulysses") or k in ("out", "quick")}, rows=rows),
+        md,
+    )
     mesh_rows = [r for r in rows if r["impl"] != "sdpa"]
     labels = list(dict.fromkeys(f"{r['impl']} {r['mesh']}" for r in mesh_rows))
-    draw("bars", labels, {mask: [r["sdpa_over_this"] for r in mesh_rows if r["causal"] == (mask == "causal")]
-                          for mask in ("full", "causal")},
-         out / "ulysses.png", ylabel="SDPA time / mesh time",
-         title=f"Ring, Ulysses and hybrid on {W} ranks vs SDPA, S={seq}")
+    draw(
+        "bars",
+        labels,
+        {
+            mask: [r["sdpa_over_this"] for r in mesh_rows if r["causal"] == (mask == "causal")]
+            for mask in ("full", "causal")
+        },
+        out / "ulysses.png",
+        ylabel="SDPA time / mesh time",
+        title=f"Ring, Ulysses and hybrid on {W} ranks vs SDPA, S={seq}",
+    )
     print(md)
     return dict(rows=rows)

@@ -12,6 +12,7 @@ A command's main() reports the parser's findings (`flag_problems(args)`: bad val
 unknown flags, see ringwise.cli) together with its own checks, all at once (`refused`), before any
 work.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,6 +26,9 @@ def flag_problems(args) -> list[str]:
 def refused(command: str, problems: list[str]) -> int:
     """Every problem of a command line on stderr, one a line; the exit status 2."""
     n = len(problems)
-    print(f"ringwise{' ' + command if command else ''}: {n} problem{'s' * (n != 1)} with the flags:\n  "
-          + "\n  ".join(problems), file=sys.stderr)
+    print(
+        f"ringwise{' ' + command if command else ''}: {n} problem{'s' * (n != 1)} with the flags:\n  "
+        + "\n  ".join(problems),
+        file=sys.stderr,
+    )
     return 2

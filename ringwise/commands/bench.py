@@ -3,6 +3,7 @@
 The flags of every suite come from the torch-free ringwise.bench.flags, so `ringwise bench X
 --help` imports no suite, and `ringwise bench X` imports suite X alone (`all`: each in turn).
 """
+
 from __future__ import annotations
 
 import argparse

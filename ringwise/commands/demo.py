@@ -6,6 +6,7 @@ per-rank peak memory and time, the error against float64 and the speed ratio to 
 A measurement, as the benchmarks are: it runs on the process harness (ringwise.testing) and
 the benchmarks' timer (ringwise.bench.timing).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,13 @@ def _warm_up(fn, *shape):
 
 
 def ring_rank(args):
-    _warm_up(lambda x: ringwise.ring_attention(x, x, x, causal=True, layout=args.layout), 1, 2 * 64, args.heads, args.head_dim)
+    _warm_up(
+        lambda x: ringwise.ring_attention(x, x, x, causal=True, layout=args.layout),
+        1,
+        2 * 64,
+        args.heads,
+        args.head_dim,
+    )
     inputs = [ringwise.shard(x, 1, args.layout) for x in _inputs(args)]
 
     return _measured(functools.partial(ringwise.ring_attention, causal=True, layout=args.layout), inputs, args.iters)
@@ -63,10 +70,17 @@ def _measured(attention, inputs, iters):
 
 
 def sdpa_single(args):
-    _warm_up(lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True), 1, args.heads, 128, args.head_dim)
+    _warm_up(
+        lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True),
+        1,
+        args.heads,
+        128,
+        args.head_dim,
+    )
     inputs = [x.transpose(1, 2) for x in _inputs(args)]
-    res = _measured(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-                    inputs, args.iters)
+    res = _measured(
+        lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), inputs, args.iters
+    )
     return dict(seconds=res["seconds"], peak=res["peak"])
 
 
@@ -94,20 +108,25 @@ def add_arguments(p):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--layout", default="zigzag", choices=ringwise.LAYOUTS)
-    p.add_argument("--threads", type=int, default=2,
-                   help="CPU threads in all, shared by the ranks (SDPA gets them all)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="CPU threads in all, shared by the ranks (SDPA gets them all)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=2, help="forward+backward runs; the last one is reported")
 
 
 def problems(args) -> list[str]:
     """Every bad value among the flags, one line each."""
-    found = [f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer"
-             for name in ("world", "seq_len", "heads", "head_dim", "threads", "iters")
-             if getattr(args, name) < 1]
+    found = [
+        f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer"
+        for name in ("world", "seq_len", "heads", "head_dim", "threads", "iters")
+        if getattr(args, name) < 1
+    ]
     if args.world >= 1 and args.seq_len >= 1 and args.seq_len % split_unit(args.layout, args.world):
-        found.append(f"--seq-len {args.seq_len} must be a multiple of {split_unit(args.layout, args.world)} "
-                     f"for layout {args.layout!r} on {args.world} ranks")
+        found.append(
+            f"--seq-len {args.seq_len} must be a multiple of {split_unit(args.layout, args.world)} "
+            f"for layout {args.layout!r} on {args.world} ranks"
+        )
     return found
 
 
@@ -130,16 +149,24 @@ def run(args):
     stages.close()
 
     ring_time = max(r["seconds"] for r in results)
-    print(f"\nringwise demo: causal attention over {args.seq_len} tokens, {args.heads} heads x {args.head_dim}, "
-          f"float32, {W} ranks ({args.layout}), forward+backward")
+    print(
+        f"\nringwise demo: causal attention over {args.seq_len} tokens, {args.heads} heads x {args.head_dim}, "
+        f"float32, {W} ranks ({args.layout}), forward+backward"
+    )
     print(f"(iteration {args.iters} of {args.iters}; peak MiB = peak resident memory above the inputs)")
     print(f"{'rank':>6} {'tokens':>8} {'seconds':>9} {'peak MiB':>9}")
     for r, res in enumerate(results):
         print(f"{r:>6} {args.seq_len // W:>8} {res['seconds']:>9.2f} {mib(res['peak']):>9.1f}")
-    print(f"{'SDPA':>6} {args.seq_len:>8} {sdpa['seconds']:>9.2f} {mib(sdpa['peak']):>9.1f}   (one process, {args.threads} threads)")
+    print(
+        f"{'SDPA':>6} {args.seq_len:>8} {sdpa['seconds']:>9.2f} {mib(sdpa['peak']):>9.1f}"
+        f"   (one process, {args.threads} threads)"
+    )
     print("max |error| vs float64 reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
-    print(f"time ratio SDPA / ring: {sdpa['seconds'] / ring_time:.2f}   "
-          f"(ring per-rank peak memory is {mib(max(r['peak'] for r in results)) / max(mib(sdpa['peak']), 1e-9):.2f} x SDPA's)")
+    print(
+        f"time ratio SDPA / ring: {sdpa['seconds'] / ring_time:.2f}   "
+        f"(ring per-rank peak memory is "
+        f"{mib(max(r['peak'] for r in results)) / max(mib(sdpa['peak']), 1e-9):.2f} x SDPA's)"
+    )
     return dict(errors=errors, ring_seconds=ring_time, sdpa_seconds=sdpa["seconds"])
 
 

@@ -1,6 +1,7 @@
 """`ringwise export RUN_DIR OUT.pt`: a run's newest intact checkpoint as one file ({step, config,
 model}); with --hf, a finetune run's as a folder AutoModelForCausalLM.from_pretrained reads.
 Also `python -m ringwise.train export RUN_DIR OUT.pt`."""
+
 from __future__ import annotations
 
 import sys
@@ -11,8 +12,12 @@ from . import flag_problems, refused
 def add_arguments(p) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `ringwise train` / `finetune` run's folder (its --out)")
     p.add_argument("out_file", metavar="OUT", help="the file to write (.pt), or with --hf the folder (new or empty)")
-    p.add_argument("--hf", action="store_true", help="a ringwise finetune run as a transformers folder "
-                   "(safetensors, its config with the new RoPE, the tokenizer)")
+    p.add_argument(
+        "--hf",
+        action="store_true",
+        help="a ringwise finetune run as a transformers folder "
+        "(safetensors, its config with the new RoPE, the tokenizer)",
+    )
 
 
 def main(args) -> int:

@@ -1,5 +1,6 @@
 """`ringwise finetune --model PATH --text FILES`: context extension of a pretrained transformers
 model on your text, on the training job's machinery (ringwise.train.pretrained)."""
+
 from __future__ import annotations
 
 from .train import run

@@ -11,6 +11,7 @@ in this process with the whole sequence in one SDPA model and fails unless the t
 identical. Writes generate.json next to the model: time to first token, per-token latency
 (p50/p90), tokens/s, KV bytes per rank and collectives per new token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,19 +27,32 @@ from . import flag_problems, refused
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN_DIR|EXPORT.pt",
-                   help="a `ringwise train` run's folder (its newest intact checkpoint) or a `ringwise export` .pt")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="RUN_DIR|EXPORT.pt",
+        help="a `ringwise train` run's folder (its newest intact checkpoint) or a `ringwise export` .pt",
+    )
     p.add_argument("--prompt", metavar="TEXT", help="text to continue (byte tokens); or --retrieval")
-    p.add_argument("--retrieval", type=int, metavar="K", help="answer K evaluation documents of the run's task; "
-                   "or --prompt")
+    p.add_argument(
+        "--retrieval", type=int, metavar="K", help="answer K evaluation documents of the run's task; or --prompt"
+    )
     p.add_argument("--world", type=int, default=2, help="local processes to start (ignored under torchrun)")
     p.add_argument("--layout", default="zigzag", choices=("zigzag", "striped", "contiguous"))
     # the choices and defaults of `ringwise train`'s --device / --backend (a test holds them equal);
     # defined here because ringwise.train.config imports torch and `generate --help` must not
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda where torch "
-                   "sees a GPU (each rank binds GPU LOCAL_RANK), else cpu")
-    p.add_argument("--backend", default=None, choices=("gloo", "nccl"),
-                   help="default: nccl when every rank has a GPU of its own, else gloo")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="default: cuda where torch sees a GPU (each rank binds GPU LOCAL_RANK), else cpu",
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=("gloo", "nccl"),
+        help="default: nccl when every rank has a GPU of its own, else gloo",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -128,8 +142,10 @@ def prompts(args, state) -> list[dict]:
     for ex in chosen:
         a, b = ex["answer_span"]
         groups.setdefault((a, b), []).append(ex["input_ids"])
-    return [dict(ids=torch.stack(docs)[:, :a], answers=torch.stack(docs)[:, a:b], new=b - a)
-            for (a, b), docs in groups.items()]
+    return [
+        dict(ids=torch.stack(docs)[:, :a], answers=torch.stack(docs)[:, a:b], new=b - a)
+        for (a, b), docs in groups.items()
+    ]
 
 
 def worker(args, file: str) -> dict | None:
@@ -138,8 +154,8 @@ def worker(args, file: str) -> dict | None:
     import torch.distributed as dist
 
     from ..generate import generate
-    from ..train.mesh import init_distributed
     from ..testing.comms import count_comms
+    from ..train.mesh import init_distributed
 
     device = init_distributed(args.device, args.backend, args.timeout)
     rank = dist.get_rank()
@@ -168,8 +184,17 @@ def worker(args, file: str) -> dict | None:
             from ..attention.kvcache import KVCache
 
             cache = KVCache(model.cfg.n_layers, rank, dist.get_world_size())
-            tokens = generate(model, j["ids"], j["new"], layout=args.layout, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, cache=cache, on_token=tick).cpu()
+            tokens = generate(
+                model,
+                j["ids"],
+                j["new"],
+                layout=args.layout,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                cache=cache,
+                on_token=tick,
+            ).cpu()
         ttft.append(stamps[1] - stamps[0])
         latencies += [b - a for a, b in zip(stamps[1:], stamps[2:])]
         if j["new"] > 1:  # the first new token comes from the prefill; the rest are decode steps
@@ -177,7 +202,7 @@ def worker(args, file: str) -> dict | None:
             gathers = sum(counted.counts.get(k, 0) for k in ("all_gather_single", "all_gather_into_tensor"))
             comms.append(gathers / (j["new"] - 1))
         kv.append(cache.nbytes())
-        results.append(tokens[:, j["ids"].shape[1]:])
+        results.append(tokens[:, j["ids"].shape[1] :])
     if bar is not None:
         bar.close()
     kv_all = [None] * dist.get_world_size()
@@ -186,12 +211,17 @@ def worker(args, file: str) -> dict | None:
     if rank != 0:
         return None
     total = sum(j["new"] * j["ids"].shape[0] for j in jobs)
-    report = dict(world=len(kv_all), layout=args.layout,
-                  prompts=sum(j["ids"].shape[0] for j in jobs), new_tokens=total,
-                  time_to_first_token_s=statistics.median(ttft),
-                  per_token_latency_s=dict(p50=_quantile(latencies, 0.5), p90=_quantile(latencies, 0.9)),
-                  tokens_per_s=total / (sum(ttft) + sum(latencies)), kv_bytes_per_rank=kv_all,
-                  decode_collectives_per_token=max(comms) if comms else None)
+    report = dict(
+        world=len(kv_all),
+        layout=args.layout,
+        prompts=sum(j["ids"].shape[0] for j in jobs),
+        new_tokens=total,
+        time_to_first_token_s=statistics.median(ttft),
+        per_token_latency_s=dict(p50=_quantile(latencies, 0.5), p90=_quantile(latencies, 0.9)),
+        tokens_per_s=total / (sum(ttft) + sum(latencies)),
+        kv_bytes_per_rank=kv_all,
+        decode_collectives_per_token=max(comms) if comms else None,
+    )
     if args.retrieval is not None:
         hits = []
         for got, j in zip(results, jobs):  # an answer counts only when every one of its tokens is right
@@ -224,7 +254,7 @@ def check(args, file: Path, report: dict) -> list[str]:
     mismatches = []
     for i, (j, got) in enumerate(zip(prompts(args, state), report["tokens"])):
         ids = j["ids"].to(kind)
-        want = generate_single_process(model, ids, j["new"])[:, ids.shape[1]:].tolist()
+        want = generate_single_process(model, ids, j["new"])[:, ids.shape[1] :].tolist()
         if want != got:
             mismatches.append(f"prompt group {i}: {got} vs one process {want}")
     return mismatches
@@ -249,8 +279,11 @@ def main(args) -> int:
             print(f"ringwise generate: {e}", file=sys.stderr)
             return 2
         if args.retrieval is not None and not load_export(file).get("task"):  # memory-mapped: cheap
-            print(f"ringwise generate: --retrieval needs a checkpoint that keeps its task; {path} was saved "
-                  "before checkpoints kept it (use --prompt, or train again)", file=sys.stderr)
+            print(
+                f"ringwise generate: --retrieval needs a checkpoint that keeps its task; {path} was saved "
+                "before checkpoints kept it (use --prompt, or train again)",
+                file=sys.stderr,
+            )
             return 2
         args.report = str((path if path.is_dir() else path.parent) / "generate.json")
         logs = Path(tmp) / "logs"
@@ -263,11 +296,17 @@ def main(args) -> int:
             return 0
         report = json.loads(Path(args.report).read_text())
         per_token = report["decode_collectives_per_token"]
-        line = (f"generated {report['new_tokens']} tokens on {report['world']} ranks: first token "
-                f"{report['time_to_first_token_s'] * 1e3:.0f} ms, {report['tokens_per_s']:.1f} tokens/s, "
-                + ("no decode step (one new token per prompt)" if per_token is None else
-                   f"{per_token:.0f} collectives per decoded token, p50 {report['per_token_latency_s']['p50'] * 1e3:.1f} ms")
-                + f", KV per rank {[round(b / 2**10, 1) for b in report['kv_bytes_per_rank']]} KiB")
+        line = (
+            f"generated {report['new_tokens']} tokens on {report['world']} ranks: first token "
+            f"{report['time_to_first_token_s'] * 1e3:.0f} ms, {report['tokens_per_s']:.1f} tokens/s, "
+            + (
+                "no decode step (one new token per prompt)"
+                if per_token is None
+                else f"{per_token:.0f} collectives per decoded token, "
+                f"p50 {report['per_token_latency_s']['p50'] * 1e3:.1f} ms"
+            )
+            + f", KV per rank {[round(b / 2**10, 1) for b in report['kv_bytes_per_rank']]} KiB"
+        )
         if "retrieval" in report:
             r = report["retrieval"]
             line += f"; retrieval accuracy {r['accuracy']:.0%} over {r['documents']} documents"
@@ -283,8 +322,10 @@ def main(args) -> int:
         if args.check:
             mismatches = check(args, file, report)
             if mismatches:
-                print("ringwise generate --check: tokens differ from one process:\n  " + "\n  ".join(mismatches),
-                      file=sys.stderr)
+                print(
+                    "ringwise generate --check: tokens differ from one process:\n  " + "\n  ".join(mismatches),
+                    file=sys.stderr,
+                )
                 return 1
             print("check: identical tokens to one process")
     return 0

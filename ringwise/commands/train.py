@@ -5,6 +5,7 @@ checks every flag, takes --out's lock and only then starts the ranks (ringwise.t
 after the job the main process completes summary.json (ringwise.train.summary) and draws the plots
 from the run's files (ringwise.train.plots).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,7 @@ def run(args, command: str) -> int:
         from ..train.summary import complete_summary
 
         flags = getattr(args, "_flags", [k for k in vars(args) if not k.startswith("_") and k != "command"])
-        complete_summary(out, cfg, flags, getattr(args, "_argv", f"ringwise {command}"),
-                         time.perf_counter() - started)
+        complete_summary(out, cfg, flags, getattr(args, "_argv", f"ringwise {command}"), time.perf_counter() - started)
         if not cfg.no_plots:
             from ..train.plots import draw_run
 

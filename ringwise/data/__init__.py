@@ -10,12 +10,30 @@ it reads (``seq_len`` tokens)::
     answer_span (start, end)          positions of the answer in input_ids, end exclusive;
                                       (0, 0) when the example has no answer
 """
+
 from ..model import IGNORE_INDEX
-from .retrieval import (DEFAULT_DIGITS, RETRIEVAL_FORMATS, RetrievalDataset, RetrievalFormat, retrieval_accuracy,
-                        retrieval_eval_grid)
+from .retrieval import (
+    DEFAULT_DIGITS,
+    RETRIEVAL_FORMATS,
+    RetrievalDataset,
+    RetrievalFormat,
+    retrieval_accuracy,
+    retrieval_eval_grid,
+)
 from .sampling import collate, sample_indices
 from .text import ByteTokenizer, PackedTextDataset, text_files
 
-__all__ = ["IGNORE_INDEX", "ByteTokenizer", "RetrievalFormat", "RETRIEVAL_FORMATS", "DEFAULT_DIGITS",
-           "RetrievalDataset", "retrieval_eval_grid", "retrieval_accuracy", "PackedTextDataset", "text_files",
-           "sample_indices", "collate"]
+__all__ = [
+    "IGNORE_INDEX",
+    "ByteTokenizer",
+    "RetrievalFormat",
+    "RETRIEVAL_FORMATS",
+    "DEFAULT_DIGITS",
+    "RetrievalDataset",
+    "retrieval_eval_grid",
+    "retrieval_accuracy",
+    "PackedTextDataset",
+    "text_files",
+    "sample_indices",
+    "collate",
+]

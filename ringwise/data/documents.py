@@ -15,6 +15,7 @@ counted from the window's start at most: what perplexity by position is bucketed
 that would cross into the next document is IGNORE_INDEX.
 The last windows are held out for evaluation.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,7 @@ def read_documents(path: Path) -> list[str]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{n}: a JSONL line needs a \"text\" string field")
+            raise ValueError(f'{path}:{n}: a JSONL line needs a "text" string field')
         docs.append(record["text"])
     return docs
 
@@ -76,7 +77,7 @@ def tokenize_file(path: Path, tokenizer, key: str, batch: int = 256) -> list[tor
     texts = read_documents(path)
     docs = []
     for i in range(0, len(texts), batch):
-        for ids in tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"]:
             docs.append(torch.tensor(ids, dtype=torch.int32))
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -121,12 +122,17 @@ class PackedDocuments(torch.utils.data.Dataset):
         if not 0 <= i < self.n_windows:
             raise IndexError(f"window {i} of {self.n_windows}")
         s, L = i * self.seq_len, self.seq_len
-        ids, labels = self.tokens[s:s + L], self.tokens[s + 1:s + L + 1].clone()
-        starts = self.doc_start[s:s + L + 1]
+        ids, labels = self.tokens[s : s + L], self.tokens[s + 1 : s + L + 1].clone()
+        starts = self.doc_start[s : s + L + 1]
         labels[starts[1:]] = IGNORE_INDEX  # the next token starts another document
         inner = (torch.nonzero(starts[1:L]).flatten() + 1).tolist()
-        return {"input_ids": ids, "labels": labels, "cu_seqlens": [0, *inner, L],
-                "doc_offset": torch.minimum(self.offset[s:s + L], torch.arange(L)), "answer_span": (0, 0)}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "cu_seqlens": [0, *inner, L],
+            "doc_offset": torch.minimum(self.offset[s : s + L], torch.arange(L)),
+            "answer_span": (0, 0),
+        }
 
 
 def split(n: int, eval_fraction: float) -> tuple[range, range]:

@@ -5,6 +5,7 @@ Many ``line <id>: REGISTER_CONTENT is <number>`` lines, then a question naming o
 the same with far fewer tokens; the ``registers`` format with recurring ids (``id_pool``)
 is what a tiny model learns on a CPU in minutes (see BENCHMARKS.md, "The demo").
 """
+
 from __future__ import annotations
 
 import math
@@ -150,28 +151,36 @@ class RetrievalDataset(torch.utils.data.Dataset):
         self.n_lines = room // self.line_len if room > 0 else 0
         if self.n_lines < 1:
             need = 1 + self.line_len + self.questions * (self.question_len + self.answer_len)
-            raise ValueError(f"seq_len={self.seq_len} is too short for one line plus question and answer; need >= {need}")
+            raise ValueError(
+                f"seq_len={self.seq_len} is too short for one line plus question and answer; need >= {need}"
+            )
         n_ids = len(self.id_chars) if self.id_chars else 9 * 10 ** (self.id_digits - 1)
-        if id_pool is not None and (not isinstance(id_pool, int) or isinstance(id_pool, bool)
-                                    or not 2 <= id_pool <= n_ids):
+        if id_pool is not None and (
+            not isinstance(id_pool, int) or isinstance(id_pool, bool) or not 2 <= id_pool <= n_ids
+        ):
             raise ValueError(f"id_pool must be an int between 2 and the {n_ids} distinct ids, got {id_pool!r}")
         self.id_pool = id_pool
         if not isinstance(decoys, int) or decoys < 0:
             raise ValueError(f"decoys must be an int >= 0, got {decoys!r}")
         if decoys and (id_pool is None or decoys > id_pool - 2 or decoys >= self.n_lines):
-            raise ValueError(f"decoys={decoys} needs id_pool with at least decoys + 2 ids (the needle, the decoys "
-                             f"and one recurring id) and fewer decoys than the {self.n_lines} lines")
+            raise ValueError(
+                f"decoys={decoys} needs id_pool with at least decoys + 2 ids (the needle, the decoys "
+                f"and one recurring id) and fewer decoys than the {self.n_lines} lines"
+            )
         self.decoys = decoys
         if loss_on == "recall":
             if id_pool is None:
                 raise ValueError("loss_on='recall' labels lines whose id recurs; without id_pool no id recurs")
             if fmt.line.index("{value}") < fmt.line.index("{id}"):
-                raise ValueError("loss_on='recall' needs a line format with the id before the value "
-                                 "(the value is only predictable once its id has been read)")
+                raise ValueError(
+                    "loss_on='recall' needs a line format with the id before the value "
+                    "(the value is only predictable once its id has been read)"
+                )
         if self.id_pool is None and self.n_lines > n_ids:
             raise ValueError(
                 f"seq_len={self.seq_len} holds {self.n_lines} lines but only {n_ids} distinct ids exist; "
-                + ("use more id_chars" if self.id_chars else "raise id_digits") + ", or let ids recur (id_pool)"
+                + ("use more id_chars" if self.id_chars else "raise id_digits")
+                + ", or let ids recur (id_pool)"
             )
 
     def _line(self, id_: int, value: int) -> bytes:
@@ -192,7 +201,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
         else:  # pool[0]: the needle; pool[1:1+decoys]: once each; the haystack repeats the rest
             pool = rng.sample(id_space, self.id_pool)
             value_of = {i: rng.randrange(lo_val, 10 * lo_val) for i in pool}
-            ids = [rng.choice(pool[1 + self.decoys:]) for _ in range(self.n_lines)]
+            ids = [rng.choice(pool[1 + self.decoys :]) for _ in range(self.n_lines)]
             decoy_lines = rng.sample(range(self.n_lines), self.decoys + 1) if self.decoys else []
         # Draw the needle last: for a fixed depth the document does not depend on depth,
         # so a grid over depths compares the same documents.
@@ -201,15 +210,17 @@ class RetrievalDataset(torch.utils.data.Dataset):
         else:
             needle = math.floor(self.depth * (self.n_lines - 1) + 0.5)  # round half up
         if self.id_pool is not None:
-            for decoy, line in zip(pool[1:1 + self.decoys], [n for n in decoy_lines if n != needle]):
+            for decoy, line in zip(pool[1 : 1 + self.decoys], [n for n in decoy_lines if n != needle]):
                 ids[line] = decoy
             ids[needle] = pool[0]
             values = [value_of[i] for i in ids]
 
         asked = [rng.randrange(self.n_lines) for _ in range(self.questions - 1)] + [needle]
         doc = b"".join(self._line(i, v) for i, v in zip(ids, values))
-        pairs = [(self.fmt.question.format(id=ids[a]).encode(), self.fmt.answer.format(value=values[a]).encode())
-                 for a in asked]
+        pairs = [
+            (self.fmt.question.format(id=ids[a]).encode(), self.fmt.answer.format(value=values[a]).encode())
+            for a in asked
+        ]
         answer = pairs[-1][1]
         text = torch.frombuffer(bytearray(doc + b"".join(q + a for q, a in pairs)), dtype=torch.uint8)
 
@@ -268,10 +279,10 @@ def retrieval_eval_grid(
     return grid
 
 
-
 @torch.no_grad()
-def retrieval_accuracy(model, lengths: Sequence[int], depths: Sequence[float], per_cell: int, *, device=None,
-                       **task) -> list[list[float]]:
+def retrieval_accuracy(
+    model, lengths: Sequence[int], depths: Sequence[float], per_cell: int, *, device=None, **task
+) -> list[list[float]]:
     """Accuracy[depth][length] of a sequence-parallel model on the evaluation grid.
 
     An answer counts only if every one of its tokens is the greedy prediction (`model.predict`).

@@ -4,6 +4,7 @@ Every example is a pure function of ``(seed, index)`` and every batch a pure fun
 ``(seed, step)``: nothing depends on worker count, world size or the order in which
 examples are asked for, so a resumed or re-sharded run sees exactly the same data.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Text for training: a byte-level tokenizer and plain UTF-8 files packed into windows."""
+
 from __future__ import annotations
 
 import codecs

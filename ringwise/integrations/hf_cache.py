@@ -16,6 +16,7 @@ keeps each, ringwise.attention.kvcache decides which, the same on every rank).
 Nothing that would need the whole cache on one rank is offered: crop, reorder (beam search),
 batch repeats and offloading raise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,10 @@ from ..attention.decode import decode_attention
 from ..attention.kvcache import KVCache
 from ..attention.seqshard import SeqShard
 
-_NO = ("ringwise's sharded cache holds one shard of the sequence per rank; it cannot {what} "
-       "(beam search, assisted decoding, cache cropping and offloading are not supported by rw.generate)")
+_NO = (
+    "ringwise's sharded cache holds one shard of the sequence per rank; it cannot {what} "
+    "(beam search, assisted decoding, cache cropping and offloading are not supported by rw.generate)"
+)
 
 
 class _ShardLayer(CacheLayerMixin):
@@ -97,8 +100,7 @@ class ShardedCache(Cache):
         if self._last_layer is None or layer <= self._last_layer:  # a new step: its tokens' positions and owners
             self.step_positions, self.step_owners = self.store.claim(key.shape[2], key.device)
         self._last_layer = layer
-        self.store.store_owned(layer, key.transpose(1, 2), value.transpose(1, 2), self.step_positions,
-                               self.step_owners)
+        self.store.store_owned(layer, key.transpose(1, 2), value.transpose(1, 2), self.step_positions, self.step_owners)
         k, v, _ = self.store.view(layer)
         if k is None:  # this rank holds none of the layer's tokens yet
             b, h, _, d = key.shape
@@ -112,8 +114,10 @@ class ShardedCache(Cache):
         if q_length is None or kv_length is None:
             return None
         if int(kv_offset) != 0 or kv_length != seen + q_length or (q_offset is not None and int(q_offset) != seen):
-            return (f"the decode step's mask (query {q_length} tokens at offset {q_offset}, keys {kv_length} at "
-                    f"offset {kv_offset}) does not continue the sharded cache of {seen} tokens")
+            return (
+                f"the decode step's mask (query {q_length} tokens at offset {q_offset}, keys {kv_length} at "
+                f"offset {kv_offset}) does not continue the sharded cache of {seen} tokens"
+            )
         return None
 
     def attend(self, module, query, key, value, window, scaling, sinks, softcap) -> torch.Tensor:
@@ -129,8 +133,18 @@ class ShardedCache(Cache):
             d = max(dv, q.shape[-1])
             q, k, v = (F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
         self.decode_calls += 1
-        out = decode_attention(q, k, v, group=self.shard.group, softmax_scale=scaling, key_positions=positions,
-                               query_positions=self.step_positions, window=window, sinks=sinks, softcap=softcap)
+        out = decode_attention(
+            q,
+            k,
+            v,
+            group=self.shard.group,
+            softmax_scale=scaling,
+            key_positions=positions,
+            query_positions=self.step_positions,
+            window=window,
+            sinks=sinks,
+            softcap=softcap,
+        )
         return out[..., :dv]
 
 

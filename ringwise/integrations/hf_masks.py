@@ -10,6 +10,7 @@ from its closure cells: nothing is guessed from names or by probing the mask. An
 else (chunked, OR overlays for bidirectional blocks or image tokens, custom functions) is
 reported as not understood, never dropped.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -85,13 +86,17 @@ def read_mask_function(mask_function) -> MaskSpec:
             raise ValueError(
                 f"the model asked for a mask ringwise cannot reproduce exactly ({_name(fn)}: e.g. chunked attention, "
                 "bidirectional or image-token blocks, or a custom mask function); ringwise applies causal, "
-                "sliding-window and document (ringwise_cu_seqlens) masks only")
+                "sliding-window and document (ringwise_cu_seqlens) masks only"
+            )
     if not causal:
-        raise ValueError("the model asked for a non-causal mask; ringwise's transformers integration runs causal "
-                         "decoders only")
+        raise ValueError(
+            "the model asked for a non-causal mask; ringwise's transformers integration runs causal decoders only"
+        )
     if "remap" not in codes.values():  # a transformers that packs without remapping positions
         return MaskSpec(window=min(windows) if windows else None, position_ids=None, packed_ids=packed_ids)
     if packed != (position_ids is not None):
-        raise ValueError("the model built a packed-sequence mask without its position remap (or the reverse); "
-                         "ringwise cannot tell which tokens it separates")
+        raise ValueError(
+            "the model built a packed-sequence mask without its position remap (or the reverse); "
+            "ringwise cannot tell which tokens it separates"
+        )
     return MaskSpec(window=min(windows) if windows else None, position_ids=position_ids)

@@ -4,6 +4,7 @@ Kept beside the model's config (by identity, freed with it), so two models with 
 rings work in one process; a model given no ring of its own uses `use_ring`'s default.
 Torch-free and transformers-free: the integration's modules all read it from here.
 """
+
 from __future__ import annotations
 
 import weakref

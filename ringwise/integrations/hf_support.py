@@ -7,6 +7,7 @@ largest position ids) would see this rank's shard alone: silently wrong. These c
 read the model class, its config and its modules; nothing runs, so every rank reaches the
 same verdict.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,23 +44,34 @@ def config_problems(config) -> list[str]:
     for c in _configs(config):
         extra = sorted(set(getattr(c, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
         if extra:
-            problems.append(f"layers of type {extra} mix tokens outside attention (config.layer_types); "
-                            "ringwise makes only full and sliding-window attention layers exact")
+            problems.append(
+                f"layers of type {extra} mix tokens outside attention (config.layer_types); "
+                "ringwise makes only full and sliding-window attention layers exact"
+            )
         blocks = sorted({str(b) for b in getattr(c, "layers_block_type", None) or ()} - {"attention"})
         if blocks:
-            problems.append(f"layers of type {blocks} (config.layers_block_type) are not attention; state-space and "
-                            "other recurrent layers would see one shard of the sequence")
-        alibi = getattr(c, "alibi", False) or getattr(getattr(c, "attn_config", None), "alibi", False) \
+            problems.append(
+                f"layers of type {blocks} (config.layers_block_type) are not attention; state-space and "
+                "other recurrent layers would see one shard of the sequence"
+            )
+        alibi = (
+            getattr(c, "alibi", False)
+            or getattr(getattr(c, "attn_config", None), "alibi", False)
             or getattr(c, "position_embedding_type", None) == "alibi"
+        )
         if alibi:
-            problems.append("ALiBi position biases are built by the model from the local sequence, outside the "
-                            "attention registry")
+            problems.append(
+                "ALiBi position biases are built by the model from the local sequence, outside the attention registry"
+            )
         rope = {t for key in ("rope_parameters", "rope_scaling") for t in _rope_types(getattr(c, key, None))}
         problems += _local_length_rope(rope, "RoPE scaling")
-        if "mrope" in rope or any(_has_key(getattr(c, key, None), "mrope_section")
-                                  for key in ("rope_parameters", "rope_scaling")):
-            problems.append("multimodal RoPE (M-RoPE: mrope_section) rotates by 3-D (time, height, width) positions "
-                            "that ringwise cannot verify or shard yet; run it with another attn_implementation")
+        if "mrope" in rope or any(
+            _has_key(getattr(c, key, None), "mrope_section") for key in ("rope_parameters", "rope_scaling")
+        ):
+            problems.append(
+                "multimodal RoPE (M-RoPE: mrope_section) rotates by 3-D (time, height, width) positions "
+                "that ringwise cannot verify or shard yet; run it with another attn_implementation"
+            )
     return problems
 
 
@@ -73,8 +85,10 @@ def _local_length_rope(rope_types, what: str) -> list[str]:
     local = sorted(t for t in rope_types if any(x in t for x in LOCAL_LENGTH_ROPE))
     if not local:
         return []
-    return [f"{what} {local} picks its frequencies from each rank's largest position id, so the ranks would "
-            "rotate differently; use a static scaling (default, linear, llama3, yarn)"]
+    return [
+        f"{what} {local} picks its frequencies from each rank's largest position id, so the ranks would "
+        "rotate differently; use a static scaling (default, linear, llama3, yarn)"
+    ]
 
 
 def module_problems(model) -> list[str]:
@@ -82,8 +96,10 @@ def module_problems(model) -> list[str]:
     problems = []
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv1d)]
     if convs:
-        problems.append(f"{len(convs)} sequence convolution(s) ({convs[0]}{', ...' if len(convs) > 1 else ''}: short "
-                        "convolutions, linear-attention or state-space mixers) would see one shard of the sequence")
+        problems.append(
+            f"{len(convs)} sequence convolution(s) ({convs[0]}{', ...' if len(convs) > 1 else ''}: short "
+            "convolutions, linear-attention or state-space mixers) would see one shard of the sequence"
+        )
     rope = set()
     for m in model.modules():
         t = getattr(m, "rope_type", None)
@@ -105,8 +121,10 @@ def architecture_problems(model_or_config) -> list[str]:
             cls = None
     problems = []
     if cls is not None and not uses_registry(cls):
-        problems.append(f"{cls.__name__} does not use transformers' attention registry (its attention, if any, is "
-                        "hard-coded), so attn_implementation='ringwise' cannot reach it")
+        problems.append(
+            f"{cls.__name__} does not use transformers' attention registry (its attention, if any, is "
+            "hard-coded), so attn_implementation='ringwise' cannot reach it"
+        )
     problems += config_problems(config)
     if model is not None:
         problems += module_problems(model)

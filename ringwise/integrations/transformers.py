@@ -27,6 +27,7 @@ function is patched.
 Packed documents: pass the global boundaries as `ringwise_cu_seqlens` (`shard_batch` does).
 Tested on transformers 5.24.0; check_model (hf_support) lists what is refused and why.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -71,9 +72,11 @@ class RingMask:
 
 def _mask_used_directly(what, *_):
     """A model that computes with the mask itself (Bloom, MPT add ALiBi to it) bypasses the ring's masking."""
-    raise TypeError(f"this model operates on the attention mask itself ({what}), so it does not run its "
-                    "attention through transformers' registry alone; ringwise cannot make it exact "
-                    "(ringwise.integrations.transformers.check_model refuses it)")
+    raise TypeError(
+        f"this model operates on the attention mask itself ({what}), so it does not run its "
+        "attention through transformers' registry alone; ringwise cannot make it exact "
+        "(ringwise.integrations.transformers.check_model refuses it)"
+    )
 
 
 for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "and", "rand", "or", "ror", "invert", "getitem", "neg"):
@@ -100,10 +103,15 @@ def _dropout_problem(module, dropout) -> str | None:
     if not dropout:
         return None
     config = getattr(module, "config", None)
-    fields = [k for k, v in (config.to_dict() if config is not None else {}).items()
-              if "drop" in k and "att" in k and v == dropout] or ["attention_dropout"]
-    return (f"ringwise attention does not implement attention dropout (got {dropout}); set "
-            f"{' / '.join(fields)}=0 in the model config")
+    fields = [
+        k
+        for k, v in (config.to_dict() if config is not None else {}).items()
+        if "drop" in k and "att" in k and v == dropout
+    ] or ["attention_dropout"]
+    return (
+        f"ringwise attention does not implement attention dropout (got {dropout}); set "
+        f"{' / '.join(fields)}=0 in the model config"
+    )
 
 
 def _transformers_version() -> str:
@@ -116,19 +124,25 @@ def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None
     """The layer's mask (None: plain causal) and this rank's problem with the call, if any."""
     packed = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
     if packed:
-        return None, (f"the model call carries flash-attention packing arguments ({', '.join(packed)}, e.g. from "
-                      "DataCollatorWithFlattening); pass documents as ringwise_cu_seqlens (shard_batch does)")
+        return None, (
+            f"the model call carries flash-attention packing arguments ({', '.join(packed)}, e.g. from "
+            "DataCollatorWithFlattening); pass documents as ringwise_cu_seqlens (shard_batch does)"
+        )
     if attention_mask is None or isinstance(attention_mask, RingMask):
         mask = attention_mask
     else:
-        return None, ("ringwise attention got a tensor attention mask (a custom 4-D mask, or a mask built "
-                      "outside transformers' mask registry); ringwise applies causal, sliding-window and "
-                      "document (ringwise_cu_seqlens) masks only. If you passed no mask, this transformers "
-                      f"({_transformers_version()}) builds the model's mask itself; newer releases build it through "
-                      "the mask registry (GPT-2 from 4.54.1, GraniteMoE from 5.0, OPT by 5.24)")
+        return None, (
+            "ringwise attention got a tensor attention mask (a custom 4-D mask, or a mask built "
+            "outside transformers' mask registry); ringwise applies causal, sliding-window and "
+            "document (ringwise_cu_seqlens) masks only. If you passed no mask, this transformers "
+            f"({_transformers_version()}) builds the model's mask itself; newer releases build it through "
+            "the mask registry (GPT-2 from 4.54.1, GraniteMoE from 5.0, OPT by 5.24)"
+        )
     if mask is not None and sliding_window is not None and sliding_window != mask.window:
-        return mask, (f"the layer passes sliding_window={sliding_window} but its mask has window {mask.window}; "
-                      "ringwise cannot tell which one the model means")
+        return mask, (
+            f"the layer passes sliding_window={sliding_window} but its mask has window {mask.window}; "
+            "ringwise cannot tell which one the model means"
+        )
     return mask, None
 
 
@@ -146,8 +160,17 @@ def _check_due(state: ModelRing, module) -> bool:
     return module is first or getattr(module, "layer_idx", None) == 0
 
 
-def ringwise_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                               scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+def ringwise_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
     """transformers' attention signature: q/k/v (batch, heads, local_seq, dim) -> (batch, local_seq, heads, dim).
 
     The layer's mask comes from the mask hook (RingMask); sliding_window, softcap and s_aux
@@ -175,13 +198,16 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
                 problem = problem or _unverifiable_positions(module)
             if state.config_problems is None:  # a model built without check_model (directly by transformers)
                 config = getattr(module, "config", None)
-                state.config_problems = [f"model_type={config.model_type!r}: {p}"
-                                         for p in (config_problems(config) if config is not None else [])]
+                state.config_problems = [
+                    f"model_type={config.model_type!r}: {p}"
+                    for p in (config_problems(config) if config is not None else [])
+                ]
             problem = problem or next(iter(state.config_problems), None)
         if mask is not None:
             mask.checked = True
-        check = dict(validate=True, objection=problem or (mask.problem if mask is not None else None),
-                     position_ids=position_ids)
+        check = dict(
+            validate=True, objection=problem or (mask.problem if mask is not None else None), position_ids=position_ids
+        )
     elif problem:  # the same module config on every rank: the same error everywhere
         raise ValueError(f"ringwise attention: {problem}")
     if mask is not None:
@@ -202,8 +228,17 @@ def ringwise_attention_forward(module, query, key, value, attention_mask, dropou
     if dv != q.shape[-1]:  # MLA (DeepSeek): value heads narrower or wider than query/key heads
         d = max(dv, q.shape[-1])  # zero columns change neither the scores nor the real output columns
         q, k, v = (F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
-    out = attention(q, k, v, causal=causal, softmax_scale=scaling, cu_seqlens=kwargs.get("ringwise_cu_seqlens"),
-                    **seq.ring_kwargs(), **extra, **check)
+    out = attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        softmax_scale=scaling,
+        cu_seqlens=kwargs.get("ringwise_cu_seqlens"),
+        **seq.ring_kwargs(),
+        **extra,
+        **check,
+    )
     return out[..., :dv], None
 
 
@@ -212,10 +247,12 @@ def _unverifiable_positions(module) -> str:
     model rotates by are the layout's global ones, and here it cannot (multimodal RoPE keeps its 3-D positions from
     the attention layers, e.g. Qwen2-VL given 3-row position_ids)."""
     model_type = getattr(getattr(module, "config", None), "model_type", None)
-    return (f"{type(module).__name__} layers (model_type={model_type!r}) receive no position_ids, so "
-            "ringwise cannot verify that the model's positions are the layout's global positions (multimodal "
-            "3-D RoPE, M-RoPE, keeps them outside the attention); ringwise does not run such models: use another "
-            "attn_implementation, or a text model whose layers get the global position_ids (rw.shard_batch gives them)")
+    return (
+        f"{type(module).__name__} layers (model_type={model_type!r}) receive no position_ids, so "
+        "ringwise cannot verify that the model's positions are the layout's global positions (multimodal "
+        "3-D RoPE, M-RoPE, keeps them outside the attention); ringwise does not run such models: use another "
+        "attn_implementation, or a text model whose layers get the global position_ids (rw.shard_batch gives them)"
+    )
 
 
 def _decode_step(module, query, key, value, mask, problem, scaling, kwargs, cache):
@@ -228,12 +265,30 @@ def _decode_step(module, query, key, value, mask, problem, scaling, kwargs, cach
         raise ValueError(f"ringwise attention: {problem}")
     window = mask.window if mask is not None else kwargs.get("sliding_window")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return cache.attend(module, query, key, value, None if window is None else window - 1, scaling,
-                        kwargs.get("s_aux"), kwargs.get("softcap"))
+    return cache.attend(
+        module,
+        query,
+        key,
+        value,
+        None if window is None else window - 1,
+        scaling,
+        kwargs.get("s_aux"),
+        kwargs.get("softcap"),
+    )
 
 
-def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
-                  attention_mask=None, local_size=None, config=None, **kwargs):
+def ringwise_mask(
+    batch_size=None,
+    q_length=None,
+    kv_length=None,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask=None,
+    local_size=None,
+    config=None,
+    **kwargs,
+):
     """Mask hook: read the mask transformers asks for and hand the layers a RingMask.
 
     It never raises: an objection is recorded and raised by the first attention call's
@@ -253,16 +308,21 @@ def ringwise_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
         mask.window = spec.window
         mask.position_ids = spec.position_ids
         mask.problem = (
-            (state.decoding.mask_problem(q_length, kv_length, q_offset, kv_offset) if decoding
-             else _cache_problem(q_length, kv_length, q_offset, kv_offset))
+            (
+                state.decoding.mask_problem(q_length, kv_length, q_offset, kv_offset)
+                if decoding
+                else _cache_problem(q_length, kv_length, q_offset, kv_offset)
+            )
             or _padding_problem(attention_mask)
             or _packed_problem(spec.packed_ids, _shard_of(state))
         )
         if spec.window is not None and spec.window < 1:
             mask.problem = mask.problem or f"a sliding window of {spec.window} tokens leaves no key visible"
         if local_size is not None and local_size != spec.window:
-            mask.problem = mask.problem or (f"transformers sized this mask for a local window of {local_size} "
-                                            f"but its mask function has window {spec.window}")
+            mask.problem = mask.problem or (
+                f"transformers sized this mask for a local window of {local_size} "
+                f"but its mask function has window {spec.window}"
+            )
     except Exception as e:  # whatever a check trips on is an objection for the collective check, never a raise here
         mask.problem = str(e) if isinstance(e, ValueError) else f"{type(e).__name__} while reading the mask: {e}"
     if not decoding:  # a decode step's masks are checked where they are used (every rank alike)
@@ -274,19 +334,25 @@ def _cache_problem(q_length, kv_length, q_offset, kv_offset) -> str | None:
     if q_length is None or kv_length is None:
         return None
     if kv_length != q_length or int(q_offset) != 0 or int(kv_offset) != 0:
-        return ("ringwise attention runs whole sequences (training, prefill): this call continues a KV cache "
-                f"(query {q_length} tokens, keys {kv_length}, offset {int(kv_offset)}); generate with rw.generate "
-                "(a sequence-sharded cache) or decode with another attention implementation")
+        return (
+            "ringwise attention runs whole sequences (training, prefill): this call continues a KV cache "
+            f"(query {q_length} tokens, keys {kv_length}, offset {int(kv_offset)}); generate with rw.generate "
+            "(a sequence-sharded cache) or decode with another attention implementation"
+        )
     return None
 
 
 def _padding_problem(attention_mask) -> str | None:
     if attention_mask is not None and torch.compiler.is_compiling():
-        return ("under torch.compile ringwise cannot read a padding mask's values inside the graph; call the "
-                "compiled model without attention_mask (ringwise does not support padding masks)")
+        return (
+            "under torch.compile ringwise cannot read a padding mask's values inside the graph; call the "
+            "compiled model without attention_mask (ringwise does not support padding masks)"
+        )
     if attention_mask is not None and not bool(attention_mask.all()):
-        return ("ringwise attention does not support padding masks; pack sequences without padding "
-                "(documents via ringwise_cu_seqlens) or pad with tokens whose labels are -100")
+        return (
+            "ringwise attention does not support padding masks; pack sequences without padding "
+            "(documents via ringwise_cu_seqlens) or pad with tokens whose labels are -100"
+        )
     return None
 
 
@@ -345,8 +411,11 @@ def check_model(model) -> None:
     if hasattr(model, "named_modules"):
         impls = {getattr(m.config, "_attn_implementation", None) for m in model.modules() if hasattr(m, "config")}
         if impls != {NAME}:
-            problems.insert(0, f"its attention implementations are {sorted(map(str, impls))}, not only '{NAME}'; "
-                               f"load it with attn_implementation='{NAME}' after use_ring()")
+            problems.insert(
+                0,
+                f"its attention implementations are {sorted(map(str, impls))}, not only '{NAME}'; "
+                f"load it with attn_implementation='{NAME}' after use_ring()",
+            )
     if problems:
         what = type(model).__name__ if hasattr(model, "named_modules") else f"model_type={model.model_type!r}"
         raise ValueError(f"{what} does not route its attention through ringwise exactly: " + "; ".join(problems))
@@ -399,8 +468,9 @@ def generate(model, input_ids: torch.Tensor, **generate_kwargs):
     return sharded_generate(model, input_ids, objection=objection, **generate_kwargs)
 
 
-def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_seqlens=None,
-                shard: SeqShard | None = None) -> dict:
+def shard_batch(
+    input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_seqlens=None, shard: SeqShard | None = None
+) -> dict:
     """A global (batch, seq) batch -> this rank's model inputs (shard: the model's ring; default
     use_ring's; `shard_of(model)` gives a model's own).
 
@@ -462,14 +532,26 @@ class RingLoss:
         self.config = config  # the model's: its ring (configure, use_ring) is read at each call
         self.returned = None  # (weakref to the loss last returned, its version), for _check_loss_hook
 
-    def __call__(self, logits, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
-                 shift_labels=None, **kwargs):
+    def __call__(
+        self,
+        logits,
+        labels=None,
+        vocab_size=None,
+        num_items_in_batch=None,
+        ignore_index=IGNORE_INDEX,
+        shift_labels=None,
+        **kwargs,
+    ):
         shard = _shard_of(_ring_of(self.config))
         targets = (shift_labels if shift_labels is not None else labels).to(logits.device)
         n = None if num_items_in_batch is None else float(num_items_in_batch)
-        flags = (shift_labels is None and _SHIFTED.get(id(labels)) is not labels,  # not known to be shifted
-                 tuple(targets.shape) != tuple(logits.shape[:-1]),
-                 n is not None, n or 0.0, (n or 0.0) ** 2)  # num_items_in_batch: given, its sum, its sum of squares
+        flags = (
+            shift_labels is None and _SHIFTED.get(id(labels)) is not labels,  # not known to be shifted
+            tuple(targets.shape) != tuple(logits.shape[:-1]),
+            n is not None,
+            n or 0.0,
+            (n or 0.0) ** 2,
+        )  # num_items_in_batch: given, its sum, its sum of squares
         sums = _label_sums(targets, shard, [float(f) for f in flags], ignore_index)
         problems = _loss_problems(*sums[1:].tolist(), world=shard.world)
         if problems:
@@ -489,15 +571,20 @@ def _loss_problems(unshifted, bad_shape, given, n_sum, n_sq, world) -> list[str]
             "each rank's shard). Pass the labels rw.shard_batch returned, straight to the model (a copy is not "
             "recognised, e.g. .to(device): shard the batch on the model's device), or pass shift_labels= (targets "
             "already shifted on the global sequence, then sharded), or compute the loss with "
-            "rw.causal_lm_loss(model(**batch).logits, labels)")
+            "rw.causal_lm_loss(model(**batch).logits, labels)"
+        )
     if bad_shape:
-        problems.append(f"on {int(bad_shape)} of the ring's {world} ranks the labels' shape is not the logits' "
-                        "(batch, local sequence): pass this rank's shard of them (rw.shard_batch), no logits_to_keep")
+        problems.append(
+            f"on {int(bad_shape)} of the ring's {world} ranks the labels' shape is not the logits' "
+            "(batch, local sequence): pass this rank's shard of them (rw.shard_batch), no logits_to_keep"
+        )
     if 0 < given < world:
         problems.append(f"num_items_in_batch was passed on {int(given)} of the ring's {world} ranks only")
     elif given and abs(world * n_sq - n_sum * n_sum) > 1e-9 * n_sum * n_sum:
-        problems.append("num_items_in_batch differs between the ring's ranks: each rank would divide its share by "
-                        "another count; pass the whole batch's labelled-token count, the same on every rank")
+        problems.append(
+            "num_items_in_batch differs between the ring's ranks: each rank would divide its share by "
+            "another count; pass the whole batch's labelled-token count, the same on every rank"
+        )
     return problems
 
 
@@ -540,14 +627,23 @@ def _check_loss_hook(module, args, kwargs, output):
             return
     prop = getattr(type(module), "loss_function", None)
     if isinstance(fn, RingLoss):
-        why = (f"{type(module).__name__}'s forward computed its loss without model.loss_function" if returned is None
-               else "the model changed the loss after its loss_function returned it (e.g. added a router "
-                    "load-balancing loss, output_router_logits=True, computed on this rank's tokens only)")
+        why = (
+            f"{type(module).__name__}'s forward computed its loss without model.loss_function"
+            if returned is None
+            else "the model changed the loss after its loss_function returned it (e.g. added a router "
+            "load-balancing loss, output_router_logits=True, computed on this rank's tokens only)"
+        )
     elif isinstance(prop, property) and prop.fset is None:
-        why = (f"{type(module).__name__}.loss_function has no setter (transformers {_transformers_version()}), "
-               "so ringwise cannot give the model its ring-aware loss")
+        why = (
+            f"{type(module).__name__}.loss_function has no setter (transformers {_transformers_version()}), "
+            "so ringwise cannot give the model its ring-aware loss"
+        )
     else:
-        why = (f"the model's loss_function is {getattr(fn, '__name__', type(fn).__name__)}, not ringwise's "
-               "ring-aware causal LM loss (check_model / configure install it over transformers' ForCausalLMLoss)")
-    raise ValueError(f"ringwise: model(labels=...).loss would not be the exact loss over the ring: {why}. Compute "
-                     "it with rw.causal_lm_loss(model(**batch).logits, labels)")
+        why = (
+            f"the model's loss_function is {getattr(fn, '__name__', type(fn).__name__)}, not ringwise's "
+            "ring-aware causal LM loss (check_model / configure install it over transformers' ForCausalLMLoss)"
+        )
+    raise ValueError(
+        f"ringwise: model(labels=...).loss would not be the exact loss over the ring: {why}. Compute "
+        "it with rw.causal_lm_loss(model(**batch).logits, labels)"
+    )

@@ -6,6 +6,7 @@ read the kernel's peak resident set (VmHWM) after resetting it through
 glibc's mmap threshold set low (see `return_large_frees`) to make freed tensors leave the
 resident set at once; `LocalCluster(..., track_memory=True)` does this for its ranks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,6 @@ def return_large_frees() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # -3: M_MMAP_THRESHOLD
-
-
 
 
 class PeakMemory:
@@ -51,4 +50,3 @@ class PeakMemory:
 
 def mib(n_bytes: float) -> float:
     return n_bytes / 2**20
-

@@ -10,13 +10,34 @@ is its `python -m ringwise.train` entry point. Locally `ringwise train --world 4
 through PyTorch's elastic launcher (the code torchrun runs); on a cluster the same module runs
 under `torchrun --nnodes N --nproc-per-node 8 -m ringwise.train ...`.
 """
+
 from .config import ConfigError, TrainConfig, add_arguments, check, problems
 from .launcher import elastic_run, free_port
 from .loop import compute_gradients, lr_at, run_on_mesh, save, setup, step, worker
 from .mesh import Mesh, make_mesh, shard_model
 from .tasks import FinetuneTask, RetrievalTask, Task, TextTask, task_for
 
-__all__ = ["TrainConfig", "ConfigError", "add_arguments", "check", "problems", "Mesh", "make_mesh", "shard_model",
-           "elastic_run", "free_port", "setup", "step", "save", "compute_gradients", "lr_at", "run_on_mesh", "worker",
-           "Task", "RetrievalTask", "TextTask", "FinetuneTask", "task_for"]
-
+__all__ = [
+    "TrainConfig",
+    "ConfigError",
+    "add_arguments",
+    "check",
+    "problems",
+    "Mesh",
+    "make_mesh",
+    "shard_model",
+    "elastic_run",
+    "free_port",
+    "setup",
+    "step",
+    "save",
+    "compute_gradients",
+    "lr_at",
+    "run_on_mesh",
+    "worker",
+    "Task",
+    "RetrievalTask",
+    "TextTask",
+    "FinetuneTask",
+    "task_for",
+]

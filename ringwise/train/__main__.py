@@ -5,6 +5,7 @@ ringwise.train`).
 An entry point, like ringwise.cli, above every layer (tests/test_imports.py): it hands the argv
 to the CLI. The rest of ringwise.train imports nothing above it.
 """
+
 from __future__ import annotations
 
 import sys

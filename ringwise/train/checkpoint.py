@@ -10,6 +10,7 @@ files with their sizes, written last. Everything is written into a hidden
 whole checkpoint or none; a checkpoint whose files do not match its `COMPLETE` list is
 named and skipped for the newest intact one.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,29 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 MARKER = "COMPLETE"
-RUN_KEYS = ("seed", "batch", "seq_len", "data", "fmt", "id_digits", "value_digits", "questions", "id_chars",
-            "id_pool", "loss_on", "lr", "steps", "warmup", "model", "pretrained", "text", "rope_theta",
-            "rope_scaling", "rope_factor", "eval_fraction")
+RUN_KEYS = (
+    "seed",
+    "batch",
+    "seq_len",
+    "data",
+    "fmt",
+    "id_digits",
+    "value_digits",
+    "questions",
+    "id_chars",
+    "id_pool",
+    "loss_on",
+    "lr",
+    "steps",
+    "warmup",
+    "model",
+    "pretrained",
+    "text",
+    "rope_theta",
+    "rope_scaling",
+    "rope_factor",
+    "eval_fraction",
+)
 
 
 def _name(step: int) -> str:
@@ -60,8 +81,10 @@ def problem(path: Path) -> str | None:
     found = _files(path)
     for name, size in listed.items():
         if found.get(name) != size:
-            return (f"{path}: {name} is {'missing' if name not in found else f'{found[name]} bytes'}, "
-                    f"expected {size} bytes (truncated or damaged)")
+            return (
+                f"{path}: {name} is {'missing' if name not in found else f'{found[name]} bytes'}, "
+                f"expected {size} bytes (truncated or damaged)"
+            )
     return None
 
 
@@ -235,8 +258,11 @@ def run_settings(cfg) -> dict:
 def incompatibilities(meta: dict, cfg) -> list[str]:
     """How `cfg` differs from the run that wrote a checkpoint (model preset and data stream)."""
     now = run_settings(cfg)
-    return [f"--{k.replace('_', '-')}: checkpoint {v!r}, now {now[k]!r}" for k, v in meta.get("run", {}).items()
-            if k in now and now[k] != v]
+    return [
+        f"--{k.replace('_', '-')}: checkpoint {v!r}, now {now[k]!r}"
+        for k, v in meta.get("run", {}).items()
+        if k in now and now[k] != v
+    ]
 
 
 def resume_problems(cfg) -> list[str]:
@@ -246,12 +272,15 @@ def resume_problems(cfg) -> list[str]:
     if path is None:
         return []
     if not cfg.resume:
-        return [f"--out {cfg.out} holds checkpoints up to step {read_meta(path)['step']}: pass --resume to "
-                "continue that run, or give a new --out (or delete the folder) to start over"]
+        return [
+            f"--out {cfg.out} holds checkpoints up to step {read_meta(path)['step']}: pass --resume to "
+            "continue that run, or give a new --out (or delete the folder) to start over"
+        ]
     diffs = incompatibilities(read_meta(path), cfg)
     if diffs:
-        return [f"--resume: {path} was made by a different run ({'; '.join(diffs)}); use the same settings "
-                "or a new --out"]
+        return [
+            f"--resume: {path} was made by a different run ({'; '.join(diffs)}); use the same settings or a new --out"
+        ]
     return []
 
 
@@ -271,14 +300,16 @@ def export(run_dir: Path, out_file: Path) -> Path:
     (task: the run's retrieval task and evaluation grid, None for runs saved before it was kept)."""
     path, skipped = newest_intact(Path(run_dir) / "checkpoints")
     if path is None:
-        raise FileNotFoundError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}"
-                                + "".join(f"; skipped {why}" for why in skipped))
+        raise FileNotFoundError(
+            f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}" + "".join(f"; skipped {why}" for why in skipped)
+        )
     state = consolidated(path)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp")
-    torch.save({"step": state["step"], "config": state["config"], "model": state["model"],
-                "task": state.get("task")}, tmp)
+    torch.save(
+        {"step": state["step"], "config": state["config"], "model": state["model"], "task": state.get("task")}, tmp
+    )
     os.replace(tmp, out_file)
     return path
 
@@ -315,8 +346,10 @@ class RunLock:
             except BlockingIOError:
                 os.close(fd)
                 holder = self._holder() or ("?", "unknown host")
-                raise LockHeld(f"{self.path.parent} is in use by another job (pid {holder[0]} on "
-                               f"{holder[1]}); wait for it or use another --out") from None
+                raise LockHeld(
+                    f"{self.path.parent} is in use by another job (pid {holder[0]} on "
+                    f"{holder[1]}); wait for it or use another --out"
+                ) from None
             try:  # the file we locked may have been released and removed meanwhile: lock the one in place
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -4,6 +4,7 @@
 launcher calls `check(cfg)` before any rank starts, so a bad flag costs a few lines of
 text, never a rank start-up or a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,13 @@ class TrainConfig:
 
     def task_kwargs(self) -> dict:
         """The retrieval task's arguments shared by training and evaluation."""
-        return dict(fmt=self.fmt, id_digits=self.id_digits, value_digits=self.value_digits, id_chars=self.id_chars,
-                    id_pool=self.id_pool)
+        return dict(
+            fmt=self.fmt,
+            id_digits=self.id_digits,
+            value_digits=self.value_digits,
+            id_chars=self.id_chars,
+            id_pool=self.id_pool,
+        )
 
     def eval_lengths_for(self, cp: int) -> list[int]:
         """Evaluation context lengths, rounded down to whole shard units of a ring of cp
@@ -123,9 +129,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, choices=tuple(PRESETS))
     g.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block (fullgraph; ring attention is one operator in it); "
-                        "the validated first step and evaluation run eager")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (fullgraph; ring attention is one operator in it); "
+        "the validated first step and evaluation run eager",
+    )
     _dtype_flag(g)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, choices=("retrieval", "text"))
@@ -134,12 +143,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id-digits", type=int, default=None)
     g.add_argument("--id-chars", default=None, help="single-character ids drawn from these characters")
     g.add_argument("--value-digits", type=int, default=None)
-    g.add_argument("--questions", type=int, default=d.questions,
-                   help="retrieval questions per training sequence (evaluation always asks one)")
-    g.add_argument("--id-pool", type=int, default=None,
-                   help="haystack ids recur, drawn from this many ids (training and evaluation)")
-    g.add_argument("--loss-on", default=d.loss_on, choices=("answer", "recall", "all"),
-                   help="training targets: answers only; also every recurring line's value; every token")
+    g.add_argument(
+        "--questions",
+        type=int,
+        default=d.questions,
+        help="retrieval questions per training sequence (evaluation always asks one)",
+    )
+    g.add_argument(
+        "--id-pool",
+        type=int,
+        default=None,
+        help="haystack ids recur, drawn from this many ids (training and evaluation)",
+    )
+    g.add_argument(
+        "--loss-on",
+        default=d.loss_on,
+        choices=("answer", "recall", "all"),
+        help="training targets: answers only; also every recurring line's value; every token",
+    )
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="global tokens per sequence")
     g.add_argument("--batch", type=int, default=d.batch, help="global sequences per step")
     _optimisation_flags(p, d)
@@ -147,14 +168,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-lengths", type=int, nargs="*", default=None, help="retrieval eval context lengths")
     g.add_argument("--eval-depths", type=float, nargs="*", default=d.eval_depths)
     g.add_argument("--eval-per-cell", type=int, default=d.eval_per_cell)
-    g.add_argument("--eval-decoys", type=int, default=d.eval_decoys,
-                   help="with --id-pool: other ids that occur once in each evaluation document, so the "
-                        "needle is not the only line seen once")
+    g.add_argument(
+        "--eval-decoys",
+        type=int,
+        default=d.eval_decoys,
+        help="with --id-pool: other ids that occur once in each evaluation document, so the "
+        "needle is not the only line seen once",
+    )
 
 
 EVAL_SEQUENCES = 8  # finetune's --eval-sequences when not given (fewer where the held-out share holds fewer)
-FINETUNE_DEFAULTS = dict(data="documents", seq_len=1024, batch=1, steps=100, lr=2e-5, warmup=10, weight_decay=0.1,
-                         ckpt_every=50, out="runs/finetune", eval_per_cell=2)
+FINETUNE_DEFAULTS = dict(
+    data="documents",
+    seq_len=1024,
+    batch=1,
+    steps=100,
+    lr=2e-5,
+    warmup=10,
+    weight_decay=0.1,
+    ckpt_every=50,
+    out="runs/finetune",
+    eval_per_cell=2,
+)
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
@@ -162,32 +197,58 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(**FINETUNE_DEFAULTS)
     _process_flags(p, d)
     g = p.add_argument_group("model")
-    g.add_argument("--model", dest="pretrained", required=True, metavar="PATH",
-                   help="a local transformers checkpoint folder (config.json, *.safetensors, tokenizer)")
-    g.add_argument("--checkpoint-layers", action="store_true",
-                   help="transformers' gradient checkpointing: recompute each layer in backward")
+    g.add_argument(
+        "--model",
+        dest="pretrained",
+        required=True,
+        metavar="PATH",
+        help="a local transformers checkpoint folder (config.json, *.safetensors, tokenizer)",
+    )
+    g.add_argument(
+        "--checkpoint-layers",
+        action="store_true",
+        help="transformers' gradient checkpointing: recompute each layer in backward",
+    )
     _dtype_flag(g)
     g.add_argument("--rope-theta", type=float, default=None, help="a new RoPE base (context extension)")
-    g.add_argument("--rope-scaling", default=None, choices=("linear", "yarn", "llama3"),
-                   help="a static RoPE scaling, written into the model's config (needs --rope-factor)")
+    g.add_argument(
+        "--rope-scaling",
+        default=None,
+        choices=("linear", "yarn", "llama3"),
+        help="a static RoPE scaling, written into the model's config (needs --rope-factor)",
+    )
     g.add_argument("--rope-factor", type=float, default=None, help="the scaling's factor (> 1)")
     g = p.add_argument_group("data")
-    g.add_argument("--text", nargs="+", required=True, metavar="FILE",
-                   help="text files, folders and .jsonl files (a \"text\" field per line); one document each, "
-                        "tokenized with the model's tokenizer (cached in $RINGWISE_CACHE/tokens, default "
-                        "~/.cache/ringwise/tokens; never beside your data)")
+    g.add_argument(
+        "--text",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help='text files, folders and .jsonl files (a "text" field per line); one document each, '
+        "tokenized with the model's tokenizer (cached in $RINGWISE_CACHE/tokens, default "
+        "~/.cache/ringwise/tokens; never beside your data)",
+    )
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="global tokens per sequence (documents packed)")
     g.add_argument("--batch", type=int, default=d.batch, help="global sequences per step")
     _optimisation_flags(p, d)
     g = _output_flags(p, d)
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share of the sequences")
-    g.add_argument("--eval-sequences", type=int, default=d.eval_sequences,
-                   help=f"held-out sequences for perplexity by position, before and after training (default: "
-                        f"{EVAL_SEQUENCES}, or every held-out sequence where there are fewer; more than there are "
-                        "is refused)")
+    g.add_argument(
+        "--eval-sequences",
+        type=int,
+        default=d.eval_sequences,
+        help=f"held-out sequences for perplexity by position, before and after training (default: "
+        f"{EVAL_SEQUENCES}, or every held-out sequence where there are fewer; more than there are "
+        "is refused)",
+    )
     g.add_argument("--eval-bucket", type=int, default=d.eval_bucket, help="tokens per position bucket")
-    g.add_argument("--eval-lengths", type=int, nargs="*", default=None,
-                   help="passkey retrieval context lengths (default: half and all of --seq-len)")
+    g.add_argument(
+        "--eval-lengths",
+        type=int,
+        nargs="*",
+        default=None,
+        help="passkey retrieval context lengths (default: half and all of --seq-len)",
+    )
     g.add_argument("--eval-depths", type=float, nargs="*", default=d.eval_depths, help="passkey depths in [0, 1]")
     g.add_argument("--eval-per-cell", type=int, default=d.eval_per_cell, help="passkey documents per cell")
     p.set_defaults(data=FINETUNE_DEFAULTS["data"])  # no flag of its own: the other defaults are the flags' (d)
@@ -196,26 +257,47 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def _process_flags(p, d) -> None:
     g = p.add_argument_group("processes")
     g.add_argument("--world", type=int, default=d.world, help="local processes to start (ignored under torchrun)")
-    g.add_argument("--dp", type=int, default=d.dp,
-                   help="data-parallel replicas; ring (cp) size = world / (dp x ulysses)")
-    g.add_argument("--ulysses", type=int, default=d.ulysses,
-                   help="Ulysses degree U: groups of U consecutive ranks trade sequence for heads with an "
-                        "all-to-all around the ring (USP); U must divide the model's heads")
+    g.add_argument(
+        "--dp", type=int, default=d.dp, help="data-parallel replicas; ring (cp) size = world / (dp x ulysses)"
+    )
+    g.add_argument(
+        "--ulysses",
+        type=int,
+        default=d.ulysses,
+        help="Ulysses degree U: groups of U consecutive ranks trade sequence for heads with an "
+        "all-to-all around the ring (USP); U must divide the model's heads",
+    )
     g.add_argument("--layout", default=d.layout, choices=LAYOUTS)
-    g.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="default: cuda where torch "
-                   "sees a GPU (each rank binds GPU LOCAL_RANK), else cpu")
-    g.add_argument("--backend", default=None, choices=("gloo", "nccl"),
-                   help="default: nccl when every rank has a GPU of its own, else gloo (ranks that share a GPU "
-                        "stage their ring hops through host memory: for testing, not speed)")
+    g.add_argument(
+        "--device",
+        default=d.device,
+        choices=("auto", "cpu", "cuda"),
+        help="default: cuda where torch sees a GPU (each rank binds GPU LOCAL_RANK), else cpu",
+    )
+    g.add_argument(
+        "--backend",
+        default=None,
+        choices=("gloo", "nccl"),
+        help="default: nccl when every rank has a GPU of its own, else gloo (ranks that share a GPU "
+        "stage their ring hops through host memory: for testing, not speed)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
-    g.add_argument("--timeout", type=float, default=d.timeout,
-                   help="seconds a rank may wait on another before the job ends, naming the silent rank")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=d.timeout,
+        help="seconds a rank may wait on another before the job ends, naming the silent rank",
+    )
 
 
 def _dtype_flag(g) -> None:
-    g.add_argument("--dtype", default=None, choices=tuple(DTYPES),
-                   help="compute dtype (master weights, optimizer state, loss and lse stay fp32); "
-                        "default bf16 on CUDA, fp32 on CPU")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=tuple(DTYPES),
+        help="compute dtype (master weights, optimizer state, loss and lse stay fp32); "
+        "default bf16 on CUDA, fp32 on CPU",
+    )
 
 
 def _optimisation_flags(p, d) -> None:
@@ -240,8 +322,11 @@ def _output_flags(p, d):
 
 
 def _positive(cfg, names) -> list[str]:
-    return [f"--{n.replace('_', '-')} {getattr(cfg, n)}: must be a positive integer" for n in names
-            if getattr(cfg, n) is not None and getattr(cfg, n) < 1]
+    return [
+        f"--{n.replace('_', '-')} {getattr(cfg, n)}: must be a positive integer"
+        for n in names
+        if getattr(cfg, n) is not None and getattr(cfg, n) < 1
+    ]
 
 
 def _finite(cfg, names, positive=False) -> list[str]:
@@ -255,8 +340,9 @@ def _finite(cfg, names, positive=False) -> list[str]:
 
 def problems(cfg: TrainConfig) -> list[str]:
     """Every problem of `cfg`, one line each (empty: the run can start)."""
-    out = _positive(cfg, ("steps", "batch", "ckpt_every", "keep", "dp", "ulysses", "threads", "stop_after",
-                          "eval_per_cell"))
+    out = _positive(
+        cfg, ("steps", "batch", "ckpt_every", "keep", "dp", "ulysses", "threads", "stop_after", "eval_per_cell")
+    )
     world = cfg.world_size
     if world < 1:
         out.append(f"--world {world}: must be a positive integer")
@@ -270,14 +356,18 @@ def problems(cfg: TrainConfig) -> list[str]:
             out.append(f"{what} must divide the world size {world}")
         elif cfg.seq_len < 1 or cfg.seq_len % split_unit(cfg.layout, cp, cfg.ulysses):
             unit = split_unit(cfg.layout, cp, cfg.ulysses)
-            out.append(f"--seq-len {cfg.seq_len} must be a positive multiple of {unit} for layout {cfg.layout!r} "
-                       f"on a ring of {cp}" + (f" x ulysses {cfg.ulysses}" if cfg.ulysses > 1 else ""))
+            out.append(
+                f"--seq-len {cfg.seq_len} must be a positive multiple of {unit} for layout {cfg.layout!r} "
+                f"on a ring of {cp}" + (f" x ulysses {cfg.ulysses}" if cfg.ulysses > 1 else "")
+            )
     finetune = bool(cfg.pretrained) or cfg.data == "documents"  # (without --model: the parser said so)
     if cfg.ulysses > 1 and cfg.model in PRESETS and not finetune:
         heads = model_config(cfg.model).n_heads
         if heads % cfg.ulysses:
-            out.append(f"--ulysses {cfg.ulysses} must divide the {heads} attention heads of --model {cfg.model} "
-                       f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})")
+            out.append(
+                f"--ulysses {cfg.ulysses} must divide the {heads} attention heads of --model {cfg.model} "
+                f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})"
+            )
     if cfg.dp >= 1 and cfg.batch >= 1 and cfg.batch % cfg.dp:
         out.append(f"--batch {cfg.batch} must be divisible by --dp {cfg.dp} (each replica takes batch / dp)")
     if world >= 1:
@@ -330,8 +420,10 @@ def _pretrained_problems(cfg) -> list[str]:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             heads = text.num_attention_heads
             if cfg.ulysses > 1 and heads % cfg.ulysses:
-                out.append(f"--ulysses {cfg.ulysses} must divide the model's {heads} attention heads "
-                           f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})")
+                out.append(
+                    f"--ulysses {cfg.ulysses} must divide the model's {heads} attention heads "
+                    f"(valid: {', '.join(str(u) for u in range(1, heads + 1) if heads % u == 0)})"
+                )
     if cfg.seq_len >= 1 and cfg.text:
         try:
             data = documents(cfg)
@@ -340,9 +432,11 @@ def _pretrained_problems(cfg) -> list[str]:
         out += _passkey_problems(cfg, data.tokenizer)
         held, total = len(data.held_out), len(data.train) + len(data.held_out)
         if cfg.eval_sequences is not None and cfg.eval_sequences > held:
-            out.append(f"--eval-sequences {cfg.eval_sequences}: the held-out share holds {held} "
-                       f"sequence{'s' * (held != 1)} (--eval-fraction {cfg.eval_fraction} of the {total} sequences "
-                       f"of --seq-len {cfg.seq_len} in --text); give at most {held}, or raise --eval-fraction")
+            out.append(
+                f"--eval-sequences {cfg.eval_sequences}: the held-out share holds {held} "
+                f"sequence{'s' * (held != 1)} (--eval-fraction {cfg.eval_fraction} of the {total} sequences "
+                f"of --seq-len {cfg.seq_len} in --text); give at most {held}, or raise --eval-fraction"
+            )
     return out
 
 
@@ -385,8 +479,7 @@ def _data_problems(cfg) -> list[str]:
         return []
     bad = []
     try:
-        RetrievalDataset(cfg.seq_len, seed=cfg.seed, questions=cfg.questions, loss_on=cfg.loss_on,
-                         **cfg.task_kwargs())
+        RetrievalDataset(cfg.seq_len, seed=cfg.seed, questions=cfg.questions, loss_on=cfg.loss_on, **cfg.task_kwargs())
     except ValueError as e:
         bad.append(f"retrieval task: {e}")
     if any(not 0.0 <= d <= 1.0 for d in cfg.eval_depths):

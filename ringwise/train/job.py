@@ -4,6 +4,7 @@ lock and only then starts the ranks (`loop.worker` on each); under torchrun it r
 `ringwise train` / `ringwise finetune` (ringwise.commands.train) call it, then draw the plots
 from the run's files (ringwise.train.plots).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -12,8 +13,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from . import checkpoint
 from .config import TrainConfig, check
-from .loop import worker
 from .launcher import elastic_run, failure_causes, under_torchrun
+from .loop import worker
 
 
 class JobFailed(RuntimeError):

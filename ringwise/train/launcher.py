@@ -6,6 +6,7 @@ directly: the same script runs locally and on a cluster); each local rank is for
 forkserver that imported torch once, and dies with the launcher however the launcher ends.
 `failure_causes` turns a failed launch into each rank's cause, a line each.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,7 @@ def free_port() -> int:
 
 
 def start_method(*preload: str) -> str:
-    """"forkserver" where the platform has it (else "spawn"), with `preload` imported once in the server.
+    """ "forkserver" where the platform has it (else "spawn"), with `preload` imported once in the server.
 
     A spawned rank imports torch afresh (2-3 s of CPU each, most of a small job's start-up);
     a forkserver imports it once and forks every rank from that clean, single-threaded
@@ -92,9 +93,15 @@ def elastic_run(entrypoint, nproc: int, *args, log_dir: str | None = None) -> No
     from .loopback import register_rendezvous
 
     config = LaunchConfig(  # one node: the rendezvous is a store on 127.0.0.1, the ranks its clients
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ringwise-{os.getpid()}",
-        rdzv_backend=register_rendezvous(), max_restarts=0, monitor_interval=0.2,
-        start_method=start_method(entrypoint.__module__), logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"ringwise-{os.getpid()}",
+        rdzv_backend=register_rendezvous(),
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method=start_method(entrypoint.__module__),
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
     )
     elastic_launch(config, _Rank(entrypoint))(*args)
 
@@ -118,6 +125,7 @@ def failure_causes(e, logs: str) -> list[str]:
     """From an elastic_run's ChildFailedError `e` and its log_dir: what each rank recorded, every rank a
     signal ended (a killed rank leaves no record, and its peers' errors may be timed before the launcher
     sees it die), then the first to exit."""
+
     def line(rank, failure):
         message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
         return f"rank {rank} (exit code {failure.exitcode}): {message}"

@@ -8,6 +8,7 @@ gradients over all ranks (FSDP2's reduce-scatter, see mesh.py) gives exactly the
 gradient of the whole batch, whatever the world size, dp or layout. Rank 0 writes
 metrics.jsonl and summary.json; the ranks never draw plots (the command does, after the job: plots.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,9 @@ def setup(cfg: TrainConfig, mesh: Mesh) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         run.task.prepare_folder(out)
     if cfg.resume:
-        meta = checkpoint.resume(out / "checkpoints", run.model, run.optimizer,
-                                 log=log if run.is_main else (lambda m: None))
+        meta = checkpoint.resume(
+            out / "checkpoints", run.model, run.optimizer, log=log if run.is_main else (lambda m: None)
+        )
         if meta is not None:
             run.start = meta["step"]
             if run.is_main:
@@ -93,8 +95,9 @@ def truncate_metrics(path: Path, start: int) -> None:
     """Keep only the records of steps before `start` (the steps a resume replays are logged again)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] < start]
+    kept = [
+        line for line in path.read_text().splitlines(keepends=True) if line.strip() and json.loads(line)["step"] < start
+    ]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
@@ -108,7 +111,7 @@ def local_batch(run: Run, step: int) -> list[tuple]:
     data = run.task.train_data
     indices = sample_indices(step, cfg.batch, len(data), cfg.seed)
     per = cfg.batch // mesh.dp
-    examples = [data[i] for i in indices[mesh.dp_rank * per:(mesh.dp_rank + 1) * per]]
+    examples = [data[i] for i in indices[mesh.dp_rank * per : (mesh.dp_rank + 1) * per]]
     shard = lambda x: run.seqshard.shard(x).to(run.device)  # noqa: E731  (labels are already next-token targets)
     if "cu_seqlens" in examples[0]:
         return [(shard(ex["input_ids"][None]), shard(ex["labels"][None]), ex["cu_seqlens"]) for ex in examples]
@@ -158,8 +161,15 @@ def step(run: Run, step: int) -> dict:
     tokens = run.cfg.batch * run.cfg.seq_len
     peaks = gather_peaks(run)
     key = "peak_gpu_mib" if run.device.type == "cuda" else "peak_rss_mib"
-    return dict(step=step, loss=loss, lr=lr_at(step, run.cfg), seconds=seconds, tokens_per_s=tokens / seconds,
-                labelled_tokens=n_tokens, **{key: max(peaks), f"{key}_per_rank": peaks})
+    return dict(
+        step=step,
+        loss=loss,
+        lr=lr_at(step, run.cfg),
+        seconds=seconds,
+        tokens_per_s=tokens / seconds,
+        labelled_tokens=n_tokens,
+        **{key: max(peaks), f"{key}_per_rank": peaks},
+    )
 
 
 def gather_peaks(run: Run) -> list[float]:
@@ -174,8 +184,13 @@ def gather_peaks(run: Run) -> list[float]:
 def save(run: Run, done: int) -> None:
     """A checkpoint of the run after `done` steps; its meta keeps the model's config and the task's (tasks.py)."""
     kept = run.task.checkpoint_meta(run.mesh, run.model)
-    meta = dict(config=kept["config"], run=checkpoint.run_settings(run.cfg), world=run.mesh.world,
-                mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp, ulysses=run.mesh.ulysses), task=kept["task"])
+    meta = dict(
+        config=kept["config"],
+        run=checkpoint.run_settings(run.cfg),
+        world=run.mesh.world,
+        mesh=dict(dp=run.mesh.dp, cp=run.mesh.cp, ulysses=run.mesh.ulysses),
+        task=kept["task"],
+    )
     checkpoint.save(Path(run.cfg.out) / "checkpoints", done, run.model, run.optimizer, meta, keep=run.cfg.keep)
 
 
@@ -196,9 +211,11 @@ def train(run: Run) -> dict | None:
 
         bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True)
         mesh = run.mesh
-        log(f"training {run.task.name} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
+        log(
+            f"training {run.task.name} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
             f"on {mesh.world} ranks (dp {mesh.dp} x cp {mesh.cp} x ulysses {mesh.ulysses}, {cfg.layout}), "
-            f"{cfg.seq_len} tokens per sequence, {cfg.batch} sequences per step")
+            f"{cfg.seq_len} tokens per sequence, {cfg.batch} sequences per step"
+        )
     before = run.task.evaluate_before(run)
     rec = dict(loss=float("nan"))
     for s in range(run.start, cfg.steps):
@@ -276,6 +293,8 @@ def run_on_mesh(cfg: TrainConfig, mesh: Mesh) -> dict | None:
 
 def summary_line(cfg: TrainConfig, run: Run, result: dict) -> str:
     mesh = run.mesh
-    line = (f"done: {cfg.steps} steps, {run.model.num_params() / 1e6:.2f}M params, {mesh.world} ranks "
-            f"(dp {mesh.dp} x cp {mesh.cp} x ulysses {mesh.ulysses}), final loss {result['final_loss']:.4f}")
+    line = (
+        f"done: {cfg.steps} steps, {run.model.num_params() / 1e6:.2f}M params, {mesh.world} ranks "
+        f"(dp {mesh.dp} x cp {mesh.cp} x ulysses {mesh.ulysses}), final loss {result['final_loss']:.4f}"
+    )
     return line + run.task.summary(result) + f"; results in {cfg.out}/"

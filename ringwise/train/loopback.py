@@ -10,6 +10,7 @@ gloo and NCCL sockets on the loopback interface. A job over several machines (to
 needs its stores reachable by the other nodes: there the network must be trusted, as
 PyTorch says of its distributed stores.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -18,8 +19,12 @@ import socket
 from datetime import timedelta
 
 import torch.distributed as dist
-from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousInfo, RendezvousStoreInfo,
-                                                  rendezvous_handler_registry)
+from torch.distributed.elastic.rendezvous import (
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousStoreInfo,
+    rendezvous_handler_registry,
+)
 
 LOOPBACK = "127.0.0.1"
 BACKEND = "ringwise-loopback"
@@ -35,8 +40,16 @@ def loopback_store(timeout: float) -> dist.TCPStore:
     except BaseException:
         sock.close()
         raise
-    return dist.TCPStore(LOOPBACK, port, None, True, timedelta(seconds=timeout), wait_for_workers=False,
-                         multi_tenant=True, master_listen_fd=sock.detach())
+    return dist.TCPStore(
+        LOOPBACK,
+        port,
+        None,
+        True,
+        timedelta(seconds=timeout),
+        wait_for_workers=False,
+        multi_tenant=True,
+        master_listen_fd=sock.detach(),
+    )
 
 
 def is_loopback(address: str) -> bool:
@@ -96,8 +109,9 @@ class LoopbackRendezvous(RendezvousHandler):
     def next_rendezvous(self) -> RendezvousInfo:
         if self._store is None:
             self._store = loopback_store(self.timeout)
-        return RendezvousInfo(dist.PrefixStore(self.run_id, self._store), 0, 1,
-                              RendezvousStoreInfo(LOOPBACK, self._store.port))
+        return RendezvousInfo(
+            dist.PrefixStore(self.run_id, self._store), 0, 1, RendezvousStoreInfo(LOOPBACK, self._store.port)
+        )
 
     def is_closed(self) -> bool:
         return False

@@ -8,6 +8,7 @@ hold the same parameters but different tokens, and each rank's loss is already d
 by the global token count, so gradients are reduce-scattered as a plain SUM. Every group
 gets the job's timeout (a rank that stops responding is named by watchdog.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from ..attention.seqshard import SeqShard
 
 
-def placement(device: str = "auto", backend: str | None = None, local_ranks: int = 1,
-              gpus: int | None = None) -> tuple[str, str]:
+def placement(
+    device: str = "auto", backend: str | None = None, local_ranks: int = 1, gpus: int | None = None
+) -> tuple[str, str]:
     """(device type, backend) for a job of `local_ranks` processes per node with `gpus` GPUs.
 
     device "auto" is cuda where there is a GPU. backend None is NCCL when every rank has a GPU
@@ -36,9 +38,11 @@ def placement(device: str = "auto", backend: str | None = None, local_ranks: int
     if backend == "nccl" and kind != "cuda":
         raise ValueError("--backend nccl needs --device cuda (and a GPU); use gloo on CPU")
     if backend == "nccl" and local_ranks > gpus:
-        raise ValueError(f"--backend nccl: {local_ranks} ranks per node but {gpus} GPU(s), and NCCL refuses two ranks "
-                         "on one GPU; use --backend gloo (ranks share GPUs, hops staged through host memory) or "
-                         f"at most {gpus} rank(s) per node")
+        raise ValueError(
+            f"--backend nccl: {local_ranks} ranks per node but {gpus} GPU(s), and NCCL refuses two ranks "
+            "on one GPU; use --backend gloo (ranks share GPUs, hops staged through host memory) or "
+            f"at most {gpus} rank(s) per node"
+        )
     return kind, backend or ("nccl" if kind == "cuda" and local_ranks <= gpus else "gloo")
 
 
@@ -132,15 +136,19 @@ def make_mesh(dp: int, device: torch.device, timeout: float, ulysses: int = 1) -
         raise ValueError(f"--dp {dp} x --ulysses {ulysses} must divide the world size {world}")
     opts = _group_options(device, timeout)
     if ulysses > 1:
-        dm = init_device_mesh(device.type, (dp, world // (dp * ulysses), ulysses),
-                              mesh_dim_names=("dp", "cp", "ulysses"),
-                              backend_override={"dp": opts, "cp": opts, "ulysses": opts})
+        dm = init_device_mesh(
+            device.type,
+            (dp, world // (dp * ulysses), ulysses),
+            mesh_dim_names=("dp", "cp", "ulysses"),
+            backend_override={"dp": opts, "cp": opts, "ulysses": opts},
+        )
         flat = dm._flatten("dp_cp", backend_override=opts)
         # the ranks that share one sequence: attention's verdict is one gather over them
         seq = dm["cp", "ulysses"]._flatten("cp_ulysses", backend_override=opts)
         return Mesh(dm, flat, device, seq.get_group())
-    dm = init_device_mesh(device.type, (dp, world // dp), mesh_dim_names=("dp", "cp"),
-                          backend_override={"dp": opts, "cp": opts})
+    dm = init_device_mesh(
+        device.type, (dp, world // dp), mesh_dim_names=("dp", "cp"), backend_override={"dp": opts, "cp": opts}
+    )
     flat = dm._flatten("dp_cp", backend_override=opts)  # torchtitan's idiom for sharding over several dims
     return Mesh(dm, flat, device)
 
@@ -148,8 +156,9 @@ def make_mesh(dp: int, device: torch.device, timeout: float, ulysses: int = 1) -
 PER_LAYER_BYTES = 64 * 2**20
 
 
-def shard_model(model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype | None = None,
-                per_layer: bool | None = None) -> None:
+def shard_model(
+    model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype | None = None, per_layer: bool | None = None
+) -> None:
     """FSDP2 over the whole mesh: parameters, gradients and optimizer state live in 1/world
     shards and are gathered only while they compute. Parameters stay in their own dtype
     (float32 master weights and optimizer state); a lower `compute_dtype` (bf16) is what

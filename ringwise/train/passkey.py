@@ -8,6 +8,7 @@ as answered when the greedy prediction of every key token, teacher-forced, is ri
 (depth, length) cell over --eval-per-cell documents (keys drawn from a seeded generator, the same on
 every rank). The classic test of what a longer context bought (Mohtashami & Jaggi, 2023).
 """
+
 from __future__ import annotations
 
 import random
@@ -27,8 +28,10 @@ def passkey_document(tokenizer, length: int, depth: float, key: str) -> tuple[to
     question, answer = enc(QUESTION), enc(f" {key}")
     room = length - len(needle) - len(question) - len(answer)
     if room < 1:
-        raise ValueError(f"a passkey document of {length} tokens has no room for filler (needs "
-                         f"{len(needle) + len(question) + len(answer) + 1} at least)")
+        raise ValueError(
+            f"a passkey document of {length} tokens has no room for filler (needs "
+            f"{len(needle) + len(question) + len(answer) + 1} at least)"
+        )
     filler_unit = enc(FILLER)
     filler = (filler_unit * (room // len(filler_unit) + 1))[:room]
     cut = round(depth * room)
@@ -41,8 +44,9 @@ def passkey_document(tokenizer, length: int, depth: float, key: str) -> tuple[to
 
 
 @torch.no_grad()
-def passkey_accuracy(run, tokenizer, lengths, depths, per_cell: int, seed: int = 0,
-                     document=passkey_document) -> list[list[float]]:
+def passkey_accuracy(
+    run, tokenizer, lengths, depths, per_cell: int, seed: int = 0, document=passkey_document
+) -> list[list[float]]:
     """acc[depth][length]: the share of documents whose every key token the model predicts (greedy).
     document(tokenizer, length, depth, key) -> (input_ids, labels) makes each one."""
     rng = random.Random(seed)

@@ -6,6 +6,7 @@ their own document (the context they can see: attention stays inside each docume
 buckets of --eval-bucket tokens up to the trained length. Sums and counts are reduced over
 every rank, so the numbers are the whole held-out set's, whatever the mesh.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ def perplexity_by_position(run, eager_if) -> dict:
             for j in range(per_replica):
                 i = j * mesh.dp + mesh.dp_rank
                 ex = data[i % n]
-                ids, labels, offset = (seqshard.shard(ex[k][None]).to(run.device)
-                                       for k in ("input_ids", "labels", "doc_offset"))
+                ids, labels, offset = (
+                    seqshard.shard(ex[k][None]).to(run.device) for k in ("input_ids", "labels", "doc_offset")
+                )
                 losses = run.model.token_losses(ids, pos, labels, ex["cu_seqlens"])
                 keep = labels != IGNORE_INDEX
                 if i >= n:  # a repeated window: run (the replicas' forwards pair up), not counted
@@ -55,5 +57,11 @@ def perplexity_by_position(run, eager_if) -> dict:
     dist.all_reduce(counts)
     ppl = [math.exp(s / c) if c else None for s, c in zip(sums.tolist(), counts.tolist())]
     total = counts.sum().item()
-    return dict(bucket=width, starts=[b * width for b in range(n_buckets)], ppl=ppl, tokens=counts.tolist(),
-                loss=sums.sum().item() / total if total else None, sequences=n)
+    return dict(
+        bucket=width,
+        starts=[b * width for b in range(n_buckets)],
+        ppl=ppl,
+        tokens=counts.tolist(),
+        loss=sums.sum().item() / total if total else None,
+        sequences=n,
+    )

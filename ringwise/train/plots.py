@@ -14,8 +14,14 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["draw_run", "plot_retrieval_heatmap", "plot_retrieval_heatmaps", "plot_loss_curve", "plot_lines",
-           "plot_bars"]
+__all__ = [
+    "draw_run",
+    "plot_retrieval_heatmap",
+    "plot_retrieval_heatmaps",
+    "plot_loss_curve",
+    "plot_lines",
+    "plot_bars",
+]
 
 
 def _figure(figsize):
@@ -53,8 +59,9 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def plot_retrieval_heatmap(acc, context_lengths: Sequence[int], depths: Sequence[float], path,
-                           title: str = "Line retrieval accuracy") -> Path:
+def plot_retrieval_heatmap(
+    acc, context_lengths: Sequence[int], depths: Sequence[float], path, title: str = "Line retrieval accuracy"
+) -> Path:
     """Needle-in-a-haystack heatmap: x context length, y needle depth (%), color accuracy.
 
     ``acc[i][j]`` is the accuracy (0..1) at ``depths[i]`` and ``context_lengths[j]``;
@@ -64,8 +71,13 @@ def plot_retrieval_heatmap(acc, context_lengths: Sequence[int], depths: Sequence
     return plot_retrieval_heatmaps({"": acc}, context_lengths, depths, path, title=title)
 
 
-def plot_retrieval_heatmaps(panels: Mapping[str, object], context_lengths: Sequence[int], depths: Sequence[float],
-                            path, title: str = "Line retrieval accuracy") -> Path:
+def plot_retrieval_heatmaps(
+    panels: Mapping[str, object],
+    context_lengths: Sequence[int],
+    depths: Sequence[float],
+    path,
+    title: str = "Line retrieval accuracy",
+) -> Path:
     """Heatmaps side by side on one color scale, one per ``panels`` item (its label -> an ``acc`` as
     plot_retrieval_heatmap's, e.g. ``{"before": ..., "after": ...}``), under one title."""
     grids = {}
@@ -73,8 +85,10 @@ def plot_retrieval_heatmaps(panels: Mapping[str, object], context_lengths: Seque
         rows = [[float(v) for v in _tolist(r)] for r in _tolist(acc)]
         if len(rows) != len(depths) or any(len(r) != len(context_lengths) for r in rows):
             shape = (len(rows), len(rows[0]) if rows else 0)
-            raise ValueError(f"acc{f' {label!r}' if label else ''} has shape {shape}, expected (len(depths), "
-                             f"len(context_lengths)) = ({len(depths)}, {len(context_lengths)})")
+            raise ValueError(
+                f"acc{f' {label!r}' if label else ''} has shape {shape}, expected (len(depths), "
+                f"len(context_lengths)) = ({len(depths)}, {len(context_lengths)})"
+            )
         grids[label] = rows
     import numpy as np  # matplotlib depends on numpy, so it is present once _figure succeeds
 
@@ -132,8 +146,16 @@ def _ema(values: list[float], alpha: float) -> list[float]:
     return out
 
 
-def plot_loss_curve(steps, losses, path, title: str = "Training loss", extra: Mapping | None = None,
-                    smooth: float | None = None, logy: bool = False, lr=None) -> Path:
+def plot_loss_curve(
+    steps,
+    losses,
+    path,
+    title: str = "Training loss",
+    extra: Mapping | None = None,
+    smooth: float | None = None,
+    logy: bool = False,
+    lr=None,
+) -> Path:
     """Loss against step (integer ticks), raw values faint with an exponential moving average on top.
 
     ``smooth`` is the EMA factor in [0, 1) (``None``: 0.9 when there are more than 50
@@ -158,8 +180,15 @@ def plot_loss_curve(steps, losses, path, title: str = "Training loss", extra: Ma
         ax.plot(steps, losses, color="C0", alpha=0.3, linewidth=1, label="train (raw)")
         ax.plot(steps, _ema(losses, smooth), color="C0", linewidth=2, label=f"train (EMA {smooth:g})")
     else:
-        ax.plot(steps, losses, color="C0", linewidth=1.5, marker="o" if len(steps) <= 20 else None, markersize=3,
-                label="train")
+        ax.plot(
+            steps,
+            losses,
+            color="C0",
+            linewidth=1.5,
+            marker="o" if len(steps) <= 20 else None,
+            markersize=3,
+            label="train",
+        )
     for k, (label, (xs, ys)) in enumerate((extra or {}).items()):
         ax.plot(_tolist(xs), _tolist(ys), color=f"C{k + 1}", marker="o", markersize=3, linewidth=1.5, label=label)
     if logy:
@@ -183,9 +212,16 @@ def plot_loss_curve(steps, losses, path, title: str = "Training loss", extra: Ma
     return _save(fig, path)
 
 
-def plot_lines(xs_by_label: Mapping[str, Sequence[float]], ys_by_label: Mapping[str, Sequence[float]], path,
-               xlabel: str = "", ylabel: str = "", title: str = "", logx: bool = False,
-               logy: bool = False) -> Path:
+def plot_lines(
+    xs_by_label: Mapping[str, Sequence[float]],
+    ys_by_label: Mapping[str, Sequence[float]],
+    path,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    logx: bool = False,
+    logy: bool = False,
+) -> Path:
     """Generic labelled line plot for benchmarks (e.g. peak memory against world size).
 
     ``xs_by_label[label]`` and ``ys_by_label[label]`` are one series; both dicts must have
@@ -193,8 +229,9 @@ def plot_lines(xs_by_label: Mapping[str, Sequence[float]], ys_by_label: Mapping[
     powers of two.  Returns the PNG path.
     """
     if set(xs_by_label) != set(ys_by_label):
-        raise ValueError(f"xs_by_label and ys_by_label need the same labels: "
-                         f"{sorted(xs_by_label)} vs {sorted(ys_by_label)}")
+        raise ValueError(
+            f"xs_by_label and ys_by_label need the same labels: {sorted(xs_by_label)} vs {sorted(ys_by_label)}"
+        )
     fig = _figure((7, 4.5))
     ax = fig.add_subplot()
     for label in ys_by_label:
@@ -219,8 +256,14 @@ def plot_lines(xs_by_label: Mapping[str, Sequence[float]], ys_by_label: Mapping[
     return _save(fig, path)
 
 
-def plot_bars(groups: Sequence[str], values_by_series: Mapping[str, Sequence[float]], path,
-              ylabel: str = "", title: str = "", logy: bool = False) -> Path:
+def plot_bars(
+    groups: Sequence[str],
+    values_by_series: Mapping[str, Sequence[float]],
+    path,
+    ylabel: str = "",
+    title: str = "",
+    logy: bool = False,
+) -> Path:
     """Grouped bar chart: one group per case (``groups``), one bar per series in each group.
 
     For side-by-side comparisons that have no numeric x axis (measured vs planned memory per
@@ -258,8 +301,14 @@ def _per_cell(n) -> str:
 def _evaluated(name: str, r: dict) -> str:
     """'before training (8 sequences, 7,680 tokens)': a perplexity curve's label with its sample size."""
     n, tokens = r.get("sequences"), sum(t for t in r.get("tokens") or [] if t)
-    size = ", ".join(part for part in (f"{n} sequence{'s' * (n != 1)}" if n is not None else "",
-                                        f"{tokens:,.0f} tokens" if tokens else "") if part)
+    size = ", ".join(
+        part
+        for part in (
+            f"{n} sequence{'s' * (n != 1)}" if n is not None else "",
+            f"{tokens:,.0f} tokens" if tokens else "",
+        )
+        if part
+    )
     return f"{name} training" + (f" ({size})" if size else "")
 
 
@@ -270,23 +319,43 @@ def draw_run(out) -> None:
     out = Path(out)
     recs = [json.loads(line) for line in open(out / "metrics.jsonl") if line.strip()]
     lr = [r["lr"] for r in recs] if recs and all("lr" in r for r in recs) else None
-    plot_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], out / "loss.png",
-                    title="Training loss (global mean per labelled token)", lr=lr)
+    plot_loss_curve(
+        [r["step"] for r in recs],
+        [r["loss"] for r in recs],
+        out / "loss.png",
+        title="Training loss (global mean per labelled token)",
+        lr=lr,
+    )
     summary = json.loads((out / "summary.json").read_text())
     per_cell = (summary.get("config") or {}).get("eval_per_cell")
     if "perplexity" in summary:  # finetune: held-out perplexity by position inside the document
         runs = {name: r for name, r in summary["perplexity"].items() if r}
         xs = {_evaluated(name, r): [s for s, p in zip(r["starts"], r["ppl"]) if p] for name, r in runs.items()}
         ys = {_evaluated(name, r): [p for p in r["ppl"] if p] for name, r in runs.items()}
-        plot_lines(xs, ys, out / "ppl_by_position.png", xlabel="position inside the document (bucket start, tokens)",
-                   ylabel="held-out perplexity", title="Perplexity by position, before and after fine-tuning")
+        plot_lines(
+            xs,
+            ys,
+            out / "ppl_by_position.png",
+            xlabel="position inside the document (bucket start, tokens)",
+            ylabel="held-out perplexity",
+            title="Perplexity by position, before and after fine-tuning",
+        )
     if "passkey" in summary:
         r = summary["passkey"]
-        panels = {"before fine-tuning": r["before"], "after fine-tuning": r["accuracy"]} if r.get("before") else \
-            {"after fine-tuning": r["accuracy"]}
-        plot_retrieval_heatmaps(panels, r["lengths"], r["depths"], out / "retrieval.png",
-                                title=f"Passkey retrieval{_per_cell(per_cell)}")
+        panels = (
+            {"before fine-tuning": r["before"], "after fine-tuning": r["accuracy"]}
+            if r.get("before")
+            else {"after fine-tuning": r["accuracy"]}
+        )
+        plot_retrieval_heatmaps(
+            panels, r["lengths"], r["depths"], out / "retrieval.png", title=f"Passkey retrieval{_per_cell(per_cell)}"
+        )
     if "retrieval" in summary:
         r = summary["retrieval"]
-        plot_retrieval_heatmap(r["accuracy"], r["lengths"], r["depths"], out / "retrieval.png",
-                               title=f"Line retrieval accuracy after training{_per_cell(per_cell)}")
+        plot_retrieval_heatmap(
+            r["accuracy"],
+            r["lengths"],
+            r["depths"],
+            out / "retrieval.png",
+            title=f"Line retrieval accuracy after training{_per_cell(per_cell)}",
+        )

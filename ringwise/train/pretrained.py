@@ -17,6 +17,7 @@ Context extension: `extended_config` writes --rope-theta / --rope-scaling / --ro
 config (static scalings only: the integration refuses those that depend on the local length)
 and raises max_position_embeddings to cover the trained length.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ def checkpoint_problems(path) -> list[str]:
     """What keeps `path` from being a transformers checkpoint this job can read (empty: none)."""
     p = Path(path)
     if not (p / "config.json").is_file():
-        return [f"--model {path}: no config.json there (give a transformers checkpoint folder; "
-                "scripts/fetch_smollm2.py makes one)"]
+        return [
+            f"--model {path}: no config.json there (give a transformers checkpoint folder; "
+            "scripts/fetch_smollm2.py makes one)"
+        ]
     if not weight_files(p):
         return [f"--model {path}: no .safetensors weights there (save the model with save_pretrained)"]
     return []
@@ -136,8 +139,9 @@ class PretrainedLM(nn.Module):
     def _hidden(self, input_ids, positions, cu_seqlens):
         """The decoder's final hidden states of the local tokens, on the model's ring."""
         extra = {} if cu_seqlens is None else {"ringwise_cu_seqlens": list(cu_seqlens)}
-        out = self.hf.base_model(input_ids=input_ids, position_ids=positions[None].expand(input_ids.shape[0], -1),
-                                 use_cache=False, **extra)
+        out = self.hf.base_model(
+            input_ids=input_ids, position_ids=positions[None].expand(input_ids.shape[0], -1), use_cache=False, **extra
+        )
         return out.last_hidden_state
 
     def forward(self, input_ids, positions, labels, cu_seqlens=None):
@@ -226,8 +230,10 @@ def load_weights(hf: nn.Module, path) -> None:
     tied = {k for k in state if k not in stored and _is_tied(hf, k)}
     missing = sorted(k for k in state if k not in stored and k not in tied)
     if missing:
-        raise ValueError(f"--model {path}: the checkpoint lacks {len(missing)} of the model's tensors "
-                         f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        raise ValueError(
+            f"--model {path}: the checkpoint lacks {len(missing)} of the model's tensors "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})"
+        )
     wanted = {k: v for k, v in state.items() if k not in tied}
     dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(path)), planner=DefaultLoadPlanner())
 
@@ -266,6 +272,7 @@ _PREPARED: dict = {}  # the last documents() of this process: {its sources' key:
 def _sources_key(cfg) -> tuple:
     """What documents() reads: the checkpoint's folder and every --text file, each with its size and
     modification time (an edited file is read again), and the packing's settings."""
+
     def stats(paths):
         return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in paths)
 
@@ -297,8 +304,10 @@ def _prepare_documents(cfg) -> Documents:
     packed = PackedDocuments(tokenize_documents(cfg.text, tokenizer), cfg.seq_len, tokenizer.eos_token_id)
     train, held_out = split(len(packed), cfg.eval_fraction)
     if not len(train) or not len(held_out):
-        raise ValueError(f"--text holds {packed.tokens.numel()} tokens of --model's tokenizer: {len(packed)} "
-                         f"sequence(s) of --seq-len {cfg.seq_len}; training and evaluation need 2 at least")
+        raise ValueError(
+            f"--text holds {packed.tokens.numel()} tokens of --model's tokenizer: {len(packed)} "
+            f"sequence(s) of --seq-len {cfg.seq_len}; training and evaluation need 2 at least"
+        )
     return Documents(torch.utils.data.Subset(packed, train), torch.utils.data.Subset(packed, held_out), tokenizer)
 
 
@@ -327,16 +336,19 @@ def export_hf(run_dir, out) -> Path:
         raise ValueError(f"{run_dir} is not a ringwise finetune run (no hf/config.json); export it without --hf")
     path, skipped = checkpoint.newest_intact(run_dir / "checkpoints")
     if path is None:
-        raise FileNotFoundError(f"no intact checkpoint in {run_dir / 'checkpoints'}"
-                                + "".join(f"; skipped {why}" for why in skipped))
+        raise FileNotFoundError(
+            f"no intact checkpoint in {run_dir / 'checkpoints'}" + "".join(f"; skipped {why}" for why in skipped)
+        )
     weights = {k.removeprefix("hf."): v for k, v in checkpoint.consolidated(path)["model"].items()}
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), **dtype_kwarg(torch.float32))
     model.load_state_dict(weights, strict=False)
     expected = set(model.state_dict())
     missing = sorted(k for k in expected - set(weights) if not _is_tied(model, k))
     if missing or set(weights) - expected:
-        raise ValueError(f"{path}: its tensors do not match the model (missing {missing[:4]}, "
-                         f"unexpected {sorted(set(weights) - expected)[:4]})")
+        raise ValueError(
+            f"{path}: its tensors do not match the model (missing {missing[:4]}, "
+            f"unexpected {sorted(set(weights) - expected)[:4]})"
+        )
     model.tie_weights()
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: give a new folder for the export")

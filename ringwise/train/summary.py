@@ -15,6 +15,7 @@ run's own files and its flags:
   every step of the run), the tokens they trained (steps x batch x seq_len) per second of it, and
   the highest per-rank peak memory of any step.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,14 @@ def resolved_config(cfg, flags) -> dict:
     world = cfg.world_size
     kind, backend = placement(cfg.device, cfg.backend, cfg.local_ranks)
     cp = world // (cfg.dp * cfg.ulysses)
-    resolved = dict(world=world, device=kind, backend=backend,
-                    dtype=cfg.dtype or ("bf16" if kind == "cuda" else "fp32"),
-                    threads=cfg.threads or (max(1, (os.cpu_count() or 1) // world) if kind == "cpu" else None),
-                    eval_lengths=cfg.eval_lengths_for(cp))
+    resolved = dict(
+        world=world,
+        device=kind,
+        backend=backend,
+        dtype=cfg.dtype or ("bf16" if kind == "cuda" else "fp32"),
+        threads=cfg.threads or (max(1, (os.cpu_count() or 1) // world) if kind == "cpu" else None),
+        eval_lengths=cfg.eval_lengths_for(cp),
+    )
     config = {k: resolved.get(k, getattr(cfg, k)) for k in flags if hasattr(cfg, k) and k not in _NOT_CONFIG}
     if "pretrained" in config:  # finetune's --model
         config["model"] = config.pop("pretrained")
@@ -54,9 +59,12 @@ def throughput(cfg, metrics: Path) -> dict:
     seconds = sum(r["seconds"] for r in records)
     peaks = [r.get("peak_gpu_mib", r.get("peak_rss_mib")) for r in records]
     peaks = [p for p in peaks if p is not None]
-    return dict(train_time_s=round(seconds, 3), steps_timed=len(records),
-                tokens_per_s=round(len(records) * cfg.batch * cfg.seq_len / seconds, 1) if seconds > 0 else None,
-                peak_memory_mib=max(peaks) if peaks else None)
+    return dict(
+        train_time_s=round(seconds, 3),
+        steps_timed=len(records),
+        tokens_per_s=round(len(records) * cfg.batch * cfg.seq_len / seconds, 1) if seconds > 0 else None,
+        peak_memory_mib=max(peaks) if peaks else None,
+    )
 
 
 def complete_summary(out, cfg, flags, command: str, wall_time_s: float) -> dict:
@@ -70,8 +78,13 @@ def complete_summary(out, cfg, flags, command: str, wall_time_s: float) -> dict:
     sequences = ((results.get("perplexity") or {}).get("after") or {}).get("sequences")
     if "eval_sequences" in config and sequences is not None:
         config["eval_sequences"] = sequences
-    summary = dict(command=command, config=config, **results, wall_time_s=round(wall_time_s, 3),
-                   **throughput(cfg, Path(out) / "metrics.jsonl"))
+    summary = dict(
+        command=command,
+        config=config,
+        **results,
+        wall_time_s=round(wall_time_s, 3),
+        **throughput(cfg, Path(out) / "metrics.jsonl"),
+    )
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(path)

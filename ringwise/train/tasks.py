@@ -18,6 +18,7 @@ train`'s retrieval and text runs and `ringwise finetune`:
   answers; None for text and finetune runs);
 - `name`, `summary(result)`: the model's name in the log, the evaluation in the final line.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -107,22 +108,35 @@ class RetrievalTask(_OwnModelTask):
     @cached_property
     def train_data(self) -> RetrievalDataset:
         cfg = self.cfg
-        return RetrievalDataset(cfg.seq_len, seed=cfg.seed, questions=cfg.questions, loss_on=cfg.loss_on,
-                                **cfg.task_kwargs())
+        return RetrievalDataset(
+            cfg.seq_len, seed=cfg.seed, questions=cfg.questions, loss_on=cfg.loss_on, **cfg.task_kwargs()
+        )
 
     def evaluate(self, run, before: dict | None) -> dict:
         """Retrieval accuracy by (context length, needle depth) on the held-out grid."""
         cfg = self.cfg
         lengths = cfg.eval_lengths_for(run.mesh.cp)
         with eager_if(cfg.compile):
-            acc = retrieval_accuracy(run.model, lengths, cfg.eval_depths, cfg.eval_per_cell, device=run.device,
-                                     decoys=cfg.eval_decoys, **cfg.task_kwargs())
+            acc = retrieval_accuracy(
+                run.model,
+                lengths,
+                cfg.eval_depths,
+                cfg.eval_per_cell,
+                device=run.device,
+                decoys=cfg.eval_decoys,
+                **cfg.task_kwargs(),
+            )
         return dict(retrieval=dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc))
 
     def checkpoint_meta(self, mesh: Mesh, model) -> dict:
         cfg = self.cfg  # the task: for `ringwise generate --retrieval`
-        task = dict(cfg.task_kwargs(), decoys=cfg.eval_decoys, lengths=cfg.eval_lengths_for(mesh.cp),
-                    depths=list(cfg.eval_depths), per_cell=cfg.eval_per_cell)
+        task = dict(
+            cfg.task_kwargs(),
+            decoys=cfg.eval_decoys,
+            lengths=cfg.eval_lengths_for(mesh.cp),
+            depths=list(cfg.eval_depths),
+            per_cell=cfg.eval_per_cell,
+        )
         return dict(config=model.cfg.to_dict(), task=task)
 
     def summary(self, result: dict) -> str:
@@ -193,8 +207,10 @@ class FinetuneTask(Task):
         cfg = self.cfg
         lengths = cfg.eval_lengths_for(run.mesh.cp)
         acc = passkey_accuracy(run, self.tokenizer, lengths, cfg.eval_depths, cfg.eval_per_cell, cfg.seed)
-        return dict(perplexity=perplexity_by_position(run, eager_if),
-                    passkey=dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc))
+        return dict(
+            perplexity=perplexity_by_position(run, eager_if),
+            passkey=dict(lengths=lengths, depths=list(cfg.eval_depths), accuracy=acc),
+        )
 
     def evaluate_before(self, run) -> dict | None:
         """The pretrained model's evaluation before any step (eval_before.json; a resumed run reads the one
@@ -211,8 +227,10 @@ class FinetuneTask(Task):
 
     def evaluate(self, run, before: dict | None) -> dict:
         after, before = self._evaluation(run), before or {}
-        return dict(perplexity=dict(before=before.get("perplexity"), after=after["perplexity"]),
-                    passkey=dict(after["passkey"], before=(before.get("passkey") or {}).get("accuracy")))
+        return dict(
+            perplexity=dict(before=before.get("perplexity"), after=after["perplexity"]),
+            passkey=dict(after["passkey"], before=(before.get("passkey") or {}).get("accuracy")),
+        )
 
     def checkpoint_meta(self, mesh: Mesh, model) -> dict:
         return dict(config=dict(transformers=str(Path(self.cfg.out) / "hf")), task=None)
@@ -222,8 +240,10 @@ class FinetuneTask(Task):
         ppl = lambda r: "?" if not r or r["loss"] is None else f"{math.exp(r['loss']):.2f}"  # noqa: E731
         line = f"; held-out perplexity {ppl(p['before'])} before, {ppl(p['after'])} after"
         mean = lambda acc: "?" if not acc else f"{sum(map(sum, acc)) / sum(map(len, acc)):.0%}"  # noqa: E731
-        return line + (f"; passkey retrieval {mean(result['passkey']['before'])} before, "
-                       f"{mean(result['passkey']['accuracy'])} after")
+        return line + (
+            f"; passkey retrieval {mean(result['passkey']['before'])} before, "
+            f"{mean(result['passkey']['accuracy'])} after"
+        )
 
 
 def task_for(cfg: TrainConfig) -> Task:

@@ -6,6 +6,7 @@ out, `name_failed_peers` names the peers behind it: one on this host that exited
 SIGSTOPped process ignores the launcher's SIGTERM). `peak_memory_mib` is this process's peak
 memory (the CUDA allocator's, or the kernel's VmHWM from /proc/self/status).
 """
+
 from __future__ import annotations
 
 import multiprocessing.util
@@ -97,8 +98,10 @@ def name_failed_peers(error: BaseException, heartbeat: Heartbeat | None, timeout
             time.sleep(0.05)
         exited = [f"rank {r} (pid {pid} on {here})" for r, pid in local if _has_exited(pid)]
         if exited:
-            return RuntimeError(f"rank {heartbeat.rank}: {', '.join(exited)} exited while the job ran "
-                                f"(killed or crashed; its own error, if any, is above). Cause here: {error}")
+            return RuntimeError(
+                f"rank {heartbeat.rank}: {', '.join(exited)} exited while the job ran "
+                f"(killed or crashed; its own error, if any, is above). Cause here: {error}"
+            )
     if not silent:
         return error
     names = []
@@ -107,8 +110,10 @@ def name_failed_peers(error: BaseException, heartbeat: Heartbeat | None, timeout
         if host == here:  # at exit: after this rank's error is recorded for the launcher
             # (multiprocessing's exit hook runs in a forked rank too, where atexit does not)
             multiprocessing.util.Finalize(None, _kill, args=(pid,), exitpriority=0)
-    return RuntimeError(f"rank {heartbeat.rank}: {', '.join(names)} stopped responding (frozen or hung); "
-                        f"the job ends after the --timeout of {timeout:g} s. Cause: {error}")
+    return RuntimeError(
+        f"rank {heartbeat.rank}: {', '.join(names)} stopped responding (frozen or hung); "
+        f"the job ends after the --timeout of {timeout:g} s. Cause: {error}"
+    )
 
 
 def _kill(pid: int) -> None:
