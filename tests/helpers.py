@@ -11,7 +11,8 @@ Every test file imports what it shares from here (never from another test file):
 - `make_inputs`, `assemble`, `document_mask`, `visible_mask`, `packed`, case ids, and the
   hop schedule read off a mask (`schedule_from_mask`, `expected_hops`).
 - `count_comms` (from ringwise.testing.comms): every torch.distributed call made while active,
-  and the attention's own traffic (`.hops`, `.all_to_all`, `.staged`): one context counts it all.
+  and the attention's own traffic (`.hops`, `.all_to_all`, `.staged`): one context counts it all;
+  `ALL_GATHER_SINGLE`: the kind a decode_attention data gather counts as (all_gather_single).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 import ringwise
 from ringwise.attention.layout import global_indices
-from ringwise.testing.comms import count_comms  # noqa: F401  (re-exported for the tests)
+from ringwise.testing.comms import ALL_GATHER_SINGLE, count_comms  # noqa: F401  (re-exported for the tests)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # The budget's additive eps: room for a ring whose kernel error happens to be ~0 on some entry.

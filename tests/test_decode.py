@@ -7,9 +7,18 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import (
+    ALL_GATHER_SINGLE,
+    CEILINGS,
+    DTYPES,
+    EPS,
+    assert_within_budget,
+    count_comms,
+    max_err,
+    reference_attention,
+)
 
 import ringwise
-from helpers import CEILINGS, DTYPES, EPS, assert_within_budget, count_comms, max_err, reference_attention
 
 
 def shard_sizes(case):
@@ -82,8 +91,8 @@ GRID = []
 for W in (1, 2, 3, 4):
     for extra in (dict(), dict(tq=3), dict(uneven=True), dict(empty=(0,)), dict(window=5, tq=3),
                   dict(sinks=True), dict(softcap=4.0, tq=3), dict(kv_heads=1), dict(masked_row=True, tq=3),
-                  dict(future_keys=True, tq=3), dict(nan=True, tq=3), dict(nan_hidden_key=True, tq=3), dict(dtype="bfloat16"), dict(dtype="float64"),
-                  dict(sinks=True, window=3, masked_row=True, tq=3)):
+                  dict(future_keys=True, tq=3), dict(nan=True, tq=3), dict(nan_hidden_key=True, tq=3),
+                  dict(dtype="bfloat16"), dict(dtype="float64"), dict(sinks=True, window=3, masked_row=True, tq=3)):
         if W == 1 and "empty" in extra:
             continue
         GRID.append(dict(BASE, world=W, seed=len(GRID), **extra))
@@ -125,7 +134,7 @@ def test_decode_matches_reference_on_every_rank(grid_results, case):
     for r in results:
         assert same_bits(r["out"], results[0]["out"]) and same_bits(r["lse"], results[0]["lse"]), \
             "ranks disagree"
-        assert r["comms"] == ({"all_gather_into_tensor": 1} if case["world"] > 1 else {}), r["comms"]
+        assert r["comms"] == ({ALL_GATHER_SINGLE: 1} if case["world"] > 1 else {}), r["comms"]
     out, lse = results[0]["out"], results[0]["lse"]
     assert torch.equal(torch.isnan(out), nan_rows[..., None].expand_as(out)), "NaN lost, or where no input had one"
     assert torch.equal(torch.isnan(lse), nan_rows.transpose(1, 2))
@@ -142,8 +151,8 @@ def test_decode_matches_reference_on_every_rank(grid_results, case):
     rows = ~nan_rows.transpose(1, 2)
     assert torch.equal(torch.isneginf(lse[rows]), torch.isneginf(ref_lse[rows]))
     seen = rows & torch.isfinite(ref_lse)
-    assert_within_budget("lse", max_err(lse.double()[seen], ref_lse[seen]), max_err(kern_lse.double()[seen], ref_lse[seen]),
-                         eps, ceiling=CEILINGS[case["dtype"]])
+    assert_within_budget("lse", max_err(lse.double()[seen], ref_lse[seen]),
+                         max_err(kern_lse.double()[seen], ref_lse[seen]), eps, ceiling=CEILINGS[case["dtype"]])
 
 
 def refusal_case(kind):
@@ -197,7 +206,7 @@ def test_a_problem_on_one_rank_is_raised_on_every_rank(cluster, kind):
         assert all("rank 1" in msg and want in msg for msg, _, _ in errors), errors
         assert all(seconds < 5 for _, _, seconds in errors), errors  # promptly: no rank waits for the timeout
         assert errors[0][1] == {"all_gather_object": 1}, errors  # a first call: nothing but the verdict
-        later = {"all_gather_into_tensor": 1, **({"all_gather_object": 1} if rechecked else {})}
+        later = {ALL_GATHER_SINGLE: 1, **({"all_gather_object": 1} if rechecked else {})}
         assert errors[1][1] == later, errors  # later: the one data gather (and the worded check it asked for)
     assert len({tuple(m for m, _, _ in e) for e in results}) == 1, "ranks raised different errors"
 
@@ -226,9 +235,9 @@ def changed_call_case(_):
 
 def test_all_ranks_changing_their_call_alike_agree_again(cluster):
     for counts in cluster(2).run(changed_call_case, None):
-        assert counts[0] == {"all_gather_object": 1, "all_gather_into_tensor": 1}, counts  # the first call
-        assert counts[1] == {"all_gather_into_tensor": 2, "all_gather_object": 1}, counts  # marker, check, data
-        assert counts[2] == {"all_gather_into_tensor": 1}, counts
+        assert counts[0] == {"all_gather_object": 1, ALL_GATHER_SINGLE: 1}, counts  # the first call
+        assert counts[1] == {ALL_GATHER_SINGLE: 2, "all_gather_object": 1}, counts  # marker, check, data
+        assert counts[2] == {ALL_GATHER_SINGLE: 1}, counts
 
 
 def test_refuses_bad_arguments_in_one_process():

@@ -10,7 +10,7 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 
 import ringwise.integrations.transformers as rw  # noqa: E402
-from helpers import count_comms  # noqa: E402
+from helpers import ALL_GATHER_SINGLE, count_comms  # noqa: E402
 from hf_versions import EAGER_EXPERTS, REFUSED_HERE, VERSION  # noqa: E402
 from hf_models import REFERENCE_ATTN, make_config, needs_smollm2, smollm2_folder  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_generate_matches_model_generate_in_one_process(grid_results, case):
     assert torch.equal(results[0]["tokens"], single_generate(case))
     # NEW forwards (the last prompt token's, then one per new token but the last), one all-gather per layer
     # each, and the final cross-rank comparison
-    gathers = results[0]["comms"].get("all_gather_into_tensor", 0)
+    gathers = results[0]["comms"].get(ALL_GATHER_SINGLE, 0)
     assert gathers == NEW * results[0]["layers"] + 1, results[0]["comms"]
 
 

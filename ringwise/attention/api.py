@@ -18,15 +18,18 @@ to the Ulysses wrapper (ulysses.py), which calls the engine directly.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Literal, NoReturn, Optional, Protocol, Union, overload
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from . import checks
-from .comm import Ring, resolve_transport
-from .kernels import acc_dtype, default_scale
+from .checks import MeshVerdict, Signature, Verdict
+from .comm import Ring, all_gather_objects, resolve_transport
+from .kernels import Kernel, acc_dtype, default_scale
 from .ring import Engine, ring_backward, ring_forward, sink_grad
 from .spec import NAMES, TENSORS, AttentionSpec, process_group, schema_args
 from .ulysses import Mesh, head_chunk_shapes, ulysses_backward, ulysses_forward
@@ -46,12 +49,18 @@ class _Call:
     mesh: Optional[Mesh]  # None: no ulysses group; else this rank's place in the mesh
     engine: Optional[Engine]  # None when there is a problem
     problem: Optional[str]
-    sig: tuple
+    sig: Signature
 
     @property
-    def ulysses(self) -> bool:
-        """The Ulysses wrapper runs (a ulysses group of more than one rank)."""
-        return self.mesh is not None and self.mesh.size > 1
+    def ulysses_mesh(self) -> Optional[Mesh]:
+        """The mesh where the Ulysses wrapper runs (a ulysses group of more than one rank), else None."""
+        return self.mesh if self.mesh is not None and self.mesh.size > 1 else None
+
+    def ready(self) -> Engine:
+        """The engine of a call without a problem (a call with one raises it, as _prepare does)."""
+        if self.engine is None:
+            raise ValueError(f"ring_attention: {self.problem}")
+        return self.engine
 
 
 def _mesh(spec: AttentionSpec, transport: str) -> Optional[Mesh]:
@@ -69,7 +78,8 @@ def _mesh(spec: AttentionSpec, transport: str) -> Optional[Mesh]:
     return mesh
 
 
-def _check(q, k, v, spec: AttentionSpec, positions=None, objection=None) -> _Call:
+def _check(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, positions: Optional[Tensor] = None,
+           objection: Optional[str] = None) -> _Call:
     """Every check of this rank that needs the tensors or the groups, without communication;
     problems are recorded, never raised (except a rank outside its own group, which no other
     rank waits for). The options alone were checked by AttentionSpec.from_options."""
@@ -84,7 +94,8 @@ def _check(q, k, v, spec: AttentionSpec, positions=None, objection=None) -> _Cal
     ring = Ring(process_group(spec.group) if mesh is None or mesh.r >= 0 else None, transport)
     U = mesh.size if mesh is not None else 1
     problem = problem or checks.tensor_problem(q, k, v) or checks.sinks_problem(q, spec.sinks)
-    docs = kernel = None
+    docs: Optional[tuple[int, ...]] = None
+    kernel: Optional[Kernel] = None
     if not problem:
         if mesh is not None:
             problem = checks.ulysses_problem(q, k, spec.layout, U, ring.world_size)
@@ -99,6 +110,7 @@ def _check(q, k, v, spec: AttentionSpec, positions=None, objection=None) -> _Cal
                                                      q.shape[1])
     if problem:
         return _Call(ring, mesh, None, problem, ())
+    assert kernel is not None, "kernel_or_problem gives a kernel or a problem"
     scale = default_scale(q.shape[-1]) if spec.softmax_scale is None else spec.softmax_scale
     sig = (("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype))) + spec.signature(
         softmax_scale=repr(scale), cu_seqlens=docs, transport=ring.transport)
@@ -106,35 +118,33 @@ def _check(q, k, v, spec: AttentionSpec, positions=None, objection=None) -> _Cal
     return _Call(ring, mesh, engine, None, sig)
 
 
-def _gather(obj, group) -> list:
-    parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, obj, group=group)
-    return parts
-
-
 def verdict(call: _Call) -> None:
     """Raise the same error on every rank, before any ring traffic: one all-gather of every
     rank's problem and signature, over the ring's group or the mesh's."""
-    me = dict(rank=dist.get_rank() if _distributed() else 0, problem=call.problem, sig=call.sig)
+    me: Verdict = {"rank": dist.get_rank() if _distributed() else 0, "problem": call.problem, "sig": call.sig}
+    views: Optional[dict[int, MeshVerdict]] = None  # on a mesh: every rank's view of it, by global rank
+    infos: Sequence[Verdict]
+    # in global rank order, whatever the group's order
     if call.mesh is not None:
-        infos = _gather(dict(me, **call.mesh.ranks()), call.mesh.mesh_group)
-    elif call.ring.world_size > 1:
-        infos = _gather(me, call.ring.group)
+        mine: MeshVerdict = {**me, **call.mesh.ranks()}
+        mesh_infos = sorted(all_gather_objects(mine, call.mesh.mesh_group), key=lambda i: i["rank"])
+        views, infos = {i["rank"]: i for i in mesh_infos}, mesh_infos
     else:
-        infos = [me]
-    infos = sorted(infos, key=lambda i: i["rank"])  # in global rank order, whatever the group's order
+        infos = sorted(all_gather_objects(me, call.ring.group) if call.ring.world_size > 1 else [me],
+                       key=lambda i: i["rank"])
     where = "ring_attention (ulysses)" if call.mesh is not None else "ring_attention"
     for i in infos:
         if i["problem"]:
             raise ValueError(f"{where}: rank {i['rank']}: {i['problem']}" if len(infos) > 1 or _distributed()
                              else f"{where}: {i['problem']}")
-    problem = checks.mesh_problem({i["rank"]: i for i in infos}) if call.mesh is not None else None
+    problem = checks.mesh_problem(views) if views is not None else None
     problem = problem or checks.signature_mismatch([i["sig"] for i in infos], [i["rank"] for i in infos])
     if problem:
         raise ValueError(f"{where}: {problem}")
 
 
-def _prepare(q, k, v, spec, positions, objection, validate: bool) -> _Call:
+def _prepare(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, positions: Optional[Tensor],
+             objection: Optional[str], validate: bool) -> _Call:
     call = _check(q, k, v, spec, positions, objection)
     if validate:
         verdict(call)
@@ -151,14 +161,15 @@ _BACKWARD_SCHEMA = (f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Te
                     f"{schema_args()}, bool sinks_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
-def _attention(q, k, v, *rest):
+def _attention(q: Tensor, k: Tensor, v: Tensor, *rest: Any) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(out, lse, saved): saved holds the Ulysses head chunks the backward reuses (empty on a plain ring).
-    rest: the spec's fields, then positions, objection, validate."""
+    rest: the spec's fields, then positions, objection, validate (typed by _FORWARD_SCHEMA)."""
     spec, (positions, objection, validate) = AttentionSpec.take(rest)
     call = _prepare(q, k, v, spec, positions, objection, validate)
-    if call.ulysses:
-        return ulysses_forward(q, k, v, spec.sinks, call.mesh, call.engine)
-    out, lse = ring_forward(q, k, v, call.engine, sinks=spec.sinks)
+    engine, mesh = call.ready(), call.ulysses_mesh
+    if mesh is not None:
+        return ulysses_forward(q, k, v, spec.sinks, mesh, engine)
+    out, lse = ring_forward(q, k, v, engine, sinks=spec.sinks)
     return out, lse, []
 
 
@@ -170,7 +181,7 @@ def _ulysses_size(ulysses_group: Optional[str]) -> int:
 
 
 @_attention_op.register_fake
-def _(q, k, v, *rest):
+def _(q: Tensor, k: Tensor, v: Tensor, *rest: Any) -> tuple[Tensor, Tensor, list[Tensor]]:
     spec, _ = AttentionSpec.take(rest)
     B, L, H, _ = q.shape
     out = q.new_empty(q.shape)
@@ -183,19 +194,26 @@ def _(q, k, v, *rest):
                       q.new_empty(lh, dtype=acc_dtype(q.dtype))]
 
 
-def _attention_backward(dout, q, k, v, out, lse, saved, *rest):
+def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, saved: list[Tensor],
+                        *rest: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dsinks); dsinks is empty when no sink gradient is asked for. On a Ulysses mesh
     the head chunks in `saved` are all it reads: q, out, lse are dout, and k, v views of dout with
-    the kv heads' count (placeholders that cost no memory). rest: the spec's fields, then sinks_grad."""
+    the kv heads' count (placeholders that cost no memory). rest: the spec's fields, then sinks_grad
+    (typed by _BACKWARD_SCHEMA)."""
     spec, (sinks_grad,) = AttentionSpec.take(rest)
     call = _check(q, k, v, spec)  # the forward validated these arguments; this only rebuilds the engine
+    engine, mesh = call.ready(), call.ulysses_mesh
     want_sinks = spec.sinks if sinks_grad else None
-    if call.ulysses:
-        dq, dk, dv, dsinks = ulysses_backward(dout, saved, want_sinks, k.shape[2], call.mesh, call.engine)
+    dsinks: Optional[Tensor]
+    if mesh is not None:
+        dq, dk, dv, dsinks = ulysses_backward(dout, saved, want_sinks, k.shape[2], mesh, engine)
     else:
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, call.engine)
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, engine)
         dsinks = sink_grad(dout, out, lse, want_sinks) if want_sinks is not None else None
-    fresh = lambda t: t if t._base is None else t.clone()  # noqa: E731  (an op's outputs never alias)
+
+    def fresh(t: Tensor) -> Tensor:  # an op's outputs never alias its inputs
+        return t if t._base is None else t.clone()
+
     return fresh(dq), fresh(dk), fresh(dv), (dsinks if dsinks is not None else q.new_empty(0))
 
 
@@ -204,14 +222,31 @@ _attention_backward_op = torch.library.custom_op("ringwise::attention_backward",
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, saved, *rest):
+def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, saved: list[Tensor],
+      *rest: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     spec, (sinks_grad,) = AttentionSpec.take(rest)
     sinks = spec.sinks
     dsinks = sinks.new_empty(sinks.shape) if sinks_grad and sinks is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
-def _setup_context(ctx, inputs, output):
+class _Context(Protocol):
+    """The autograd context of the forward op, as _setup_context fills it and _backward reads it."""
+
+    spec: AttentionSpec  # without its tensors (those are saved)
+    n_inputs: int
+    kv_heads: int
+    ulysses: bool  # the head chunks are saved, nothing else
+    needs_input_grad: tuple[bool, ...]
+    saved_tensors: tuple[Optional[Tensor], ...]
+
+    def mark_non_differentiable(self, *args: Tensor) -> None: ...
+
+    def save_for_backward(self, *tensors: Optional[Tensor]) -> None: ...
+
+
+def _setup_context(ctx: _Context, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, list[Tensor]]) -> None:
+    """inputs: the forward op's arguments (typed by _FORWARD_SCHEMA)."""
     q, k, v, *rest = inputs
     spec, _ = AttentionSpec.take(rest)
     out, lse, saved = output
@@ -232,20 +267,23 @@ def _setup_context(ctx, inputs, output):
 _SINKS = 3 + NAMES.index("sinks")  # the forward op's input that takes a gradient besides q, k, v
 
 
-def _backward(ctx, dout, _dlse, _dsaved):
+def _backward(ctx: _Context, dout: Tensor, _dlse: Optional[Tensor], _dsaved: Sequence[Optional[Tensor]]
+              ) -> tuple[Optional[Tensor], ...]:
     kept = ctx.saved_tensors
     spec = ctx.spec.with_tensors(kept[:len(TENSORS)])
     rest = kept[len(TENSORS):]
     dout = dout.contiguous()
+    qkv_out_lse: tuple[Optional[Tensor], ...]  # the backward op's q, k, v, out, lse
+    saved: list[Optional[Tensor]]
     if ctx.ulysses:
         kv = dout[:, :, :ctx.kv_heads]
-        q, k, v, out, lse, saved = dout, kv, kv, dout, dout, list(rest)
+        qkv_out_lse, saved = (dout, kv, kv, dout, dout), list(rest)
     else:
-        q, k, v, out, lse, saved = *rest, []
+        qkv_out_lse, saved = rest, []
     sinks_grad = spec.sinks is not None and ctx.needs_input_grad[_SINKS]
-    dq, dk, dv, dsinks = torch.ops.ringwise.attention_backward(dout, q, k, v, out, lse, saved, *spec.op_args(),
+    dq, dk, dv, dsinks = torch.ops.ringwise.attention_backward(dout, *qkv_out_lse, saved, *spec.op_args(),
                                                                sinks_grad)
-    grads = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
+    grads: list[Optional[Tensor]] = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
     grads[_SINKS] = dsinks if sinks_grad else None
     return tuple(grads)
 
@@ -255,7 +293,26 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 # -- the front door -------------------------------------------------------------------------------
 
-def attention(q, k, v, *, return_lse=False, validate=True, objection=None, position_ids=None, **options):
+@overload
+def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: Literal[False] = False, validate: bool = True,
+              objection: Optional[str] = None, position_ids: object = None, **options: object) -> Tensor: ...
+
+
+@overload
+def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: Literal[True], validate: bool = True,
+              objection: Optional[str] = None, position_ids: object = None,
+              **options: object) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool, validate: bool = True,
+              objection: Optional[str] = None, position_ids: object = None,
+              **options: object) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False, validate: bool = True,
+              objection: Optional[str] = None, position_ids: object = None,
+              **options: object) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """ring_attention (options: its keyword arguments), plus what integrations hand the verdict:
     `objection` (this rank's problem with the call, raised on every rank alike) and `position_ids`
     (checked to be the layout's global positions of this rank's tokens)."""
@@ -269,7 +326,7 @@ def attention(q, k, v, *, return_lse=False, validate=True, objection=None, posit
     return (out, lse) if return_lse else out
 
 
-def _refuse_untyped(q, k, v, spec: AttentionSpec, validate) -> None:
+def _refuse_untyped(q: object, k: object, v: object, spec: AttentionSpec, validate: bool) -> NoReturn:
     """q, k or v not a tensor cannot even enter the op: the same verdict, from here, on placeholders."""
     problem = checks.tensor_problem(q, k, v)
     placeholder = torch.zeros(1, 1, 1, 1)
@@ -281,9 +338,51 @@ def _refuse_untyped(q, k, v, spec: AttentionSpec, validate) -> None:
     raise ValueError(f"ring_attention: {problem}")
 
 
-def ring_attention(q, k, v, *, causal=False, softmax_scale=None, layout="zigzag", group=None, return_lse=False,
-                   backend="auto", validate=True, cu_seqlens=None, document_ids=None, window=None, sinks=None,
-                   softcap=None, ulysses_group=None, transport=None, mesh_group=None):
+@overload
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                   softmax_scale: Union[float, Tensor, None] = None, layout: str = "zigzag",
+                   group: Optional[ProcessGroup] = None, return_lse: Literal[False] = False,
+                   backend: str = "auto", validate: bool = True,
+                   cu_seqlens: Union[Sequence[int], Tensor, None] = None,
+                   document_ids: Union[Tensor, Sequence[int], None] = None, window: Optional[int] = None,
+                   sinks: Optional[Tensor] = None, softcap: Union[float, Tensor, None] = None,
+                   ulysses_group: Optional[ProcessGroup] = None, transport: Optional[str] = None,
+                   mesh_group: Optional[ProcessGroup] = None) -> Tensor: ...
+
+
+@overload
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                   softmax_scale: Union[float, Tensor, None] = None, layout: str = "zigzag",
+                   group: Optional[ProcessGroup] = None, return_lse: Literal[True],
+                   backend: str = "auto", validate: bool = True,
+                   cu_seqlens: Union[Sequence[int], Tensor, None] = None,
+                   document_ids: Union[Tensor, Sequence[int], None] = None, window: Optional[int] = None,
+                   sinks: Optional[Tensor] = None, softcap: Union[float, Tensor, None] = None,
+                   ulysses_group: Optional[ProcessGroup] = None, transport: Optional[str] = None,
+                   mesh_group: Optional[ProcessGroup] = None) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                   softmax_scale: Union[float, Tensor, None] = None, layout: str = "zigzag",
+                   group: Optional[ProcessGroup] = None, return_lse: bool,
+                   backend: str = "auto", validate: bool = True,
+                   cu_seqlens: Union[Sequence[int], Tensor, None] = None,
+                   document_ids: Union[Tensor, Sequence[int], None] = None, window: Optional[int] = None,
+                   sinks: Optional[Tensor] = None, softcap: Union[float, Tensor, None] = None,
+                   ulysses_group: Optional[ProcessGroup] = None, transport: Optional[str] = None,
+                   mesh_group: Optional[ProcessGroup] = None) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                   softmax_scale: Union[float, Tensor, None] = None, layout: str = "zigzag",
+                   group: Optional[ProcessGroup] = None, return_lse: bool = False,
+                   backend: str = "auto", validate: bool = True,
+                   cu_seqlens: Union[Sequence[int], Tensor, None] = None,
+                   document_ids: Union[Tensor, Sequence[int], None] = None, window: Optional[int] = None,
+                   sinks: Optional[Tensor] = None, softcap: Union[float, Tensor, None] = None,
+                   ulysses_group: Optional[ProcessGroup] = None, transport: Optional[str] = None,
+                   mesh_group: Optional[ProcessGroup] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Exact softmax attention over a sequence sharded across the ranks of `group`.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),

@@ -15,30 +15,62 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Optional, TypedDict, TypeGuard, cast
 
 import torch
 
-from .kernels import BACKENDS, select_kernel
+from .kernels import BACKENDS, Kernel, select_kernel
 from .layout import check_layout, check_local_len, global_indices
 
+if TYPE_CHECKING:
+    from .spec import AttentionSpec
 
-def _integer_tensor(x) -> bool:
+Tensor = torch.Tensor
+# ((name, value), ...): what every rank of a call must pass alike (AttentionSpec.signature, api._check)
+Signature = tuple[tuple[str, object], ...]
+
+
+class Verdict(TypedDict):
+    """One rank's part of a call's verdict, which api.verdict gathers from every rank."""
+
+    rank: int
+    problem: Optional[str]
+    sig: Signature
+
+
+class MeshView(TypedDict):
+    """A rank's view of its (ulysses x ring) mesh (ulysses.Mesh.ranks): its ulysses rank u and ring
+    rank r (-1 where it is not a member), and the global ranks of its ulysses group and of its ring."""
+
+    u: int
+    r: int
+    ulysses: list[int]
+    ring: list[int]
+
+
+class MeshVerdict(Verdict, MeshView):
+    """A rank's verdict on a (ulysses x ring) mesh: its own, and its view of the mesh."""
+
+
+def _integer_tensor(x: object) -> TypeGuard[Tensor]:
     return isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
 
 
-def parse_bounds(cu_seqlens, total: int | None = None, what: str | None = None
+def parse_bounds(cu_seqlens: object, total: int | None = None, what: str | None = None
                  ) -> tuple[tuple[int, ...] | None, str | None]:
     """Document boundaries (flash-attn's cu_seqlens: 0, len0, len0+len1, ..., total) from a 1-D
     integer tensor or a sequence of ints, as a tuple; or the problem with them. With `total`,
     also checked to start at 0, end at `total` (`what` words that length) and strictly increase."""
     bad = "cu_seqlens must be a 1-D integer tensor or a list of ints"
+    items: list[object]
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dim() != 1 or not _integer_tensor(cu_seqlens):
             return None, bad
         items = cu_seqlens.tolist()
     else:
         try:
-            items = list(cu_seqlens)
+            items = list(cast("Iterable[object]", cu_seqlens))  # what is not iterable raises TypeError here
         except TypeError:
             return None, f"{bad}, got {type(cu_seqlens).__name__}"
     bounds = []
@@ -59,7 +91,7 @@ def parse_bounds(cu_seqlens, total: int | None = None, what: str | None = None
     return tuple(bounds), None
 
 
-def bounds_from_document_ids(document_ids) -> tuple[list[int] | None, str | None]:
+def bounds_from_document_ids(document_ids: object) -> tuple[list[int] | None, str | None]:
     """Per-token document ids of the global sequence -> cu_seqlens; each document contiguous."""
     if not isinstance(document_ids, torch.Tensor) or document_ids.dim() != 1 or document_ids.is_floating_point() \
             or document_ids.is_complex() or document_ids.numel() == 0:
@@ -72,10 +104,17 @@ def bounds_from_document_ids(document_ids) -> tuple[list[int] | None, str | None
     return [0] + starts + [len(ids)], None
 
 
-def tensor_problem(q, k, v) -> str | None:
+def tensor_problem(q: object, k: object, v: object) -> str | None:
+    tensors: list[Tensor] = []
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             return f"{name} must be a 4-D tensor (batch, seq, heads, head_dim), got {getattr(x, 'shape', type(x))}"
+        tensors.append(x)
+    return _shape_problem(*tensors)
+
+
+def _shape_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """tensor_problem of three 4-D tensors."""
     if not q.is_floating_point():
         return f"q, k, v must be floating point, got {q.dtype}"
     for name, x in (("k", k), ("v", v)):
@@ -100,17 +139,17 @@ def tensor_problem(q, k, v) -> str | None:
     return None
 
 
-def _real(x) -> bool:
+def _real(x: object) -> TypeGuard[numbers.Real]:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def scale_problem(scale) -> str | None:
+def scale_problem(scale: object) -> str | None:
     if scale is not None and not _real(scale):
         return f"softmax_scale must be a real number or None (1/sqrt(head_dim)), got {scale!r}"
     return None
 
 
-def window_problem(window, causal=True) -> str | None:
+def window_problem(window: object, causal: bool = True) -> str | None:
     if window is None:
         return None
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
@@ -121,10 +160,11 @@ def window_problem(window, causal=True) -> str | None:
     return None
 
 
-def softcap_problem(softcap, backend="auto") -> str | None:
+def softcap_problem(softcap: object, backend: object = "auto") -> str | None:
     if softcap is None:
         return None
-    if not _real(softcap) or not 0 < softcap < math.inf:
+    # cast: typeshed's numbers.Real declares only < and <=, every real type compares both ways
+    if not _real(softcap) or not 0 < cast(float, softcap) < math.inf:
         return f"softcap must be a finite number > 0 (scores -> softcap * tanh(scores / softcap)), got {softcap!r}"
     if backend not in ("auto", "reference"):
         return (f"softcap is computed by the reference kernel only, but backend={backend!r}; "
@@ -132,19 +172,19 @@ def softcap_problem(softcap, backend="auto") -> str | None:
     return None
 
 
-def backend_problem(backend) -> str | None:
+def backend_problem(backend: object) -> str | None:
     if not isinstance(backend, str) or backend not in BACKENDS:
         return f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}"
     return None
 
 
-def option_problem(spec) -> str | None:
+def option_problem(spec: AttentionSpec) -> str | None:
     """What is wrong with the options alone (no tensors, no groups): spec is an AttentionSpec."""
     return (scale_problem(spec.softmax_scale) or window_problem(spec.window, spec.causal)
             or softcap_problem(spec.softcap, spec.backend) or backend_problem(spec.backend))
 
 
-def sinks_problem(q, sinks) -> str | None:
+def sinks_problem(q: Tensor, sinks: object) -> str | None:
     if sinks is None:
         return None
     if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[2]:
@@ -155,7 +195,7 @@ def sinks_problem(q, sinks) -> str | None:
     return None
 
 
-def layout_problem(layout, local_len: int, world_size: int) -> str | None:
+def layout_problem(layout: str, local_len: int, world_size: int) -> str | None:
     try:
         check_layout(layout)
         check_local_len(local_len, layout, world_size)
@@ -164,8 +204,8 @@ def layout_problem(layout, local_len: int, world_size: int) -> str | None:
     return None
 
 
-def position_problem(positions, layout, rank: int, world_size: int, ulysses_rank: int, ulysses_size: int,
-                     local_len: int) -> str | None:
+def position_problem(positions: Optional[Tensor], layout: str, rank: int, world_size: int, ulysses_rank: int,
+                     ulysses_size: int, local_len: int) -> str | None:
     """positions (..., local_len): the global positions the caller gave its tokens (e.g. RoPE's)."""
     if positions is None:
         return None
@@ -180,13 +220,13 @@ def position_problem(positions, layout, rank: int, world_size: int, ulysses_rank
     return not_global_positions(layout) if wrong else None
 
 
-def not_global_positions(layout) -> str:
+def not_global_positions(layout: str) -> str:
     return (f"position_ids are not the global positions of this rank's tokens in layout={layout!r} "
             "(restarting positions for packed documents, or local positions); pass the position_ids that "
             "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
 
 
-def kernel_or_problem(backend, q):
+def kernel_or_problem(backend: str, q: Tensor) -> tuple[Optional[Kernel], Optional[str]]:
     """(kernel, None) or (None, problem): the kernel that backend names for q's device and dtype."""
     try:
         return select_kernel(backend, q.device, q.dtype, q.shape[-1]), None
@@ -194,7 +234,8 @@ def kernel_or_problem(backend, q):
         return None, str(e)
 
 
-def documents(cu_seqlens, document_ids, total: int) -> tuple[tuple[int, ...] | None, str | None]:
+def documents(cu_seqlens: Optional[list[int]], document_ids: Optional[Tensor], total: int
+              ) -> tuple[tuple[int, ...] | None, str | None]:
     """(global document bounds or None, problem or None) from either way of passing documents."""
     if cu_seqlens is not None and document_ids is not None:
         return None, "pass cu_seqlens or document_ids, not both"
@@ -207,7 +248,7 @@ def documents(cu_seqlens, document_ids, total: int) -> tuple[tuple[int, ...] | N
     return parse_bounds(cu_seqlens, total)
 
 
-def signature_mismatch(sigs: list, ranks: list[int]) -> str | None:
+def signature_mismatch(sigs: Sequence[Signature], ranks: Sequence[int]) -> str | None:
     """sigs: each rank's ((name, value), ...) signature, in rank order; the first difference, worded."""
     first = sigs[0]
     for r, s in zip(ranks, sigs):
@@ -223,9 +264,9 @@ def valid_degrees(heads: int) -> list[int]:
     return [d for d in range(1, heads + 1) if heads % d == 0]
 
 
-def ulysses_problem(q, k, layout, ulysses_size: int, ring_size: int) -> str | None:
+def ulysses_problem(q: Tensor, k: Tensor, layout: str, ulysses_size: int, ring_size: int) -> str | None:
     """What a (ulysses x ring) mesh adds to the ring's checks: heads that split, an even zigzag shard."""
-    H, Hk, U = q.shape[2], k.shape[2], ulysses_size
+    H, U = q.shape[2], ulysses_size
     if H % U:
         return (f"the ulysses group has {U} ranks, which does not divide the {H} query heads; "
                 f"valid ulysses degrees for {H} heads: {', '.join(map(str, valid_degrees(H)))}")
@@ -236,7 +277,7 @@ def ulysses_problem(q, k, layout, ulysses_size: int, ring_size: int) -> str | No
     return None
 
 
-def mesh_problem(infos: dict) -> str | None:
+def mesh_problem(infos: Mapping[int, MeshView]) -> str | None:
     """What is wrong with a (ulysses x ring) mesh, judged alike from every rank's view.
 
     infos: global rank -> dict(u, r, ulysses (its group's global ranks), ring (likewise)).

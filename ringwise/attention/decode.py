@@ -24,13 +24,17 @@ stays (options that change alike on every rank, such as a hybrid model's windows
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional, TypedDict, Union, overload
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
+from torch.types import Device
 
 from . import checks
+from .comm import all_gather_objects, all_gather_single
 from .kernels import _weighted_values, acc_dtype, default_scale
 from .merge import merge_into
 
@@ -45,7 +49,8 @@ BAD_KEY_POSITIONS = "key_positions must be a 1-D integer tensor on q's device"
 Q_DIFFERS = "q differs between ranks: every rank must pass the same queries"
 SIG_DIFFERS = "the ranks called decode_attention with different signatures (shapes, dtype or options)"
 CALL_PROBLEMS = (None, KEYS_DIFFER, KV_MISMATCH, BAD_KEY_POSITIONS)
-_RECHECK = len(CALL_PROBLEMS)  # header code: this rank's call is not the group's agreed one (or not valid): check in words
+# header code: this rank's call is not the group's agreed one (or not valid): check in words
+_RECHECK = len(CALL_PROBLEMS)
 
 
 @dataclass(frozen=True)
@@ -62,20 +67,21 @@ class _Agreements:
     every rank of a group (each records it after the same collective), so that later calls need
     only the data gather. `forget` makes a group's next call check in words again."""
 
-    def __init__(self):
-        self._by_group: dict = {}  # group name -> _Agreement
+    def __init__(self) -> None:
+        self._by_group: dict[Optional[str], _Agreement] = {}  # group name -> _Agreement
 
     @staticmethod
-    def _key(group) -> Optional[str]:
-        return getattr(group or dist.group.WORLD, "group_name", None)
+    def _key(group: Optional[ProcessGroup]) -> Optional[str]:
+        name: Optional[str] = getattr(group or dist.group.WORLD, "group_name", None)
+        return name
 
-    def of(self, group) -> Optional[_Agreement]:
+    def of(self, group: Optional[ProcessGroup]) -> Optional[_Agreement]:
         return self._by_group.get(self._key(group))
 
-    def record(self, group, agreement: _Agreement) -> None:
+    def record(self, group: Optional[ProcessGroup], agreement: _Agreement) -> None:
         self._by_group[self._key(group)] = agreement
 
-    def forget(self, group=None, *, every: bool = False) -> None:
+    def forget(self, group: Optional[ProcessGroup] = None, *, every: bool = False) -> None:
         """Forget the group's agreement (None: the default group's), or every group's."""
         if every:
             self._by_group.clear()
@@ -95,13 +101,13 @@ def _digest(x: Optional[Tensor]) -> int:
     return int(((b * w) % 2_147_483_647).sum().item()) % 2_147_483_647
 
 
-def _hash_sig(sig: tuple) -> int:
+def _hash_sig(sig: tuple[object, ...]) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.sha256(repr(sig).encode()).digest()[:6], "little")
 
 
-def _call_problem(q, k, v, key_positions) -> Optional[str]:
+def _call_problem(q: Tensor, k: object, v: object, key_positions: object) -> Optional[str]:
     """What may be wrong on this rank alone (its cache shard), as one of CALL_PROBLEMS."""
     if not (isinstance(k, Tensor) and isinstance(v, Tensor)) or k.dim() != 4 or v.shape != k.shape:
         return KEYS_DIFFER
@@ -117,11 +123,13 @@ def _call_problem(q, k, v, key_positions) -> Optional[str]:
     return None
 
 
-def _signature_problem(q, softmax_scale, query_positions, window, sinks, softcap) -> Optional[str]:
+def _signature_problem(q: object, softmax_scale: object, query_positions: object, window: object, sinks: object,
+                       softcap: object) -> Optional[str]:
     """What is wrong with the queries and the options (the same on every rank of a valid call):
     the options by ring_attention's own checks."""
     if not isinstance(q, Tensor) or q.dim() != 4 or not q.is_floating_point() or min(q.shape) < 1:
-        return f"q must be a floating point 4-D tensor (batch, new tokens, heads, head_dim), got {getattr(q, 'shape', q)}"
+        return ("q must be a floating point 4-D tensor (batch, new tokens, heads, head_dim), "
+                f"got {getattr(q, 'shape', q)}")
     if query_positions is not None and (not isinstance(query_positions, Tensor) or query_positions.dim() != 1
                                         or query_positions.shape[0] != q.shape[1]
                                         or query_positions.is_floating_point()):
@@ -135,7 +143,8 @@ def _signature_problem(q, softmax_scale, query_positions, window, sinks, softcap
     return None
 
 
-def visible(key_positions, query_positions, window) -> Optional[Tensor]:
+def visible(key_positions: Optional[Tensor], query_positions: Optional[Tensor], window: Optional[int]
+            ) -> Optional[Tensor]:
     """(Tq, Sk) bool: key j visible to new token i (causal over global positions, within the window);
     None when every key is visible (no positions given)."""
     if key_positions is None or query_positions is None:
@@ -147,7 +156,8 @@ def visible(key_positions, query_positions, window) -> Optional[Tensor]:
     return ok
 
 
-def local_attention(q, k, v, scale, mask, softcap) -> tuple[Tensor, Tensor]:
+def local_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor], softcap: Optional[float]
+                    ) -> tuple[Tensor, Tensor]:
     """This rank's partial result: out (batch, heads, Tq, d) and lse (batch, heads, Tq) in the
     accumulator dtype, over its own keys. Query heads of one kv head are stacked as extra rows
     (b, kv_heads, group x Tq, d), so GQA reads each key once and nothing is expanded."""
@@ -160,7 +170,8 @@ def local_attention(q, k, v, scale, mask, softcap) -> tuple[Tensor, Tensor]:
     qg = q.permute(0, 2, 1, 3).reshape(B, Hk, g * Tq, D)  # rows: (head in group, new token)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, Sk, D)
     rows_mask = None if mask is None else mask.repeat(g, 1)  # (g*Tq, Sk)
-    out = None
+    out: Optional[Tensor] = None
+    lse: Tensor
     if (q.device.type == "cpu" and softcap is None and bool(torch.isfinite(q).all())
             and (rows_mask is None or bool(rows_mask.any(-1).all()))):
         bias = None if rows_mask is None else torch.zeros(rows_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
@@ -184,7 +195,7 @@ def local_attention(q, k, v, scale, mask, softcap) -> tuple[Tensor, Tensor]:
     return out.reshape(B, Hk, g, Tq, D).reshape(B, H, Tq, D), lse.reshape(B, Hk, g, Tq).reshape(B, H, Tq)
 
 
-def _header(code: int, sig_hash: int, q_digest: int, dt, device) -> Tensor:
+def _header(code: int, sig_hash: int, q_digest: int, dt: torch.dtype, device: Device) -> Tensor:
     return torch.tensor([code, sig_hash, q_digest], dtype=torch.int64).view(dt).to(device)  # bit-exact
 
 
@@ -192,14 +203,24 @@ def _read_headers(parts: Tensor, n: int) -> list[tuple[int, int, int]]:
     """Every rank's header from the gathered (world, numel) buffer. Copied into a fresh tensor first: a row's
     offset into the gathered storage is arbitrary (odd for an odd payload), and int64 needs an aligned view."""
     heads = torch.empty((parts.shape[0], n), dtype=parts.dtype).copy_(parts[:, :n])  # one small host copy
-    return [tuple(row) for row in heads.view(torch.int64).tolist()]
+    return [(code, sig_hash, q_digest) for code, sig_hash, q_digest in heads.view(torch.int64).tolist()]
 
 
-def _worded_check(group, world: int, problem: Optional[str], sig: tuple, q_digest: int) -> None:
+class _Check(TypedDict):
+    """One rank's part of a worded check."""
+
+    rank: int
+    problem: Optional[str]
+    sig: tuple[object, ...]
+    q: int  # its q's digest
+
+
+def _worded_check(group: Optional[ProcessGroup], problem: Optional[str], sig: tuple[object, ...], q_digest: int
+                  ) -> None:
     """Every rank's problem in words, its signature and its q digest, in one object all-gather: raises the same
     error on every rank, or returns when all agree. Runs at a group's first call and whenever a header asks."""
-    infos = [None] * world
-    dist.all_gather_object(infos, dict(rank=dist.get_rank(), problem=problem, sig=sig, q=q_digest), group=group)
+    mine: _Check = {"rank": dist.get_rank(), "problem": problem, "sig": sig, "q": q_digest}
+    infos = all_gather_objects(mine, group)
     for i in infos:
         if i["problem"]:
             raise ValueError(f"decode_attention: rank {i['rank']}: {i['problem']}")
@@ -217,13 +238,13 @@ def _packed_numel(q: Tensor) -> int:
     return _header(0, 0, 0, acc_dtype(q.dtype), "cpu").numel() + B * H * Tq * (D + 1)
 
 
-def _gather(packed: Tensor, world: int, group) -> Tensor:
+def _gather(packed: Tensor, world: int, group: Optional[ProcessGroup]) -> Tensor:
     parts = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
-    dist.all_gather_into_tensor(parts, packed, group=group)
+    all_gather_single(parts, packed, group=group)
     return parts.view(world, -1)
 
 
-def _raise_from_headers(headers, ranks) -> None:
+def _raise_from_headers(headers: Sequence[tuple[int, int, int]], ranks: Sequence[int]) -> None:
     """The same error on every rank from what every rank reads alike: a call problem, or differing calls."""
     for r, (c, _, _) in zip(ranks, headers):
         if c:
@@ -235,10 +256,35 @@ def _raise_from_headers(headers, ranks) -> None:
             raise ValueError(f"decode_attention: rank {r}: {Q_DIFFERS}")
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_scale: Optional[float] = None,
-                     key_positions: Optional[Tensor] = None, query_positions: Optional[Tensor] = None,
-                     window: Optional[int] = None, sinks: Optional[Tensor] = None, softcap: Optional[float] = None,
-                     return_lse: bool = False):
+@overload
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[ProcessGroup] = None,
+                     softmax_scale: Optional[float] = None, key_positions: Optional[Tensor] = None,
+                     query_positions: Optional[Tensor] = None, window: Optional[int] = None,
+                     sinks: Optional[Tensor] = None, softcap: Optional[float] = None, return_lse: Literal[False] = False
+                     ) -> Tensor: ...
+
+
+@overload
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[ProcessGroup] = None,
+                     softmax_scale: Optional[float] = None, key_positions: Optional[Tensor] = None,
+                     query_positions: Optional[Tensor] = None, window: Optional[int] = None,
+                     sinks: Optional[Tensor] = None, softcap: Optional[float] = None, return_lse: Literal[True]
+                     ) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[ProcessGroup] = None,
+                     softmax_scale: Optional[float] = None, key_positions: Optional[Tensor] = None,
+                     query_positions: Optional[Tensor] = None, window: Optional[int] = None,
+                     sinks: Optional[Tensor] = None, softcap: Optional[float] = None, return_lse: bool
+                     ) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[ProcessGroup] = None,
+                     softmax_scale: Optional[float] = None, key_positions: Optional[Tensor] = None,
+                     query_positions: Optional[Tensor] = None, window: Optional[int] = None,
+                     sinks: Optional[Tensor] = None, softcap: Optional[float] = None, return_lse: bool = False
+                     ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of the new tokens q (batch, Tq, heads, d), the same on every rank, against the
     whole cache, of which this rank holds k, v (batch, keys, kv_heads, d) at global
     key_positions (keys,). With positions, key j is visible to new token i iff
@@ -251,14 +297,15 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_sca
     mine = None if problem else _call_problem(q, k, v, key_positions)  # this rank's cache shard's problem
     if world == 1 and (problem or mine):
         raise ValueError(f"decode_attention: {problem or mine}")
-    sig = () if problem else (tuple(q.shape), str(q.dtype), q.device.type, softmax_scale, window, softcap,
-                              sinks is not None, key_positions is not None, query_positions is not None, return_lse)
+    sig: tuple[object, ...] = () if problem else (
+        tuple(q.shape), str(q.dtype), q.device.type, softmax_scale, window, softcap, sinks is not None,
+        key_positions is not None, query_positions is not None, return_lse)
     q_digest = 0 if problem else _digest(q)
     if world > 1:
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
         agreed = AGREEMENTS.of(group)
         if agreed is None:  # a group's first call: every problem worded, from every rank, before data moves
-            _worded_check(group, world, problem or mine, sig, q_digest)
+            _worded_check(group, problem or mine, sig, q_digest)
         elif problem or _packed_numel(q) != agreed.numel or acc_dtype(q.dtype) != agreed.dtype:
             # this rank cannot send the buffer the group agreed on (another query shape or dtype, an invalid
             # argument): it sends one of the agreed size that says so, and every rank, reading every header,
@@ -268,7 +315,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_sca
             head = _header(_RECHECK, 0, 0, agreed.dtype, agreed.device)
             marker[:head.numel()] = head
             _gather(marker, world, group)
-            _worded_check(group, world, problem or mine, sig, q_digest)
+            _worded_check(group, problem or mine, sig, q_digest)
     B, Tq, H, D = q.shape
     dt = acc_dtype(q.dtype)
     scale = default_scale(D) if softmax_scale is None else float(softmax_scale)
@@ -285,7 +332,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, softmax_sca
         parts = _gather(packed, world, group)
         headers = _read_headers(parts, head.numel())
         if any(c == _RECHECK for c, _, _ in headers):  # another rank's call changed: check in words, as it does
-            _worded_check(group, world, mine, sig, q_digest)
+            _worded_check(group, mine, sig, q_digest)
             raise AssertionError("unreachable: a rank that asks for the check has a problem or another signature")
         _raise_from_headers(headers, ranks)
         n_out = out.numel()

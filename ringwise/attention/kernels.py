@@ -21,12 +21,27 @@ sliding window's far edge. Nothing here knows about processes or rings.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Optional, Protocol, Union
 
 import torch
 
+Tensor = torch.Tensor
 aten = torch.ops.aten
 
 BACKENDS = ("auto", "aten_cpu", "cuda_cudnn", "cuda_flash", "cuda_efficient", "reference")
+
+
+class Kernel(Protocol):
+    """What the ring asks of a tile kernel: (batch, heads, seq, head_dim) tensors in, k/v possibly
+    with fewer heads than q; forward gives (out, lse), backward (dq, dk, dv)."""
+
+    name: str
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]: ...
+
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,10 +81,11 @@ class ReferenceKernel:
 
     name = "reference"
 
-    def __init__(self, chunk: int = 1024):
+    def __init__(self, chunk: int = 1024) -> None:
         self.chunk = chunk
 
-    def _blocks(self, n_rows, n_keys, causal, band):
+    def _blocks(self, n_rows: int, n_keys: int, causal: bool,
+                band: Optional[tuple[int, int]]) -> Iterator[tuple[slice, slice]]:
         """(rows, keys) slices: row chunks, each with only the key range it can see, so a
         narrow band costs rows x (chunk + band width), not rows x keys."""
         chunk = self.chunk if band is None else max(64, min(self.chunk, band[1] - band[0] + 1))
@@ -81,7 +97,9 @@ class ReferenceKernel:
             yield slice(r0, r1), slice(k0, max(k0, k1))
 
     @staticmethod
-    def _scores(q, k, scale, causal, rows, keys, band=None, softcap=None):
+    def _scores(q: Tensor, k: Tensor, scale: float, causal: bool, rows: slice, keys: slice,
+                band: Optional[tuple[int, int]] = None, softcap: Optional[float] = None
+                ) -> tuple[Tensor, Optional[Tensor]]:
         """Masked scores of `rows` against `keys`, and d(capped)/d(raw) when softcap is set (else None)."""
         s = torch.matmul(q[:, :, rows], k[:, :, keys].transpose(-1, -2)) * scale
         dcap = None
@@ -100,7 +118,8 @@ class ReferenceKernel:
             s = s.masked_fill(hidden, float("-inf"))
         return s, dcap
 
-    def forward(self, q, k, v, causal, scale, band=None, softcap=None):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                band: Optional[tuple[int, int]] = None, softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
         dt = acc_dtype(q.dtype)
         qf, kf, vf = q.to(dt), _expand_kv(k, q.shape[1]).to(dt), _expand_kv(v, q.shape[1]).to(dt)
         out = torch.zeros_like(q)
@@ -118,7 +137,9 @@ class ReferenceKernel:
             lse[:, :, rows] = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale, band=None, softcap=None):
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                 scale: float, band: Optional[tuple[int, int]] = None,
+                 softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
         dt = acc_dtype(q.dtype)
         heads = q.shape[1]
         qf, kf, vf = q.to(dt), _expand_kv(k, heads).to(dt), _expand_kv(v, heads).to(dt)
@@ -130,8 +151,8 @@ class ReferenceKernel:
             if keys.start == keys.stop:
                 continue
             s, dcap = self._scores(qf, kf, scale, causal, rows, keys, band, softcap)
-            l = lse[:, :, rows, None].to(dt)
-            p = torch.where(torch.isneginf(l), torch.zeros_like(s), torch.exp(s - l))
+            lse_rows = lse[:, :, rows, None].to(dt)
+            p = torch.where(torch.isneginf(lse_rows), torch.zeros_like(s), torch.exp(s - lse_rows))
             do = dout[:, :, rows].to(dt)
             dv[:, :, keys] += torch.matmul(p.transpose(-1, -2), do)
             ds = p * (torch.matmul(do, vf[:, :, keys].transpose(-1, -2)) - delta[:, :, rows, None])
@@ -153,14 +174,16 @@ class AtenCpuKernel:
 
     name = "aten_cpu"
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale
         )
+        return dq, dk, dv
 
 
 class Flipped:
@@ -168,27 +191,29 @@ class Flipped:
     becomes the anti-causal square j >= i, the far edge of a sliding window. The flips copy
     O(n * head_dim) per tile, against the O(n^2 * head_dim) of the attention itself."""
 
-    def __init__(self, kernel):
+    def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.name = f"flipped {kernel.name}"
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         assert not causal, "Flipped computes anti-causal squares (call it with causal=False)"
         out, lse = self.kernel.forward(q.flip(2), k.flip(2), v.flip(2), True, scale)
         return out.flip(2), lse.flip(-1)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
         assert not causal, "Flipped computes anti-causal squares (call it with causal=False)"
-        grads = self.kernel.backward(dout.flip(2), q.flip(2), k.flip(2), v.flip(2), out.flip(2),
-                                     lse.flip(-1).contiguous(), True, scale)
-        return tuple(g.flip(2) for g in grads)
+        dq, dk, dv = self.kernel.backward(dout.flip(2), q.flip(2), k.flip(2), v.flip(2), out.flip(2),
+                                          lse.flip(-1).contiguous(), True, scale)
+        return dq.flip(2), dk.flip(2), dv.flip(2)
 
 
 _HALF = (torch.float16, torch.bfloat16)
-_DROPOUT_STATE: dict = {}  # pure memoization (nobody reads the tensors): never cleared, never needs to be
+# pure memoization (nobody reads the tensors): never cleared, never needs to be
+_DROPOUT_STATE: dict[tuple[str, torch.dtype, tuple[int, ...]], Tensor] = {}
 
 
-def _unused_rng_state(device, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+def _unused_rng_state(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A philox seed/offset for a backward without dropout: read by nobody (the ops read it
     only when dropout_p > 0), so left uninitialised; made once per device."""
     key = (str(device), dtype, shape)
@@ -204,12 +229,13 @@ def _unused_rng_state(device, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
 # binding a value to the wrong slot. One function per op, so the tests check each against its
 # schema (and run it on meta tensors) without a GPU.
 
-def flash_forward_args(q, k, v, causal, scale) -> dict:
+def flash_forward_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> dict[str, object]:
     """aten._scaled_dot_product_flash_attention: no dropout, no debug mask."""
     return dict(query=q, key=k, value=v, dropout_p=0.0, is_causal=causal, return_debug_mask=False, scale=scale)
 
 
-def flash_backward_args(dout, q, k, v, out, lse, causal, scale) -> dict:
+def flash_backward_args(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                        scale: float) -> dict[str, object]:
     """The dense (not varlen) backward: cum_seq_q/k must be None (a defined tensor selects varlen)
     and max_q/max_k the block lengths; the philox seed (2,) and offset () are uint64 and unused
     at dropout 0, as the forward makes them."""
@@ -219,13 +245,14 @@ def flash_backward_args(dout, q, k, v, out, lse, causal, scale) -> dict:
                 philox_offset=_unused_rng_state(q.device, torch.uint64, ()), scale=scale)
 
 
-def cudnn_forward_args(q, k, v, causal, scale) -> dict:
+def cudnn_forward_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> dict[str, object]:
     """aten._scaled_dot_product_cudnn_attention: no bias, lse computed, no dropout."""
     return dict(query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal,
                 return_debug_mask=False, scale=scale)
 
 
-def cudnn_backward_args(dout, q, k, v, out, lse, causal, scale) -> dict:
+def cudnn_backward_args(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                        scale: float) -> dict[str, object]:
     """lse goes back as the op made it, (B, H, S, 1); no bias, dense (None cum_seq), no dropout
     (the forward's int64 (1,) seed/offset are unused)."""
     seed = _unused_rng_state(q.device, torch.int64, (1,))
@@ -234,13 +261,14 @@ def cudnn_backward_args(dout, q, k, v, out, lse, causal, scale) -> dict:
                 max_k=k.shape[2], dropout_p=0.0, is_causal=causal, scale=scale)
 
 
-def efficient_forward_args(q, k, v, causal, scale) -> dict:
+def efficient_forward_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> dict[str, object]:
     """aten._scaled_dot_product_efficient_attention: no bias, lse computed, no dropout."""
     return dict(query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal,
                 scale=scale)
 
 
-def efficient_backward_args(dout, q, k, v, out, lse, causal, scale) -> dict:
+def efficient_backward_args(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                            scale: float) -> dict[str, object]:
     """lse padded to a multiple of 32 rows as the forward returns it; no bias gradient; the
     int64 () seed/offset are unused without dropout."""
     seed = _unused_rng_state(q.device, torch.int64, ())
@@ -260,7 +288,7 @@ class CudaCudnnKernel:
     name = "cuda_cudnn"
 
     @staticmethod
-    def _check(q, k, causal):
+    def _check(q: Tensor, k: Tensor, causal: bool) -> None:
         if q.dtype not in _HALF:
             raise ValueError(f"backend='cuda_cudnn' takes float16/bfloat16, got {q.dtype} (cuDNN returns NaN "
                              "for float32); use backend='auto' or 'cuda_efficient'")
@@ -268,12 +296,13 @@ class CudaCudnnKernel:
             raise ValueError(f"cuda_cudnn: a causal tile must be square, got {q.shape[2]} queries x "
                              f"{k.shape[2]} keys (cuDNN aligns rectangular causal masks differently)")
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         self._check(q, k, causal)
         res = aten._scaled_dot_product_cudnn_attention(**cudnn_forward_args(q, k, v, causal, scale))
         return res[0], res[1].squeeze(-1)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
         self._check(q, k, causal)
         if dout.stride() != out.stride():  # cuDNN wants dO laid out like O
             dout, out = dout.contiguous(), out.contiguous()
@@ -287,12 +316,13 @@ class CudaFlashKernel:
 
     name = "cuda_flash"
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         res = aten._scaled_dot_product_flash_attention(**flash_forward_args(q, k, v, causal, scale))
         return res[0], res[1]
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
         kvh = k.shape[1]
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
@@ -305,12 +335,13 @@ class CudaEfficientKernel:
 
     name = "cuda_efficient"
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         out, lse, _, _ = aten._scaled_dot_product_efficient_attention(**efficient_forward_args(q, k, v, causal, scale))
         return out, lse[:, :, : q.shape[2]]
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
         kvh = k.shape[1]
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
@@ -318,7 +349,7 @@ class CudaEfficientKernel:
         return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
 
 
-_KERNELS = {
+_KERNELS: dict[str, Kernel] = {
     "aten_cpu": AtenCpuKernel(),
     "cuda_cudnn": CudaCudnnKernel(),
     "cuda_flash": CudaFlashKernel(),
@@ -326,7 +357,7 @@ _KERNELS = {
     "reference": ReferenceKernel(),
 }
 # What each fused backend needs: (device type, dtypes or None for any float dtype).
-_NEEDS = {
+_NEEDS: dict[str, tuple[str, Optional[tuple[torch.dtype, ...]]]] = {
     "aten_cpu": ("cpu", None),
     "cuda_cudnn": ("cuda", _HALF),
     "cuda_flash": ("cuda", _HALF),
@@ -358,42 +389,45 @@ def auto_backend(device_type: str, dtype: torch.dtype, head_dim: int,
 
 
 def _cuda_capability(device: torch.device) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(device))
+    major, minor = torch.cuda.get_device_capability(device)
+    return major, minor
 
 
 def _cudnn_sdpa_available() -> bool:
     """cuDNN's fused attention (the op torch calls) needs cuDNN 9."""
-    return bool(torch.backends.cudnn.is_available()) and (torch.backends.cudnn.version() or 0) >= 90000
+    cudnn = torch.backends.cudnn
+    # torch leaves cudnn.is_available and cudnn.version unannotated
+    return bool(cudnn.is_available()) and (cudnn.version() or 0) >= 90000  # type: ignore[no-untyped-call]
 
 
 # (device type, index, dtype, head_dim) -> backend name: pure memoization of auto_backend, whose answer
 # depends on those and the device's fixed capability alone, so it never needs clearing.
-_AUTO_CACHE: dict = {}
+_AUTO_CACHE: dict[tuple[str, Optional[int], torch.dtype, int], str] = {}
 
 
-def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int):
+def select_kernel(backend: str, device: Union[torch.device, str], dtype: torch.dtype, head_dim: int) -> Kernel:
     """The named kernel (checked against device and dtype), or for "auto" the fastest one
     that supports (device, dtype, head_dim): decided once per such triple and cached, from
     the device's capability, never by trying ops and catching their errors."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}")
-    device = torch.device(device)
+    dev = torch.device(device)
     if backend != "auto":
         want, dtypes = _NEEDS.get(backend, (None, None))
-        if want is not None and device.type != want:
-            raise ValueError(f"backend={backend!r} runs on {want} tensors, got {device.type}; use backend='auto'")
+        if want is not None and dev.type != want:
+            raise ValueError(f"backend={backend!r} runs on {want} tensors, got {dev.type}; use backend='auto'")
         if dtypes is not None and dtype not in dtypes:
             names = "/".join(str(d).replace("torch.", "") for d in dtypes)
             raise ValueError(f"backend={backend!r} takes {names} tensors, got {dtype}; use backend='auto' "
                              "or cast q, k, v")
         return _KERNELS[backend]
-    key = (device.type, device.index, dtype, head_dim)
+    key = (dev.type, dev.index, dtype, head_dim)
     name = _AUTO_CACHE.get(key)
     if name is None:
-        if device.type == "cuda":
-            name = auto_backend("cuda", dtype, head_dim, _cuda_capability(device), _cudnn_sdpa_available())
+        if dev.type == "cuda":
+            name = auto_backend("cuda", dtype, head_dim, _cuda_capability(dev), _cudnn_sdpa_available())
         else:
-            name = auto_backend(device.type, dtype, head_dim)
+            name = auto_backend(dev.type, dtype, head_dim)
         _AUTO_CACHE[key] = name
     return _KERNELS[name]
 

@@ -9,7 +9,10 @@ beside K/V: decode_attention masks by them (causal, windows).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch.types import Device
 
 from .layout import global_indices
 
@@ -22,40 +25,55 @@ def prompt_loads(layout: str, world_size: int, padded_len: int, real_len: int) -
 
 
 class _Layer:
-    def __init__(self):
-        self.k = self.v = self.pos = None
+    def __init__(self) -> None:
+        # the storage, made at the first token, all three at once: keys and values (batch, capacity, kv_heads,
+        # head_dim) and global positions (capacity,); the first `len` tokens are this rank's
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+        self.pos: Optional[Tensor] = None
         self.len = 0
 
-    def _reserve(self, like: Tensor, need: int) -> None:
-        if self.k is not None and self.k.shape[1] >= need:
-            return
-        cap = max(need, 16, 2 * (0 if self.k is None else self.k.shape[1]))
+    def storage(self) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """(k, v, pos), or None before the first token."""
+        if self.k is None or self.v is None or self.pos is None:
+            return None
+        return self.k, self.v, self.pos
+
+    def _reserve(self, like: Tensor, need: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The storage, with room for `need` tokens (grown by doubling: the held tokens are copied once)."""
+        held = self.storage()
+        if held is not None and held[0].shape[1] >= need:
+            return held
+        cap = max(need, 16, 2 * (0 if held is None else held[0].shape[1]))
         b, _, h, d = like.shape
         k = like.new_empty(b, cap, h, d)
         v = like.new_empty(b, cap, h, d)
         pos = torch.empty(cap, dtype=torch.int64, device=like.device)
-        if self.k is not None:
-            k[:, :self.len], v[:, :self.len], pos[:self.len] = self.k[:, :self.len], self.v[:, :self.len], self.pos[:self.len]
+        if held is not None:
+            n = self.len
+            k[:, :n], v[:, :n], pos[:n] = held[0][:, :n], held[1][:, :n], held[2][:n]
         self.k, self.v, self.pos = k, v, pos
+        return k, v, pos
 
     def add(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
         n = k.shape[1]
         if n == 0:
             return
-        if self.k is not None and (k.shape[0], k.shape[2:], k.dtype) != (self.k.shape[0], self.k.shape[2:], self.k.dtype):
+        held = self.k
+        if held is not None and (k.shape[0], k.shape[2:], k.dtype) != (held.shape[0], held.shape[2:], held.dtype):
             raise ValueError(f"KVCache: a layer's keys are (batch, n, kv_heads, head_dim) of one dtype: got "
-                             f"{tuple(k.shape)} {k.dtype} after {tuple(self.k.shape)} {self.k.dtype}")
-        self._reserve(k, self.len + n)
-        self.k[:, self.len:self.len + n] = k
-        self.v[:, self.len:self.len + n] = v
-        self.pos[self.len:self.len + n] = positions
+                             f"{tuple(k.shape)} {k.dtype} after {tuple(held.shape)} {held.dtype}")
+        keys, values, pos = self._reserve(k, self.len + n)
+        keys[:, self.len:self.len + n] = k
+        values[:, self.len:self.len + n] = v
+        pos[self.len:self.len + n] = positions
         self.len += n
 
 
 class KVCache:
     """This rank's part of the cache of `layers` layers over `world_size` ranks."""
 
-    def __init__(self, layers: int, rank: int, world_size: int):
+    def __init__(self, layers: int, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"KVCache: rank {rank} is not in 0..{world_size - 1}")
         self.rank, self.world_size = rank, world_size
@@ -92,10 +110,11 @@ class KVCache:
             self.loads[self.owner()] += 1
             self.next_position += 1
 
-    def claim(self, tokens: int, device=None) -> tuple[Tensor, list[int]]:
+    def claim(self, tokens: int, device: Device = None) -> tuple[Tensor, list[int]]:
         """Every rank, before a step's first layer: the global positions and owners of its `tokens`
         new tokens (each to the least-loaded rank in turn); the loads move on at once."""
-        start, owners = self.next_position, []
+        start = self.next_position
+        owners: list[int] = []
         for _ in range(tokens):
             owners.append(self.owner())
             self.advance()
@@ -111,13 +130,16 @@ class KVCache:
     def view(self, layer: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(k, v, positions) this rank holds for a layer (views, no copy)."""
         L = self.layers[layer]
-        if L.k is None:
+        held = L.storage()
+        if held is None:
             return None, None, None
-        return L.k[:, :L.len], L.v[:, :L.len], L.pos[:L.len]
+        k, v, pos = held
+        return k[:, :L.len], v[:, :L.len], pos[:L.len]
 
     def nbytes(self) -> int:
         """Bytes this rank's K/V hold (its share; the capacity beyond it is `reserved_bytes`)."""
         return sum(2 * L.k[:, :L.len].numel() * L.k.element_size() for L in self.layers if L.k is not None)
 
     def reserved_bytes(self) -> int:
-        return sum(2 * L.k.numel() * L.k.element_size() + L.pos.numel() * 8 for L in self.layers if L.k is not None)
+        return sum(2 * L.k.numel() * L.k.element_size() + L.pos.numel() * 8 for L in self.layers
+                   if L.k is not None and L.pos is not None)

@@ -21,9 +21,12 @@ per-token tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
+from torch.types import Device
 
 LAYOUTS = ("contiguous", "striped", "zigzag")
 
@@ -99,7 +102,7 @@ def global_indices(layout: str, rank: int, world_size: int, global_len: int,
     return idx[ulysses_rank * piece:(ulysses_rank + 1) * piece]
 
 
-def _world(group) -> tuple[int, int]:
+def _world(group: Optional[ProcessGroup]) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     rank = dist.get_rank(group)
@@ -108,13 +111,13 @@ def _world(group) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
-def _ulysses_world(ulysses_group) -> tuple[int, int]:
+def _ulysses_world(ulysses_group: Optional[ProcessGroup]) -> tuple[int, int]:
     """(rank, size) in the ulysses group; None means no Ulysses (not the default group)."""
     return (0, 1) if ulysses_group is None else _world(ulysses_group)
 
 
-def pad_to_multiple(x: torch.Tensor, dim: int, layout: str = "zigzag", group=None, value=0,
-                    ulysses_group=None) -> tuple[torch.Tensor, int]:
+def pad_to_multiple(x: torch.Tensor, dim: int, layout: str = "zigzag", group: Optional[ProcessGroup] = None,
+                    value: float = 0, ulysses_group: Optional[ProcessGroup] = None) -> tuple[torch.Tensor, int]:
     """Pad x at the end of `dim` so the layout can split it; returns (padded, n_pad).
 
     Trailing pads do not change what real tokens see under a causal mask; with a
@@ -130,15 +133,16 @@ def pad_to_multiple(x: torch.Tensor, dim: int, layout: str = "zigzag", group=Non
     return torch.cat([x, x.new_full(shape, value)], dim=dim), n_pad
 
 
-def positions(global_len: int, layout: str = "zigzag", group=None, device=None, ulysses_group=None) -> torch.Tensor:
+def positions(global_len: int, layout: str = "zigzag", group: Optional[ProcessGroup] = None, device: Device = None,
+              ulysses_group: Optional[ProcessGroup] = None) -> torch.Tensor:
     """Global position of each local token (for rotary embeddings and masks)."""
     rank, W = _world(group)
     u, U = _ulysses_world(ulysses_group)
     return global_indices(layout, rank, W, global_len, u, U).to(device)
 
 
-def shard(x: torch.Tensor, dim: int = 1, layout: str = "zigzag", group=None, pad: bool = False,
-          ulysses_group=None) -> torch.Tensor:
+def shard(x: torch.Tensor, dim: int = 1, layout: str = "zigzag", group: Optional[ProcessGroup] = None,
+          pad: bool = False, ulysses_group: Optional[ProcessGroup] = None) -> torch.Tensor:
     """This rank's part of a global tensor that every rank holds whole.
 
     group is the ring; ulysses_group (optional) cuts each ring shard into contiguous pieces.
@@ -151,8 +155,8 @@ def shard(x: torch.Tensor, dim: int = 1, layout: str = "zigzag", group=None, pad
     return x.index_select(dim, idx)
 
 
-def unshard(x_local: torch.Tensor, dim: int = 1, layout: str = "zigzag", group=None,
-            ulysses_group=None) -> torch.Tensor:
+def unshard(x_local: torch.Tensor, dim: int = 1, layout: str = "zigzag", group: Optional[ProcessGroup] = None,
+            ulysses_group: Optional[ProcessGroup] = None) -> torch.Tensor:
     """Reassemble the global tensor on every rank from the local shards (all-gathers:
     first the ulysses pieces into the ring shard, then the ring shards)."""
     _, U = _ulysses_world(ulysses_group)

@@ -34,15 +34,19 @@ the fused kernel's result.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
-from .comm import Ring
-from .kernels import acc_dtype, Flipped, ReferenceKernel
-from .tiles import needed_steps, step_tiles
+from .comm import Hop, Ring
+from .kernels import Flipped, Kernel, ReferenceKernel, acc_dtype
 from .merge import merge_into
+from .tiles import Tile, needed_steps, step_tiles
+
+Tensor = torch.Tensor
+KV = tuple[Tensor, Tensor]  # a key/value block (batch, seq, kv_heads, dim)
 
 _REFERENCE = ReferenceKernel()
 
@@ -57,41 +61,41 @@ class Engine:
     scale: float
     layout: str
     ring: Ring
-    kernel: object
-    docs: Optional[tuple] = None
+    kernel: Kernel
+    docs: Optional[tuple[int, ...]] = None
     window: Optional[int] = None
     softcap: Optional[float] = None
 
-    def schedule(self, local_len: int):
+    def schedule(self, local_len: int) -> tuple[tuple[int, ...], bool]:
         """(needed steps, relay?): relay when the steps are a prefix 0..m of the ring."""
         steps = needed_steps(self.layout, self.ring.world_size, local_len, self.causal, self.docs, self.window)
         return steps, steps == tuple(range(len(steps)))
 
-    def tiles(self, q_rank: int, kv_rank: int, local_len: int):
+    def tiles(self, q_rank: int, kv_rank: int, local_len: int) -> tuple[Tile, ...]:
         """The tiles of q_rank's queries against kv_rank's block."""
         return step_tiles(self.layout, q_rank, kv_rank, self.ring.world_size, local_len, self.causal, self.docs,
                           self.window)
 
 
-def _rows(t):
+def _rows(t: Tile) -> slice:
     return slice(t.q_start, t.q_start + t.q_len)
 
 
-def _cols(t):
+def _cols(t: Tile) -> slice:
     return slice(t.k_start, t.k_start + t.k_len)
 
 
-def _heads_first(x):
+def _heads_first(x: Tensor) -> Tensor:
     """(batch, seq, heads, dim) -> the kernels' (batch, heads, seq, dim), as a view (no copy)."""
     return x.transpose(1, 2)
 
 
-def _receive_buffers(kv, steps):
+def _receive_buffers(kv: KV, steps: int) -> list[KV]:
     """Double buffers for visiting K/V blocks; the caller's own k, v are never written."""
-    return [tuple(torch.empty_like(x) for x in kv) for _ in range(min(2, steps - 1))]
+    return [(torch.empty_like(kv[0]), torch.empty_like(kv[1])) for _ in range(min(2, steps - 1))]
 
 
-def _finite(*xs) -> bool:
+def _finite(*xs: Tensor) -> bool:
     """Every element of every x is finite. inf and NaN survive a sum, so one reduction per
     tensor and one host read decide it (20x faster than isfinite().all() on CPU); only a sum
     that is not finite (a non-finite element, or finite ones that overflowed) is looked at
@@ -102,7 +106,8 @@ def _finite(*xs) -> bool:
     return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
-def _tile_kernel(kernel, t, finite: bool, softcap):
+def _tile_kernel(kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float]
+                 ) -> tuple[Kernel, dict[str, object]]:
     """The kernel and extra arguments for tile t: the fused `kernel` where it is exact
     (anti-causal squares on flipped inputs), else the reference kernel."""
     if t.band is None and softcap is None and finite and not isinstance(kernel, ReferenceKernel):
@@ -110,20 +115,22 @@ def _tile_kernel(kernel, t, finite: bool, softcap):
     return _REFERENCE, dict(band=t.reference_band, softcap=softcap)
 
 
-def _run_tile(direction, kernel, t, finite: bool, softcap, scale, *tensors):
+def _run_tile(direction: Literal["forward", "backward"], kernel: Kernel, t: Tile, finite: bool,
+              softcap: Optional[float], scale: float, *tensors: Tensor) -> tuple[Tensor, ...]:
     """Tile t's "forward" (q, k, v -> out, lse) or "backward" (dout, q, k, v, out, lse ->
     dq, dk, dv) on `_tile_kernel`'s kernel. A fused result that is not finite (lse forward,
     every gradient backward) is recomputed on the reference kernel where the check costs no
     host sync (CPU), so both directions follow the reference's semantics (module docstring)."""
     kern, extra = _tile_kernel(kernel, t, finite, softcap)
-    res = getattr(kern, direction)(*tensors, t.causal, scale, **extra)
+    res: tuple[Tensor, ...] = getattr(kern, direction)(*tensors, t.causal, scale, **extra)
     checked = res[1:] if direction == "forward" else res
     if not isinstance(kern, ReferenceKernel) and checked[0].device.type == "cpu" and not _finite(*checked):
         res = getattr(_REFERENCE, direction)(*tensors, t.causal, scale, band=t.reference_band, softcap=softcap)
     return res
 
 
-def _post_kv(ring, steps, n, relay, held, own, inbox):
+def _post_kv(ring: Ring, steps: Sequence[int], n: int, relay: bool, held: KV, own: KV, inbox: list[KV]
+             ) -> Optional[Hop]:
     """Post the hop that brings the block of step steps[n+1] (None after the last step)."""
     if n + 1 >= len(steps):
         return None
@@ -132,7 +139,8 @@ def _post_kv(ring, steps, n, relay, held, own, inbox):
     return ring.exchange("kv", own, inbox[n % 2], offset=steps[n + 1])
 
 
-def ring_forward(q, k, v, engine: Engine, sinks=None):
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, engine: Engine, sinks: Optional[Tensor] = None
+                 ) -> tuple[Tensor, Tensor]:
     """q, k, v: (batch, seq, heads, dim). Returns out (input dtype, same layout) and lse (batch, heads, seq).
 
     Buffers are the paper's: the query block, the visiting K/V block and its receive
@@ -145,7 +153,7 @@ def ring_forward(q, k, v, engine: Engine, sinks=None):
     out = torch.zeros(q.shape, dtype=dt, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], L), float("-inf"), dtype=dt, device=q.device)
     qh, out_h = _heads_first(q), _heads_first(out)
-    own = (k.contiguous(), v.contiguous())  # the first visitor is our own block: no copy
+    own: KV = (k.contiguous(), v.contiguous())  # the first visitor is our own block: no copy
     kv = own
     steps, relay = engine.schedule(L)
     inbox = _receive_buffers(own, len(steps))
@@ -174,15 +182,17 @@ class _GradRoute:
     the previous add() posted (so each hop overlaps one step of tiles) and posts the next.
     finish() waits for the last hop and returns our own block's (2, ...) gradient."""
 
-    def __init__(self, ring: Ring, n_steps: int):
+    def __init__(self, ring: Ring, n_steps: int) -> None:
         self.ring, self.n_steps = ring, n_steps
-        self._hop = self._inbox = self._home = None
+        self._hop: Optional[Hop] = None
+        self._inbox: Optional[Tensor] = None
+        self._home: Optional[Tensor] = None  # our own block's gradient, once it is known
 
-    def _send(self, dkv, offset: int):
+    def _send(self, dkv: Tensor, offset: int) -> None:
         self._inbox = torch.empty_like(dkv)
         self._hop = self.ring.exchange("dkv", [dkv], [self._inbox], offset=offset)
 
-    def _received(self):
+    def _received(self) -> Optional[Tensor]:
         """Wait for the hop in flight; what it brought (None if there was none)."""
         if self._hop is None:
             return None
@@ -195,7 +205,7 @@ class RelayedGrads(_GradRoute):
     """Steps 0..m: a block's accumulator rides the ring with the block, one hop a step, each
     rank adding its share; after the last step it takes one hop home (offset -m)."""
 
-    def add(self, n: int, s: int, dkv):
+    def add(self, n: int, s: int, dkv: Tensor) -> None:
         got = self._received()
         if got is not None:  # the accumulator of the block we just visited
             dkv += got
@@ -206,32 +216,37 @@ class RelayedGrads(_GradRoute):
         else:  # a one-step ring: our own block, already home
             self._home = dkv
 
-    def finish(self):
+    def finish(self) -> Tensor:
         got = self._received()
-        return self._home if got is None else got
+        home = self._home if got is None else got
+        assert home is not None, "a ring of more than one step receives its accumulator home"
+        return home
 
 
 class DirectGrads(_GradRoute):
     """Any steps: the share of step s's block goes straight back to its owner (offset -s),
     which sums its own share (step 0) and the partials as they arrive."""
 
-    def add(self, n: int, s: int, dkv):
+    def add(self, n: int, s: int, dkv: Tensor) -> None:
         got = self._received()
         if got is not None:  # a partial of our own block, back from the rank that visited it
+            assert self._home is not None, "step 0, our own block, comes first"
             self._home += got
         if n == 0:  # step 0 (always the first) is our own block
             self._home = dkv
         else:
             self._send(dkv, -s)
 
-    def finish(self):
+    def finish(self) -> Tensor:
         got = self._received()
+        assert self._home is not None, "step 0, our own block, comes first"
         if got is not None:
             self._home += got
         return self._home
 
 
-def ring_backward(dout, q, k, v, out, lse, engine: Engine):
+def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, engine: Engine
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of q, k, v (input dtype, (batch, seq, heads, dim)) from the final out and lse.
 
     The same ring as ring_forward, with dK/dV shares routed home by RelayedGrads or
@@ -242,12 +257,12 @@ def ring_backward(dout, q, k, v, out, lse, engine: Engine):
     dt = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     qh, dq_h, out_h, dout_h = _heads_first(q), _heads_first(dq), _heads_first(out), _heads_first(dout)
-    own = (k.contiguous(), v.contiguous())
+    own: KV = (k.contiguous(), v.contiguous())
     kv = own
     steps, relay = engine.schedule(L)
     inbox = _receive_buffers(own, len(steps))
     q_finite = math.isfinite(scale) and _finite(q, dout, out)
-    route = (RelayedGrads if relay else DirectGrads)(ring, len(steps))
+    route: RelayedGrads | DirectGrads = RelayedGrads(ring, len(steps)) if relay else DirectGrads(ring, len(steps))
     for n, s in enumerate(steps):
         kv_hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
         tiles = engine.tiles(rank, (rank - s) % W, L)
@@ -271,7 +286,7 @@ def ring_backward(dout, q, k, v, out, lse, engine: Engine):
     return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype)
 
 
-def sink_grad(dout, out, lse, sinks):
+def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
     """d sinks = -sum over batch and rows of exp(sink - lse_final) * rowsum(dO * O_final)."""
     dt = lse.dtype
     delta = (dout.to(dt) * out.to(dt)).sum(-1).transpose(1, 2)  # (batch, heads, seq)

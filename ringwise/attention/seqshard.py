@@ -14,15 +14,41 @@ Torch, layout.py and checks.py only: nothing above `ringwise.attention` is impor
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional, TypedDict, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
+from torch.types import Device
 
 from . import layout as _layout
 from .checks import parse_bounds
 
 IGNORE_INDEX = -100  # labels the loss skips (cross_entropy's default); ringwise.model re-exports it
+
+
+class RingKwargs(TypedDict, total=False):
+    """ring_attention's sharding keywords, as SeqShard.ring_kwargs gives them (mesh_group where one is set)."""
+
+    layout: str
+    group: Optional[ProcessGroup]
+    ulysses_group: Optional[ProcessGroup]
+    mesh_group: Optional[ProcessGroup]
+
+
+class _Shards(TypedDict):
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+
+
+class ShardedBatch(_Shards, total=False):
+    """What SeqShard.shard_batch gives: this rank's input_ids, position_ids and labels, and the global
+    document bounds (cu_seqlens) where documents were given."""
+
+    cu_seqlens: list[int]
 
 
 @dataclass(frozen=True)
@@ -36,11 +62,11 @@ class SeqShard:
     """
 
     layout: str = "zigzag"
-    group: object = None
-    ulysses_group: object = None
-    mesh_group: object = None
+    group: Optional[ProcessGroup] = None
+    ulysses_group: Optional[ProcessGroup] = None
+    mesh_group: Optional[ProcessGroup] = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _layout.check_layout(self.layout)
 
     # -- sizes -----------------------------------------------------------------------------
@@ -71,7 +97,7 @@ class SeqShard:
         """The global tensor on every rank, gathered from the pieces (collective: every rank calls it)."""
         return _layout.unshard(x, dim, self.layout, self.group, ulysses_group=self.ulysses_group)
 
-    def positions(self, global_len: int, device=None) -> torch.Tensor:
+    def positions(self, global_len: int, device: Device = None) -> torch.Tensor:
         """Global position of each local token (int64), for rotary embeddings and masks."""
         return _layout.positions(global_len, self.layout, self.group, device=device, ulysses_group=self.ulysses_group)
 
@@ -79,7 +105,7 @@ class SeqShard:
         """How many tokens a global length n lacks to be split (0 when it already can)."""
         return (-n) % self.unit
 
-    def pad(self, x: torch.Tensor, dim: int = 1, value=0) -> tuple[torch.Tensor, int]:
+    def pad(self, x: torch.Tensor, dim: int = 1, value: float = 0) -> tuple[torch.Tensor, int]:
         """x padded with `value` at the end of `dim` so it can be split; (padded, n_pad).
 
         Trailing pads change nothing that real tokens see under a causal mask; as loss
@@ -96,8 +122,9 @@ class SeqShard:
         return x
 
     # -- batches ---------------------------------------------------------------------------
-    def shard_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_seqlens=None,
-                    pad: bool = False, pad_id: int = 0) -> dict:
+    def shard_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                    cu_seqlens: Union[Sequence[int], torch.Tensor, None] = None, pad: bool = False,
+                    pad_id: int = 0) -> ShardedBatch:
         """A global (batch, seq) batch -> this rank's input_ids, position_ids and labels.
 
         Labels (default: input_ids) are shifted on the *global* sequence before sharding:
@@ -129,25 +156,25 @@ class SeqShard:
             if bounds is not None and n_pad:
                 bounds = bounds + [s + n_pad]
             s += n_pad
-        out = dict(input_ids=self.shard(input_ids),
-                   position_ids=self.positions(s, device=input_ids.device)[None].expand(b, -1),
-                   labels=self.shard(shifted))
+        out: ShardedBatch = {"input_ids": self.shard(input_ids),
+                             "position_ids": self.positions(s, device=input_ids.device)[None].expand(b, -1),
+                             "labels": self.shard(shifted)}
         if bounds is not None:
             out["cu_seqlens"] = bounds
         return out
 
     @staticmethod
-    def _bounds(cu_seqlens, seq: int) -> list[int]:
+    def _bounds(cu_seqlens: object, seq: int) -> list[int]:
         """cu_seqlens as a list of ints, checked before anything is shifted or sent."""
         bounds, problem = parse_bounds(cu_seqlens, seq, what=f"sequence length {seq} (0, len0, len0+len1, ..., {seq})")
-        if problem:
+        if bounds is None:  # exactly when there is a problem
             raise ValueError(f"shard_batch: {problem}")
         return list(bounds)
 
-    def ring_kwargs(self) -> dict:
+    def ring_kwargs(self) -> RingKwargs:
         """layout=, group=, ulysses_group= (and mesh_group= where one is set) for ring_attention
         (and Transformer.hidden/forward)."""
-        kw = dict(layout=self.layout, group=self.group, ulysses_group=self.ulysses_group)
+        kw: RingKwargs = {"layout": self.layout, "group": self.group, "ulysses_group": self.ulysses_group}
         if self.mesh_group is not None:
             kw["mesh_group"] = self.mesh_group
         return kw

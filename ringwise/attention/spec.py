@@ -19,23 +19,34 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar, cast
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from . import checks
+from .checks import Signature
+
+if TYPE_CHECKING:
+    from torch.distributed.distributed_c10d import GroupName
 
 Tensor = torch.Tensor
+T = TypeVar("T")
 
 _NOT_A_MEMBER = ""  # the name a rank outside a group passes for it (torch's NON_GROUP_MEMBER)
 
 
 # -- normalisers: what a caller passed -> (the schema's value, problem or None) ------------------
 
-def _flag(name):
-    def normalise(x):
+Normaliser = Callable[[object], tuple[object, Optional[str]]]
+Problem = Callable[[object], Optional[str]]  # the worded problem with a value (checks.py)
+
+
+def _flag(name: str) -> Callable[[object], tuple[Optional[bool], Optional[str]]]:
+    def normalise(x: object) -> tuple[Optional[bool], Optional[str]]:
         try:
             return bool(x), None
         except (TypeError, ValueError, RuntimeError):
@@ -43,8 +54,8 @@ def _flag(name):
     return normalise
 
 
-def _real(name, problem):
-    def normalise(x):
+def _real(name: str, problem: Problem) -> Callable[[object], tuple[Optional[float], Optional[str]]]:
+    def normalise(x: object) -> tuple[Optional[float], Optional[str]]:
         if isinstance(x, Tensor) and x.numel() == 1 and not x.dtype.is_complex:
             x = x.item()  # a 1-element real tensor is read once
         if x is None or (isinstance(x, numbers.Real) and not isinstance(x, bool)):
@@ -53,30 +64,30 @@ def _real(name, problem):
     return normalise
 
 
-def _integer(problem):
-    def normalise(x):
+def _integer(problem: Problem) -> Callable[[object], tuple[Optional[int], Optional[str]]]:
+    def normalise(x: object) -> tuple[Optional[int], Optional[str]]:
         if x is None or (isinstance(x, numbers.Integral) and not isinstance(x, bool)):
             return (None if x is None else int(x)), None
         return None, problem(x)
     return normalise
 
 
-def _name(what, optional=False):
-    def normalise(x):
+def _name(what: str, optional: bool = False) -> Callable[[object], tuple[Optional[str], Optional[str]]]:
+    def normalise(x: object) -> tuple[Optional[str], Optional[str]]:
         if isinstance(x, str) or (optional and x is None):
             return x, None
         return None, f"{what} must be a name (str){' or None' if optional else ''}, got {x!r}"
     return normalise
 
 
-def _bounds(x):
+def _bounds(x: object) -> tuple[Optional[list[int]], Optional[str]]:
     if x is None:
         return None, None
     bounds, problem = checks.parse_bounds(x)
-    return (None if problem else list(bounds)), problem
+    return (None if bounds is None else list(bounds)), problem  # bounds is None exactly with a problem
 
 
-def _document_ids(x):
+def _document_ids(x: object) -> tuple[Optional[Tensor], Optional[str]]:
     if x is None or isinstance(x, Tensor):
         return x, None
     try:  # a list or array of ids
@@ -85,14 +96,14 @@ def _document_ids(x):
         return None, f"document_ids must be a 1-D integer tensor over the global sequence, got {type(x).__name__}"
 
 
-def _sinks(x):
+def _sinks(x: object) -> tuple[Optional[Tensor], Optional[str]]:
     if x is None or isinstance(x, Tensor):
         return x, None
     return None, f"sinks must be a 1-D tensor of one logit per query head, got {type(x).__name__}"
 
 
-def _group(what):
-    def normalise(group):
+def _group(what: str) -> Callable[[object], tuple[Optional[str], None]]:
+    def normalise(group: object) -> tuple[Optional[str], None]:
         """Process groups cross into the op by name (a rank outside the group passes _NOT_A_MEMBER
         and the op's checks word it). Not a group at all: raised here, on this rank alone."""
         if group is None:
@@ -107,18 +118,19 @@ def _group(what):
     return normalise
 
 
-def process_group(name: Optional[str]):
+def process_group(name: Optional[str]) -> Optional[ProcessGroup]:
     """The process group an op argument names (None: the default group)."""
     if name is None:
         return None
     if name == _NOT_A_MEMBER:
-        return dist.GroupMember.NON_GROUP_MEMBER
-    from torch.distributed.distributed_c10d import _resolve_process_group
+        # torch's stand-in for a group this rank is not in (an int), which dist's functions take as a group
+        return cast(ProcessGroup, dist.GroupMember.NON_GROUP_MEMBER)
+    from torch._C._distributed_c10d import _resolve_process_group  # distributed_c10d's, where it is defined
 
-    return _resolve_process_group(name)
+    return _resolve_process_group(cast("GroupName", name))
 
 
-def _option(default, normalise):
+def _option(default: T, normalise: Normaliser) -> T:
     return field(default=default, metadata=dict(normalise=normalise))
 
 
@@ -143,12 +155,13 @@ class AttentionSpec:
     transport: Optional[str] = _option(None, _name("transport", optional=True))
 
     @classmethod
-    def from_options(cls, options: dict) -> tuple["AttentionSpec", Optional[str]]:
+    def from_options(cls, options: dict[str, object]) -> tuple[AttentionSpec, Optional[str]]:
         """(spec, the first problem or None) from ring_attention's keyword arguments."""
         unknown = set(options) - set(NAMES)
         if unknown:
             raise TypeError(f"ring_attention got unexpected keyword arguments {sorted(unknown)}")
-        values, problems = {}, []
+        values: dict[str, Any] = {}  # field -> its value, of the field's own type (its normaliser's)
+        problems = []
         for name, default, normalise in _NORMALISERS:
             if name in options:
                 value, problem = normalise(options[name])
@@ -160,28 +173,31 @@ class AttentionSpec:
 
     # -- the op's arguments --------------------------------------------------------------------
     @classmethod
-    def take(cls, args: tuple) -> tuple["AttentionSpec", tuple]:
-        """(the spec, the arguments after it) from an op's arguments that start with the spec's fields."""
+    def take(cls, args: Sequence[Any]) -> tuple[AttentionSpec, tuple[Any, ...]]:
+        """(the spec, the arguments after it) from an op's arguments that start with the spec's fields
+        (each of the type the op's schema gives it, as torch checked)."""
         n = len(FIELDS)
         return cls(*args[:n]), tuple(args[n:])
 
-    def op_args(self) -> tuple:
+    def op_args(self) -> tuple[object, ...]:
         """The fields in schema order: the op's arguments after q, k, v (after saved, backward)."""
         return tuple(getattr(self, n) for n in NAMES)
 
-    def without_tensors(self) -> "AttentionSpec":
+    def without_tensors(self) -> AttentionSpec:
         """The spec with its tensors taken out (autograd keeps those: save_for_backward)."""
-        return dataclasses.replace(self, **{n: None for n in TENSORS})
+        none: dict[str, Any] = {n: None for n in TENSORS}  # every tensor field is Optional[Tensor]
+        return dataclasses.replace(self, **none)
 
-    def with_tensors(self, tensors) -> "AttentionSpec":
-        return dataclasses.replace(self, **dict(zip(TENSORS, tensors, strict=True)))
+    def with_tensors(self, tensors: Sequence[Optional[Tensor]]) -> AttentionSpec:
+        kept: dict[str, Any] = dict(zip(TENSORS, tensors, strict=True))  # every tensor field is Optional[Tensor]
+        return dataclasses.replace(self, **kept)
 
     # -- what every rank must pass alike ---------------------------------------------------------
-    def signature(self, **resolved) -> tuple:
+    def signature(self, **resolved: object) -> Signature:
         """((name, value), ...) of every option the ranks must agree on, as the op resolved it
         (`resolved` overrides: the scale, the document bounds, the transport). Groups are checked
         as a ring or a mesh, and document_ids by the bounds they give (cu_seqlens), not here."""
-        sig = []
+        sig: list[tuple[str, object]] = []
         for n in NAMES:
             if n in _NOT_COMPARED:
                 continue
@@ -194,7 +210,8 @@ FIELDS = dataclasses.fields(AttentionSpec)
 NAMES = tuple(f.name for f in FIELDS)
 # (name, default, normaliser) per field, as plain tuples (torch.compile traces from_options, and
 # refuses to read a field's metadata mapping)
-_NORMALISERS = tuple((f.name, f.default, f.metadata["normalise"]) for f in FIELDS)
+_NORMALISERS: tuple[tuple[str, object, Normaliser], ...] = tuple(
+    (f.name, f.default, f.metadata["normalise"]) for f in FIELDS)
 TENSORS = tuple(f.name for f in FIELDS if f.type == "Optional[Tensor]")
 _NOT_COMPARED = ("group", "ulysses_group", "mesh_group", "document_ids")
 
@@ -208,4 +225,4 @@ def schema_args() -> str:
     unknown = [f.name for f in FIELDS if f.type not in _SCHEMA_TYPES]
     if unknown:
         raise TypeError(f"AttentionSpec fields {unknown} have no schema type; add theirs to _SCHEMA_TYPES")
-    return ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in FIELDS)
+    return ", ".join(f"{_SCHEMA_TYPES[str(f.type)]} {f.name}" for f in FIELDS)

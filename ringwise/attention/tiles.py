@@ -37,8 +37,15 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal, Union
 
 from .layout import Segment, segments
+
+# Pieces of a segment pair, (q0, q1, k0, k1, mask) in local indices: _causal_tiles' mask says causal
+# or not; a Piece's is its Kind, "full", "causal", "anti" or a band (lo, hi) (see Tile).
+CausalPiece = tuple[int, int, int, int, bool]
+Kind = Union[Literal["full", "causal", "anti"], tuple[int, int]]
+Piece = tuple[int, int, int, int, Kind]
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class Tile:
         return self.band is None or self.band[0] <= i - j <= self.band[1]
 
 
-def _causal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple[int, int, int, int, bool]]:
+def _causal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[CausalPiece]:
     """Queries i in [qa, qb) against keys j in [ka, kb) where key j is visible iff j <= i + t.
 
     In the aligned key coordinate b = j - t this is b <= i, which splits into at most a full
@@ -83,7 +90,7 @@ def _causal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple[int,
     """
     lo, hi = ka - t, kb - t  # keys in aligned coordinates
     oa, ob = max(lo, qa), min(hi, qb)
-    tiles = []
+    tiles: list[CausalPiece] = []
     if lo < min(hi, qa):
         tiles.append((qa, qb, lo + t, min(hi, qa) + t, False))
     if oa < ob:
@@ -96,7 +103,7 @@ def _causal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple[int,
 MIN_FUSED_WINDOW = 64  # narrower windows: one band tile on the reference kernel per piece
 
 
-def _anticausal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple]:
+def _anticausal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[Piece]:
     """Queries i in [qa, qb) against keys j in [ka, kb) where key j is visible iff j >= i + t.
 
     The mirror of _causal_tiles: a full block of keys after every query, one anti-causal
@@ -105,7 +112,7 @@ def _anticausal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple]
     """
     lo, hi = ka - t, kb - t  # keys in aligned coordinates
     oa, ob = max(lo, qa), min(hi, qb)
-    tiles = []
+    tiles: list[Piece] = []
     if max(lo, qb) < hi:
         tiles.append((qa, qb, max(lo, qb) + t, hi + t, "full"))
     if oa < ob:
@@ -115,13 +122,13 @@ def _anticausal_tiles(qa: int, qb: int, ka: int, kb: int, t: int) -> list[tuple]
     return tiles
 
 
-def _window_tiles(parts, t: int, w: int) -> list[tuple]:
+def _window_tiles(parts: list[CausalPiece], t: int, w: int) -> list[Piece]:
     """Cut causal pieces (from _causal_tiles) to keys with i - (j - t) <= w, i.e. j >= i + t - w.
 
     Returns (q0, q1, k0, k1, kind) with kind "full", "causal", "anti" or a band (lo, hi).
     Every visible pair of a piece has i - (j - t) >= 0, so only the far edge is new.
     """
-    out = []
+    out: list[Piece] = []
     for q0, q1, k0, k1, causal in parts:
         lo_d = 0 if causal else q0 - (k1 - 1) + t  # smallest i - j + t among the piece's pairs
         hi_d = (q1 - 1) - k0 + t
@@ -184,15 +191,16 @@ def segment_pair_tiles(q: Segment, k: Segment, causal: bool, docs: tuple[int, ..
     out = []
     for qa, qb, ka, kb in spans:
         parts = _causal_tiles(qa, qb, ka, kb, t) if causal else [(qa, qb, ka, kb, False)]
+        pieces: list[Piece]
         if window is not None:
-            parts = _window_tiles(parts, t, w)
+            pieces = _window_tiles(parts, t, w)
         else:
-            parts = [p[:4] + ("causal" if p[4] else "full",) for p in parts]
-        out += [_tile(q.local_start + a, b - a, k.local_start + c, d - c, kind) for a, b, c, d, kind in parts]
+            pieces = [(a, b, c, d, "causal" if p_causal else "full") for a, b, c, d, p_causal in parts]
+        out += [_tile(q.local_start + a, b - a, k.local_start + c, d - c, kind) for a, b, c, d, kind in pieces]
     return out
 
 
-def _tile(q_start, q_len, k_start, k_len, kind) -> Tile:
+def _tile(q_start: int, q_len: int, k_start: int, k_len: int, kind: Kind) -> Tile:
     if isinstance(kind, tuple):
         return Tile(q_start, q_len, k_start, k_len, False, band=kind)
     return Tile(q_start, q_len, k_start, k_len, kind == "causal", anti=kind == "anti")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -26,9 +27,9 @@ class Traffic:
     staged: bytes the host transport copied, per direction ("to_host", "to_device").
     """
 
-    hops: Counter = field(default_factory=Counter)
-    all_to_all: Counter = field(default_factory=Counter)
-    staged: Counter = field(default_factory=Counter)
+    hops: Counter[str] = field(default_factory=Counter)
+    all_to_all: Counter[str] = field(default_factory=Counter)
+    staged: Counter[str] = field(default_factory=Counter)
 
 
 _KINDS = ("hops", "all_to_all", "staged")
@@ -49,7 +50,7 @@ def report(kind: str, key: str, n: int = 1) -> None:
 
 
 @contextlib.contextmanager
-def recording():
+def recording() -> Iterator[Traffic]:
     """Count the attention's traffic while active; yields a Traffic that fills in as it happens."""
     t = Traffic()
     with _lock:

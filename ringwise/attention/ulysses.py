@@ -33,21 +33,32 @@ backward one "dout" and one "dqkv" (none when U = 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
-from .checks import valid_degrees  # noqa: F401  (public here since the first release)
+from .checks import (
+    MeshView,
+    valid_degrees,  # noqa: F401  (public here since the first release)
+)
 from .comm import all_to_all_bytes
 from .ring import Engine, ring_backward, ring_forward, sink_grad
 from .traffic import report
+
+Tensor = torch.Tensor
+Shape = tuple[int, ...]
 
 # Keyword arguments of ring_attention that hold one value per query head: sliced to the
 # rank's heads after the head scatter.
 PER_HEAD = ("sinks",)
 
 
-def mesh_groups(ulysses: int, ring: int | None = None, timeout=None):
+def mesh_groups(ulysses: int, ring: int | None = None, timeout: Optional[timedelta] = None
+                ) -> tuple[ProcessGroup, ProcessGroup]:
     """(ulysses_group, ring_group) of this rank on a ulysses x ring mesh of the default group.
 
     timeout (a timedelta): the groups' collective timeout (None: the backend's default);
@@ -61,10 +72,11 @@ def mesh_groups(ulysses: int, ring: int | None = None, timeout=None):
     ring = world // ulysses if ring is None else ring
     if ulysses < 1 or ring < 1 or ulysses * ring != world:
         raise ValueError(f"mesh_groups: ulysses={ulysses} x ring={ring} must equal the world size {world}")
-    ug, _ = dist.new_subgroups_by_enumeration([[r * ulysses + u for u in range(ulysses)] for r in range(ring)],
-                                              timeout=timeout)
-    rg, _ = dist.new_subgroups_by_enumeration([[r * ulysses + u for r in range(ring)] for u in range(ulysses)],
-                                              timeout=timeout)
+    # new_subgroups_by_enumeration: unannotated in torch; (this rank's group, every group)
+    ug, _ = dist.new_subgroups_by_enumeration(  # type: ignore[no-untyped-call]
+        [[r * ulysses + u for u in range(ulysses)] for r in range(ring)], timeout=timeout)
+    rg, _ = dist.new_subgroups_by_enumeration(  # type: ignore[no-untyped-call]
+        [[r * ulysses + u for r in range(ring)] for u in range(ulysses)], timeout=timeout)
     return ug, rg
 
 
@@ -77,7 +89,8 @@ class Mesh:
     """This rank's place in the (ulysses x ring) mesh: u, r are -1 where it is not a member.
     mesh_group (None: the default group) holds exactly the mesh's ranks: the verdict's gather."""
 
-    def __init__(self, ulysses_group, group, transport: str = "auto", mesh_group=None):
+    def __init__(self, ulysses_group: Optional[ProcessGroup], group: Optional[ProcessGroup], transport: str = "auto",
+                 mesh_group: Optional[ProcessGroup] = None) -> None:
         self.transport = transport  # "host": all-to-alls staged through host memory, as the ring's hops
         self.group, self.ulysses_group, self.mesh_group = group, ulysses_group, mesh_group
         self.rank = dist.get_rank()
@@ -100,15 +113,17 @@ class Mesh:
                     "group that contains this rank (a group of size 1 for pure Ulysses)")
         return None
 
-    def ranks(self) -> dict:
+    def ranks(self) -> MeshView:
         """This rank's view of the mesh, for the cross-rank check (checks.mesh_problem)."""
         world = dist.group.WORLD if self.group is None else self.group
-        return dict(u=self.u, r=self.r,
-                    ulysses=dist.get_process_group_ranks(self.ulysses_group) if self.u >= 0 else [],
-                    ring=dist.get_process_group_ranks(world) if self.r >= 0 else [])
+        view: MeshView = {"u": self.u, "r": self.r,
+                          "ulysses": dist.get_process_group_ranks(self.ulysses_group) if self.u >= 0 else [],
+                          "ring": dist.get_process_group_ranks(world) if self.r >= 0 else []}
+        return view
 
 
-def _exchange(sends: list[torch.Tensor], group, stream: str, transport: str = "auto") -> list[torch.Tensor]:
+def _exchange(sends: Sequence[Tensor], group: Optional[ProcessGroup], stream: str, transport: str = "auto"
+              ) -> list[Tensor]:
     """One all-to-all: row j of every send tensor (U, ...) goes to ulysses rank j.
 
     The tensors travel as bytes in one buffer, whatever their dtypes (lse stays float32).
@@ -119,7 +134,8 @@ def _exchange(sends: list[torch.Tensor], group, stream: str, transport: str = "a
     rows = [x.contiguous().view(U, -1).view(torch.uint8) for x in sends]
     recv = all_to_all_bytes(torch.cat(rows, dim=1), group, transport)
     report("all_to_all", stream)
-    out, at = [], 0
+    out: list[Tensor] = []
+    at = 0
     for x, row in zip(sends, rows):
         n = row.shape[1]
         out.append(recv[:, at:at + n].contiguous().view(x.dtype).view(x.shape))
@@ -127,27 +143,27 @@ def _exchange(sends: list[torch.Tensor], group, stream: str, transport: str = "a
     return out
 
 
-def seq_to_heads(xs, mesh: Mesh, stream: str):
+def seq_to_heads(xs: Sequence[Tensor], mesh: Mesh, stream: str) -> list[Tensor]:
     """(B, L, h*U, ...) each -> (B, U*L, h, ...): gather the ring shard, keep head chunk u."""
     U = mesh.size
-    sends = [x.unflatten(2, (U, x.shape[2] // U)).movedim(2, 0) for x in xs]  # (U, B, L, h, ...)
+    sends = [torch.unflatten(x, 2, (U, x.shape[2] // U)).movedim(2, 0) for x in xs]  # (U, B, L, h, ...)
     return [y.movedim(0, 1).flatten(1, 2) for y in _exchange(sends, mesh.ulysses_group, stream, mesh.transport)]
 
 
-def heads_to_seq(xs, mesh: Mesh, stream: str):
+def heads_to_seq(xs: Sequence[Tensor], mesh: Mesh, stream: str) -> list[Tensor]:
     """(B, U*L, h, ...) each -> (B, L, U*h, ...): the inverse of seq_to_heads."""
     U = mesh.size
-    sends = [x.unflatten(1, (U, x.shape[1] // U)).movedim(1, 0) for x in xs]  # (U, B, L, h, ...)
+    sends = [torch.unflatten(x, 1, (U, x.shape[1] // U)).movedim(1, 0) for x in xs]  # (U, B, L, h, ...)
     return [y.movedim(0, 2).flatten(2, 3) for y in _exchange(sends, mesh.ulysses_group, stream, mesh.transport)]
 
 
-def head_chunk(heads: int, mesh) -> slice:
+def head_chunk(heads: int, mesh: Mesh) -> slice:
     """This rank's query heads after the head scatter."""
     h = heads // mesh.size
     return slice(mesh.u * h, (mesh.u + 1) * h)
 
 
-def _local_heads(ring_kwargs: dict, heads: int, mesh) -> dict:
+def _local_heads(ring_kwargs: Mapping[str, object], heads: int, mesh: Mesh) -> dict[str, object]:
     """Per-head arguments (PER_HEAD, one value per query head) cut to this rank's head chunk."""
     out = dict(ring_kwargs)
     for name in PER_HEAD:
@@ -157,7 +173,8 @@ def _local_heads(ring_kwargs: dict, heads: int, mesh) -> dict:
     return out
 
 
-def head_chunk_shapes(q_shape, kv_heads: int, ulysses_size: int) -> tuple:
+def head_chunk_shapes(q_shape: Sequence[int], kv_heads: int, ulysses_size: int
+                      ) -> tuple[Shape, Shape, Shape, Shape, Shape]:
     """Shapes of what ulysses_forward keeps for the backward: q, k, v, out (batch, U*L, heads/U or
     kv heads x copies / U, dim) and lse (batch, heads/U, U*L), for the op's fake (meta) rule."""
     B, L, H, D = q_shape
@@ -167,7 +184,8 @@ def head_chunk_shapes(q_shape, kv_heads: int, ulysses_size: int) -> tuple:
     return qh, kh, kh, qh, (B, H // U, U * L)
 
 
-def ulysses_forward(q, k, v, sinks, mesh: Mesh, engine: Engine):
+def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], mesh: Mesh, engine: Engine
+                    ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(out, lse, saved): the ring engine on this rank's head chunk between two all-to-alls.
 
     saved: the head-chunk tensors ulysses_backward needs (no all-to-all repeated)."""
@@ -182,7 +200,8 @@ def ulysses_forward(q, k, v, sinks, mesh: Mesh, engine: Engine):
     return out, lse.squeeze(-1).transpose(1, 2).contiguous(), [qh, kh, vh, out_h, lse_h]
 
 
-def ulysses_backward(dout, saved, sinks, kv_heads: int, mesh: Mesh, engine: Engine):
+def ulysses_backward(dout: Tensor, saved: Sequence[Tensor], sinks: Optional[Tensor], kv_heads: int, mesh: Mesh,
+                     engine: Engine) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(dq, dk, dv, dsinks or None) from ulysses_forward's saved head chunk; dsinks is zero outside
     this rank's heads (summing parameter gradients over the mesh completes it)."""
     qh, kh, vh, out_h, lse_h = saved
@@ -191,8 +210,8 @@ def ulysses_backward(dout, saved, sinks, kv_heads: int, mesh: Mesh, engine: Engi
     dq, dk, dv = heads_to_seq(list(dqkv), mesh, "dqkv")
     copies = kv_copies(dq.shape[2], kv_heads, mesh.size)
     if copies > 1:  # sum each kv head's copies in float32
-        dk, dv = (d.unflatten(2, (-1, copies)).sum(3, dtype=torch.float32).to(d.dtype) for d in (dk, dv))
-    dsinks = None
+        dk, dv = (torch.unflatten(d, 2, (-1, copies)).sum(3, dtype=torch.float32).to(d.dtype) for d in (dk, dv))
+    dsinks: Optional[Tensor] = None
     if sinks is not None:
         chunk = head_chunk(dq.shape[2], mesh)
         dsinks = torch.zeros_like(sinks)

@@ -158,7 +158,7 @@ def run(args) -> dict:
             f"for ring and SDPA); not by {bad}"
         )
     shape = (args.batch, args.seq_len, args.heads, args.head_dim)
-    cases = [("sdpa", 1, False, None), ("sdpa", 1, True, None)]
+    cases: list[tuple[str, int, bool, str | None]] = [("sdpa", 1, False, None), ("sdpa", 1, True, None)]
     for W in args.worlds:
         cases.append(("ring", W, False, "zigzag"))
         cases += [("ring", W, True, layout) for layout in ringwise.LAYOUTS]

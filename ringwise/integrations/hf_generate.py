@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..attention.comm import all_gather_single
 from ..attention.decode import _digest
 from ..attention.kvcache import prompt_loads
 from .hf_rings import configs_of, ring_of, shard_of_state
@@ -136,7 +137,7 @@ def _same_everywhere(sequences: torch.Tensor, shard) -> None:
         return
     mine = torch.tensor([_digest(sequences)], dtype=torch.int64, device=sequences.device)
     every = torch.empty(shard.ring_size, dtype=torch.int64, device=sequences.device)
-    dist.all_gather_into_tensor(every, mine, group=shard.group)
+    all_gather_single(every, mine, group=shard.group)
     if not bool((every == every[0]).all()):
         raise RuntimeError("rw.generate: the ranks generated different sequences (a ringwise bug: please report it)")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +184,7 @@ def ringwise_attention_forward(
     problem = problem or _dropout_problem(module, dropout)
     if state.decoding is not None and state.decoding.phase == "decode":
         return _decode_step(module, query, key, value, mask, problem, scaling, kwargs, state.decoding), None
-    check = dict(validate=False)
+    check: dict[str, Any] = dict(validate=False)  # the op's verdict keywords (validate, objection, position_ids)
     first = _check_due(state, module)
     if first or (mask is not None and not mask.checked):
         # the op's one verdict gather carries this rank's objection (to the call, to the layer's mask);
@@ -480,8 +481,9 @@ def shard_batch(
     `model(**out).loss` (labels included) is rw.causal_lm_loss's share: these labels, passed as they are,
     are known to be shifted; a copy of them is refused.
     """
-    out = (shard or _shard_of()).shard_batch(input_ids, labels, cu_seqlens)
-    _SHIFTED[id(out["labels"])] = out["labels"]  # model(**out) takes these as they are (RingLoss)
+    batch = (shard or _shard_of()).shard_batch(input_ids, labels, cu_seqlens)
+    _SHIFTED[id(batch["labels"])] = batch["labels"]  # model(**out) takes these as they are (RingLoss)
+    out: dict[str, object] = dict(batch)  # the model's keywords: cu_seqlens renamed below
     if "cu_seqlens" in out:
         out["ringwise_cu_seqlens"] = out.pop("cu_seqlens")
     return out

@@ -1,10 +1,11 @@
 """A ring of local processes for tests, demos and benchmarks.
 
 `LocalCluster(W)` starts W processes joined in one gloo (or NCCL) process group whose
-store (held by the caller) and sockets listen on 127.0.0.1 alone, and keeps them alive, so many small jobs share one start-up. `run(fn, ...)`
-calls fn on every rank and returns the per-rank results. Nothing hangs: every job has a
-deadline; a rank that raises, dies or overruns tears the cluster down and the caller
-gets one exception with every rank's traceback (stack dumps for ranks that hung).
+store (held by the caller) and sockets listen on 127.0.0.1 alone, and keeps them alive,
+so many small jobs share one start-up. `run(fn, ...)` calls fn on every rank and returns
+the per-rank results. Nothing hangs: every job has a deadline; a rank that raises, dies
+or overruns tears the cluster down and the caller gets one exception with every rank's
+traceback (stack dumps for ranks that hung).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import time
 import traceback
 from datetime import timedelta
 
-from ..train.loopback import LOOPBACK, keep_sockets_on_loopback, loopback_store
 from ..train.launcher import die_with, start_method
+from ..train.loopback import LOOPBACK, keep_sockets_on_loopback, loopback_store
 
 
 class ClusterError(RuntimeError):
