@@ -14,6 +14,7 @@ Every test file imports what it shares from here (never from another test file):
   and the attention's own traffic (`.hops`, `.all_to_all`, `.staged`): one context counts it all;
   `ALL_GATHER_SINGLE`: the kind a decode_attention data gather counts as (all_gather_single).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,6 +48,7 @@ CEILINGS = {"float64": 1e-13, "float32": 1e-4, "bfloat16": 1.0, "float16": 0.25}
 
 
 # ---------------------------------------------------------------- the oracle
+
 
 def reference_attention(q, k, v, causal=False, scale=None, mask=None, sinks=None, softcap=None):
     """float64 attention on the whole sequence: (out (b, s, h, d), lse (b, h, s)).
@@ -85,6 +87,7 @@ def max_err(a, b):
 
 # ---------------------------------------------------------------- the budget
 
+
 def assert_within_budget(name, err, kernel_err, eps, *, ceiling):
     """err <= 2 x kernel_err + eps (the sharded run adds no error beyond the kernel's own) and
     err <= ceiling (CEILINGS[dtype], or tighter): a kernel error too large to be round-off
@@ -102,11 +105,14 @@ def _log_budget(name, err, kernel_err, eps, ceiling):
     path = os.environ.get("RINGWISE_BUDGET_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{name}\t{ceiling:g}\t"
-                    f"{err:.6g}\t{kernel_err:.6g}\t{eps:g}\n")
+            f.write(
+                f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{name}\t{ceiling:g}\t"
+                f"{err:.6g}\t{kernel_err:.6g}\t{eps:g}\n"
+            )
 
 
 # ---------------------------------------------------------------- inputs and masks
+
 
 def make_inputs(case):
     """Global float64 q, k, v, dout; the same on every rank (same seed)."""
@@ -128,8 +134,9 @@ def make_sinks(case):
 
 def options(case):
     """The case's ring_attention keyword arguments (besides sinks and layout)."""
-    return dict(causal=case["causal"], cu_seqlens=case.get("cu_seqlens"), window=case.get("window"),
-                softcap=case.get("softcap"))
+    return dict(
+        causal=case["causal"], cu_seqlens=case.get("cu_seqlens"), window=case.get("window"), softcap=case.get("softcap")
+    )
 
 
 def packed(lengths):
@@ -138,7 +145,10 @@ def packed(lengths):
 
 
 VARLEN = [  # global length 48: documents of length 1, longer than a shard, and a single document
-    packed([48]), packed([1, 30, 1, 16]), packed([7, 1, 1, 13, 2, 24]), packed([1] * 8 + [40]),
+    packed([48]),
+    packed([1, 30, 1, 16]),
+    packed([7, 1, 1, 13, 2, 24]),
+    packed([1] * 8 + [40]),
 ]
 
 
@@ -170,13 +180,14 @@ def assemble(parts, layout, seq_dim):
     """Global tensor from per-rank shards (the inverse of shard, without communication)."""
     W = len(parts)
     total = parts[0].shape[seq_dim] * W
-    out = torch.empty(parts[0].shape[:seq_dim] + (total,) + parts[0].shape[seq_dim + 1:], dtype=parts[0].dtype)
+    out = torch.empty(parts[0].shape[:seq_dim] + (total,) + parts[0].shape[seq_dim + 1 :], dtype=parts[0].dtype)
     for r, p in enumerate(parts):
         out.index_copy_(seq_dim, global_indices(layout, r, W, total), p)
     return out
 
 
 # ---------------------------------------------------------------- case ids
+
 
 def case_id(c):
     """W{world}-{layout}-{causal|full}-{dtype}-h{heads}/{kv_heads}-d{head_dim}."""
@@ -192,11 +203,17 @@ def feature_id(c):
 
 # ---------------------------------------------------------------- hop schedules
 
+
 def schedule_from_mask(layout, W, total, vis):
     """Ring steps some rank needs, read off the global mask (independent of the tiling)."""
-    return tuple(s for s in range(W) if any(
-        vis[global_indices(layout, r, W, total)][:, global_indices(layout, (r - s) % W, W, total)].any()
-        for r in range(W)))
+    return tuple(
+        s
+        for s in range(W)
+        if any(
+            vis[global_indices(layout, r, W, total)][:, global_indices(layout, (r - s) % W, W, total)].any()
+            for r in range(W)
+        )
+    )
 
 
 def expected_hops(steps, W):
@@ -221,8 +238,9 @@ def float64_results(case):
     mask = visible_mask(q.shape[1], False, case.get("window"), case.get("cu_seqlens"))
     sinks = make_sinks(case)
     wrt = [x.detach().requires_grad_() for x in (q, k, v) + (() if sinks is None else (sinks,))]
-    out, lse = reference_attention(*wrt[:3], case["causal"], mask=mask, sinks=wrt[3] if sinks is not None else None,
-                                   softcap=case.get("softcap"))
+    out, lse = reference_attention(
+        *wrt[:3], case["causal"], mask=mask, sinks=wrt[3] if sinks is not None else None, softcap=case.get("softcap")
+    )
     return dict(zip(GRAD_NAMES, torch.autograd.grad(out, wrt, dout)), out=out.detach(), lse=lse)
 
 
@@ -232,8 +250,9 @@ def kernel_results(case):
     dt = DTYPES[case["dtype"]]
     sinks = make_sinks(case)
     xs = [x.to(dt).requires_grad_() for x in (q, k, v)] + ([] if sinks is None else [sinks.float().requires_grad_()])
-    out, lse = ringwise.ring_attention(*xs[:3], return_lse=True, sinks=xs[3] if sinks is not None else None,
-                                       **options(case))
+    out, lse = ringwise.ring_attention(
+        *xs[:3], return_lse=True, sinks=xs[3] if sinks is not None else None, **options(case)
+    )
     return dict(zip(GRAD_NAMES, torch.autograd.grad(out, xs, dout.to(dt))), out=out.detach(), lse=lse)
 
 
@@ -261,8 +280,9 @@ def check_errors(case, got, kernel_tol=None, label=None, ceiling=None):
 def assemble_results(results, layout):
     """Global out, lse, dq, dk, dv from per-rank ring results (and dsinks: the per-rank
     partials summed, like any replicated parameter's gradient)."""
-    got = {n: assemble([r[n] for r in results], layout, 2 if n == "lse" else 1)
-           for n in ("out", "lse", "dq", "dk", "dv")}
+    got = {
+        n: assemble([r[n] for r in results], layout, 2 if n == "lse" else 1) for n in ("out", "lse", "dq", "dk", "dv")
+    }
     if results[0].get("dsinks") is not None:
         got["dsinks"] = sum(r["dsinks"].double() for r in results)
     return got
@@ -275,6 +295,7 @@ def check_against_reference(case, results, kernel_tol=None, ceiling=None):
 
 # ---------------------------------------------------------------- training
 
+
 def train_args(**kw):
     """A TrainConfig for the tiny model, short runs (kw override)."""
     from ringwise.train import TrainConfig
@@ -285,6 +306,7 @@ def train_args(**kw):
 
 # ---------------------------------------------------------------- on a rank
 
+
 def run_attention(case, q, k, v, dout):
     """On each rank: forward + backward of ring_attention on this rank's shard of the global
     q, k, v, dout (the case's dtype, layout, causal, cu_seqlens); local results and the ring's
@@ -293,16 +315,19 @@ def run_attention(case, q, k, v, dout):
     ql, kl, vl = (ringwise.shard(x.to(dt), 1, layout).requires_grad_() for x in (q, k, v))
     before = [x.detach().clone() for x in (ql, kl, vl)]
     with count_comms() as fwd:
-        out, lse = ringwise.ring_attention(ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True,
-                                           cu_seqlens=case.get("cu_seqlens"))
+        out, lse = ringwise.ring_attention(
+            ql, kl, vl, causal=case["causal"], layout=layout, return_lse=True, cu_seqlens=case.get("cu_seqlens")
+        )
     with count_comms() as bwd:
         out.backward(ringwise.shard(dout.to(dt), 1, layout))
     assert all(torch.equal(a, b) for a, b in zip(before, (ql, kl, vl))), "the ring wrote into its inputs"
-    return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad,
-                fwd_hops=dict(fwd.hops), bwd_hops=dict(bwd.hops))
+    return dict(
+        out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad, fwd_hops=dict(fwd.hops), bwd_hops=dict(bwd.hops)
+    )
 
 
 # ---------------------------------------------------------------- many cases in one cluster job
+
 
 def run_each(fn, cases):
     """On every rank: fn(case) for each case in order, as one cluster job. Stops at the first

@@ -1,4 +1,5 @@
 """count_comms: every torch.distributed collective / P2P call counted once, everything restored."""
+
 import os
 import tempfile
 from datetime import timedelta
@@ -18,8 +19,13 @@ def one_rank_group():
     """A real 1-process gloo group in the test process, torn down afterwards."""
     assert not dist.is_initialized()
     with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method="file://" + os.path.join(d, "store"), rank=0, world_size=1,
-                                timeout=timedelta(seconds=30))
+        dist.init_process_group(
+            "gloo",
+            init_method="file://" + os.path.join(d, "store"),
+            rank=0,
+            world_size=1,
+            timeout=timedelta(seconds=30),
+        )
         try:
             yield
         finally:
@@ -48,8 +54,15 @@ def test_counts_calls_on_one_rank(one_rank_group):
         all_gather_single(torch.empty(3), x)  # torch's all_gather_single (all_gather_into_tensor before 2.13)
         dist.all_to_all_single(torch.empty(3), x)
     assert out == [{"a": 1}] and torch.equal(x, torch.ones(3))  # the calls really ran
-    assert c.counts == {"all_gather_object": 1, "all_reduce": 2, "broadcast": 1, "barrier": 1, "all_gather": 1,
-                        ALL_GATHER_SINGLE: 1, "all_to_all_single": 1}
+    assert c.counts == {
+        "all_gather_object": 1,
+        "all_reduce": 2,
+        "broadcast": 1,
+        "barrier": 1,
+        "all_gather": 1,
+        ALL_GATHER_SINGLE: 1,
+        "all_to_all_single": 1,
+    }
     assert c.total == 8
     assert originals() == before  # every attribute restored
     dist.all_reduce(x)  # after the context: not counted
@@ -106,10 +119,31 @@ def test_a_failing_call_still_counts_and_restores(one_rank_group):
 
 
 def test_covers_every_public_collective():
-    for kind in ("all_gather_object", "all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor",
-                 "all_to_all_single", "all_to_all", "broadcast", "broadcast_object_list", "barrier", "send", "recv",
-                 "isend", "irecv", "batch_isend_irecv", "gather_object", "scatter", "gather", "reduce",
-                 "reduce_scatter", "scatter_object_list", "send_object_list", "recv_object_list"):
+    for kind in (
+        "all_gather_object",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_reduce",
+        "reduce_scatter_tensor",
+        "all_to_all_single",
+        "all_to_all",
+        "broadcast",
+        "broadcast_object_list",
+        "barrier",
+        "send",
+        "recv",
+        "isend",
+        "irecv",
+        "batch_isend_irecv",
+        "gather_object",
+        "scatter",
+        "gather",
+        "reduce",
+        "reduce_scatter",
+        "scatter_object_list",
+        "send_object_list",
+        "recv_object_list",
+    ):
         assert kind in KINDS and callable(getattr(dist, kind))
 
 
@@ -130,6 +164,7 @@ def test_ring_attention_single_process_sends_nothing():
 
 
 # ---------------------------------------------------------------- two real ranks
+
 
 def two_rank_job():
     rank = dist.get_rank()
@@ -161,8 +196,13 @@ def two_rank_hops(layout):
         out = ringwise.ring_attention(ql, kl, vl, causal=True, layout=layout)
     with count_comms() as bwd:
         out.sum().backward()
-    return dict(fwd=dict(fwd.counts), bwd=dict(bwd.counts), fwd_hops=sum(fwd.hops.values()),
-                bwd_hops=sum(bwd.hops.values()), restored=dist.P2POp is dist.distributed_c10d.P2POp)
+    return dict(
+        fwd=dict(fwd.counts),
+        bwd=dict(bwd.counts),
+        fwd_hops=sum(fwd.hops.values()),
+        bwd_hops=sum(bwd.hops.values()),
+        restored=dist.P2POp is dist.distributed_c10d.P2POp,
+    )
 
 
 def test_two_ranks(cluster):
@@ -172,8 +212,14 @@ def test_two_ranks(cluster):
         assert torch.equal(r["y"], torch.full((2,), float(1 - rank)))
         assert r["restored"]
         p2p = {"send": 1} if rank == 0 else {"recv": 1}
-        assert r["counts"] == {"all_gather_object": 1, "batch_isend_irecv": 1, "p2p_isend": 1, "p2p_irecv": 1,
-                               "barrier": 1, **p2p}
+        assert r["counts"] == {
+            "all_gather_object": 1,
+            "batch_isend_irecv": 1,
+            "p2p_isend": 1,
+            "p2p_irecv": 1,
+            "barrier": 1,
+            **p2p,
+        }
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

@@ -2,6 +2,7 @@
 the whole cache, bit-identical on every rank, one collective a call; uneven and empty shards,
 random non-contiguous positions, Tq in {1, 3}, GQA, windows narrower than a shard, sinks,
 softcap, fully masked rows and NaN."""
+
 import time
 
 import pytest
@@ -66,8 +67,14 @@ def visible(key_pos, query_pos, window):
 
 
 def kwargs(case, key_pos, query_pos, sinks, dtype):
-    return dict(key_positions=key_pos, query_positions=query_pos, window=case.get("window"),
-                softcap=case.get("softcap"), sinks=None if sinks is None else sinks.to(dtype), return_lse=True)
+    return dict(
+        key_positions=key_pos,
+        query_positions=query_pos,
+        window=case.get("window"),
+        softcap=case.get("softcap"),
+        sinks=None if sinks is None else sinks.to(dtype),
+        return_lse=True,
+    )
 
 
 def decode_case(case):
@@ -77,7 +84,7 @@ def decode_case(case):
     rank = dist.get_rank()
     sizes = shard_sizes(case)
     perm = torch.randperm(case["keys"], generator=torch.Generator().manual_seed(case["seed"] + 1))
-    mine = perm[sum(sizes[:rank]):sum(sizes[:rank + 1])]
+    mine = perm[sum(sizes[:rank]) : sum(sizes[: rank + 1])]
     args = (q.to(dtype), k[:, mine].to(dtype), v[:, mine].to(dtype))
     kw = kwargs(case, key_pos[mine], query_pos, sinks, dtype)
     ringwise.decode_attention(*args, **kw)
@@ -89,10 +96,23 @@ def decode_case(case):
 BASE = dict(batch=2, tq=1, heads=4, kv_heads=2, head_dim=16, keys=37, dtype="float32", seed=0)
 GRID = []
 for W in (1, 2, 3, 4):
-    for extra in (dict(), dict(tq=3), dict(uneven=True), dict(empty=(0,)), dict(window=5, tq=3),
-                  dict(sinks=True), dict(softcap=4.0, tq=3), dict(kv_heads=1), dict(masked_row=True, tq=3),
-                  dict(future_keys=True, tq=3), dict(nan=True, tq=3), dict(nan_hidden_key=True, tq=3),
-                  dict(dtype="bfloat16"), dict(dtype="float64"), dict(sinks=True, window=3, masked_row=True, tq=3)):
+    for extra in (
+        dict(),
+        dict(tq=3),
+        dict(uneven=True),
+        dict(empty=(0,)),
+        dict(window=5, tq=3),
+        dict(sinks=True),
+        dict(softcap=4.0, tq=3),
+        dict(kv_heads=1),
+        dict(masked_row=True, tq=3),
+        dict(future_keys=True, tq=3),
+        dict(nan=True, tq=3),
+        dict(nan_hidden_key=True, tq=3),
+        dict(dtype="bfloat16"),
+        dict(dtype="float64"),
+        dict(sinks=True, window=3, masked_row=True, tq=3),
+    ):
         if W == 1 and "empty" in extra:
             continue
         GRID.append(dict(BASE, world=W, seed=len(GRID), **extra))
@@ -128,12 +148,12 @@ def test_decode_matches_reference_on_every_rank(grid_results, case):
     nan_rows = torch.isnan(q).any(-1)  # (b, tq, h)
     ref, ref_lse = reference_attention(q.nan_to_num(0.0), k, v, mask=mask, sinks=sinks, softcap=case.get("softcap"))
     # the kernel's own error: one process, the whole cache, the same dtype
-    kern, kern_lse = ringwise.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype),
-                                        **kwargs(case, key_pos, query_pos, sinks, dtype))
+    kern, kern_lse = ringwise.decode_attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), **kwargs(case, key_pos, query_pos, sinks, dtype)
+    )
     assert sum(r["keys"] for r in results) == case["keys"]
     for r in results:
-        assert same_bits(r["out"], results[0]["out"]) and same_bits(r["lse"], results[0]["lse"]), \
-            "ranks disagree"
+        assert same_bits(r["out"], results[0]["out"]) and same_bits(r["lse"], results[0]["lse"]), "ranks disagree"
         assert r["comms"] == ({ALL_GATHER_SINGLE: 1} if case["world"] > 1 else {}), r["comms"]
     out, lse = results[0]["out"], results[0]["lse"]
     assert torch.equal(torch.isnan(out), nan_rows[..., None].expand_as(out)), "NaN lost, or where no input had one"
@@ -146,13 +166,19 @@ def test_decode_matches_reference_on_every_rank(grid_results, case):
     if case.get("q_scale", 1.0) > 1:  # each shard's lse is rounded to float32 at its magnitude (hundreds here),
         # so the merge weights carry that much relative error: one float32 ulp of the largest lse, on both sides
         eps += 2 * torch.finfo(torch.float32).eps * float(ref_lse[torch.isfinite(ref_lse)].abs().max())
-    assert_within_budget("out", max_err(out.double()[finite], ref[finite]), kern_e, eps,
-                         ceiling=CEILINGS[case["dtype"]])
+    assert_within_budget(
+        "out", max_err(out.double()[finite], ref[finite]), kern_e, eps, ceiling=CEILINGS[case["dtype"]]
+    )
     rows = ~nan_rows.transpose(1, 2)
     assert torch.equal(torch.isneginf(lse[rows]), torch.isneginf(ref_lse[rows]))
     seen = rows & torch.isfinite(ref_lse)
-    assert_within_budget("lse", max_err(lse.double()[seen], ref_lse[seen]),
-                         max_err(kern_lse.double()[seen], ref_lse[seen]), eps, ceiling=CEILINGS[case["dtype"]])
+    assert_within_budget(
+        "lse",
+        max_err(lse.double()[seen], ref_lse[seen]),
+        max_err(kern_lse.double()[seen], ref_lse[seen]),
+        eps,
+        ceiling=CEILINGS[case["dtype"]],
+    )
 
 
 def refusal_case(kind):
@@ -192,8 +218,11 @@ def refusal_case(kind):
 
 
 REFUSALS = {  # kind -> (what the error says, whether a later call's header asks for the worded check)
-    "q": ("q differs between ranks", False), "positions": ("same number of keys", False),
-    "heads": ("kv_heads dividing", False), "shape": ("different signatures", True), "window": ("window must be", True),
+    "q": ("q differs between ranks", False),
+    "positions": ("same number of keys", False),
+    "heads": ("kv_heads dividing", False),
+    "shape": ("different signatures", True),
+    "window": ("window must be", True),
 }
 
 
@@ -219,8 +248,10 @@ def changed_call_case(_):
     AGREEMENTS.forget()  # the default group's next call checks in words
     rank, W = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)
-    k, v = torch.randn(2, 12, 3, 64, generator=g, dtype=torch.float64), torch.randn(2, 12, 3, 64, generator=g,
-                                                                                  dtype=torch.float64)
+    k, v = (
+        torch.randn(2, 12, 3, 64, generator=g, dtype=torch.float64),
+        torch.randn(2, 12, 3, 64, generator=g, dtype=torch.float64),
+    )
     mine = torch.arange(12)[rank::W]
     counts, outs = [], []
     for B, Tq in ((1, 1), (2, 3), (2, 3)):

@@ -16,6 +16,7 @@ the mesh's ranks (`mesh_group`, by default the default group: see ulysses.py). T
 is dispatched to the ring engine (ring.py) or, with a ulysses group of more than one rank,
 to the Ulysses wrapper (ulysses.py), which calls the engine directly.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -70,16 +71,23 @@ def _mesh(spec: AttentionSpec, transport: str) -> Optional[Mesh]:
         return None
     if not _distributed():
         raise ValueError("ring_attention: ulysses_group needs an initialised process group")
-    mesh = Mesh(process_group(spec.ulysses_group), process_group(spec.group), transport,
-                process_group(spec.mesh_group))
+    mesh = Mesh(process_group(spec.ulysses_group), process_group(spec.group), transport, process_group(spec.mesh_group))
     if not mesh.in_mesh_group:
-        raise ValueError(f"ring_attention: this process (global rank {mesh.rank}) is not in mesh_group; pass the "
-                         "group that holds exactly the ranks of this rank's (ulysses x ring) mesh")
+        raise ValueError(
+            f"ring_attention: this process (global rank {mesh.rank}) is not in mesh_group; pass the "
+            "group that holds exactly the ranks of this rank's (ulysses x ring) mesh"
+        )
     return mesh
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, positions: Optional[Tensor] = None,
-           objection: Optional[str] = None) -> _Call:
+def _check(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: AttentionSpec,
+    positions: Optional[Tensor] = None,
+    objection: Optional[str] = None,
+) -> _Call:
     """Every check of this rank that needs the tensors or the groups, without communication;
     problems are recorded, never raised (except a rank outside its own group, which no other
     rank waits for). The options alone were checked by AttentionSpec.from_options."""
@@ -106,14 +114,14 @@ def _check(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, positions: Opti
         if not problem:
             kernel, problem = checks.kernel_or_problem(spec.backend, q)
         u = (mesh.u, mesh.size) if mesh is not None else (0, 1)
-        problem = problem or checks.position_problem(positions, spec.layout, ring.rank, ring.world_size, *u,
-                                                     q.shape[1])
+        problem = problem or checks.position_problem(positions, spec.layout, ring.rank, ring.world_size, *u, q.shape[1])
     if problem:
         return _Call(ring, mesh, None, problem, ())
     assert kernel is not None, "kernel_or_problem gives a kernel or a problem"
     scale = default_scale(q.shape[-1]) if spec.softmax_scale is None else spec.softmax_scale
     sig = (("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype))) + spec.signature(
-        softmax_scale=repr(scale), cu_seqlens=docs, transport=ring.transport)
+        softmax_scale=repr(scale), cu_seqlens=docs, transport=ring.transport
+    )
     engine = Engine(spec.causal, scale, spec.layout, ring, kernel, docs, spec.window, spec.softcap)
     return _Call(ring, mesh, engine, None, sig)
 
@@ -130,21 +138,32 @@ def verdict(call: _Call) -> None:
         mesh_infos = sorted(all_gather_objects(mine, call.mesh.mesh_group), key=lambda i: i["rank"])
         views, infos = {i["rank"]: i for i in mesh_infos}, mesh_infos
     else:
-        infos = sorted(all_gather_objects(me, call.ring.group) if call.ring.world_size > 1 else [me],
-                       key=lambda i: i["rank"])
+        infos = sorted(
+            all_gather_objects(me, call.ring.group) if call.ring.world_size > 1 else [me], key=lambda i: i["rank"]
+        )
     where = "ring_attention (ulysses)" if call.mesh is not None else "ring_attention"
     for i in infos:
         if i["problem"]:
-            raise ValueError(f"{where}: rank {i['rank']}: {i['problem']}" if len(infos) > 1 or _distributed()
-                             else f"{where}: {i['problem']}")
+            raise ValueError(
+                f"{where}: rank {i['rank']}: {i['problem']}"
+                if len(infos) > 1 or _distributed()
+                else f"{where}: {i['problem']}"
+            )
     problem = checks.mesh_problem(views) if views is not None else None
     problem = problem or checks.signature_mismatch([i["sig"] for i in infos], [i["rank"] for i in infos])
     if problem:
         raise ValueError(f"{where}: {problem}")
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, positions: Optional[Tensor],
-             objection: Optional[str], validate: bool) -> _Call:
+def _prepare(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: AttentionSpec,
+    positions: Optional[Tensor],
+    objection: Optional[str],
+    validate: bool,
+) -> _Call:
     call = _check(q, k, v, spec, positions, objection)
     if validate:
         verdict(call)
@@ -155,10 +174,14 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, positions: Op
 
 # -- the operators: schemas from the spec's fields ------------------------------------------------
 
-_FORWARD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, {schema_args()}, Tensor? positions, str? objection, "
-                   "bool validate) -> (Tensor, Tensor, Tensor[])")
-_BACKWARD_SCHEMA = (f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] saved, "
-                    f"{schema_args()}, bool sinks_grad) -> (Tensor, Tensor, Tensor, Tensor)")
+_FORWARD_SCHEMA = (
+    f"(Tensor q, Tensor k, Tensor v, {schema_args()}, Tensor? positions, str? objection, "
+    "bool validate) -> (Tensor, Tensor, Tensor[])"
+)
+_BACKWARD_SCHEMA = (
+    f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] saved, "
+    f"{schema_args()}, bool sinks_grad) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, *rest: Any) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -190,12 +213,16 @@ def _(q: Tensor, k: Tensor, v: Tensor, *rest: Any) -> tuple[Tensor, Tensor, list
     if U <= 1:
         return out, lse, []
     qh, kh, vh, oh, lh = head_chunk_shapes(tuple(q.shape), k.shape[2], U)
-    return out, lse, [q.new_empty(qh), k.new_empty(kh), v.new_empty(vh), q.new_empty(oh),
-                      q.new_empty(lh, dtype=acc_dtype(q.dtype))]
+    return (
+        out,
+        lse,
+        [q.new_empty(qh), k.new_empty(kh), v.new_empty(vh), q.new_empty(oh), q.new_empty(lh, dtype=acc_dtype(q.dtype))],
+    )
 
 
-def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, saved: list[Tensor],
-                        *rest: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, saved: list[Tensor], *rest: Any
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dsinks); dsinks is empty when no sink gradient is asked for. On a Ulysses mesh
     the head chunks in `saved` are all it reads: q, out, lse are dout, and k, v views of dout with
     the kv heads' count (placeholders that cost no memory). rest: the spec's fields, then sinks_grad
@@ -217,13 +244,15 @@ def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     return fresh(dq), fresh(dk), fresh(dv), (dsinks if dsinks is not None else q.new_empty(0))
 
 
-_attention_backward_op = torch.library.custom_op("ringwise::attention_backward", _attention_backward,
-                                                 mutates_args=(), schema=_BACKWARD_SCHEMA)
+_attention_backward_op = torch.library.custom_op(
+    "ringwise::attention_backward", _attention_backward, mutates_args=(), schema=_BACKWARD_SCHEMA
+)
 
 
 @_attention_backward_op.register_fake
-def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, saved: list[Tensor],
-      *rest: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, saved: list[Tensor], *rest: Any
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     spec, (sinks_grad,) = AttentionSpec.take(rest)
     sinks = spec.sinks
     dsinks = sinks.new_empty(sinks.shape) if sinks_grad and sinks is not None else q.new_empty(0)
@@ -267,22 +296,22 @@ def _setup_context(ctx: _Context, inputs: tuple[Any, ...], output: tuple[Tensor,
 _SINKS = 3 + NAMES.index("sinks")  # the forward op's input that takes a gradient besides q, k, v
 
 
-def _backward(ctx: _Context, dout: Tensor, _dlse: Optional[Tensor], _dsaved: Sequence[Optional[Tensor]]
-              ) -> tuple[Optional[Tensor], ...]:
+def _backward(
+    ctx: _Context, dout: Tensor, _dlse: Optional[Tensor], _dsaved: Sequence[Optional[Tensor]]
+) -> tuple[Optional[Tensor], ...]:
     kept = ctx.saved_tensors
-    spec = ctx.spec.with_tensors(kept[:len(TENSORS)])
-    rest = kept[len(TENSORS):]
+    spec = ctx.spec.with_tensors(kept[: len(TENSORS)])
+    rest = kept[len(TENSORS) :]
     dout = dout.contiguous()
     qkv_out_lse: tuple[Optional[Tensor], ...]  # the backward op's q, k, v, out, lse
     saved: list[Optional[Tensor]]
     if ctx.ulysses:
-        kv = dout[:, :, :ctx.kv_heads]
+        kv = dout[:, :, : ctx.kv_heads]
         qkv_out_lse, saved = (dout, kv, kv, dout, dout), list(rest)
     else:
         qkv_out_lse, saved = rest, []
     sinks_grad = spec.sinks is not None and ctx.needs_input_grad[_SINKS]
-    dq, dk, dv, dsinks = torch.ops.ringwise.attention_backward(dout, *qkv_out_lse, saved, *spec.op_args(),
-                                                               sinks_grad)
+    dq, dk, dv, dsinks = torch.ops.ringwise.attention_backward(dout, *qkv_out_lse, saved, *spec.op_args(), sinks_grad)
     grads: list[Optional[Tensor]] = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
     grads[_SINKS] = dsinks if sinks_grad else None
     return tuple(grads)
@@ -293,26 +322,60 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 # -- the front door -------------------------------------------------------------------------------
 
-@overload
-def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: Literal[False] = False, validate: bool = True,
-              objection: Optional[str] = None, position_ids: object = None, **options: object) -> Tensor: ...
-
 
 @overload
-def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: Literal[True], validate: bool = True,
-              objection: Optional[str] = None, position_ids: object = None,
-              **options: object) -> tuple[Tensor, Tensor]: ...
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    return_lse: Literal[False] = False,
+    validate: bool = True,
+    objection: Optional[str] = None,
+    position_ids: object = None,
+    **options: object,
+) -> Tensor: ...
 
 
 @overload
-def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool, validate: bool = True,
-              objection: Optional[str] = None, position_ids: object = None,
-              **options: object) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    return_lse: Literal[True],
+    validate: bool = True,
+    objection: Optional[str] = None,
+    position_ids: object = None,
+    **options: object,
+) -> tuple[Tensor, Tensor]: ...
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False, validate: bool = True,
-              objection: Optional[str] = None, position_ids: object = None,
-              **options: object) -> Union[Tensor, tuple[Tensor, Tensor]]:
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    return_lse: bool,
+    validate: bool = True,
+    objection: Optional[str] = None,
+    position_ids: object = None,
+    **options: object,
+) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    return_lse: bool = False,
+    validate: bool = True,
+    objection: Optional[str] = None,
+    position_ids: object = None,
+    **options: object,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """ring_attention (options: its keyword arguments), plus what integrations hand the verdict:
     `objection` (this rank's problem with the call, raised on every rank alike) and `position_ids`
     (checked to be the layout's global positions of this rank's tokens)."""
@@ -330,8 +393,9 @@ def _refuse_untyped(q: object, k: object, v: object, spec: AttentionSpec, valida
     """q, k or v not a tensor cannot even enter the op: the same verdict, from here, on placeholders."""
     problem = checks.tensor_problem(q, k, v)
     placeholder = torch.zeros(1, 1, 1, 1)
-    groups = AttentionSpec(layout="contiguous", group=spec.group, ulysses_group=spec.ulysses_group,
-                           mesh_group=spec.mesh_group)
+    groups = AttentionSpec(
+        layout="contiguous", group=spec.group, ulysses_group=spec.ulysses_group, mesh_group=spec.mesh_group
+    )
     call = _check(placeholder, placeholder, placeholder, groups, objection=problem)
     if validate:
         verdict(call)
@@ -339,50 +403,98 @@ def _refuse_untyped(q: object, k: object, v: object, spec: AttentionSpec, valida
 
 
 @overload
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                   softmax_scale: Union[float, Tensor, None] = None, layout: str = "zigzag",
-                   group: Optional[ProcessGroup] = None, return_lse: Literal[False] = False,
-                   backend: str = "auto", validate: bool = True,
-                   cu_seqlens: Union[Sequence[int], Tensor, None] = None,
-                   document_ids: Union[Tensor, Sequence[int], None] = None, window: Optional[int] = None,
-                   sinks: Optional[Tensor] = None, softcap: Union[float, Tensor, None] = None,
-                   ulysses_group: Optional[ProcessGroup] = None, transport: Optional[str] = None,
-                   mesh_group: Optional[ProcessGroup] = None) -> Tensor: ...
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: Union[float, Tensor, None] = None,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    return_lse: Literal[False] = False,
+    backend: str = "auto",
+    validate: bool = True,
+    cu_seqlens: Union[Sequence[int], Tensor, None] = None,
+    document_ids: Union[Tensor, Sequence[int], None] = None,
+    window: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: Union[float, Tensor, None] = None,
+    ulysses_group: Optional[ProcessGroup] = None,
+    transport: Optional[str] = None,
+    mesh_group: Optional[ProcessGroup] = None,
+) -> Tensor: ...
 
 
 @overload
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                   softmax_scale: Union[float, Tensor, None] = None, layout: str = "zigzag",
-                   group: Optional[ProcessGroup] = None, return_lse: Literal[True],
-                   backend: str = "auto", validate: bool = True,
-                   cu_seqlens: Union[Sequence[int], Tensor, None] = None,
-                   document_ids: Union[Tensor, Sequence[int], None] = None, window: Optional[int] = None,
-                   sinks: Optional[Tensor] = None, softcap: Union[float, Tensor, None] = None,
-                   ulysses_group: Optional[ProcessGroup] = None, transport: Optional[str] = None,
-                   mesh_group: Optional[ProcessGroup] = None) -> tuple[Tensor, Tensor]: ...
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: Union[float, Tensor, None] = None,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    return_lse: Literal[True],
+    backend: str = "auto",
+    validate: bool = True,
+    cu_seqlens: Union[Sequence[int], Tensor, None] = None,
+    document_ids: Union[Tensor, Sequence[int], None] = None,
+    window: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: Union[float, Tensor, None] = None,
+    ulysses_group: Optional[ProcessGroup] = None,
+    transport: Optional[str] = None,
+    mesh_group: Optional[ProcessGroup] = None,
+) -> tuple[Tensor, Tensor]: ...
 
 
 @overload
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                   softmax_scale: Union[float, Tensor, None] = None, layout: str = "zigzag",
-                   group: Optional[ProcessGroup] = None, return_lse: bool,
-                   backend: str = "auto", validate: bool = True,
-                   cu_seqlens: Union[Sequence[int], Tensor, None] = None,
-                   document_ids: Union[Tensor, Sequence[int], None] = None, window: Optional[int] = None,
-                   sinks: Optional[Tensor] = None, softcap: Union[float, Tensor, None] = None,
-                   ulysses_group: Optional[ProcessGroup] = None, transport: Optional[str] = None,
-                   mesh_group: Optional[ProcessGroup] = None) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: Union[float, Tensor, None] = None,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    return_lse: bool,
+    backend: str = "auto",
+    validate: bool = True,
+    cu_seqlens: Union[Sequence[int], Tensor, None] = None,
+    document_ids: Union[Tensor, Sequence[int], None] = None,
+    window: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: Union[float, Tensor, None] = None,
+    ulysses_group: Optional[ProcessGroup] = None,
+    transport: Optional[str] = None,
+    mesh_group: Optional[ProcessGroup] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                   softmax_scale: Union[float, Tensor, None] = None, layout: str = "zigzag",
-                   group: Optional[ProcessGroup] = None, return_lse: bool = False,
-                   backend: str = "auto", validate: bool = True,
-                   cu_seqlens: Union[Sequence[int], Tensor, None] = None,
-                   document_ids: Union[Tensor, Sequence[int], None] = None, window: Optional[int] = None,
-                   sinks: Optional[Tensor] = None, softcap: Union[float, Tensor, None] = None,
-                   ulysses_group: Optional[ProcessGroup] = None, transport: Optional[str] = None,
-                   mesh_group: Optional[ProcessGroup] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: Union[float, Tensor, None] = None,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+    cu_seqlens: Union[Sequence[int], Tensor, None] = None,
+    document_ids: Union[Tensor, Sequence[int], None] = None,
+    window: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: Union[float, Tensor, None] = None,
+    ulysses_group: Optional[ProcessGroup] = None,
+    transport: Optional[str] = None,
+    mesh_group: Optional[ProcessGroup] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Exact softmax attention over a sequence sharded across the ranks of `group`.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim),
@@ -413,7 +525,23 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     Under torch.compile the whole call is one operator (torch.ops.ringwise.attention); pass
     cu_seqlens as a list of ints there (a tensor is read on the host).
     """
-    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, group=group,
-                     return_lse=return_lse, backend=backend, validate=validate, cu_seqlens=cu_seqlens,
-                     document_ids=document_ids, window=window, sinks=sinks, softcap=softcap,
-                     ulysses_group=ulysses_group, transport=transport, mesh_group=mesh_group)
+    return attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        layout=layout,
+        group=group,
+        return_lse=return_lse,
+        backend=backend,
+        validate=validate,
+        cu_seqlens=cu_seqlens,
+        document_ids=document_ids,
+        window=window,
+        sinks=sinks,
+        softcap=softcap,
+        ulysses_group=ulysses_group,
+        transport=transport,
+        mesh_group=mesh_group,
+    )

@@ -11,6 +11,7 @@ ring_attention (spec.py runs them once per call, on the normalised options) and
 decode_attention; `parse_bounds` is the one reader of document boundaries (cu_seqlens),
 for the op and for SeqShard.shard_batch alike.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ def _integer_tensor(x: object) -> TypeGuard[Tensor]:
     return isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
 
 
-def parse_bounds(cu_seqlens: object, total: int | None = None, what: str | None = None
-                 ) -> tuple[tuple[int, ...] | None, str | None]:
+def parse_bounds(
+    cu_seqlens: object, total: int | None = None, what: str | None = None
+) -> tuple[tuple[int, ...] | None, str | None]:
     """Document boundaries (flash-attn's cu_seqlens: 0, len0, len0+len1, ..., total) from a 1-D
     integer tensor or a sequence of ints, as a tuple; or the problem with them. With `total`,
     also checked to start at 0, end at `total` (`what` words that length) and strictly increase."""
@@ -93,8 +95,13 @@ def parse_bounds(cu_seqlens: object, total: int | None = None, what: str | None 
 
 def bounds_from_document_ids(document_ids: object) -> tuple[list[int] | None, str | None]:
     """Per-token document ids of the global sequence -> cu_seqlens; each document contiguous."""
-    if not isinstance(document_ids, torch.Tensor) or document_ids.dim() != 1 or document_ids.is_floating_point() \
-            or document_ids.is_complex() or document_ids.numel() == 0:
+    if (
+        not isinstance(document_ids, torch.Tensor)
+        or document_ids.dim() != 1
+        or document_ids.is_floating_point()
+        or document_ids.is_complex()
+        or document_ids.numel() == 0
+    ):
         return None, "document_ids must be a 1-D integer tensor over the global sequence"
     ids = document_ids.cpu()
     starts = (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()
@@ -124,16 +131,20 @@ def _shape_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
             return f"{name} is on {x.device} but q is on {q.device}; move all three to one device"
         for dim, what in ((0, "batch"), (1, "sequence length"), (3, "head_dim")):
             if x.shape[dim] != q.shape[dim]:
-                return (f"{name} has {what} {x.shape[dim]} but q has {q.shape[dim]} "
-                        f"(q {tuple(q.shape)}, {name} {tuple(x.shape)}); shapes are (batch, seq, heads, head_dim)")
+                return (
+                    f"{name} has {what} {x.shape[dim]} but q has {q.shape[dim]} "
+                    f"(q {tuple(q.shape)}, {name} {tuple(x.shape)}); shapes are (batch, seq, heads, head_dim)"
+                )
     if k.shape[2] != v.shape[2]:
         return f"k has {k.shape[2]} heads but v has {v.shape[2]}; they must match"
     for name, n in (("q heads", q.shape[2]), ("k/v heads (kv_heads)", k.shape[2]), ("head_dim", q.shape[3])):
         if n < 1:
             return f"{name} is {n}; shapes are (batch, seq, heads, head_dim) with every size >= 1"
     if q.shape[2] % k.shape[2]:
-        return (f"q has {q.shape[2]} heads, not a multiple of the {k.shape[2]} key/value heads; "
-                "GQA/MQA needs heads % kv_heads == 0")
+        return (
+            f"q has {q.shape[2]} heads, not a multiple of the {k.shape[2]} key/value heads; "
+            "GQA/MQA needs heads % kv_heads == 0"
+        )
     if q.shape[1] == 0:
         return "the local sequence is empty"
     return None
@@ -153,8 +164,10 @@ def window_problem(window: object, causal: bool = True) -> str | None:
     if window is None:
         return None
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
-        return (f"window must be an int >= 0 (keys at most `window` positions before the query, "
-                f"flash-attn's window_size=(window, 0)) or None, got {window!r}")
+        return (
+            f"window must be an int >= 0 (keys at most `window` positions before the query, "
+            f"flash-attn's window_size=(window, 0)) or None, got {window!r}"
+        )
     if not causal:
         return "window needs causal=True (a left sliding window: i - window <= j <= i)"
     return None
@@ -167,8 +180,10 @@ def softcap_problem(softcap: object, backend: object = "auto") -> str | None:
     if not _real(softcap) or not 0 < cast(float, softcap) < math.inf:
         return f"softcap must be a finite number > 0 (scores -> softcap * tanh(scores / softcap)), got {softcap!r}"
     if backend not in ("auto", "reference"):
-        return (f"softcap is computed by the reference kernel only, but backend={backend!r}; "
-                "use backend='auto' or 'reference'")
+        return (
+            f"softcap is computed by the reference kernel only, but backend={backend!r}; "
+            "use backend='auto' or 'reference'"
+        )
     return None
 
 
@@ -180,16 +195,22 @@ def backend_problem(backend: object) -> str | None:
 
 def option_problem(spec: AttentionSpec) -> str | None:
     """What is wrong with the options alone (no tensors, no groups): spec is an AttentionSpec."""
-    return (scale_problem(spec.softmax_scale) or window_problem(spec.window, spec.causal)
-            or softcap_problem(spec.softcap, spec.backend) or backend_problem(spec.backend))
+    return (
+        scale_problem(spec.softmax_scale)
+        or window_problem(spec.window, spec.causal)
+        or softcap_problem(spec.softcap, spec.backend)
+        or backend_problem(spec.backend)
+    )
 
 
 def sinks_problem(q: Tensor, sinks: object) -> str | None:
     if sinks is None:
         return None
     if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[2]:
-        return (f"sinks must be a 1-D tensor of one logit per query head ({q.shape[2]}), "
-                f"got {getattr(sinks, 'shape', type(sinks))}")
+        return (
+            f"sinks must be a 1-D tensor of one logit per query head ({q.shape[2]}), "
+            f"got {getattr(sinks, 'shape', type(sinks))}"
+        )
     if not sinks.is_floating_point() or sinks.device != q.device:
         return f"sinks must be a floating point tensor on {q.device}, got {sinks.dtype} on {sinks.device}"
     return None
@@ -204,16 +225,24 @@ def layout_problem(layout: str, local_len: int, world_size: int) -> str | None:
     return None
 
 
-def position_problem(positions: Optional[Tensor], layout: str, rank: int, world_size: int, ulysses_rank: int,
-                     ulysses_size: int, local_len: int) -> str | None:
+def position_problem(
+    positions: Optional[Tensor],
+    layout: str,
+    rank: int,
+    world_size: int,
+    ulysses_rank: int,
+    ulysses_size: int,
+    local_len: int,
+) -> str | None:
     """positions (..., local_len): the global positions the caller gave its tokens (e.g. RoPE's)."""
     if positions is None:
         return None
     wrong = not isinstance(positions, torch.Tensor) or positions.dim() == 0 or positions.shape[-1] != local_len
     if not wrong:
         try:
-            want = global_indices(layout, rank, world_size, local_len * world_size * ulysses_size, ulysses_rank,
-                                  ulysses_size)
+            want = global_indices(
+                layout, rank, world_size, local_len * world_size * ulysses_size, ulysses_rank, ulysses_size
+            )
         except ValueError as e:  # a length this layout cannot split: no positions are right
             return str(e)
         wrong = not bool((positions.cpu() == want).all())
@@ -221,9 +250,11 @@ def position_problem(positions: Optional[Tensor], layout: str, rank: int, world_
 
 
 def not_global_positions(layout: str) -> str:
-    return (f"position_ids are not the global positions of this rank's tokens in layout={layout!r} "
-            "(restarting positions for packed documents, or local positions); pass the position_ids that "
-            "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens")
+    return (
+        f"position_ids are not the global positions of this rank's tokens in layout={layout!r} "
+        "(restarting positions for packed documents, or local positions); pass the position_ids that "
+        "ringwise.integrations.transformers.shard_batch returns, and documents as ringwise_cu_seqlens"
+    )
 
 
 def kernel_or_problem(backend: str, q: Tensor) -> tuple[Optional[Kernel], Optional[str]]:
@@ -234,8 +265,9 @@ def kernel_or_problem(backend: str, q: Tensor) -> tuple[Optional[Kernel], Option
         return None, str(e)
 
 
-def documents(cu_seqlens: Optional[list[int]], document_ids: Optional[Tensor], total: int
-              ) -> tuple[tuple[int, ...] | None, str | None]:
+def documents(
+    cu_seqlens: Optional[list[int]], document_ids: Optional[Tensor], total: int
+) -> tuple[tuple[int, ...] | None, str | None]:
     """(global document bounds or None, problem or None) from either way of passing documents."""
     if cu_seqlens is not None and document_ids is not None:
         return None, "pass cu_seqlens or document_ids, not both"
@@ -254,9 +286,11 @@ def signature_mismatch(sigs: Sequence[Signature], ranks: Sequence[int]) -> str |
     for r, s in zip(ranks, sigs):
         if s != first:
             diffs = [f"{n}: rank {ranks[0]} {a} vs rank {r} {b}" for (n, a), (_, b) in zip(first, s) if a != b]
-            return ("every rank must pass the same batch, local sequence length, heads, dtype and options (causal, "
-                    "layout, documents, window, sinks, softcap, softmax_scale, backend, transport; shard the global "
-                    "sequence with ringwise.shard); " + "; ".join(diffs))
+            return (
+                "every rank must pass the same batch, local sequence length, heads, dtype and options (causal, "
+                "layout, documents, window, sinks, softcap, softmax_scale, backend, transport; shard the global "
+                "sequence with ringwise.shard); " + "; ".join(diffs)
+            )
     return None
 
 
@@ -268,12 +302,16 @@ def ulysses_problem(q: Tensor, k: Tensor, layout: str, ulysses_size: int, ring_s
     """What a (ulysses x ring) mesh adds to the ring's checks: heads that split, an even zigzag shard."""
     H, U = q.shape[2], ulysses_size
     if H % U:
-        return (f"the ulysses group has {U} ranks, which does not divide the {H} query heads; "
-                f"valid ulysses degrees for {H} heads: {', '.join(map(str, valid_degrees(H)))}")
+        return (
+            f"the ulysses group has {U} ranks, which does not divide the {H} query heads; "
+            f"valid ulysses degrees for {H} heads: {', '.join(map(str, valid_degrees(H)))}"
+        )
     if layout == "zigzag" and ring_size > 1 and (q.shape[1] * U) % 2:
-        return ("layout='zigzag' needs an even ring shard (local length x ulysses size); pad the global "
-                "sequence with ringwise.pad_to_multiple(x, dim, layout='zigzag', group=group, "
-                "ulysses_group=ulysses_group) or pass pad=True to ringwise.shard")
+        return (
+            "layout='zigzag' needs an even ring shard (local length x ulysses size); pad the global "
+            "sequence with ringwise.pad_to_multiple(x, dim, layout='zigzag', group=group, "
+            "ulysses_group=ulysses_group) or pass pad=True to ringwise.shard"
+        )
     return None
 
 
@@ -287,24 +325,34 @@ def mesh_problem(infos: Mapping[int, MeshView]) -> str | None:
     for g in sorted(infos):
         i = infos[g]
         if (len(i["ulysses"]), len(i["ring"])) != (U, R):
-            return (f"the groups do not form one mesh: rank {min(infos)} has ulysses {U} x ring {R} but rank {g} "
-                    f"has {len(i['ulysses'])} x {len(i['ring'])}; every rank needs the same U and R")
+            return (
+                f"the groups do not form one mesh: rank {min(infos)} has ulysses {U} x ring {R} but rank {g} "
+                f"has {len(i['ulysses'])} x {len(i['ring'])}; every rank needs the same U and R"
+            )
     for g in sorted(infos):
         i = infos[g]
         shared = sorted(set(i["ulysses"]) & set(i["ring"]))
         if shared != [g]:
-            return (f"the groups do not tile the ranks: rank {g}'s ulysses_group {i['ulysses']} and group "
-                    f"{i['ring']} share ranks {shared}; they must cross in exactly that rank (a U x R mesh)")
+            return (
+                f"the groups do not tile the ranks: rank {g}'s ulysses_group {i['ulysses']} and group "
+                f"{i['ring']} share ranks {shared}; they must cross in exactly that rank (a U x R mesh)"
+            )
         for n in i["ring"]:
             if n in infos and infos[n]["u"] != i["u"]:
-                return (f"ranks {g} and {n} share a ring group but are ulysses ranks {i['u']} and {infos[n]['u']}: "
-                        "a ring must join ranks that hold the same head chunk (same ulysses rank)")
+                return (
+                    f"ranks {g} and {n} share a ring group but are ulysses ranks {i['u']} and {infos[n]['u']}: "
+                    "a ring must join ranks that hold the same head chunk (same ulysses rank)"
+                )
         for n in i["ulysses"]:
             if n in infos and infos[n]["r"] != i["r"]:
-                return (f"ranks {g} and {n} share a ulysses group but are ring ranks {i['r']} and {infos[n]['r']}: "
-                        "a ulysses group must hold one ring shard (same ring rank)")
+                return (
+                    f"ranks {g} and {n} share a ulysses group but are ring ranks {i['r']} and {infos[n]['r']}: "
+                    "a ulysses group must hold one ring shard (same ring rank)"
+                )
     if len(infos) != U * R:
-        return (f"the groups do not tile the ranks: {len(infos)} ranks reached, a {U} x {R} mesh has {U * R}; "
-                "a mesh that is not the whole default group is checked over its own group: pass "
-                "mesh_group= (ring_attention, SeqShard), the group of exactly its ranks")
+        return (
+            f"the groups do not tile the ranks: {len(infos)} ranks reached, a {U} x {R} mesh has {U * R}; "
+            "a mesh that is not the whole default group is checked over its own group: pass "
+            "mesh_group= (ring_attention, SeqShard), the group of exactly its ranks"
+        )
     return None

@@ -13,6 +13,7 @@ process group; "host" stages them through (pinned) host buffers and sends those 
 so that several ranks can share one GPU (NCCL refuses two ranks on one device). Both make
 the same hops in the same order.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,10 @@ def resolve_transport(transport: str | None) -> str:
     name = transport if transport is not None else os.environ.get(TRANSPORT_ENV, "auto")
     if name not in TRANSPORTS:
         where = "transport" if transport is not None else f"${TRANSPORT_ENV}"
-        raise ValueError(f"{where}={name!r} is unknown; use one of {', '.join(TRANSPORTS)} "
-                         "(host: stage through host memory over gloo, for several ranks on one GPU)")
+        raise ValueError(
+            f"{where}={name!r} is unknown; use one of {', '.join(TRANSPORTS)} "
+            "(host: stage through host memory over gloo, for several ranks on one GPU)"
+        )
     return name
 
 
@@ -75,8 +78,9 @@ def _host_buffer(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
 
 
-def stages_through_host(transport: str, cuda_on_gloo: Union[bool, Callable[[], bool]],
-                        tensors: Iterable[torch.Tensor]) -> bool:
+def stages_through_host(
+    transport: str, cuda_on_gloo: Union[bool, Callable[[], bool]], tensors: Iterable[torch.Tensor]
+) -> bool:
     """The one rule for hops and all-to-alls alike: "host" always stages, "auto" stages CUDA
     tensors that the group would carry over gloo, "direct" never stages. cuda_on_gloo: the
     group's _cuda_on_gloo, or a callable giving it (asked only for CUDA tensors under "auto")."""
@@ -172,7 +176,8 @@ class Ring:
         if self.world_size > 1:
             # P2P ops name peers by global rank, whatever the group.
             self._to_global: Callable[[int], int] = (
-                (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r)))
+                (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+            )
             self.next_peer = self.peer(1)
             self.prev_peer = self.peer(-1)
             self._cuda_on_gloo: Optional[bool] = None  # the group's backend, read once (not on every hop)
@@ -191,8 +196,7 @@ class Ring:
         """Global rank of the group member `offset` places after this one (mod world size)."""
         return self._to_global((self.rank + offset) % self.world_size)
 
-    def exchange(self, stream: str, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], offset: int = 1
-                 ) -> Hop:
+    def exchange(self, stream: str, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], offset: int = 1) -> Hop:
         """Post send[i] -> rank+offset and recv[i] <- rank-offset, all as one batch (one hop).
 
         Returns a handle. Each stream has its own tag (STREAM_TAGS), so a kv and a dkv hop in

@@ -22,6 +22,7 @@ of the agreed size, whose header asks every rank for the worded check: so a prob
 is raised on every rank alike, promptly, with one collective per call while the buffer's size
 stays (options that change alike on every rank, such as a hybrid model's windows, cost nothing).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -111,31 +112,52 @@ def _call_problem(q: Tensor, k: object, v: object, key_positions: object) -> Opt
     """What may be wrong on this rank alone (its cache shard), as one of CALL_PROBLEMS."""
     if not (isinstance(k, Tensor) and isinstance(v, Tensor)) or k.dim() != 4 or v.shape != k.shape:
         return KEYS_DIFFER
-    if (k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or k.dtype != q.dtype or v.dtype != q.dtype
-            or k.device != q.device or v.device != q.device or k.shape[2] < 1 or q.shape[2] % k.shape[2]):
+    if (
+        k.shape[0] != q.shape[0]
+        or k.shape[3] != q.shape[3]
+        or k.dtype != q.dtype
+        or v.dtype != q.dtype
+        or k.device != q.device
+        or v.device != q.device
+        or k.shape[2] < 1
+        or q.shape[2] % k.shape[2]
+    ):
         return KV_MISMATCH
     if key_positions is not None:
-        if (not isinstance(key_positions, Tensor) or key_positions.dim() != 1 or key_positions.is_floating_point()
-                or key_positions.device != q.device):
+        if (
+            not isinstance(key_positions, Tensor)
+            or key_positions.dim() != 1
+            or key_positions.is_floating_point()
+            or key_positions.device != q.device
+        ):
             return BAD_KEY_POSITIONS
         if key_positions.shape[0] != k.shape[1]:
             return KEYS_DIFFER
     return None
 
 
-def _signature_problem(q: object, softmax_scale: object, query_positions: object, window: object, sinks: object,
-                       softcap: object) -> Optional[str]:
+def _signature_problem(
+    q: object, softmax_scale: object, query_positions: object, window: object, sinks: object, softcap: object
+) -> Optional[str]:
     """What is wrong with the queries and the options (the same on every rank of a valid call):
     the options by ring_attention's own checks."""
     if not isinstance(q, Tensor) or q.dim() != 4 or not q.is_floating_point() or min(q.shape) < 1:
-        return ("q must be a floating point 4-D tensor (batch, new tokens, heads, head_dim), "
-                f"got {getattr(q, 'shape', q)}")
-    if query_positions is not None and (not isinstance(query_positions, Tensor) or query_positions.dim() != 1
-                                        or query_positions.shape[0] != q.shape[1]
-                                        or query_positions.is_floating_point()):
+        return (
+            f"q must be a floating point 4-D tensor (batch, new tokens, heads, head_dim), got {getattr(q, 'shape', q)}"
+        )
+    if query_positions is not None and (
+        not isinstance(query_positions, Tensor)
+        or query_positions.dim() != 1
+        or query_positions.shape[0] != q.shape[1]
+        or query_positions.is_floating_point()
+    ):
         return f"query_positions must be a 1-D integer tensor of q's {q.shape[1]} new tokens"
-    problem = (checks.window_problem(window) or checks.softcap_problem(softcap)
-               or checks.scale_problem(softmax_scale) or checks.sinks_problem(q, sinks))
+    problem = (
+        checks.window_problem(window)
+        or checks.softcap_problem(softcap)
+        or checks.scale_problem(softmax_scale)
+        or checks.sinks_problem(q, sinks)
+    )
     if problem:
         return problem
     if window is not None and query_positions is None:
@@ -143,8 +165,9 @@ def _signature_problem(q: object, softmax_scale: object, query_positions: object
     return None
 
 
-def visible(key_positions: Optional[Tensor], query_positions: Optional[Tensor], window: Optional[int]
-            ) -> Optional[Tensor]:
+def visible(
+    key_positions: Optional[Tensor], query_positions: Optional[Tensor], window: Optional[int]
+) -> Optional[Tensor]:
     """(Tq, Sk) bool: key j visible to new token i (causal over global positions, within the window);
     None when every key is visible (no positions given)."""
     if key_positions is None or query_positions is None:
@@ -156,8 +179,9 @@ def visible(key_positions: Optional[Tensor], query_positions: Optional[Tensor], 
     return ok
 
 
-def local_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor], softcap: Optional[float]
-                    ) -> tuple[Tensor, Tensor]:
+def local_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor], softcap: Optional[float]
+) -> tuple[Tensor, Tensor]:
     """This rank's partial result: out (batch, heads, Tq, d) and lse (batch, heads, Tq) in the
     accumulator dtype, over its own keys. Query heads of one kv head are stacked as extra rows
     (b, kv_heads, group x Tq, d), so GQA reads each key once and nothing is expanded."""
@@ -172,10 +196,17 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optiona
     rows_mask = None if mask is None else mask.repeat(g, 1)  # (g*Tq, Sk)
     out: Optional[Tensor] = None
     lse: Tensor
-    if (q.device.type == "cpu" and softcap is None and bool(torch.isfinite(q).all())
-            and (rows_mask is None or bool(rows_mask.any(-1).all()))):
-        bias = None if rows_mask is None else torch.zeros(rows_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~rows_mask, float("-inf"))  # the fused kernel takes an additive mask of q's dtype
+    if (
+        q.device.type == "cpu"
+        and softcap is None
+        and bool(torch.isfinite(q).all())
+        and (rows_mask is None or bool(rows_mask.any(-1).all()))
+    ):
+        bias = (
+            None
+            if rows_mask is None
+            else torch.zeros(rows_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~rows_mask, float("-inf"))
+        )  # the fused kernel takes an additive mask of q's dtype
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qg, kt, vt, 0.0, False, attn_mask=bias, scale=scale)
         out, lse = out.to(dt), lse.to(dt)
         if not bool(torch.isfinite(out).all() and torch.isfinite(lse).all()):
@@ -215,8 +246,9 @@ class _Check(TypedDict):
     q: int  # its q's digest
 
 
-def _worded_check(group: Optional[ProcessGroup], problem: Optional[str], sig: tuple[object, ...], q_digest: int
-                  ) -> None:
+def _worded_check(
+    group: Optional[ProcessGroup], problem: Optional[str], sig: tuple[object, ...], q_digest: int
+) -> None:
     """Every rank's problem in words, its signature and its q digest, in one object all-gather: raises the same
     error on every rank, or returns when all agree. Runs at a group's first call and whenever a header asks."""
     mine: _Check = {"rank": dist.get_rank(), "problem": problem, "sig": sig, "q": q_digest}
@@ -226,8 +258,10 @@ def _worded_check(group: Optional[ProcessGroup], problem: Optional[str], sig: tu
             raise ValueError(f"decode_attention: rank {i['rank']}: {i['problem']}")
     for i in infos[1:]:
         if i["sig"] != infos[0]["sig"]:
-            raise ValueError(f"decode_attention: rank {i['rank']}: {SIG_DIFFERS}: "
-                             f"{i['sig']} vs rank {infos[0]['rank']} {infos[0]['sig']}")
+            raise ValueError(
+                f"decode_attention: rank {i['rank']}: {SIG_DIFFERS}: "
+                f"{i['sig']} vs rank {infos[0]['rank']} {infos[0]['sig']}"
+            )
         if i["q"] != infos[0]["q"]:
             raise ValueError(f"decode_attention: rank {i['rank']}: {Q_DIFFERS}")
 
@@ -257,34 +291,70 @@ def _raise_from_headers(headers: Sequence[tuple[int, int, int]], ranks: Sequence
 
 
 @overload
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[ProcessGroup] = None,
-                     softmax_scale: Optional[float] = None, key_positions: Optional[Tensor] = None,
-                     query_positions: Optional[Tensor] = None, window: Optional[int] = None,
-                     sinks: Optional[Tensor] = None, softcap: Optional[float] = None, return_lse: Literal[False] = False
-                     ) -> Tensor: ...
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: Optional[ProcessGroup] = None,
+    softmax_scale: Optional[float] = None,
+    key_positions: Optional[Tensor] = None,
+    query_positions: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    return_lse: Literal[False] = False,
+) -> Tensor: ...
 
 
 @overload
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[ProcessGroup] = None,
-                     softmax_scale: Optional[float] = None, key_positions: Optional[Tensor] = None,
-                     query_positions: Optional[Tensor] = None, window: Optional[int] = None,
-                     sinks: Optional[Tensor] = None, softcap: Optional[float] = None, return_lse: Literal[True]
-                     ) -> tuple[Tensor, Tensor]: ...
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: Optional[ProcessGroup] = None,
+    softmax_scale: Optional[float] = None,
+    key_positions: Optional[Tensor] = None,
+    query_positions: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    return_lse: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
 
 
 @overload
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[ProcessGroup] = None,
-                     softmax_scale: Optional[float] = None, key_positions: Optional[Tensor] = None,
-                     query_positions: Optional[Tensor] = None, window: Optional[int] = None,
-                     sinks: Optional[Tensor] = None, softcap: Optional[float] = None, return_lse: bool
-                     ) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: Optional[ProcessGroup] = None,
+    softmax_scale: Optional[float] = None,
+    key_positions: Optional[Tensor] = None,
+    query_positions: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    return_lse: bool,
+) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[ProcessGroup] = None,
-                     softmax_scale: Optional[float] = None, key_positions: Optional[Tensor] = None,
-                     query_positions: Optional[Tensor] = None, window: Optional[int] = None,
-                     sinks: Optional[Tensor] = None, softcap: Optional[float] = None, return_lse: bool = False
-                     ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: Optional[ProcessGroup] = None,
+    softmax_scale: Optional[float] = None,
+    key_positions: Optional[Tensor] = None,
+    query_positions: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of the new tokens q (batch, Tq, heads, d), the same on every rank, against the
     whole cache, of which this rank holds k, v (batch, keys, kv_heads, d) at global
     key_positions (keys,). With positions, key j is visible to new token i iff
@@ -297,9 +367,22 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[Process
     mine = None if problem else _call_problem(q, k, v, key_positions)  # this rank's cache shard's problem
     if world == 1 and (problem or mine):
         raise ValueError(f"decode_attention: {problem or mine}")
-    sig: tuple[object, ...] = () if problem else (
-        tuple(q.shape), str(q.dtype), q.device.type, softmax_scale, window, softcap, sinks is not None,
-        key_positions is not None, query_positions is not None, return_lse)
+    sig: tuple[object, ...] = (
+        ()
+        if problem
+        else (
+            tuple(q.shape),
+            str(q.dtype),
+            q.device.type,
+            softmax_scale,
+            window,
+            softcap,
+            sinks is not None,
+            key_positions is not None,
+            query_positions is not None,
+            return_lse,
+        )
+    )
     q_digest = 0 if problem else _digest(q)
     if world > 1:
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
@@ -313,7 +396,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[Process
             # call alike); no rank waits on a collective alone
             marker = torch.zeros(agreed.numel, dtype=agreed.dtype, device=agreed.device)
             head = _header(_RECHECK, 0, 0, agreed.dtype, agreed.device)
-            marker[:head.numel()] = head
+            marker[: head.numel()] = head
             _gather(marker, world, group)
             _worded_check(group, problem or mine, sig, q_digest)
     B, Tq, H, D = q.shape
@@ -339,7 +422,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[Process
         out = torch.zeros_like(out)
         lse = torch.full_like(lse, float("-inf"))
         for p in parts:  # rank order, elementwise: the same bits on every rank
-            body = p[head.numel():]
+            body = p[head.numel() :]
             merge_into(out, lse, body[:n_out].view(B, H, Tq, D), body[n_out:].view(B, H, Tq))
     if sinks is not None:
         total = torch.logaddexp(lse, sinks.detach().to(dt)[None, :, None])

@@ -18,6 +18,7 @@ Backends:
 Flipped(kernel) runs a fused kernel on reversed rows and keys: the anti-causal squares of a
 sliding window's far edge. Nothing here knows about processes or rings.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ class Kernel(Protocol):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]: ...
 
-    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]: ...
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,8 +86,9 @@ class ReferenceKernel:
     def __init__(self, chunk: int = 1024) -> None:
         self.chunk = chunk
 
-    def _blocks(self, n_rows: int, n_keys: int, causal: bool,
-                band: Optional[tuple[int, int]]) -> Iterator[tuple[slice, slice]]:
+    def _blocks(
+        self, n_rows: int, n_keys: int, causal: bool, band: Optional[tuple[int, int]]
+    ) -> Iterator[tuple[slice, slice]]:
         """(rows, keys) slices: row chunks, each with only the key range it can see, so a
         narrow band costs rows x (chunk + band width), not rows x keys."""
         chunk = self.chunk if band is None else max(64, min(self.chunk, band[1] - band[0] + 1))
@@ -97,9 +100,16 @@ class ReferenceKernel:
             yield slice(r0, r1), slice(k0, max(k0, k1))
 
     @staticmethod
-    def _scores(q: Tensor, k: Tensor, scale: float, causal: bool, rows: slice, keys: slice,
-                band: Optional[tuple[int, int]] = None, softcap: Optional[float] = None
-                ) -> tuple[Tensor, Optional[Tensor]]:
+    def _scores(
+        q: Tensor,
+        k: Tensor,
+        scale: float,
+        causal: bool,
+        rows: slice,
+        keys: slice,
+        band: Optional[tuple[int, int]] = None,
+        softcap: Optional[float] = None,
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """Masked scores of `rows` against `keys`, and d(capped)/d(raw) when softcap is set (else None)."""
         s = torch.matmul(q[:, :, rows], k[:, :, keys].transpose(-1, -2)) * scale
         dcap = None
@@ -118,8 +128,16 @@ class ReferenceKernel:
             s = s.masked_fill(hidden, float("-inf"))
         return s, dcap
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                band: Optional[tuple[int, int]] = None, softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        scale: float,
+        band: Optional[tuple[int, int]] = None,
+        softcap: Optional[float] = None,
+    ) -> tuple[Tensor, Tensor]:
         dt = acc_dtype(q.dtype)
         qf, kf, vf = q.to(dt), _expand_kv(k, q.shape[1]).to(dt), _expand_kv(v, q.shape[1]).to(dt)
         out = torch.zeros_like(q)
@@ -137,9 +155,19 @@ class ReferenceKernel:
             lse[:, :, rows] = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
         return out, lse
 
-    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                 scale: float, band: Optional[tuple[int, int]] = None,
-                 softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        causal: bool,
+        scale: float,
+        band: Optional[tuple[int, int]] = None,
+        softcap: Optional[float] = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         dt = acc_dtype(q.dtype)
         heads = q.shape[1]
         qf, kf, vf = q.to(dt), _expand_kv(k, heads).to(dt), _expand_kv(v, heads).to(dt)
@@ -178,8 +206,9 @@ class AtenCpuKernel:
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out, lse
 
-    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale
         )
@@ -200,11 +229,13 @@ class Flipped:
         out, lse = self.kernel.forward(q.flip(2), k.flip(2), v.flip(2), True, scale)
         return out.flip(2), lse.flip(-1)
 
-    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         assert not causal, "Flipped computes anti-causal squares (call it with causal=False)"
-        dq, dk, dv = self.kernel.backward(dout.flip(2), q.flip(2), k.flip(2), v.flip(2), out.flip(2),
-                                          lse.flip(-1).contiguous(), True, scale)
+        dq, dk, dv = self.kernel.backward(
+            dout.flip(2), q.flip(2), k.flip(2), v.flip(2), out.flip(2), lse.flip(-1).contiguous(), True, scale
+        )
         return dq.flip(2), dk.flip(2), dv.flip(2)
 
 
@@ -229,53 +260,107 @@ def _unused_rng_state(device: torch.device, dtype: torch.dtype, shape: tuple[int
 # binding a value to the wrong slot. One function per op, so the tests check each against its
 # schema (and run it on meta tensors) without a GPU.
 
+
 def flash_forward_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> dict[str, object]:
     """aten._scaled_dot_product_flash_attention: no dropout, no debug mask."""
     return dict(query=q, key=k, value=v, dropout_p=0.0, is_causal=causal, return_debug_mask=False, scale=scale)
 
 
-def flash_backward_args(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                        scale: float) -> dict[str, object]:
+def flash_backward_args(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> dict[str, object]:
     """The dense (not varlen) backward: cum_seq_q/k must be None (a defined tensor selects varlen)
     and max_q/max_k the block lengths; the philox seed (2,) and offset () are uint64 and unused
     at dropout 0, as the forward makes them."""
-    return dict(grad_out=dout, query=q, key=k, value=v, out=out, logsumexp=lse, cum_seq_q=None, cum_seq_k=None,
-                max_q=q.shape[2], max_k=k.shape[2], dropout_p=0.0, is_causal=causal,
-                philox_seed=_unused_rng_state(q.device, torch.uint64, (2,)),
-                philox_offset=_unused_rng_state(q.device, torch.uint64, ()), scale=scale)
+    return dict(
+        grad_out=dout,
+        query=q,
+        key=k,
+        value=v,
+        out=out,
+        logsumexp=lse,
+        cum_seq_q=None,
+        cum_seq_k=None,
+        max_q=q.shape[2],
+        max_k=k.shape[2],
+        dropout_p=0.0,
+        is_causal=causal,
+        philox_seed=_unused_rng_state(q.device, torch.uint64, (2,)),
+        philox_offset=_unused_rng_state(q.device, torch.uint64, ()),
+        scale=scale,
+    )
 
 
 def cudnn_forward_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> dict[str, object]:
     """aten._scaled_dot_product_cudnn_attention: no bias, lse computed, no dropout."""
-    return dict(query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal,
-                return_debug_mask=False, scale=scale)
+    return dict(
+        query=q,
+        key=k,
+        value=v,
+        attn_bias=None,
+        compute_log_sumexp=True,
+        dropout_p=0.0,
+        is_causal=causal,
+        return_debug_mask=False,
+        scale=scale,
+    )
 
 
-def cudnn_backward_args(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                        scale: float) -> dict[str, object]:
+def cudnn_backward_args(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> dict[str, object]:
     """lse goes back as the op made it, (B, H, S, 1); no bias, dense (None cum_seq), no dropout
     (the forward's int64 (1,) seed/offset are unused)."""
     seed = _unused_rng_state(q.device, torch.int64, (1,))
-    return dict(grad_out=dout, query=q, key=k, value=v, out=out, logsumexp=lse.unsqueeze(-1), philox_seed=seed,
-                philox_offset=seed, attn_bias=None, cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2],
-                max_k=k.shape[2], dropout_p=0.0, is_causal=causal, scale=scale)
+    return dict(
+        grad_out=dout,
+        query=q,
+        key=k,
+        value=v,
+        out=out,
+        logsumexp=lse.unsqueeze(-1),
+        philox_seed=seed,
+        philox_offset=seed,
+        attn_bias=None,
+        cum_seq_q=None,
+        cum_seq_k=None,
+        max_q=q.shape[2],
+        max_k=k.shape[2],
+        dropout_p=0.0,
+        is_causal=causal,
+        scale=scale,
+    )
 
 
 def efficient_forward_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> dict[str, object]:
     """aten._scaled_dot_product_efficient_attention: no bias, lse computed, no dropout."""
-    return dict(query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal,
-                scale=scale)
+    return dict(
+        query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal, scale=scale
+    )
 
 
-def efficient_backward_args(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                            scale: float) -> dict[str, object]:
+def efficient_backward_args(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> dict[str, object]:
     """lse padded to a multiple of 32 rows as the forward returns it; no bias gradient; the
     int64 () seed/offset are unused without dropout."""
     seed = _unused_rng_state(q.device, torch.int64, ())
     lse = torch.nn.functional.pad(lse, (0, (-lse.shape[-1]) % 32)).contiguous()
-    return dict(grad_out_=dout, query=q, key=k, value=v, attn_bias=None, out=out, logsumexp=lse, philox_seed=seed,
-                philox_offset=seed, dropout_p=0.0, grad_input_mask=[True, True, True, False], is_causal=causal,
-                scale=scale)
+    return dict(
+        grad_out_=dout,
+        query=q,
+        key=k,
+        value=v,
+        attn_bias=None,
+        out=out,
+        logsumexp=lse,
+        philox_seed=seed,
+        philox_offset=seed,
+        dropout_p=0.0,
+        grad_input_mask=[True, True, True, False],
+        is_causal=causal,
+        scale=scale,
+    )
 
 
 class CudaCudnnKernel:
@@ -290,24 +375,30 @@ class CudaCudnnKernel:
     @staticmethod
     def _check(q: Tensor, k: Tensor, causal: bool) -> None:
         if q.dtype not in _HALF:
-            raise ValueError(f"backend='cuda_cudnn' takes float16/bfloat16, got {q.dtype} (cuDNN returns NaN "
-                             "for float32); use backend='auto' or 'cuda_efficient'")
+            raise ValueError(
+                f"backend='cuda_cudnn' takes float16/bfloat16, got {q.dtype} (cuDNN returns NaN "
+                "for float32); use backend='auto' or 'cuda_efficient'"
+            )
         if causal and q.shape[2] != k.shape[2]:
-            raise ValueError(f"cuda_cudnn: a causal tile must be square, got {q.shape[2]} queries x "
-                             f"{k.shape[2]} keys (cuDNN aligns rectangular causal masks differently)")
+            raise ValueError(
+                f"cuda_cudnn: a causal tile must be square, got {q.shape[2]} queries x "
+                f"{k.shape[2]} keys (cuDNN aligns rectangular causal masks differently)"
+            )
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         self._check(q, k, causal)
         res = aten._scaled_dot_product_cudnn_attention(**cudnn_forward_args(q, k, v, causal, scale))
         return res[0], res[1].squeeze(-1)
 
-    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         self._check(q, k, causal)
         if dout.stride() != out.stride():  # cuDNN wants dO laid out like O
             dout, out = dout.contiguous(), out.contiguous()
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            **cudnn_backward_args(dout, q, k, v, out, lse, causal, scale))
+            **cudnn_backward_args(dout, q, k, v, out, lse, causal, scale)
+        )
         return dq, dk, dv
 
 
@@ -321,12 +412,14 @@ class CudaFlashKernel:
         res = aten._scaled_dot_product_flash_attention(**flash_forward_args(q, k, v, causal, scale))
         return res[0], res[1]
 
-    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         kvh = k.shape[1]
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            **flash_backward_args(dout.contiguous(), q, k, v, out, lse, causal, scale))
+            **flash_backward_args(dout.contiguous(), q, k, v, out, lse, causal, scale)
+        )
         return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
 
 
@@ -340,12 +433,14 @@ class CudaEfficientKernel:
         out, lse, _, _ = aten._scaled_dot_product_efficient_attention(**efficient_forward_args(q, k, v, causal, scale))
         return out, lse[:, :, : q.shape[2]]
 
-    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         kvh = k.shape[1]
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            **efficient_backward_args(dout.contiguous(), q, k, v, out, lse, causal, scale))
+            **efficient_backward_args(dout.contiguous(), q, k, v, out, lse, causal, scale)
+        )
         return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
 
 
@@ -365,8 +460,9 @@ _NEEDS: dict[str, tuple[str, Optional[tuple[torch.dtype, ...]]]] = {
 }
 
 
-def auto_backend(device_type: str, dtype: torch.dtype, head_dim: int,
-                 capability: tuple[int, int] = (0, 0), cudnn_sdpa: bool = False) -> str:
+def auto_backend(
+    device_type: str, dtype: torch.dtype, head_dim: int, capability: tuple[int, int] = (0, 0), cudnn_sdpa: bool = False
+) -> str:
     """The fastest backend for these facts (a pure table; see select_kernel).
 
     On an H200 cuDNN ran fwd+bwd 1.65-1.75x faster than flash, and flash 2.3x faster than
@@ -418,8 +514,9 @@ def select_kernel(backend: str, device: Union[torch.device, str], dtype: torch.d
             raise ValueError(f"backend={backend!r} runs on {want} tensors, got {dev.type}; use backend='auto'")
         if dtypes is not None and dtype not in dtypes:
             names = "/".join(str(d).replace("torch.", "") for d in dtypes)
-            raise ValueError(f"backend={backend!r} takes {names} tensors, got {dtype}; use backend='auto' "
-                             "or cast q, k, v")
+            raise ValueError(
+                f"backend={backend!r} takes {names} tensors, got {dtype}; use backend='auto' or cast q, k, v"
+            )
         return _KERNELS[backend]
     key = (dev.type, dev.index, dtype, head_dim)
     name = _AUTO_CACHE.get(key)

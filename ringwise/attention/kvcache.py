@@ -7,6 +7,7 @@ computes the same owner without communicating. Storage is preallocated per layer
 by doubling: appending a token copies one token, not the cache. Global positions are kept
 beside K/V: decode_attention masks by them (causal, windows).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -61,12 +62,14 @@ class _Layer:
             return
         held = self.k
         if held is not None and (k.shape[0], k.shape[2:], k.dtype) != (held.shape[0], held.shape[2:], held.dtype):
-            raise ValueError(f"KVCache: a layer's keys are (batch, n, kv_heads, head_dim) of one dtype: got "
-                             f"{tuple(k.shape)} {k.dtype} after {tuple(held.shape)} {held.dtype}")
+            raise ValueError(
+                f"KVCache: a layer's keys are (batch, n, kv_heads, head_dim) of one dtype: got "
+                f"{tuple(k.shape)} {k.dtype} after {tuple(held.shape)} {held.dtype}"
+            )
         keys, values, pos = self._reserve(k, self.len + n)
-        keys[:, self.len:self.len + n] = k
-        values[:, self.len:self.len + n] = v
-        pos[self.len:self.len + n] = positions
+        keys[:, self.len : self.len + n] = k
+        values[:, self.len : self.len + n] = v
+        pos[self.len : self.len + n] = positions
         self.len += n
 
 
@@ -134,12 +137,15 @@ class KVCache:
         if held is None:
             return None, None, None
         k, v, pos = held
-        return k[:, :L.len], v[:, :L.len], pos[:L.len]
+        return k[:, : L.len], v[:, : L.len], pos[: L.len]
 
     def nbytes(self) -> int:
         """Bytes this rank's K/V hold (its share; the capacity beyond it is `reserved_bytes`)."""
-        return sum(2 * L.k[:, :L.len].numel() * L.k.element_size() for L in self.layers if L.k is not None)
+        return sum(2 * L.k[:, : L.len].numel() * L.k.element_size() for L in self.layers if L.k is not None)
 
     def reserved_bytes(self) -> int:
-        return sum(2 * L.k.numel() * L.k.element_size() + L.pos.numel() * 8 for L in self.layers
-                   if L.k is not None and L.pos is not None)
+        return sum(
+            2 * L.k.numel() * L.k.element_size() + L.pos.numel() * 8
+            for L in self.layers
+            if L.k is not None and L.pos is not None
+        )

@@ -18,6 +18,7 @@ A local shard is described by *segments*: runs of local tokens whose global posi
 form an arithmetic progression. The mask classifier works on segments, so it needs no
 per-token tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,8 +83,9 @@ def segments(layout: str, rank: int, world_size: int, local_len: int) -> tuple[S
     return (Segment(0, c, rank * c, 1), Segment(c, c, (2 * W - 1 - rank) * c, 1))
 
 
-def global_indices(layout: str, rank: int, world_size: int, global_len: int,
-                   ulysses_rank: int = 0, ulysses_size: int = 1) -> torch.Tensor:
+def global_indices(
+    layout: str, rank: int, world_size: int, global_len: int, ulysses_rank: int = 0, ulysses_size: int = 1
+) -> torch.Tensor:
     """Global positions of rank's local tokens, in local order (int64).
 
     With ulysses_size U > 1: piece ulysses_rank of the U contiguous pieces of ring shard `rank`.
@@ -99,7 +101,7 @@ def global_indices(layout: str, rank: int, world_size: int, global_len: int,
     segs = segments(layout, rank, world_size, global_len // world_size)
     idx = torch.cat([s.global_start + s.stride * torch.arange(s.length) for s in segs])
     piece = len(idx) // ulysses_size
-    return idx[ulysses_rank * piece:(ulysses_rank + 1) * piece]
+    return idx[ulysses_rank * piece : (ulysses_rank + 1) * piece]
 
 
 def _world(group: Optional[ProcessGroup]) -> tuple[int, int]:
@@ -116,8 +118,14 @@ def _ulysses_world(ulysses_group: Optional[ProcessGroup]) -> tuple[int, int]:
     return (0, 1) if ulysses_group is None else _world(ulysses_group)
 
 
-def pad_to_multiple(x: torch.Tensor, dim: int, layout: str = "zigzag", group: Optional[ProcessGroup] = None,
-                    value: float = 0, ulysses_group: Optional[ProcessGroup] = None) -> tuple[torch.Tensor, int]:
+def pad_to_multiple(
+    x: torch.Tensor,
+    dim: int,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    value: float = 0,
+    ulysses_group: Optional[ProcessGroup] = None,
+) -> tuple[torch.Tensor, int]:
     """Pad x at the end of `dim` so the layout can split it; returns (padded, n_pad).
 
     Trailing pads do not change what real tokens see under a causal mask; with a
@@ -133,16 +141,27 @@ def pad_to_multiple(x: torch.Tensor, dim: int, layout: str = "zigzag", group: Op
     return torch.cat([x, x.new_full(shape, value)], dim=dim), n_pad
 
 
-def positions(global_len: int, layout: str = "zigzag", group: Optional[ProcessGroup] = None, device: Device = None,
-              ulysses_group: Optional[ProcessGroup] = None) -> torch.Tensor:
+def positions(
+    global_len: int,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    device: Device = None,
+    ulysses_group: Optional[ProcessGroup] = None,
+) -> torch.Tensor:
     """Global position of each local token (for rotary embeddings and masks)."""
     rank, W = _world(group)
     u, U = _ulysses_world(ulysses_group)
     return global_indices(layout, rank, W, global_len, u, U).to(device)
 
 
-def shard(x: torch.Tensor, dim: int = 1, layout: str = "zigzag", group: Optional[ProcessGroup] = None,
-          pad: bool = False, ulysses_group: Optional[ProcessGroup] = None) -> torch.Tensor:
+def shard(
+    x: torch.Tensor,
+    dim: int = 1,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    pad: bool = False,
+    ulysses_group: Optional[ProcessGroup] = None,
+) -> torch.Tensor:
     """This rank's part of a global tensor that every rank holds whole.
 
     group is the ring; ulysses_group (optional) cuts each ring shard into contiguous pieces.
@@ -155,8 +174,13 @@ def shard(x: torch.Tensor, dim: int = 1, layout: str = "zigzag", group: Optional
     return x.index_select(dim, idx)
 
 
-def unshard(x_local: torch.Tensor, dim: int = 1, layout: str = "zigzag", group: Optional[ProcessGroup] = None,
-            ulysses_group: Optional[ProcessGroup] = None) -> torch.Tensor:
+def unshard(
+    x_local: torch.Tensor,
+    dim: int = 1,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    ulysses_group: Optional[ProcessGroup] = None,
+) -> torch.Tensor:
     """Reassemble the global tensor on every rank from the local shards (all-gathers:
     first the ulysses pieces into the ring shard, then the ring shards)."""
     _, U = _ulysses_world(ulysses_group)

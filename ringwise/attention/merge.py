@@ -7,6 +7,7 @@ kept in float32 (float64 for float64 inputs). A row that has seen no key has lse
 and o = 0; merging two such rows must stay 0, never NaN. A NaN on either side stays NaN
 (a NaN input must never come back as a finite output).
 """
+
 from __future__ import annotations
 
 import torch

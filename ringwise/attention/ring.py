@@ -31,6 +31,7 @@ check is one host sync per visiting block, and the per-tile result check is skip
 would be a sync per tile): there, finite inputs whose scores or gradients overflow keep
 the fused kernel's result.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,8 +74,9 @@ class Engine:
 
     def tiles(self, q_rank: int, kv_rank: int, local_len: int) -> tuple[Tile, ...]:
         """The tiles of q_rank's queries against kv_rank's block."""
-        return step_tiles(self.layout, q_rank, kv_rank, self.ring.world_size, local_len, self.causal, self.docs,
-                          self.window)
+        return step_tiles(
+            self.layout, q_rank, kv_rank, self.ring.world_size, local_len, self.causal, self.docs, self.window
+        )
 
 
 def _rows(t: Tile) -> slice:
@@ -106,8 +108,7 @@ def _finite(*xs: Tensor) -> bool:
     return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
-def _tile_kernel(kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float]
-                 ) -> tuple[Kernel, dict[str, object]]:
+def _tile_kernel(kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float]) -> tuple[Kernel, dict[str, object]]:
     """The kernel and extra arguments for tile t: the fused `kernel` where it is exact
     (anti-causal squares on flipped inputs), else the reference kernel."""
     if t.band is None and softcap is None and finite and not isinstance(kernel, ReferenceKernel):
@@ -115,8 +116,15 @@ def _tile_kernel(kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float]
     return _REFERENCE, dict(band=t.reference_band, softcap=softcap)
 
 
-def _run_tile(direction: Literal["forward", "backward"], kernel: Kernel, t: Tile, finite: bool,
-              softcap: Optional[float], scale: float, *tensors: Tensor) -> tuple[Tensor, ...]:
+def _run_tile(
+    direction: Literal["forward", "backward"],
+    kernel: Kernel,
+    t: Tile,
+    finite: bool,
+    softcap: Optional[float],
+    scale: float,
+    *tensors: Tensor,
+) -> tuple[Tensor, ...]:
     """Tile t's "forward" (q, k, v -> out, lse) or "backward" (dout, q, k, v, out, lse ->
     dq, dk, dv) on `_tile_kernel`'s kernel. A fused result that is not finite (lse forward,
     every gradient backward) is recomputed on the reference kernel where the check costs no
@@ -129,8 +137,9 @@ def _run_tile(direction: Literal["forward", "backward"], kernel: Kernel, t: Tile
     return res
 
 
-def _post_kv(ring: Ring, steps: Sequence[int], n: int, relay: bool, held: KV, own: KV, inbox: list[KV]
-             ) -> Optional[Hop]:
+def _post_kv(
+    ring: Ring, steps: Sequence[int], n: int, relay: bool, held: KV, own: KV, inbox: list[KV]
+) -> Optional[Hop]:
     """Post the hop that brings the block of step steps[n+1] (None after the last step)."""
     if n + 1 >= len(steps):
         return None
@@ -139,8 +148,9 @@ def _post_kv(ring: Ring, steps: Sequence[int], n: int, relay: bool, held: KV, ow
     return ring.exchange("kv", own, inbox[n % 2], offset=steps[n + 1])
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, engine: Engine, sinks: Optional[Tensor] = None
-                 ) -> tuple[Tensor, Tensor]:
+def ring_forward(
+    q: Tensor, k: Tensor, v: Tensor, engine: Engine, sinks: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     """q, k, v: (batch, seq, heads, dim). Returns out (input dtype, same layout) and lse (batch, heads, seq).
 
     Buffers are the paper's: the query block, the visiting K/V block and its receive
@@ -165,8 +175,17 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, engine: Engine, sinks: Optiona
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            o_b, lse_b = _run_tile("forward", engine.kernel, t, finite, engine.softcap, scale,
-                                   qh[:, :, rows], kh[:, :, cols], vh[:, :, cols])
+            o_b, lse_b = _run_tile(
+                "forward",
+                engine.kernel,
+                t,
+                finite,
+                engine.softcap,
+                scale,
+                qh[:, :, rows],
+                kh[:, :, cols],
+                vh[:, :, cols],
+            )
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
         if hop is not None:
             hop.wait()
@@ -245,8 +264,9 @@ class DirectGrads(_GradRoute):
         return self._home
 
 
-def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, engine: Engine
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def ring_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, engine: Engine
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of q, k, v (input dtype, (batch, seq, heads, dim)) from the final out and lse.
 
     The same ring as ring_forward, with dK/dV shares routed home by RelayedGrads or
@@ -272,9 +292,20 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         dk_h, dv_h = _heads_first(dkv[0]), _heads_first(dkv[1])
         for t in tiles:
             rows, cols = _rows(t), _cols(t)
-            dq_t, dk_t, dv_t = _run_tile("backward", engine.kernel, t, finite, engine.softcap, scale,
-                                         dout_h[:, :, rows], qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
-                                         out_h[:, :, rows], lse[:, :, rows].contiguous())
+            dq_t, dk_t, dv_t = _run_tile(
+                "backward",
+                engine.kernel,
+                t,
+                finite,
+                engine.softcap,
+                scale,
+                dout_h[:, :, rows],
+                qh[:, :, rows],
+                kh[:, :, cols],
+                vh[:, :, cols],
+                out_h[:, :, rows],
+                lse[:, :, rows].contiguous(),
+            )
             dq_h[:, :, rows] += dq_t
             dk_h[:, :, cols] += dk_t
             dv_h[:, :, cols] += dv_t

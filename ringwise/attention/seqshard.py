@@ -12,6 +12,7 @@ exactly its ranks, where ring_attention's verdict gathers.
 
 Torch, layout.py and checks.py only: nothing above `ringwise.attention` is imported here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -122,9 +123,14 @@ class SeqShard:
         return x
 
     # -- batches ---------------------------------------------------------------------------
-    def shard_batch(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                    cu_seqlens: Union[Sequence[int], torch.Tensor, None] = None, pad: bool = False,
-                    pad_id: int = 0) -> ShardedBatch:
+    def shard_batch(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: Union[Sequence[int], torch.Tensor, None] = None,
+        pad: bool = False,
+        pad_id: int = 0,
+    ) -> ShardedBatch:
         """A global (batch, seq) batch -> this rank's input_ids, position_ids and labels.
 
         Labels (default: input_ids) are shifted on the *global* sequence before sharding:
@@ -142,8 +148,9 @@ class SeqShard:
             raise ValueError(f"shard_batch: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         labels = input_ids if labels is None else labels
         if labels.shape != input_ids.shape:
-            raise ValueError(f"shard_batch: labels shape {tuple(labels.shape)} must equal input_ids shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(
+                f"shard_batch: labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
         b, s = input_ids.shape
         bounds = None if cu_seqlens is None else self._bounds(cu_seqlens, s)
         shifted = torch.full_like(labels, IGNORE_INDEX)
@@ -156,9 +163,11 @@ class SeqShard:
             if bounds is not None and n_pad:
                 bounds = bounds + [s + n_pad]
             s += n_pad
-        out: ShardedBatch = {"input_ids": self.shard(input_ids),
-                             "position_ids": self.positions(s, device=input_ids.device)[None].expand(b, -1),
-                             "labels": self.shard(shifted)}
+        out: ShardedBatch = {
+            "input_ids": self.shard(input_ids),
+            "position_ids": self.positions(s, device=input_ids.device)[None].expand(b, -1),
+            "labels": self.shard(shifted),
+        }
         if bounds is not None:
             out["cu_seqlens"] = bounds
         return out

@@ -15,6 +15,7 @@ need the tensors, the groups or the world size run inside the op (api._check).
 
 A new option: one field here (annotation, default, normaliser) and its check in checks.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,6 +52,7 @@ def _flag(name: str) -> Callable[[object], tuple[Optional[bool], Optional[str]]]
             return bool(x), None
         except (TypeError, ValueError, RuntimeError):
             return None, f"{name} must be True or False, got {x!r}"
+
     return normalise
 
 
@@ -61,6 +63,7 @@ def _real(name: str, problem: Problem) -> Callable[[object], tuple[Optional[floa
         if x is None or (isinstance(x, numbers.Real) and not isinstance(x, bool)):
             return (None if x is None else float(x)), None
         return None, problem(x)
+
     return normalise
 
 
@@ -69,6 +72,7 @@ def _integer(problem: Problem) -> Callable[[object], tuple[Optional[int], Option
         if x is None or (isinstance(x, numbers.Integral) and not isinstance(x, bool)):
             return (None if x is None else int(x)), None
         return None, problem(x)
+
     return normalise
 
 
@@ -77,6 +81,7 @@ def _name(what: str, optional: bool = False) -> Callable[[object], tuple[Optiona
         if isinstance(x, str) or (optional and x is None):
             return x, None
         return None, f"{what} must be a name (str){' or None' if optional else ''}, got {x!r}"
+
     return normalise
 
 
@@ -112,9 +117,11 @@ def _group(what: str) -> Callable[[object], tuple[Optional[str], None]]:
             return _NOT_A_MEMBER, None
         name = getattr(group, "group_name", None)
         if not isinstance(name, str):
-            raise ValueError(f"ring_attention: {what} must be a torch.distributed ProcessGroup or None, "
-                             f"got {type(group).__name__}")
+            raise ValueError(
+                f"ring_attention: {what} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
+            )
         return name, None
+
     return normalise
 
 
@@ -135,6 +142,7 @@ def _option(default: T, normalise: Normaliser) -> T:
 
 
 # -- the spec ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, eq=False)
 class AttentionSpec:
@@ -211,13 +219,21 @@ NAMES = tuple(f.name for f in FIELDS)
 # (name, default, normaliser) per field, as plain tuples (torch.compile traces from_options, and
 # refuses to read a field's metadata mapping)
 _NORMALISERS: tuple[tuple[str, object, Normaliser], ...] = tuple(
-    (f.name, f.default, f.metadata["normalise"]) for f in FIELDS)
+    (f.name, f.default, f.metadata["normalise"]) for f in FIELDS
+)
 TENSORS = tuple(f.name for f in FIELDS if f.type == "Optional[Tensor]")
 _NOT_COMPARED = ("group", "ulysses_group", "mesh_group", "document_ids")
 
 # each field's annotation -> its type in the op's schema
-_SCHEMA_TYPES = {"bool": "bool", "str": "str", "Optional[str]": "str?", "Optional[float]": "float?",
-                 "Optional[int]": "SymInt?", "Optional[list[int]]": "SymInt[]?", "Optional[Tensor]": "Tensor?"}
+_SCHEMA_TYPES = {
+    "bool": "bool",
+    "str": "str",
+    "Optional[str]": "str?",
+    "Optional[float]": "float?",
+    "Optional[int]": "SymInt?",
+    "Optional[list[int]]": "SymInt[]?",
+    "Optional[Tensor]": "Tensor?",
+}
 
 
 def schema_args() -> str:

@@ -32,6 +32,7 @@ Both are cached per argument tuple: pure memoization (their result depends on th
 and the module constant MIN_FUSED_WINDOW alone), so nothing needs clearing unless a test
 changes that constant.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -158,8 +159,9 @@ def _index_range(seg: Segment, g0: int, g1: int) -> tuple[int, int]:
     return lo, max(lo, hi)
 
 
-def segment_pair_tiles(q: Segment, k: Segment, causal: bool, docs: tuple[int, ...] | None = None,
-                       window: int | None = None) -> list[Tile]:
+def segment_pair_tiles(
+    q: Segment, k: Segment, causal: bool, docs: tuple[int, ...] | None = None, window: int | None = None
+) -> list[Tile]:
     """The tiles for one query segment against one key segment.
 
     docs: global document boundaries (cu_seqlens: 0, ..., total); attention stays inside a
@@ -230,8 +232,16 @@ def _merge_full(tiles: list[Tile]) -> list[Tile]:
 
 
 @lru_cache(maxsize=4096)
-def step_tiles(layout: str, q_rank: int, kv_rank: int, world_size: int, local_len: int, causal: bool,
-               docs: tuple[int, ...] | None = None, window: int | None = None) -> tuple[Tile, ...]:
+def step_tiles(
+    layout: str,
+    q_rank: int,
+    kv_rank: int,
+    world_size: int,
+    local_len: int,
+    causal: bool,
+    docs: tuple[int, ...] | None = None,
+    window: int | None = None,
+) -> tuple[Tile, ...]:
     """Tiles for q_rank's queries against the key/value shard that kv_rank owns."""
     qs = segments(layout, q_rank, world_size, local_len)
     ks = segments(layout, kv_rank, world_size, local_len)
@@ -240,14 +250,21 @@ def step_tiles(layout: str, q_rank: int, kv_rank: int, world_size: int, local_le
 
 
 @lru_cache(maxsize=1024)
-def needed_steps(layout: str, world_size: int, local_len: int, causal: bool,
-                 docs: tuple[int, ...] | None = None, window: int | None = None) -> tuple[int, ...]:
+def needed_steps(
+    layout: str,
+    world_size: int,
+    local_len: int,
+    causal: bool,
+    docs: tuple[int, ...] | None = None,
+    window: int | None = None,
+) -> tuple[int, ...]:
     """Ring steps s (rank r visits the shard of rank (r - s) mod W) that some rank has tiles for.
 
     A function of its arguments alone, so every rank derives the same schedule. Step 0
     (the own shard) is always in it: the diagonal is always visible.
     """
     W = world_size
-    need = {s for s in range(W) for r in range(W)
-            if step_tiles(layout, r, (r - s) % W, W, local_len, causal, docs, window)}
+    need = {
+        s for s in range(W) for r in range(W) if step_tiles(layout, r, (r - s) % W, W, local_len, causal, docs, window)
+    }
     return tuple(sorted(need | {0}))

@@ -9,6 +9,7 @@ its own traffic); recordings nest (each open one counts everything).
 torch.distributed's calls themselves (gathers, batches of P2P ops) are counted by
 ringwise.testing.comms.count_comms, which opens a recording too, so one context sees both.
 """
+
 from __future__ import annotations
 
 import contextlib

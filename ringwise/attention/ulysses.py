@@ -30,6 +30,7 @@ Ulysses (group=None is the default group, not "no ring").
 Each all-to-all is reported to traffic.py: a forward makes one "qkv" and one "out", a
 backward one "dout" and one "dqkv" (none when U = 1).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ Shape = tuple[int, ...]
 PER_HEAD = ("sinks",)
 
 
-def mesh_groups(ulysses: int, ring: int | None = None, timeout: Optional[timedelta] = None
-                ) -> tuple[ProcessGroup, ProcessGroup]:
+def mesh_groups(
+    ulysses: int, ring: int | None = None, timeout: Optional[timedelta] = None
+) -> tuple[ProcessGroup, ProcessGroup]:
     """(ulysses_group, ring_group) of this rank on a ulysses x ring mesh of the default group.
 
     timeout (a timedelta): the groups' collective timeout (None: the backend's default);
@@ -74,9 +76,11 @@ def mesh_groups(ulysses: int, ring: int | None = None, timeout: Optional[timedel
         raise ValueError(f"mesh_groups: ulysses={ulysses} x ring={ring} must equal the world size {world}")
     # new_subgroups_by_enumeration: unannotated in torch; (this rank's group, every group)
     ug, _ = dist.new_subgroups_by_enumeration(  # type: ignore[no-untyped-call]
-        [[r * ulysses + u for u in range(ulysses)] for r in range(ring)], timeout=timeout)
+        [[r * ulysses + u for u in range(ulysses)] for r in range(ring)], timeout=timeout
+    )
     rg, _ = dist.new_subgroups_by_enumeration(  # type: ignore[no-untyped-call]
-        [[r * ulysses + u for r in range(ring)] for u in range(ulysses)], timeout=timeout)
+        [[r * ulysses + u for r in range(ring)] for u in range(ulysses)], timeout=timeout
+    )
     return ug, rg
 
 
@@ -89,8 +93,13 @@ class Mesh:
     """This rank's place in the (ulysses x ring) mesh: u, r are -1 where it is not a member.
     mesh_group (None: the default group) holds exactly the mesh's ranks: the verdict's gather."""
 
-    def __init__(self, ulysses_group: Optional[ProcessGroup], group: Optional[ProcessGroup], transport: str = "auto",
-                 mesh_group: Optional[ProcessGroup] = None) -> None:
+    def __init__(
+        self,
+        ulysses_group: Optional[ProcessGroup],
+        group: Optional[ProcessGroup],
+        transport: str = "auto",
+        mesh_group: Optional[ProcessGroup] = None,
+    ) -> None:
         self.transport = transport  # "host": all-to-alls staged through host memory, as the ring's hops
         self.group, self.ulysses_group, self.mesh_group = group, ulysses_group, mesh_group
         self.rank = dist.get_rank()
@@ -102,28 +111,38 @@ class Mesh:
 
     def membership_problem(self) -> str | None:
         if self.u < 0 and self.r < 0:
-            return (f"global rank {self.rank} is in neither ulysses_group nor group; every rank of the mesh "
-                    "must be in one ulysses group and one ring group (build them with "
-                    "ringwise.attention.ulysses.mesh_groups or a DeviceMesh)")
+            return (
+                f"global rank {self.rank} is in neither ulysses_group nor group; every rank of the mesh "
+                "must be in one ulysses group and one ring group (build them with "
+                "ringwise.attention.ulysses.mesh_groups or a DeviceMesh)"
+            )
         if self.u < 0:
-            return (f"global rank {self.rank} is in group but not in ulysses_group; pass the ulysses group "
-                    "that contains this rank")
+            return (
+                f"global rank {self.rank} is in group but not in ulysses_group; pass the ulysses group "
+                "that contains this rank"
+            )
         if self.r < 0:
-            return (f"global rank {self.rank} is in ulysses_group but not in group (the ring); pass the ring "
-                    "group that contains this rank (a group of size 1 for pure Ulysses)")
+            return (
+                f"global rank {self.rank} is in ulysses_group but not in group (the ring); pass the ring "
+                "group that contains this rank (a group of size 1 for pure Ulysses)"
+            )
         return None
 
     def ranks(self) -> MeshView:
         """This rank's view of the mesh, for the cross-rank check (checks.mesh_problem)."""
         world = dist.group.WORLD if self.group is None else self.group
-        view: MeshView = {"u": self.u, "r": self.r,
-                          "ulysses": dist.get_process_group_ranks(self.ulysses_group) if self.u >= 0 else [],
-                          "ring": dist.get_process_group_ranks(world) if self.r >= 0 else []}
+        view: MeshView = {
+            "u": self.u,
+            "r": self.r,
+            "ulysses": dist.get_process_group_ranks(self.ulysses_group) if self.u >= 0 else [],
+            "ring": dist.get_process_group_ranks(world) if self.r >= 0 else [],
+        }
         return view
 
 
-def _exchange(sends: Sequence[Tensor], group: Optional[ProcessGroup], stream: str, transport: str = "auto"
-              ) -> list[Tensor]:
+def _exchange(
+    sends: Sequence[Tensor], group: Optional[ProcessGroup], stream: str, transport: str = "auto"
+) -> list[Tensor]:
     """One all-to-all: row j of every send tensor (U, ...) goes to ulysses rank j.
 
     The tensors travel as bytes in one buffer, whatever their dtypes (lse stays float32).
@@ -138,7 +157,7 @@ def _exchange(sends: Sequence[Tensor], group: Optional[ProcessGroup], stream: st
     at = 0
     for x, row in zip(sends, rows):
         n = row.shape[1]
-        out.append(recv[:, at:at + n].contiguous().view(x.dtype).view(x.shape))
+        out.append(recv[:, at : at + n].contiguous().view(x.dtype).view(x.shape))
         at += n
     return out
 
@@ -173,8 +192,9 @@ def _local_heads(ring_kwargs: Mapping[str, object], heads: int, mesh: Mesh) -> d
     return out
 
 
-def head_chunk_shapes(q_shape: Sequence[int], kv_heads: int, ulysses_size: int
-                      ) -> tuple[Shape, Shape, Shape, Shape, Shape]:
+def head_chunk_shapes(
+    q_shape: Sequence[int], kv_heads: int, ulysses_size: int
+) -> tuple[Shape, Shape, Shape, Shape, Shape]:
     """Shapes of what ulysses_forward keeps for the backward: q, k, v, out (batch, U*L, heads/U or
     kv heads x copies / U, dim) and lse (batch, heads/U, U*L), for the op's fake (meta) rule."""
     B, L, H, D = q_shape
@@ -184,8 +204,9 @@ def head_chunk_shapes(q_shape: Sequence[int], kv_heads: int, ulysses_size: int
     return qh, kh, kh, qh, (B, H // U, U * L)
 
 
-def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], mesh: Mesh, engine: Engine
-                    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+def ulysses_forward(
+    q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], mesh: Mesh, engine: Engine
+) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(out, lse, saved): the ring engine on this rank's head chunk between two all-to-alls.
 
     saved: the head-chunk tensors ulysses_backward needs (no all-to-all repeated)."""
@@ -200,8 +221,9 @@ def ulysses_forward(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], me
     return out, lse.squeeze(-1).transpose(1, 2).contiguous(), [qh, kh, vh, out_h, lse_h]
 
 
-def ulysses_backward(dout: Tensor, saved: Sequence[Tensor], sinks: Optional[Tensor], kv_heads: int, mesh: Mesh,
-                     engine: Engine) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+def ulysses_backward(
+    dout: Tensor, saved: Sequence[Tensor], sinks: Optional[Tensor], kv_heads: int, mesh: Mesh, engine: Engine
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(dq, dk, dv, dsinks or None) from ulysses_forward's saved head chunk; dsinks is zero outside
     this rank's heads (summing parameter gradients over the mesh completes it)."""
     qh, kh, vh, out_h, lse_h = saved

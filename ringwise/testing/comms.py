@@ -23,6 +23,7 @@ The same context records what the attention reports of its own traffic
 (Ulysses exchanges per stream) and `.staged` (bytes the host transport copied), so one
 context counts all communication, and nothing is left to reset between uses.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,12 +41,36 @@ from ringwise.attention.traffic import Traffic, recording
 # Every public collective / P2P function of torch.distributed (those a given torch lacks are
 # skipped), plus the deprecated private all-gather / reduce-scatter spellings.
 KINDS = (
-    "all_gather", "all_gather_coalesced", "all_gather_into_tensor", "all_gather_object", "all_gather_single",
-    "all_reduce", "all_reduce_coalesced", "all_to_all", "all_to_all_single", "barrier", "monitored_barrier",
-    "batch_isend_irecv", "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce",
-    "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "scatter", "scatter_object_list",
-    "send", "recv", "isend", "irecv", "send_object_list", "recv_object_list",
-    "_all_gather_base", "_reduce_scatter_base",
+    "all_gather",
+    "all_gather_coalesced",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_gather_single",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "monitored_barrier",
+    "batch_isend_irecv",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "gather_object",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "scatter",
+    "scatter_object_list",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "send_object_list",
+    "recv_object_list",
+    "_all_gather_base",
+    "_reduce_scatter_base",
 )
 
 # The kind ringwise.attention.comm.all_gather_single counts as: torch's all_gather_single (2.13+), else its
@@ -58,6 +83,7 @@ T = TypeVar("T")
 @dataclass(eq=False)
 class CommCounts:
     """What one `count_comms()` context saw: kind -> number of calls, and the attention's traffic."""
+
     counts: Counter[str] = field(default_factory=Counter)
     traffic: Traffic = field(default_factory=Traffic)
 
