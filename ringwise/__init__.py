@@ -3,6 +3,7 @@
 The public names load on first use (PEP 562), so torch-free parts such as
 `ringwise.presets` and `ringwise.plan` import without torch.
 """
+
 import importlib
 from typing import TYPE_CHECKING
 
@@ -16,9 +17,16 @@ if TYPE_CHECKING:  # what __getattr__ loads, for type checkers
     from .attention.layout import unshard as unshard
     from .attention.seqshard import SeqShard as SeqShard
 
-_PUBLIC = {"ring_attention": ".attention.api", "shard": ".attention.layout", "unshard": ".attention.layout",
-           "positions": ".attention.layout", "pad_to_multiple": ".attention.layout", "LAYOUTS": ".attention.layout",
-           "SeqShard": ".attention.seqshard", "decode_attention": ".attention.decode"}
+_PUBLIC = {
+    "ring_attention": ".attention.api",
+    "shard": ".attention.layout",
+    "unshard": ".attention.layout",
+    "positions": ".attention.layout",
+    "pad_to_multiple": ".attention.layout",
+    "LAYOUTS": ".attention.layout",
+    "SeqShard": ".attention.seqshard",
+    "decode_attention": ".attention.decode",
+}
 
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"

@@ -45,8 +45,8 @@ Assumptions, all of them (the defaults reproduce the paper's setups; every one i
   activation dtype (fp32 by default; 1.5 bf16-sized buffers) on top of its checkpoints: the SwiGLU
   hidden its checkpoint policy does not cover, which is exactly what BPT's blockwise FFN removes. The
   paper does not say how much its baselines keep, so the value is fitted to Table 3: every cell is
-  within 2x for any value in about (0.64, 0.83), and outside that window one of two cells leaves it (8x A100 13B mem-eff,
-  paper 4K: needs > 0.64; 32x A100 7B mem-eff, paper 64K: needs < 0.83). It is a fudge factor
+  within 2x for any value in about (0.64, 0.83), and outside that window one of two cells leaves it
+  (8x A100 13B mem-eff, paper 4K: needs > 0.64; 32x A100 7B mem-eff, paper 64K: needs < 0.83). It is a fudge factor
   in the form of a saved buffer (counting it in every layer is not derived from a checkpoint
   policy), disclosed as such. Without it (0) the
   planner puts mem-eff at BPT's length for most models, against the paper's consistent 2x gap,

@@ -3,20 +3,24 @@ sequences model.generate returns in one process (float64 models, eager attention
 seeded sampling, sliding windows shorter than the prompt, hybrid local/global layers, sinks,
 soft-capping, GQA, W = 2 and 3, prompts of 1 token, of fewer tokens than ranks, and not divisible by
 the layout. One decode_attention (one all-gather) per layer and token; refusals alike on every rank."""
+
 import pytest
 import torch
 import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
-import ringwise.integrations.transformers as rw  # noqa: E402
 from helpers import ALL_GATHER_SINGLE, count_comms  # noqa: E402
-from hf_versions import EAGER_EXPERTS, REFUSED_HERE, VERSION  # noqa: E402
 from hf_models import REFERENCE_ATTN, make_config, needs_smollm2, smollm2_folder  # noqa: E402
+from hf_versions import EAGER_EXPERTS, REFUSED_HERE, VERSION  # noqa: E402
+
+import ringwise.integrations.transformers as rw  # noqa: E402
 
 if VERSION < (5, 0):
-    pytest.skip(f"rw.generate needs transformers 5 (cache layers); {transformers.__version__} is refused",
-                allow_module_level=True)
+    pytest.skip(
+        f"rw.generate needs transformers 5 (cache layers); {transformers.__version__} is refused",
+        allow_module_level=True,
+    )
 
 NEW = 7
 OPTIONS = dict(max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
@@ -30,8 +34,11 @@ def model_for(name, attn):
     torch.manual_seed(0)
     if attn == "ringwise":
         return rw.from_config(make_config(name), **EAGER_EXPERTS).double().eval()
-    return transformers.AutoModelForCausalLM.from_config(make_config(name), attn_implementation=attn,
-                                                         **EAGER_EXPERTS).double().eval()
+    return (
+        transformers.AutoModelForCausalLM.from_config(make_config(name), attn_implementation=attn, **EAGER_EXPERTS)
+        .double()
+        .eval()
+    )
 
 
 def sampling(case):
@@ -56,20 +63,28 @@ def single_generate(case):
     return model.generate(prompt(case["prompt"]), **OPTIONS, **sampling(case))
 
 
-GRID = [dict(name=n, world=W, layout="zigzag", prompt=21) for n in ("llama", "mistral", "gemma2", "gpt_oss", "qwen2", "qwen2_moe")
-        for W in (2, 3)]
-GRID += [dict(name="gemma3", world=3, layout="zigzag", prompt=21),
-         dict(name="llama", world=3, layout="contiguous", prompt=2),   # one prompt token to prefill: 2 ranks hold none
-         dict(name="llama", world=2, layout="striped", prompt=1),      # nothing to prefill
-         dict(name="mistral", world=3, layout="zigzag", prompt=17, sample=True),
-         dict(name="gpt_oss", world=2, layout="zigzag", prompt=13, sample=True),
-         dict(name="llama_9_3_64", world=2, layout="zigzag", prompt=21),  # real models' heads and head dims
-         dict(name="llama_5_1_80", world=3, layout="striped", prompt=21),
-         dict(name="llama_7_7_128", world=3, layout="zigzag", prompt=17)]
+GRID = [
+    dict(name=n, world=W, layout="zigzag", prompt=21)
+    for n in ("llama", "mistral", "gemma2", "gpt_oss", "qwen2", "qwen2_moe")
+    for W in (2, 3)
+]
+GRID += [
+    dict(name="gemma3", world=3, layout="zigzag", prompt=21),
+    dict(name="llama", world=3, layout="contiguous", prompt=2),  # one prompt token to prefill: 2 ranks hold none
+    dict(name="llama", world=2, layout="striped", prompt=1),  # nothing to prefill
+    dict(name="mistral", world=3, layout="zigzag", prompt=17, sample=True),
+    dict(name="gpt_oss", world=2, layout="zigzag", prompt=13, sample=True),
+    dict(name="llama_9_3_64", world=2, layout="zigzag", prompt=21),  # real models' heads and head dims
+    dict(name="llama_5_1_80", world=3, layout="striped", prompt=21),
+    dict(name="llama_7_7_128", world=3, layout="zigzag", prompt=17),
+]
 
 
-@pytest.mark.parametrize("case", GRID, ids=lambda c: f"{c['name']}-W{c['world']}-{c['layout']}-S{c['prompt']}"
-                         + ("-sampled" if c.get("sample") else ""))
+@pytest.mark.parametrize(
+    "case",
+    GRID,
+    ids=lambda c: f"{c['name']}-W{c['world']}-{c['layout']}-S{c['prompt']}" + ("-sampled" if c.get("sample") else ""),
+)
 def test_generate_matches_model_generate_in_one_process(grid_results, case):
     make_config(case["name"])  # skips an architecture the installed transformers lacks
     if case["name"] in REFUSED_HERE:
@@ -86,8 +101,10 @@ def test_generate_matches_model_generate_in_one_process(grid_results, case):
 
 # ---------------------------------------------------------------- a real model: SmolLM2-135M (9 / 3 heads, head_dim 64)
 
-SMOLLM2_PROMPT = ("Ring attention splits a long sequence across devices. Each device keeps one block of queries, and "
-                  "the key and value blocks travel around the ring, so that")
+SMOLLM2_PROMPT = (
+    "Ring attention splits a long sequence across devices. Each device keeps one block of queries, and "
+    "the key and value blocks travel around the ring, so that"
+)
 
 
 def smollm2_generate(path, layout):
@@ -114,6 +131,7 @@ def test_smollm2_generate_matches_model_generate(cluster, world, layout):
 
 
 # ---------------------------------------------------------------- refusals, alike on every rank
+
 
 def refusal(kind):
     rw.use_ring()
@@ -144,9 +162,15 @@ def refusal(kind):
     return None
 
 
-REFUSALS = {"padding": "padding masks", "beams": "beam_search", "own-cache": "its own sequence-sharded cache",
-            "static": "cache_implementation='static'", "prompt-differs": "different prompt",
-            "random-state": "different random state", "ulysses": "Ulysses mesh"}
+REFUSALS = {
+    "padding": "padding masks",
+    "beams": "beam_search",
+    "own-cache": "its own sequence-sharded cache",
+    "static": "cache_implementation='static'",
+    "prompt-differs": "different prompt",
+    "random-state": "different random state",
+    "ulysses": "Ulysses mesh",
+}
 
 
 @pytest.mark.parametrize("kind", REFUSALS)

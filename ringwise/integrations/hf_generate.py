@@ -16,6 +16,7 @@ masks, beam search and the other non-greedy/non-sampling modes, assisted decodin
 a cache of the caller's (static, offloaded, quantized or any other), attention outputs,
 Ulysses meshes, different prompts, options or (when sampling) random states on the ranks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,9 +66,15 @@ def _problem(input_ids, shard, kwargs, config) -> str | None:
     """This rank's objection to the call, or None."""
     from transformers.generation.configuration_utils import GenerationMode
 
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-            or input_ids.shape[1] < 1:
-        return f"input_ids must be a (batch, length >= 1) integer tensor, got {getattr(input_ids, 'shape', input_ids)!r}"
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.is_floating_point()
+        or input_ids.shape[1] < 1
+    ):
+        return (
+            f"input_ids must be a (batch, length >= 1) integer tensor, got {getattr(input_ids, 'shape', input_ids)!r}"
+        )
     if shard.ulysses_group is not None:
         return "decoding on a Ulysses mesh is not supported yet: generate on a plain ring (no ulysses_group)"
     given = [k for k in _OWN_CACHE if kwargs.get(k) is not None]
@@ -75,15 +82,21 @@ def _problem(input_ids, shard, kwargs, config) -> str | None:
         return f"rw.generate makes and fills its own sequence-sharded cache; do not pass {given[0]}"
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(torch.as_tensor(mask).all()):
-        return ("padding masks are not supported (prompts of one length only): generate each length "
-                "separately, without padding")
+        return (
+            "padding masks are not supported (prompts of one length only): generate each length "
+            "separately, without padding"
+        )
     mode = config.get_generation_mode(kwargs.get("assistant_model"))
     if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
-        return (f"generation mode {mode.value!r} is not supported: greedy search and sampling are (beam search "
-                "and assisted decoding need a cache that reorders or crops rows)")
+        return (
+            f"generation mode {mode.value!r} is not supported: greedy search and sampling are (beam search "
+            "and assisted decoding need a cache that reorders or crops rows)"
+        )
     if config.cache_implementation is not None:
-        return (f"cache_implementation={config.cache_implementation!r} is not supported: the cache is "
-                "ringwise's, sharded over the ring")
+        return (
+            f"cache_implementation={config.cache_implementation!r} is not supported: the cache is "
+            "ringwise's, sharded over the ring"
+        )
     if config.use_cache is False:
         return "use_cache=False recomputes the whole sequence each token on one shard; rw.generate needs the cache"
     if getattr(config, "output_attentions", False):
@@ -109,10 +122,15 @@ def _verdict(problem, shard, facts) -> None:
     for i in infos[1:]:
         for what, mine in i["facts"].items():
             if mine != first["facts"][what]:
-                raise ValueError(f"rw.generate: rank {i['rank']} passed a different {what} than rank "
-                                 f"{first['rank']}: every rank must make the same call"
-                                 + (" (seed every rank alike, e.g. torch.manual_seed, before sampling)"
-                                    if what == "random state" else ""))
+                raise ValueError(
+                    f"rw.generate: rank {i['rank']} passed a different {what} than rank "
+                    f"{first['rank']}: every rank must make the same call"
+                    + (
+                        " (seed every rank alike, e.g. torch.manual_seed, before sampling)"
+                        if what == "random state"
+                        else ""
+                    )
+                )
 
 
 def _random_state(device) -> int:
@@ -159,9 +177,15 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
     kwargs = dict(generate_kwargs)
     config = _generation_config(model, kwargs)
     problem = objection or _problem(input_ids, shard, kwargs, config)
-    facts = {} if problem else {
-        "prompt": _describe(input_ids), "options": _describe({k: v for k, v in kwargs.items()}),
-        "random state": _random_state(input_ids.device) if config.do_sample else None}
+    facts = (
+        {}
+        if problem
+        else {
+            "prompt": _describe(input_ids),
+            "options": _describe({k: v for k, v in kwargs.items()}),
+            "random state": _random_state(input_ids.device) if config.do_sample else None,
+        }
+    )
     _verdict(problem, shard, facts)
 
     copies = config.num_return_sequences or 1
@@ -198,5 +222,6 @@ def _prefill(model, prompt, cache, keyword) -> None:
     positions = shard.positions(padded, prompt.device)
     cache.prefill_positions = positions
     cache.store.set_prompt(prompt_loads(shard.layout, shard.ring_size, padded, length), length)
-    model.base_model(input_ids=shard.shard(ids), position_ids=positions[None].expand(batch, -1),
-                     **{keyword: cache}, use_cache=True)
+    model.base_model(
+        input_ids=shard.shard(ids), position_ids=positions[None].expand(batch, -1), **{keyword: cache}, use_cache=True
+    )

@@ -7,6 +7,7 @@ the per-rank results. Nothing hangs: every job has a deadline; a rank that raise
 or overruns tears the cluster down and the caller gets one exception with every rank's
 traceback (stack dumps for ranks that hung).
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -33,8 +34,9 @@ def _worker(owner, rank, world_size, port, backend, threads, pg_timeout, tasks, 
         from .memory import return_large_frees
 
         return_large_frees()
-    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     import torch
     import torch.distributed as dist
 
@@ -67,8 +69,15 @@ def _worker(owner, rank, world_size, port, backend, threads, pg_timeout, tasks, 
 class LocalCluster:
     """W live ranks in one process group; use as a context manager or call close()."""
 
-    def __init__(self, world_size: int, backend: str = "gloo", threads_per_rank: int = 1,
-                 pg_timeout: float = 60.0, start_timeout: float = 120.0, track_memory: bool = False):
+    def __init__(
+        self,
+        world_size: int,
+        backend: str = "gloo",
+        threads_per_rank: int = 1,
+        pg_timeout: float = 60.0,
+        start_timeout: float = 120.0,
+        track_memory: bool = False,
+    ):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
@@ -79,9 +88,23 @@ class LocalCluster:
         self._store = loopback_store(pg_timeout)  # held here, for the cluster's life: no rank hosts it
         port = self._store.port
         self._procs = [
-            ctx.Process(target=_worker, daemon=True, args=(
-                os.getpid(), r, world_size, port, backend, threads_per_rank, pg_timeout, self._tasks[r], self._results,
-                self._dump_path(r), track_memory))
+            ctx.Process(
+                target=_worker,
+                daemon=True,
+                args=(
+                    os.getpid(),
+                    r,
+                    world_size,
+                    port,
+                    backend,
+                    threads_per_rank,
+                    pg_timeout,
+                    self._tasks[r],
+                    self._results,
+                    self._dump_path(r),
+                    track_memory,
+                ),
+            )
             for r in range(world_size)
         ]
         for p in self._procs:
