@@ -17,15 +17,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Optional, TypedDict, TypeGuard, cast
+from typing import Optional, Protocol, TypedDict, TypeGuard, cast
 
 import torch
 
 from .kernels import BACKENDS, Kernel, select_kernel
 from .layout import check_layout, check_local_len, global_indices
-
-if TYPE_CHECKING:
-    from .spec import AttentionSpec
 
 Tensor = torch.Tensor
 # ((name, value), ...): what every rank of a call must pass alike (AttentionSpec.signature, api._check)
@@ -193,7 +190,22 @@ def backend_problem(backend: object) -> str | None:
     return None
 
 
-def option_problem(spec: AttentionSpec) -> str | None:
+class Options(Protocol):
+    """The options option_problem reads: an AttentionSpec's (spec.py sits above this module and imports it)."""
+
+    @property
+    def causal(self) -> bool: ...
+    @property
+    def softmax_scale(self) -> Optional[float]: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def window(self) -> Optional[int]: ...
+    @property
+    def softcap(self) -> Optional[float]: ...
+
+
+def option_problem(spec: Options) -> str | None:
     """What is wrong with the options alone (no tensors, no groups): spec is an AttentionSpec."""
     return (
         scale_problem(spec.softmax_scale)
