@@ -98,7 +98,7 @@ def checkpoints(folder: Path) -> list[Path]:
 
 def newest_intact(folder: Path) -> tuple[Path | None, list[str]]:
     """The newest intact checkpoint and the problems of any newer ones skipped for it."""
-    skipped = []
+    skipped: list[str] = []
     for path in reversed(checkpoints(folder)):
         why = problem(path)
         if why is None:
@@ -220,7 +220,7 @@ def load(path: Path, model, optimizer) -> dict:
 def choose(folder: Path, log=print, skip: tuple[Path, ...] = ()) -> Path | None:
     """The checkpoint every rank resumes from: rank 0 picks the newest intact one (naming
     any it skips) and tells the others."""
-    pick = [None]
+    pick: list[str | None] = [None]
     if dist.get_rank() == 0:
         for path in reversed(checkpoints(folder)):
             if path in skip:
@@ -330,10 +330,10 @@ class RunLock:
     lock is free at once, and no two jobs can both win a take-over race); the file names
     the holder's pid and host, so a second job is refused naming them."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: str | Path):
         self.path = Path(folder) / ".lock"
         self.mine = f"{os.getpid()} {socket.gethostname()}"
-        self.fd = None
+        self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
         import fcntl

@@ -11,8 +11,10 @@ import argparse
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -178,7 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 EVAL_SEQUENCES = 8  # finetune's --eval-sequences when not given (fewer where the held-out share holds fewer)
-FINETUNE_DEFAULTS = dict(
+FINETUNE_DEFAULTS: dict[str, Any] = dict(
     data="documents",
     seq_len=1024,
     batch=1,
@@ -495,7 +497,7 @@ def _data_problems(cfg) -> list[str]:
     return bad
 
 
-def check(cfg: TrainConfig, more: list[str] = ()) -> None:
+def check(cfg: TrainConfig, more: Sequence[str] = ()) -> None:
     """Raise ConfigError listing every problem of `cfg` (and `more`) at once."""
     found = problems(cfg) + list(more)
     if found:

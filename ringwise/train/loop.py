@@ -17,18 +17,22 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from ..attention.seqshard import SeqShard
 from ..data import collate, sample_indices
-from ..model import IGNORE_INDEX
+from ..model import IGNORE_INDEX, Transformer
 from . import checkpoint
 from .config import TrainConfig
 from .mesh import Mesh, init_distributed, make_mesh
 from .tasks import Task, eager_if, task_for
 from .watchdog import Heartbeat, name_failed_peers, peak_memory_mib
+
+if TYPE_CHECKING:
+    from .pretrained import PretrainedLM
 
 
 def log(msg: str) -> None:
@@ -42,7 +46,7 @@ class Run:
     cfg: TrainConfig
     mesh: Mesh
     task: Task  # the model's and the data's maker, the evaluation (tasks.py)
-    model: torch.nn.Module  # ringwise's Transformer, or a pretrained transformers model (pretrained.py)
+    model: Transformer | PretrainedLM  # ringwise's own, or a pretrained transformers model (pretrained.py)
     optimizer: torch.optim.Optimizer
     start: int = 0
 
@@ -270,7 +274,8 @@ def worker(cfg: TrainConfig, launcher_holds_lock: bool = False) -> None:
 def job_lock(cfg: TrainConfig):
     """Under torchrun no launching process of ours holds --out's lock: rank 0 takes it, and
     every rank raises the same error if another job holds it."""
-    lock, err = None, [None]
+    lock: checkpoint.RunLock | None = None
+    err: list[str | None] = [None]
     if dist.get_rank() == 0:
         try:
             lock = checkpoint.RunLock(cfg.out).acquire()

@@ -91,7 +91,7 @@ class LoopbackRendezvous(RendezvousHandler):
 
     def __init__(self, run_id: str, timeout: float):
         self.run_id, self.timeout = run_id, timeout
-        self._store = None
+        self._store: dist.TCPStore | None = None
 
     @classmethod
     def from_parameters(cls, params):

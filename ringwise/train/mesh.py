@@ -14,12 +14,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..attention.seqshard import SeqShard
+
+if TYPE_CHECKING:
+    from ..model import Transformer
+    from .pretrained import PretrainedLM
 
 
 def placement(
@@ -72,7 +78,8 @@ def _group_options(device: torch.device, timeout: float):
     if device.type == "cuda" and "cuda:nccl" in dist.get_backend_config():
         backend, opts = "nccl", dist.ProcessGroupNCCL.Options()
     else:
-        backend, opts = "gloo", dist.ProcessGroupGloo._Options()
+        # torch's stub names it Options, but at runtime Options is the inherited Backend.Options
+        backend, opts = "gloo", dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
     opts._timeout = timedelta(seconds=timeout)
     return backend, opts
 
@@ -86,7 +93,7 @@ class Mesh:
     device: torch.device
     # with --ulysses: the ranks that share one sequence (cp x ulysses), where attention's verdict is one
     # gather (SeqShard's mesh_group); None without Ulysses
-    seq_group: object = None
+    seq_group: ProcessGroup | None = None
 
     @property
     def rank(self) -> int:
@@ -115,7 +122,7 @@ class Mesh:
 
     @property
     def ulysses(self) -> int:
-        names = self.device_mesh.mesh_dim_names
+        names = self.device_mesh.mesh_dim_names or ()  # (make_mesh names every dimension)
         return self.device_mesh.size(names.index("ulysses")) if "ulysses" in names else 1
 
     @property
@@ -157,7 +164,10 @@ PER_LAYER_BYTES = 64 * 2**20
 
 
 def shard_model(
-    model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype | None = None, per_layer: bool | None = None
+    model: Transformer | PretrainedLM,
+    mesh: Mesh,
+    compute_dtype: torch.dtype | None = None,
+    per_layer: bool | None = None,
 ) -> None:
     """FSDP2 over the whole mesh: parameters, gradients and optimizer state live in 1/world
     shards and are gathered only while they compute. Parameters stay in their own dtype
@@ -192,13 +202,14 @@ def shard_model(
 
 
 @torch.no_grad()
-def fill_shards(model: torch.nn.Module, seed: int) -> None:
+def fill_shards(model: Transformer, seed: int) -> None:
     """Initial values into a sharded model built on the meta device (after `to_empty`): each
     parameter's whole value is made once, this rank keeps its shard, and the next parameter
     follows, so no process ever holds the whole model. Same values as `Transformer(cfg)` made
     whole with torch.manual_seed(seed) (see Transformer.initial_value)."""
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     for name, p in model.named_parameters():
         whole = model.initial_value(name, seed).to(p.device, p.dtype)
-        p.copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None))
+        shard = cast(DTensor, p)  # shard_model made every parameter a DTensor
+        p.copy_(distribute_tensor(whole, shard.device_mesh, shard.placements, src_data_rank=None))

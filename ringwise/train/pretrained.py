@@ -24,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,9 @@ from ..data.documents import LEGACY_CACHE_DIR, PackedDocuments, split, tokenize_
 from ..data.text import text_files
 from ..model import blockwise
 from .mesh import shard_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ROPE_SCALINGS = ("linear", "yarn", "llama3")
 LOSS_CHUNK = 1024  # tokens per vocabulary projection in the loss
@@ -99,7 +103,7 @@ def extended_config(path, seq_len: int, rope_theta=None, rope_scaling=None, rope
 class PretrainedLM(nn.Module):
     """The training loop's model interface around a transformers causal LM (see the module docstring)."""
 
-    def __init__(self, hf: nn.Module):
+    def __init__(self, hf: PreTrainedModel):
         super().__init__()
         self.hf = hf
 
@@ -118,9 +122,9 @@ class PretrainedLM(nn.Module):
         rw.configure(self.hf, shard)
 
     @property
-    def layers(self):
+    def layers(self) -> nn.ModuleList:
         """The decoder layers, FSDP2's per-layer units (mesh.shard_model); not registered twice."""
-        return self.hf.base_model.layers
+        return cast(nn.ModuleList, self.hf.base_model.layers)  # every decoder check_model accepts has them
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -261,8 +265,8 @@ def save_config(cfg, folder: Path) -> None:
 class Documents:
     """A pretrained model's text: packed windows, the training ones and the held-out ones."""
 
-    train: torch.utils.data.Dataset
-    held_out: torch.utils.data.Dataset
+    train: torch.utils.data.Subset
+    held_out: torch.utils.data.Subset
     tokenizer: object
 
 

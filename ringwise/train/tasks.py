@@ -26,6 +26,7 @@ import json
 import math
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -34,12 +35,23 @@ from ..model import Transformer, model_config
 from .config import TrainConfig
 from .mesh import Mesh, fill_shards, shard_model
 
+if TYPE_CHECKING:
+    from .pretrained import PretrainedLM
+
 
 def eager_if(flag: bool):
     """Run compiled blocks eagerly inside (under --compile): the validated first step, whose verdict
     gather would be a second graph to compile for one call, and evaluation, whose lengths and no-grad
     mode would be more graphs for a few batches (attention, the cost at long context, is the same op)."""
     return torch.compiler.set_stance("force_eager") if flag else contextlib.nullcontext()
+
+
+class Examples(Protocol):
+    """A map-style dataset of known length (torch's Dataset declares no __len__): what the loop samples."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict: ...
 
 
 class Task:
@@ -53,10 +65,10 @@ class Task:
         return self.cfg.model
 
     @cached_property
-    def train_data(self) -> torch.utils.data.Dataset:
+    def train_data(self) -> Examples:
         raise NotImplementedError
 
-    def build_model(self, mesh: Mesh) -> torch.nn.Module:
+    def build_model(self, mesh: Mesh) -> Transformer | PretrainedLM:
         raise NotImplementedError
 
     def prepare_folder(self, out: Path) -> None:
@@ -166,6 +178,7 @@ class FinetuneTask(Task):
 
     @property
     def name(self) -> str:
+        assert self.cfg.pretrained is not None  # task_for picks this task only with --model
         return self.cfg.pretrained
 
     @cached_property
@@ -176,18 +189,18 @@ class FinetuneTask(Task):
         return documents(self.cfg)
 
     @property
-    def train_data(self) -> torch.utils.data.Dataset:
+    def train_data(self) -> Examples:
         return self.documents.train
 
     @property
-    def held_out(self) -> torch.utils.data.Dataset:
+    def held_out(self) -> Examples:
         return self.documents.held_out
 
     @property
     def tokenizer(self):
         return self.documents.tokenizer
 
-    def build_model(self, mesh: Mesh) -> torch.nn.Module:
+    def build_model(self, mesh: Mesh) -> PretrainedLM:
         from .pretrained import build_pretrained
 
         self.documents  # noqa: B018  (made before the model, as every task's data is)
