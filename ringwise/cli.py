@@ -161,7 +161,7 @@ def command_module(command: str):
     return importlib.import_module(COMMANDS[command][1])
 
 
-def build_parser(commands=tuple(COMMANDS)) -> argparse.ArgumentParser:
+def build_parser(commands=tuple(COMMANDS)) -> FlagParser:
     """The `ringwise` parser with the flags of `commands` (default all); the other commands
     are listed with their help but take no flags, so their modules are not imported."""
     p = FlagParser(prog="ringwise", description="Exact ring attention for near-infinite context")

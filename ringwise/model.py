@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass, replace
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention.api import ring_attention
 from .attention.decode import decode_attention
+from .attention.kvcache import KVCache
 from .attention.seqshard import IGNORE_INDEX, SeqShard  # IGNORE_INDEX: labels the loss skips (defined with the shift)
 from .presets import SHAPES
 
@@ -68,7 +70,8 @@ class ModelConfig:
         return asdict(self)
 
 
-PRESETS = {name: ModelConfig(**shape) for name, shape in SHAPES.items()}
+# (the shapes' values are all ints; ModelConfig has str and bool fields too, which mypy cannot rule out)
+PRESETS = {name: ModelConfig(**cast("dict[str, Any]", shape)) for name, shape in SHAPES.items()}
 
 
 def model_config(name: str, **overrides) -> ModelConfig:
@@ -127,7 +130,7 @@ class CacheStep:
     its owner rank and attends the whole cache with decode_attention (every rank runs the token).
     positions: the global positions of this pass's (local) tokens."""
 
-    cache: object
+    cache: KVCache
     mode: str
     positions: torch.Tensor
 

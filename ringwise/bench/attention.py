@@ -58,10 +58,10 @@ def _attention_fn(impl, causal):
         return lambda q, k, v: ringwise.ring_attention(q, k, v, causal=causal, backend=backend)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[impl]
+    sdp_backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[impl]
 
     def sdpa(q, k, v):
-        with sdpa_kernel(backend):  # that backend or an error, never a silent other one
+        with sdpa_kernel(sdp_backend):  # that backend or an error, never a silent other one
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
             )
@@ -75,33 +75,39 @@ def device_rows(seqs, batch, heads, head_dim, dtype, device, repeats, impls=GPU_
     A case that cannot run (out of memory, a backend this GPU lacks) gets its error, not a time."""
     device = torch.device(device)
     rows = []
-    for seq in seqs:
-        g = torch.Generator(device=device).manual_seed(0)
-        q, k, v, dout = (
-            torch.randn(batch, seq, heads, head_dim, generator=g, device=device, dtype=dtype) for _ in range(4)
-        )
-        leaves = [x.requires_grad_() for x in (q, k, v)]
-        for causal in (True, False):
-            for impl in impls:
-                fn = _attention_fn(impl, causal)
+    for seq in seqs:  # each length's tensors are let go of when its call returns, before the next
+        rows += _length_rows(seq, batch, heads, head_dim, dtype, device, repeats, impls, bar)
+    return rows
 
-                def step():
-                    for x in leaves:
-                        x.grad = None
-                    fn(*leaves).backward(dout)
 
-                row = dict(impl=impl, seq=seq, causal=causal, ms=None, tflops=None, error=None)
-                try:
-                    row["ms"] = median_time(step, repeats, device=device) * 1e3
-                    row["tflops"] = attention_flops(batch, seq, heads, head_dim, causal) / (row["ms"] * 1e-3) / 1e12
-                except (RuntimeError, ValueError) as e:  # reported in the table, next case goes on
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                if row["error"] and device.type == "cuda":  # after the except block has let go of the tensors
-                    torch.cuda.empty_cache()
-                rows.append(row)
-                if bar is not None:
-                    bar.update()
-        q = k = v = dout = leaves = None  # let go of this length's tensors before the next (the closure is done)
+def _length_rows(seq, batch, heads, head_dim, dtype, device, repeats, impls, bar) -> list[dict]:
+    """device_rows' rows of one sequence length."""
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, dout = (
+        torch.randn(batch, seq, heads, head_dim, generator=g, device=device, dtype=dtype) for _ in range(4)
+    )
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    for causal in (True, False):
+        for impl in impls:
+            fn = _attention_fn(impl, causal)
+
+            def step():
+                for x in leaves:
+                    x.grad = None
+                fn(*leaves).backward(dout)
+
+            row = dict(impl=impl, seq=seq, causal=causal, ms=None, tflops=None, error=None)
+            try:
+                row["ms"] = median_time(step, repeats, device=device) * 1e3
+                row["tflops"] = attention_flops(batch, seq, heads, head_dim, causal) / (row["ms"] * 1e-3) / 1e12
+            except (RuntimeError, ValueError) as e:  # reported in the table, next case goes on
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            if row["error"] and device.type == "cuda":  # after the except block has let go of the tensors
+                torch.cuda.empty_cache()
+            rows.append(row)
+            if bar is not None:
+                bar.update()
     return rows
 
 
@@ -201,7 +207,7 @@ def run(args) -> dict:
     md = "\n".join(lines) + "\n"
     out = write_results(args.out, "attention", dict(args=public_args(args), rows=rows), md)
     ring = [r for r in rows if r["impl"] == "ring"]
-    series = {}
+    series: dict[str, list] = {}
     for r in ring:
         label = f"{'causal ' + r['layout'] if r['causal'] else 'full'}"
         series.setdefault(label, []).append(r)

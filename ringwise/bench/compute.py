@@ -93,13 +93,13 @@ def run(args) -> dict:
 
     rows = []
     with tqdm(total=1 + sum(worlds), desc="per-rank compute bench", unit="rank") as bar:
-        one = median_time(rank_step(*whole, 0, 1, layout, causal, kernel), repeats, device=device)
+        q, k, v, dout = whole
+        one = median_time(rank_step(q, k, v, dout, 0, 1, layout, causal, kernel), repeats, device=device)
         bar.update()
         for W in worlds:
             for r in range(W):
-                t = median_time(
-                    rank_step(*rank_inputs(whole, layout, r, W), r, W, layout, causal, kernel), repeats, device=device
-                )
+                q, k, v, dout = rank_inputs(whole, layout, r, W)
+                t = median_time(rank_step(q, k, v, dout, r, W, layout, causal, kernel), repeats, device=device)
                 rows.append(dict(world=W, rank=r, seconds=t, rate_ratio=one / (W * t)))
                 bar.update()
     summary = []

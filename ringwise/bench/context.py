@@ -124,9 +124,59 @@ def gpu_step(model, seq: int, device) -> tuple[int, float] | None:
     return mem.peak_bytes, seconds
 
 
-def run_device(args) -> dict:
+def _method_row(method, args, device, peak, unit, bar) -> tuple[dict, dict | None]:
+    """run_device's row of one method, and its MFU measurement (bpt's only; else None). The model and
+    its reserve are let go of when this returns."""
     from ringwise.model import Transformer, model_config
 
+    mfu = None
+    cfg = model_config("llama-3b", checkpoint_layers=True, **GPU_MODEL, **METHODS[method])
+    torch.manual_seed(0)
+    with device:  # initialised on the GPU: seconds, not a minute on the CPU
+        model = Transformer(cfg).to(torch.bfloat16)
+    # the optimizer state's memory, held (unused) until this returns
+    _reserve = torch.empty(STATE_BYTES_PER_PARAM * model.num_params(), dtype=torch.uint8, device=device)
+    probes = []
+
+    def ok(k):
+        res = gpu_step(model, k * unit, device)
+        probes.append(
+            dict(
+                seq=k * unit,
+                fits=res is not None,
+                peak_gib=None if res is None else res[0] / 2**30,
+                seconds=None if res is None else res[1],
+            )
+        )
+        bar.set_postfix_str(f"{method} S={k * unit} {'fits' if res else 'out of memory'}")
+        print(
+            f"{method}: S={k * unit} "
+            + (
+                f"fits, peak {res[0] / 2**30:.1f} GiB above the model state, {res[1]:.2f} s" if res else "out of memory"
+            ),
+            flush=True,
+        )
+        return res is not None
+
+    best = largest(ok, args.gpu_max_seq_len // unit) * unit
+    row = dict(method=method, max_seq=best, probes=probes, params=model.num_params())
+    if method == "bpt":
+        gpu_step(model, args.gpu_mfu_seq_len, device)  # warm-up
+        res = gpu_step(model, args.gpu_mfu_seq_len, device)
+        if res is not None:
+            tps = args.gpu_mfu_seq_len / res[1]
+            achieved = train_flops(cfg, args.gpu_mfu_seq_len) / res[1] / 1e12
+            mfu = dict(
+                seq=args.gpu_mfu_seq_len,
+                seconds=res[1],
+                tokens_per_s=tps,
+                tflops=achieved,
+                mfu=achieved / peak if peak else None,
+            )
+    return row, mfu
+
+
+def run_device(args) -> dict:
     if not torch.cuda.is_available():
         raise ValueError(
             "--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
@@ -139,53 +189,10 @@ def run_device(args) -> dict:
     rows, mfu = [], None
     with tqdm(total=len(args.gpu_methods), desc="max-context bench (one GPU)", unit="method") as bar:
         for method in args.gpu_methods:
-            cfg = model_config("llama-3b", checkpoint_layers=True, **GPU_MODEL, **METHODS[method])
-            torch.manual_seed(0)
-            with device:  # initialised on the GPU: seconds, not a minute on the CPU
-                model = Transformer(cfg).to(torch.bfloat16)
-            reserve = torch.empty(STATE_BYTES_PER_PARAM * model.num_params(), dtype=torch.uint8, device=device)
-            probes = []
-
-            def ok(k):
-                res = gpu_step(model, k * unit, device)
-                probes.append(
-                    dict(
-                        seq=k * unit,
-                        fits=res is not None,
-                        peak_gib=None if res is None else res[0] / 2**30,
-                        seconds=None if res is None else res[1],
-                    )
-                )
-                bar.set_postfix_str(f"{method} S={k * unit} {'fits' if res else 'out of memory'}")
-                print(
-                    f"{method}: S={k * unit} "
-                    + (
-                        f"fits, peak {res[0] / 2**30:.1f} GiB above the model state, {res[1]:.2f} s"
-                        if res
-                        else "out of memory"
-                    ),
-                    flush=True,
-                )
-                return res is not None
-
-            best = largest(ok, args.gpu_max_seq_len // unit) * unit
-            rows.append(dict(method=method, max_seq=best, probes=probes, params=model.num_params()))
-            if method == "bpt":
-                gpu_step(model, args.gpu_mfu_seq_len, device)  # warm-up
-                res = gpu_step(model, args.gpu_mfu_seq_len, device)
-                if res is not None:
-                    tps = args.gpu_mfu_seq_len / res[1]
-                    achieved = train_flops(cfg, args.gpu_mfu_seq_len) / res[1] / 1e12
-                    mfu = dict(
-                        seq=args.gpu_mfu_seq_len,
-                        seconds=res[1],
-                        tokens_per_s=tps,
-                        tflops=achieved,
-                        mfu=achieved / peak if peak else None,
-                    )
-            del reserve
-            model = None  # let go of the GPU memory before the next method (ok() is done with it)
-            gc.collect()
+            row, method_mfu = _method_row(method, args, device, peak, unit, bar)
+            rows.append(row)
+            mfu = method_mfu or mfu
+            gc.collect()  # the method's model and reserve are gone: let go of their GPU memory before the next
             torch.cuda.empty_cache()
             bar.update()
     total = torch.cuda.get_device_properties(device).total_memory / 2**30

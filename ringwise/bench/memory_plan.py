@@ -88,11 +88,11 @@ def run(args) -> dict:
             f"{r['ratio']:.2f} | {r['counted_mib']:.1f} | {r['counted_ratio']:.2f} |"
         )
     ratios = [r["ratio"] for r in rows]
-    counted = [r["counted_ratio"] for r in rows]
+    counted_ratios = [r["counted_ratio"] for r in rows]
     lines += [
         "",
         f"measured / planned ranges {min(ratios):.2f} to {max(ratios):.2f}; "
-        f"measured / counted {min(counted):.2f} to {max(counted):.2f}.",
+        f"measured / counted {min(counted_ratios):.2f} to {max(counted_ratios):.2f}.",
     ]
     md = "\n".join(lines) + "\n"
     out = write_results(args.out, "memory", dict(rows=rows), md)

@@ -44,7 +44,7 @@ def measure(block, heads, head_dim, repeats):
 
     def comm_only():
         W = real.world_size
-        kv = (k, v)
+        kv: tuple[torch.Tensor, ...] = (k, v)
         bufs = [tuple(torch.empty_like(x) for x in kv) for _ in range(2)]
         for step in range(W - 1):  # forward: W-1 kv hops
             real.exchange("kv", kv, bufs[step % 2]).wait()

@@ -63,7 +63,8 @@ def compare(seq, heads, head_dim, causal, repeats):
     theirs = [ringwise.shard(x, 1, "striped" if causal else "contiguous") for x in whole]
     result = {}
     for name, xs in (("ringwise", ours), ("ring-attention-pytorch", theirs)):
-        result[name] = _run_impl(name, *xs, causal, repeats)
+        q, k, v, dout = xs
+        result[name] = _run_impl(name, q, k, v, dout, causal, repeats)
     return result
 
 

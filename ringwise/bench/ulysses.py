@@ -47,7 +47,8 @@ def time_mesh(U, R, batch, seq, heads, kv_heads, head_dim, causal, repeats, layo
     def attention(q, k, v):
         return ringwise.ring_attention(q, k, v, causal=causal, layout=layout, group=rg, ulysses_group=ug)
 
-    fwd_bwd, last = fwd_bwd_step(attention, (q, k, v, dout)), []
+    fwd_bwd = fwd_bwd_step(attention, (q, k, v, dout))
+    last: list = []
 
     def step():  # each iteration counted on its own: the count left is one iteration's
         with recording() as traffic:

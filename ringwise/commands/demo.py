@@ -55,7 +55,7 @@ def _measured(attention, inputs, iters):
     Each run lives in its own call, so nothing of the previous one is resident when the
     next one starts measuring.
     """
-    last = {}
+    last: dict = {}
 
     def once():
         last.clear()  # the previous run's tensors go before this one is measured

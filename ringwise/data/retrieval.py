@@ -183,7 +183,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
                 + ", or let ids recur (id_pool)"
             )
 
-    def _line(self, id_: int, value: int) -> bytes:
+    def _line(self, id_: int | str, value: int) -> bytes:
         return self.fmt.line.format(id=id_, value=value).encode()
 
     def __len__(self) -> int:
@@ -194,7 +194,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for RetrievalDataset of length {self.length}")
         rng = _rng("retrieval", self.seed, int(index))
         lo_id, lo_val = 10 ** (self.id_digits - 1), 10 ** (self.value_digits - 1)
-        id_space = self.id_chars or range(lo_id, 10 * lo_id)
+        id_space: Sequence[int | str] = self.id_chars or range(lo_id, 10 * lo_id)  # ids: numbers or characters
         if self.id_pool is None:
             ids = rng.sample(id_space, self.n_lines)
             values = [rng.randrange(lo_val, 10 * lo_val) for _ in range(self.n_lines)]

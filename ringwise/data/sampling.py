@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -79,7 +79,7 @@ def collate(examples: Sequence[dict]) -> dict:
     numbers (``answer_span``, ``depth``) -> tensors, anything else -> list."""
     if not examples:
         raise ValueError("collate needs at least one example")
-    batch = {}
+    batch: dict[str, Any] = {}
     for key in examples[0]:
         vals = [ex[key] for ex in examples]
         if isinstance(vals[0], torch.Tensor):

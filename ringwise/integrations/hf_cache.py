@@ -84,8 +84,10 @@ class ShardedCache(Cache):
         self.rank = _rank_in(shard.group)
         self.store = KVCache(n_layers, self.rank, shard.world)
         self.phase = "prefill"
-        self.prefill_positions = None  # (local,) global positions of this rank's prompt shard
-        self.step_positions, self.step_owners, self._last_layer = None, [], None
+        self.prefill_positions: torch.Tensor | None = None  # (local,) global positions of this rank's prompt shard
+        self.step_positions: torch.Tensor | None = None
+        self.step_owners: list[int] = []
+        self._last_layer: int | None = None
         self.decode_calls = 0  # decode_attention calls (one collective each)
 
     # -- what transformers asks ------------------------------------------------------------
@@ -95,14 +97,16 @@ class ShardedCache(Cache):
 
     def _update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
         if self.phase == "prefill":
+            assert self.prefill_positions is not None  # rw.generate sets them before the prefill
             self.store.store_prefill(layer, key.transpose(1, 2), value.transpose(1, 2), self.prefill_positions)
             return key, value
         if self._last_layer is None or layer <= self._last_layer:  # a new step: its tokens' positions and owners
             self.step_positions, self.step_owners = self.store.claim(key.shape[2], key.device)
         self._last_layer = layer
+        assert self.step_positions is not None  # claimed at the step's first layer, just above
         self.store.store_owned(layer, key.transpose(1, 2), value.transpose(1, 2), self.step_positions, self.step_owners)
         k, v, _ = self.store.view(layer)
-        if k is None:  # this rank holds none of the layer's tokens yet
+        if k is None or v is None:  # this rank holds none of the layer's tokens yet (view: both or neither)
             b, h, _, d = key.shape
             return key.new_empty(b, h, 0, d), value.new_empty(b, h, 0, value.shape[-1])
         return k.transpose(1, 2), v.transpose(1, 2)

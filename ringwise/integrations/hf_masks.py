@@ -37,8 +37,9 @@ def _factory_codes() -> dict:
     makers = dict(
         and_masks=lambda: mu.and_masks(f),
         sliding_window=lambda: mu.sliding_window_overlay(1),
-        remap=lambda: mu.remap_positions_for_packed_sequence(f, None),
-        packed=lambda: mu.packed_sequence_mask_function(None),
+        # made for their closures' code only, never called: no tensor needed
+        remap=lambda: mu.remap_positions_for_packed_sequence(f, None),  # type: ignore[arg-type]
+        packed=lambda: mu.packed_sequence_mask_function(None),  # type: ignore[arg-type]
     )
     codes = {}
     for name, make in makers.items():

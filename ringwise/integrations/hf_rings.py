@@ -8,9 +8,14 @@ Torch-free and transformers-free: the integration's modules all read it from her
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..attention.seqshard import SeqShard
+
+if TYPE_CHECKING:
+    from .hf_cache import ShardedCache
 
 
 @dataclass
@@ -19,14 +24,14 @@ class ModelRing:
     sharded cache of a generate() call in progress (None outside one)."""
 
     shard: SeqShard | None = None
-    first_layer: object = None  # weakref to the first attention module seen (see _check_due)
+    first_layer: Callable[[], object] | None = None  # weakref to the first attention module seen (see _check_due)
     pending: list = field(default_factory=list)  # masks built since the last collective check
-    decoding: object = None  # a hf_cache.ShardedCache while rw.generate runs this model
+    decoding: ShardedCache | None = None  # while rw.generate runs this model
     config_problems: list | None = None  # hf_support.config_problems of the config, read at the first check
 
 
 DEFAULT = {"shard": SeqShard()}  # use_ring's ring, for models given none of their own
-_RINGS: dict[int, tuple] = {}  # id(model config) -> (weakref to the config, ModelRing)
+_RINGS: dict[int, tuple[Callable[[], object], ModelRing]] = {}  # id(model config) -> (weakref to it, ModelRing)
 
 
 def ring_of(config) -> ModelRing:
@@ -35,8 +40,13 @@ def ring_of(config) -> ModelRing:
     entry = _RINGS.get(key)
     if entry is None or entry[0]() is not config:
         state = ModelRing()
+
+        def forget(_: object, key: int = key) -> None:
+            _RINGS.pop(key, None)
+
+        ref: Callable[[], object]
         try:
-            ref = weakref.ref(config, lambda _, key=key: _RINGS.pop(key, None))
+            ref = weakref.ref(config, forget)
         except TypeError:  # no config (None) or one that cannot be weakly referenced: the shared state
             ref = lambda: config  # noqa: E731
         _RINGS[key] = entry = (ref, state)

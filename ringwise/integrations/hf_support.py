@@ -109,6 +109,7 @@ def module_problems(model) -> list[str]:
 
 def architecture_problems(model_or_config) -> list[str]:
     """Every reason a model (or the causal LM a config builds) cannot run exactly under ringwise."""
+    cls: type | None
     if hasattr(model_or_config, "named_modules"):
         model, config, cls = model_or_config, model_or_config.config, type(model_or_config)
     else:
@@ -116,7 +117,8 @@ def architecture_problems(model_or_config) -> list[str]:
 
         model, config = None, model_or_config
         try:
-            cls = AutoModelForCausalLM._model_mapping[type(config)]
+            # transformers types the mapping's values as (slow, fast) tokenizer pairs; a model mapping holds classes
+            cls = AutoModelForCausalLM._model_mapping[type(config)]  # type: ignore[assignment]
         except KeyError:
             cls = None
     problems = []

@@ -199,10 +199,11 @@ def ringwise_attention_forward(
                 problem = problem or _unverifiable_positions(module)
             if state.config_problems is None:  # a model built without check_model (directly by transformers)
                 config = getattr(module, "config", None)
-                state.config_problems = [
-                    f"model_type={config.model_type!r}: {p}"
-                    for p in (config_problems(config) if config is not None else [])
-                ]
+                state.config_problems = (
+                    [f"model_type={config.model_type!r}: {p}" for p in config_problems(config)]
+                    if config is not None
+                    else []
+                )
             problem = problem or next(iter(state.config_problems), None)
         if mask is not None:
             mask.checked = True
@@ -300,7 +301,8 @@ def ringwise_mask(
     """
     mask = RingMask()
     state = _ring_of(config)
-    decoding = state.decoding is not None and state.decoding.phase == "decode"
+    cache = state.decoding if state.decoding is not None and state.decoding.phase == "decode" else None
+    decoding = cache is not None
     cache_position = kwargs.get("cache_position")  # older transformers pass this, not q_length/q_offset
     if q_length is None and cache_position is not None:
         q_length, q_offset = cache_position.shape[0], cache_position[0]
@@ -310,8 +312,8 @@ def ringwise_mask(
         mask.position_ids = spec.position_ids
         mask.problem = (
             (
-                state.decoding.mask_problem(q_length, kv_length, q_offset, kv_offset)
-                if decoding
+                cache.mask_problem(q_length, kv_length, q_offset, kv_offset)
+                if cache is not None
                 else _cache_problem(q_length, kv_length, q_offset, kv_offset)
             )
             or _padding_problem(attention_mask)
@@ -504,7 +506,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shard: SeqShard |
 
 # The label tensors shard_batch returned (by id, held weakly): shifted on the global sequence, so the model's
 # loss takes them as they are. Other `labels` cannot be told apart from unshifted ones, and are refused.
-_SHIFTED = weakref.WeakValueDictionary()
+_SHIFTED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def _label_sums(labels: torch.Tensor, shard: SeqShard, extra=(), ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -555,7 +557,8 @@ class RingLoss:
             (n or 0.0) ** 2,
         )  # num_items_in_batch: given, its sum, its sum of squares
         sums = _label_sums(targets, shard, [float(f) for f in flags], ignore_index)
-        problems = _loss_problems(*sums[1:].tolist(), world=shard.world)
+        unshifted, bad_shape, given, n_sum, n_sq = sums[1:].tolist()
+        problems = _loss_problems(unshifted, bad_shape, given, n_sum, n_sq, world=shard.world)
         if problems:
             raise ValueError("ringwise: model(labels=...).loss refused on every rank: " + "; ".join(problems))
         loss = _ce_share(logits, targets, sums[0].clamp_min(1) if n is None else num_items_in_batch, ignore_index)

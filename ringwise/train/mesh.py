@@ -24,8 +24,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from ..attention.seqshard import SeqShard
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ..model import Transformer
-    from .pretrained import PretrainedLM
 
 
 def placement(
@@ -164,10 +165,7 @@ PER_LAYER_BYTES = 64 * 2**20
 
 
 def shard_model(
-    model: Transformer | PretrainedLM,
-    mesh: Mesh,
-    compute_dtype: torch.dtype | None = None,
-    per_layer: bool | None = None,
+    model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype | None = None, per_layer: bool | None = None
 ) -> None:
     """FSDP2 over the whole mesh: parameters, gradients and optimizer state live in 1/world
     shards and are gathered only while they compute. Parameters stay in their own dtype
@@ -189,7 +187,8 @@ def shard_model(
         itemsize = (compute_dtype or param_dtype).itemsize
         per_layer = sum(p.numel() for p in model.parameters()) * itemsize > PER_LAYER_BYTES
     if per_layer:
-        for layer in model.layers:
+        # Transformer's ModuleList, or PretrainedLM's decoder layers (a property: module attribute typing can't say)
+        for layer in cast("Iterable[torch.nn.Module]", model.layers):
             fully_shard(layer, mesh=mesh.shard_mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh.shard_mesh, mp_policy=policy)
     for method in ("predict", "token_losses"):  # evaluation's entry points (not forward) gather parameters too
