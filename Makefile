@@ -38,7 +38,12 @@ demo: setup
 attention-demo: setup
 	$(VENV)/bin/ringwise demo
 
+# The linters first (seconds), then the suite: ruff (lint and format, pyproject's rules) and mypy
+# (strict on ringwise/attention, checked bodies elsewhere).
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # The transformers-facing tests on the newest transformers and the oldest pyproject allows, one venv each

@@ -113,7 +113,7 @@ def _verdict(problem, shard, facts) -> None:
         if problem:
             raise ValueError(f"rw.generate: {problem}")
         return
-    infos = [None] * world
+    infos: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(infos, dict(rank=dist.get_rank(), problem=problem, facts=facts), group=shard.group)
     for i in infos:
         if i["problem"]:
@@ -171,7 +171,7 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
         import transformers
 
         objection = objection or f"transformers {transformers.__version__} has no Cache layers (needs 5.x): {e}"
-        ShardedCache = None
+        ShardedCache = None  # type: ignore[misc,assignment]  # refused by the verdict below before any use
     states = [ring_of(c) for c in configs_of(model)]
     shard = shard_of_state(states[0])
     kwargs = dict(generate_kwargs)

@@ -19,9 +19,13 @@ import tempfile
 import time
 import traceback
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..train.launcher import die_with, start_method
 from ..train.loopback import LOOPBACK, keep_sockets_on_loopback, loopback_store
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 
 class ClusterError(RuntimeError):
@@ -58,7 +62,7 @@ def _worker(owner, rank, world_size, port, backend, threads, pg_timeout, tasks, 
         fn, args, kwargs, deadline = pickle.loads(item)
         faulthandler.dump_traceback_later(deadline, file=dump, exit=True)
         try:
-            payload = ("ok", pickle.dumps(fn(*args, **kwargs)))
+            payload: tuple[str, bytes | str] = ("ok", pickle.dumps(fn(*args, **kwargs)))
         except BaseException:
             payload = ("error", traceback.format_exc())
         faulthandler.cancel_dump_traceback_later()
@@ -81,11 +85,13 @@ class LocalCluster:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
-        ctx = mp.get_context(start_method(__name__))
+        ctx: Any = mp.get_context(start_method(__name__))  # a SpawnContext or ForkServerContext (both make Process)
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._dumpdir = tempfile.mkdtemp(prefix="ringwise-cluster-")
-        self._store = loopback_store(pg_timeout)  # held here, for the cluster's life: no rank hosts it
+        self._store: Optional["dist.TCPStore"] = loopback_store(
+            pg_timeout
+        )  # held here, for the cluster's life: no rank hosts it
         port = self._store.port
         self._procs = [
             ctx.Process(
@@ -116,7 +122,8 @@ class LocalCluster:
         return os.path.join(self._dumpdir, f"rank{rank}.txt")
 
     def _collect(self, what, timeout, expect="ok"):
-        got, errors = {}, {}
+        got: dict[int, object] = {}
+        errors: dict[int, str] = {}
         end = time.monotonic() + timeout
         while len(got) + len(errors) < self.world_size:
             if errors:  # others may be blocked on the failed rank: give them a moment, then stop
