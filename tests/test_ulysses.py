@@ -173,7 +173,7 @@ def assemble(results, name, case):
 
 
 def check_case(case, results):
-    """Mesh error <= 2 x (single-device kernel error) + eps for out, lse and every gradient."""
+    """SeqMesh error <= 2 x (single-device kernel error) + eps for out, lse and every gradient."""
     check_errors(case, {name: assemble(results, name, case) for name in ("out", "lse", "dq", "dk", "dv")}, label=case)
     for res in results:
         assert torch.equal(
@@ -213,11 +213,11 @@ def test_kv_copies_are_the_least_that_keep_whole_groups():
 
 
 def test_per_head_arguments_are_cut_to_the_local_heads():
-    class Mesh:
+    class SeqMesh:
         size, u = 4, 2
 
     sinks = torch.arange(8.0)
-    kw = _local_heads(dict(sinks=sinks, causal=True, window=(3, 0)), 8, Mesh())
+    kw = _local_heads(dict(sinks=sinks, causal=True, window=(3, 0)), 8, SeqMesh())
     assert torch.equal(kw["sinks"], torch.tensor([4.0, 5.0])) and kw["causal"] and kw["window"] == (3, 0)
 
 

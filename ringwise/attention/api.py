@@ -33,7 +33,7 @@ from .comm import Ring, all_gather_objects, resolve_transport
 from .kernels import Kernel, acc_dtype, default_scale
 from .ring import Engine, ring_backward, ring_forward, sink_grad
 from .spec import NAMES, TENSORS, AttentionSpec, process_group, schema_args
-from .ulysses import Mesh, head_chunk_shapes, ulysses_backward, ulysses_forward
+from .ulysses import SeqMesh, head_chunk_shapes, ulysses_backward, ulysses_forward
 
 Tensor = torch.Tensor
 
@@ -47,13 +47,13 @@ class _Call:
     """One checked call: what the engine needs, and this rank's part of the verdict."""
 
     ring: Ring
-    mesh: Optional[Mesh]  # None: no ulysses group; else this rank's place in the mesh
+    mesh: Optional[SeqMesh]  # None: no ulysses group; else this rank's place in the mesh
     engine: Optional[Engine]  # None when there is a problem
     problem: Optional[str]
     sig: Signature
 
     @property
-    def ulysses_mesh(self) -> Optional[Mesh]:
+    def ulysses_mesh(self) -> Optional[SeqMesh]:
         """The mesh where the Ulysses wrapper runs (a ulysses group of more than one rank), else None."""
         return self.mesh if self.mesh is not None and self.mesh.size > 1 else None
 
@@ -64,14 +64,16 @@ class _Call:
         return self.engine
 
 
-def _mesh(spec: AttentionSpec, transport: str) -> Optional[Mesh]:
+def _mesh(spec: AttentionSpec, transport: str) -> Optional[SeqMesh]:
     """This rank's place in the (ulysses x ring) mesh, or None without a ulysses group. A rank
     outside the mesh's own group is raised at once: no rank of that group waits for it."""
     if spec.ulysses_group is None:
         return None
     if not _distributed():
         raise ValueError("ring_attention: ulysses_group needs an initialised process group")
-    mesh = Mesh(process_group(spec.ulysses_group), process_group(spec.group), transport, process_group(spec.mesh_group))
+    mesh = SeqMesh(
+        process_group(spec.ulysses_group), process_group(spec.group), transport, process_group(spec.mesh_group)
+    )
     if not mesh.in_mesh_group:
         raise ValueError(
             f"ring_attention: this process (global rank {mesh.rank}) is not in mesh_group; pass the "

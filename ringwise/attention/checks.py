@@ -38,7 +38,7 @@ class Verdict(TypedDict):
 
 
 class MeshView(TypedDict):
-    """A rank's view of its (ulysses x ring) mesh (ulysses.Mesh.ranks): its ulysses rank u and ring
+    """A rank's view of its (ulysses x ring) mesh (ulysses.SeqMesh.ranks): its ulysses rank u and ring
     rank r (-1 where it is not a member), and the global ranks of its ulysses group and of its ring."""
 
     u: int

@@ -89,7 +89,7 @@ def kv_copies(heads: int, kv_heads: int, ulysses_size: int) -> int:
     return ulysses_size // math.gcd(kv_heads, ulysses_size)
 
 
-class Mesh:
+class SeqMesh:
     """This rank's place in the (ulysses x ring) mesh: u, r are -1 where it is not a member.
     mesh_group (None: the default group) holds exactly the mesh's ranks: the verdict's gather."""
 
@@ -162,27 +162,27 @@ def _exchange(
     return out
 
 
-def seq_to_heads(xs: Sequence[Tensor], mesh: Mesh, stream: str) -> list[Tensor]:
+def seq_to_heads(xs: Sequence[Tensor], mesh: SeqMesh, stream: str) -> list[Tensor]:
     """(B, L, h*U, ...) each -> (B, U*L, h, ...): gather the ring shard, keep head chunk u."""
     U = mesh.size
     sends = [torch.unflatten(x, 2, (U, x.shape[2] // U)).movedim(2, 0) for x in xs]  # (U, B, L, h, ...)
     return [y.movedim(0, 1).flatten(1, 2) for y in _exchange(sends, mesh.ulysses_group, stream, mesh.transport)]
 
 
-def heads_to_seq(xs: Sequence[Tensor], mesh: Mesh, stream: str) -> list[Tensor]:
+def heads_to_seq(xs: Sequence[Tensor], mesh: SeqMesh, stream: str) -> list[Tensor]:
     """(B, U*L, h, ...) each -> (B, L, U*h, ...): the inverse of seq_to_heads."""
     U = mesh.size
     sends = [torch.unflatten(x, 1, (U, x.shape[1] // U)).movedim(1, 0) for x in xs]  # (U, B, L, h, ...)
     return [y.movedim(0, 2).flatten(2, 3) for y in _exchange(sends, mesh.ulysses_group, stream, mesh.transport)]
 
 
-def head_chunk(heads: int, mesh: Mesh) -> slice:
+def head_chunk(heads: int, mesh: SeqMesh) -> slice:
     """This rank's query heads after the head scatter."""
     h = heads // mesh.size
     return slice(mesh.u * h, (mesh.u + 1) * h)
 
 
-def _local_heads(ring_kwargs: Mapping[str, object], heads: int, mesh: Mesh) -> dict[str, object]:
+def _local_heads(ring_kwargs: Mapping[str, object], heads: int, mesh: SeqMesh) -> dict[str, object]:
     """Per-head arguments (PER_HEAD, one value per query head) cut to this rank's head chunk."""
     out = dict(ring_kwargs)
     for name in PER_HEAD:
@@ -205,7 +205,7 @@ def head_chunk_shapes(
 
 
 def ulysses_forward(
-    q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], mesh: Mesh, engine: Engine
+    q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], mesh: SeqMesh, engine: Engine
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(out, lse, saved): the ring engine on this rank's head chunk between two all-to-alls.
 
@@ -222,7 +222,7 @@ def ulysses_forward(
 
 
 def ulysses_backward(
-    dout: Tensor, saved: Sequence[Tensor], sinks: Optional[Tensor], kv_heads: int, mesh: Mesh, engine: Engine
+    dout: Tensor, saved: Sequence[Tensor], sinks: Optional[Tensor], kv_heads: int, mesh: SeqMesh, engine: Engine
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(dq, dk, dv, dsinks or None) from ulysses_forward's saved head chunk; dsinks is zero outside
     this rank's heads (summing parameter gradients over the mesh completes it)."""
