@@ -269,7 +269,8 @@ def _worded_check(
 def _packed_numel(q: Tensor) -> int:
     """Elements a rank sends for queries q: header, out (B, H, Tq, D) and lse (B, H, Tq), in the accumulator dtype."""
     B, Tq, H, D = q.shape
-    return _header(0, 0, 0, acc_dtype(q.dtype), "cpu").numel() + B * H * Tq * (D + 1)
+    header = 3 * torch.iinfo(torch.int64).bits // torch.finfo(acc_dtype(q.dtype)).bits  # _header's 3 int64s
+    return header + B * H * Tq * (D + 1)
 
 
 def _gather(packed: Tensor, world: int, group: Optional[ProcessGroup]) -> Tensor:
