@@ -106,3 +106,19 @@ def test_generate_places_its_ranks_as_train_does(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["generate", *model, "--prompt", "x", "--device", "cuda"]) == 2
         assert "--device cuda: torch sees no GPU" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_generate_command_on_a_gpu_checks_against_one_process(cluster, tmp_path, capsys):
+    """`ringwise generate --device cuda`: ranks sharing the GPU talk over gloo (hops staged through the host), the
+    decode gathers on CUDA tensors; the tokens equal one process's (--check runs on the same kind of device)."""
+    from test_train import job_args, run_job
+
+    from ringwise.cli import main
+
+    out = tmp_path / "run"
+    cluster(2).run(run_job, job_args(out, steps=3, ckpt_every=3))
+    argv = ["generate", "--model", str(out), "--world", "2", "--device", "cuda", "--backend", "gloo"]
+    assert main([*argv, "--retrieval", "2", "--check", "--threads", "1"]) == 0
+    assert "check: identical tokens to one process" in capsys.readouterr().out
