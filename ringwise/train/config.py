@@ -48,6 +48,9 @@ class TrainConfig:
     rope_scaling: str | None = None
     rope_factor: float | None = None
     checkpoint_layers: bool = False
+    save_attention: bool = False  # with checkpoint_layers: keep attention's out and lse, so recompute skips the ring
+    offload_activations: bool = False  # with checkpoint_layers: layer checkpoints in pinned host memory
+    ffn_tile: int | None = None  # tokens per feed-forward tile (None: chosen from the model's widths; 0: untiled)
     compile: bool = False
     dtype: str | None = None
     # data
@@ -130,7 +133,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _process_flags(p, d)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, choices=tuple(PRESETS))
-    g.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
+    _memory_flags(p, "recompute each layer in backward")
     g.add_argument(
         "--compile",
         action="store_true",
@@ -206,11 +209,6 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a local transformers checkpoint folder (config.json, *.safetensors, tokenizer)",
     )
-    g.add_argument(
-        "--checkpoint-layers",
-        action="store_true",
-        help="transformers' gradient checkpointing: recompute each layer in backward",
-    )
     _dtype_flag(g)
     g.add_argument("--rope-theta", type=float, default=None, help="a new RoPE base (context extension)")
     g.add_argument(
@@ -220,6 +218,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
         help="a static RoPE scaling, written into the model's config (needs --rope-factor)",
     )
     g.add_argument("--rope-factor", type=float, default=None, help="the scaling's factor (> 1)")
+    _memory_flags(p, "transformers' gradient checkpointing: recompute each layer in backward")
     g = p.add_argument_group("data")
     g.add_argument(
         "--text",
@@ -292,6 +291,32 @@ def _process_flags(p, d) -> None:
     )
 
 
+def _memory_flags(p, checkpoint_help: str) -> None:
+    """What a rank keeps on its device between forward and backward (docs/memory.md)."""
+    g = p.add_argument_group("memory")
+    g.add_argument("--checkpoint-layers", action="store_true", help=checkpoint_help)
+    g.add_argument(
+        "--save-attention",
+        action="store_true",
+        help="with --checkpoint-layers: keep each layer's attention output and log-sum-exp, so that "
+        "recomputing a layer in backward never runs its ring again (more memory, less time)",
+    )
+    g.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="with --checkpoint-layers: move the layer checkpoints to pinned host memory in forward and "
+        "bring each back one layer ahead in backward (side-stream copies; saves GPU memory only)",
+    )
+    g.add_argument(
+        "--ffn-tile",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="run each feed-forward (MLP or MoE block) over tiles of this many local tokens, each "
+        "recomputed in backward (default: chosen from the model's widths; 0: one untiled call)",
+    )
+
+
 def _dtype_flag(g) -> None:
     g.add_argument(
         "--dtype",
@@ -349,6 +374,7 @@ def problems(cfg: TrainConfig) -> list[str]:
     if world < 1:
         out.append(f"--world {world}: must be a positive integer")
     out += _finite(cfg, ("lr", "timeout"), positive=True) + _finite(cfg, ("weight_decay", "grad_clip"))
+    out += _memory_problems(cfg)
     if cfg.warmup < 0:
         out.append(f"--warmup {cfg.warmup}: must be >= 0")
     if cfg.dp >= 1 and cfg.ulysses >= 1 and world >= 1:
@@ -378,6 +404,17 @@ def problems(cfg: TrainConfig) -> list[str]:
         except ValueError as e:
             out.append(str(e))
     out += _output_problems(cfg) + (_pretrained_problems(cfg) if finetune else _data_problems(cfg))
+    return out
+
+
+def _memory_problems(cfg) -> list[str]:
+    out = [
+        f"--{flag} needs --checkpoint-layers (it changes what a checkpointed layer keeps)"
+        for flag, on in (("save-attention", cfg.save_attention), ("offload-activations", cfg.offload_activations))
+        if on and not cfg.checkpoint_layers
+    ]
+    if cfg.ffn_tile is not None and cfg.ffn_tile < 0:
+        out.append(f"--ffn-tile {cfg.ffn_tile}: must be a positive number of tokens, or 0 (untiled)")
     return out
 
 
