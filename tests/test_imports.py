@@ -293,11 +293,11 @@ def test_every_suite_keeps_its_flags_and_the_shared_names():
     """Suites' `add_arguments` are flags.py's groups; the tables flags.py names by string
     (--gpu-dtype, --gpu-methods) match the suites' torch-side ones."""
     from ringwise.bench import flags, suite
-    from ringwise.bench.common import DTYPES
+    from ringwise.train.config import DTYPES
 
     for name in suite_modules():
         assert suite(name).add_arguments is flags.SUITE_FLAGS[name]
-    assert tuple(DTYPES) == flags.GPU_DTYPES
+    assert tuple(DTYPES) == flags.GPU_DTYPES and set(flags.DECODE_DTYPES) <= set(DTYPES)
     assert tuple(suite("context").METHODS) == flags.CONTEXT_METHODS
 
 

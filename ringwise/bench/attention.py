@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 import ringwise
 from ringwise.testing.cluster import LocalCluster
+from ringwise.train.config import DTYPES
 
 from . import draw, public_args, write_results
 from .common import (
-    DTYPES,
     add_sdpa_ratios,
     fwd_bwd_step,
     random_inputs,

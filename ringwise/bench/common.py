@@ -3,8 +3,9 @@
 * the SDPA yardstick: whole-sequence fused SDPA forward+backward in one process, and each
   row's SDPA time / its own (attention, ulysses, peers);
 * `LoopbackRing`: one rank of a ring alone, every hop a local copy (compute, overlap);
-* `step_memory`: one training step's peak memory and time on a rank (scaling, context, memory);
-* `DTYPES`: the --gpu-dtype names to torch dtypes (attention, compute).
+* `step_memory`: one training step's peak memory and time on a rank (scaling, context, memory).
+
+Dtype names map to torch dtypes through ringwise.train.config.DTYPES, as in every command.
 """
 
 from __future__ import annotations
@@ -20,11 +21,7 @@ from ringwise.model import Transformer, model_config
 from ringwise.testing.cluster import LocalCluster
 from ringwise.testing.memory import PeakMemory
 
-from .flags import GPU_DTYPES
 from .timing import median_time
-
-DTYPES = dict(zip(GPU_DTYPES, (torch.bfloat16, torch.float16, torch.float32), strict=True))
-
 
 # ---------------------------------------------------------------- the SDPA yardstick
 

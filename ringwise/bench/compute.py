@@ -22,9 +22,10 @@ from tqdm import tqdm
 from ringwise.attention.kernels import default_scale, select_kernel
 from ringwise.attention.layout import check_layout, global_indices, split_unit
 from ringwise.attention.ring import Engine, ring_backward, ring_forward
+from ringwise.train.config import DTYPES
 
 from . import draw, public_args, write_results
-from .common import DTYPES, LoopbackRing
+from .common import LoopbackRing
 from .flags import compute_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
 

@@ -22,13 +22,11 @@ from ringwise.attention.decode import local_attention
 from ringwise.attention.kernels import acc_dtype, default_scale
 from ringwise.attention.merge import merge_into
 from ringwise.testing.cluster import LocalCluster
-from ringwise.train.config import DTYPES as TRAIN_DTYPES
+from ringwise.train.config import DTYPES
 
 from . import draw, write_results
 from .flags import decode_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
-
-DTYPES = TRAIN_DTYPES  # --decode-dtype takes --dtype's names (fp32, bf16)
 
 
 def _inputs(keys, heads, kv_heads, head_dim, dtype, seed):

@@ -23,7 +23,9 @@ from ..data import RETRIEVAL_FORMATS, RetrievalDataset, text_files
 from ..model import PRESETS, model_config
 from .mesh import placement
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The dtype names every command takes; training offers bf16 and fp32 (fp16 would need loss scaling)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TRAIN_DTYPES = ("bf16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -321,7 +323,7 @@ def _dtype_flag(g) -> None:
     g.add_argument(
         "--dtype",
         default=None,
-        choices=tuple(DTYPES),
+        choices=TRAIN_DTYPES,
         help="compute dtype (master weights, optimizer state, loss and lse stay fp32); "
         "default bf16 on CUDA, fp32 on CPU",
     )
