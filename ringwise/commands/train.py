@@ -33,6 +33,10 @@ def run(args, command: str) -> int:
     from ..train.launcher import under_torchrun
 
     started = time.perf_counter()
+    if under_torchrun():  # this process is a rank: honest peak memory from before the data is read
+        from ..train.watchdog import return_large_frees
+
+        return_large_frees()
     cfg = TrainConfig.from_args(args)
     flagged = flag_problems(args)
     if flagged:  # the parser's findings and every check of the configuration, at once

@@ -3,23 +3,18 @@
 CUDA: the caching allocator's peak. CPU: torch keeps no allocator statistics, so we
 read the kernel's peak resident set (VmHWM) after resetting it through
 /proc/self/clear_refs. That counts every byte the process touched, so run with
-glibc's mmap threshold set low (see `return_large_frees`) to make freed tensors leave the
-resident set at once; `LocalCluster(..., track_memory=True)` does this for its ranks.
+glibc's mmap threshold set low (`return_large_frees`, the training ranks' own, from
+ringwise.train.watchdog) to make freed tensors leave the resident set at once;
+`LocalCluster(..., track_memory=True)` does this for its ranks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..train.watchdog import proc_status_kb
+from ..train.watchdog import proc_status_kb, return_large_frees
 
-
-def return_large_frees() -> None:
-    """glibc's mmap threshold fixed at 64 KiB in this process (MALLOC_MMAP_THRESHOLD_=65536 at
-    start-up does the same): a freed tensor leaves the resident set at once (honest RSS peaks)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # -3: M_MMAP_THRESHOLD
+__all__ = ["PeakMemory", "mib", "return_large_frees"]
 
 
 class PeakMemory:

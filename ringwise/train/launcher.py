@@ -4,7 +4,8 @@ torchrun's environment.
 `elastic_run(fn, nproc, ...)` runs fn on nproc local ranks (or, under torchrun, on this rank
 directly: the same script runs locally and on a cluster); each local rank is forked from a
 forkserver that imported torch once, and dies with the launcher however the launcher ends.
-`failure_causes` turns a failed launch into each rank's cause, a line each.
+Every rank it runs sets glibc's mmap threshold low first (watchdog.return_large_frees), so that
+its peak memory counts no freed tensor. `failure_causes` turns a failed launch into each rank's cause, a line each.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import signal
 import socket
 import threading
+
+from .watchdog import return_large_frees
 
 
 def free_port() -> int:
@@ -70,6 +73,7 @@ class _Rank:
 
     def __call__(self, *args):
         die_with(self.launcher)
+        return_large_frees()  # before the rank allocates anything big: honest peak memory
         return self.entrypoint(*args)
 
 
@@ -85,6 +89,7 @@ def elastic_run(entrypoint, nproc: int, *args, log_dir: str | None = None) -> No
     (`rank_errors` reads them back).
     """
     if under_torchrun():
+        return_large_frees()  # this process is the rank (the command sets it earlier still)
         entrypoint(*args)
         return
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs

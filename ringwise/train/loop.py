@@ -29,7 +29,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .mesh import Mesh, init_distributed, make_mesh
 from .tasks import Task, eager_if, task_for
-from .watchdog import Heartbeat, name_failed_peers, peak_memory_mib
+from .watchdog import Heartbeat, name_failed_peers, peak_memory_mib, return_large_frees
 
 if TYPE_CHECKING:
     from .pretrained import PretrainedLM
@@ -177,8 +177,10 @@ def step(run: Run, step: int) -> dict:
 
 
 def gather_peaks(run: Run) -> list[float]:
-    """Every rank's peak memory so far (MiB; GPU allocator on CUDA, resident set on CPU), gathered
-    as a device tensor so the collective runs under NCCL as under gloo."""
+    """Every rank's peak memory so far (MiB; on CUDA the allocator's peak of live tensors, on CPU the
+    peak resident set, which counts no freed tensor since the rank set glibc's mmap threshold low:
+    watchdog.return_large_frees), gathered as a device tensor so the collective runs under NCCL as
+    under gloo."""
     every = torch.zeros(run.mesh.world, dtype=torch.float64, device=run.device)
     every[run.mesh.rank] = peak_memory_mib(run.device)
     dist.all_reduce(every)  # each rank fills its own slot
@@ -257,6 +259,8 @@ def worker(cfg: TrainConfig, launcher_holds_lock: bool = False) -> None:
         lock = None if launcher_holds_lock else job_lock(cfg)
         if device.type == "cpu":
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+            if not return_large_frees() and dist.get_rank() == 0:  # the launcher set it already where it can
+                log("warning: not glibc (no mallopt): peak_rss_mib may count freed memory")
         run_on_mesh(cfg, make_mesh(cfg.dp, device, cfg.timeout, cfg.ulysses))
     except Exception as e:
         named = name_failed_peers(e, heartbeat, cfg.timeout)

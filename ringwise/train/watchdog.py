@@ -4,7 +4,9 @@ Each rank stamps the job's store every second (`Heartbeat`); when a collective f
 out, `name_failed_peers` names the peers behind it: one on this host that exited (read from
 /proc), one whose stamp went stale (frozen or hung; killed when on this host, since a
 SIGSTOPped process ignores the launcher's SIGTERM). `peak_memory_mib` is this process's peak
-memory (the CUDA allocator's, or the kernel's VmHWM from /proc/self/status).
+memory (the CUDA allocator's, or the kernel's VmHWM from /proc/self/status); every rank calls
+`return_large_frees` first, so that a freed tensor leaves the resident set and VmHWM counts only
+memory that was in use at once.
 """
 
 from __future__ import annotations
@@ -123,9 +125,35 @@ def _kill(pid: int) -> None:
         pass
 
 
+MMAP_THRESHOLD = 65536  # bytes: glibc's M_MMAP_THRESHOLD in every rank
+
+
+def return_large_frees() -> bool:
+    """glibc's mmap threshold fixed at 64 KiB in this process (as MALLOC_MMAP_THRESHOLD_=65536 at
+    start-up would), then the heap's free pages handed back: every allocation of 64 KiB or more
+    (a tensor's storage) is its own mapping, unmapped when freed, so the resident set, and its peak
+    VmHWM, count only memory in use. glibc's default threshold rises with the sizes freed (up to
+    32 MiB) and keeps freed blocks in the heap: two runs of the same job then read peaks that differ
+    by the heap's history. Call it at a rank's start, before big allocations (the launcher does).
+    False where the C library is not glibc (no mallopt): VmHWM may then count freed memory."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    if mallopt(-3, MMAP_THRESHOLD) != 1:  # -3: M_MMAP_THRESHOLD; mallopt returns 1 on success
+        return False
+    malloc_trim(0)  # what was freed before now leaves the resident set too
+    return True
+
+
 def peak_memory_mib(device: torch.device) -> float:
-    """This process's peak memory so far: the CUDA allocator's peak on a GPU, the kernel's
-    peak resident set (VmHWM) on a CPU."""
+    """This process's peak memory so far: the CUDA allocator's peak on a GPU (live tensors'
+    bytes: freed ones never count), the kernel's peak resident set (VmHWM) on a CPU (honest
+    once `return_large_frees` ran in the process)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return proc_status_kb("VmHWM") / 1024.0
