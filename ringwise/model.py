@@ -5,7 +5,8 @@ Each rank holds one shard of every sequence (any layout). Rotary embeddings use 
 feed-forward and the output loss run chunk by chunk along the sequence and are
 recomputed in backward, so neither a (seq x ffn_dim) hidden nor (seq x vocab) logits ever
 exist whole (Blockwise Parallel Transformer). Activation checkpointing per layer is an
-option on top.
+option on top, with its modes (attention's outputs saved, checkpoints offloaded to host memory:
+ringwise.checkpointing).
 
 The training job's calls, the same as ringwise.train.pretrained.PretrainedLM's (a transformers
 model): `set_ring(shard)` once, then `loss(input_ids, positions, labels, cu_seqlens=None)` ->
@@ -17,6 +18,7 @@ drives the model directly (benchmarks, generation).
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +33,7 @@ from .attention.api import ring_attention
 from .attention.decode import decode_attention
 from .attention.kvcache import KVCache
 from .attention.seqshard import IGNORE_INDEX, SeqShard  # IGNORE_INDEX: labels the loss skips (defined with the shift)
+from .checkpointing import ActivationOffload, checkpoint_layer
 from .presets import SHAPES
 
 
@@ -47,6 +50,10 @@ class ModelConfig:
     ffn_chunk: int = 1024  # tokens per blockwise feed-forward chunk
     loss_chunk: int = 1024  # tokens per blockwise loss chunk
     checkpoint_layers: bool = False
+    # with checkpoint_layers (ringwise.checkpointing): keep attention's out and lse, so a layer's
+    # recompute never reruns its ring; keep the layer checkpoints in (pinned) host memory
+    save_attention: bool = False
+    offload_activations: bool = False
     # Baselines for benchmarks only (one process): "sdpa" (fused, memory-efficient) or
     # "vanilla" (materialised scores) attention, and plain (not blockwise) FFN and loss.
     attention: str = "ring"
@@ -59,6 +66,11 @@ class ModelConfig:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        for name in ("save_attention", "offload_activations"):
+            if getattr(self, name) and not self.checkpoint_layers:
+                raise ValueError(
+                    f"{name}=True needs checkpoint_layers=True (it changes what a checkpointed layer keeps)"
+                )
         if (self.dim // self.n_heads) % 2:
             raise ValueError("head_dim (dim / n_heads) must be even for rotary embeddings")
 
@@ -229,6 +241,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.set_ring(SeqShard())  # one process (world 1) until the job gives its own
+        # the layer checkpoints' offload hooks and their counts (ringwise.checkpointing)
+        self.offload = ActivationOffload() if cfg.offload_activations else None
         if self.embed.weight.device.type != "meta":  # on meta, the owner fills each shard (ringwise.train)
             self.reset_parameters(torch.initial_seed())
 
@@ -277,7 +291,9 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.checkpoint_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, attn_kwargs, use_reentrant=False)
+                # x alone is the checkpoint (cos, sin and the ring's arguments are shared by every layer)
+                run = functools.partial(layer, cos=cos, sin=sin, attn_kwargs=attn_kwargs)
+                x = checkpoint_layer(run, x, save_attention=self.cfg.save_attention, offload=self.offload)
             else:
                 x = layer(x, cos, sin, attn_kwargs, step)
         return self.norm(x)

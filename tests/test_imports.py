@@ -169,6 +169,7 @@ LAYERS = (
     ("ringwise.presets",),  # model shapes, torch-free: the model and the planner share them
     ("ringwise.plan",),  # the paper's memory/overlap model, torch-free
     ("ringwise", "ringwise.attention"),  # the op; the front door loads attention's names lazily
+    ("ringwise.checkpointing",),  # what a checkpointed layer keeps (the model's and finetune's)
     ("ringwise.model",),
     ("ringwise.data",),
     ("ringwise.generate",),  # generation over the sharded KV cache (the library function)
