@@ -1,7 +1,9 @@
 """transformers architectures with sliding windows, hybrid local/global layers, sinks, soft-capping,
 MoE and gradient checkpointing run sequence-parallel through the registry: logits and every parameter
 gradient equal the one-process model (float64 oracle; budget 2x the float32 model's own error).
-Refusals: test_hf_refusals.py; more families at W = 2: test_hf_families.py."""
+Half the cases run the feed-forward tiled (rw.tile_feed_forward, tiles shorter than the local shard;
+inside gradient checkpointing too). Refusals: test_hf_refusals.py; more families at W = 2:
+test_hf_families.py."""
 
 import pytest
 import torch
@@ -39,11 +41,13 @@ def refused_build(name):
     return None
 
 
-def ring_run(name, docs, layout, mode):
-    """mode: "cache" (default forward), "no-cache" (use_cache=False), "ckpt" (gradient checkpointing)."""
+def ring_run(name, docs, layout, mode, tile):
+    """mode: "cache" (default forward), "no-cache" (use_cache=False), "ckpt" (gradient checkpointing);
+    tile: the feed-forward's tile in tokens (0: untiled)."""
     rw.use_ring(layout=layout)
     model = make_model(name, "ringwise")
     rw.check_model(model)
+    assert rw.tile_feed_forward(model, tile) == tile
     if mode == "ckpt":
         model.gradient_checkpointing_enable()
         model.train()
@@ -94,32 +98,35 @@ def single_run(name, docs, dtype):
     return dict(logits=logits.detach(), grads={n: p.grad for n, p in model.named_parameters() if p.grad is not None})
 
 
-CASES = [  # (architecture, world, documents, layout, mode): each architecture at W = 2 and 3, packed at one of them
-    ("mistral", 2, None, "zigzag", "cache"),
-    ("mistral", 3, DOCS, "zigzag", "cache"),
-    ("gemma2", 2, DOCS, "zigzag", "cache"),
-    ("gemma2", 3, None, "zigzag", "ckpt"),
-    ("gemma3", 2, None, "zigzag", "ckpt"),
-    ("gemma3", 3, DOCS, "zigzag", "cache"),
-    ("gpt_oss", 2, DOCS, "zigzag", "ckpt"),
-    ("gpt_oss", 3, None, "zigzag", "cache"),
-    ("qwen2_moe", 2, None, "zigzag", "no-cache"),
-    ("qwen2_moe", 3, DOCS, "zigzag", "cache"),
-    ("qwen2_moe_window", 2, DOCS, "zigzag", "cache"),
-    ("llama", 2, None, "zigzag", "ckpt"),
-    ("llama", 2, DOCS, "contiguous", "ckpt"),
-    ("llama", 2, None, "striped", "ckpt"),
-    ("llama", 3, DOCS, "zigzag", "ckpt"),
-    ("llama", 3, None, "striped", "no-cache"),
+CASES = [  # (architecture, world, documents, layout, mode, feed-forward tile): each architecture at W = 2 and 3,
+    # packed at one of them, tiled at one of them (0: untiled; local shards are 24 / 16 tokens)
+    ("mistral", 2, None, "zigzag", "cache", 0),
+    ("mistral", 3, DOCS, "zigzag", "cache", 5),
+    ("gemma2", 2, DOCS, "zigzag", "cache", 0),
+    ("gemma2", 3, None, "zigzag", "ckpt", 5),
+    ("gemma3", 2, None, "zigzag", "ckpt", 7),
+    ("gemma3", 3, DOCS, "zigzag", "cache", 0),
+    ("gpt_oss", 2, DOCS, "zigzag", "ckpt", 7),
+    ("gpt_oss", 3, None, "zigzag", "cache", 0),
+    ("qwen2_moe", 2, None, "zigzag", "no-cache", 0),
+    ("qwen2_moe", 3, DOCS, "zigzag", "cache", 5),
+    ("qwen2_moe_window", 2, DOCS, "zigzag", "cache", 5),
+    ("llama", 2, None, "zigzag", "ckpt", 0),
+    ("llama", 2, DOCS, "contiguous", "ckpt", 7),
+    ("llama", 2, None, "striped", "ckpt", 0),
+    ("llama", 3, DOCS, "zigzag", "ckpt", 5),
+    ("llama", 3, None, "striped", "no-cache", 0),
 ]
 
 
 @pytest.mark.parametrize(
-    "name,world,docs,layout,mode",
+    "name,world,docs,layout,mode,tile",
     CASES,
-    ids=[f"{n}-W{w}-{'packed' if d else 'one-doc'}-{lay}-{m}" for n, w, d, lay, m in CASES],
+    ids=[
+        f"{n}-W{w}-{'packed' if d else 'one-doc'}-{lay}-{m}{f'-tile{t}' if t else ''}" for n, w, d, lay, m, t in CASES
+    ],
 )
-def test_architecture_matches_single_process(cluster, name, world, docs, layout, mode):
+def test_architecture_matches_single_process(cluster, name, world, docs, layout, mode, tile):
     make_config(name)  # skips an architecture the installed transformers lacks, before any rank starts
     family = name.removesuffix("_window")
     if family in REFUSED_HERE:  # this transformers hard-codes the family's attention (or builds its own mask)
@@ -127,7 +134,7 @@ def test_architecture_matches_single_process(cluster, name, world, docs, layout,
         assert messages[0] is not None and all(m == messages[0] for m in messages), messages
         assert REFUSED_HERE[family] in messages[0], messages[0]
         pytest.skip(f"transformers {transformers.__version__}: {family} is refused ({REFUSED_HERE[family]}), checked")
-    results = cluster(world).run(ring_run, name, docs, layout, mode)
+    results = cluster(world).run(ring_run, name, docs, layout, mode, tile)
     ref, f32 = single_run(name, docs, torch.float64), single_run(name, docs, torch.float32)
     logits = torch.empty_like(f32["logits"])
     for r, res in enumerate(results):

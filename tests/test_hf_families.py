@@ -1,7 +1,10 @@
 """The architecture table (docs/transformers.md), as tested: each family marked exact runs at W = 2
 (zigzag, float32, gloo) and matches the one-process eager model, logits and every parameter gradient,
 within 2x the float32 model's own error vs float64. Windowed families use windows shorter than the
-sequence; the ones in test_hf_architectures.py are tested more deeply there."""
+sequence; the ones in test_hf_architectures.py are tested more deeply there. The ring runs with its
+feed-forward tiled (rw.tile_feed_forward) in tiles shorter than the local shard, so the table holds
+with tiling on (OPT, whose decoder layer computes its feed-forward inline, runs untiled:
+test_hf_tiling.py checks that tiling it is refused)."""
 
 import pytest
 import torch
@@ -23,6 +26,8 @@ import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
 
 SEQ, WINDOW = 32, 6
+TILE = 5  # feed-forward tiles of 16 local tokens: 5, 5, 5, 1
+UNTILED = {"opt"}  # no feed-forward module to tile: refused by rw.tile_feed_forward
 SMALL = dict(
     vocab_size=64,
     hidden_size=32,
@@ -140,7 +145,9 @@ def global_ids():
 def ring_run(name):
     rw.use_ring(layout="zigzag")
     torch.manual_seed(0)
-    model = rw.from_config(make_config(name), **EAGER_EXPERTS).eval()  # no dropout
+    tile = 0 if name in UNTILED else TILE
+    model = rw.from_config(make_config(name), ffn_tile=tile, **EAGER_EXPERTS).eval()  # no dropout
+    assert rw.ffn_tile_of(model) == tile
     batch = rw.shard_batch(global_ids())
     labels = batch.pop("labels")
     logits = model(**batch).logits
@@ -155,7 +162,7 @@ def refused_run(name):
     """This rank's refusal of the family (at build or at the forward), or None if it ran."""
     rw.use_ring(layout="zigzag")
     try:
-        model = rw.from_config(make_config(name), **EAGER_EXPERTS).eval()
+        model = rw.from_config(make_config(name), ffn_tile=0 if name in UNTILED else TILE, **EAGER_EXPERTS).eval()
         batch = rw.shard_batch(global_ids())
         batch.pop("labels")
         model(**batch)

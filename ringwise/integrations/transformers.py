@@ -25,6 +25,11 @@ process); models configured with neither use use_ring's. Works under torch.compi
 (fullgraph): the checks that read tensor values run inside the op. No private transformers
 function is patched.
 Packed documents: pass the global boundaries as `ringwise_cu_seqlens` (`shard_batch` does).
+Feed-forward tiling (hf_tiling.py): from_config / from_pretrained run every decoder layer's
+MLP or MoE block over tiles of tokens, each recomputed in backward, in forwards that build a
+graph (training), so no (local tokens x intermediate) tensor exists whole; exact (router
+logits and auxiliary losses included); `ffn_tile=0` leaves the model untiled, and
+`tile_feed_forward(model, tokens)` tiles (or with 0 untiles) any model.
 Tested on transformers 5.24.0; check_model (hf_support) lists what is refused and why.
 """
 
@@ -43,6 +48,9 @@ from ..attention.seqshard import IGNORE_INDEX, SeqShard
 from .hf_masks import read_mask_function
 from .hf_rings import DEFAULT, ModelRing, all_rings, configs_of, ring_of, shard_of_state
 from .hf_support import architecture_problems, config_problems
+from .hf_tiling import ffn_tile_of as ffn_tile_of  # re-exported: the integration's public calls
+from .hf_tiling import tile_feed_forward as tile_feed_forward
+from .hf_tiling import tile_size as tile_size
 
 NAME = "ringwise"
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
@@ -425,29 +433,33 @@ def check_model(model) -> None:
     _install_loss(model)  # a model: model(labels=).loss is the exact share over its ring, or refused (RingLoss)
 
 
-def from_config(config, shard: SeqShard | None = None, **kwargs):
+def from_config(config, shard: SeqShard | None = None, ffn_tile: int | None = None, **kwargs):
     """AutoModelForCausalLM.from_config with ringwise attention, checked before and after building;
-    shard: the model's own ring (default: use_ring's)."""
+    shard: the model's own ring (default: use_ring's); ffn_tile: the feed-forward's tile in gradient
+    forwards (tile_feed_forward: None = tile_size(config), 0 = untiled)."""
     from transformers import AutoModelForCausalLM
 
     register()
     check_model(config)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=NAME, **kwargs)
     check_model(model)
+    tile_feed_forward(model, ffn_tile)
     if shard is not None:
         configure(model, shard)
     return model
 
 
-def from_pretrained(path, shard: SeqShard | None = None, **kwargs):
+def from_pretrained(path, shard: SeqShard | None = None, ffn_tile: int | None = None, **kwargs):
     """AutoModelForCausalLM.from_pretrained with ringwise attention, checked before and after loading;
-    shard: the model's own ring (default: use_ring's)."""
+    shard: the model's own ring (default: use_ring's); ffn_tile: the feed-forward's tile in gradient
+    forwards (tile_feed_forward: None = tile_size(config), 0 = untiled)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     register()
     check_model(AutoConfig.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=NAME, **kwargs)
     check_model(model)
+    tile_feed_forward(model, ffn_tile)
     if shard is not None:
         configure(model, shard)
     return model
