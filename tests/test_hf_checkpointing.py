@@ -118,14 +118,36 @@ def test_every_mode_is_exact_on_a_ring(cluster, reference, world, layout):
     assert hops["save"] == hops["save+offload"] == hops["none"]
 
 
-def test_finetune_losses_are_the_same_in_every_mode(cluster, checkpoint_and_text, tmp_path):  # noqa: F811
-    """`ringwise finetune` at W = 2: the three steps' losses of --checkpoint-layers with --save-attention
-    and --offload-activations are those of --checkpoint-layers alone, bit for bit."""
+def counted_train_job(cfg_dict):
+    """train_job, counting the forward ring's hops and the tensors the offload hooks took."""
+    from ringwise.checkpointing import ActivationOffload
+
+    packed, real = [0], ActivationOffload._pack
+
+    def pack(self, layer, t):
+        packed[0] += 1
+        return real(self, layer, t)
+
+    ActivationOffload._pack = pack  # type: ignore[method-assign]
+    try:
+        with count_comms() as c:
+            losses = train_job(cfg_dict)
+    finally:
+        ActivationOffload._pack = real  # type: ignore[method-assign]
+    return losses, c.hops["kv"], packed[0]
+
+
+def test_finetune_wires_the_modes(cluster, checkpoint_and_text, tmp_path):  # noqa: F811
+    """`ringwise finetune` at W = 2: with --save-attention and --offload-activations the three steps'
+    losses are --checkpoint-layers alone's, bit for bit; the ring runs fewer forward hops (no recompute
+    reruns one) and the offload hooks took checkpoints."""
     model, text = checkpoint_and_text
     runs = {}
     for name, kw in {
         "checkpoint": dict(checkpoint_layers=True),
         "save+offload": dict(checkpoint_layers=True, save_attention=True, offload_activations=True),
     }.items():
-        runs[name] = cluster(2).run(train_job, vars(config(model, text, tmp_path / name, **kw)))[0]
-    assert len(runs["checkpoint"]) == 3 and runs["save+offload"] == runs["checkpoint"]
+        runs[name] = cluster(2).run(counted_train_job, vars(config(model, text, tmp_path / name, **kw)))[0]
+    (plain, plain_hops, plain_packed), (modes, modes_hops, modes_packed) = runs["checkpoint"], runs["save+offload"]
+    assert len(plain) == 3 and modes == plain
+    assert modes_hops < plain_hops and plain_packed == 0 < modes_packed
