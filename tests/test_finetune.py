@@ -2,7 +2,8 @@
 
 Documents are packed with EOS and their boundaries (cu_seqlens); the first step's loss equals plain
 transformers in one process (a block-diagonal causal mask per document); three steps agree at W = 1, 2
-and 3 (zigzag and contiguous) to float32 rounding; per-rank parameter + optimizer bytes fall as 1/W;
+and 3 (zigzag and contiguous; the feed-forward tiled or not, inside layer checkpointing too) to float32
+rounding; per-rank parameter + optimizer bytes fall as 1/W;
 the command runs, stops, resumes, evaluates perplexity by position before and after, writes its RoPE
 change into the config, and exports a folder transformers loads with the trained weights. A real
 pretrained model (SmolLM2-135M) is used where it is installed (else skipped, with the reason)."""
@@ -164,11 +165,11 @@ def test_steps_agree_across_world_sizes_and_with_one_process(cluster, checkpoint
     model, text = checkpoint_and_text
     runs = {}
     meshes = {
-        "W1": (1, dict()),
-        "W2": (2, dict()),
-        "W3-contiguous": (3, dict(layout="contiguous")),
+        "W1": (1, dict()),  # --ffn-tile default: the hidden size (32) raised to 256 tokens, > the local 96: one tile
+        "W2-ffn-tile8": (2, dict(ffn_tile=8)),  # 6 feed-forward tiles per local shard
+        "W3-contiguous-untiled": (3, dict(layout="contiguous", ffn_tile=0)),
         "W4-dp2": (4, dict(dp=2)),
-        "W4-ulysses2-ckpt": (4, dict(ulysses=2, checkpoint_layers=True)),
+        "W4-ulysses2-ckpt-ffn-tile8": (4, dict(ulysses=2, checkpoint_layers=True, ffn_tile=8)),
     }
     for name, (world, kw) in meshes.items():
         cfg = config(model, text, tmp_path / name, **kw)

@@ -65,6 +65,21 @@ def test_sharded_build_equals_the_whole_model(cluster):
         assert whole.keys() == params.keys() and all(torch.equal(whole[k], params[k]) for k in whole)
 
 
+def ffn_chunks(cfg):
+    from ringwise.train.loop import build
+
+    run = build(cfg, make_mesh(1, torch.device("cpu"), timeout=30))
+    return [layer.ffn.chunk for layer in run.model.layers], run.model.cfg.loss_chunk
+
+
+def test_ffn_tile_sets_the_own_models_feed_forward_chunk(cluster):
+    """--ffn-tile N: ringwise's own model runs its SwiGLU blockwise in chunks of N tokens; 0: one untiled
+    call (the loss keeps its chunks); default: the preset's ffn_chunk."""
+    got = {t: cluster(1).run(ffn_chunks, job_args("unused", ffn_tile=t))[0] for t in (None, 0, 16)}
+    layers = len(got[None][0])
+    assert got == {None: ([1024] * layers, 1024), 0: ([None] * layers, 1024), 16: ([16] * layers, 1024)}
+
+
 def fsdp_units(preset):
     from torch.distributed.fsdp import FSDPModule
 

@@ -26,12 +26,12 @@ import json
 import math
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
 from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, retrieval_accuracy
-from ..model import Transformer, model_config
+from ..model import Block, Transformer, model_config
 from .config import TrainConfig
 from .mesh import Mesh, fill_shards, shard_model
 
@@ -100,9 +100,22 @@ class _OwnModelTask(Task):
         cfg = self.cfg
         self.train_data  # noqa: B018  (the data before the model, as ever: it may set the vocabulary)
         overrides = self.model_overrides()
+        if cfg.ffn_tile:  # --ffn-tile N: the feed-forward's blockwise chunk (None: the preset's ffn_chunk)
+            overrides["ffn_chunk"] = cfg.ffn_tile
         torch.manual_seed(cfg.seed)
         with torch.device("meta"):
-            model = Transformer(model_config(cfg.model, checkpoint_layers=cfg.checkpoint_layers, **overrides))
+            model = Transformer(
+                model_config(
+                    cfg.model,
+                    checkpoint_layers=cfg.checkpoint_layers,
+                    save_attention=cfg.save_attention,
+                    offload_activations=cfg.offload_activations,
+                    **overrides,
+                )
+            )
+        if cfg.ffn_tile == 0:  # --ffn-tile 0: each feed-forward one untiled call (the loss keeps its chunks)
+            for layer in model.layers:
+                cast(Block, layer).ffn.chunk = None
         if cfg.compile:  # per block, as torchtitan does: FSDP's hooks stay outside the compiled graphs
             for layer in model.layers:
                 layer.compile(fullgraph=True)
