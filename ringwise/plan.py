@@ -140,7 +140,7 @@ DEVICES = {
     for d in (
         Device("a100-nvlink", 312e12, 80e9, 300e9),
         Device("a100-ib", 312e12, 80e9, 12.5e9),
-        Device("h100", 989e12, 80e9, 450e9),
+        Device("h100", 989e12, 81559 * 2**20, 450e9),  # 80 GB HBM3: nvidia-smi reports 81,559 MiB
         Device("tpu-v3", 123e12, 16e9, 112e9),
         Device("tpu-v4", 275e12, 32e9, 268e9),
         Device("tpu-v5e", 196e12, 16e9, 186e9),
@@ -575,7 +575,7 @@ def decode_plan(model, n_devices, context, batch=1, bytes_per_element=2, new_tok
     tokens plus the header, and receives the other ranks'; independent of the context."""
     model = get_model(model) if isinstance(model, str) else model
     positive("n_devices", n_devices, True), positive("context", context, True), positive("batch", batch, True)
-    head_dim = model.hidden // model.n_heads
+    head_dim = getattr(model, "head_dim", model.hidden // model.n_heads)
     per_token = 2 * model.n_layers * model.n_kv_heads * head_dim * bytes_per_element * batch
     rows = batch * model.n_heads * new_tokens
     sent = model.n_layers * (4 * rows * (head_dim + 1) + DECODE_HEADER_BYTES)
@@ -652,4 +652,590 @@ def plan_report(model, device, n_devices, batch=1, seq=None, memory=DEFAULT_MEMO
         )
     # decode at the asked length, else at the longest trainable one
     lines.append(format_decode_plan(model, n_devices, asked or longest or seq, batch, bytes_per_element=2))  # bf16 K/V
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the memory ledger (ringwise finetune)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # ringwise.train.config.DTYPES' names
+LOSS_CHUNK = 1024  # ringwise.train.pretrained.LOSS_CHUNK: tokens per vocabulary projection in the loss
+MIN_FFN_TILE = 256  # ringwise.integrations.hf_tiling.MIN_TILE: the automatic tile's floor
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A transformers decoder as the ledger counts it: what `read_config` takes from a config.json.
+
+    Widths are per token: q = heads x head_dim, k = kv_heads x head_dim, v = kv_heads x v_head_dim,
+    attention output = heads x v_head_dim. A mixture-of-experts layer routes each token to
+    ``experts_per_token`` of ``experts`` experts of width ``expert_intermediate`` (plus shared
+    experts of ``shared_intermediate`` in all); ``moe_layers`` of the layers are such, the rest dense.
+    ``attention_params``: one layer's attention weights where they are not q, k, v, o projections
+    (DeepSeek's MLA); None: counted from the widths."""
+
+    name: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+    v_head_dim: int = 0  # 0: head_dim
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    moe_layers: int = 0
+    attention_params: int | None = None
+
+    def __post_init__(self):
+        for f in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab"):
+            positive(f"{self.name}: {f}", getattr(self, f), integer=True)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.name}: {self.n_heads} heads do not divide into {self.n_kv_heads} kv heads")
+        if self.experts and not (0 < self.experts_per_token <= self.experts and self.expert_intermediate > 0):
+            raise ValueError(
+                f"{self.name}: {self.experts} experts need 1..{self.experts} experts per token and a positive "
+                f"expert width (got {self.experts_per_token}, {self.expert_intermediate})"
+            )
+        if not 0 <= self.moe_layers <= self.n_layers or (self.moe_layers and not self.experts):
+            raise ValueError(f"{self.name}: {self.moe_layers} MoE layers of {self.n_layers} ({self.experts} experts)")
+
+    @property
+    def v_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def q_width(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def k_width(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def v_width(self) -> int:
+        return self.n_kv_heads * self.v_dim
+
+    @property
+    def o_width(self) -> int:
+        return self.n_heads * self.v_dim
+
+    def _attention_params(self) -> int:
+        if self.attention_params is not None:
+            return self.attention_params
+        return self.hidden * (self.q_width + self.k_width + self.v_width + self.o_width)
+
+    @property
+    def dense_layer_params(self) -> int:
+        return self._attention_params() + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def moe_layer_params(self) -> int:
+        experts = 3 * self.hidden * (self.experts * self.expert_intermediate + self.shared_intermediate)
+        return self._attention_params() + experts + self.hidden * self.experts + 2 * self.hidden
+
+    @property
+    def layer_params(self) -> int:
+        """The largest layer's weights (FSDP2 gathers one layer at a time)."""
+        return max(self.dense_layer_params, self.moe_layer_params if self.moe_layers else 0)
+
+    @property
+    def n_params(self) -> int:
+        dense = (self.n_layers - self.moe_layers) * self.dense_layer_params
+        moe = self.moe_layers * self.moe_layer_params
+        return dense + moe + (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden
+
+
+LLAMA_PRESETS = tuple(LLAMA)
+
+
+def checkpoint_folder(spec) -> str | None:
+    """The checkpoint folder --model names (a config.json's folder), or None for a preset."""
+    import os
+
+    spec = str(spec)
+    if os.path.isdir(spec):
+        return spec
+    return (os.path.dirname(spec) or ".") if os.path.isfile(spec) else None
+
+
+def shape_of(model: ModelConfig) -> ModelShape:
+    """The paper model's view of a config (the Ulysses x ring split counts hidden-wide all-to-alls)."""
+    return ModelShape(
+        model.name, model.n_layers, model.hidden, model.n_heads, model.n_kv_heads, model.intermediate, model.vocab
+    )
+
+
+def config_from_preset(name) -> ModelConfig:
+    """A LLaMA preset (ringwise.presets) as a ModelConfig: head_dim = hidden / heads, untied."""
+    s = get_model(name)
+    return ModelConfig(
+        s.name, s.n_layers, s.hidden, s.n_heads, s.n_kv_heads, s.hidden // s.n_heads, s.ffn_hidden, s.vocab
+    )
+
+
+def _first(cfg: dict, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def model_config(cfg: dict, name: str = "model") -> ModelConfig:
+    """A ModelConfig from a transformers config dict (a VLM's text_config is the decoder's).
+
+    Keys read (the first present wins): num_hidden_layers; hidden_size; num_attention_heads;
+    num_key_value_heads (else the heads); head_dim (else hidden / heads; DeepSeek's MLA:
+    qk_nope_head_dim + qk_rope_head_dim, v_head_dim); intermediate_size; vocab_size;
+    tie_word_embeddings. Experts: num_experts | num_local_experts | n_routed_experts, with
+    num_experts_per_tok and moe_intermediate_size (else intermediate_size: Mixtral, GPT-OSS, Llama 4);
+    shared experts from shared_expert_intermediate_size (Qwen2-MoE), n_shared_experts (DeepSeek) or
+    Llama 4's one; which layers: first_k_dense_replace (DeepSeek), decoder_sparse_step and
+    mlp_only_layers (Qwen MoE), interleave_moe_layer_step (Llama 4), else all.
+    Raises ValueError naming every missing key."""
+    if isinstance(cfg.get("text_config"), dict):
+        cfg, name = cfg["text_config"], f"{name} (text_config)"
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size") if k not in cfg]
+    experts = int(_first(cfg, "num_experts", "num_local_experts", "n_routed_experts", default=0) or 0)
+    dense_width = _first(cfg, "intermediate_size_mlp", "intermediate_size")
+    expert_width = _first(cfg, "moe_intermediate_size", "intermediate_size") if experts else 0
+    if dense_width is None:
+        missing.append("intermediate_size")
+    if experts and "num_experts_per_tok" not in cfg:
+        missing.append("num_experts_per_tok")
+    if missing:
+        raise ValueError(
+            f"{name}: its config lacks {', '.join(missing)} (the planner needs the decoder's sizes: a transformers "
+            "config.json of a causal LM, or a VLM's with a text_config)"
+        )
+    L, h, H = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    kv = _first(cfg, "num_key_value_heads", default=H)
+    mla = cfg.get("kv_lora_rank") is not None
+    attention_params = None
+    if mla:  # DeepSeek-V2/V3: low-rank q and kv, values of v_head_dim
+        nope, rope, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+        head_dim, v_head_dim, kv = nope + rope, dv, H
+        q_lora = cfg.get("q_lora_rank")
+        q = h * H * head_dim if not q_lora else h * q_lora + q_lora * H * head_dim
+        kv_params = h * (cfg["kv_lora_rank"] + rope) + cfg["kv_lora_rank"] * H * (nope + dv)
+        attention_params = q + kv_params + H * dv * h
+    else:
+        head_dim = _first(cfg, "head_dim", default=h // H)
+        v_head_dim = 0
+    moe_layers, shared = 0, 0
+    if experts:
+        if "first_k_dense_replace" in cfg:
+            moe_layers = L - min(L, int(cfg["first_k_dense_replace"]))
+        elif "interleave_moe_layer_step" in cfg:
+            step = int(cfg["interleave_moe_layer_step"] or 1)
+            moe_layers = L // step
+        else:
+            step = int(cfg.get("decoder_sparse_step") or 1)
+            only = set(cfg.get("mlp_only_layers") or ())
+            moe_layers = sum(1 for i in range(L) if i not in only and (i + 1) % step == 0)
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+        shared += int(cfg.get("n_shared_experts") or 0) * int(expert_width)
+        if cfg.get("model_type") in ("llama4_text", "llama4"):
+            shared += int(expert_width)  # Llama 4: one shared expert beside the routed ones
+    return ModelConfig(
+        name=name,
+        n_layers=L,
+        hidden=h,
+        n_heads=H,
+        n_kv_heads=kv,
+        head_dim=head_dim,
+        intermediate=dense_width,
+        vocab=cfg["vocab_size"],
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+        v_head_dim=v_head_dim,
+        experts=experts,
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
+        expert_intermediate=int(expert_width or 0),
+        shared_intermediate=shared,
+        moe_layers=moe_layers,
+        attention_params=attention_params,
+    )
+
+
+def read_config(path) -> ModelConfig:
+    """The ModelConfig of a transformers config.json, or of a checkpoint folder holding one."""
+    import json
+    import os
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else str(path)
+    if not os.path.isfile(file):
+        raise ValueError(f"--model {path}: no such config.json (give a transformers config.json or its folder)")
+    try:
+        with open(file) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--model {path}: not a readable JSON config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--model {path}: a config.json holds a JSON object, not {type(cfg).__name__}")
+    base = os.path.basename(file)
+    name = os.path.basename(os.path.dirname(os.path.abspath(file))) if base == "config.json" else base
+    return model_config(cfg, name)
+
+
+def resolve_model(spec) -> ModelConfig:
+    """--model: a ModelConfig, a LLaMA preset's name, or a config.json / checkpoint folder."""
+    import os
+
+    if isinstance(spec, ModelConfig):
+        return spec
+    if isinstance(spec, ModelShape):
+        return ModelConfig(
+            spec.name,
+            spec.n_layers,
+            spec.hidden,
+            spec.n_heads,
+            spec.n_kv_heads,
+            spec.hidden // spec.n_heads,
+            spec.ffn_hidden,
+            spec.vocab,
+        )
+    if os.path.exists(str(spec)) or str(spec).endswith(".json") or os.sep in str(spec):
+        return read_config(spec)
+    return config_from_preset(spec)
+
+
+def mode_problems(checkpoint_layers, save_attention, offload_activations, ffn_tile) -> list[str]:
+    """What finetune's flag check refuses among these memory flags (its words), one line each."""
+    found = [
+        f"--{flag} needs --checkpoint-layers (it changes what a checkpointed layer keeps)"
+        for flag, on in (("save-attention", save_attention), ("offload-activations", offload_activations))
+        if on and not checkpoint_layers
+    ]
+    if ffn_tile is not None and (not isinstance(ffn_tile, int) or isinstance(ffn_tile, bool) or ffn_tile < 0):
+        found.append(f"--ffn-tile {ffn_tile}: must be a positive number of tokens, or 0 (untiled)")
+    return found
+
+
+@dataclass(frozen=True)
+class MemoryModes:
+    """The memory flags of `ringwise finetune` (ringwise/train/config.py), with their names."""
+
+    checkpoint_layers: bool = False
+    save_attention: bool = False
+    offload_activations: bool = False
+    ffn_tile: int | None = None  # None: automatic (the hidden size, at least MIN_FFN_TILE); 0: untiled
+
+    def __post_init__(self):
+        found = mode_problems(self.checkpoint_layers, self.save_attention, self.offload_activations, self.ffn_tile)
+        if found:
+            raise ValueError("; ".join(found))
+
+    def tile(self, model: ModelConfig) -> int:
+        """Tokens per feed-forward tile; 0: untiled."""
+        return max(model.hidden, MIN_FFN_TILE) if self.ffn_tile is None else self.ffn_tile
+
+    def flags(self) -> list[str]:
+        out = [f"--{f.replace('_', '-')}" for f in ("checkpoint_layers", "save_attention", "offload_activations")]
+        out = [f for f, on in zip(out, (self.checkpoint_layers, self.save_attention, self.offload_activations)) if on]
+        return out + ([] if self.ffn_tile is None else ["--ffn-tile", str(self.ffn_tile)])
+
+
+OFFLOAD_IN_FLIGHT = 2  # layers' checkpoints on the device while offloaded: one in use, one in transfer
+
+
+def _ffn_per_token(model: ModelConfig, e: float, moe: bool) -> tuple[float, float]:
+    """(saved, gradient) bytes one token's feed-forward holds in its backward.
+
+    Dense SwiGLU (transformers' LlamaMLP: down(act(gate(x)) * up(x))): saved gate (act's input), up,
+    act(gate) and their product (down's input), 4 x intermediate; in backward, while mul's grads are made,
+    d(product), d(act), d(up) (3 x intermediate) exist with gate, up and act still saved: 2 x intermediate
+    more than the saved. MoE: per routed token the same for its expert's width, plus the token's copies
+    in and out of the expert (2 x hidden), and the router's logits and probabilities (2 x experts); the
+    shared experts as a dense SwiGLU of their total width."""
+    if not moe:
+        return 4 * model.intermediate * e, 2 * model.intermediate * e
+    k, fe, fs = model.experts_per_token, model.expert_intermediate, model.shared_intermediate
+    saved = k * (4 * fe + 2 * model.hidden) * e + 4 * fs * e + 2 * model.experts * e
+    return saved, 2 * (k * fe + fs) * e
+
+
+def device_terms(model, dtype="bf16", world=1, modes=MemoryModes()) -> dict:
+    """Per local token, the bytes on the device by term, and the two phases whose peak is the step's.
+
+    Every term is read off the code (h = hidden, e = the compute dtype's bytes; widths as ModelConfig's):
+
+    * layer inputs (--checkpoint-layers): each layer's input, h x e per layer; offloaded, the device
+      keeps OFFLOAD_IN_FLIGHT layers' worth. --save-attention adds each layer's attention output
+      (heads x v_head_dim x e) and lse (heads, fp32), kept (and offloaded) with the input.
+    * the recomputed layer's saved activations (attention part): transformers' RMSNorm keeps its fp32
+      input, its normalised output in the compute dtype and the output the projections keep: 8h bytes,
+      plus its fp32 rstd; rotary's outputs q and k and the projection's v, which the ring keeps with the
+      attention output and the fp32 lse (the projections' own q and k outputs are freed: rotary's
+      multiplications keep cos and sin, not q).
+    * FFN phase: the attention part, the second norm (8h + 4), the feed-forward's saved tensors and its
+      gradients (_ffn_per_token), the residual-stream gradient and the feed-forward input's gradient
+      with one more transient of its size (3h x e). Tiled (--ffn-tile T), the feed-forward keeps nothing
+      per token: its saved tensors and gradients exist for T tokens (a constant).
+    * attention phase: the attention part, the residual gradient and dout (h + o x e), the ring's
+      backward: float32 dQ accumulator (4q), the local block's dK, dV (float32, 4(k + v)) and its
+      contiguous K, V (e(k + v)); on a ring (W > 1) the visiting K, V double buffered (2 x e(k + v) from
+      W = 3, one pair at W = 2) and the travelling dK, dV's receive buffer (4(k + v)).
+    * without --checkpoint-layers every layer keeps what its recompute would: the layer inputs become
+      n_layers x (attention part + second norm + untiled feed-forward saved).
+    * loss phase: the final norm (8h + 4) and the hidden's gradient with its per-chunk transient
+      (2h x e); its logits are a constant (LOSS_CHUNK tokens through the vocabulary).
+    """
+    model = resolve_model(model)
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPE_BYTES)}")
+    positive("world", world, integer=True)
+    e, h, H = DTYPE_BYTES[dtype], model.hidden, model.n_heads
+    q, k, v, o = model.q_width, model.k_width, model.v_width, model.o_width
+    norm = 8 * h + 4
+    attention_part = norm + (q + k + v + o) * e + 4 * H
+    moe = model.moe_layers > 0
+    ffn_saved, ffn_grads = _ffn_per_token(model, e, moe)
+    tiled = modes.tile(model) > 0
+    L = model.n_layers
+    kept_attention = (o * e + 4 * H) if modes.save_attention else 0
+    if modes.checkpoint_layers:
+        per_layer = h * e + kept_attention
+        layers = OFFLOAD_IN_FLIGHT if modes.offload_activations else L
+        stored = {"layer checkpoints": min(layers, L) * per_layer}
+        host = L * per_layer if modes.offload_activations else 0
+    else:
+        stored = {"every layer's activations": L * (attention_part + norm + (0 if tiled else ffn_saved))}
+        host = 0
+    ring = 0 if world == 1 else min(2, world - 1) * (k + v) * e + 4 * (k + v)
+    phases = {
+        "ffn": {
+            "attention part": attention_part,
+            "second norm": norm,
+            "ffn saved": 0 if tiled else ffn_saved,
+            "ffn gradients": 0 if tiled else ffn_grads,
+            "residual and input gradients": 3 * h * e,
+        },
+        "attention": {
+            "attention part": attention_part,
+            "residual gradient and dout": (h + o) * e,
+            "ring backward accumulators": 4 * q + 4 * (k + v) + (k + v) * e,
+            "ring buffers in flight": ring,
+        },
+        "loss": {"final norm": norm, "hidden gradient": 2 * h * e},
+    }
+    if not modes.checkpoint_layers:  # the saved parts are counted in every layer's activations already
+        phases["ffn"] = {"gradients": (0 if tiled else ffn_grads) + 3 * h * e}
+        phases["attention"] = {key: v for key, v in phases["attention"].items() if key != "attention part"}
+    return dict(stored=stored, phases=phases, host=host, ffn_saved=ffn_saved, ffn_grads=ffn_grads)
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """One training step's memory per rank (`ringwise finetune` of ``model``), term by term."""
+
+    model: ModelConfig
+    dtype: str
+    world: int
+    modes: MemoryModes
+    stored_per_token: dict  # bytes per local token kept through the step (device)
+    phases_per_token: dict  # {phase: {term: bytes per local token}} of the working set
+    phase_constants: dict  # {phase: {term: bytes}} independent of the length
+    model_state: float  # bytes per rank: FSDP2 shards of fp32 weights, gradients, AdamW m and v
+    host_per_token: float  # bytes per local token in host memory (offloaded checkpoints)
+
+    def phase_bytes(self, phase: str, tokens: float) -> float:
+        """Device bytes at the peak of `phase` with `tokens` local tokens."""
+        per_token = sum(self.stored_per_token.values()) + sum(self.phases_per_token[phase].values())
+        return self.model_state + sum(self.phase_constants[phase].values()) + per_token * tokens
+
+    def peak(self, tokens: float) -> tuple[float, str]:
+        """(device bytes, the phase that peaks) at `tokens` local tokens."""
+        return max((self.phase_bytes(p, tokens), p) for p in self.phases_per_token)
+
+    def bytes_per_token(self, phase: str | None = None) -> float:
+        """Device bytes per local token: of `phase`, or of the phase with the most per token (the one
+        that peaks at long contexts)."""
+        phases = [phase] if phase else list(self.phases_per_token)
+        return max(sum(self.stored_per_token.values()) + sum(self.phases_per_token[p].values()) for p in phases)
+
+    def slope(self, short: int, long: int) -> float:
+        """Bytes per token of the peak between two local lengths (what a two-length measurement sees)."""
+        return (self.peak(long)[0] - self.peak(short)[0]) / (long - short)
+
+    def max_tokens_per_rank(self, device_bytes: float, host_bytes: float | None = None, ranks_per_host=1) -> int:
+        """Most local tokens whose peak fits `device_bytes` (and, offloading, whose checkpoints of
+        `ranks_per_host` ranks fit `host_bytes`), even (zigzag cuts a rank's share in two); 0 if none."""
+        fixed = max(self.phase_bytes(p, 0) for p in self.phases_per_token)
+        if fixed > device_bytes:
+            return 0
+        n = min(int((device_bytes - self.phase_bytes(p, 0)) / (self.phase_bytes(p, 1) - self.phase_bytes(p, 0)))
+                for p in self.phases_per_token)  # fmt: skip
+        if host_bytes is not None and self.host_per_token:
+            n = min(n, int(host_bytes / (self.host_per_token * ranks_per_host)))
+        return max(n - n % 2, 0)
+
+
+def ledger(model, world=1, dtype="bf16", modes=MemoryModes()) -> Ledger:
+    """The memory ledger of `ringwise finetune` on ``world`` ranks (one ring over them all).
+
+    Constants (bytes, not per token), from ringwise/train/mesh.py's shard_model and pretrained.py:
+    * model state: FSDP2 keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments,
+      16 bytes a parameter, in 1/world shards.
+    * gathered weights: FSDP2 gathers one decoder layer at a time in the compute dtype and prefetches
+      the next (2 layers); that layer's gradient exists in the compute dtype and in fp32 for the
+      reduce-scatter (e + 4 bytes a parameter). The root unit (embeddings, final norm, output matrix) is
+      gathered through the step (FSDP2 does not reshard the root after forward), and the output
+      matrix's gradient waits in the compute dtype until the root's reduce-scatter at the end.
+    * loss: a chunk of LOSS_CHUNK tokens' logits through the vocabulary: fp32 log-probabilities kept,
+      their gradient and the logits' gradient in backward (3 fp32 copies), plus the compute-dtype logits
+      where that is not fp32.
+    * tiled feed-forward: one tile's saved tensors and gradients (T tokens of the FFN per-token terms).
+    """
+    model = resolve_model(model)
+    positive("world", world, integer=True)
+    t = device_terms(model, dtype, world, modes)
+    e = DTYPE_BYTES[dtype]
+    root = (1 if model.tied else 2) * model.vocab * model.hidden + model.hidden
+    weights = {
+        "gathered layers": 2 * model.layer_params * e + model.layer_params * (e + 4),
+        "root unit gathered": root * e,
+        "output matrix gradient": model.vocab * model.hidden * e,
+    }
+    tile = modes.tile(model)
+    constants = {
+        "ffn": {**weights, "ffn tile": tile * (t["ffn_saved"] + t["ffn_grads"])},
+        "attention": dict(weights),
+        "loss": {
+            "root unit gathered": root * e,
+            "gathered layers": model.layer_params * e,
+            "logits chunk": LOSS_CHUNK * model.vocab * (12 + (e if e != 4 else 0)),
+        },
+    }
+    return Ledger(
+        model=model,
+        dtype=dtype,
+        world=world,
+        modes=modes,
+        stored_per_token=t["stored"],
+        phases_per_token=t["phases"],
+        phase_constants=constants,
+        model_state=model.n_params * 16 / world,
+        host_per_token=t["host"],
+    )
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f} GiB"
+
+
+def _describe(model: ModelConfig) -> str:
+    moe = (
+        f", {model.moe_layers} MoE layers of {model.experts} experts ({model.experts_per_token} per token, width "
+        f"{model.expert_intermediate}{f', shared {model.shared_intermediate}' if model.shared_intermediate else ''})"
+        if model.moe_layers
+        else ""
+    )
+    return (
+        f"{model.name} ({model.n_params / 1e9:.2f}B params; {model.n_layers} layers, hidden {model.hidden}, "
+        f"{model.n_heads} heads / {model.n_kv_heads} kv of {model.head_dim}, ffn {model.intermediate}, vocab "
+        f"{model.vocab}{', tied' if model.tied else ''}{moe})"
+    )
+
+
+def ledger_report(
+    model,
+    device,
+    n_devices,
+    dtype="bf16",
+    modes=MemoryModes(checkpoint_layers=True),
+    host_bytes=None,
+    ranks_per_host=None,
+    reserve_bytes=2 * GIB,
+    model_path="PATH",
+) -> str:
+    """The ledger in words: every input, bytes per token on device and host, model state, the one-layer
+    working set, the longest context and the `ringwise finetune` command that trains at it."""
+    model, device = resolve_model(model), get_device(device)
+    positive("n_devices", n_devices, integer=True)
+    ranks_per_host = min(n_devices, 8) if ranks_per_host is None else positive("ranks_per_host", ranks_per_host, True)
+    led = ledger(model, n_devices, dtype, modes)
+    usable = device.memory_bytes - reserve_bytes
+    tile = modes.tile(model)
+    flags = " ".join(modes.flags()) or "(no memory flags: every layer keeps its activations)"
+    lines = [
+        f"plan: {_describe(model)}",
+        f"inputs: {n_devices} x {device.name} ({_gib(device.memory_bytes)}, {_gib(reserve_bytes)} reserved for "
+        f"the CUDA context and allocator: {_gib(usable)} usable), one ring over all {n_devices}; {dtype} compute; "
+        f"{flags}; feed-forward {f'tiled by {tile} tokens' if tile else 'untiled'}"
+        f"{' (automatic: the hidden size)' if modes.ffn_tile is None and tile else ''}; host memory "
+        + (f"{host_bytes / 1e9:g} GB per {ranks_per_host} ranks" if host_bytes is not None else "not limited")
+        + f"; loss chunks of {LOSS_CHUNK} tokens",
+        f"model state per rank: {_gib(led.model_state)} ({model.n_params / 1e9:.2f}B params x 16 bytes (fp32 "
+        f"weights, gradients, AdamW m and v) / {n_devices} FSDP2 shards)",
+    ]
+    phase = max(led.phases_per_token, key=lambda p: led.bytes_per_token(p))
+    lines.append(
+        f"device bytes per local token: {led.bytes_per_token():,.0f} (the {phase} phase of a layer's backward, "
+        "the one that grows fastest):"
+    )
+    for name, v in led.stored_per_token.items():
+        lines.append(f"  {name:<32}{v:>10,.0f}  kept through the step")
+    for name, v in led.phases_per_token[phase].items():
+        lines.append(f"  {name:<32}{v:>10,.0f}  one layer's working set")
+    others = ", ".join(f"{p} {led.bytes_per_token(p):,.0f}" for p in led.phases_per_token if p != phase)
+    lines.append(f"  (other phases' bytes per token: {others})")
+    lines.append(
+        f"host bytes per local token: {led.host_per_token:,.0f}"
+        + (" (every layer's checkpoint, offloaded)" if led.host_per_token else " (nothing offloaded)")
+    )
+    n = led.max_tokens_per_rank(usable, host_bytes, ranks_per_host)
+    if not n:
+        need = max(led.phase_bytes(p, 0) for p in led.phases_per_token)
+        lines.append(
+            f"longest context: none fits: model state and constants need {_gib(need)} per device of "
+            f"{_gib(usable)} usable (more devices shard the model state further; ringwise keeps the optimizer "
+            "state on the device)"
+        )
+        return "\n".join(lines)
+    peak, at = led.peak(n)
+    by_device = led.max_tokens_per_rank(usable)
+    limit = "host memory" if by_device > n + 1 else f"device memory ({at} phase)"
+    working = sum(led.phases_per_token[at].values()) * n + led.phase_constants[at].get("ffn tile", 0)
+    lines += [
+        f"one-layer working set at {n:,} local tokens: {_gib(working)} ({at} phase)",
+        "constants: " + ", ".join(f"{k} {_gib(v)}" for k, v in led.phase_constants[at].items()),
+        f"longest context: {n * n_devices:,} tokens ({n:,} per rank; limited by {limit}); peak {_gib(peak)} per "
+        f"device" + (f", host {led.host_per_token * n * ranks_per_host / 1e9:,.0f} GB" if led.host_per_token else ""),
+    ]
+    nodes = max(1, n_devices // ranks_per_host)
+    launch = (
+        f"torchrun --nproc-per-node {min(n_devices, ranks_per_host)}"
+        + (f" --nnodes {nodes}" if nodes > 1 else "")
+        + " -m ringwise.cli finetune"
+        if n_devices > 1
+        else "ringwise finetune"
+    )
+    lines.append(
+        f"reach it: {launch} --model {model_path} --text DATA --seq-len {n * n_devices} --dtype {dtype} "
+        + " ".join(modes.flags())
+    )
+    return "\n".join(lines)
+
+
+def modes_table(model, device, n_devices, dtype="bf16", host_bytes=None, ranks_per_host=None, reserve_bytes=2 * GIB):
+    """The longest context under each memory mode, one line each."""
+    model, device = resolve_model(model), get_device(device)
+    ranks_per_host = min(n_devices, 8) if ranks_per_host is None else ranks_per_host
+    usable = device.memory_bytes - reserve_bytes
+    lines = ["longest context by memory mode (same inputs):"]
+    for modes in (
+        MemoryModes(ffn_tile=0),
+        MemoryModes(checkpoint_layers=True, ffn_tile=0),
+        MemoryModes(checkpoint_layers=True),
+        MemoryModes(checkpoint_layers=True, save_attention=True),
+        MemoryModes(checkpoint_layers=True, offload_activations=True),
+        MemoryModes(checkpoint_layers=True, save_attention=True, offload_activations=True),
+    ):
+        led = ledger(model, n_devices, dtype, modes)
+        n = led.max_tokens_per_rank(usable, host_bytes, ranks_per_host)
+        label = " ".join(modes.flags()) or "(none)"
+        lines.append(f"  {label:<62}{n * n_devices:>14,} tokens  {led.bytes_per_token():>9,.0f} B/token")
     return "\n".join(lines)

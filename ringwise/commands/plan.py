@@ -1,4 +1,5 @@
-"""`ringwise plan`: the paper's memory/overlap model (ringwise.plan) for a cluster you plan.
+"""`ringwise plan`: the memory ledger of `ringwise finetune` (ringwise.plan) for a cluster you plan, and the
+paper's memory/overlap model (--paper, --table2, --table3).
 
 Torch-free, as the planner is: `ringwise plan` runs where torch is not installed.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .. import plan
-from ..presets import LLAMA
 from . import flag_problems, refused
 
 
@@ -17,8 +17,41 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--model",
         default="llama-7b",
-        choices=LLAMA,
-        help="the model's shapes (the presets `ringwise train --model` trains)",
+        metavar="CONFIG",
+        help="a transformers config.json or checkpoint folder (a VLM's text_config is read), or a LLaMA "
+        "preset: " + ", ".join(plan.LLAMA_PRESETS),
+    )
+    parser.add_argument(
+        "--dtype", default="bf16", choices=tuple(plan.DTYPE_BYTES), help="compute dtype (finetune's --dtype)"
+    )
+    parser.add_argument("--checkpoint-layers", action="store_true", help="plan with finetune's --checkpoint-layers")
+    parser.add_argument("--save-attention", action="store_true", help="plan with finetune's --save-attention")
+    parser.add_argument("--offload-activations", action="store_true", help="plan with finetune's --offload-activations")
+    parser.add_argument(
+        "--ffn-tile",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="finetune's --ffn-tile (default: automatic, the hidden size; 0: untiled)",
+    )
+    parser.add_argument(
+        "--host-memory-gb",
+        metavar="GB",
+        type=float,
+        default=None,
+        help="host memory per node, GB (bounds offloaded checkpoints; default: not limited)",
+    )
+    parser.add_argument(
+        "--reserve-gb",
+        metavar="GIB",
+        type=float,
+        default=2.0,
+        help="device memory kept out of the plan, GiB (CUDA context, communication buffers, allocator slack)",
+    )
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's per-method memory model (vanilla, memory-efficient, BPT, ring) instead of the ledger",
     )
     parser.add_argument(
         "--hardware",
@@ -86,6 +119,7 @@ def problems(args) -> list[str]:
         ("--devices-per-node", True),
         ("--nvlink-gbps", False),
         ("--internode-gbps", False),
+        ("--host-memory-gb", False),
     ):
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is None:
@@ -97,7 +131,26 @@ def problems(args) -> list[str]:
     dpn = getattr(args, "devices_per_node", None)
     if dpn and dpn > 0 and args.devices > 0 and args.devices % dpn:
         found.append(f"--devices {args.devices} must be a multiple of --devices-per-node {dpn}")
+    reserve = getattr(args, "reserve_gb", 0.0)
+    if reserve is not None and not reserve >= 0:
+        found.append(f"--reserve-gb {reserve}: must be a number >= 0")
+    found += plan.mode_problems(*_mode_values(args))
+    try:
+        plan.resolve_model(args.model)
+    except ValueError as e:
+        found.append(str(e))
     return found
+
+
+def _mode_values(args) -> tuple:
+    return tuple(
+        getattr(args, name, None if name == "ffn_tile" else False)
+        for name in ("checkpoint_layers", "save_attention", "offload_activations", "ffn_tile")
+    )
+
+
+def _modes(args) -> plan.MemoryModes:
+    return plan.MemoryModes(*_mode_values(args))
 
 
 def run(args) -> None:
@@ -117,8 +170,18 @@ def run(args) -> None:
             custom[field] = plan.positive(f"--{name.replace('_', '-')}", value) * scale
     if custom:
         device = replace(device, name=f"custom({device.name})", **custom)
-    print(plan.plan_report(args.model, device, args.devices, args.batch, args.seq_len))
+    model = plan.resolve_model(args.model)
     dpn = getattr(args, "devices_per_node", None)
+    if getattr(args, "paper", False):
+        print(plan.plan_report(plan.shape_of(model), device, args.devices, args.batch, args.seq_len))
+    else:
+        host = None if args.host_memory_gb is None else plan.positive("--host-memory-gb", args.host_memory_gb) * 1e9
+        reserve = args.reserve_gb * plan.GIB
+        path = plan.checkpoint_folder(args.model) or "PATH"
+        common = dict(host_bytes=host, ranks_per_host=dpn, reserve_bytes=reserve)
+        print(plan.ledger_report(model, device, args.devices, args.dtype, _modes(args), model_path=path, **common))
+        print(plan.modes_table(model, device, args.devices, args.dtype, **common))
+        print(plan.format_decode_plan(model, args.devices, args.seq_len or 2**20, args.batch))
     if dpn is not None:
         plan.positive("--devices-per-node", dpn, integer=True)
         if args.devices % dpn:
@@ -133,7 +196,7 @@ def run(args) -> None:
         )
         seq = args.seq_len or max(32 * plan.K, args.devices * plan.K)
         print()
-        print(plan.format_mesh_plan(args.model, device, cluster, seq, batch=args.batch))
+        print(plan.format_mesh_plan(plan.shape_of(model), device, cluster, seq, batch=args.batch))
 
 
 def main(args) -> int:
