@@ -28,6 +28,9 @@ from ringwise.testing.memory import mib
 
 from . import draw, write_results
 from .common import step_memory
+from .context_model import DEFAULTS as MODEL_DEFAULTS
+from .context_model import largest
+from .context_model import run as run_model
 from .flags import context_flags as add_arguments  # noqa: F401 (defined in flags.py: the CLI needs no suite)
 from .timing import median_time
 
@@ -41,24 +44,6 @@ METHODS = {
 def fits(cluster, preset, seq, budget_bytes, overrides):
     res = cluster.run(step_memory, preset, seq, "zigzag", 1, 1024, False, overrides, timeout=3600)
     return max(p for p, _ in res) <= budget_bytes, max(p for p, _ in res)
-
-
-def largest(ok, max_units: int | None = None) -> int:
-    """Largest k >= 1 (at most max_units) with ok(k), by doubling then bisection; 0 if not ok(1)."""
-    if not ok(1):
-        return 0
-    lo, hi = 1, 2
-    while (max_units is None or hi <= max_units) and ok(hi):
-        lo, hi = hi, hi * 2
-    if max_units is not None and hi > max_units:
-        if lo == max_units or not ok(max_units):
-            hi = max_units
-        else:
-            return max_units
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
 
 
 def longest(cluster, preset, unit, budget_bytes, overrides, bar, label):
@@ -222,9 +207,17 @@ def run_device(args) -> dict:
 
 
 QUICK = dict(budget_mib=8.0, context_worlds=[2], granularity=256)  # 4 MiB resolved only 1-2 steps: flaky
+PRESET_DEFAULTS = dict(budget_mib=32.0, context_worlds=[2, 4, 8], granularity=512)  # where the flags say None
 
 
 def run(args) -> dict:
+    if getattr(args, "model", None) and getattr(args, "device", "cpu") != "cpu":
+        raise ValueError("--model PATH: measured on CPU only (drop --device cuda)")
+    for key, value in (MODEL_DEFAULTS if getattr(args, "model", None) else PRESET_DEFAULTS).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.model:
+        return run_model(args)
     if getattr(args, "device", "cpu") != "cpu":
         return run_device(args)
     budget = args.budget_mib * 2**20

@@ -104,11 +104,46 @@ def memory_flags(p):
     )
 
 
+CONTEXT_OPTIONS = ("none", "checkpoint-layers", "save-attention", "ffn-tile")  # --context-options (context_model)
+
+
 def context_flags(p):
-    p.add_argument("--budget-mib", type=float, default=32.0, help="per-process memory budget")
+    p.add_argument(
+        "--budget-mib",
+        type=float,
+        default=None,
+        help="per-process memory budget above the model state (default: 32; with --model 512)",
+    )
     p.add_argument("--context-model", default="tiny", help="model preset (`ringwise train --model`)")
-    p.add_argument("--context-worlds", type=int, nargs="+", default=[2, 4, 8], help="ring sizes W")
-    p.add_argument("--granularity", type=int, default=512, help="search step in tokens per process")
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        default=None,
+        help="a transformers checkpoint folder: plain transformers in one process against `ringwise finetune`'s "
+        "step on W ranks with each of --context-options (CPU, float32), instead of --context-model",
+    )
+    p.add_argument(
+        "--context-worlds", type=int, nargs="+", default=None, help="ring sizes W (default: 2 4 8; with --model 1 2 4)"
+    )
+    p.add_argument(
+        "--granularity",
+        type=int,
+        default=None,
+        help="search step in tokens per process (default: 512; with --model 256)",
+    )
+    p.add_argument(
+        "--context-options",
+        nargs="+",
+        default=["checkpoint-layers"],
+        choices=list(CONTEXT_OPTIONS),
+        help="--model: ringwise's memory options, one per search (save-attention and ffn-tile with checkpoint-layers)",
+    )
+    p.add_argument(
+        "--context-max-tokens",
+        type=int,
+        default=16384,
+        help="--model: longest sequence per process searched",
+    )
     p.add_argument(
         "--gpu-methods",
         nargs="+",
