@@ -482,6 +482,20 @@ def test_bad_flags_are_listed_before_any_rank_starts(checkpoint_and_text, tmp_pa
     )
     err = capsys.readouterr().err
     assert "2 problems" in err and "--steps 0" in err and "--eval-sequences 99: the held-out share holds " in err, err
+    # a model whose feed-forward cannot be tiled (OPT's is inline in its layer): refused unless --ffn-tile 0
+    opt = tmp_path / "opt"
+    small = dict(vocab_size=64, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, num_attention_heads=4)
+    transformers.AutoModelForCausalLM.from_config(transformers.OPTConfig(**small, num_hidden_layers=2)).save_pretrained(
+        opt
+    )
+    tiny_tokenizer().save_pretrained(opt)
+    flags = ["finetune", "--model", str(opt), "--text", str(text), "--seq-len", str(SEQ), "--world", "2"]
+    assert main([*flags, "--steps", "0", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "--ffn-tile: OPTDecoderLayer (layer 0) has no feed-forward module" in err, err
+    assert main([*flags, "--steps", "0", "--ffn-tile", "0", "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "1 problem" in err and "--ffn-tile" not in err, err
 
 
 # ---------------------------------------------------------------- a real pretrained model

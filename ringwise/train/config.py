@@ -420,6 +420,25 @@ def _memory_problems(cfg) -> list[str]:
     return out
 
 
+def _ffn_tile_problems(cfg, config) -> list[str]:
+    """--ffn-tile on (its default): every decoder layer's feed-forward must be a module the integration can
+    tile (OPT's is inline in its layer); read from the model's structure, built on the meta device."""
+    if cfg.ffn_tile == 0:
+        return []
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ..integrations.hf_tiling import feed_forward_modules
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        feed_forward_modules(model)
+    except ValueError as e:
+        return [f"--ffn-tile: {e}"]
+    return []
+
+
 def _pretrained_problems(cfg) -> list[str]:
     """ringwise finetune's model, RoPE change and text, checked (and the text tokenized into its cache)
     before any rank starts."""
@@ -458,6 +477,7 @@ def _pretrained_problems(cfg) -> list[str]:
         except (ValueError, OSError, KeyError) as e:
             out.append(f"--model {cfg.pretrained}: {e}")
         else:
+            out += _ffn_tile_problems(cfg, config)
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             heads = text.num_attention_heads
             if cfg.ulysses > 1 and heads % cfg.ulysses:
