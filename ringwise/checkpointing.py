@@ -161,14 +161,21 @@ class ActivationOffload:
     def reset_counts(self) -> None:
         self.packed = self.bytes = self.unpacked = self.prefetched = self.fetched_late = 0
 
-    def _pack(self, layer: _Layer, t: torch.Tensor) -> _Offloaded:
+    def _pack(self, layer: _Layer, t: torch.Tensor) -> _Offloaded | torch.Tensor:
+        if t.numel() == 0:  # nothing to move (torch < 2.13's checkpoint saves an empty marker beside the inputs)
+            return t
+        return self._offload(layer, t)
+
+    def _offload(self, layer: _Layer, t: torch.Tensor) -> _Offloaded:
         saved = _Offloaded(self, layer, t)
         layer.saved.append(weakref.ref(saved))
         self.packed += 1
         self.bytes += t.numel() * t.element_size()
         return saved
 
-    def _unpack(self, saved: _Offloaded) -> torch.Tensor:
+    def _unpack(self, saved: _Offloaded | torch.Tensor) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
         self._backward_since = True
         t = saved.take()
         self.unpacked += 1

@@ -76,14 +76,14 @@ class Recording(ActivationOffload):
         super().__init__()
         self.seen = []
 
-    def _pack(self, layer, t):
+    def _offload(self, layer, t):
         self.seen.append(t)
-        return super()._pack(layer, t)
+        return super()._offload(layer, t)
 
 
 @pytest.mark.parametrize("save_attention", [False, True])
 def test_offload_takes_exactly_the_layer_inputs_and_prefetches_one_layer_ahead(save_attention):
-    """The hooks see each checkpoint: one tensor per layer, the layer's input itself, and nothing else;
+    """The hooks move each checkpoint: one tensor per layer, the layer's input itself, and nothing else;
     backward hands each back once, every layer's but the last one fetched ahead (while the layer after
     it recomputes); the bytes counted are the inputs'. Two steps in a row: the count per step holds
     and the host copies are let go with the graph."""
@@ -190,3 +190,49 @@ def test_every_mode_is_exact_on_a_ring(cluster, reference, world, layout):
         assert hops["checkpoint"] == hops["offload"] == hops["none"] + rerun
         assert hops["save"] == hops["save+offload"] == hops["none"]
         assert results["offload"]["offloaded"] == results["save+offload"]["offloaded"] > 0
+
+
+# ---------------------------------------------------------------- on a GPU (make test-gpu)
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def cuda(fn):
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")(fn))
+
+
+def _held_after_forward(model, ids, pos, labels):
+    """(loss, device bytes the forward left allocated for backward) once the side stream's copies are done."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    loss, _ = model(ids, pos, labels)
+    torch.cuda.synchronize()
+    torch.empty(1, device="cuda")  # the allocator frees blocks a side stream used at its next allocation
+    return loss, torch.cuda.memory_allocated() - before
+
+
+@cuda
+def test_offload_on_a_gpu_frees_the_checkpoints_and_changes_no_bit():
+    """On the GPU: the forward leaves the checkpoints' bytes fewer on the device (in pinned host memory
+    instead), backward fetches every layer's but the last one ahead on the side stream, and the loss and
+    every gradient equal plain checkpointing's bit for bit (with and without save_attention)."""
+    results = {}
+    ids, pos, labels = (t.cuda() for t in batch(seq=2048, b=2))
+    for mode in ("checkpoint", "offload", "save", "save+offload"):
+        torch.manual_seed(0)
+        model = Transformer(model_config("base", **MODES[mode])).double().cuda()  # float64: deterministic kernels
+        loss, held = _held_after_forward(model, ids, pos, labels)
+        if model.offload is not None:
+            last = model.offload._last.saved[-1]()
+            assert last.host.is_pinned() and last.host.device.type == "cpu"
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results[mode] = (loss.detach(), grads, held, model.offload)
+    for plain, off in (("checkpoint", "offload"), ("save", "save+offload")):
+        assert torch.equal(results[off][0], results[plain][0]) and torch.equal(results[off][1], results[plain][1])
+        offload = results[off][3]
+        L = model.cfg.n_layers
+        assert offload.bytes == L * ids.numel() * model.cfg.dim * 8
+        assert results[plain][2] - results[off][2] >= offload.bytes  # every checkpoint left the device
+        assert (offload.unpacked, offload.prefetched, offload.fetched_late) == (L, L - 1, 1)
+    assert torch.equal(results["save"][1], results["checkpoint"][1])

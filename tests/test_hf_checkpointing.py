@@ -78,8 +78,8 @@ def test_each_mode_in_one_process(mode, ring_calls, monkeypatch):  # noqa: F811
     if MODES[mode] and MODES[mode][1]:
         from ringwise.checkpointing import ActivationOffload
 
-        real = ActivationOffload._pack
-        monkeypatch.setattr(ActivationOffload, "_pack", lambda self, layer, t: seen.append(t) or real(self, layer, t))
+        real = ActivationOffload._offload
+        monkeypatch.setattr(ActivationOffload, "_offload", lambda self, lay, t: seen.append(t) or real(self, lay, t))
     ring_calls[0] = 0
     r = hf_gradients_per_mode("zigzag", "float64", [mode])[mode]
     assert torch.equal(r["loss"], ref["loss"]) and torch.equal(r["grads"], ref["grads"])
@@ -122,18 +122,18 @@ def counted_train_job(cfg_dict):
     """train_job, counting the forward ring's hops and the tensors the offload hooks took."""
     from ringwise.checkpointing import ActivationOffload
 
-    packed, real = [0], ActivationOffload._pack
+    packed, real = [0], ActivationOffload._offload
 
-    def pack(self, layer, t):
+    def offload(self, layer, t):
         packed[0] += 1
         return real(self, layer, t)
 
-    ActivationOffload._pack = pack  # type: ignore[method-assign]
+    ActivationOffload._offload = offload  # type: ignore[method-assign]
     try:
         with count_comms() as c:
             losses = train_job(cfg_dict)
     finally:
-        ActivationOffload._pack = real  # type: ignore[method-assign]
+        ActivationOffload._offload = real  # type: ignore[method-assign]
     return losses, c.hops["kv"], packed[0]
 
 
