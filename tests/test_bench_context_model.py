@@ -48,5 +48,6 @@ def test_per_token_is_the_slope_up_to_the_longest_fitting_probe():
     probe = lambda seq, peak, world=2: dict(seq=seq, per_process=seq // world, peak_mib=peak)
     probes = [probe(256, 10.0), probe(512, 12.0), probe(1024, 16.0), probe(1536, 18.0), probe(2048, 40.0)]
     assert per_token(probes, 1536) == (18.0 - 12.0) * 1024 / (768 - 256)  # against 512: the longest at most half
-    assert per_token(probes, 256) is None  # nothing half as long was probed
-    assert per_token(probes, 0) is None
+    assert per_token(probes, 256) == (12.0 - 10.0) * 1024 / (256 - 128)  # nothing half as long: the shortest, doubled
+    assert per_token(probes, 0) == per_token(probes, 256)  # nothing fits: the same pair
+    assert per_token(probes[:1] + probes[2:], 0) is None  # the shortest's double not probed

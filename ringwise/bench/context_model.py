@@ -10,11 +10,11 @@ counts no freed tensor):
                  none, checkpoint-layers, save-attention (with checkpoint-layers), ffn-tile (with
                  checkpoint-layers; the other options untiled, --ffn-tile 0)
 A probe is one training step at a length, after a warm-up step that made the optimizer state; its
-figure is each process's peak above what the process held just before the step (the runtime, the
-weights and the optimizer state: `state`). The longest sequence is searched by doubling then
+figure is each process's peak above what the process held just before the step (`state`: the
+runtime, the weights, their gradients and the optimizer state). The longest sequence is searched by doubling then
 bisection in steps of --granularity tokens per process, up to --context-max-tokens per process;
 memory per token is the slope of the peak between the longest probe that fits and the longest probe
-at most half as long.
+at most half as long (where none fits: the shortest probe and one at twice its length).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def ringwise_probe(path: str, option: str, max_tokens: int, length: int) -> dict
         step(run, 0)
         run.warmed = True  # type: ignore[attr-defined]
     run.cfg, run.task = run.cfg.replace(seq_len=length), cast(Any, _RandomTokens(vocab, length))
-    return _measured(lambda: step(run, 1))
+    return _measured(lambda: step(run, 1), run.model.parameters())
 
 
 def transformers_probe(path: str, length: int) -> dict:
@@ -110,11 +110,16 @@ def transformers_probe(path: str, length: int) -> dict:
         _held[key] = (model, optimizer)
         _transformers_step(model, optimizer, WARM_UP_TOKENS)
     model, optimizer = _held[key]
-    return _measured(lambda: _transformers_step(model, optimizer, length))
+    return _measured(lambda: _transformers_step(model, optimizer, length), model.parameters())
 
 
-def _measured(work) -> dict:
-    """work()'s peak bytes above what the process holds before it (`state`, bytes), and its seconds."""
+def _measured(work, parameters) -> dict:
+    """work()'s peak bytes above the model state (`state`: what the process holds before it, with the
+    weights' gradients allocated as zeros, as a step that accumulates into them finds them), and its seconds.
+    The step frees its gradients at its end (zero_grad(set_to_none=True)), after its peak."""
+    for p in parameters:
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     gc.collect()
     state = proc_status_kb("VmRSS") * 1024
     with PeakMemory() as mem:
@@ -176,18 +181,25 @@ def search(cluster, probe, args, world: int, bar, label: str) -> dict:
         return max(r["peak"] for r in got) <= budget
 
     best = largest(ok, args.context_max_tokens // args.granularity) * unit
+    if per_token(probes, best) is None and 2 * args.granularity <= args.context_max_tokens:
+        ok(2 * min(p["seq"] for p in probes) // unit)  # the slope's second length (nothing fitted twice over)
     return dict(max_seq=best, probes=sorted(probes, key=lambda p: p["seq"]), per_token_kib=per_token(probes, best))
 
 
 def per_token(probes: list[dict], best: int) -> float | None:
     """KiB per token of a process: the peak's slope between the longest fitting probe and the longest
-    probe at most half as long (None where no such pair was probed)."""
+    probe at most half as long; where there is none, between the shortest probe and the probe at twice
+    its length (None where that was not probed: `search` probes it)."""
+    slope = lambda lo, hi: (hi["peak_mib"] - lo["peak_mib"]) * 1024 / (hi["per_process"] - lo["per_process"])
     top = next((p for p in probes if p["seq"] == best), None)
     lower = [p for p in probes if top is not None and p["seq"] * 2 <= top["seq"]]
-    if top is None or not lower:
+    if top is not None and lower:
+        return slope(max(lower, key=lambda p: p["seq"]), top)
+    if not probes:
         return None
-    low = max(lower, key=lambda p: p["seq"])
-    return (top["peak_mib"] - low["peak_mib"]) * 1024 / (top["per_process"] - low["per_process"])
+    short = min(probes, key=lambda p: p["seq"])
+    double = next((p for p in probes if p["seq"] == 2 * short["seq"]), None)
+    return slope(short, double) if double is not None else None
 
 
 def _probe(method: str, path: str, option: str, max_tokens: int) -> Callable[[int], tuple]:
@@ -237,7 +249,8 @@ def run(args) -> dict:
 def table(args, rows: list[dict]) -> str:
     lines = [
         f"`{args.model}`, float32, batch 1, causal: the longest sequence whose training step keeps every "
-        f"process within {args.budget_mib:.0f} MiB above what it holds between steps (searched in steps of "
+        f"process within {args.budget_mib:.0f} MiB above its state (runtime, weights, gradients, optimizer "
+        f"moments: the resident set between steps) (searched in steps of "
         f"{args.granularity} tokens per process, up to {args.context_max_tokens}), and memory per token of a "
         "process (the peak's slope up to that length).",
         "",
