@@ -13,6 +13,10 @@ and token_losses(...) -> every local token's loss. Losses are computed in float3
 LOSS_CHUNK tokens through the vocabulary projection, each recomputed in backward when there are
 several (never more than one chunk's (tokens, vocab) logits alive at once).
 
+Memory: each decoder layer's feed-forward (MLP or MoE block) runs over tiles of --ffn-tile local tokens
+in training, each recomputed in backward (the integration's tile_feed_forward; default: the model's
+hidden size in tokens; 0: untiled), so no (local tokens x intermediate) tensor exists whole.
+
 Context extension: `extended_config` writes --rope-theta / --rope-scaling / --rope-factor into the
 config (static scalings only: the integration refuses those that depend on the local length)
 and raises max_position_embeddings to cover the trained length.
@@ -197,10 +201,13 @@ def build_pretrained(cfg, mesh) -> PretrainedLM:
         hf = AutoModelForCausalLM.from_config(config, attn_implementation=rw.NAME, **dtype_kwarg(torch.float32))
     hf.tie_weights()  # from_config leaves a tied output matrix untied until weights load: tie it before sharding
     rw.check_model(hf)
+    rw.tile_feed_forward(hf, cfg.ffn_tile)  # --ffn-tile: None = the model's hidden size in tokens, 0 = untiled
     model = PretrainedLM(hf)
     model.set_ring(mesh.seqshard(cfg.layout))
-    if cfg.checkpoint_layers:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.checkpoint_layers:  # transformers' own, non-reentrant; its modes: ringwise.checkpointing
+        from ..checkpointing import checkpoint_hf_layers
+
+        checkpoint_hf_layers(hf, cfg.save_attention, cfg.offload_activations)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     shard_model(model, mesh, cfg.compute_dtype(mesh.device), per_layer=True)
     model.to_empty(device=mesh.device)
