@@ -38,16 +38,15 @@ def test_bench_context_model(tiny, tmp_path):
         assert r["max_seq"] in fitting | {0} and r["max_seq"] <= CAP * W
         if r["max_seq"] < CAP * W:  # the search stopped at a probe one step longer that was over budget
             assert any(p["seq"] == r["max_seq"] + GRANULARITY * W and not p["fits"] for p in probes)
-        assert r["per_token_kib"] == per_token(probes, r["max_seq"])
+        assert r["per_token_kib"] is not None and r["per_token_kib"] == per_token(probes)
     table = (tmp_path / "context_model.md").read_text()
     assert table.count("\n| ") == 1 + len(rows) and "| ringwise finetune | 2 | checkpoint-layers |" in table
     assert (tmp_path / "context_model.png").stat().st_size > 0
 
 
-def test_per_token_is_the_slope_up_to_the_longest_fitting_probe():
+def test_per_token_is_the_slope_up_to_the_longest_probe():
     probe = lambda seq, peak, world=2: dict(seq=seq, per_process=seq // world, peak_mib=peak)
     probes = [probe(256, 10.0), probe(512, 12.0), probe(1024, 16.0), probe(1536, 18.0), probe(2048, 40.0)]
-    assert per_token(probes, 1536) == (18.0 - 12.0) * 1024 / (768 - 256)  # against 512: the longest at most half
-    assert per_token(probes, 256) == (12.0 - 10.0) * 1024 / (256 - 128)  # nothing half as long: the shortest, doubled
-    assert per_token(probes, 0) == per_token(probes, 256)  # nothing fits: the same pair
-    assert per_token(probes[:1] + probes[2:], 0) is None  # the shortest's double not probed
+    assert per_token(probes) == (40.0 - 16.0) * 1024 / (1024 - 512)  # 2048 against 1024: the longest at most half
+    assert per_token(probes[:4]) == (18.0 - 12.0) * 1024 / (768 - 256)  # 1536 against 512
+    assert per_token(probes[:1]) is None and per_token([]) is None  # one length: no slope

@@ -13,8 +13,8 @@ A probe is one training step at a length, after a warm-up step that made the opt
 figure is each process's peak above what the process held just before the step (`state`: the
 runtime, the weights, their gradients and the optimizer state). The longest sequence is searched by doubling then
 bisection in steps of --granularity tokens per process, up to --context-max-tokens per process;
-memory per token is the slope of the peak between the longest probe that fits and the longest probe
-at most half as long (where none fits: the shortest probe and one at twice its length).
+memory per token is the slope of the peak between the longest probe (over the budget, where the
+search found a limit) and the longest probe at most half as long.
 """
 
 from __future__ import annotations
@@ -181,25 +181,23 @@ def search(cluster, probe, args, world: int, bar, label: str) -> dict:
         return max(r["peak"] for r in got) <= budget
 
     best = largest(ok, args.context_max_tokens // args.granularity) * unit
-    if per_token(probes, best) is None and 2 * args.granularity <= args.context_max_tokens:
-        ok(2 * min(p["seq"] for p in probes) // unit)  # the slope's second length (nothing fitted twice over)
-    return dict(max_seq=best, probes=sorted(probes, key=lambda p: p["seq"]), per_token_kib=per_token(probes, best))
+    if per_token(probes) is None and 2 * args.granularity <= args.context_max_tokens:
+        ok(2 * min(p["seq"] for p in probes) // unit)  # the slope's second length (the first probe was over)
+    return dict(max_seq=best, probes=sorted(probes, key=lambda p: p["seq"]), per_token_kib=per_token(probes))
 
 
-def per_token(probes: list[dict], best: int) -> float | None:
-    """KiB per token of a process: the peak's slope between the longest fitting probe and the longest
-    probe at most half as long; where there is none, between the shortest probe and the probe at twice
-    its length (None where that was not probed: `search` probes it)."""
-    slope = lambda lo, hi: (hi["peak_mib"] - lo["peak_mib"]) * 1024 / (hi["per_process"] - lo["per_process"])
-    top = next((p for p in probes if p["seq"] == best), None)
-    lower = [p for p in probes if top is not None and p["seq"] * 2 <= top["seq"]]
-    if top is not None and lower:
-        return slope(max(lower, key=lambda p: p["seq"]), top)
+def per_token(probes: list[dict]) -> float | None:
+    """KiB per token of a process: the peak's slope between the longest probe (the one over the budget,
+    where the search found one) and the longest probe at most half as long (None where none was probed:
+    `search` probes twice the shortest length then)."""
     if not probes:
         return None
-    short = min(probes, key=lambda p: p["seq"])
-    double = next((p for p in probes if p["seq"] == 2 * short["seq"]), None)
-    return slope(short, double) if double is not None else None
+    top = max(probes, key=lambda p: p["seq"])
+    lower = [p for p in probes if p["seq"] * 2 <= top["seq"]]
+    if not lower:
+        return None
+    low = max(lower, key=lambda p: p["seq"])
+    return (top["peak_mib"] - low["peak_mib"]) * 1024 / (top["per_process"] - low["per_process"])
 
 
 def _probe(method: str, path: str, option: str, max_tokens: int) -> Callable[[int], tuple]:
@@ -252,7 +250,7 @@ def table(args, rows: list[dict]) -> str:
         f"process within {args.budget_mib:.0f} MiB above its state (runtime, weights, gradients, optimizer "
         f"moments: the resident set between steps) (searched in steps of "
         f"{args.granularity} tokens per process, up to {args.context_max_tokens}), and memory per token of a "
-        "process (the peak's slope up to that length).",
+        "process (the peak's slope between the longest probe and the longest at most half as long).",
         "",
         "| method | processes | option | longest sequence | KiB per token per process | state MiB per process |"
         " seconds at the longest |",
