@@ -252,10 +252,12 @@ class Transformer(nn.Module):
         Norm weights 1; weights N(0, 0.02), residual projections scaled by 1/sqrt(2 layers) (GPT-2)."""
         shape = self.get_parameter(name).shape
         if name.endswith("norm.weight"):
-            return torch.ones(shape)
+            return torch.ones(shape, device="cpu")
         std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
         g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        return torch.randn(shape, generator=g) * std
+        # drawn on the CPU whatever the default device (a CUDA default device refuses a CPU
+        # generator), so the values are the same wherever the model is built
+        return torch.randn(shape, generator=g, device="cpu") * std
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:

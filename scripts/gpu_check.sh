@@ -4,7 +4,7 @@
 # Uses the machine's python as it is (PYTHON, default python3: its CUDA torch; no venv, no
 # installs). Runs `make test-gpu` (the tests marked cuda), the one-GPU attention benchmark,
 # the per-rank compute benchmark and a capped max-context search, each under a timeout
-# (590 s in all), teeing every log into OUT_DIR.
+# (590 s in all; scale them with LIMIT_PERCENT=60 for a shorter lease), teeing every log into OUT_DIR.
 set -u
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -16,7 +16,7 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
 step() {  # step NAME SECONDS CMD...: run under a timeout, log to OUT/NAME.log, note the exit status
-    local name=$1 limit=$2
+    local name=$1 limit=$(( $2 * ${LIMIT_PERCENT:-100} / 100 ))
     shift 2
     echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
     local t0=$SECONDS
@@ -51,5 +51,10 @@ gpu_step bench-compute 70 "$PY" -m ringwise.cli bench compute --device cuda --ou
 # Does the ~1B preset train at 256K on this GPU (BPT), and how far do vanilla and SDPA get?
 gpu_step bench-context 150 "$PY" -m ringwise.cli bench context --device cuda --gpu-methods bpt memeff vanilla \
     --gpu-granularity 32768 --gpu-max-seq-len 262144 --out "$OUT/bench"
+
+# One bf16 training run of the base preset with layer checkpointing and --save-attention on one GPU
+gpu_step train-bf16 60 "$PY" -m ringwise.cli train --device cuda --dtype bf16 --model base --world 1 \
+    --seq-len 16384 --batch 1 --steps 12 --warmup 2 --checkpoint-layers --save-attention --eval-lengths 1024 \
+    --eval-per-cell 1 --out "$OUT/train"
 
 echo "== summary"; cat "$SUMMARY"

@@ -243,6 +243,33 @@ def test_cudnn_kernel_refuses_fp32_and_rectangular_causal():
         kern.forward(q, k, v, True, 0.125)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_kernel_runs_one_by_one_tiles_on_the_reference(monkeypatch, causal):
+    """cuDNN refuses s_q = s_kv = 1 (an H200 run: document boundaries cut such tiles); those tiles
+    run on the reference kernel, bit for bit, and cuDNN's op is never called for them."""
+
+    def no_cudnn(*args, **kwargs):
+        raise AssertionError("cuDNN's op was called for a 1 x 1 tile")
+
+    monkeypatch.setattr(kernels.aten, "_scaled_dot_product_cudnn_attention", no_cudnn)
+    monkeypatch.setattr(kernels.aten, "_scaled_dot_product_cudnn_attention_backward", no_cudnn)
+    q, k, v = (t.normal_() for t in _blocks(device="cpu", sq=1, sk=1))
+    dout = torch.randn_like(q)
+    kern, ref = CudaCudnnKernel(), kernels.ReferenceKernel()
+    out, lse = kern.forward(q, k, v, causal, 0.125)
+    want_out, want_lse = ref.forward(q, k, v, causal, 0.125)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    for got, want in zip(
+        kern.backward(dout, q, k, v, out, lse, causal, 0.125),
+        ref.backward(dout, q, k, v, out, lse, causal, 0.125),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
+    q, k, v = _blocks(device="cpu", sq=2, sk=2)  # any other tile goes to cuDNN
+    with pytest.raises(AssertionError, match="cuDNN's op was called"):
+        kern.forward(q, k, v, causal, 0.125)
+
+
 # ---------------------------------------------------------------- GPU benchmark code (CPU smoke)
 
 

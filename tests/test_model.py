@@ -155,3 +155,16 @@ def test_training_step_is_exact_across_ranks(cluster, single_process, world, dp,
         assert_within_budget(
             "loss", abs(r["loss"] - ref["loss"]), abs(f32["loss"] - ref["loss"]), 1e-6, ceiling=CEILINGS["float32"]
         )
+
+
+def test_initial_values_come_from_the_cpu_generator_whatever_the_default_device():
+    """A model built under a default-device context (the GPU bench builds it `with cuda:`) draws its
+    initial values on the CPU: a CUDA default device refuses the CPU generator (seen on an H200),
+    and another generator would give other values."""
+    cfg = model_config("tiny")
+    whole = Transformer(cfg)
+    with torch.device("meta"):
+        elsewhere = Transformer(cfg)
+        values = {name: elsewhere.initial_value(name, 0) for name, _ in elsewhere.named_parameters()}
+    for name, value in values.items():
+        assert value.device.type == "cpu" and torch.equal(value, whole.initial_value(name, 0)), name

@@ -367,10 +367,16 @@ class CudaCudnnKernel:
     """torch's cuDNN attention op (fp16/bf16 only: fp32 returns NaN). GQA native.
 
     Its causal mask on a rectangular block is not the ring's alignment, so causal tiles must
-    be square (the tiling only makes square diagonal causal tiles).
+    be square (the tiling only makes square diagonal causal tiles). cuDNN refuses a tile of one
+    query and one key ("s_q = s_kv = 1 is not supported", seen on an H200 where document
+    boundaries cut such tiles): those run on the reference kernel, which is exact for any shape.
     """
 
     name = "cuda_cudnn"
+
+    @staticmethod
+    def unsupported_shape(q: Tensor, k: Tensor) -> bool:
+        return q.shape[2] == 1 and k.shape[2] == 1
 
     @staticmethod
     def _check(q: Tensor, k: Tensor, causal: bool) -> None:
@@ -387,6 +393,8 @@ class CudaCudnnKernel:
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         self._check(q, k, causal)
+        if self.unsupported_shape(q, k):
+            return _KERNELS["reference"].forward(q, k, v, causal, scale)
         res = aten._scaled_dot_product_cudnn_attention(**cudnn_forward_args(q, k, v, causal, scale))
         return res[0], res[1].squeeze(-1)
 
@@ -394,6 +402,8 @@ class CudaCudnnKernel:
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         self._check(q, k, causal)
+        if self.unsupported_shape(q, k):
+            return _KERNELS["reference"].backward(dout, q, k, v, out, lse, causal, scale)
         if dout.stride() != out.stride():  # cuDNN wants dO laid out like O
             dout, out = dout.contiguous(), out.contiguous()
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
