@@ -319,7 +319,7 @@ def test_plan_runs_without_torch():
         "sys.exit(main(['plan', '--model', 'llama-7b', '--hardware', 'a100-nvlink', '--devices', '8']))"
     )
     assert done.returncode == 0, done.stderr
-    assert "llama-7b" in done.stdout and "Ring Attention" in done.stdout
+    assert "llama-7b" in done.stdout and "longest context:" in done.stdout and "reach it:" in done.stdout
 
 
 @pytest.mark.parametrize(
