@@ -418,6 +418,24 @@ def check_hf(results, W, given):
 GEN_NEW = 8
 
 
+def given_path(world):
+    return dict(path=str(world / TINY_MODEL))
+
+
+def collect_tiles(ns):
+    import ringwise.integrations.transformers as rw
+
+    return dict(auto=ns["auto"], after=[rw.ffn_tile_of(ns[m]) for m in ("model", "by_1024", "untiled")])
+
+
+def check_tiles(results, W, given):
+    import transformers
+
+    hidden = transformers.AutoConfig.from_pretrained(given["path"]).hidden_size
+    for r in results:  # the comments: T = the hidden size, at least 256; 0 untiles; a size tiles by it
+        assert r == dict(auto=max(hidden, 256), after=[0, 1024, 0]), r
+
+
 def given_generate(world):
     return dict(path=str(world / TINY_MODEL), input_ids=tokens((2, 21), 2))
 
@@ -491,6 +509,9 @@ EXAMPLES = {
         given=given_hf,
         collect=collect_hf,
         check=check_hf,
+    ),
+    "docs/transformers.md > Feed-forward tiling": Example(
+        substitutions=[], given=given_path, collect=collect_tiles, check=check_tiles
     ),
     "docs/inference.md > A minimal example: one new token against a sharded cache": Example(
         substitutions=[

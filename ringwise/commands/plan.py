@@ -6,6 +6,7 @@ Torch-free, as the planner is: `ringwise plan` runs where torch is not installed
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from .. import plan
@@ -136,10 +137,23 @@ def problems(args) -> list[str]:
         found.append(f"--reserve-gb {reserve}: must be a number >= 0")
     found += plan.mode_problems(*_mode_values(args))
     try:
+        path_like = os.path.exists(args.model) or args.model.endswith(".json") or os.sep in args.model
+        if not path_like and args.model not in plan.LLAMA_PRESETS:
+            raise ValueError("unknown model")  # a preset by its listed name only (one name per thing)
         plan.resolve_model(args.model)
     except ValueError as e:
-        found.append(str(e))
+        found.append(_model_problem(args.model, str(e)))
     return found
+
+
+def _model_problem(value, why: str) -> str:
+    """--model's problem in the command line's words: the flag and its value first."""
+    if why.startswith("--model"):
+        return why
+    if why.startswith("unknown model"):  # neither a file nor a preset
+        presets = ", ".join(plan.LLAMA_PRESETS)
+        return f"--model {value}: must be a transformers config.json or folder, or one of {presets}"
+    return f"--model {value}: {why}"
 
 
 def _mode_values(args) -> tuple:
