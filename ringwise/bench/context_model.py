@@ -103,7 +103,8 @@ def transformers_probe(path: str, length: int) -> dict:
         _held.clear()
         gc.collect()
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **dtype_kwarg(torch.float32))
-        model.gradient_checkpointing_enable()
+        # transformers 5's name; 4.x has only the old one (which 5 keeps as a warning alias)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.1)
