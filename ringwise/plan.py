@@ -957,6 +957,20 @@ def _ffn_per_token(model: ModelConfig, e: float, moe: bool) -> tuple[float, floa
     return saved, 2 * (k * fe + fs) * e
 
 
+def _norm_per_token(h: int, e: float, tiled: bool, input_kept: bool) -> float:
+    """Bytes one token's norm keeps for backward (transformers' LlamaRMSNorm: x32 = x.to(float32);
+    x32 * rsqrt(mean(x32^2) + eps), cast to the compute dtype; weight * that).
+
+    Untiled: pow and mul keep x32 (4h: a copy, or in fp32 the input itself, free when `input_kept`),
+    rsqrt its fp32 output (4), the weight's mul the normalised tensor in the compute dtype (h x e); the
+    output (h x e) is kept by the module that follows. Tiled (hf_tiling, under non-reentrant checkpoint):
+    those exist for one tile; the output stays whole, and so does the input, which the tiles'
+    checkpoints keep (free when `input_kept`)."""
+    if tiled:
+        return h * e + (0 if input_kept else h * e)
+    return (0 if input_kept and e == 4 else 4 * h) + 2 * h * e + 4
+
+
 def device_terms(model, dtype="bf16", world=1, modes=MemoryModes()) -> dict:
     """Per local token, the bytes on the device by term, and the two phases whose peak is the step's.
 
@@ -965,23 +979,31 @@ def device_terms(model, dtype="bf16", world=1, modes=MemoryModes()) -> dict:
     * layer inputs (--checkpoint-layers): each layer's input, h x e per layer; offloaded, the device
       keeps OFFLOAD_IN_FLIGHT layers' worth. --save-attention adds each layer's attention output
       (heads x v_head_dim x e) and lse (heads, fp32), kept (and offloaded) with the input.
-    * the recomputed layer's saved activations (attention part): transformers' RMSNorm keeps its fp32
-      input, its normalised output in the compute dtype and the output the projections keep: 8h bytes,
-      plus its fp32 rstd; rotary's outputs q and k and the projection's v, which the ring keeps with the
-      attention output and the fp32 lse (the projections' own q and k outputs are freed: rotary's
-      multiplications keep cos and sin, not q).
-    * FFN phase: the attention part, the second norm (8h + 4), the feed-forward's saved tensors and its
-      gradients (_ffn_per_token), the residual-stream gradient and the feed-forward input's gradient
-      with one more transient of its size (3h x e). Tiled (--ffn-tile T), the feed-forward keeps nothing
-      per token: its saved tensors and gradients exist for T tokens (a constant).
+    * the norms (_norm_per_token): untiled, transformers' RMSNorm keeps a float32 version of its input
+      (a copy, or in fp32 the input itself), its normalised output in the compute dtype and its output,
+      which the next module keeps: 4h + 2h x e bytes, plus its fp32 rstd; tiled (--ffn-tile T, the
+      same switch: hf_tiling tiles the layers' norms and the final norm with the feed-forward), its
+      internals exist for one tile and it keeps its output (h x e) and, through the tiles' checkpoints,
+      its input (h x e) where nothing else keeps it (the layer input under --checkpoint-layers is
+      the layer's checkpoint: counted there, as the fp32 input itself is untiled).
+    * the recomputed layer's saved activations (attention part): the first norm; rotary's outputs q
+      and k and the projection's v, which the ring keeps with the attention output and the fp32 lse
+      (the projections' own q and k outputs are freed: rotary's multiplications keep cos and sin, not q).
+    * FFN phase: the attention part, the second norm (its input, the residual after attention, is not
+      kept by anything else), the feed-forward's saved tensors and its gradients (_ffn_per_token), the
+      residual-stream gradient and the feed-forward input's gradient with one more transient of its
+      size (3h x e). Tiled (--ffn-tile T), the feed-forward keeps nothing per token: its saved tensors
+      and gradients exist for T tokens (a constant).
     * attention phase: the attention part, the residual gradient and dout (h + o x e), the ring's
       backward: float32 dQ accumulator (4q), the local block's dK, dV (float32, 4(k + v)) and its
       contiguous K, V (e(k + v)); on a ring (W > 1) the visiting K, V double buffered (2 x e(k + v) from
       W = 3, one pair at W = 2) and the travelling dK, dV's receive buffer (4(k + v)).
     * without --checkpoint-layers every layer keeps what its recompute would: the layer inputs become
-      n_layers x (attention part + second norm + untiled feed-forward saved).
-    * loss phase: the final norm (8h + 4) and the hidden's gradient with its per-chunk transient
-      (2h x e); its logits are a constant (LOSS_CHUNK tokens through the vocabulary).
+      n_layers x (attention part + second norm + untiled feed-forward saved), the first norm keeping
+      its input (the previous layer's output) as the second does.
+    * loss phase: the final norm (its input is the last layer's output) and the hidden's gradient with
+      its per-chunk transient (2h x e); its logits are a constant (LOSS_CHUNK tokens through the
+      vocabulary).
     """
     model = resolve_model(model)
     if dtype not in DTYPE_BYTES:
@@ -989,11 +1011,12 @@ def device_terms(model, dtype="bf16", world=1, modes=MemoryModes()) -> dict:
     positive("world", world, integer=True)
     e, h, H = DTYPE_BYTES[dtype], model.hidden, model.n_heads
     q, k, v, o = model.q_width, model.k_width, model.v_width, model.o_width
-    norm = 8 * h + 4
-    attention_part = norm + (q + k + v + o) * e + 4 * H
+    tiled = modes.tile(model) > 0
+    norm = _norm_per_token(h, e, tiled, input_kept=False)
+    first_norm = _norm_per_token(h, e, tiled, input_kept=modes.checkpoint_layers)
+    attention_part = first_norm + (q + k + v + o) * e + 4 * H
     moe = model.moe_layers > 0
     ffn_saved, ffn_grads = _ffn_per_token(model, e, moe)
-    tiled = modes.tile(model) > 0
     L = model.n_layers
     kept_attention = (o * e + 4 * H) if modes.save_attention else 0
     if modes.checkpoint_layers:
@@ -1003,6 +1026,8 @@ def device_terms(model, dtype="bf16", world=1, modes=MemoryModes()) -> dict:
         host = L * per_layer if modes.offload_activations else 0
     else:
         stored = {"every layer's activations": L * (attention_part + norm + (0 if tiled else ffn_saved))}
+        # the first norm's input, the previous layer's output, is kept by no checkpoint here: first_norm
+        # was taken with input_kept=False
         host = 0
     ring = 0 if world == 1 else min(2, world - 1) * (k + v) * e + 4 * (k + v)
     phases = {

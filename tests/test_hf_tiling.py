@@ -2,7 +2,8 @@
 
 No (tokens x intermediate) tensor exists whole in a tiled forward and backward (an op-level dispatch
 mode records every tensor, gradients included; the untiled run shows the whole one, so the check can
-fail), also inside transformers' own gradient checkpointing. MoE families through the ring at W = 1, 2, 3
+fail), also inside transformers' own gradient checkpointing; nor, in bfloat16, the norms' float32
+(tokens x hidden) upcast. MoE families through the ring at W = 1, 2, 3
 with tiles shorter than the local shard: logits, router logits (output_router_logits, reassembled in
 global order), the auxiliary loss transformers computes from them, and every parameter gradient of the
 loss plus a term linear in the router logits (so gradients flow through the router logits the tiles
@@ -29,7 +30,7 @@ from test_hf_families import make_config as family_config  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
-from ringwise.integrations.hf_tiling import NotMerged, feed_forward_modules  # noqa: E402
+from ringwise.integrations.hf_tiling import NotMerged, feed_forward_modules, norm_modules  # noqa: E402
 
 SEQ, BATCH, TILE = 48, 2, 5  # 24 / 16 local tokens at W = 2 / 3: tiles of 5, 5, 5, (5,) and the rest
 
@@ -46,18 +47,21 @@ def global_ids():
 
 
 class Widest(TorchDispatchMode):
-    """The most rows (elements / width) of any tensor an op returns whose last dim is `width`, parameter-shaped
-    ones (weights, their gradients) aside; and the ops seen (backward's included)."""
+    """The most rows (elements / width) of any tensor an op returns whose last dim is `width` (and whose dtype is
+    `dtype`, when given), parameter-shaped ones (weights, their gradients) aside; and the ops seen (backward's
+    included)."""
 
-    def __init__(self, width, param_shapes):
+    def __init__(self, width, param_shapes, dtype=None):
         super().__init__()
-        self.width, self.param_shapes, self.rows, self.ops = width, param_shapes, 0, set()
+        self.width, self.param_shapes, self.dtype, self.rows, self.ops = width, param_shapes, dtype, 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops.add(func.overloadpacket.__name__)
         for t in tree_flatten(out)[0]:
-            if torch.is_tensor(t) and t.dim() >= 2 and t.shape[-1] == self.width and t.shape not in self.param_shapes:
+            if not torch.is_tensor(t) or (self.dtype is not None and t.dtype != self.dtype):
+                continue
+            if t.dim() >= 2 and t.shape[-1] == self.width and t.shape not in self.param_shapes:
                 self.rows = max(self.rows, t.numel() // self.width)
         return out
 
@@ -83,19 +87,47 @@ def test_no_tokens_by_intermediate_tensor_exists_whole(checkpointing):
     assert rows[0] == BATCH * SEQ, rows  # untiled: the whole (batch x tokens, intermediate) tensor exists
     assert rows[TILE] == BATCH * TILE, rows  # tiled: one tile's, at most
 
+    # The norms (each layer's two and the final one): in bfloat16, transformers' RMSNorm upcasts its input to
+    # float32 and normalises it there; the only float32 (tokens x hidden) tensors of the step are theirs.
+    upcast = {}
+    for tile in (0, TILE):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").bfloat16()
+        rw.tile_feed_forward(model, tile)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+            model.train()
+        shapes = {p.shape for p in model.parameters()}
+        with Widest(config.hidden_size, shapes, dtype=torch.float32) as seen:
+            model(input_ids=global_ids()).logits.square().mean().backward()
+        assert "rsqrt" in seen.ops and "silu_backward" in seen.ops
+        upcast[tile] = seen.rows
+    assert upcast[0] == BATCH * SEQ, upcast  # untiled: the norms' whole float32 (batch x tokens, hidden) tensors
+    assert upcast[TILE] == BATCH * TILE, upcast  # tiled: one tile's, at most
+
 
 def test_tiling_keeps_names_and_classes_and_can_be_undone():
+    """The feed-forward modules and the norms keep their classes (a subclass of the same name), parameter names
+    and state dict; tile 0 gives back the original classes."""
     config = config_class("LlamaConfig")(
         vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4
     )
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     classes = [type(m) for m in feed_forward_modules(model)]
+    norms = norm_modules(model)
+    norm_classes = [type(m) for m in norms]
+    assert len(norms) == 2 * config.num_hidden_layers + 1  # input_layernorm, post_attention_layernorm; final norm
+    assert norms[-1] is model.model.norm and all(n.__class__.__name__ == "LlamaRMSNorm" for n in norms)
     names = [n for n, _ in model.named_parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     assert rw.tile_feed_forward(model, TILE) == TILE and rw.ffn_tile_of(model) == TILE
     assert [n for n, _ in model.named_parameters()] == names  # parameter names (state dicts) unchanged
-    assert all(
-        isinstance(m, c) and type(m).__name__ == c.__name__ for m, c in zip(feed_forward_modules(model), classes)
-    )
+    for modules, kinds in ((feed_forward_modules(model), classes), (norm_modules(model), norm_classes)):
+        assert all(
+            isinstance(m, c) and type(m) is not c and type(m).__name__ == c.__name__ for m, c in zip(modules, kinds)
+        )
+    tiled_state = model.state_dict()
+    assert tiled_state.keys() == state.keys() and all(torch.equal(tiled_state[k], state[k]) for k in state)
     assert f"ringwise_ffn_tile={TILE}" in repr(model)
     shapes = {p.shape for p in model.parameters()}
     with torch.no_grad(), Widest(config.intermediate_size, shapes) as seen:
@@ -103,6 +135,7 @@ def test_tiling_keeps_names_and_classes_and_can_be_undone():
     assert seen.rows == BATCH * TILE  # inference (prefill) runs the tiles too, without recomputation
     assert rw.tile_feed_forward(model, 0) == 0 and rw.ffn_tile_of(model) == 0
     assert [type(m) for m in feed_forward_modules(model)] == classes
+    assert [type(m) for m in norm_modules(model)] == norm_classes
     with torch.no_grad(), Widest(config.intermediate_size, shapes) as seen:
         untiled = model(input_ids=global_ids()).logits
     assert seen.rows == BATCH * SEQ and (tiled_logits - untiled).abs().max() < 1e-5

@@ -368,7 +368,7 @@ def test_llama31_8b_on_8_h100_with_offload():
     assert n * 8 * led.host_per_token <= 2e12
     assert led.host_per_token == 32 * 4096 * 2 and led.stored_per_token == {"layer checkpoints": 2 * 4096 * 2}
     assert led.model_state == m.n_params * 16 / 8
-    assert n * 8 >= 3_000_000  # ALST measured 3.7M on this setup (with a fused RMSNorm and Liger kernels)
+    assert n * 8 >= 4_000_000  # issue 29's target (ALST measured 3.7M here, with a fused RMSNorm and Liger kernels)
     # offloading is what makes it long: on the device, the checkpoints would bound it first
     kept = plan.ledger(m, 8, "bf16", plan.MemoryModes(checkpoint_layers=True))
     assert kept.max_tokens_per_rank(H100_USABLE) < n / 2
@@ -396,6 +396,17 @@ def test_ledger_terms_follow_the_modes():
     assert base.phases_per_token["ffn"]["ffn saved"] == 0
     assert base.phase_constants["ffn"]["ffn tile"] == 4096 * 6 * 14336 * e  # automatic tile: the hidden size
     assert untiled.bytes_per_token() > base.bytes_per_token()
+    # the norms, tiled with the feed-forward: each keeps its output, and its input where no checkpoint holds it;
+    # untiled, transformers' RMSNorm keeps its float32 input copy, its normalised output and its output
+    assert untiled.phases_per_token["ffn"]["second norm"] == 4 * h + 2 * h * e + 4
+    assert untiled.phases_per_token["loss"]["final norm"] == 4 * h + 2 * h * e + 4
+    assert base.phases_per_token["ffn"]["second norm"] == 2 * h * e
+    assert base.phases_per_token["loss"]["final norm"] == 2 * h * e
+    part = [led.phases_per_token["attention"]["attention part"] for led in (untiled, base)]
+    first_norm = part[0] - part[1]
+    assert first_norm == (4 * h + 2 * h * e + 4) - h * e  # the layer input is the layer's checkpoint: not counted
+    fp32_untiled = plan.ledger(m, 8, "fp32", plan.MemoryModes(checkpoint_layers=True, ffn_tile=0))
+    assert fp32_untiled.phases_per_token["ffn"]["second norm"] == 12 * h + 4  # in fp32 x32 is the residual itself
     one = plan.ledger(m, 1, "bf16", plan.MemoryModes(checkpoint_layers=True))
     assert one.phases_per_token["attention"]["ring buffers in flight"] == 0
     none = plan.ledger(m, 8, "bf16", plan.MemoryModes())

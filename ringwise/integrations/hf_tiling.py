@@ -1,4 +1,5 @@
-"""Sequence-tiled feed-forward for transformers models: no (local tokens x intermediate) tensor exists whole.
+"""Sequence-tiled feed-forward and norms for transformers models: no (local tokens x intermediate) tensor, and
+no norm's internal (local tokens x hidden) tensors (transformers' RMSNorm's float32 upcast), exist whole.
 
     import ringwise.integrations.transformers as rw
     model = rw.from_pretrained(path)             # tiled already (auto tile); ffn_tile=0: left untiled
@@ -11,12 +12,18 @@ torch.utils.checkpoint (only its input is kept; backward runs it again), so its 
 projections, activations, expert buffers) and their gradients exist for one tile at a time, in forward
 and in backward. Forwards without gradients (inference's prefill, reentrant checkpointing's first pass)
 run the tiles plainly; calls of T tokens or fewer (a decoding step) are one call, as before.
-The norms around the module are left whole: their tensors are (tokens x hidden), the residual stream's
-size. The result is the untiled call's: each token's feed-forward depends on that token alone,
-the tiles' outputs are put back in token order (tensors shaped (batch, tokens, ...) concatenated on the
-tokens; tensors flattened to (batch * tokens, ...), such as router logits, reassembled batch-major), and
-the forward hooks of the module's submodules (transformers records MoE router logits with one on the
-router) fire once with the whole call's inputs and outputs, not once per tile: `output_router_logits`
+The per-token norms run the same way, in the same tiles: each decoder layer's norm modules (its leaf
+children whose class is a LayerNorm or RMSNorm: input_layernorm, post_attention_layernorm, Gemma's and
+OLMo2's pre/post_feedforward_layernorm, GPT-2's ln_1 / ln_2, ...) and the decoder's own beside the layer
+list (the final norm). A norm's internals (transformers' RMSNorm keeps a float32 copy of its input and its
+normalised output besides the output it returns) then exist for one tile; what stays whole is the norm's
+output (the next module keeps it) and, under recomputation, its input (the tiles' checkpoints keep it).
+Norms inside attention (q_norm, k_norm: per head) are left as they are. The result is the untiled
+call's: each token's feed-forward (and norm) depends on that token alone, the tiles' outputs are put
+back in token order (tensors shaped (batch, tokens, ...) concatenated on the tokens; tensors flattened
+to (batch * tokens, ...), such as router logits, reassembled batch-major), and the forward hooks of the
+module's submodules (transformers records MoE router logits with one on the router) fire once with the
+whole call's inputs and outputs, not once per tile: `output_router_logits`
 gives the untiled tuple, and the auxiliary loss transformers computes from it is the untiled one.
 
 The module keeps its class (a subclass of it, with the same name: isinstance checks, parameter names and
@@ -34,6 +41,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 FFN_NAMES = ("mlp", "block_sparse_moe", "feed_forward")  # a decoder layer's feed-forward, by transformers' names
+NORM_KINDS = ("layernorm", "rmsnorm")  # a per-token norm, by its class name (lower case): LlamaRMSNorm, LayerNorm, ...
 MIN_TILE = 256  # the automatic tile's floor (tokens)
 _ATTR = "_ringwise_ffn_tile"
 
@@ -47,6 +55,11 @@ def tile_size(config) -> int:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's decoder layers: its outermost ModuleList of num_hidden_layers modules."""
+    return _decoder_layers(model)[1]
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, module) of the model's decoder layers."""
     config: Any = model.config
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n = text.num_hidden_layers
@@ -58,7 +71,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"{type(model).__name__}: no list of its {n} decoder layers found, so ringwise cannot tile its "
             "feed-forward; leave it untiled (ffn_tile=0, --ffn-tile 0)"
         )
-    return min(found, key=lambda f: (f[0], f[1]))[2]
+    _, name, layers = min(found, key=lambda f: (f[0], f[1]))
+    return name, layers
 
 
 def feed_forward_modules(model: nn.Module) -> list[nn.Module]:
@@ -77,10 +91,24 @@ def feed_forward_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def _is_norm(m: nn.Module) -> bool:
+    return next(m.children(), None) is None and any(k in type(m).__name__.lower() for k in NORM_KINDS)
+
+
+def norm_modules(model: nn.Module) -> list[nn.Module]:
+    """The per-token norms tiled with the feed-forward: each decoder layer's leaf children that are norms
+    (input_layernorm, post_attention_layernorm, pre/post_feedforward_layernorm, ...), in layer order, then
+    those beside the layer list in its parent (the final norm). Norms inside attention are not included."""
+    name, layers = _decoder_layers(model)
+    parent = model.get_submodule(name.rpartition(".")[0])
+    out = [m for layer in layers for m in layer.children() if _is_norm(m)]
+    return out + [m for m in parent.children() if _is_norm(m)]
+
+
 def tile_feed_forward(model: nn.Module, tokens: int | None = None) -> int:
-    """Run every decoder layer's feed-forward over tiles of `tokens` local tokens in gradient forwards (see the
-    module docstring). None: tile_size(model.config); 0: untiled again. Returns the tile (0: untiled).
-    Idempotent; a second call sets the new tile."""
+    """Run every decoder layer's feed-forward and the per-token norms (norm_modules) over tiles of `tokens`
+    local tokens in gradient forwards (see the module docstring). None: tile_size(model.config); 0: untiled
+    again. Returns the tile (0: untiled). Idempotent; a second call sets the new tile."""
     if tokens is not None and tokens < 0:
         raise ValueError(f"ffn tile {tokens}: must be a positive number of tokens, or 0 (untiled)")
     if tokens == 0:
@@ -90,7 +118,7 @@ def tile_feed_forward(model: nn.Module, tokens: int | None = None) -> int:
                 delattr(m, _ATTR)
         return 0
     tile = tile_size(model.config) if tokens is None else int(tokens)  # type: ignore[union-attr]
-    for m in feed_forward_modules(model):  # every layer's, or a ValueError before any is changed
+    for m in feed_forward_modules(model) + norm_modules(model):  # every layer's, or a ValueError before any change
         if not isinstance(m, _Tiled):
             m.__class__ = _tiled_class(type(m))
         setattr(m, _ATTR, tile)
@@ -112,7 +140,7 @@ def _tiled_class(cls: type) -> type:
 
 
 class _Tiled(nn.Module):
-    """The tiled forward, mixed in front of a feed-forward module's own class."""
+    """The tiled forward, mixed in front of a feed-forward module's (or a norm's) own class."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inner = super().forward
