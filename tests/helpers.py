@@ -304,6 +304,40 @@ def train_args(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+def offload_step(cfg):
+    """On each rank of a CPU cluster: one training step (the loop's own `step`: loss, gradients summed
+    by FSDP2, clipping, AdamW) of `cfg` with and without --offload-params, from the same initial model.
+    Returns the two runs' losses, whole parameters and whole AdamW moments after the step (gathered:
+    equal on every rank), and where each run keeps its state: its FSDP units' offload policies and
+    whether FSDP holds each parameter's shard on the host (copying it to the device to compute)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from ringwise.train import make_mesh
+    from ringwise.train.loop import build, step
+
+    out = {}
+    for offload in (False, True):
+        run = build(cfg.replace(offload_params=offload), make_mesh(cfg.dp, torch.device("cpu"), timeout=30))
+        rec = step(run, 0)
+        whole = lambda t: t.full_tensor()  # noqa: E731
+        params = {n: whole(p.detach()) for n, p in run.model.named_parameters()}
+        moments = {
+            (n, k): whole(v)
+            for n, p in run.model.named_parameters()
+            for k, v in run.optimizer.state[p].items()
+            if k != "step"
+        }
+        groups = [m._get_fsdp_state()._fsdp_param_group for m in run.model.modules() if isinstance(m, FSDPModule)]
+        where = dict(
+            policies={type(g.offload_policy).__name__ for g in groups},
+            copies={fp.offload_to_cpu for g in groups for fp in g.fsdp_params},
+        )
+        out[offload] = dict(loss=rec["loss"], params=params, moments=moments, where=where)
+        dist.barrier()
+    return out
+
+
 # ---------------------------------------------------------------- on a rank
 
 

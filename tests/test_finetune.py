@@ -20,6 +20,7 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from helpers import offload_step  # noqa: E402
 from hf_models import (
     WORDS,
     needs_smollm2,
@@ -181,6 +182,23 @@ def test_steps_agree_across_world_sizes_and_with_one_process(cluster, checkpoint
         assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, runs["W1"])), (world, losses, runs["W1"])
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_offload_params_changes_no_bit_of_a_finetune_step(cluster, checkpoint_and_text, tmp_path, world):
+    """--offload-params on a transformers model: every FSDP unit (each decoder layer and the root) under
+    CPUOffloadPolicy, and a clipped step gives the same loss, parameters and AdamW moments bit for bit
+    (on a CPU run the policy's copies are no-ops: the same kernels in the same order; helpers.offload_step)."""
+    model, text = checkpoint_and_text
+    cfg = config(model, text, tmp_path / "o", steps=1, grad_clip=1e-3, layout="contiguous", batch=1)
+    for got in cluster(world).run(offload_step, cfg):
+        plain, offloaded = got[False], got[True]
+        assert plain["where"] == dict(policies={"OffloadPolicy"}, copies={False})
+        assert offloaded["where"] == dict(policies={"CPUOffloadPolicy"}, copies={True})
+        assert offloaded["loss"] == plain["loss"]
+        for key in ("params", "moments"):
+            a, b = plain[key], offloaded[key]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+
+
 def bytes_job(cfg_dict):
     """This rank's parameter and optimizer-state bytes after one step (its shards only)."""
     from ringwise.train.loop import setup, step
@@ -294,7 +312,9 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
     assert not (out / "summary.json").exists() and (out / "eval_before.json").exists()
     on_three = list(flags)
     on_three[on_three.index("--world") + 1] = "3"
-    assert main(on_three + ["--resume"]) == 0  # resumed on another world size (DCP reshards)
+    # resumed on another world size (DCP reshards), with the model state in host memory: the flag reaches
+    # the build, and the resumed steps, the evaluation and the checkpoint run with it
+    assert main(on_three + ["--resume", "--offload-params"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2]
     # what was asked (the command line), what ran (every flag resolved), how long and how fast
@@ -304,6 +324,7 @@ def test_finetune_command_runs_resumes_evaluates_and_exports(checkpoint_and_text
     assert config["backend"] == "gloo" and config["dtype"] == "fp32" and config["lr"] == 1e-3
     assert config["eval_sequences"] == 2 and config["eval_lengths"] == [48, 96] and config["rope_factor"] == 2.0
     assert config["mesh"] == dict(dp=1, cp=3, ulysses=1) and "out" not in config and "data" not in config
+    assert config["offload_params"] is True
     assert summary["wall_time_s"] > 0 and summary["train_time_s"] > 0 and summary["steps_timed"] == 3
     assert summary["tokens_per_s"] == pytest.approx(3 * 2 * SEQ / summary["train_time_s"], rel=1e-3)
     before, after = summary["perplexity"]["before"], summary["perplexity"]["after"]

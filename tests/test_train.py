@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_args
+from helpers import offload_step, train_args
 
 from ringwise.cli import main
 from ringwise.model import Transformer, model_config
@@ -127,24 +127,27 @@ def test_resume_is_bit_identical_and_reshards(cluster, tmp_path):
     """Same mesh: a resumed run's losses equal the uninterrupted run's bit for bit, and the
     steps logged after the checkpoint (before the "kill") are not logged twice. Other world
     sizes and mesh shapes (4 -> 2, 2 -> 3, dp x cp 2x2 -> 1x4): the checkpoint's parameters
-    load exactly, and the losses agree to float32 round-off."""
+    load exactly, and the losses agree to float32 round-off. --offload-params (the model state in host
+    memory) saves and resumes the same: the same-mesh run runs under it throughout and still equals the
+    plain run bit for bit, and the 2 -> 3 resume loads a plain run's checkpoint under it."""
     straight = tmp_path / "straight"
     cluster(2).run(run_job, job_args(straight))
     same = tmp_path / "same"
-    cluster(2).run(run_job, job_args(same, stop_after=3))
+    cluster(2).run(run_job, job_args(same, stop_after=3, offload_params=True))
     with open(same / "metrics.jsonl", "a") as f:  # step 3 was logged, then the job was killed
         f.write(json.dumps(dict(step=3, loss=0.0)) + "\n")
-    cluster(2).run(run_job, job_args(same, resume=True))
+    cluster(2).run(run_job, job_args(same, resume=True, offload_params=True))
     assert losses(same) == losses(straight)
 
     for (w0, dp0), (w1, dp1) in [((4, 1), (2, 1)), ((2, 1), (3, 1)), ((4, 2), (4, 1))]:
         out = tmp_path / f"w{w0}dp{dp0}-w{w1}dp{dp1}"
         cluster(w0).run(run_job, job_args(out, dp=dp0, stop_after=3))
         saved = checkpoint.consolidated(checkpoint.newest_intact(out / "checkpoints")[0])["model"]
-        loaded = cluster(w1).run(full_params, job_args(out, dp=dp1, resume=True))
+        offload = w1 == 3
+        loaded = cluster(w1).run(full_params, job_args(out, dp=dp1, resume=True, offload_params=offload))
         for params in loaded:  # resharded exactly, on every rank
             assert saved.keys() == params.keys() and all(torch.equal(saved[k], params[k]) for k in saved)
-        cluster(w1).run(run_job, job_args(out, dp=dp1, resume=True))
+        cluster(w1).run(run_job, job_args(out, dp=dp1, resume=True, offload_params=offload))
         assert close(losses(out), losses(straight)), (w0, dp0, w1, dp1, losses(out), losses(straight))
         meta = checkpoint.read_meta(checkpoint.newest_intact(out / "checkpoints")[0])
         assert (meta["step"], meta["world"], meta["mesh"]) == (6, w1, dict(dp=dp1, cp=w1 // dp1, ulysses=1))
@@ -643,3 +646,20 @@ def test_a_save_that_fails_on_rank0_fails_every_rank_alike(cluster):
     once instead of waiting at a barrier for the timeout."""
     said = cluster(2).run(_rank0_disk_full, timeout=20)
     assert said[0] == said[1] and "finishing step-00000002 failed on rank 0" in said[0] and "No space" in said[0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_offload_params_changes_no_bit_of_a_step(cluster, world):
+    """--offload-params: every FSDP unit of the own model runs under CPUOffloadPolicy (each parameter's
+    shard held on the host), and a step (clipped: grad_clip far below the gradient's norm) gives the
+    same loss, parameters and AdamW moments, bit for bit: on a CPU run the policy's host-device copies
+    are no-ops and the optimizer ran on the CPU already, so the same kernels run in the same order."""
+    cfg = job_args("unused", grad_clip=1e-3, dp=1)
+    for got in cluster(world).run(offload_step, cfg):
+        plain, offloaded = got[False], got[True]
+        assert plain["where"] == dict(policies={"OffloadPolicy"}, copies={False})
+        assert offloaded["where"] == dict(policies={"CPUOffloadPolicy"}, copies={True})
+        assert offloaded["loss"] == plain["loss"]
+        for key in ("params", "moments"):
+            a, b = plain[key], offloaded[key]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key

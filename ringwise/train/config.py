@@ -52,6 +52,7 @@ class TrainConfig:
     checkpoint_layers: bool = False
     save_attention: bool = False  # with checkpoint_layers: keep attention's out and lse, so recompute skips the ring
     offload_activations: bool = False  # with checkpoint_layers: layer checkpoints in pinned host memory
+    offload_params: bool = False  # the model state (FSDP2's shards, gradients, AdamW moments) in host memory
     ffn_tile: int | None = None  # tokens per feed-forward tile (None: chosen from the model's widths; 0: untiled)
     compile: bool = False
     dtype: str | None = None
@@ -308,6 +309,14 @@ def _memory_flags(p, checkpoint_help: str) -> None:
         action="store_true",
         help="with --checkpoint-layers: move the layer checkpoints to pinned host memory in forward and "
         "bring each back one layer ahead in backward (side-stream copies; saves GPU memory only)",
+    )
+    g.add_argument(
+        "--offload-params",
+        action="store_true",
+        help="keep the model state in host memory (FSDP2's CPUOffloadPolicy): each rank's shards of the "
+        "float32 weights, their gradients and the AdamW moments; each FSDP unit's weights are copied to the "
+        "device for its forward and backward, and the optimizer step runs on the CPU (slower steps; saves "
+        "GPU memory only)",
     )
     g.add_argument(
         "--ffn-tile",

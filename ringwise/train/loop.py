@@ -17,10 +17,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..attention.seqshard import SeqShard
 from ..data import collate, sample_indices
@@ -156,7 +157,7 @@ def step(run: Run, step: int) -> dict:
     t0 = time.perf_counter()
     loss, n_tokens = compute_gradients(run, step)
     if run.cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+        clip_gradients(run, run.cfg.grad_clip)
     for param_group in run.optimizer.param_groups:
         param_group["lr"] = lr_at(step, run.cfg)
     run.optimizer.step()
@@ -174,6 +175,26 @@ def step(run: Run, step: int) -> dict:
         labelled_tokens=n_tokens,
         **{key: max(peaks), f"{key}_per_rank": peaks},
     )
+
+
+@torch.no_grad()
+def clip_gradients(run: Run, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s scaling (by max_norm / (norm + 1e-6) where that is below 1), with
+    the norm of the whole model's gradient summed from every rank's shards: each rank squares its own
+    shards (FSDP2 gives every parameter's gradient as this rank's DTensor shard, wherever it lives: in
+    host memory under --offload-params), the squares are summed over the shard group as one tensor on
+    the run's device (so the collective runs under NCCL as under gloo), and each rank scales its shards
+    in place. Returns the norm before clipping."""
+    grads = [cast(DTensor, p.grad).to_local() for p in run.model.parameters() if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float64, device=run.device)
+    if grads:
+        squares += torch.stack([n.double().square() for n in torch._foreach_norm(grads)]).sum().to(run.device)
+    dist.all_reduce(squares, group=run.mesh.shard_mesh.get_group())
+    norm = squares.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    if grads:
+        torch._foreach_mul_(grads, scale.to(grads[0].device, grads[0].dtype))
+    return norm.item()
 
 
 def gather_peaks(run: Run) -> list[float]:

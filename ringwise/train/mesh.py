@@ -165,7 +165,11 @@ PER_LAYER_BYTES = 64 * 2**20
 
 
 def shard_model(
-    model: torch.nn.Module, mesh: Mesh, compute_dtype: torch.dtype | None = None, per_layer: bool | None = None
+    model: torch.nn.Module,
+    mesh: Mesh,
+    compute_dtype: torch.dtype | None = None,
+    per_layer: bool | None = None,
+    offload: bool = False,
 ) -> None:
     """FSDP2 over the whole mesh: parameters, gradients and optimizer state live in 1/world
     shards and are gathered only while they compute. Parameters stay in their own dtype
@@ -175,8 +179,21 @@ def shard_model(
 
     per_layer: each layer its own unit (gathered one layer at a time: what large models
     need) or one unit for the whole model (fewest collectives). Default: per layer once
-    the gathered parameters would exceed PER_LAYER_BYTES (64 MiB) in the compute dtype."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    the gathered parameters would exceed PER_LAYER_BYTES (64 MiB) in the compute dtype.
+
+    offload (--offload-params): FSDP2's CPUOffloadPolicy on every unit: the parameter shards, their
+    gradients and so the optimizer state (built over them) live in host memory, pinned on CUDA; each
+    unit's shards are copied to the device for its all-gather and its gradients back after the
+    reduce-scatter, and the optimizer step runs on the CPU. A model built on the meta device is then
+    materialized with `materialize` (its shards on the host, its buffers on the device)."""
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     param_dtype = next(model.parameters()).dtype
     if compute_dtype is None or compute_dtype == param_dtype:
@@ -186,11 +203,13 @@ def shard_model(
     if per_layer is None:
         itemsize = (compute_dtype or param_dtype).itemsize
         per_layer = sum(p.numel() for p in model.parameters()) * itemsize > PER_LAYER_BYTES
+    # pinned host memory needs an accelerator (on a CPU run pin_memory raises): pinned on CUDA only
+    where = CPUOffloadPolicy(pin_memory=mesh.device.type == "cuda") if offload else OffloadPolicy()
     if per_layer:
         # Transformer's ModuleList, or PretrainedLM's decoder layers (a property: module attribute typing can't say)
         for layer in cast("Iterable[torch.nn.Module]", model.layers):
-            fully_shard(layer, mesh=mesh.shard_mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh.shard_mesh, mp_policy=policy)
+            fully_shard(layer, mesh=mesh.shard_mesh, mp_policy=policy, offload_policy=where)
+    fully_shard(model, mesh=mesh.shard_mesh, mp_policy=policy, offload_policy=where)
     for method in ("predict", "token_losses"):  # evaluation's entry points (not forward) gather parameters too
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
@@ -198,6 +217,19 @@ def shard_model(
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+def materialize(model: torch.nn.Module, device: torch.device, offload: bool = False) -> None:
+    """Storage for a sharded model built on the meta device (values uninitialised: fill_shards or a
+    checkpoint's load fills them). Its parameter shards on `device`, or, under offload (shard_model's
+    CPUOffloadPolicy, which requires its shards on the host), in host memory; buffers, which FSDP does
+    not manage, on `device` either way."""
+    model.to_empty(device="cpu" if offload else device)
+    if offload and device.type != "cpu":
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[name] = torch.empty_like(b, device=device)
 
 
 @torch.no_grad()
@@ -209,6 +241,7 @@ def fill_shards(model: Transformer, seed: int) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     for name, p in model.named_parameters():
-        whole = model.initial_value(name, seed).to(p.device, p.dtype)
         shard = cast(DTensor, p)  # shard_model made every parameter a DTensor
-        p.copy_(distribute_tensor(whole, shard.device_mesh, shard.placements, src_data_rank=None))
+        whole = model.initial_value(name, seed).to(shard.device_mesh.device_type).to(p.dtype)
+        local = distribute_tensor(whole, shard.device_mesh, shard.placements, src_data_rank=None).to_local()
+        shard.to_local().copy_(local)  # into FSDP's own storage, wherever it lives (host memory under offload)

@@ -38,7 +38,7 @@ from ..attention.seqshard import IGNORE_INDEX, SeqShard
 from ..data.documents import LEGACY_CACHE_DIR, PackedDocuments, split, tokenize_documents
 from ..data.text import text_files
 from ..model import blockwise
-from .mesh import shard_model
+from .mesh import materialize, shard_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -209,8 +209,8 @@ def build_pretrained(cfg, mesh) -> PretrainedLM:
 
         checkpoint_hf_layers(hf, cfg.save_attention, cfg.offload_activations)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    shard_model(model, mesh, cfg.compute_dtype(mesh.device), per_layer=True)
-    model.to_empty(device=mesh.device)
+    shard_model(model, mesh, cfg.compute_dtype(mesh.device), per_layer=True, offload=cfg.offload_params)
+    materialize(model, mesh.device, cfg.offload_params)  # --offload-params: the shards in host memory
     with torch.no_grad():
         for name, b in model.named_buffers():  # to_empty left them uninitialised
             b.copy_(buffers[name].to(b.device))

@@ -33,7 +33,7 @@ import torch
 from ..data import DEFAULT_DIGITS, PackedTextDataset, RetrievalDataset, retrieval_accuracy
 from ..model import Block, Transformer, model_config
 from .config import TrainConfig
-from .mesh import Mesh, fill_shards, shard_model
+from .mesh import Mesh, fill_shards, materialize, shard_model
 
 if TYPE_CHECKING:
     from .pretrained import PretrainedLM
@@ -119,8 +119,8 @@ class _OwnModelTask(Task):
         if cfg.compile:  # per block, as torchtitan does: FSDP's hooks stay outside the compiled graphs
             for layer in model.layers:
                 layer.compile(fullgraph=True)
-        shard_model(model, mesh, cfg.compute_dtype(mesh.device))
-        model.to_empty(device=mesh.device)
+        shard_model(model, mesh, cfg.compute_dtype(mesh.device), offload=cfg.offload_params)
+        materialize(model, mesh.device, cfg.offload_params)
         fill_shards(model, cfg.seed)
         model.set_ring(mesh.seqshard(cfg.layout))
         return model
