@@ -663,3 +663,59 @@ def test_offload_params_changes_no_bit_of_a_step(cluster, world):
         for key in ("params", "moments"):
             a, b = plain[key], offloaded[key]
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+
+
+# One rank on one GPU (NCCL), in its own process: one clipped step with and without --offload-params; what
+# stays allocated on the GPU after it, the state's bytes, the loss and the parameters (whole at W=1).
+_GPU_OFFLOAD_JOB = """
+import gc, json, sys, torch, torch.distributed as dist
+from ringwise.train import make_mesh
+from ringwise.train.config import TrainConfig
+from ringwise.train.loop import build, step
+from ringwise.train.mesh import init_distributed
+device = init_distributed("cuda", None, 120)
+got, params = {}, {}
+for offload in (False, True):
+    cfg = TrainConfig(model="base", seq_len=256, batch=2, steps=2, lr=1e-3, warmup=1, grad_clip=1e-3,
+                      offload_params=offload, out=sys.argv[1])
+    run = build(cfg, make_mesh(1, device, 120))
+    n = sum(p.numel() for p in run.model.parameters())
+    loss = step(run, 0)["loss"]
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    state = [t for p in run.model.parameters() for t in (p, *run.optimizer.state[p].values()) if t.dim() > 0]
+    devices = sorted({t.to_local().device.type for t in state})
+    params[offload] = [p.to_local().detach().cpu() for p in run.model.parameters()]
+    got[offload] = dict(params=n, loss=loss, held=held, devices=devices)
+    del run, state
+    gc.collect()
+    torch.cuda.empty_cache()
+got["param_diff"] = max((a - b).abs().max().item() for a, b in zip(params[False], params[True]))
+dist.destroy_process_group()
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_params_on_a_gpu_moves_the_model_state_to_the_host(tmp_path):
+    """--offload-params on one GPU under NCCL: the parameter shards and AdamW moments live in host memory,
+    and after a step the GPU holds less than a quarter of the weights' and moments' 12 bytes per parameter
+    (without it, at least those 12 bytes: the measure sees the state). The first step's loss is the same
+    (the same forward on the same weights, copied to the GPU to compute; float32 rounding allowed) and the
+    parameters after it agree to float32 rounding (AdamW ran on the CPU instead of the GPU)."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    done = subprocess.run(
+        [sys.executable, "-c", _GPU_OFFLOAD_JOB, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    plain, offloaded = got["false"], got["true"]
+    n = plain["params"]
+    assert plain["devices"] == ["cuda"] and offloaded["devices"] == ["cpu"]
+    assert plain["held"] >= 12 * n and offloaded["held"] < 3 * n, (plain["held"], offloaded["held"], n)
+    assert abs(offloaded["loss"] - plain["loss"]) <= 1e-6 * abs(plain["loss"])
+    assert got["param_diff"] <= 1e-6
