@@ -134,8 +134,13 @@ def make_sinks(case):
 
 def options(case):
     """The case's ring_attention keyword arguments (besides sinks and layout)."""
+    extra = {name: case[name] for name in ("chunk", "group_ids") if case.get(name) is not None}
     return dict(
-        causal=case["causal"], cu_seqlens=case.get("cu_seqlens"), window=case.get("window"), softcap=case.get("softcap")
+        causal=case["causal"],
+        cu_seqlens=case.get("cu_seqlens"),
+        window=case.get("window"),
+        softcap=case.get("softcap"),
+        **extra,
     )
 
 
@@ -162,18 +167,41 @@ def document_mask(cu_seqlens, total):
     return doc[:, None] == doc[None, :]
 
 
-def visible_mask(total, causal=True, window=None, cu_seqlens=None):
-    """Global (query, key) visibility: causal, key at most `window` before, same document."""
+def visible_mask(total, causal=True, window=None, cu_seqlens=None, chunk=None, group_ids=None):
+    """Global (query, key) visibility, written out pair by pair from the definitions:
+    ((causal, or key at most `right` after) and key at most `left` before, or both in one group)
+    and same document and same chunk. window: left, or (left, right); group_ids: per-token ids,
+    >= 0 in a group."""
     i, j = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    left, right = window if isinstance(window, (tuple, list)) else (window, None)
     vis = torch.ones(total, total, dtype=torch.bool)
     if causal:
         vis &= j <= i
-    if window is not None:
-        vis &= i - j <= window
+    if right is not None:
+        vis &= j - i <= right
+    if left is not None:
+        vis &= i - j <= left
+    if group_ids is not None:
+        g = torch.as_tensor(group_ids)
+        vis |= (g[:, None] == g[None, :]) & (g[:, None] >= 0)
     if cu_seqlens is not None:
         doc = torch.bucketize(torch.arange(total), torch.tensor(cu_seqlens[1:]), right=True)
         vis &= doc[:, None] == doc[None, :]
+    if chunk is not None:
+        vis &= i // chunk == j // chunk
     return vis
+
+
+def case_mask(case):
+    """The whole visibility of a case (causal included), for reference_attention with causal=False."""
+    return visible_mask(
+        case["seq"],
+        case["causal"],
+        case.get("window"),
+        case.get("cu_seqlens"),
+        case.get("chunk"),
+        case.get("group_ids"),
+    )
 
 
 def assemble(parts, layout, seq_dim):
@@ -197,7 +225,9 @@ def case_id(c):
 
 def feature_id(c):
     """The suffix naming a case's window, soft-cap, sinks and packed documents."""
-    extra = "".join(f"-{k}{c[k]}" for k in ("window", "softcap") if c.get(k) is not None)
+    extra = "".join(f"-{k}{c[k]}" for k in ("window", "chunk", "softcap") if c.get(k) is not None)
+    extra = extra.replace(" ", "")
+    extra += "-groups" * (c.get("group_ids") is not None)
     return extra + "-sinks" * bool(c.get("sinks")) + ("-docs" if c.get("cu_seqlens") else "")
 
 
@@ -235,11 +265,10 @@ def float64_results(case):
     """The oracle's out, lse and gradients (dq, dk, dv, and dsinks where the case has sinks)
     for the case's whole sequence, its dout as the output gradient."""
     q, k, v, dout = make_inputs(case)
-    mask = visible_mask(q.shape[1], False, case.get("window"), case.get("cu_seqlens"))
     sinks = make_sinks(case)
     wrt = [x.detach().requires_grad_() for x in (q, k, v) + (() if sinks is None else (sinks,))]
     out, lse = reference_attention(
-        *wrt[:3], case["causal"], mask=mask, sinks=wrt[3] if sinks is not None else None, softcap=case.get("softcap")
+        *wrt[:3], False, mask=case_mask(case), sinks=wrt[3] if sinks is not None else None, softcap=case.get("softcap")
     )
     return dict(zip(GRAD_NAMES, torch.autograd.grad(out, wrt, dout)), out=out.detach(), lse=lse)
 

@@ -362,7 +362,8 @@ def run_windowed(cases):
 @pytest.mark.parametrize("layout", ringwise.LAYOUTS)
 def test_window_sinks_softcap_compose_with_ulysses(cluster, layout):
     """A 2 x 2 mesh with a sliding window across shards, per-head sinks (cut to each rank's heads)
-    and soft-capping, packed documents too: within 2 x the single-device error of float64."""
+    and soft-capping, packed documents, block groups, a bidirectional window and chunks too: within
+    2 x the single-device error of float64."""
     base = dict(
         mesh=(2, 2),
         layout=layout,
@@ -379,6 +380,10 @@ def test_window_sinks_softcap_compose_with_ulysses(cluster, layout):
         dict(base, seed=1, window=13),
         dict(base, seed=2, window=5, softcap=3.0),
         dict(base, seed=3, window=20, cu_seqlens=VARLEN[1]),
+        # the masks of test_masks.py: image groups with a window, a bidirectional window, chunks
+        dict(base, seed=4, window=6, group_ids=[-1] * 5 + [0] * 14 + [-1] * 9 + [1] * 12 + [-1] * 8),
+        dict(base, seed=5, causal=False, window=(7, 3), cu_seqlens=VARLEN[2]),
+        dict(base, seed=6, chunk=20, softcap=3.0),
     ]
     per_rank = cluster(4).run(run_windowed, cases, timeout=300)
     for i, case in enumerate(cases):

@@ -310,7 +310,9 @@ def test_softcap_refuses_fused_backend():
     q = torch.randn(1, 8, 2, 8)
     with pytest.raises(ValueError, match="softcap.*backend='aten_cpu'"):
         ringwise.ring_attention(q, q, q, softcap=5.0, backend="aten_cpu")
-    with pytest.raises(ValueError, match="window needs causal=True"):
+    with pytest.raises(
+        ValueError, match=r"window=3 on full attention needs its reach after the query too: window=\(left, right\)"
+    ):
         ringwise.ring_attention(q, q, q, window=3)
 
 

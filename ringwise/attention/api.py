@@ -33,6 +33,7 @@ from .comm import Ring, all_gather_objects, resolve_transport
 from .kernels import Kernel, acc_dtype, default_scale
 from .ring import Engine, ring_backward, ring_forward, sink_grad
 from .spec import NAMES, TENSORS, AttentionSpec, process_group, schema_args
+from .tiles import Spans
 from .ulysses import SeqMesh, head_chunk_shapes, ulysses_backward, ulysses_forward
 
 Tensor = torch.Tensor
@@ -105,14 +106,19 @@ def _check(
     U = mesh.size if mesh is not None else 1
     problem = problem or checks.tensor_problem(q, k, v) or checks.sinks_problem(q, spec.sinks)
     docs: Optional[tuple[int, ...]] = None
+    groups: Optional[Spans] = None
     kernel: Optional[Kernel] = None
     if not problem:
         if mesh is not None:
             problem = checks.ulysses_problem(q, k, spec.layout, U, ring.world_size)
         ring_len = q.shape[1] * U  # the ring runs on U pieces gathered
         problem = problem or checks.layout_problem(spec.layout, ring_len, ring.world_size)
+        total = ring_len * ring.world_size
         if not problem:
-            docs, problem = checks.documents(spec.cu_seqlens, spec.document_ids, ring_len * ring.world_size)
+            docs, problem = checks.documents(spec.cu_seqlens, spec.document_ids, total)
+            docs = checks.chunked_bounds(docs, spec.chunk, total)
+        if not problem:
+            groups, problem = checks.group_spans(spec.group_ids, total, spec.causal, docs)
         if not problem:
             kernel, problem = checks.kernel_or_problem(spec.backend, q)
         u = (mesh.u, mesh.size) if mesh is not None else (0, 1)
@@ -122,9 +128,10 @@ def _check(
     assert kernel is not None, "kernel_or_problem gives a kernel or a problem"
     scale = default_scale(q.shape[-1]) if spec.softmax_scale is None else spec.softmax_scale
     sig = (("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype))) + spec.signature(
-        softmax_scale=repr(scale), cu_seqlens=docs, transport=ring.transport
+        softmax_scale=repr(scale), cu_seqlens=docs, group_ids=groups, transport=ring.transport
     )
-    engine = Engine(spec.causal, scale, spec.layout, ring, kernel, docs, spec.window, spec.softcap)
+    right = None if spec.causal else spec.window_right
+    engine = Engine(spec.causal, scale, spec.layout, ring, kernel, docs, spec.window, spec.softcap, right, groups)
     return _Call(ring, mesh, engine, None, sig)
 
 
@@ -419,7 +426,9 @@ def ring_attention(
     validate: bool = True,
     cu_seqlens: Union[Sequence[int], Tensor, None] = None,
     document_ids: Union[Tensor, Sequence[int], None] = None,
-    window: Optional[int] = None,
+    window: Union[int, tuple[int, int], None] = None,
+    chunk: Optional[int] = None,
+    group_ids: Union[Tensor, Sequence[int], None] = None,
     sinks: Optional[Tensor] = None,
     softcap: Union[float, Tensor, None] = None,
     ulysses_group: Optional[ProcessGroup] = None,
@@ -443,7 +452,9 @@ def ring_attention(
     validate: bool = True,
     cu_seqlens: Union[Sequence[int], Tensor, None] = None,
     document_ids: Union[Tensor, Sequence[int], None] = None,
-    window: Optional[int] = None,
+    window: Union[int, tuple[int, int], None] = None,
+    chunk: Optional[int] = None,
+    group_ids: Union[Tensor, Sequence[int], None] = None,
     sinks: Optional[Tensor] = None,
     softcap: Union[float, Tensor, None] = None,
     ulysses_group: Optional[ProcessGroup] = None,
@@ -467,7 +478,9 @@ def ring_attention(
     validate: bool = True,
     cu_seqlens: Union[Sequence[int], Tensor, None] = None,
     document_ids: Union[Tensor, Sequence[int], None] = None,
-    window: Optional[int] = None,
+    window: Union[int, tuple[int, int], None] = None,
+    chunk: Optional[int] = None,
+    group_ids: Union[Tensor, Sequence[int], None] = None,
     sinks: Optional[Tensor] = None,
     softcap: Union[float, Tensor, None] = None,
     ulysses_group: Optional[ProcessGroup] = None,
@@ -490,7 +503,9 @@ def ring_attention(
     validate: bool = True,
     cu_seqlens: Union[Sequence[int], Tensor, None] = None,
     document_ids: Union[Tensor, Sequence[int], None] = None,
-    window: Optional[int] = None,
+    window: Union[int, tuple[int, int], None] = None,
+    chunk: Optional[int] = None,
+    group_ids: Union[Tensor, Sequence[int], None] = None,
     sinks: Optional[Tensor] = None,
     softcap: Union[float, Tensor, None] = None,
     ulysses_group: Optional[ProcessGroup] = None,
@@ -509,8 +524,15 @@ def ring_attention(
     same on every rank; attention stays inside each document (causal within it if causal).
     Documents may have any lengths and span shards in every layout. document_ids: the same
     as per-token ids over the global sequence (each document contiguous), instead of cu_seqlens.
-    window (causal only): query i sees keys i - window .. i (global positions; flash-attn's
-    window_size=(window, 0)); ring steps with nothing in the window make no hop.
+    window: query i sees keys i - window .. i (causal; global positions; flash-attn's
+    window_size=(window, 0)); (left, right): keys i - left .. i + right (full attention, a
+    bidirectional window; causal takes (left, 0)); ring steps with nothing in it make no hop.
+    chunk: attention within chunks of `chunk` global positions (Llama 4's chunked layers:
+    key j visible to query i iff j // chunk == i // chunk), as if each chunk were a document.
+    group_ids (causal): per-token ids over the global sequence, >= 0 for a token in a group
+    (each group contiguous, inside one document), < 0 for none; tokens of one group also see
+    each other's later keys (Gemma 3's image tokens, a prefix-LM's prefix). The mask is
+    ((causal and window) or same group) and same document and same chunk.
     sinks: (heads,) per-head sink logits (GPT-OSS), one extra key per row with a zero value;
     differentiable; the returned lse includes it. softcap: scores -> softcap * tanh(scores /
     softcap) (Gemma 2), on the reference kernel (backend 'auto' or 'reference').
@@ -541,6 +563,8 @@ def ring_attention(
         cu_seqlens=cu_seqlens,
         document_ids=document_ids,
         window=window,
+        chunk=chunk,
+        group_ids=group_ids,
         sinks=sinks,
         softcap=softcap,
         ulysses_group=ulysses_group,

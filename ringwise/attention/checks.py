@@ -14,6 +14,7 @@ for the op and for SeqShard.shard_batch alike.
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -157,17 +158,75 @@ def scale_problem(scale: object) -> str | None:
     return None
 
 
-def window_problem(window: object, causal: bool = True) -> str | None:
+def window_problem(window: object) -> str | None:
+    """A window side alone: an int >= 0 or None."""
     if window is None:
         return None
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
         return (
             f"window must be an int >= 0 (keys at most `window` positions before the query, "
-            f"flash-attn's window_size=(window, 0)) or None, got {window!r}"
+            f"flash-attn's window_size=(window, 0)), a pair (left, right) of them, or None, got {window!r}"
         )
-    if not causal:
-        return "window needs causal=True (a left sliding window: i - window <= j <= i)"
     return None
+
+
+def window_sides_problem(window: Optional[int], right: Optional[int], causal: bool) -> str | None:
+    """The window's two sides together: causal attention sees nothing after the query; a window
+    on full attention gives both sides."""
+    if causal and right:
+        return f"causal attention sees no key after the query, but window=({window}, {right}); use ({window}, 0)"
+    if not causal and window is not None and right is None:
+        return (
+            f"window={window} on full attention needs its reach after the query too: window=(left, right), "
+            "key j visible iff i - left <= j <= i + right (or causal=True for a left window)"
+        )
+    if not causal and right is not None and window is None:
+        return f"window=(None, {right}): give the window's left side too, window=(left, right)"
+    return None
+
+
+def chunk_problem(chunk: object) -> str | None:
+    if chunk is None:
+        return None
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        return (
+            f"chunk must be an int >= 1 (attention within chunks of `chunk` global positions, "
+            f"Llama 4's chunked layers) or None, got {chunk!r}"
+        )
+    return None
+
+
+def chunked_bounds(docs: tuple[int, ...] | None, chunk: int | None, total: int) -> tuple[int, ...] | None:
+    """Document bounds cut at every multiple of `chunk` as well: attention within a chunk of a
+    document is attention within the pieces they leave."""
+    if chunk is None:
+        return docs
+    return tuple(sorted(set(docs or (0, total)) | set(range(0, total, chunk)) | {total}))
+
+
+def group_spans(
+    group_ids: Optional[Tensor], total: int, causal: bool, docs: tuple[int, ...] | None
+) -> tuple[tuple[tuple[int, int], ...] | None, str | None]:
+    """(the groups' global (start, stop) spans, problem) from per-token group ids of the global
+    sequence (>= 0: in that group, < 0: in none); each group contiguous and inside one document."""
+    if group_ids is None:
+        return None, None
+    if not causal:
+        return None, "group_ids add keys to causal attention; with causal=False every key is visible already"
+    if group_ids.dim() != 1 or not _integer_tensor(group_ids) or group_ids.numel() != total:
+        return None, f"group_ids must be a 1-D integer tensor over the global sequence ({total} tokens)"
+    ids = group_ids.cpu()
+    cuts = (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()
+    starts, stops = [0] + cuts, cuts + [total]
+    spans = [(a, b) for a, b in zip(starts, stops) if int(ids[a]) >= 0]
+    seen = [int(ids[a]) for a, _ in spans]
+    if len(set(seen)) != len(seen):
+        return None, "group_ids must keep each group contiguous (an id >= 0 reappears after another one)"
+    if docs is not None:
+        for a, b in spans:
+            if bisect.bisect_right(docs, a) != bisect.bisect_right(docs, b - 1):
+                return None, f"the group at positions {a}..{b - 1} crosses a document or chunk boundary"
+    return tuple(spans), None
 
 
 def softcap_problem(softcap: object, backend: object = "auto") -> str | None:
@@ -202,6 +261,10 @@ class Options(Protocol):
     @property
     def window(self) -> Optional[int]: ...
     @property
+    def window_right(self) -> Optional[int]: ...
+    @property
+    def chunk(self) -> Optional[int]: ...
+    @property
     def softcap(self) -> Optional[float]: ...
 
 
@@ -209,7 +272,10 @@ def option_problem(spec: Options) -> str | None:
     """What is wrong with the options alone (no tensors, no groups): spec is an AttentionSpec."""
     return (
         scale_problem(spec.softmax_scale)
-        or window_problem(spec.window, spec.causal)
+        or window_problem(spec.window)
+        or window_problem(spec.window_right)
+        or window_sides_problem(spec.window, spec.window_right, spec.causal)
+        or chunk_problem(spec.chunk)
         or softcap_problem(spec.softcap, spec.backend)
         or backend_problem(spec.backend)
     )
@@ -300,8 +366,8 @@ def signature_mismatch(sigs: Sequence[Signature], ranks: Sequence[int]) -> str |
             diffs = [f"{n}: rank {ranks[0]} {a} vs rank {r} {b}" for (n, a), (_, b) in zip(first, s) if a != b]
             return (
                 "every rank must pass the same batch, local sequence length, heads, dtype and options (causal, "
-                "layout, documents, window, sinks, softcap, softmax_scale, backend, transport; shard the global "
-                "sequence with ringwise.shard); " + "; ".join(diffs)
+                "layout, documents, window, chunk, groups, sinks, softcap, softmax_scale, backend, transport; "
+                "shard the global sequence with ringwise.shard); " + "; ".join(diffs)
             )
     return None
 

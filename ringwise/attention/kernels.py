@@ -76,7 +76,8 @@ class ReferenceKernel:
     """Plain PyTorch attention in row chunks: bounded memory, exact -inf and NaN handling.
 
     Besides causal it takes what the fused kernels lack: band=(lo, hi)
-    (key j visible to query i iff lo <= i - j <= hi, the ring's sliding-window edge tiles)
+    (key j visible to query i iff lo <= i - j <= hi, the ring's sliding-window edge tiles),
+    keep (a (rows, keys) bool mask, True = visible: the ring's masked tiles off the CPU)
     and softcap=c (scores -> c * tanh(scores / c), Gemma 2), so it is the kernel for those.
     A row with no visible key gets out = 0 and lse = -inf; NaN inputs give NaN.
     """
@@ -109,6 +110,7 @@ class ReferenceKernel:
         keys: slice,
         band: Optional[tuple[int, int]] = None,
         softcap: Optional[float] = None,
+        keep: Optional[Tensor] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
         """Masked scores of `rows` against `keys`, and d(capped)/d(raw) when softcap is set (else None)."""
         s = torch.matmul(q[:, :, rows], k[:, :, keys].transpose(-1, -2)) * scale
@@ -126,6 +128,8 @@ class ReferenceKernel:
             if band is not None:
                 hidden |= (i - j < band[0]) | (i - j > band[1])
             s = s.masked_fill(hidden, float("-inf"))
+        if keep is not None:
+            s = s.masked_fill(~keep[rows, keys], float("-inf"))
         return s, dcap
 
     def forward(
@@ -137,6 +141,7 @@ class ReferenceKernel:
         scale: float,
         band: Optional[tuple[int, int]] = None,
         softcap: Optional[float] = None,
+        keep: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         dt = acc_dtype(q.dtype)
         qf, kf, vf = q.to(dt), _expand_kv(k, q.shape[1]).to(dt), _expand_kv(v, q.shape[1]).to(dt)
@@ -145,7 +150,7 @@ class ReferenceKernel:
         for rows, keys in self._blocks(q.shape[2], k.shape[2], causal, band):
             if keys.start == keys.stop:
                 continue  # rows that see no key: out 0, lse -inf
-            s, _ = self._scores(qf, kf, scale, causal, rows, keys, band, softcap)
+            s, _ = self._scores(qf, kf, scale, causal, rows, keys, band, softcap, keep)
             # finite even for empty rows; NaN stays NaN (clamp_min propagates it)
             m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(dt).min)
             p = torch.exp(s - m)
@@ -167,6 +172,7 @@ class ReferenceKernel:
         scale: float,
         band: Optional[tuple[int, int]] = None,
         softcap: Optional[float] = None,
+        keep: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         dt = acc_dtype(q.dtype)
         heads = q.shape[1]
@@ -178,7 +184,7 @@ class ReferenceKernel:
         for rows, keys in self._blocks(q.shape[2], k.shape[2], causal, band):
             if keys.start == keys.stop:
                 continue
-            s, dcap = self._scores(qf, kf, scale, causal, rows, keys, band, softcap)
+            s, dcap = self._scores(qf, kf, scale, causal, rows, keys, band, softcap, keep)
             lse_rows = lse[:, :, rows, None].to(dt)
             p = torch.where(torch.isneginf(lse_rows), torch.zeros_like(s), torch.exp(s - lse_rows))
             do = dout[:, :, rows].to(dt)
@@ -237,6 +243,40 @@ class Flipped:
             dout.flip(2), q.flip(2), k.flip(2), v.flip(2), out.flip(2), lse.flip(-1).contiguous(), True, scale
         )
         return dq.flip(2), dk.flip(2), dv.flip(2)
+
+
+class MaskedCpu:
+    """torch's fused CPU kernel on a tile with a visibility mask (keep: (rows, keys) bool, True =
+    visible), passed as an additive mask of -inf. A row that sees no key gets out 0 and lse -inf
+    (the fused kernel returns lse 0 there, which a merge would take as real)."""
+
+    name = "aten_cpu masked"
+
+    def __init__(self, keep: Tensor) -> None:
+        self.keep = keep
+
+    def _bias(self, q: Tensor) -> Tensor:
+        return torch.zeros(self.keep.shape, dtype=q.dtype, device=q.device).masked_fill(~self.keep, float("-inf"))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        assert not causal, "a masked tile carries its whole mask (call it with causal=False)"
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=self._bias(q), scale=scale
+        )
+        blind = ~self.keep.any(-1)
+        if bool(blind.any()):
+            out = out.masked_fill(blind[:, None], 0.0)
+            lse = lse.masked_fill(blind, float("-inf"))
+        return out, lse
+
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        assert not causal, "a masked tile carries its whole mask (call it with causal=False)"
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, False, attn_mask=self._bias(q), scale=scale
+        )
+        return dq, dk, dv
 
 
 _HALF = (torch.float16, torch.bfloat16)

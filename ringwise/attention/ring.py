@@ -42,9 +42,9 @@ from typing import Literal, Optional
 import torch
 
 from .comm import Hop, Ring
-from .kernels import Flipped, Kernel, ReferenceKernel, acc_dtype
+from .kernels import AtenCpuKernel, Flipped, Kernel, MaskedCpu, ReferenceKernel, acc_dtype
 from .merge import merge_into
-from .tiles import Tile, needed_steps, step_tiles
+from .tiles import Spans, Tile, needed_steps, step_tiles
 
 Tensor = torch.Tensor
 KV = tuple[Tensor, Tensor]  # a key/value block (batch, seq, kv_heads, dim)
@@ -55,8 +55,10 @@ _REFERENCE = ReferenceKernel()
 @dataclass(frozen=True)
 class Engine:
     """How the rings of one call run, the same forward and backward: the mask (causal, the
-    global document bounds `docs`, the left `window`), the scale, the layout, the ring and the
-    fused tile kernel (api.py builds it from the checked call; benchmarks build it directly)."""
+    global document bounds `docs` (chunks among them), the `window` before the query and its
+    reach `right` after it (full attention), the `groups` seen whole from inside), the scale,
+    the layout, the ring and the fused tile kernel (api.py builds it from the checked call;
+    benchmarks build it directly)."""
 
     causal: bool
     scale: float
@@ -66,16 +68,21 @@ class Engine:
     docs: Optional[tuple[int, ...]] = None
     window: Optional[int] = None
     softcap: Optional[float] = None
+    right: Optional[int] = None
+    groups: Optional[Spans] = None
 
     def schedule(self, local_len: int) -> tuple[tuple[int, ...], bool]:
         """(needed steps, relay?): relay when the steps are a prefix 0..m of the ring."""
-        steps = needed_steps(self.layout, self.ring.world_size, local_len, self.causal, self.docs, self.window)
+        steps = needed_steps(
+            self.layout, self.ring.world_size, local_len, self.causal, self.docs, self.window, self.right, self.groups
+        )
         return steps, steps == tuple(range(len(steps)))
 
     def tiles(self, q_rank: int, kv_rank: int, local_len: int) -> tuple[Tile, ...]:
         """The tiles of q_rank's queries against kv_rank's block."""
+        W = self.ring.world_size
         return step_tiles(
-            self.layout, q_rank, kv_rank, self.ring.world_size, local_len, self.causal, self.docs, self.window
+            self.layout, q_rank, kv_rank, W, local_len, self.causal, self.docs, self.window, self.right, self.groups
         )
 
 
@@ -108,12 +115,23 @@ def _finite(*xs: Tensor) -> bool:
     return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
-def _tile_kernel(kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float]) -> tuple[Kernel, dict[str, object]]:
+def _reference_args(t: Tile, softcap: Optional[float], device: torch.device) -> dict[str, object]:
+    """What the reference kernel needs beyond causal to compute tile t."""
+    return dict(band=t.reference_band, softcap=softcap, keep=None if t.bounds is None else t.keep(device))
+
+
+def _tile_kernel(
+    kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float], device: torch.device
+) -> tuple[Kernel, dict[str, object]]:
     """The kernel and extra arguments for tile t: the fused `kernel` where it is exact
-    (anti-causal squares on flipped inputs), else the reference kernel."""
+    (anti-causal squares on flipped inputs, masked tiles on the CPU kernel with an additive
+    mask), else the reference kernel."""
     if t.band is None and softcap is None and finite and not isinstance(kernel, ReferenceKernel):
-        return (Flipped(kernel) if t.anti else kernel), {}
-    return _REFERENCE, dict(band=t.reference_band, softcap=softcap)
+        if t.bounds is None:
+            return (Flipped(kernel) if t.anti else kernel), {}
+        if isinstance(kernel, AtenCpuKernel):
+            return MaskedCpu(t.keep(device)), {}
+    return _REFERENCE, _reference_args(t, softcap, device)
 
 
 def _run_tile(
@@ -129,11 +147,14 @@ def _run_tile(
     dq, dk, dv) on `_tile_kernel`'s kernel. A fused result that is not finite (lse forward,
     every gradient backward) is recomputed on the reference kernel where the check costs no
     host sync (CPU), so both directions follow the reference's semantics (module docstring)."""
-    kern, extra = _tile_kernel(kernel, t, finite, softcap)
+    device = tensors[0].device
+    kern, extra = _tile_kernel(kernel, t, finite, softcap, device)
     res: tuple[Tensor, ...] = getattr(kern, direction)(*tensors, t.causal, scale, **extra)
     checked = res[1:] if direction == "forward" else res
-    if not isinstance(kern, ReferenceKernel) and checked[0].device.type == "cpu" and not _finite(*checked):
-        res = getattr(_REFERENCE, direction)(*tensors, t.causal, scale, band=t.reference_band, softcap=softcap)
+    if direction == "forward" and isinstance(kern, MaskedCpu):  # its rows that see no key have lse -inf
+        checked = (res[1].nan_to_num(nan=math.nan, posinf=math.inf, neginf=0.0),)
+    if not isinstance(kern, ReferenceKernel) and device.type == "cpu" and not _finite(*checked):
+        res = getattr(_REFERENCE, direction)(*tensors, t.causal, scale, **_reference_args(t, softcap, device))
     return res
 
 

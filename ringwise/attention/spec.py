@@ -92,13 +92,16 @@ def _bounds(x: object) -> tuple[Optional[list[int]], Optional[str]]:
     return (None if bounds is None else list(bounds)), problem  # bounds is None exactly with a problem
 
 
-def _document_ids(x: object) -> tuple[Optional[Tensor], Optional[str]]:
-    if x is None or isinstance(x, Tensor):
-        return x, None
-    try:  # a list or array of ids
-        return torch.as_tensor(x), None
-    except (TypeError, ValueError, RuntimeError):
-        return None, f"document_ids must be a 1-D integer tensor over the global sequence, got {type(x).__name__}"
+def _ids(name: str) -> Callable[[object], tuple[Optional[Tensor], Optional[str]]]:
+    def normalise(x: object) -> tuple[Optional[Tensor], Optional[str]]:
+        if x is None or isinstance(x, Tensor):
+            return x, None
+        try:  # a list or array of ids
+            return torch.as_tensor(x), None
+        except (TypeError, ValueError, RuntimeError):
+            return None, f"{name} must be a 1-D integer tensor over the global sequence, got {type(x).__name__}"
+
+    return normalise
 
 
 def _sinks(x: object) -> tuple[Optional[Tensor], Optional[str]]:
@@ -154,8 +157,11 @@ class AttentionSpec:
     group: Optional[str] = _option(None, _group("group"))
     backend: str = _option("auto", _name("backend"))
     cu_seqlens: Optional[list[int]] = _option(None, _bounds)
-    document_ids: Optional[Tensor] = _option(None, _document_ids)
+    document_ids: Optional[Tensor] = _option(None, _ids("document_ids"))
     window: Optional[int] = _option(None, _integer(checks.window_problem))
+    window_right: Optional[int] = _option(None, _integer(checks.window_problem))
+    chunk: Optional[int] = _option(None, _integer(checks.chunk_problem))
+    group_ids: Optional[Tensor] = _option(None, _ids("group_ids"))
     sinks: Optional[Tensor] = _option(None, _sinks)
     softcap: Optional[float] = _option(None, _real("softcap", checks.softcap_problem))
     ulysses_group: Optional[str] = _option(None, _group("ulysses_group"))
@@ -165,6 +171,9 @@ class AttentionSpec:
     @classmethod
     def from_options(cls, options: dict[str, object]) -> tuple[AttentionSpec, Optional[str]]:
         """(spec, the first problem or None) from ring_attention's keyword arguments."""
+        window = options.get("window")
+        if isinstance(window, (tuple, list)) and len(window) == 2 and "window_right" not in options:
+            options = {**options, "window": window[0], "window_right": window[1]}  # (left, right)
         unknown = set(options) - set(NAMES)
         if unknown:
             raise TypeError(f"ring_attention got unexpected keyword arguments {sorted(unknown)}")
@@ -222,7 +231,7 @@ _NORMALISERS: tuple[tuple[str, object, Normaliser], ...] = tuple(
     (f.name, f.default, f.metadata["normalise"]) for f in FIELDS
 )
 TENSORS = tuple(f.name for f in FIELDS if f.type == "Optional[Tensor]")
-_NOT_COMPARED = ("group", "ulysses_group", "mesh_group", "document_ids")
+_NOT_COMPARED = ("group", "ulysses_group", "mesh_group", "document_ids")  # group_ids: compared as spans
 
 # each field's annotation -> its type in the op's schema
 _SCHEMA_TYPES = {

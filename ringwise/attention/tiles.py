@@ -25,6 +25,16 @@ that way, so there a piece becomes one *band* tile (key j visible iff lo <= i - 
 tile-local), trimmed to its bounding box, which the reference kernel computes chunk by chunk
 over only the keys each chunk can see.
 
+Two masks are not made of causal edges: a window that also reaches forward (key j visible
+iff i - left <= j <= i + right, full attention: EmbeddingGemma's bidirectional windows) and
+*groups* (causal, plus every pair inside one group's contiguous span: Gemma 3's image tokens,
+a prefix-LM's prefix). Both give every query an interval of visible keys, [lo(i), hi(i)] in
+global positions (documents cut it), so their pieces come from the rows' intervals instead
+(`interval_pair_tiles`): per block of ROW_BLOCK rows, the keys every row sees are one full
+tile, and the keys some rows see are edge tiles, each a causal or anti-causal square when
+its rows' intervals make one, else a *masked* tile carrying its rows' key bounds, which the
+fused CPU kernel computes with an additive mask (the reference kernel elsewhere).
+
 Adjacent full tiles are merged so that each ring step is as few kernel calls as possible
 (e.g. zigzag's off-diagonal steps are one call each). `needed_steps` tells the ring which
 steps any rank needs at all, so hops that would only carry skipped blocks are never sent.
@@ -39,6 +49,8 @@ import bisect
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Union
+
+import torch
 
 from .layout import Segment, segments
 
@@ -60,10 +72,19 @@ class Tile:
     causal: bool
     band: tuple[int, int] | None = None  # (lo, hi): key j visible iff lo <= i - j <= hi (tile-local)
     anti: bool = False  # a square where key j is visible iff j >= i
+    # masked: row i sees tile-local keys [bounds[0][i], bounds[1][i]) (empty where they are equal)
+    bounds: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def full(self) -> bool:
-        return not (self.causal or self.anti) and self.band is None
+        return not (self.causal or self.anti) and self.band is None and self.bounds is None
+
+    def keep(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A masked tile's (q_len, k_len) bool mask, True where the key is visible."""
+        assert self.bounds is not None, "only a masked tile has per-row bounds"
+        lo, hi = (torch.tensor(b, device=device)[:, None] for b in self.bounds)
+        j = torch.arange(self.k_len, device=device)[None, :]
+        return (j >= lo) & (j < hi)
 
     @property
     def reference_band(self) -> tuple[int, int] | None:
@@ -79,6 +100,8 @@ class Tile:
         """Whether tile-local key j is visible to tile-local query i."""
         if (self.causal and j > i) or (self.anti and j < i):
             return False
+        if self.bounds is not None:
+            return self.bounds[0][i] <= j < self.bounds[1][i]
         return self.band is None or self.band[0] <= i - j <= self.band[1]
 
 
@@ -202,6 +225,135 @@ def segment_pair_tiles(
     return out
 
 
+Spans = tuple[tuple[int, int], ...]  # groups: (start, stop) global spans, sorted and disjoint
+ROW_BLOCK = 256  # rows per block of the interval tiling
+_FAR = 1 << 62  # an unbounded interval end
+
+
+def key_bounds(
+    pos: torch.Tensor,
+    causal: bool,
+    docs: tuple[int, ...] | None = None,
+    window: int | None = None,
+    right: int | None = None,
+    groups: Spans | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive global bounds [lo, hi] of the keys that queries at global positions `pos` see.
+
+    The mask: ((causal or j <= i + right) and j >= i - window) or (i and j in one group), and
+    i and j in one document. Each part is an interval containing i, so their union is one.
+    """
+    lo = pos - window if window is not None else torch.full_like(pos, -_FAR)
+    hi = pos.clone() if causal else (pos + right if right is not None else torch.full_like(pos, _FAR))
+    if groups:
+        starts = torch.tensor([a for a, _ in groups])
+        stops = torch.tensor([b for _, b in groups])
+        g = (torch.searchsorted(starts, pos, right=True) - 1).clamp_min(0)
+        inside = (pos >= starts[g]) & (pos < stops[g])
+        lo = torch.where(inside, torch.minimum(lo, starts[g]), lo)
+        hi = torch.where(inside, torch.maximum(hi, stops[g] - 1), hi)
+    if docs is not None:
+        bounds = torch.tensor(docs)
+        d = (torch.searchsorted(bounds, pos, right=True) - 1).clamp(0, len(docs) - 2)
+        lo, hi = torch.maximum(lo, bounds[d]), torch.minimum(hi, bounds[d + 1] - 1)
+    return lo, hi
+
+
+def _square(a: torch.Tensor, b: torch.Tensor, k0: int, k1: int) -> Kind | None:
+    """The kind of rows with key ranges [a, b) on keys [k0, k1) when it is a fused shape:
+    "full", "causal" or "anti" (square tiles), else None."""
+    n, rel = len(a), torch.arange(len(a))
+    if bool(((a <= k0) & (b >= k1)).all()):
+        return "full"
+    if k1 - k0 == n and bool((a <= k0).all()) and bool((b - k0 == rel + 1).all()):
+        return "causal"
+    if k1 - k0 == n and bool((b >= k1).all()) and bool((a - k0 == rel).all()):
+        return "anti"
+    return None
+
+
+def _edge(a: torch.Tensor, b: torch.Tensor, r0: int, k0: int, k1: int) -> list[Piece | Tile]:
+    """Rows r0.. with key ranges [a, b), on keys [k0, k1): nothing, one fused piece or a masked tile."""
+    a, b = a.clamp(k0, k1), b.clamp(k0, k1)
+    b = torch.maximum(a, b)
+    seen = (b > a).nonzero().flatten()
+    if k0 >= k1 or not len(seen):
+        return []
+    first, last = int(seen[0]), int(seen[-1]) + 1  # rows at either end that see none of these keys
+    a, b, r0 = a[first:last], b[first:last], r0 + first
+    kind = _square(a, b, k0, k1)
+    if kind is not None:
+        return [(r0, r0 + len(a), k0, k1, kind)]
+    bounds = (tuple((a - k0).tolist()), tuple((b - k0).tolist()))
+    return [Tile(r0, len(a), k0, k1 - k0, False, bounds=bounds)]
+
+
+def interval_pair_tiles(
+    q: Segment,
+    k: Segment,
+    causal: bool,
+    docs: tuple[int, ...] | None,
+    window: int | None,
+    right: int | None,
+    groups: Spans | None,
+) -> list[Tile]:
+    """The tiles of one segment pair under a mask of key intervals (`key_bounds`), in local indices.
+
+    Each block of rows (ROW_BLOCK, cut where the key ranges bend) becomes at most three
+    tiles: the keys every row sees (full), and the edges on either side, where the square that
+    makes a causal (or anti-causal) edge a fused call is taken whole from the full part.
+    """
+    pos = q.global_start + q.stride * torch.arange(q.length)
+    lo, hi = key_bounds(pos, causal, docs, window, right, groups)
+    # local key j sits at k.global_start + j * stride: [lo, hi] -> local [a, b)
+    a = (-((k.global_start - lo) // k.stride)).clamp(0, k.length)
+    b = ((hi - k.global_start) // k.stride + 1).clamp(0, k.length)
+    b = torch.maximum(a, b)
+    # Row blocks of ROW_BLOCK rows (a window's edges are squares of w + 1 rows: no taller, but
+    # not under MIN_FUSED_WINDOW), also cut where the rows' key ranges change slope (a group or a
+    # document starts or ends, a window meets the shard's edge), so that each block's edges are
+    # fused squares wherever the mask allows; masked tiles are left where it does not.
+    sides = [w for w in (window, right) if w is not None]
+    block = max(MIN_FUSED_WINDOW, min(ROW_BLOCK, min(sides) + 1)) if sides else ROW_BLOCK
+    cut = set(range(0, q.length, block)) | {q.length}
+    if q.length > 2:
+        bends = set()
+        for x in (a, b):
+            slope = x[1:] - x[:-1]
+            bends |= set((torch.nonzero(slope[1:] != slope[:-1]).flatten() + 1).tolist())
+        if len(bends) <= q.length // 16:  # a few edges; many (a tiny window on a strided shard): blocks alone
+            cut |= bends
+    cuts = sorted(cut)
+    out: list[Tile] = []
+    for r0, r1 in zip(cuts, cuts[1:]):
+        ar, br = a[r0:r1], b[r0:r1]
+        seen = br > ar
+        if not bool(seen.any()):
+            continue
+        first, last = int(seen.nonzero()[0]), int(seen.nonzero()[-1]) + 1  # trim rows that see nothing
+        ar, br, r = ar[first:last], br[first:last], r0 + first
+        n = len(ar)
+        k_lo, k_hi = int(ar.min()), int(br.max())
+        f0, f1 = int(ar.max()), int(br.min())  # keys every row sees: [f0, f1)
+        if f0 >= f1:
+            f0 = f1 = k_lo
+        if f1 - f0 >= 1 and k_hi - n >= f0 and _square(ar, br, k_hi - n, k_hi) == "causal":
+            f1 = min(f1, k_hi - n)  # the right edge as one causal square
+        if f1 - f0 >= 1 and k_lo + n <= f1 and _square(ar, br, k_lo, k_lo + n) == "anti":
+            f0 = max(f0, k_lo + n)  # the left edge as one anti-causal square
+        parts: list[Piece | Tile] = [(r, r + n, f0, f1, "full")] if f0 < f1 else []
+        parts += _edge(ar, br, r, k_lo, f0) + _edge(ar, br, r, max(f0, f1), k_hi)
+        for p in parts:
+            if isinstance(p, Tile):
+                out.append(
+                    Tile(q.local_start + p.q_start, p.q_len, k.local_start + p.k_start, p.k_len, False, bounds=p.bounds)
+                )
+            else:
+                q0, q1, k0, k1, kind = p
+                out.append(_tile(q.local_start + q0, q1 - q0, k.local_start + k0, k1 - k0, kind))
+    return out
+
+
 def _tile(q_start: int, q_len: int, k_start: int, k_len: int, kind: Kind) -> Tile:
     if isinstance(kind, tuple):
         return Tile(q_start, q_len, k_start, k_len, False, band=kind)
@@ -241,11 +393,18 @@ def step_tiles(
     causal: bool,
     docs: tuple[int, ...] | None = None,
     window: int | None = None,
+    right: int | None = None,
+    groups: Spans | None = None,
 ) -> tuple[Tile, ...]:
-    """Tiles for q_rank's queries against the key/value shard that kv_rank owns."""
+    """Tiles for q_rank's queries against the key/value shard that kv_rank owns. right: the
+    window's reach after the query (full attention); groups: spans seen whole from inside
+    (causal). Either one tiles by intervals (`interval_pair_tiles`)."""
     qs = segments(layout, q_rank, world_size, local_len)
     ks = segments(layout, kv_rank, world_size, local_len)
-    tiles = [t for a in qs for b in ks for t in segment_pair_tiles(a, b, causal, docs, window)]
+    if right is not None or groups:
+        tiles = [t for a in qs for b in ks for t in interval_pair_tiles(a, b, causal, docs, window, right, groups)]
+    else:
+        tiles = [t for a in qs for b in ks for t in segment_pair_tiles(a, b, causal, docs, window)]
     return tuple(_merge_full(tiles))
 
 
@@ -257,6 +416,8 @@ def needed_steps(
     causal: bool,
     docs: tuple[int, ...] | None = None,
     window: int | None = None,
+    right: int | None = None,
+    groups: Spans | None = None,
 ) -> tuple[int, ...]:
     """Ring steps s (rank r visits the shard of rank (r - s) mod W) that some rank has tiles for.
 
@@ -265,6 +426,9 @@ def needed_steps(
     """
     W = world_size
     need = {
-        s for s in range(W) for r in range(W) if step_tiles(layout, r, (r - s) % W, W, local_len, causal, docs, window)
+        s
+        for s in range(W)
+        for r in range(W)
+        if step_tiles(layout, r, (r - s) % W, W, local_len, causal, docs, window, right, groups)
     }
     return tuple(sorted(need | {0}))
