@@ -60,9 +60,11 @@ def make_case(case):
     return q, k, v, key_pos, query_pos, sinks
 
 
-def visible(key_pos, query_pos, window):
+def visible(key_pos, query_pos, window, chunk=None):
     d = query_pos[:, None] - key_pos[None, :]
     ok = d >= 0
+    if chunk is not None:  # Llama 4's chunked layers: same chunk of `chunk` positions
+        ok &= query_pos[:, None] // chunk == key_pos[None, :] // chunk
     return ok & (d <= window) if window is not None else ok
 
 
@@ -71,6 +73,7 @@ def kwargs(case, key_pos, query_pos, sinks, dtype):
         key_positions=key_pos,
         query_positions=query_pos,
         window=case.get("window"),
+        chunk=case.get("chunk"),
         softcap=case.get("softcap"),
         sinks=None if sinks is None else sinks.to(dtype),
         return_lse=True,
@@ -112,6 +115,7 @@ for W in (1, 2, 3, 4):
         dict(dtype="bfloat16"),
         dict(dtype="float64"),
         dict(sinks=True, window=3, masked_row=True, tq=3),
+        dict(chunk=40, future_keys=True, tq=3),  # chunks of 40 positions: keys in several, queries in some
     ):
         if W == 1 and "empty" in extra:
             continue
@@ -143,7 +147,7 @@ def test_decode_matches_reference_on_every_rank(grid_results, case):
     results = grid_results(decode_case, GRID, case)
     dtype = DTYPES[case["dtype"]]
     q, k, v, key_pos, query_pos, sinks = make_case(case)
-    mask = visible(key_pos, query_pos, case.get("window"))
+    mask = visible(key_pos, query_pos, case.get("window"), case.get("chunk"))
     # a NaN query makes its own rows NaN and touches no other row (the reference helper would zero it)
     nan_rows = torch.isnan(q).any(-1)  # (b, tq, h)
     ref, ref_lse = reference_attention(q.nan_to_num(0.0), k, v, mask=mask, sinks=sinks, softcap=case.get("softcap"))

@@ -137,7 +137,13 @@ def _call_problem(q: Tensor, k: object, v: object, key_positions: object) -> Opt
 
 
 def _signature_problem(
-    q: object, softmax_scale: object, query_positions: object, window: object, sinks: object, softcap: object
+    q: object,
+    softmax_scale: object,
+    query_positions: object,
+    window: object,
+    sinks: object,
+    softcap: object,
+    chunk: object = None,
 ) -> Optional[str]:
     """What is wrong with the queries and the options (the same on every rank of a valid call):
     the options by ring_attention's own checks."""
@@ -154,28 +160,35 @@ def _signature_problem(
         return f"query_positions must be a 1-D integer tensor of q's {q.shape[1]} new tokens"
     problem = (
         checks.window_problem(window)
+        or checks.chunk_problem(chunk)
         or checks.softcap_problem(softcap)
         or checks.scale_problem(softmax_scale)
         or checks.sinks_problem(q, sinks)
     )
     if problem:
         return problem
-    if window is not None and query_positions is None:
-        return "window needs query_positions and key_positions (it counts positions)"
+    for name, value in (("window", window), ("chunk", chunk)):
+        if value is not None and query_positions is None:
+            return f"{name} needs query_positions and key_positions (it counts positions)"
     return None
 
 
 def visible(
-    key_positions: Optional[Tensor], query_positions: Optional[Tensor], window: Optional[int]
+    key_positions: Optional[Tensor],
+    query_positions: Optional[Tensor],
+    window: Optional[int],
+    chunk: Optional[int] = None,
 ) -> Optional[Tensor]:
-    """(Tq, Sk) bool: key j visible to new token i (causal over global positions, within the window);
-    None when every key is visible (no positions given)."""
+    """(Tq, Sk) bool: key j visible to new token i (causal over global positions, within the window,
+    in the query's chunk); None when every key is visible (no positions given)."""
     if key_positions is None or query_positions is None:
         return None
     d = query_positions[:, None] - key_positions[None, :]
     ok = d >= 0
     if window is not None:
         ok &= d <= window
+    if chunk is not None:
+        ok &= query_positions[:, None] // chunk == key_positions[None, :] // chunk
     return ok
 
 
@@ -302,6 +315,7 @@ def decode_attention(
     key_positions: Optional[Tensor] = None,
     query_positions: Optional[Tensor] = None,
     window: Optional[int] = None,
+    chunk: Optional[int] = None,
     sinks: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     return_lse: Literal[False] = False,
@@ -319,6 +333,7 @@ def decode_attention(
     key_positions: Optional[Tensor] = None,
     query_positions: Optional[Tensor] = None,
     window: Optional[int] = None,
+    chunk: Optional[int] = None,
     sinks: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     return_lse: Literal[True],
@@ -336,6 +351,7 @@ def decode_attention(
     key_positions: Optional[Tensor] = None,
     query_positions: Optional[Tensor] = None,
     window: Optional[int] = None,
+    chunk: Optional[int] = None,
     sinks: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     return_lse: bool,
@@ -352,6 +368,7 @@ def decode_attention(
     key_positions: Optional[Tensor] = None,
     query_positions: Optional[Tensor] = None,
     window: Optional[int] = None,
+    chunk: Optional[int] = None,
     sinks: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     return_lse: bool = False,
@@ -359,12 +376,13 @@ def decode_attention(
     """Attention of the new tokens q (batch, Tq, heads, d), the same on every rank, against the
     whole cache, of which this rank holds k, v (batch, keys, kv_heads, d) at global
     key_positions (keys,). With positions, key j is visible to new token i iff
-    key_pos[j] <= query_pos[i] (and query_pos[i] - key_pos[j] <= window); without, every key
-    is. Returns out (batch, Tq, heads, d) in q's dtype, identical on every rank, and with
-    return_lse the float32 (float64) lse (batch, heads, Tq) that includes the sinks."""
+    key_pos[j] <= query_pos[i] (and query_pos[i] - key_pos[j] <= window, and both in one chunk
+    of `chunk` positions: Llama 4's chunked layers); without, every key is. Returns out (batch,
+    Tq, heads, d) in q's dtype, identical on every rank, and with return_lse the float32
+    (float64) lse (batch, heads, Tq) that includes the sinks."""
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size(group) if distributed else 1
-    problem = _signature_problem(q, softmax_scale, query_positions, window, sinks, softcap)
+    problem = _signature_problem(q, softmax_scale, query_positions, window, sinks, softcap, chunk)
     mine = None if problem else _call_problem(q, k, v, key_positions)  # this rank's cache shard's problem
     if world == 1 and (problem or mine):
         raise ValueError(f"decode_attention: {problem or mine}")
@@ -377,6 +395,7 @@ def decode_attention(
             q.device.type,
             softmax_scale,
             window,
+            chunk,
             softcap,
             sinks is not None,
             key_positions is not None,
@@ -407,7 +426,7 @@ def decode_attention(
         out = q.new_zeros(B, H, Tq, D, dtype=dt)
         lse = torch.full((B, H, Tq), float("-inf"), dtype=dt, device=q.device)
     else:
-        mask = visible(key_positions, query_positions, window)
+        mask = visible(key_positions, query_positions, window, chunk)
         out, lse = local_attention(q, k, v, scale, mask, softcap)
     if world > 1:
         head = _header(CALL_PROBLEMS.index(mine), _hash_sig(sig), q_digest, dt, q.device)
