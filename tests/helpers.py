@@ -135,6 +135,8 @@ def make_sinks(case):
 def options(case):
     """The case's ring_attention keyword arguments (besides sinks and layout)."""
     extra = {name: case[name] for name in ("chunk", "group_ids") if case.get(name) is not None}
+    if case.get("mask_mod") is not None:
+        extra["mask_mod"] = MASK_MODS[case["mask_mod"]]
     return dict(
         causal=case["causal"],
         cu_seqlens=case.get("cu_seqlens"),
@@ -192,9 +194,23 @@ def visible_mask(total, causal=True, window=None, cu_seqlens=None, chunk=None, g
     return vis
 
 
+def dilated(q_pos, k_pos):
+    """A mask_mod: every other key, by parity with the query (a dilated pattern)."""
+    return q_pos % 2 == k_pos % 2
+
+
+def sparse_global(q_pos, k_pos):
+    """A mask_mod: the first 6 positions are keys every query before 24 sees, the rest are seen
+    within 3 positions (Longformer-like: whole ring steps hold nothing visible)."""
+    return ((k_pos < 6) & (q_pos < 24)) | (q_pos - k_pos <= 3)
+
+
+MASK_MODS = {"dilated": dilated, "sparse_global": sparse_global}  # cases name them (cases cross processes)
+
+
 def case_mask(case):
     """The whole visibility of a case (causal included), for reference_attention with causal=False."""
-    return visible_mask(
+    vis = visible_mask(
         case["seq"],
         case["causal"],
         case.get("window"),
@@ -202,6 +218,10 @@ def case_mask(case):
         case.get("chunk"),
         case.get("group_ids"),
     )
+    if case.get("mask_mod") is not None:
+        pos = torch.arange(case["seq"])
+        vis &= MASK_MODS[case["mask_mod"]](pos[:, None], pos[None, :])
+    return vis
 
 
 def assemble(parts, layout, seq_dim):
@@ -225,7 +245,7 @@ def case_id(c):
 
 def feature_id(c):
     """The suffix naming a case's window, soft-cap, sinks and packed documents."""
-    extra = "".join(f"-{k}{c[k]}" for k in ("window", "chunk", "softcap") if c.get(k) is not None)
+    extra = "".join(f"-{k}{c[k]}" for k in ("window", "chunk", "softcap", "mask_mod") if c.get(k) is not None)
     extra = extra.replace(" ", "")
     extra += "-groups" * (c.get("group_ids") is not None)
     return extra + "-sinks" * bool(c.get("sinks")) + ("-docs" if c.get("cu_seqlens") else "")

@@ -157,6 +157,9 @@ KINDS = {  # mask name -> the case's mask options
     "chunk": dict(causal=True, chunk=10),
     "chunk-window-docs": dict(causal=True, chunk=16, window=5, cu_seqlens=packed([7, 1, 40])),
     "chunk-full": dict(causal=False, chunk=13),
+    "mask_mod": dict(causal=True, mask_mod="dilated"),
+    "mask_mod-sparse": dict(causal=True, mask_mod="sparse_global"),  # steps with nothing visible: not sent
+    "mask_mod-groups-docs": dict(causal=True, mask_mod="dilated", group_ids=IMAGES, cu_seqlens=packed([12, 7, 29])),
 }
 MASK_GRID = [
     dict(
@@ -185,6 +188,19 @@ def test_mask_ring_matches_reference(grid_results, case):
     fwd, bwd = expected_hops(steps, case["world"])
     for r in results:
         assert (r["fwd"], r["bwd"]) == (fwd, bwd)
+
+
+def test_mask_mod_skips_steps_it_empties():
+    """sparse_global on a contiguous causal ring of 8 x 6: ranks 1-3 see rank 0's first keys (steps
+    1-3), every rank its own keys and the previous rank's last 3 (step 1); steps 4-7, which causal
+    attention alone needs, carry nothing and are not sent. A window of 10 as well leaves steps 0-2."""
+    from helpers import sparse_global
+
+    from ringwise.attention.tiles import mod_steps
+
+    assert needed_steps("contiguous", 8, 6, True) == tuple(range(8))
+    assert mod_steps(sparse_global, "contiguous", 8, 6, True) == (0, 1, 2, 3)
+    assert mod_steps(sparse_global, "contiguous", 8, 6, True, None, 10) == (0, 1, 2)
 
 
 def test_chunk_inside_a_shard_sends_nothing(cluster):

@@ -19,7 +19,7 @@ to the Ulysses wrapper (ulysses.py), which calls the engine directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, Optional, Protocol, Union, overload
 
@@ -32,7 +32,7 @@ from .checks import MeshVerdict, Signature, Verdict
 from .comm import Ring, all_gather_objects, resolve_transport
 from .kernels import Kernel, acc_dtype, default_scale
 from .ring import Engine, ring_backward, ring_forward, sink_grad
-from .spec import NAMES, TENSORS, AttentionSpec, process_group, schema_args
+from .spec import NAMES, TENSORS, AttentionSpec, mask_mod_function, mask_mod_identity, process_group, schema_args
 from .tiles import Spans
 from .ulysses import SeqMesh, head_chunk_shapes, ulysses_backward, ulysses_forward
 
@@ -128,10 +128,15 @@ def _check(
     assert kernel is not None, "kernel_or_problem gives a kernel or a problem"
     scale = default_scale(q.shape[-1]) if spec.softmax_scale is None else spec.softmax_scale
     sig = (("q shape", tuple(q.shape)), ("k/v shape", tuple(k.shape)), ("dtype", str(q.dtype))) + spec.signature(
-        softmax_scale=repr(scale), cu_seqlens=docs, group_ids=groups, transport=ring.transport
+        softmax_scale=repr(scale),
+        cu_seqlens=docs,
+        group_ids=groups,
+        mask_mod=mask_mod_identity(spec.mask_mod),
+        transport=ring.transport,
     )
     right = None if spec.causal else spec.window_right
-    engine = Engine(spec.causal, scale, spec.layout, ring, kernel, docs, spec.window, spec.softcap, right, groups)
+    mod = mask_mod_function(spec.mask_mod)
+    engine = Engine(spec.causal, scale, spec.layout, ring, kernel, docs, spec.window, spec.softcap, right, groups, mod)
     return _Call(ring, mesh, engine, None, sig)
 
 
@@ -429,6 +434,7 @@ def ring_attention(
     window: Union[int, tuple[int, int], None] = None,
     chunk: Optional[int] = None,
     group_ids: Union[Tensor, Sequence[int], None] = None,
+    mask_mod: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     sinks: Optional[Tensor] = None,
     softcap: Union[float, Tensor, None] = None,
     ulysses_group: Optional[ProcessGroup] = None,
@@ -455,6 +461,7 @@ def ring_attention(
     window: Union[int, tuple[int, int], None] = None,
     chunk: Optional[int] = None,
     group_ids: Union[Tensor, Sequence[int], None] = None,
+    mask_mod: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     sinks: Optional[Tensor] = None,
     softcap: Union[float, Tensor, None] = None,
     ulysses_group: Optional[ProcessGroup] = None,
@@ -481,6 +488,7 @@ def ring_attention(
     window: Union[int, tuple[int, int], None] = None,
     chunk: Optional[int] = None,
     group_ids: Union[Tensor, Sequence[int], None] = None,
+    mask_mod: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     sinks: Optional[Tensor] = None,
     softcap: Union[float, Tensor, None] = None,
     ulysses_group: Optional[ProcessGroup] = None,
@@ -506,6 +514,7 @@ def ring_attention(
     window: Union[int, tuple[int, int], None] = None,
     chunk: Optional[int] = None,
     group_ids: Union[Tensor, Sequence[int], None] = None,
+    mask_mod: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     sinks: Optional[Tensor] = None,
     softcap: Union[float, Tensor, None] = None,
     ulysses_group: Optional[ProcessGroup] = None,
@@ -531,8 +540,13 @@ def ring_attention(
     key j visible to query i iff j // chunk == i // chunk), as if each chunk were a document.
     group_ids (causal): per-token ids over the global sequence, >= 0 for a token in a group
     (each group contiguous, inside one document), < 0 for none; tokens of one group also see
-    each other's later keys (Gemma 3's image tokens, a prefix-LM's prefix). The mask is
-    ((causal and window) or same group) and same document and same chunk.
+    each other's later keys (Gemma 3's image tokens, a prefix-LM's prefix). mask_mod: any
+    further mask, mask_mod(q_pos, k_pos) -> bool (True = visible) on broadcastable int64 tensors
+    of global positions, a pure function, the same on every rank (compared by its qualified
+    name); evaluated tile by tile, and ring steps it leaves empty on every rank are not sent
+    (torch.compile breaks the graph at a call with mask_mod: the function is Python).
+    The mask is ((causal and window) or same group) and same document and same chunk and
+    mask_mod.
     sinks: (heads,) per-head sink logits (GPT-OSS), one extra key per row with a zero value;
     differentiable; the returned lse includes it. softcap: scores -> softcap * tanh(scores /
     softcap) (Gemma 2), on the reference kernel (backend 'auto' or 'reference').
@@ -565,6 +579,7 @@ def ring_attention(
         window=window,
         chunk=chunk,
         group_ids=group_ids,
+        mask_mod=mask_mod,
         sinks=sinks,
         softcap=softcap,
         ulysses_group=ulysses_group,

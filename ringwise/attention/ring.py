@@ -43,8 +43,9 @@ import torch
 
 from .comm import Hop, Ring
 from .kernels import AtenCpuKernel, Flipped, Kernel, MaskedCpu, ReferenceKernel, acc_dtype
+from .layout import global_indices
 from .merge import merge_into
-from .tiles import Spans, Tile, needed_steps, step_tiles
+from .tiles import MaskMod, Spans, Tile, mod_keep, mod_steps, needed_steps, step_tiles
 
 Tensor = torch.Tensor
 KV = tuple[Tensor, Tensor]  # a key/value block (batch, seq, kv_heads, dim)
@@ -70,20 +71,34 @@ class Engine:
     softcap: Optional[float] = None
     right: Optional[int] = None
     groups: Optional[Spans] = None
+    mask_mod: Optional[MaskMod] = None
+
+    def _mask(self) -> tuple[bool, Optional[tuple[int, ...]], Optional[int], Optional[int], Optional[Spans]]:
+        return self.causal, self.docs, self.window, self.right, self.groups
 
     def schedule(self, local_len: int) -> tuple[tuple[int, ...], bool]:
         """(needed steps, relay?): relay when the steps are a prefix 0..m of the ring."""
-        steps = needed_steps(
-            self.layout, self.ring.world_size, local_len, self.causal, self.docs, self.window, self.right, self.groups
-        )
+        W = self.ring.world_size
+        if self.mask_mod is not None:
+            steps = mod_steps(self.mask_mod, self.layout, W, local_len, *self._mask())
+        else:
+            steps = needed_steps(self.layout, W, local_len, *self._mask())
         return steps, steps == tuple(range(len(steps)))
+
+    def visits(self, q_rank: int, kv_rank: int, local_len: int) -> list[tuple[Tile, Optional[Tensor]]]:
+        """The tiles to compute for q_rank's queries against kv_rank's block, each with the mask
+        that mask_mod leaves it (None: the tile's own); tiles mask_mod empties are left out."""
+        tiles = self.tiles(q_rank, kv_rank, local_len)
+        if self.mask_mod is None:
+            return [(t, None) for t in tiles]
+        W = self.ring.world_size
+        q_pos, k_pos = (global_indices(self.layout, r, W, local_len * W) for r in (q_rank, kv_rank))
+        kept = [(t, mod_keep(t, q_pos, k_pos, self.mask_mod)) for t in tiles]
+        return [(t, keep) for t, keep in kept if keep is None or bool(keep.any())]
 
     def tiles(self, q_rank: int, kv_rank: int, local_len: int) -> tuple[Tile, ...]:
         """The tiles of q_rank's queries against kv_rank's block."""
-        W = self.ring.world_size
-        return step_tiles(
-            self.layout, q_rank, kv_rank, W, local_len, self.causal, self.docs, self.window, self.right, self.groups
-        )
+        return step_tiles(self.layout, q_rank, kv_rank, self.ring.world_size, local_len, *self._mask())
 
 
 def _rows(t: Tile) -> slice:
@@ -115,23 +130,28 @@ def _finite(*xs: Tensor) -> bool:
     return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
-def _reference_args(t: Tile, softcap: Optional[float], device: torch.device) -> dict[str, object]:
-    """What the reference kernel needs beyond causal to compute tile t."""
+def _reference_args(
+    t: Tile, softcap: Optional[float], device: torch.device, keep: Optional[Tensor]
+) -> dict[str, object]:
+    """What the reference kernel needs beyond causal to compute tile t (keep: mask_mod's mask for it)."""
+    if keep is not None:
+        return dict(softcap=softcap, keep=keep)
     return dict(band=t.reference_band, softcap=softcap, keep=None if t.bounds is None else t.keep(device))
 
 
 def _tile_kernel(
-    kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float], device: torch.device
+    kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float], device: torch.device, keep: Optional[Tensor]
 ) -> tuple[Kernel, dict[str, object]]:
     """The kernel and extra arguments for tile t: the fused `kernel` where it is exact
     (anti-causal squares on flipped inputs, masked tiles on the CPU kernel with an additive
     mask), else the reference kernel."""
+    masked = keep is not None or t.bounds is not None
     if t.band is None and softcap is None and finite and not isinstance(kernel, ReferenceKernel):
-        if t.bounds is None:
+        if not masked:
             return (Flipped(kernel) if t.anti else kernel), {}
         if isinstance(kernel, AtenCpuKernel):
-            return MaskedCpu(t.keep(device)), {}
-    return _REFERENCE, _reference_args(t, softcap, device)
+            return MaskedCpu(t.keep(device) if keep is None else keep), {}
+    return _REFERENCE, _reference_args(t, softcap, device, keep)
 
 
 def _run_tile(
@@ -142,19 +162,21 @@ def _run_tile(
     softcap: Optional[float],
     scale: float,
     *tensors: Tensor,
+    keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, ...]:
     """Tile t's "forward" (q, k, v -> out, lse) or "backward" (dout, q, k, v, out, lse ->
     dq, dk, dv) on `_tile_kernel`'s kernel. A fused result that is not finite (lse forward,
     every gradient backward) is recomputed on the reference kernel where the check costs no
     host sync (CPU), so both directions follow the reference's semantics (module docstring)."""
     device = tensors[0].device
-    kern, extra = _tile_kernel(kernel, t, finite, softcap, device)
-    res: tuple[Tensor, ...] = getattr(kern, direction)(*tensors, t.causal, scale, **extra)
+    kern, extra = _tile_kernel(kernel, t, finite, softcap, device, keep)
+    causal = t.causal and keep is None
+    res: tuple[Tensor, ...] = getattr(kern, direction)(*tensors, causal, scale, **extra)
     checked = res[1:] if direction == "forward" else res
     if direction == "forward" and isinstance(kern, MaskedCpu):  # its rows that see no key have lse -inf
         checked = (res[1].nan_to_num(nan=math.nan, posinf=math.inf, neginf=0.0),)
     if not isinstance(kern, ReferenceKernel) and device.type == "cpu" and not _finite(*checked):
-        res = getattr(_REFERENCE, direction)(*tensors, t.causal, scale, **_reference_args(t, softcap, device))
+        res = getattr(_REFERENCE, direction)(*tensors, causal, scale, **_reference_args(t, softcap, device, keep))
     return res
 
 
@@ -191,10 +213,10 @@ def ring_forward(
     q_finite = math.isfinite(scale) and _finite(q)
     for n, s in enumerate(steps):
         hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
-        tiles = engine.tiles(rank, (rank - s) % W, L)
-        finite = q_finite and bool(tiles) and _finite(*kv)
+        visits = engine.visits(rank, (rank - s) % W, L)
+        finite = q_finite and bool(visits) and _finite(*kv)
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
-        for t in tiles:
+        for t, keep in visits:
             rows, cols = _rows(t), _cols(t)
             o_b, lse_b = _run_tile(
                 "forward",
@@ -206,6 +228,7 @@ def ring_forward(
                 qh[:, :, rows],
                 kh[:, :, cols],
                 vh[:, :, cols],
+                keep=keep,
             )
             merge_into(out_h[:, :, rows], lse[:, :, rows], o_b, lse_b)
         if hop is not None:
@@ -306,12 +329,12 @@ def ring_backward(
     route: RelayedGrads | DirectGrads = RelayedGrads(ring, len(steps)) if relay else DirectGrads(ring, len(steps))
     for n, s in enumerate(steps):
         kv_hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
-        tiles = engine.tiles(rank, (rank - s) % W, L)
-        finite = q_finite and bool(tiles) and _finite(*kv)
+        visits = engine.visits(rank, (rank - s) % W, L)
+        finite = q_finite and bool(visits) and _finite(*kv)
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         dkv = torch.zeros((2,) + tuple(k.shape), dtype=dt, device=q.device)
         dk_h, dv_h = _heads_first(dkv[0]), _heads_first(dkv[1])
-        for t in tiles:
+        for t, keep in visits:
             rows, cols = _rows(t), _cols(t)
             dq_t, dk_t, dv_t = _run_tile(
                 "backward",
@@ -326,6 +349,7 @@ def ring_backward(
                 vh[:, :, cols],
                 out_h[:, :, rows],
                 lse[:, :, rows].contiguous(),
+                keep=keep,
             )
             dq_h[:, :, rows] += dq_t
             dk_h[:, :, cols] += dk_t

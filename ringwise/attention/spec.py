@@ -104,6 +104,35 @@ def _ids(name: str) -> Callable[[object], tuple[Optional[Tensor], Optional[str]]
     return normalise
 
 
+# mask_mod functions cross into the op by name: "module.qualname#id" (the part before "#" is what the
+# ranks compare). The registry keeps the latest MAX_MASK_MODS (a backward finds its forward's function).
+MAX_MASK_MODS = 4096
+_MASK_MODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+
+
+def _mask_mod(x: object) -> tuple[Optional[str], Optional[str]]:
+    if x is None:
+        return None, None
+    if not callable(x):
+        return None, f"mask_mod must be a function (query positions, key positions) -> bool tensor, got {x!r}"
+    name = f"{getattr(x, '__module__', '')}.{getattr(x, '__qualname__', type(x).__name__)}#{id(x):x}"
+    if name not in _MASK_MODS:
+        while len(_MASK_MODS) >= MAX_MASK_MODS:
+            del _MASK_MODS[next(iter(_MASK_MODS))]
+        _MASK_MODS[name] = cast(Callable[[Tensor, Tensor], Tensor], x)
+    return name, None
+
+
+def mask_mod_function(name: Optional[str]) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+    """The function a mask_mod argument names (None: none)."""
+    return None if name is None else _MASK_MODS[name]
+
+
+def mask_mod_identity(name: Optional[str]) -> Optional[str]:
+    """What ranks compare of a mask_mod: its module and qualified name."""
+    return None if name is None else name.split("#")[0]
+
+
 def _sinks(x: object) -> tuple[Optional[Tensor], Optional[str]]:
     if x is None or isinstance(x, Tensor):
         return x, None
@@ -162,6 +191,7 @@ class AttentionSpec:
     window_right: Optional[int] = _option(None, _integer(checks.window_problem))
     chunk: Optional[int] = _option(None, _integer(checks.chunk_problem))
     group_ids: Optional[Tensor] = _option(None, _ids("group_ids"))
+    mask_mod: Optional[str] = _option(None, _mask_mod)
     sinks: Optional[Tensor] = _option(None, _sinks)
     softcap: Optional[float] = _option(None, _real("softcap", checks.softcap_problem))
     ulysses_group: Optional[str] = _option(None, _group("ulysses_group"))

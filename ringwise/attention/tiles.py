@@ -48,11 +48,11 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Union
+from typing import Callable, Literal, Union
 
 import torch
 
-from .layout import Segment, segments
+from .layout import Segment, global_indices, segments
 
 # Pieces of a segment pair, (q0, q1, k0, k1, mask) in local indices: _causal_tiles' mask says causal
 # or not; a Piece's is its Kind, "full", "causal", "anti" or a band (lo, hi) (see Tile).
@@ -80,11 +80,20 @@ class Tile:
         return not (self.causal or self.anti) and self.band is None and self.bounds is None
 
     def keep(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A masked tile's (q_len, k_len) bool mask, True where the key is visible."""
-        assert self.bounds is not None, "only a masked tile has per-row bounds"
-        lo, hi = (torch.tensor(b, device=device)[:, None] for b in self.bounds)
+        """The tile's (q_len, k_len) bool mask, True where the key is visible."""
+        i = torch.arange(self.q_len, device=device)[:, None]
         j = torch.arange(self.k_len, device=device)[None, :]
-        return (j >= lo) & (j < hi)
+        seen = torch.ones(self.q_len, self.k_len, dtype=torch.bool, device=device)
+        if self.causal:
+            seen &= j <= i
+        if self.anti:
+            seen &= j >= i
+        if self.band is not None:
+            seen &= (i - j >= self.band[0]) & (i - j <= self.band[1])
+        if self.bounds is not None:
+            lo, hi = (torch.tensor(b, device=device)[:, None] for b in self.bounds)
+            seen &= (j >= lo) & (j < hi)
+        return seen
 
     @property
     def reference_band(self) -> tuple[int, int] | None:
@@ -432,3 +441,45 @@ def needed_steps(
         if step_tiles(layout, r, (r - s) % W, W, local_len, causal, docs, window, right, groups)
     }
     return tuple(sorted(need | {0}))
+
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mod_keep(t: Tile, q_pos: torch.Tensor, k_pos: torch.Tensor, mask_mod: MaskMod) -> torch.Tensor | None:
+    """Tile t's visibility and-ed with mask_mod(query positions, key positions) (global positions of
+    the tile's rows and keys): None where mask_mod hides nothing the tile shows, else the (q_len,
+    k_len) bool mask (all False: nothing to compute)."""
+    rows = q_pos[t.q_start : t.q_start + t.q_len, None]
+    keys = k_pos[None, t.k_start : t.k_start + t.k_len]
+    seen = t.keep(q_pos.device)
+    kept = seen & torch.as_tensor(mask_mod(rows, keys), dtype=torch.bool, device=q_pos.device).expand_as(seen)
+    return None if torch.equal(kept, seen) else kept
+
+
+@lru_cache(maxsize=256)
+def mod_steps(
+    mask_mod: MaskMod,
+    layout: str,
+    world_size: int,
+    local_len: int,
+    causal: bool,
+    docs: tuple[int, ...] | None = None,
+    window: int | None = None,
+    right: int | None = None,
+    groups: Spans | None = None,
+) -> tuple[int, ...]:
+    """needed_steps once mask_mod is and-ed in: the steps in which some rank's tiles keep a visible
+    pair. The whole mask is evaluated once per argument tuple, tile by tile, the same on every rank
+    (mask_mod must be a pure function of global positions, the same on every rank)."""
+    W, total = world_size, local_len * world_size
+    pos = [global_indices(layout, r, W, total) for r in range(W)]
+    need = {0}
+    for s in needed_steps(layout, W, local_len, causal, docs, window, right, groups):
+        for r in range(W):
+            kv = (r - s) % W
+            tiles = step_tiles(layout, r, kv, W, local_len, causal, docs, window, right, groups)
+            if any((keep := mod_keep(t, pos[r], pos[kv], mask_mod)) is None or bool(keep.any()) for t in tiles):
+                need.add(s)
+                break
+    return tuple(sorted(need))
