@@ -258,3 +258,30 @@ def test_group_spans_from_ids():
     ids = torch.tensor([-1, 0, 0, -1, 5, 5, 5, -2])
     assert group_spans(ids, 8, True, None) == (((1, 3), (4, 7)), None)
     assert group_spans(ids, 8, True, (0, 4, 8)) == (((1, 3), (4, 7)), None)
+
+
+# ---------------------------------------------------------------- the bench
+
+
+def test_masks_bench_counts_area_and_bytes(tmp_path):
+    """`ringwise bench masks --quick`: each mask's visible pairs are the definition's (counted here pair
+    by pair), chunks inside the shards send nothing, and plain causal's bytes are its hops' K/V."""
+    import json
+
+    from ringwise.bench.masks import longformer, masks
+    from ringwise.cli import main
+
+    assert main(["bench", "masks", "--quick", "--out", str(tmp_path)]) == 0
+    rows = {r["mask"]: r for r in json.loads((tmp_path / "masks.json").read_text())["rows"]}
+    S = 1024
+    for name, o in masks(S).items():
+        ids = o.get("group_ids")
+        vis = visible_mask(S, o["causal"], o.get("window"), o.get("cu_seqlens"), o.get("chunk"), ids)
+        if o.get("mask_mod") is not None:
+            pos = torch.arange(S)
+            vis &= longformer(pos[:, None], pos[None, :])
+        assert rows[name]["visible"] == int(vis.sum()), name
+    assert rows["documents + chunks"]["hops"] == {} and rows["documents + chunks"]["ring_bytes"] == 0
+    kv_bytes = 2 * (S // 2) * 2 * 64 * 4
+    assert rows["causal"]["hops"] == {"kv": 2, "dkv": 2} and rows["causal"]["ring_bytes"] == 4 * kv_bytes
+    assert (tmp_path / "masks.md").exists()

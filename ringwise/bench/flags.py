@@ -198,6 +198,15 @@ def decode_flags(p):
     p.add_argument("--decode-e2e-new", type=int, default=16, help="new tokens per end-to-end row")
 
 
+def masks_flags(p):
+    p.add_argument("--masks-seq-len", type=int, default=8192, help="global tokens (packed documents)")
+    p.add_argument("--masks-worlds", type=int, nargs="+", default=[2, 4], help="ring sizes W (one thread a rank)")
+    p.add_argument("--masks-heads", type=int, default=8, help="query heads")
+    p.add_argument("--masks-kv-heads", type=int, default=2, help="key/value heads")
+    p.add_argument("--masks-head-dim", type=int, default=64, help="head_dim")
+    p.add_argument("--masks-repeats", type=int, default=3, help="timed iterations per case (after one warm-up)")
+
+
 def peers_flags(p):
     p.add_argument("--peer-world", type=int, default=2, help="ring size")
     p.add_argument("--peer-seq-len", type=int, default=8192, help="global tokens per sequence")
@@ -212,6 +221,7 @@ SUITE_FLAGS = {
     "context": context_flags,
     "ulysses": ulysses_flags,
     "decode": decode_flags,
+    "masks": masks_flags,
     "peers": peers_flags,
 }
 SUITE_HELP = {
@@ -223,6 +233,7 @@ SUITE_HELP = {
     "context": "longest trainable sequence within a per-process memory budget",
     "ulysses": "ring-only, hybrid and Ulysses-only meshes against single-process SDPA",
     "decode": "one new token's attention over a sharded KV cache, and end-to-end generation",
+    "masks": "packed documents with chunks, image groups, windows and mask_mod: time and bytes vs causal",
     "peers": "ringwise against ring-attention-pytorch and the paper authors' JAX package (the peers extra)",
 }
 
