@@ -190,6 +190,40 @@ def test_mask_ring_matches_reference(grid_results, case):
         assert (r["fwd"], r["bwd"]) == (fwd, bwd)
 
 
+@pytest.mark.parametrize("block", [5, 256])
+@pytest.mark.parametrize("layout,W", [("zigzag", 2), ("striped", 3), ("contiguous", 4)])
+def test_mask_mod_blocks_cover_exactly_the_mask(layout, W, block, monkeypatch):
+    """mask_mod applied in blocks (of 5: many full, causal, emptied and cut blocks; and the default):
+    every visible pair of the mask and-ed with mask_mod exactly once, the schedule the global one."""
+    from helpers import dilated, sparse_global
+
+    from ringwise.attention.tiles import mod_steps, mod_visits
+
+    monkeypatch.setattr(tiles, "MOD_BLOCK", block)
+    S = TOTAL
+    L = S // W
+    pos = torch.arange(S)
+    for mod in (dilated, sparse_global):
+        for causal, docs, window, right, spans in MASKS[:5]:
+            mod_visits.cache_clear(), mod_steps.cache_clear()
+            docs = None if docs is None else tuple(docs)
+            covered = torch.zeros(S, S, dtype=torch.long)
+            for r, kr in itertools.product(range(W), range(W)):
+                qi, ki = global_indices(layout, r, W, S), global_indices(layout, kr, W, S)
+                for t, keep in mod_visits(mod, layout, r, kr, W, L, causal, docs, window, right, spans):
+                    seen = t.keep() if keep is None else keep
+                    rows, cols = qi[t.q_start : t.q_start + t.q_len], ki[t.k_start : t.k_start + t.k_len]
+                    covered[rows[:, None], cols[None, :]] += seen.long()
+            ids = None if spans is None else groups_of(spans, S)
+            vis = visible_mask(S, causal, window if right is None else (window, right), docs, group_ids=ids)
+            vis &= mod(pos[:, None], pos[None, :])
+            assert torch.equal(covered, vis.long()), (mod.__name__, causal, docs, window, right, spans)
+            assert mod_steps(mod, layout, W, L, causal, docs, window, right, spans) == schedule_from_mask(
+                layout, W, S, vis
+            )
+    mod_visits.cache_clear(), mod_steps.cache_clear()
+
+
 def test_mask_mod_skips_steps_it_empties():
     """sparse_global on a contiguous causal ring of 8 x 6: ranks 1-3 see rank 0's first keys (steps
     1-3), every rank its own keys and the previous rank's last 3 (step 1); steps 4-7, which causal

@@ -43,9 +43,8 @@ import torch
 
 from .comm import Hop, Ring
 from .kernels import AtenCpuKernel, Flipped, Kernel, MaskedCpu, ReferenceKernel, acc_dtype
-from .layout import global_indices
 from .merge import merge_into
-from .tiles import MaskMod, Spans, Tile, mod_keep, mod_steps, needed_steps, step_tiles
+from .tiles import MaskMod, Spans, Tile, mod_steps, mod_visits, needed_steps, step_tiles
 
 Tensor = torch.Tensor
 KV = tuple[Tensor, Tensor]  # a key/value block (batch, seq, kv_heads, dim)
@@ -85,16 +84,13 @@ class Engine:
             steps = needed_steps(self.layout, W, local_len, *self._mask())
         return steps, steps == tuple(range(len(steps)))
 
-    def visits(self, q_rank: int, kv_rank: int, local_len: int) -> list[tuple[Tile, Optional[Tensor]]]:
+    def visits(self, q_rank: int, kv_rank: int, local_len: int) -> Sequence[tuple[Tile, Optional[Tensor]]]:
         """The tiles to compute for q_rank's queries against kv_rank's block, each with the mask
-        that mask_mod leaves it (None: the tile's own); tiles mask_mod empties are left out."""
-        tiles = self.tiles(q_rank, kv_rank, local_len)
+        that mask_mod leaves it (None: the tile's own shape); what mask_mod empties is left out."""
         if self.mask_mod is None:
-            return [(t, None) for t in tiles]
+            return [(t, None) for t in self.tiles(q_rank, kv_rank, local_len)]
         W = self.ring.world_size
-        q_pos, k_pos = (global_indices(self.layout, r, W, local_len * W) for r in (q_rank, kv_rank))
-        kept = [(t, mod_keep(t, q_pos, k_pos, self.mask_mod)) for t in tiles]
-        return [(t, keep) for t, keep in kept if keep is None or bool(keep.any())]
+        return mod_visits(self.mask_mod, self.layout, q_rank, kv_rank, W, local_len, *self._mask())
 
     def tiles(self, q_rank: int, kv_rank: int, local_len: int) -> tuple[Tile, ...]:
         """The tiles of q_rank's queries against kv_rank's block."""
@@ -169,6 +165,8 @@ def _run_tile(
     every gradient backward) is recomputed on the reference kernel where the check costs no
     host sync (CPU), so both directions follow the reference's semantics (module docstring)."""
     device = tensors[0].device
+    if keep is not None and keep.device != device:  # mask_mod's masks are cached on the CPU
+        keep = keep.to(device, non_blocking=True)
     kern, extra = _tile_kernel(kernel, t, finite, softcap, device, keep)
     causal = t.causal and keep is None
     res: tuple[Tensor, ...] = getattr(kern, direction)(*tensors, causal, scale, **extra)

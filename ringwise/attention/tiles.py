@@ -444,17 +444,66 @@ def needed_steps(
 
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MOD_BLOCK = 256  # mask_mod is applied in blocks of this many rows and keys
 
 
-def mod_keep(t: Tile, q_pos: torch.Tensor, k_pos: torch.Tensor, mask_mod: MaskMod) -> torch.Tensor | None:
-    """Tile t's visibility and-ed with mask_mod(query positions, key positions) (global positions of
-    the tile's rows and keys): None where mask_mod hides nothing the tile shows, else the (q_len,
-    k_len) bool mask (all False: nothing to compute)."""
+def _sub_tiles(
+    t: Tile, q_pos: torch.Tensor, k_pos: torch.Tensor, mask_mod: MaskMod
+) -> list[tuple[Tile, torch.Tensor | None]]:
+    """Tile t cut into MOD_BLOCK x MOD_BLOCK blocks with mask_mod and-ed in: a block it leaves as
+    the tile had it keeps the tile's shape (full, or a causal square), one it empties is dropped,
+    one it cuts carries its (rows, keys) bool mask."""
+    seen = t.keep(q_pos.device)
     rows = q_pos[t.q_start : t.q_start + t.q_len, None]
     keys = k_pos[None, t.k_start : t.k_start + t.k_len]
-    seen = t.keep(q_pos.device)
-    kept = seen & torch.as_tensor(mask_mod(rows, keys), dtype=torch.bool, device=q_pos.device).expand_as(seen)
-    return None if torch.equal(kept, seen) else kept
+    out: list[tuple[Tile, torch.Tensor | None]] = []
+    for r0 in range(0, t.q_len, MOD_BLOCK):
+        r1 = min(t.q_len, r0 + MOD_BLOCK)
+        for c0 in range(0, t.k_len, MOD_BLOCK):
+            c1 = min(t.k_len, c0 + MOD_BLOCK)
+            own = seen[r0:r1, c0:c1]
+            if not bool(own.any()):
+                continue
+            mod = torch.as_tensor(mask_mod(rows[r0:r1], keys[:, c0:c1]), dtype=torch.bool, device=own.device)
+            kept = own & mod.expand_as(own)
+            if not bool(kept.any()):
+                continue
+            block = Tile(t.q_start + r0, r1 - r0, t.k_start + c0, c1 - c0, False)
+            if bool(kept.all()):
+                out.append((block, None))
+            elif r1 - r0 == c1 - c0 and torch.equal(kept, torch.ones_like(kept).tril()):
+                out.append((Tile(block.q_start, block.q_len, block.k_start, block.k_len, True), None))
+            else:
+                out.append((block, kept))
+    return out
+
+
+@lru_cache(maxsize=512)
+def mod_visits(
+    mask_mod: MaskMod,
+    layout: str,
+    q_rank: int,
+    kv_rank: int,
+    world_size: int,
+    local_len: int,
+    causal: bool,
+    docs: tuple[int, ...] | None = None,
+    window: int | None = None,
+    right: int | None = None,
+    groups: Spans | None = None,
+) -> tuple[tuple[Tile, torch.Tensor | None], ...]:
+    """step_tiles with mask_mod and-ed in (`_sub_tiles`), full blocks merged again: (tile, its mask
+    or None) pairs. Cached (CPU masks) per argument tuple: mask_mod must be a pure function of
+    global positions, the same on every rank."""
+    W, total = world_size, local_len * world_size
+    q_pos, k_pos = (global_indices(layout, r, W, total) for r in (q_rank, kv_rank))
+    pieces = [
+        p
+        for t in step_tiles(layout, q_rank, kv_rank, W, local_len, causal, docs, window, right, groups)
+        for p in _sub_tiles(t, q_pos, k_pos, mask_mod)
+    ]
+    full = _merge_full([t for t, keep in pieces if keep is None and t.full])
+    return tuple([(t, None) for t in full] + [(t, keep) for t, keep in pieces if keep is not None or not t.full])
 
 
 @lru_cache(maxsize=256)
@@ -469,17 +518,14 @@ def mod_steps(
     right: int | None = None,
     groups: Spans | None = None,
 ) -> tuple[int, ...]:
-    """needed_steps once mask_mod is and-ed in: the steps in which some rank's tiles keep a visible
-    pair. The whole mask is evaluated once per argument tuple, tile by tile, the same on every rank
-    (mask_mod must be a pure function of global positions, the same on every rank)."""
-    W, total = world_size, local_len * world_size
-    pos = [global_indices(layout, r, W, total) for r in range(W)]
+    """needed_steps once mask_mod is and-ed in: the steps in which some rank has something to
+    compute. Every rank evaluates the whole mask once per argument tuple (`mod_visits`), alike."""
+    W = world_size
     need = {0}
     for s in needed_steps(layout, W, local_len, causal, docs, window, right, groups):
-        for r in range(W):
-            kv = (r - s) % W
-            tiles = step_tiles(layout, r, kv, W, local_len, causal, docs, window, right, groups)
-            if any((keep := mod_keep(t, pos[r], pos[kv], mask_mod)) is None or bool(keep.any()) for t in tiles):
-                need.add(s)
-                break
+        if any(
+            mod_visits(mask_mod, layout, r, (r - s) % W, W, local_len, causal, docs, window, right, groups)
+            for r in range(W)
+        ):
+            need.add(s)
     return tuple(sorted(need))
