@@ -25,8 +25,20 @@ def _cases(W):
         dict(layout="zigzag", causal=True, heads=4, kv_heads=2, dtype="float32", window=7),
         dict(layout="contiguous", causal=True, heads=4, kv_heads=4, dtype="float32", sinks=True),
         dict(layout="zigzag", causal=False, heads=2, kv_heads=2, dtype="float32", softcap=3.0),
+        # the interval masks (docs/masks.md): image groups, a bidirectional window, chunks
+        dict(layout="zigzag", causal=True, heads=4, kv_heads=2, dtype="float32", group_ids=_images(total)),
+        dict(layout="striped", causal=False, heads=4, kv_heads=2, dtype="float32", window=(5, 3)),
+        dict(layout="contiguous", causal=True, heads=2, kv_heads=1, dtype="float32", chunk=10, window=4),
     ]
     return cases
+
+
+def _images(total):
+    """Group ids over the global sequence: two images, one across the middle."""
+    ids = [-1] * total
+    for g, (a, b) in enumerate(((2, 9), (total // 2 - 5, total // 2 + 6))):
+        ids[a:b] = [g] * (b - a)
+    return ids
 
 
 def _inputs(case, total, seed):
@@ -40,7 +52,7 @@ def _inputs(case, total, seed):
 
 def _options(case, **groups):
     opts = dict(causal=case["causal"], layout=case["layout"], **groups)
-    for name in ("cu_seqlens", "window", "softcap"):
+    for name in ("cu_seqlens", "window", "softcap", "chunk", "group_ids"):
         if case.get(name) is not None:
             opts[name] = case[name]
     return opts
@@ -79,7 +91,9 @@ def compiled_vs_eager(W, ulysses=False):
         compiled = _run(torch.compile(attn, fullgraph=True, backend="aot_eager"), q, k, v, sinks, dout, dt, shard)
         # the float64 whole-sequence truth, and the single-device kernel's error (the budget)
         # the truth: float64 softmax attention on the whole sequence (helpers' reference)
-        mask = visible_mask(total, case["causal"], case.get("window"), case.get("cu_seqlens"))
+        mask = visible_mask(
+            total, case["causal"], case.get("window"), case.get("cu_seqlens"), case.get("chunk"), case.get("group_ids")
+        )
 
         def truth(q, k, v, s):
             return reference_attention(q, k, v, mask=mask, sinks=s, softcap=case.get("softcap"))[0]
