@@ -1,5 +1,5 @@
 """Small random transformers models of the architectures the integration is tested on (shared by the
-architecture and generation tests): sliding windows, hybrid local/global layers, sinks, soft-capping, MoE."""
+architecture and generation tests): sliding windows, hybrid local/global layers, sinks, soft-capping, MoE, chunks."""
 
 import os
 from pathlib import Path
@@ -60,6 +60,17 @@ def make_config(name):
             use_sliding_window=True,
             sliding_window=WINDOW,
             max_window_layers=2,
+        )
+    if name == "llama4":  # chunked layer (chunks of 10: the prompt and the new tokens cross them), NoPE layer with
+        # temperature tuning that changes every 8 positions
+        return T.Llama4TextConfig(
+            **SMALL,
+            head_dim=8,
+            num_local_experts=4,
+            intermediate_size_mlp=64,
+            attention_chunk_size=10,
+            no_rope_layers=[1, 0],
+            floor_scale=8,
         )
     if name == "llama":
         return T.LlamaConfig(**SMALL)

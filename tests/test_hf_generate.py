@@ -1,6 +1,6 @@
 """rw.generate: transformers' generate() over a sequence-sharded cache returns, on every rank, the
 sequences model.generate returns in one process (float64 models, eager attention there): greedy and
-seeded sampling, sliding windows shorter than the prompt, hybrid local/global layers, sinks,
+seeded sampling, sliding windows shorter than the prompt, hybrid local/global layers, Llama 4's chunks, sinks,
 soft-capping, GQA, W = 2 and 3, prompts of 1 token, of fewer tokens than ranks, and not divisible by
 the layout. One decode_attention (one all-gather) per layer and token; refusals alike on every rank."""
 
@@ -70,6 +70,8 @@ GRID = [
 ]
 GRID += [
     dict(name="gemma3", world=3, layout="zigzag", prompt=21),
+    dict(name="llama4", world=2, layout="zigzag", prompt=21),  # chunked layers decode with chunk=
+    dict(name="llama4", world=3, layout="striped", prompt=17, sample=True),
     dict(name="llama", world=3, layout="contiguous", prompt=2),  # one prompt token to prefill: 2 ranks hold none
     dict(name="llama", world=2, layout="striped", prompt=1),  # nothing to prefill
     dict(name="mistral", world=3, layout="zigzag", prompt=17, sample=True),

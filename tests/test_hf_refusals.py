@@ -65,8 +65,6 @@ def refused_config(name):
         return T.RecurrentGemmaConfig(**SMALL, head_dim=8, lru_width=32)
     if name == "minimax":  # lightning (linear) attention layers
         return T.MiniMaxConfig(**SMALL, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
-    if name == "llama4":  # chunked attention layers
-        return T.Llama4TextConfig(**SMALL, head_dim=8, num_local_experts=4, intermediate_size_mlp=64)
     if name == "llama_dynamic_rope":
         return T.LlamaConfig(**SMALL, **rope_scaling("dynamic", factor=2.0))
     if name == "phi3_longrope":
@@ -91,7 +89,6 @@ REFUSED = {  # family -> what the error must say
     "mamba": "does not use transformers' attention registry",
     "recurrent_gemma": "['linear_attention']",
     "minimax": "['linear_attention']",
-    "llama4": "['chunked_attention']",
     "llama_dynamic_rope": "RoPE scaling ['dynamic']",
     "phi3_longrope": "RoPE scaling ['longrope']",
 }
@@ -266,19 +263,20 @@ def test_mrope_model_built_directly_is_refused_on_every_rank(cluster, name, rows
 
 
 def test_mask_functions_are_read_by_identity_not_guessed():
+    """Each part of a mask function is recognised by its factory's code (chunked, bidirectional, OR-ed windows and
+    block groups: test_hf_masks.py); a custom function equal to causal is still not read as causal."""
     mu = pytest.importorskip("transformers.masking_utils")
     assert read_mask_function(mu.causal_mask_function).window is None
     assert read_mask_function(mu.sliding_window_causal_mask_function(5)).window == 5
     chunked = inspect.signature(mu.chunked_causal_mask_function).parameters  # left_padding from 4.54
-    bad = [
-        mu.or_masks(mu.causal_mask_function, mu.sliding_window_overlay(3)),  # OR: more than causal
-        mu.chunked_causal_mask_function(4, *([torch.zeros(1, dtype=torch.long)] if len(chunked) > 1 else [])),
-        lambda b, h, q, k: k <= q,
-    ]  # a custom function equal to causal is still not read as causal
-    if hasattr(mu, "bidirectional_mask_function"):  # transformers 5
-        bad += [mu.or_masks(mu.causal_mask_function, mu.bidirectional_mask_function), mu.bidirectional_mask_function]
-    for fn in bad:
-        with pytest.raises(ValueError):
+    spec = read_mask_function(
+        mu.chunked_causal_mask_function(4, *([torch.zeros(1, dtype=torch.long)] if len(chunked) > 1 else []))
+    )
+    assert spec.causal and spec.chunk == 4
+    everything = read_mask_function(mu.or_masks(mu.causal_mask_function, mu.sliding_window_overlay(3)))
+    assert not everything.causal and everything.left is None and everything.right is None  # k <= q or k > q - 3
+    for fn in (lambda b, h, q, k: k <= q, mu.and_masks(mu.causal_mask_function, lambda b, h, q, k: k >= 0)):
+        with pytest.raises(ValueError, match="cannot reproduce exactly"):
             read_mask_function(fn)
 
 

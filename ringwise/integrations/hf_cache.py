@@ -124,9 +124,10 @@ class ShardedCache(Cache):
             )
         return None
 
-    def attend(self, module, query, key, value, window, scaling, sinks, softcap) -> torch.Tensor:
+    def attend(self, module, query, key, value, window, chunk, scaling, sinks, softcap) -> torch.Tensor:
         """The decode step's attention: query (batch, heads, new, d) against the whole cache, of which
-        key/value (batch, kv_heads, local, d) are this rank's (update's result) -> (batch, new, heads, d)."""
+        key/value (batch, kv_heads, local, d) are this rank's (update's result) -> (batch, new, heads, d).
+        window: keys at most this many positions before the query; chunk: Llama 4's chunked layers."""
         layer = module.layer_idx
         _, _, positions = self.store.view(layer)
         if positions is None:
@@ -146,6 +147,7 @@ class ShardedCache(Cache):
             key_positions=positions,
             query_positions=self.step_positions,
             window=window,
+            chunk=chunk,
             sinks=sinks,
             softcap=softcap,
         )

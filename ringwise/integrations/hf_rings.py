@@ -28,6 +28,9 @@ class ModelRing:
     pending: list = field(default_factory=list)  # masks built since the last collective check
     decoding: ShardedCache | None = None  # while rw.generate runs this model
     config_problems: list | None = None  # hf_support.config_problems of the config, read at the first check
+    # (position_ids,) the module that computes the rotary embedding was last called with (check_model's hook), for
+    # models whose attention layers never see them (Llama 4); None: not recorded
+    model_positions: tuple | None = None
 
 
 DEFAULT = {"shard": SeqShard()}  # use_ring's ring, for models given none of their own

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 LOCAL_LENGTH_ROPE = ("dynamic", "longrope")  # scaling chosen from each rank's own largest position
 
 
@@ -46,7 +46,7 @@ def config_problems(config) -> list[str]:
         if extra:
             problems.append(
                 f"layers of type {extra} mix tokens outside attention (config.layer_types); "
-                "ringwise makes only full and sliding-window attention layers exact"
+                "ringwise makes only full, sliding-window and chunked attention layers exact"
             )
         blocks = sorted({str(b) for b in getattr(c, "layers_block_type", None) or ()} - {"attention"})
         if blocks:
@@ -107,6 +107,17 @@ def module_problems(model) -> list[str]:
     return problems + _local_length_rope(rope, "rotary embedding modules use RoPE scaling")
 
 
+def _text_model_uses_registry(model, config) -> bool:
+    """Whether a model whose own class holds no attention (a multimodal wrapper: PaliGemma) runs its language model,
+    the modules configured by its text config, through the registry."""
+    if model is None:
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is config:
+        return False
+    return any(uses_registry(type(m)) for m in model.modules() if getattr(m, "config", None) is text)
+
+
 def architecture_problems(model_or_config) -> list[str]:
     """Every reason a model (or the causal LM a config builds) cannot run exactly under ringwise."""
     cls: type | None
@@ -122,7 +133,7 @@ def architecture_problems(model_or_config) -> list[str]:
         except KeyError:
             cls = None
     problems = []
-    if cls is not None and not uses_registry(cls):
+    if cls is not None and not uses_registry(cls) and not _text_model_uses_registry(model, config):
         problems.append(
             f"{cls.__name__} does not use transformers' attention registry (its attention, if any, is "
             "hard-coded), so attn_implementation='ringwise' cannot reach it"

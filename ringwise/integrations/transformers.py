@@ -12,10 +12,14 @@
 
 "ringwise" is registered in `AttentionInterface` (the attention op) and in
 `AttentionMaskInterface` (the mask hook). The hook reads the mask function transformers
-built (causal, sliding window, hybrid local/global per layer, and the "packed" mask that
-transformers derives from the jumps in ringwise's own layout positions) and hands each
-layer a RingMask with the ring's arguments; anything else (padding, chunked, custom
-masks, a KV cache continuation) is refused, never dropped. Soft-capping (softcap) and
+built (hf_masks.py: causal, sliding window, hybrid local/global per layer, Llama 4's chunks,
+bidirectional attention and two-sided windows (EmbeddingGemma), block groups OR-ed into
+causal attention (Gemma 3's image tokens, PaliGemma's prefix: their global group ids come
+from rw.shard_batch(..., token_type_ids=, model=)), and the "packed" mask that transformers
+derives from the jumps in ringwise's own layout positions) and hands each layer a RingMask
+with the ring's arguments; anything else (padding, custom masks, a KV cache continuation)
+is refused, never dropped. Llama 4's NoPE layers scale their queries by a temperature of
+the token's index in the forward's input: rescaled here to its global position. Soft-capping (softcap) and
 attention sinks (s_aux) arrive as transformers passes them to flash attention. Every
 problem is raised on every rank alike by the op's own verdict gather (one all-gather) in the
 model's first attention layer (and in the first layer that uses each other mask), before any
@@ -30,13 +34,14 @@ MLP or MoE block over tiles of tokens, each recomputed in backward, in forwards 
 graph (training), so no (local tokens x intermediate) tensor exists whole; exact (router
 logits and auxiliary losses included); `ffn_tile=0` leaves the model untiled, and
 `tile_feed_forward(model, tokens)` tiles (or with 0 untiles) any model.
-Tested on transformers 5.24.0; check_model (hf_support) lists what is refused and why.
+Tested on transformers 5.24.0 and 5.25.0; check_model (hf_support) lists what is refused and why.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,7 +50,7 @@ import torch.nn.functional as F
 from ..attention.api import attention
 from ..attention.checks import not_global_positions
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
-from .hf_masks import read_mask_function
+from .hf_masks import MaskSpec, global_group_ids, group_problem, read_mask_function
 from .hf_rings import DEFAULT, ModelRing, all_rings, configs_of, ring_of, shard_of_state
 from .hf_support import architecture_problems, config_problems
 from .hf_tiling import ffn_tile_of as ffn_tile_of  # re-exported: the integration's public calls
@@ -66,12 +71,28 @@ class RingMask:
     `problem` is this rank's objection to the mask: the verdict of the first layer that uses
     the mask raises it on every rank alike; a mask the model builds but no layer uses is never
     refused (Qwen2-MoE builds a sliding mask of window 0 for layers it does not have).
+    `shape` is the 4-D size transformers asked for: a model that hands the mask on to another
+    mask function (PaliGemma's language model) finds it prepared, and the hook returns it as it is.
     """
 
-    window: int | None = None  # transformers' sliding_window (keys seen, the query included)
+    spec: MaskSpec = field(default_factory=MaskSpec)  # the ring arguments read from the mask function
     problem: str | None = None
-    position_ids: torch.Tensor | None = None  # what a packed-sequence remap reads, checked by the op
     checked: bool = False  # a layer that used this mask ran the collective check
+    shape: tuple[int, ...] = (1, 1, 0, 0)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def window(self) -> int | None:
+        """transformers' sliding_window (keys within reach on the left, the query included)."""
+        return self.spec.window
+
+    @property
+    def position_ids(self) -> torch.Tensor | None:
+        """What a packed-sequence remap reads, checked by the op."""
+        return self.spec.position_ids
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -142,8 +163,9 @@ def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None
     else:
         return None, (
             "ringwise attention got a tensor attention mask (a custom 4-D mask, or a mask built "
-            "outside transformers' mask registry); ringwise applies causal, sliding-window and "
-            "document (ringwise_cu_seqlens) masks only. If you passed no mask, this transformers "
+            "outside transformers' mask registry); ringwise applies the masks transformers composes (causal, "
+            "bidirectional, windows, chunks, block groups) and documents (ringwise_cu_seqlens) only. If you "
+            "passed no mask, this transformers "
             f"({_transformers_version()}) builds the model's mask itself; newer releases build it through "
             "the mask registry (GPT-2 from 4.54.1, GraniteMoE from 5.0, OPT by 5.24)"
         )
@@ -192,6 +214,18 @@ def ringwise_attention_forward(
     problem = problem or _dropout_problem(module, dropout)
     if state.decoding is not None and state.decoding.phase == "decode":
         return _decode_step(module, query, key, value, mask, problem, scaling, kwargs, state.decoding), None
+    global_len = query.shape[2] * seq.world
+    group_ids = kwargs.get("ringwise_group_ids")
+    if mask is not None:
+        spec = mask.spec
+    else:  # no mask built (a model that leaves it to is_causal): the layer's causality and sliding_window
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        spec = MaskSpec(causal=causal, left=None if window is None else window - 1, right=0 if causal else None)
+        if window is not None and not causal:
+            problem = problem or (
+                f"a bidirectional layer passes sliding_window={window} without a mask; ringwise cannot tell "
+                "the window's reach after the query"
+            )
     check: dict[str, Any] = dict(validate=False)  # the op's verdict keywords (validate, objection, position_ids)
     first = _check_due(state, module)
     if first or (mask is not None and not mask.checked):
@@ -203,8 +237,8 @@ def ringwise_attention_forward(
             position_ids = kwargs.get("position_ids")
             if position_ids is None:  # the mask's remap read them (packed sequences)
                 position_ids = next((m.position_ids for m in pending if m.position_ids is not None), None)
-            if position_ids is None:
-                problem = problem or _unverifiable_positions(module)
+            if position_ids is None and state.model_positions is not None:  # what the rotary embedding was given
+                position_ids = state.model_positions[0]
             if state.config_problems is None:  # a model built without check_model (directly by transformers)
                 config = getattr(module, "config", None)
                 state.config_problems = (
@@ -213,21 +247,20 @@ def ringwise_attention_forward(
                     else []
                 )
             problem = problem or next(iter(state.config_problems), None)
+            if position_ids is None:
+                problem = problem or _unverifiable_positions(module)
+        problem = problem or (mask.problem if mask is not None else None)
         if mask is not None:
             mask.checked = True
-        check = dict(
-            validate=True, objection=problem or (mask.problem if mask is not None else None), position_ids=position_ids
-        )
+        if problem is None:  # the groups the model built on this rank's tokens against rw.shard_batch's global ones
+            problem = group_problem(spec, group_ids, seq.positions(global_len, query.device))
+        check = dict(validate=True, objection=problem, position_ids=position_ids)
     elif problem:  # the same module config on every rank: the same error everywhere
         raise ValueError(f"ringwise attention: {problem}")
-    if mask is not None:
-        window, causal = mask.window, True
-    else:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    global_len = query.shape[2] * seq.world
-    extra = {}
-    if window is not None and window < global_len:
-        extra["window"] = window - 1  # transformers counts the query itself; the ring counts keys to its left
+    extra = _mask_arguments(spec, global_len)
+    if spec.blocks is not None:
+        extra["group_ids"] = group_ids
+    query = _nope_temperature(module, query, seq, global_len)
     if kwargs.get("s_aux") is not None:
         extra["sinks"] = kwargs["s_aux"]
     if kwargs.get("softcap") is not None:
@@ -242,7 +275,7 @@ def ringwise_attention_forward(
         q,
         k,
         v,
-        causal=causal,
+        causal=spec.causal,
         softmax_scale=scaling,
         cu_seqlens=kwargs.get("ringwise_cu_seqlens"),
         **seq.ring_kwargs(),
@@ -250,6 +283,61 @@ def ringwise_attention_forward(
         **check,
     )
     return out[..., :dv], None
+
+
+def _mask_arguments(spec: MaskSpec, global_len: int) -> dict[str, Any]:
+    """The op's window= and chunk= for the layer's mask (none where they hide nothing in `global_len` tokens)."""
+    extra: dict[str, Any] = {}
+    reach = global_len - 1  # no offset in the sequence is farther
+    if spec.causal:
+        if spec.left is not None and spec.left < reach:
+            extra["window"] = spec.left  # keys at most `left` positions before the query
+    else:
+        left = reach if spec.left is None else min(spec.left, reach)
+        right = reach if spec.right is None else min(spec.right, reach)
+        if left < reach or right < reach:
+            extra["window"] = (left, right)
+    if spec.chunk is not None and spec.chunk < global_len:
+        extra["chunk"] = spec.chunk
+    return extra
+
+
+_LLAMA4_ATTENTION: list = []
+
+
+def _llama4_attention():
+    """transformers' Llama4TextAttention class, or None (a transformers without Llama 4)."""
+    if not _LLAMA4_ATTENTION:
+        try:
+            from transformers.models.llama4 import modeling_llama4
+
+            _LLAMA4_ATTENTION.append(modeling_llama4.Llama4TextAttention)
+        except (ImportError, AttributeError):
+            _LLAMA4_ATTENTION.append(None)
+    return _LLAMA4_ATTENTION[0]
+
+
+def _nope_temperature(module, query, seq: SeqShard, global_len: int):
+    """Llama 4's NoPE layers with attn_temperature_tuning scale each query by
+    1 + attn_scale * log1p(floor((p + 1) / floor_scale)) of its position p, which transformers (4.53-5.25) takes
+    from the token's index in the forward's input (cache_position, or arange over the input plus the cache's
+    length), not from position_ids: in a ring forward, the index in this rank's shard. Rescaled here to the
+    global position of each token (the same positions the op checks position_ids against): exact up to the
+    rounding of one multiplication. Other layers and models: unchanged. A decode step (rw.generate) counts
+    its positions from the sharded cache's global length: right as it is, never rescaled."""
+    cls = _llama4_attention()
+    if cls is None or not isinstance(module, cls) or module.use_rope or not module.attn_temperature_tuning:
+        return query
+    local = torch.arange(query.shape[2], device=query.device, dtype=torch.float32)
+    positions = seq.positions(global_len, query.device).to(torch.float32)
+
+    def scale(p):
+        return torch.log1p(torch.floor((p + 1.0) / module.floor_scale)) * module.attn_scale + 1.0
+
+    had, wanted = (scale(p).view(1, 1, -1, 1) for p in (local, positions))  # float32, as transformers computes them
+    work = query.to(torch.promote_types(query.dtype, torch.float32))
+    rescaled = (work / had.to(work.dtype) * wanted.to(work.dtype)).to(query.dtype)
+    return torch.where(had == wanted, query, rescaled)  # the same bits wherever the two positions scale alike
 
 
 def _unverifiable_positions(module) -> str:
@@ -269,8 +357,11 @@ def _decode_step(module, query, key, value, mask, problem, scaling, kwargs, cach
     """A generate() step over rw.generate's sharded cache (key/value: this rank's shard, update's result).
     Every rank runs the same tokens through the same model, so a problem here is the same on every rank."""
     problem = problem or (mask.problem if mask is not None else None)
-    if mask is None and not getattr(module, "is_causal", True):
+    causal = mask.spec.causal if mask is not None else getattr(module, "is_causal", True)
+    if not causal:
         problem = problem or "a bidirectional attention layer cannot decode token by token"
+    if mask is not None and mask.spec.blocks is not None:
+        problem = problem or "rw.generate does not decode with block groups (image tokens, a prefix) yet"
     if problem:
         raise ValueError(f"ringwise attention: {problem}")
     window = mask.window if mask is not None else kwargs.get("sliding_window")
@@ -281,6 +372,7 @@ def _decode_step(module, query, key, value, mask, problem, scaling, kwargs, cach
         key,
         value,
         None if window is None else window - 1,
+        mask.spec.chunk if mask is not None else None,
         scaling,
         kwargs.get("s_aux"),
         kwargs.get("softcap"),
@@ -307,7 +399,9 @@ def ringwise_mask(
     Checks that read tensor values (positions) run inside the op, so this traces under
     torch.compile; a padding mask there is refused (its values cannot be read in a graph).
     """
-    mask = RingMask()
+    if isinstance(attention_mask, RingMask):  # prepared by this hook for an outer model: kept as it is (as a 4-D mask)
+        return attention_mask
+    mask = RingMask(shape=(batch_size or 1, 1, int(q_length or 0), int(kv_length or 0)))
     state = _ring_of(config)
     cache = state.decoding if state.decoding is not None and state.decoding.phase == "decode" else None
     decoding = cache is not None
@@ -315,9 +409,7 @@ def ringwise_mask(
     if q_length is None and cache_position is not None:
         q_length, q_offset = cache_position.shape[0], cache_position[0]
     try:
-        spec = read_mask_function(mask_function)
-        mask.window = spec.window
-        mask.position_ids = spec.position_ids
+        spec = mask.spec = read_mask_function(mask_function)
         mask.problem = (
             (
                 cache.mask_problem(q_length, kv_length, q_offset, kv_offset)
@@ -327,18 +419,29 @@ def ringwise_mask(
             or _padding_problem(attention_mask)
             or _packed_problem(spec.packed_ids, _shard_of(state))
         )
-        if spec.window is not None and spec.window < 1:
-            mask.problem = mask.problem or f"a sliding window of {spec.window} tokens leaves no key visible"
-        if local_size is not None and local_size != spec.window:
+        if local_size is not None and local_size not in spec.sizes:
             mask.problem = mask.problem or (
                 f"transformers sized this mask for a local window of {local_size} "
-                f"but its mask function has window {spec.window}"
+                f"but its mask function has windows or chunks of {list(spec.sizes)}"
             )
+        mask.problem = mask.problem or _left_padding_problem(spec.left_padding)
     except Exception as e:  # whatever a check trips on is an objection for the collective check, never a raise here
         mask.problem = str(e) if isinstance(e, ValueError) else f"{type(e).__name__} while reading the mask: {e}"
     if not decoding:  # a decode step's masks are checked where they are used (every rank alike)
         state.pending.append(mask)
     return mask
+
+
+def _left_padding_problem(left_padding) -> str | None:
+    """Chunks shifted by left padding (chunked_overlay reads it from a padding mask, which is refused anyway)."""
+    if left_padding is None or torch.compiler.is_compiling():  # compiled: no padding mask, so zeros (or refused)
+        return None
+    if bool((torch.as_tensor(left_padding) != 0).any()):
+        return (
+            "the chunked mask starts its chunks after left padding; ringwise's chunks start at global position 0 "
+            "(ringwise does not support padding masks)"
+        )
+    return None
 
 
 def _cache_problem(q_length, kv_length, q_offset, kv_offset) -> str | None:
@@ -430,7 +533,58 @@ def check_model(model) -> None:
     if problems:
         what = type(model).__name__ if hasattr(model, "named_modules") else f"model_type={model.model_type!r}"
         raise ValueError(f"{what} does not route its attention through ringwise exactly: " + "; ".join(problems))
+    _mark_towers(model)
+    _install_position_hook(model)
     _install_loss(model)  # a model: model(labels=).loss is the exact share over its ring, or refused (RingLoss)
+
+
+def _install_position_hook(model) -> None:
+    """Record the position_ids given to each module that computes a rotary embedding (a text model's `rotary_emb`
+    parent), for its first attention layer's check: some models never hand them to the attention layers (Llama 4),
+    which then verify the positions the rotary embedding used. A call without them records None (refused there:
+    the model would number its shard from 0). Idempotent; configs and other modules: nothing."""
+    if not hasattr(model, "modules"):
+        return
+    for module in model.modules():
+        if getattr(module, "_ringwise_position_hook", False) or not hasattr(module, "rotary_emb"):
+            continue
+        try:
+            signature = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            continue
+        if "position_ids" not in signature.parameters or not hasattr(module, "config"):
+            continue
+        module.register_forward_pre_hook(_record_positions, with_kwargs=True)
+        module._ringwise_position_hook = True
+
+
+def _record_positions(module, args, kwargs):
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+        positions = bound.arguments.get("position_ids")
+    except TypeError:
+        positions = None
+    _ring_of(module.config).model_positions = (positions,)
+    return None
+
+
+def _mark_towers(model) -> None:
+    """A multimodal model's towers (vision, audio: every module config other than the model's and its text
+    model's) run on inputs every rank holds whole, not on sequence shards: their attention layers object at
+    their first call, on every rank alike. The language model runs through the ring on inputs_embeds."""
+    if not hasattr(model, "modules"):
+        return
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for c in configs_of(model):
+        if c is config or c is text:
+            continue
+        _ring_of(c).config_problems = [
+            f"model_type={getattr(c, 'model_type', None)!r}: this tower of {type(model).__name__} runs on inputs "
+            "every rank holds whole (images), not on this rank's sequence shard, so ring attention cannot run it; "
+            "compute its features outside the ring (a copy with another attn_implementation, on every rank), merge "
+            "them into the global inputs_embeds and pass this rank's shard (rw.shard_batch(..., inputs_embeds=))"
+        ]
 
 
 def from_config(config, shard: SeqShard | None = None, ffn_tile: int | None = None, **kwargs):
@@ -484,22 +638,68 @@ def generate(model, input_ids: torch.Tensor, **generate_kwargs):
 
 
 def shard_batch(
-    input_ids: torch.Tensor, labels: torch.Tensor | None = None, cu_seqlens=None, shard: SeqShard | None = None
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    cu_seqlens=None,
+    shard: SeqShard | None = None,
+    *,
+    token_type_ids: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    model=None,
 ) -> dict:
     """A global (batch, seq) batch -> this rank's model inputs (shard: the model's ring; default
-    use_ring's; `shard_of(model)` gives a model's own).
+    use_ring's, or model's own ring when model= is given; `shard_of(model)` gives it).
 
     Labels are shifted on the *global* sequence before sharding (each token's target is
     the next global token; the last token of every document gets -100), position_ids are
     the global positions of the local tokens; documents go to the model as ringwise_cu_seqlens.
     `model(**out).loss` (labels included) is rw.causal_lm_loss's share: these labels, passed as they are,
     are known to be shifted; a copy of them is refused.
+
+    token_type_ids / mm_token_type_ids (global, like input_ids; needs model=): the per-token types from which
+    the model builds a blockwise mask (Gemma 3's image tokens, PaliGemma's prefix). This rank's shard goes to
+    the model under the same name, and the groups the model's own rule makes of the *global* types go to every
+    rank alike as ringwise_group_ids (one id per global position: the rows of the batch must agree), which the
+    attention layers check against the groups the model built from its shard and hand the ring.
+    inputs_embeds (global, (batch, seq, hidden)): the model's input instead of input_ids (image features merged
+    on the global sequence, outside the ring); labels still come from input_ids (or labels).
     """
-    batch = (shard or _shard_of()).shard_batch(input_ids, labels, cu_seqlens)
+    if shard is None and model is not None:
+        shard = shard_of(model)
+    seq = shard or _shard_of()
+    batch = seq.shard_batch(input_ids, labels, cu_seqlens)
     _SHIFTED[id(batch["labels"])] = batch["labels"]  # model(**out) takes these as they are (RingLoss)
     out: dict[str, object] = dict(batch)  # the model's keywords: cu_seqlens renamed below
     if "cu_seqlens" in out:
         out["ringwise_cu_seqlens"] = out.pop("cu_seqlens")
+    given = {
+        k: v
+        for k, v in dict(token_type_ids=token_type_ids, mm_token_type_ids=mm_token_type_ids).items()
+        if v is not None
+    }
+    if len(given) > 1:
+        raise ValueError("shard_batch: give token_type_ids or mm_token_type_ids (the model's own), not both")
+    for name, types in given.items():
+        if tuple(types.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"shard_batch: {name} shape {tuple(types.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
+        if model is None:
+            raise ValueError(f"shard_batch: {name} needs model= (the model's own rule groups the tokens)")
+        try:
+            out["ringwise_group_ids"] = global_group_ids(model, types)
+        except ValueError as e:
+            raise ValueError(f"shard_batch: {e}") from None
+        out[name] = seq.shard(types)
+    if inputs_embeds is not None:
+        if tuple(inputs_embeds.shape[:2]) != tuple(input_ids.shape):
+            raise ValueError(
+                f"shard_batch: inputs_embeds shape {tuple(inputs_embeds.shape)} must be input_ids' "
+                f"{tuple(input_ids.shape)} and a hidden size"
+            )
+        del out["input_ids"]
+        out["inputs_embeds"] = seq.shard(inputs_embeds)
     return out
 
 
