@@ -397,3 +397,23 @@ def test_shard_batch_gives_the_global_groups():
         rw.shard_batch(global_ids("gemma3").expand(2, -1), token_type_ids=two_rows, model=gemma3)
     with pytest.raises(ValueError, match="needs model="):
         rw.shard_batch(global_ids("gemma3"), token_type_ids=token_types("gemma3"))
+
+
+def no_positions_run():
+    rw.use_ring(layout="zigzag")
+    model = build("llama4", "ringwise").eval()
+    rw.check_model(model)
+    batch = rw.shard_batch(global_ids("llama4"))
+    try:
+        model(input_ids=batch["input_ids"])
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_llama4_called_without_position_ids_is_refused(cluster):
+    """Llama 4's attention layers never see position_ids: the positions the rotary embedding was given are checked
+    (check_model's hook); without them the model would number each shard from 0."""
+    messages = cluster(2).run(no_positions_run)
+    assert messages[0] is not None and all(m == messages[0] for m in messages), messages
+    assert "called without them" in messages[0], messages[0]

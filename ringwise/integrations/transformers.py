@@ -248,7 +248,7 @@ def ringwise_attention_forward(
                 )
             problem = problem or next(iter(state.config_problems), None)
             if position_ids is None:
-                problem = problem or _unverifiable_positions(module)
+                problem = problem or _unverifiable_positions(module, state.model_positions == (None,))
         problem = problem or (mask.problem if mask is not None else None)
         if mask is not None:
             mask.checked = True
@@ -340,11 +340,17 @@ def _nope_temperature(module, query, seq: SeqShard, global_len: int):
     return torch.where(had == wanted, query, rescaled)  # the same bits wherever the two positions scale alike
 
 
-def _unverifiable_positions(module) -> str:
+def _unverifiable_positions(module, called_without: bool = False) -> str:
     """Why a first attention layer that receives no position ids is refused: the op checks that the positions the
     model rotates by are the layout's global ones, and here it cannot (multimodal RoPE keeps its 3-D positions from
     the attention layers, e.g. Qwen2-VL given 3-row position_ids)."""
     model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if called_without:  # check_model's hook saw the model's rotary embedding computed without position_ids
+        return (
+            f"{type(module).__name__} layers (model_type={model_type!r}) receive no position_ids and the model "
+            "was called without them, so it numbers this rank's shard from 0; pass the global position_ids "
+            "(rw.shard_batch gives them)"
+        )
     return (
         f"{type(module).__name__} layers (model_type={model_type!r}) receive no position_ids, so "
         "ringwise cannot verify that the model's positions are the layout's global positions (multimodal "
