@@ -271,6 +271,31 @@ def check_masks(results, W, given):
     )
 
 
+def check_mask_example(vis):
+    """check(results, W, given) of a docs/masks.md example whose global visibility is `vis`."""
+
+    def check(results, W, given):
+        q, k, v = results[0]["x"]
+        for r in results:
+            assert torch.equal(r["x"], results[0]["x"]), "the ranks drew different global q, k, v"
+        got = assemble([r["out"] for r in results], "zigzag", 1)
+        want, _ = reference_attention(q, k, v, mask=vis)
+        assert_within_budget(
+            "masked out",
+            max_err(got, want),
+            max_err(sdpa32(q, k, v, mask=vis), want),
+            1e-6,
+            ceiling=CEILINGS["float32"],
+        )
+
+    return check
+
+
+_POS = torch.arange(OP_SEQ)
+MASK_IMAGES = torch.full((OP_SEQ,), -1)
+MASK_IMAGES[3:11], MASK_IMAGES[30:41] = 0, 1  # the example's two images, as run
+
+
 # --- docs/ulysses.md: a (2 x W/2) Ulysses x ring mesh from mesh_groups
 
 
@@ -493,6 +518,34 @@ EXAMPLES = {
         ],
         collect=collect_masks,
         check=check_masks,
+    ),
+    "docs/masks.md > Sliding windows": Example(
+        substitutions=[
+            ("4096", str(OP_SEQ), "a sequence this machine holds (2W zigzag chunks at W = 2, 3)"),
+            ("window=(128, 128)", "window=(7, 3)", "a window as short against the sequence, and lopsided"),
+        ],
+        collect=collect_masks,
+        check=check_mask_example(visible_mask(OP_SEQ, causal=False, window=(7, 3))),
+    ),
+    "docs/masks.md > Groups (images, prefixes)": Example(
+        substitutions=[
+            ("torch.full((4096,), -1)", f"torch.full(({OP_SEQ},), -1)", "the shorter sequence"),
+            ("4096", str(OP_SEQ), "a sequence this machine holds (2W zigzag chunks at W = 2, 3)"),
+            ("ids[100:356] = 0", "ids[3:11] = 0", "an image inside the shorter sequence"),
+            ("ids[2000:2256] = 1", "ids[30:41] = 1", "another, across shards"),
+        ],
+        collect=collect_masks,
+        check=check_mask_example(visible_mask(OP_SEQ, causal=True, group_ids=MASK_IMAGES)),
+    ),
+    "docs/masks.md > Any other mask: `mask_mod`": Example(
+        substitutions=[
+            ("4096", str(OP_SEQ), "a sequence this machine holds (2W zigzag chunks at W = 2, 3)"),
+            ("(k_pos < 64) | (q_pos - k_pos <= 256)", "(k_pos < 4) | (q_pos - k_pos <= 6)", "as short against it"),
+        ],
+        collect=collect_masks,
+        check=check_mask_example(
+            visible_mask(OP_SEQ, causal=True) & ((_POS[None, :] < 4) | (_POS[:, None] - _POS[None, :] <= 6))
+        ),
     ),
     "docs/ulysses.md > A minimal example": Example(
         substitutions=[
