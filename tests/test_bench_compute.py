@@ -14,6 +14,7 @@ import ringwise
 from ringwise.attention.kernels import select_kernel
 from ringwise.attention.layout import global_indices
 from ringwise.attention.ring import Engine, ring_backward, ring_forward
+from ringwise.attention.tiles import Mask
 from ringwise.bench.compute import LoopbackRing, rank_inputs
 from ringwise.cli import main
 
@@ -45,7 +46,7 @@ def test_loopback_rank_reproduces_its_rows_of_the_whole_sequence(world, layout, 
         idx = global_indices(layout, r, world, L * world)
         q_r, k_r, v_r, dout_r = rank_inputs((q.detach(), k, v, dout), layout, r, world)
         assert torch.equal(k_r, k_block) and torch.equal(v_r, v_block)
-        engine = Engine(causal, scale, layout, LoopbackRing(r, world), kernel)
+        engine = Engine(scale, layout, LoopbackRing(r, world), kernel, Mask(causal))
         with count_comms() as c:
             out, lse = ring_forward(q_r, k_r, v_r, engine)
         assert c.hops["kv"] == world - 1  # every ring step visited, as on a real ring

@@ -10,7 +10,7 @@ import ringwise
 from ringwise.attention.kernels import ReferenceKernel, select_kernel
 from ringwise.attention.layout import global_indices, segments
 from ringwise.attention.merge import merge_into
-from ringwise.attention.tiles import step_tiles
+from ringwise.attention.tiles import Mask, step_tiles
 
 
 @pytest.mark.parametrize(
@@ -23,7 +23,7 @@ def test_tiles_cover_exactly_the_mask(layout, W, causal):
     covered = torch.zeros(S, S, dtype=torch.int64)
     for r, src in itertools.product(range(W), range(W)):
         qpos, kpos = global_indices(layout, r, W, S), global_indices(layout, src, W, S)
-        for t in step_tiles(layout, r, src, W, L, causal):
+        for t in step_tiles(layout, r, src, W, L, Mask(causal)):
             for i in range(t.q_len):
                 for j in range(t.k_len):
                     if not t.causal or j <= i:
@@ -40,7 +40,7 @@ def test_balanced_layouts_share_causal_work(W):
     L = 64
 
     def work(layout):
-        return [sum(t.work for s in range(W) for t in step_tiles(layout, r, s, W, L, True)) for r in range(W)]
+        return [sum(t.work for s in range(W) for t in step_tiles(layout, r, s, W, L, Mask(True))) for r in range(W)]
 
     assert len(set(work("zigzag"))) == 1
     striped = work("striped")
@@ -53,7 +53,7 @@ def test_zigzag_steps_are_single_calls():
     """Off-diagonal zigzag steps fuse into one kernel call each."""
     for W in (2, 3, 4):
         for r, s in itertools.product(range(W), range(W)):
-            tiles = step_tiles("zigzag", r, s, W, 16, True)
+            tiles = step_tiles("zigzag", r, s, W, 16, Mask(True))
             assert len(tiles) == (3 if r == s else 1)  # own step: two diagonals and one full block
 
 
@@ -157,7 +157,7 @@ def test_document_tiles_cover_exactly_the_document_mask(layout, W, causal, lengt
     covered = torch.zeros(S, S, dtype=torch.int64)
     for r, src in itertools.product(range(W), range(W)):
         qpos, kpos = global_indices(layout, r, W, S), global_indices(layout, src, W, S)
-        for t in step_tiles(layout, r, src, W, L, causal, docs):
+        for t in step_tiles(layout, r, src, W, L, Mask(causal, docs)):
             for i in range(t.q_len):
                 for j in range(t.k_len):
                     if not t.causal or j <= i:

@@ -213,7 +213,7 @@ def test_causal_tiles_are_square_and_diagonal(docs):
     import itertools as it
 
     from ringwise.attention.layout import LAYOUTS, global_indices
-    from ringwise.attention.tiles import step_tiles
+    from ringwise.attention.tiles import Mask, step_tiles
 
     total, seen = 24, 0
     for layout, W in it.product(LAYOUTS, [1, 2, 3, 4]):
@@ -222,7 +222,7 @@ def test_causal_tiles_are_square_and_diagonal(docs):
         L = total // W
         for rank, src in it.product(range(W), range(W)):
             gq, gk = global_indices(layout, rank, W, total), global_indices(layout, src, W, total)
-            for t in step_tiles(layout, rank, src, W, L, True, docs):
+            for t in step_tiles(layout, rank, src, W, L, Mask(True, docs)):
                 if not t.causal:
                     continue
                 seen += 1

@@ -28,7 +28,7 @@ from ringwise.attention import tiles
 from ringwise.attention.checks import group_spans
 from ringwise.attention.kernels import MaskedCpu, ReferenceKernel
 from ringwise.attention.layout import global_indices
-from ringwise.attention.tiles import needed_steps, step_tiles
+from ringwise.attention.tiles import Mask, needed_steps, step_tiles, visits
 
 KERNEL_TOL = {"float32": 1e-5, "bfloat16": 3e-2}
 
@@ -60,9 +60,9 @@ MASKS = [  # (causal, cu_seqlens, window, right, group spans)
 def row_block(request, monkeypatch):
     """Tile in blocks of 5 rows (many edges: every shape the blocks can take) and the default."""
     monkeypatch.setattr(tiles, "ROW_BLOCK", request.param)
-    step_tiles.cache_clear(), needed_steps.cache_clear()
+    tiles.clear_caches()
     yield request.param
-    step_tiles.cache_clear(), needed_steps.cache_clear()
+    tiles.clear_caches()
 
 
 @pytest.mark.parametrize("layout,W", list(itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5])))
@@ -79,23 +79,25 @@ def test_interval_tiles_cover_exactly_the_mask(layout, W, row_block):
         covered = torch.zeros(S, S, dtype=torch.long)
         for r, kr in itertools.product(range(W), range(W)):
             qi, ki = global_indices(layout, r, W, S), global_indices(layout, kr, W, S)
-            for t in step_tiles(layout, r, kr, W, L, causal, docs, window, right, spans):
+            for t in step_tiles(layout, r, kr, W, L, Mask(causal, docs, window, right, spans)):
                 for i, j in itertools.product(range(t.q_len), range(t.k_len)):
                     covered[qi[t.q_start + i], ki[t.k_start + j]] += t.visible(i, j)
         ids = None if spans is None else groups_of(spans, S)
         vis = visible_mask(S, causal, window if right is None else (window, right), docs, group_ids=ids)
         assert torch.equal(covered, vis.long()), (causal, docs, window, right, spans)
-        assert needed_steps(layout, W, L, causal, docs, window, right, spans) == schedule_from_mask(layout, W, S, vis)
+        assert needed_steps(layout, W, L, Mask(causal, docs, window, right, spans)) == schedule_from_mask(
+            layout, W, S, vis
+        )
 
 
 def test_interval_tiles_are_fused_shapes_where_they_can_be():
     """Row blocks are cut at a group's edges, so a group in a causal sequence is full tiles and causal
     squares (no masked tile, a handful of fused calls); so is a wide bidirectional window."""
-    t = step_tiles("contiguous", 0, 0, 1, 512, True, None, None, None, ((700, 800),))
+    t = step_tiles("contiguous", 0, 0, 1, 512, Mask(True, groups=((700, 800),)))
     assert all(x.bounds is None for x in t)  # the group is outside: plain causal
-    t = step_tiles("contiguous", 0, 0, 1, 512, True, None, None, None, ((100, 120),))
+    t = step_tiles("contiguous", 0, 0, 1, 512, Mask(True, groups=((100, 120),)))
     assert all(x.bounds is None for x in t) and len(t) <= 8  # plain causal: 4
-    t = step_tiles("contiguous", 0, 0, 1, 512, False, None, 300, 300, None)
+    t = step_tiles("contiguous", 0, 0, 1, 512, Mask(False, window=300, right=300))
     assert all(x.bounds is None for x in t)  # full, causal and anti-causal squares
 
 
@@ -104,9 +106,9 @@ def test_needed_steps_skip_what_no_group_reaches():
     one across two shards adds the step back (W - 1: the earlier rank sees the later one's keys),
     nothing more; a narrow bidirectional window on a contiguous ring needs steps 0, 1 and W-1
     (the neighbours), never the rest."""
-    assert needed_steps("contiguous", 4, 16, True, None, 3, None, ((2, 9),)) == (0, 1)
-    assert needed_steps("contiguous", 4, 16, True, None, 3, None, ((10, 20),)) == (0, 1, 3)
-    assert needed_steps("contiguous", 4, 16, False, None, 3, 3, None) == (0, 1, 3)
+    assert needed_steps("contiguous", 4, 16, Mask(True, window=3, groups=((2, 9),))) == (0, 1)
+    assert needed_steps("contiguous", 4, 16, Mask(True, window=3, groups=((10, 20),))) == (0, 1, 3)
+    assert needed_steps("contiguous", 4, 16, Mask(False, window=3, right=3)) == (0, 1, 3)
 
 
 def test_masked_cpu_kernel_matches_reference_with_blind_rows():
@@ -197,20 +199,19 @@ def test_mask_mod_blocks_cover_exactly_the_mask(layout, W, block, monkeypatch):
     every visible pair of the mask and-ed with mask_mod exactly once, the schedule the global one."""
     from helpers import dilated, sparse_global
 
-    from ringwise.attention.tiles import mod_steps, mod_visits
-
     monkeypatch.setattr(tiles, "MOD_BLOCK", block)
     S = TOTAL
     L = S // W
     pos = torch.arange(S)
     for mod in (dilated, sparse_global):
         for causal, docs, window, right, spans in MASKS[:5]:
-            mod_visits.cache_clear(), mod_steps.cache_clear()
+            tiles.clear_caches()
             docs = None if docs is None else tuple(docs)
+            mask = Mask(causal, docs, window, right, spans, mod)
             covered = torch.zeros(S, S, dtype=torch.long)
             for r, kr in itertools.product(range(W), range(W)):
                 qi, ki = global_indices(layout, r, W, S), global_indices(layout, kr, W, S)
-                for t, keep in mod_visits(mod, layout, r, kr, W, L, causal, docs, window, right, spans):
+                for t, keep in visits(layout, r, kr, W, L, mask):
                     seen = t.keep() if keep is None else keep
                     rows, cols = qi[t.q_start : t.q_start + t.q_len], ki[t.k_start : t.k_start + t.k_len]
                     covered[rows[:, None], cols[None, :]] += seen.long()
@@ -218,10 +219,8 @@ def test_mask_mod_blocks_cover_exactly_the_mask(layout, W, block, monkeypatch):
             vis = visible_mask(S, causal, window if right is None else (window, right), docs, group_ids=ids)
             vis &= mod(pos[:, None], pos[None, :])
             assert torch.equal(covered, vis.long()), (mod.__name__, causal, docs, window, right, spans)
-            assert mod_steps(mod, layout, W, L, causal, docs, window, right, spans) == schedule_from_mask(
-                layout, W, S, vis
-            )
-    mod_visits.cache_clear(), mod_steps.cache_clear()
+            assert needed_steps(layout, W, L, mask) == schedule_from_mask(layout, W, S, vis)
+    tiles.clear_caches()
 
 
 def test_mask_mod_skips_steps_it_empties():
@@ -230,11 +229,9 @@ def test_mask_mod_skips_steps_it_empties():
     attention alone needs, carry nothing and are not sent. A window of 10 as well leaves steps 0-2."""
     from helpers import sparse_global
 
-    from ringwise.attention.tiles import mod_steps
-
-    assert needed_steps("contiguous", 8, 6, True) == tuple(range(8))
-    assert mod_steps(sparse_global, "contiguous", 8, 6, True) == (0, 1, 2, 3)
-    assert mod_steps(sparse_global, "contiguous", 8, 6, True, None, 10) == (0, 1, 2)
+    assert needed_steps("contiguous", 8, 6, Mask(True)) == tuple(range(8))
+    assert needed_steps("contiguous", 8, 6, Mask(True, mod=sparse_global)) == (0, 1, 2, 3)
+    assert needed_steps("contiguous", 8, 6, Mask(True, window=10, mod=sparse_global)) == (0, 1, 2)
 
 
 def test_chunk_inside_a_shard_sends_nothing(cluster):

@@ -11,7 +11,7 @@ from ringwise.attention.comm import Ring
 from ringwise.attention.kernels import AtenCpuKernel, select_kernel
 from ringwise.attention.layout import global_indices
 from ringwise.attention.ring import Engine, ring_backward, ring_forward
-from ringwise.attention.tiles import step_tiles
+from ringwise.attention.tiles import Mask, step_tiles
 from ringwise.bench.compute import LoopbackRing, rank_inputs
 
 L, WINDOW = 160, 70  # at W=1: causal squares, anti-causal squares (a flipped fused kernel) and a full tile
@@ -46,7 +46,7 @@ def test_a_non_finite_fused_tile_is_recomputed_on_the_reference_kernel(monkeypat
     ref_out, ref_lse = reference_attention(qr, kr, vr, True, mask=i - j <= WINDOW)
     ref_grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout)
 
-    tiles = step_tiles("contiguous", 0, 0, 1, L, True, None, WINDOW)
+    tiles = step_tiles("contiguous", 0, 0, 1, L, Mask(True, window=WINDOW))
     assert {(t.causal, t.anti) for t in tiles} == {(True, False), (False, True), (False, False)}
     kernel = select_kernel("auto", q.device, q.dtype, 16)
     assert isinstance(kernel, AtenCpuKernel)
@@ -66,7 +66,7 @@ def test_a_non_finite_fused_tile_is_recomputed_on_the_reference_kernel(monkeypat
     reruns = _count_calls(monkeypatch, ring_mod._REFERENCE, direction)
     ring = Ring()
     assert ring.world_size == 1
-    engine = Engine(True, scale, "contiguous", ring, kernel, window=WINDOW)
+    engine = Engine(scale, "contiguous", ring, kernel, Mask(True, window=WINDOW))
     out, lse = ring_forward(q, k, v, engine)
     if direction == "forward":
         got, want = (out, lse), (ref_out, ref_lse)
@@ -97,14 +97,14 @@ def test_float16_tiles_whose_fused_backward_overflows_rerun_on_the_reference_ker
 
     def grads(backend):
         kernel = select_kernel(backend, q.device, q.dtype, d)
-        engine = Engine(causal, scale, "contiguous", ring, kernel)
+        engine = Engine(scale, "contiguous", ring, kernel, Mask(causal))
         out, lse = ring_forward(q, k, v, engine)
         return ring_backward(dout, q, k, v, out, lse, engine), out, lse
 
     budget, _, _ = grads("reference")
     reruns = _count_calls(monkeypatch, ring_mod._REFERENCE, "backward")
     got, out, lse = grads("auto")
-    assert len(reruns) == len(step_tiles("contiguous", 0, 0, 1, 32, causal)) == 1
+    assert len(reruns) == len(step_tiles("contiguous", 0, 0, 1, 32, Mask(causal))) == 1
     alone = AtenCpuKernel().backward(*(x.transpose(1, 2) for x in (dout, q, k, v, out)), lse, causal, scale)
     assert not torch.isfinite(alone[0]).all() and not torch.isfinite(alone[1]).all(), (
         "the fused CPU kernel no longer overflows here: these inputs test nothing"
@@ -152,12 +152,12 @@ def test_relayed_and_direct_routes_give_identical_gradients(monkeypatch, world, 
     _, ref_dk, ref_dv = torch.autograd.grad(ref_out, (qr, kr, vr), dout)
     kernel, scale = select_kernel("auto", q.device, q.dtype, d), d**-0.5
     schedule = Engine.schedule
-    steps, relay = schedule(Engine(causal, scale, layout, LoopbackRing(0, world), kernel, window=window), Ls)
+    steps, relay = schedule(Engine(scale, layout, LoopbackRing(0, world), kernel, Mask(causal, window=window)), Ls)
     assert relay and len(steps) == (2 if window == 5 else world)  # a prefix of the ring, all of it or not
     totals = {}
     for r in range(world):
         q_r, k_r, v_r, dout_r = rank_inputs((q, k, v, dout), layout, r, world)
-        engine = Engine(causal, scale, layout, LoopbackRing(r, world), kernel, window=window)
+        engine = Engine(scale, layout, LoopbackRing(r, world), kernel, Mask(causal, window=window))
         out, lse = ring_forward(q_r, k_r, v_r, engine)
         routes = {}
         for route, relayed in (("relayed", True), ("direct", False)):

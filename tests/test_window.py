@@ -27,7 +27,7 @@ import ringwise
 from ringwise.attention import tiles
 from ringwise.attention.kernels import AtenCpuKernel, Flipped, ReferenceKernel
 from ringwise.attention.layout import global_indices
-from ringwise.attention.tiles import needed_steps, step_tiles
+from ringwise.attention.tiles import Mask, needed_steps, step_tiles
 
 KERNEL_TOL = {"float32": 1e-5, "bfloat16": 3e-2}  # single-device error vs float64, relative to the largest value
 
@@ -70,9 +70,9 @@ def min_fused_window(request, monkeypatch):
     causal / anti-causal squares (what larger windows get)."""
     if request.param == "fused squares":
         monkeypatch.setattr(tiles, "MIN_FUSED_WINDOW", 1)
-    step_tiles.cache_clear(), needed_steps.cache_clear()
+    tiles.clear_caches()
     yield request.param
-    step_tiles.cache_clear(), needed_steps.cache_clear()
+    tiles.clear_caches()
 
 
 @pytest.mark.parametrize("layout,W", list(itertools.product(ringwise.LAYOUTS, [1, 2, 3, 4, 5])))
@@ -85,7 +85,7 @@ def test_window_tiles_cover_exactly_the_band(layout, W, min_fused_window):
         covered = torch.zeros(S, S, dtype=torch.int64)
         for r, src in itertools.product(range(W), range(W)):
             qpos, kpos = global_indices(layout, r, W, S), global_indices(layout, src, W, S)
-            for t in step_tiles(layout, r, src, W, L, True, docs, window):
+            for t in step_tiles(layout, r, src, W, L, Mask(True, docs, window)):
                 assert sum((t.band is not None, t.causal, t.anti)) <= 1
                 assert not t.anti or t.q_len == t.k_len
                 if min_fused_window == "fused squares":
@@ -94,19 +94,23 @@ def test_window_tiles_cover_exactly_the_band(layout, W, min_fused_window):
                     covered[qpos[t.q_start + i], kpos[t.k_start + j]] += t.visible(i, j)
         vis = visible_mask(S, True, window, docs)
         assert torch.equal(covered, vis.long()), (window, docs)
-        assert needed_steps(layout, W, L, True, docs, window) == schedule_from_mask(layout, W, S, vis)
+        assert needed_steps(layout, W, L, Mask(True, docs, window)) == schedule_from_mask(layout, W, S, vis)
 
 
 def test_schedules_skip_unneeded_steps():
     """The issue's examples: a window inside one contiguous shard needs one hop; zigzag with a
     small window needs steps {0, 1, W-1} (2 hops at W=4, not 3); a window as long as the
     sequence is plain causal."""
-    assert needed_steps("contiguous", 4, 16, True, None, 5) == (0, 1)
-    assert needed_steps("zigzag", 4, 16, True, None, 3) == (0, 1, 3)
-    assert needed_steps("striped", 4, 16, True, None, 2) == (0, 1, 2)
+    assert needed_steps("contiguous", 4, 16, Mask(True, window=5)) == (0, 1)
+    assert needed_steps("zigzag", 4, 16, Mask(True, window=3)) == (0, 1, 3)
+    assert needed_steps("striped", 4, 16, Mask(True, window=2)) == (0, 1, 2)
     for layout in ringwise.LAYOUTS:
-        assert needed_steps(layout, 4, 16, True, None, 64) == needed_steps(layout, 4, 16, True) == (0, 1, 2, 3)
-        assert step_tiles(layout, 1, 0, 4, 16, True, None, 64) == step_tiles(layout, 1, 0, 4, 16, True)
+        assert (
+            needed_steps(layout, 4, 16, Mask(True, window=64))
+            == needed_steps(layout, 4, 16, Mask(True))
+            == (0, 1, 2, 3)
+        )
+        assert step_tiles(layout, 1, 0, 4, 16, Mask(True, window=64)) == step_tiles(layout, 1, 0, 4, 16, Mask(True))
 
 
 def test_flipped_fused_kernel_is_the_anti_causal_square():

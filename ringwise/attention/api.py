@@ -33,7 +33,7 @@ from .comm import Ring, all_gather_objects, resolve_transport
 from .kernels import Kernel, acc_dtype, default_scale
 from .ring import Engine, ring_backward, ring_forward, sink_grad
 from .spec import NAMES, TENSORS, AttentionSpec, mask_mod_function, mask_mod_identity, process_group, schema_args
-from .tiles import Spans
+from .tiles import Mask, Spans
 from .ulysses import SeqMesh, head_chunk_shapes, ulysses_backward, ulysses_forward
 
 Tensor = torch.Tensor
@@ -135,8 +135,8 @@ def _check(
         transport=ring.transport,
     )
     right = None if spec.causal else spec.window_right
-    mod = mask_mod_function(spec.mask_mod)
-    engine = Engine(spec.causal, scale, spec.layout, ring, kernel, docs, spec.window, spec.softcap, right, groups, mod)
+    mask = Mask(spec.causal, docs, spec.window, right, groups, mask_mod_function(spec.mask_mod))
+    engine = Engine(scale, spec.layout, ring, kernel, mask, spec.softcap)
     return _Call(ring, mesh, engine, None, sig)
 
 

@@ -44,7 +44,7 @@ import torch
 from .comm import Hop, Ring
 from .kernels import AtenCpuKernel, Flipped, Kernel, MaskedCpu, ReferenceKernel, acc_dtype
 from .merge import merge_into
-from .tiles import MaskMod, Spans, Tile, mod_steps, mod_visits, needed_steps, step_tiles
+from .tiles import Mask, Tile, needed_steps, visits
 
 Tensor = torch.Tensor
 KV = tuple[Tensor, Tensor]  # a key/value block (batch, seq, kv_heads, dim)
@@ -54,47 +54,26 @@ _REFERENCE = ReferenceKernel()
 
 @dataclass(frozen=True)
 class Engine:
-    """How the rings of one call run, the same forward and backward: the mask (causal, the
-    global document bounds `docs` (chunks among them), the `window` before the query and its
-    reach `right` after it (full attention), the `groups` seen whole from inside), the scale,
-    the layout, the ring and the fused tile kernel (api.py builds it from the checked call;
-    benchmarks build it directly)."""
+    """How the rings of one call run, the same forward and backward: the scale, the layout, the
+    ring, the fused tile kernel and the mask (api.py builds it from the checked call; benchmarks
+    build it directly)."""
 
-    causal: bool
     scale: float
     layout: str
     ring: Ring
     kernel: Kernel
-    docs: Optional[tuple[int, ...]] = None
-    window: Optional[int] = None
+    mask: Mask = Mask()
     softcap: Optional[float] = None
-    right: Optional[int] = None
-    groups: Optional[Spans] = None
-    mask_mod: Optional[MaskMod] = None
-
-    def _mask(self) -> tuple[bool, Optional[tuple[int, ...]], Optional[int], Optional[int], Optional[Spans]]:
-        return self.causal, self.docs, self.window, self.right, self.groups
 
     def schedule(self, local_len: int) -> tuple[tuple[int, ...], bool]:
         """(needed steps, relay?): relay when the steps are a prefix 0..m of the ring."""
-        W = self.ring.world_size
-        if self.mask_mod is not None:
-            steps = mod_steps(self.mask_mod, self.layout, W, local_len, *self._mask())
-        else:
-            steps = needed_steps(self.layout, W, local_len, *self._mask())
+        steps = needed_steps(self.layout, self.ring.world_size, local_len, self.mask)
         return steps, steps == tuple(range(len(steps)))
 
     def visits(self, q_rank: int, kv_rank: int, local_len: int) -> Sequence[tuple[Tile, Optional[Tensor]]]:
-        """The tiles to compute for q_rank's queries against kv_rank's block, each with the mask
-        that mask_mod leaves it (None: the tile's own shape); what mask_mod empties is left out."""
-        if self.mask_mod is None:
-            return [(t, None) for t in self.tiles(q_rank, kv_rank, local_len)]
-        W = self.ring.world_size
-        return mod_visits(self.mask_mod, self.layout, q_rank, kv_rank, W, local_len, *self._mask())
-
-    def tiles(self, q_rank: int, kv_rank: int, local_len: int) -> tuple[Tile, ...]:
-        """The tiles of q_rank's queries against kv_rank's block."""
-        return step_tiles(self.layout, q_rank, kv_rank, self.ring.world_size, local_len, *self._mask())
+        """What to compute of q_rank's queries against kv_rank's block: (tile, its mask where the
+        mask's mod cut it, else None)."""
+        return visits(self.layout, q_rank, kv_rank, self.ring.world_size, local_len, self.mask)
 
 
 def _rows(t: Tile) -> slice:

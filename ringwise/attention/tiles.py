@@ -35,12 +35,17 @@ tile, and the keys some rows see are edge tiles, each a causal or anti-causal sq
 its rows' intervals make one, else a *masked* tile carrying its rows' key bounds, which the
 fused CPU kernel computes with an additive mask (the reference kernel elsewhere).
 
+A mask's `mod` (any function of global positions) is and-ed in last, in blocks of MOD_BLOCK
+rows and keys (`visits`): a block it leaves whole keeps its fused shape, one it empties is
+dropped, one it cuts carries its bool mask.
+
 Adjacent full tiles are merged so that each ring step is as few kernel calls as possible
 (e.g. zigzag's off-diagonal steps are one call each). `needed_steps` tells the ring which
 steps any rank needs at all, so hops that would only carry skipped blocks are never sent.
-Both are cached per argument tuple: pure memoization (their result depends on the arguments
-and the module constant MIN_FUSED_WINDOW alone), so nothing needs clearing unless a test
-changes that constant.
+All three are cached per argument tuple (the `Mask` among them): pure memoization (their
+result depends on the arguments and the module constants MIN_FUSED_WINDOW, ROW_BLOCK and
+MOD_BLOCK alone), so nothing needs clearing unless a test changes a constant
+(`clear_caches`).
 """
 
 from __future__ import annotations
@@ -59,6 +64,29 @@ from .layout import Segment, global_indices, segments
 CausalPiece = tuple[int, int, int, int, bool]
 Kind = Union[Literal["full", "causal", "anti"], tuple[int, int]]
 Piece = tuple[int, int, int, int, Kind]
+
+
+Spans = tuple[tuple[int, int], ...]  # groups: (start, stop) global spans, sorted and disjoint
+MaskMod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Mask:
+    """One call's mask, in global positions, the same on every rank (hashable: tilings are cached
+    by it). Key j is visible to query i iff ((causal: j <= i, else j <= i + right) and
+    j >= i - window, or i and j in one group) and in one document, and mod(i, j)."""
+
+    causal: bool = False
+    docs: tuple[int, ...] | None = None  # global document bounds (cu_seqlens), chunks among them
+    window: int | None = None  # keys at most this many positions before the query
+    right: int | None = None  # full attention: keys at most this many after it
+    groups: Spans | None = None  # spans whose tokens see each other whole (causal)
+    mod: MaskMod | None = None  # any further mask: mod(query positions, key positions) -> bool
+
+    @property
+    def by_intervals(self) -> bool:
+        """Whether the tiling reads each row's key interval (groups, a two-sided window)."""
+        return self.right is not None or bool(self.groups)
 
 
 @dataclass(frozen=True)
@@ -234,24 +262,15 @@ def segment_pair_tiles(
     return out
 
 
-Spans = tuple[tuple[int, int], ...]  # groups: (start, stop) global spans, sorted and disjoint
 ROW_BLOCK = 256  # rows per block of the interval tiling
 _FAR = 1 << 62  # an unbounded interval end
 
 
-def key_bounds(
-    pos: torch.Tensor,
-    causal: bool,
-    docs: tuple[int, ...] | None = None,
-    window: int | None = None,
-    right: int | None = None,
-    groups: Spans | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive global bounds [lo, hi] of the keys that queries at global positions `pos` see.
-
-    The mask: ((causal or j <= i + right) and j >= i - window) or (i and j in one group), and
-    i and j in one document. Each part is an interval containing i, so their union is one.
-    """
+def key_bounds(pos: torch.Tensor, mask: Mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive global bounds [lo, hi] of the keys that queries at global positions `pos` see
+    under the mask without its mod. Each part of it is an interval containing the query, so
+    their union is one."""
+    causal, docs, window, right, groups = mask.causal, mask.docs, mask.window, mask.right, mask.groups
     lo = pos - window if window is not None else torch.full_like(pos, -_FAR)
     hi = pos.clone() if causal else (pos + right if right is not None else torch.full_like(pos, _FAR))
     if groups:
@@ -297,15 +316,7 @@ def _edge(a: torch.Tensor, b: torch.Tensor, r0: int, k0: int, k1: int) -> list[P
     return [Tile(r0, len(a), k0, k1 - k0, False, bounds=bounds)]
 
 
-def interval_pair_tiles(
-    q: Segment,
-    k: Segment,
-    causal: bool,
-    docs: tuple[int, ...] | None,
-    window: int | None,
-    right: int | None,
-    groups: Spans | None,
-) -> list[Tile]:
+def interval_pair_tiles(q: Segment, k: Segment, mask: Mask) -> list[Tile]:
     """The tiles of one segment pair under a mask of key intervals (`key_bounds`), in local indices.
 
     Each block of rows (ROW_BLOCK, cut where the key ranges bend) becomes at most three
@@ -313,7 +324,7 @@ def interval_pair_tiles(
     makes a causal (or anti-causal) edge a fused call is taken whole from the full part.
     """
     pos = q.global_start + q.stride * torch.arange(q.length)
-    lo, hi = key_bounds(pos, causal, docs, window, right, groups)
+    lo, hi = key_bounds(pos, mask)
     # local key j sits at k.global_start + j * stride: [lo, hi] -> local [a, b)
     a = (-((k.global_start - lo) // k.stride)).clamp(0, k.length)
     b = ((hi - k.global_start) // k.stride + 1).clamp(0, k.length)
@@ -322,7 +333,7 @@ def interval_pair_tiles(
     # not under MIN_FUSED_WINDOW), also cut where the rows' key ranges change slope (a group or a
     # document starts or ends, a window meets the shard's edge), so that each block's edges are
     # fused squares wherever the mask allows; masked tiles are left where it does not.
-    sides = [w for w in (window, right) if w is not None]
+    sides = [w for w in (mask.window, mask.right) if w is not None]
     block = max(MIN_FUSED_WINDOW, min(ROW_BLOCK, min(sides) + 1)) if sides else ROW_BLOCK
     cut = set(range(0, q.length, block)) | {q.length}
     if q.length > 2:
@@ -393,57 +404,31 @@ def _merge_full(tiles: list[Tile]) -> list[Tile]:
 
 
 @lru_cache(maxsize=4096)
-def step_tiles(
-    layout: str,
-    q_rank: int,
-    kv_rank: int,
-    world_size: int,
-    local_len: int,
-    causal: bool,
-    docs: tuple[int, ...] | None = None,
-    window: int | None = None,
-    right: int | None = None,
-    groups: Spans | None = None,
-) -> tuple[Tile, ...]:
-    """Tiles for q_rank's queries against the key/value shard that kv_rank owns. right: the
-    window's reach after the query (full attention); groups: spans seen whole from inside
-    (causal). Either one tiles by intervals (`interval_pair_tiles`)."""
+def step_tiles(layout: str, q_rank: int, kv_rank: int, world_size: int, local_len: int, mask: Mask) -> tuple[Tile, ...]:
+    """Tiles for q_rank's queries against the key/value shard that kv_rank owns, under the mask
+    without its `mod` (see `visits`). Groups and two-sided windows tile by intervals."""
     qs = segments(layout, q_rank, world_size, local_len)
     ks = segments(layout, kv_rank, world_size, local_len)
-    if right is not None or groups:
-        tiles = [t for a in qs for b in ks for t in interval_pair_tiles(a, b, causal, docs, window, right, groups)]
+    if mask.by_intervals:
+        tiles = [t for a in qs for b in ks for t in interval_pair_tiles(a, b, mask)]
     else:
-        tiles = [t for a in qs for b in ks for t in segment_pair_tiles(a, b, causal, docs, window)]
+        tiles = [t for a in qs for b in ks for t in segment_pair_tiles(a, b, mask.causal, mask.docs, mask.window)]
     return tuple(_merge_full(tiles))
 
 
 @lru_cache(maxsize=1024)
-def needed_steps(
-    layout: str,
-    world_size: int,
-    local_len: int,
-    causal: bool,
-    docs: tuple[int, ...] | None = None,
-    window: int | None = None,
-    right: int | None = None,
-    groups: Spans | None = None,
-) -> tuple[int, ...]:
-    """Ring steps s (rank r visits the shard of rank (r - s) mod W) that some rank has tiles for.
+def needed_steps(layout: str, world_size: int, local_len: int, mask: Mask) -> tuple[int, ...]:
+    """Ring steps s (rank r visits the shard of rank (r - s) mod W) that some rank has anything to
+    compute in (`visits`: mask.mod included, the whole mask evaluated once per argument tuple).
 
     A function of its arguments alone, so every rank derives the same schedule. Step 0
-    (the own shard) is always in it: the diagonal is always visible.
+    (the own shard) is always in it.
     """
     W = world_size
-    need = {
-        s
-        for s in range(W)
-        for r in range(W)
-        if step_tiles(layout, r, (r - s) % W, W, local_len, causal, docs, window, right, groups)
-    }
+    need = {s for s in range(W) for r in range(W) if visits(layout, r, (r - s) % W, W, local_len, mask)}
     return tuple(sorted(need | {0}))
 
 
-MaskMod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MOD_BLOCK = 256  # mask_mod is applied in blocks of this many rows and keys
 
 
@@ -478,54 +463,26 @@ def _sub_tiles(
     return out
 
 
-@lru_cache(maxsize=512)
-def mod_visits(
-    mask_mod: MaskMod,
-    layout: str,
-    q_rank: int,
-    kv_rank: int,
-    world_size: int,
-    local_len: int,
-    causal: bool,
-    docs: tuple[int, ...] | None = None,
-    window: int | None = None,
-    right: int | None = None,
-    groups: Spans | None = None,
+@lru_cache(maxsize=1024)
+def visits(
+    layout: str, q_rank: int, kv_rank: int, world_size: int, local_len: int, mask: Mask
 ) -> tuple[tuple[Tile, torch.Tensor | None], ...]:
-    """step_tiles with mask_mod and-ed in (`_sub_tiles`), full blocks merged again: (tile, its mask
-    or None) pairs. Cached (CPU masks) per argument tuple: mask_mod must be a pure function of
-    global positions, the same on every rank."""
+    """What to compute of q_rank's queries against kv_rank's block: (tile, None) for each of
+    step_tiles' tiles, or with mask.mod, its blocks (`_sub_tiles`) and-ed with it, full ones
+    merged again, each with its (rows, keys) bool mask where mod cut it (None: the tile's own
+    shape). Cached (CPU masks) per argument tuple: mod must be a pure function of global
+    positions, the same on every rank."""
+    tiles = step_tiles(layout, q_rank, kv_rank, world_size, local_len, mask)
+    if mask.mod is None:
+        return tuple((t, None) for t in tiles)
     W, total = world_size, local_len * world_size
     q_pos, k_pos = (global_indices(layout, r, W, total) for r in (q_rank, kv_rank))
-    pieces = [
-        p
-        for t in step_tiles(layout, q_rank, kv_rank, W, local_len, causal, docs, window, right, groups)
-        for p in _sub_tiles(t, q_pos, k_pos, mask_mod)
-    ]
+    pieces = [p for t in tiles for p in _sub_tiles(t, q_pos, k_pos, mask.mod)]
     full = _merge_full([t for t, keep in pieces if keep is None and t.full])
     return tuple([(t, None) for t in full] + [(t, keep) for t, keep in pieces if keep is not None or not t.full])
 
 
-@lru_cache(maxsize=256)
-def mod_steps(
-    mask_mod: MaskMod,
-    layout: str,
-    world_size: int,
-    local_len: int,
-    causal: bool,
-    docs: tuple[int, ...] | None = None,
-    window: int | None = None,
-    right: int | None = None,
-    groups: Spans | None = None,
-) -> tuple[int, ...]:
-    """needed_steps once mask_mod is and-ed in: the steps in which some rank has something to
-    compute. Every rank evaluates the whole mask once per argument tuple (`mod_visits`), alike."""
-    W = world_size
-    need = {0}
-    for s in needed_steps(layout, W, local_len, causal, docs, window, right, groups):
-        if any(
-            mod_visits(mask_mod, layout, r, (r - s) % W, W, local_len, causal, docs, window, right, groups)
-            for r in range(W)
-        ):
-            need.add(s)
-    return tuple(sorted(need))
+def clear_caches() -> None:
+    """Forget every cached tiling (after a test changes one of the module's constants)."""
+    for cached in (step_tiles, visits, needed_steps):
+        cached.cache_clear()

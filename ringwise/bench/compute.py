@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ringwise.attention.kernels import default_scale, select_kernel
 from ringwise.attention.layout import check_layout, global_indices, split_unit
 from ringwise.attention.ring import Engine, ring_backward, ring_forward
+from ringwise.attention.tiles import Mask
 from ringwise.train.config import DTYPES
 
 from . import draw, public_args, write_results
@@ -40,7 +41,7 @@ def rank_inputs(whole, layout: str, rank: int, world: int):
 
 def rank_step(q, k, v, dout, rank: int, world: int, layout: str, causal: bool, kernel):
     """Forward and backward of rank's ring steps, every hop a loopback copy: a () -> None."""
-    engine = Engine(causal, default_scale(q.shape[-1]), layout, LoopbackRing(rank, world), kernel)
+    engine = Engine(default_scale(q.shape[-1]), layout, LoopbackRing(rank, world), kernel, Mask(causal))
 
     def step():
         out, lse = ring_forward(q, k, v, engine)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import ringwise
-from ringwise.attention.tiles import key_bounds
+from ringwise.attention.tiles import Mask, key_bounds
 from ringwise.attention.traffic import recording
 from ringwise.testing.cluster import LocalCluster
 
@@ -72,7 +72,7 @@ def visible_pairs(seq: int, options: dict) -> int:
     keys = torch.arange(seq)
     for r0 in range(0, seq, 1024):
         pos = torch.arange(r0, min(seq, r0 + 1024))
-        lo, hi = key_bounds(pos, options["causal"], docs, left, right, spans)
+        lo, hi = key_bounds(pos, Mask(options["causal"], docs, left, right, spans))
         seen = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
         if options.get("mask_mod") is not None:
             seen &= options["mask_mod"](pos[:, None], keys[None, :])

@@ -38,7 +38,7 @@ def measure(block, heads, head_dim, repeats):
     silent = LoopbackRing(real.rank, real.world_size)  # the compute of each step, no transfer
 
     def fwd_bwd(ring):
-        engine = Engine(False, scale, "contiguous", ring, kernel)
+        engine = Engine(scale, "contiguous", ring, kernel)
         out, lse = ring_forward(q, k, v, engine)
         ring_backward(dout, q, k, v, out, lse, engine)
 
