@@ -11,6 +11,11 @@ change that, alone or together:
   the op, so each layer's ring runs once in forward and once in backward; the cost is out (one
   hidden-sized tensor per token, per layer) and lse (a float32 per head and token) kept on the
   device beside the checkpoint. The projections, norms, rotary and feed-forward are recomputed.
+  The layer's recompute also runs under `in_layer_recompute()`, so a layer can leave out what that
+  rerun computes for nothing: ringwise's own model rebuilds its blockwise feed-forward's chunk inputs
+  (what the chunks' own checkpoints saved) but not the chunks, whose outputs only feed the residual
+  add; each chunk then runs twice (forward, its own backward's recompute), not three times. Nothing
+  more is kept.
 
 - **offload** (`ActivationOffload`): saved-tensor hooks around each checkpointed layer, so what the
   checkpoint keeps for the outer graph (the layer's tensor arguments: its input) is copied to pinned
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
@@ -64,9 +70,46 @@ def checkpoint_layer(
     fn: Callable[..., Any], *args: Any, save_attention: bool = False, offload: Optional[ActivationOffload] = None
 ) -> Any:
     """fn(*args), checkpointed: its tensor arguments kept (offloaded with `offload`), the rest
-    recomputed in backward (all but attention's outputs with save_attention)."""
+    recomputed in backward (all but attention's outputs with save_attention; then fn's rerun runs
+    under `in_layer_recompute()`)."""
+    if save_attention:
+        fn = _marking_reruns(fn)
     with offload.layer() if offload is not None else contextlib.nullcontext():
         return checkpoint(fn, *args, **checkpoint_kwargs(save_attention))
+
+
+_recompute = threading.local()  # .depth: the layer recomputes running on this thread (backward's)
+
+
+def in_layer_recompute() -> bool:
+    """Whether this code runs in the recompute of a layer checkpointed by `checkpoint_layer(...,
+    save_attention=True)`. That rerun exists only to rebuild the tensors the layer saved for backward;
+    its output is thrown away. So an op whose output neither is saved nor feeds a saving op may be left
+    out there, or anything of the same shape put in its place (ringwise.model's blockwise feed-forward:
+    its chunks' inputs, the tensors the chunk checkpoints saved, are rebuilt; the chunks do not run).
+    False in forward, in the backward of a nested checkpoint (a feed-forward chunk's own recompute,
+    which runs after the layer's has ended) and elsewhere."""
+    return getattr(_recompute, "depth", 0) > 0
+
+
+def _marking_reruns(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn, its first call (checkpoint's forward) as is and every later one (its recompute in backward)
+    under in_layer_recompute()."""
+    forward_done = False
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        nonlocal forward_done
+        if not forward_done:
+            forward_done = True
+            return fn(*args)
+        _recompute.depth = getattr(_recompute, "depth", 0) + 1
+        try:  # torch's early stop ends a recompute by raising inside it
+            return fn(*args)
+        finally:
+            _recompute.depth -= 1
+
+    return run
 
 
 # -- offload ----------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ feed-forward and the output loss run chunk by chunk along the sequence and are
 recomputed in backward, so neither a (seq x ffn_dim) hidden nor (seq x vocab) logits ever
 exist whole (Blockwise Parallel Transformer). Activation checkpointing per layer is an
 option on top, with its modes (attention's outputs saved, checkpoints offloaded to host memory:
-ringwise.checkpointing).
+ringwise.checkpointing); with attention's outputs saved, a layer's recompute rebuilds the feed-forward
+chunks' inputs without running the chunks, so each chunk runs twice, as without layer checkpointing.
 
 The training job's calls, the same as ringwise.train.pretrained.PretrainedLM's (a transformers
 model): `set_ring(shard)` once, then `loss(input_ids, positions, labels, cu_seqlens=None)` ->
@@ -33,7 +34,7 @@ from .attention.api import ring_attention
 from .attention.decode import decode_attention
 from .attention.kvcache import KVCache
 from .attention.seqshard import IGNORE_INDEX, SeqShard  # IGNORE_INDEX: labels the loss skips (defined with the shift)
-from .checkpointing import ActivationOffload, checkpoint_layer
+from .checkpointing import ActivationOffload, checkpoint_layer, in_layer_recompute
 from .presets import SHAPES
 
 
@@ -211,10 +212,17 @@ class FeedForward(nn.Module):
     def swiglu(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def forward(self, x):
-        if self.chunk is None:
+    def forward(self, x, inputs_only: bool = False):
+        """SwiGLU of x; inputs_only: run the chunk checkpoints (each saves its chunk of x) but not the
+        chunks, a placeholder of the output's shape in their place (a layer's recompute, see Block)."""
+        if self.chunk is None:  # one call: what it saves is the layer's own, so it always runs
             return self.swiglu(x)
-        return torch.cat(blockwise(self.swiglu, x, self.chunk), dim=1)
+        return torch.cat(blockwise(_placeholder if inputs_only else self.swiglu, x, self.chunk), dim=1)
+
+
+def _placeholder(x: torch.Tensor) -> torch.Tensor:
+    """Stands for a SwiGLU chunk (dim -> dim, the same shape) whose output nothing reads."""
+    return x
 
 
 class Block(nn.Module):
@@ -227,7 +235,13 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, attn_kwargs, step=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_kwargs, step)
-        return x + self.ffn(self.ffn_norm(x))
+        # In the recompute of a layer checkpointed with save_attention (ringwise.checkpointing), only the
+        # tensors the layer saved are needed: of the feed-forward, its chunk checkpoints' inputs. Its
+        # output feeds only the residual add, which saves nothing, so the chunks need not run there: they
+        # rerun once, each in its own backward (twice in all, not three times). Same tensors saved, same
+        # bits. Compiled (torch.compile traces the block once), the block runs whole.
+        inputs_only = not torch.compiler.is_compiling() and in_layer_recompute()
+        return x + self.ffn(self.ffn_norm(x), inputs_only=inputs_only)
 
 
 class Transformer(nn.Module):

@@ -1,8 +1,8 @@
 """Layer checkpointing's modes (ringwise.checkpointing): --save-attention keeps attention's outputs so a
-layer's recompute never reruns its ring; --offload-activations moves each layer's checkpoint off the
-device in forward and brings it back one layer ahead in backward. Every mode gives the results of no
-checkpointing, bit for bit in one process and across modes on a ring, and the one-process float64
-result within float32's budget at W = 1, 2, 3."""
+layer's recompute never reruns its ring (nor the feed-forward's chunks); --offload-activations moves
+each layer's checkpoint off the device in forward and brings it back one layer ahead in backward. Every
+mode gives the results of no checkpointing, bit for bit in one process and across modes on a ring, and
+the one-process float64 result within float32's budget at W = 1, 2, 3."""
 
 import gc
 
@@ -11,8 +11,8 @@ import torch
 from helpers import CEILINGS, assert_within_budget, train_args
 
 from ringwise.attention import api
-from ringwise.checkpointing import ActivationOffload
-from ringwise.model import Transformer, model_config
+from ringwise.checkpointing import ActivationOffload, in_layer_recompute
+from ringwise.model import FeedForward, Transformer, model_config
 from ringwise.testing.comms import count_comms
 from ringwise.train import compute_gradients, make_mesh, shard_model, task_for
 from ringwise.train.loop import Run
@@ -56,17 +56,81 @@ def ring_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def ffn_chunk_calls(monkeypatch):
+    """How many times a feed-forward chunk ran (FeedForward.swiglu: one blockwise chunk)."""
+    calls = [0]
+    real = FeedForward.swiglu
+
+    def counted(self, x):
+        calls[0] += 1
+        return real(self, x)
+
+    monkeypatch.setattr(FeedForward, "swiglu", counted)
+    return calls
+
+
 @pytest.mark.parametrize("mode", list(MODES))
-def test_each_mode_is_bit_identical_and_runs_the_ring_as_promised(mode, ring_calls):
+def test_each_mode_is_bit_identical_and_runs_the_ring_as_promised(mode, ring_calls, ffn_chunk_calls):
     """Loss and every gradient equal no checkpointing's bit for bit (float64); the forward ring runs once
-    per layer, twice with plain checkpointing (forward and recompute), once again with save_attention."""
+    per layer, twice with plain checkpointing (forward and recompute), once again with save_attention.
+    Each feed-forward chunk runs twice (forward, its own recompute) without layer checkpointing and with
+    save_attention (the layer's recompute rebuilds the chunks' inputs, not the chunks); plain
+    checkpointing's layer recompute reruns all chunks but the last (torch's early stop ends it once the
+    last chunk's input, the layer's last saved tensor, is rebuilt)."""
     ref_loss, ref_grads, _ = one_process("none")
-    ring_calls[0] = 0
+    ring_calls[0] = ffn_chunk_calls[0] = 0
     loss, grads, model = one_process(mode)
     assert torch.equal(loss, ref_loss) and torch.equal(grads, ref_grads)
     layers = model.cfg.n_layers
     recomputes = mode in ("checkpoint", "offload")
     assert ring_calls[0] == layers * (2 if recomputes else 1)
+    chunks = -(-batch()[0].shape[1] // model.cfg.ffn_chunk)  # 40 tokens in chunks of 16: 3
+    assert ffn_chunk_calls[0] == layers * (3 * chunks - 1 if recomputes else 2 * chunks)
+
+
+@pytest.mark.parametrize("mode", ["save", "save+offload"])
+def test_save_attention_without_early_stop_is_still_exact(mode, ffn_chunk_calls):
+    """With torch's early stop off the layer's recompute runs to the layer's end: the placeholder outputs
+    of the chunks it left out reach the residual add, whose output the recompute throws away. Same bits,
+    still two runs per chunk."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    ref_loss, ref_grads, _ = one_process("none")
+    ffn_chunk_calls[0] = 0
+    with set_checkpoint_early_stop(False):
+        loss, grads, model = one_process(mode)
+    assert torch.equal(loss, ref_loss) and torch.equal(grads, ref_grads)
+    chunks = -(-batch()[0].shape[1] // model.cfg.ffn_chunk)
+    assert ffn_chunk_calls[0] == model.cfg.n_layers * 2 * chunks
+
+
+def test_only_a_save_attention_layer_recompute_leaves_the_chunks_out(monkeypatch):
+    """in_layer_recompute() is False in forward, in a feed-forward chunk's own recompute and after
+    backward; True only inside the layers' recomputes, where the feed-forward runs no chunk."""
+    seen = []
+    forward, swiglu = FeedForward.forward, FeedForward.swiglu
+
+    def recording_forward(self, x, inputs_only=False):
+        seen.append(("ffn", inputs_only))
+        return forward(self, x, inputs_only)
+
+    def recording_swiglu(self, x):
+        seen.append(("chunk", in_layer_recompute()))
+        return swiglu(self, x)
+
+    monkeypatch.setattr(FeedForward, "forward", recording_forward)
+    monkeypatch.setattr(FeedForward, "swiglu", recording_swiglu)
+    torch.manual_seed(0)
+    model = Transformer(model_config("tiny", ffn_chunk=16, loss_chunk=16, **MODES["save"])).double()
+    loss, _ = model(*batch())
+    per_layer = [("ffn", False)] + [("chunk", False)] * 3  # 40 tokens in chunks of 16
+    assert seen == per_layer * model.cfg.n_layers
+    seen.clear()
+    loss.backward()
+    # backward, last layer first: its recompute (the chunks' inputs only), then its chunks' own recomputes
+    assert seen == ([("ffn", True)] + [("chunk", False)] * 3) * model.cfg.n_layers
+    assert not in_layer_recompute()
 
 
 class Recording(ActivationOffload):
