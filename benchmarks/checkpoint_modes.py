@@ -6,9 +6,16 @@ Two models: ringwise's own (a preset, `--model`) and a small transformers Llama 
 `--hf-layers` layers of `--hf-hidden` width; ringwise's attention through the integration). Each mode's
 model is built from the same seed on every rank and runs the same global batch (1 sequence of
 `--seq-len` tokens, zigzag over `--world` gloo ranks on CPU, or one process on a GPU with `--device
-cuda --world 1`); the median of `--repeats` timed steps after one warm-up, the slowest rank's; peak
-memory above the step's start (CPU: resident set, max over ranks; CUDA: the caching allocator's peak);
-the loss (every mode's is the same number: tested in tests/test_checkpointing.py).
+cuda --world 1`).
+
+Two passes. Memory: each mode alone, one warm-up step then one step whose peak above its start is
+recorded (CPU: resident set, max over ranks; CUDA: the caching allocator's peak) with its loss (every
+mode's is the same number: tested in tests/test_checkpointing.py). Time: every mode's model built, one
+warm-up round, then `--repeats` rounds of one step per mode, the modes interleaved (each round starts
+one mode later), so a machine whose load drifts (a shared CPU) slows every mode alike rather than the
+one that happened to run then; per mode the median over rounds of the slowest rank's wall seconds
+and, on CPU, of the slowest rank's process CPU seconds (threads' compute, not time spent waiting for
+a core or a peer: on a loaded machine the steadier figure of the work each mode does).
 
 Usage: python benchmarks/checkpoint_modes.py [--world 2 --seq-len 16384 --model small --repeats 3]
 """
@@ -17,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from ringwise.attention.seqshard import SeqShard
-from ringwise.bench.timing import median_time
 from ringwise.model import Transformer, model_config
 from ringwise.testing.memory import PeakMemory, mib
 
@@ -35,6 +44,8 @@ MODES = {
     "checkpoint+save+offload": dict(checkpoint_layers=True, save_attention=True, offload_activations=True),
 }
 
+Step = Callable[[], float]  # one training forward+backward; returns the global mean loss
+
 
 def _batch(vocab: int, seq_len: int, shard: SeqShard, device: torch.device):
     tokens = torch.randint(0, vocab, (1, seq_len + 1), generator=torch.Generator().manual_seed(1))
@@ -42,31 +53,64 @@ def _batch(vocab: int, seq_len: int, shard: SeqShard, device: torch.device):
     return ids, labels, shard.positions(seq_len).to(device)
 
 
-def _measure(step, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """(median seconds, peak MiB of one more step, its loss)."""
-    losses: list[float] = []
+def _slowest(x: float, device: torch.device) -> float:
+    """x's maximum over the ranks (x itself in one process)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
-    def run():
-        losses.append(step())
 
-    seconds = median_time(run, repeats, warmup=1, device=device)
-    with PeakMemory(device) as mem:
-        run()
-    peak = torch.tensor(float(mem.peak_bytes), dtype=torch.float64)
+def _timed(step: Step, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step, each the slowest rank's; all ranks start together."""
     if dist.is_initialized():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return seconds, mib(peak.item()), losses[-1]
+        dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return _slowest(wall, device), _slowest(cpu, device)
+
+
+def side_by_side(make: Callable[[str], Step], modes: list[str], repeats: int, device: torch.device) -> dict:
+    """mode -> (median wall s, median CPU s, peak MiB, loss): the two passes of the module docstring."""
+    memory = {}
+    for mode in modes:  # each mode alone, its model let go of before the next
+        step = make(mode)
+        step()  # warm-up
+        with PeakMemory(device) as mem:
+            loss = step()
+        memory[mode] = (mib(_slowest(float(mem.peak_bytes), device)), loss)
+        del step
+    steps = {mode: make(mode) for mode in modes}
+    times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    for r in range(1 + repeats):  # round 0: warm-up
+        for i in range(len(modes)):
+            mode = modes[(r + i) % len(modes)]
+            t = _timed(steps[mode], device)
+            if r:
+                times[mode].append(t)
+    out = {}
+    for mode in modes:
+        wall = statistics.median(t[0] for t in times[mode])
+        cpu = statistics.median(t[1] for t in times[mode]) if device.type == "cpu" else None
+        out[mode] = (wall, cpu, *memory[mode])
+    return out
 
 
 def own_model(preset: str, seq_len: int, modes: list[str], repeats: int, device_name: str) -> dict:
     device, shard = torch.device(device_name), SeqShard("zigzag")
-    out = {}
-    for mode in modes:
+
+    def make(mode: str) -> Step:
         torch.manual_seed(0)
         model = Transformer(model_config(preset, **MODES[mode])).to(device)
         ids, labels, pos = _batch(model.cfg.vocab_size, seq_len, shard, device)
 
-        def step(model=model, ids=ids, labels=labels, pos=pos):
+        def step() -> float:
             loss, _ = model(ids, pos, labels, **shard.ring_kwargs())
             (loss / seq_len).backward()
             model.zero_grad(set_to_none=False)
@@ -75,9 +119,9 @@ def own_model(preset: str, seq_len: int, modes: list[str], repeats: int, device_
                 dist.all_reduce(total)
             return total.item() / seq_len
 
-        out[mode] = _measure(step, device, repeats)
-        del model, step
-    return out
+        return step
+
+    return side_by_side(make, modes, repeats, device)
 
 
 def hf_model(layers: int, hidden: int, seq_len: int, modes: list[str], repeats: int, device_name: str) -> dict:
@@ -97,8 +141,8 @@ def hf_model(layers: int, hidden: int, seq_len: int, modes: list[str], repeats: 
         max_position_embeddings=seq_len,
         attention_dropout=0.0,
     )
-    out = {}
-    for mode in modes:
+
+    def make(mode: str) -> Step:
         torch.manual_seed(0)
         model = rw.from_config(config, shard=shard).to(device).train()
         if mode != "none":
@@ -106,7 +150,7 @@ def hf_model(layers: int, hidden: int, seq_len: int, modes: list[str], repeats: 
         tokens = torch.randint(0, 512, (1, seq_len), generator=torch.Generator().manual_seed(1)).to(device)
         batch = rw.shard_batch(tokens, shard=shard)  # on the device: the labels must be the very tensor it returns
 
-        def step(model=model, batch=batch):
+        def step() -> float:
             loss = model(**batch).loss
             loss.backward()
             model.zero_grad(set_to_none=False)
@@ -115,22 +159,23 @@ def hf_model(layers: int, hidden: int, seq_len: int, modes: list[str], repeats: 
                 dist.all_reduce(total)
             return total.item()
 
-        out[mode] = _measure(step, device, repeats)
-        del model, step
-    return out
+        return step
+
+    return side_by_side(make, modes, repeats, device)
 
 
 def table(title: str, res: dict) -> list[str]:
-    base = res["checkpoint"][0] if "checkpoint" in res else None
-    lines = [
-        f"**{title}**",
-        "",
-        "| mode | s/step | / checkpoint | / none | peak MiB | loss |",
-        "|---|---|---|---|---|---|",
-    ]
-    for mode, (s, peak, loss) in res.items():
-        vs_ckpt = f"{s / base:.2f}x" if base else "-"
-        lines.append(f"| {mode} | {s:.3f} | {vs_ckpt} | {s / res['none'][0]:.2f}x | {peak:.1f} | {loss:.6f} |")
+    base = res.get("checkpoint")
+    cpu = all(r[1] is not None for r in res.values())
+    columns = ["mode", "s/step", "/ checkpoint", "/ none"]
+    columns += ["CPU s/step", "/ checkpoint (CPU)"] if cpu else []
+    columns += ["peak MiB", "loss"]
+    lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for mode, (s, c, peak, loss) in res.items():
+        row = f"| {mode} | {s:.3f} | {f'{s / base[0]:.2f}x' if base else '-'} | {s / res['none'][0]:.2f}x |"
+        if cpu:
+            row += f" {c:.3f} | {f'{c / base[1]:.2f}x' if base else '-'} |"
+        lines.append(row + f" {peak:.1f} | {loss:.6f} |")
     return lines + [""]
 
 
@@ -171,7 +216,7 @@ def main() -> None:
             for title, fn, args in jobs:
                 results[title] = cluster.run(fn, *args, a.device, timeout=7200)[0]
     where = f"W = {a.world}, {a.device}, batch 1, zigzag, torch {torch.__version__}"
-    print(f"Checkpoint modes ({where}; median of {a.repeats} steps after a warm-up)\n")
+    print(f"Checkpoint modes ({where}; median of {a.repeats} interleaved rounds after a warm-up round)\n")
     for title, res in results.items():
         print("\n".join(table(title, res)))
     if a.out:
