@@ -15,6 +15,7 @@ from helpers import (
     expected_hops,
     feature_id,
     make_inputs,
+    make_sinks,
     max_err,
     options,
     packed,
@@ -141,11 +142,14 @@ def ring_run(case):
     q, k, v, dout = make_inputs(case)
     dt, layout = DTYPES[case["dtype"]], case["layout"]
     ql, kl, vl = (ringwise.shard(x.to(dt), 1, layout).requires_grad_() for x in (q, k, v))
+    sinks = make_sinks(case)
+    sinks = None if sinks is None else sinks.float().requires_grad_()
     with count_comms() as fwd:
-        out, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, return_lse=True, **options(case))
+        out, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, return_lse=True, sinks=sinks, **options(case))
     with count_comms() as bwd:
         out.backward(ringwise.shard(dout.to(dt), 1, layout))
-    return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad, fwd=dict(fwd.hops), bwd=dict(bwd.hops))
+    got = dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad, fwd=dict(fwd.hops), bwd=dict(bwd.hops))
+    return got | ({} if sinks is None else dict(dsinks=sinks.grad))
 
 
 S = 48
@@ -163,17 +167,66 @@ KINDS = {  # mask name -> the case's mask options
     "mask_mod-sparse": dict(causal=True, mask_mod="sparse_global"),  # steps with nothing visible: not sent
     "mask_mod-groups-docs": dict(causal=True, mask_mod="dilated", group_ids=IMAGES, cu_seqlens=packed([12, 7, 29])),
 }
-MASK_GRID = [
-    dict(
-        world=W, layout=layout, dtype="float32", batch=1, heads=3, kv_heads=1, head_dim=64, seq=S, seed=1100 + i, **mask
-    )
-    for i, (W, layout, mask) in enumerate(itertools.product([1, 2, 3, 4], ringwise.LAYOUTS, KINDS.values()))
-] + [
-    dict(world=W, layout=layout, dtype="bfloat16", batch=2, heads=4, kv_heads=2, head_dim=32, seq=S, seed=1300 + i, **m)
-    for i, (W, layout, m) in enumerate(
-        itertools.product([3], ringwise.LAYOUTS, [KINDS["groups"], KINDS["bidirectional"]])
-    )
-]
+MASK_GRID = (
+    [
+        dict(
+            world=W,
+            layout=layout,
+            dtype="float32",
+            batch=1,
+            heads=3,
+            kv_heads=1,
+            head_dim=64,
+            seq=S,
+            seed=1100 + i,
+            **mask,
+        )
+        for i, (W, layout, mask) in enumerate(itertools.product([1, 2, 3, 4], ringwise.LAYOUTS, KINDS.values()))
+    ]
+    + [
+        dict(
+            world=W,
+            layout=layout,
+            dtype="bfloat16",
+            batch=2,
+            heads=4,
+            kv_heads=2,
+            head_dim=32,
+            seq=S,
+            seed=1300 + i,
+            **m,
+        )
+        for i, (W, layout, m) in enumerate(
+            itertools.product([3], ringwise.LAYOUTS, [KINDS["groups"], KINDS["bidirectional"]])
+        )
+    ]
+    + [  # with per-head sinks and soft-capping (on the reference kernel, masked tiles included)
+        dict(
+            world=W,
+            layout=layout,
+            dtype="float32",
+            batch=1,
+            heads=4,
+            kv_heads=2,
+            head_dim=16,
+            seq=S,
+            seed=1400 + i,
+            **m,
+        )
+        for i, (W, layout, m) in enumerate(
+            itertools.product(
+                [2, 3],
+                ringwise.LAYOUTS,
+                [
+                    dict(KINDS["groups-window-docs"], sinks=True, softcap=4.0),
+                    dict(KINDS["bidirectional-docs"], sinks=True, softcap=3.0),
+                    dict(KINDS["chunk"], sinks=True),
+                    dict(KINDS["mask_mod"], softcap=5.0, sinks=True),
+                ],
+            )
+        )
+    ]
+)
 
 
 def case_id(c):
