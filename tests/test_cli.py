@@ -229,8 +229,8 @@ def test_every_problem_of_a_command_line_at_once(capsys):
     for what in (
         "--temperature hot: must be a number",
         "unrecognized --bogus 1",
-        "--model RUN_DIR|EXPORT.pt: required",
-        "give one of --prompt TEXT and --retrieval K",
+        "--model RUN_DIR|EXPORT.pt|HF_FOLDER: required",
+        "give one of --prompt TEXT, --prompts FILE and --retrieval K (got none)",
         "--world must be >= 1, got 0",
     ):
         assert what in err, (what, err)

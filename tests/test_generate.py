@@ -122,3 +122,57 @@ def test_generate_command_on_a_gpu_checks_against_one_process(cluster, tmp_path,
     argv = ["generate", "--model", str(out), "--world", "2", "--device", "cuda", "--backend", "gloo"]
     assert main([*argv, "--retrieval", "2", "--check", "--threads", "1"]) == 0
     assert "check: identical tokens to one process" in capsys.readouterr().out
+
+
+def test_generate_command_runs_a_transformers_model(tmp_path, capsys):
+    """`ringwise generate --model HF_FOLDER --world 2`: a tiny random Llama and its word tokenizer (with a chat
+    template), a plain prompt and a JSONL file (a prompt and a chat), prefilled through the ring and decoded over
+    the sharded cache by rw.generate on 2 launched ranks; --check: greedy tokens identical to transformers'
+    own generate() in one process; the report where --report says. Then what is refused before any rank
+    starts: --retrieval for a transformers model, --prompts for ringwise's own, a bad JSONL line, a chat
+    without a template, a finetune run without a checkpoint."""
+    import json
+
+    from hf_models import save_tiny_checkpoint, tiny_tokenizer
+
+    from ringwise.cli import main
+
+    folder = save_tiny_checkpoint(tmp_path / "llama")
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}waz{% endif %}"
+    )
+    tok.save_pretrained(folder)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "waa wab 7 1 4"}, {"messages": [{"role": "user", "content": "wac wad wae waf wag"}]}]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = tmp_path / "report.json"
+    common = ["--model", str(folder), "--world", "2", "--max-new-tokens", "6", "--threads", "1"]
+    assert main(["generate", *common, "--prompts", str(prompts), "--check", "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "check: identical tokens to one process" in printed
+    got = json.loads(report.read_text())
+    assert got["world"] == 2 and got["prompts"] == 2 and [len(t) for t in got["tokens"]] == [6, 6]
+    assert got["prompt_tokens"] == [5, 6]  # five tokens (the tokenizer adds no BOS); five words and the template's
+    # opening of the assistant's turn
+    assert got["time_to_first_token_s"] > 0 and got["tokens_per_s"] > 0
+    assert main(["generate", *common, "--prompt", "waa wab", "--chat", "--check"]) == 0
+    assert "check: identical tokens to one process" in capsys.readouterr().out
+
+    def refused(*argv):
+        assert main(["generate", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "a transformers model takes --prompt(s)" in refused("--model", str(folder), "--retrieval", "2")
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert "--prompts and --chat are for transformers models" in refused(
+        "--model", str(tmp_path / "model.pt"), "--prompts", str(prompts)
+    )
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "waa"}\n{"text": "wab"}\n')
+    assert "bad.jsonl:2: each line needs" in refused("--model", str(folder), "--prompts", str(tmp_path / "bad.jsonl"))
+    plain = save_tiny_checkpoint(tmp_path / "plain")
+    assert "no chat template" in refused("--model", str(plain), "--prompt", "waa", "--chat")
+    run = tmp_path / "run"
+    (run / "hf").mkdir(parents=True)
+    (run / "hf" / "config.json").write_text((folder / "config.json").read_text())
+    assert "no intact checkpoint" in refused("--model", str(run), "--prompt", "waa")

@@ -392,6 +392,8 @@ def save_tiny_llama(folder: Path) -> Path:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).double()
     model.save_pretrained(folder)
+    # a chat template, as SmolLM2-Instruct's tokenizer has one (`ringwise generate --chat`)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tokenizer.save_pretrained(folder)
     return folder
 

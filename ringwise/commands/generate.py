@@ -1,6 +1,7 @@
-"""`ringwise generate --model RUN_DIR|EXPORT.pt --world N (--prompt TEXT | --retrieval K)`: generation
-from ringwise's own model across local ranks (the training job's launcher and flags), the
-prompt prefilled through the ring and decoded over the sharded KV cache (ringwise.generate).
+"""`ringwise generate --model RUN_DIR|EXPORT.pt|HF_FOLDER --world N (--prompt TEXT | --prompts FILE |
+--retrieval K)`: generation across local ranks (the training job's launcher and flags), the prompt
+prefilled through the ring and decoded over the sharded KV cache: ringwise's own model
+(ringwise.generate), or a transformers model, a folder or a `ringwise finetune` run (generate_hf.py).
 The ranks run where `ringwise train`'s do: --device auto|cpu|cuda and --backend gloo|nccl are
 resolved by the training job's own rules (ringwise.train.mesh.placement, init_distributed),
 also under torchrun.
@@ -30,10 +31,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        metavar="RUN_DIR|EXPORT.pt",
-        help="a `ringwise train` run's folder (its newest intact checkpoint) or a `ringwise export` .pt",
+        metavar="RUN_DIR|EXPORT.pt|HF_FOLDER",
+        help="a `ringwise train` or `finetune` run's folder (its newest intact checkpoint), a `ringwise export` "
+        ".pt, or a transformers folder (pretrained, or `ringwise export --hf`)",
     )
-    p.add_argument("--prompt", metavar="TEXT", help="text to continue (byte tokens); or --retrieval")
+    p.add_argument(
+        "--prompt", metavar="TEXT", help="text to continue (the model's tokenizer; byte tokens for ringwise's own)"
+    )
+    p.add_argument(
+        "--prompts",
+        metavar="FILE.jsonl",
+        help='transformers models: one prompt per line, {"prompt": text} or {"messages": [...]} (chat template)',
+    )
+    p.add_argument("--chat", action="store_true", help="transformers models: --prompt as a user message, chat template")
+    p.add_argument(
+        "--report",
+        metavar="FILE.json",
+        help="where the report goes (default: generate.json in the run's folder; none for a plain transformers folder)",
+    )
     p.add_argument(
         "--retrieval", type=int, metavar="K", help="answer K evaluation documents of the run's task; or --prompt"
     )
@@ -64,10 +79,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def problems(args) -> list[str]:
     found = []
-    if (args.prompt is None) == (args.retrieval is None):
-        found.append("give one of --prompt TEXT and --retrieval K")
+    given = [
+        f for f, v in (("--prompt", args.prompt), ("--prompts", args.prompts), ("--retrieval", args.retrieval)) if v
+    ]
+    if len(given) != 1:
+        found.append(f"give one of --prompt TEXT, --prompts FILE and --retrieval K (got {', '.join(given) or 'none'})")
     if args.model is not None and not Path(args.model).exists():
         found.append(f"{args.model}: no such run folder or file")
+    elif args.model is not None:
+        from .generate_hf import is_transformers
+
+        hf = is_transformers(Path(args.model))
+        if hf and args.retrieval is not None:
+            found.append("--retrieval answers a ringwise training run's task: a transformers model takes --prompt(s)")
+        if not hf and (args.prompts or args.chat):
+            found.append("--prompts and --chat are for transformers models (a folder or a finetune run)")
+    if args.prompts and not Path(args.prompts).is_file():
+        found.append(f"--prompts {args.prompts}: no such file")
     if args.world < 1:
         found.append(f"--world must be >= 1, got {args.world}")
     if args.max_new_tokens < 1:
@@ -272,6 +300,10 @@ def main(args) -> int:
     from ..train.launcher import elastic_run, failure_causes, under_torchrun
 
     path = Path(args.model)
+    from .generate_hf import is_transformers
+
+    if is_transformers(path):
+        return _main_hf(args, path)
     with tempfile.TemporaryDirectory(prefix="ringwise-generate-") as tmp:
         try:
             file = model_file(path, tmp)
@@ -285,7 +317,7 @@ def main(args) -> int:
                 file=sys.stderr,
             )
             return 2
-        args.report = str((path if path.is_dir() else path.parent) / "generate.json")
+        args.report = args.report or str((path if path.is_dir() else path.parent) / "generate.json")
         logs = Path(tmp) / "logs"
         try:
             elastic_run(worker, args.world, args, str(file), log_dir=str(logs))
@@ -321,6 +353,58 @@ def main(args) -> int:
         print(line)
         if args.check:
             mismatches = check(args, file, report)
+            if mismatches:
+                print(
+                    "ringwise generate --check: tokens differ from one process:\n  " + "\n  ".join(mismatches),
+                    file=sys.stderr,
+                )
+                return 1
+            print("check: identical tokens to one process")
+    return 0
+
+
+def _main_hf(args, path: Path) -> int:
+    """main() for a transformers model (generate_hf.py): the texts printed, the report written where asked."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from ..train.launcher import elastic_run, failure_causes, under_torchrun
+    from . import generate_hf
+
+    if args.report is None and not (path / "config.json").is_file():  # a finetune run: its own folder
+        args.report = str(path / "generate.json")
+    try:
+        generate_hf.prompt_rows(args)  # a bad prompts file is refused before any rank starts
+    except ValueError as e:
+        print(f"ringwise generate: {e}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="ringwise-generate-") as tmp:
+        try:
+            folder = generate_hf.model_folder(path, tmp)
+            generate_hf.encoded_prompts(args, folder)  # every prompt through the tokenizer: refused before the ranks
+        except (FileNotFoundError, ValueError) as e:
+            print(f"ringwise generate: {e}", file=sys.stderr)
+            return 2
+        report_file = args.report or str(Path(tmp) / "generate.json")  # rank 0 hands the launcher its report
+        args.report = report_file
+        logs = Path(tmp) / "logs"
+        try:
+            elastic_run(generate_hf.worker, args.world, args, str(folder), log_dir=str(logs))
+        except ChildFailedError as e:
+            print("ringwise generate: the job failed:\n  " + "\n  ".join(failure_causes(e, str(logs))), file=sys.stderr)
+            return 1
+        if under_torchrun() and os.environ["RANK"] != "0":
+            return 0
+        report = json.loads(Path(report_file).read_text())
+        for text in report["texts"]:
+            print(text)
+        lat = report["per_token_latency_s"]["p50"]
+        print(
+            f"generated {report['new_tokens']} tokens for {report['prompts']} prompt(s) on {report['world']} ranks: "
+            f"first token {report['time_to_first_token_s'] * 1e3:.0f} ms, {report['tokens_per_s']:.1f} tokens/s"
+            + ("" if lat is None else f", p50 {lat * 1e3:.1f} ms a token")
+        )
+        if args.check:
+            mismatches = generate_hf.check(args, folder, report)
             if mismatches:
                 print(
                     "ringwise generate --check: tokens differ from one process:\n  " + "\n  ".join(mismatches),
