@@ -548,3 +548,48 @@ def test_smollm2_sharded_load_matches_transformers(cluster):
     with torch.no_grad():
         want = torch.nn.functional.cross_entropy(ref(input_ids=ids[:, :-1]).logits[0], ids[0, 1:]).item()
     assert got[0] == got[1] and abs(got[0] - want) <= 1e-5 * want, (got, want)
+
+
+def test_chat_and_completion_lines_train_on_the_answers_only(tmp_path, monkeypatch):
+    """JSONL "messages" lines go through the tokenizer's chat template and are trained on the assistant's turns
+    only; "prompt"/"completion" lines on the completion only; "text" lines whole. Packed, a context-only
+    token's label is ignored, the EOS after a reply is trained; a chat without a template is refused."""
+    from ringwise.data.documents import trained_split
+
+    monkeypatch.setenv("RINGWISE_CACHE", str(tmp_path / "cache"))
+    tok = tiny_tokenizer()  # a template whose role words are in the tiny vocabulary: user "waa", assistant "wab"
+    tok.chat_template = (
+        "{% for m in messages %}{{ 'waa' if m['role'] == 'user' else 'wab' }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}wab {% endif %}"
+    )
+    vocab = tok.get_vocab()
+    data = tmp_path / "chat.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": "wac wad"}, {"role": "assistant", "content": "wae 1"}]},
+        {"prompt": "waf wag", "completion": "wah 2 3"},
+        {"text": "wai waj"},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    chat, completion, text = tokenize_documents([data], tok)
+    w = {x: vocab[x] for x in ("waa", "wab", "wac", "wad", "wae", "waf", "wag", "wah", "wai", "waj")}
+    ids, trained = trained_split(chat)
+    assert ids.tolist() == [w["waa"], w["wac"], w["wad"], w["wab"], w["wae"], vocab["1"]]
+    assert trained.tolist() == [False, False, False, False, True, True]  # the reply, not its role word
+    ids, trained = trained_split(completion)
+    assert ids.tolist() == [w["waf"], w["wag"], w["wah"], vocab["2"], vocab["3"]]
+    assert trained.tolist() == [False, False, True, True, True]
+    assert trained_split(text)[1].all()
+    eos = tok.eos_token_id
+    window = PackedDocuments([chat], 6, eos)[0]  # 6 tokens + the EOS as the last label
+    assert window["labels"].tolist() == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, w["wae"], vocab["1"], eos]
+    window = PackedDocuments([completion], 4, eos)[0]
+    assert window["labels"].tolist() == [IGNORE_INDEX, w["wah"], vocab["2"], vocab["3"]]
+    tok.chat_template = None
+    with pytest.raises(
+        ValueError, match=r"chat.jsonl \(document 1\): a \"messages\" line needs the model's chat template"
+    ):
+        tokenize_documents([data], tok)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "waa"}) + "\n")
+    with pytest.raises(ValueError, match=r'bad.jsonl:1: a JSONL line needs a "text" string field, a "messages" list'):
+        read_documents(bad)

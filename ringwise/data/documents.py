@@ -1,7 +1,10 @@
 """Documents in a pretrained model's own tokens, packed into sequences with their boundaries.
 
 Sources: plain text files (each file one document), folders (every file below, sorted) and
-JSONL files (`.jsonl`: each line's "text" field one document). Tokenized with the model's
+JSONL files (`.jsonl`: one document a line: a "text" string, trained on whole; a "messages" list,
+rendered by the tokenizer's chat template and trained on the assistant's turns only; or a "prompt"
+and a "completion", trained on the completion only). A token that is context only (its label is
+ignored) is kept as -(id + 1) in the document's tensor (`trained_split` reads both back). Tokenized with the model's
 tokenizer in batches, without its special tokens, and cached in ringwise's cache folder
 (`cache_root()/tokens`: $RINGWISE_CACHE, else $XDG_CACHE_HOME/ringwise, else ~/.cache/ringwise;
 never in the user's data folder), an entry per file keyed by its absolute path, size and mtime and
@@ -38,8 +41,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "ringwise"
 
 
-def read_documents(path: Path) -> list[str]:
-    """One file's documents: its "text" fields (JSONL) or its whole text."""
+Record = str | dict  # a document before tokenizing: its text, or a JSONL line's "messages" / "prompt" record
+
+
+def _record(record: object, where: str) -> Record:
+    """A JSONL line as a document: its text, or the record itself for a chat or a prompt/completion."""
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in record["messages"]):
+            raise ValueError(f'{where}: each of "messages" needs a "role" and a "content" string')
+        return {"messages": record["messages"]}
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return {"prompt": record["prompt"], "completion": record["completion"]}
+    raise ValueError(
+        f'{where}: a JSONL line needs a "text" string field, a "messages" list, or "prompt" and "completion" strings'
+    )
+
+
+def read_documents(path: Path) -> list[Record]:
+    """One file's documents: its JSONL lines (`_record`) or its whole text."""
     if path.suffix != ".jsonl":
         return [path.read_text(encoding="utf-8")]
     docs = []
@@ -50,16 +71,74 @@ def read_documents(path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f'{path}:{n}: a JSONL line needs a "text" string field')
-        docs.append(record["text"])
+        docs.append(_record(record, f"{path}:{n}"))
     return docs
 
 
+def with_context(ids: list[int], trained: list[bool]) -> torch.Tensor:
+    """A document's tensor: trained tokens as their ids, context-only ones as -(id + 1)."""
+    t = torch.tensor(ids, dtype=torch.int32)
+    return torch.where(torch.tensor(trained, dtype=torch.bool), t, -t - 1)
+
+
+def trained_split(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, trained) of a document's tensor (`with_context`)."""
+    trained = doc >= 0
+    return torch.where(trained, doc, -doc - 1), trained
+
+
+def _template_ids(tokenizer, messages: list, opened: bool) -> list[int]:
+    """The chat template's ids for these messages (opened: with the assistant's next turn begun)."""
+    if not messages:
+        return []
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=opened, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return [int(i) for i in ids]
+
+
+def chat_document(tokenizer, messages: list, where: str) -> torch.Tensor:
+    """A conversation through the chat template, trained on the assistant's turns: each one's tokens are
+    what rendering the conversation up to it adds to the rendering up to its turn's opening."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f'{where}: a "messages" line needs the model\'s chat template, and its tokenizer has none')
+    full = _template_ids(tokenizer, messages, opened=False)
+    trained = [False] * len(full)
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        before, upto = _template_ids(tokenizer, messages[:i], True), _template_ids(tokenizer, messages[: i + 1], False)
+        if upto[: len(before)] != before or full[: len(upto)] != upto:
+            raise ValueError(
+                f"{where}: the chat template does not render the conversation as a prefix of itself, so "
+                "ringwise cannot tell the assistant's tokens"
+            )
+        trained[len(before) : len(upto)] = [True] * (len(upto) - len(before))
+    return with_context(full, trained)
+
+
+def _tokenize(tokenizer, records: list[Record], where: str) -> list[torch.Tensor]:
+    """Texts in batches (without special tokens); chats and prompt/completion records one by one."""
+    docs: list[torch.Tensor | None] = [None] * len(records)
+    texts = [(i, r) for i, r in enumerate(records) if isinstance(r, str)]
+    for b in range(0, len(texts), 256):
+        part = texts[b : b + 256]
+        for (i, _), ids in zip(part, tokenizer([t for _, t in part], add_special_tokens=False)["input_ids"]):
+            docs[i] = torch.tensor(ids, dtype=torch.int32)
+    for i, r in enumerate(records):
+        if isinstance(r, dict) and "messages" in r:
+            docs[i] = chat_document(tokenizer, r["messages"], f"{where} (document {i + 1})")
+        elif isinstance(r, dict):
+            prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+            completion = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+            docs[i] = with_context(prompt + completion, [False] * len(prompt) + [True] * len(completion))
+    return [d for d in docs if d is not None]
+
+
 def tokenizer_key(tokenizer) -> str:
-    """What makes two tokenizers give the same ids: its name, vocabulary and class."""
+    """What makes two tokenizers give the same ids: its name, vocabulary, chat template and class."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    template = getattr(tokenizer, "chat_template", None)
+    digest = hashlib.sha256(json.dumps([sorted(vocab.items()), str(template)]).encode()).hexdigest()[:16]
     return f"{type(tokenizer).__name__}-{len(vocab)}-{digest}"
 
 
@@ -69,16 +148,12 @@ def _cache_path(path: Path, key: str) -> Path:
     return cache_root() / "tokens" / f"{path.name}.{tag}.pt"
 
 
-def tokenize_file(path: Path, tokenizer, key: str, batch: int = 256) -> list[torch.Tensor]:
+def tokenize_file(path: Path, tokenizer, key: str) -> list[torch.Tensor]:
     """The file's documents as int32 id tensors, from the cache when it is there (written whole or not at all)."""
     cache = _cache_path(path, key)
     if cache.exists():
         return torch.load(cache, weights_only=True)["documents"]
-    texts = read_documents(path)
-    docs = []
-    for i in range(0, len(texts), batch):
-        for ids in tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"]:
-            docs.append(torch.tensor(ids, dtype=torch.int32))
+    docs = _tokenize(tokenizer, read_documents(path), str(path))
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # ranks tokenizing at once never share one
@@ -100,13 +175,18 @@ class PackedDocuments(torch.utils.data.Dataset):
     def __init__(self, documents: list[torch.Tensor], seq_len: int, eos_id: int):
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-        pieces, starts, pos = [], [], 0
+        pieces, trains, starts, pos = [], [], [], 0
         for d in documents:
-            pieces += [d.to(torch.int64), torch.tensor([eos_id])]
+            ids, trained = trained_split(d.to(torch.int64))
+            # the EOS after a document is trained where its last token is (text, a reply that ends it)
+            ends = bool(trained[-1]) if len(trained) else True
+            pieces += [ids, torch.tensor([eos_id])]
+            trains += [trained, torch.tensor([ends])]
             starts.append(pos)
             pos += d.numel() + 1
         self.seq_len = seq_len
         self.tokens = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
+        self.trained = torch.cat(trains) if trains else torch.empty(0, dtype=torch.bool)
         start = torch.zeros(self.tokens.numel(), dtype=torch.bool)
         start[torch.tensor(starts, dtype=torch.long)] = True
         self.doc_start = start
@@ -125,6 +205,7 @@ class PackedDocuments(torch.utils.data.Dataset):
         ids, labels = self.tokens[s : s + L], self.tokens[s + 1 : s + L + 1].clone()
         starts = self.doc_start[s : s + L + 1]
         labels[starts[1:]] = IGNORE_INDEX  # the next token starts another document
+        labels[~self.trained[s + 1 : s + L + 1]] = IGNORE_INDEX  # context only (a prompt, a user's turn)
         inner = (torch.nonzero(starts[1:L]).flatten() + 1).tolist()
         return {
             "input_ids": ids,
