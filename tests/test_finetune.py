@@ -584,6 +584,13 @@ def test_chat_and_completion_lines_train_on_the_answers_only(tmp_path, monkeypat
     assert window["labels"].tolist() == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, w["wae"], vocab["1"], eos]
     window = PackedDocuments([completion], 4, eos)[0]
     assert window["labels"].tolist() == [IGNORE_INDEX, w["wah"], vocab["2"], vocab["3"]]
+    packed = PackedDocuments([chat, completion], 2, eos)  # 6 + 1 + 5 + 1 tokens: 6 windows of 2 (+1 label), of
+    labelled = [p["labels"].tolist() for p in packed]  # which 2 are context only (labels wac wad; waf wag): skipped
+    assert (
+        len(packed) == 4
+        and labelled[0] == [IGNORE_INDEX, w["wae"]]
+        and all(any(x != IGNORE_INDEX for x in row) for row in labelled)
+    )
     tok.chat_template = None
     with pytest.raises(
         ValueError, match=r"chat.jsonl \(document 1\): a \"messages\" line needs the model's chat template"

@@ -15,8 +15,8 @@ tokens (inputs and next-token labels, as PackedTextDataset). Each window carries
 boundaries as `cu_seqlens` (attention stays inside each document: ring_attention's packed
 documents) and `doc_offset`, the context each token sees (its position inside its document,
 counted from the window's start at most: what perplexity by position is bucketed by); a label
-that would cross into the next document is IGNORE_INDEX.
-The last windows are held out for evaluation.
+that would cross into the next document is IGNORE_INDEX, and so is a context-only token's. Windows
+with no label left (only context) are skipped. The last windows are held out for evaluation.
 """
 
 from __future__ import annotations
@@ -193,7 +193,11 @@ class PackedDocuments(torch.utils.data.Dataset):
         # each token's offset inside its document: position - the start of its document
         index = torch.arange(self.tokens.numel())
         self.offset = index - torch.cummax(torch.where(start, index, torch.zeros_like(index)), 0).values
-        self.n_windows = max(0, (self.tokens.numel() - 1) // seq_len)
+        n = max(0, (self.tokens.numel() - 1) // seq_len)
+        # windows with a label to learn: one of only context (a long prompt or user turn) trains nothing
+        learned = (self.trained & ~self.doc_start)[1 : n * seq_len + 1].view(n, seq_len).any(1)
+        self.windows = torch.nonzero(learned).flatten().tolist()
+        self.n_windows = len(self.windows)
 
     def __len__(self) -> int:
         return self.n_windows
@@ -201,7 +205,7 @@ class PackedDocuments(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n_windows:
             raise IndexError(f"window {i} of {self.n_windows}")
-        s, L = i * self.seq_len, self.seq_len
+        s, L = self.windows[i] * self.seq_len, self.seq_len
         ids, labels = self.tokens[s : s + L], self.tokens[s + 1 : s + L + 1].clone()
         starts = self.doc_start[s : s + L + 1]
         labels[starts[1:]] = IGNORE_INDEX  # the next token starts another document
