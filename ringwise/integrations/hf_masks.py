@@ -26,54 +26,56 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from dataclasses import dataclass, field
+from types import CodeType
+from typing import NamedTuple
 
 import torch
 
+# A band of key offsets d = key - query: (lo, hi), d in [lo, hi], None unbounded on that side. Plain tuples, and a
+# NamedTuple for the folded form: the mask hook runs inside torch.compile's graph (fullgraph), where Dynamo cannot
+# wrap instances of small classes of their own (dataclasses whose defaults are such instances).
+Band = tuple[int | None, int | None]
+FULL: Band = (None, None)
+NOTHING: Band = (0, -1)
 
-@dataclass(frozen=True)
-class Band:
-    """Key offsets d = key - query in [lo, hi] (None: unbounded on that side)."""
 
-    lo: int | None = None
-    hi: int | None = None
+def _empty(b: Band) -> bool:
+    return b[0] is not None and b[1] is not None and b[0] > b[1]
 
-    @property
-    def empty(self) -> bool:
-        return self.lo is not None and self.hi is not None and self.lo > self.hi
 
-    def __and__(self, other: Band) -> Band:
-        los = [x for x in (self.lo, other.lo) if x is not None]
-        his = [x for x in (self.hi, other.hi) if x is not None]
-        return Band(max(los) if los else None, min(his) if his else None)
+def _band_and(a: Band, b: Band) -> Band:
+    lo = a[0] if b[0] is None else b[0] if a[0] is None else max(a[0], b[0])
+    hi = a[1] if b[1] is None else b[1] if a[1] is None else min(a[1], b[1])
+    return (lo, hi)
 
-    def union(self, other: Band) -> Band | None:
-        """The union if it is one interval, else None."""
-        if self.empty:
-            return other
-        if other.empty:
-            return self
-        if not _covers(self, other):
-            return None  # a gap between the two
-        return Band(
-            None if self.lo is None or other.lo is None else min(self.lo, other.lo),
-            None if self.hi is None or other.hi is None else max(self.hi, other.hi),
-        )
+
+def _band_union(a: Band, b: Band) -> Band | None:
+    """The union if it is one interval, else None."""
+    if _empty(a):
+        return b
+    if _empty(b):
+        return a
+    if not _covers(a, b):
+        return None  # a gap between the two
+    return (
+        None if a[0] is None or b[0] is None else min(a[0], b[0]),
+        None if a[1] is None or b[1] is None else max(a[1], b[1]),
+    )
 
 
 def _covers(a: Band, b: Band) -> bool:
     """Whether the intervals a and b overlap or touch (integers)."""
-    lo = max(x if x is not None else -(10**18) for x in (a.lo, b.lo))
-    hi = min(x if x is not None else 10**18 for x in (a.hi, b.hi))
+    lo = max(-(10**18) if a[0] is None else a[0], -(10**18) if b[0] is None else b[0])
+    hi = min(10**18 if a[1] is None else a[1], 10**18 if b[1] is None else b[1])
     return lo <= hi + 1
 
 
-FULL, NOTHING = Band(), Band(0, -1)
+def _band_text(b: Band) -> str:
+    return f"{b[0]}..{b[1]}"
 
 
-@dataclass(frozen=True)
-class _Form:
+class _Form(NamedTuple):
     """A mask function folded: (d in band or (same block and d in group_band)) and same chunk and same sequence."""
 
     band: Band = FULL
@@ -84,9 +86,9 @@ class _Form:
     packed_ids: torch.Tensor | None = None
     sizes: tuple[int, ...] = ()  # the window and chunk sizes the overlays carry (sdpa's local_size is one of them)
 
-    @property
-    def pure_blocks(self) -> bool:
-        return self.band.empty and self.blocks is not None and self.chunk is None and self.packed_ids is None
+
+def _pure_blocks(f: _Form) -> bool:
+    return _empty(f.band) and f.blocks is not None and f.chunk is None and f.packed_ids is None
 
 
 def _and(a: _Form, b: _Form) -> _Form:
@@ -99,9 +101,9 @@ def _and(a: _Form, b: _Form) -> _Form:
     if a.packed_ids is not None and b.packed_ids is not None:
         raise ValueError("the mask intersects two packed-sequence masks")
     return _Form(
-        band=a.band & b.band,
+        band=_band_and(a.band, b.band),
         blocks=a.blocks,
-        group_band=a.group_band & b.band if a.blocks is not None else FULL,
+        group_band=_band_and(a.group_band, b.band) if a.blocks is not None else FULL,
         chunk=a.chunk if a.chunk is not None else b.chunk,
         left_padding=a.left_padding if a.left_padding is not None else b.left_padding,
         packed_ids=a.packed_ids if a.packed_ids is not None else b.packed_ids,
@@ -112,16 +114,27 @@ def _and(a: _Form, b: _Form) -> _Form:
 def _or(a: _Form, b: _Form) -> _Form:
     if a.blocks is not None and b.blocks is not None:
         raise ValueError("the mask joins two block overlays")
-    if a.pure_blocks or b.pure_blocks:
+    if _pure_blocks(a) or _pure_blocks(b):
         # (rest) or (same block and d in group_band): the op keeps a group inside its document and chunk, and
         # refuses a group that crosses either, so the rest's chunk and sequences may stand outside the OR
-        groups, rest = (a, b) if a.pure_blocks else (b, a)
-        return replace(rest, blocks=groups.blocks, group_band=groups.group_band, sizes=rest.sizes + groups.sizes)
-    if any(f.chunk is not None or f.packed_ids is not None for f in (a, b)):
+        groups, rest = (a, b) if _pure_blocks(a) else (b, a)
+        return _Form(
+            band=rest.band,
+            blocks=groups.blocks,
+            group_band=groups.group_band,
+            chunk=rest.chunk,
+            left_padding=rest.left_padding,
+            packed_ids=rest.packed_ids,
+            sizes=rest.sizes + groups.sizes,
+        )
+    if a.chunk is not None or a.packed_ids is not None or b.chunk is not None or b.packed_ids is not None:
         raise ValueError("the mask joins a chunked or packed-sequence mask with another mask")
-    band = a.band.union(b.band)
+    band = _band_union(a.band, b.band)
     if band is None:
-        raise ValueError(f"the mask joins two windows with a gap between them ({a.band} or {b.band})")
+        raise ValueError(
+            f"the mask joins two windows with a gap between them (key offsets {_band_text(a.band)} or "
+            f"{_band_text(b.band)})"
+        )
     blocks = a if a.blocks is not None else b
     return _Form(band=band, blocks=blocks.blocks, group_band=blocks.group_band, sizes=a.sizes + b.sizes)
 
@@ -166,9 +179,33 @@ def _model_parts() -> dict:
     return parts
 
 
-@lru_cache(maxsize=None)
-def _factory_codes() -> dict:
-    """The code object of each masking_utils factory's closure (missing factories skipped)."""
+_codes: tuple[tuple[CodeType, str], ...] | None = None  # factory_codes()'s table, made once
+
+
+def factory_codes() -> tuple[tuple[CodeType, str], ...]:
+    """(code object, what it is) of each masking_utils factory's closure (missing factories skipped) and of the
+    models' own mask closures, made on the first call.
+
+    transformers.register() makes it, so that the mask hook finds it made when torch.compile traces it: building
+    it (closures, imports, inspect) stays out of the graph (Dynamo traces through functools.lru_cache). Pairs,
+    not a dict: Dynamo cannot guard a global dict keyed by code objects."""
+    global _codes
+    if _codes is None:
+        _codes = tuple(_make_factory_codes().items())
+    return _codes
+
+
+def _kind(codes: tuple[tuple[CodeType, str], ...], fn) -> str | None:
+    """What `fn` is, by its code object's identity (None: not a closure the reader knows)."""
+    code = getattr(fn, "__code__", None)
+    for c, kind in codes:
+        if c is code:
+            return kind
+    return None
+
+
+def _make_factory_codes() -> dict:
+    """{code object: what it is} for factory_codes()."""
     from transformers import masking_utils as mu
 
     f = mu.causal_mask_function
@@ -213,7 +250,7 @@ class _Reader:
     def __init__(self):
         from transformers import masking_utils as mu
 
-        self.codes = _factory_codes()
+        self.codes = factory_codes()
         self.causal = mu.causal_mask_function
         self.everything = getattr(mu, "bidirectional_mask_function", None)
         self.position_ids: torch.Tensor | None = None
@@ -221,9 +258,9 @@ class _Reader:
         self.packed = False
 
     def read(self, fn) -> _Form:
-        kind = self.codes.get(getattr(fn, "__code__", None))
+        kind = _kind(self.codes, fn)
         if fn is self.causal:
-            return _Form(band=Band(None, 0))
+            return _Form(band=(None, 0))
         if (self.everything is not None and fn is self.everything) or kind == "everything":
             return _Form()
         if kind == "and_masks" or kind == "or_masks":
@@ -236,13 +273,13 @@ class _Reader:
             return form
         if kind == "sliding_window":  # kv > q - w
             w = int(_cells(fn)["sliding_window"])
-            return _Form(band=Band(1 - w, None), sizes=(w,))
+            return _Form(band=(1 - w, None), sizes=(w,))
         if kind == "bidirectional_window":  # |q - kv| <= w
             w = int(_cells(fn)["sliding_window"])
-            return _Form(band=Band(-w, w), sizes=(w,))
+            return _Form(band=(-w, w), sizes=(w,))
         if kind == "bidirectional_window_exclusive":  # |q - kv| < w
             w = int(_cells(fn)["sliding_window"])
-            return _Form(band=Band(1 - w, w - 1), sizes=(w,))
+            return _Form(band=(1 - w, w - 1), sizes=(w,))
         if kind == "chunked":
             cells = _cells(fn)
             c = int(cells["chunk_size"])
@@ -270,17 +307,15 @@ def read_mask_function(mask_function) -> MaskSpec:
     """The ring arguments that `mask_function` describes; ValueError (with the reason) if the op cannot express it."""
     reader = _Reader()
     form = reader.read(mask_function)
-    band = form.band
-    if band.empty:
+    lo, hi = form.band
+    if _empty(form.band):
+        raise ValueError(f"the mask leaves no key visible (key offsets {lo}..{hi}, e.g. a window of 0 tokens)")
+    if hi is not None and hi < 0 or lo is not None and lo > 0:
         raise ValueError(
-            f"the mask leaves no key visible (key offsets {band.lo}..{band.hi}, e.g. a window of 0 tokens)"
+            f"the mask hides the query's own position (key offsets {lo}..{hi}); the ring's windows hold it"
         )
-    if band.hi is not None and band.hi < 0 or band.lo is not None and band.lo > 0:
-        raise ValueError(
-            f"the mask hides the query's own position (key offsets {band.lo}..{band.hi}); the ring's windows hold it"
-        )
-    causal = band.hi == 0
-    left = None if band.lo is None else -band.lo
+    causal = hi == 0
+    left = None if lo is None else -lo
     reach = None
     if form.blocks is not None:
         if not causal:
@@ -288,27 +323,30 @@ def read_mask_function(mask_function) -> MaskSpec:
                 "the mask joins block groups to attention that is not causal; ringwise's groups add keys to causal "
                 "attention only"
             )
-        g = form.group_band
-        reaches = [x for x in (None if g.lo is None else -g.lo, g.hi) if x is not None]
-        reach = min(reaches) if reaches else None
-    spec = MaskSpec(
+        g_lo, g_hi = form.group_band
+        reach = g_hi if g_lo is None else -g_lo if g_hi is None else min(-g_lo, g_hi)
+    packed_ids = position_ids = None
+    if not any(kind == "remap" for _, kind in reader.codes):  # a transformers that packs without remapping positions
+        packed_ids = form.packed_ids
+    elif reader.packed != reader.remapped:
+        raise ValueError(
+            "the model built a packed-sequence mask without its position remap (or the reverse); "
+            "ringwise cannot tell which tokens it separates"
+        )
+    else:
+        position_ids = reader.position_ids
+    return MaskSpec(
         causal=causal,
         left=left,
-        right=0 if causal else band.hi,
+        right=0 if causal else hi,
         chunk=form.chunk,
         left_padding=form.left_padding,
         blocks=form.blocks,
         group_reach=reach,
         sizes=form.sizes,
+        position_ids=position_ids,
+        packed_ids=packed_ids,
     )
-    if "remap" not in reader.codes.values():  # a transformers that packs without remapping positions
-        return replace(spec, packed_ids=form.packed_ids)
-    if reader.packed != reader.remapped:
-        raise ValueError(
-            "the model built a packed-sequence mask without its position remap (or the reverse); "
-            "ringwise cannot tell which tokens it separates"
-        )
-    return replace(spec, position_ids=reader.position_ids)
 
 
 # -------------------------------------------------------------- block groups from the global token types

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from ..attention.api import attention
 from ..attention.checks import not_global_positions
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
-from .hf_masks import MaskSpec, global_group_ids, group_problem, read_mask_function
+from .hf_masks import MaskSpec, factory_codes, global_group_ids, group_problem, read_mask_function
 from .hf_rings import DEFAULT, ModelRing, all_rings, configs_of, ring_of, shard_of_state
 from .hf_support import architecture_problems, config_problems
 from .hf_tiling import ffn_tile_of as ffn_tile_of  # re-exported: the integration's public calls
@@ -75,7 +75,7 @@ class RingMask:
     mask function (PaliGemma's language model) finds it prepared, and the hook returns it as it is.
     """
 
-    spec: MaskSpec = field(default_factory=MaskSpec)  # the ring arguments read from the mask function
+    spec: MaskSpec  # the ring arguments read from the mask function (no default factory: the hook runs traced)
     problem: str | None = None
     checked: bool = False  # a layer that used this mask ran the collective check
     shape: tuple[int, ...] = (1, 1, 0, 0)
@@ -407,7 +407,7 @@ def ringwise_mask(
     """
     if isinstance(attention_mask, RingMask):  # prepared by this hook for an outer model: kept as it is (as a 4-D mask)
         return attention_mask
-    mask = RingMask(shape=(batch_size or 1, 1, int(q_length or 0), int(kv_length or 0)))
+    mask = RingMask(spec=MaskSpec(), shape=(batch_size or 1, 1, int(q_length or 0), int(kv_length or 0)))
     state = _ring_of(config)
     cache = state.decoding if state.decoding is not None and state.decoding.phase == "decode" else None
     decoding = cache is not None
@@ -497,6 +497,7 @@ def register() -> None:
 
     AttentionInterface.register(NAME, ringwise_attention_forward)
     AttentionMaskInterface.register(NAME, ringwise_mask)
+    factory_codes()  # the mask reader's table, made here rather than inside a torch.compile trace of the hook
 
 
 def configure(model_or_config, shard: SeqShard) -> None:
