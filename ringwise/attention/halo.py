@@ -1,0 +1,135 @@
+"""Short causal convolutions over a sequence-sharded sequence: each shard's halo.
+
+A depthwise causal convolution of kernel K (Mamba's, gated DeltaNet's, LFM2's conv1d) reads, for
+every token, the K - 1 tokens before it in global order. On a ring each rank holds one segment
+(contiguous) or two (zigzag) of the sequence; the tokens before a segment's first ones are the
+last K - 1 of the segment that precedes it globally, on another rank (zigzag: each of a rank's two
+chunks has its own predecessor). `halos` brings them: every rank's segment tails go to every rank
+in one differentiable all-gather (torch.distributed.nn.functional: its backward sums each tail's
+gradient home to the rank that owns it), and each rank cuts its segments' predecessors out of it:
+(W x segments x K - 1) tokens a call, against the segments' own length. Before position 0 and
+before a document's start (packed documents, global `cu_seqlens`) the halo is zeros.
+
+`causal_conv1d` is the convolution itself, exact against one process on the whole sequence,
+documents included (no token sees one of another document). The striped layout spreads every
+token's predecessors over other ranks: refused (re-lay such a sequence contiguous first).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from .layout import check_layout, segments
+
+Tensor = torch.Tensor
+
+
+def _world(group: Optional[ProcessGroup]) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _doc_start(docs: Optional[tuple[int, ...]], g: int) -> int:
+    """The global start of the document holding position g (0 without documents)."""
+    return 0 if docs is None else docs[bisect.bisect_right(docs, g) - 1]
+
+
+def halos(
+    x: Tensor,
+    width: int,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    cu_seqlens: Optional[list[int]] = None,
+) -> list[Tensor]:
+    """For each of this rank's segments (layout.segments, in local order), the `width` tokens before
+    it in global order: (batch, width, ...) tensors cut from x's dim 1, zeros before position 0 and
+    before the start of the segment's first document. Differentiable; every rank must call it alike
+    (one all-gather)."""
+    check_layout(layout)
+    rank, W = _world(group)
+    L = x.shape[1]
+    segs = segments(layout, rank, W, L)
+    if layout == "striped" and W > 1:
+        raise ValueError(
+            "a sharded convolution needs each token's predecessors on one neighbour: the striped layout "
+            "spreads them over every rank; shard the sequence contiguous or zigzag for these layers"
+        )
+    shortest = min(s.length for s in segs)
+    if width > shortest:
+        raise ValueError(
+            f"a halo of {width} tokens is longer than a segment ({shortest} tokens): the preceding tokens "
+            "would come from several ranks; use fewer ranks or a longer sequence"
+        )
+    docs = None if cu_seqlens is None else tuple(int(b) for b in cu_seqlens)
+    if width == 0:
+        return [x[:, :0] for _ in segs]
+    tails = torch.stack([x[:, s.local_start + s.length - width : s.local_start + s.length] for s in segs])
+    if W > 1:
+        import warnings
+
+        import torch.distributed.nn.functional as dnn
+
+        with warnings.catch_warnings():  # torch 2.13 points to its private functional collectives instead
+            warnings.simplefilter("ignore", FutureWarning)
+            gathered = dnn.all_gather(tails.contiguous(), group=group)  # type: ignore[no-untyped-call]
+    else:
+        gathered = (tails,)
+    # global position of each segment's last token -> (rank, segment index)
+    ends = {seg.global_last: (r, i) for r in range(W) for i, seg in enumerate(segments(layout, r, W, L))}
+    out = []
+    for s in segs:
+        g = s.global_start
+        owner = ends.get(g - 1)
+        if owner is None:  # the sequence's start: zeros, still read off the gather (every rank's backward
+            # must take part in the gather's, so every rank's output depends on it)
+            own = gathered[rank][0]
+            halo = torch.where(torch.zeros((), dtype=torch.bool, device=x.device), own, torch.zeros_like(own))
+        else:
+            halo = gathered[owner[0]][owner[1]]
+        start = _doc_start(docs, g)
+        if g - width < start:  # positions before the sequence or the document: zeros
+            keep = (torch.arange(g - width, g, device=x.device) >= start).view((1, width) + (1,) * (x.dim() - 2))
+            halo = halo * keep.to(halo.dtype)
+        out.append(halo)
+    return out
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    cu_seqlens: Optional[list[int]] = None,
+) -> Tensor:
+    """Depthwise causal convolution of this rank's shard x (batch, local tokens, channels) with
+    weight (channels, kernel) (or nn.Conv1d's (channels, 1, kernel)): out[t] = bias + sum over k of
+    weight[:, k] * x[t - kernel + 1 + k] in global order, tokens before the sequence or the token's
+    document counting as zero. The same as one process on the whole sequence (in the same dtype)."""
+    w = weight.reshape(weight.shape[0], -1)
+    K = w.shape[1]
+    rank, W = _world(group)
+    L = x.shape[1]
+    docs = None if cu_seqlens is None else tuple(int(b) for b in cu_seqlens)
+    parts = []
+    for s, halo in zip(segments(layout, rank, W, L), halos(x, K - 1, layout, group, cu_seqlens)):
+        ext = torch.cat([halo, x[:, s.local_start : s.local_start + s.length]], dim=1)  # (B, K-1+n, C)
+        pos = s.global_start + torch.arange(s.length, device=x.device)
+        first = None
+        if docs is not None:  # each token's document start
+            bounds = torch.tensor(docs, device=x.device)
+            first = bounds[torch.searchsorted(bounds, pos, right=True) - 1]
+        y = x.new_zeros(x.shape[0], s.length, x.shape[2])
+        for k in range(K):
+            src = ext[:, k : k + s.length]  # the token k - (K - 1) before each
+            if first is not None:
+                src = src * (pos + k - (K - 1) >= first).to(src.dtype)[None, :, None]
+            y = y + src * w[:, k]
+        parts.append(y if bias is None else y + bias)
+    return torch.cat(parts, dim=1)

@@ -1,0 +1,97 @@
+"""Short causal convolutions on a sharded sequence (ringwise.attention.halo): each segment's halo from the
+rank that holds its predecessor, zeros before the sequence and before a document; the convolution and its
+gradients (input, weight, bias) equal to one process on the whole sequence in float64, W = 1..4,
+contiguous and zigzag, packed documents; the striped layout and halos longer than a segment refused."""
+
+import itertools
+
+import pytest
+import torch
+from helpers import assemble, packed
+
+import ringwise
+from ringwise.attention.halo import causal_conv1d, halos
+
+S, B, C, K = 48, 2, 6, 4
+
+
+def reference_conv(x, w, b, cu_seqlens=None):
+    """The whole sequence in one process, document by document (each zero-padded on its left)."""
+    bounds = cu_seqlens or [0, x.shape[1]]
+    outs = []
+    for a, e in zip(bounds, bounds[1:]):
+        seg = torch.nn.functional.pad(x[:, a:e].transpose(1, 2), (K - 1, 0))
+        outs.append(torch.nn.functional.conv1d(seg, w[:, None, :], b, groups=C).transpose(1, 2))
+    return torch.cat(outs, dim=1)
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, dout = (torch.randn(B, S, C, generator=g, dtype=torch.float64) for _ in range(2))
+    return (
+        x,
+        torch.randn(C, K, generator=g, dtype=torch.float64),
+        torch.randn(C, generator=g, dtype=torch.float64),
+        dout,
+    )
+
+
+def conv_run(case):
+    """On each rank: the sharded convolution and its gradients (weight and bias: this rank's share)."""
+    x, w, b, dout = inputs(case["seed"])
+    layout = case["layout"]
+    xl = ringwise.shard(x, 1, layout).requires_grad_()
+    wl, bl = w.clone().requires_grad_(), b.clone().requires_grad_()
+    out = causal_conv1d(xl, wl, bl, layout=layout, cu_seqlens=case.get("docs"))
+    out.backward(ringwise.shard(dout, 1, layout))
+    return dict(out=out.detach(), dx=xl.grad, dw=wl.grad, db=bl.grad)
+
+
+GRID = [
+    dict(world=W, layout=layout, seed=i, docs=docs)
+    for i, (W, layout, docs) in enumerate(
+        itertools.product([1, 2, 3, 4], ["contiguous", "zigzag"], [None, packed([5, 1, 2, 19, 21])])
+    )
+]
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: f"W{c['world']}-{c['layout']}" + ("-docs" if c["docs"] else ""))
+def test_sharded_conv_matches_one_process(grid_results, case):
+    results = grid_results(conv_run, GRID, case)
+    x, w, b, dout = (t.requires_grad_() if i < 3 else t for i, t in enumerate(inputs(case["seed"])))
+    want = reference_conv(x, w, b, case.get("docs"))
+    dx, dw, db = torch.autograd.grad(want, (x, w, b), dout)
+    got = assemble([r["out"] for r in results], case["layout"], 1)
+    assert (got - want.detach()).abs().max() < 1e-12
+    assert (assemble([r["dx"] for r in results], case["layout"], 1) - dx).abs().max() < 1e-12
+    assert (sum(r["dw"] for r in results) - dw).abs().max() < 1e-12
+    assert (sum(r["db"] for r in results) - db).abs().max() < 1e-12
+
+
+def _halo_of_positions(layout):
+    """On each rank: the halos of a sequence whose values are their global positions (+1, so 0 means a zero)."""
+    x = (torch.arange(S, dtype=torch.float64) + 1)[None, :, None]
+    return [h[0, :, 0].tolist() for h in halos(ringwise.shard(x, 1, layout), 3, layout, cu_seqlens=[0, 20, S])]
+
+
+def test_each_segment_gets_its_predecessors(cluster):
+    """Zigzag over 3 ranks (chunks of 8: rank r holds chunks r and 5 - r): each chunk's halo is the 3 positions
+    before it, zeros before position 0 and before the document starting at 20 (inside chunk 2)."""
+    got = cluster(3).run(_halo_of_positions, "zigzag")
+    # chunk starts 0, 8, 16, 24, 32, 40 (+1 for the values); the document at 20 starts inside chunk 2
+    assert got == [[[0, 0, 0], [38, 39, 40]], [[6, 7, 8], [30, 31, 32]], [[14, 15, 16], [22, 23, 24]]]
+
+
+def _refused(layout, width):
+    try:
+        halos(ringwise.shard(torch.zeros(1, S, 2), 1, layout), width, layout)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_striped_and_long_halos_are_refused_alike(cluster):
+    said = cluster(2).run(_refused, "striped", 3)
+    assert said[0] == said[1] and "the striped layout spreads them over every rank" in said[0]
+    said = cluster(4).run(_refused, "zigzag", 7)
+    assert said[0] == said[1] and "a halo of 7 tokens is longer than a segment (6 tokens)" in said[0]
