@@ -11,6 +11,12 @@ merged in rank order: the same bits on every rank). Every rank so computes the s
 logits and, seeded alike, samples the same tokens; the sequences are compared across
 ranks at the end (one small all-gather) and a difference is an error, never a result.
 
+A vision-language model with M-RoPE (hf_multimodal: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V) takes its
+images as model.generate does (pixel_values, image_grid_thw, mm_token_type_ids, ...): the prefill runs
+the vision tower on every rank and the language model through the ring on rw.shard_multimodal_batch's
+inputs; the model keeps the prompt's rope_deltas, from which generate() numbers the decoded tokens (the
+prompt must end with a text token).
+
 Refused on every rank alike, before any ring traffic (one object all-gather): padding
 masks, beam search and the other non-greedy/non-sampling modes, assisted decoding,
 a cache of the caller's (static, offloaded, quantized or any other), attention outputs,
@@ -30,6 +36,8 @@ import torch.nn.functional as F
 from ..attention.comm import all_gather_single
 from ..attention.decode import _digest
 from ..attention.kvcache import prompt_loads
+from .hf_multimodal import MULTIMODAL_INPUTS, generation_problem, is_supported_vlm
+from .hf_multimodal import prefill as prefill_multimodal
 from .hf_rings import configs_of, ring_of, shard_of_state
 
 _OWN_CACHE = ("past_key_values", "cache")
@@ -175,14 +183,19 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
     states = [ring_of(c) for c in configs_of(model)]
     shard = shard_of_state(states[0])
     kwargs = dict(generate_kwargs)
+    multimodal = is_supported_vlm(model)  # the images go to the prefill (the tower runs there), not to generate()
+    images = {k: kwargs.pop(k) for k in MULTIMODAL_INPUTS if k in kwargs} if multimodal else {}
     config = _generation_config(model, kwargs)
     problem = objection or _problem(input_ids, shard, kwargs, config)
+    if multimodal:
+        problem = problem or generation_problem(model, input_ids, images, config.num_return_sequences or 1)
     facts = (
         {}
         if problem
         else {
             "prompt": _describe(input_ids),
             "options": _describe({k: v for k, v in kwargs.items()}),
+            "images": _describe(images),
             "random state": _random_state(input_ids.device) if config.do_sample else None,
         }
     )
@@ -200,7 +213,10 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
     try:
         for state in states:
             state.decoding = cache
-        _prefill(model, input_ids[:, :-1], cache, keyword)
+        if multimodal:
+            prefill_multimodal(model, input_ids, images, cache, keyword)
+        else:
+            _prefill(model, input_ids[:, :-1], cache, keyword)
         cache.phase = "decode"
         out = model.generate(input_ids, **{keyword: cache}, **kwargs)
     finally:

@@ -31,6 +31,9 @@ class ModelRing:
     # (position_ids,) the module that computes the rotary embedding was last called with (check_model's hook), for
     # models whose attention layers never see them (Llama 4); None: not recorded
     model_positions: tuple | None = None
+    # a vision-language model with multimodal RoPE that check_model prepared (hf_multimodal): its first attention
+    # layer requires rw.shard_multimodal_batch's position ids
+    mrope: bool = False
 
 
 DEFAULT = {"shard": SeqShard()}  # use_ring's ring, for models given none of their own

@@ -10,9 +10,13 @@ same verdict.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
 
 import torch
+
+from .hf_multimodal import MROPE_VLMS
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 LOCAL_LENGTH_ROPE = ("dynamic", "longrope")  # scaling chosen from each rank's own largest position
@@ -65,14 +69,63 @@ def config_problems(config) -> list[str]:
             )
         rope = {t for key in ("rope_parameters", "rope_scaling") for t in _rope_types(getattr(c, key, None))}
         problems += _local_length_rope(rope, "RoPE scaling")
-        if "mrope" in rope or any(
-            _has_key(getattr(c, key, None), "mrope_section") for key in ("rope_parameters", "rope_scaling")
-        ):
-            problems.append(
-                "multimodal RoPE (M-RoPE: mrope_section) rotates by 3-D (time, height, width) positions "
-                "that ringwise cannot verify or shard yet; run it with another attn_implementation"
-            )
+        if uses_mrope(c, rope) and getattr(config, "model_type", None) not in MROPE_VLMS:
+            problems.append(_mrope_problem(config))
     return problems
+
+
+def _mrope_problem(config) -> str:
+    if getattr(config, "vision_config", None) is not None:  # a vision-language model ringwise does not prepare
+        return (
+            "multimodal RoPE (M-RoPE) rotates by 3-D (time, height, width) positions that ringwise computes on "
+            "the global sequence only for the vision-language models rw.shard_multimodal_batch prepares ("
+            f"{', '.join(MROPE_VLMS.values())}); this one is not among them yet; run it with another "
+            "attn_implementation"
+        )
+    return (
+        "multimodal RoPE (M-RoPE) rotates by 3-D (time, height, width) positions that ringwise cannot verify "
+        "in a text model alone; run the whole vision-language model (its ...ForConditionalGeneration, built with "
+        "rw.from_config / rw.from_pretrained or checked by rw.check_model) on rw.shard_multimodal_batch's "
+        "batch, or use another attn_implementation"
+    )
+
+
+def uses_mrope(config, rope_types=None) -> bool:
+    """Whether a config's model rotates by multimodal RoPE: a rope type or mrope_section in its RoPE parameters,
+    or a modeling module that reads mrope_section (transformers' defaults need no key: Qwen2-VL's text config
+    without rope parameters still rotates by three rows)."""
+    rope = (
+        rope_types
+        if rope_types is not None
+        else {t for key in ("rope_parameters", "rope_scaling") for t in _rope_types(getattr(config, key, None))}
+    )
+    if "mrope" in rope or any(
+        _has_key(getattr(config, key, None), "mrope_section") for key in ("rope_parameters", "rope_scaling")
+    ):
+        return True
+    return _modeling_reads_mrope(type(config).__module__)
+
+
+_READS_MROPE: dict[str, bool] = {}  # configuration module -> whether its modeling module reads mrope_section
+
+
+def _modeling_reads_mrope(config_module: str) -> bool:
+    """Whether the modeling module beside a configuration module reads mrope_section (from its source; cached).
+    Not inside a torch.compile trace (importing and reading source cannot be traced): there only what check_model
+    already read, outside the graph, is known; a model that never passed check_model is then judged by its rope
+    keys, and its layers' position ids (3-row M-RoPE positions reach them as None and are refused)."""
+    known = _READS_MROPE.get(config_module)
+    if known is not None or torch.compiler.is_compiling():
+        return bool(known)
+    found = False
+    if ".configuration_" in config_module:
+        try:
+            module = importlib.import_module(config_module.replace(".configuration_", ".modeling_"))
+            found = "mrope_section" in inspect.getsource(module)
+        except (ImportError, OSError, TypeError):
+            pass
+    _READS_MROPE[config_module] = found
+    return found
 
 
 def _has_key(params, key: str) -> bool:

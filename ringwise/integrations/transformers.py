@@ -51,6 +51,15 @@ from ..attention.api import attention
 from ..attention.checks import not_global_positions
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
 from .hf_masks import MaskSpec, factory_codes, global_group_ids, group_problem, read_mask_function
+from .hf_multimodal import (
+    TOWER_IMPLEMENTATION,
+    implementation_problems,
+    is_supported_vlm,
+    multimodal_inputs,
+    positions_problem,
+    supported_problem,
+)
+from .hf_multimodal import prepare as _prepare_multimodal
 from .hf_rings import DEFAULT, ModelRing, all_rings, configs_of, ring_of, shard_of_state
 from .hf_support import architecture_problems, config_problems
 from .hf_tiling import ffn_tile_of as ffn_tile_of  # re-exported: the integration's public calls
@@ -247,6 +256,7 @@ def ringwise_attention_forward(
                     else []
                 )
             problem = problem or next(iter(state.config_problems), None)
+            problem = problem or positions_problem(state)  # M-RoPE: rw.shard_multimodal_batch's positions only
             if position_ids is None:
                 problem = problem or _unverifiable_positions(module, state.model_positions == (None,))
         problem = problem or (mask.problem if mask is not None else None)
@@ -354,8 +364,9 @@ def _unverifiable_positions(module, called_without: bool = False) -> str:
     return (
         f"{type(module).__name__} layers (model_type={model_type!r}) receive no position_ids, so "
         "ringwise cannot verify that the model's positions are the layout's global positions (multimodal "
-        "3-D RoPE, M-RoPE, keeps them outside the attention); ringwise does not run such models: use another "
-        "attn_implementation, or a text model whose layers get the global position_ids (rw.shard_batch gives them)"
+        "3-D RoPE, M-RoPE, keeps them outside the attention); run a vision-language model on "
+        "rw.shard_multimodal_batch's batch (its 4-row position ids give the layers the global text positions), "
+        "a text model with the global position_ids (rw.shard_batch gives them), or use another attn_implementation"
     )
 
 
@@ -529,7 +540,10 @@ def check_model(model) -> None:
     model, it installs the ring-aware loss (RingLoss): model(**batch).loss is exact or refused.
     """
     problems = architecture_problems(model)
-    if hasattr(model, "named_modules"):
+    towers = implementation_problems(model)  # a vision-language model: its towers on another implementation
+    if towers is not None:
+        problems[:0] = towers
+    elif hasattr(model, "named_modules"):
         impls = {getattr(m.config, "_attn_implementation", None) for m in model.modules() if hasattr(m, "config")}
         if impls != {NAME}:
             problems.insert(
@@ -541,6 +555,7 @@ def check_model(model) -> None:
         what = type(model).__name__ if hasattr(model, "named_modules") else f"model_type={model.model_type!r}"
         raise ValueError(f"{what} does not route its attention through ringwise exactly: " + "; ".join(problems))
     _mark_towers(model)
+    _prepare_multimodal(model)  # M-RoPE vision-language models: shard_multimodal_batch's positions, no pixels
     _install_position_hook(model)
     _install_loss(model)  # a model: model(labels=).loss is the exact share over its ring, or refused (RingLoss)
 
@@ -584,7 +599,8 @@ def _mark_towers(model) -> None:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for c in configs_of(model):
-        if c is config or c is text:
+        if c is config or c is text:  # check_model found no problem in them: none to read again in a forward
+            _ring_of(c).config_problems = []  # (where it might be traced by torch.compile)
             continue
         _ring_of(c).config_problems = [
             f"model_type={getattr(c, 'model_type', None)!r}: this tower of {type(model).__name__} runs on inputs "
@@ -597,12 +613,14 @@ def _mark_towers(model) -> None:
 def from_config(config, shard: SeqShard | None = None, ffn_tile: int | None = None, **kwargs):
     """AutoModelForCausalLM.from_config with ringwise attention, checked before and after building;
     shard: the model's own ring (default: use_ring's); ffn_tile: the feed-forward's tile in gradient
-    forwards (tile_feed_forward: None = tile_size(config), 0 = untiled)."""
-    from transformers import AutoModelForCausalLM
-
+    forwards (tile_feed_forward: None = tile_size(config), 0 = untiled). A vision-language model with
+    M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V): AutoModelForImageTextToText, its language model on
+    ringwise and its vision tower on sdpa (attn_implementation= a dict of your own instead); feed it
+    rw.shard_multimodal_batch's batches."""
     register()
     check_model(config)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=NAME, **kwargs)
+    auto, attn = _auto_class(config)
+    model = auto.from_config(config, attn_implementation=kwargs.pop("attn_implementation", attn), **kwargs)
     check_model(model)
     tile_feed_forward(model, ffn_tile)
     if shard is not None:
@@ -613,17 +631,34 @@ def from_config(config, shard: SeqShard | None = None, ffn_tile: int | None = No
 def from_pretrained(path, shard: SeqShard | None = None, ffn_tile: int | None = None, **kwargs):
     """AutoModelForCausalLM.from_pretrained with ringwise attention, checked before and after loading;
     shard: the model's own ring (default: use_ring's); ffn_tile: the feed-forward's tile in gradient
-    forwards (tile_feed_forward: None = tile_size(config), 0 = untiled)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    forwards (tile_feed_forward: None = tile_size(config), 0 = untiled). A vision-language model with
+    M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V): AutoModelForImageTextToText, its language model on
+    ringwise and its vision tower on sdpa (attn_implementation= a dict of your own instead); feed it
+    rw.shard_multimodal_batch's batches."""
+    from transformers import AutoConfig
 
     register()
-    check_model(AutoConfig.from_pretrained(path))
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=NAME, **kwargs)
+    config = AutoConfig.from_pretrained(path)
+    check_model(config)
+    auto, attn = _auto_class(config)
+    model = auto.from_pretrained(path, attn_implementation=kwargs.pop("attn_implementation", attn), **kwargs)
     check_model(model)
     tile_feed_forward(model, ffn_tile)
     if shard is not None:
         configure(model, shard)
     return model
+
+
+def _auto_class(config):
+    """The Auto class that builds the model of `config` and its attn_implementation: a causal LM on ringwise, or a
+    vision-language model (hf_multimodal) with its language model on ringwise and its vision tower on sdpa."""
+    from transformers import AutoModelForCausalLM
+
+    if is_supported_vlm(config):
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText, {"": NAME, "text_config": NAME, "vision_config": TOWER_IMPLEMENTATION}
+    return AutoModelForCausalLM, NAME
 
 
 def generate(model, input_ids: torch.Tensor, **generate_kwargs):
@@ -707,6 +742,54 @@ def shard_batch(
             )
         del out["input_ids"]
         out["inputs_embeds"] = seq.shard(inputs_embeds)
+    return out
+
+
+def shard_multimodal_batch(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+    cu_seqlens=None,
+    **model_kwargs,
+) -> dict:
+    """This rank's batch of a vision-language model with M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V) from the
+    global one (every argument the same on every rank, as the processor returns it; no padding mask):
+    `model(**batch)` runs the language model through the model's ring, exactly (hf_multimodal.py).
+
+    The vision tower runs here, on every rank, on all of the batch's images, with gradients when they are on:
+    each rank's loss share reaches the tower's parameters through its own tokens' features (sum the parameter
+    gradients over the ranks, as for any parameter). The batch: this rank's `input_ids`; `mm_encoder_outputs`,
+    the tower's outputs for this rank's visual tokens in their local order (Qwen3-VL's DeepStack features too);
+    `position_ids` (4, batch, local): row 0 the global text positions, rows 1-3 the model's own M-RoPE positions
+    of the global sequence; `labels` shifted on the global sequence (rw.shard_batch's). cu_seqlens: packed
+    documents' global boundaries (M-RoPE positions run on across documents, which attention within each
+    document does not see: every row moves by the same offset). model_kwargs: further keywords of the model's
+    forward that its position ids read (e.g. Qwen2.5-VL's second_per_grid_ts)."""
+    problem = supported_problem(model)
+    if problem:
+        raise ValueError(f"shard_multimodal_batch: {problem}")
+    check_model(model)
+    inputs = dict(
+        model_kwargs,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+        mm_token_type_ids=mm_token_type_ids,
+    )
+    seq = shard_of(model)
+    try:
+        local = multimodal_inputs(model, input_ids, inputs, seq)
+    except ValueError as e:
+        raise ValueError(f"shard_multimodal_batch: {e}") from None
+    out = shard_batch(input_ids, labels, cu_seqlens, shard=seq)  # shifted labels, documents
+    out.update(local)
     return out
 
 

@@ -1,0 +1,325 @@
+"""Vision-language models with multimodal RoPE through the ring: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V.
+
+    import ringwise.integrations.transformers as rw
+    model = rw.from_config(vlm_config)   # text model: "ringwise"; vision tower: "sdpa" (replicated, outside the ring)
+    batch = rw.shard_multimodal_batch(model, input_ids, labels, pixel_values=pixels, image_grid_thw=grid,
+                                      mm_token_type_ids=types)   # global inputs, the same on every rank
+    loss = model(**batch).loss           # this rank's share; backward reaches the vision tower through it
+
+The vision tower runs on every rank on the whole batch's images (its own attention implementation, never
+ringwise: check_model refuses that), the language model through the ring. `rw.shard_multimodal_batch`
+(transformers.py, over multimodal_inputs here) runs the model's own code on the *global* sequence: the tower
+(`get_image_features` / `get_video_features`) and the multimodal position ids (the model's forward, with its
+language model stopped at its first call: whatever the installed transformers names the computation,
+get_rope_index or compute_3d_position_ids). It hands each rank:
+
+- `input_ids`: its tokens (the layout's shard); the model embeds them and merges its own features in;
+- `mm_encoder_outputs`: the tower's outputs for this rank's visual tokens only, in their local order (the
+  merged features and Qwen3-VL's DeepStack features alike), slices of the tower's global outputs, so each
+  rank's loss share sends its gradient back through the tower; summed over the ranks, one process's;
+- `position_ids`: (4, batch, local), the model's 4-row form: row 0 the global text positions (what the
+  attention layers get, checked by the op like any model's), rows 1-3 the global (time, height, width)
+  M-RoPE positions of the local tokens;
+- `labels` shifted on the global sequence (rw.shard_batch's), `ringwise_cu_seqlens` for packed documents.
+
+The rows 1-3 cannot be checked against anything the attention layers see, so a model configured for ringwise
+takes M-RoPE positions from this helper only (recognised by identity, as rw.shard_batch's labels are): any
+other position ids (3-row ones, the model's own from a shard, a copy) are refused at the first attention
+layer on every rank alike, and `pixel_values` given to the model itself (the tower would run inside the
+ring's forward and the features would not match the shard's tokens) are refused before the tower runs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from .hf_rings import ModelRing, ring_of
+
+NAME = "ringwise"
+# top-level model_type -> the family's name; tested in tests/test_hf_multimodal.py
+MROPE_VLMS = {
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
+    "glm4v": "GLM-4V",
+}
+_PIXELS = ("pixel_values", "pixel_values_videos")
+TOWER_IMPLEMENTATION = "sdpa"  # what from_config / from_pretrained give the vision tower
+
+# The 4-row position ids shard_multimodal_batch returned (by id, held weakly): the only M-RoPE positions a
+# ringwise model takes. Rows 1-3 cannot be verified from what the attention layers see.
+_POSITIONS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def is_supported_vlm(model_or_config) -> bool:
+    """Whether this is (the config of) a vision-language model that ringwise runs with shard_multimodal_batch."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) in MROPE_VLMS
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def implementation_problems(model) -> list[str] | None:
+    """check_model's rule on attention implementations for a supported vision-language model (None: not one):
+    the language model on ringwise, every tower on another implementation (the wrapper's own config runs no
+    attention layer: transformers gives it the default implementation unless the dict names one for "")."""
+    if not is_supported_vlm(model) or not hasattr(model, "modules"):
+        return None
+    config = model.config
+    text = _text_config(config)
+    ring: set[str] = set()
+    towers: dict[str, str] = {}
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is None:
+            continue
+        impl = str(getattr(c, "_attn_implementation", None))
+        if c is text:
+            ring.add(impl)
+        elif c is not config:
+            towers.setdefault(str(getattr(c, "model_type", type(c).__name__)), impl)
+    problems = []
+    if ring != {NAME}:
+        problems.append(
+            f"its language model's attention implementations are {sorted(ring)}, not only '{NAME}'; load it with "
+            f"attn_implementation={{'text_config': '{NAME}', 'vision_config': '{TOWER_IMPLEMENTATION}'}} after "
+            "use_ring() (rw.from_config / rw.from_pretrained do)"
+        )
+    on_ring = sorted(t for t, impl in towers.items() if impl == NAME)
+    if on_ring:
+        problems.append(
+            f"its vision tower ({', '.join(f'model_type={t!r}' for t in on_ring)}) has attn_implementation="
+            f"'{NAME}', but it runs on every rank on the whole batch's images, outside the ring (its patches are "
+            "not a sequence shard); give it another implementation: attn_implementation={'text_config': "
+            f"'{NAME}', 'vision_config': '{TOWER_IMPLEMENTATION}'}} (rw.from_config / rw.from_pretrained do)"
+        )
+    return problems
+
+
+def inner_model(model):
+    """The module that holds the vision tower and the language model (Qwen2VLModel, ...): the model itself or
+    its `.model`."""
+    for m in (model, getattr(model, "model", None)):
+        if m is not None and hasattr(m, "language_model") and hasattr(m, "get_image_features"):
+            return m
+    raise ValueError(
+        f"{type(model).__name__} holds no vision-language model (a module with language_model and "
+        "get_image_features); pass the ...ForConditionalGeneration model or its .model"
+    )
+
+
+def prepare(model) -> None:
+    """check_model's part for a supported vision-language model that passed its checks: its language model's
+    first attention layer then requires shard_multimodal_batch's position ids, and the model refuses images
+    given to it directly. Idempotent."""
+    if not is_supported_vlm(model) or not hasattr(model, "modules"):
+        return
+    state = ring_of(_text_config(model.config))
+    state.config_problems, state.mrope = [], True
+    inner = inner_model(model)
+    if not getattr(inner, "_ringwise_pixel_hook", False):
+        inner.register_forward_pre_hook(_refuse_pixels, with_kwargs=True)
+        inner._ringwise_pixel_hook = True
+
+
+def _refuse_pixels(module, args, kwargs):
+    given = [k for k in _PIXELS if kwargs.get(k) is not None]
+    if given:
+        raise ValueError(
+            f"ringwise: {type(module).__name__} got {given[0]}: its vision tower would run inside the ring's forward "
+            "and its features would not match this rank's share of the image tokens. Prepare each rank's batch "
+            "with rw.shard_multimodal_batch(model, input_ids, labels, pixel_values=..., image_grid_thw=..., "
+            "mm_token_type_ids=...) (the tower runs there, on the whole batch) and call the model with it"
+        )
+    return None
+
+
+def positions_problem(state: ModelRing) -> str | None:
+    """The first attention layer's objection to the M-RoPE positions of a model prepared here, or None."""
+    if not state.mrope:
+        return None
+    if torch.compiler.is_compiling():
+        return (
+            "ringwise cannot verify multimodal RoPE (M-RoPE) position ids inside a compiled graph (they are "
+            "recognised as rw.shard_multimodal_batch's by identity); run the vision-language model uncompiled"
+        )
+    positions = state.model_positions[0] if state.model_positions is not None else None
+    if positions is not None and _POSITIONS.get(id(positions)) is positions:
+        return None
+    return (
+        "the language model's multimodal RoPE (M-RoPE) position ids are not the (4, batch, local) tensor "
+        "rw.shard_multimodal_batch returned, so ringwise cannot tell that their (time, height, width) rows are "
+        "the global positions of this rank's tokens (a model that computes them itself numbers its shard alone). "
+        "Call the model with rw.shard_multimodal_batch's batch as it is (a copy, e.g. .to(device), is not "
+        "recognised: prepare the batch on the model's device)"
+    )
+
+
+class _Stop(Exception):
+    """Raised by the captured language model: the positions are known, nothing more is run."""
+
+
+def _global_position_ids(inner, input_ids, outputs: dict, extra: dict) -> torch.Tensor | None:
+    """The model's own (3, batch, seq) M-RoPE position ids of the global sequence, or None where it computes
+    none (no images): its forward run on the global tokens and features until its language model's call."""
+    lm = inner.language_model
+    seen: dict[str, Any] = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    lm.forward = capture  # an instance attribute over the class's forward, removed below
+    try:
+        with torch.no_grad():
+            inner(input_ids=input_ids, mm_encoder_outputs=dict(outputs), **extra)
+    except _Stop:
+        pass
+    finally:
+        del lm.forward
+    if "inputs_embeds" not in seen:  # pragma: no cover - a transformers that no longer calls its language model
+        raise ValueError(f"{type(inner).__name__}'s forward did not reach its language model")
+    return seen.get("position_ids")
+
+
+def _local_output(output, local_rows: torch.Tensor):
+    """A copy of a tower output (get_image_features') with only the rows of this rank's tokens, in local order:
+    its merged features and (Qwen3-VL) each DeepStack layer's features."""
+
+    def take(value):
+        whole = torch.cat(list(value), dim=0) if isinstance(value, (list, tuple)) else value
+        part = whole.index_select(0, local_rows)
+        return (part,) if isinstance(value, (list, tuple)) else part
+
+    fields = {"pooler_output": take(output.pooler_output)}
+    deepstack = getattr(output, "deepstack_features", None)
+    if deepstack is not None:
+        fields["deepstack_features"] = [take(f) for f in deepstack]
+    return type(output)(**fields)
+
+
+MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+
+
+def _global_inputs(model, input_ids: torch.Tensor, inputs: dict[str, Any]):
+    """The model's own computations on the global sequence: (tower outputs by modality, (4, batch, seq) position
+    ids with row 0 the text positions, each modality's (batch, seq) placeholder mask). The model passed
+    check_model (the callers see to it)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got {getattr(input_ids, 'shape', input_ids)!r}")
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    if inputs.get("attention_mask") is not None:
+        raise ValueError("ringwise does not support padding masks; pack sequences without padding")
+    grids = [k for k in ("image_grid_thw", "video_grid_thw") if k in inputs]
+    if grids and "mm_token_type_ids" not in inputs:
+        raise ValueError(
+            f"{grids[0]} was given without mm_token_type_ids (the processor returns it with input_ids): the model "
+            "computes its multimodal positions from it"
+        )
+    inner = inner_model(model)
+    outputs: dict[str, Any] = {}
+    if inputs.get("pixel_values") is not None:
+        outputs["image"] = inner.get_image_features(
+            inputs["pixel_values"], inputs.get("image_grid_thw"), return_dict=True
+        )
+    if inputs.get("pixel_values_videos") is not None:
+        outputs["video"] = inner.get_video_features(
+            inputs["pixel_values_videos"], inputs.get("video_grid_thw"), return_dict=True
+        )
+    extra = {k: v for k, v in inputs.items() if k not in _PIXELS}
+    positions = _global_position_ids(inner, input_ids, outputs, extra)  # checks the tokens against the features
+    batch, length = input_ids.shape
+    text = torch.arange(length, device=input_ids.device).expand(1, batch, length)
+    if positions is None:  # no images: every row the text positions, as the model does
+        positions = text.expand(3, batch, length)
+    if positions.shape[0] == 4:  # a transformers that already gives the text row
+        positions = positions[1:]
+    positions = torch.cat([text, positions.to(text.device, text.dtype)], dim=0)
+    dummy = torch.zeros(batch, length, 1, device=input_ids.device)
+    placeholders = inner.get_placeholder_mask(input_ids, inputs_embeds=dummy)
+    masks = {m: placeholders[i][..., 0].to(input_ids.device) for i, m in enumerate(("image", "video"))}
+    return outputs, positions, masks
+
+
+def _local_inputs(seq, input_ids, positions, outputs: dict, masks: dict) -> dict:
+    """This rank's input_ids, position_ids (registered: the only M-RoPE positions the model takes) and
+    mm_encoder_outputs (the rows of its own visual tokens, in local order), from global ones of one length."""
+    batch, length = input_ids.shape
+    local_positions = seq.shard(positions, dim=2)
+    _POSITIONS[id(local_positions)] = local_positions
+    out: dict[str, Any] = {"input_ids": seq.shard(input_ids), "position_ids": local_positions}
+    if outputs:
+        local: dict[str, Any] = {}
+        for modality, output in outputs.items():
+            mask = masks[modality]
+            rows = (mask.flatten().cumsum(0) - 1).view(batch, length)  # each token's row in the tower's output
+            local[modality] = _local_output(output, seq.shard(rows)[seq.shard(mask)])
+        out["mm_encoder_outputs"] = local
+    return out
+
+
+def supported_problem(model) -> str | None:
+    """Why shard_multimodal_batch cannot prepare a batch for this model, or None."""
+    if is_supported_vlm(model) and hasattr(model, "modules"):
+        return None
+    return (
+        f"{type(model).__name__} (model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}) is "
+        f"not one of the vision-language models ringwise prepares ({', '.join(MROPE_VLMS.values())})"
+    )
+
+
+def multimodal_inputs(model, input_ids: torch.Tensor, inputs: dict[str, Any], seq) -> dict:
+    """rw.shard_multimodal_batch's model inputs (input_ids, position_ids, mm_encoder_outputs) for this rank of
+    `seq`, from the global ones; the model passed check_model."""
+    outputs, positions, masks = _global_inputs(model, input_ids, inputs)
+    return _local_inputs(seq, input_ids, positions, outputs, masks)
+
+
+def generation_problem(model, input_ids, inputs: dict, copies: int) -> str | None:
+    """rw.generate's objection to a vision-language model's call (checked before its verdict), or None."""
+    if copies > 1:
+        return "num_return_sequences > 1 is not supported for vision-language models yet"
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        return None  # generate's own check words it
+    try:
+        dummy = torch.zeros(*input_ids.shape, 1, device=input_ids.device)
+        masks = inner_model(model).get_placeholder_mask(input_ids, inputs_embeds=dummy)
+    except Exception as e:  # whatever the model objects to, said alike on every rank
+        return f"{type(e).__name__}: {e}"
+    if any(bool(m[:, -1].any()) for m in masks):
+        return (
+            "the prompt ends with an image or video token; rw.generate decodes from the prompt's last token with "
+            "the text positions after the images (end the prompt with text, as chat templates do)"
+        )
+    return None
+
+
+def prefill(model, input_ids: torch.Tensor, inputs: dict, cache, keyword: str) -> None:
+    """rw.generate's prefill of a vision-language model: the prompt but its last token through the ring on this
+    rank's layout shard (padded at its end as the layout needs), the tower run on the whole prompt's images, the
+    M-RoPE positions of the whole prompt (the model keeps its rope_deltas, from which generate() numbers the
+    tokens it decodes)."""
+    import torch.nn.functional as F
+
+    from ..attention.kvcache import prompt_loads
+
+    shard = cache.shard
+    outputs, positions, masks = _global_inputs(model, input_ids, inputs)
+    length = input_ids.shape[1] - 1
+    if length == 0:
+        cache.store.set_prompt([0] * shard.ring_size, 0)
+        return
+    padded = length + shard.pad_len(length)
+    pad = (0, padded - length)
+    ids = F.pad(input_ids[:, :length], pad)  # trailing pads: after every real token, dropped from the cache
+    positions = F.pad(positions[..., :length], pad)
+    positions[0] = torch.arange(padded, device=positions.device)  # the pads' text positions: the layout's own
+    masks = {m: F.pad(mask[:, :length], pad) for m, mask in masks.items()}
+    cache.prefill_positions = shard.positions(padded, input_ids.device)
+    cache.store.set_prompt(prompt_loads(shard.layout, shard.ring_size, padded, length), length)
+    model.base_model(**_local_inputs(shard, ids, positions, outputs, masks), **{keyword: cache}, use_cache=True)
