@@ -10,7 +10,7 @@ import torch
 from helpers import assemble, packed
 
 import ringwise
-from ringwise.attention.halo import causal_conv1d, halos
+from ringwise.attention.halo import causal_conv1d, halos, linear_scan, sharded_scan
 
 S, B, C, K = 48, 2, 6, 4
 
@@ -95,3 +95,46 @@ def test_striped_and_long_halos_are_refused_alike(cluster):
     assert said[0] == said[1] and "the striped layout spreads them over every rank" in said[0]
     said = cluster(4).run(_refused, "zigzag", 7)
     assert said[0] == said[1] and "a halo of 7 tokens is longer than a segment (6 tokens)" in said[0]
+
+
+# ---------------------------------------------------------------- linear recurrences
+
+
+def scan_inputs(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    a = torch.rand(B, S, 3, C, generator=g, dtype=torch.float64) * 0.4 + 0.6  # decays, per head and channel
+    b, dout = (torch.randn(B, S, 3, C, generator=g, dtype=torch.float64) for _ in range(2))
+    return a, b, dout
+
+
+def reference_scan(a, b, cu_seqlens=None):
+    """The sequential scan over the whole sequence, the state reset at each document's start."""
+    if cu_seqlens is not None:
+        keep = torch.ones(S, dtype=torch.float64)
+        keep[torch.tensor(cu_seqlens[:-1])] = 0
+        a = a * keep[None, :, None, None]
+    return linear_scan(a, b)
+
+
+def scan_run(case):
+    a, b, dout = scan_inputs(case["seed"])
+    layout = case["layout"]
+    al, bl = (ringwise.shard(t, 1, layout).requires_grad_() for t in (a, b))
+    h = sharded_scan(al, bl, layout=layout, cu_seqlens=case.get("docs"))
+    h.backward(ringwise.shard(dout, 1, layout))
+    return dict(h=h.detach(), da=al.grad, db=bl.grad)
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: f"W{c['world']}-{c['layout']}" + ("-docs" if c["docs"] else ""))
+def test_sharded_scan_matches_the_sequential_scan(grid_results, case):
+    """States and gradients (decays and inputs) of the sharded scan equal the sequential scan of one process
+    on the whole sequence (float64, to round-off: the same algebra, another order of additions)."""
+    results = grid_results(scan_run, GRID, case)
+    a, b, dout = scan_inputs(case["seed"])
+    a.requires_grad_(), b.requires_grad_()
+    want = reference_scan(a, b, case.get("docs"))
+    da, db = torch.autograd.grad(want, (a, b), dout)
+    lay = case["layout"]
+    assert (assemble([r["h"] for r in results], lay, 1) - want.detach()).abs().max() < 1e-11
+    assert (assemble([r["da"] for r in results], lay, 1) - da).abs().max() < 1e-10
+    assert (assemble([r["db"] for r in results], lay, 1) - db).abs().max() < 1e-11

@@ -1,4 +1,5 @@
-"""Short causal convolutions over a sequence-sharded sequence: each shard's halo.
+"""Short convolutions and linear recurrences over a sequence-sharded sequence: what each shard needs
+from the ones before it.
 
 A depthwise causal convolution of kernel K (Mamba's, gated DeltaNet's, LFM2's conv1d) reads, for
 every token, the K - 1 tokens before it in global order. On a ring each rank holds one segment
@@ -11,13 +12,16 @@ gradient home to the rank that owns it), and each rank cuts its segments' predec
 before a document's start (packed documents, global `cu_seqlens`) the halo is zeros.
 
 `causal_conv1d` is the convolution itself, exact against one process on the whole sequence,
-documents included (no token sees one of another document). The striped layout spreads every
-token's predecessors over other ranks: refused (re-lay such a sequence contiguous first).
+documents included (no token sees one of another document). `sharded_scan` is the same for a
+diagonal affine recurrence (state-space and linear-recurrent layers): one all-gather of each
+segment's summary, composed in global order. The striped layout spreads every token's
+predecessors over other ranks: refused (re-lay such a sequence contiguous first).
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -133,3 +137,77 @@ def causal_conv1d(
             y = y + src * w[:, k]
         parts.append(y if bias is None else y + bias)
     return torch.cat(parts, dim=1)
+
+
+def linear_scan(a: Tensor, b: Tensor) -> Tensor:
+    """States h_t = a_t * h_{t-1} + b_t from h_{-1} = 0 along dim 1, elementwise: the plain reference
+    scan (one step a token); a model's own scan kernel computes the same."""
+    h = torch.zeros_like(b[:, 0])
+    out = []
+    for t in range(b.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+def sharded_scan(
+    a: Tensor,
+    b: Tensor,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    cu_seqlens: Optional[list[int]] = None,
+    local_scan: Callable[[Tensor, Tensor], Tensor] = linear_scan,
+) -> Tensor:
+    """The states of a diagonal affine recurrence h_t = a_t * h_{t-1} + b_t (elementwise: Mamba's,
+    RG-LRU's, a scalar decay per head broadcast) over the global sequence, for this rank's shard
+    (batch, local tokens, ...): h starts at 0, and again at each document's start.
+
+    Each segment of the rank (contiguous: one, zigzag: two) is scanned from a zero state
+    (`local_scan`: a model's own kernel, or the reference) and summarised as (product of its a,
+    its last state); one differentiable all-gather of every segment's summary lets each rank
+    compose its predecessors' in global order into the state entering each of its segments, and
+    h = (zero-state scan) + (running product of a) * (entering state). Exact (the same algebra as the
+    sequential scan, in another order of additions); backward through the gather sums each summary's
+    gradient home."""
+    check_layout(layout)
+    rank, W = _world(group)
+    if layout == "striped" and W > 1:
+        raise ValueError(
+            "a sharded scan needs each segment's predecessor whole: the striped layout interleaves every "
+            "rank's tokens; shard the sequence contiguous or zigzag for these layers"
+        )
+    L = a.shape[1]
+    segs = segments(layout, rank, W, L)
+    docs = None if cu_seqlens is None else torch.tensor([int(c) for c in cu_seqlens], device=a.device)
+    zero_states, products, summaries = [], [], []
+    for s in segs:
+        a_s, b_s = a[:, s.local_start : s.local_start + s.length], b[:, s.local_start : s.local_start + s.length]
+        if docs is not None:  # a document's first token forgets the state before it
+            pos = s.global_start + torch.arange(s.length, device=a.device)
+            starts = torch.isin(pos, docs)
+            a_s = a_s * (~starts).to(a_s.dtype).view((1, s.length) + (1,) * (a.dim() - 2))
+        h0, p = local_scan(a_s, b_s), torch.cumprod(a_s, dim=1)
+        zero_states.append(h0)
+        products.append(p)
+        summaries.append(torch.stack([p[:, -1], h0[:, -1]]))
+    mine = torch.stack(summaries)  # (segments, 2, batch, ...)
+    if W > 1:
+        import warnings
+
+        import torch.distributed.nn.functional as dnn
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            gathered = dnn.all_gather(mine.contiguous(), group=group)  # type: ignore[no-untyped-call]
+    else:
+        gathered = (mine,)
+    order = sorted((seg.global_start, r, i) for r in range(W) for i, seg in enumerate(segments(layout, r, W, L)))
+    entering: dict[tuple[int, int], Tensor] = {}
+    # the sequence's start: zeros, still read off the gather (every rank's backward must take part in the
+    # gather's, so every rank's output depends on it)
+    h = torch.where(torch.zeros((), dtype=torch.bool, device=a.device), gathered[rank][0][1], 0.0)
+    for _, r, i in order:  # every rank composes the same chain: the state entering each segment
+        entering[(r, i)] = h
+        h = gathered[r][i][0] * h + gathered[r][i][1]
+    out = [h0 + p * entering[(rank, i)][:, None] for i, (h0, p) in enumerate(zip(zero_states, products))]
+    return torch.cat(out, dim=1)
