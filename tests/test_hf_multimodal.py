@@ -15,7 +15,7 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 
 from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
-from hf_versions import VERSION  # noqa: E402
+from hf_versions import EAGER_EXPERTS, VERSION  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.attention.layout import global_indices  # noqa: E402
@@ -27,7 +27,7 @@ if VERSION < (5, 25) or not hasattr(transformers, "Qwen3VLConfig"):
         allow_module_level=True,
     )
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "qwen3_vl_moe", "glm4v_moe")
 LAYOUTS = ("zigzag", "contiguous", "striped")
 SEQ = 48
 TEXT = dict(
@@ -80,9 +80,26 @@ def make_config(name):
             vision_start_token_id=START,
             **ids,
         )  # fmt: skip
-    if name == "glm4v":
-        return T.Glm4vConfig(
-            text_config=dict(TEXT, rope_parameters=dict(MROPE, partial_rotary_factor=1.0)),
+    if name == "qwen3_vl_moe":  # Qwen3-VL's DeepStack with an MoE language model
+        return T.Qwen3VLMoeConfig(
+            text_config=dict(
+                TEXT, head_dim=8, rope_parameters=dict(MROPE, mrope_interleaved=True), moe_intermediate_size=16,
+                num_experts=4, num_experts_per_tok=2,
+            ),
+            vision_config=dict(
+                VISION, depth=2, intermediate_size=32, out_hidden_size=32, num_position_embeddings=16,
+                deepstack_visual_indexes=[0, 1],
+            ),
+            vision_start_token_id=START,
+            **ids,
+        )  # fmt: skip
+    if name in ("glm4v", "glm4v_moe"):  # GLM-4.5V (glm4v_moe): MoE after a dense first layer; its decoder layers
+        # get the 3-D position rows, and the op checks the text row of rw.shard_multimodal_batch's positions instead
+        text = dict(TEXT, rope_parameters=dict(MROPE, partial_rotary_factor=1.0))
+        if name == "glm4v_moe":
+            text.update(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1)
+        return (T.Glm4vConfig if name == "glm4v" else T.Glm4vMoeConfig)(
+            text_config=text,
             vision_config=dict(VISION, intermediate_size=32, out_hidden_size=32, image_size=16),
             image_start_token_id=START,
             image_end_token_id=END,
@@ -110,8 +127,10 @@ def global_batch(seq=SEQ, images=IMAGES, rows=2, seed=1):
 def build(name, attn):
     torch.manual_seed(0)
     if attn == "eager":
-        return transformers.AutoModelForImageTextToText.from_config(make_config(name), attn_implementation="eager")
-    return rw.from_config(make_config(name), ffn_tile=5, attn_implementation=RING_ATTN)
+        return transformers.AutoModelForImageTextToText.from_config(
+            make_config(name), attn_implementation="eager", **EAGER_EXPERTS
+        )
+    return rw.from_config(make_config(name), ffn_tile=5, attn_implementation=RING_ATTN, **EAGER_EXPERTS)
 
 
 def summed_grads(model):
@@ -186,7 +205,7 @@ def test_model_matches_one_process(grid_results, case):
     W, layout = case["world"], case["layout"]
     ref, f32 = references(case["name"])
     assert_matches(results, ref, f32, [global_indices(layout, r, W, SEQ) for r in range(W)])
-    if case["name"] == "qwen3_vl":  # the DeepStack mergers feed the text layers: their gradients came back
+    if case["name"].startswith("qwen3_vl"):  # the DeepStack mergers feed the text layers: their gradients came back
         assert any("deepstack_merger_list" in n for n in results[0]["grads"])
 
 
@@ -268,7 +287,7 @@ def generate_single(name):
     return dict(sequences=out.sequences, scores=torch.stack(out.scores))
 
 
-GENERATE = [dict(name=n, world=2, layout="zigzag") for n in FAMILIES]
+GENERATE = [dict(name=n, world=2, layout="zigzag") for n in FAMILIES]  # every family
 GENERATE += [dict(name="qwen3_vl", world=3, layout="striped"), dict(name="glm4v", world=3, layout="contiguous")]
 
 
@@ -347,12 +366,12 @@ def test_check_model_wants_the_tower_off_the_ring(name):
 
 
 def test_other_mrope_models_are_refused():
-    """M-RoPE families shard_multimodal_batch does not prepare (here Qwen3-VL-MoE) and M-RoPE text models alone
-    (even a config with no mrope_section: transformers' defaults still rotate by three rows) are refused."""
-    moe = getattr(transformers, "Qwen3VLMoeConfig", None)
-    if moe is not None:
-        with pytest.raises(ValueError, match=r"M-RoPE.*not among them"):
-            rw.check_model(moe())
+    """M-RoPE families shard_multimodal_batch does not prepare (here GLM-4.6V, PaddleOCR-VL) and M-RoPE text models
+    alone (even a config with no mrope_section: transformers' defaults still rotate by three rows) are refused."""
+    for other in ("Glm46VConfig", "PaddleOCRVLConfig"):
+        if hasattr(transformers, other):
+            with pytest.raises(ValueError, match=r"M-RoPE.*not among them"):
+                rw.check_model(getattr(transformers, other)())
     with pytest.raises(ValueError, match=r"M-RoPE.*text model alone"):
         rw.check_model(transformers.Qwen2VLTextConfig(**TEXT))
     with pytest.raises(ValueError, match="is not one of the vision-language models"):

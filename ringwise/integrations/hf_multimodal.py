@@ -45,6 +45,8 @@ MROPE_VLMS = {
     "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
     "glm4v": "GLM-4V",
+    "qwen3_vl_moe": "Qwen3-VL-MoE",
+    "glm4v_moe": "GLM-4.5V",
 }
 _PIXELS = ("pixel_values", "pixel_values_videos")
 TOWER_IMPLEMENTATION = "sdpa"  # what from_config / from_pretrained give the vision tower
@@ -158,6 +160,15 @@ def positions_problem(state: ModelRing) -> str | None:
         "Call the model with rw.shard_multimodal_batch's batch as it is (a copy, e.g. .to(device), is not "
         "recognised: prepare the batch on the model's device)"
     )
+
+
+def mrope_text_positions(state: ModelRing) -> torch.Tensor | None:
+    """Row 0 (the global text positions) of the rw.shard_multimodal_batch positions the language model was
+    called with, for the op's check; None where it was called with others (refused by positions_problem)."""
+    positions = state.model_positions[0] if state.model_positions is not None else None
+    if not isinstance(positions, torch.Tensor) or torch.compiler.is_compiling():
+        return None
+    return positions[0] if _POSITIONS.get(id(positions)) is positions else None
 
 
 class _Stop(Exception):

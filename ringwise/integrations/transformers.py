@@ -55,6 +55,7 @@ from .hf_multimodal import (
     TOWER_IMPLEMENTATION,
     implementation_problems,
     is_supported_vlm,
+    mrope_text_positions,
     multimodal_inputs,
     positions_problem,
     supported_problem,
@@ -244,6 +245,8 @@ def ringwise_attention_forward(
         if first:
             pending, state.pending = state.pending, []
             position_ids = kwargs.get("position_ids")
+            if state.mrope:  # rw.shard_multimodal_batch's text row (GLM-4.5V's layers get the 3-D rows)
+                position_ids = mrope_text_positions(state)
             if position_ids is None:  # the mask's remap read them (packed sequences)
                 position_ids = next((m.position_ids for m in pending if m.position_ids is not None), None)
             if position_ids is None and state.model_positions is not None:  # what the rotary embedding was given
