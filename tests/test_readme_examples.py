@@ -440,6 +440,77 @@ def check_hf(results, W, given):
         assert max_err(got, p.grad) <= F32_REL * p.grad.abs().max().item(), n
 
 
+# --- "Vision-language models": rw.shard_multimodal_batch + the model's loss against one process
+
+TINY_VLM = "models/qwen2-vl"  # in the world folder: a random Qwen2-VL (2 text layers, 1 vision block), float64
+VLM_IMAGE = 5  # its image token id
+VLM_IMAGES = ((9, (1, 4, 4)), (20, (1, 4, 6)))  # (first image token, (t, h, w) patches): 4 and 6 tokens, across shards
+
+
+def save_tiny_qwen2_vl(folder: Path) -> Path:
+    import transformers
+
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters=dict(rope_type="default", mrope_section=[2, 1, 1], rope_theta=10000.0),
+        ),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4),
+        image_token_id=VLM_IMAGE,
+        video_token_id=6,
+        vision_start_token_id=7,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForImageTextToText.from_config(config).double().save_pretrained(folder)
+    return folder
+
+
+def given_vlm(world):
+    """The processor's global batch: 48 tokens, two images (their patches flattened as Qwen2-VL's processor does)."""
+    folder = world / TINY_VLM
+    if not (folder / "config.json").exists():
+        save_tiny_qwen2_vl(folder)
+    ids = torch.randint(10, 64, (1, HF_SEQ), generator=torch.Generator().manual_seed(3))
+    types = torch.zeros_like(ids)
+    for at, (t, h, w) in VLM_IMAGES:
+        ids[0, at : at + t * h * w // 4] = VLM_IMAGE
+        types[0, at : at + t * h * w // 4] = 1
+    patches = sum(t * h * w for _, (t, h, w) in VLM_IMAGES)
+    inputs = dict(
+        input_ids=ids,
+        pixel_values=torch.randn(
+            patches, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+        ),
+        image_grid_thw=torch.tensor([thw for _, thw in VLM_IMAGES]),
+        mm_token_type_ids=types,
+    )
+    return dict(path=str(folder), inputs=inputs)
+
+
+def check_vlm(results, W, given):
+    import transformers
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(given["path"], attn_implementation="eager")
+    assert model.dtype == torch.float64
+    inputs = dict(given["inputs"])
+    ids = inputs.pop("input_ids")
+    loss = model(input_ids=ids, labels=ids.masked_fill(ids == VLM_IMAGE, -100), **inputs).loss
+    loss.backward()
+    # the comments: the sum over ranks is the mean loss; summed parameter gradients, the tower's included, are
+    # one process's (the model's loss takes the cross-entropy in float32: float32 round-off)
+    total = sum(r["loss"] for r in results)
+    assert abs(total.item() - loss.item()) <= F32_REL * abs(loss.item()), (total.item(), loss.item())
+    assert any(".visual." in n for n in results[0]["grads"])
+    for n, p in model.named_parameters():
+        got = sum(r["grads"][n] for r in results)
+        assert max_err(got, p.grad) <= F32_REL * p.grad.abs().max().item(), n
+
+
 # --- "Inference": rw.generate against model.generate in one process
 
 GEN_NEW = 8
@@ -567,6 +638,9 @@ EXAMPLES = {
     ),
     "docs/transformers.md > Feed-forward tiling": Example(
         substitutions=[], given=given_path, collect=collect_tiles, check=check_tiles
+    ),
+    "docs/transformers.md > Vision-language models": Example(
+        substitutions=[], given=given_vlm, collect=collect_hf, check=check_vlm
     ),
     "docs/inference.md > A minimal example: one new token against a sharded cache": Example(
         substitutions=[
