@@ -689,6 +689,7 @@ class ModelConfig:
     shared_intermediate: int = 0
     moe_layers: int = 0
     attention_params: int | None = None
+    rope_dim: int = 0  # rotary dimensions per head (0: head_dim; DeepSeek's MLA: qk_rope_head_dim)
 
     def __post_init__(self):
         for f in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab"):
@@ -743,13 +744,52 @@ class ModelConfig:
         return max(self.dense_layer_params, self.moe_layer_params if self.moe_layers else 0)
 
     @property
+    def root_params(self) -> int:
+        """The weights outside the decoder layers (FSDP2's root unit): embeddings, output matrix, final norm."""
+        return (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden
+
+    @property
     def n_params(self) -> int:
         dense = (self.n_layers - self.moe_layers) * self.dense_layer_params
         moe = self.moe_layers * self.moe_layer_params
-        return dense + moe + (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden
+        return dense + moe + self.root_params
+
+    def weight_shapes(self) -> list[tuple[int, int]]:
+        """Every parameter tensor as (rows, elements per row): FSDP2 shards the rows (dim 0). transformers'
+        layouts: nn.Linear's (out, in), norms' (hidden,), experts as (experts, ...) tensors (transformers 5
+        fuses each layer's gate and up projections, and its down projections); MLA's projections stand as one
+        (attention_params, 1) tensor. The shapes add up to n_params."""
+        h, f = self.hidden, self.intermediate
+        if self.attention_params is not None:
+            attention = [(self.attention_params, 1)]
+        else:
+            attention = [(self.q_width, h), (self.k_width, h), (self.v_width, h), (h, self.o_width)]
+        norms = [(h, 1), (h, 1)]
+        shapes = (attention + [(f, h), (f, h), (h, f)] + norms) * (self.n_layers - self.moe_layers)
+        if self.moe_layers:
+            E, fe, fs = self.experts, self.expert_intermediate, self.shared_intermediate
+            shared = [(fs, h), (fs, h), (h, fs)] if fs else []
+            shapes += (attention + [(E, h), (E, 2 * fe * h), (E, h * fe)] + shared + norms) * self.moe_layers
+        return shapes + [(self.vocab, h)] * (1 if self.tied else 2) + [(h, 1)]
 
 
-LLAMA_PRESETS = tuple(LLAMA)
+CONFIG_PRESETS = {  # transformers config.json sizes of models the planner knows by name (what read_config reads)
+    "llama-3.1-8b": (
+        "Llama-3.1-8B",
+        dict(
+            model_type="llama",
+            num_hidden_layers=32,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=128256,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+LLAMA_PRESETS = tuple(LLAMA) + tuple(CONFIG_PRESETS)
 
 
 def checkpoint_folder(spec) -> str | None:
@@ -770,7 +810,12 @@ def shape_of(model: ModelConfig) -> ModelShape:
 
 
 def config_from_preset(name) -> ModelConfig:
-    """A LLaMA preset (ringwise.presets) as a ModelConfig: head_dim = hidden / heads, untied."""
+    """A preset as a ModelConfig: one of CONFIG_PRESETS (a transformers config), or a LLaMA preset of
+    ringwise.presets (head_dim = hidden / heads, untied)."""
+    key = str(name).lower().replace("_", "-")
+    if key in CONFIG_PRESETS:
+        title, cfg = CONFIG_PRESETS[key]
+        return model_config(cfg, title)
     s = get_model(name)
     return ModelConfig(
         s.name, s.n_layers, s.hidden, s.n_heads, s.n_kv_heads, s.hidden // s.n_heads, s.ffn_hidden, s.vocab
@@ -817,14 +862,14 @@ def model_config(cfg: dict, name: str = "model") -> ModelConfig:
     attention_params = None
     if mla:  # DeepSeek-V2/V3: low-rank q and kv, values of v_head_dim
         nope, rope, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-        head_dim, v_head_dim, kv = nope + rope, dv, H
+        head_dim, v_head_dim, kv, rope_dim = nope + rope, dv, H, rope
         q_lora = cfg.get("q_lora_rank")
         q = h * H * head_dim if not q_lora else h * q_lora + q_lora * H * head_dim
         kv_params = h * (cfg["kv_lora_rank"] + rope) + cfg["kv_lora_rank"] * H * (nope + dv)
         attention_params = q + kv_params + H * dv * h
     else:
         head_dim = _first(cfg, "head_dim", default=h // H)
-        v_head_dim = 0
+        v_head_dim, rope_dim = 0, 0
     moe_layers, shared = 0, 0
     if experts:
         if "first_k_dense_replace" in cfg:
@@ -857,6 +902,7 @@ def model_config(cfg: dict, name: str = "model") -> ModelConfig:
         shared_intermediate=shared,
         moe_layers=moe_layers,
         attention_params=attention_params,
+        rope_dim=rope_dim,
     )
 
 
@@ -922,6 +968,7 @@ class MemoryModes:
     save_attention: bool = False
     offload_activations: bool = False
     ffn_tile: int | None = None  # None: automatic (the hidden size, at least MIN_FFN_TILE); 0: untiled
+    offload_params: bool = False  # the model state in host memory (FSDP2's CPUOffloadPolicy), the optimizer on the CPU
 
     def __post_init__(self):
         found = mode_problems(self.checkpoint_layers, self.save_attention, self.offload_activations, self.ffn_tile)
@@ -933,12 +980,20 @@ class MemoryModes:
         return max(model.hidden, MIN_FFN_TILE) if self.ffn_tile is None else self.ffn_tile
 
     def flags(self) -> list[str]:
-        out = [f"--{f.replace('_', '-')}" for f in ("checkpoint_layers", "save_attention", "offload_activations")]
-        out = [f for f, on in zip(out, (self.checkpoint_layers, self.save_attention, self.offload_activations)) if on]
+        names = ("checkpoint_layers", "save_attention", "offload_activations", "offload_params")
+        out = [f"--{f.replace('_', '-')}" for f in names if getattr(self, f)]
         return out + ([] if self.ffn_tile is None else ["--ffn-tile", str(self.ffn_tile)])
 
 
-OFFLOAD_IN_FLIGHT = 2  # layers' checkpoints on the device while offloaded: one in use, one in transfer
+OFFLOAD_IN_FLIGHT = 2  # layers' inputs on the device while offloaded: the one in use, the one below (prefetched)
+SEQUENCE_INT64 = 3  # int64 tensors per local token through the step: token ids, labels, positions
+
+
+def _pow2(n: float) -> int:
+    """n bytes as the pinned (page-locked) host allocator reserves them: rounded up to a power of two (torch's
+    CachingHostAllocator, by default; see ledger)."""
+    n = int(math.ceil(n))
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def _ffn_per_token(model: ModelConfig, e: float, moe: bool) -> tuple[float, float]:
@@ -971,39 +1026,47 @@ def _norm_per_token(h: int, e: float, tiled: bool, input_kept: bool) -> float:
     return (0 if input_kept and e == 4 else 4 * h) + 2 * h * e + 4
 
 
-def device_terms(model, dtype="bf16", world=1, modes=MemoryModes()) -> dict:
-    """Per local token, the bytes on the device by term, and the two phases whose peak is the step's.
+def device_terms(model, dtype="bf16", world=1, modes=MemoryModes(), device_type="cuda") -> dict:
+    """Per local token, the bytes on the device by term: what one layer keeps through the step, and each
+    backward moment's working set. Every term is a tensor read off the code (h = hidden, e = the compute
+    dtype's bytes, H = heads; widths as ModelConfig's), and was checked against a census of the live
+    tensors at each moment of a `ringwise finetune` step on CPU (benchmarks/plan_ledger.py --census):
 
-    Every term is read off the code (h = hidden, e = the compute dtype's bytes; widths as ModelConfig's):
-
-    * layer inputs (--checkpoint-layers): each layer's input, h x e per layer; offloaded, the device
-      keeps OFFLOAD_IN_FLIGHT layers' worth. --save-attention adds each layer's attention output
-      (heads x v_head_dim x e) and lse (heads, fp32), kept (and offloaded) with the input.
-    * the norms (_norm_per_token): untiled, transformers' RMSNorm keeps a float32 version of its input
-      (a copy, or in fp32 the input itself), its normalised output in the compute dtype and its output,
-      which the next module keeps: 4h + 2h x e bytes, plus its fp32 rstd; tiled (--ffn-tile T, the
-      same switch: hf_tiling tiles the layers' norms and the final norm with the feed-forward), its
-      internals exist for one tile and it keeps its output (h x e) and, through the tiles' checkpoints,
-      its input (h x e) where nothing else keeps it (the layer input under --checkpoint-layers is
-      the layer's checkpoint: counted there, as the fp32 input itself is untiled).
-    * the recomputed layer's saved activations (attention part): the first norm; rotary's outputs q
-      and k and the projection's v, which the ring keeps with the attention output and the fp32 lse
-      (the projections' own q and k outputs are freed: rotary's multiplications keep cos and sin, not q).
-    * FFN phase: the attention part, the second norm (its input, the residual after attention, is not
-      kept by anything else), the feed-forward's saved tensors and its gradients (_ffn_per_token), the
-      residual-stream gradient and the feed-forward input's gradient with one more transient of its
-      size (3h x e). Tiled (--ffn-tile T), the feed-forward keeps nothing per token: its saved tensors
-      and gradients exist for T tokens (a constant).
-    * attention phase: the attention part, the residual gradient and dout (h + o x e), the ring's
-      backward: float32 dQ accumulator (4q), the local block's dK, dV (float32, 4(k + v)) and its
-      contiguous K, V (e(k + v)); on a ring (W > 1) the visiting K, V double buffered (2 x e(k + v) from
-      W = 3, one pair at W = 2) and the travelling dK, dV's receive buffer (4(k + v)).
-    * without --checkpoint-layers every layer keeps what its recompute would: the layer inputs become
-      n_layers x (attention part + second norm + untiled feed-forward saved), the first norm keeping
-      its input (the previous layer's output) as the second does.
-    * loss phase: the final norm (its input is the last layer's output) and the hidden's gradient with
-      its per-chunk transient (2h x e); its logits are a constant (LOSS_CHUNK tokens through the
-      vocabulary).
+    * kept per layer (--checkpoint-layers): the layer's input, h x e (offloaded by --offload-activations);
+      --save-attention adds its attention output and fp32 lse (heads x v_head_dim x e + 4H), which stay on
+      the device even when offloading (torch keeps them in the checkpoint's own storage, which saved-tensor
+      hooks do not see). Without checkpointing a layer keeps its whole activations (attention part, second
+      norm, untiled feed-forward saved).
+    * sequence inputs, kept through the step: the rotary cos and sin (2 x rope dims x e, computed once and
+      passed to every layer) and the int64 token ids, labels and positions (24 bytes).
+    * the norms (_norm_per_token): untiled, transformers' RMSNorm keeps a float32 version of its input (a
+      copy, or in fp32 the input itself), its normalised output in the compute dtype and its output, plus its
+      fp32 rstd; tiled (hf_tiling, same switch as --ffn-tile), its output, and its input where no layer
+      checkpoint holds it (the tiles' checkpoints keep it).
+    * attention part (the recomputed layer's saved activations): the first norm; rotary's outputs q and k
+      and the projection's v (the ring saves them as they are: rotary's outputs come out in the (tokens,
+      heads) layout, so the op's contiguous() copies nothing), the attention output and its fp32 lse (not
+      under --save-attention: the layer keeps those).
+    * "ffn" moment, a feed-forward tile's backward (tiled) or the SwiGLU's product's backward (untiled):
+      the attention part, the second norm (its input, the residual after attention, is kept by its tiles'
+      checkpoints), the layer's output gradient (h x e); tiled, the second norm output's gradient, into which
+      each tile's input gradient is accumulated (h x e; a tile's intermediates are a constant); untiled, the
+      feed-forward's saved tensors and gradients (_ffn_per_token).
+    * "ffn input gradient" moment (tiled): a tile's input gradient leaves its slice's backward as a
+      zero-padded tensor of the whole shard, added into the accumulator: 3 h x e with the layer's output
+      gradient, and no tile's intermediates.
+    * "attention" moment: the attention part, the residual gradient and the attention output's gradient
+      (h x e + o x e), the ring's float32 dQ and dK/dV accumulators (4(q + k + v)), the lse's gradient,
+      which autograd materialises as zeros (4H), the compute-dtype dQ, dK, dV that the tile kernel returns
+      for its rows and columns (the whole shard's on one rank; on a zigzag ring a tile has all the rows and
+      half the columns, or the reverse) and then the ring (e(q + k + v)); on CUDA in bf16/fp16 (cuDNN's
+      kernel, ringwise's choice there), cuDNN's backward workspace for the tile's rows, 8q + 4H bytes per
+      row (two float32 query-wide buffers and float32 row sums: measured on an H200, cuDNN 9.19, torch
+      2.11; `device_type`); on a ring (W > 1) the visiting K, V (double buffered from W = 3, one pair at
+      W = 2) and the travelling dK/dV: the accumulator in flight and its receive buffer (2 x 4(k + v)).
+    * "loss" moment, a loss chunk's backward: the final norm and the hidden's gradient (h x e; the chunk's
+      logits are a constant); "loss input gradient" moment: a chunk's gradient, zero-padded to the shard,
+      with the accumulator (2h x e).
     """
     model = resolve_model(model)
     if dtype not in DTYPE_BYTES:
@@ -1014,62 +1077,79 @@ def device_terms(model, dtype="bf16", world=1, modes=MemoryModes()) -> dict:
     tiled = modes.tile(model) > 0
     norm = _norm_per_token(h, e, tiled, input_kept=False)
     first_norm = _norm_per_token(h, e, tiled, input_kept=modes.checkpoint_layers)
-    attention_part = first_norm + (q + k + v + o) * e + 4 * H
-    moe = model.moe_layers > 0
-    ffn_saved, ffn_grads = _ffn_per_token(model, e, moe)
-    L = model.n_layers
-    kept_attention = (o * e + 4 * H) if modes.save_attention else 0
-    if modes.checkpoint_layers:
-        per_layer = h * e + kept_attention
-        layers = OFFLOAD_IN_FLIGHT if modes.offload_activations else L
-        stored = {"layer checkpoints": min(layers, L) * per_layer}
-        host = L * per_layer if modes.offload_activations else 0
-    else:
-        stored = {"every layer's activations": L * (attention_part + norm + (0 if tiled else ffn_saved))}
-        # the first norm's input, the previous layer's output, is kept by no checkpoint here: first_norm
-        # was taken with input_kept=False
-        host = 0
-    ring = 0 if world == 1 else min(2, world - 1) * (k + v) * e + 4 * (k + v)
-    phases = {
-        "ffn": {
-            "attention part": attention_part,
-            "second norm": norm,
-            "ffn saved": 0 if tiled else ffn_saved,
-            "ffn gradients": 0 if tiled else ffn_grads,
-            "residual and input gradients": 3 * h * e,
-        },
-        "attention": {
-            "attention part": attention_part,
-            "residual gradient and dout": (h + o) * e,
-            "ring backward accumulators": 4 * q + 4 * (k + v) + (k + v) * e,
-            "ring buffers in flight": ring,
-        },
-        "loss": {"final norm": norm, "hidden gradient": 2 * h * e},
+    attention_out = o * e + 4 * H
+    attention_part = first_norm + (q + k + v) * e + (0 if modes.save_attention else attention_out)
+    ffn_saved, ffn_grads = _ffn_per_token(model, e, model.moe_layers > 0)
+    inputs = {
+        "rotary cos and sin": 2 * (model.rope_dim or model.head_dim) * e,
+        "token ids, labels, positions": 8 * SEQUENCE_INT64,
     }
-    if not modes.checkpoint_layers:  # the saved parts are counted in every layer's activations already
-        phases["ffn"] = {"gradients": (0 if tiled else ffn_grads) + 3 * h * e}
-        phases["attention"] = {key: v for key, v in phases["attention"].items() if key != "attention part"}
-    return dict(stored=stored, phases=phases, host=host, ffn_saved=ffn_saved, ffn_grads=ffn_grads)
+    ring = 0 if world == 1 else min(2, world - 1) * (k + v) * e + 2 * 4 * (k + v)
+    # the layer being recomputed keeps its saved activations; without checkpointing every layer keeps them
+    part = {"attention part": attention_part} if modes.checkpoint_layers else {}
+    second = {"second norm": norm} if modes.checkpoint_layers else {}
+    ffn = {**part, **second, "layer output gradient": h * e}
+    if tiled:
+        ffn["second norm output's gradient"] = h * e
+    else:
+        ffn.update({"ffn saved": ffn_saved} if modes.checkpoint_layers else {})
+        ffn["ffn gradients"] = ffn_grads
+    # the tile kernel's backward: its dQ, dK, dV for the tile's rows and columns (one tile of the whole shard on
+    # one rank; zigzag's largest on a ring: all rows and half the columns, or the reverse) and, cuDNN's, its
+    # workspace for the rows; after the tiles, the ring's own outputs in the compute dtype, e(q + k + v)
+    shapes = ((1, 1),) if world == 1 else ((1, 0.5), (0.5, 1))
+    cudnn = device_type == "cuda" and dtype != "fp32" and 64 <= model.head_dim <= 256
+    kernel = max(
+        max(e * (r * q + c * (k + v)) + (r * (8 * q + 4 * H) if cudnn else 0) for r, c in shapes),
+        e * (q + k + v),
+    )
+    working = {
+        "ffn": ffn,
+        "attention": {
+            **part,
+            "residual gradient and dout": (h + o) * e,
+            "ring's fp32 dQ, dK, dV": 4 * (q + k + v),
+            "lse gradient (zeros)": 4 * H,
+            ("kernel's dQ, dK, dV and cuDNN workspace" if cudnn else "kernel's dQ, dK, dV"): kernel,
+            **({"ring buffers in flight": ring} if ring else {}),
+        },
+    }
+    if tiled:
+        working["ffn input gradient"] = {**part, **second, "output, accumulated and tile gradients": 3 * h * e}
+    every_layer = attention_part + norm + (0 if tiled else ffn_saved)  # what an uncheckpointed layer keeps
+    return dict(
+        layer_input=h * e if modes.checkpoint_layers else 0,
+        attention_kept=attention_out if modes.checkpoint_layers and modes.save_attention else 0,
+        every_layer=0 if modes.checkpoint_layers else every_layer,
+        inputs=inputs,
+        working=working,
+        loss={"final norm": norm, "hidden gradient": h * e},
+        loss_input_gradient={"final norm": norm, "hidden gradient and a chunk's": 2 * h * e},
+        ffn_saved=ffn_saved,
+        ffn_grads=ffn_grads,
+    )
 
 
 @dataclass(frozen=True)
 class Ledger:
-    """One training step's memory per rank (`ringwise finetune` of ``model``), term by term."""
+    """One training step's memory per rank (`ringwise finetune` of ``model``), term by term, at each moment
+    (phase) of the step whose peak can be the step's (see `ledger`)."""
 
     model: ModelConfig
     dtype: str
     world: int
     modes: MemoryModes
-    stored_per_token: dict  # bytes per local token kept through the step (device)
-    phases_per_token: dict  # {phase: {term: bytes per local token}} of the working set
-    phase_constants: dict  # {phase: {term: bytes}} independent of the length
-    model_state: float  # bytes per rank: FSDP2 shards of fp32 weights, gradients, AdamW m and v
-    host_per_token: float  # bytes per local token in host memory (offloaded checkpoints)
+    stored_per_token: dict  # bytes per local token kept through the step (device), at the top layer's backward
+    phases_per_token: dict  # {phase: {term: bytes per local token on the device}}, kept terms included
+    phase_constants: dict  # {phase: {term: bytes}} independent of the length, model state included
+    model_state: float  # bytes per rank: FSDP2 shards of fp32 weights, gradients, AdamW m and v (16 a parameter)
+    host_per_token: float  # bytes per local token in host memory (offloaded checkpoints), before pinned rounding
+    host_constant: float = 0.0  # host bytes per rank of any length: the model state under --offload-params
+    host_terms: tuple = ()  # ((term, bytes), ...) of host_constant
 
     def phase_bytes(self, phase: str, tokens: float) -> float:
         """Device bytes at the peak of `phase` with `tokens` local tokens."""
-        per_token = sum(self.stored_per_token.values()) + sum(self.phases_per_token[phase].values())
-        return self.model_state + sum(self.phase_constants[phase].values()) + per_token * tokens
+        return sum(self.phase_constants[phase].values()) + sum(self.phases_per_token[phase].values()) * tokens
 
     def peak(self, tokens: float) -> tuple[float, str]:
         """(device bytes, the phase that peaks) at `tokens` local tokens."""
@@ -1079,76 +1159,184 @@ class Ledger:
         """Device bytes per local token: of `phase`, or of the phase with the most per token (the one
         that peaks at long contexts)."""
         phases = [phase] if phase else list(self.phases_per_token)
-        return max(sum(self.stored_per_token.values()) + sum(self.phases_per_token[p].values()) for p in phases)
+        return max(sum(self.phases_per_token[p].values()) for p in phases)
 
     def slope(self, short: int, long: int) -> float:
         """Bytes per token of the peak between two local lengths (what a two-length measurement sees)."""
         return (self.peak(long)[0] - self.peak(short)[0]) / (long - short)
 
+    def host_bytes(self, tokens: float) -> float:
+        """Host bytes per rank at `tokens` local tokens: the model state under --offload-params and every layer's
+        offloaded checkpoint, each a pinned tensor rounded up to a power of two."""
+        per_layer = self.host_per_token / self.model.n_layers
+        return self.host_constant + (self.model.n_layers * _pow2(tokens * per_layer) if per_layer else 0)
+
     def max_tokens_per_rank(self, device_bytes: float, host_bytes: float | None = None, ranks_per_host=1) -> int:
-        """Most local tokens whose peak fits `device_bytes` (and, offloading, whose checkpoints of
-        `ranks_per_host` ranks fit `host_bytes`), even (zigzag cuts a rank's share in two); 0 if none."""
-        fixed = max(self.phase_bytes(p, 0) for p in self.phases_per_token)
-        if fixed > device_bytes:
+        """Most local tokens whose peak fits `device_bytes` (and whose host memory, `ranks_per_host` ranks of
+        it, fits `host_bytes`), even (zigzag cuts a rank's share in two); 0 if none."""
+        if max(self.phase_bytes(p, 0) for p in self.phases_per_token) > device_bytes:
             return 0
-        n = min(int((device_bytes - self.phase_bytes(p, 0)) / (self.phase_bytes(p, 1) - self.phase_bytes(p, 0)))
-                for p in self.phases_per_token)  # fmt: skip
-        if host_bytes is not None and self.host_per_token:
-            n = min(n, int(host_bytes / (self.host_per_token * ranks_per_host)))
+        n = min(
+            int((device_bytes - self.phase_bytes(p, 0)) / (self.phase_bytes(p, 1) - self.phase_bytes(p, 0)))
+            for p in self.phases_per_token
+            if self.phase_bytes(p, 1) > self.phase_bytes(p, 0)
+        )
+        if host_bytes is not None and (self.host_constant or self.host_per_token):
+            fits = lambda m: self.host_bytes(m) * ranks_per_host <= host_bytes  # noqa: E731
+            if not fits(0):
+                return 0
+            if not fits(n):
+                lo, hi = 0, n  # fits(lo), not fits(hi)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+                n = lo
         return max(n - n % 2, 0)
 
 
-def ledger(model, world=1, dtype="bf16", modes=MemoryModes()) -> Ledger:
+def ledger(model, world=1, dtype="bf16", modes=MemoryModes(), device_type="cuda") -> Ledger:
     """The memory ledger of `ringwise finetune` on ``world`` ranks (one ring over them all).
 
-    Constants (bytes, not per token), from ringwise/train/mesh.py's shard_model and pretrained.py:
-    * model state: FSDP2 keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments,
-      16 bytes a parameter, in 1/world shards.
-    * gathered weights: FSDP2 gathers one decoder layer at a time in the compute dtype and prefetches
-      the next (2 layers); that layer's gradient exists in the compute dtype and in fp32 for the
-      reduce-scatter (e + 4 bytes a parameter). The root unit (embeddings, final norm, output matrix) is
-      gathered through the step (FSDP2 does not reshard the root after forward), and the output
-      matrix's gradient waits in the compute dtype until the root's reduce-scatter at the end.
+    Its phases are the moments of the step whose peak can be the step's: a loss chunk's backward (every layer's
+    checkpoint kept) and its input gradient; each layer moment of device_terms (ffn, ffn input gradient,
+    attention) at layers L-1, L-2, 1 and 0. Backward reaches the top layer first (every checkpoint kept, no
+    gradient shard yet) and layer 0 last (one checkpoint, the other layers' gradient shards); each layer done
+    frees a checkpoint and adds a gradient shard, the same bytes every layer, so between layers L-2 and 1 the
+    peak is at one end; the top layer holds no reduce-scatter input of a layer above, layer 0 prefetches no
+    layer below and, offloaded, has none below to fetch. Then the end of backward (the root unit's
+    reduce-scatter) and the optimizer step. Checked against allocations: benchmarks/plan_ledger.py (--census on
+    CPU; --device cuda, on an H200, within 64 MiB of four peaks, the bytes per token exact; BENCHMARKS.md).
+    Constants (bytes, not per token), from ringwise/train/mesh.py's shard_model, pretrained.py and torch's
+    FSDP2 (torch/distributed/fsdp/_fully_shard):
+
+    * model state: FSDP2 keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments (16 bytes a
+      parameter) in 1/world shards; the weights and moments are there through the step, a unit's gradient
+      shard from its reduce-scatter on (zero_grad(set_to_none=True) frees them after each step). The optimizer
+      step adds AdamW's temporary: on CUDA (`device_type`) the foreach implementation's, the size of all the
+      parameters (torch._foreach_sqrt of v); on a CPU, which runs AdamW a tensor at a time, the largest shard's.
+      --offload-params (FSDP2's CPUOffloadPolicy) keeps all of it in host memory: the device holds none, and
+      each unit's fp32 reduce-scatter output only until its copy to the host.
+    * gathered weights: FSDP2 gathers one decoder layer at a time in the compute dtype and, on more than
+      one rank, prefetches the next in backward (2 layers; one rank makes its unsharded weights from its
+      shard when the layer runs: 1); the layer's gradients exist in the compute dtype, and below the top
+      layer the layer above's fp32 reduce-scatter input is held until this layer's reduce-scatter. The root
+      unit (embeddings, final norm, output matrix) is gathered through the step (FSDP2 does not reshard the
+      root after forward), and the output matrix's gradient waits in the compute dtype until the root's
+      reduce-scatter at the end: its gradients in the compute dtype, its fp32 reduce-scatter input and, on one
+      rank, where FSDP2 copies the input divided by the gradient divide factor (ringwise sets 1.0) instead of
+      reducing it, that quotient as a temporary beside the input and the output.
     * loss: a chunk of LOSS_CHUNK tokens' logits through the vocabulary: fp32 log-probabilities kept,
       their gradient and the logits' gradient in backward (3 fp32 copies), plus the compute-dtype logits
       where that is not fp32.
     * tiled feed-forward: one tile's saved tensors and gradients (T tokens of the FFN per-token terms).
+
+    Host, per rank (pinned memory is what torch's CUDA host allocator gives: each allocation rounded up to a
+    power of two, unless PYTORCH_CUDA_ALLOC_CONF's pinned_max_round_threshold says otherwise):
+    * --offload-activations: each layer's input, one pinned tensor a layer (ringwise.checkpointing).
+    * --offload-params: each parameter's fp32 shard and its gradient, pinned (FSDP2 pins the shards; the
+      gradients arrive by non-blocking copies, which pin), AdamW's m and v (pageable, like the parameters they
+      are made from: zeros_like does not pin), and the CPU step's one temporary of the largest shard.
     """
     model = resolve_model(model)
     positive("world", world, integer=True)
-    t = device_terms(model, dtype, world, modes)
-    e = DTYPE_BYTES[dtype]
-    root = (1 if model.tied else 2) * model.vocab * model.hidden + model.hidden
-    weights = {
-        "gathered layers": 2 * model.layer_params * e + model.layer_params * (e + 4),
-        "root unit gathered": root * e,
-        "output matrix gradient": model.vocab * model.hidden * e,
-    }
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type {device_type!r}: 'cuda' or 'cpu'")
+    t = device_terms(model, dtype, world, modes, device_type)
+    e, W, L = DTYPE_BYTES[dtype], world, model.n_layers
+    P, root = model.layer_params, model.root_params
+    off = modes.offload_params
+    state = {} if off else {"fp32 weights and AdamW moments (shards)": model.n_params * 12 / W}
+    kept_root = {"root unit gathered": root * e, "output matrix gradient": model.vocab * model.hidden * e}
+
+    def kept(below: int | None) -> dict:
+        """Per-token bytes the layers keep while backward is at layer `below` (None: the loss, before any):
+        layers 0..below keep their checkpoints, the others are done."""
+        layers = L if below is None else below + 1
+        if not modes.checkpoint_layers:
+            return {"every layer's activations": layers * t["every_layer"]}
+        inputs = layers
+        if modes.offload_activations:  # on the device: the layer's input, fetched, and the one below, prefetched
+            inputs = 0 if below is None else min(OFFLOAD_IN_FLIGHT, layers)
+        out = {"layer checkpoints": inputs * t["layer_input"]}
+        if t["attention_kept"]:
+            out["kept attention outputs"] = layers * t["attention_kept"]
+        return {k: v for k, v in out.items() if v}
+
     tile = modes.tile(model)
-    constants = {
-        "ffn": {**weights, "ffn tile": tile * (t["ffn_saved"] + t["ffn_grads"])},
-        "attention": dict(weights),
-        "loss": {
-            "root unit gathered": root * e,
-            "gathered layers": model.layer_params * e,
-            "logits chunk": LOSS_CHUNK * model.vocab * (12 + (e if e != 4 else 0)),
-        },
+    ffn_tile = {"ffn tile": tile * (t["ffn_saved"] + t["ffn_grads"])} if tile else {}
+    per_token: dict[str, dict] = {}
+    constants: dict[str, dict] = {}
+    prefetched = {} if W == 1 else {"top layer, prefetched": P * e}
+    per_token["loss"] = {**kept(None), **t["inputs"], **t["loss"]}
+    constants["loss"] = {
+        **state,
+        **kept_root,
+        **prefetched,
+        "logits chunk": LOSS_CHUNK * model.vocab * (12 + (e if e != 4 else 0)),
     }
+    per_token["loss input gradient"] = {**kept(None), **t["inputs"], **t["loss_input_gradient"]}
+    constants["loss input gradient"] = {**state, **kept_root, **prefetched}
+    layer_params = model.n_params - root
+    for i in sorted({L - 1, max(L - 2, 0), min(1, L - 1), 0}, reverse=True):
+        fixed = {**state}
+        if not off and i < L - 1:
+            fixed["gradient shards of the layers above"] = layer_params * (L - 1 - i) / L * 4 / W
+        fixed.update(kept_root)
+        fixed["gathered layers"] = (2 if W > 1 and i > 0 else 1) * P * e  # this one and, on a ring, the next
+        fixed["layer gradients"] = P * e
+        if i < L - 1:
+            fixed["reduce-scatter input above"] = P * 4
+        for moment, terms in t["working"].items():
+            name = f"{moment}, layer {i}"
+            per_token[name] = {**kept(i), **t["inputs"], **terms}
+            constants[name] = {**fixed, **(ffn_tile if moment == "ffn" else {})}
+    per_token["end of backward"] = {"token ids, labels, positions": t["inputs"]["token ids, labels, positions"]}
+    constants["end of backward"] = {
+        **state,
+        **({} if off else {"gradient shards": model.n_params * 4 / W}),
+        "root reduce-scatter input": root * 4,
+        # one rank's "reduce-scatter" is a copy of the input divided by the divide factor: a temporary
+        **({"root gradients": root * e} if W > 1 else {"root reduce-scatter input, divided": root * 4}),
+        **({"root reduce-scatter output": root * 4 / W} if off else {}),
+    }
+    shards = [math.ceil(rows / W) * cols for rows, cols in model.weight_shapes()]
+    if not off:
+        per_token["optimizer step"] = {}
+        constants["optimizer step"] = {
+            "fp32 weights, gradients, AdamW moments (shards)": model.n_params * 16 / W,
+            "AdamW temporary": 4 * (sum(shards) if device_type == "cuda" else max(shards)),
+        }
+    host_terms: tuple = ()
+    if off:
+        pinned = sum(_pow2(n * 4) for n in shards)
+        host_terms = (
+            ("fp32 weight shards, pinned", pinned),
+            ("fp32 gradient shards, pinned", pinned),
+            ("AdamW m and v", 8 * sum(shards)),
+            ("CPU AdamW temporary", 4 * max(shards)),
+        )
+    stored = {**kept(L - 1), **t["inputs"]}
     return Ledger(
         model=model,
         dtype=dtype,
         world=world,
         modes=modes,
-        stored_per_token=t["stored"],
-        phases_per_token=t["phases"],
+        stored_per_token=stored,
+        phases_per_token=per_token,
         phase_constants=constants,
         model_state=model.n_params * 16 / world,
-        host_per_token=t["host"],
+        host_per_token=L * t["layer_input"] if modes.offload_activations else 0,
+        host_constant=sum(b for _, b in host_terms),
+        host_terms=host_terms,
     )
 
 
 def _gib(x: float) -> str:
     return f"{x / GIB:.2f} GiB"
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank{'s' if n != 1 else ''}"
 
 
 def _describe(model: ModelConfig) -> str:
@@ -1162,6 +1350,21 @@ def _describe(model: ModelConfig) -> str:
         f"{model.name} ({model.n_params / 1e9:.2f}B params; {model.n_layers} layers, hidden {model.hidden}, "
         f"{model.n_heads} heads / {model.n_kv_heads} kv of {model.head_dim}, ffn {model.intermediate}, vocab "
         f"{model.vocab}{', tied' if model.tied else ''}{moe})"
+    )
+
+
+def finetune_command(model_path: str, n_devices: int, ranks_per_host: int, tokens: int, dtype: str, modes) -> str:
+    """The `ringwise finetune` command line that trains at `tokens` global tokens with these memory modes."""
+    nodes = max(1, n_devices // ranks_per_host)
+    launch = (
+        f"torchrun --nproc-per-node {min(n_devices, ranks_per_host)}"
+        + (f" --nnodes {nodes}" if nodes > 1 else "")
+        + " -m ringwise.cli finetune"
+        if n_devices > 1
+        else "ringwise finetune"
+    )
+    return " ".join(
+        [launch, "--model", model_path, "--text DATA --seq-len", str(tokens), "--dtype", dtype, *modes.flags()]
     )
 
 
@@ -1190,77 +1393,100 @@ def ledger_report(
         f"inputs: {n_devices} x {device.name} ({_gib(device.memory_bytes)}, {_gib(reserve_bytes)} reserved for "
         f"the CUDA context and allocator: {_gib(usable)} usable), one ring over all {n_devices}; {dtype} compute; "
         f"{flags}; feed-forward {f'tiled by {tile} tokens' if tile else 'untiled'}"
-        f"{' (automatic: the hidden size)' if modes.ffn_tile is None and tile else ''}; host memory "
-        + (f"{host_bytes / 1e9:g} GB per {ranks_per_host} ranks" if host_bytes is not None else "not limited")
+        f"{' (automatic: the hidden size)' if modes.ffn_tile is None and tile else ''}; model state "
+        + ("in host memory" if modes.offload_params else "on the device")
+        + "; host memory "
+        + (f"{host_bytes / 1e9:g} GB per {_ranks(ranks_per_host)}" if host_bytes is not None else "not limited")
         + f"; loss chunks of {LOSS_CHUNK} tokens",
-        f"model state per rank: {_gib(led.model_state)} ({model.n_params / 1e9:.2f}B params x 16 bytes (fp32 "
-        f"weights, gradients, AdamW m and v) / {n_devices} FSDP2 shards)",
     ]
+    state = (
+        f"model state per rank: {_gib(led.model_state)} ({model.n_params / 1e9:.2f}B params x 16 bytes (fp32 "
+        f"weights, gradients, AdamW m and v) / {n_devices} FSDP2 shards)"
+    )
+    if modes.offload_params:
+        state += " in host memory (--offload-params; the optimizer step runs on the CPU): " + ", ".join(
+            f"{name} {_gib(b)}" for name, b in led.host_terms
+        )
+    else:
+        state += " on the device"
+    lines.append(state)
     phase = max(led.phases_per_token, key=lambda p: led.bytes_per_token(p))
     lines.append(
-        f"device bytes per local token: {led.bytes_per_token():,.0f} (the {phase} phase of a layer's backward, "
-        "the one that grows fastest):"
+        f"device bytes per local token: {led.bytes_per_token():,.0f} (the backward's {phase} moment, the one that "
+        "grows fastest):"
     )
-    for name, v in led.stored_per_token.items():
-        lines.append(f"  {name:<32}{v:>10,.0f}  kept through the step")
     for name, v in led.phases_per_token[phase].items():
-        lines.append(f"  {name:<32}{v:>10,.0f}  one layer's working set")
+        where = "kept through the step" if name in led.stored_per_token else "one layer's working set"
+        lines.append(f"  {name:<40}{v:>10,.0f}  {where}")
     others = ", ".join(f"{p} {led.bytes_per_token(p):,.0f}" for p in led.phases_per_token if p != phase)
-    lines.append(f"  (other phases' bytes per token: {others})")
+    lines.append(f"  (other moments' bytes per token: {others})")
     lines.append(
         f"host bytes per local token: {led.host_per_token:,.0f}"
-        + (" (every layer's checkpoint, offloaded)" if led.host_per_token else " (nothing offloaded)")
+        + (
+            " (every layer's checkpoint, offloaded: one pinned tensor a layer, rounded up to a power of two)"
+            if led.host_per_token
+            else " (nothing offloaded)"
+        )
     )
     n = led.max_tokens_per_rank(usable, host_bytes, ranks_per_host)
     if not n:
         need = max(led.phase_bytes(p, 0) for p in led.phases_per_token)
-        lines.append(
-            f"longest context: none fits: model state and constants need {_gib(need)} per device of "
-            f"{_gib(usable)} usable (more devices shard the model state further; ringwise keeps the optimizer "
-            "state on the device)"
-        )
+        if need <= usable:  # the device holds the constants: host memory does not
+            lines.append(
+                f"longest context: none fits: the host needs {led.host_constant * ranks_per_host / 1e9:,.0f} GB for "
+                f"the model state of {_ranks(ranks_per_host)}, of {host_bytes / 1e9:g} GB"
+            )
+        else:
+            lines.append(
+                f"longest context: none fits: model state and constants need {_gib(need)} per device of "
+                f"{_gib(usable)} usable (more devices shard the model state further; --offload-params keeps it in "
+                "host memory)"
+            )
         return "\n".join(lines)
     peak, at = led.peak(n)
     by_device = led.max_tokens_per_rank(usable)
-    limit = "host memory" if by_device > n + 1 else f"device memory ({at} phase)"
-    working = sum(led.phases_per_token[at].values()) * n + led.phase_constants[at].get("ffn tile", 0)
+    limit = "host memory" if by_device > n + 1 else f"device memory ({at} moment)"
     lines += [
-        f"one-layer working set at {n:,} local tokens: {_gib(working)} ({at} phase)",
+        f"one-layer working set at {n:,} local tokens ({at} moment): "
+        + _gib(
+            sum(v for name, v in led.phases_per_token[at].items() if name not in led.stored_per_token) * n
+            + led.phase_constants[at].get("ffn tile", 0)
+        ),
         "constants: " + ", ".join(f"{k} {_gib(v)}" for k, v in led.phase_constants[at].items()),
         f"longest context: {n * n_devices:,} tokens ({n:,} per rank; limited by {limit}); peak {_gib(peak)} per "
-        f"device" + (f", host {led.host_per_token * n * ranks_per_host / 1e9:,.0f} GB" if led.host_per_token else ""),
+        f"device"
+        + (
+            f", host {led.host_bytes(n) * ranks_per_host / 1e9:,.0f} GB per {_ranks(ranks_per_host)}"
+            if led.host_per_token or led.host_constant
+            else ""
+        ),
+        "reach it: " + finetune_command(model_path, n_devices, ranks_per_host, n * n_devices, dtype, modes),
     ]
-    nodes = max(1, n_devices // ranks_per_host)
-    launch = (
-        f"torchrun --nproc-per-node {min(n_devices, ranks_per_host)}"
-        + (f" --nnodes {nodes}" if nodes > 1 else "")
-        + " -m ringwise.cli finetune"
-        if n_devices > 1
-        else "ringwise finetune"
-    )
-    lines.append(
-        f"reach it: {launch} --model {model_path} --text DATA --seq-len {n * n_devices} --dtype {dtype} "
-        + " ".join(modes.flags())
-    )
     return "\n".join(lines)
 
 
+MODES_COMPARED = (
+    MemoryModes(ffn_tile=0),
+    MemoryModes(checkpoint_layers=True, ffn_tile=0),
+    MemoryModes(checkpoint_layers=True),
+    MemoryModes(checkpoint_layers=True, save_attention=True),
+    MemoryModes(checkpoint_layers=True, offload_activations=True),
+    MemoryModes(checkpoint_layers=True, save_attention=True, offload_activations=True),
+    MemoryModes(checkpoint_layers=True, offload_params=True),
+    MemoryModes(checkpoint_layers=True, offload_activations=True, offload_params=True),
+    MemoryModes(checkpoint_layers=True, save_attention=True, offload_activations=True, offload_params=True),
+)
+
+
 def modes_table(model, device, n_devices, dtype="bf16", host_bytes=None, ranks_per_host=None, reserve_bytes=2 * GIB):
-    """The longest context under each memory mode, one line each."""
+    """The longest context under each memory mode (MODES_COMPARED), one line each."""
     model, device = resolve_model(model), get_device(device)
     ranks_per_host = min(n_devices, 8) if ranks_per_host is None else ranks_per_host
     usable = device.memory_bytes - reserve_bytes
     lines = ["longest context by memory mode (same inputs):"]
-    for modes in (
-        MemoryModes(ffn_tile=0),
-        MemoryModes(checkpoint_layers=True, ffn_tile=0),
-        MemoryModes(checkpoint_layers=True),
-        MemoryModes(checkpoint_layers=True, save_attention=True),
-        MemoryModes(checkpoint_layers=True, offload_activations=True),
-        MemoryModes(checkpoint_layers=True, save_attention=True, offload_activations=True),
-    ):
+    for modes in MODES_COMPARED:
         led = ledger(model, n_devices, dtype, modes)
         n = led.max_tokens_per_rank(usable, host_bytes, ranks_per_host)
         label = " ".join(modes.flags()) or "(none)"
-        lines.append(f"  {label:<62}{n * n_devices:>14,} tokens  {led.bytes_per_token():>9,.0f} B/token")
+        lines.append(f"  {label:<78}{n * n_devices:>14,} tokens  {led.bytes_per_token():>9,.0f} B/token")
     return "\n".join(lines)

@@ -358,61 +358,242 @@ def test_ledger_reads_a_config_json(tmp_path):
 
 
 def test_llama31_8b_on_8_h100_with_offload():
-    """8 x H100, 2 TB of host memory, bf16, offloaded checkpoints: the longest context is where the peak
-    phase fills the usable memory, the host holds every layer's input, and no term is unaccounted."""
+    """8 x H100, 2 TB of host memory, bf16, offloaded checkpoints and model state: issue 29's 4M tokens, the
+    device bounding it. Offloading only the checkpoints gives 3.25M: the model state's 12 GB per rank stays."""
     m = plan.model_config(LLAMA31_8B, "llama-3.1-8b")
-    led = plan.ledger(m, 8, "bf16", OFFLOAD)
+    led = plan.ledger(m, 8, "bf16", OFFLOAD_ALL)
     n = led.max_tokens_per_rank(H100_USABLE, 2e12, 8)
     print(f"\nLlama-3.1-8B on 8 x H100, offload: {n * 8:,} tokens ({led.bytes_per_token():,.0f} B/token on device)")
-    assert led.peak(n)[0] <= H100_USABLE < led.peak(n + 2)[0]
-    assert n * 8 * led.host_per_token <= 2e12
-    assert led.host_per_token == 32 * 4096 * 2 and led.stored_per_token == {"layer checkpoints": 2 * 4096 * 2}
-    assert led.model_state == m.n_params * 16 / 8
     assert n * 8 >= 4_000_000  # issue 29's target (ALST measured 3.7M here, with a fused RMSNorm and Liger kernels)
+    assert led.peak(n)[0] <= H100_USABLE < led.peak(n + 2)[0] and led.host_bytes(n) * 8 <= 2e12
+    assert n == led.max_tokens_per_rank(H100_USABLE)  # the device bounds it, not the host
+    assert led.host_per_token == 32 * 4096 * 2 and led.host_bytes(n) == led.host_constant + 32 * 2**32
+    assert led.stored_per_token == {
+        "layer checkpoints": 2 * 4096 * 2,  # offloaded: the layer in use and the one below, prefetched
+        "rotary cos and sin": 2 * 128 * 2,
+        "token ids, labels, positions": 24,
+    }
+    assert led.model_state == m.n_params * 16 / 8
+    checkpoints_only = plan.ledger(m, 8, "bf16", OFFLOAD).max_tokens_per_rank(H100_USABLE, 2e12, 8)
+    assert 3_000_000 < checkpoints_only * 8 < 4_000_000
     # offloading is what makes it long: on the device, the checkpoints would bound it first
     kept = plan.ledger(m, 8, "bf16", plan.MemoryModes(checkpoint_layers=True))
     assert kept.max_tokens_per_rank(H100_USABLE) < n / 2
+    # with 1 TB of host memory the host bounds it: each checkpoint is one pinned tensor a layer, rounded up to a
+    # power of two by the pinned allocator: 2^31 bytes, not 2^32, once the model state is there
+    assert led.max_tokens_per_rank(H100_USABLE, 1e12, 8) == 2**31 // (4096 * 2)
 
 
-def test_llama31_8b_does_not_fit_one_h100():
-    """Model state alone (fp32 weights, gradients, AdamW moments: 16 bytes a parameter) exceeds one H100:
-    the plan says so, naming the bytes."""
+OFFLOAD_ALL = plan.MemoryModes(checkpoint_layers=True, offload_activations=True, offload_params=True)
+
+
+def test_llama31_8b_does_not_fit_one_h100_without_offload_params():
+    """Model state alone (fp32 weights, gradients, AdamW moments: 16 bytes a parameter, and AdamW's temporary in
+    the step) exceeds one H100: the plan says so, naming the bytes and --offload-params."""
     m = plan.model_config(LLAMA31_8B, "llama-3.1-8b")
     assert plan.ledger(m, 1, "bf16", OFFLOAD).max_tokens_per_rank(H100_USABLE, 2e12, 1) == 0
     text = plan.ledger_report(m, "h100", 1, "bf16", OFFLOAD, 2e12, 1)
-    assert "none fits" in text and "119.66 GiB" in text
+    assert "none fits" in text and "119.66 GiB" in text and "--offload-params" in text
+
+
+def test_offload_params_moves_the_model_state_to_the_host():
+    """--offload-params: each moment's device bytes fall by the model state there (the weights and AdamW
+    moments, the gradient shards made so far), nothing per token changes, the optimizer step leaves the device;
+    the host holds the state, its pinned tensors rounded up to powers of two."""
+    m = plan.model_config(LLAMA31_8B, "llama-3.1-8b")
+    for world in (1, 8):
+        on, off = (plan.ledger(m, world, "bf16", modes) for modes in (OFFLOAD, OFFLOAD_ALL))
+        assert on.phases_per_token.keys() - off.phases_per_token.keys() == {"optimizer step"}
+        state = m.n_params * 12 / world
+        for phase, terms in off.phases_per_token.items():
+            assert terms == on.phases_per_token[phase]
+            fell = sum(on.phase_constants[phase].values()) - sum(off.phase_constants[phase].values())
+            if phase == "end of backward":  # every gradient shard, less the root's output on its way to the host
+                assert fell == state + m.n_params * 4 / world - m.root_params * 4 / world
+            elif "layer" in phase:  # the gradient shards of the layers backward has done
+                above = 31 - int(phase.rsplit(" ", 1)[1])
+                assert fell == pytest.approx(state + (m.n_params - m.root_params) * above / 32 * 4 / world), phase
+            else:
+                assert fell == state, phase
+        assert on.host_constant == 0 and off.model_state == on.model_state == m.n_params * 16 / world
+        shards = [-(-rows // world) * cols for rows, cols in m.weight_shapes()]
+        assert sum(shards) * world >= m.n_params
+        assert off.host_constant == 2 * sum(plan._pow2(4 * n) for n in shards) + 8 * sum(shards) + 4 * max(shards)
+        assert m.n_params * 16 / world < off.host_constant < m.n_params * 16 / world * 1.2
+        assert off.host_bytes(1000) == off.host_constant + 32 * plan._pow2(1000 * 4096 * 2)
+    text = plan.ledger_report(m, "h100", 1, "bf16", OFFLOAD_ALL, host_bytes=100e9, ranks_per_host=1)
+    assert "none fits: the host needs 137 GB for the model state of 1 rank, of 100 GB" in text
+    # one rank's shards are the whole tensors: q, o 64 MiB, k, v 16 MiB, the SwiGLU's 224 MiB -> 256 MiB pinned,
+    # the norms 16 KiB, the embeddings and output matrix 1.96 GiB -> 2 GiB
+    one = plan.ledger(m, 1, "bf16", OFFLOAD_ALL)
+    layer = (64 + 16 + 16 + 64 + 3 * 256) * 2**20 + 2 * 2**14
+    assert dict(one.host_terms)["fp32 weight shards, pinned"] == 32 * layer + 2 * 2**31 + 2**14
+
+
+def test_llama31_8b_on_one_h100_with_offload_params():
+    """Issue 29's one-GPU target: Llama-3.1-8B on one H100-80GB with 2 TB of host memory, bf16, checkpoint layers,
+    offload activations and parameters, tiled feed-forward: at least 500K tokens, the device bounding it (the
+    attention backward of the top layer), the host holding the model state and every checkpoint."""
+    m = plan.resolve_model("llama-3.1-8b")  # the planner's preset: the same config
+    assert m == plan.model_config(LLAMA31_8B, "Llama-3.1-8B")
+    led = plan.ledger(m, 1, "bf16", OFFLOAD_ALL)
+    n = led.max_tokens_per_rank(H100_USABLE, 2e12, 1)
+    print(f"\nLlama-3.1-8B on 1 x H100, offload activations and params: {n:,} tokens")
+    assert n >= 500_000
+    # the second layer backward reaches: the top layer's reduce-scatter input is still held
+    assert led.peak(n)[0] <= H100_USABLE < led.peak(n + 2)[0] and led.peak(n)[1] == "attention, layer 30"
+    assert led.host_bytes(n) <= 2e12 and n == led.max_tokens_per_rank(H100_USABLE)
+    # what bounds it, per token: two layers' inputs (offloaded), the layer's saved activations and the ring's
+    # backward with cuDNN's workspace at one rank; no model state on the device
+    assert led.bytes_per_token() == 131_992 and "fp32 weights and AdamW moments (shards)" not in str(
+        led.phase_constants
+    )
+    attention = led.phases_per_token["attention, layer 30"]
+    assert attention["kernel's dQ, dK, dV and cuDNN workspace"] == 2 * (4096 + 2 * 1024) + 8 * 4096 + 4 * 32
+
+
+def test_ledger_matches_the_h200_measurement():
+    """BENCHMARKS.md, on an H200: Llama-3.1-8B's widths with 4 layers (random weights), one rank, bf16,
+    checkpoint layers, tiled feed-forward, with and without offloading activations and parameters; one step's
+    max_memory_allocated per length (benchmarks/plan_ledger.py --device cuda). The ledger's peaks are within the
+    64 MiB that the run held besides the model state (buffers), its bytes per token the measured ones."""
+    m = plan.model_config(dict(LLAMA31_8B, num_hidden_layers=4), "4 layers")
+    measured = {32768: 12088.8, 65536: 12935.6, 131072: 21185.1, 196608: 29434.6}  # MiB
+    led = plan.ledger(m, 1, "bf16", OFFLOAD_ALL)
+    for n, mib in measured.items():
+        assert 0 <= mib - led.peak(n)[0] / 2**20 <= 65, n
+    assert [led.peak(n)[1] for n in measured] == ["end of backward"] + ["attention, layer 2"] * 3
+    measured_slope = (measured[196608] - measured[131072]) * 2**20 / 65536  # 131,992 B/token
+    assert led.slope(131072, 196608) == pytest.approx(measured_slope, abs=2)
+    # without offload: the root's reduce-scatter at the end of backward peaks (one rank's copy divided by the
+    # divide factor beside its input), 37,425.3 MiB measured at both lengths
+    plain = plan.ledger(m, 1, "bf16", plan.MemoryModes(checkpoint_layers=True))
+    assert [plain.peak(n)[1] for n in (32768, 65536)] == ["end of backward"] * 2
+    assert 0 <= 37425.3 - plain.peak(65536)[0] / 2**20 <= 65
+    # longer, the attention backward of layer 2 peaks: 3 layers' checkpoints kept, the gradient shard of layer 3
+    # and its reduce-scatter input beside the weights and moments (22,072 MiB allocated before the step)
+    longer = {131072: 45049.5, 196608: 53812.5}
+    for n, mib in longer.items():
+        assert plain.peak(n)[1] == "attention, layer 2" and 0 <= mib - plain.peak(n)[0] / 2**20 <= 65, n
+    assert plain.slope(131072, 196608) == pytest.approx((longer[196608] - longer[131072]) * 2**20 / 65536, abs=40)
+
+
+def test_printed_command_parses_with_finetune(capsys):
+    """The `ringwise finetune` command the plan prints takes finetune's own parser, with the chosen modes."""
+    from ringwise.train.config import add_finetune_arguments
+
+    finetune = argparse.ArgumentParser()
+    add_finetune_arguments(finetune)
+    for devices in ("1", "8"):
+        argv = ("--model", "llama-3.1-8b", "--hardware", "h100", "--devices", devices, "--host-memory-gb", "2000")
+        assert plan_command.main(_args(*argv, "--checkpoint-layers", "--offload-activations", "--offload-params")) == 0
+        out = capsys.readouterr().out
+        assert "model state in host memory" in out and "AdamW m and v" in out
+        reach = next(line for line in out.splitlines() if line.startswith("reach it:")).split()
+        assert reach[2] == ("ringwise" if devices == "1" else "torchrun")
+        ns = finetune.parse_args(reach[reach.index("finetune") + 1 :])
+        assert ns.offload_params and ns.offload_activations and ns.checkpoint_layers and ns.dtype == "bf16"
+        longest = next(line for line in out.splitlines() if line.startswith("longest context:"))
+        assert ns.seq_len == int(longest.split()[2].replace(",", "")) >= (500_000 if devices == "1" else 4_000_000)
+        table = out[out.index("longest context by memory mode") :]
+        assert "--checkpoint-layers --offload-activations --offload-params " in table  # among the compared modes
+    plain = plan.MemoryModes(checkpoint_layers=True)
+    assert "--offload-params" not in plan.finetune_command("PATH", 1, 1, 4096, "bf16", plain)
+    assert plan.MemoryModes(checkpoint_layers=True, offload_params=True) in plan.MODES_COMPARED
 
 
 def test_ledger_terms_follow_the_modes():
     m = plan.model_config(LLAMA31_8B)
-    h, e = 4096, 2
+    h, e, L = 4096, 2, 32
+    inputs = {"rotary cos and sin": 2 * 128 * e, "token ids, labels, positions": 24}
     base = plan.ledger(m, 8, "bf16", plan.MemoryModes(checkpoint_layers=True))
-    assert base.stored_per_token == {"layer checkpoints": 32 * h * e}
+    assert base.stored_per_token == {"layer checkpoints": L * h * e, **inputs}
+    # the top layer keeps every checkpoint, layer 0 one: its backward comes after every other layer's freed theirs
+    assert {p.split(", ")[-1] for p in base.phases_per_token if "layer" in p} == {f"layer {i}" for i in (31, 30, 1, 0)}
+    for i in (31, 30, 1, 0):
+        assert base.phases_per_token[f"ffn, layer {i}"]["layer checkpoints"] == (i + 1) * h * e
+    assert base.phases_per_token["loss"]["layer checkpoints"] == L * h * e
     saved = plan.ledger(m, 8, "bf16", plan.MemoryModes(checkpoint_layers=True, save_attention=True))
-    assert saved.stored_per_token["layer checkpoints"] == 32 * (h * e + 4096 * e + 32 * 4)
+    assert saved.stored_per_token["kept attention outputs"] == L * (4096 * e + 32 * 4)
+    part = [led.phases_per_token["attention, layer 31"]["attention part"] for led in (base, saved)]
+    assert part[0] - part[1] == 4096 * e + 32 * 4  # the kept attention output and lse are counted once
+    both = plan.ledger(
+        m, 8, "bf16", plan.MemoryModes(checkpoint_layers=True, save_attention=True, offload_activations=True)
+    )
+    assert both.stored_per_token["kept attention outputs"] == L * (4096 * e + 32 * 4)  # they stay on the device
+    assert both.stored_per_token["layer checkpoints"] == 2 * h * e and both.host_per_token == L * h * e
     untiled = plan.ledger(m, 8, "bf16", plan.MemoryModes(checkpoint_layers=True, ffn_tile=0))
-    ffn = untiled.phases_per_token["ffn"]
+    ffn = untiled.phases_per_token["ffn, layer 31"]
     assert ffn["ffn saved"] == 4 * 14336 * e and ffn["ffn gradients"] == 2 * 14336 * e
-    assert base.phases_per_token["ffn"]["ffn saved"] == 0
-    assert base.phase_constants["ffn"]["ffn tile"] == 4096 * 6 * 14336 * e  # automatic tile: the hidden size
+    assert ffn["layer output gradient"] == h * e and "ffn input gradient, layer 31" not in untiled.phases_per_token
+    tiled = base.phases_per_token["ffn, layer 31"]
+    assert "ffn saved" not in tiled and tiled["second norm output's gradient"] == h * e
+    assert base.phases_per_token["ffn input gradient, layer 31"]["output, accumulated and tile gradients"] == 3 * h * e
+    assert base.phase_constants["ffn, layer 31"]["ffn tile"] == 4096 * 6 * 14336 * e  # automatic tile: the hidden size
+    assert "ffn tile" not in base.phase_constants["ffn input gradient, layer 31"]
     assert untiled.bytes_per_token() > base.bytes_per_token()
     # the norms, tiled with the feed-forward: each keeps its output, and its input where no checkpoint holds it;
     # untiled, transformers' RMSNorm keeps its float32 input copy, its normalised output and its output
-    assert untiled.phases_per_token["ffn"]["second norm"] == 4 * h + 2 * h * e + 4
+    assert ffn["second norm"] == 4 * h + 2 * h * e + 4
     assert untiled.phases_per_token["loss"]["final norm"] == 4 * h + 2 * h * e + 4
-    assert base.phases_per_token["ffn"]["second norm"] == 2 * h * e
-    assert base.phases_per_token["loss"]["final norm"] == 2 * h * e
-    part = [led.phases_per_token["attention"]["attention part"] for led in (untiled, base)]
-    first_norm = part[0] - part[1]
-    assert first_norm == (4 * h + 2 * h * e + 4) - h * e  # the layer input is the layer's checkpoint: not counted
+    assert tiled["second norm"] == 2 * h * e and base.phases_per_token["loss"]["final norm"] == 2 * h * e
+    part = [led.phases_per_token["attention, layer 31"]["attention part"] for led in (untiled, base)]
+    assert part[0] - part[1] == (4 * h + 2 * h * e + 4) - h * e  # the layer input is the layer's checkpoint
     fp32_untiled = plan.ledger(m, 8, "fp32", plan.MemoryModes(checkpoint_layers=True, ffn_tile=0))
-    assert fp32_untiled.phases_per_token["ffn"]["second norm"] == 12 * h + 4  # in fp32 x32 is the residual itself
+    assert fp32_untiled.phases_per_token["ffn, layer 31"]["second norm"] == 12 * h + 4  # fp32: x32 is the residual
+    # the attention backward: the ring's fp32 accumulators, the compute-dtype gradients with the kernel's row sums;
+    # on a ring, the visiting K, V (double buffered) and the travelling dK/dV, in flight and being received
+    attention = base.phases_per_token["attention, layer 31"]
+    q, kv = 4096, 1024
+    assert attention["ring's fp32 dQ, dK, dV"] == 4 * (q + 2 * kv) and attention["lse gradient (zeros)"] == 4 * 32
+    # zigzag's largest tile: all the rows and half the columns; cuDNN's workspace for its rows (on CUDA)
+    assert attention["kernel's dQ, dK, dV and cuDNN workspace"] == e * (q + kv) + 8 * q + 4 * 32
+    assert attention["ring buffers in flight"] == 2 * 2 * kv * e + 2 * 4 * 2 * kv
+    on_cpu = plan.ledger(m, 8, "bf16", plan.MemoryModes(checkpoint_layers=True), device_type="cpu")
+    assert on_cpu.phases_per_token["attention, layer 31"]["kernel's dQ, dK, dV"] == e * (q + 2 * kv)  # the outputs
     one = plan.ledger(m, 1, "bf16", plan.MemoryModes(checkpoint_layers=True))
-    assert one.phases_per_token["attention"]["ring buffers in flight"] == 0
+    assert "ring buffers in flight" not in one.phases_per_token["attention, layer 31"]
     none = plan.ledger(m, 8, "bf16", plan.MemoryModes())
     assert none.bytes_per_token() > 10 * base.bytes_per_token() / 3
+    every = [none.phases_per_token[f"ffn, layer {i}"]["every layer's activations"] for i in (0, 31)]
+    assert every[0] * L == every[1]
     fp32 = plan.ledger(m, 8, "fp32", plan.MemoryModes(checkpoint_layers=True))
     assert fp32.stored_per_token["layer checkpoints"] == 2 * base.stored_per_token["layer checkpoints"]
+    # constants: below the top layer the gradient shards of the layers done and the reduce-scatter input above
+    top, bottom = base.phase_constants["ffn, layer 31"], base.phase_constants["ffn, layer 0"]
+    assert bottom["gradient shards of the layers above"] == pytest.approx(31 * m.layer_params * 4 / 8)
+    assert bottom["reduce-scatter input above"] == m.layer_params * 4 and "reduce-scatter input above" not in top
+    assert top["gathered layers"] == 2 * m.layer_params * e and bottom["gathered layers"] == m.layer_params * e
+    # one rank makes its unsharded weights as the layer runs: no prefetch
+    assert one.phase_constants["ffn, layer 31"]["gathered layers"] == m.layer_params * e
+    step = base.phase_constants["optimizer step"]
+    assert sum(step.values()) == m.n_params * 20 / 8  # AdamW's foreach temporary on CUDA
+    cpu = plan.ledger(m, 8, "bf16", plan.MemoryModes(checkpoint_layers=True), device_type="cpu")
+    assert cpu.phase_constants["optimizer step"]["AdamW temporary"] == 4 * 128256 * 4096 / 8  # the largest shard
+
+
+def test_ledger_slope_names_the_census_of_the_wide_mlp_model():
+    """The wide-MLP Llama of BENCHMARKS.md (hidden 512, intermediate 8192, 4 layers, fp32, one rank): at 2,048 and
+    4,096 tokens its peak is a feed-forward tile's backward in layer 0 (the gradient shards of the 3 layers above
+    outweigh their checkpoints), and its bytes per token are the tensors a census of the live allocations there
+    found (benchmarks/plan_ledger.py --census): 21,078 B/token measured that way, the resident set 21,760."""
+    cfg = dict(LLAMA31_8B, num_hidden_layers=4, hidden_size=512, intermediate_size=8192, num_attention_heads=8,
+               num_key_value_heads=8, head_dim=64, vocab_size=259)  # fmt: skip
+    m, h = plan.model_config(cfg, "wide-mlp"), 512
+    tiled = plan.ledger(m, 1, "fp32", plan.MemoryModes(checkpoint_layers=True), device_type="cpu")
+    assert [tiled.peak(n)[1] for n in (2048, 4096)] == ["ffn, layer 0", "ffn, layer 0"]
+    # layer 0's input, the first norm's output, q, k, v, the attention output (+ lse), the residual after
+    # attention, the second norm's output, the layer's output gradient, the accumulated input gradient: 10 x h
+    named = 10 * h * 4 + 8 * 4 + 2 * 64 * 4 + 24
+    assert tiled.slope(2048, 4096) == named == 21_048
+    untiled = plan.ledger(m, 1, "fp32", plan.MemoryModes(checkpoint_layers=True, ffn_tile=0), device_type="cpu")
+    assert untiled.slope(2048, 4096) == 219_712  # the census found 219,712 (the SwiGLU's 6 x 8192 x 4 bytes)
+
+
+def test_weight_shapes_add_up():
+    m = plan.model_config(LLAMA31_8B)
+    assert sum(r * c for r, c in m.weight_shapes()) == m.n_params
+    assert plan._pow2(0) == 0 and plan._pow2(1) == 1 and plan._pow2(2**20 + 1) == 2**21 and plan._pow2(2**20) == 2**20
 
 
 def test_ledger_moe_config():
@@ -436,7 +617,7 @@ def test_ledger_moe_config():
     assert (m.experts, m.experts_per_token, m.expert_intermediate, m.moe_layers) == (128, 8, 768, 48)
     assert m.n_params / 1e9 == pytest.approx(30.5, rel=0.02)
     untiled = plan.ledger(m, 8, "bf16", plan.MemoryModes(checkpoint_layers=True, ffn_tile=0))
-    assert untiled.phases_per_token["ffn"]["ffn saved"] == 8 * (4 * 768 + 2 * 2048) * 2 + 2 * 128 * 2
+    assert untiled.phases_per_token["ffn, layer 47"]["ffn saved"] == 8 * (4 * 768 + 2 * 2048) * 2 + 2 * 128 * 2
     # DeepSeek-style: first layers dense, shared experts, MLA attention
     ds = dict(
         num_hidden_layers=61,
@@ -459,6 +640,9 @@ def test_ledger_moe_config():
     v3 = plan.model_config(ds, "deepseek-v3")
     assert v3.moe_layers == 58 and v3.shared_intermediate == 2048 and (v3.head_dim, v3.v_dim) == (192, 128)
     assert v3.n_params / 1e9 == pytest.approx(671, rel=0.02)
+    assert v3.rope_dim == 64 and plan.ledger(v3, 8).phases_per_token["loss"]["rotary cos and sin"] == 2 * 64 * 2
+    for config in (m, v3):  # FSDP2's rows of every parameter: they add up to the parameter count
+        assert sum(r * c for r, c in config.weight_shapes()) == config.n_params
 
 
 def test_ledger_vlm_text_config(tmp_path):

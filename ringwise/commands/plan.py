@@ -29,6 +29,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--save-attention", action="store_true", help="plan with finetune's --save-attention")
     parser.add_argument("--offload-activations", action="store_true", help="plan with finetune's --offload-activations")
     parser.add_argument(
+        "--offload-params",
+        action="store_true",
+        help="plan with finetune's --offload-params (the model state in host memory, the optimizer step on the CPU)",
+    )
+    parser.add_argument(
         "--ffn-tile",
         type=int,
         default=None,
@@ -40,7 +45,8 @@ def add_arguments(parser) -> None:
         metavar="GB",
         type=float,
         default=None,
-        help="host memory per node, GB (bounds offloaded checkpoints; default: not limited)",
+        help="host memory per node, GB (bounds offloaded checkpoints and the offloaded model state; default: not "
+        "limited)",
     )
     parser.add_argument(
         "--reserve-gb",
@@ -164,7 +170,9 @@ def _mode_values(args) -> tuple:
 
 
 def _modes(args) -> plan.MemoryModes:
-    return plan.MemoryModes(*_mode_values(args))
+    checkpoint_layers, save_attention, offload_activations, ffn_tile = _mode_values(args)
+    offload_params = getattr(args, "offload_params", False)
+    return plan.MemoryModes(checkpoint_layers, save_attention, offload_activations, ffn_tile, offload_params)
 
 
 def run(args) -> None:
