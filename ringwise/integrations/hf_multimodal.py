@@ -31,6 +31,7 @@ ring's forward and the features would not match the shard's tokens) are refused 
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any
 
@@ -91,6 +92,16 @@ def implementation_problems(model) -> list[str] | None:
             f"its language model's attention implementations are {sorted(ring)}, not only '{NAME}'; load it with "
             f"attn_implementation={{'text_config': '{NAME}', 'vision_config': '{TOWER_IMPLEMENTATION}'}} after "
             "use_ring() (rw.from_config / rw.from_pretrained do)"
+        )
+    try:
+        takes_outputs = "mm_encoder_outputs" in inspect.signature(inner_model(model).forward).parameters
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
+        takes_outputs = True  # said above
+    if not takes_outputs:
+        problems.append(
+            f"this transformers' {type(model).__name__} takes no precomputed vision features (mm_encoder_outputs, "
+            "transformers 5.25), through which rw.shard_multimodal_batch hands each rank its own tokens' features"
         )
     on_ring = sorted(t for t, impl in towers.items() if impl == NAME)
     if on_ring:

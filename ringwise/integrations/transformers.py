@@ -29,6 +29,9 @@ process); models configured with neither use use_ring's. Works under torch.compi
 (fullgraph): the checks that read tensor values run inside the op. No private transformers
 function is patched.
 Packed documents: pass the global boundaries as `ringwise_cu_seqlens` (`shard_batch` does).
+Vision-language models with multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), GLM-4V, GLM-4.5V:
+hf_multimodal.py): `shard_multimodal_batch` runs the vision tower (replicated, never on ringwise) and the
+model's M-RoPE positions on the global sequence and hands each rank its share; no other positions are taken.
 Feed-forward tiling (hf_tiling.py): from_config / from_pretrained run every decoder layer's
 MLP or MoE block over tiles of tokens, each recomputed in backward, in forwards that build a
 graph (training), so no (local tokens x intermediate) tensor exists whole; exact (router
