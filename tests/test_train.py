@@ -716,6 +716,8 @@ def test_offload_params_on_a_gpu_moves_the_model_state_to_the_host(tmp_path):
     plain, offloaded = got["false"], got["true"]
     n = plain["params"]
     assert plain["devices"] == ["cuda"] and offloaded["devices"] == ["cpu"]
-    assert plain["held"] >= 12 * n and offloaded["held"] < 3 * n, (plain["held"], offloaded["held"], n)
+    # what the run keeps besides the state (cuBLAS's workspaces: 64 MiB on an H200) is the same in both runs:
+    # the offloaded run holds at least the weights' and moments' 12 bytes per parameter less, less 3 of slack
+    assert plain["held"] - offloaded["held"] >= 9 * n, (plain["held"], offloaded["held"], n)
     assert abs(offloaded["loss"] - plain["loss"]) <= 1e-6 * abs(plain["loss"])
     assert got["param_diff"] <= 1e-6
