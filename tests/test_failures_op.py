@@ -44,7 +44,7 @@ PROBLEMS = [  # (the bad rank's arguments, options added to them, what every ran
     (good_args, dict(backend="nope"), "backend='nope' is unknown"),
     (good_args, dict(softmax_scale="0.1"), "softmax_scale must be a real number"),
     (good_args, dict(window=-1), "window must be an int >= 0"),
-    (good_args, dict(window=2, causal=False), "window needs causal=True"),
+    (good_args, dict(window=2, causal=False), "window=2 on full attention needs its reach after the query too"),
     (good_args, dict(sinks=torch.zeros(3)), "sinks must be a 1-D tensor of one logit per query head \\(2\\)"),
     (good_args, dict(softcap=0.0), "softcap must be a finite number > 0"),
     (good_args, dict(softcap=5.0, backend="aten_cpu"), "softcap is computed by the reference kernel only"),
