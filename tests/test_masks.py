@@ -7,22 +7,19 @@ import itertools
 
 import pytest
 import torch
+from helpers import case_id as ring_case_id
 from helpers import (
-    DTYPES,
     case_mask,
     check_against_reference,
     count_comms,
     expected_hops,
     feature_id,
-    make_inputs,
-    make_sinks,
     max_err,
-    options,
     packed,
     schedule_from_mask,
     visible_mask,
 )
-from helpers import case_id as ring_case_id
+from test_window import ring_run  # forward + backward of a rank's shard, sinks included, hops counted
 
 import ringwise
 from ringwise.attention import tiles
@@ -135,21 +132,6 @@ def test_masked_cpu_kernel_matches_reference_with_blind_rows():
 
 
 # ---------------------------------------------------------------- real rings against float64
-
-
-def ring_run(case):
-    """On each rank: forward + backward of this rank's shard; local results and hop counts."""
-    q, k, v, dout = make_inputs(case)
-    dt, layout = DTYPES[case["dtype"]], case["layout"]
-    ql, kl, vl = (ringwise.shard(x.to(dt), 1, layout).requires_grad_() for x in (q, k, v))
-    sinks = make_sinks(case)
-    sinks = None if sinks is None else sinks.float().requires_grad_()
-    with count_comms() as fwd:
-        out, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, return_lse=True, sinks=sinks, **options(case))
-    with count_comms() as bwd:
-        out.backward(ringwise.shard(dout.to(dt), 1, layout))
-    got = dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad, fwd=dict(fwd.hops), bwd=dict(bwd.hops))
-    return got | ({} if sinks is None else dict(dsinks=sinks.grad))
 
 
 S = 48

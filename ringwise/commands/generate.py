@@ -245,7 +245,7 @@ def worker(args, file: str) -> dict | None:
         prompts=sum(j["ids"].shape[0] for j in jobs),
         new_tokens=total,
         time_to_first_token_s=statistics.median(ttft),
-        per_token_latency_s=dict(p50=_quantile(latencies, 0.5), p90=_quantile(latencies, 0.9)),
+        per_token_latency_s=dict(p50=quantile(latencies, 0.5), p90=quantile(latencies, 0.9)),
         tokens_per_s=total / (sum(ttft) + sum(latencies)),
         kv_bytes_per_rank=kv_all,
         decode_collectives_per_token=max(comms) if comms else None,
@@ -256,18 +256,33 @@ def worker(args, file: str) -> dict | None:
             hits += (got == j["answers"]).all(1).tolist()
         report["retrieval"] = dict(documents=len(hits), accuracy=sum(hits) / len(hits))
     report["tokens"] = [t.tolist() for t in results]
-    out = Path(args.report)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)  # whole or not at all
+    write_report(report, Path(args.report))
     return report
 
 
-def _quantile(xs, q):
+def quantile(xs, q):
     if not xs:
         return None
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The report as JSON, written whole or not at all."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+
+
+def checked(mismatches: list[str]) -> int:
+    """--check's verdict: 1 with the differences, or 0 with the confirmation."""
+    if mismatches:
+        print(
+            "ringwise generate --check: tokens differ from one process:\n  " + "\n  ".join(mismatches), file=sys.stderr
+        )
+        return 1
+    print("check: identical tokens to one process")
+    return 0
 
 
 def check(args, file: Path, report: dict) -> list[str]:
@@ -352,14 +367,7 @@ def main(args) -> int:
             print(bytes(t for t in report["tokens"][0][0] if t < 256).decode(errors="replace"))
         print(line)
         if args.check:
-            mismatches = check(args, file, report)
-            if mismatches:
-                print(
-                    "ringwise generate --check: tokens differ from one process:\n  " + "\n  ".join(mismatches),
-                    file=sys.stderr,
-                )
-                return 1
-            print("check: identical tokens to one process")
+            return checked(check(args, file, report))
     return 0
 
 
@@ -404,12 +412,5 @@ def _main_hf(args, path: Path) -> int:
             + ("" if lat is None else f", p50 {lat * 1e3:.1f} ms a token")
         )
         if args.check:
-            mismatches = generate_hf.check(args, folder, report)
-            if mismatches:
-                print(
-                    "ringwise generate --check: tokens differ from one process:\n  " + "\n  ".join(mismatches),
-                    file=sys.stderr,
-                )
-                return 1
-            print("check: identical tokens to one process")
+            return checked(generate_hf.check(args, folder, report))
     return 0

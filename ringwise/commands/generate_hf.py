@@ -16,6 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
+from .generate import quantile, write_report
+
 
 def is_transformers(path: Path) -> bool:
     """A transformers folder, or a finetune run (which keeps its model's config in hf/)."""
@@ -158,24 +160,14 @@ def worker(args, folder: str) -> dict | None:
         prompt_tokens=lengths,
         new_tokens=generated,
         time_to_first_token_s=statistics.median(ttft),
-        per_token_latency_s=dict(p50=_quantile(latencies, 0.5), p90=_quantile(latencies, 0.9)),
+        per_token_latency_s=dict(p50=quantile(latencies, 0.5), p90=quantile(latencies, 0.9)),
         tokens_per_s=generated / (sum(ttft) + sum(latencies)) if generated else 0.0,
         tokens=tokens,
         texts=texts,
     )
     if args.report:
-        out_file = Path(args.report)
-        tmp = out_file.with_name(f".{out_file.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out_file)  # whole or not at all
+        write_report(report, Path(args.report))
     return report
-
-
-def _quantile(xs, q):
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def check(args, folder: Path, report: dict) -> list[str]:
