@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from . import flag_problems, refused
+from .generation_report import checked, quantile, write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -258,31 +259,6 @@ def worker(args, file: str) -> dict | None:
     report["tokens"] = [t.tolist() for t in results]
     write_report(report, Path(args.report))
     return report
-
-
-def quantile(xs, q):
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def write_report(report: dict, out: Path) -> None:
-    """The report as JSON, written whole or not at all."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
-
-
-def checked(mismatches: list[str]) -> int:
-    """--check's verdict: 1 with the differences, or 0 with the confirmation."""
-    if mismatches:
-        print(
-            "ringwise generate --check: tokens differ from one process:\n  " + "\n  ".join(mismatches), file=sys.stderr
-        )
-        return 1
-    print("check: identical tokens to one process")
-    return 0
 
 
 def check(args, file: Path, report: dict) -> list[str]:

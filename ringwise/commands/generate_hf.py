@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .generate import quantile, write_report
+from .generation_report import quantile, write_report
 
 
 def is_transformers(path: Path) -> bool:
