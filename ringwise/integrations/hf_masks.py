@@ -383,11 +383,15 @@ def global_group_ids(model, types: torch.Tensor) -> torch.Tensor:
     return ids[0].clone()
 
 
-def group_problem(spec: MaskSpec, group_ids: torch.Tensor | None, positions: torch.Tensor) -> str | None:
+def group_problem(
+    spec: MaskSpec, group_ids: torch.Tensor | None, positions: torch.Tensor, grouped_elsewhere: bool = False
+) -> str | None:
     """What is wrong with running the layer's mask `spec` with the global `group_ids` on this rank's tokens at
-    global `positions`, if anything (reads tensor values: not under torch.compile)."""
+    global `positions`, if anything (reads tensor values: not under torch.compile). grouped_elsewhere: another mask
+    the model built in this forward has a block overlay (Gemma 4 groups image tokens on its sliding layers only: its
+    full layers' causal mask is theirs as built, and runs without the groups)."""
     if spec.blocks is None:
-        if group_ids is not None and bool((group_ids >= 0).any()):
+        if group_ids is not None and not grouped_elsewhere and bool((group_ids >= 0).any()):
             return (
                 "ringwise_group_ids name groups of tokens, but this layer's mask has no block overlay (a model that "
                 "was not given the token types, or one that does not group its tokens)"

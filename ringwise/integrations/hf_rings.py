@@ -26,6 +26,9 @@ class ModelRing:
     shard: SeqShard | None = None
     first_layer: Callable[[], object] | None = None  # weakref to the first attention module seen (see _check_due)
     pending: list = field(default_factory=list)  # masks built since the last collective check
+    # whether a mask of this forward (read at its first layer) has a block overlay: Gemma 4 groups image tokens on
+    # its sliding layers only, so its full layers run without the groups rw.shard_batch gave
+    grouped: bool = False
     decoding: ShardedCache | None = None  # while rw.generate runs this model
     config_problems: list | None = None  # hf_support.config_problems of the config, read at the first check
     # (position_ids,) the module that computes the rotary embedding was last called with (check_model's hook), for

@@ -146,9 +146,9 @@ class _Tiled(nn.Module):
         inner = super().forward
         tile = getattr(self, _ATTR)
         x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
-        if x is None or x.dim() != 3:
+        if x is None or x.dim() < 3:  # (batch, tokens, hidden), or more per token (Gemma 4's per-layer inputs)
             raise ValueError(
-                f"ringwise's tiled {type(self).__name__} was called without a (batch, tokens, hidden) tensor "
+                f"ringwise's tiled {type(self).__name__} was called without a (batch, tokens, ...) tensor "
                 f"(got {None if x is None else tuple(x.shape)}); untile it (tile_feed_forward(model, 0))"
             )
         if x.shape[1] <= tile:

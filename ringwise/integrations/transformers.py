@@ -107,6 +107,17 @@ class RingMask:
         """What a packed-sequence remap reads, checked by the op."""
         return self.spec.position_ids
 
+    def __getitem__(self, index):
+        """Indexing that keeps every query and key (Gemma 4 slices its masks with logits_to_keep=0, i.e. [:, :, 0:, :],
+        before its KV-shared layers): the mask itself. Any other slice would drop tokens of this rank's shard only."""
+        if all(_whole(i) for i in (index if isinstance(index, tuple) else (index,))):
+            return self
+        raise TypeError(
+            f"the model slices its attention mask ({index!r}); under the ring each rank would cut its own shard, not "
+            "the sequence (Gemma 4 keeps only the last logits_to_keep queries for its KV-shared layers: call it with "
+            "logits_to_keep=0)"
+        )
+
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
@@ -122,8 +133,18 @@ def _mask_used_directly(what, *_):
     )
 
 
-for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "and", "rand", "or", "ror", "invert", "getitem", "neg"):
+for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "and", "rand", "or", "ror", "invert", "neg"):
     setattr(RingMask, f"__{_op}__", lambda self, *a, _op=_op: _mask_used_directly(f"__{_op}__"))
+
+
+def _whole(index) -> bool:
+    return (
+        index is Ellipsis
+        or isinstance(index, slice)
+        and index.step in (None, 1)
+        and index.stop is None
+        and (index.start in (None, 0))
+    )
 
 
 def _packed_problem(packed_ids, seq: SeqShard | None = None) -> str | None:
@@ -247,6 +268,7 @@ def ringwise_attention_forward(
         position_ids = None
         if first:
             pending, state.pending = state.pending, []
+            state.grouped = any(getattr(m.spec, "blocks", None) is not None for m in pending)
             position_ids = kwargs.get("position_ids")
             if state.mrope:  # rw.shard_multimodal_batch's text row (GLM-4.5V's layers get the 3-D rows)
                 position_ids = mrope_text_positions(state)
@@ -269,7 +291,7 @@ def ringwise_attention_forward(
         if mask is not None:
             mask.checked = True
         if problem is None:  # the groups the model built on this rank's tokens against rw.shard_batch's global ones
-            problem = group_problem(spec, group_ids, seq.positions(global_len, query.device))
+            problem = group_problem(spec, group_ids, seq.positions(global_len, query.device), state.grouped)
         check = dict(validate=True, objection=problem, position_ids=position_ids)
     elif problem:  # the same module config on every rank: the same error everywhere
         raise ValueError(f"ringwise attention: {problem}")
