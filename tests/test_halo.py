@@ -138,3 +138,20 @@ def test_sharded_scan_matches_the_sequential_scan(grid_results, case):
     assert (assemble([r["h"] for r in results], lay, 1) - want.detach()).abs().max() < 1e-11
     assert (assemble([r["da"] for r in results], lay, 1) - da).abs().max() < 1e-10
     assert (assemble([r["db"] for r in results], lay, 1) - db).abs().max() < 1e-11
+
+
+def _differing_lengths():
+    """Rank 1 passes a shard one token longer: refused on both ranks alike, before any tail is sent."""
+    import torch.distributed as dist
+
+    x = torch.zeros(1, 8 + dist.get_rank(), 2)
+    try:
+        causal_conv1d(x, torch.ones(2, K), layout="contiguous")
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_that_differ_are_refused_alike(cluster):
+    said = cluster(2).run(_differing_lengths)
+    assert said[0] == said[1] and "every rank must pass the same shapes and options" in said[0], said

@@ -1,6 +1,9 @@
 """Short convolutions and linear recurrences over a sequence-sharded sequence: what each shard needs
 from the ones before it.
 
+Every call first agrees across ranks (one small object all-gather): a rank's problem, or shapes and
+options that differ, is raised on every rank alike before any data moves.
+
 A depthwise causal convolution of kernel K (Mamba's, gated DeltaNet's, LFM2's conv1d) reads, for
 every token, the K - 1 tokens before it in global order. On a ring each rank holds one segment
 (contiguous) or two (zigzag) of the sequence; the tokens before a segment's first ones are the
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from .comm import all_gather_objects
 from .layout import check_layout, segments
 
 Tensor = torch.Tensor
@@ -37,6 +41,46 @@ def _world(group: Optional[ProcessGroup]) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _agree(what: str, problem: Optional[str], call: tuple[object, ...], group: Optional[ProcessGroup]) -> None:
+    """Raise the same error on every rank before any data moves: a rank's problem with its call, or calls
+    that differ between ranks (shapes, width, layout, documents). One small object all-gather."""
+    rank, W = _world(group)
+    if W == 1:
+        if problem:
+            raise ValueError(f"{what}: {problem}")
+        return
+    views = all_gather_objects((problem, call), group)
+    for r, (p, _) in enumerate(views):
+        if p:
+            raise ValueError(f"{what}: rank {r}: {p}")
+    differ = [r for r, (_, c) in enumerate(views) if c != views[0][1]]
+    if differ:
+        raise ValueError(
+            f"{what}: every rank must pass the same shapes and options (shard the global sequence with "
+            f"ringwise.shard); rank 0 {views[0][1]} vs rank {differ[0]} {views[differ[0]][1]}"
+        )
+
+
+def _layout_problem(layout: str, W: int, L: int, width: int) -> Optional[str]:
+    """What keeps this layout from giving each segment its predecessors whole (None: nothing)."""
+    if layout == "striped" and W > 1:
+        return (
+            "each token's predecessors must be on one neighbour, but the striped layout spreads them over every "
+            "rank; shard the sequence contiguous or zigzag for these layers"
+        )
+    try:
+        segs = segments(layout, 0, W, L)
+    except ValueError as e:
+        return str(e)
+    shortest = min(s.length for s in segs)
+    if width > shortest:
+        return (
+            f"a halo of {width} tokens is longer than a segment ({shortest} tokens): the preceding tokens "
+            "would come from several ranks; use fewer ranks or a longer sequence"
+        )
+    return None
 
 
 def _doc_start(docs: Optional[tuple[int, ...]], g: int) -> int:
@@ -58,19 +102,10 @@ def halos(
     check_layout(layout)
     rank, W = _world(group)
     L = x.shape[1]
-    segs = segments(layout, rank, W, L)
-    if layout == "striped" and W > 1:
-        raise ValueError(
-            "a sharded convolution needs each token's predecessors on one neighbour: the striped layout "
-            "spreads them over every rank; shard the sequence contiguous or zigzag for these layers"
-        )
-    shortest = min(s.length for s in segs)
-    if width > shortest:
-        raise ValueError(
-            f"a halo of {width} tokens is longer than a segment ({shortest} tokens): the preceding tokens "
-            "would come from several ranks; use fewer ranks or a longer sequence"
-        )
     docs = None if cu_seqlens is None else tuple(int(b) for b in cu_seqlens)
+    call = (layout, width, tuple(x.shape), str(x.dtype), docs)
+    _agree("halos (a sharded convolution)", _layout_problem(layout, W, L, width), call, group)
+    segs = segments(layout, rank, W, L)
     if width == 0:
         return [x[:, :0] for _ in segs]
     tails = torch.stack([x[:, s.local_start + s.length - width : s.local_start + s.length] for s in segs])
@@ -171,12 +206,12 @@ def sharded_scan(
     gradient home."""
     check_layout(layout)
     rank, W = _world(group)
-    if layout == "striped" and W > 1:
-        raise ValueError(
-            "a sharded scan needs each segment's predecessor whole: the striped layout interleaves every "
-            "rank's tokens; shard the sequence contiguous or zigzag for these layers"
-        )
     L = a.shape[1]
+    problem = _layout_problem(layout, W, L, 0)
+    if problem is None and a.shape != b.shape:
+        problem = f"the decays a {tuple(a.shape)} and the inputs b {tuple(b.shape)} must have one shape"
+    call = (layout, tuple(a.shape), str(a.dtype), None if cu_seqlens is None else tuple(int(c) for c in cu_seqlens))
+    _agree("sharded_scan", problem, call, group)
     segs = segments(layout, rank, W, L)
     docs = None if cu_seqlens is None else torch.tensor([int(c) for c in cu_seqlens], device=a.device)
     zero_states, products, summaries = [], [], []
