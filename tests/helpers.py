@@ -353,6 +353,17 @@ def train_args(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+def assert_offload_changes_no_bit(got):
+    """offload_step's two runs: FSDP's policies as asked; the same loss, parameters and AdamW moments, bit for bit."""
+    plain, offloaded = got[False], got[True]
+    assert plain["where"] == dict(policies={"OffloadPolicy"}, copies={False})
+    assert offloaded["where"] == dict(policies={"CPUOffloadPolicy"}, copies={True})
+    assert offloaded["loss"] == plain["loss"]
+    for key in ("params", "moments"):
+        a, b = plain[key], offloaded[key]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+
+
 def offload_step(cfg):
     """On each rank of a CPU cluster: one training step (the loop's own `step`: loss, gradients summed
     by FSDP2, clipping, AdamW) of `cfg` with and without --offload-params, from the same initial model.

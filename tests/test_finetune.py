@@ -20,7 +20,7 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from helpers import offload_step  # noqa: E402
+from helpers import assert_offload_changes_no_bit, offload_step  # noqa: E402
 from hf_models import (
     WORDS,
     needs_smollm2,
@@ -190,13 +190,7 @@ def test_offload_params_changes_no_bit_of_a_finetune_step(cluster, checkpoint_an
     model, text = checkpoint_and_text
     cfg = config(model, text, tmp_path / "o", steps=1, grad_clip=1e-3, layout="contiguous", batch=1)
     for got in cluster(world).run(offload_step, cfg):
-        plain, offloaded = got[False], got[True]
-        assert plain["where"] == dict(policies={"OffloadPolicy"}, copies={False})
-        assert offloaded["where"] == dict(policies={"CPUOffloadPolicy"}, copies={True})
-        assert offloaded["loss"] == plain["loss"]
-        for key in ("params", "moments"):
-            a, b = plain[key], offloaded[key]
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+        assert_offload_changes_no_bit(got)
 
 
 def bytes_job(cfg_dict):

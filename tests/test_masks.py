@@ -182,6 +182,16 @@ MASK_GRID = (
             itertools.product([3], ringwise.LAYOUTS, [KINDS["groups"], KINDS["bidirectional"]])
         )
     ]
+    + [  # a real model's heads: SmolLM2's GQA 9:3 at head_dim 128 (masked tiles on the fused kernel, odd ring)
+        dict(
+            world=3, layout=lay, dtype="float32", batch=1, heads=9, kv_heads=3, head_dim=128, seq=S, seed=1500 + i, **m
+        )
+        for i, (lay, m) in enumerate(
+            itertools.product(
+                ringwise.LAYOUTS, [KINDS["groups-window-docs"], KINDS["bidirectional"], KINDS["mask_mod"]]
+            )
+        )
+    ]
     + [  # with per-head sinks and soft-capping (on the reference kernel, masked tiles included)
         dict(
             world=W,

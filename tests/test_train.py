@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import offload_step, train_args
+from helpers import assert_offload_changes_no_bit, offload_step, train_args
 
 from ringwise.cli import main
 from ringwise.model import Transformer, model_config
@@ -656,13 +656,7 @@ def test_offload_params_changes_no_bit_of_a_step(cluster, world):
     are no-ops and the optimizer ran on the CPU already, so the same kernels run in the same order."""
     cfg = job_args("unused", grad_clip=1e-3, dp=1)
     for got in cluster(world).run(offload_step, cfg):
-        plain, offloaded = got[False], got[True]
-        assert plain["where"] == dict(policies={"OffloadPolicy"}, copies={False})
-        assert offloaded["where"] == dict(policies={"CPUOffloadPolicy"}, copies={True})
-        assert offloaded["loss"] == plain["loss"]
-        for key in ("params", "moments"):
-            a, b = plain[key], offloaded[key]
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+        assert_offload_changes_no_bit(got)
 
 
 # One rank on one GPU (NCCL), in its own process: one clipped step with and without --offload-params; what
