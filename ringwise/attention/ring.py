@@ -70,10 +70,12 @@ class Engine:
         steps = needed_steps(self.layout, self.ring.world_size, local_len, self.mask)
         return steps, steps == tuple(range(len(steps)))
 
-    def visits(self, q_rank: int, kv_rank: int, local_len: int) -> Sequence[tuple[Tile, Optional[Tensor]]]:
+    def visits(
+        self, q_rank: int, kv_rank: int, local_len: int, device: torch.device
+    ) -> Sequence[tuple[Tile, Optional[Tensor]]]:
         """What to compute of q_rank's queries against kv_rank's block: (tile, its mask where the
         mask's mod cut it, else None)."""
-        return visits(self.layout, q_rank, kv_rank, self.ring.world_size, local_len, self.mask)
+        return visits(self.layout, q_rank, kv_rank, self.ring.world_size, local_len, self.mask, str(device))
 
 
 def _rows(t: Tile) -> slice:
@@ -105,28 +107,25 @@ def _finite(*xs: Tensor) -> bool:
     return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
-def _reference_args(
-    t: Tile, softcap: Optional[float], device: torch.device, keep: Optional[Tensor]
-) -> dict[str, object]:
-    """What the reference kernel needs beyond causal to compute tile t (keep: mask_mod's mask for it)."""
+def _reference_args(t: Tile, softcap: Optional[float], keep: Optional[Tensor]) -> dict[str, object]:
+    """What the reference kernel needs beyond causal to compute tile t (keep: a masked tile's mask)."""
     if keep is not None:
         return dict(softcap=softcap, keep=keep)
-    return dict(band=t.reference_band, softcap=softcap, keep=None if t.bounds is None else t.keep(device))
+    return dict(band=t.reference_band, softcap=softcap)
 
 
 def _tile_kernel(
-    kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float], device: torch.device, keep: Optional[Tensor]
+    kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float], keep: Optional[Tensor]
 ) -> tuple[Kernel, dict[str, object]]:
     """The kernel and extra arguments for tile t: the fused `kernel` where it is exact
     (anti-causal squares on flipped inputs, masked tiles on the CPU kernel with an additive
     mask), else the reference kernel."""
-    masked = keep is not None or t.bounds is not None
     if t.band is None and softcap is None and finite and not isinstance(kernel, ReferenceKernel):
-        if not masked:
+        if keep is None:
             return (Flipped(kernel) if t.anti else kernel), {}
         if isinstance(kernel, AtenCpuKernel):
-            return MaskedCpu(t.keep(device) if keep is None else keep), {}
-    return _REFERENCE, _reference_args(t, softcap, device, keep)
+            return MaskedCpu(keep), {}
+    return _REFERENCE, _reference_args(t, softcap, keep)
 
 
 def _run_tile(
@@ -144,16 +143,14 @@ def _run_tile(
     every gradient backward) is recomputed on the reference kernel where the check costs no
     host sync (CPU), so both directions follow the reference's semantics (module docstring)."""
     device = tensors[0].device
-    if keep is not None and keep.device != device:  # mask_mod's masks are cached on the CPU
-        keep = keep.to(device, non_blocking=True)
-    kern, extra = _tile_kernel(kernel, t, finite, softcap, device, keep)
+    kern, extra = _tile_kernel(kernel, t, finite, softcap, keep)
     causal = t.causal and keep is None
     res: tuple[Tensor, ...] = getattr(kern, direction)(*tensors, causal, scale, **extra)
     checked = res[1:] if direction == "forward" else res
     if direction == "forward" and isinstance(kern, MaskedCpu):  # its rows that see no key have lse -inf
         checked = (res[1].nan_to_num(nan=math.nan, posinf=math.inf, neginf=0.0),)
     if not isinstance(kern, ReferenceKernel) and device.type == "cpu" and not _finite(*checked):
-        res = getattr(_REFERENCE, direction)(*tensors, causal, scale, **_reference_args(t, softcap, device, keep))
+        res = getattr(_REFERENCE, direction)(*tensors, causal, scale, **_reference_args(t, softcap, keep))
     return res
 
 
@@ -190,7 +187,7 @@ def ring_forward(
     q_finite = math.isfinite(scale) and _finite(q)
     for n, s in enumerate(steps):
         hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
-        visits = engine.visits(rank, (rank - s) % W, L)
+        visits = engine.visits(rank, (rank - s) % W, L, q.device)
         finite = q_finite and bool(visits) and _finite(*kv)
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         for t, keep in visits:
@@ -306,7 +303,7 @@ def ring_backward(
     route: RelayedGrads | DirectGrads = RelayedGrads(ring, len(steps)) if relay else DirectGrads(ring, len(steps))
     for n, s in enumerate(steps):
         kv_hop = _post_kv(ring, steps, n, relay, kv, own, inbox)
-        visits = engine.visits(rank, (rank - s) % W, L)
+        visits = engine.visits(rank, (rank - s) % W, L, q.device)
         finite = q_finite and bool(visits) and _finite(*kv)
         kh, vh = _heads_first(kv[0]), _heads_first(kv[1])
         dkv = torch.zeros((2,) + tuple(k.shape), dtype=dt, device=q.device)

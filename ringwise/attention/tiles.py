@@ -465,21 +465,22 @@ def _sub_tiles(
 
 @lru_cache(maxsize=1024)
 def visits(
-    layout: str, q_rank: int, kv_rank: int, world_size: int, local_len: int, mask: Mask
+    layout: str, q_rank: int, kv_rank: int, world_size: int, local_len: int, mask: Mask, device: str = "cpu"
 ) -> tuple[tuple[Tile, torch.Tensor | None], ...]:
-    """What to compute of q_rank's queries against kv_rank's block: (tile, None) for each of
-    step_tiles' tiles, or with mask.mod, its blocks (`_sub_tiles`) and-ed with it, full ones
-    merged again, each with its (rows, keys) bool mask where mod cut it (None: the tile's own
-    shape). Cached (CPU masks) per argument tuple: mod must be a pure function of global
-    positions, the same on every rank."""
+    """What to compute of q_rank's queries against kv_rank's block: step_tiles' tiles (with mask.mod,
+    their blocks and-ed with it, `_sub_tiles`, full ones merged again), each with its (rows, keys)
+    bool mask on `device` where it is a masked tile (an interval tiling's edge, or a block mod cut),
+    else None (a fused shape). Cached per argument tuple, so the ring builds no mask per call: mod
+    must be a pure function of global positions, the same on every rank."""
     tiles = step_tiles(layout, q_rank, kv_rank, world_size, local_len, mask)
     if mask.mod is None:
-        return tuple((t, None) for t in tiles)
+        return tuple((t, None if t.bounds is None else t.keep(device)) for t in tiles)
     W, total = world_size, local_len * world_size
     q_pos, k_pos = (global_indices(layout, r, W, total) for r in (q_rank, kv_rank))
     pieces = [p for t in tiles for p in _sub_tiles(t, q_pos, k_pos, mask.mod)]
     full = _merge_full([t for t, keep in pieces if keep is None and t.full])
-    return tuple([(t, None) for t in full] + [(t, keep) for t, keep in pieces if keep is not None or not t.full])
+    rest = [(t, keep.to(device) if keep is not None else None) for t, keep in pieces if keep is not None or not t.full]
+    return tuple([(t, None) for t in full] + rest)
 
 
 def clear_caches() -> None:
