@@ -584,6 +584,45 @@ def test_ring_on_one_gpu_matches_float64(cluster, case):
         assert r["staged"] == {"to_host": staged, "to_device": staged}
 
 
+# ---------------------------------------------------------------- masks on one GPU (docs/masks.md)
+
+
+def gpu_mask_case(case):
+    """One rank of a ring on cuda:0 with one of test_masks' masks (its masked tiles run on the reference
+    kernel there, with their masks built on the GPU); out, lse and gradients back on CPU."""
+    from helpers import options
+
+    torch.cuda.set_device(0)
+    dt, layout = DTYPES[case["dtype"]], case["layout"]
+    q, k, v, dout = make_inputs(case)
+    ql, kl, vl = (ringwise.shard(x, 1, layout).to("cuda", dt).requires_grad_() for x in (q, k, v))
+    out, lse = ringwise.ring_attention(ql, kl, vl, layout=layout, return_lse=True, **options(case))
+    out.backward(ringwise.shard(dout, 1, layout).to("cuda", dt))
+    torch.cuda.synchronize()
+    return dict(out=out.detach().cpu(), lse=lse.cpu(), dq=ql.grad.cpu(), dk=kl.grad.cpu(), dv=vl.grad.cpu())
+
+
+def _mask_cases():
+    from test_masks import KINDS, S
+
+    base = dict(batch=1, heads=9, kv_heads=3, head_dim=128, seq=S, dtype="bfloat16")
+    kinds = ("groups-window-docs", "bidirectional-docs", "chunk-window-docs", "mask_mod-sparse")
+    return [
+        dict(base, world=W, layout=layout, seed=1600 + i, **KINDS[kind])
+        for i, (W, layout, kind) in enumerate(itertools.product([2, 3], ["zigzag", "contiguous"], kinds))
+    ]
+
+
+@gpu
+@pytest.mark.parametrize("case", _mask_cases(), ids=lambda c: f"W{c['world']}-{c['layout']}-{c['seed']}")
+def test_masks_on_one_gpu_match_float64(cluster, case):
+    """Image groups with a window and documents, a bidirectional window, chunks and a mask_mod through a ring on
+    one GPU (bf16, GQA 9:3, head_dim 128): within the error budget of float64 on the whole sequence."""
+    from helpers import check_against_reference
+
+    check_against_reference(case, cluster(case["world"]).run(gpu_mask_case, case, timeout=120))
+
+
 # ---------------------------------------------------------------- Ulysses x ring on one GPU
 
 DEVICE = "cuda"  # the device the GPU cases run on
