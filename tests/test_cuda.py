@@ -32,6 +32,8 @@ from ringwise.attention.kernels import (
     CudaCudnnKernel,
     CudaEfficientKernel,
     CudaFlashKernel,
+    MaskedTile,
+    ReferenceKernel,
     auto_backend,
     cudnn_backward_args,
     cudnn_forward_args,
@@ -204,6 +206,28 @@ def test_efficient_kernel_shapes_on_meta():
     assert out.shape == q.shape and lse.shape == (2, 4, 48)
     dq, dk, dv = kern.backward(torch.empty_like(out), q, k, v, out, lse, False, 0.125)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape  # GQA folded back
+
+
+def test_masked_tile_binds_an_aligned_bias_on_meta():
+    """A masked tile off CPU calls the efficient op with a (batch, heads, rows, keys) bias whose row
+    stride is a multiple of 16 (the op's alignment), the same bias forward and backward; GQA folded."""
+    q, k, v = _blocks(sk=29)
+    keep = torch.ones(48, 29, dtype=torch.bool, device="meta")
+    tile = MaskedTile(keep)
+    bias = tile._bias(q)
+    assert bias.shape == (2, 4, 48, 29) and bias.dtype == q.dtype and bias.stride()[:2] == (0, 0)
+    assert bias.stride(2) % 16 == 0 and bias.stride(3) == 1
+    fwd = _bind(aten._scaled_dot_product_efficient_attention, efficient_forward_args(q, k, v, False, 0.125, bias=bias))
+    assert fwd["attn_bias"] is bias and fwd["is_causal"] is False
+    out, lse = tile.forward(q, k, v, False, 0.125)
+    assert out.shape == q.shape and lse.shape == (2, 4, 48)
+    bwd = _bind(
+        aten._scaled_dot_product_efficient_attention_backward,
+        efficient_backward_args(out, q, k, v, out, lse, False, 0.125, bias=bias),
+    )
+    assert bwd["attn_bias"] is bias and bwd["grad_input_mask"] == [True, True, True, False]
+    dq, dk, dv = tile.backward(torch.empty_like(out), q, k, v, out, lse, False, 0.125)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
 @pytest.mark.parametrize("docs", [None, (0, 1, 8, 9, 23, 24), (0, 5, 6, 24)], ids=["one-doc", "docs-a", "docs-b"])
@@ -791,3 +815,40 @@ def test_decode_attention_on_a_gpu_matches_float64(dtype):
     out, lse = ringwise.decode_attention(*on_gpu, **kw)
     assert out.device.type == "cuda" and torch.isfinite(out).all()
     assert_within_budget("out", max_err(out.cpu(), ref), max_err(cpu, ref), EPS[dtype], ceiling=CEILINGS[dtype])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_masked_tile_on_a_gpu_matches_float64(dtype):
+    """A masked tile on CUDA (the efficient op with an additive bias; GQA 9:3, head_dim 128, odd
+    sizes, rows that see no key): out, lse and gradients within 2x the CPU fused kernel's error of
+    the same dtype against the float64 reference (or that error's floor); blind rows out 0, lse -inf."""
+    dt = DTYPES[dtype]
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 9, 37, 128, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 3, 61, 128, generator=g, dtype=torch.float64)
+    keep = torch.rand(37, 61, generator=g) < 0.4
+    keep[[4, 30]] = False
+    ref_out, ref_lse = ReferenceKernel().forward(q, k, v, False, 0.1, keep=keep)
+    final = torch.logaddexp(ref_lse, torch.zeros_like(ref_lse))  # as another tile would leave it: finite
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    ref_grads = ReferenceKernel().backward(dout, q, k, v, ref_out, final, False, 0.1, keep=keep)
+
+    def run(device):
+        x = [t.to(device, dt) for t in (q, k, v, dout)]
+        tile = MaskedTile(keep.to(device))
+        out, lse = tile.forward(*x[:3], False, 0.1)
+        grads = tile.backward(x[3], *x[:3], ref_out.to(device, dt), final.to(device, torch.float32), False, 0.1)
+        return out.cpu(), lse.cpu(), [t.cpu() for t in grads]
+
+    cpu_out, cpu_lse, cpu_grads = run("cpu")
+    out, lse, grads = run("cuda")
+    assert torch.isneginf(lse[:, :, [4, 30]]).all() and (out[:, :, [4, 30]] == 0).all()
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(seen, torch.isfinite(lse))
+    assert_within_budget("out", max_err(out, ref_out), max_err(cpu_out, ref_out), EPS[dtype], ceiling=CEILINGS[dtype])
+    lse_err, cpu_lse_err = max_err(lse[seen], ref_lse[seen]), max_err(cpu_lse[seen], ref_lse[seen])
+    assert_within_budget("lse", lse_err, cpu_lse_err, EPS[dtype], ceiling=CEILINGS[dtype])
+    for name, a, b, r in zip(("dq", "dk", "dv"), grads, cpu_grads, ref_grads):
+        scale = max(1.0, r.abs().max().item())  # gradients are not of unit scale: budget and ceiling scale with them
+        assert_within_budget(name, max_err(a, r), max_err(b, r), EPS[dtype] * scale, ceiling=CEILINGS[dtype] * scale)

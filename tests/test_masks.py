@@ -24,7 +24,7 @@ from test_window import ring_run  # forward + backward of a rank's shard, sinks 
 import ringwise
 from ringwise.attention import tiles
 from ringwise.attention.checks import group_spans
-from ringwise.attention.kernels import MaskedCpu, ReferenceKernel
+from ringwise.attention.kernels import MaskedTile, ReferenceKernel
 from ringwise.attention.layout import global_indices
 from ringwise.attention.tiles import Mask, needed_steps, step_tiles, visits
 
@@ -118,7 +118,7 @@ def test_masked_cpu_kernel_matches_reference_with_blind_rows():
     keep = torch.rand(37, 29) < 0.4
     keep[5] = False
     keep[17] = False
-    o1, l1 = MaskedCpu(keep).forward(q, k, v, False, 0.3)
+    o1, l1 = MaskedTile(keep).forward(q, k, v, False, 0.3)
     o2, l2 = ReferenceKernel(chunk=8).forward(q, k, v, False, 0.3, keep=keep)
     assert torch.isneginf(l1[:, :, [5, 17]]).all() and (o1[:, :, [5, 17]] == 0).all()
     seen = torch.isfinite(l2)
@@ -126,7 +126,7 @@ def test_masked_cpu_kernel_matches_reference_with_blind_rows():
     assert max_err(o1, o2) < 1e-12 and max_err(l1[seen], l2[seen]) < 1e-12
     dout = torch.randn_like(q)
     lse = torch.logaddexp(l1, torch.zeros_like(l1))  # a final lse as another tile would leave it: finite
-    g1 = MaskedCpu(keep).backward(dout, q, k, v, o1, lse, False, 0.3)
+    g1 = MaskedTile(keep).backward(dout, q, k, v, o1, lse, False, 0.3)
     g2 = ReferenceKernel(chunk=8).backward(dout, q, k, v, o1, lse, False, 0.3, keep=keep)
     assert all(max_err(a, b) < 1e-11 for a, b in zip(g1, g2))
 

@@ -245,26 +245,44 @@ class Flipped:
         return dq.flip(2), dk.flip(2), dv.flip(2)
 
 
-class MaskedCpu:
-    """torch's fused CPU kernel on a tile with a visibility mask (keep: (rows, keys) bool, True =
-    visible), passed as an additive mask of -inf. A row that sees no key gets out 0 and lse -inf
-    (the fused kernel returns lse 0 there, which a merge would take as real)."""
+class MaskedTile:
+    """A fused kernel on a tile with a visibility mask (keep: (rows, keys) bool, True = visible),
+    passed as an additive bias of -inf: torch's CPU flash kernel (attn_mask) on CPU, the CUDA
+    memory-efficient op (attn_bias, every float dtype, GQA expanded) on CUDA. A row that sees no
+    key gets out 0 and lse -inf (the fused kernels return lse 0 or NaN there, which a merge would
+    take as real). The backward gets the ring's final lse, finite on every row, so the -inf bias
+    zeroes a blind row's probabilities there."""
 
-    name = "aten_cpu masked"
+    name = "masked"
 
     def __init__(self, keep: Tensor) -> None:
         self.keep = keep
 
     def _bias(self, q: Tensor) -> Tensor:
-        return torch.zeros(self.keep.shape, dtype=q.dtype, device=q.device).masked_fill(~self.keep, float("-inf"))
+        """(rows, keys) on CPU; on CUDA (batch, heads, rows, keys) views of a row-padded buffer: the
+        efficient op needs every bias stride but the last aligned to 16 elements."""
+        rows, keys = self.keep.shape
+        if q.device.type == "cpu":
+            return torch.zeros((rows, keys), dtype=q.dtype, device=q.device).masked_fill(~self.keep, float("-inf"))
+        padded = torch.zeros((rows, keys + (-keys) % 16), dtype=q.dtype, device=q.device)
+        padded[:, :keys].masked_fill_(~self.keep, float("-inf"))
+        return padded[:, :keys].expand(q.shape[0], q.shape[1], rows, keys)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         assert not causal, "a masked tile carries its whole mask (call it with causal=False)"
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=self._bias(q), scale=scale
-        )
+        bias = self._bias(q)
+        if q.device.type == "cpu":
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, False, attn_mask=bias, scale=scale
+            )
+        else:
+            k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+            out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
+                **efficient_forward_args(q, k, v, False, scale, bias=bias)
+            )
+            lse = lse[:, :, : q.shape[2]]
         blind = ~self.keep.any(-1)
-        if bool(blind.any()):
+        if q.device.type != "cpu" or bool(blind.any()):  # no host sync on CUDA: fill unconditionally
             out = out.masked_fill(blind[:, None], 0.0)
             lse = lse.masked_fill(blind, float("-inf"))
         return out, lse
@@ -273,10 +291,18 @@ class MaskedCpu:
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         assert not causal, "a masked tile carries its whole mask (call it with causal=False)"
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, False, attn_mask=self._bias(q), scale=scale
+        bias = self._bias(q)
+        if q.device.type == "cpu":
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
+            )
+            return dq, dk, dv
+        kvh = k.shape[1]
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            **efficient_backward_args(dout.contiguous(), q, k, v, out, lse, False, scale, bias=bias)
         )
-        return dq, dk, dv
+        return dq, _fold_kv_grad(dk, kvh), _fold_kv_grad(dv, kvh)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -372,18 +398,29 @@ def cudnn_backward_args(
     )
 
 
-def efficient_forward_args(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> dict[str, object]:
-    """aten._scaled_dot_product_efficient_attention: no bias, lse computed, no dropout."""
+def efficient_forward_args(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, bias: Optional[Tensor] = None
+) -> dict[str, object]:
+    """aten._scaled_dot_product_efficient_attention: lse computed, no dropout; bias: an additive
+    (batch, heads, rows, keys) mask or None."""
     return dict(
-        query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal, scale=scale
+        query=q, key=k, value=v, attn_bias=bias, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal, scale=scale
     )
 
 
 def efficient_backward_args(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    bias: Optional[Tensor] = None,
 ) -> dict[str, object]:
-    """lse padded to a multiple of 32 rows as the forward returns it; no bias gradient; the
-    int64 () seed/offset are unused without dropout."""
+    """lse padded to a multiple of 32 rows as the forward returns it; the forward's bias, no bias
+    gradient; the int64 () seed/offset are unused without dropout."""
     seed = _unused_rng_state(q.device, torch.int64, ())
     lse = torch.nn.functional.pad(lse, (0, (-lse.shape[-1]) % 32)).contiguous()
     return dict(
@@ -391,7 +428,7 @@ def efficient_backward_args(
         query=q,
         key=k,
         value=v,
-        attn_bias=None,
+        attn_bias=bias,
         out=out,
         logsumexp=lse,
         philox_seed=seed,

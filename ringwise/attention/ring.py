@@ -42,7 +42,7 @@ from typing import Literal, Optional
 import torch
 
 from .comm import Hop, Ring
-from .kernels import AtenCpuKernel, Flipped, Kernel, MaskedCpu, ReferenceKernel, acc_dtype
+from .kernels import AtenCpuKernel, Flipped, Kernel, MaskedTile, ReferenceKernel, acc_dtype
 from .merge import merge_into
 from .tiles import Mask, Tile, needed_steps, visits
 
@@ -118,13 +118,13 @@ def _tile_kernel(
     kernel: Kernel, t: Tile, finite: bool, softcap: Optional[float], keep: Optional[Tensor]
 ) -> tuple[Kernel, dict[str, object]]:
     """The kernel and extra arguments for tile t: the fused `kernel` where it is exact
-    (anti-causal squares on flipped inputs, masked tiles on the CPU kernel with an additive
-    mask), else the reference kernel."""
+    (anti-causal squares on flipped inputs, masked tiles with an additive mask on the CPU kernel
+    or, on CUDA, the memory-efficient op), else the reference kernel."""
     if t.band is None and softcap is None and finite and not isinstance(kernel, ReferenceKernel):
         if keep is None:
             return (Flipped(kernel) if t.anti else kernel), {}
-        if isinstance(kernel, AtenCpuKernel):
-            return MaskedCpu(keep), {}
+        if isinstance(kernel, AtenCpuKernel) or kernel.name.startswith("cuda_"):
+            return MaskedTile(keep), {}
     return _REFERENCE, _reference_args(t, softcap, keep)
 
 
@@ -147,7 +147,7 @@ def _run_tile(
     causal = t.causal and keep is None
     res: tuple[Tensor, ...] = getattr(kern, direction)(*tensors, causal, scale, **extra)
     checked = res[1:] if direction == "forward" else res
-    if direction == "forward" and isinstance(kern, MaskedCpu):  # its rows that see no key have lse -inf
+    if direction == "forward" and isinstance(kern, MaskedTile):  # its rows that see no key have lse -inf
         checked = (res[1].nan_to_num(nan=math.nan, posinf=math.inf, neginf=0.0),)
     if not isinstance(kern, ReferenceKernel) and device.type == "cpu" and not _finite(*checked):
         res = getattr(_REFERENCE, direction)(*tensors, causal, scale, **_reference_args(t, softcap, keep))
