@@ -18,6 +18,76 @@ import torch
 
 from .hf_multimodal import MROPE_VLMS
 
+# The families ringwise accepts: each model_type that a test builds and runs through the ring against one process
+# (tests/test_hf_*.py; tests/test_hf_support.py asserts that this is exactly the set of model types those tests
+# build, and docs/transformers.md's table names each). model_type -> the model types its text config may have, for
+# a model whose text config is a sub-config of its own (the multimodal wrappers): only the combinations tested.
+# Every other model_type is refused (check_model, and a model's first attention call), alike on every rank: the
+# generic checks below accept hundreds of transformers' families that no test has run, and a family no test has
+# shown exact never runs.
+TESTED_FAMILIES: dict[str, tuple[str, ...]] = {
+    # causal text models (test_hf_architectures, test_hf_families, test_hf_generate, test_transformers)
+    **dict.fromkeys(
+        (
+            "llama",
+            "mistral",
+            "qwen2",
+            "gemma2",
+            "gemma3_text",
+            "gpt_oss",
+            "qwen2_moe",
+            "llama4_text",
+            "qwen3",
+            "qwen3_moe",
+            "mixtral",
+            "phimoe",
+            "granitemoe",
+            "jetmoe",
+            "deepseek_v3",
+            "gemma",
+            "phi",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "olmo3",
+            "cohere",
+            "cohere2",
+            "starcoder2",
+            "ministral",
+            "exaone4",
+            "gpt_neox",
+            "stablelm",
+            "granite",
+            "smollm3",
+            "glm",
+            "glm4",
+            "helium",
+            "nemotron",
+            "seed_oss",
+            "arcee",
+            "ernie4_5",
+            "opt",
+            "gpt2",
+            "gptj",
+            "codegen",
+            "falcon",
+            "gemma4_text",  # test_hf_masks (with EmbeddingGemma, gemma3_text bidirectional)
+        ),
+        (),
+    ),  # fmt: skip
+    # multimodal language models on inputs_embeds / token types (test_hf_masks)
+    "gemma3": ("gemma3_text",),
+    "gemma4": ("gemma4_text",),
+    "paligemma": ("gemma",),
+    # M-RoPE vision-language models on rw.shard_multimodal_batch (test_hf_multimodal)
+    "qwen2_vl": ("qwen2_vl_text",),
+    "qwen2_5_vl": ("qwen2_5_vl_text",),
+    "qwen3_vl": ("qwen3_vl_text",),
+    "qwen3_vl_moe": ("qwen3_vl_moe_text",),
+    "glm4v": ("glm4v_text",),
+    "glm4v_moe": ("glm4v_moe_text",),
+}
+
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 LOCAL_LENGTH_ROPE = ("dynamic", "longrope")  # scaling chosen from each rank's own largest position
 
@@ -71,7 +141,39 @@ def config_problems(config) -> list[str]:
         problems += _local_length_rope(rope, "RoPE scaling")
         if uses_mrope(c, rope) and getattr(config, "model_type", None) not in MROPE_VLMS:
             problems.append(_mrope_problem(config))
+    if not problems:  # what no test has run is refused too (a reason above says more, so it alone is given)
+        problems += family_problems(config)
     return problems
+
+
+def family_problems(config) -> list[str]:
+    """Why the config's family is refused as untested (TESTED_FAMILIES), if it is: its model_type, or the model type
+    of its text config, is not one a test has run through the ring."""
+    configs = _configs(config)
+    model_type = str(getattr(config, "model_type", None) or type(config).__name__)
+    if model_type not in TESTED_FAMILIES:
+        return [_untested(f"model_type={model_type!r}")]
+    if len(configs) > 1:
+        text_type = str(getattr(configs[1], "model_type", None) or type(configs[1]).__name__)
+        if text_type not in TESTED_FAMILIES[model_type]:
+            return [
+                _untested(
+                    f"model_type={model_type!r} with a {text_type!r} language model",
+                    f"{model_type} is tested with {' / '.join(TESTED_FAMILIES[model_type])} only",
+                )
+            ]
+    return []
+
+
+def _untested(what: str, why: str = "") -> str:
+    return (
+        f"{what} is not one of the families ringwise is tested with ({why or 'no test runs it'}): "
+        "ringwise runs only what a test has shown exact against one process (docs/transformers.md, Architectures), "
+        "and refuses the rest rather than run it unverified. To ask for it, open an issue naming the model type and "
+        "a checkpoint; supporting it means a test that runs a tiny random config of its real classes through the ring "
+        "against one process (tests/test_hf_families.py) and its name in TESTED_FAMILIES (ringwise.integrations."
+        "hf_support)"
+    )
 
 
 def _mrope_problem(config) -> str:
