@@ -1,0 +1,326 @@
+"""transformers' Trainer (and TRL's SFTTrainer) sequence-parallel through ringwise attention.
+
+    import ringwise.integrations.transformers as rw
+    from ringwise.integrations.trainer import RingCollator, ring_trainer
+
+    rw.use_ring(group=ring_group, layout="zigzag")      # every rank of a ring shares one sequence
+    model = rw.from_config(cfg)                          # or rw.from_pretrained(path): RingLoss installed
+    trainer = ring_trainer(Trainer)(model=model, args=args, train_dataset=ds,
+                                    data_collator=RingCollator(user_collator, model=model))
+    trainer.train()
+
+Two pieces, each doing one thing:
+
+- `RingCollator(collator, model=)` wraps the user's collator: the whole (global) batch it returns becomes this
+  rank's shard (rw.shard_batch): labels shifted on the global sequence, global position ids, right padding turned
+  into ignored targets (left padding refused), padding-free batches (restarting `position_ids`, TRL's
+  `cu_seq_lens_q`) turned into ringwise's documents, the length padded to what the layout splits. The shifted
+  targets go to the model as `shift_labels` too, which transformers' Trainer counts as they are. Before it returns,
+  the ranks of the ring compare their batches (one small all-reduce): a batch refused on one rank, or ranks that
+  were handed different batches, raise the same error on every rank of the ring.
+- `ring_trainer(Trainer)` (or `RingTrainerMixin` first in your class's bases) makes the data-parallel sampler
+  shard over the replicas only (dp = world / ring size): every rank of a ring reads the same batches.
+
+Why the gradients come out exact: the ring-aware loss (RingLoss) returns this rank's summed token losses over
+`num_items_in_batch`, which Trainer (average_tokens_across_devices=True, its default) counts over every rank of
+the job and, since each rank counts its own shard's targets, that is the whole global batch's target count;
+Trainer then multiplies the loss by the number of processes and DDP averages the gradients over them, so each
+parameter's gradient is the sum over every rank's tokens divided by the global count: the gradient of the global
+token-mean loss (rings summed, data-parallel replicas together). The logged loss, Trainer's mean over the ranks of
+those scaled shares, is the true loss. Requirements are checked when the trainer is built.
+
+TRL's SFTTrainer computes its loss with its own fused LM head (outside the model's loss_function, so ringwise's
+loss check would refuse it, and its token metrics would count one shard): the ring trainer computes the loss with
+the model's own ring-aware loss instead, with the same normalisation (entropy and token accuracy are not logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..attention.seqshard import IGNORE_INDEX, SeqShard
+from .transformers import shard_batch, shard_of
+
+# What a collator may return beside input_ids / labels: read here, never passed on as they are.
+_PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+_KNOWN_KEYS = {"input_ids", "labels", "attention_mask", "position_ids", *_PACKING_KEYS}
+
+
+class RingCollator:
+    """Wraps a collator (default: transformers' default_data_collator) so that each rank gets its shard of the
+    whole batch: `RingCollator(collator, model=model)` (the model's ring: rw.shard_of(model)), or `shard=`.
+
+    The wrapped collator's batch (the same on every rank of a ring: ring_trainer's sampler sees to it) may hold
+    `input_ids`, `labels` (unshifted, transformers' convention; default: input_ids), a right-padding
+    `attention_mask` (pads become ignored targets and the mask is dropped: under a causal mask no real token sees
+    a later pad), and, for padding-free packing, `position_ids` restarting at 0 at each sequence and/or
+    `cu_seq_lens_q` (one row: the sequences become ringwise's documents). Anything else is refused, alike on every
+    rank of the ring. Returns rw.shard_batch's dict plus `shift_labels` (the same tensor as `labels`).
+
+    It calls a collective (the ring's verdict): run the data loader in the training processes
+    (dataloader_num_workers=0), as ring_trainer checks.
+    """
+
+    def __init__(
+        self,
+        collator: Callable[[list], Any] | None = None,
+        *,
+        model=None,
+        shard: SeqShard | None = None,
+        pad_id: int = 0,
+    ):
+        if collator is None:
+            from transformers import default_data_collator
+
+            collator = default_data_collator
+        if model is not None and shard is not None:
+            raise ValueError("RingCollator: give model= (its ring) or shard=, not both")
+        self.collator, self.model, self._shard, self.pad_id = collator, model, shard, pad_id
+
+    @property
+    def shard(self) -> SeqShard:
+        """The ring the batches are cut for: shard=, else the model's, else use_ring's default."""
+        if self._shard is not None:
+            return self._shard
+        from .hf_rings import shard_of_state
+
+        return shard_of(self.model) if self.model is not None else shard_of_state()
+
+    def __call__(self, features: list) -> dict:
+        seq = self.shard
+        batch = dict(self.collator(features))
+        try:
+            input_ids, labels, cu_seqlens = global_batch(batch, seq.unit, self.pad_id)
+            problem = None
+        except ValueError as e:
+            input_ids = labels = torch.zeros(1, 1, dtype=torch.long)
+            cu_seqlens, problem = None, str(e)
+        _ring_verdict(seq, problem, _digest(input_ids, labels, cu_seqlens))
+        out = shard_batch(input_ids, labels, cu_seqlens, shard=seq)
+        out["shift_labels"] = out["labels"]  # already shifted: Trainer counts them and RingLoss takes them as they are
+        return out
+
+
+def global_batch(batch: dict, unit: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    """A collator's whole batch -> (input_ids, unshifted labels, document boundaries or None), its length a multiple
+    of `unit`; raises ValueError on what ringwise cannot run exactly. Pure: the same on every rank."""
+    unknown = sorted(set(batch) - _KNOWN_KEYS)
+    if unknown:
+        raise ValueError(
+            f"the collator returned {unknown}, which the ring collator does not know how to shard; it takes "
+            f"input_ids, labels, a right-padding attention_mask and padding-free position_ids / cu_seq_lens_q"
+        )
+    if "input_ids" not in batch:
+        raise ValueError("the collator returned no input_ids")
+    input_ids = torch.as_tensor(batch["input_ids"])
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    labels = torch.as_tensor(batch["labels"]) if batch.get("labels") is not None else input_ids
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} is not input_ids' {tuple(input_ids.shape)}")
+    labels = labels.clone()
+    b, s = input_ids.shape
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        mask = torch.as_tensor(mask).bool()
+        right = mask.int().cummin(dim=1).values.bool()  # ones, then zeros
+        if mask.shape != input_ids.shape or not torch.equal(mask, right):
+            raise ValueError(
+                "the attention_mask is not right padding (left padding or holes): real tokens would attend to pads "
+                "under ring attention, which takes no padding mask; pad on the right (padding_side='right') or pack"
+            )
+        labels[~mask] = IGNORE_INDEX
+    cu_seqlens = _documents(batch, input_ids)
+    if cu_seqlens is not None and mask is not None and not bool(mask.all()):
+        raise ValueError("a padding-free (packed) batch with a padding attention_mask: give one or the other")
+    n_pad = (-s) % unit
+    if n_pad:  # trailing pads: seen by no real token (causal), no targets; a document of their own when packed
+        input_ids = torch.cat([input_ids, input_ids.new_full((b, n_pad), pad_id)], dim=1)
+        labels = torch.cat([labels, labels.new_full((b, n_pad), IGNORE_INDEX)], dim=1)
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens + [s + n_pad]
+    return input_ids, labels, cu_seqlens
+
+
+def _documents(batch: dict, input_ids: torch.Tensor) -> list[int] | None:
+    """The documents of a padding-free batch as global boundaries [0, ..., seq]; None for ordinary rows."""
+    b, s = input_ids.shape
+    bounds = None
+    cu = batch.get("cu_seq_lens_q", batch.get("cu_seq_lens_k"))
+    if cu is not None:
+        bounds = [int(x) for x in torch.as_tensor(cu).flatten().tolist()]
+        if b != 1 or bounds[0] != 0 or bounds[-1] != s or any(x >= y for x, y in zip(bounds, bounds[1:])):
+            raise ValueError(
+                f"cu_seq_lens_q {bounds} are not the increasing boundaries 0 .. {s} of one packed row (batch {b})"
+            )
+    pos = batch.get("position_ids")
+    if pos is not None:
+        pos = torch.as_tensor(pos)
+        if pos.shape != input_ids.shape:
+            raise ValueError(f"position_ids shape {tuple(pos.shape)} is not input_ids' {tuple(input_ids.shape)}")
+        ordinary = torch.arange(s, device=pos.device).expand(b, -1)
+        if torch.equal(pos, ordinary):
+            return bounds if bounds is not None and len(bounds) > 2 else None
+        if b != 1:
+            raise ValueError(
+                "position_ids restart inside rows of a batch of several rows: ringwise's documents are boundaries "
+                "shared by the rows; pack padding-free into one row (TRL: padding_free=True)"
+            )
+        starts = (pos[0] == 0).nonzero().flatten().tolist()
+        from_pos = starts + [s] if starts and starts[0] == 0 else None
+        if from_pos is None:
+            raise ValueError("padding-free position_ids must start at 0")
+        doc = torch.repeat_interleave(torch.tensor(from_pos).diff())
+        want = torch.arange(s) - torch.tensor(from_pos[:-1])[doc]
+        if not torch.equal(pos[0].cpu(), want):
+            raise ValueError("padding-free position_ids must count 0, 1, 2, ... within each sequence")
+        if bounds is not None and bounds != from_pos:
+            raise ValueError(f"cu_seq_lens_q {bounds} disagree with the position_ids' sequences {from_pos}")
+        bounds = from_pos
+    return bounds if bounds is not None and len(bounds) > 2 else None
+
+
+def _digest(input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens) -> int:
+    """24 bits of a hash of the batch: ranks of a ring that were handed different batches differ here."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in (input_ids, labels):
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr(cu_seqlens).encode())
+    return int.from_bytes(h.digest(), "little") % (1 << 24)
+
+
+def _ring_verdict(seq: SeqShard, problem: str | None, digest: int) -> None:
+    """One all-reduce over the ring: raise the same error on every rank if any rank's batch was refused, or if
+    the ranks hold different batches (world * sum of squares == square of sum only when all digests are equal)."""
+    if not (dist.is_available() and dist.is_initialized()) or seq.world == 1:
+        if problem:
+            raise ValueError(f"ringwise RingCollator: the batch is refused: {problem}")
+        return
+    flags = torch.tensor([float(problem is not None), float(digest), float(digest) ** 2], dtype=torch.float64)
+    backend = dist.get_backend(seq.group)
+    if backend == "nccl":
+        flags = flags.cuda()
+    seq.all_reduce(flags)
+    refused, total, squares = flags.tolist()
+    if refused:
+        why = problem or "another rank's copy of the same batch was refused"
+        raise ValueError(f"ringwise RingCollator: the batch is refused on {int(refused)} of {seq.world} ranks: {why}")
+    if abs(seq.world * squares - total * total) > 0.5:
+        raise ValueError(
+            f"ringwise RingCollator: the {seq.world} ranks of the ring were handed different batches, so each would "
+            "shard another sequence: every rank of a ring must read the same batches (use ring_trainer(Trainer) or "
+            "RingTrainerMixin, whose sampler shards over the data-parallel replicas only)"
+        )
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def _data_parallel(seq: SeqShard) -> tuple[int, int]:
+    """(replicas, this rank's replica): the rings, each named by its smallest rank, in order over the whole job."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    world = dist.get_world_size()
+    first = torch.tensor([dist.get_rank()], dtype=torch.int64)
+    if dist.get_backend(seq.group) == "nccl":
+        first = first.cuda()
+    for g in (seq.group, seq.ulysses_group):  # the smallest rank of the (ulysses x ring) mesh
+        if g is not None or g is seq.group:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN, group=g)
+    firsts: list[Any] = [None] * world
+    dist.all_gather_object(firsts, int(first.item()))
+    rings = sorted(set(firsts))
+    if len(rings) * seq.world != world:
+        raise ValueError(
+            f"ring_trainer: {world} ranks do not split into rings of {seq.world} (found {len(rings)} rings): every "
+            "rank must belong to one ring (rw.use_ring(group=) or the model's shard=) of the same size"
+        )
+    return len(rings), rings.index(int(first.item()))
+
+
+class RingTrainerMixin:
+    """Put first in a Trainer subclass's bases (ring_trainer(Trainer) does): the ranks of each ring read the same
+    batches, the data-parallel replicas different ones; the loss and its gradients are then exact (module doc).
+
+    Checked when built: a model configured for ringwise (its RingLoss), a RingCollator, data loading in the
+    training processes, average_tokens_across_devices=True and a model that takes num_items_in_batch."""
+
+    # the Trainer attributes this mixin reads (for type checkers: the mixin has no Trainer base)
+    args: Any
+    model: Any
+    accelerator: Any
+    data_collator: Any
+    model_accepts_loss_kwargs: bool
+    _train_batch_size: int
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        problems = []
+        collator = self.data_collator
+        if not isinstance(collator, RingCollator):
+            problems.append("data_collator is not a ringwise RingCollator (wrap yours: RingCollator(collator, model=))")
+        if self.args.dataloader_num_workers:
+            problems.append("dataloader_num_workers must be 0: the ring collator runs a collective per batch")
+        if not self.args.average_tokens_across_devices:
+            problems.append(
+                "average_tokens_across_devices=False: each rank would divide its shard's loss by its own count"
+            )
+        if not self.model_accepts_loss_kwargs:
+            problems.append("the model's forward does not take num_items_in_batch (loss kwargs)")
+        from .transformers import RingLoss
+
+        inner = self.accelerator.unwrap_model(self.model)
+        base = getattr(inner, "get_base_model", lambda: inner)()  # a PEFT model: its base model's loss
+        if not isinstance(getattr(base, "loss_function", None), RingLoss):
+            problems.append("the model has no ring-aware loss: build it with rw.from_config / rw.from_pretrained")
+        if problems:
+            raise ValueError("ringwise ring_trainer: " + "; ".join(problems))
+        self.ring_shard: SeqShard = collator.shard
+        self.dp_size, self.dp_rank = _data_parallel(self.ring_shard)
+
+    def _shard_over_replicas(self, loader):
+        """The prepared loader's sampler deals batches to the dp replicas (a ring's ranks alike), not to ranks."""
+        if self.accelerator.num_processes == 1:
+            return loader
+        from accelerate.data_loader import BatchSamplerShard
+
+        sampler = getattr(loader, "batch_sampler", None)
+        if not isinstance(sampler, BatchSamplerShard) or getattr(loader, "dispatch_batches", False):
+            raise ValueError(
+                "ringwise ring_trainer: the data loader is not sharded by a batch sampler (an iterable dataset, or "
+                "dispatch_batches): use a map-style dataset (a datasets.Dataset or any with __len__)"
+            )
+        sampler.num_processes, sampler.process_index = self.dp_size, self.dp_rank
+        return loader
+
+    def get_train_dataloader(self):
+        return self._shard_over_replicas(super().get_train_dataloader())  # type: ignore[misc]
+
+    def get_total_train_batch_size(self, args) -> int:
+        return self._train_batch_size * args.gradient_accumulation_steps * self.dp_size
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from transformers import Trainer
+
+        # Trainer's own: model(**inputs).loss (RingLoss over num_items_in_batch), scaled by the number of processes.
+        # TRL's SFTTrainer's fused-head loss bypasses the model's loss_function: not under the ring.
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)  # type: ignore[arg-type]
+
+    def evaluate(self, *args, **kwargs):
+        raise NotImplementedError(
+            "ringwise ring_trainer: evaluation is not sequence-parallel yet (Trainer would average each rank's "
+            "share of the loss as if it were a whole loss); evaluate with a plain Trainer on one process"
+        )
+
+    def predict(self, *args, **kwargs):
+        raise NotImplementedError("ringwise ring_trainer: prediction is not sequence-parallel yet")
+
+
+def ring_trainer(trainer_class: type) -> type:
+    """`ring_trainer(Trainer)`, `ring_trainer(SFTTrainer)`: the class with RingTrainerMixin first in its bases."""
+    return type(f"Ring{trainer_class.__name__}", (RingTrainerMixin, trainer_class), {})

@@ -1,0 +1,230 @@
+"""transformers' Trainer (and TRL's SFTTrainer) sequence-parallel through ringwise (ringwise.integrations.trainer):
+two SGD steps of ring_trainer(Trainer) on W = 2, 3 rings and a 2 x 2 (data-parallel x ring) mesh log the same
+losses and leave the same weights as one process training the same model on the same data (sdpa, whole
+sequences, the global batch in one), within float32 round-off of a float64 run; right-padded batches and
+padding-free packing; a bad batch refused alike on every rank of a ring."""
+
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
+
+import ringwise.integrations.transformers as rw  # noqa: E402
+from ringwise import SeqShard  # noqa: E402
+from ringwise.integrations.trainer import RingCollator, ring_trainer  # noqa: E402
+
+BATCH, STEPS, LR = 2, 2, 0.5  # per replica; SGD: an update is the gradient, nothing normalises an error away
+LENGTHS = (13, 7, 10, 4)  # sequences of the data set (the first BATCH x dp of them are used), of unequal lengths
+
+
+def make_config():
+    return transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention_dropout=0.0,
+        pad_token_id=0,
+    )
+
+
+def dataset(n):
+    """n sequences of LENGTHS, fixed random tokens (1..127: 0 is the pad)."""
+    g = torch.Generator().manual_seed(3)
+    return [{"input_ids": torch.randint(1, 128, (s,), generator=g).tolist()} for s in LENGTHS[:n]]
+
+
+def collator(packed):
+    """The user's collator: TRL's language-modeling one (right padding, or padding-free packing into one row)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=packed)
+
+
+def training_args(out, batch, dtype=torch.float32, **kw):
+    return transformers.TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        max_steps=STEPS,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,
+        dataloader_drop_last=False,
+        disable_tqdm=True,
+        **kw,
+    )
+
+
+def initial_model(attn, dtype=torch.float32, shard=None):
+    torch.manual_seed(0)
+    if attn == "ringwise":
+        return rw.from_config(make_config(), shard=shard)
+    return transformers.AutoModelForCausalLM.from_config(make_config(), attn_implementation=attn).to(dtype)
+
+
+def losses_of(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def ring_groups(ring):
+    """The rings of `ring` consecutive ranks (every rank makes every group, in the same order): this rank's."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ring == world:
+        return None
+    groups = [dist.new_group(list(range(d * ring, (d + 1) * ring))) for d in range(world // ring)]
+    return groups[rank // ring]
+
+
+def trainer_case(case):
+    """On every rank: STEPS of ring_trainer(Trainer); the logged losses and the trained weights."""
+    shard = SeqShard(case["layout"], ring_groups(case["ring"]))
+    dp = dist.get_world_size() // case["ring"]
+    model = initial_model("ringwise", shard=shard)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = ring_trainer(transformers.Trainer)(
+            model=model,
+            args=training_args(out, BATCH),
+            train_dataset=dataset(BATCH * dp),
+            data_collator=RingCollator(collator(case["packed"]), model=model),
+        )
+        trainer.train()
+    return dict(losses=losses_of(trainer), weights={n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def single_trainer(dp, dtype):
+    """One process, plain Trainer, sdpa, right-padded rows: the whole global batch (every replica's) at once."""
+    model = initial_model("sdpa", dtype)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = transformers.Trainer(
+            model=model,
+            args=training_args(out, BATCH * dp),
+            train_dataset=dataset(BATCH * dp),
+            data_collator=collator(False),
+        )
+        trainer.train()
+    return losses_of(trainer), {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+_SINGLE: dict = {}
+
+
+def single(dp, dtype):
+    if (dp, dtype) not in _SINGLE:
+        _SINGLE[dp, dtype] = single_trainer(dp, dtype)
+    return _SINGLE[dp, dtype]
+
+
+def check_against_one_process(results, dp):
+    """Every rank logs the same losses and holds the same weights; both are one process's, within the float32
+    model's own error against float64 (the updates: weights minus the initial weights)."""
+    ref_losses, ref = single(dp, torch.float64)
+    f32_losses, f32 = single(dp, torch.float32)
+    initial = dict(initial_model("sdpa", torch.float64).named_parameters())
+    assert len(results[0]["losses"]) == STEPS
+    for r in results:
+        assert r["losses"] == results[0]["losses"]
+        for n, w in r["weights"].items():
+            assert torch.equal(w, results[0]["weights"][n]), n  # the replicas and ranks stay identical
+    for i in range(STEPS):
+        got, want, own = (
+            torch.tensor(x[i], dtype=torch.float64) for x in (results[0]["losses"], ref_losses, f32_losses)
+        )
+        assert_within_budget(f"loss {i}", max_err(got, want), max_err(own, want), 1e-6, ceiling=CEILINGS["float32"])
+    for n, w in results[0]["weights"].items():
+        start = initial[n].detach()
+        got, want, own = w.double() - start, ref[n] - start, f32[n].double() - start
+        assert_within_budget(n, max_err(got, want), max_err(own, want), 1e-6, ceiling=CEILINGS["float32"])
+
+
+GRID = [
+    dict(world=2, ring=2, layout="zigzag", packed=False),
+    dict(world=2, ring=2, layout="striped", packed=True),
+    dict(world=3, ring=3, layout="zigzag", packed=True),
+    dict(world=3, ring=3, layout="striped", packed=False),
+    dict(world=4, ring=2, layout="zigzag", packed=False),
+    dict(world=4, ring=2, layout="zigzag", packed=True),
+]
+
+
+def case_id(c):
+    data = "packed" if c["packed"] else "padded"
+    return f"W{c['world']}-dp{c['world'] // c['ring']}xring{c['ring']}-{c['layout']}-{data}"
+
+
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_trainer_steps_match_one_process(grid_results, case):
+    results = grid_results(trainer_case, GRID, case)
+    check_against_one_process(results, case["world"] // case["ring"])
+
+
+# ---------------------------------------------------------------- refusals
+
+
+class LeftPadding:
+    """A collator that pads on the left: real tokens would attend to pads under the ring."""
+
+    def __call__(self, features):
+        out = collator(False)(features)
+        return {k: v.flip(1) for k, v in out.items()}
+
+
+def refusal_case(case):
+    """Each rank's error (or None) and how long it took: a left-padded batch through ring_trainer, or a plain
+    Trainer (its sampler hands each rank of the ring another batch) with a RingCollator."""
+    shard = SeqShard("zigzag")
+    model = initial_model("ringwise", shard=shard)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        if case["kind"] == "left padding":
+            cls, data, ring_collator = ring_trainer(transformers.Trainer), dataset(BATCH), RingCollator(LeftPadding())
+        else:
+            cls, data = transformers.Trainer, dataset(BATCH * dist.get_world_size())
+            ring_collator = RingCollator(collator(False), model=model)
+        trainer = cls(model=model, args=training_args(out, BATCH), train_dataset=data, data_collator=ring_collator)
+        try:
+            trainer.train()
+            message = None
+        except ValueError as e:
+            message = str(e)
+    return dict(message=message, seconds=time.perf_counter() - start)
+
+
+REFUSALS = [dict(world=2, kind="left padding"), dict(world=2, kind="ranks given different batches")]
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=lambda c: c["kind"].replace(" ", "-"))
+def test_a_bad_batch_is_refused_alike_on_every_rank(grid_results, case):
+    results = grid_results(refusal_case, REFUSALS, case)
+    messages = {r["message"] for r in results}
+    assert len(messages) == 1 and None not in messages, messages
+    message = messages.pop()
+    assert ("right padding" if case["kind"] == "left padding" else "different batches") in message, message
+    assert all(r["seconds"] < 20 for r in results)
+
+
+def test_ring_trainer_checks_what_it_needs():
+    """Built without a RingCollator, with data-loader workers and per-rank token averaging: one error naming all."""
+    model = initial_model("ringwise", shard=SeqShard("zigzag"))
+    with tempfile.TemporaryDirectory() as out:
+        args = training_args(out, BATCH, dataloader_num_workers=1, average_tokens_across_devices=False)
+        with pytest.raises(ValueError) as e:
+            ring_trainer(transformers.Trainer)(
+                model=model, args=args, train_dataset=dataset(2), data_collator=collator(False)
+            )
+    for part in ("RingCollator", "dataloader_num_workers", "average_tokens_across_devices"):
+        assert part in str(e.value)
