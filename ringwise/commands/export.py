@@ -1,5 +1,6 @@
 """`ringwise export RUN_DIR OUT.pt`: a run's newest intact checkpoint as one file ({step, config,
-model}); with --hf, a finetune run's as a folder AutoModelForCausalLM.from_pretrained reads.
+model}); with --hf, a finetune run's as a folder AutoModelForCausalLM.from_pretrained reads (a --lora
+run's adapters merged); with --adapter, a --lora run's adapters alone, as a peft folder.
 Also `python -m ringwise.train export RUN_DIR OUT.pt`."""
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ def add_arguments(p) -> None:
         "--hf",
         action="store_true",
         help="a ringwise finetune run as a transformers folder "
-        "(safetensors, its config with the new RoPE, the tokenizer)",
+        "(safetensors, its config with the new RoPE, the tokenizer); a --lora run's adapters merged into "
+        "the weights",
+    )
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a ringwise finetune --lora run's adapters alone, as a peft folder (adapter_config.json, "
+        "adapter_model.safetensors, the tokenizer) that PeftModel.from_pretrained puts on the base model",
     )
 
 
@@ -26,10 +34,10 @@ def main(args) -> int:
     if found:
         return refused("export", found)
     try:
-        if getattr(args, "hf", False):
+        if getattr(args, "hf", False) or getattr(args, "adapter", False):
             from ..train.pretrained import export_hf
 
-            path = export_hf(args.run_dir, args.out_file)
+            path = export_hf(args.run_dir, args.out_file, adapter=getattr(args, "adapter", False))
         else:
             from ..train import checkpoint
 

@@ -31,6 +31,7 @@ RUN_KEYS = (
     "seed",
     "batch",
     "seq_len",
+    "seq_schedule",
     "data",
     "fmt",
     "id_digits",
@@ -49,6 +50,9 @@ RUN_KEYS = (
     "rope_scaling",
     "rope_factor",
     "eval_fraction",
+    "lora",
+    "lora_alpha",
+    "lora_targets",
 )
 
 

@@ -28,6 +28,42 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TRAIN_DTYPES = ("bf16", "fp32")
 
 
+# --lora-targets' default: the attention and MLP projections of Llama-family decoders (Llama, Mistral, Qwen,
+# Gemma, ...), by their module names
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def seq_len_or_schedule(text: str) -> int | list[list[int]]:
+    """--seq-len's value: an integer, or stages LEN:STEPS,LEN:STEPS,... (finetune's progressive schedule)."""
+    if ":" not in text and "," not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("must be an integer or a schedule LEN:STEPS,LEN:STEPS,...") from None
+    stages = []
+    for part in text.split(","):
+        length, sep, steps = part.strip().partition(":")
+        try:
+            stage = [int(length), int(steps)]
+        except ValueError:
+            stage = None
+        if not sep or stage is None:
+            raise argparse.ArgumentTypeError(
+                f"stage {part.strip()!r} is not LEN:STEPS (e.g. 4096:200,16384:100: 200 steps at 4096 tokens, "
+                "then 100 at 16384)"
+            )
+        if stage[0] < 1 or stage[1] < 1:
+            raise argparse.ArgumentTypeError(f"stage {part.strip()!r}: its length and steps must be positive integers")
+        stages.append(stage)
+    if any(b[0] <= a[0] for a, b in zip(stages, stages[1:])):
+        raise argparse.ArgumentTypeError("the stages' lengths must increase (progressive training: short to long)")
+    return stages
+
+
+def schedule_text(stages) -> str:
+    return ",".join(f"{length}:{steps}" for length, steps in stages)
+
+
 class ConfigError(ValueError):
     """Every problem of a configuration, one per line."""
 
@@ -54,6 +90,9 @@ class TrainConfig:
     offload_activations: bool = False  # with checkpoint_layers: layer checkpoints in pinned host memory
     offload_params: bool = False  # the model state (FSDP2's shards, gradients, AdamW moments) in host memory
     ffn_tile: int | None = None  # tokens per feed-forward tile (None: chosen from the model's widths; 0: untiled)
+    lora: int | None = None  # finetune: LoRA rank (None: full fine-tuning)
+    lora_alpha: int | None = None  # LoRA's alpha (None: the rank, a scale of 1)
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     compile: bool = False
     dtype: str | None = None
     # data
@@ -66,7 +105,8 @@ class TrainConfig:
     questions: int = 1
     id_pool: int | None = None
     loss_on: str = "answer"
-    seq_len: int = 512
+    seq_len: int = 512  # with a schedule: its longest stage
+    seq_schedule: list[list[int]] | None = None  # finetune's --seq-len LEN:STEPS,...: [[length, steps], ...]
     batch: int = 8
     # optimisation
     steps: int = 600
@@ -93,7 +133,30 @@ class TrainConfig:
     @classmethod
     def from_args(cls, ns) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+        given = {k: v for k, v in vars(ns).items() if k in names}
+        if isinstance(given.get("seq_len"), list):  # --seq-len LEN:STEPS,...: the longest stage is the length
+            given["seq_schedule"] = given["seq_len"]
+            given["seq_len"] = max(length for length, _ in given["seq_len"])
+        if "steps" in given and given["steps"] is None:  # finetune's --steps, not given: the schedule's, or 100
+            schedule = given.get("seq_schedule")
+            given["steps"] = sum(n for _, n in schedule) if schedule else FINETUNE_DEFAULTS["steps"]
+        return cls(**given)
+
+    def stage_at(self, step: int) -> tuple[int, int, int]:
+        """(stage index, its sequence length, its first step) at `step`: (0, seq_len, 0) without a schedule;
+        past the schedule's end, its last stage."""
+        if not self.seq_schedule:
+            return 0, self.seq_len, 0
+        first = 0
+        for i, (length, steps) in enumerate(self.seq_schedule):
+            if step < first + steps or i == len(self.seq_schedule) - 1:
+                return i, length, first
+            first += steps
+        raise AssertionError("unreachable")
+
+    def seq_lengths(self) -> list[int]:
+        """Every sequence length the run trains at (one without a schedule)."""
+        return [length for length, _ in self.seq_schedule] if self.seq_schedule else [self.seq_len]
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -222,6 +285,27 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--rope-factor", type=float, default=None, help="the scaling's factor (> 1)")
     _memory_flags(p, "transformers' gradient checkpointing: recompute each layer in backward")
+    g = p.add_argument_group("LoRA (through peft: the base weights frozen, only the adapters trained)")
+    g.add_argument(
+        "--lora",
+        type=int,
+        default=None,
+        metavar="R",
+        help="train rank-R LoRA adapters on --lora-targets instead of every weight (default: full fine-tuning)",
+    )
+    g.add_argument(
+        "--lora-alpha",
+        type=int,
+        default=None,
+        help="LoRA's alpha: the adapters' update is scaled by alpha / R (default: R)",
+    )
+    g.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=list(LORA_TARGETS),
+        metavar="NAME",
+        help="the modules that get adapters, by name (peft's target_modules: a module whose name ends with one)",
+    )
     g = p.add_argument_group("data")
     g.add_argument(
         "--text",
@@ -232,9 +316,22 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
         "tokenized with the model's tokenizer (cached in $RINGWISE_CACHE/tokens, default "
         "~/.cache/ringwise/tokens; never beside your data)",
     )
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="global tokens per sequence (documents packed)")
+    g.add_argument(
+        "--seq-len",
+        type=seq_len_or_schedule,
+        default=d.seq_len,
+        metavar="SEQ_LEN",
+        help="global tokens per sequence (documents packed), or a schedule of stages LEN:STEPS,LEN:STEPS,... "
+        "(progressive training: e.g. 4096:200,16384:100 trains 200 steps at 4096 tokens, then 100 at 16384; "
+        "the model's RoPE and max_position_embeddings are set for the longest stage, evaluation runs at it)",
+    )
     g.add_argument("--batch", type=int, default=d.batch, help="global sequences per step")
-    _optimisation_flags(p, d)
+    _optimisation_flags(
+        p,
+        d,
+        steps_help=f"(default: {d.steps}) optimizer steps; with a --seq-len schedule: "
+        "its stages' steps summed (give both only if they agree)",
+    )
     g = _output_flags(p, d)
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share of the sequences")
     g.add_argument(
@@ -338,9 +435,12 @@ def _dtype_flag(g) -> None:
     )
 
 
-def _optimisation_flags(p, d) -> None:
+def _optimisation_flags(p, d, steps_help: str | None = None) -> None:
     g = p.add_argument_group("optimisation (AdamW, linear warm-up then cosine decay to 10%)")
-    g.add_argument("--steps", type=int, default=d.steps)
+    if steps_help is None:
+        g.add_argument("--steps", type=int, default=d.steps)
+    else:  # finetune: None until resolved (TrainConfig.from_args), the help saying what it resolves to
+        g.add_argument("--steps", type=int, default=None, help=steps_help)
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--warmup", type=int, default=d.warmup)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -393,12 +493,20 @@ def problems(cfg: TrainConfig) -> list[str]:
         if world % (cfg.dp * cfg.ulysses):
             what = f"--dp {cfg.dp}" + (f" x --ulysses {cfg.ulysses}" if cfg.ulysses > 1 else "")
             out.append(f"{what} must divide the world size {world}")
-        elif cfg.seq_len < 1 or cfg.seq_len % split_unit(cfg.layout, cp, cfg.ulysses):
+        else:
             unit = split_unit(cfg.layout, cp, cfg.ulysses)
-            out.append(
-                f"--seq-len {cfg.seq_len} must be a positive multiple of {unit} for layout {cfg.layout!r} "
-                f"on a ring of {cp}" + (f" x ulysses {cfg.ulysses}" if cfg.ulysses > 1 else "")
-            )
+            for length in cfg.seq_lengths():
+                if length < 1 or length % unit:
+                    stage = next((f" (the stage {n}:{k})" for n, k in cfg.seq_schedule or () if n == length), "")
+                    out.append(
+                        f"--seq-len {length}{stage} must be a positive multiple of {unit} for layout {cfg.layout!r} "
+                        f"on a ring of {cp}" + (f" x ulysses {cfg.ulysses}" if cfg.ulysses > 1 else "")
+                    )
+    if cfg.seq_schedule and cfg.steps != sum(n for _, n in cfg.seq_schedule):
+        out.append(
+            f"--steps {cfg.steps} and --seq-len {schedule_text(cfg.seq_schedule)} disagree: the schedule trains "
+            f"{sum(n for _, n in cfg.seq_schedule)} steps; give --steps only if it is their sum"
+        )
     finetune = bool(cfg.pretrained) or cfg.data == "documents"  # (without --model: the parser said so)
     if cfg.ulysses > 1 and cfg.model in PRESETS and not finetune:
         heads = model_config(cfg.model).n_heads
@@ -448,6 +556,41 @@ def _ffn_tile_problems(cfg, config) -> list[str]:
     return []
 
 
+def _lora_value_problems(cfg) -> list[str]:
+    """--lora R, --lora-alpha, --lora-targets: their values (the targets against the model: below)."""
+    out = []
+    if cfg.lora is None:
+        return ["--lora-alpha needs --lora R (LoRA's rank)"] if cfg.lora_alpha is not None else []
+    if cfg.lora < 1:
+        out.append(f"--lora {cfg.lora}: LoRA's rank must be a positive integer")
+    if cfg.lora_alpha is not None and cfg.lora_alpha < 1:
+        out.append(f"--lora-alpha {cfg.lora_alpha}: must be a positive integer")
+    if not cfg.lora_targets:
+        out.append("--lora-targets: give at least one module name")
+    return out
+
+
+def _lora_target_problems(cfg, config) -> list[str]:
+    """With --lora: each --lora-targets name must name linear modules of the model (read from its structure on
+    the meta device), so that no target is silently left out; the model's own linear names are listed."""
+    if cfg.lora is None or not cfg.lora_targets:
+        return []
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    out = model.get_output_embeddings()
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not out}
+    unknown = [t for t in cfg.lora_targets if t not in linear]
+    if unknown:
+        return [
+            f"--lora-targets {' '.join(unknown)}: no linear module of --model {cfg.pretrained} has that name "
+            f"(its linear modules: {', '.join(sorted(linear))})"
+        ]
+    return []
+
+
 def _pretrained_problems(cfg) -> list[str]:
     """ringwise finetune's model, RoPE change and text, checked (and the text tokenized into its cache)
     before any rank starts."""
@@ -475,6 +618,7 @@ def _pretrained_problems(cfg) -> list[str]:
     if not 0 < cfg.eval_fraction < 1:
         out.append(f"--eval-fraction {cfg.eval_fraction}: must lie strictly between 0 and 1")
     out += _positive(cfg, ("eval_sequences", "eval_bucket"))
+    out += _lora_value_problems(cfg)
     if model:  # nothing more can be read from the model
         return out
     if not rope:  # the model's config with the RoPE change: does the integration run it, what heads
@@ -487,6 +631,7 @@ def _pretrained_problems(cfg) -> list[str]:
             out.append(f"--model {cfg.pretrained}: {e}")
         else:
             out += _ffn_tile_problems(cfg, config)
+            out += _lora_target_problems(cfg, config)
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             heads = text.num_attention_heads
             if cfg.ulysses > 1 and heads % cfg.ulysses:

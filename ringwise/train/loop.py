@@ -27,7 +27,7 @@ from ..attention.seqshard import SeqShard
 from ..data import collate, sample_indices
 from ..model import IGNORE_INDEX, Transformer
 from . import checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, schedule_text
 from .mesh import Mesh, init_distributed, make_mesh
 from .tasks import Task, eager_if, task_for
 from .watchdog import Heartbeat, name_failed_peers, peak_memory_mib, return_large_frees
@@ -40,6 +40,10 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def trainable_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @dataclass
 class Run:
     """Everything one rank trains with."""
@@ -50,6 +54,7 @@ class Run:
     model: Transformer | PretrainedLM  # ringwise's own, or a pretrained transformers model (pretrained.py)
     optimizer: torch.optim.Optimizer
     start: int = 0
+    seq_len: int = 0  # the last step's sequence length, as trained (compute_gradients)
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +74,8 @@ def build(cfg: TrainConfig, mesh: Mesh) -> Run:
     """The task's data and model (sharded: never whole in one process), and the optimizer."""
     task = task_for(cfg)
     model = task.build_model(mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # --lora: the adapters only (the base is frozen)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     return Run(cfg, mesh, task, model, optimizer)
 
 
@@ -113,7 +119,8 @@ def local_batch(run: Run, step: int) -> list[tuple]:
     micro-batches (input_ids, labels, cu_seqlens): the whole batch at once, or, for packed
     documents, one sequence at a time (each has its own boundaries)."""
     cfg, mesh = run.cfg, run.mesh
-    data = run.task.train_data
+    # a --seq-len schedule: the windows of the step's stage (the benchmarks' stand-in tasks have train_data only)
+    data = run.task.train_data_at(step) if cfg.seq_schedule else run.task.train_data
     indices = sample_indices(step, cfg.batch, len(data), cfg.seed)
     per = cfg.batch // mesh.dp
     examples = [data[i] for i in indices[mesh.dp_rank * per : (mesh.dp_rank + 1) * per]]
@@ -133,10 +140,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def compute_gradients(run: Run, step: int) -> tuple[float, int]:
-    """Loss and parameter gradients of the whole global batch at `step` (gradients summed by FSDP2)."""
+    """Loss and parameter gradients of the whole global batch at `step` (gradients summed by FSDP2), and
+    its labelled tokens; the length of its sequences as trained (this rank's shard x the pieces of the
+    sequence) in run.seq_len."""
     seqshard = run.seqshard
     micro = local_batch(run, step)
-    pos = seqshard.positions(run.cfg.seq_len, device=run.device)
+    run.seq_len = seq_len = micro[0][0].shape[1] * seqshard.world
+    pos = seqshard.positions(seq_len, device=run.device)
     count = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels, _ in micro]).sum().double()
     dist.all_reduce(count)  # every rank divides by the global labelled-token count
     if count == 0:
@@ -156,6 +166,7 @@ def step(run: Run, step: int) -> dict:
     """One optimizer step on the global batch; its metrics."""
     t0 = time.perf_counter()
     loss, n_tokens = compute_gradients(run, step)
+    seq_len = run.seq_len
     if run.cfg.grad_clip:
         clip_gradients(run, run.cfg.grad_clip)
     for param_group in run.optimizer.param_groups:
@@ -163,12 +174,15 @@ def step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    tokens = run.cfg.batch * run.cfg.seq_len
+    tokens = run.cfg.batch * seq_len
     peaks = gather_peaks(run)
     key = "peak_gpu_mib" if run.device.type == "cuda" else "peak_rss_mib"
+    stage = dict(stage=run.cfg.stage_at(step)[0] + 1) if run.cfg.seq_schedule else {}
     return dict(
         step=step,
         loss=loss,
+        seq_len=seq_len,
+        **stage,
         lr=lr_at(step, run.cfg),
         seconds=seconds,
         tokens_per_s=tokens / seconds,
@@ -221,6 +235,24 @@ def save(run: Run, done: int) -> None:
     checkpoint.save(Path(run.cfg.out) / "checkpoints", done, run.model, run.optimizer, meta, keep=run.cfg.keep)
 
 
+def stage_line(cfg: TrainConfig, step: int) -> str:
+    """A --seq-len schedule's stage at `step`: its length, its steps, and the RoPE it trains with (one
+    setting for the whole run, written into the model's config for the longest stage)."""
+    i, length, first = cfg.stage_at(step)
+    steps = cfg.seq_schedule[i][1] if cfg.seq_schedule else cfg.steps
+    if cfg.rope_scaling is not None:
+        rope = f"RoPE {cfg.rope_scaling} scaling x{cfg.rope_factor:g}"
+    else:
+        rope = "the model's RoPE" if cfg.rope_theta is None else "RoPE"
+    if cfg.rope_theta is not None:
+        rope += f" theta {cfg.rope_theta:g}"
+    resumed = f", resumed at step {step}" if step != first else ""
+    return (
+        f"stage {i + 1}/{len(cfg.seq_schedule or [0])}: {length} tokens per sequence, steps {first}-"
+        f"{first + steps - 1}{resumed}; {rope} (the same in every stage, max_position_embeddings {cfg.seq_len}+)"
+    )
+
+
 def _last_record(path: Path) -> dict | None:
     try:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -241,16 +273,25 @@ def train(run: Run) -> dict | None:
         log(
             f"training {run.task.name} ({run.model.num_params() / 1e6:.2f}M params, {cfg.compute_dtype(run.device)}) "
             f"on {mesh.world} ranks (dp {mesh.dp} x cp {mesh.cp} x ulysses {mesh.ulysses}, {cfg.layout}), "
-            f"{cfg.seq_len} tokens per sequence, {cfg.batch} sequences per step"
+            + (
+                f"a --seq-len schedule {schedule_text(cfg.seq_schedule)} (length:steps)"
+                if cfg.seq_schedule
+                else f"{cfg.seq_len} tokens per sequence"
+            )
+            + f", {cfg.batch} sequences per step"
+            + (f"; LoRA rank {cfg.lora}: {trainable_params(run.model) / 1e6:.3f}M trained" if cfg.lora else "")
         )
     before = run.task.evaluate_before(run)
     rec = dict(loss=float("nan"))
     for s in range(run.start, cfg.steps):
+        if run.is_main and cfg.seq_schedule and (s == run.start or cfg.stage_at(s)[2] == s):
+            log(stage_line(cfg, s))
         rec = step(run, s)
         if bar is not None:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+            stage = {"stage": f"{rec['stage']}/{len(cfg.seq_schedule)}"} if cfg.seq_schedule else {}
+            bar.set_postfix(**stage, seq=rec["seq_len"], loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
             bar.update()
         done = s + 1
         stopping = cfg.stop_after is not None and cfg.stop_after <= done < cfg.steps

@@ -201,6 +201,10 @@ def build_pretrained(cfg, mesh) -> PretrainedLM:
         hf = AutoModelForCausalLM.from_config(config, attn_implementation=rw.NAME, **dtype_kwarg(torch.float32))
     hf.tie_weights()  # from_config leaves a tied output matrix untied until weights load: tie it before sharding
     rw.check_model(hf)
+    if cfg.lora is not None:  # --lora R: peft's LoRA layers in place (the base weights frozen), before tiling
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(lora_config(cfg.lora, cfg.lora_alpha, cfg.lora_targets), hf)
     rw.tile_feed_forward(hf, cfg.ffn_tile)  # --ffn-tile: None = the model's hidden size in tokens, 0 = untiled
     model = PretrainedLM(hf)
     model.set_ring(mesh.seqshard(cfg.layout))
@@ -215,7 +219,47 @@ def build_pretrained(cfg, mesh) -> PretrainedLM:
         for name, b in model.named_buffers():  # to_empty left them uninitialised
             b.copy_(buffers[name].to(b.device))
     load_weights(hf, cfg.pretrained)
+    if cfg.lora is not None:
+        init_adapters(model, cfg.seed)
     return model
+
+
+def lora_config(r: int, alpha: int | None, targets):
+    """peft's LoraConfig of --lora R --lora-alpha A --lora-targets ...: no dropout (the step stays
+    deterministic, the same at every world size), no bias trained."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r, lora_alpha=r if alpha is None else alpha, target_modules=list(targets), lora_dropout=0.0, bias="none"
+    )
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter / state-dict name is a LoRA adapter's (peft's lora_A / lora_B)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """LoRA's initial values into the sharded adapters (after `materialize`): each A drawn as peft draws it
+    (kaiming-uniform, a = sqrt(5)) whole, from one generator seeded with `seed` in parameter order, each B
+    zero (the adapted model starts as the base); each rank keeps its shard. The same values at every world
+    size."""
+    import math
+
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not is_adapter(name):
+                continue
+            shard = cast(DTensor, p)
+            whole = torch.zeros(p.shape, dtype=torch.float32)
+            if ".lora_A." in name:
+                nn.init.kaiming_uniform_(whole, a=math.sqrt(5), generator=gen)
+            whole = whole.to(shard.device_mesh.device_type).to(p.dtype)
+            local = distribute_tensor(whole, shard.device_mesh, shard.placements, src_data_rank=None).to_local()
+            shard.to_local().copy_(local)
 
 
 def stored_keys(path) -> set[str]:
@@ -236,7 +280,9 @@ def load_weights(hf: nn.Module, path) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    state = {k: v for k, v in hf.state_dict().items()}
+    # with --lora: the adapters are not in the checkpoint (init_adapters), and a target's base weight is
+    # peft's `<module>.base_layer.weight`, stored as `<module>.weight`
+    state = {k.replace(".base_layer.", "."): v for k, v in hf.state_dict().items() if not is_adapter(k)}
     stored = stored_keys(path)
     tied = {k for k in state if k not in stored and _is_tied(hf, k)}
     missing = sorted(k for k in state if k not in stored and k not in tied)
@@ -265,7 +311,10 @@ def save_config(cfg, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
     AutoTokenizer.from_pretrained(cfg.pretrained).save_pretrained(folder)
-    (folder / "ringwise.json").write_text(json.dumps(dict(source=str(Path(cfg.pretrained).resolve())), indent=2))
+    facts: dict = dict(source=str(Path(cfg.pretrained).resolve()))
+    if cfg.lora is not None:
+        facts["lora"] = dict(r=cfg.lora, alpha=cfg.lora_alpha, targets=list(cfg.lora_targets))
+    (folder / "ringwise.json").write_text(json.dumps(facts, indent=2))
 
 
 @dataclass
@@ -275,6 +324,11 @@ class Documents:
     train: torch.utils.data.Subset
     held_out: torch.utils.data.Subset
     tokenizer: object
+    stages: dict[int, torch.utils.data.Subset] | None = None  # a --seq-len schedule's training windows by length
+
+    def train_at(self, seq_len: int) -> torch.utils.data.Subset:
+        """The training windows of `seq_len` tokens (a schedule's stage; else the one length's)."""
+        return self.stages[seq_len] if self.stages else self.train
 
 
 _PREPARED: dict = {}  # the last documents() of this process: {its sources' key: Documents}
@@ -289,7 +343,14 @@ def _sources_key(cfg) -> tuple:
 
     model = Path(cfg.pretrained)
     model_files = sorted(f for f in model.iterdir() if f.is_file()) if model.is_dir() else []
-    return (stats(model_files), stats(text_files(cfg.text, skip=LEGACY_CACHE_DIR)), cfg.seq_len, cfg.eval_fraction)
+    schedule = tuple(map(tuple, cfg.seq_schedule or ()))
+    return (
+        stats(model_files),
+        stats(text_files(cfg.text, skip=LEGACY_CACHE_DIR)),
+        cfg.seq_len,
+        schedule,
+        cfg.eval_fraction,
+    )
 
 
 def documents(cfg) -> Documents:
@@ -312,14 +373,28 @@ def _prepare_documents(cfg) -> Documents:
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--model {cfg.pretrained}: its tokenizer has no EOS token to separate documents")
-    packed = PackedDocuments(tokenize_documents(cfg.text, tokenizer), cfg.seq_len, tokenizer.eos_token_id)
+    tokens = tokenize_documents(cfg.text, tokenizer)
+    packed = PackedDocuments(tokens, cfg.seq_len, tokenizer.eos_token_id)
     train, held_out = split(len(packed), cfg.eval_fraction)
     if not len(train) or not len(held_out):
         raise ValueError(
             f"--text holds {packed.tokens.numel()} tokens of --model's tokenizer: {len(packed)} "
             f"sequence(s) of --seq-len {cfg.seq_len}; training and evaluation need 2 at least"
         )
-    return Documents(torch.utils.data.Subset(packed, train), torch.utils.data.Subset(packed, held_out), tokenizer)
+    docs = Documents(torch.utils.data.Subset(packed, train), torch.utils.data.Subset(packed, held_out), tokenizer)
+    if cfg.seq_schedule:
+        docs.stages = {cfg.seq_len: docs.train}
+        held_from = packed.windows[held_out.start] * cfg.seq_len  # the held-out text's first token
+        for length, steps in cfg.seq_schedule[:-1]:  # a shorter stage: its windows of the text before it
+            shorter = PackedDocuments(tokens, length, tokenizer.eos_token_id)
+            before = [i for i, w in enumerate(shorter.windows) if (w + 1) * length < held_from]
+            if not before:
+                raise ValueError(
+                    f"the stage {length}:{steps} of --seq-len has no window of {length} tokens to train on "
+                    "before the held-out text"
+                )
+            docs.stages[length] = torch.utils.data.Subset(shorter, before)
+    return docs
 
 
 def _as_new_files(folder: Path) -> None:
@@ -332,9 +407,12 @@ def _as_new_files(folder: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
-def export_hf(run_dir, out) -> Path:
+def export_hf(run_dir, out, adapter: bool = False) -> Path:
     """The newest intact checkpoint of a finetune run as a transformers folder: the run's config (with
-    its RoPE changes), safetensors and tokenizer. Made whole in this process (offline, once)."""
+    its RoPE changes), safetensors and tokenizer. A LoRA run's adapters are merged into the weights (a plain
+    transformers model); with `adapter`, a LoRA run's adapters alone as a peft folder (adapter_config.json,
+    adapter_model.safetensors and the tokenizer: PeftModel.from_pretrained puts them on the base model).
+    Made whole in this process (offline, once)."""
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -345,6 +423,10 @@ def export_hf(run_dir, out) -> Path:
     hf_dir = run_dir / "hf"
     if not (hf_dir / "config.json").exists():
         raise ValueError(f"{run_dir} is not a ringwise finetune run (no hf/config.json); export it without --hf")
+    facts = json.loads((hf_dir / "ringwise.json").read_text()) if (hf_dir / "ringwise.json").exists() else {}
+    lora = facts.get("lora")
+    if adapter and lora is None:
+        raise ValueError(f"{run_dir} is a full fine-tuning run (no --lora): it has no adapters; export it with --hf")
     path, skipped = checkpoint.newest_intact(run_dir / "checkpoints")
     if path is None:
         raise FileNotFoundError(
@@ -352,6 +434,13 @@ def export_hf(run_dir, out) -> Path:
         )
     weights = {k.removeprefix("hf."): v for k, v in checkpoint.consolidated(path)["model"].items()}
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), **dtype_kwarg(torch.float32))
+    peft_model = None
+    if lora is not None:  # the run's LoRA layers (peft's names: the injected ones under base_model.model.)
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(model, lora_config(lora["r"], lora["alpha"], lora["targets"]))
+        peft_model.peft_config["default"].base_model_name_or_path = facts.get("source")
+        model = peft_model.base_model.model
     model.load_state_dict(weights, strict=False)
     expected = set(model.state_dict())
     missing = sorted(k for k in expected - set(weights) if not _is_tied(model, k))
@@ -361,12 +450,14 @@ def export_hf(run_dir, out) -> Path:
             f"unexpected {sorted(set(weights) - expected)[:4]})"
         )
     model.tie_weights()
+    if peft_model is not None and not adapter:
+        model = peft_model.merge_and_unload()  # each target's W + (alpha / r) B A, as plain Linear layers
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: give a new folder for the export")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written whole, then renamed: never half a folder
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        (cast("PreTrainedModel", peft_model) if adapter else model).save_pretrained(tmp)
         for f in hf_dir.iterdir():  # the tokenizer's files (the config was just written with the weights)
             if f.is_file() and f.name not in ("config.json", "ringwise.json"):
                 shutil.copy2(f, tmp / f.name)

@@ -41,6 +41,10 @@ def resolved_config(cfg, flags) -> dict:
         threads=cfg.threads or (max(1, (os.cpu_count() or 1) // world) if kind == "cpu" else None),
         eval_lengths=cfg.eval_lengths_for(cp),
     )
+    if cfg.seq_schedule:  # --seq-len as given: the schedule (seq_len alone is its longest stage)
+        from .config import schedule_text
+
+        resolved["seq_len"] = schedule_text(cfg.seq_schedule)
     config = {k: resolved.get(k, getattr(cfg, k)) for k in flags if hasattr(cfg, k) and k not in _NOT_CONFIG}
     if "pretrained" in config:  # finetune's --model
         config["model"] = config.pop("pretrained")
@@ -62,7 +66,9 @@ def throughput(cfg, metrics: Path) -> dict:
     return dict(
         train_time_s=round(seconds, 3),
         steps_timed=len(records),
-        tokens_per_s=round(len(records) * cfg.batch * cfg.seq_len / seconds, 1) if seconds > 0 else None,
+        tokens_per_s=round(sum(cfg.batch * r.get("seq_len", cfg.seq_len) for r in records) / seconds, 1)
+        if seconds > 0
+        else None,
         peak_memory_mib=max(peaks) if peaks else None,
     )
 

@@ -68,6 +68,10 @@ class Task:
     def train_data(self) -> Examples:
         raise NotImplementedError
 
+    def train_data_at(self, step: int) -> Examples:
+        """The training windows of `step` (finetune's --seq-len schedule: its stage's; else train_data)."""
+        return self.train_data
+
     def build_model(self, mesh: Mesh) -> Transformer | PretrainedLM:
         raise NotImplementedError
 
@@ -204,6 +208,9 @@ class FinetuneTask(Task):
     @property
     def train_data(self) -> Examples:
         return self.documents.train
+
+    def train_data_at(self, step: int) -> Examples:
+        return self.documents.train_at(self.cfg.stage_at(step)[1])
 
     @property
     def held_out(self) -> Examples:
