@@ -50,9 +50,9 @@ def collator(packed):
     return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=packed)
 
 
-def training_args(out, batch, dtype=torch.float32, **kw):
-    return transformers.TrainingArguments(
-        output_dir=out,
+def common_args(batch, **kw):
+    """The arguments every run here shares (a one-process reference and the ring's ranks alike)."""
+    return dict(
         per_device_train_batch_size=batch,
         max_steps=STEPS,
         learning_rate=LR,
@@ -63,10 +63,14 @@ def training_args(out, batch, dtype=torch.float32, **kw):
         report_to=[],
         use_cpu=True,
         seed=0,
-        remove_unused_columns=False,
-        dataloader_drop_last=False,
         disable_tqdm=True,
         **kw,
+    )
+
+
+def training_args(out, batch, **kw):
+    return transformers.TrainingArguments(
+        output_dir=out, remove_unused_columns=False, dataloader_drop_last=False, **common_args(batch, **kw)
     )
 
 
@@ -123,17 +127,17 @@ def single_trainer(dp, dtype):
 _SINGLE: dict = {}
 
 
-def single(dp, dtype):
-    if (dp, dtype) not in _SINGLE:
-        _SINGLE[dp, dtype] = single_trainer(dp, dtype)
-    return _SINGLE[dp, dtype]
+def single(dp, dtype, run=single_trainer):
+    if (run, dp, dtype) not in _SINGLE:
+        _SINGLE[run, dp, dtype] = run(dp, dtype)
+    return _SINGLE[run, dp, dtype]
 
 
-def check_against_one_process(results, dp):
+def check_against_one_process(results, dp, run=single_trainer):
     """Every rank logs the same losses and holds the same weights; both are one process's, within the float32
     model's own error against float64 (the updates: weights minus the initial weights)."""
-    ref_losses, ref = single(dp, torch.float64)
-    f32_losses, f32 = single(dp, torch.float32)
+    ref_losses, ref = single(dp, torch.float64, run)
+    f32_losses, f32 = single(dp, torch.float32, run)
     initial = dict(initial_model("sdpa", torch.float64).named_parameters())
     assert len(results[0]["losses"]) == STEPS
     for r in results:
@@ -148,7 +152,7 @@ def check_against_one_process(results, dp):
     for n, w in results[0]["weights"].items():
         start = initial[n].detach()
         got, want, own = w.double() - start, ref[n] - start, f32[n].double() - start
-        assert_within_budget(n, max_err(got, want), max_err(own, want), 1e-6, ceiling=CEILINGS["float32"])
+        assert_within_budget(n, max_err(got, want), max_err(own, want), 1e-8, ceiling=CEILINGS["float32"])
 
 
 GRID = [
@@ -170,6 +174,94 @@ def case_id(c):
 def test_trainer_steps_match_one_process(grid_results, case):
     results = grid_results(trainer_case, GRID, case)
     check_against_one_process(results, case["world"] // case["ring"])
+
+
+# ---------------------------------------------------------------- TRL's SFTTrainer
+
+
+def word_tokenizer():
+    """A word-level tokenizer of the model's 128 ids (t0 .. t127; t0 the pad, t2 the end): the data set comes
+    tokenized, SFTTrainer only reads its special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t1", eos_token="t2", pad_token="t0")
+
+
+def sft_dataset(n):
+    """Prompt-completion pairs, tokenized: a completion_mask of 0s on the prompt's tokens and 1s on the answer's
+    (SFTTrainer's completion-only loss makes the prompt's labels -100)."""
+    from datasets import Dataset
+
+    rows = []
+    for i, row in enumerate(dataset(n)):
+        prompt = 3 + 2 * i  # 3, 5, 7, 9 prompt tokens
+        mask = [0] * prompt + [1] * (len(row["input_ids"]) - prompt)
+        rows.append(dict(input_ids=row["input_ids"], completion_mask=mask))
+    return Dataset.from_list(rows)
+
+
+def sft_args(out, batch, packed):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=out,
+        bf16=False,  # SFTConfig turns bf16 autocast on where it can: the float32 comparison wants none
+        completion_only_loss=True,
+        padding_free=packed,
+        max_length=None,
+        **common_args(batch),
+    )
+
+
+def sft_case(case):
+    """On every rank: STEPS of ring_trainer(SFTTrainer), completion-only loss, padding-free packing or padded rows
+    (TRL builds its collator; ring_trainer wraps it); the logged losses and the trained weights."""
+    from trl import SFTTrainer
+
+    shard = SeqShard(case["layout"], ring_groups(case["ring"]))
+    dp = dist.get_world_size() // case["ring"]
+    model = initial_model("ringwise", shard=shard)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = ring_trainer(SFTTrainer)(
+            model=model,
+            args=sft_args(out, BATCH, case["packed"]),
+            train_dataset=sft_dataset(BATCH * dp),
+            processing_class=word_tokenizer(),
+        )
+        trainer.train()
+    return dict(losses=losses_of(trainer), weights={n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def single_sft(dp, dtype):
+    """One process, TRL's own SFTTrainer (its fused-head loss), sdpa, padded rows, the whole global batch."""
+    from trl import SFTTrainer
+
+    model = initial_model("sdpa", dtype)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_args(out, BATCH * dp, False),
+            train_dataset=sft_dataset(BATCH * dp),
+            processing_class=word_tokenizer(),
+        )
+        trainer.train()
+    return losses_of(trainer), {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+SFT_GRID = [
+    dict(world=2, ring=2, layout="zigzag", packed=True),
+    dict(world=3, ring=3, layout="striped", packed=True),
+    dict(world=3, ring=3, layout="zigzag", packed=False),
+    dict(world=4, ring=2, layout="zigzag", packed=True),
+]
+
+
+@pytest.mark.parametrize("case", SFT_GRID, ids=case_id)
+def test_sft_trainer_steps_match_one_process(grid_results, case):
+    results = grid_results(sft_case, SFT_GRID, case)
+    check_against_one_process(results, case["world"] // case["ring"], single_sft)
 
 
 # ---------------------------------------------------------------- refusals
@@ -218,13 +310,14 @@ def test_a_bad_batch_is_refused_alike_on_every_rank(grid_results, case):
 
 
 def test_ring_trainer_checks_what_it_needs():
-    """Built without a RingCollator, with data-loader workers and per-rank token averaging: one error naming all."""
-    model = initial_model("ringwise", shard=SeqShard("zigzag"))
+    """Built on a model without the ring-aware loss, with data-loader workers and per-rank token averaging: one
+    error naming all three."""
+    model = initial_model("sdpa")
     with tempfile.TemporaryDirectory() as out:
         args = training_args(out, BATCH, dataloader_num_workers=1, average_tokens_across_devices=False)
         with pytest.raises(ValueError) as e:
             ring_trainer(transformers.Trainer)(
                 model=model, args=args, train_dataset=dataset(2), data_collator=collator(False)
             )
-    for part in ("RingCollator", "dataloader_num_workers", "average_tokens_across_devices"):
+    for part in ("ring-aware loss", "dataloader_num_workers", "average_tokens_across_devices"):
         assert part in str(e.value)

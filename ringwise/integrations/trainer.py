@@ -1,12 +1,11 @@
 """transformers' Trainer (and TRL's SFTTrainer) sequence-parallel through ringwise attention.
 
     import ringwise.integrations.transformers as rw
-    from ringwise.integrations.trainer import RingCollator, ring_trainer
+    from ringwise.integrations.trainer import ring_trainer
 
     rw.use_ring(group=ring_group, layout="zigzag")      # every rank of a ring shares one sequence
     model = rw.from_config(cfg)                          # or rw.from_pretrained(path): RingLoss installed
-    trainer = ring_trainer(Trainer)(model=model, args=args, train_dataset=ds,
-                                    data_collator=RingCollator(user_collator, model=model))
+    trainer = ring_trainer(Trainer)(model=model, args=args, train_dataset=ds, data_collator=user_collator)
     trainer.train()
 
 Two pieces, each doing one thing:
@@ -18,8 +17,9 @@ Two pieces, each doing one thing:
   targets go to the model as `shift_labels` too, which transformers' Trainer counts as they are. Before it returns,
   the ranks of the ring compare their batches (one small all-reduce): a batch refused on one rank, or ranks that
   were handed different batches, raise the same error on every rank of the ring.
-- `ring_trainer(Trainer)` (or `RingTrainerMixin` first in your class's bases) makes the data-parallel sampler
-  shard over the replicas only (dp = world / ring size): every rank of a ring reads the same batches.
+- `ring_trainer(Trainer)` (or `RingTrainerMixin` first in your class's bases) wraps the trainer's collator in a
+  RingCollator and makes the data-parallel sampler shard over the replicas only (dp = world / ring size): every
+  rank of a ring reads the same batches.
 
 Why the gradients come out exact: the ring-aware loss (RingLoss) returns this rank's summed token losses over
 `num_items_in_batch`, which Trainer (average_tokens_across_devices=True, its default) counts over every rank of
@@ -247,8 +247,10 @@ class RingTrainerMixin:
     """Put first in a Trainer subclass's bases (ring_trainer(Trainer) does): the ranks of each ring read the same
     batches, the data-parallel replicas different ones; the loss and its gradients are then exact (module doc).
 
-    Checked when built: a model configured for ringwise (its RingLoss), a RingCollator, data loading in the
-    training processes, average_tokens_across_devices=True and a model that takes num_items_in_batch."""
+    The trainer's collator (given, or the one the trainer builds: TRL's padding-free one) is wrapped in a
+    RingCollator for the model's ring unless it is one. Checked when built: a model configured for ringwise (its
+    RingLoss), data loading in the training processes, average_tokens_across_devices=True and a model that takes
+    num_items_in_batch."""
 
     # the Trainer attributes this mixin reads (for type checkers: the mixin has no Trainer base)
     args: Any
@@ -261,9 +263,9 @@ class RingTrainerMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         problems = []
+        if not isinstance(self.data_collator, RingCollator):  # the trainer's collator (yours, or the one TRL built)
+            self.data_collator = RingCollator(self.data_collator, model=self.accelerator.unwrap_model(self.model))
         collator = self.data_collator
-        if not isinstance(collator, RingCollator):
-            problems.append("data_collator is not a ringwise RingCollator (wrap yours: RingCollator(collator, model=))")
         if self.args.dataloader_num_workers:
             problems.append("dataloader_num_workers must be 0: the ring collator runs a collective per batch")
         if not self.args.average_tokens_across_devices:
