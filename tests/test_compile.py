@@ -199,6 +199,69 @@ def test_transformers_llama_compiles_with_ringwise_attention(cluster):
         assert torch.equal(a, b)
 
 
+MASKED_FAMILIES = ("mistral", "gemma3", "gpt_oss", "llama4")  # windows, local/global layers with sinks, chunks
+
+
+def hf_masked_logits(names):
+    """Small transformers models whose masks are closures built inside the graph (sliding windows, chunks) on a
+    ring of 2: {name: (eager logits, compiled logits)}. The closures are read through ringwise's tags."""
+    from hf_models import make_config
+
+    import ringwise.integrations.transformers as rw
+
+    rw.use_ring()
+    results = {}
+    for name in names:
+        cfg = make_config(name)
+        torch.manual_seed(0)
+        model = rw.from_config(cfg).eval()
+        ids = torch.randint(3, 64, (1, 24 * dist.get_world_size()), generator=torch.Generator().manual_seed(1))
+        batch = rw.shard_batch(ids)
+        batch.pop("labels")
+        torch._dynamo.reset()
+        with torch.no_grad():
+            eager = model(**batch).logits
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**batch).logits
+        results[name] = (eager, compiled)
+    return results
+
+
+def test_transformers_masks_read_inside_a_compiled_graph(cluster):
+    """Sliding-window (Mistral), local/global (Gemma 3, GPT-OSS with sinks) and chunked (Llama 4) models compile
+    whole (fullgraph) on a ring of 2 and give the eager ring's logits bit for bit: their mask closures, built
+    inside the graph where Dynamo cannot read closure cells, are read from ringwise's tags."""
+    pytest.importorskip("transformers")
+    for rank in cluster(2).run(hf_masked_logits, MASKED_FAMILIES, timeout=600):
+        for name, (eager, compiled) in rank.items():
+            assert torch.equal(eager, compiled), name
+
+
+def test_untagged_mask_closure_is_refused_under_compile():
+    """A factory closure ringwise did not tag cannot be read in a graph: refused with the reason, not misread."""
+    pytest.importorskip("transformers")
+    from transformers import masking_utils as mu
+
+    from ringwise.integrations import hf_masks
+
+    hf_masks.tag_mask_factories()
+    untagged = mu.sliding_window_overlay.__ringwise_untagged__
+
+    def read(x):
+        try:
+            hf_masks.read_mask_function(mu.and_masks(untagged(8), mu.causal_mask_function))
+        except ValueError as e:
+            return x + (1 if "cannot read the mask closure" in str(e) else 2)
+        return x
+
+    def read_tagged(x):
+        return x + hf_masks.read_mask_function(mu.and_masks(mu.sliding_window_overlay(8), mu.causal_mask_function)).left
+
+    torch._dynamo.reset()
+    x = torch.zeros(1)
+    assert torch.compile(read, fullgraph=True, backend="eager")(x).item() == 1
+    assert torch.compile(read_tagged, fullgraph=True, backend="eager")(x).item() == 7
+
+
 def test_op_is_one_node_in_the_graph():
     """dynamo sees ringwise.attention as one call (no graph break, no inlined ring)."""
     seen = []

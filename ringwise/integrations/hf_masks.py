@@ -12,6 +12,11 @@ factory's code object, so each part is recognised by code identity and its captu
 from its closure cells: nothing is guessed from names or by probing the mask. Anything else (custom
 functions, compositions the op cannot express) is reported as not understood, never dropped.
 
+Under torch.compile the closures are built inside the graph, where Dynamo cannot read a closure's cells.
+tag_mask_factories() therefore wraps each factory (in masking_utils and wherever a model module imported it)
+so that the closure it returns also carries its kind and arguments as an attribute, which Dynamo reads; the
+closure itself is the factory's, unchanged. The reader prefers that tag and falls back to the cells.
+
 The parts are folded into one normal form, in offsets d = key - query (global positions):
 
     visible = (d in band  or  (same block  and  d in group_band))  and  same chunk  and  same packed sequence
@@ -196,7 +201,10 @@ def factory_codes() -> tuple[tuple[CodeType, str], ...]:
 
 
 def _kind(codes: tuple[tuple[CodeType, str], ...], fn) -> str | None:
-    """What `fn` is, by its code object's identity (None: not a closure the reader knows)."""
+    """What `fn` is: its tag's kind, else by its code object's identity (None: not a closure the reader knows)."""
+    tag = getattr(fn, _TAG, None)
+    if tag is not None:
+        return tag[0]
     code = getattr(fn, "__code__", None)
     for c, kind in codes:
         if c is code:
@@ -238,7 +246,75 @@ def _chunked_overlay(mu):
         return mu.chunked_overlay(1)
 
 
+_TAG = "__ringwise_mask_part__"  # (kind, the factory's arguments by name) on a closure a tagged factory made
+_ORIGINAL = "__ringwise_untagged__"  # on a tagged factory: the factory it wraps
+
+
+def _tagged(kind: str, factory, names: tuple[str, ...], varargs: str | None):
+    """`factory`, returning closures that carry (kind, {argument name: value}) as _TAG."""
+
+    def tagged(*args, **kwargs):
+        fn = factory(*args, **kwargs)
+        cells = {varargs: args} if varargs is not None else dict(zip(names, args))
+        cells.update(kwargs)
+        setattr(fn, _TAG, (kind, cells))
+        return fn
+
+    setattr(tagged, _ORIGINAL, factory)
+    tagged.__name__, tagged.__qualname__, tagged.__doc__ = factory.__name__, factory.__qualname__, factory.__doc__
+    return tagged
+
+
+def _factories() -> dict[str, tuple[object, str]]:
+    """{factory attribute name: (module, kind)} of the factories whose closures the reader knows."""
+    from transformers import masking_utils as mu
+
+    found: dict[str, tuple[object, str]] = {}
+    for name, kind in (
+        ("and_masks", "and_masks"),
+        ("or_masks", "or_masks"),
+        ("sliding_window_overlay", "sliding_window"),
+        ("sliding_window_bidirectional_overlay", "bidirectional_window"),
+        ("chunked_overlay", "chunked"),
+        ("blockwise_overlay", "blockwise"),
+        ("remap_positions_for_packed_sequence", "remap"),
+        ("packed_sequence_mask_function", "packed"),
+    ):
+        if hasattr(mu, name):
+            found[name] = (mu, kind)
+    g3 = sys.modules.get("transformers.models.gemma3.modeling_gemma3")
+    if g3 is not None and hasattr(g3, "_bidirectional_window_overlay"):
+        found["_bidirectional_window_overlay"] = (g3, "bidirectional_window_exclusive")
+    return found
+
+
+def tag_mask_factories() -> None:
+    """Wrap the mask factories (tagged closures, module docstring) in masking_utils and in every loaded
+    transformers module that imported them by name. Idempotent; call it outside any compiled graph, after the
+    model's module is imported (register() and check_model() do)."""
+    factories = _factories()
+    for name, (module, kind) in factories.items():
+        current = getattr(module, name)
+        original = getattr(current, _ORIGINAL, current)
+        params = inspect.signature(original).parameters.values()
+        varargs = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+        names = tuple(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        tagged = current if current is not original else _tagged(kind, original, names, varargs)
+        for mod_name, mod in list(sys.modules.items()):
+            if mod_name.startswith("transformers") and getattr(mod, name, None) is original:
+                setattr(mod, name, tagged)
+
+
 def _cells(fn) -> dict:
+    """A known closure's captured values by name: its tag's (readable under torch.compile), else its cells."""
+    tag = getattr(fn, _TAG, None)
+    if tag is not None:
+        return tag[1]
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            f"under torch.compile ringwise cannot read the mask closure {_name(fn)} (a factory it did not tag: "
+            "build the model through ringwise.integrations.transformers, or run it uncompiled)"
+        )
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
 

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from ..attention.api import attention
 from ..attention.checks import not_global_positions
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
-from .hf_masks import MaskSpec, factory_codes, global_group_ids, group_problem, read_mask_function
+from .hf_masks import MaskSpec, factory_codes, global_group_ids, group_problem, read_mask_function, tag_mask_factories
 from .hf_multimodal import (
     TOWER_IMPLEMENTATION,
     implementation_problems,
@@ -203,7 +203,7 @@ def _layer_mask(attention_mask, sliding_window, kwargs) -> tuple[RingMask | None
             f"({_transformers_version()}) builds the model's mask itself; newer releases build it through "
             "the mask registry (GPT-2 from 4.54.1, GraniteMoE from 5.0, OPT by 5.24)"
         )
-    if mask is not None and sliding_window is not None and sliding_window != mask.window:
+    if mask is not None and mask.problem is None and sliding_window is not None and sliding_window != mask.window:
         return mask, (
             f"the layer passes sliding_window={sliding_window} but its mask has window {mask.window}; "
             "ringwise cannot tell which one the model means"
@@ -537,6 +537,7 @@ def register() -> None:
     AttentionInterface.register(NAME, ringwise_attention_forward)
     AttentionMaskInterface.register(NAME, ringwise_mask)
     factory_codes()  # the mask reader's table, made here rather than inside a torch.compile trace of the hook
+    tag_mask_factories()  # closures readable inside a torch.compile trace
 
 
 def configure(model_or_config, shard: SeqShard) -> None:
@@ -582,6 +583,7 @@ def check_model(model) -> None:
     if problems:
         what = type(model).__name__ if hasattr(model, "named_modules") else f"model_type={model.model_type!r}"
         raise ValueError(f"{what} does not route its attention through ringwise exactly: " + "; ".join(problems))
+    tag_mask_factories()  # the model's module is imported now: its own imports of the factories too
     _mark_towers(model)
     _prepare_multimodal(model)  # M-RoPE vision-language models: shard_multimodal_batch's positions, no pixels
     _install_position_hook(model)
@@ -685,7 +687,8 @@ def _auto_class(config):
     if is_supported_vlm(config):
         from transformers import AutoModelForImageTextToText
 
-        return AutoModelForImageTextToText, {"": NAME, "text_config": NAME, "vision_config": TOWER_IMPLEMENTATION}
+        towers = {k: TOWER_IMPLEMENTATION for k in ("vision_config", "audio_config") if getattr(config, k, None)}
+        return AutoModelForImageTextToText, {"": NAME, "text_config": NAME, **towers}
     return AutoModelForCausalLM, NAME
 
 
