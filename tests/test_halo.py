@@ -10,7 +10,7 @@ import torch
 from helpers import assemble, packed
 
 import ringwise
-from ringwise.attention.halo import causal_conv1d, halos, linear_scan, sharded_scan
+from ringwise.attention.halo import causal_conv1d, delta_rule, halos, linear_scan, sharded_scan, sharded_state_scan
 
 S, B, C, K = 48, 2, 6, 4
 
@@ -155,3 +155,84 @@ def _differing_lengths():
 def test_ranks_that_differ_are_refused_alike(cluster):
     said = cluster(2).run(_differing_lengths)
     assert said[0] == said[1] and "every rank must pass the same shapes and options" in said[0], said
+
+
+# ---------------------------------------------------------------- the delta rule's matrix state across ranks
+
+DK, DV, HV = 8, 6, 3  # odd value heads, dk != dv
+
+
+def delta_inputs(seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, S, HV, DK, generator=g, dtype=torch.float64) for _ in range(2))
+    k = torch.nn.functional.normalize(k, dim=-1)  # as the models' kernels l2-normalise keys: a stable recurrence
+    v, dout = (torch.randn(B, S, HV, DV, generator=g, dtype=torch.float64) for _ in range(2))
+    decay = -torch.rand(B, S, HV, generator=g, dtype=torch.float64)  # log of a decay in (1/e, 1]
+    beta = torch.rand(B, S, HV, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, decay, beta, dout)]
+
+
+def _transformers_kernel(q, k, v, initial_state, g, beta):
+    """transformers' torch_chunk_gated_delta_rule (Qwen3-Next), in the signature sharded_state_scan calls."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+    return torch_chunk_gated_delta_rule(
+        q, k, v, g=g, beta=beta, chunk_size=8, initial_state=initial_state, output_final_state=True
+    )
+
+
+def _delta_kernel(name):
+    return delta_rule if name == "reference" else _transformers_kernel
+
+
+def delta_run(case):
+    """On each rank: the sharded delta rule's outputs and the gradients of its shard's inputs."""
+    *xs, dout = delta_inputs(case["seed"], getattr(torch, case["dtype"]))
+    layout = case["layout"]
+    q, k, v, decay, beta = (ringwise.shard(t, 1, layout).requires_grad_() for t in xs)
+    out = sharded_state_scan(_delta_kernel(case["kernel"]), q, k, v, dict(g=decay, beta=beta), layout=layout)
+    out.backward(ringwise.shard(dout, 1, layout))
+    return dict(out=out.detach(), grads=[t.grad for t in (q, k, v, decay, beta)])
+
+
+DELTA_GRID = [
+    dict(world=W, layout=layout, seed=10 + i, kernel="reference", dtype="float64")
+    for i, (W, layout) in enumerate(itertools.product([1, 2, 3, 4], ["contiguous", "zigzag"]))
+] + [dict(world=3, layout="zigzag", seed=30, kernel="transformers", dtype="float32")]
+
+
+@pytest.mark.parametrize("case", DELTA_GRID, ids=lambda c: f"W{c['world']}-{c['layout']}-{c['kernel']}-{c['dtype']}")
+def test_sharded_delta_rule_matches_one_process(grid_results, case):
+    """The gated delta rule's outputs and every input gradient (q, k, v, decays, betas), sharded with its matrix
+    state carried across ranks, equal one process on the whole sequence: the reference kernel in float64 to
+    round-off; transformers' chunked float32 kernel within 2x its own error against float64 (+ float32 eps)."""
+    if case["kernel"] == "transformers":
+        pytest.importorskip("transformers")
+    results = grid_results(delta_run, DELTA_GRID, case)
+    lay = case["layout"]
+    got_out = assemble([r["out"] for r in results], lay, 1)
+    got_grads = [assemble([r["grads"][j] for r in results], lay, 1) for j in range(5)]
+
+    def one_process(kernel, dtype):
+        *xs, dout = delta_inputs(case["seed"], dtype)
+        xs = [t.requires_grad_() for t in xs]
+        out, _ = kernel(*xs[:3], initial_state=None, g=xs[3], beta=xs[4])
+        return out.detach(), torch.autograd.grad(out, xs, dout)
+
+    want_out, want_grads = one_process(delta_rule, torch.float64)
+    if case["dtype"] == "float64":
+        assert (got_out - want_out).abs().max() < 1e-11
+        for got, want in zip(got_grads, want_grads):
+            assert (got - want).abs().max() < 1e-10 * max(1.0, want.abs().max().item())
+        return
+    own_out, own_grads = one_process(_delta_kernel(case["kernel"]), torch.float32)
+    from helpers import EPS, assert_within_budget, max_err
+
+    # the transformers kernel scales queries by dk^-0.5: the float64 truth of the same layer
+    scale = DK**-0.5
+    want_out = want_out * scale
+    want_grads = [g * scale for g in want_grads]  # the output is linear in q: every gradient scales with it
+    assert_within_budget("out", max_err(got_out, want_out), max_err(own_out, want_out), EPS["float32"], ceiling=1e-4)
+    for name, got, own, want in zip(("dq", "dk", "dv", "dg", "dbeta"), got_grads, own_grads, want_grads):
+        size = max(1.0, want.abs().max().item())
+        assert_within_budget(name, max_err(got, want), max_err(own, want), EPS["float32"] * size, ceiling=1e-4 * size)

@@ -19,6 +19,12 @@ documents included (no token sees one of another document). `sharded_scan` is th
 diagonal affine recurrence (state-space and linear-recurrent layers): one all-gather of each
 segment's summary, composed in global order. The striped layout spreads every token's
 predecessors over other ranks: refused (re-lay such a sequence contiguous first).
+
+`sharded_state_scan` carries a matrix state (B, heads, dk, dv) through any kernel of the delta-rule
+family (linear attention, DeltaNet, gated DeltaNet, KDA): the state's dv columns never mix, so a
+segment's exit state is A @ entry + C, and one kernel run from the entry [0 | I] on values [v | 0]
+gives [C | A]. One all-gather of every segment's (C, A) composes each segment's true entry state,
+and a second run from it gives the segment's outputs exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .comm import all_gather_objects
-from .layout import check_layout, segments
+from .layout import Segment, check_layout, segments
 
 Tensor = torch.Tensor
 
@@ -246,3 +252,92 @@ def sharded_scan(
         h = gathered[r][i][0] * h + gathered[r][i][1]
     out = [h0 + p * entering[(rank, i)][:, None] for i, (h0, p) in enumerate(zip(zero_states, products))]
     return torch.cat(out, dim=1)
+
+
+def delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """The gated delta rule token by token, in the inputs' dtype (the reference kernel; float64 in tests):
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, out_t = S_t^T q_t, with q, k
+    (batch, tokens, heads, dk), v (batch, tokens, heads, dv), g and beta (batch, tokens, heads), S
+    (batch, heads, dk, dv) from initial_state (zeros if None). Returns (out, final state)."""
+    B, T, H, dk = k.shape
+    S = q.new_zeros(B, H, dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
+    outs = []
+    for t in range(T):
+        kt, vt, bt = k[:, t], v[:, t], beta[:, t, :, None]
+        S = S * g[:, t].exp()[..., None, None]
+        v_new = (vt - torch.einsum("bhk,bhkv->bhv", kt, S)) * bt
+        S = S + kt[..., None] * v_new[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, dim=1), S
+
+
+def sharded_state_scan(
+    kernel: Callable[..., tuple[Tensor, Tensor]],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    per_token: dict[str, Tensor],
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    cu_seqlens: Optional[list[int]] = None,
+) -> Tensor:
+    """A delta-rule-family layer over the global sequence, for this rank's shard: `kernel(q, k, v,
+    initial_state=S, **per_token)` -> (out, final state) is the model's own scan (transformers'
+    torch_chunk_gated_delta_rule, flash-linear-attention's, or delta_rule), q, k (batch, local tokens,
+    heads, dk), v (..., dv), per_token tensors (batch, local tokens, ...) such as g and beta. The
+    state starts at zero at position 0.
+
+    Per segment: one run on values [v | 0] from [0 | I] gives the exit state's constant and linear
+    parts (C, A) (module docstring); one differentiable all-gather of them; every rank composes the
+    chain in global order; one run from the true entry state gives the outputs. Exact against one
+    process (the same algebra); about 3x one local run (the summary run is twice as wide)."""
+    check_layout(layout)
+    rank, W = _world(group)
+    L = q.shape[1]
+    problem = _layout_problem(layout, W, L, 0)
+    if problem is None and cu_seqlens is not None:
+        problem = "packed documents (cu_seqlens) are not supported by the state scan yet: run one document per row"
+    B, _, H, dk = k.shape
+    dv = v.shape[-1]
+    call = (layout, tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), sorted(per_token))
+    _agree("sharded_state_scan", problem, call, group)
+    segs = segments(layout, rank, W, L)
+
+    def cut(x: Tensor, s: Segment) -> Tensor:
+        return x[:, s.local_start : s.local_start + s.length]
+
+    summaries = []
+    for s in segs:
+        v_aug = torch.cat([cut(v, s), v.new_zeros(B, s.length, v.shape[2], dk)], dim=-1)
+        eye = torch.eye(dk, dtype=v.dtype, device=v.device).expand(B, v.shape[2], dk, dk)
+        start = torch.cat([v.new_zeros(B, v.shape[2], dk, dv), eye], dim=-1)
+        extra = {name: cut(x, s) for name, x in per_token.items()}
+        _, final = kernel(cut(q, s), cut(k, s), v_aug, initial_state=start, **extra)
+        summaries.append(final.to(v.dtype))  # [C | A]: (B, Hv, dk, dv + dk)
+    mine = torch.stack(summaries)
+    if W > 1:
+        import warnings
+
+        import torch.distributed.nn.functional as dnn
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            gathered = dnn.all_gather(mine.contiguous(), group=group)  # type: ignore[no-untyped-call]
+    else:
+        gathered = (mine,)
+    order = sorted((seg.global_start, r, i) for r in range(W) for i, seg in enumerate(segments(layout, r, W, L)))
+    # position 0's zero state, read off the gather so that every rank's backward takes part in it
+    state = torch.where(torch.zeros((), dtype=torch.bool, device=v.device), gathered[rank][0][..., :dv], 0.0)
+    entering: dict[tuple[int, int], Tensor] = {}
+    for _, r, i in order:
+        entering[(r, i)] = state
+        c, a = gathered[r][i][..., :dv], gathered[r][i][..., dv:]
+        state = a @ state + c
+    outs = []
+    for i, s in enumerate(segs):
+        extra = {name: cut(x, s) for name, x in per_token.items()}
+        out, _ = kernel(cut(q, s), cut(k, s), cut(v, s), initial_state=entering[(rank, i)], **extra)
+        outs.append(out)
+    return torch.cat(outs, dim=1)
