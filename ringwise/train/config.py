@@ -599,6 +599,8 @@ def _pretrained_problems(cfg) -> list[str]:
     missing = [m for m in ("transformers", "accelerate", "safetensors") if importlib.util.find_spec(m) is None]
     if missing:
         return [f"--model needs {', '.join(missing)}: pip install 'ringwise[hf]'"]
+    if cfg.lora is not None and importlib.util.find_spec("peft") is None:
+        return ["--lora needs peft: pip install 'ringwise[trainer]' (or pip install peft)"]
     from .pretrained import checkpoint_problems, documents, extended_config  # documents: --text into its cache
 
     if not cfg.pretrained:  # finetune without --model: the parser reported it
