@@ -586,7 +586,7 @@ def _lora_target_problems(cfg, config) -> list[str]:
     if unknown:
         return [
             f"--lora-targets {' '.join(unknown)}: no linear module of --model {cfg.pretrained} has that name "
-            f"(its linear modules: {', '.join(sorted(linear))})"
+            f"(its linear modules, the output projection aside: {', '.join(sorted(linear))})"
         ]
     return []
 

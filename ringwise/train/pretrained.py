@@ -17,6 +17,12 @@ Memory: each decoder layer's feed-forward (MLP or MoE block) runs over tiles of 
 in training, each recomputed in backward (the integration's tile_feed_forward; default: the model's
 hidden size in tokens; 0: untiled), so no (local tokens x intermediate) tensor exists whole.
 
+LoRA (--lora R): peft's LoRA layers are injected into the transformers model on the meta device
+(`inject_adapter_in_model`, which freezes every other weight) before FSDP2 shards it; the base weights load
+from the checkpoint as before (a target's `<module>.base_layer.weight` is the stored `<module>.weight`) and
+the adapters start from `init_adapters` (A drawn whole from the seed, B zero: the same at every world size).
+The loop's optimizer takes the trainable parameters only. `export_hf` merges them, or writes them alone.
+
 Context extension: `extended_config` writes --rope-theta / --rope-scaling / --rope-factor into the
 config (static scalings only: the integration refuses those that depend on the local length)
 and raises max_position_embeddings to cover the trained length.
