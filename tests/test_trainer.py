@@ -77,7 +77,7 @@ def training_args(out, batch, **kw):
 def initial_model(attn, dtype=torch.float32, shard=None):
     torch.manual_seed(0)
     if attn == "ringwise":
-        return rw.from_config(make_config(), shard=shard)
+        return rw.from_config(make_config(), shard=shard).to(dtype)
     return transformers.AutoModelForCausalLM.from_config(make_config(), attn_implementation=attn).to(dtype)
 
 
@@ -262,6 +262,119 @@ SFT_GRID = [
 def test_sft_trainer_steps_match_one_process(grid_results, case):
     results = grid_results(sft_case, SFT_GRID, case)
     check_against_one_process(results, case["world"] // case["ring"], single_sft)
+
+
+# ---------------------------------------------------------------- TRL's DPOTrainer
+
+
+def dpo_dataset(n):
+    """n preference pairs as text of the word tokenizer: prompts of 3 .. 6 tokens, completions of 1 .. 9 (TRL adds
+    the end token to each), chosen and rejected of different lengths."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(5)
+
+    def words(k):
+        return " ".join(f"t{int(i)}" for i in torch.randint(3, 128, (k,), generator=g)) + " "
+
+    return Dataset.from_list(
+        [dict(prompt=words(3 + i), chosen=words(2 + 2 * i), rejected=words(9 - 2 * i)) for i in range(n)]
+    )
+
+
+def dpo_args(out, batch, loss_type):
+    from trl import DPOConfig
+
+    return DPOConfig(output_dir=out, bf16=False, beta=0.5, max_length=None, loss_type=loss_type, **common_args(batch))
+
+
+def dpo_case(case):
+    """On every rank: STEPS of ring_trainer(DPOTrainer) (a reference model of the same initial weights on the same
+    ring); the logged losses and the trained weights."""
+    from trl import DPOTrainer
+
+    shard = SeqShard(case["layout"], ring_groups(case["ring"]))
+    dp = dist.get_world_size() // case["ring"]
+    model, ref = initial_model("ringwise", shard=shard), initial_model("ringwise", shard=shard)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = ring_trainer(DPOTrainer)(
+            model=model,
+            ref_model=ref,
+            args=dpo_args(out, BATCH, case["loss"]),
+            train_dataset=dpo_dataset(BATCH * dp),
+            processing_class=word_tokenizer(),
+        )
+        trainer.train()
+    return dict(losses=losses_of(trainer), weights={n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def single_dpo(loss):
+    def run(dp, dtype):
+        """One process, TRL's own DPOTrainer, sdpa, the whole global batch of pairs (its log-probabilities are float32
+        whatever the model's dtype: TRL's fused-head kernel computes in float32)."""
+        from trl import DPOTrainer
+
+        model, ref = initial_model("sdpa", dtype), initial_model("sdpa", dtype)
+        with tempfile.TemporaryDirectory() as out:
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=ref,
+                args=dpo_args(out, BATCH * dp, loss),
+                train_dataset=dpo_dataset(BATCH * dp),
+                processing_class=word_tokenizer(),
+            )
+            if dtype == torch.float64:
+                return dpo_oracle(trainer, loss)
+            trainer.train()
+        return losses_of(trainer), {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    return run
+
+
+def dpo_oracle(trainer, loss_types):
+    """The float64 oracle: TRL's batch (its collator on the whole data set, one batch), each sequence's summed
+    completion log-probability in float64, the DPO loss, Trainer's clipping (max_grad_norm) and SGD, STEPS times."""
+    import torch.nn.functional as F
+
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    model, ref, beta = trainer.model, trainer.ref_model, trainer.beta
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+
+    def logps(m):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+        return -token.view(labels.shape).sum(1)
+
+    with torch.no_grad():
+        ref_chosen, ref_rejected = logps(ref).chunk(2)
+    losses = []
+    for _ in range(STEPS):
+        chosen, rejected = logps(model).chunk(2)
+        delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+        per_type = {"sigmoid": -F.logsigmoid(beta * delta), "hinge": torch.relu(1 - beta * delta)}
+        loss = sum(per_type[t].mean() for t in loss_types)
+        model.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+        losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+DPO_RUNS = {"sigmoid": single_dpo(["sigmoid"]), "sigmoid+hinge": single_dpo(["sigmoid", "hinge"])}
+DPO_GRID = [
+    dict(world=2, ring=2, layout="zigzag", loss=["sigmoid"]),
+    dict(world=3, ring=3, layout="striped", loss=["sigmoid", "hinge"]),
+    dict(world=4, ring=2, layout="zigzag", loss=["sigmoid"]),
+]
+
+
+@pytest.mark.parametrize("case", DPO_GRID, ids=lambda c: case_id(dict(c, packed=False)) + "-" + "+".join(c["loss"]))
+def test_dpo_trainer_steps_match_one_process(grid_results, case):
+    results = grid_results(dpo_case, DPO_GRID, case)
+    check_against_one_process(results, case["world"] // case["ring"], DPO_RUNS["+".join(case["loss"])])
 
 
 # ---------------------------------------------------------------- refusals

@@ -47,7 +47,7 @@ from .transformers import shard_batch, shard_of
 
 # What a collator may return beside input_ids / labels: read here, never passed on as they are.
 _PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-_KNOWN_KEYS = {"input_ids", "labels", "attention_mask", "position_ids", *_PACKING_KEYS}
+_KNOWN_KEYS = {"input_ids", "labels", "attention_mask", "completion_mask", "position_ids", *_PACKING_KEYS}
 
 
 class RingCollator:
@@ -57,9 +57,11 @@ class RingCollator:
     The wrapped collator's batch (the same on every rank of a ring: ring_trainer's sampler sees to it) may hold
     `input_ids`, `labels` (unshifted, transformers' convention; default: input_ids), a right-padding
     `attention_mask` (pads become ignored targets and the mask is dropped: under a causal mask no real token sees
-    a later pad), and, for padding-free packing, `position_ids` restarting at 0 at each sequence and/or
-    `cu_seq_lens_q` (one row: the sequences become ringwise's documents). Anything else is refused, alike on every
-    rank of the ring. Returns rw.shard_batch's dict plus `shift_labels` (the same tensor as `labels`).
+    a later pad), a `completion_mask` (0: no target there, TRL's prompts), and, for padding-free packing,
+    `position_ids` restarting at 0 at each sequence and/or `cu_seq_lens_q` (one row: the sequences become
+    ringwise's documents). Anything else is refused, alike on every rank of the ring, but the `passthrough` keys,
+    returned as they are (per-sequence values, e.g. DPO's reference log-probabilities). Returns rw.shard_batch's dict
+    plus `shift_labels` (the same tensor as `labels`).
 
     It calls a collective (the ring's verdict): run the data loader in the training processes
     (dataloader_num_workers=0), as ring_trainer checks.
@@ -72,6 +74,7 @@ class RingCollator:
         model=None,
         shard: SeqShard | None = None,
         pad_id: int = 0,
+        passthrough: tuple[str, ...] = (),
     ):
         if collator is None:
             from transformers import default_data_collator
@@ -80,6 +83,7 @@ class RingCollator:
         if model is not None and shard is not None:
             raise ValueError("RingCollator: give model= (its ring) or shard=, not both")
         self.collator, self.model, self._shard, self.pad_id = collator, model, shard, pad_id
+        self.passthrough = tuple(passthrough)  # per-sequence values (DPO's reference log-probabilities): as they are
 
     @property
     def shard(self) -> SeqShard:
@@ -93,6 +97,7 @@ class RingCollator:
     def __call__(self, features: list) -> dict:
         seq = self.shard
         batch = dict(self.collator(features))
+        kept = {k: batch.pop(k) for k in self.passthrough if k in batch}
         try:
             input_ids, labels, cu_seqlens = global_batch(batch, seq.unit, self.pad_id)
             problem = None
@@ -102,6 +107,7 @@ class RingCollator:
         _ring_verdict(seq, problem, _digest(input_ids, labels, cu_seqlens))
         out = shard_batch(input_ids, labels, cu_seqlens, shard=seq)
         out["shift_labels"] = out["labels"]  # already shifted: Trainer counts them and RingLoss takes them as they are
+        out.update(kept)
         return out
 
 
@@ -134,6 +140,12 @@ def global_batch(batch: dict, unit: int, pad_id: int = 0) -> tuple[torch.Tensor,
                 "under ring attention, which takes no padding mask; pad on the right (padding_side='right') or pack"
             )
         labels[~mask] = IGNORE_INDEX
+    completion = batch.get("completion_mask")
+    if completion is not None:  # TRL's prompt / completion split: targets on the completion's tokens only
+        completion = torch.as_tensor(completion)
+        if completion.shape != input_ids.shape:
+            raise ValueError(f"completion_mask shape {tuple(completion.shape)} is not input_ids' {(b, s)}")
+        labels[completion == 0] = IGNORE_INDEX
     cu_seqlens = _documents(batch, input_ids)
     if cu_seqlens is not None and mask is not None and not bool(mask.all()):
         raise ValueError("a padding-free (packed) batch with a padding attention_mask: give one or the other")
@@ -229,9 +241,8 @@ def _data_parallel(seq: SeqShard) -> tuple[int, int]:
     first = torch.tensor([dist.get_rank()], dtype=torch.int64)
     if dist.get_backend(seq.group) == "nccl":
         first = first.cuda()
-    for g in (seq.group, seq.ulysses_group):  # the smallest rank of the (ulysses x ring) mesh
-        if g is not None or g is seq.group:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN, group=g)
+    for g in _sequence_groups(seq):  # the smallest rank of the (ulysses x ring) mesh
+        dist.all_reduce(first, op=dist.ReduceOp.MIN, group=g)
     firsts: list[Any] = [None] * world
     dist.all_gather_object(firsts, int(first.item()))
     rings = sorted(set(firsts))
@@ -241,6 +252,29 @@ def _data_parallel(seq: SeqShard) -> tuple[int, int]:
             "rank must belong to one ring (rw.use_ring(group=) or the model's shard=) of the same size"
         )
     return len(rings), rings.index(int(first.item()))
+
+
+def _sequence_groups(seq: SeqShard) -> list:
+    """The groups a sequence is cut over: the ring (None: the default group), then the Ulysses group if any."""
+    return [seq.group] + ([seq.ulysses_group] if seq.ulysses_group is not None else [])
+
+
+class _RingSum(torch.autograd.Function):
+    """Sum over a group, differentiable: forward all-reduce (sum), backward all-reduce (sum) of the gradients,
+    since every rank's output feeds every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class RingTrainerMixin:
@@ -259,12 +293,15 @@ class RingTrainerMixin:
     data_collator: Any
     model_accepts_loss_kwargs: bool
     _train_batch_size: int
+    _passthrough: tuple[str, ...] = ()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         problems = []
         if not isinstance(self.data_collator, RingCollator):  # the trainer's collator (yours, or the one TRL built)
-            self.data_collator = RingCollator(self.data_collator, model=self.accelerator.unwrap_model(self.model))
+            self.data_collator = RingCollator(
+                self.data_collator, model=self.accelerator.unwrap_model(self.model), passthrough=self._passthrough
+            )
         collator = self.data_collator
         if self.args.dataloader_num_workers:
             problems.append("dataloader_num_workers must be 0: the ring collator runs a collective per batch")
@@ -324,5 +361,116 @@ class RingTrainerMixin:
 
 
 def ring_trainer(trainer_class: type) -> type:
-    """`ring_trainer(Trainer)`, `ring_trainer(SFTTrainer)`: the class with RingTrainerMixin first in its bases."""
-    return type(f"Ring{trainer_class.__name__}", (RingTrainerMixin, trainer_class), {})
+    """`ring_trainer(Trainer)`, `ring_trainer(SFTTrainer)`, `ring_trainer(DPOTrainer)`: the class with
+    RingTrainerMixin (RingDPOMixin for TRL's DPOTrainer and its subclasses) first in its bases."""
+    dpo = any(c.__name__ == "DPOTrainer" and c.__module__.startswith("trl.") for c in trainer_class.__mro__)
+    mixin = RingDPOMixin if dpo else RingTrainerMixin
+    return type(f"Ring{trainer_class.__name__}", (mixin, trainer_class), {})
+
+
+# ---------------------------------------------------------------- DPO
+
+_DPO_LOSSES = ("sigmoid", "hinge")
+
+
+class RingDPOMixin(RingTrainerMixin):
+    """TRL's DPOTrainer on a ring (ring_trainer(DPOTrainer) uses it). A sequence's log-probability is a sum over its
+    completion's tokens, which lie on every rank of the ring: each rank sums its own tokens' log-probabilities and a
+    differentiable all-reduce (forward and backward: sums) sums them over the ring, so every rank of
+    a ring holds the whole sequences' log-probabilities and computes the same DPO loss L.
+
+    No loss scaling: the all-reduce's backward sums the ring's incoming gradients (R x dL/dlogp on each rank), so
+    the ring's summed parameter gradient is R x dL/dtheta, and DDP's mean over all W = dp x R ranks leaves the mean
+    over the data-parallel replicas of dL/dtheta, one process's gradient of the global batch's loss (the mean over
+    its pairs). The logged loss, Trainer's mean over the ranks of identical per-ring losses, is that loss.
+
+    Supported: loss_type sigmoid and hinge (with loss_weights), reverse KL, a reference model given as `ref_model`
+    (a ringwise model on the same ring, e.g. rw.from_config / from_pretrained again). Refused when built: other
+    loss types (several read per-token values: the shard's only), precompute_ref_log_probs, ld_alpha, use_weighting,
+    f-divergences, MoE auxiliary losses, no ref_model. Logged: the loss and TRL's rewards/* and logps/* metrics."""
+
+    _passthrough = ("ref_chosen_logps", "ref_rejected_logps")
+    loss_types: list
+    loss_weights: list
+    beta: float
+    ref_model: Any
+    _metrics: Any
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        problems = []
+        unsupported = sorted(set(self.loss_types) - set(_DPO_LOSSES))
+        if unsupported:
+            problems.append(f"loss_type {unsupported} (the ring runs {list(_DPO_LOSSES)})")
+        for name, ok in (
+            ("precompute_ref_log_probs", not getattr(self, "precompute_ref_logps", False)),
+            ("ld_alpha", getattr(self, "ld_alpha", None) is None),
+            ("use_weighting", not getattr(self, "use_weighting", False)),
+            (
+                "f_divergence_type other than reverse_kl",
+                getattr(self, "f_divergence_type", "reverse_kl") == "reverse_kl",
+            ),
+            ("a router auxiliary loss (MoE)", not getattr(self, "aux_loss_enabled", False)),
+        ):
+            if not ok:
+                problems.append(name)
+        if self.ref_model is None:
+            problems.append("no ref_model: pass the reference model (a ringwise model on the same ring)")
+        elif shard_of(self.accelerator.unwrap_model(self.ref_model)) != self.ring_shard:
+            problems.append("the ref_model runs on another ring than the model")
+        if problems:
+            raise ValueError("ringwise ring_trainer(DPOTrainer) does not run: " + "; ".join(problems))
+
+    def _sequence_logps(self, model, inputs, grad: bool) -> torch.Tensor:
+        """Each sequence's summed target log-probability over the whole ring: (sequences,), float32."""
+        import torch.nn.functional as F
+
+        kwargs = {k: inputs[k] for k in ("input_ids", "position_ids", "ringwise_cu_seqlens") if k in inputs}
+        labels = inputs["labels"]
+        logits = model(**kwargs, use_cache=False).logits
+        token = F.cross_entropy(
+            logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),  # float32 or wider
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
+        local = -token.view(labels.shape).sum(dim=1)
+        seq = self.ring_shard
+        if not (dist.is_available() and dist.is_initialized()) or seq.world == 1:
+            return local
+        if not grad:
+            return seq.all_reduce(local)
+        for g in _sequence_groups(seq):
+            local = _RingSum.apply(local, g)
+        return local
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        import torch.nn.functional as F
+
+        if return_outputs:
+            raise NotImplementedError("ringwise ring_trainer(DPOTrainer): return_outputs is not supported")
+        mode = "train" if self.model.training else "eval"
+        logps = self._sequence_logps(model, inputs, grad=True)
+        with torch.no_grad():
+            ref = self._sequence_logps(self.ref_model, inputs, grad=False)
+        chosen, rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = ref.chunk(2)
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        delta = chosen_ratio - rejected_ratio
+        loss = torch.zeros((), device=logps.device)
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if loss_type == "sigmoid":
+                per_sequence = -F.logsigmoid(self.beta * delta)
+            else:  # hinge
+                per_sequence = torch.relu(1 - self.beta * delta)
+            loss = loss + per_sequence.mean() * weight
+        chosen_rewards, rejected_rewards = self.beta * chosen_ratio.detach(), self.beta * rejected_ratio.detach()
+        gather = self.accelerator.gather  # every rank of a ring holds the same values: the mean over ranks is fair
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())
+        return loss
