@@ -430,7 +430,7 @@ REFUSALS = {
     "image longer than the window": "longer than the layer's window",
     "types without shard_batch's groups": "give every rank the global groups",
     "types of another batch": "are not those of rw.shard_batch's",
-    "pixel values": "runs on inputs every rank holds whole",
+    "pixel values": "got pixel_values: its vision tower would run inside the ring's forward",
     "left padding": "padding",
 }
 

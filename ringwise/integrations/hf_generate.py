@@ -15,7 +15,8 @@ A vision-language model with M-RoPE (hf_multimodal: Qwen2-VL, Qwen2.5-VL, Qwen3-
 images as model.generate does (pixel_values, image_grid_thw, mm_token_type_ids, ...): the prefill runs
 the vision tower on every rank and the language model through the ring on rw.shard_multimodal_batch's
 inputs; the model keeps the prompt's rope_deltas, from which generate() numbers the decoded tokens (the
-prompt must end with a text token).
+prompt must end with a text token). Gemma 3 and Gemma 4 (image-token groups) take their images and token types the
+same way; their decode steps are causal. PaliGemma and Gemma 4's KV-shared layers are refused.
 
 Refused on every rank alike, before any ring traffic (one object all-gather): padding
 masks, beam search and the other non-greedy/non-sampling modes, assisted decoding,
@@ -114,6 +115,19 @@ def _problem(input_ids, shard, kwargs, config) -> str | None:
     return None
 
 
+def _model_problem(model) -> str | None:
+    """What in the model rw.generate cannot decode exactly, or None."""
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    shared = getattr(text, "num_kv_shared_layers", 0)
+    if shared:
+        return (
+            f"num_kv_shared_layers={shared} (Gemma 4's KV-shared layers reuse the keys and values of earlier layers): "
+            "rw.generate's sharded cache does not hand them over yet; generate with a model without KV-shared "
+            "layers, or with another attn_implementation"
+        )
+    return None
+
+
 def _verdict(problem, shard, facts) -> None:
     """Every rank's objection and facts of the call, in one object all-gather; the same error everywhere."""
     world = shard.ring_size
@@ -186,7 +200,7 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
     multimodal = is_supported_vlm(model)  # the images go to the prefill (the tower runs there), not to generate()
     images = {k: kwargs.pop(k) for k in MULTIMODAL_INPUTS if k in kwargs} if multimodal else {}
     config = _generation_config(model, kwargs)
-    problem = objection or _problem(input_ids, shard, kwargs, config)
+    problem = objection or _problem(input_ids, shard, kwargs, config) or _model_problem(model)
     if multimodal:
         problem = problem or generation_problem(model, input_ids, images, config.num_return_sequences or 1)
     facts = (

@@ -1,4 +1,5 @@
-"""Vision-language models with multimodal RoPE through the ring: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V.
+"""Vision-language models through the ring: with multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V), and
+with image-token groups (Gemma 3, Gemma 4, PaliGemma: BLOCK_VLMS, at the end).
 
     import ringwise.integrations.transformers as rw
     model = rw.from_config(vlm_config)   # text model: "ringwise"; vision tower: "sdpa" (replicated, outside the ring)
@@ -27,6 +28,14 @@ takes M-RoPE positions from this helper only (recognised by identity, as rw.shar
 other position ids (3-row ones, the model's own from a shard, a copy) are refused at the first attention
 layer on every rank alike, and `pixel_values` given to the model itself (the tower would run inside the
 ring's forward and the features would not match the shard's tokens) are refused before the tower runs.
+
+Gemma 3, Gemma 4 and PaliGemma rotate by plain positions; their image tokens see each other whole (a block overlay
+from the token types). For them the tower runs the same way (images only: videos and audio are refused), each rank
+gets its own image tokens' rows of its output, its token types and the global ringwise_group_ids (the model's own
+rule on the global types, checked by the attention layers against the groups the model builds from its shard), at
+rw.shard_batch's global positions. rw.generate prefills the prompt with its groups through the ring; the decode steps
+are causal (transformers builds them without the types too). PaliGemma's generate() numbers positions from 1 (ringwise's
+prefill from 0) and is refused there.
 """
 
 from __future__ import annotations
@@ -49,7 +58,13 @@ MROPE_VLMS = {
     "qwen3_vl_moe": "Qwen3-VL-MoE",
     "glm4v_moe": "GLM-4.5V",
 }
-_PIXELS = ("pixel_values", "pixel_values_videos")
+# top-level model_type -> the family's name: vision-language models whose image tokens see each other (a block
+# overlay built from the token types) at plain text positions; their token types' keyword. Tested in
+# tests/test_hf_multimodal.py (the tower through rw.shard_multimodal_batch) and tests/test_hf_masks.py (inputs_embeds)
+BLOCK_VLMS = {"gemma3": "Gemma 3", "gemma4": "Gemma 4", "paligemma": "PaliGemma"}
+TYPES_KEYWORD = {"gemma3": "token_type_ids", "gemma4": "mm_token_type_ids", "paligemma": "token_type_ids"}
+_TOWER_KEYWORDS = {"gemma4": ("image_position_ids",)}  # what get_image_features takes beside pixel_values
+_PIXELS = ("pixel_values", "pixel_values_videos", "input_features")
 TOWER_IMPLEMENTATION = "sdpa"  # what from_config / from_pretrained give the vision tower
 
 # The 4-row position ids shard_multimodal_batch returned (by id, held weakly): the only M-RoPE positions a
@@ -59,8 +74,19 @@ _POSITIONS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDi
 
 def is_supported_vlm(model_or_config) -> bool:
     """Whether this is (the config of) a vision-language model that ringwise runs with shard_multimodal_batch."""
+    return is_mrope_vlm(model_or_config) or is_block_vlm(model_or_config)
+
+
+def is_mrope_vlm(model_or_config) -> bool:
+    """Whether this is (the config of) one of the M-RoPE vision-language models (MROPE_VLMS)."""
     config = getattr(model_or_config, "config", model_or_config)
     return getattr(config, "model_type", None) in MROPE_VLMS
+
+
+def is_block_vlm(model_or_config) -> bool:
+    """Whether this is (the config of) one of the vision-language models with image-token groups (BLOCK_VLMS)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) in BLOCK_VLMS
 
 
 def _text_config(config):
@@ -104,7 +130,9 @@ def implementation_problems(model) -> list[str] | None:
             "transformers 5.25), through which rw.shard_multimodal_batch hands each rank its own tokens' features"
         )
     on_ring = sorted(t for t, impl in towers.items() if impl == NAME)
-    if on_ring:
+    if on_ring and is_mrope_vlm(model):  # a block-group model's tower on ringwise is refused at its first call
+        # instead (rw.shard_multimodal_batch checks it first): its language model also runs on inputs_embeds of
+        # features computed outside the ring (rw.shard_batch(..., inputs_embeds=))
         problems.append(
             f"its vision tower ({', '.join(f'model_type={t!r}' for t in on_ring)}) has attn_implementation="
             f"'{NAME}', but it runs on every rank on the whole batch's images, outside the ring (its patches are "
@@ -133,7 +161,7 @@ def prepare(model) -> None:
     if not is_supported_vlm(model) or not hasattr(model, "modules"):
         return
     state = ring_of(_text_config(model.config))
-    state.config_problems, state.mrope = [], True
+    state.config_problems, state.mrope = [], is_mrope_vlm(model)
     inner = inner_model(model)
     if not getattr(inner, "_ringwise_pixel_hook", False):
         inner.register_forward_pre_hook(_refuse_pixels, with_kwargs=True)
@@ -146,8 +174,8 @@ def _refuse_pixels(module, args, kwargs):
         raise ValueError(
             f"ringwise: {type(module).__name__} got {given[0]}: its vision tower would run inside the ring's forward "
             "and its features would not match this rank's share of the image tokens. Prepare each rank's batch "
-            "with rw.shard_multimodal_batch(model, input_ids, labels, pixel_values=..., image_grid_thw=..., "
-            "mm_token_type_ids=...) (the tower runs there, on the whole batch) and call the model with it"
+            "with rw.shard_multimodal_batch(model, input_ids, labels, pixel_values=..., ...) (the tower runs there, "
+            "on the whole batch) and call the model with it, or generate with rw.generate"
         )
     return None
 
@@ -209,12 +237,18 @@ def _global_position_ids(inner, input_ids, outputs: dict, extra: dict) -> torch.
     return seen.get("position_ids")
 
 
+def _rows(features) -> torch.Tensor:
+    """A tower's features as one (tokens, hidden) tensor, in token order."""
+    whole = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
+    return whole.reshape(-1, whole.shape[-1])
+
+
 def _local_output(output, local_rows: torch.Tensor):
     """A copy of a tower output (get_image_features') with only the rows of this rank's tokens, in local order:
     its merged features and (Qwen3-VL) each DeepStack layer's features."""
 
-    def take(value):
-        whole = torch.cat(list(value), dim=0) if isinstance(value, (list, tuple)) else value
+    def take(value):  # Qwen: (tokens, hidden); Gemma 4: one per image; Gemma 3: (images, tokens, hidden)
+        whole = _rows(value)
         part = whole.index_select(0, local_rows)
         return (part,) if isinstance(value, (list, tuple)) else part
 
@@ -225,7 +259,19 @@ def _local_output(output, local_rows: torch.Tensor):
     return type(output)(**fields)
 
 
-MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+MULTIMODAL_INPUTS = (  # what rw.generate hands a vision-language model's prefill rather than generate()
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "mm_token_type_ids",
+    "token_type_ids",
+    "image_position_ids",
+    "video_position_ids",
+    "num_frames_per_video",
+    "input_features",
+    "input_features_mask",
+)
 
 
 def _global_inputs(model, input_ids: torch.Tensor, inputs: dict[str, Any]):
@@ -288,18 +334,115 @@ def _local_inputs(seq, input_ids, positions, outputs: dict, masks: dict) -> dict
 def supported_problem(model) -> str | None:
     """Why shard_multimodal_batch cannot prepare a batch for this model, or None."""
     if is_supported_vlm(model) and hasattr(model, "modules"):
+        config, text = model.config, _text_config(model.config)
+        on_ring = sorted(
+            {
+                str(getattr(m.config, "model_type", type(m.config).__name__))
+                for m in model.modules()
+                if getattr(m, "config", None) is not None
+                and m.config is not config
+                and m.config is not text
+                and getattr(m.config, "_attn_implementation", None) == NAME
+            }
+        )
+        if on_ring:  # (an M-RoPE model's check_model said so already)
+            return (
+                f"its vision tower ({', '.join(on_ring)}) has attn_implementation='{NAME}', but it runs here on every "
+                "rank on the whole batch's images, outside the ring; give it another implementation: "
+                f"attn_implementation={{'text_config': '{NAME}', 'vision_config': '{TOWER_IMPLEMENTATION}'}} "
+                "(rw.from_config / rw.from_pretrained do)"
+            )
         return None
+    names = [*MROPE_VLMS.values(), *BLOCK_VLMS.values()]
     return (
         f"{type(model).__name__} (model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}) is "
-        f"not one of the vision-language models ringwise prepares ({', '.join(MROPE_VLMS.values())})"
+        f"not one of the vision-language models ringwise prepares ({', '.join(names)})"
     )
 
 
 def multimodal_inputs(model, input_ids: torch.Tensor, inputs: dict[str, Any], seq) -> dict:
-    """rw.shard_multimodal_batch's model inputs (input_ids, position_ids, mm_encoder_outputs) for this rank of
-    `seq`, from the global ones; the model passed check_model."""
+    """rw.shard_multimodal_batch's model inputs for this rank of `seq`, from the global ones; the model passed
+    check_model. M-RoPE models: input_ids, position_ids, mm_encoder_outputs. Block-group models: mm_encoder_outputs,
+    this rank's token types and the global ringwise_group_ids (rw.shard_batch gives input_ids and position_ids)."""
+    if is_block_vlm(model):
+        outputs, types, masks = _block_global_inputs(model, input_ids, inputs)
+        return _block_local_inputs(model, seq, input_ids, types, outputs, masks)
     outputs, positions, masks = _global_inputs(model, input_ids, inputs)
     return _local_inputs(seq, input_ids, positions, outputs, masks)
+
+
+def block_input_problem(model, input_ids, inputs: dict[str, Any]) -> str | None:
+    """What a block-group model (BLOCK_VLMS) cannot take through the ring of these global inputs, or None. Images
+    only: the model's other inputs (videos, audio) are untested through the ring and refused."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return f"input_ids must be (batch, seq), got {getattr(input_ids, 'shape', input_ids)!r}"
+    config = model.config
+    family, key = BLOCK_VLMS[config.model_type], TYPES_KEYWORD[config.model_type]
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    if inputs.get("attention_mask") is not None:
+        return "ringwise does not support padding masks; pack sequences without padding"
+    tower = _TOWER_KEYWORDS.get(config.model_type, ())
+    takes = ("pixel_values", key, *tower)
+    other = sorted(k for k in inputs if k not in takes)
+    if other:
+        return (
+            f"{family} through the ring takes images ({', '.join(takes)}); {', '.join(other)}: not supported "
+            "(videos and audio are untested through the ring)"
+        )
+    types = inputs.get(key)
+    if types is not None and tuple(types.shape) != tuple(input_ids.shape):
+        return f"{key} shape {tuple(types.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+    if inputs.get("pixel_values") is not None:
+        if types is None:
+            return f"pixel_values were given without {key}: {family} groups each image's tokens by them"
+        missing = [k for k in tower if k not in inputs]
+        if missing:
+            return f"pixel_values were given without {missing[0]}, which {family}'s vision tower needs"
+    return None
+
+
+def _block_global_inputs(model, input_ids: torch.Tensor, inputs: dict[str, Any]):
+    """A block-group model's computations on the global sequence: (tower outputs by modality, the global token
+    types or None, each modality's (batch, seq) placeholder mask)."""
+    problem = block_input_problem(model, input_ids, inputs)
+    if problem:
+        raise ValueError(problem)
+    config = model.config
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    types = inputs.get(TYPES_KEYWORD[config.model_type])
+    outputs: dict[str, Any] = {}
+    image = input_ids == config.image_token_id
+    if inputs.get("pixel_values") is not None:
+        extra = {k: inputs[k] for k in _TOWER_KEYWORDS.get(config.model_type, ())}
+        output = inner_model(model).get_image_features(inputs["pixel_values"], **extra)
+        rows = _rows(output.pooler_output).shape[0]
+        if rows != int(image.sum()):
+            raise ValueError(
+                f"the vision tower gave {rows} image features for {int(image.sum())} image tokens "
+                f"(image_token_id={config.image_token_id}) in input_ids"
+            )
+        outputs["image"] = output
+    return outputs, types, {"image": image}
+
+
+def _block_local_inputs(model, seq, input_ids, types, outputs: dict, masks: dict) -> dict:
+    """This rank's mm_encoder_outputs (the rows of its own image tokens, in local order), token types and the global
+    ringwise_group_ids (the model's own rule on the global types), from global ones of one length."""
+    from .hf_masks import global_group_ids
+
+    batch, length = input_ids.shape
+    out: dict[str, Any] = {}
+    if types is not None:
+        out[TYPES_KEYWORD[model.config.model_type]] = seq.shard(types)
+        out["ringwise_group_ids"] = global_group_ids(model, types)
+    if outputs:
+        local: dict[str, Any] = {}
+        for modality, output in outputs.items():
+            mask = masks[modality]
+            rows = (mask.flatten().cumsum(0) - 1).view(batch, length)
+            local[modality] = _local_output(output, seq.shard(rows)[seq.shard(mask)])
+        out["mm_encoder_outputs"] = local
+    return out
 
 
 def generation_problem(model, input_ids, inputs: dict, copies: int) -> str | None:
@@ -308,6 +451,8 @@ def generation_problem(model, input_ids, inputs: dict, copies: int) -> str | Non
         return "num_return_sequences > 1 is not supported for vision-language models yet"
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         return None  # generate's own check words it
+    if is_block_vlm(model):
+        return block_input_problem(model, input_ids, inputs) or _block_generation_problem(model, input_ids)
     try:
         dummy = torch.zeros(*input_ids.shape, 1, device=input_ids.device)
         masks = inner_model(model).get_placeholder_mask(input_ids, inputs_embeds=dummy)
@@ -321,6 +466,25 @@ def generation_problem(model, input_ids, inputs: dict, copies: int) -> str | Non
     return None
 
 
+def _block_generation_problem(model, input_ids) -> str | None:
+    config = model.config
+    if config.model_type == "paligemma":
+        return (
+            "PaliGemma numbers its positions from 1 when it generates (its prepare_inputs_for_generation adds 1), "
+            "while ringwise's prefill rotates the prompt by the layout's global positions from 0: the decoded tokens "
+            "would sit one position further from the prompt than in one process (not exact); generate PaliGemma "
+            "with another attn_implementation"
+        )
+    placeholders = [getattr(config, f"{m}_token_id", None) for m in ("image", "video", "audio")]
+    last = input_ids[:, -1]
+    if any(bool((last == t).any()) for t in placeholders if t is not None):
+        return (
+            "the prompt ends with an image or video token; rw.generate decodes from the prompt's last token, which "
+            "must be text (end the prompt with text, as chat templates do)"
+        )
+    return None
+
+
 def prefill(model, input_ids: torch.Tensor, inputs: dict, cache, keyword: str) -> None:
     """rw.generate's prefill of a vision-language model: the prompt but its last token through the ring on this
     rank's layout shard (padded at its end as the layout needs), the tower run on the whole prompt's images, the
@@ -330,6 +494,8 @@ def prefill(model, input_ids: torch.Tensor, inputs: dict, cache, keyword: str) -
 
     from ..attention.kvcache import prompt_loads
 
+    if is_block_vlm(model):
+        return _block_prefill(model, input_ids, inputs, cache, keyword)
     shard = cache.shard
     outputs, positions, masks = _global_inputs(model, input_ids, inputs)
     length = input_ids.shape[1] - 1
@@ -345,3 +511,36 @@ def prefill(model, input_ids: torch.Tensor, inputs: dict, cache, keyword: str) -
     cache.prefill_positions = shard.positions(padded, input_ids.device)
     cache.store.set_prompt(prompt_loads(shard.layout, shard.ring_size, padded, length), length)
     model.base_model(**_local_inputs(shard, ids, positions, outputs, masks), **{keyword: cache}, use_cache=True)
+
+
+def _block_prefill(model, input_ids: torch.Tensor, inputs: dict, cache, keyword: str) -> None:
+    """rw.generate's prefill of a block-group model (Gemma 3, Gemma 4): the tower on the whole prompt's images, the
+    prompt but its last token through the ring (padded at its end with text tokens, which no real token sees), its
+    image tokens' groups from the global token types, at the layout's global positions. The decode steps that follow
+    are causal (the model builds their masks without the types: its last prompt token and the new ones are text)."""
+    import torch.nn.functional as F
+
+    from ..attention.kvcache import prompt_loads
+
+    shard = cache.shard
+    outputs, types, masks = _block_global_inputs(model, input_ids, inputs)
+    batch, length = input_ids.shape[0], input_ids.shape[1] - 1
+    if length == 0:
+        cache.store.set_prompt([0] * shard.ring_size, 0)
+        return
+    padded = length + shard.pad_len(length)
+    pad = (0, padded - length)
+    ids = F.pad(input_ids[:, :length], pad)  # trailing pads: after every real token, dropped from the cache
+    types = None if types is None else F.pad(types[:, :length], pad)  # 0: text (Gemma 3's and Gemma 4's rule)
+    masks = {m: F.pad(mask[:, :length], pad) for m, mask in masks.items()}
+    positions = shard.positions(padded, input_ids.device)
+    cache.prefill_positions = positions
+    cache.store.set_prompt(prompt_loads(shard.layout, shard.ring_size, padded, length), length)
+    local = _block_local_inputs(model, shard, ids, types, outputs, masks)
+    model.base_model(
+        input_ids=shard.shard(ids),
+        position_ids=positions[None].expand(batch, -1),
+        **local,
+        **{keyword: cache},
+        use_cache=True,
+    )

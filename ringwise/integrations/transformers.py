@@ -32,6 +32,8 @@ Packed documents: pass the global boundaries as `ringwise_cu_seqlens` (`shard_ba
 Vision-language models with multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), GLM-4V, GLM-4.5V:
 hf_multimodal.py): `shard_multimodal_batch` runs the vision tower (replicated, never on ringwise) and the
 model's M-RoPE positions on the global sequence and hands each rank its share; no other positions are taken.
+Gemma 3, Gemma 4 and PaliGemma (image tokens in groups, plain positions): `shard_multimodal_batch` runs their
+tower the same way and gives each rank its image features, token types and the global ringwise_group_ids.
 Feed-forward tiling (hf_tiling.py): from_config / from_pretrained run every decoder layer's
 MLP or MoE block over tiles of tokens, each recomputed in backward, in forwards that build a
 graph (training), so no (local tokens x intermediate) tensor exists whole; exact (router
@@ -801,7 +803,12 @@ def shard_multimodal_batch(
     of the global sequence; `labels` shifted on the global sequence (rw.shard_batch's). cu_seqlens: packed
     documents' global boundaries (M-RoPE positions run on across documents, which attention within each
     document does not see: every row moves by the same offset). model_kwargs: further keywords of the model's
-    forward that its position ids read (e.g. Qwen2.5-VL's second_per_grid_ts)."""
+    forward that its position ids read (e.g. Qwen2.5-VL's second_per_grid_ts).
+
+    Gemma 3, Gemma 4 and PaliGemma (image tokens that see each other whole, plain positions): the same call with
+    their token types (token_type_ids=; Gemma 4: mm_token_type_ids= and image_position_ids=) gives this rank's
+    input_ids, global position_ids, token types, the global ringwise_group_ids (the model's own rule on the global
+    types), its image tokens' features (mm_encoder_outputs) and the shifted labels. Images only."""
     problem = supported_problem(model)
     if problem:
         raise ValueError(f"shard_multimodal_batch: {problem}")
