@@ -137,7 +137,13 @@ def test_smollm2_generate_matches_model_generate(cluster, world, layout):
 
 def refusal(kind):
     rw.use_ring()
-    model = model_for("llama", "ringwise")
+    if kind == "mla":  # DeepSeek-V3's value heads narrower than its query/key heads (exact in training)
+        from test_hf_families import make_config as family_config
+
+        torch.manual_seed(0)
+        model = rw.from_config(family_config("deepseek_v3"), **EAGER_EXPERTS).double().eval()
+    else:
+        model = model_for("llama", "ringwise")
     ids = prompt(9)
     kw = dict(OPTIONS)
     if kind == "padding":
@@ -172,6 +178,7 @@ REFUSALS = {
     "prompt-differs": "different prompt",
     "random-state": "different random state",
     "ulysses": "Ulysses mesh",
+    "mla": "multi-head latent attention (MLA: v_head_dim=8, query/key heads of 16)",
 }
 
 

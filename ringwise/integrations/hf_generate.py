@@ -125,6 +125,17 @@ def _model_problem(model) -> str | None:
             "rw.generate's sharded cache does not hand them over yet; generate with a model without KV-shared "
             "layers, or with another attn_implementation"
         )
+    v_dim, qk_dims = (
+        getattr(text, "v_head_dim", None),
+        (getattr(text, k, None) for k in ("qk_nope_head_dim", "qk_rope_head_dim")),
+    )
+    qk_dim = sum(d for d in qk_dims if d is not None)
+    if v_dim is not None and qk_dim and v_dim != qk_dim:
+        return (
+            f"multi-head latent attention (MLA: v_head_dim={v_dim}, query/key heads of {qk_dim}): rw.generate's "
+            "decode does not pad the value heads as the ring does in training; generate with another "
+            "attn_implementation"
+        )
     return None
 
 
