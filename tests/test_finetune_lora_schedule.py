@@ -111,10 +111,14 @@ def test_lora_steps_agree_across_world_sizes(cluster, checkpoint_and_text, tmp_p
             assert (adapters[n] - a1[n]).abs().max() <= 1e-5 * scale, (name, n, (adapters[n] - a1[n]).abs().max())
 
 
-def test_lora_command_resumes_and_exports_merged_and_adapter(checkpoint_and_text, tmp_path):
+def test_lora_command_resumes_and_exports_merged_and_adapter(checkpoint_and_text, tmp_path, capsys):
+    import shutil
+
     from ringwise.cli import main
+    from ringwise.train import checkpoint
 
     model, text = checkpoint_and_text
+    model = shutil.copytree(model, tmp_path / "model")  # removed at the end: the export needs it
     out = tmp_path / "run"
     flags = ["finetune", "--model", str(model), "--text", str(text), "--world", "2", "--seq-len", str(SEQ)]
     flags += ["--steps", "3", "--lr", "1e-2", "--warmup", "1", "--eval-sequences", "1", "--eval-bucket", "16"]
@@ -138,6 +142,11 @@ def test_lora_command_resumes_and_exports_merged_and_adapter(checkpoint_and_text
     other = [*flags[: flags.index("--lora") + 1], "8", *flags[flags.index("--lora") + 2 :]]
     assert main(other + ["--resume"]) == 2  # another rank: another run
 
+    # a checkpoint holds the adapters and their AdamW moments, not the frozen base (read from --model again)
+    saved = checkpoint.consolidated(checkpoint.newest_intact(out / "checkpoints")[0])
+    assert saved["model"] and all(".lora_A." in k or ".lora_B." in k for k in saved["model"]), sorted(saved["model"])
+    assert len(saved["model"]) == 2 * 7 * 2
+
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     assert main(["export", str(out), str(merged), "--hf"]) == 0
     assert main(["export", str(out), str(adapter), "--adapter"]) == 0
@@ -154,6 +163,10 @@ def test_lora_command_resumes_and_exports_merged_and_adapter(checkpoint_and_text
     assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
     assert (want - untouched).abs().max() > 1e-3 * want.abs().max()  # the adapters changed the logits
     assert torch.equal(plain.state_dict()["model.embed_tokens.weight"], base.state_dict()["model.embed_tokens.weight"])
+    shutil.rmtree(model)
+    capsys.readouterr()
+    assert main(["export", str(out), str(tmp_path / "again"), "--hf"]) == 2
+    assert "whose checkpoints hold the adapters only, and its base model" in capsys.readouterr().err
 
 
 def test_bad_lora_flags_are_refused_before_any_rank_starts(checkpoint_and_text, tmp_path, capsys):
@@ -192,7 +205,8 @@ def schedule_job(cfg_dict):
 
 def test_a_schedule_trains_each_stage_at_its_length_and_resumes_in_stage_two(cluster, checkpoint_and_text, tmp_path):
     model, text = checkpoint_and_text
-    kw = dict(lora=None, lora_alpha=None, seq_len=48, seq_schedule=SCHEDULE, steps=4, eval_lengths=[48])
+    # with --lora 4 (the config's): the resume reads adapter-only checkpoints, the base from --model again
+    kw = dict(seq_len=48, seq_schedule=SCHEDULE, steps=4, eval_lengths=[48])
     straight = cluster(2).run(schedule_job, vars(config(model, text, tmp_path / "straight", **kw)))[0]
     # the metrics' seq_len is the length of the sequences as trained (each rank's shard x the ring)
     assert [(r["step"], r["stage"], r["seq_len"]) for r in straight] == [(0, 1, 24), (1, 1, 24), (2, 2, 48), (3, 2, 48)]

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 MARKER = "COMPLETE"
 RUN_KEYS = (
@@ -124,8 +124,19 @@ def remove_leftovers(folder: Path) -> list[Path]:
     return gone
 
 
+def _options(model) -> StateDictOptions:
+    """What a checkpoint holds of the model: the parameters it trains (and the buffers). A model with frozen
+    parameters (finetune --lora: the base under the adapters) keeps them out: they are the pretrained
+    checkpoint's, read again when the run is built, so a checkpoint is the adapters' size, not the model's."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def _state(model, optimizer) -> dict:
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+    # a frozen parameter under a second name (an output matrix tied to a frozen embedding) is left out too
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    model_state = {k: v for k, v in model_state.items() if k not in frozen}
     return {"model": model_state, "optim": optim_state}
 
 
@@ -216,7 +227,9 @@ def load(path: Path, model, optimizer) -> dict:
     restore this rank's random state; a collective. Returns its meta."""
     state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options(model)
+    )
     _restore_rng(path)
     return read_meta(path)
 

@@ -439,21 +439,31 @@ def export_hf(run_dir, out, adapter: bool = False) -> Path:
             f"no intact checkpoint in {run_dir / 'checkpoints'}" + "".join(f"; skipped {why}" for why in skipped)
         )
     weights = {k.removeprefix("hf."): v for k, v in checkpoint.consolidated(path)["model"].items()}
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), **dtype_kwarg(torch.float32))
+    config = AutoConfig.from_pretrained(hf_dir)
     peft_model = None
-    if lora is not None:  # the run's LoRA layers (peft's names: the injected ones under base_model.model.)
+    if lora is None:
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(torch.float32))
+    else:  # the checkpoint holds the adapters (checkpoint._options): the base is the pretrained checkpoint's
         from peft import get_peft_model
 
+        source = facts.get("source")
+        if not source or not weight_files(source):
+            raise ValueError(
+                f"{run_dir} is a --lora run, whose checkpoints hold the adapters only, and its base model "
+                f"{source} is no longer there (no .safetensors): put it back to export"
+            )
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, **dtype_kwarg(torch.float32))
+        # the run's LoRA layers (peft's names: the injected ones under base_model.model.)
         peft_model = get_peft_model(model, lora_config(lora["r"], lora["alpha"], lora["targets"]))
-        peft_model.peft_config["default"].base_model_name_or_path = facts.get("source")
+        peft_model.peft_config["default"].base_model_name_or_path = source
         model = peft_model.base_model.model
     model.load_state_dict(weights, strict=False)
-    expected = set(model.state_dict())
+    expected = {k for k in model.state_dict() if lora is None or is_adapter(k)}
     missing = sorted(k for k in expected - set(weights) if not _is_tied(model, k))
-    if missing or set(weights) - expected:
+    if missing or set(weights) - set(model.state_dict()):
         raise ValueError(
             f"{path}: its tensors do not match the model (missing {missing[:4]}, "
-            f"unexpected {sorted(set(weights) - expected)[:4]})"
+            f"unexpected {sorted(set(weights) - set(model.state_dict()))[:4]})"
         )
     model.tie_weights()
     if peft_model is not None and not adapter:
