@@ -60,6 +60,7 @@ def built_by_the_exactness_tests() -> dict[str, set[str]]:
     configs += [test_hf_families.make_config(n) for n in test_hf_families.FAMILIES if n not in REFUSED_HERE]
     configs += [test_hf_masks.make_config(n) for n in test_hf_masks.EXACT]
     configs += [test_hf_multimodal.make_config(n) for n in test_hf_multimodal.FAMILIES]
+    configs += [test_hf_multimodal.block_config(n) for n in test_hf_multimodal.BLOCK_FAMILIES]
     configs += [test_transformers.make_config(n) for n in ("llama", "qwen2", "mistral")]
     built: dict[str, set[str]] = {}
     for config in configs:
