@@ -304,7 +304,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=list(LORA_TARGETS),
         metavar="NAME",
-        help="the modules that get adapters, by name (peft's target_modules: a module whose name ends with one)",
+        help="the linear modules that get adapters, by their own name (the last part of the module's path, as "
+        "q_proj in model.layers.0.self_attn.q_proj; peft's target_modules)",
     )
     g = p.add_argument_group("data")
     g.add_argument(
