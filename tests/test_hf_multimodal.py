@@ -571,11 +571,14 @@ def block_refused_run(case):
             text.num_kv_shared_layers, text.use_bidirectional_attention = 2, None
             model = rw.from_config(text, ffn_tile=0).eval()
             rw.generate(model, ids, max_new_tokens=2)
-        elif case == "Gemma 3 tower on ringwise":
+        elif case.startswith("Gemma 3 tower on ringwise"):
             model = transformers.AutoModelForImageTextToText.from_config(
                 block_config(name), attn_implementation="ringwise"
             )
-            rw.shard_multimodal_batch(model, ids, labels, **inputs)
+            if case.endswith("generate"):
+                rw.generate(model, ids, **inputs, max_new_tokens=2)
+            else:
+                rw.shard_multimodal_batch(model, ids, labels, **inputs)
         else:
             model = block_build(name, "ringwise").eval()
             if case == "PaliGemma generate":
@@ -602,6 +605,7 @@ BLOCK_REFUSALS = {
     "PaliGemma generate": "PaliGemma numbers its positions from 1 when it generates",
     "Gemma 4 KV-shared layers generate": "num_kv_shared_layers=2",
     "Gemma 3 tower on ringwise": "its vision tower (siglip_vision_model) has attn_implementation='ringwise'",
+    "Gemma 3 tower on ringwise generate": "its vision tower (siglip_vision_model) has attn_implementation='ringwise'",
     "Gemma 3 prompt ending with an image": "the prompt ends with an image or video token",
     "Gemma 4 audio": "input_features: not supported",
     "Gemma 4 without patch positions": "without image_position_ids",

@@ -452,7 +452,11 @@ def generation_problem(model, input_ids, inputs: dict, copies: int) -> str | Non
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         return None  # generate's own check words it
     if is_block_vlm(model):
-        return block_input_problem(model, input_ids, inputs) or _block_generation_problem(model, input_ids)
+        return (
+            supported_problem(model)  # a tower on ringwise
+            or block_input_problem(model, input_ids, inputs)
+            or _block_generation_problem(model, input_ids)
+        )
     try:
         dummy = torch.zeros(*input_ids.shape, 1, device=input_ids.device)
         masks = inner_model(model).get_placeholder_mask(input_ids, inputs_embeds=dummy)
