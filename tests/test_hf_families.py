@@ -227,3 +227,43 @@ def test_family_is_exact(cluster, name):
         assert_within_budget(
             n, max_err(g, ref["grads"][n]), max_err(f32["grads"][n], ref["grads"][n]), 1e-7, ceiling=CEILINGS["float32"]
         )
+
+
+# ---------------------------------------------------------------- rw.generate, every family of the table
+
+GENERATE_OPTIONS = dict(max_new_tokens=3, eos_token_id=None, pad_token_id=0, output_scores=True)
+GENERATE_REFUSED = {"deepseek_v3"}  # MLA: refused by rw.generate (test_hf_generate.py)
+GENERATE = [dict(name=n, world=2) for n in FAMILIES if n != "gpt_neo" and n not in GENERATE_REFUSED]
+
+
+def generate_prompt():
+    return torch.randint(3, 64, (1, 13), generator=torch.Generator().manual_seed(2))
+
+
+def generate_run(case):
+    """rw.generate at W = 2 (zigzag; the 12 prompt tokens to prefill cross the shards' boundaries), float64."""
+    rw.use_ring(layout="zigzag")
+    torch.manual_seed(0)
+    name = case["name"]
+    model = rw.from_config(make_config(name), ffn_tile=0 if name in UNTILED else TILE, **EAGER_EXPERTS)
+    out = rw.generate(model.double().eval(), generate_prompt(), return_dict_in_generate=True, **GENERATE_OPTIONS)
+    return dict(sequences=out.sequences, scores=torch.stack(out.scores))
+
+
+@pytest.mark.parametrize("case", GENERATE, ids=lambda c: c["name"])
+def test_family_generates_like_model_generate(grid_results, case):
+    """Every family the table marks exact decodes over the sharded cache as model.generate does in one process:
+    the same tokens, scores within float64 round-off (generate() keeps float32 scores)."""
+    name = case["name"]
+    make_config(name)  # skips a family the installed transformers lacks
+    if expected_refusal(name):
+        pytest.skip(f"transformers {transformers.__version__} refuses {name} (test_family_is_exact checks it)")
+    results = grid_results(generate_run, GENERATE, case)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        make_config(name), attn_implementation="eager", **EAGER_EXPERTS
+    )
+    ref = model.double().eval().generate(generate_prompt(), return_dict_in_generate=True, **GENERATE_OPTIONS)
+    for res in results:
+        assert torch.equal(res["sequences"], ref.sequences), (res["sequences"], ref.sequences)
+        assert max_err(res["scores"], torch.stack(ref.scores)) < 1e-6
