@@ -554,6 +554,57 @@ def check_generate(results, W, given):
     assert torch.equal(results[0], want), (results[0], want)
 
 
+# --- "transformers' Trainer and TRL": ring_trainer(Trainer) against a plain Trainer in one process
+
+TRAINER_LENGTHS = (30, 17)  # the data set: two sequences of unequal lengths, one batch of 2 (every step sees both)
+
+
+def given_trainer(world):
+    data = [{"input_ids": tokens((n,), 10 + i).tolist()} for i, n in enumerate(TRAINER_LENGTHS)]
+    return dict(path=str(world / TINY_MODEL), dataset=data)
+
+
+def collect_trainer(ns):
+    return [h["loss"] for h in ns["trainer"].state.log_history if "loss" in h]
+
+
+def check_trainer(results, W, given):
+    import tempfile
+
+    import transformers
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(given["path"], attn_implementation="sdpa")
+    with tempfile.TemporaryDirectory() as out:
+        args = transformers.TrainingArguments(
+            out, per_device_train_batch_size=2, max_steps=10, logging_steps=1, report_to=[], use_cpu=True
+        )
+        trainer = transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=given["dataset"],
+            data_collator=DataCollatorForLanguageModeling(pad_token_id=0),
+        )
+        trainer.train()
+    want = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # the comment: every rank logs the whole batch's loss (the cross-entropy is float32: float32 round-off)
+    for r in results:
+        assert len(r) == len(want) == 10, (r, want)
+        assert all(abs(a - b) <= F32_REL * abs(b) for a, b in zip(r, want)), (r, want)
+
+
+def collect_rings(ns):
+    from ringwise.integrations.hf_rings import DEFAULT
+
+    return dist.get_process_group_ranks(DEFAULT["shard"].group)
+
+
+def check_rings(results, W, given):
+    R = given["R"]
+    for rank, ring in enumerate(results):  # rings of R consecutive ranks
+        assert ring == list(range(rank // R * R, rank // R * R + R)), (rank, ring)
+
+
 INIT = (
     'dist.init_process_group("nccl")',
     'dist.is_initialized() or dist.init_process_group("gloo")',
@@ -655,6 +706,18 @@ EXAMPLES = {
         given=given_generate,
         collect=collect_generate,
         check=check_generate,
+    ),
+    "docs/trainer.md > A minimal example": Example(
+        substitutions=[
+            ('"out"', '__import__("tempfile").mkdtemp()', "a temporary folder, not the working directory"),
+            ("report_to=[])", "report_to=[], use_cpu=True)", "CPU ranks: accelerate runs them distributed only so"),
+        ],
+        given=given_trainer,
+        collect=collect_trainer,
+        check=check_trainer,
+    ),
+    "docs/trainer.md > A data-parallel x ring mesh": Example(
+        substitutions=[], given=lambda world: dict(R=2), collect=collect_rings, check=check_rings, worlds=(2, 4)
     ),
     "docs/design.md > A minimal example: the merge every part relies on": Example(
         substitutions=[], collect=collect_merge, check=check_merge

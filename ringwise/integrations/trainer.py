@@ -309,6 +309,12 @@ class RingTrainerMixin:
             problems.append(
                 "average_tokens_across_devices=False: each rank would divide its shard's loss by its own count"
             )
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.accelerator.num_processes != world:
+            problems.append(
+                f"the Trainer runs {self.accelerator.num_processes} process(es) where the process group has {world} "
+                "ranks (it does not run distributed: launch with torchrun; on CPU pass use_cpu=True)"
+            )
         if not self.model_accepts_loss_kwargs:
             problems.append("the model's forward does not take num_items_in_batch (loss kwargs)")
         from .transformers import RingLoss
