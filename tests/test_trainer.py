@@ -95,14 +95,16 @@ def ring_groups(ring):
 
 
 def trainer_case(case):
-    """On every rank: STEPS of ring_trainer(Trainer); the logged losses and the trained weights."""
+    """On every rank: STEPS of ring_trainer(Trainer); the logged losses and the trained weights. accum: the
+    replica's BATCH sequences in that many micro-batches of gradient accumulation (the same global batch)."""
     shard = SeqShard(case["layout"], ring_groups(case["ring"]))
     dp = dist.get_world_size() // case["ring"]
     model = initial_model("ringwise", shard=shard)
+    accum = case.get("accum", 1)
     with tempfile.TemporaryDirectory() as out:
         trainer = ring_trainer(transformers.Trainer)(
             model=model,
-            args=training_args(out, BATCH),
+            args=training_args(out, BATCH // accum, gradient_accumulation_steps=accum),
             train_dataset=dataset(BATCH * dp),
             data_collator=RingCollator(collator(case["packed"]), model=model),
         )
@@ -162,12 +164,14 @@ GRID = [
     dict(world=3, ring=3, layout="striped", packed=False),
     dict(world=4, ring=2, layout="zigzag", packed=False),
     dict(world=4, ring=2, layout="zigzag", packed=True),
+    dict(world=4, ring=2, layout="striped", packed=False, accum=2),
 ]
 
 
 def case_id(c):
     data = "packed" if c["packed"] else "padded"
-    return f"W{c['world']}-dp{c['world'] // c['ring']}xring{c['ring']}-{c['layout']}-{data}"
+    accum = f"-accum{c['accum']}" if c.get("accum") else ""
+    return f"W{c['world']}-dp{c['world'] // c['ring']}xring{c['ring']}-{c['layout']}-{data}{accum}"
 
 
 @pytest.mark.parametrize("case", GRID, ids=case_id)
