@@ -45,6 +45,8 @@ import torch.distributed as dist
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
 from .transformers import shard_batch, shard_of
 
+__all__ = ["RingCollator", "RingTrainerMixin", "RingDPOMixin", "ring_trainer", "global_batch"]
+
 # What a collator may return beside input_ids / labels: read here, never passed on as they are.
 _PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 _KNOWN_KEYS = {"input_ids", "labels", "attention_mask", "completion_mask", "position_ids", *_PACKING_KEYS}
