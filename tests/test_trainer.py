@@ -17,7 +17,7 @@ from helpers import CEILINGS, assert_within_budget, max_err  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise import SeqShard  # noqa: E402
-from ringwise.integrations.trainer import RingCollator, ring_trainer  # noqa: E402
+from ringwise.integrations.trainer import RingCollator, global_batch, ring_trainer  # noqa: E402
 
 BATCH, STEPS, LR = 2, 2, 0.5  # per replica; SGD: an update is the gradient, nothing normalises an error away
 LENGTHS = (13, 7, 10, 4)  # sequences of the data set (the first BATCH x dp of them are used), of unequal lengths
@@ -438,3 +438,31 @@ def test_ring_trainer_checks_what_it_needs():
             )
     for part in ("ring-aware loss", "dataloader_num_workers", "average_tokens_across_devices"):
         assert part in str(e.value)
+
+
+def test_global_batch_reads_padding_and_packing():
+    """The collator's reading of a whole batch (pure, the same on every rank): right padding to ignored targets,
+    a completion mask, padding-free position ids (and TRL's cu_seq_lens_q) to documents, the length padded to the
+    layout's unit; what it cannot run exactly refused with the reason."""
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    got_ids, labels, docs = global_batch(dict(input_ids=ids, attention_mask=mask), unit=4)
+    assert docs is None and got_ids.shape == (2, 8) and got_ids[:, 5:].eq(0).all()
+    assert labels.tolist() == [[5, 6, 7, 8, 9, -100, -100, -100], [5, 6, 7, -100, -100, -100, -100, -100]]
+    completion = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    _, labels, _ = global_batch(dict(input_ids=ids, attention_mask=mask, completion_mask=completion), unit=1)
+    assert labels.tolist() == [[-100, -100, 7, 8, 9], [-100, 6, 7, -100, -100]]
+    packed = dict(input_ids=torch.arange(1, 8)[None], position_ids=torch.tensor([[0, 1, 2, 0, 1, 0, 1]]))
+    _, labels, docs = global_batch(packed, unit=4)
+    assert docs == [0, 3, 5, 7, 8]  # the pad: a document of its own
+    packed["cu_seq_lens_q"] = torch.tensor([0, 3, 5, 7], dtype=torch.int32)
+    assert global_batch(packed, unit=1)[2] == [0, 3, 5, 7]
+    for bad, why in (
+        (dict(input_ids=ids, attention_mask=mask.flip(1)), "right padding"),
+        (dict(packed, cu_seq_lens_q=torch.tensor([0, 2, 7])), "disagree"),
+        (dict(input_ids=ids, position_ids=torch.tensor([[0, 1, 0, 1, 2]] * 2)), "one row"),
+        (dict(input_ids=ids[:1], position_ids=torch.tensor([[0, 1, 3, 4, 5]])), "count 0, 1, 2"),
+        (dict(input_ids=ids, token_type_ids=ids), "token_type_ids"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            global_batch(bad, unit=1)

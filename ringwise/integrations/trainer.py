@@ -311,6 +311,8 @@ class RingTrainerMixin:
             problems.append(
                 "average_tokens_across_devices=False: each rank would divide its shard's loss by its own count"
             )
+        if getattr(self.args, "train_sampling_strategy", None) == "batch_rebalance":
+            problems.append("train_sampling_strategy='batch_rebalance' deals batches to ranks itself, not to rings")
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if self.accelerator.num_processes != world:
             problems.append(
