@@ -180,6 +180,61 @@ def test_trainer_steps_match_one_process(grid_results, case):
     check_against_one_process(results, case["world"] // case["ring"])
 
 
+# ---------------------------------------------------------------- evaluation
+
+EVAL_LENGTHS = (13, 7, 10, 4, 9)  # 5 sequences, batches of 2: the replicas read uneven numbers of batches
+
+
+def eval_dataset():
+    g = torch.Generator().manual_seed(4)
+    return [{"input_ids": torch.randint(1, 128, (s,), generator=g).tolist()} for s in EVAL_LENGTHS]
+
+
+def eval_case(case):
+    """On every rank: ring_trainer(Trainer).evaluate() on the untrained model."""
+    shard = SeqShard(case["layout"], ring_groups(case["ring"]))
+    model = initial_model("ringwise", shard=shard)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = ring_trainer(transformers.Trainer)(
+            model=model,
+            args=training_args(out, BATCH, per_device_eval_batch_size=2),
+            eval_dataset=eval_dataset(),
+            data_collator=collator(case["packed"]),
+        )
+        return trainer.evaluate()
+
+
+def token_mean_loss(dtype):
+    """One process, sdpa: every sequence's next-token losses summed, over the count of targets."""
+    model = initial_model("sdpa", dtype)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for row in eval_dataset():
+            ids = torch.tensor([row["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").double()
+            count += ids.shape[1] - 1
+    return total / count
+
+
+EVAL_GRID = [
+    dict(world=2, ring=2, layout="zigzag", packed=False),
+    dict(world=3, ring=3, layout="striped", packed=True),
+    dict(world=4, ring=2, layout="zigzag", packed=True),
+]
+
+
+@pytest.mark.parametrize("case", EVAL_GRID, ids=case_id)
+def test_evaluate_is_the_token_mean_loss_of_the_eval_set(grid_results, case):
+    """eval_loss, the same on every rank, is one process's token-mean loss over the whole evaluation set (no
+    sample counted twice, none missed, though the replicas read 3 and 2 batches)."""
+    results = grid_results(eval_case, EVAL_GRID, case)
+    assert all(r == results[0] for r in results), results
+    want, own = token_mean_loss(torch.float64), token_mean_loss(torch.float32)
+    got = torch.tensor(results[0]["eval_loss"], dtype=torch.float64)
+    assert_within_budget("eval_loss", max_err(got, want), max_err(own, want), 1e-6, ceiling=CEILINGS["float32"])
+
+
 # ---------------------------------------------------------------- TRL's SFTTrainer
 
 

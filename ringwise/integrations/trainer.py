@@ -29,6 +29,9 @@ parameter's gradient is the sum over every rank's tokens divided by the global c
 token-mean loss (rings summed, data-parallel replicas together). The logged loss, Trainer's mean over the ranks of
 those scaled shares, is the true loss. Requirements are checked when the trainer is built.
 
+`trainer.evaluate()` returns the token-mean loss over the whole evaluation set (RingTrainerMixin.evaluate);
+`predict()` is refused. DPO: RingDPOMixin (each sequence's log-probability summed over the ring).
+
 TRL's SFTTrainer computes its loss with its own fused LM head (outside the model's loss_function, so ringwise's
 loss check would refuse it, and its token metrics would count one shard): the ring trainer computes the loss with
 the model's own ring-aware loss instead, with the same normalisation (entropy and token accuracy are not logged).
@@ -360,11 +363,36 @@ class RingTrainerMixin:
         # TRL's SFTTrainer's fused-head loss bypasses the model's loss_function: not under the ring.
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)  # type: ignore[arg-type]
 
-    def evaluate(self, *args, **kwargs):
-        raise NotImplementedError(
-            "ringwise ring_trainer: evaluation is not sequence-parallel yet (Trainer would average each rank's "
-            "share of the loss as if it were a whole loss); evaluate with a plain Trainer on one process"
-        )
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """`{prefix}_loss`: the token-mean loss over the whole evaluation set (every target of every sequence once,
+        over the rings and the replicas), not Trainer's mean of per-batch losses; no other metric (no
+        compute_metrics). The replicas read different batches, none repeated (even_batches off); each rank sums its
+        shard's token losses (the model's ring-aware loss over num_items_in_batch=1) and one all-reduce at the end
+        sums them and the target counts over the job."""
+        if isinstance(eval_dataset if eval_dataset is not None else getattr(self, "eval_dataset", None), dict):
+            raise NotImplementedError("ringwise ring_trainer: evaluate one dataset at a time (eval_dataset=)")
+        loader = self._shard_over_replicas(self.get_eval_dataloader(eval_dataset))  # type: ignore[attr-defined]
+        sampler = getattr(loader, "batch_sampler", None)
+        if sampler is not None and hasattr(sampler, "even_batches"):
+            sampler.even_batches = False  # accelerate would repeat samples to even the replicas' batch counts
+        model, training = self.model, self.model.training
+        model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        one = torch.tensor(1.0, device=self.args.device)
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    batch = self._prepare_inputs(batch)  # type: ignore[attr-defined]
+                    sums[0] += model(**batch, num_items_in_batch=one).loss.double()  # this shard's summed loss
+                    sums[1] += (batch["shift_labels"] != IGNORE_INDEX).sum()
+        finally:
+            model.train(training)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        metrics = {f"{metric_key_prefix}_loss": (sums[0] / sums[1].clamp_min(1)).item()}
+        self.log(metrics)  # type: ignore[attr-defined]
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)  # type: ignore
+        return metrics
 
     def predict(self, *args, **kwargs):
         raise NotImplementedError("ringwise ring_trainer: prediction is not sequence-parallel yet")
@@ -430,6 +458,9 @@ class RingDPOMixin(RingTrainerMixin):
             problems.append("the ref_model runs on another ring than the model")
         if problems:
             raise ValueError("ringwise ring_trainer(DPOTrainer) does not run: " + "; ".join(problems))
+
+    def evaluate(self, *args, **kwargs):
+        raise NotImplementedError("ringwise ring_trainer(DPOTrainer): evaluation is not sequence-parallel yet")
 
     def _sequence_logps(self, model, inputs, grad: bool) -> torch.Tensor:
         """Each sequence's summed target log-probability over the whole ring: (sequences,), float32."""
