@@ -399,8 +399,10 @@ TYPES = dict(gemma3="token_type_ids", gemma4="mm_token_type_ids", paligemma="tok
 
 def block_config(name):
     """Tiny random configs of the real classes, vision towers included (Gemma 4's: 4x4 patches pooled 2x2 into the
-    4 tokens of an image)."""
+    4 tokens of an image; gemma4_per_layer: with per-layer inputs)."""
     T = transformers
+    per_layer = 8 if name == "gemma4_per_layer" else 0
+    name = "gemma4" if name == "gemma4_per_layer" else name
     if name == "gemma3":
         text = T.Gemma3TextConfig(
             **BLOCK_TEXT, sliding_window=8, query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"]
@@ -412,7 +414,7 @@ def block_config(name):
     if name == "gemma4":
         text = T.Gemma4TextConfig(
             **dict(BLOCK_TEXT, num_hidden_layers=4), global_head_dim=16, sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=per_layer,
             vocab_size_per_layer_input=64, num_kv_shared_layers=0, use_bidirectional_attention="vision",
         )  # fmt: skip
         vision = T.Gemma4VisionConfig(
@@ -433,6 +435,7 @@ def block_config(name):
 
 def block_batch(name, seq=SEQ, images=BLOCK_IMAGES, seed=1):
     """input_ids, labels (-100 on image tokens) and the processor's image inputs of one row."""
+    name = "gemma4" if name == "gemma4_per_layer" else name
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, 64, (1, seq), generator=g)
     if name == "paligemma":
@@ -547,7 +550,7 @@ BLOCK_GENERATE = [
     dict(name="gemma3", world=2, layout="zigzag"),
     dict(name="gemma3", world=3, layout="striped"),
     dict(name="gemma4", world=2, layout="zigzag"),
-    dict(name="gemma4", world=3, layout="contiguous"),
+    dict(name="gemma4_per_layer", world=3, layout="contiguous"),  # per-layer inputs
 ]
 
 
@@ -591,6 +594,8 @@ def block_refused_run(case):
             elif case == "Gemma 4 without patch positions":
                 inputs.pop("image_position_ids")
                 rw.shard_multimodal_batch(model, ids, labels, **inputs)
+            elif case == "Gemma 4 per-layer inputs in training":
+                rw.shard_multimodal_batch(block_build("gemma4_per_layer", "ringwise"), ids, labels, **inputs)
             elif case == "Gemma 4 pixel values to the model":
                 seq = rw.shard_of(model)
                 model(input_ids=seq.shard(ids[:, :28]), pixel_values=inputs["pixel_values"])
@@ -610,6 +615,7 @@ BLOCK_REFUSALS = {
     "Gemma 4 audio": "input_features: not supported",
     "Gemma 4 without patch positions": "without image_position_ids",
     "Gemma 4 pixel values to the model": "got pixel_values: its vision tower would run inside the ring's forward",
+    "Gemma 4 per-layer inputs in training": "hidden_size_per_layer_input=8) is not verified",
 }
 
 

@@ -365,6 +365,13 @@ def multimodal_inputs(model, input_ids: torch.Tensor, inputs: dict[str, Any], se
     check_model. M-RoPE models: input_ids, position_ids, mm_encoder_outputs. Block-group models: mm_encoder_outputs,
     this rank's token types and the global ringwise_group_ids (rw.shard_batch gives input_ids and position_ids)."""
     if is_block_vlm(model):
+        per_layer = getattr(_text_config(model.config), "hidden_size_per_layer_input", 0)
+        if per_layer:
+            raise ValueError(
+                f"Gemma 4 with per-layer inputs (hidden_size_per_layer_input={per_layer}) is not verified through "
+                "rw.shard_multimodal_batch: in its test the vision tower's gradients exceed the float32 budget against "
+                "one process (logits and loss within it); rw.generate of such a model is tested and runs"
+            )
         outputs, types, masks = _block_global_inputs(model, input_ids, inputs)
         return _block_local_inputs(model, seq, input_ids, types, outputs, masks)
     outputs, positions, masks = _global_inputs(model, input_ids, inputs)
