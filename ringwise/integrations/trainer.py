@@ -361,6 +361,7 @@ class RingTrainerMixin:
 
         # Trainer's own: model(**inputs).loss (RingLoss over num_items_in_batch), scaled by the number of processes.
         # TRL's SFTTrainer's fused-head loss bypasses the model's loss_function: not under the ring.
+        inputs = {**inputs, "use_cache": False}  # no KV cache to build in training (TRL passes the same)
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)  # type: ignore[arg-type]
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
