@@ -39,8 +39,6 @@ def refused_config(name):
         return T.MptConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2)
     if name == "lfm2":  # short convolutions
         return config_class("Lfm2Config")(**SMALL, layer_types=["conv", "full_attention"])
-    if name == "qwen3_next":  # linear attention (gated delta net)
-        return config_class("Qwen3NextConfig")(**SMALL)
     if name == "bamba":  # Mamba2 layers
         return T.BambaConfig(
             **SMALL, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, attn_layer_indices=[1]
@@ -82,7 +80,6 @@ REFUSED = {  # family -> what the error must say
     "falcon_alibi": "ALiBi",
     "mpt": "ALiBi",
     "lfm2": "['conv']",
-    "qwen3_next": "['linear_attention']",
     "bamba": "['linear_attention']",
     "jamba": "['linear_attention']",
     "falcon_h1": "['hybrid']",
@@ -128,7 +125,7 @@ def test_refused_family_raises_the_same_error_on_every_rank(cluster, name):
     assert REFUSED[name] in run_all(cluster, build_refused, name)
 
 
-@pytest.mark.parametrize("name", ["lfm2", "qwen3_next", "bamba", "llama_dynamic_rope", "phi3_longrope"])
+@pytest.mark.parametrize("name", ["lfm2", "bamba", "llama_dynamic_rope", "phi3_longrope"])
 def test_check_model_reads_the_modules(name):
     """Built directly (past the config check), the modules alone still give the model away."""
     from ringwise.integrations.hf_support import module_problems

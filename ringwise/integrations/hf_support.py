@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from .hf_linear import handles as gated_delta_handles
+from .hf_linear import is_gated_delta_layer
 from .hf_multimodal import MROPE_VLMS
 
 # The families ringwise accepts: each model_type that a test builds and runs through the ring against one process
@@ -37,6 +39,7 @@ TESTED_FAMILIES: dict[str, tuple[str, ...]] = {
             "gpt_oss",
             "qwen2_moe",
             "llama4_text",
+            "qwen3_next",  # gated DeltaNet layers sharded by hf_linear (test_hf_linear)
             "qwen3",
             "qwen3_moe",
             "mixtral",
@@ -117,6 +120,8 @@ def config_problems(config) -> list[str]:
     problems = []
     for c in _configs(config):
         extra = sorted(set(getattr(c, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
+        if extra == ["linear_attention"] and gated_delta_handles(c):  # sharded by hf_linear
+            extra = []
         if extra:
             problems.append(
                 f"layers of type {extra} mix tokens outside attention (config.layer_types); "
@@ -249,7 +254,10 @@ def _local_length_rope(rope_types, what: str) -> list[str]:
 def module_problems(model) -> list[str]:
     """What in the built modules makes the model inexact under ringwise."""
     problems = []
-    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv1d)]
+    handled = {n for n, m in model.named_modules() if is_gated_delta_layer(m)}  # sharded by hf_linear
+    convs = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv1d) and n.rpartition(".")[0] not in handled
+    ]
     if convs:
         problems.append(
             f"{len(convs)} sequence convolution(s) ({convs[0]}{', ...' if len(convs) > 1 else ''}: short "

@@ -1,0 +1,178 @@
+"""Gated DeltaNet layers of transformers' hybrid models (Qwen3-Next) sharded over the ring.
+
+Such a layer mixes tokens twice outside attention: a depthwise causal convolution (kernel K) and the
+gated delta rule, whose state is a (dk x dv) matrix per head. transformers' layer calls both through
+functions of its modeling module (`causal_conv1d_forward`, `torch_chunk_gated_delta_rule`); while a
+ringed layer runs, ringwise puts sharded ones in their place for that call only: the convolution
+gets each segment's K - 1 predecessors (halo.causal_conv1d) and the delta rule carries its state
+across ranks (halo.sharded_state_scan around the model's own kernel). The rest of the layer (the
+projections, gates, norms) is per token and runs as transformers wrote it.
+
+transformers' kernel computes in float32 whatever the model's dtype; for a float64 model the delta
+rule runs in float64 (halo.delta_rule after the kernel's own key normalisation and query scaling),
+so the tests can hold the ring to a float64 one-process run. A cache (generation), an initial state,
+packed documents or Ulysses are refused alike on every rank before any data moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ..attention.halo import causal_conv1d, delta_rule, sharded_state_scan
+from ..attention.seqshard import SeqShard
+
+# model_type -> (modeling module, class name of its gated DeltaNet layer)
+GATED_DELTA_LAYERS = {"qwen3_next": ("transformers.models.qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet")}
+_RINGED = "_ringwise_sharded_mixer"
+
+
+def handles(config) -> bool:
+    """Whether ringwise shards this config's non-attention layers (its linear_attention layer type)."""
+    return getattr(config, "model_type", None) in GATED_DELTA_LAYERS
+
+
+def is_gated_delta_layer(module) -> bool:
+    """Whether `module` is a gated DeltaNet layer ringwise shards (install wraps it)."""
+    return (type(module).__module__, type(module).__name__) in set(GATED_DELTA_LAYERS.values())
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """transformers' (and flash-linear-attention's) key/query normalisation."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def float64_gated_delta_rule(
+    query, key, value, g, beta, initial_state=None, use_qk_l2norm_in_kernel=False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' torch_chunk_gated_delta_rule in the inputs' dtype: the same normalisation, query scaling
+    and grouped heads, the recurrence token by token (halo.delta_rule)."""
+    hv, hk = value.shape[2], key.shape[2]
+    if hv != hk:
+        query, key = (x.repeat_interleave(hv // hk, dim=2) for x in (query, key))
+    if use_qk_l2norm_in_kernel:
+        query, key = _l2norm(query), _l2norm(key)
+    return delta_rule(query * query.shape[-1] ** -0.5, key, value, g, beta, initial_state)
+
+
+def _refuse(what: str) -> None:
+    raise ValueError(f"ringwise: a gated DeltaNet layer on a ring got {what}")
+
+
+def _sharded_conv(shard: SeqShard) -> Callable[..., torch.Tensor]:
+    def conv(conv1d, hidden_states, cache, layer_idx, activation=None, state_idx=0, **kwargs):
+        """transformers' causal_conv1d_forward on this rank's shard (batch, channels, local tokens)."""
+        if cache is not None:
+            _refuse(
+                "a cache: call the model with use_cache=False (generation with a hybrid model is not supported on "
+                "the ring yet)"
+            )
+        from transformers.activations import ACT2FN
+
+        x = hidden_states.transpose(1, 2)
+        out = causal_conv1d(x.to(conv1d.weight.dtype), conv1d.weight, conv1d.bias, shard.layout, shard.group)
+        if activation is not None:
+            out = ACT2FN[activation](out)
+        return out.transpose(1, 2).to(hidden_states.dtype)
+
+    return conv
+
+
+def _sharded_delta_rule(shard: SeqShard, kernel: Callable[..., Any]) -> Callable[..., Any]:
+    def scan(
+        query,
+        key,
+        value,
+        g,
+        beta,
+        chunk_size=64,
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=False,
+        cu_seqlens=None,
+        **kwargs,
+    ):
+        """transformers' torch_chunk_gated_delta_rule over the global sequence, for this rank's shard."""
+        if initial_state is not None or output_final_state:
+            _refuse("a recurrent state from a cache: generation with a hybrid model is not supported on the ring yet")
+        if cu_seqlens is not None:
+            _refuse("packed sequences (cu_seq_lens): not supported by the sharded state scan yet")
+
+        def local(q, k, v, initial_state, g, beta):
+            if q.dtype == torch.float64:
+                return float64_gated_delta_rule(q, k, v, g, beta, initial_state, use_qk_l2norm_in_kernel)
+            out, final = kernel(
+                q,
+                k,
+                v,
+                g=g,
+                beta=beta,
+                chunk_size=chunk_size,
+                initial_state=initial_state,
+                output_final_state=True,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            )
+            return out, final
+
+        out = sharded_state_scan(local, query, key, value, dict(g=g, beta=beta), shard.layout, shard.group)
+        return out, None
+
+    return scan
+
+
+@contextlib.contextmanager
+def _swapped(module, replacements: dict[str, Any]) -> Iterator[None]:
+    saved = {name: getattr(module, name) for name in replacements}
+    for name, fn in replacements.items():
+        setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+
+
+def shard_problem(shard: SeqShard) -> str | None:
+    """Why these layers cannot run on this ring (None: they can)."""
+    if shard.ulysses_group is not None:
+        return "Ulysses splits heads across ranks, which the sharded state scan does not (use a plain ring)"
+    if shard.layout == "striped" and shard.world > 1:
+        return "the striped layout spreads each token's predecessors over every rank (use zigzag or contiguous)"
+    return None
+
+
+def install(model, shard_of: Callable[[], SeqShard]) -> int:
+    """Wrap each gated DeltaNet layer's forward so that it runs sharded on the ring `shard_of()` gives at call
+    time. Idempotent; returns the number of layers handled."""
+    count = 0
+    for module in model.modules():
+        if not is_gated_delta_layer(module):
+            continue
+        count += 1
+        if getattr(module, _RINGED, False):
+            continue
+        modeling = sys.modules[type(module).__module__]
+        forward = module.forward
+
+        def ringed(*args, _forward=forward, _modeling=modeling, **kwargs):
+            shard = shard_of()
+            problem = shard_problem(shard)
+            if problem:
+                raise ValueError(f"ringwise: {problem}")
+            kernel = _modeling.torch_chunk_gated_delta_rule
+            with _swapped(
+                _modeling,
+                dict(
+                    causal_conv1d_forward=_sharded_conv(shard),
+                    torch_chunk_gated_delta_rule=_sharded_delta_rule(shard, kernel),
+                ),
+            ):
+                return _forward(*args, **kwargs)
+
+        module.forward = ringed
+        setattr(module, _RINGED, True)
+    return count
