@@ -77,6 +77,23 @@ def test_lse_is_not_differentiable():
         lse.sum().backward()
 
 
+def test_autocast_runs_the_op_in_the_autocast_dtype():
+    """Under torch.autocast the op casts q, k, v to the autocast dtype, as SDPA does (a trainer's bf16 autocast
+    hands float32 q and k with a bfloat16 v): the result is the op's on the cast inputs, bit for bit, and the
+    gradients come back in each input's own dtype."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 12, 4, 8, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 12, 4, 8, generator=g).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ringwise.ring_attention(q, k, v, causal=True)
+    want = ringwise.ring_attention(q.bfloat16(), k.bfloat16(), v, causal=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    out.float().sum().backward()
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype"):  # outside autocast, mixed dtypes are still refused
+        ringwise.ring_attention(q, k, v, causal=True)
+
+
 def refused_counts():
     """Rank 1 passes a bad window: every rank raises the same error, and nothing but the
     verdict gather was sent."""

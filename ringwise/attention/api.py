@@ -399,8 +399,21 @@ def attention(
     problem = objection or problem
     if not all(isinstance(x, Tensor) for x in (q, k, v)):
         _refuse_untyped(q, k, v, spec, validate)
+    q, k, v = _autocast(q, k, v)
     out, lse, _ = torch.ops.ringwise.attention(q, k, v, *spec.op_args(), position_ids, problem, bool(validate))
     return (out, lse) if return_lse else out
+
+
+def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under torch.autocast, q, k and v in the autocast dtype, as SDPA runs there (autocast casts no custom op
+    itself; a transformers model under a trainer's bf16 autocast hands float32 q and k, rotated in float32, with a
+    bfloat16 v). The casts are differentiable: gradients come back in the inputs' own dtypes."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    q, k, v = (x.to(dtype) if x.is_floating_point() else x for x in (q, k, v))
+    return q, k, v
 
 
 def _refuse_untyped(q: object, k: object, v: object, spec: AttentionSpec, validate: bool) -> NoReturn:
