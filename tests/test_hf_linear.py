@@ -1,5 +1,6 @@
-"""Qwen3-Next's gated DeltaNet layers through the ring (ringwise.integrations.hf_linear): the short convolution
-and the gated delta rule's matrix state carried across ranks, next to its full-attention layers on ringwise.
+"""Hybrid models' delta-rule layers through the ring (ringwise.integrations.hf_linear): Qwen3-Next's gated DeltaNet
+and Kimi Linear's KDA (a decay per key channel), the short convolution and the delta rule's matrix state carried
+across ranks, next to their full-attention layers on ringwise.
 
 The oracle is transformers' own model in one process (SDPA attention: eager's softmax is float32) in float64, with
 its delta-rule kernel (which computes in float32 whatever the model's dtype) replaced by hf_linear's float64 one; that
@@ -7,6 +8,9 @@ kernel is held to transformers' on its own first. The ring runs in float64 (to r
 (transformers' kernel: within 2x the float32 one-process error), W = 2, 3, 4, contiguous and zigzag; loss, logits and
 every parameter gradient; the striped layout and a cache refused alike on every rank."""
 
+import contextlib
+import functools
+import importlib
 import itertools
 
 import pytest
@@ -19,57 +23,118 @@ from helpers import CEILINGS, EPS, assemble, assert_within_budget, max_err  # no
 from hf_versions import EAGER_EXPERTS, config_class  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
-from ringwise.integrations.hf_linear import float64_gated_delta_rule  # noqa: E402
+from ringwise.integrations.hf_linear import GATED_DELTA_LAYERS, float64_gated_delta_rule  # noqa: E402
 
 SEQ = 48
 
 
 def make_config(name="qwen3_next"):
-    """Three gated DeltaNet layers and one full-attention layer; GQA in both (4:2), MoE with a shared expert."""
-    assert name == "qwen3_next"
-    return config_class("Qwen3NextConfig")(
+    """Tiny configs of each family's real classes, delta-rule layers around one full-attention layer."""
+    if name == "qwen3_next":  # three gated DeltaNet layers, one full-attention; GQA in both (4:2), MoE, shared expert
+        return config_class("Qwen3NextConfig")(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=6,
+            linear_conv_kernel_dim=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    assert name == "kimi_linear", name
+    # KDA layers (a decay per key channel) on both sides of an MLA full-attention layer (NoPE); a dense MLP first,
+    # then MoE with a shared expert
+    return config_class("KimiLinearConfig")(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        linear_num_value_heads=4,
-        linear_num_key_heads=2,
-        linear_key_head_dim=8,
-        linear_value_head_dim=6,
-        linear_conv_kernel_dim=4,
-        num_experts=4,
-        num_experts_per_tok=2,
         moe_intermediate_size=16,
-        shared_expert_intermediate_size=16,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        linear_num_heads=4,
+        linear_head_dim=8,
+        linear_conv_kernel_dim=4,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
 
 
+FAMILIES = ("qwen3_next", "kimi_linear")
+
+
+def _float64_forget_gate(self, hidden_states):
+    """KimiLinearForgetGate.forward in the model's dtype: transformers' computes the gate in float32 (.float() on
+    its input, dt_bias and A_log), so every gradient flowing back through it is rounded to float32 and two float64
+    runs differ there by float32 round-off wherever their float64 values round apart. The float64 runs (ring and
+    one process alike) use this one."""
+    gate = self.f_b_proj(self.f_a_proj(hidden_states)) + self.dt_bias.view(1, 1, -1)
+    g = gate.view(*hidden_states.shape[:2], -1, self.head_dim)
+    return -self.A_log.exp() * torch.where(g > 20.0, g, torch.log(1.0 + torch.exp(g)))
+
+
+@contextlib.contextmanager
+def float64_gates(name, dtype):
+    """Kimi Linear in float64: its forget gate in float64 (_float64_forget_gate); otherwise nothing."""
+    if name != "kimi_linear" or dtype != torch.float64:
+        yield
+        return
+    from transformers.models.kimi_linear import modeling_kimi_linear as modeling
+
+    saved = modeling.KimiLinearForgetGate.forward
+    modeling.KimiLinearForgetGate.forward = _float64_forget_gate
+    try:
+        yield
+    finally:
+        modeling.KimiLinearForgetGate.forward = saved
+
+
 def global_ids():
     return torch.randint(3, 64, (1, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def _modeling():
-    from transformers.models.qwen3_next import modeling_qwen3_next
+def _modeling(name):
+    """The family's modeling module and the name of its chunked delta-rule kernel there."""
+    layer = GATED_DELTA_LAYERS[name]
+    return importlib.import_module(layer.module), layer.kernel
 
-    return modeling_qwen3_next
 
-
-def test_float64_kernel_is_transformers_kernel():
+@pytest.mark.parametrize("name", FAMILIES)
+def test_float64_kernel_is_transformers_kernel(name):
     """hf_linear's float64 delta rule (token by token) is transformers' chunked kernel (float32 inside): outputs and
-    final states agree within float32 round-off, GQA and key/query normalisation included."""
+    final states agree within float32 round-off, key/query normalisation included; GQA (gated DeltaNet), a decay per
+    key channel (KDA)."""
     g = torch.Generator().manual_seed(3)
     B, T, hk, hv, dk, dv = 2, 37, 2, 4, 8, 6
+    if name == "kimi_linear":  # no grouped heads; the decay has the keys' shape
+        hk = hv
     q, k = (torch.randn(B, T, hk, dk, generator=g) for _ in range(2))
     v = torch.randn(B, T, hv, dv, generator=g)
-    decay, beta = -torch.rand(B, T, hv, generator=g), torch.rand(B, T, hv, generator=g)
+    decay_shape = (B, T, hv, dk) if name == "kimi_linear" else (B, T, hv)
+    decay, beta = -torch.rand(*decay_shape, generator=g), torch.rand(B, T, hv, generator=g)
     state = torch.randn(B, hv, dk, dv, generator=g)
-    want, want_state = _modeling().torch_chunk_gated_delta_rule(
+    modeling, kernel = _modeling(name)
+    want, want_state = getattr(modeling, kernel)(
         q, k, v, g=decay, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True
     )
     got, got_state = float64_gated_delta_rule(
@@ -79,14 +144,15 @@ def test_float64_kernel_is_transformers_kernel():
     assert max_err(got, want) < 1e-5 and max_err(got_state, want_state) < 1e-5
 
 
-def single_run(dtype):
-    """transformers' model in one process, eager attention; in float64 its delta-rule kernel is the float64 one."""
+@functools.cache
+def single_run(name, dtype):
+    """transformers' model in one process, SDPA attention; in float64 its delta-rule kernel is the float64 one."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
-        make_config(), attn_implementation="sdpa", **EAGER_EXPERTS
+        make_config(name), attn_implementation="sdpa", **EAGER_EXPERTS
     ).to(dtype)
-    modeling = _modeling()
-    kernel = modeling.torch_chunk_gated_delta_rule
+    modeling, name_of_kernel = _modeling(name)
+    kernel = getattr(modeling, name_of_kernel)
 
     def float64_kernel(query, key, value, g, beta, initial_state=None, use_qk_l2norm_in_kernel=False, **_):
         return float64_gated_delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel)
@@ -94,28 +160,30 @@ def single_run(dtype):
     ids = global_ids()
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
-    try:
-        if dtype == torch.float64:
-            modeling.torch_chunk_gated_delta_rule = float64_kernel
-        logits = model(input_ids=ids, use_cache=False).logits
-    finally:
-        modeling.torch_chunk_gated_delta_rule = kernel
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    loss.backward()
+    with float64_gates(name, dtype):
+        try:
+            if dtype == torch.float64:
+                setattr(modeling, name_of_kernel, float64_kernel)
+            logits = model(input_ids=ids, use_cache=False).logits
+        finally:
+            setattr(modeling, name_of_kernel, kernel)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
     return dict(logits=logits.detach(), grads={n: p.grad for n, p in model.named_parameters() if p.grad is not None})
 
 
 def ring_run(case):
     rw.use_ring(layout=case["layout"])
     torch.manual_seed(0)
-    model = rw.from_config(make_config(), **EAGER_EXPERTS).to(getattr(torch, case["dtype"]))
+    model = rw.from_config(make_config(case["name"]), **EAGER_EXPERTS).to(getattr(torch, case["dtype"]))
     batch = rw.shard_batch(global_ids())
     labels = batch.pop("labels")
-    logits = model(**batch, use_cache=False).logits
-    # this rank's share of the mean next-token loss, in the logits' dtype (rw.causal_lm_loss and the model's own loss
-    # compute it in float32, as transformers does; test_hf_loss covers them)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / (SEQ - 1)
-    loss.backward()
+    with float64_gates(case["name"], getattr(torch, case["dtype"])):
+        logits = model(**batch, use_cache=False).logits
+        # this rank's share of the mean next-token loss, in the logits' dtype (rw.causal_lm_loss and the model's own
+        # loss compute it in float32, as transformers does; test_hf_loss covers them)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / (SEQ - 1)
+        loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for g in grads.values():
         dist.all_reduce(g)
@@ -124,18 +192,21 @@ def ring_run(case):
     return dict(logits=logits.detach(), grads=grads, loss=share)
 
 
+SHAPES = {  # family -> (W, layout) of its cases
+    "qwen3_next": [(2, "zigzag"), (3, "zigzag"), (3, "contiguous"), (4, "contiguous")],
+    "kimi_linear": [(2, "zigzag"), (3, "zigzag"), (3, "contiguous")],
+}
 GRID = [
-    dict(world=W, layout=layout, dtype=dtype)
-    for (W, layout), dtype in itertools.product(
-        [(2, "zigzag"), (3, "zigzag"), (3, "contiguous"), (4, "contiguous")], ["float64", "float32"]
-    )
+    dict(name=name, world=W, layout=layout, dtype=dtype)
+    for name in FAMILIES
+    for (W, layout), dtype in itertools.product(SHAPES[name], ["float64", "float32"])
 ]
 
 
-@pytest.mark.parametrize("case", GRID, ids=lambda c: f"W{c['world']}-{c['layout']}-{c['dtype']}")
-def test_qwen3_next_is_exact_on_the_ring(grid_results, case):
+@pytest.mark.parametrize("case", GRID, ids=lambda c: f"{c['name']}-W{c['world']}-{c['layout']}-{c['dtype']}")
+def test_hybrid_model_is_exact_on_the_ring(grid_results, case):
     results = grid_results(ring_run, GRID, case)
-    ref = single_run(torch.float64)
+    ref = single_run(case["name"], torch.float64)
     logits = assemble([r["logits"] for r in results], case["layout"], 1)
     ids = global_ids()
     want_loss = torch.nn.functional.cross_entropy(ref["logits"][0, :-1], ids[0, 1:])
@@ -144,12 +215,16 @@ def test_qwen3_next_is_exact_on_the_ring(grid_results, case):
         assert max_err(logits, ref["logits"]) < 1e-10
         assert abs(results[0]["loss"].item() - want_loss.item()) < 1e-12
         for n, g in results[0]["grads"].items():
-            # the norms and the decay rates A_log run in float32 (the model upcasts those weights), so their
-            # gradients are float32 sums over each rank's tokens: float32 round-off relative to the gradient
-            rel = EPS["float32"] if "norm" in n or n.endswith("A_log") else 1e-10
+            # the norms, the decay rates A_log and Kimi's MoE router run in float32 (the model upcasts those
+            # weights), so their gradients are float32 sums over each rank's tokens: float32 round-off relative to
+            # the gradient
+            upcast = (
+                "norm" in n or n.endswith("A_log") or (case["name"] == "kimi_linear" and n.endswith("mlp.gate.weight"))
+            )
+            rel = EPS["float32"] if upcast else 1e-10
             assert max_err(g, ref["grads"][n]) < rel * max(1e-3, ref["grads"][n].abs().max().item()), n
         return
-    f32 = single_run(torch.float32)
+    f32 = single_run(case["name"], torch.float32)
     err32 = max_err(f32["logits"], ref["logits"])
     assert_within_budget("logits", max_err(logits, ref["logits"]), err32, 1e-6, ceiling=CEILINGS["float32"])
     for n, g in results[0]["grads"].items():
@@ -174,3 +249,12 @@ def test_refused_alike_with_the_reason(cluster, how):
     messages = cluster(2).run(refused_run, how)
     assert messages[0] is not None and all(m == messages[0] for m in messages), messages
     assert ("striped layout" if how == "striped" else "use_cache=False") in messages[0], messages[0]
+
+
+@pytest.mark.parametrize("config", ["Qwen3_5TextConfig", "Qwen3_5MoeTextConfig", "Qwen3_5Config", "Qwen3_5MoeConfig"])
+def test_qwen3_5_is_refused_with_the_reason(config):
+    """Qwen3.5's gated DeltaNet layers are Qwen3-Next's, but it rotates by multimodal RoPE: its text models alone are
+    refused as every M-RoPE text model is, and rw.shard_multimodal_batch does not prepare its multimodal model yet."""
+    cfg = config_class(config)()
+    with pytest.raises(ValueError, match=r"M-RoPE"):
+        rw.check_model(cfg)

@@ -63,7 +63,7 @@ def built_by_the_exactness_tests() -> dict[str, set[str]]:
     configs += [test_hf_multimodal.make_config(n) for n in test_hf_multimodal.FAMILIES]
     configs += [test_hf_multimodal.block_config(n) for n in test_hf_multimodal.BLOCK_FAMILIES]
     configs += [test_transformers.make_config(n) for n in ("llama", "qwen2", "mistral")]
-    configs += [test_hf_linear.make_config()]
+    configs += [test_hf_linear.make_config(n) for n in test_hf_linear.FAMILIES]
     built: dict[str, set[str]] = {}
     for config in configs:
         model_type, text_type = _types(config)

@@ -258,15 +258,18 @@ def delta_rule(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
     """The gated delta rule token by token, in the inputs' dtype (the reference kernel; float64 in tests):
-    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, out_t = S_t^T q_t, with q, k
-    (batch, tokens, heads, dk), v (batch, tokens, heads, dv), g and beta (batch, tokens, heads), S
-    (batch, heads, dk, dv) from initial_state (zeros if None). Returns (out, final state)."""
+    S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T, out_t = S_t^T q_t, with q, k
+    (batch, tokens, heads, dk), v (batch, tokens, heads, dv), beta (batch, tokens, heads), S (batch,
+    heads, dk, dv) from initial_state (zeros if None), and the log decays g either (batch, tokens,
+    heads), one per head (gated DeltaNet), or (batch, tokens, heads, dk), one per key channel (Kimi
+    Delta Attention). Returns (out, final state)."""
     B, T, H, dk = k.shape
     S = q.new_zeros(B, H, dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
+    per_channel = g.dim() == k.dim()
     outs = []
     for t in range(T):
         kt, vt, bt = k[:, t], v[:, t], beta[:, t, :, None]
-        S = S * g[:, t].exp()[..., None, None]
+        S = S * (g[:, t].exp()[..., None] if per_channel else g[:, t].exp()[..., None, None])
         v_new = (vt - torch.einsum("bhk,bhkv->bhv", kt, S)) * bt
         S = S + kt[..., None] * v_new[..., None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))

@@ -1,14 +1,16 @@
-"""Gated DeltaNet layers of transformers' hybrid models (Qwen3-Next) sharded over the ring.
+"""Delta-rule layers of transformers' hybrid models (Qwen3-Next, Kimi Linear) sharded over the ring.
 
-Such a layer mixes tokens twice outside attention: a depthwise causal convolution (kernel K) and the
-gated delta rule, whose state is a (dk x dv) matrix per head. transformers' layer calls both through
-functions of its modeling module (`causal_conv1d_forward`, `torch_chunk_gated_delta_rule`); while a
-ringed layer runs, ringwise puts sharded ones in their place for that call only: the convolution
-gets each segment's K - 1 predecessors (halo.causal_conv1d) and the delta rule carries its state
-across ranks (halo.sharded_state_scan around the model's own kernel). The rest of the layer (the
-projections, gates, norms) is per token and runs as transformers wrote it.
+Such a layer mixes tokens twice outside attention: a depthwise causal convolution (kernel K) and a
+gated delta rule, whose state is a (dk x dv) matrix per head (gated DeltaNet: one decay per head and
+token; Kimi Delta Attention: one per key channel). transformers' layer calls both through functions
+of its modeling module (`causal_conv1d_forward`, and the chunked kernel GATED_DELTA_LAYERS names:
+`torch_chunk_gated_delta_rule`, `chunk_kimi_delta_attention`); while a ringed layer runs, ringwise
+puts sharded ones in their place for that call only: the convolution gets each segment's K - 1
+predecessors (halo.causal_conv1d) and the delta rule carries its state across ranks
+(halo.sharded_state_scan around the model's own kernel). The rest of the layer (the projections,
+gates, norms) is per token and runs as transformers wrote it.
 
-transformers' kernel computes in float32 whatever the model's dtype; for a float64 model the delta
+transformers' kernels compute in float32 whatever the model's dtype; for a float64 model the delta
 rule runs in float64 (halo.delta_rule after the kernel's own key normalisation and query scaling),
 so the tests can hold the ring to a float64 one-process run. A cache (generation), an initial state,
 packed documents or Ulysses are refused alike on every rank before any data moves.
@@ -19,15 +21,33 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..attention.halo import causal_conv1d, delta_rule, sharded_state_scan
 from ..attention.seqshard import SeqShard
 
-# model_type -> (modeling module, class name of its gated DeltaNet layer)
-GATED_DELTA_LAYERS = {"qwen3_next": ("transformers.models.qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet")}
+
+class DeltaLayer(NamedTuple):
+    """Where a family's delta-rule layer lives: its modeling module, the layer's class name there, and the name of
+    the chunked kernel its forward calls from that module (swapped, with causal_conv1d_forward, while it runs)."""
+
+    module: str
+    layer: str
+    kernel: str
+
+
+_MODELS = "transformers.models."
+# model_type -> its delta-rule layer (tests/test_hf_linear.py runs each through the ring)
+GATED_DELTA_LAYERS = {
+    "qwen3_next": DeltaLayer(
+        _MODELS + "qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet", "torch_chunk_gated_delta_rule"
+    ),
+    "kimi_linear": DeltaLayer(
+        _MODELS + "kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention", "chunk_kimi_delta_attention"
+    ),
+}
 _RINGED = "_ringwise_sharded_mixer"
 
 
@@ -36,9 +56,14 @@ def handles(config) -> bool:
     return getattr(config, "model_type", None) in GATED_DELTA_LAYERS
 
 
+def _layer_of(module) -> DeltaLayer | None:
+    where = (type(module).__module__, type(module).__name__)
+    return next((d for d in GATED_DELTA_LAYERS.values() if (d.module, d.layer) == where), None)
+
+
 def is_gated_delta_layer(module) -> bool:
-    """Whether `module` is a gated DeltaNet layer ringwise shards (install wraps it)."""
-    return (type(module).__module__, type(module).__name__) in set(GATED_DELTA_LAYERS.values())
+    """Whether `module` is a delta-rule layer ringwise shards (install wraps it)."""
+    return _layer_of(module) is not None
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -49,8 +74,9 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def float64_gated_delta_rule(
     query, key, value, g, beta, initial_state=None, use_qk_l2norm_in_kernel=False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' torch_chunk_gated_delta_rule in the inputs' dtype: the same normalisation, query scaling
-    and grouped heads, the recurrence token by token (halo.delta_rule)."""
+    """transformers' torch_chunk_gated_delta_rule (g: (batch, tokens, heads)) or chunk_kimi_delta_attention (g:
+    (..., heads, dk), a decay per key channel) in the inputs' dtype: the same normalisation, query scaling and
+    grouped heads, the recurrence token by token (halo.delta_rule)."""
     hv, hk = value.shape[2], key.shape[2]
     if hv != hk:
         query, key = (x.repeat_interleave(hv // hk, dim=2) for x in (query, key))
@@ -60,7 +86,7 @@ def float64_gated_delta_rule(
 
 
 def _refuse(what: str) -> None:
-    raise ValueError(f"ringwise: a gated DeltaNet layer on a ring got {what}")
+    raise ValueError(f"ringwise: a delta-rule layer (gated DeltaNet, KDA) on a ring got {what}")
 
 
 def _sharded_conv(shard: SeqShard) -> Callable[..., torch.Tensor]:
@@ -96,7 +122,7 @@ def _sharded_delta_rule(shard: SeqShard, kernel: Callable[..., Any]) -> Callable
         cu_seqlens=None,
         **kwargs,
     ):
-        """transformers' torch_chunk_gated_delta_rule over the global sequence, for this rank's shard."""
+        """The model's chunked delta-rule kernel over the global sequence, for this rank's shard."""
         if initial_state is not None or output_final_state:
             _refuse("a recurrent state from a cache: generation with a hybrid model is not supported on the ring yet")
         if cu_seqlens is not None:
@@ -146,30 +172,28 @@ def shard_problem(shard: SeqShard) -> str | None:
 
 
 def install(model, shard_of: Callable[[], SeqShard]) -> int:
-    """Wrap each gated DeltaNet layer's forward so that it runs sharded on the ring `shard_of()` gives at call
+    """Wrap each delta-rule layer's forward so that it runs sharded on the ring `shard_of()` gives at call
     time. Idempotent; returns the number of layers handled."""
     count = 0
     for module in model.modules():
-        if not is_gated_delta_layer(module):
+        layer = _layer_of(module)
+        if layer is None:
             continue
         count += 1
         if getattr(module, _RINGED, False):
             continue
-        modeling = sys.modules[type(module).__module__]
+        modeling = sys.modules[layer.module]
         forward = module.forward
 
-        def ringed(*args, _forward=forward, _modeling=modeling, **kwargs):
+        def ringed(*args, _forward=forward, _modeling=modeling, _kernel=layer.kernel, **kwargs):
             shard = shard_of()
             problem = shard_problem(shard)
             if problem:
                 raise ValueError(f"ringwise: {problem}")
-            kernel = _modeling.torch_chunk_gated_delta_rule
+            kernel = getattr(_modeling, _kernel)
             with _swapped(
                 _modeling,
-                dict(
-                    causal_conv1d_forward=_sharded_conv(shard),
-                    torch_chunk_gated_delta_rule=_sharded_delta_rule(shard, kernel),
-                ),
+                {"causal_conv1d_forward": _sharded_conv(shard), _kernel: _sharded_delta_rule(shard, kernel)},
             ):
                 return _forward(*args, **kwargs)
 

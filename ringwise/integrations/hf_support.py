@@ -40,6 +40,7 @@ TESTED_FAMILIES: dict[str, tuple[str, ...]] = {
             "qwen2_moe",
             "llama4_text",
             "qwen3_next",  # gated DeltaNet layers sharded by hf_linear (test_hf_linear)
+            "kimi_linear",  # KDA layers sharded by hf_linear (test_hf_linear)
             "qwen3",
             "qwen3_moe",
             "mixtral",
