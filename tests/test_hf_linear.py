@@ -1,6 +1,7 @@
-"""Hybrid models' delta-rule layers through the ring (ringwise.integrations.hf_linear): Qwen3-Next's gated DeltaNet
-and Kimi Linear's KDA (a decay per key channel), the short convolution and the delta rule's matrix state carried
-across ranks, next to their full-attention layers on ringwise.
+"""Hybrid models' delta-rule layers through the ring (ringwise.integrations.hf_linear): the gated DeltaNet of Qwen3-Next
+and Qwen3.5 (a vision-language model: the dense and MoE ones on rw.shard_multimodal_batch, images across shard
+boundaries) and Kimi Linear's KDA (a decay per key channel), the short convolution and the delta rule's matrix state
+carried across ranks, next to their full-attention layers on ringwise.
 
 The oracle is transformers' own model in one process (SDPA attention: eager's softmax is float32) in float64, with
 its delta-rule kernel (which computes in float32 whatever the model's dtype) replaced by hf_linear's float64 one; that
@@ -52,6 +53,33 @@ def make_config(name="qwen3_next"):
             bos_token_id=1,
             eos_token_id=2,
         )
+    if name in MULTIMODAL:  # Qwen3.5: three gated DeltaNet layers, one gated full-attention (interleaved M-RoPE)
+        import test_hf_multimodal as mm
+
+        text = dict(
+            mm.TEXT,
+            num_hidden_layers=4,
+            head_dim=16,
+            rope_parameters=dict(mm.MROPE, mrope_interleaved=True, partial_rotary_factor=0.5),  # 4 frequencies
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=6,
+            linear_conv_kernel_dim=4,
+        )
+        if name == "qwen3_5_moe":
+            text.update(
+                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16
+            )
+        return config_class("Qwen3_5Config" if name == "qwen3_5" else "Qwen3_5MoeConfig")(
+            text_config=text,
+            vision_config=dict(
+                mm.VISION, depth=2, intermediate_size=32, out_hidden_size=32, num_position_embeddings=16
+            ),
+            image_token_id=mm.IMAGE,
+            video_token_id=mm.VIDEO,
+            vision_start_token_id=mm.START,
+        )
     assert name == "kimi_linear", name
     # KDA layers (a decay per key channel) on both sides of an MLA full-attention layer (NoPE); a dense MLP first,
     # then MoE with a shared expert
@@ -80,7 +108,8 @@ def make_config(name="qwen3_next"):
     )
 
 
-FAMILIES = ("qwen3_next", "kimi_linear")
+FAMILIES = ("qwen3_next", "kimi_linear", "qwen3_5", "qwen3_5_moe")
+MULTIMODAL = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # -> its text model's type
 
 
 def _float64_forget_gate(self, hidden_states):
@@ -115,11 +144,11 @@ def global_ids():
 
 def _modeling(name):
     """The family's modeling module and the name of its chunked delta-rule kernel there."""
-    layer = GATED_DELTA_LAYERS[name]
+    layer = GATED_DELTA_LAYERS[MULTIMODAL.get(name, name)]
     return importlib.import_module(layer.module), layer.kernel
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ["qwen3_next", "kimi_linear"])
 def test_float64_kernel_is_transformers_kernel(name):
     """hf_linear's float64 delta rule (token by token) is transformers' chunked kernel (float32 inside): outputs and
     final states agree within float32 round-off, key/query normalisation included; GQA (gated DeltaNet), a decay per
@@ -148,41 +177,64 @@ def test_float64_kernel_is_transformers_kernel(name):
 def single_run(name, dtype):
     """transformers' model in one process, SDPA attention; in float64 its delta-rule kernel is the float64 one."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        make_config(name), attn_implementation="sdpa", **EAGER_EXPERTS
-    ).to(dtype)
+    auto = transformers.AutoModelForImageTextToText if name in MULTIMODAL else transformers.AutoModelForCausalLM
+    model = auto.from_config(make_config(name), attn_implementation="sdpa", **EAGER_EXPERTS).to(dtype)
     modeling, name_of_kernel = _modeling(name)
     kernel = getattr(modeling, name_of_kernel)
 
     def float64_kernel(query, key, value, g, beta, initial_state=None, use_qk_l2norm_in_kernel=False, **_):
         return float64_gated_delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel)
 
-    ids = global_ids()
-    labels = torch.full_like(ids, -100)
-    labels[:, :-1] = ids[:, 1:]
+    ids, labels, inputs = global_batch(name, dtype)
     with float64_gates(name, dtype):
         try:
             if dtype == torch.float64:
                 setattr(modeling, name_of_kernel, float64_kernel)
-            logits = model(input_ids=ids, use_cache=False).logits
+            logits = model(input_ids=ids, use_cache=False, **inputs).logits
         finally:
             setattr(modeling, name_of_kernel, kernel)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+        )
         loss.backward()
-    return dict(logits=logits.detach(), grads={n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return dict(logits=logits.detach(), loss=loss.detach(), grads=grads)
+
+
+def global_batch(name, dtype):
+    """input_ids, labels (-100 where nothing is predicted) and the model's other inputs: text for the text models;
+    Qwen3.5: test_hf_multimodal's two rows with three images of two sizes across shard boundaries."""
+    if name not in MULTIMODAL:
+        return global_ids(), global_ids(), {}
+    import test_hf_multimodal as mm
+
+    ids, labels, inputs = mm.global_batch()
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return ids, labels, inputs
 
 
 def ring_run(case):
     rw.use_ring(layout=case["layout"])
     torch.manual_seed(0)
-    model = rw.from_config(make_config(case["name"]), **EAGER_EXPERTS).to(getattr(torch, case["dtype"]))
-    batch = rw.shard_batch(global_ids())
-    labels = batch.pop("labels")
-    with float64_gates(case["name"], getattr(torch, case["dtype"])):
+    dtype = getattr(torch, case["dtype"])
+    model = rw.from_config(make_config(case["name"]), **EAGER_EXPERTS).to(dtype)
+    ids, labels, inputs = global_batch(case["name"], dtype)
+    if case["name"] in MULTIMODAL:  # the vision tower on the global images, each rank its own tokens' features
+        batch = rw.shard_multimodal_batch(model, ids, labels, **inputs)
+    else:
+        batch = rw.shard_batch(ids)
+    targets = int((labels[:, 1:] != -100).sum())
+    labels = batch.pop("labels")  # shifted on the global sequence
+    with float64_gates(case["name"], dtype):
         logits = model(**batch, use_cache=False).logits
         # this rank's share of the mean next-token loss, in the logits' dtype (rw.causal_lm_loss and the model's own
         # loss compute it in float32, as transformers does; test_hf_loss covers them)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / (SEQ - 1)
+        loss = (
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+            / targets
+        )
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for g in grads.values():
@@ -195,6 +247,8 @@ def ring_run(case):
 SHAPES = {  # family -> (W, layout) of its cases
     "qwen3_next": [(2, "zigzag"), (3, "zigzag"), (3, "contiguous"), (4, "contiguous")],
     "kimi_linear": [(2, "zigzag"), (3, "zigzag"), (3, "contiguous")],
+    "qwen3_5": [(2, "zigzag"), (3, "zigzag"), (3, "contiguous")],
+    "qwen3_5_moe": [(2, "contiguous"), (3, "zigzag")],
 }
 GRID = [
     dict(name=name, world=W, layout=layout, dtype=dtype)
@@ -208,9 +262,10 @@ def test_hybrid_model_is_exact_on_the_ring(grid_results, case):
     results = grid_results(ring_run, GRID, case)
     ref = single_run(case["name"], torch.float64)
     logits = assemble([r["logits"] for r in results], case["layout"], 1)
-    ids = global_ids()
-    want_loss = torch.nn.functional.cross_entropy(ref["logits"][0, :-1], ids[0, 1:])
+    want_loss = ref["loss"]
     assert results[0]["grads"].keys() == ref["grads"].keys()
+    if case["name"] in MULTIMODAL:
+        assert any(".visual." in n for n in ref["grads"]), "no gradient reached the vision tower"
     if case["dtype"] == "float64":
         assert max_err(logits, ref["logits"]) < 1e-10
         assert abs(results[0]["loss"].item() - want_loss.item()) < 1e-12
@@ -235,7 +290,7 @@ def test_hybrid_model_is_exact_on_the_ring(grid_results, case):
 def refused_run(how):
     rw.use_ring(layout="striped" if how == "striped" else "zigzag")
     model = rw.from_config(make_config(), **EAGER_EXPERTS)
-    batch = rw.shard_batch(global_ids())
+    batch = rw.shard_batch(global_ids(), cu_seqlens=[0, 20, SEQ] if how == "documents" else None)
     batch.pop("labels")
     try:
         model(**batch, use_cache=how == "cache")
@@ -244,17 +299,16 @@ def refused_run(how):
     return None
 
 
-@pytest.mark.parametrize("how", ["striped", "cache"])
+@pytest.mark.parametrize("how", ["striped", "cache", "documents"])
 def test_refused_alike_with_the_reason(cluster, how):
     messages = cluster(2).run(refused_run, how)
     assert messages[0] is not None and all(m == messages[0] for m in messages), messages
-    assert ("striped layout" if how == "striped" else "use_cache=False") in messages[0], messages[0]
+    assert dict(striped="striped layout", cache="use_cache=False", documents="packed")[how] in messages[0], messages[0]
 
 
-@pytest.mark.parametrize("config", ["Qwen3_5TextConfig", "Qwen3_5MoeTextConfig", "Qwen3_5Config", "Qwen3_5MoeConfig"])
-def test_qwen3_5_is_refused_with_the_reason(config):
-    """Qwen3.5's gated DeltaNet layers are Qwen3-Next's, but it rotates by multimodal RoPE: its text models alone are
-    refused as every M-RoPE text model is, and rw.shard_multimodal_batch does not prepare its multimodal model yet."""
-    cfg = config_class(config)()
-    with pytest.raises(ValueError, match=r"M-RoPE"):
-        rw.check_model(cfg)
+@pytest.mark.parametrize("config", ["Qwen3_5TextConfig", "Qwen3_5MoeTextConfig"])
+def test_qwen3_5_text_model_alone_is_refused_with_the_reason(config):
+    """Qwen3.5 rotates by multimodal RoPE: its text models alone are refused as every M-RoPE text model is (run the
+    vision-language model on rw.shard_multimodal_batch, as the grid does)."""
+    with pytest.raises(ValueError, match=r"M-RoPE.*in a text model alone"):
+        rw.check_model(config_class(config)())

@@ -1,4 +1,4 @@
-"""Delta-rule layers of transformers' hybrid models (Qwen3-Next, Kimi Linear) sharded over the ring.
+"""Delta-rule layers of transformers' hybrid models (Qwen3-Next, Qwen3.5, Kimi Linear) sharded over the ring.
 
 Such a layer mixes tokens twice outside attention: a depthwise causal convolution (kernel K) and a
 gated delta rule, whose state is a (dk x dv) matrix per head (gated DeltaNet: one decay per head and
@@ -43,6 +43,14 @@ _MODELS = "transformers.models."
 GATED_DELTA_LAYERS = {
     "qwen3_next": DeltaLayer(
         _MODELS + "qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet", "torch_chunk_gated_delta_rule"
+    ),
+    # Qwen3.5's layers (separate q/k/v, z, b, a projections) call the same kernels the same way; its text models
+    # run inside the multimodal models (M-RoPE: rw.shard_multimodal_batch)
+    "qwen3_5_text": DeltaLayer(
+        _MODELS + "qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet", "torch_chunk_gated_delta_rule"
+    ),
+    "qwen3_5_moe_text": DeltaLayer(
+        _MODELS + "qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeGatedDeltaNet", "torch_chunk_gated_delta_rule"
     ),
     "kimi_linear": DeltaLayer(
         _MODELS + "kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention", "chunk_kimi_delta_attention"
@@ -190,6 +198,11 @@ def install(model, shard_of: Callable[[], SeqShard]) -> int:
             problem = shard_problem(shard)
             if problem:
                 raise ValueError(f"ringwise: {problem}")
+            if kwargs.get("ringwise_cu_seqlens") is not None:  # the same global boundaries on every rank
+                _refuse(
+                    "packed documents (ringwise_cu_seqlens): the sharded convolution and state scan do not reset "
+                    "at a document's start yet; run one document per row"
+                )
             kernel = getattr(_modeling, _kernel)
             with _swapped(
                 _modeling,

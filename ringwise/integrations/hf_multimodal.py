@@ -57,6 +57,8 @@ MROPE_VLMS = {
     "glm4v": "GLM-4V",
     "qwen3_vl_moe": "Qwen3-VL-MoE",
     "glm4v_moe": "GLM-4.5V",
+    "qwen3_5": "Qwen3.5",  # gated DeltaNet layers (hf_linear); tested in tests/test_hf_linear.py
+    "qwen3_5_moe": "Qwen3.5-MoE",
 }
 # top-level model_type -> the family's name: vision-language models whose image tokens see each other (a block
 # overlay built from the token types) at plain text positions; their token types' keyword. Tested in

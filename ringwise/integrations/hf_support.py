@@ -90,6 +90,8 @@ TESTED_FAMILIES: dict[str, tuple[str, ...]] = {
     "qwen3_vl_moe": ("qwen3_vl_moe_text",),
     "glm4v": ("glm4v_text",),
     "glm4v_moe": ("glm4v_moe_text",),
+    "qwen3_5": ("qwen3_5_text",),  # gated DeltaNet layers sharded by hf_linear (test_hf_linear)
+    "qwen3_5_moe": ("qwen3_5_moe_text",),
 }
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
