@@ -287,23 +287,36 @@ def test_hybrid_model_is_exact_on_the_ring(grid_results, case):
         assert_within_budget(n, max_err(g, ref["grads"][n]), own, 1e-7, ceiling=CEILINGS["float32"])
 
 
-def refused_run(how):
+def refused_run(how, name="qwen3_next"):
     rw.use_ring(layout="striped" if how == "striped" else "zigzag")
-    model = rw.from_config(make_config(), **EAGER_EXPERTS)
-    batch = rw.shard_batch(global_ids(), cu_seqlens=[0, 20, SEQ] if how == "documents" else None)
-    batch.pop("labels")
+    model = rw.from_config(make_config(name), **EAGER_EXPERTS)
+    ids, labels, inputs = global_batch(name, torch.float32)
     try:
+        if how == "generate":
+            rw.generate(model, ids, max_new_tokens=2, **inputs)
+            return None
+        if name in MULTIMODAL:
+            batch = rw.shard_multimodal_batch(model, ids, labels, **inputs)
+        else:
+            batch = rw.shard_batch(ids, cu_seqlens=[0, 20, SEQ] if how == "documents" else None)
+        batch.pop("labels")
         model(**batch, use_cache=how == "cache")
     except ValueError as e:
         return str(e)
     return None
 
 
-@pytest.mark.parametrize("how", ["striped", "cache", "documents"])
-def test_refused_alike_with_the_reason(cluster, how):
-    messages = cluster(2).run(refused_run, how)
+REFUSALS = dict(striped="striped layout", cache="use_cache=False", documents="packed", generate="rw.generate's sharded")
+
+
+@pytest.mark.parametrize(
+    "how, name",
+    [(how, "qwen3_next") for how in REFUSALS] + [("generate", "qwen3_5"), ("striped", "kimi_linear")],
+)
+def test_refused_alike_with_the_reason(cluster, how, name):
+    messages = cluster(2).run(refused_run, how, name)
     assert messages[0] is not None and all(m == messages[0] for m in messages), messages
-    assert dict(striped="striped layout", cache="use_cache=False", documents="packed")[how] in messages[0], messages[0]
+    assert REFUSALS[how] in messages[0], messages[0]
 
 
 @pytest.mark.parametrize("config", ["Qwen3_5TextConfig", "Qwen3_5MoeTextConfig"])

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..attention.comm import all_gather_single
 from ..attention.decode import _digest
 from ..attention.kvcache import prompt_loads
+from .hf_linear import is_gated_delta_layer
 from .hf_multimodal import MULTIMODAL_INPUTS, generation_problem, is_supported_vlm
 from .hf_multimodal import prefill as prefill_multimodal
 from .hf_rings import configs_of, ring_of, shard_of_state
@@ -117,6 +118,13 @@ def _problem(input_ids, shard, kwargs, config) -> str | None:
 
 def _model_problem(model) -> str | None:
     """What in the model rw.generate cannot decode exactly, or None."""
+    hybrid = next((m for m in model.modules() if is_gated_delta_layer(m)), None)
+    if hybrid is not None:
+        return (
+            f"{type(hybrid).__name__} (a delta-rule layer: hf_linear) keeps a recurrent state and a convolution state "
+            "in the cache, which rw.generate's sharded cache does not carry yet; generate with another "
+            "attn_implementation (the ring runs training and prefill with use_cache=False)"
+        )
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     shared = getattr(text, "num_kv_shared_layers", 0)
     if shared:
