@@ -6,8 +6,9 @@ carried across ranks, next to their full-attention layers on ringwise.
 The oracle is transformers' own model in one process (SDPA attention: eager's softmax is float32) in float64, with
 its delta-rule kernel (which computes in float32 whatever the model's dtype) replaced by hf_linear's float64 one; that
 kernel is held to transformers' on its own first. The ring runs in float64 (to round-off) and in float32
-(transformers' kernel: within 2x the float32 one-process error), W = 2, 3, 4, contiguous and zigzag; loss, logits and
-every parameter gradient; the striped layout and a cache refused alike on every rank."""
+(transformers' kernel: within 2x the float32 one-process error), W = 2, 3 (Qwen3-Next also 4), contiguous and zigzag;
+loss, logits and every parameter gradient; the striped layout, a cache, packed documents and rw.generate refused
+alike on every rank."""
 
 import contextlib
 import functools
