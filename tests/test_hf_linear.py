@@ -326,3 +326,15 @@ def test_qwen3_5_text_model_alone_is_refused_with_the_reason(config):
     vision-language model on rw.shard_multimodal_batch, as the grid does)."""
     with pytest.raises(ValueError, match=r"M-RoPE.*in a text model alone"):
         rw.check_model(config_class(config)())
+
+
+def test_a_replaced_layer_forward_is_refused():
+    """A delta-rule layer whose forward is not transformers' own (a hub kernel's, after kernelize / use_kernels)
+    calls no module functions ringwise could swap: refused when the model is checked, never run unsharded."""
+    torch.manual_seed(0)
+    rw.register()
+    model = transformers.AutoModelForCausalLM.from_config(make_config(), attn_implementation="ringwise")
+    layer = next(m for m in model.modules() if type(m).__name__ == "Qwen3NextGatedDeltaNet")
+    layer.forward = lambda *a, **k: None  # what a kernel hub's forward looks like to ringwise: not the class's
+    with pytest.raises(ValueError, match="forward was replaced"):
+        rw.check_model(model)

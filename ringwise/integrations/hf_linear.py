@@ -192,6 +192,14 @@ def install(model, shard_of: Callable[[], SeqShard]) -> int:
             continue
         modeling = sys.modules[layer.module]
         forward = module.forward
+        own = getattr(type(module).forward, "__module__", None)
+        if own != layer.module or getattr(forward, "__func__", None) is not type(module).forward:
+            # a kernel hub's forward (transformers' kernelize / use_kernels) calls no module functions to swap
+            raise ValueError(
+                f"ringwise: {type(module).__name__}'s forward was replaced (by {own}: a hub kernel, kernelize or "
+                "use_kernels); ringwise shards the layer through transformers' own forward only: load the model "
+                "without use_kernels"
+            )
 
         def ringed(*args, _forward=forward, _modeling=modeling, _kernel=layer.kernel, **kwargs):
             shard = shard_of()
