@@ -2,11 +2,13 @@
 completion-only loss) on W local gloo ranks, beside TRL's own SFTTrainer in one process (sdpa, padded rows) on
 the same random Llama, data and order: the logged loss of every step side by side, and seconds per step.
 
-The model: a random Llama (--layers, --hidden; GQA 2:1, head_dim 32) of a 1024-token vocabulary, float32.
+The model: a random Llama (--layers, --hidden; GQA 2:1, head_dim 32) of a 1024-token vocabulary, float32, or
+a pretrained transformers folder (--model: SmolLM2 from scripts/fetch_smollm2.py) with its tokenizer.
 The data: --batch prompt/completion pairs per step (prompts of 16..64 tokens, the rest completion, sequences
-of 64..--max-len tokens, random tokens), read in order (train_sampling_strategy="sequential"), AdamW, one
-epoch of --steps steps. Usage:
+of 64..--max-len tokens, random tokens of the model's vocabulary), read in order
+(train_sampling_strategy="sequential"), AdamW, one epoch of --steps steps. Usage:
     python benchmarks/trainer_sft.py --world 2
+    python benchmarks/trainer_sft.py --world 2 --model models/smollm2-135m --steps 4 --batch 4
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t1", eos_token="t2", pad_token="t0")
 
 
-def dataset(n: int, max_len: int):
+def dataset(n: int, max_len: int, vocab: int = VOCAB):
     from datasets import Dataset
 
     g = torch.Generator().manual_seed(0)
@@ -55,7 +57,7 @@ def dataset(n: int, max_len: int):
     for _ in range(n):
         length = int(torch.randint(64, max_len + 1, (), generator=g))
         prompt = int(torch.randint(16, 65, (), generator=g))
-        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
         rows.append(dict(input_ids=ids, completion_mask=[0] * prompt + [1] * (length - prompt)))
     return Dataset.from_list(rows)
 
@@ -76,15 +78,24 @@ def run(cfg: dict, ring: bool) -> dict:
             self.seconds.append(time.perf_counter() - self.starts[-1])
 
     torch.manual_seed(0)
-    config = make_config(cfg["layers"], cfg["hidden"])
+    path = cfg.get("model")
+    config = transformers.AutoConfig.from_pretrained(path) if path else make_config(cfg["layers"], cfg["hidden"])
     if ring:
         import ringwise.integrations.transformers as rw
         from ringwise.integrations.trainer import ring_trainer
 
         rw.use_ring(layout="zigzag")
-        model, cls = rw.from_config(config), ring_trainer(SFTTrainer)
+        model = rw.from_pretrained(path, dtype=torch.float32) if path else rw.from_config(config)
+        cls = ring_trainer(SFTTrainer)
     else:
-        model, cls = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), SFTTrainer
+        auto = transformers.AutoModelForCausalLM
+        model = (
+            auto.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+            if path
+            else auto.from_config(config, attn_implementation="sdpa")
+        )
+        cls = SFTTrainer
+    tok = transformers.AutoTokenizer.from_pretrained(path) if path else tokenizer()
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
@@ -108,8 +119,8 @@ def run(cfg: dict, ring: bool) -> dict:
         trainer = cls(
             model=model,
             args=args,
-            train_dataset=dataset(cfg["batch"] * cfg["steps"], cfg["max_len"]),
-            processing_class=tokenizer(),
+            train_dataset=dataset(cfg["batch"] * cfg["steps"], cfg["max_len"], config.vocab_size),
+            processing_class=tok,
             callbacks=[clock],
         )
         trainer.train()
@@ -129,8 +140,9 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256, help="longest sequence (tokens)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--model", default=None, help="a pretrained transformers folder instead of the random Llama")
     a = p.parse_args()
-    cfg = dict(steps=a.steps, batch=a.batch, max_len=a.max_len, layers=a.layers, hidden=a.hidden)
+    cfg = dict(steps=a.steps, batch=a.batch, max_len=a.max_len, layers=a.layers, hidden=a.hidden, model=a.model)
     from ringwise.testing.cluster import LocalCluster
 
     threads = max((os.cpu_count() or 1) // a.world, 1)
@@ -141,12 +153,16 @@ def main() -> None:
     ring = ranks[0]
     assert all(r["losses"] == ring["losses"] for r in ranks), "the ranks logged different losses"
     rel = max(abs(x - y) / abs(y) for x, y in zip(ring["losses"], alone["losses"]))
-    tokens = sum(len(r["input_ids"]) for r in dataset(a.batch * a.steps, a.max_len))
+    import transformers
+
+    vocab = transformers.AutoConfig.from_pretrained(a.model).vocab_size if a.model else VOCAB
+    tokens = sum(len(r["input_ids"]) for r in dataset(a.batch * a.steps, a.max_len, vocab))
     median = sorted(ring["seconds"][1:] or ring["seconds"])[len(ring["seconds"][1:] or ring["seconds"]) // 2]
     median_alone = sorted(alone["seconds"][1:] or alone["seconds"])[len(alone["seconds"][1:] or alone["seconds"]) // 2]
     print(
         json.dumps(
             dict(
+                model=a.model or "random Llama",
                 world=a.world,
                 tokens_per_step=tokens / a.steps,
                 losses_ring=[round(x, 6) for x in ring["losses"]],
