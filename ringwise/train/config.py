@@ -544,12 +544,12 @@ def _ffn_tile_problems(cfg, config) -> list[str]:
     if cfg.ffn_tile == 0:
         return []
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     from ..integrations.hf_tiling import feed_forward_modules
+    from .pretrained import auto_model_class
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_model_class(config).from_config(config)
     try:
         feed_forward_modules(model)
     except ValueError as e:
@@ -577,10 +577,11 @@ def _lora_target_problems(cfg, config) -> list[str]:
     if cfg.lora is None or not cfg.lora_targets:
         return []
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from .pretrained import auto_model_class
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_model_class(config).from_config(config)
     out = model.get_output_embeddings()
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not out}
     unknown = [t for t in cfg.lora_targets if t not in linear]
@@ -624,6 +625,9 @@ def _pretrained_problems(cfg) -> list[str]:
     out += _lora_value_problems(cfg)
     if model:  # nothing more can be read from the model
         return out
+    vlm = _vlm_flag_problems(cfg)
+    if vlm is not None:  # a vision-language model: what is not tested with it, refused
+        out += vlm
     if not rope:  # the model's config with the RoPE change: does the integration run it, what heads
         try:
             config = extended_config(cfg.pretrained, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
@@ -646,8 +650,10 @@ def _pretrained_problems(cfg) -> list[str]:
         try:
             data = documents(cfg)
         except (OSError, ValueError) as e:
-            return out + [f"--text: {e}"]
-        out += _passkey_problems(cfg, data.tokenizer)
+            said = any(str(e).removeprefix(f"--model {cfg.pretrained}: ") in o for o in out)  # a VLM refusal above
+            return out + ([] if said else [f"--text: {e}"])
+        if vlm is None:  # a vision-language run evaluates its held-out examples' loss, no passkey
+            out += _passkey_problems(cfg, data.tokenizer)
         held, total = len(data.held_out), len(data.train) + len(data.held_out)
         if cfg.eval_sequences is not None and cfg.eval_sequences > held:
             out.append(
@@ -655,6 +661,35 @@ def _pretrained_problems(cfg) -> list[str]:
                 f"sequence{'s' * (held != 1)} (--eval-fraction {cfg.eval_fraction} of the {total} sequences "
                 f"of --seq-len {cfg.seq_len} in --text); give at most {held}, or raise --eval-fraction"
             )
+    return out
+
+
+def _vlm_flag_problems(cfg) -> list[str] | None:
+    """None for a text model; for a vision-language one, its refusals: a family finetune has not been tested on,
+    and the flags not tested with image-text examples."""
+    from transformers import AutoConfig
+
+    from .pretrained import is_vlm, vlm_problems
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.pretrained)
+    except (ValueError, OSError, KeyError):
+        return None  # the config check below reports it
+    if not is_vlm(config):
+        return None
+    out = [f"--model {cfg.pretrained}: {p}" for p in vlm_problems(config)]
+    untested = dict(
+        lora=cfg.lora is not None,
+        **{"seq-len LEN:STEPS,...": bool(cfg.seq_schedule)},
+        ulysses=cfg.ulysses > 1,
+        dp=cfg.dp > 1,
+        **{"checkpoint-layers": cfg.checkpoint_layers, "offload-params": cfg.offload_params},
+    )
+    out += [
+        f"--{flag} is not supported with a vision-language --model yet (image-text fine-tuning is tested without it)"
+        for flag, on in untested.items()
+        if on
+    ]
     return out
 
 

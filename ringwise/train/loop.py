@@ -116,8 +116,9 @@ def truncate_metrics(path: Path, start: int) -> None:
 
 def local_batch(run: Run, step: int) -> list[tuple]:
     """This replica's sequences of the global batch at `step`, sharded for this ring rank, as
-    micro-batches (input_ids, labels, cu_seqlens): the whole batch at once, or, for packed
-    documents, one sequence at a time (each has its own boundaries)."""
+    micro-batches (input_ids, labels, cu_seqlens, images): the whole batch at once, or, for packed
+    documents and image-text examples, one sequence at a time (each has its own boundaries, or its own
+    images: the global tokens and the processor's inputs, which the model shards)."""
     cfg, mesh = run.cfg, run.mesh
     # a --seq-len schedule: the windows of the step's stage (the benchmarks' stand-in tasks have train_data only)
     data = run.task.train_data_at(step) if cfg.seq_schedule else run.task.train_data
@@ -125,10 +126,23 @@ def local_batch(run: Run, step: int) -> list[tuple]:
     per = cfg.batch // mesh.dp
     examples = [data[i] for i in indices[mesh.dp_rank * per : (mesh.dp_rank + 1) * per]]
     shard = lambda x: run.seqshard.shard(x).to(run.device)  # noqa: E731  (labels are already next-token targets)
+    if "images" in examples[0]:  # image-text examples: each with its global tokens and images (the model shards)
+        return [
+            (
+                shard(ex["input_ids"][None]),
+                shard(ex["labels"][None]),
+                None,
+                {
+                    "input_ids": ex["input_ids"][None].to(run.device),
+                    **{k: v.to(run.device) for k, v in ex["images"].items()},
+                },
+            )
+            for ex in examples
+        ]
     if "cu_seqlens" in examples[0]:
-        return [(shard(ex["input_ids"][None]), shard(ex["labels"][None]), ex["cu_seqlens"]) for ex in examples]
+        return [(shard(ex["input_ids"][None]), shard(ex["labels"][None]), ex["cu_seqlens"], None) for ex in examples]
     batch = collate(examples)
-    return [(shard(batch["input_ids"]), shard(batch["labels"]), None)]
+    return [(shard(batch["input_ids"]), shard(batch["labels"]), None, None)]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -147,15 +161,18 @@ def compute_gradients(run: Run, step: int) -> tuple[float, int]:
     micro = local_batch(run, step)
     run.seq_len = seq_len = micro[0][0].shape[1] * seqshard.world
     pos = seqshard.positions(seq_len, device=run.device)
-    count = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels, _ in micro]).sum().double()
+    count = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels, _, _ in micro]).sum().double()
     dist.all_reduce(count)  # every rank divides by the global labelled-token count
     if count == 0:
         raise RuntimeError(f"step {step}: the global batch has no labelled tokens")
     total = torch.zeros((), dtype=torch.float64, device=run.device)
-    for i, (ids, labels, cu) in enumerate(micro):
+    for i, (ids, labels, cu, images) in enumerate(micro):
         first = step == run.start and i == 0  # the model's first loss, validated (set_ring): eager, not a 2nd graph
         with eager_if(run.cfg.compile and first):
-            loss_sum, _ = run.model.loss(ids, pos, labels, cu)
+            if images is None:
+                loss_sum, _ = run.model.loss(ids, pos, labels, cu)
+            else:  # a vision-language example: the pretrained model's own call
+                loss_sum, _ = cast("PretrainedLM", run.model).image_loss(ids, pos, labels, images)
         (loss_sum / count.to(loss_sum.dtype)).backward()
         total += loss_sum.detach().double()
     dist.all_reduce(total)

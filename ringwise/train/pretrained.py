@@ -23,6 +23,13 @@ from the checkpoint as before (a target's `<module>.base_layer.weight` is the st
 the adapters start from `init_adapters` (A drawn whole from the seed, B zero: the same at every world size).
 The loop's optimizer takes the trainable parameters only. `export_hf` merges them, or writes them alone.
 
+Vision-language models (`is_vlm`; the families in FINETUNE_VLMS): built with AutoModelForImageTextToText, the
+language model on the ring and the vision tower on sdpa (rw._auto_class); their examples come from the checkpoint's
+processor (`load_processor`; data/documents.py's image_document and ImageTextExamples), and `image_loss` passes each
+example's global tokens and images through rw.shard_multimodal_batch on every rank (the tower outside the ring).
+Checkpoint names that transformers renames on load (`model.layers...` saved, `model.language_model.layers...`
+built) are read by their stored names (`_stored_names`).
+
 Context extension: `extended_config` writes --rope-theta / --rope-scaling / --rope-factor into the
 config (static scalings only: the integration refuses those that depend on the local length)
 and raises max_position_embeddings to cover the trained length.
@@ -34,14 +41,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
-from ..data.documents import LEGACY_CACHE_DIR, PackedDocuments, split, tokenize_documents
+from ..data.documents import LEGACY_CACHE_DIR, ImageTextExamples, PackedDocuments, split, tokenize_documents
 from ..data.text import text_files
 from ..model import blockwise
 from .mesh import materialize, shard_model
@@ -50,6 +57,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 ROPE_SCALINGS = ("linear", "yarn", "llama3")
+# vision-language families `ringwise finetune` trains on image-text JSONL: tested (tests/test_finetune_vlm.py).
+# The others rw.shard_multimodal_batch runs are refused here until a finetune test covers them.
+FINETUNE_VLMS = {"gemma3": "Gemma 3"}
 LOSS_CHUNK = 1024  # tokens per vocabulary projection in the loss
 
 
@@ -68,6 +78,58 @@ def checkpoint_problems(path) -> list[str]:
     if not weight_files(p):
         return [f"--model {path}: no .safetensors weights there (save the model with save_pretrained)"]
     return []
+
+
+def is_vlm(config) -> bool:
+    """Whether the config is a vision-language model's (one with a vision tower: a vision_config)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def vlm_problems(config) -> list[str]:
+    """What keeps `ringwise finetune` from training this vision-language model (empty: none)."""
+    family = getattr(config, "model_type", "?")
+    if family in FINETUNE_VLMS:
+        return []
+    from ..integrations.hf_multimodal import is_supported_vlm
+
+    supported = is_supported_vlm(config)
+    return [
+        f"the vision-language model {family!r} is "
+        + (
+            "run exactly by rw.shard_multimodal_batch but not yet tested with ringwise finetune"
+            if supported
+            else "not one ringwise runs"
+        )
+        + f" (finetune trains: {', '.join(FINETUNE_VLMS.values())})"
+    ]
+
+
+def load_processor(path):
+    """A vision-language checkpoint's processor (AutoProcessor: chat template, image processor), or a ValueError
+    saying why there is none."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001  (missing files, a missing backend: the reason is transformers')
+        raise ValueError(
+            f"--model {path} is a vision-language model and its processor cannot be loaded "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); save the "
+            "processor (processor.save_pretrained) into the folder"
+        ) from None
+    if getattr(processor, "image_processor", None) is None:
+        raise ValueError(
+            f"--model {path} is a vision-language model but its folder holds no image processor "
+            "(save the model's processor, processor.save_pretrained, into the folder)"
+        )
+    return processor
+
+
+def auto_model_class(config):
+    """The Auto class of the checkpoint's model: a vision-language model's, else a causal LM's."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vlm(config) else AutoModelForCausalLM
 
 
 def rope_parameters(config) -> dict:
@@ -134,7 +196,8 @@ class PretrainedLM(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         """The decoder layers, FSDP2's per-layer units (mesh.shard_model); not registered twice."""
-        return cast(nn.ModuleList, self.hf.base_model.layers)  # every decoder check_model accepts has them
+        base: Any = self.hf.base_model  # a vision-language model's decoder layers are its language model's
+        return cast(nn.ModuleList, base.layers if hasattr(base, "layers") else base.language_model.layers)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -150,17 +213,28 @@ class PretrainedLM(nn.Module):
     def _token_argmax(self, h, labels):
         return self.hf.get_output_embeddings()(h).argmax(-1)
 
-    def _hidden(self, input_ids, positions, cu_seqlens):
-        """The decoder's final hidden states of the local tokens, on the model's ring."""
+    def _hidden(self, input_ids, positions, cu_seqlens, images=None):
+        """The decoder's final hidden states of the local tokens, on the model's ring. images: a
+        vision-language example's global input_ids and processor inputs (pixel values, token types), the same
+        on every rank: through rw.shard_multimodal_batch (the vision tower on every rank, outside the ring)."""
+        if images is not None:
+            import ringwise.integrations.transformers as rw
+
+            images = dict(images)
+            batch = rw.shard_multimodal_batch(self.hf, images.pop("input_ids"), **images)
+            if not torch.equal(batch["input_ids"], input_ids):
+                raise RuntimeError("the image-text example's local tokens differ from the loop's shard")
+            batch.pop("labels", None)
+            return self.hf.base_model(**batch, use_cache=False).last_hidden_state
         extra = {} if cu_seqlens is None else {"ringwise_cu_seqlens": list(cu_seqlens)}
         out = self.hf.base_model(
             input_ids=input_ids, position_ids=positions[None].expand(input_ids.shape[0], -1), use_cache=False, **extra
         )
         return out.last_hidden_state
 
-    def forward(self, input_ids, positions, labels, cu_seqlens=None):
+    def forward(self, input_ids, positions, labels, cu_seqlens=None, images=None):
         """(local loss sum, local labelled tokens): `loss`."""
-        h = self._hidden(input_ids, positions, cu_seqlens)
+        h = self._hidden(input_ids, positions, cu_seqlens, images)
         if h.shape[1] <= LOSS_CHUNK:  # one chunk: its logits are the one chunk the bound allows, kept, not recomputed
             loss = self._chunk_loss(h, labels)
         else:
@@ -170,6 +244,10 @@ class PretrainedLM(nn.Module):
     def loss(self, input_ids, positions, labels, cu_seqlens=None):
         """(sum of the local token losses, local labelled tokens), on the ring."""
         return self(input_ids, positions, labels, cu_seqlens)
+
+    def image_loss(self, input_ids, positions, labels, images):
+        """`loss` of a vision-language example: its global tokens and the processor's inputs in `images` (`_hidden`)."""
+        return self(input_ids, positions, labels, None, images)
 
     @torch.no_grad()
     def predict(self, input_ids, positions, labels, cu_seqlens=None):
@@ -196,15 +274,15 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 def build_pretrained(cfg, mesh) -> PretrainedLM:
     """The sharded model with the checkpoint's weights, each rank reading its shards only."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     import ringwise.integrations.transformers as rw
 
     config = extended_config(cfg.pretrained, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
     rw.register()
     rw.check_model(config)
+    auto, attn = rw._auto_class(config)  # a vision-language model: its tower on sdpa, outside the ring
     with init_empty_weights(include_buffers=False):
-        hf = AutoModelForCausalLM.from_config(config, attn_implementation=rw.NAME, **dtype_kwarg(torch.float32))
+        hf = auto.from_config(config, attn_implementation=attn, **dtype_kwarg(torch.float32))
     hf.tie_weights()  # from_config leaves a tied output matrix untied until weights load: tie it before sharding
     rw.check_model(hf)
     if cfg.lora is not None:  # --lora R: peft's LoRA layers in place (the base weights frozen), before tiling
@@ -290,7 +368,10 @@ def load_weights(hf: nn.Module, path) -> None:
     # peft's `<module>.base_layer.weight`, stored as `<module>.weight`
     state = {k.replace(".base_layer.", "."): v for k, v in hf.state_dict().items() if not is_adapter(k)}
     stored = stored_keys(path)
-    tied = {k for k in state if k not in stored and _is_tied(hf, k)}
+    renamed = _stored_names(hf, stored)  # a model whose checkpoint names differ (transformers' renamings)
+    state = {renamed.get(k, k): v for k, v in state.items()}
+    model_name = {v: k for k, v in renamed.items()}
+    tied = {k for k in state if k not in stored and _is_tied(hf, model_name.get(k, k))}
     missing = sorted(k for k in state if k not in stored and k not in tied)
     if missing:
         raise ValueError(
@@ -299,6 +380,26 @@ def load_weights(hf: nn.Module, path) -> None:
         )
     wanted = {k: v for k, v in state.items() if k not in tied}
     dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(path)), planner=DefaultLoadPlanner())
+
+
+def _stored_names(hf, stored: set[str]) -> dict[str, str]:
+    """{the model's tensor name: its name in the checkpoint} where transformers renames on load (a
+    vision-language model saved as `model.layers...`, loaded as `model.language_model.layers...`): each stored
+    name through the model's own renamings (transformers' conversion mapping; none there: no renaming)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:
+        return {}
+    renamings = [r for r in get_model_conversion_mapping(hf) if isinstance(r, WeightRenaming)]
+    if not renamings:
+        return {}
+    out = {}
+    for key in stored:
+        name = rename_source_key(key, renamings, [])[0]
+        if name != key:
+            out[name] = key
+    return out
 
 
 def _is_tied(hf, key) -> bool:
@@ -316,7 +417,10 @@ def save_config(cfg, folder: Path) -> None:
     config = extended_config(cfg.pretrained, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(cfg.pretrained).save_pretrained(folder)
+    if is_vlm(config):  # the processor: its tokenizer, chat template and image processor
+        load_processor(cfg.pretrained).save_pretrained(folder)
+    else:
+        AutoTokenizer.from_pretrained(cfg.pretrained).save_pretrained(folder)
     facts: dict = dict(source=str(Path(cfg.pretrained).resolve()))
     if cfg.lora is not None:
         facts["lora"] = dict(r=cfg.lora, alpha=cfg.lora_alpha, targets=list(cfg.lora_targets))
@@ -373,9 +477,36 @@ def documents(cfg) -> Documents:
     return _PREPARED[key]
 
 
-def _prepare_documents(cfg) -> Documents:
-    from transformers import AutoTokenizer
+def _prepare_vlm_examples(cfg) -> Documents:
+    """A vision-language model's image-text examples through its processor, one a sequence (ImageTextExamples),
+    the last --eval-fraction held out."""
+    from transformers import AutoConfig
 
+    problems = vlm_problems(AutoConfig.from_pretrained(cfg.pretrained))
+    if problems:
+        raise ValueError(f"--model {cfg.pretrained}: {problems[0]}")
+    processor = load_processor(cfg.pretrained)
+    tok = processor.tokenizer
+    eos = tok.eos_token_id
+    if eos is None:
+        raise ValueError(f"--model {cfg.pretrained}: its tokenizer has no EOS token to end an example")
+    examples = ImageTextExamples(
+        tokenize_documents(cfg.text, processor),
+        cfg.seq_len,
+        eos,
+        tok.pad_token_id if tok.pad_token_id is not None else eos,
+    )
+    train, held_out = split(len(examples), cfg.eval_fraction)
+    if not len(train) or not len(held_out):
+        raise ValueError(f"--text holds {len(examples)} image-text example(s); training and evaluation need 2 at least")
+    return Documents(torch.utils.data.Subset(examples, train), torch.utils.data.Subset(examples, held_out), processor)
+
+
+def _prepare_documents(cfg) -> Documents:
+    from transformers import AutoConfig, AutoTokenizer
+
+    if is_vlm(AutoConfig.from_pretrained(cfg.pretrained)):
+        return _prepare_vlm_examples(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--model {cfg.pretrained}: its tokenizer has no EOS token to separate documents")
@@ -421,7 +552,7 @@ def export_hf(run_dir, out, adapter: bool = False) -> Path:
     Made whole in this process (offline, once)."""
     import shutil
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from . import checkpoint
 
@@ -442,7 +573,7 @@ def export_hf(run_dir, out, adapter: bool = False) -> Path:
     config = AutoConfig.from_pretrained(hf_dir)
     peft_model = None
     if lora is None:
-        model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(torch.float32))
+        model = auto_model_class(config).from_config(config, **dtype_kwarg(torch.float32))
     else:  # the checkpoint holds the adapters (checkpoint._options): the base is the pretrained checkpoint's
         from peft import get_peft_model
 
@@ -452,7 +583,7 @@ def export_hf(run_dir, out, adapter: bool = False) -> Path:
                 f"{run_dir} is a --lora run, whose checkpoints hold the adapters only, and its base model "
                 f"{source} is no longer there (no .safetensors): put it back to export"
             )
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, **dtype_kwarg(torch.float32))
+        model = auto_model_class(config).from_pretrained(source, config=config, **dtype_kwarg(torch.float32))
         # the run's LoRA layers (peft's names: the injected ones under base_model.model.)
         peft_model = get_peft_model(model, lora_config(lora["r"], lora["alpha"], lora["targets"]))
         peft_model.peft_config["default"].base_model_name_or_path = source

@@ -232,12 +232,49 @@ class FinetuneTask(Task):
 
         save_config(self.cfg, out / "hf")
 
+    @property
+    def image_text(self) -> bool:
+        """Whether the run trains a vision-language model on image-text examples (its documents' processor)."""
+        from ..data.documents import is_processor
+
+        return is_processor(self.tokenizer)
+
+    @torch.no_grad()
+    def _held_out_loss(self, run) -> dict:
+        """An image-text run's evaluation: the mean token loss over the first --eval-sequences held-out examples
+        (default: up to 8), each through the ring with its images (every replica the same examples)."""
+        from .config import EVAL_SEQUENCES
+
+        held = self.held_out
+        n = min(len(held), self.cfg.eval_sequences or EVAL_SEQUENCES)
+        shard, device = run.seqshard, run.device
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        for i in range(n):
+            ex = held[i]
+            L = ex["input_ids"].numel()
+            images = {
+                "input_ids": ex["input_ids"][None].to(device),
+                **{k: v.to(device) for k, v in ex["images"].items()},
+            }
+            labels = shard.shard(ex["labels"][None]).to(device)
+            with eager_if(self.cfg.compile):
+                loss, count = cast("PretrainedLM", run.model).image_loss(
+                    shard.shard(ex["input_ids"][None]).to(device), shard.positions(L, device=device), labels, images
+                )
+            sums += torch.stack([loss.double(), count.double()])
+            del labels
+        torch.distributed.all_reduce(sums)  # every ring rank's share, every replica alike: the ratio is the mean
+        total, count = sums.tolist()
+        return dict(loss=total / count if count else None, examples=n, tokens=int(count / run.mesh.dp))
+
     def _evaluation(self, run) -> dict:
         """Held-out perplexity by position and passkey retrieval by (depth, length), through the ring."""
         from .passkey import passkey_accuracy
         from .perplexity import perplexity_by_position
 
         cfg = self.cfg
+        if self.image_text:
+            return dict(held_out_loss=self._held_out_loss(run))
         lengths = cfg.eval_lengths_for(run.mesh.cp)
         acc = passkey_accuracy(run, self.tokenizer, lengths, cfg.eval_depths, cfg.eval_per_cell, cfg.seed)
         return dict(
@@ -260,6 +297,8 @@ class FinetuneTask(Task):
 
     def evaluate(self, run, before: dict | None) -> dict:
         after, before = self._evaluation(run), before or {}
+        if self.image_text:
+            return dict(held_out_loss=dict(before=before.get("held_out_loss"), after=after["held_out_loss"]))
         return dict(
             perplexity=dict(before=before.get("perplexity"), after=after["perplexity"]),
             passkey=dict(after["passkey"], before=(before.get("passkey") or {}).get("accuracy")),
@@ -269,6 +308,10 @@ class FinetuneTask(Task):
         return dict(config=dict(transformers=str(Path(self.cfg.out) / "hf")), task=None)
 
     def summary(self, result: dict) -> str:
+        if "held_out_loss" in result:
+            h = result["held_out_loss"]
+            loss = lambda r: "?" if not r or r["loss"] is None else f"{r['loss']:.4f}"  # noqa: E731
+            return f"; held-out loss {loss(h['before'])} before, {loss(h['after'])} after"
         p = result["perplexity"]
         ppl = lambda r: "?" if not r or r["loss"] is None else f"{math.exp(r['loss']):.2f}"  # noqa: E731
         line = f"; held-out perplexity {ppl(p['before'])} before, {ppl(p['after'])} after"
