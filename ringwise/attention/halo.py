@@ -94,6 +94,43 @@ def _doc_start(docs: Optional[tuple[int, ...]], g: int) -> int:
     return 0 if docs is None else docs[bisect.bisect_right(docs, g) - 1]
 
 
+def _all_gather(x: Tensor, group: Optional[ProcessGroup], W: int) -> tuple[Tensor, ...]:
+    """Every rank's x, differentiably (torch.distributed.nn.functional: the backward sums each rank's gradient
+    home); (x,) alone on one rank."""
+    if W == 1:
+        return (x,)
+    import warnings
+
+    import torch.distributed.nn.functional as dnn
+
+    with warnings.catch_warnings():  # torch 2.13 points to its private functional collectives instead
+        warnings.simplefilter("ignore", FutureWarning)
+        return tuple(dnn.all_gather(x.contiguous(), group=group))  # type: ignore[no-untyped-call]
+
+
+def _entering_states(
+    mine: Tensor,
+    layout: str,
+    group: Optional[ProcessGroup],
+    L: int,
+    state_of: Callable[[Tensor], Tensor],
+    compose: Callable[[Tensor, Tensor], Tensor],
+) -> dict[tuple[int, int], Tensor]:
+    """{(rank, segment): the state entering that segment}, from every rank's segment summaries (mine: this
+    rank's, (segments, ...)) gathered once; every rank composes the same chain in global order, from a zero
+    state at position 0: state <- compose(summary, state). state_of(summary) has the state's shape."""
+    rank, W = _world(group)
+    gathered = _all_gather(mine, group, W)
+    order = sorted((seg.global_start, r, i) for r in range(W) for i, seg in enumerate(segments(layout, r, W, L)))
+    # position 0's zero state, still read off the gather: every rank's backward must take part in the gather's
+    state = torch.where(torch.zeros((), dtype=torch.bool, device=mine.device), state_of(gathered[rank][0]), 0.0)
+    entering: dict[tuple[int, int], Tensor] = {}
+    for _, r, i in order:
+        entering[(r, i)] = state
+        state = compose(gathered[r][i], state)
+    return entering
+
+
 def halos(
     x: Tensor,
     width: int,
@@ -115,16 +152,7 @@ def halos(
     if width == 0:
         return [x[:, :0] for _ in segs]
     tails = torch.stack([x[:, s.local_start + s.length - width : s.local_start + s.length] for s in segs])
-    if W > 1:
-        import warnings
-
-        import torch.distributed.nn.functional as dnn
-
-        with warnings.catch_warnings():  # torch 2.13 points to its private functional collectives instead
-            warnings.simplefilter("ignore", FutureWarning)
-            gathered = dnn.all_gather(tails.contiguous(), group=group)  # type: ignore[no-untyped-call]
-    else:
-        gathered = (tails,)
+    gathered = _all_gather(tails, group, W)
     # global position of each segment's last token -> (rank, segment index)
     ends = {seg.global_last: (r, i) for r in range(W) for i, seg in enumerate(segments(layout, r, W, L))}
     out = []
@@ -231,25 +259,8 @@ def sharded_scan(
         zero_states.append(h0)
         products.append(p)
         summaries.append(torch.stack([p[:, -1], h0[:, -1]]))
-    mine = torch.stack(summaries)  # (segments, 2, batch, ...)
-    if W > 1:
-        import warnings
-
-        import torch.distributed.nn.functional as dnn
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            gathered = dnn.all_gather(mine.contiguous(), group=group)  # type: ignore[no-untyped-call]
-    else:
-        gathered = (mine,)
-    order = sorted((seg.global_start, r, i) for r in range(W) for i, seg in enumerate(segments(layout, r, W, L)))
-    entering: dict[tuple[int, int], Tensor] = {}
-    # the sequence's start: zeros, still read off the gather (every rank's backward must take part in the
-    # gather's, so every rank's output depends on it)
-    h = torch.where(torch.zeros((), dtype=torch.bool, device=a.device), gathered[rank][0][1], 0.0)
-    for _, r, i in order:  # every rank composes the same chain: the state entering each segment
-        entering[(r, i)] = h
-        h = gathered[r][i][0] * h + gathered[r][i][1]
+    mine = torch.stack(summaries)  # (segments, 2, batch, ...): (product of decays, last state)
+    entering = _entering_states(mine, layout, group, L, state_of=lambda m: m[1], compose=lambda m, h: m[0] * h + m[1])
     out = [h0 + p * entering[(rank, i)][:, None] for i, (h0, p) in enumerate(zip(zero_states, products))]
     return torch.cat(out, dim=1)
 
@@ -320,24 +331,9 @@ def sharded_state_scan(
         _, final = kernel(cut(q, s), cut(k, s), v_aug, initial_state=start, **extra)
         summaries.append(final.to(v.dtype))  # [C | A]: (B, Hv, dk, dv + dk)
     mine = torch.stack(summaries)
-    if W > 1:
-        import warnings
-
-        import torch.distributed.nn.functional as dnn
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            gathered = dnn.all_gather(mine.contiguous(), group=group)  # type: ignore[no-untyped-call]
-    else:
-        gathered = (mine,)
-    order = sorted((seg.global_start, r, i) for r in range(W) for i, seg in enumerate(segments(layout, r, W, L)))
-    # position 0's zero state, read off the gather so that every rank's backward takes part in it
-    state = torch.where(torch.zeros((), dtype=torch.bool, device=v.device), gathered[rank][0][..., :dv], 0.0)
-    entering: dict[tuple[int, int], Tensor] = {}
-    for _, r, i in order:
-        entering[(r, i)] = state
-        c, a = gathered[r][i][..., :dv], gathered[r][i][..., dv:]
-        state = a @ state + c
+    entering = _entering_states(
+        mine, layout, group, L, state_of=lambda m: m[..., :dv], compose=lambda m, h: m[..., dv:] @ h + m[..., :dv]
+    )
     outs = []
     for i, s in enumerate(segs):
         extra = {name: cut(x, s) for name, x in per_token.items()}
