@@ -6,10 +6,11 @@ word-level tokenizer built here, no download; a Gemma3 image processor at 16x16 
 image tokens cross the shard boundary) match one process running the same steps with transformers' model
 (float64, the same examples, AdamW and learning rate): each step's loss within 1e-5 relative, as
 tests/test_finetune.py holds the text runs, and every weight's change (the vision tower's included) within 2x the
-one-process float32 run's error. The examples: the processor's tokens, trained on the assistant's
-turns only, padded to --seq-len. Refused before any rank starts, with the reason: a folder without its
-processor, an image that cannot be read, an image line for a text-only model, an example longer than
---seq-len, a vision-language family not tested here, and the flags not tested with images.
+one-process float32 run's error; the export loads in transformers with the trained weights. The examples: the
+processor's tokens, trained on the assistant's turns only, padded to --seq-len. Refused before any rank starts,
+with the reason: a folder without its processor, an image that cannot be read, an image line for a text-only
+model, an example longer than --seq-len, a vision-language family not tested here, and the flags not tested with
+images.
 
 Qwen2-VL's processor needs torchvision in transformers 5.25 (its video processor), which this environment lacks:
 Gemma 3 is the family tested here."""
@@ -109,7 +110,7 @@ def answer(text):
 ROWS = [  # (messages, images): one and two images, an image in a second user turn, two answers
     ([user(None, "waa wab wac"), answer("wad 1 2 3")], ["img/red.png"]),
     ([user("wae", None, "waf"), answer("wag wah")], ["img/green.png"]),
-    ([user(None, "wai", None), answer("waj 4 5")], ["img/blue.png", "img/red.png"]),
+    ([user(None, None, "wai"), answer("waj 4 5")], ["img/blue.png", "img/red.png"]),  # 2nd image: tokens 9-12
     ([user("wak wal"), answer("wam"), user(None, "wan"), answer("wao 6 7")], ["img/green.png"]),
     ([user(None, "wap waq war"), answer("was wat")], ["img/blue.png"]),
     ([user(None, "wau"), answer("wav waw 8 9")], ["img/red.png"]),
@@ -182,6 +183,8 @@ def test_examples_are_the_processors_tokens_trained_on_the_answers(vlm_and_data,
                 trained[i + 1 : j + 1] = [True] * (j - i)
         want_labels = [ids[i + 1] if trained[i + 1] else IGNORE_INDEX for i in range(n - 1)] + [eos]
         assert row["labels"][:n].tolist() == want_labels, k
+    # step 0 trains example 3, whose second image's tokens (9-12) cross the zigzag boundary at 10 (W = 2)
+    assert docs.train[2]["images"]["token_type_ids"][0, 8:14].tolist() == [0, 1, 1, 1, 1, 0]
 
 
 # ---------------------------------------------------------------- exactness on a test cluster
@@ -274,7 +277,14 @@ def test_steps_at_two_ranks_match_one_process(cluster, vlm_and_data, tmp_path):
     assert (
         held["before"]["examples"] == 2 and held["after"]["loss"] is not None and math.isfinite(held["before"]["loss"])
     )
-    assert (tmp_path / "run" / "hf" / "processor_config.json").exists()  # the processor kept for export
+    # export --hf: a folder AutoModelForImageTextToText and AutoProcessor load, with the trained weights
+    from ringwise.train.pretrained import export_hf
+
+    export_hf(cfg.out, tmp_path / "exported")
+    exported = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "exported", dtype=torch.float32)
+    for name, p in exported.named_parameters():
+        assert torch.equal(p.detach(), trained[name].float()), name
+    assert transformers.AutoProcessor.from_pretrained(tmp_path / "exported").image_seq_length == 4
 
 
 # ---------------------------------------------------------------- refusals, before any rank starts
