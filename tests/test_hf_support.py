@@ -12,6 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import SMALL  # noqa: E402
 from hf_versions import EAGER_EXPERTS, REFUSED_HERE, VERSION  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
@@ -26,17 +27,6 @@ if VERSION < (5, 25):
     )
 
 UNTESTED = "is not one of the families ringwise is tested with"
-SMALL = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 def _types(config) -> tuple[str, str]:
