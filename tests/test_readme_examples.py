@@ -777,6 +777,8 @@ PLACEHOLDERS = {
 SYNOPSIS = re.compile(r"[\[\]|()]|\.\.\.")
 # Folders the README's commands read that a command not run here (make demo) would have made.
 MADE_BEFORE = ["runs/demo"]
+# transformers folders the README's export commands write (from runs this suite does not train): tiny Llamas here.
+EXPORTED_BEFORE = ["models/smollm2-lora"]
 TEXT_KB = 400  # data/: enough text for two 131072-token sequences of the byte-level tokenizer
 
 
@@ -795,6 +797,8 @@ def world(tmp_path_factory):
     for md in ROOT.glob("*.md"):
         shutil.copy(md, folder / md.name)
     save_tiny_llama(folder / TINY_MODEL)
+    for exported in EXPORTED_BEFORE:  # what the README's `ringwise export ... --hf` writes: a transformers folder
+        save_tiny_llama(folder / exported)
     for made in MADE_BEFORE:
         (folder / made).mkdir(parents=True)
     (folder / "data").mkdir()
