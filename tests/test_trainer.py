@@ -4,6 +4,7 @@ losses and leave the same weights as one process training the same model on the 
 sequences, the global batch in one), within float32 round-off of a float64 run; right-padded batches and
 padding-free packing; a bad batch refused alike on every rank of a ring."""
 
+import contextlib
 import tempfile
 import time
 
@@ -177,6 +178,74 @@ def case_id(c):
 @pytest.mark.parametrize("case", GRID, ids=case_id)
 def test_trainer_steps_match_one_process(grid_results, case):
     results = grid_results(trainer_case, GRID, case)
+    check_against_one_process(results, case["world"] // case["ring"])
+
+
+# ---------------------------------------------------------------- FSDP2
+
+
+@contextlib.contextmanager
+def accelerate_fsdp_on_cpu():
+    """accelerate 1.16 turns its FSDP plugin on only for accelerator devices (MULTI_GPU, ...); on CPU it keeps
+    MULTI_CPU, so Trainer runs DDP. Inside this, the CPU's gloo ranks get what a GPU job gets: distributed type
+    FSDP with Trainer's plugin, so Trainer applies FSDP2's fully_shard (gloo's reduce-scatter)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    AcceleratorState.__init__ = init
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = original
+
+
+def fsdp_case(case):
+    """On every rank: STEPS of ring_trainer(Trainer) with accelerate's FSDP2 config (fsdp=True, version 2), run as
+    accelerate runs it on CPU (case["on_cpu"] == "as is": DDP) or as on GPUs ("fsdp"); the logged losses, the
+    trained (whole) weights, whether Trainer ran FSDP and whether the parameters were sharded over every rank."""
+    from torch.distributed.tensor import DTensor
+
+    shard = SeqShard(case["layout"], ring_groups(case["ring"]))
+    dp = dist.get_world_size() // case["ring"]
+    model = initial_model("ringwise", shard=shard)
+    forced = accelerate_fsdp_on_cpu() if case["on_cpu"] == "fsdp" else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory() as out, forced:
+        trainer = ring_trainer(transformers.Trainer)(
+            model=model,
+            args=training_args(out, BATCH, fsdp=True, fsdp_config={"version": 2}),
+            train_dataset=dataset(BATCH * dp),
+            data_collator=RingCollator(collator(case["packed"]), model=model),
+        )
+        trainer.train()
+    params = dict(model.named_parameters())
+    world = dist.get_world_size()
+    sharded = all(isinstance(p, DTensor) and p.device_mesh.size() == world for p in params.values())
+    weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in params.items()}
+    return dict(losses=losses_of(trainer), weights=weights, fsdp=trainer.is_fsdp_enabled, sharded=sharded)
+
+
+FSDP_GRID = [
+    dict(world=2, ring=2, layout="zigzag", packed=False, on_cpu="as is"),
+    dict(world=2, ring=2, layout="zigzag", packed=False, on_cpu="fsdp"),
+    dict(world=4, ring=2, layout="striped", packed=True, on_cpu="fsdp"),
+]
+
+
+@pytest.mark.parametrize("case", FSDP_GRID, ids=lambda c: case_id(c) + "-" + c["on_cpu"].replace(" ", "-"))
+def test_trainer_under_fsdp2_matches_one_process(grid_results, case):
+    """FSDP2's reduce-scatter averages the gradients over all W ranks, as DDP does: Trainer's scaling of the ring's
+    loss carries over, and the steps are one process's. On CPU accelerate ignores the FSDP config (DDP, nothing
+    sharded); turned on as on GPUs, the parameters are sharded DTensors and the steps are the same."""
+    results = grid_results(fsdp_case, FSDP_GRID, case)
+    on = case["on_cpu"] == "fsdp"
+    assert all(r["fsdp"] == on and r["sharded"] == on for r in results), [(r["fsdp"], r["sharded"]) for r in results]
     check_against_one_process(results, case["world"] // case["ring"])
 
 

@@ -24,10 +24,11 @@ Two pieces, each doing one thing:
 Why the gradients come out exact: the ring-aware loss (RingLoss) returns this rank's summed token losses over
 `num_items_in_batch`, which Trainer (average_tokens_across_devices=True, its default) counts over every rank of
 the job and, since each rank counts its own shard's targets, that is the whole global batch's target count;
-Trainer then multiplies the loss by the number of processes and DDP averages the gradients over them, so each
-parameter's gradient is the sum over every rank's tokens divided by the global count: the gradient of the global
-token-mean loss (rings summed, data-parallel replicas together). The logged loss, Trainer's mean over the ranks of
-those scaled shares, is the true loss. Requirements are checked when the trainer is built.
+Trainer then multiplies the loss by the number of processes and DDP (or FSDP2's reduce-scatter) averages the
+gradients over them, so each parameter's gradient is the sum over every rank's tokens divided by the global count:
+the gradient of the global token-mean loss (rings summed, data-parallel replicas together). The logged loss,
+Trainer's mean over the ranks of those scaled shares, is the true loss. Requirements are checked when the trainer
+is built.
 
 `trainer.evaluate()` returns the token-mean loss over the whole evaluation set (RingTrainerMixin.evaluate);
 `predict()` is refused. DPO: RingDPOMixin (each sequence's log-probability summed over the ring).
