@@ -1,7 +1,8 @@
 """Hybrid models' delta-rule layers through the ring (ringwise.integrations.hf_linear): the gated DeltaNet of Qwen3-Next
 and Qwen3.5 (a vision-language model: the dense and MoE ones on rw.shard_multimodal_batch, images across shard
 boundaries) and Kimi Linear's KDA (a decay per key channel), the short convolution and the delta rule's matrix state
-carried across ranks, next to their full-attention layers on ringwise.
+carried across ranks, and LFM2's gated short convolutions (the convolution alone), next to their full-attention
+layers on ringwise.
 
 The oracle is transformers' own model in one process (SDPA attention: eager's softmax is float32) in float64, with
 its delta-rule kernel (which computes in float32 whatever the model's dtype) replaced by hf_linear's float64 one; that
@@ -81,6 +82,22 @@ def make_config(name="qwen3_next"):
             video_token_id=mm.VIDEO,
             vision_start_token_id=mm.START,
         )
+    if name == "lfm2":  # gated short-convolution layers (kernel 3, with bias) around one full-attention layer; GQA
+        return config_class("Lfm2Config")(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "conv", "full_attention", "conv"],
+            conv_L_cache=3,
+            conv_bias=True,
+            block_auto_adjust_ff_dim=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     assert name == "kimi_linear", name
     # KDA layers (a decay per key channel) on both sides of an MLA full-attention layer (NoPE); a dense MLP first,
     # then MoE with a shared expert
@@ -109,7 +126,7 @@ def make_config(name="qwen3_next"):
     )
 
 
-FAMILIES = ("qwen3_next", "kimi_linear", "qwen3_5", "qwen3_5_moe")
+FAMILIES = ("qwen3_next", "kimi_linear", "qwen3_5", "qwen3_5_moe", "lfm2")
 MULTIMODAL = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # -> its text model's type
 
 
@@ -181,7 +198,7 @@ def single_run(name, dtype):
     auto = transformers.AutoModelForImageTextToText if name in MULTIMODAL else transformers.AutoModelForCausalLM
     model = auto.from_config(make_config(name), attn_implementation="sdpa", **EAGER_EXPERTS).to(dtype)
     modeling, name_of_kernel = _modeling(name)
-    kernel = getattr(modeling, name_of_kernel)
+    kernel = getattr(modeling, name_of_kernel) if name_of_kernel else None
 
     def float64_kernel(query, key, value, g, beta, initial_state=None, use_qk_l2norm_in_kernel=False, **_):
         return float64_gated_delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel)
@@ -189,11 +206,12 @@ def single_run(name, dtype):
     ids, labels, inputs = global_batch(name, dtype)
     with float64_gates(name, dtype):
         try:
-            if dtype == torch.float64:
+            if dtype == torch.float64 and name_of_kernel:  # LFM2: no delta rule
                 setattr(modeling, name_of_kernel, float64_kernel)
             logits = model(input_ids=ids, use_cache=False, **inputs).logits
         finally:
-            setattr(modeling, name_of_kernel, kernel)
+            if name_of_kernel:
+                setattr(modeling, name_of_kernel, kernel)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
         )
@@ -250,6 +268,7 @@ SHAPES = {  # family -> (W, layout) of its cases
     "kimi_linear": [(2, "zigzag"), (3, "zigzag"), (3, "contiguous")],
     "qwen3_5": [(2, "zigzag"), (3, "zigzag"), (3, "contiguous")],
     "qwen3_5_moe": [(2, "contiguous"), (3, "zigzag")],
+    "lfm2": [(2, "zigzag"), (3, "contiguous")],
 }
 GRID = [
     dict(name=name, world=W, layout=layout, dtype=dtype)
@@ -312,7 +331,9 @@ REFUSALS = dict(striped="striped layout", cache="use_cache=False", documents="pa
 
 @pytest.mark.parametrize(
     "how, name",
-    [(how, "qwen3_next") for how in REFUSALS] + [("generate", "qwen3_5"), ("striped", "kimi_linear")],
+    [(how, "qwen3_next") for how in REFUSALS]
+    + [("generate", "qwen3_5"), ("striped", "kimi_linear")]
+    + [(how, "lfm2") for how in REFUSALS],
 )
 def test_refused_alike_with_the_reason(cluster, how, name):
     messages = cluster(2).run(refused_run, how, name)

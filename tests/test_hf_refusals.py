@@ -37,8 +37,6 @@ def refused_config(name):
         return T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True)
     if name == "mpt":  # ALiBi, hard-coded attention
         return T.MptConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2)
-    if name == "lfm2":  # short convolutions
-        return config_class("Lfm2Config")(**SMALL, layer_types=["conv", "full_attention"])
     if name == "bamba":  # Mamba2 layers
         return T.BambaConfig(
             **SMALL, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, attn_layer_indices=[1]
@@ -79,7 +77,6 @@ REFUSED = {  # family -> what the error must say
     "bloom": "does not use transformers' attention registry",
     "falcon_alibi": "ALiBi",
     "mpt": "ALiBi",
-    "lfm2": "['conv']",
     "bamba": "['linear_attention']",
     "jamba": "['linear_attention']",
     "falcon_h1": "['hybrid']",
@@ -125,7 +122,7 @@ def test_refused_family_raises_the_same_error_on_every_rank(cluster, name):
     assert REFUSED[name] in run_all(cluster, build_refused, name)
 
 
-@pytest.mark.parametrize("name", ["lfm2", "bamba", "llama_dynamic_rope", "phi3_longrope"])
+@pytest.mark.parametrize("name", ["jamba", "bamba", "llama_dynamic_rope", "phi3_longrope"])
 def test_check_model_reads_the_modules(name):
     """Built directly (past the config check), the modules alone still give the model away."""
     from ringwise.integrations.hf_support import module_problems

@@ -121,7 +121,8 @@ def _model_problem(model) -> str | None:
     hybrid = next((m for m in model.modules() if is_gated_delta_layer(m)), None)
     if hybrid is not None:
         return (
-            f"{type(hybrid).__name__} (a delta-rule layer: hf_linear) keeps a recurrent state and a convolution state "
+            f"{type(hybrid).__name__} (a delta-rule or short-convolution layer: hf_linear) keeps a convolution state "
+            "(and a delta rule's recurrent state) "
             "in the cache, which rw.generate's sharded cache does not carry yet; generate with another "
             "attn_implementation (the ring runs training and prefill with use_cache=False)"
         )

@@ -1,4 +1,5 @@
-"""Delta-rule layers of transformers' hybrid models (Qwen3-Next, Qwen3.5, Kimi Linear) sharded over the ring.
+"""Delta-rule and short-convolution layers of transformers' hybrid models (Qwen3-Next, Qwen3.5, Kimi Linear, LFM2)
+sharded over the ring.
 
 Such a layer mixes tokens twice outside attention: a depthwise causal convolution (kernel K) and a
 gated delta rule, whose state is a (dk x dv) matrix per head (gated DeltaNet: one decay per head and
@@ -8,7 +9,9 @@ of its modeling module (`causal_conv1d_forward`, and the chunked kernel GATED_DE
 puts sharded ones in their place for that call only: the convolution gets each segment's K - 1
 predecessors (halo.causal_conv1d) and the delta rule carries its state across ranks
 (halo.sharded_state_scan around the model's own kernel). The rest of the layer (the projections,
-gates, norms) is per token and runs as transformers wrote it.
+gates, norms) is per token and runs as transformers wrote it. LFM2's conv layers (Lfm2ShortConv: an input
+projection into B, C and x, the depthwise causal convolution of B * x through the same `causal_conv1d_forward`,
+then C times it and an output projection) have no delta rule: only the convolution is swapped.
 
 transformers' kernels compute in float32 whatever the model's dtype; for a float64 model the delta
 rule runs in float64 (halo.delta_rule after the kernel's own key normalisation and query scaling),
@@ -30,12 +33,14 @@ from ..attention.seqshard import SeqShard
 
 
 class DeltaLayer(NamedTuple):
-    """Where a family's delta-rule layer lives: its modeling module, the layer's class name there, and the name of
-    the chunked kernel its forward calls from that module (swapped, with causal_conv1d_forward, while it runs)."""
+    """Where a family's sharded layer lives: its modeling module, the layer's class name there, the name of the
+    chunked delta-rule kernel its forward calls from that module (swapped, with causal_conv1d_forward, while it runs;
+    None: a short convolution alone, LFM2) and its config.layer_types name."""
 
     module: str
     layer: str
-    kernel: str
+    kernel: str | None
+    layer_type: str = "linear_attention"
 
 
 _MODELS = "transformers.models."
@@ -55,13 +60,21 @@ GATED_DELTA_LAYERS = {
     "kimi_linear": DeltaLayer(
         _MODELS + "kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention", "chunk_kimi_delta_attention"
     ),
+    # LFM2's gated short convolution: no delta rule, only causal_conv1d_forward to swap
+    "lfm2": DeltaLayer(_MODELS + "lfm2.modeling_lfm2", "Lfm2ShortConv", None, "conv"),
 }
 _RINGED = "_ringwise_sharded_mixer"
 
 
 def handles(config) -> bool:
-    """Whether ringwise shards this config's non-attention layers (its linear_attention layer type)."""
+    """Whether ringwise shards this config's non-attention layers (its linear_attention or conv layer type)."""
     return getattr(config, "model_type", None) in GATED_DELTA_LAYERS
+
+
+def sharded_layer_type(config) -> str | None:
+    """The config.layer_types name of the layers ringwise shards for this config's family (None: none)."""
+    layer = GATED_DELTA_LAYERS.get(getattr(config, "model_type", None) or "")
+    return layer.layer_type if layer else None
 
 
 def _layer_of(module) -> DeltaLayer | None:
@@ -70,7 +83,7 @@ def _layer_of(module) -> DeltaLayer | None:
 
 
 def is_gated_delta_layer(module) -> bool:
-    """Whether `module` is a delta-rule layer ringwise shards (install wraps it)."""
+    """Whether `module` is a delta-rule or short-convolution layer ringwise shards (install wraps it)."""
     return _layer_of(module) is not None
 
 
@@ -94,7 +107,9 @@ def float64_gated_delta_rule(
 
 
 def _refuse(what: str) -> None:
-    raise ValueError(f"ringwise: a delta-rule layer (gated DeltaNet, KDA) on a ring got {what}")
+    raise ValueError(
+        f"ringwise: a delta-rule or short-convolution layer (gated DeltaNet, KDA, LFM2's conv) on a ring got {what}"
+    )
 
 
 def _sharded_conv(shard: SeqShard) -> Callable[..., torch.Tensor]:
@@ -180,8 +195,8 @@ def shard_problem(shard: SeqShard) -> str | None:
 
 
 def install(model, shard_of: Callable[[], SeqShard]) -> int:
-    """Wrap each delta-rule layer's forward so that it runs sharded on the ring `shard_of()` gives at call
-    time. Idempotent; returns the number of layers handled."""
+    """Wrap each delta-rule or short-convolution layer's forward so that it runs sharded on the ring `shard_of()`
+    gives at call time. Idempotent; returns the number of layers handled."""
     count = 0
     for module in model.modules():
         layer = _layer_of(module)
@@ -211,11 +226,10 @@ def install(model, shard_of: Callable[[], SeqShard]) -> int:
                     "packed documents (ringwise_cu_seqlens): the sharded convolution and state scan do not reset "
                     "at a document's start yet; run one document per row"
                 )
-            kernel = getattr(_modeling, _kernel)
-            with _swapped(
-                _modeling,
-                {"causal_conv1d_forward": _sharded_conv(shard), _kernel: _sharded_delta_rule(shard, kernel)},
-            ):
+            swaps: dict[str, Any] = {"causal_conv1d_forward": _sharded_conv(shard)}
+            if _kernel is not None:
+                swaps[_kernel] = _sharded_delta_rule(shard, getattr(_modeling, _kernel))
+            with _swapped(_modeling, swaps):
                 return _forward(*args, **kwargs)
 
         module.forward = ringed

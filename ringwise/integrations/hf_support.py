@@ -17,7 +17,7 @@ import sys
 import torch
 
 from .hf_linear import handles as gated_delta_handles
-from .hf_linear import is_gated_delta_layer
+from .hf_linear import is_gated_delta_layer, sharded_layer_type
 from .hf_multimodal import MROPE_VLMS
 
 # The families ringwise accepts: each model_type that a test builds and runs through the ring against one process
@@ -41,6 +41,7 @@ TESTED_FAMILIES: dict[str, tuple[str, ...]] = {
             "llama4_text",
             "qwen3_next",  # gated DeltaNet layers sharded by hf_linear (test_hf_linear)
             "kimi_linear",  # KDA layers sharded by hf_linear (test_hf_linear)
+            "lfm2",  # short-convolution layers sharded by hf_linear (test_hf_linear)
             "qwen3",
             "qwen3_moe",
             "mixtral",
@@ -123,7 +124,7 @@ def config_problems(config) -> list[str]:
     problems = []
     for c in _configs(config):
         extra = sorted(set(getattr(c, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
-        if extra == ["linear_attention"] and gated_delta_handles(c):  # sharded by hf_linear
+        if gated_delta_handles(c) and extra == [sharded_layer_type(c)]:  # sharded by hf_linear
             extra = []
         if extra:
             problems.append(
