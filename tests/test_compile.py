@@ -236,6 +236,38 @@ def test_transformers_masks_read_inside_a_compiled_graph(cluster):
             assert torch.equal(eager, compiled), name
 
 
+def hf_hybrid_logits(names):
+    """Hybrid models (short convolutions, gated delta rules) on a ring of 2, eager and compiled:
+    {name: (eager logits, compiled logits)}. Their sharded layers run eager inside the graph (a graph break)."""
+    from hf_versions import EAGER_EXPERTS
+    from test_hf_linear import global_ids, make_config
+
+    import ringwise.integrations.transformers as rw
+
+    rw.use_ring(layout="zigzag")
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = rw.from_config(make_config(name), **EAGER_EXPERTS).eval()
+        batch = rw.shard_batch(global_ids())
+        batch.pop("labels")
+        torch._dynamo.reset()
+        with torch.no_grad():
+            eager = model(**batch, use_cache=False).logits
+            compiled = torch.compile(model, backend="aot_eager")(**batch, use_cache=False).logits
+        results[name] = (eager, compiled)
+    return results
+
+
+def test_hybrid_models_compile_with_their_sharded_layers_eager(cluster):
+    """LFM2 (short convolutions) and Qwen3-Next (gated delta rule, MoE) under torch.compile on a ring of 2 give the
+    eager ring's logits bit for bit: the sharded layers run eager (their cross-rank agreement cannot be traced)."""
+    pytest.importorskip("transformers")
+    for rank in cluster(2).run(hf_hybrid_logits, ("lfm2", "qwen3_next"), timeout=600):
+        for name, (eager, compiled) in rank.items():
+            assert torch.equal(eager, compiled), name
+
+
 def test_untagged_mask_closure_is_refused_under_compile():
     """A factory closure ringwise did not tag cannot be read in a graph: refused with the reason, not misread."""
     pytest.importorskip("transformers")

@@ -216,6 +216,9 @@ def install(model, shard_of: Callable[[], SeqShard]) -> int:
                 "without use_kernels"
             )
 
+        # Under torch.compile the layer runs eager (a graph break around it): its cross-rank agreement reads
+        # Python objects off a gather, which Dynamo cannot trace; the attention layers stay compiled.
+        @torch.compiler.disable
         def ringed(*args, _forward=forward, _modeling=modeling, _kernel=layer.kernel, **kwargs):
             shard = shard_of()
             problem = shard_problem(shard)
