@@ -162,13 +162,15 @@ def test_ranks_that_differ_are_refused_alike(cluster):
 DK, DV, HV = 8, 6, 3  # odd value heads, dk != dv
 
 
-def delta_inputs(seed, dtype=torch.float64):
+def delta_inputs(seed, dtype=torch.float64, shape=(HV, DK, DV)):
+    """shape: (heads, dk, dv)."""
     g = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(B, S, HV, DK, generator=g, dtype=torch.float64) for _ in range(2))
+    hv, dk, dv = shape
+    q, k = (torch.randn(B, S, hv, dk, generator=g, dtype=torch.float64) for _ in range(2))
     k = torch.nn.functional.normalize(k, dim=-1)  # as the models' kernels l2-normalise keys: a stable recurrence
-    v, dout = (torch.randn(B, S, HV, DV, generator=g, dtype=torch.float64) for _ in range(2))
-    decay = -torch.rand(B, S, HV, generator=g, dtype=torch.float64)  # log of a decay in (1/e, 1]
-    beta = torch.rand(B, S, HV, generator=g, dtype=torch.float64)
+    v, dout = (torch.randn(B, S, hv, dv, generator=g, dtype=torch.float64) for _ in range(2))
+    decay = -torch.rand(B, S, hv, generator=g, dtype=torch.float64)  # log of a decay in (1/e, 1]
+    beta = torch.rand(B, S, hv, generator=g, dtype=torch.float64)
     return [t.to(dtype) for t in (q, k, v, decay, beta, dout)]
 
 
@@ -187,7 +189,7 @@ def _delta_kernel(name):
 
 def delta_run(case):
     """On each rank: the sharded delta rule's outputs and the gradients of its shard's inputs."""
-    *xs, dout = delta_inputs(case["seed"], getattr(torch, case["dtype"]))
+    *xs, dout = delta_inputs(case["seed"], getattr(torch, case["dtype"]), case.get("shape", (HV, DK, DV)))
     layout = case["layout"]
     q, k, v, decay, beta = (ringwise.shard(t, 1, layout).requires_grad_() for t in xs)
     out = sharded_state_scan(_delta_kernel(case["kernel"]), q, k, v, dict(g=decay, beta=beta), layout=layout)
@@ -198,10 +200,22 @@ def delta_run(case):
 DELTA_GRID = [
     dict(world=W, layout=layout, seed=10 + i, kernel="reference", dtype="float64")
     for i, (W, layout) in enumerate(itertools.product([1, 2, 3, 4], ["contiguous", "zigzag"]))
-] + [dict(world=3, layout="zigzag", seed=30, kernel="transformers", dtype="float32")]
+] + [
+    dict(world=3, layout="zigzag", seed=30, kernel="transformers", dtype="float32"),
+    # real shapes: Qwen3-Next's linear-attention heads are 128 wide (dk = dv = 128); an odd head count
+    dict(world=3, layout="zigzag", seed=31, kernel="reference", dtype="float64", shape=(3, 128, 128)),
+    dict(world=2, layout="contiguous", seed=32, kernel="transformers", dtype="float32", shape=(5, 128, 64)),
+]
 
 
-@pytest.mark.parametrize("case", DELTA_GRID, ids=lambda c: f"W{c['world']}-{c['layout']}-{c['kernel']}-{c['dtype']}")
+@pytest.mark.parametrize(
+    "case",
+    DELTA_GRID,
+    ids=lambda c: (
+        f"W{c['world']}-{c['layout']}-{c['kernel']}-{c['dtype']}"
+        + ("-{}x{}x{}".format(*c["shape"]) if "shape" in c else "")
+    ),
+)
 def test_sharded_delta_rule_matches_one_process(grid_results, case):
     """The gated delta rule's outputs and every input gradient (q, k, v, decays, betas), sharded with its matrix
     state carried across ranks, equal one process on the whole sequence: the reference kernel in float64 to
@@ -214,7 +228,7 @@ def test_sharded_delta_rule_matches_one_process(grid_results, case):
     got_grads = [assemble([r["grads"][j] for r in results], lay, 1) for j in range(5)]
 
     def one_process(kernel, dtype):
-        *xs, dout = delta_inputs(case["seed"], dtype)
+        *xs, dout = delta_inputs(case["seed"], dtype, case.get("shape", (HV, DK, DV)))
         xs = [t.requires_grad_() for t in xs]
         out, _ = kernel(*xs[:3], initial_state=None, g=xs[3], beta=xs[4])
         return out.detach(), torch.autograd.grad(out, xs, dout)
@@ -229,7 +243,7 @@ def test_sharded_delta_rule_matches_one_process(grid_results, case):
     from helpers import EPS, assert_within_budget, max_err
 
     # the transformers kernel scales queries by dk^-0.5: the float64 truth of the same layer
-    scale = DK**-0.5
+    scale = case.get("shape", (HV, DK, DV))[1] ** -0.5
     want_out = want_out * scale
     want_grads = [g * scale for g in want_grads]  # the output is linear in q: every gradient scales with it
     assert_within_budget("out", max_err(got_out, want_out), max_err(own_out, want_out), EPS["float32"], ceiling=1e-4)
