@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 
@@ -66,13 +66,8 @@ GATED_DELTA_LAYERS = {
 _RINGED = "_ringwise_sharded_mixer"
 
 
-def handles(config) -> bool:
-    """Whether ringwise shards this config's non-attention layers (its linear_attention or conv layer type)."""
-    return getattr(config, "model_type", None) in GATED_DELTA_LAYERS
-
-
 def sharded_layer_type(config) -> str | None:
-    """The config.layer_types name of the layers ringwise shards for this config's family (None: none)."""
+    """The config.layer_types name of the layers ringwise shards for this config's family (None: it shards none)."""
     layer = GATED_DELTA_LAYERS.get(getattr(config, "model_type", None) or "")
     return layer.layer_type if layer else None
 
@@ -106,7 +101,7 @@ def float64_gated_delta_rule(
     return delta_rule(query * query.shape[-1] ** -0.5, key, value, g, beta, initial_state)
 
 
-def _refuse(what: str) -> None:
+def _refuse(what: str) -> NoReturn:
     raise ValueError(
         f"ringwise: a delta-rule or short-convolution layer (gated DeltaNet, KDA, LFM2's conv) on a ring got {what}"
     )
@@ -154,7 +149,7 @@ def _sharded_delta_rule(shard: SeqShard, kernel: Callable[..., Any]) -> Callable
         def local(q, k, v, initial_state, g, beta):
             if q.dtype == torch.float64:
                 return float64_gated_delta_rule(q, k, v, g, beta, initial_state, use_qk_l2norm_in_kernel)
-            out, final = kernel(
+            return kernel(
                 q,
                 k,
                 v,
@@ -165,7 +160,6 @@ def _sharded_delta_rule(shard: SeqShard, kernel: Callable[..., Any]) -> Callable
                 output_final_state=True,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
             )
-            return out, final
 
         out = sharded_state_scan(local, query, key, value, dict(g=g, beta=beta), shard.layout, shard.group)
         return out, None

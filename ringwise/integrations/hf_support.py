@@ -16,7 +16,6 @@ import sys
 
 import torch
 
-from .hf_linear import handles as gated_delta_handles
 from .hf_linear import is_gated_delta_layer, sharded_layer_type
 from .hf_multimodal import MROPE_VLMS
 
@@ -124,7 +123,7 @@ def config_problems(config) -> list[str]:
     problems = []
     for c in _configs(config):
         extra = sorted(set(getattr(c, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
-        if gated_delta_handles(c) and extra == [sharded_layer_type(c)]:  # sharded by hf_linear
+        if extra == [sharded_layer_type(c)]:  # sharded by hf_linear
             extra = []
         if extra:
             problems.append(
