@@ -265,22 +265,16 @@ def _sequence_groups(seq: SeqShard) -> list:
     return [seq.group] + ([seq.ulysses_group] if seq.ulysses_group is not None else [])
 
 
-class _RingSum(torch.autograd.Function):
-    """Sum over a group, differentiable: forward all-reduce (sum), backward all-reduce (sum) of the gradients,
-    since every rank's output feeds every rank's loss."""
+def _ring_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over a group, differentiable (torch.distributed.nn.functional.all_reduce: its backward sums the
+    gradients too, since every rank's output feeds every rank's loss)."""
+    import warnings
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
+    import torch.distributed.nn.functional as dnn
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+    with warnings.catch_warnings():  # torch 2.13 points to its private functional collectives instead
+        warnings.simplefilter("ignore", FutureWarning)
+        return dnn.all_reduce(x, group=group)
 
 
 class RingTrainerMixin:
@@ -484,7 +478,7 @@ class RingDPOMixin(RingTrainerMixin):
         if not grad:
             return seq.all_reduce(local)
         for g in _sequence_groups(seq):
-            local = _RingSum.apply(local, g)
+            local = _ring_sum(local, g)
         return local
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
