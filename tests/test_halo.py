@@ -10,7 +10,15 @@ import torch
 from helpers import assemble, packed
 
 import ringwise
-from ringwise.attention.halo import causal_conv1d, delta_rule, halos, linear_scan, sharded_scan, sharded_state_scan
+from ringwise.attention.halo import (
+    causal_conv1d,
+    delta_rule,
+    halos,
+    linear_scan,
+    sharded_decay_scan,
+    sharded_scan,
+    sharded_state_scan,
+)
 
 S, B, C, K = 48, 2, 6, 4
 
@@ -192,9 +200,22 @@ def delta_run(case):
     *xs, dout = delta_inputs(case["seed"], getattr(torch, case["dtype"]), case.get("shape", (HV, DK, DV)))
     layout = case["layout"]
     q, k, v, decay, beta = (ringwise.shard(t, 1, layout).requires_grad_() for t in xs)
-    out = sharded_state_scan(_delta_kernel(case["kernel"]), q, k, v, dict(g=decay, beta=beta), layout=layout)
+    out, final = sharded_state_scan(
+        _delta_kernel(case["kernel"]), q, k, v, dict(g=decay, beta=beta), layout=layout, cu_seqlens=case.get("docs")
+    )
     out.backward(ringwise.shard(dout, 1, layout))
-    return dict(out=out.detach(), grads=[t.grad for t in (q, k, v, decay, beta)])
+    return dict(out=out.detach(), final=final.detach(), grads=[t.grad for t in (q, k, v, decay, beta)])
+
+
+def by_documents(kernel, xs, cu_seqlens):
+    """One process on the whole sequence, each document from a zero state: (outputs, the last one's final state)."""
+    bounds = cu_seqlens or [0, S]
+    outs, final = [], None
+    for a, e in zip(bounds, bounds[1:]):
+        parts = [None if x is None else x[:, a:e] for x in xs[:3]]
+        out, final = kernel(*parts, initial_state=None, **{n: x[:, a:e] for n, x in xs[3].items()})
+        outs.append(out)
+    return torch.cat(outs, dim=1), final
 
 
 DELTA_GRID = [
@@ -202,6 +223,10 @@ DELTA_GRID = [
     for i, (W, layout) in enumerate(itertools.product([1, 2, 3, 4], ["contiguous", "zigzag"]))
 ] + [
     dict(world=3, layout="zigzag", seed=30, kernel="transformers", dtype="float32"),
+    # packed documents: a document start inside a segment cuts its chain, one at a segment's start resets it
+    dict(world=3, layout="zigzag", seed=33, kernel="reference", dtype="float64", docs=packed([5, 1, 2, 19, 21])),
+    dict(world=4, layout="contiguous", seed=34, kernel="reference", dtype="float64", docs=packed([12, 12, 3, 21])),
+    dict(world=2, layout="zigzag", seed=35, kernel="transformers", dtype="float32", docs=packed([7, 30, 11])),
     # real shapes: Qwen3-Next's linear-attention heads are 128 wide (dk = dv = 128); an odd head count
     dict(world=3, layout="zigzag", seed=31, kernel="reference", dtype="float64", shape=(3, 128, 128)),
     dict(world=2, layout="contiguous", seed=32, kernel="transformers", dtype="float32", shape=(5, 128, 64)),
@@ -214,6 +239,7 @@ DELTA_GRID = [
     ids=lambda c: (
         f"W{c['world']}-{c['layout']}-{c['kernel']}-{c['dtype']}"
         + ("-{}x{}x{}".format(*c["shape"]) if "shape" in c else "")
+        + ("-docs" if "docs" in c else "")
     ),
 )
 def test_sharded_delta_rule_matches_one_process(grid_results, case):
@@ -230,16 +256,18 @@ def test_sharded_delta_rule_matches_one_process(grid_results, case):
     def one_process(kernel, dtype):
         *xs, dout = delta_inputs(case["seed"], dtype, case.get("shape", (HV, DK, DV)))
         xs = [t.requires_grad_() for t in xs]
-        out, _ = kernel(*xs[:3], initial_state=None, g=xs[3], beta=xs[4])
-        return out.detach(), torch.autograd.grad(out, xs, dout)
+        out, final = by_documents(kernel, [*xs[:3], dict(g=xs[3], beta=xs[4])], case.get("docs"))
+        return out.detach(), torch.autograd.grad(out, xs, dout), final.detach()
 
-    want_out, want_grads = one_process(delta_rule, torch.float64)
+    want_out, want_grads, want_final = one_process(delta_rule, torch.float64)
+    for r in results:  # every rank holds the state after the sequence's last token
+        assert (r["final"].double() - want_final).abs().max() < (1e-11 if case["dtype"] == "float64" else 1e-4)
     if case["dtype"] == "float64":
         assert (got_out - want_out).abs().max() < 1e-11
         for got, want in zip(got_grads, want_grads):
             assert (got - want).abs().max() < 1e-10 * max(1.0, want.abs().max().item())
         return
-    own_out, own_grads = one_process(_delta_kernel(case["kernel"]), torch.float32)
+    own_out, own_grads, _ = one_process(_delta_kernel(case["kernel"]), torch.float32)
     from helpers import EPS, assert_within_budget, max_err
 
     # the transformers kernel scales queries by dk^-0.5: the float64 truth of the same layer
@@ -250,3 +278,67 @@ def test_sharded_delta_rule_matches_one_process(grid_results, case):
     for name, got, own, want in zip(("dq", "dk", "dv", "dg", "dbeta"), got_grads, own_grads, want_grads):
         size = max(1.0, want.abs().max().item())
         assert_within_budget(name, max_err(got, want), max_err(own, want), EPS["float32"] * size, ceiling=1e-4 * size)
+
+
+# ---------------------------------------------------------------- a decaying state through a model's kernel
+
+P, N = 4, 5  # head width and state size (Mamba2's head_dim and ssm_state_size), odd head count HV
+
+
+def ssd_kernel(x, initial_state, g, b, c):
+    """Mamba2's state-space recurrence token by token (the reference of sharded_decay_scan's kernel): a (P, N)
+    state per head decaying by exp(g) per token, h_t = exp(g_t) h + x_t b_t^T, out_t = h_t c_t."""
+    h = x.new_zeros(x.shape[0], x.shape[2], P, N) if initial_state is None else initial_state
+    outs = []
+    for t in range(x.shape[1]):
+        h = g[:, t].exp()[..., None, None] * h + x[:, t, :, :, None] * b[:, t, :, None, :]
+        outs.append(torch.einsum("bhpn,bhn->bhp", h, c[:, t]))
+    return torch.stack(outs, dim=1), h
+
+
+def decay_inputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, dout = (torch.randn(B, S, HV, P, generator=gen, dtype=torch.float64) for _ in range(2))
+    b, c = (torch.randn(B, S, HV, N, generator=gen, dtype=torch.float64) for _ in range(2))
+    g = -torch.rand(B, S, HV, generator=gen, dtype=torch.float64)
+    return x, g, b, c, dout
+
+
+def decay_run(case):
+    *xs, dout = decay_inputs(case["seed"])
+    layout = case["layout"]
+    x, g, b, c = (ringwise.shard(t, 1, layout).requires_grad_() for t in xs)
+    out, final = sharded_decay_scan(ssd_kernel, x, dict(g=g, b=b, c=c), layout=layout, cu_seqlens=case.get("docs"))
+    out.backward(ringwise.shard(dout, 1, layout))
+    return dict(out=out.detach(), final=final.detach(), grads=[t.grad for t in (x, g, b, c)])
+
+
+DECAY_GRID = [
+    dict(world=W, layout=layout, seed=50 + i, docs=docs)
+    for i, (W, layout, docs) in enumerate(
+        itertools.product([1, 2, 3, 4], ["contiguous", "zigzag"], [None, packed([5, 1, 2, 19, 21])])
+    )
+]
+
+
+@pytest.mark.parametrize(
+    "case", DECAY_GRID, ids=lambda c: f"W{c['world']}-{c['layout']}" + ("-docs" if c["docs"] else "")
+)
+def test_sharded_decay_scan_matches_one_process(grid_results, case):
+    """A decaying (P x N per head) state carried across ranks through a kernel: outputs, every input gradient and
+    the final state (on every rank) equal one process document by document, float64 to round-off."""
+    results = grid_results(decay_run, DECAY_GRID, case)
+    lay = case["layout"]
+    *xs, dout = decay_inputs(case["seed"])
+    xs = [t.requires_grad_() for t in xs]
+    want, final = by_documents(
+        lambda x, _k, _v, initial_state, **kw: ssd_kernel(x, initial_state, **kw),
+        [xs[0], None, None, dict(g=xs[1], b=xs[2], c=xs[3])],
+        case.get("docs"),
+    )
+    grads = torch.autograd.grad(want, xs, dout)
+    assert (assemble([r["out"] for r in results], lay, 1) - want.detach()).abs().max() < 1e-11
+    for j, g in enumerate(grads):
+        assert (assemble([r["grads"][j] for r in results], lay, 1) - g).abs().max() < 1e-10 * max(1, g.abs().max())
+    for r in results:
+        assert (r["final"] - final.detach()).abs().max() < 1e-11

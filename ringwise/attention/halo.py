@@ -24,7 +24,11 @@ predecessors over other ranks: refused (re-lay such a sequence contiguous first)
 family (linear attention, DeltaNet, gated DeltaNet, KDA): the state's dv columns never mix, so a
 segment's exit state is A @ entry + C, and one kernel run from the entry [0 | I] on values [v | 0]
 gives [C | A]. One all-gather of every segment's (C, A) composes each segment's true entry state,
-and a second run from it gives the segment's outputs exactly.
+and a second run from it gives the segment's outputs exactly. `sharded_decay_scan` is the same for
+a state that decays elementwise (Mamba2's SSD, lightning attention): a run from zero gives C, a run
+on zero inputs from ones the decay. Both run on one engine (`_kernel_scan`), which also cuts the
+chain at packed documents' starts and returns the state after the last token on every rank (what
+a generation's decode starts from).
 """
 
 from __future__ import annotations
@@ -115,20 +119,24 @@ def _entering_states(
     L: int,
     state_of: Callable[[Tensor], Tensor],
     compose: Callable[[Tensor, Tensor], Tensor],
-) -> dict[tuple[int, int], Tensor]:
-    """{(rank, segment): the state entering that segment}, from every rank's segment summaries (mine: this
-    rank's, (segments, ...)) gathered once; every rank composes the same chain in global order, from a zero
-    state at position 0: state <- compose(summary, state). state_of(summary) has the state's shape."""
+    resets: frozenset[int] = frozenset(),
+) -> tuple[dict[tuple[int, int], Tensor], Tensor]:
+    """({(rank, segment): the state entering that segment}, the state after the sequence's last token), from every
+    rank's segment summaries (mine: this rank's, (segments, ...)) gathered once; every rank composes the same chain
+    in global order, from a zero state at position 0 and at every global position in `resets` (a document's
+    start): state <- compose(summary, state). state_of(summary) has the state's shape."""
     rank, W = _world(group)
     gathered = _all_gather(mine, group, W)
     order = sorted((seg.global_start, r, i) for r in range(W) for i, seg in enumerate(segments(layout, r, W, L)))
     # position 0's zero state, still read off the gather: every rank's backward must take part in the gather's
     state = torch.where(torch.zeros((), dtype=torch.bool, device=mine.device), state_of(gathered[rank][0]), 0.0)
     entering: dict[tuple[int, int], Tensor] = {}
-    for _, r, i in order:
+    for start, r, i in order:
+        if start in resets:
+            state = state * 0
         entering[(r, i)] = state
         state = compose(gathered[r][i], state)
-    return entering
+    return entering, state
 
 
 def halos(
@@ -260,7 +268,9 @@ def sharded_scan(
         products.append(p)
         summaries.append(torch.stack([p[:, -1], h0[:, -1]]))
     mine = torch.stack(summaries)  # (segments, 2, batch, ...): (product of decays, last state)
-    entering = _entering_states(mine, layout, group, L, state_of=lambda m: m[1], compose=lambda m, h: m[0] * h + m[1])
+    entering, _ = _entering_states(
+        mine, layout, group, L, state_of=lambda m: m[1], compose=lambda m, h: m[0] * h + m[1]
+    )
     out = [h0 + p * entering[(rank, i)][:, None] for i, (h0, p) in enumerate(zip(zero_states, products))]
     return torch.cat(out, dim=1)
 
@@ -287,8 +297,71 @@ def delta_rule(
     return torch.stack(outs, dim=1), S
 
 
+Kernel = Callable[..., tuple[Tensor, Tensor]]
+
+
+def _doc_pieces(s: Segment, docs: Optional[tuple[int, ...]]) -> list[tuple[int, int]]:
+    """A segment's (local start, length) pieces, cut at every document start inside it (not at its first token)."""
+    cuts = [] if docs is None else [d for d in docs if s.global_start < d < s.global_start + s.length]
+    starts = [s.global_start, *cuts]
+    ends = [*cuts, s.global_start + s.length]
+    return [(s.local_start + a - s.global_start, e - a) for a, e in zip(starts, ends)]
+
+
+def _kernel_scan(
+    what: str,
+    run: Callable[[dict[str, Tensor], Optional[Tensor]], tuple[Tensor, Tensor]],
+    summarise: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]],
+    apply: Callable[[Tensor, Tensor], Tensor],
+    tensors: dict[str, Tensor],
+    layout: str,
+    group: Optional[ProcessGroup],
+    cu_seqlens: Optional[list[int]],
+    call: tuple[object, ...],
+) -> tuple[Tensor, Tensor]:
+    """The engine of every state-passing scan: run(pieces' tensors, entry state or None) -> (out, exit state) is a
+    model's kernel on a stretch of the sequence; summarise(tensors) -> (C, T) describes a stretch's exit state as
+    apply(T, entry) + C, C and T of one shape but their last dim. Per segment one summary (a document start inside
+    it: the summary of its last document's part, T = 0), one all-gather of them all, the chain composed in global
+    order (reset at document starts), and a run of each piece from its true entry state. Returns (this rank's
+    outputs, the state after the sequence's last token: the same on every rank)."""
+    check_layout(layout)
+    rank, W = _world(group)
+    L = next(iter(tensors.values())).shape[1]
+    docs = None if cu_seqlens is None else tuple(int(c) for c in cu_seqlens)
+    _agree(what, _layout_problem(layout, W, L, 0), (layout, docs, *call), group)
+    segs = segments(layout, rank, W, L)
+
+    def cut(start: int, length: int) -> dict[str, Tensor]:
+        return {name: x[:, start : start + length] for name, x in tensors.items()}
+
+    summaries, width = [], 0
+    for s in segs:
+        *_, last = _doc_pieces(s, docs)
+        C, T = summarise(cut(*last))
+        if last[0] != s.local_start:  # the segment's last document starts inside it: its entry state is forgotten
+            T = torch.zeros_like(T)
+        summaries.append(torch.cat([C, T], dim=-1))
+        width = C.shape[-1]
+    entering, final = _entering_states(
+        torch.stack(summaries),
+        layout,
+        group,
+        L,
+        state_of=lambda m: m[..., :width],
+        compose=lambda m, h: apply(m[..., width:], h) + m[..., :width],
+        resets=frozenset(docs or ()),
+    )
+    outs = []
+    for i, s in enumerate(segs):
+        for j, piece in enumerate(_doc_pieces(s, docs)):
+            entry = entering[(rank, i)]
+            outs.append(run(cut(*piece), entry if j == 0 else torch.zeros_like(entry))[0])
+    return torch.cat(outs, dim=1), final
+
+
 def sharded_state_scan(
-    kernel: Callable[..., tuple[Tensor, Tensor]],
+    kernel: Kernel,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -296,47 +369,84 @@ def sharded_state_scan(
     layout: str = "zigzag",
     group: Optional[ProcessGroup] = None,
     cu_seqlens: Optional[list[int]] = None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """A delta-rule-family layer over the global sequence, for this rank's shard: `kernel(q, k, v,
     initial_state=S, **per_token)` -> (out, final state) is the model's own scan (transformers'
     torch_chunk_gated_delta_rule, flash-linear-attention's, or delta_rule), q, k (batch, local tokens,
     heads, dk), v (..., dv), per_token tensors (batch, local tokens, ...) such as g and beta. The
-    state starts at zero at position 0.
+    state starts at zero at position 0 and at each document's start (global cu_seqlens).
 
     Per segment: one run on values [v | 0] from [0 | I] gives the exit state's constant and linear
     parts (C, A) (module docstring); one differentiable all-gather of them; every rank composes the
     chain in global order; one run from the true entry state gives the outputs. Exact against one
-    process (the same algebra); about 3x one local run (the summary run is twice as wide)."""
-    check_layout(layout)
-    rank, W = _world(group)
-    L = q.shape[1]
-    problem = _layout_problem(layout, W, L, 0)
-    if problem is None and cu_seqlens is not None:
-        problem = "packed documents (cu_seqlens) are not supported by the state scan yet: run one document per row"
+    process (the same algebra); about 3x one local run (the summary run is twice as wide). Returns
+    (outputs, the state after the sequence's last token, on every rank)."""
     B, _, H, dk = k.shape
     dv = v.shape[-1]
-    call = (layout, tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), sorted(per_token))
-    _agree("sharded_state_scan", problem, call, group)
-    segs = segments(layout, rank, W, L)
 
-    def cut(x: Tensor, s: Segment) -> Tensor:
-        return x[:, s.local_start : s.local_start + s.length]
+    def run(t: dict[str, Tensor], entry: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        extra = {name: x for name, x in t.items() if name not in ("q", "k", "v")}
+        return kernel(t["q"], t["k"], t["v"], initial_state=entry, **extra)
 
-    summaries = []
-    for s in segs:
-        v_aug = torch.cat([cut(v, s), v.new_zeros(B, s.length, v.shape[2], dk)], dim=-1)
+    def summarise(t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        n = t["v"].shape[1]
+        v_aug = torch.cat([t["v"], v.new_zeros(B, n, v.shape[2], dk)], dim=-1)
         eye = torch.eye(dk, dtype=v.dtype, device=v.device).expand(B, v.shape[2], dk, dk)
         start = torch.cat([v.new_zeros(B, v.shape[2], dk, dv), eye], dim=-1)
-        extra = {name: cut(x, s) for name, x in per_token.items()}
-        _, final = kernel(cut(q, s), cut(k, s), v_aug, initial_state=start, **extra)
-        summaries.append(final.to(v.dtype))  # [C | A]: (B, Hv, dk, dv + dk)
-    mine = torch.stack(summaries)
-    entering = _entering_states(
-        mine, layout, group, L, state_of=lambda m: m[..., :dv], compose=lambda m, h: m[..., dv:] @ h + m[..., :dv]
+        _, final = run({**t, "v": v_aug}, start)
+        return final[..., :dv], final[..., dv:]
+
+    call = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), sorted(per_token))
+    return _kernel_scan(
+        "sharded_state_scan",
+        run,
+        summarise,
+        lambda A, h: A @ h,
+        dict(q=q, k=k, v=v, **per_token),
+        layout,
+        group,
+        cu_seqlens,
+        call,
     )
-    outs = []
-    for i, s in enumerate(segs):
-        extra = {name: cut(x, s) for name, x in per_token.items()}
-        out, _ = kernel(cut(q, s), cut(k, s), cut(v, s), initial_state=entering[(rank, i)], **extra)
-        outs.append(out)
-    return torch.cat(outs, dim=1)
+
+
+def sharded_decay_scan(
+    kernel: Kernel,
+    x: Tensor,
+    per_token: dict[str, Tensor],
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    cu_seqlens: Optional[list[int]] = None,
+) -> tuple[Tensor, Tensor]:
+    """A layer whose state decays elementwise over the global sequence, for this rank's shard: `kernel(x,
+    initial_state=S, **per_token)` -> (out, final state) is the model's own scan (Mamba2's SSD chunk scan, an
+    RG-LRU or Mamba scan, lightning attention), with x (batch, local tokens, ...) entering the state linearly and
+    each token's transition a decay (elementwise, any broadcast) that depends on per_token tensors only. The state
+    starts at zero at position 0 and at each document's start (global cu_seqlens).
+
+    Per segment: a run from zero gives the exit state's constant part C, a run on zero inputs from ones its decay
+    a; one differentiable all-gather of them; every rank composes the chain in global order; one run from the
+    true entry state gives the outputs. Exact against one process; about 3x one local run. Returns (outputs,
+    the state after the sequence's last token, on every rank)."""
+
+    def run(t: dict[str, Tensor], entry: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        extra = {name: y for name, y in t.items() if name != "x"}
+        return kernel(t["x"], initial_state=entry, **extra)
+
+    def summarise(t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        _, C = run(t, None)
+        _, a = run({**t, "x": torch.zeros_like(t["x"])}, torch.ones_like(C))
+        return C, a
+
+    call = (tuple(x.shape), str(x.dtype), sorted((n, tuple(y.shape)) for n, y in per_token.items()))
+    return _kernel_scan(
+        "sharded_decay_scan",
+        run,
+        summarise,
+        lambda a, h: a * h,
+        dict(x=x, **per_token),
+        layout,
+        group,
+        cu_seqlens,
+        call,
+    )

@@ -161,7 +161,7 @@ def _sharded_delta_rule(shard: SeqShard, kernel: Callable[..., Any]) -> Callable
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
             )
 
-        out = sharded_state_scan(local, query, key, value, dict(g=g, beta=beta), shard.layout, shard.group)
+        out, _ = sharded_state_scan(local, query, key, value, dict(g=g, beta=beta), shard.layout, shard.group)
         return out, None
 
     return scan
