@@ -26,7 +26,7 @@ from helpers import CEILINGS, EPS, assemble, assert_within_budget, max_err  # no
 from hf_versions import EAGER_EXPERTS, config_class  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
-from ringwise.integrations.hf_linear import GATED_DELTA_LAYERS, float64_gated_delta_rule  # noqa: E402
+from ringwise.integrations.hf_linear import DELTA_KERNELS, GATED_DELTA_LAYERS, float64_gated_delta_rule  # noqa: E402
 
 SEQ = 48
 
@@ -162,8 +162,8 @@ def global_ids():
 
 def _modeling(name):
     """The family's modeling module and the name of its chunked delta-rule kernel there."""
-    layer = GATED_DELTA_LAYERS[MULTIMODAL.get(name, name)]
-    return importlib.import_module(layer.module), layer.kernel
+    family = MULTIMODAL.get(name, name)
+    return importlib.import_module(GATED_DELTA_LAYERS[family].module), DELTA_KERNELS.get(family)
 
 
 @pytest.mark.parametrize("name", ["qwen3_next", "kimi_linear"])

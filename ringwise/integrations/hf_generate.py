@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..attention.comm import all_gather_single
 from ..attention.decode import _digest
 from ..attention.kvcache import prompt_loads
-from .hf_linear import is_gated_delta_layer
+from .hf_hybrids import is_sharded_layer
 from .hf_multimodal import MULTIMODAL_INPUTS, generation_problem, is_supported_vlm
 from .hf_multimodal import prefill as prefill_multimodal
 from .hf_rings import configs_of, ring_of, shard_of_state
@@ -118,7 +118,7 @@ def _problem(input_ids, shard, kwargs, config) -> str | None:
 
 def _model_problem(model) -> str | None:
     """What in the model rw.generate cannot decode exactly, or None."""
-    hybrid = next((m for m in model.modules() if is_gated_delta_layer(m)), None)
+    hybrid = next((m for m in model.modules() if is_sharded_layer(m)), None)
     if hybrid is not None:
         return (
             f"{type(hybrid).__name__} (a delta-rule or short-convolution layer: hf_linear) keeps a convolution state "

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .hf_linear import is_gated_delta_layer, sharded_layer_type
+from .hf_hybrids import is_sharded_layer, sharded_layer_type
 from .hf_multimodal import MROPE_VLMS
 
 # The families ringwise accepts: each model_type that a test builds and runs through the ring against one process
@@ -123,7 +123,7 @@ def config_problems(config) -> list[str]:
     problems = []
     for c in _configs(config):
         extra = sorted(set(getattr(c, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
-        if extra == [sharded_layer_type(c)]:  # sharded by hf_linear
+        if extra == [sharded_layer_type(c)]:  # sharded (hf_hybrids)
             extra = []
         if extra:
             problems.append(
@@ -257,7 +257,7 @@ def _local_length_rope(rope_types, what: str) -> list[str]:
 def module_problems(model) -> list[str]:
     """What in the built modules makes the model inexact under ringwise."""
     problems = []
-    handled = {n for n, m in model.named_modules() if is_gated_delta_layer(m)}  # sharded by hf_linear
+    handled = {n for n, m in model.named_modules() if is_sharded_layer(m)}  # sharded (hf_hybrids)
     convs = [
         n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv1d) and n.rpartition(".")[0] not in handled
     ]

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..attention.api import attention
 from ..attention.checks import not_global_positions
 from ..attention.seqshard import IGNORE_INDEX, SeqShard
-from .hf_linear import install as install_gated_delta
+from .hf_hybrids import install as install_sharded_mixers
 from .hf_masks import MaskSpec, factory_codes, global_group_ids, group_problem, read_mask_function, tag_mask_factories
 from .hf_multimodal import (
     TOWER_IMPLEMENTATION,
@@ -587,8 +587,8 @@ def check_model(model) -> None:
         what = type(model).__name__ if hasattr(model, "named_modules") else f"model_type={model.model_type!r}"
         raise ValueError(f"{what} does not route its attention through ringwise exactly: " + "; ".join(problems))
     tag_mask_factories()  # the model's module is imported now: its own imports of the factories too
-    if hasattr(model, "named_modules"):  # gated DeltaNet layers (Qwen3-Next): conv and state scan over the ring
-        install_gated_delta(model, lambda: _shard_of(_ring_of(model.config)))
+    if hasattr(model, "named_modules"):  # convolutions, linear attention, state-space layers: hf_hybrids
+        install_sharded_mixers(model, lambda: _shard_of(_ring_of(model.config)))
     _mark_towers(model)
     _prepare_multimodal(model)  # M-RoPE vision-language models: shard_multimodal_batch's positions, no pixels
     _install_position_hook(model)

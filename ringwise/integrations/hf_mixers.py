@@ -1,0 +1,151 @@
+"""How ringwise runs transformers' sequence mixers other than attention (short convolutions, linear attention,
+state-space and linear-recurrent layers) over the ring: one wrapper for every family.
+
+Each family (hf_linear: gated DeltaNet, KDA and LFM2's convolutions; the others beside it) describes its layer
+with a `ShardedLayer`: where the layer class lives and how to run one call of it on this rank's shard
+(`run(module, modeling, shard, forward, args, kwargs)`), usually by swapping the module-level functions its
+forward calls (`swap_functions`) for sharded ones while the call runs. `install` wraps every such layer's
+forward; problems with the ring (Ulysses, the striped layout, a replaced forward) are raised alike on every
+rank before any data moves. Packed documents reach the layer as `ringwise_cu_seqlens` (global boundaries, the
+same on every rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from types import ModuleType
+from typing import Any, NamedTuple, NoReturn, Optional
+
+import torch
+
+from ..attention.halo import causal_conv1d
+from ..attention.seqshard import SeqShard
+
+# (module, its modeling module, the ring's shard, the layer's own forward, args, kwargs) -> the layer's output
+Run = Callable[[torch.nn.Module, ModuleType, SeqShard, Callable[..., Any], tuple, dict], Any]
+# (the ring's shard, the function it replaces, the documents' global boundaries or None) -> the sharded function
+Factory = Callable[[SeqShard, Callable[..., Any], Optional[list[int]]], Callable[..., Any]]
+
+
+class ShardedLayer(NamedTuple):
+    """A family's sequence-mixing layer ringwise shards: its modeling module, the layer's class name there, how one
+    call runs on the ring, and the config.layer_types name of such layers."""
+
+    module: str
+    layer: str
+    run: Run
+    layer_type: str = "linear_attention"
+
+
+_RINGED = "_ringwise_sharded_mixer"
+
+
+def refuse(what: str) -> NoReturn:
+    raise ValueError(
+        "ringwise: a sequence-mixing layer outside attention (a short convolution, linear attention, a state-space "
+        f"or recurrent layer) on a ring got {what}"
+    )
+
+
+def refuse_cache() -> NoReturn:
+    refuse(
+        "a cache: call the model with use_cache=False (rw.generate decodes hybrid models from the states the ring's "
+        "prefill leaves)"
+    )
+
+
+@contextlib.contextmanager
+def swapped(owner: Any, replacements: Mapping[str, Any]) -> Iterator[None]:
+    """Set owner's attributes to `replacements` for the block, then put the old ones back."""
+    saved = {name: getattr(owner, name) for name in replacements}
+    for name, fn in replacements.items():
+        setattr(owner, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(owner, name, fn)
+
+
+def sharded_conv(shard: SeqShard, _original: Callable[..., Any], docs: Optional[list[int]]) -> Callable[..., Any]:
+    """transformers' `causal_conv1d_forward(conv1d, hidden_states (batch, channels, local tokens), cache,
+    layer_idx, activation)` on this rank's shard: each segment gets its predecessors (halo.causal_conv1d)."""
+
+    def conv(conv1d, hidden_states, cache, layer_idx, activation=None, state_idx=0, **kwargs):
+        if cache is not None:
+            refuse_cache()
+        from transformers.activations import ACT2FN
+
+        x = hidden_states.transpose(1, 2)
+        out = causal_conv1d(x.to(conv1d.weight.dtype), conv1d.weight, conv1d.bias, shard.layout, shard.group, docs)
+        if activation is not None:
+            out = ACT2FN[activation](out)
+        return out.transpose(1, 2).to(hidden_states.dtype)
+
+    return conv
+
+
+def swap_functions(**factories: Factory) -> Run:
+    """A `run` that replaces the named functions of the layer's modeling module with sharded ones (each from its
+    factory) for the call."""
+
+    def run(module, modeling, shard, forward, args, kwargs):
+        docs = kwargs.get("ringwise_cu_seqlens")
+        swaps = {name: make(shard, getattr(modeling, name), docs) for name, make in factories.items()}
+        with swapped(modeling, swaps):
+            return forward(*args, **kwargs)
+
+    return run
+
+
+def shard_problem(shard: SeqShard) -> str | None:
+    """Why these layers cannot run on this ring (None: they can)."""
+    if shard.ulysses_group is not None:
+        return "Ulysses splits heads across ranks, which the sharded scans and convolutions do not (use a plain ring)"
+    if shard.layout == "striped" and shard.world > 1:
+        return "the striped layout spreads each token's predecessors over every rank (use zigzag or contiguous)"
+    return None
+
+
+def layer_of(module: Any, table: Mapping[str, ShardedLayer]) -> ShardedLayer | None:
+    where = (type(module).__module__, type(module).__name__)
+    return next((d for d in table.values() if (d.module, d.layer) == where), None)
+
+
+def install(model: torch.nn.Module, shard_of: Callable[[], SeqShard], table: Mapping[str, ShardedLayer]) -> int:
+    """Wrap each of the model's layers `table` describes so that it runs sharded on the ring `shard_of()` gives at
+    call time. Idempotent; returns the number of layers handled."""
+    count = 0
+    for module in model.modules():
+        layer = layer_of(module, table)
+        if layer is None:
+            continue
+        count += 1
+        if getattr(module, _RINGED, False):
+            continue
+        modeling = sys.modules[layer.module]
+        forward = module.forward
+        own = getattr(type(module).forward, "__module__", None)
+        if own != layer.module or getattr(forward, "__func__", None) is not type(module).forward:
+            # a kernel hub's forward (transformers' kernelize / use_kernels) calls no module functions to swap
+            raise ValueError(
+                f"ringwise: {type(module).__name__}'s forward was replaced (by {own}: a hub kernel, kernelize or "
+                "use_kernels); ringwise shards the layer through transformers' own forward only: load the model "
+                "without use_kernels"
+            )
+
+        # Under torch.compile the layer runs eager (a graph break around it): its cross-rank agreement reads
+        # Python objects off a gather, which Dynamo cannot trace; the attention layers stay compiled.
+        @torch.compiler.disable
+        def ringed(*args, _module=module, _forward=forward, _modeling=modeling, _run=layer.run, **kwargs):
+            shard = shard_of()
+            problem = shard_problem(shard)
+            if problem:
+                raise ValueError(f"ringwise: {problem}")
+            return _run(_module, _modeling, shard, _forward, args, kwargs)
+
+        module.forward = ringed
+        setattr(module, _RINGED, True)
+    return count
