@@ -15,10 +15,10 @@ from .hf_mixers import ShardedLayer
 SHARDED_LAYERS: dict[str, ShardedLayer] = {**GATED_DELTA_LAYERS}
 
 
-def sharded_layer_type(config: Any) -> str | None:
-    """The config.layer_types name of the layers ringwise shards for this config's family (None: it shards none)."""
+def sharded_layer_types(config: Any) -> frozenset[str]:
+    """The config.layer_types (or layers_block_type) names of the layers ringwise shards for this config's family."""
     layer = SHARDED_LAYERS.get(getattr(config, "model_type", None) or "")
-    return layer.layer_type if layer else None
+    return frozenset(layer.layer_types) if layer else frozenset()
 
 
 def is_sharded_layer(module: Any) -> bool:

@@ -125,6 +125,6 @@ GATED_DELTA_LAYERS = {
     ),
     # LFM2's gated short convolution: no delta rule, only causal_conv1d_forward to swap
     "lfm2": ShardedLayer(
-        _MODELS + "lfm2.modeling_lfm2", "Lfm2ShortConv", swap_functions(causal_conv1d_forward=sharded_conv), "conv"
+        _MODELS + "lfm2.modeling_lfm2", "Lfm2ShortConv", swap_functions(causal_conv1d_forward=sharded_conv), ("conv",)
     ),
 }

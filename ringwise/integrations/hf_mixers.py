@@ -31,12 +31,13 @@ Factory = Callable[[SeqShard, Callable[..., Any], Optional[list[int]]], Callable
 
 class ShardedLayer(NamedTuple):
     """A family's sequence-mixing layer ringwise shards: its modeling module, the layer's class name there, how one
-    call runs on the ring, and the config.layer_types name of such layers."""
+    call runs on the ring, and the config.layer_types (or layers_block_type) names of the family's layers that
+    are not attention (check_model accepts them for it)."""
 
     module: str
     layer: str
     run: Run
-    layer_type: str = "linear_attention"
+    layer_types: tuple[str, ...] = ("linear_attention",)
 
 
 _RINGED = "_ringwise_sharded_mixer"

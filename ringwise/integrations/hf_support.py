@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .hf_hybrids import is_sharded_layer, sharded_layer_type
+from .hf_hybrids import is_sharded_layer, sharded_layer_types
 from .hf_multimodal import MROPE_VLMS
 
 # The families ringwise accepts: each model_type that a test builds and runs through the ring against one process
@@ -122,15 +122,14 @@ def config_problems(config) -> list[str]:
     """What in the config alone makes the model inexact under ringwise."""
     problems = []
     for c in _configs(config):
-        extra = sorted(set(getattr(c, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
-        if extra == [sharded_layer_type(c)]:  # sharded (hf_hybrids)
-            extra = []
+        sharded = sharded_layer_types(c)  # sharded by their family's adapters (hf_hybrids)
+        extra = sorted(set(getattr(c, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES) - sharded)
         if extra:
             problems.append(
                 f"layers of type {extra} mix tokens outside attention (config.layer_types); "
                 "ringwise makes only full, sliding-window and chunked attention layers exact"
             )
-        blocks = sorted({str(b) for b in getattr(c, "layers_block_type", None) or ()} - {"attention"})
+        blocks = sorted({str(b) for b in getattr(c, "layers_block_type", None) or ()} - {"attention"} - sharded)
         if blocks:
             problems.append(
                 f"layers of type {blocks} (config.layers_block_type) are not attention; state-space and "
