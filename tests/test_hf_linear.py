@@ -8,8 +8,8 @@ The oracle is transformers' own model in one process (SDPA attention: eager's so
 its delta-rule kernel (which computes in float32 whatever the model's dtype) replaced by hf_linear's float64 one; that
 kernel is held to transformers' on its own first. The ring runs in float64 (to round-off) and in float32
 (transformers' kernel: within 2x the float32 one-process error), W = 2, 3 (Qwen3-Next also 4), contiguous and zigzag;
-loss, logits and every parameter gradient; the striped layout, a cache, packed documents and rw.generate refused
-alike on every rank."""
+loss, logits and every parameter gradient; packed documents (the convolution and the state reset at each document's
+start) against each document run alone; the striped layout and a cache refused alike on every rank."""
 
 import contextlib
 import functools
@@ -27,6 +27,7 @@ from hf_versions import EAGER_EXPERTS, config_class  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
 from ringwise.integrations.hf_linear import DELTA_KERNELS, GATED_DELTA_LAYERS, float64_gated_delta_rule  # noqa: E402
+from ringwise.integrations.hf_mixers import swapped  # noqa: E402
 
 SEQ = 48
 
@@ -98,6 +99,25 @@ def make_config(name="qwen3_next"):
             bos_token_id=1,
             eos_token_id=2,
         )
+    if name == "lfm2_moe":  # LFM2's short-convolution layers (kernel 3, no bias), one dense MLP then MoE; GQA 6:3
+        return config_class("Lfm2MoeConfig")(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_hidden_layers=4,
+            num_dense_layers=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            layer_types=["conv", "full_attention", "conv", "conv"],
+            conv_L_cache=3,
+            conv_bias=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     assert name == "kimi_linear", name
     # KDA layers (a decay per key channel) on both sides of an MLA full-attention layer (NoPE); a dense MLP first,
     # then MoE with a shared expert
@@ -126,7 +146,7 @@ def make_config(name="qwen3_next"):
     )
 
 
-FAMILIES = ("qwen3_next", "kimi_linear", "qwen3_5", "qwen3_5_moe", "lfm2")
+FAMILIES = ("qwen3_next", "kimi_linear", "qwen3_5", "qwen3_5_moe", "lfm2", "lfm2_moe")
 MULTIMODAL = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # -> its text model's type
 
 
@@ -140,20 +160,40 @@ def _float64_forget_gate(self, hidden_states):
     return -self.A_log.exp() * torch.where(g > 20.0, g, torch.log(1.0 + torch.exp(g)))
 
 
+def _float64_router(self, hidden_states):
+    """KimiLinearTopkRouter.forward with its linear layer in the model's dtype: transformers' runs it in float32,
+    where a matmul's rounding depends on how many rows it gets (a shard, a document), so routing weights differ by
+    float32 round-off between two float64 runs. Selection as transformers' (groups, top-k, normalisation)."""
+    x = hidden_states.view(-1, self.hidden_dim)
+    logits = torch.nn.functional.linear(x, self.weight.to(x.dtype))
+    scores = logits.sigmoid()
+    choice = scores + self.e_score_correction_bias.to(x.dtype)
+    groups = choice.view(-1, self.num_group, self.num_experts // self.num_group).topk(2, dim=-1)[0].sum(dim=-1)
+    keep = torch.zeros_like(groups).scatter_(1, torch.topk(groups, k=self.topk_group, dim=-1)[1], 1)
+    keep = keep.unsqueeze(-1).expand(-1, self.num_group, self.num_experts // self.num_group).reshape(x.shape[0], -1)
+    index = torch.topk(choice.masked_fill(~keep.bool(), float("-inf")), k=self.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, index)
+    if self.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return logits, weights * self.routed_scaling_factor, index
+
+
 @contextlib.contextmanager
 def float64_gates(name, dtype):
-    """Kimi Linear in float64: its forget gate in float64 (_float64_forget_gate); otherwise nothing."""
+    """Kimi Linear in float64: its forget gate and router in float64 (_float64_forget_gate, _float64_router);
+    otherwise nothing."""
     if name != "kimi_linear" or dtype != torch.float64:
         yield
         return
     from transformers.models.kimi_linear import modeling_kimi_linear as modeling
 
-    saved = modeling.KimiLinearForgetGate.forward
-    modeling.KimiLinearForgetGate.forward = _float64_forget_gate
-    try:
+    with contextlib.ExitStack() as stack:
+        for cls, forward in (
+            (modeling.KimiLinearForgetGate, _float64_forget_gate),
+            (modeling.KimiLinearTopkRouter, _float64_router),
+        ):
+            stack.enter_context(swapped(cls, dict(forward=forward)))
         yield
-    finally:
-        modeling.KimiLinearForgetGate.forward = saved
 
 
 def global_ids():
@@ -192,8 +232,9 @@ def test_float64_kernel_is_transformers_kernel(name):
 
 
 @functools.cache
-def single_run(name, dtype):
-    """transformers' model in one process, SDPA attention; in float64 its delta-rule kernel is the float64 one."""
+def single_run(name, dtype, docs=None):
+    """transformers' model in one process, SDPA attention; in float64 its delta-rule kernel is the float64 one.
+    docs (packed documents' global boundaries): each document run on its own, the logits concatenated."""
     torch.manual_seed(0)
     auto = transformers.AutoModelForImageTextToText if name in MULTIMODAL else transformers.AutoModelForCausalLM
     model = auto.from_config(make_config(name), attn_implementation="sdpa", **EAGER_EXPERTS).to(dtype)
@@ -204,17 +245,29 @@ def single_run(name, dtype):
         return float64_gated_delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel)
 
     ids, labels, inputs = global_batch(name, dtype)
+    bounds = docs or (0, ids.shape[1])
+    assert docs is None or not inputs, "documents: text models only"
     with float64_gates(name, dtype):
         try:
             if dtype == torch.float64 and name_of_kernel:  # LFM2: no delta rule
                 setattr(modeling, name_of_kernel, float64_kernel)
-            logits = model(input_ids=ids, use_cache=False, **inputs).logits
+            if docs is None:
+                logits = model(input_ids=ids, use_cache=False, **inputs).logits
+            else:  # each document at its global positions, as on the ring (transformers' RoPE angles are float32)
+                logits = torch.cat(
+                    [
+                        model(input_ids=ids[:, a:e], position_ids=torch.arange(a, e)[None], use_cache=False).logits
+                        for a, e in zip(docs, docs[1:])
+                    ],
+                    dim=1,
+                )
         finally:
             if name_of_kernel:
                 setattr(modeling, name_of_kernel, kernel)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
-        )
+        targets = labels[:, 1:].clone()
+        for end in bounds[1:-1]:  # a document's last token predicts nothing
+            targets[:, end - 1] = -100
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
         loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return dict(logits=logits.detach(), loss=loss.detach(), grads=grads)
@@ -241,9 +294,10 @@ def ring_run(case):
     if case["name"] in MULTIMODAL:  # the vision tower on the global images, each rank its own tokens' features
         batch = rw.shard_multimodal_batch(model, ids, labels, **inputs)
     else:
-        batch = rw.shard_batch(ids)
-    targets = int((labels[:, 1:] != -100).sum())
-    labels = batch.pop("labels")  # shifted on the global sequence
+        batch = rw.shard_batch(ids, cu_seqlens=case.get("docs"))
+    labels = batch.pop("labels")  # shifted on the global sequence (a document's last token: -100)
+    targets = torch.tensor(int((labels != -100).sum()))
+    dist.all_reduce(targets)
     with float64_gates(case["name"], dtype):
         logits = model(**batch, use_cache=False).logits
         # this rank's share of the mean next-token loss, in the logits' dtype (rw.causal_lm_loss and the model's own
@@ -269,18 +323,34 @@ SHAPES = {  # family -> (W, layout) of its cases
     "qwen3_5": [(2, "zigzag"), (3, "zigzag"), (3, "contiguous")],
     "qwen3_5_moe": [(2, "contiguous"), (3, "zigzag")],
     "lfm2": [(2, "zigzag"), (3, "contiguous")],
+    "lfm2_moe": [(2, "zigzag"), (3, "contiguous")],
 }
+DOCS = (0, 7, 20, 21, SEQ)  # packed documents: a one-token one, boundaries inside shards and at none
 GRID = [
     dict(name=name, world=W, layout=layout, dtype=dtype)
     for name in FAMILIES
     for (W, layout), dtype in itertools.product(SHAPES[name], ["float64", "float32"])
+] + [
+    dict(name=name, world=W, layout=layout, dtype=dtype, docs=DOCS)
+    for name, W, layout, dtype in [
+        ("qwen3_next", 3, "zigzag", "float64"),
+        ("qwen3_next", 2, "contiguous", "float32"),
+        ("kimi_linear", 2, "zigzag", "float64"),
+        ("lfm2", 3, "contiguous", "float64"),
+    ]
 ]
 
 
-@pytest.mark.parametrize("case", GRID, ids=lambda c: f"{c['name']}-W{c['world']}-{c['layout']}-{c['dtype']}")
+@pytest.mark.parametrize(
+    "case",
+    GRID,
+    ids=lambda c: f"{c['name']}-W{c['world']}-{c['layout']}-{c['dtype']}" + ("-docs" if "docs" in c else ""),
+)
 def test_hybrid_model_is_exact_on_the_ring(grid_results, case):
+    """Logits, loss and every parameter gradient on the ring equal transformers' own model in one process (packed
+    documents: each document on its own), float64 to round-off, float32 within 2x the one-process float32 error."""
     results = grid_results(ring_run, GRID, case)
-    ref = single_run(case["name"], torch.float64)
+    ref = single_run(case["name"], torch.float64, case.get("docs"))
     logits = assemble([r["logits"] for r in results], case["layout"], 1)
     want_loss = ref["loss"]
     assert results[0]["grads"].keys() == ref["grads"].keys()
@@ -290,16 +360,14 @@ def test_hybrid_model_is_exact_on_the_ring(grid_results, case):
         assert max_err(logits, ref["logits"]) < 1e-10
         assert abs(results[0]["loss"].item() - want_loss.item()) < 1e-12
         for n, g in results[0]["grads"].items():
-            # the norms, the decay rates A_log and Kimi's MoE router run in float32 (the model upcasts those
+            # the norms and the decay rates A_log run in float32 (the model upcasts those
             # weights), so their gradients are float32 sums over each rank's tokens: float32 round-off relative to
             # the gradient
-            upcast = (
-                "norm" in n or n.endswith("A_log") or (case["name"] == "kimi_linear" and n.endswith("mlp.gate.weight"))
-            )
+            upcast = "norm" in n or n.endswith("A_log")
             rel = EPS["float32"] if upcast else 1e-10
             assert max_err(g, ref["grads"][n]) < rel * max(1e-3, ref["grads"][n].abs().max().item()), n
         return
-    f32 = single_run(case["name"], torch.float32)
+    f32 = single_run(case["name"], torch.float32, case.get("docs"))
     err32 = max_err(f32["logits"], ref["logits"])
     assert_within_budget("logits", max_err(logits, ref["logits"]), err32, 1e-6, ceiling=CEILINGS["float32"])
     for n, g in results[0]["grads"].items():
@@ -318,7 +386,7 @@ def refused_run(how, name="qwen3_next"):
         if name in MULTIMODAL:
             batch = rw.shard_multimodal_batch(model, ids, labels, **inputs)
         else:
-            batch = rw.shard_batch(ids, cu_seqlens=[0, 20, SEQ] if how == "documents" else None)
+            batch = rw.shard_batch(ids)
         batch.pop("labels")
         model(**batch, use_cache=how == "cache")
     except ValueError as e:
@@ -326,7 +394,7 @@ def refused_run(how, name="qwen3_next"):
     return None
 
 
-REFUSALS = dict(striped="striped layout", cache="use_cache=False", documents="packed", generate="rw.generate's sharded")
+REFUSALS = dict(striped="striped layout", cache="use_cache=False", generate="rw.generate's sharded")
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""Delta-rule and short-convolution layers of transformers' hybrid models (Qwen3-Next, Qwen3.5, Kimi Linear, LFM2)
-sharded over the ring.
+"""Delta-rule and short-convolution layers of transformers' hybrid models (Qwen3-Next, Qwen3.5, Kimi Linear, LFM2,
+LFM2-MoE) sharded over the ring.
 
 Such a layer mixes tokens twice outside attention: a depthwise causal convolution (kernel K) and a
 gated delta rule, whose state is a (dk x dv) matrix per head (gated DeltaNet: one decay per head and
@@ -126,5 +126,12 @@ GATED_DELTA_LAYERS = {
     # LFM2's gated short convolution: no delta rule, only causal_conv1d_forward to swap
     "lfm2": ShardedLayer(
         _MODELS + "lfm2.modeling_lfm2", "Lfm2ShortConv", swap_functions(causal_conv1d_forward=sharded_conv), ("conv",)
+    ),
+    # LFM2-MoE: the same short-convolution layers (its MoE feed-forward is per token)
+    "lfm2_moe": ShardedLayer(
+        _MODELS + "lfm2_moe.modeling_lfm2_moe",
+        "Lfm2MoeShortConv",
+        swap_functions(causal_conv1d_forward=sharded_conv),
+        ("conv",),
     ),
 }
