@@ -14,6 +14,7 @@ from ringwise.attention.halo import (
     causal_conv1d,
     delta_rule,
     halos,
+    last_tokens,
     linear_scan,
     sharded_decay_scan,
     sharded_scan,
@@ -342,3 +343,15 @@ def test_sharded_decay_scan_matches_one_process(grid_results, case):
         assert (assemble([r["grads"][j] for r in results], lay, 1) - g).abs().max() < 1e-10 * max(1, g.abs().max())
     for r in results:
         assert (r["final"] - final.detach()).abs().max() < 1e-11
+
+
+def _last_tokens(layout, width):
+    x = torch.arange(2 * 24 * 3, dtype=torch.float64).view(2, 24, 3)
+    return last_tokens(ringwise.shard(x, 1, layout), width, layout=layout), x[:, -width:]
+
+
+@pytest.mark.parametrize("world, layout", [(1, "zigzag"), (2, "zigzag"), (3, "contiguous"), (4, "zigzag")])
+def test_last_tokens_are_the_sequences_last_on_every_rank(cluster, world, layout):
+    """A short convolution's state after a sharded prefill: the global sequence's last tokens, on every rank."""
+    for got, want in cluster(world).run(_last_tokens, layout, 3):
+        assert torch.equal(got, want)

@@ -181,6 +181,21 @@ def halos(
     return out
 
 
+def last_tokens(x: Tensor, width: int, layout: str = "zigzag", group: Optional[ProcessGroup] = None) -> Tensor:
+    """The sequence's last `width` tokens (batch, width, ...) on every rank, from this rank's shard x (batch, local
+    tokens, ...): a short convolution's state after a sharded prefill (what its decode continues from). One
+    all-gather of each segment's tail; the last segment must hold `width` tokens."""
+    check_layout(layout)
+    rank, W = _world(group)
+    L = x.shape[1]
+    _agree("last_tokens", _layout_problem(layout, W, L, width), (layout, width, tuple(x.shape), str(x.dtype)), group)
+    segs = segments(layout, rank, W, L)
+    tails = torch.stack([x[:, s.local_start + s.length - width : s.local_start + s.length] for s in segs])
+    gathered = _all_gather(tails, group, W)
+    last = max((seg.global_last, r, i) for r in range(W) for i, seg in enumerate(segments(layout, r, W, L)))
+    return gathered[last[1]][last[2]]
+
+
 def causal_conv1d(
     x: Tensor,
     weight: Tensor,

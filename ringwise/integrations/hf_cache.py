@@ -13,6 +13,10 @@ update stores the real tokens and returns its input unchanged for the ring) and 
 (transformers' generate() steps: every rank runs the same new tokens; the least-loaded rank
 keeps each, ringwise.attention.kvcache decides which, the same on every rank).
 
+Hybrid models' convolution, linear-attention and state-space layers keep transformers' own
+per-layer states (`_StateLayer`): the ring's prefill leaves the whole sequence's states there, the
+same on every rank (hf_mixers), and each decode step updates them alike on every rank.
+
 Nothing that would need the whole cache on one rank is offered: crop, reorder (beam search),
 batch repeats and offloading raise.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
 from ..attention.decode import decode_attention
 from ..attention.kvcache import KVCache
@@ -74,12 +78,45 @@ class _ShardLayer(CacheLayerMixin):
     batch_repeat_interleave = batch_select_indices = offload = prefetch = reset = _refuse
 
 
-class ShardedCache(Cache):
-    """This rank's share of every layer's K/V for one generate() call; see the module docstring."""
+class _StateLayer(LinearAttentionLayer):
+    """A convolution / recurrent layer's states (transformers' own), replicated: only the token count is the
+    cache's."""
 
-    def __init__(self, n_layers: int, shard: SeqShard, sliding: list[bool] | None = None):
+    def __init__(self, cache: "ShardedCache", number_of_states: int = 1):
+        super().__init__(number_of_states=number_of_states)
+        self._cache = cache
+
+    def get_seq_length(self) -> int:
+        return self._cache.seen()
+
+    def _refuse(self, *_, what="change its layout", **__):
+        raise ValueError(_NO.format(what=what))
+
+    def crop(self, *_):
+        self._refuse(what="crop")
+
+    def reorder_cache(self, *_):
+        self._refuse(what="reorder its rows")
+
+    activate_past_recording = offload = prefetch = reset = _refuse
+
+
+class ShardedCache(Cache):
+    """This rank's share of every layer's K/V for one generate() call; see the module docstring. states: for
+    each layer, None (attention: sharded K/V) or the number of conv/recurrent states it keeps (replicated)."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        shard: SeqShard,
+        sliding: list[bool] | None = None,
+        states: list[int | None] | None = None,
+    ):
         sliding = sliding or [False] * n_layers
-        super().__init__(layers=[_ShardLayer(self, i, sliding[i]) for i in range(n_layers)])
+        kept = states or [None] * n_layers
+        super().__init__(
+            layers=[_ShardLayer(self, i, sliding[i]) if n is None else _StateLayer(self, n) for i, n in enumerate(kept)]
+        )
         self.shard = shard
         self.rank = _rank_in(shard.group)
         self.store = KVCache(n_layers, self.rank, shard.world)
@@ -89,6 +126,11 @@ class ShardedCache(Cache):
         self.step_owners: list[int] = []
         self._last_layer: int | None = None
         self.decode_calls = 0  # decode_attention calls (one collective each)
+
+    @property
+    def ringwise_phase(self) -> str:
+        """What the sharded convolution / recurrent layers read (hf_mixers.ring_cache_phase)."""
+        return self.phase
 
     # -- what transformers asks ------------------------------------------------------------
     def seen(self) -> int:

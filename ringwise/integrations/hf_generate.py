@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from ..attention.comm import all_gather_single
 from ..attention.decode import _digest
 from ..attention.kvcache import prompt_loads
-from .hf_hybrids import is_sharded_layer
+from .hf_hybrids import SHARDED_LAYERS, is_sharded_layer
+from .hf_mixers import layer_of
 from .hf_multimodal import MULTIMODAL_INPUTS, generation_problem, is_supported_vlm
 from .hf_multimodal import prefill as prefill_multimodal
 from .hf_rings import configs_of, ring_of, shard_of_state
@@ -118,14 +119,25 @@ def _problem(input_ids, shard, kwargs, config) -> str | None:
 
 def _model_problem(model) -> str | None:
     """What in the model rw.generate cannot decode exactly, or None."""
-    hybrid = next((m for m in model.modules() if is_sharded_layer(m)), None)
+    hybrid = next((m for m in model.modules() if not getattr(layer_of(m, SHARDED_LAYERS), "generates", True)), None)
     if hybrid is not None:
         return (
-            f"{type(hybrid).__name__} (a delta-rule or short-convolution layer: hf_linear) keeps a convolution state "
-            "(and a delta rule's recurrent state) "
-            "in the cache, which rw.generate's sharded cache does not carry yet; generate with another "
-            "attn_implementation (the ring runs training and prefill with use_cache=False)"
+            f"{type(hybrid).__name__} (a sequence-mixing layer outside attention) does not yet leave its "
+            "convolution and recurrent states in rw.generate's cache after the ring's prefill; generate with "
+            "another attn_implementation (the ring runs training and prefill with use_cache=False)"
         )
+    if any(is_sharded_layer(m) for m in model.modules()):
+        if is_supported_vlm(model):
+            return (
+                "a vision-language model with convolution or recurrent layers (Qwen3.5): its prefill does not yet "
+                "leave their states in rw.generate's cache; generate with another attn_implementation"
+            )
+        kinds = set(_state_layer_types(model)) - {"conv", "linear_attention"} - ATTENTION_CACHE_TYPES
+        if kinds:
+            return (
+                f"layers of cache type {sorted(kinds)} (attention and a recurrent state in one layer) are not "
+                "supported by rw.generate yet"
+            )
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     shared = getattr(text, "num_kv_shared_layers", 0)
     if shared:
@@ -180,6 +192,28 @@ def _random_state(device) -> int:
     if device.type == "cuda":
         states.append(torch.cuda.get_rng_state(device))
     return int.from_bytes(hashlib.sha256(b"".join(bytes(s.numpy()) for s in states)).digest()[:8], "little")
+
+
+ATTENTION_CACHE_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "dummy"}
+
+
+def _state_layer_types(model) -> list[str]:
+    """transformers' cache layer type of each decoder layer (config.layer_types, with its own defaults)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return get_layer_types_and_kwargs(text)[0]
+
+
+def _state_layers(model) -> list[int | None]:
+    """For each decoder layer: None (attention: its K/V sharded) or how many conv/recurrent states it keeps."""
+    if not any(is_sharded_layer(m) for m in model.modules()):
+        return [None] * _layer_count_and_sliding(model)[0]
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    types, kwargs = get_layer_types_and_kwargs(text)
+    return [k.get("number_of_states", 1) if t in ("conv", "linear_attention") else None for t, k in zip(types, kwargs)]
 
 
 def _layer_count_and_sliding(model) -> tuple[int, list[bool]]:
@@ -242,7 +276,7 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
             kwargs["attention_mask"] = kwargs["attention_mask"].repeat_interleave(copies, dim=0)
         kwargs["num_return_sequences"] = 1
     n_layers, sliding = _layer_count_and_sliding(model)
-    cache = ShardedCache(n_layers, shard, sliding)
+    cache = ShardedCache(n_layers, shard, sliding, _state_layers(model))
     keyword = _cache_keyword(model)
     try:
         for state in states:
@@ -261,9 +295,18 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
 
 
 def _prefill(model, prompt, cache, keyword) -> None:
-    """The prompt (all but its last token) through the ring on this rank's layout shard, K/V into the cache."""
+    """The prompt (all but its last token) through the ring on this rank's layout shard, K/V into the cache.
+    A hybrid model's prefill stops at the longest prefix the layout splits without pads (its recurrent states
+    must end at a real token) whose segments are at least as long as its convolutions: generate() runs the
+    rest as its first step, the same on every rank."""
     shard = cache.shard
     batch, length = prompt.shape
+    if any(is_sharded_layer(m) for m in model.modules()):
+        widths = [m.weight.shape[-1] for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
+        length -= length % shard.unit
+        if length // shard.unit < max(widths, default=1):  # a segment's tokens: length / unit
+            length = 0
+        prompt = prompt[:, :length]
     if length == 0:
         cache.store.set_prompt([0] * shard.ring_size, 0)
         return

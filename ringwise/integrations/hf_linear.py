@@ -70,8 +70,8 @@ def sharded_delta_rule(shard: SeqShard, kernel: Callable[..., Any], docs: Option
         cu_seqlens=None,
         **kwargs,
     ):
-        if initial_state is not None or output_final_state:
-            refuse("a recurrent state from a cache: call the model with use_cache=False")
+        if initial_state is not None:  # a decode step runs unsharded (hf_mixers); a ring starts from zero
+            refuse("an initial recurrent state: call the model with use_cache=False")
         if cu_seqlens is not None:
             refuse("the kernel's own cu_seqlens: pass packed documents as ringwise_cu_seqlens")
 
@@ -90,8 +90,8 @@ def sharded_delta_rule(shard: SeqShard, kernel: Callable[..., Any], docs: Option
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
             )
 
-        out, _ = sharded_state_scan(local, query, key, value, dict(g=g, beta=beta), shard.layout, shard.group, docs)
-        return out, None
+        out, final = sharded_state_scan(local, query, key, value, dict(g=g, beta=beta), shard.layout, shard.group, docs)
+        return out, final if output_final_state else None  # rw.generate's prefill: the state decode starts from
 
     return scan
 
@@ -102,6 +102,7 @@ def _delta_layer(model: str, layer: str, kernel: str) -> ShardedLayer:
         _MODELS + model,
         layer,
         swap_functions(causal_conv1d_forward=sharded_conv, **{kernel: sharded_delta_rule}),
+        generates=True,
     )
 
 
@@ -125,7 +126,11 @@ GATED_DELTA_LAYERS = {
     ),
     # LFM2's gated short convolution: no delta rule, only causal_conv1d_forward to swap
     "lfm2": ShardedLayer(
-        _MODELS + "lfm2.modeling_lfm2", "Lfm2ShortConv", swap_functions(causal_conv1d_forward=sharded_conv), ("conv",)
+        _MODELS + "lfm2.modeling_lfm2",
+        "Lfm2ShortConv",
+        swap_functions(causal_conv1d_forward=sharded_conv),
+        ("conv",),
+        generates=True,
     ),
     # LFM2-MoE: the same short-convolution layers (its MoE feed-forward is per token)
     "lfm2_moe": ShardedLayer(
@@ -133,5 +138,6 @@ GATED_DELTA_LAYERS = {
         "Lfm2MoeShortConv",
         swap_functions(causal_conv1d_forward=sharded_conv),
         ("conv",),
+        generates=True,
     ),
 }

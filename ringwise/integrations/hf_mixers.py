@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, NoReturn, Optional
 
 import torch
 
-from ..attention.halo import causal_conv1d
+from ..attention.halo import causal_conv1d, last_tokens
 from ..attention.seqshard import SeqShard
 
 # (module, its modeling module, the ring's shard, the layer's own forward, args, kwargs) -> the layer's output
@@ -31,13 +31,15 @@ Factory = Callable[[SeqShard, Callable[..., Any], Optional[list[int]]], Callable
 
 class ShardedLayer(NamedTuple):
     """A family's sequence-mixing layer ringwise shards: its modeling module, the layer's class name there, how one
-    call runs on the ring, and the config.layer_types (or layers_block_type) names of the family's layers that
-    are not attention (check_model accepts them for it)."""
+    call runs on the ring, the config.layer_types (or layers_block_type) names of the family's layers that are not
+    attention (check_model accepts them for it), and whether its run fills rw.generate's prefill cache (the
+    states a decode continues from: `ring_cache_phase`)."""
 
     module: str
     layer: str
     run: Run
     layer_types: tuple[str, ...] = ("linear_attention",)
+    generates: bool = False
 
 
 _RINGED = "_ringwise_sharded_mixer"
@@ -55,6 +57,23 @@ def refuse_cache() -> NoReturn:
         "a cache: call the model with use_cache=False (rw.generate decodes hybrid models from the states the ring's "
         "prefill leaves)"
     )
+
+
+def ring_cache_phase(cache: Any) -> str | None:
+    """rw.generate's sharded cache (hf_cache.ShardedCache) is in its "prefill" (the ring's forward over the prompt:
+    a sharded layer leaves its whole-sequence states there, the same on every rank) or "decode" phase (every rank
+    runs the same new tokens: the layer runs as transformers wrote it on those states); None without a cache. Any
+    other cache is refused: it would hold one shard's states."""
+    if cache is None:
+        return None
+    phase = getattr(cache, "ringwise_phase", None)
+    if phase is None:
+        refuse_cache()
+    return str(phase)
+
+
+def _cache_in(args: tuple, kwargs: dict) -> Any:
+    return next((v for v in (*args, *kwargs.values()) if getattr(v, "ringwise_phase", None) is not None), None)
 
 
 @contextlib.contextmanager
@@ -75,11 +94,13 @@ def sharded_conv(shard: SeqShard, _original: Callable[..., Any], docs: Optional[
     layer_idx, activation)` on this rank's shard: each segment gets its predecessors (halo.causal_conv1d)."""
 
     def conv(conv1d, hidden_states, cache, layer_idx, activation=None, state_idx=0, **kwargs):
-        if cache is not None:
-            refuse_cache()
         from transformers.activations import ACT2FN
 
         x = hidden_states.transpose(1, 2)
+        if ring_cache_phase(cache) == "prefill":  # the decode continues from the sequence's last K inputs
+            K = conv1d.weight.shape[-1]
+            tail = last_tokens(hidden_states.transpose(1, 2), K, shard.layout, shard.group).transpose(1, 2)
+            cache.update_conv_state(tail, layer_idx, state_idx=state_idx, conv_kernel_size=K)
         out = causal_conv1d(x.to(conv1d.weight.dtype), conv1d.weight, conv1d.bias, shard.layout, shard.group, docs)
         if activation is not None:
             out = ACT2FN[activation](out)
@@ -141,6 +162,9 @@ def install(model: torch.nn.Module, shard_of: Callable[[], SeqShard], table: Map
         # Python objects off a gather, which Dynamo cannot trace; the attention layers stay compiled.
         @torch.compiler.disable
         def ringed(*args, _module=module, _forward=forward, _modeling=modeling, _run=layer.run, **kwargs):
+            cache = _cache_in(args, kwargs)
+            if cache is not None and cache.ringwise_phase == "decode":  # the same tokens and states on every rank
+                return _forward(*args, **kwargs)
             shard = shard_of()
             problem = shard_problem(shard)
             if problem:
