@@ -23,8 +23,9 @@ predecessors over other ranks: refused (re-lay such a sequence contiguous first)
 `sharded_state_scan` carries a matrix state (B, heads, dk, dv) through any kernel of the delta-rule
 family (linear attention, DeltaNet, gated DeltaNet, KDA): the state's dv columns never mix, so a
 segment's exit state is A @ entry + C, and one kernel run from the entry [0 | I] on values [v | 0]
-gives [C | A]. One all-gather of every segment's (C, A) composes each segment's true entry state,
-and a second run from it gives the segment's outputs exactly. `sharded_decay_scan` is the same for
+gives [C | A] (and, read out by the queries, every token's C^T q and A^T q: the output from any entry
+state E is C^T q + (A^T q)^T E, so one run serves). One all-gather of every segment's (C, A) composes
+each segment's true entry state, from which the segment's outputs follow exactly. `sharded_decay_scan` is the same for
 a state that decays elementwise (Mamba2's SSD, lightning attention): a run from zero gives C, a run
 on zero inputs from ones the decay. Both run on one engine (`_kernel_scan`), which also cuts the
 chain at packed documents' starts and returns the state after the last token on every rank (what
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -323,10 +324,18 @@ def _doc_pieces(s: Segment, docs: Optional[tuple[int, ...]]) -> list[tuple[int, 
     return [(s.local_start + a - s.global_start, e - a) for a, e in zip(starts, ends)]
 
 
+class Piece(NamedTuple):
+    """A stretch of the sequence run through a model's kernel, from an entry state the kernel has not seen yet:
+    exit() -> (C, T), its exit state as apply(T, entry) + C (C and T of one shape but their last dim), and
+    output(entry or None: zero) -> its outputs."""
+
+    exit: Callable[[], tuple[Tensor, Tensor]]
+    output: Callable[[Optional[Tensor]], Tensor]
+
+
 def _kernel_scan(
     what: str,
-    run: Callable[[dict[str, Tensor], Optional[Tensor]], tuple[Tensor, Tensor]],
-    summarise: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]],
+    prepare: Callable[[dict[str, Tensor]], Piece],
     apply: Callable[[Tensor, Tensor], Tensor],
     tensors: dict[str, Tensor],
     layout: str,
@@ -334,12 +343,11 @@ def _kernel_scan(
     cu_seqlens: Optional[list[int]],
     call: tuple[object, ...],
 ) -> tuple[Tensor, Tensor]:
-    """The engine of every state-passing scan: run(pieces' tensors, entry state or None) -> (out, exit state) is a
-    model's kernel on a stretch of the sequence; summarise(tensors) -> (C, T) describes a stretch's exit state as
-    apply(T, entry) + C, C and T of one shape but their last dim. Per segment one summary (a document start inside
-    it: the summary of its last document's part, T = 0), one all-gather of them all, the chain composed in global
-    order (reset at document starts), and a run of each piece from its true entry state. Returns (this rank's
-    outputs, the state after the sequence's last token: the same on every rank)."""
+    """The engine of every state-passing scan: prepare(a piece's tensors) runs a model's kernel on a stretch of
+    the sequence (Piece). Per segment one summary (a document start inside it: its last document's part, T = 0),
+    one all-gather of them all, the chain composed in global order (reset at document starts), and each piece's
+    outputs from its true entry state. Returns (this rank's outputs, the state after the sequence's last token:
+    the same on every rank)."""
     check_layout(layout)
     rank, W = _world(group)
     L = next(iter(tensors.values())).shape[1]
@@ -350,11 +358,12 @@ def _kernel_scan(
     def cut(start: int, length: int) -> dict[str, Tensor]:
         return {name: x[:, start : start + length] for name, x in tensors.items()}
 
+    pieces = [[(start, prepare(cut(start, n))) for start, n in _doc_pieces(s, docs)] for s in segs]
     summaries, width = [], 0
-    for s in segs:
-        *_, last = _doc_pieces(s, docs)
-        C, T = summarise(cut(*last))
-        if last[0] != s.local_start:  # the segment's last document starts inside it: its entry state is forgotten
+    for s, mine in zip(segs, pieces):
+        start, last = mine[-1]
+        C, T = last.exit()
+        if start != s.local_start:  # the segment's last document starts inside it: its entry state is forgotten
             T = torch.zeros_like(T)
         summaries.append(torch.cat([C, T], dim=-1))
         width = C.shape[-1]
@@ -367,11 +376,11 @@ def _kernel_scan(
         compose=lambda m, h: apply(m[..., width:], h) + m[..., :width],
         resets=frozenset(docs or ()),
     )
-    outs = []
-    for i, s in enumerate(segs):
-        for j, piece in enumerate(_doc_pieces(s, docs)):
-            entry = entering[(rank, i)]
-            outs.append(run(cut(*piece), entry if j == 0 else torch.zeros_like(entry))[0])
+    outs = [
+        piece.output(entering[(rank, i)] if j == 0 else None)
+        for i, mine in enumerate(pieces)
+        for j, (_, piece) in enumerate(mine)
+    ]
     return torch.cat(outs, dim=1), final
 
 
@@ -388,34 +397,39 @@ def sharded_state_scan(
     """A delta-rule-family layer over the global sequence, for this rank's shard: `kernel(q, k, v,
     initial_state=S, **per_token)` -> (out, final state) is the model's own scan (transformers'
     torch_chunk_gated_delta_rule, flash-linear-attention's, or delta_rule), q, k (batch, local tokens,
-    heads, dk), v (..., dv), per_token tensors (batch, local tokens, ...) such as g and beta. The
-    state starts at zero at position 0 and at each document's start (global cu_seqlens).
+    heads, dk), v (..., dv), per_token tensors (batch, local tokens, ...) such as g and beta; its state
+    S (batch, heads, dk, dv) is read out as S^T q. The state starts at zero at position 0 and at each
+    document's start (global cu_seqlens).
 
-    Per segment: one run on values [v | 0] from [0 | I] gives the exit state's constant and linear
-    parts (C, A) (module docstring); one differentiable all-gather of them; every rank composes the
-    chain in global order; one run from the true entry state gives the outputs. Exact against one
-    process (the same algebra); about 3x one local run (the summary run is twice as wide). Returns
-    (outputs, the state after the sequence's last token, on every rank)."""
+    Per piece one kernel run on values [v | 0] from [0 | I]: its state is [C_t | A_t] at every token
+    (the exit state from an entry E is A E + C, module docstring), so its outputs are C_t^T q and
+    A_t^T q, and the true output is C_t^T q + (A_t^T q)^T E: the entry state enters without another
+    run. One differentiable all-gather of the segments' (C, A); every rank composes the chain in
+    global order. Exact against one process (the same algebra); about 2x one local run (the run is
+    dv + dk wide instead of dv). Returns (outputs, the state after the sequence's last token, on
+    every rank)."""
     B, _, H, dk = k.shape
     dv = v.shape[-1]
 
-    def run(t: dict[str, Tensor], entry: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def prepare(t: dict[str, Tensor]) -> Piece:
+        n, heads = t["v"].shape[1], t["v"].shape[2]
+        v_aug = torch.cat([t["v"], v.new_zeros(B, n, heads, dk)], dim=-1)
+        eye = torch.eye(dk, dtype=v.dtype, device=v.device).expand(B, heads, dk, dk)
+        start = torch.cat([v.new_zeros(B, heads, dk, dv), eye], dim=-1)
         extra = {name: x for name, x in t.items() if name not in ("q", "k", "v")}
-        return kernel(t["q"], t["k"], t["v"], initial_state=entry, **extra)
+        out, final = kernel(t["q"], t["k"], v_aug, initial_state=start, **extra)
 
-    def summarise(t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        n = t["v"].shape[1]
-        v_aug = torch.cat([t["v"], v.new_zeros(B, n, v.shape[2], dk)], dim=-1)
-        eye = torch.eye(dk, dtype=v.dtype, device=v.device).expand(B, v.shape[2], dk, dk)
-        start = torch.cat([v.new_zeros(B, v.shape[2], dk, dv), eye], dim=-1)
-        _, final = run({**t, "v": v_aug}, start)
-        return final[..., :dv], final[..., dv:]
+        def output(entry: Optional[Tensor]) -> Tensor:
+            if entry is None:
+                return out[..., :dv]
+            return out[..., :dv] + torch.einsum("bthk,bhkv->bthv", out[..., dv:], entry.to(out.dtype))
+
+        return Piece(lambda: (final[..., :dv], final[..., dv:]), output)
 
     call = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), sorted(per_token))
     return _kernel_scan(
         "sharded_state_scan",
-        run,
-        summarise,
+        prepare,
         lambda A, h: A @ h,
         dict(q=q, k=k, v=v, **per_token),
         layout,
@@ -441,23 +455,27 @@ def sharded_decay_scan(
 
     Per segment: a run from zero gives the exit state's constant part C, a run on zero inputs from ones its decay
     a; one differentiable all-gather of them; every rank composes the chain in global order; one run from the
-    true entry state gives the outputs. Exact against one process; about 3x one local run. Returns (outputs,
-    the state after the sequence's last token, on every rank)."""
+    true entry state gives the outputs (pieces that start a document keep the run from zero). Exact against one
+    process; about 3x one local run. Returns (outputs, the state after the sequence's last token, on every
+    rank)."""
 
-    def run(t: dict[str, Tensor], entry: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def prepare(t: dict[str, Tensor]) -> Piece:
         extra = {name: y for name, y in t.items() if name != "x"}
-        return kernel(t["x"], initial_state=entry, **extra)
+        out, C = kernel(t["x"], initial_state=None, **extra)
 
-    def summarise(t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        _, C = run(t, None)
-        _, a = run({**t, "x": torch.zeros_like(t["x"])}, torch.ones_like(C))
-        return C, a
+        def exit() -> tuple[Tensor, Tensor]:
+            _, a = kernel(torch.zeros_like(t["x"]), initial_state=torch.ones_like(C), **extra)
+            return C, a
+
+        def output(entry: Optional[Tensor]) -> Tensor:
+            return out if entry is None else kernel(t["x"], initial_state=entry, **extra)[0]
+
+        return Piece(exit, output)
 
     call = (tuple(x.shape), str(x.dtype), sorted((n, tuple(y.shape)) for n, y in per_token.items()))
     return _kernel_scan(
         "sharded_decay_scan",
-        run,
-        summarise,
+        prepare,
         lambda a, h: a * h,
         dict(x=x, **per_token),
         layout,

@@ -17,7 +17,7 @@ import json
 import platform
 from pathlib import Path
 
-SUITES = ("attention", "compute", "overlap", "scaling", "memory", "context", "ulysses", "decode", "masks")
+SUITES = ("attention", "compute", "overlap", "scaling", "memory", "context", "ulysses", "decode", "masks", "hybrid")
 OPTIONAL = ("peers",)  # not in `bench all`: it needs the peers extra
 # suite name (the CLI's, the results' file names) -> module, where the two differ:
 # `memory_plan` so that the package holds one memory.py (ringwise.testing.memory, the probes)

@@ -173,6 +173,17 @@ def ulysses_flags(p):
     p.add_argument("--ulysses-repeats", type=int, default=3, help="timed iterations per case (after one warm-up)")
 
 
+def hybrid_flags(p):
+    p.add_argument("--hybrid-seq-len", type=int, default=8192, help="global tokens per sequence")
+    p.add_argument("--hybrid-heads", type=int, default=8, help="delta-rule heads (W must divide them)")
+    p.add_argument("--hybrid-head-dim", type=int, default=128, help="dk = dv (Qwen3-Next's 128)")
+    p.add_argument("--hybrid-worlds", type=int, nargs="+", default=[2], help="ranks W of the time rows")
+    p.add_argument("--hybrid-threads-per-rank", type=int, default=1, help="threads per rank; one process: W x this")
+    p.add_argument("--hybrid-repeats", type=int, default=3, help="timed iterations per case (after one warm-up)")
+    p.add_argument("--hybrid-memory-worlds", type=int, nargs="+", default=[1, 2, 4], help="ranks W of the memory rows")
+    p.add_argument("--hybrid-local-len", type=int, default=2048, help="tokens per rank in the memory rows")
+
+
 def decode_flags(p):
     p.add_argument(
         "--decode-seq-lens", type=int, nargs="+", default=[4096, 16384, 65536, 262144], help="cache lengths S (tokens)"
@@ -220,6 +231,7 @@ SUITE_FLAGS = {
     "memory": memory_flags,
     "context": context_flags,
     "ulysses": ulysses_flags,
+    "hybrid": hybrid_flags,
     "decode": decode_flags,
     "masks": masks_flags,
     "peers": peers_flags,
@@ -232,6 +244,7 @@ SUITE_HELP = {
     "memory": "measured per-rank training memory against the planner",
     "context": "longest trainable sequence within a per-process memory budget",
     "ulysses": "ring-only, hybrid and Ulysses-only meshes against single-process SDPA",
+    "hybrid": "a delta-rule layer across ranks: the state scan vs the head all-to-all vs one process",
     "decode": "one new token's attention over a sharded KV cache, and end-to-end generation",
     "masks": "packed documents with chunks, image groups, windows and mask_mod: time and bytes vs causal",
     "peers": "ringwise against ring-attention-pytorch and the paper authors' JAX package (the peers extra)",
