@@ -59,8 +59,6 @@ def refused_config(name):
         return T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
     if name == "recurrent_gemma":  # RG-LRU recurrent blocks
         return T.RecurrentGemmaConfig(**SMALL, head_dim=8, lru_width=32)
-    if name == "minimax":  # lightning (linear) attention layers
-        return T.MiniMaxConfig(**SMALL, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
     if name == "llama_dynamic_rope":
         return T.LlamaConfig(**SMALL, **rope_scaling("dynamic", factor=2.0))
     if name == "phi3_longrope":
@@ -82,7 +80,6 @@ REFUSED = {  # family -> what the error must say
     "falcon_h1": "['hybrid']",
     "mamba": "does not use transformers' attention registry",
     "recurrent_gemma": "['linear_attention']",
-    "minimax": "['linear_attention']",
     "llama_dynamic_rope": "RoPE scaling ['dynamic']",
     "phi3_longrope": "RoPE scaling ['longrope']",
 }

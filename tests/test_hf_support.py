@@ -41,6 +41,7 @@ def built_by_the_exactness_tests() -> dict[str, set[str]]:
     import test_hf_architectures
     import test_hf_families
     import test_hf_generate
+    import test_hf_lightning
     import test_hf_linear
     import test_hf_masks
     import test_hf_multimodal
@@ -54,6 +55,7 @@ def built_by_the_exactness_tests() -> dict[str, set[str]]:
     configs += [test_hf_multimodal.block_config(n) for n in test_hf_multimodal.BLOCK_FAMILIES]
     configs += [test_transformers.make_config(n) for n in ("llama", "qwen2", "mistral")]
     configs += [test_hf_linear.make_config(n) for n in test_hf_linear.FAMILIES]
+    configs += [test_hf_lightning.make_config(n) for n in test_hf_lightning.FAMILIES]
     built: dict[str, set[str]] = {}
     for config in configs:
         model_type, text_type = _types(config)

@@ -9,10 +9,11 @@ from typing import Any
 
 from ..attention.seqshard import SeqShard
 from . import hf_mixers
+from .hf_lightning import LIGHTNING_LAYERS
 from .hf_linear import GATED_DELTA_LAYERS
 from .hf_mixers import ShardedLayer
 
-SHARDED_LAYERS: dict[str, ShardedLayer] = {**GATED_DELTA_LAYERS}
+SHARDED_LAYERS: dict[str, ShardedLayer] = {**GATED_DELTA_LAYERS, **LIGHTNING_LAYERS}
 
 
 def sharded_layer_types(config: Any) -> frozenset[str]:

@@ -41,6 +41,8 @@ TESTED_FAMILIES: dict[str, tuple[str, ...]] = {
             "qwen3_next",  # gated DeltaNet layers sharded by hf_linear (test_hf_linear)
             "kimi_linear",  # KDA layers sharded by hf_linear (test_hf_linear)
             "lfm2",  # short-convolution layers sharded by hf_linear (test_hf_linear)
+            "lfm2_moe",  # LFM2's short-convolution layers sharded by hf_linear (test_hf_linear)
+            "minimax",  # lightning-attention layers sharded by hf_lightning (test_hf_lightning)
             "qwen3",
             "qwen3_moe",
             "mixtral",
