@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import CEILINGS, EPS, assemble, assert_within_budget, max_err  # noqa: E402
+from helpers import CEILINGS, assemble, assert_within_budget, max_err  # noqa: E402
 from hf_versions import EAGER_EXPERTS, config_class  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
@@ -205,10 +205,9 @@ def test_minimax_is_exact_on_the_ring(grid_results, case):
         assert max_err(logits, ref["logits"]) < 1e-10
         assert abs(results[0]["loss"].item() - ref["loss"].item()) < 1e-12
         for n, g in results[0]["grads"].items():
-            # the norms and the MoE router's softmax run in float32 (transformers upcasts them), so those gradients
-            # are float32 sums over each rank's tokens: float32 round-off relative to the gradient
-            rel = EPS["float32"] if "norm" in n or n.endswith("mlp.gate.weight") else 1e-10
-            assert max_err(g, ref["grads"][n]) < rel * max(1e-3, ref["grads"][n].abs().max().item()), n
+            # the norms and the router's softmax compute in float32 per token, but every weight's gradient is a
+            # float64 sum over tokens of per-token terms the two runs round alike: float64 round-off for all
+            assert max_err(g, ref["grads"][n]) < 1e-10 * max(1e-3, ref["grads"][n].abs().max().item()), n
         return
     f32 = single_run(torch.float32, case.get("docs"), case.get("window"))
     err32 = max_err(f32["logits"], ref["logits"])
