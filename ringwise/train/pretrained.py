@@ -372,14 +372,91 @@ def load_weights(hf: nn.Module, path) -> None:
     state = {renamed.get(k, k): v for k, v in state.items()}
     model_name = {v: k for k, v in renamed.items()}
     tied = {k for k in state if k not in stored and _is_tied(hf, model_name.get(k, k))}
-    missing = sorted(k for k in state if k not in stored and k not in tied)
+    split = _split_tensors(hf, sorted(k for k in state if k not in stored and k not in tied), stored)
+    missing = sorted(k for k in state if k not in stored and k not in tied and k not in split)
     if missing:
         raise ValueError(
             f"--model {path}: the checkpoint lacks {len(missing)} of the model's tensors "
             f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})"
         )
-    wanted = {k: v for k, v in state.items() if k not in tied}
+    wanted = {k: v for k, v in state.items() if k not in tied and k not in split}
     dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(path)), planner=DefaultLoadPlanner())
+    for name, (sources, stack_dim, cat_dim) in split.items():
+        _load_joined(state[name], path, sources, stack_dim, cat_dim)
+
+
+def _split_tensors(hf: nn.Module, names: list[str], stored: set[str]) -> dict[str, tuple[list[list[str]], int, int]]:
+    """{a model tensor's name: the stored tensors it is joined from}, for the model tensors that transformers' own
+    conversion mapping joins on load (MoE experts fused in the model, stored one per expert since transformers 5:
+    MergeModulelist stacks each source's list, Concatenate joins the sources): (each source's stored names sorted
+    by expert index, the stacking dim, the joining dim). A tensor any of whose sources is absent is left out
+    (reported missing)."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    except ImportError:
+        return {}
+    converters = [
+        c
+        for c in get_model_conversion_mapping(cast(Any, hf))
+        if isinstance(c, WeightConverter)
+        and len(c.target_patterns) == 1
+        and all(isinstance(op, (MergeModulelist, Concatenate)) for op in c.operations)
+    ]
+    out: dict[str, tuple[list[list[str]], int, int]] = {}
+    for name in names:
+        for c in converters:
+            target = c.target_patterns[0]
+            if not name.endswith(target) or not any(isinstance(op, MergeModulelist) for op in c.operations):
+                continue
+            prefix, sources = name[: -len(target)], []
+            for pattern in c.source_patterns:
+                expert = re.compile(re.escape(prefix + pattern).replace(r"\*", r"(\d+)") + "$")
+                found = sorted((int(m.group(1)), k) for k in stored if (m := expert.match(k)))
+                sources.append([k for _, k in found])
+            if all(sources):
+                dims = {type(op): int(op.dim) for op in c.operations}  # type: ignore[attr-defined]
+                out[name] = (sources, dims[MergeModulelist], dims.get(Concatenate, 0))
+                break
+    return out
+
+
+def _load_joined(param: torch.Tensor, path, sources: list[list[str]], stack_dim: int, cat_dim: int) -> None:
+    """Fill `param` (a plain tensor or a DTensor: this rank's shard) with its stored pieces joined as transformers
+    joins them: each source's experts stacked along stack_dim, the sources concatenated along cat_dim. Every rank
+    reads the whole joined tensor (one layer's experts) and keeps its shard."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    where = {}
+    for f in weight_files(path):
+        with safe_open(str(f), "pt") as st:
+            where.update(dict.fromkeys(st.keys(), f))
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(str(where[key]), "pt") as st:
+            return st.get_tensor(key)
+
+    stacked = [torch.stack([read(k) for k in keys], dim=stack_dim) for keys in sources]
+    whole = torch.cat(stacked, dim=cat_dim)
+    if tuple(whole.shape) != tuple(param.shape):
+        raise ValueError(
+            f"--model {path}: the stored pieces of a {tuple(param.shape)} tensor join to {tuple(whole.shape)} "
+            f"({sources[0][0]}, ...)"
+        )
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            local = distribute_tensor(
+                whole.to(param.device_mesh.device_type).to(param.dtype),
+                param.device_mesh,
+                param.placements,
+                src_data_rank=None,
+            ).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(whole.to(param.device, param.dtype))
 
 
 def _stored_names(hf, stored: set[str]) -> dict[str, str]:
