@@ -355,3 +355,38 @@ def test_last_tokens_are_the_sequences_last_on_every_rank(cluster, world, layout
     """A short convolution's state after a sharded prefill: the global sequence's last tokens, on every rank."""
     for got, want in cluster(world).run(_last_tokens, layout, 3):
         assert torch.equal(got, want)
+
+
+def _scan_comms(kind):
+    """Forward and backward collectives of one sharded scan on this rank, beside one plain differentiable
+    all-gather's backward (what a gather's gradient costs on this backend)."""
+    import torch.distributed.nn.functional as dnn
+
+    from ringwise.testing.comms import count_comms
+
+    if kind == "delta":
+        *xs, dout = delta_inputs(10)
+        q, k, v, decay, beta = (ringwise.shard(x, 1, "zigzag").requires_grad_() for x in xs)
+        with count_comms() as fwd:
+            out, _ = sharded_state_scan(delta_rule, q, k, v, dict(g=decay, beta=beta), layout="zigzag")
+    else:
+        *xs, dout = decay_inputs(50)
+        x, g, b, c = (ringwise.shard(t, 1, "zigzag").requires_grad_() for t in xs)
+        with count_comms() as fwd:
+            out, _ = sharded_decay_scan(ssd_kernel, x, dict(g=g, b=b, c=c), layout="zigzag")
+    with count_comms() as bwd:
+        out.backward(ringwise.shard(dout, 1, "zigzag"))
+    one = torch.ones(3, requires_grad=True)
+    gathered = dnn.all_gather(one)
+    with count_comms() as plain:
+        sum(t.sum() for t in gathered).backward()
+    return dict(fwd.counts), dict(bwd.counts), dict(plain.counts)
+
+
+@pytest.mark.parametrize("kind", ["delta", "decay"])
+def test_one_summary_gather_per_scan_and_direction(cluster, kind):
+    """A scan's communication: one object gather (the ranks' agreement) and one all-gather of the segments'
+    summaries forward, that gather's gradient alone backward, whatever W."""
+    for fwd, bwd, plain in cluster(3).run(_scan_comms, kind):
+        assert fwd == {"all_gather_object": 1, "all_gather": 1}, fwd
+        assert bwd == plain and bwd, (bwd, plain)
