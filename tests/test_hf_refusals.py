@@ -41,24 +41,12 @@ def refused_config(name):
         return T.BambaConfig(
             **SMALL, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, attn_layer_indices=[1]
         )
-    if name == "jamba":  # Mamba layers
-        return T.JambaConfig(
-            **SMALL,
-            attn_layer_period=2,
-            attn_layer_offset=1,
-            expert_layer_period=2,
-            num_experts=2,
-            mamba_d_state=8,
-            mamba_dt_rank=4,
-        )
     if name == "falcon_h1":  # attention and Mamba2 in parallel in every layer
         return T.FalconH1Config(
             **SMALL, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1
         )
     if name == "mamba":
         return T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
-    if name == "recurrent_gemma":  # RG-LRU recurrent blocks
-        return T.RecurrentGemmaConfig(**SMALL, head_dim=8, lru_width=32)
     if name == "llama_dynamic_rope":
         return T.LlamaConfig(**SMALL, **rope_scaling("dynamic", factor=2.0))
     if name == "phi3_longrope":
@@ -76,10 +64,8 @@ REFUSED = {  # family -> what the error must say
     "falcon_alibi": "ALiBi",
     "mpt": "ALiBi",
     "bamba": "['linear_attention']",
-    "jamba": "['linear_attention']",
     "falcon_h1": "['hybrid']",
     "mamba": "does not use transformers' attention registry",
-    "recurrent_gemma": "['linear_attention']",
     "llama_dynamic_rope": "RoPE scaling ['dynamic']",
     "phi3_longrope": "RoPE scaling ['longrope']",
 }
@@ -88,11 +74,7 @@ REFUSED = {  # family -> what the error must say
 # transformers < 5 has no layer_types for these hybrids; the refusal names config.layers_block_type's values, or
 # (Falcon-H1) the sequence convolutions that check_model finds in the modules.
 if VERSION < (5, 0):
-    REFUSED.update(
-        bamba="['mamba']", jamba="['mamba']", recurrent_gemma="['recurrent']", falcon_h1="sequence convolution"
-    )
-elif getattr(transformers.RecurrentGemmaConfig(), "layer_types", None) is None:  # 5.x before its layer_types (5.17)
-    REFUSED.update(recurrent_gemma="['recurrent']")
+    REFUSED.update(bamba="['mamba']", falcon_h1="sequence convolution")
 
 
 def build_refused(name):
@@ -119,7 +101,7 @@ def test_refused_family_raises_the_same_error_on_every_rank(cluster, name):
     assert REFUSED[name] in run_all(cluster, build_refused, name)
 
 
-@pytest.mark.parametrize("name", ["jamba", "bamba", "llama_dynamic_rope", "phi3_longrope"])
+@pytest.mark.parametrize("name", ["bamba", "llama_dynamic_rope", "phi3_longrope"])
 def test_check_model_reads_the_modules(name):
     """Built directly (past the config check), the modules alone still give the model away."""
     from ringwise.integrations.hf_support import module_problems

@@ -73,7 +73,10 @@ def ring_cache_phase(cache: Any) -> str | None:
 
 
 def _cache_in(args: tuple, kwargs: dict) -> Any:
-    return next((v for v in (*args, *kwargs.values()) if getattr(v, "ringwise_phase", None) is not None), None)
+    """rw.generate's sharded cache among a layer's arguments, or None: told by its type's ringwise_phase property,
+    read off the type (the ring's attention mask, which reaches RecurrentGemma's blocks and Zamba's hybrid layers,
+    refuses every attribute read on itself)."""
+    return next((v for v in (*args, *kwargs.values()) if hasattr(type(v), "ringwise_phase")), None)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,9 @@ TESTED_FAMILIES: dict[str, tuple[str, ...]] = {
             "lfm2",  # short-convolution layers sharded by hf_linear (test_hf_linear)
             "lfm2_moe",  # LFM2's short-convolution layers sharded by hf_linear (test_hf_linear)
             "minimax",  # lightning-attention layers sharded by hf_lightning (test_hf_lightning)
+            "jamba",  # Mamba1 mixers sharded by hf_ssm, and the hybrids and RG-LRU models beside it (test_hf_ssm)
+            "zamba",
+            "recurrent_gemma",
             "qwen3",
             "qwen3_moe",
             "mixtral",
@@ -131,7 +134,11 @@ def config_problems(config) -> list[str]:
                 f"layers of type {extra} mix tokens outside attention (config.layer_types); "
                 "ringwise makes only full, sliding-window and chunked attention layers exact"
             )
-        blocks = sorted({str(b) for b in getattr(c, "layers_block_type", None) or ()} - {"attention"} - sharded)
+        blocks = sorted(
+            {str(b) for b in getattr(c, "layers_block_type", None) or ()}
+            - {"attention", *ATTENTION_LAYER_TYPES}
+            - sharded
+        )
         if blocks:
             problems.append(
                 f"layers of type {blocks} (config.layers_block_type) are not attention; state-space and "
