@@ -37,14 +37,6 @@ def refused_config(name):
         return T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True)
     if name == "mpt":  # ALiBi, hard-coded attention
         return T.MptConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2)
-    if name == "bamba":  # Mamba2 layers
-        return T.BambaConfig(
-            **SMALL, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, attn_layer_indices=[1]
-        )
-    if name == "falcon_h1":  # attention and Mamba2 in parallel in every layer
-        return T.FalconH1Config(
-            **SMALL, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1
-        )
     if name == "mamba":
         return T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
     if name == "llama_dynamic_rope":
@@ -63,18 +55,10 @@ REFUSED = {  # family -> what the error must say
     "bloom": "does not use transformers' attention registry",
     "falcon_alibi": "ALiBi",
     "mpt": "ALiBi",
-    "bamba": "['linear_attention']",
-    "falcon_h1": "['hybrid']",
     "mamba": "does not use transformers' attention registry",
     "llama_dynamic_rope": "RoPE scaling ['dynamic']",
     "phi3_longrope": "RoPE scaling ['longrope']",
 }
-
-
-# transformers < 5 has no layer_types for these hybrids; the refusal names config.layers_block_type's values, or
-# (Falcon-H1) the sequence convolutions that check_model finds in the modules.
-if VERSION < (5, 0):
-    REFUSED.update(bamba="['mamba']", falcon_h1="sequence convolution")
 
 
 def build_refused(name):
@@ -101,7 +85,7 @@ def test_refused_family_raises_the_same_error_on_every_rank(cluster, name):
     assert REFUSED[name] in run_all(cluster, build_refused, name)
 
 
-@pytest.mark.parametrize("name", ["bamba", "llama_dynamic_rope", "phi3_longrope"])
+@pytest.mark.parametrize("name", ["llama_dynamic_rope", "phi3_longrope"])
 def test_check_model_reads_the_modules(name):
     """Built directly (past the config check), the modules alone still give the model away."""
     from ringwise.integrations.hf_support import module_problems

@@ -45,6 +45,7 @@ def built_by_the_exactness_tests() -> dict[str, set[str]]:
     import test_hf_linear
     import test_hf_masks
     import test_hf_multimodal
+    import test_hf_ssd
     import test_hf_ssm
     import test_transformers
 
@@ -57,6 +58,7 @@ def built_by_the_exactness_tests() -> dict[str, set[str]]:
     configs += [test_transformers.make_config(n) for n in ("llama", "qwen2", "mistral")]
     configs += [test_hf_linear.make_config(n) for n in test_hf_linear.FAMILIES]
     configs += [test_hf_ssm.make_config(n) for n in test_hf_ssm.FAMILIES]
+    configs += [test_hf_ssd.make_config(n) for n in test_hf_ssd.FAMILIES]
     configs += [test_hf_lightning.make_config(n) for n in test_hf_lightning.FAMILIES]
     built: dict[str, set[str]] = {}
     for config in configs:

@@ -12,9 +12,10 @@ from . import hf_mixers
 from .hf_lightning import LIGHTNING_LAYERS
 from .hf_linear import GATED_DELTA_LAYERS
 from .hf_mixers import ShardedLayer
+from .hf_ssd import SSD_LAYERS
 from .hf_ssm import SSM_LAYERS
 
-SHARDED_LAYERS: dict[str, ShardedLayer] = {**GATED_DELTA_LAYERS, **LIGHTNING_LAYERS, **SSM_LAYERS}
+SHARDED_LAYERS: dict[str, ShardedLayer] = {**GATED_DELTA_LAYERS, **SSD_LAYERS, **LIGHTNING_LAYERS, **SSM_LAYERS}
 
 
 def sharded_layer_types(config: Any) -> frozenset[str]:

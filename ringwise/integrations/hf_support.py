@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+from typing import Any
 
 import torch
 
@@ -41,6 +42,12 @@ TESTED_FAMILIES: dict[str, tuple[str, ...]] = {
             "qwen3_next",  # gated DeltaNet layers sharded by hf_linear (test_hf_linear)
             "kimi_linear",  # KDA layers sharded by hf_linear (test_hf_linear)
             "lfm2",  # short-convolution layers sharded by hf_linear (test_hf_linear)
+            "mamba2",  # Mamba2 (SSD) mixers sharded by hf_ssd, and the hybrids on them (test_hf_ssd)
+            "bamba",
+            "falcon_h1",
+            "granitemoehybrid",
+            "nemotron_h",
+            "zamba2",
             "lfm2_moe",  # LFM2's short-convolution layers sharded by hf_linear (test_hf_linear)
             "minimax",  # lightning-attention layers sharded by hf_lightning (test_hf_lightning)
             "jamba",  # Mamba1 mixers sharded by hf_ssm, and the hybrids and RG-LRU models beside it (test_hf_ssm)
@@ -292,22 +299,44 @@ def _text_model_uses_registry(model, config) -> bool:
     return any(uses_registry(type(m)) for m in model.modules() if getattr(m, "config", None) is text)
 
 
+def _model_class(model_or_config) -> tuple[Any, Any, type | None]:
+    """(the model or None, its config, the model's class or the causal LM class the config builds, if known)."""
+    if hasattr(model_or_config, "named_modules"):
+        return model_or_config, model_or_config.config, type(model_or_config)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # transformers types the mapping's values as (slow, fast) tokenizer pairs; a model mapping holds classes
+        return None, model_or_config, AutoModelForCausalLM._model_mapping[type(model_or_config)]  # type: ignore
+    except KeyError:
+        return None, model_or_config, None
+
+
+def attention_free(model_or_config) -> bool:
+    """Whether the model runs no attention at all (pure Mamba2): a tested family (TESTED_FAMILIES) whose modeling
+    code has no attention registry and whose config lists only layers ringwise shards (hf_hybrids). It takes no
+    attn_implementation; any other model without the registry is refused."""
+    _, config, cls = _model_class(model_or_config)
+    types = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or ()
+    return (
+        getattr(config, "model_type", None) in TESTED_FAMILIES
+        and cls is not None
+        and not uses_registry(cls)
+        and bool(types)
+        and {str(t) for t in types} <= sharded_layer_types(config)
+    )
+
+
 def architecture_problems(model_or_config) -> list[str]:
     """Every reason a model (or the causal LM a config builds) cannot run exactly under ringwise."""
-    cls: type | None
-    if hasattr(model_or_config, "named_modules"):
-        model, config, cls = model_or_config, model_or_config.config, type(model_or_config)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model, config = None, model_or_config
-        try:
-            # transformers types the mapping's values as (slow, fast) tokenizer pairs; a model mapping holds classes
-            cls = AutoModelForCausalLM._model_mapping[type(config)]  # type: ignore[assignment]
-        except KeyError:
-            cls = None
+    model, config, cls = _model_class(model_or_config)
     problems = []
-    if cls is not None and not uses_registry(cls) and not _text_model_uses_registry(model, config):
+    if (
+        cls is not None
+        and not uses_registry(cls)
+        and not _text_model_uses_registry(model, config)
+        and not attention_free(model_or_config)
+    ):
         problems.append(
             f"{cls.__name__} does not use transformers' attention registry (its attention, if any, is "
             "hard-coded), so attn_implementation='ringwise' cannot reach it"

@@ -68,7 +68,7 @@ from .hf_multimodal import (
 )
 from .hf_multimodal import prepare as _prepare_multimodal
 from .hf_rings import DEFAULT, ModelRing, all_rings, configs_of, ring_of, shard_of_state
-from .hf_support import architecture_problems, config_problems
+from .hf_support import architecture_problems, attention_free, config_problems
 from .hf_tiling import ffn_tile_of as ffn_tile_of  # re-exported: the integration's public calls
 from .hf_tiling import tile_feed_forward as tile_feed_forward
 from .hf_tiling import tile_size as tile_size
@@ -577,7 +577,7 @@ def check_model(model) -> None:
         problems[:0] = towers
     elif hasattr(model, "named_modules"):
         impls = {getattr(m.config, "_attn_implementation", None) for m in model.modules() if hasattr(m, "config")}
-        if impls != {NAME}:
+        if impls != {NAME} and not attention_free(model):  # pure Mamba2: no attention to route
             problems.insert(
                 0,
                 f"its attention implementations are {sorted(map(str, impls))}, not only '{NAME}'; "
@@ -694,7 +694,7 @@ def _auto_class(config):
 
         towers = {k: TOWER_IMPLEMENTATION for k in ("vision_config", "audio_config") if getattr(config, k, None)}
         return AutoModelForImageTextToText, {"": NAME, "text_config": NAME, **towers}
-    return AutoModelForCausalLM, NAME
+    return AutoModelForCausalLM, None if attention_free(config) else NAME  # pure Mamba2 takes no implementation
 
 
 def generate(model, input_ids: torch.Tensor, **generate_kwargs):
