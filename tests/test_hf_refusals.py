@@ -37,8 +37,6 @@ def refused_config(name):
         return T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True)
     if name == "mpt":  # ALiBi, hard-coded attention
         return T.MptConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2)
-    if name == "mamba":
-        return T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
     if name == "llama_dynamic_rope":
         return T.LlamaConfig(**SMALL, **rope_scaling("dynamic", factor=2.0))
     if name == "phi3_longrope":
@@ -55,7 +53,6 @@ REFUSED = {  # family -> what the error must say
     "bloom": "does not use transformers' attention registry",
     "falcon_alibi": "ALiBi",
     "mpt": "ALiBi",
-    "mamba": "does not use transformers' attention registry",
     "llama_dynamic_rope": "RoPE scaling ['dynamic']",
     "phi3_longrope": "RoPE scaling ['longrope']",
 }

@@ -1,15 +1,15 @@
 """Mamba (Mamba1) and RG-LRU layers through the ring (ringwise.integrations.hf_ssm): Jamba (Mamba mixers, attention
-and MoE layers), Zamba (Mamba mixers with two Mamba heads, a shared attention block in its hybrid layers) and
-RecurrentGemma (RG-LRU recurrent blocks around local sliding-window attention): the short convolution gets each
-shard's predecessors, the scan's state is carried across ranks.
+and MoE layers), Zamba (Mamba mixers with two Mamba heads, a shared attention block in its hybrid layers),
+RecurrentGemma (RG-LRU recurrent blocks around local sliding-window attention), Mamba and Falcon-Mamba (mixers only,
+no attention): the short convolution gets each shard's predecessors, the scan's state is carried across ranks.
 
-The oracle is transformers' own model in one process (SDPA attention) in float64, with its scans (which accumulate in
-float32 whatever the model's dtype) in float64: hf_ssm.float64_selective_scan for Mamba's, RG-LRU's own with
-acc_dtype=float64; the float64 scan is held to transformers' on its own first. The ring runs in float64 (to round-off)
-and in float32 (within 2x the float32 one-process error), W = 2 zigzag and W = 3 contiguous; loss, logits and every
-parameter gradient. Packed documents (the convolution and the state reset at each document's start) against each
-document run alone; the striped layout, a cache, a padding mask and rw.generate refused alike on every rank; Mamba
-and Falcon-Mamba (no attention layer at all) refused by check_model, their mixers exact on the ring on their own."""
+The oracle is transformers' own model in one process (SDPA attention where it has some) in float64, with its scans
+(which accumulate in float32 whatever the model's dtype) in float64: hf_ssm.float64_selective_scan for Mamba's,
+RG-LRU's own with acc_dtype=float64; the float64 scan is held to transformers' on its own first. The ring runs in
+float64 (to round-off) and in float32 (within 2x the float32 one-process error), W = 2 zigzag and W = 3 contiguous;
+loss, logits and every parameter gradient. Packed documents (the convolution and the state reset at each document's
+start) against each document run alone; Mamba's and Falcon-Mamba's mixers alone in training mode with a fused kernel
+present; the striped layout, a cache, a padding mask and rw.generate refused alike on every rank."""
 
 import contextlib
 import functools
@@ -103,7 +103,7 @@ def make_config(name="jamba"):
     )
 
 
-FAMILIES = ("jamba", "zamba", "recurrent_gemma")
+FAMILIES = ("jamba", "zamba", "recurrent_gemma", "mamba", "falcon_mamba")
 ATTENTION_FREE = ("mamba", "falcon_mamba")  # no attention layer: no attn_implementation to choose
 # rw.from_config tiles each decoder layer's feed-forward by default (hf_tiling), which these families' layers do not
 # name as it looks for (Zamba's, Mamba's, Falcon-Mamba's mamba layers have none, RecurrentGemma's is mlp_block):
@@ -322,14 +322,6 @@ def mixer_run(case):
     for g in grads.values():
         dist.all_reduce(g)
     return dict(out=out.detach(), grads=grads)
-
-
-@pytest.mark.parametrize("name", ["mamba", "falcon_mamba"])
-def test_models_without_attention_are_refused_with_the_reason(name):
-    """Mamba and Falcon-Mamba have no attention layer: ringwise runs a model through its registry attention, so
-    check_model refuses them for now (their mixers are exact on the ring: test_mixer_alone_is_exact_on_the_ring)."""
-    with pytest.raises(ValueError, match="does not use transformers' attention registry"):
-        rw.check_model(make_config(name))
 
 
 def fused_stand_in(xz, *args, **kwargs):

@@ -53,6 +53,8 @@ TESTED_FAMILIES: dict[str, tuple[str, ...]] = {
             "jamba",  # Mamba1 mixers sharded by hf_ssm, and the hybrids and RG-LRU models beside it (test_hf_ssm)
             "zamba",
             "recurrent_gemma",
+            "mamba",
+            "falcon_mamba",
             "qwen3",
             "qwen3_moe",
             "mixtral",
