@@ -40,7 +40,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-FFN_NAMES = ("mlp", "block_sparse_moe", "feed_forward")  # a decoder layer's feed-forward, by transformers' names
+FFN_NAMES = (
+    "mlp",
+    "block_sparse_moe",
+    "feed_forward",
+    "mlp_block",
+)  # a decoder layer's feed-forward, by transformers' names
 NORM_KINDS = ("layernorm", "rmsnorm")  # a per-token norm, by its class name (lower case): LlamaRMSNorm, LayerNorm, ...
 MIN_TILE = 256  # the automatic tile's floor (tokens)
 _ATTR = "_ringwise_ffn_tile"
@@ -76,10 +81,20 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def feed_forward_modules(model: nn.Module) -> list[nn.Module]:
-    """Each decoder layer's feed-forward module, in layer order; a ValueError names a layer that has none."""
+    """Each decoder layer's feed-forward module, in layer order (Nemotron-H's blocks: a `mixer` that is an MLP or
+    MoE); a ValueError names a layer that has none, unless the model is a hybrid (hf_hybrids shards some of its
+    layers), whose mixer-only and attention-only blocks have nothing to tile."""
+    from .hf_hybrids import is_sharded_layer
+
+    hybrid = any(is_sharded_layer(m) for m in model.modules())
     out = []
     for i, layer in enumerate(decoder_layers(model)):
         ffn = next((getattr(layer, n) for n in FFN_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
+        mixer = getattr(layer, "mixer", None)
+        if ffn is None and isinstance(mixer, nn.Module) and type(mixer).__name__.endswith(("MLP", "MoE")):
+            ffn = mixer
+        if ffn is None and hybrid:
+            continue
         if ffn is None:
             children = ", ".join(n for n, _ in layer.named_children())
             raise ValueError(
