@@ -27,6 +27,7 @@ from helpers import CEILINGS, assemble, assert_within_budget, max_err  # noqa: E
 from hf_versions import EAGER_EXPERTS, config_class  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
+from ringwise.integrations.hf_mixers import swapped  # noqa: E402
 from ringwise.integrations.hf_ssd import SSD_LAYERS, float64_ssd  # noqa: E402
 
 SEQ = 48
@@ -372,16 +373,70 @@ REFUSALS = dict(
     cache="use_cache=False",
     padding="padding mask",
     flash="flash-attention packing",
-    generate="does not yet leave its convolution",
+    generate="attention and a recurrent state in one layer",
 )
 
 
 @pytest.mark.parametrize(
     "how, name",
-    [(how, "mamba2") for how in REFUSALS]
-    + [("cache", "zamba2"), ("padding", "granitemoehybrid"), ("generate", "bamba")],
+    [(how, "mamba2") for how in REFUSALS if how != "generate"]
+    + [("cache", "zamba2"), ("padding", "granitemoehybrid"), ("generate", "falcon_h1"), ("generate", "zamba2")],
 )
 def test_refused_alike_with_the_reason(cluster, how, name):
     messages = cluster(2).run(refused_run, how, name)
     assert messages[0] is not None and all(m == messages[0] for m in messages), messages
     assert REFUSALS[how] in messages[0], messages[0]
+
+
+# ---------------------------------------------------------------- generation from the ring's prefill states
+
+NEW = 6
+
+
+def _generate(name, generate):
+    """generate(...) greedy in float64 (the float64 scan in the prefill, casts kept float64): (tokens, scores)."""
+    modeling = _modeling(name)
+    with swapped(modeling, dict(mamba2_chunk_scan=float64_ssd)), KeepFloat64():
+        out = generate(
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+def generate_prompt(length):
+    return torch.randint(3, 64, (2, length), generator=torch.Generator().manual_seed(7))
+
+
+def ring_generate(case):
+    rw.use_ring(layout=case["layout"])
+    torch.manual_seed(0)
+    model = rw.from_config(make_config(case["name"]), **EAGER_EXPERTS).double().eval()
+    ids = generate_prompt(case["prompt"])
+    return _generate(case["name"], lambda **kw: rw.generate(model, ids, **kw))
+
+
+GENERATE_GRID = [
+    dict(name="mamba2", world=2, layout="zigzag", prompt=30),  # 28 tokens through the ring, 2 in step one
+    dict(name="bamba", world=3, layout="contiguous", prompt=20),
+    dict(name="nemotron_h", world=2, layout="zigzag", prompt=26),
+    dict(name="granitemoehybrid", world=2, layout="contiguous", prompt=21),
+]
+
+
+@pytest.mark.parametrize("case", GENERATE_GRID, ids=lambda c: f"{c['name']}-W{c['world']}-{c['layout']}-S{c['prompt']}")
+def test_generate_continues_from_the_rings_states(grid_results, case):
+    """rw.generate on a Mamba2 (SSD) model: the ring's prefill leaves each convolution's last inputs and each scan's
+    final state (composed across ranks) in the cache, the decode steps run transformers' own on them alike on
+    every rank: the tokens equal model.generate in one process, every step's logits within float64 round-off."""
+    results = grid_results(ring_generate, GENERATE_GRID, case)
+    model = build(case["name"], torch.float64).eval()
+    ids = generate_prompt(case["prompt"])
+    want, want_scores = _generate(case["name"], lambda **kw: model.generate(ids, **kw))
+    for tokens, scores in results:
+        assert torch.equal(tokens, want)
+        assert max_err(scores, want_scores) < 1e-10

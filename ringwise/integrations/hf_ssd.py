@@ -14,9 +14,10 @@ it answers None, so the unfused path above always runs.
 
 transformers' chunk scan computes in float32 whatever the model's dtype; for a float64 model the scan runs in
 float64 (`float64_ssd`, the recurrence token by token), so the tests can hold the ring to a float64 one-process
-run. Packed documents (ringwise_cu_seqlens) reset the convolution and the state at each document's start. A
-cache (use_cache=True) and a padding mask (which the attention layers refuse too, and pure Mamba2 has none to)
-are refused alike on every rank.
+run. Packed documents (ringwise_cu_seqlens) reset the convolution and the state at each document's start.
+rw.generate's prefill leaves the convolution's last inputs and the scan's final state (composed across ranks)
+in its cache, from which transformers' own decode steps continue. Any other cache and a padding mask (which
+the attention layers refuse too, and pure Mamba2 has none to) are refused alike on every rank.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from ..attention.halo import _agree, sharded_decay_scan
 from ..attention.seqshard import SeqShard
-from .hf_mixers import ShardedLayer, refuse_cache, sharded_conv, swap_functions
+from .hf_mixers import ShardedLayer, refuse_cache, ring_cache_phase, sharded_conv, swap_functions
 
 _MODELS = "transformers.models."
 
@@ -103,7 +104,7 @@ def sharded_chunk_scan(shard: SeqShard, kernel: Callable[..., Any], docs: Option
         return_final_states=False,
         **kwargs,
     ):
-        if initial_states is not None or return_final_states:
+        if initial_states is not None:  # a decode step runs unsharded (hf_mixers); a ring starts from zero
             refuse_cache()
         kwargs.pop("ringwise_cu_seqlens", None)  # the documents reach the scan through `docs`
         options = dict(chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
@@ -112,8 +113,8 @@ def sharded_chunk_scan(shard: SeqShard, kernel: Callable[..., Any], docs: Option
             run = float64_ssd if x.dtype == torch.float64 else kernel
             return run(x, dt, A, B, C, initial_states=initial_state, return_final_states=True, **options, **kwargs)
 
-        out, _ = sharded_decay_scan(local, hidden_states, dict(dt=dt, B=B, C=C), shard.layout, shard.group, docs)
-        return out
+        out, final = sharded_decay_scan(local, hidden_states, dict(dt=dt, B=B, C=C), shard.layout, shard.group, docs)
+        return (out, final) if return_final_states else out  # rw.generate's prefill: the state decode starts from
 
     return scan
 
@@ -156,14 +157,13 @@ def _run_mixer(module, modeling, shard, forward, args, kwargs):
     """One call of a Mamba2 mixer on the ring: refused alike on every rank with a cache or a problem of the call
     (_problem: one small agreement across ranks, as a padding mask may be one rank's), else the swaps."""
     cache = kwargs.get("cache", kwargs.get("cache_params", args[1] if len(args) > 1 else None))
-    if cache is not None:
-        refuse_cache()  # the same on every rank: use_cache is the model call's
+    ring_cache_phase(cache)  # rw.generate's prefill fills its cache; any other cache is refused alike on every rank
     _agree("ringwise: a Mamba2 (SSD) layer on a ring got", _problem(args, kwargs), (), shard.group)
     return _SWAPS(module, modeling, shard, forward, args, kwargs)
 
 
 def _ssd_layer(model: str, layer: str, *layer_types: str) -> ShardedLayer:
-    return ShardedLayer(_MODELS + model, layer, _run_mixer, layer_types or ("linear_attention",))
+    return ShardedLayer(_MODELS + model, layer, _run_mixer, layer_types or ("linear_attention",), generates=True)
 
 
 # model_type -> its Mamba2 mixer (tests/test_hf_ssd.py runs each family)
