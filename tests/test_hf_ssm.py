@@ -9,7 +9,8 @@ RG-LRU's own with acc_dtype=float64; the float64 scan is held to transformers' o
 float64 (to round-off) and in float32 (within 2x the float32 one-process error), W = 2 zigzag and W = 3 contiguous;
 loss, logits and every parameter gradient. Packed documents (the convolution and the state reset at each document's
 start) against each document run alone; Mamba's and Falcon-Mamba's mixers alone in training mode with a fused kernel
-present; the striped layout, a cache, a padding mask and rw.generate refused alike on every rank."""
+present; Jamba and RecurrentGemma also with their feed-forward in 8-token tiles (from_config tiles by default); the
+striped layout, a cache, a padding mask and rw.generate refused alike on every rank."""
 
 import contextlib
 import functools
@@ -105,10 +106,6 @@ def make_config(name="jamba"):
 
 FAMILIES = ("jamba", "zamba", "recurrent_gemma", "mamba", "falcon_mamba")
 ATTENTION_FREE = ("mamba", "falcon_mamba")  # no attention layer: no attn_implementation to choose
-# rw.from_config tiles each decoder layer's feed-forward by default (hf_tiling), which these families' layers do not
-# name as it looks for (Zamba's, Mamba's, Falcon-Mamba's mamba layers have none, RecurrentGemma's is mlp_block):
-# built untiled
-UNTILED = dict.fromkeys(("zamba", "recurrent_gemma", "mamba", "falcon_mamba"), dict(ffn_tile=0))
 
 
 def _modeling(name):
@@ -213,7 +210,7 @@ def ring_run(case):
     rw.use_ring(layout=case["layout"])
     torch.manual_seed(0)
     dtype = getattr(torch, case["dtype"])
-    model = rw.from_config(make_config(case["name"]), **UNTILED.get(case["name"], {}), **EAGER_EXPERTS).to(dtype)
+    model = rw.from_config(make_config(case["name"]), ffn_tile=case.get("ffn_tile"), **EAGER_EXPERTS).to(dtype)
     docs = list(DOCS) if case.get("docs") else None
     batch = rw.shard_batch(global_ids(), cu_seqlens=docs)
     labels = batch.pop("labels")  # shifted on the global sequence, -100 at each document's end
@@ -236,6 +233,11 @@ GRID = [
     for name in FAMILIES
     for (W, layout), dtype in itertools.product(SHAPES, ["float64", "float32"])
 ] + [dict(name=name, world=W, layout=layout, dtype="float64", docs=True) for name in FAMILIES for W, layout in SHAPES]
+# rw.from_config tiles the feed-forward (and the per-token norms) by default; in 8-token tiles, several a shard (Jamba's
+# MoE, RecurrentGemma's mlp_block)
+GRID += [
+    dict(name=name, world=2, layout="zigzag", dtype="float64", ffn_tile=8) for name in ("jamba", "recurrent_gemma")
+]
 
 
 def upcast(name):
@@ -247,7 +249,8 @@ def upcast(name):
 
 
 def _case_id(c):
-    return f"{c['name']}-W{c['world']}-{c['layout']}-{c['dtype']}" + ("-documents" if c.get("docs") else "")
+    extra = ("-documents" if c.get("docs") else "") + (f"-tile{c['ffn_tile']}" if c.get("ffn_tile") else "")
+    return f"{c['name']}-W{c['world']}-{c['layout']}-{c['dtype']}" + extra
 
 
 @pytest.mark.parametrize("case", GRID, ids=_case_id)
@@ -274,7 +277,7 @@ def test_model_is_exact_on_the_ring(grid_results, case):
 
 def refused_run(how, name):
     rw.use_ring(layout="striped" if how == "striped" else "zigzag")
-    model = rw.from_config(make_config(name), **UNTILED.get(name, {}), **EAGER_EXPERTS)
+    model = rw.from_config(make_config(name), **EAGER_EXPERTS)
     ids = global_ids()
     try:
         if how == "generate":
