@@ -23,6 +23,8 @@ batch repeats and offloading raise.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -101,22 +103,44 @@ class _StateLayer(LinearAttentionLayer):
     activate_past_recording = offload = prefetch = reset = _refuse
 
 
+class _StateAndShardLayer(_StateLayer, _ShardLayer):  # type: ignore[override]  # is_compileable: False in both
+    """A layer with attention and a mixer side by side (Falcon-H1, Zamba2's hybrid layers): the mixer's states
+    replicated (_StateLayer), the attention's K/V sharded (_ShardLayer), as transformers' own
+    LinearAttentionAndFullAttentionLayer is both kinds."""
+
+    def __init__(self, cache: "ShardedCache", index: int, sliding: bool, number_of_states: int):
+        _ShardLayer.__init__(self, cache, index, sliding)
+        _StateLayer.__init__(self, cache, number_of_states)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.is_initialized = True  # (the mixer's lazy_initialization takes states, not K/V)
+        return self._cache._update(self._index, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return _ShardLayer.get_mask_sizes(self, query_length)
+
+
+def _layer(cache: "ShardedCache", index: int, sliding: bool, kv: bool, states: int | None) -> Any:
+    if states is None:
+        return _ShardLayer(cache, index, sliding)
+    return _StateAndShardLayer(cache, index, sliding, states) if kv else _StateLayer(cache, states)
+
+
 class ShardedCache(Cache):
-    """This rank's share of every layer's K/V for one generate() call; see the module docstring. states: for
-    each layer, None (attention: sharded K/V) or the number of conv/recurrent states it keeps (replicated)."""
+    """This rank's share of every layer's K/V for one generate() call; see the module docstring. kinds: for each
+    layer, (whether it holds attention K/V, None or the number of conv/recurrent states it keeps); default:
+    attention alone."""
 
     def __init__(
         self,
         n_layers: int,
         shard: SeqShard,
         sliding: list[bool] | None = None,
-        states: list[int | None] | None = None,
+        kinds: list[tuple[bool, int | None]] | None = None,
     ):
         sliding = sliding or [False] * n_layers
-        kept = states or [None] * n_layers
-        super().__init__(
-            layers=[_ShardLayer(self, i, sliding[i]) if n is None else _StateLayer(self, n) for i, n in enumerate(kept)]
-        )
+        kinds = kinds or [(True, None)] * n_layers
+        super().__init__(layers=[_layer(self, i, sliding[i], kv, n) for i, (kv, n) in enumerate(kinds)])
         self.shard = shard
         self.rank = _rank_in(shard.group)
         self.store = KVCache(n_layers, self.rank, shard.world)

@@ -126,18 +126,22 @@ def _model_problem(model) -> str | None:
             "convolution and recurrent states in rw.generate's cache after the ring's prefill; generate with "
             "another attn_implementation (the ring runs training and prefill with use_cache=False)"
         )
+    shared = next((m for m in model.modules() if getattr(m, "layer_idx", 0) == -1 and hasattr(m, "q_proj")), None)
+    if shared is not None:
+        return (
+            f"{type(shared).__name__} is shared by several layers (layer_idx -1: Zamba's shared attention blocks), "
+            "so rw.generate's decode cannot tell which layer's sharded K/V a call reads; generate with another "
+            "attn_implementation"
+        )
     if any(is_sharded_layer(m) for m in model.modules()):
         if is_supported_vlm(model):
             return (
                 "a vision-language model with convolution or recurrent layers (Qwen3.5): its prefill does not yet "
                 "leave their states in rw.generate's cache; generate with another attn_implementation"
             )
-        kinds = set(_state_layer_types(model)) - {"conv", "linear_attention"} - ATTENTION_CACHE_TYPES
+        kinds = set(_state_layer_types(model)) - STATE_CACHE_TYPES - HYBRID_CACHE_TYPES - ATTENTION_CACHE_TYPES
         if kinds:
-            return (
-                f"layers of cache type {sorted(kinds)} (attention and a recurrent state in one layer) are not "
-                "supported by rw.generate yet"
-            )
+            return f"layers of cache type {sorted(kinds)} are not supported by rw.generate yet"
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     shared = getattr(text, "num_kv_shared_layers", 0)
     if shared:
@@ -195,6 +199,8 @@ def _random_state(device) -> int:
 
 
 ATTENTION_CACHE_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "dummy"}
+STATE_CACHE_TYPES = {"conv", "linear_attention"}  # a mixer's states alone
+HYBRID_CACHE_TYPES = {"hybrid", "hybrid_sliding"}  # attention and a mixer in one layer
 
 
 def _state_layer_types(model) -> list[str]:
@@ -205,15 +211,22 @@ def _state_layer_types(model) -> list[str]:
     return get_layer_types_and_kwargs(text)[0]
 
 
-def _state_layers(model) -> list[int | None]:
-    """For each decoder layer: None (attention: its K/V sharded) or how many conv/recurrent states it keeps."""
+def _layer_kinds(model) -> list[tuple[bool, int | None]]:
+    """For each decoder layer: (whether it holds attention K/V, sharded; None or how many conv/recurrent states it
+    keeps, replicated)."""
     if not any(is_sharded_layer(m) for m in model.modules()):
-        return [None] * _layer_count_and_sliding(model)[0]
+        return [(True, None)] * _layer_count_and_sliding(model)[0]
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     types, kwargs = get_layer_types_and_kwargs(text)
-    return [k.get("number_of_states", 1) if t in ("conv", "linear_attention") else None for t, k in zip(types, kwargs)]
+    return [
+        (
+            t not in STATE_CACHE_TYPES,
+            k.get("number_of_states", 1) if t in STATE_CACHE_TYPES | HYBRID_CACHE_TYPES else None,
+        )
+        for t, k in zip(types, kwargs)
+    ]
 
 
 def _layer_count_and_sliding(model) -> tuple[int, list[bool]]:
@@ -276,7 +289,7 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
             kwargs["attention_mask"] = kwargs["attention_mask"].repeat_interleave(copies, dim=0)
         kwargs["num_return_sequences"] = 1
     n_layers, sliding = _layer_count_and_sliding(model)
-    cache = ShardedCache(n_layers, shard, sliding, _state_layers(model))
+    cache = ShardedCache(n_layers, shard, sliding, _layer_kinds(model))
     keyword = _cache_keyword(model)
     try:
         for state in states:
