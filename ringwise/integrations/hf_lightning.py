@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from ..attention.halo import Kernel, sharded_decay_scan
-from .hf_mixers import ShardedLayer, refuse_cache
+from .hf_mixers import ShardedLayer, documents, refuse_cache
 
 _ARGUMENTS = ("hidden_states", "position_embeddings", "attention_mask", "cache")
 
@@ -63,7 +63,7 @@ def run_lightning(module, modeling, shard, forward, args, kwargs) -> tuple[torch
     qkv = modeling.apply_mask_to_padding_states(qkv, given.get("attention_mask"))  # per token, as transformers
     q, k, v = qkv.reshape(B, L, H, 3 * d).split(d, dim=3)
     out, final = sharded_decay_scan(
-        lightning_kernel(module), v, dict(q=q, k=k), shard.layout, shard.group, given.get("ringwise_cu_seqlens")
+        lightning_kernel(module), v, dict(q=q, k=k), shard.layout, shard.group, documents(given)
     )
     out = module.norm(out.reshape(B, L, H * d))
     out = torch.sigmoid(module.output_gate(hidden_states)) * out

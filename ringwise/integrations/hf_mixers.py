@@ -6,8 +6,9 @@ with a `ShardedLayer`: where the layer class lives and how to run one call of it
 (`run(module, modeling, shard, forward, args, kwargs)`), usually by swapping the module-level functions its
 forward calls (`swap_functions`) for sharded ones while the call runs. `install` wraps every such layer's
 forward; problems with the ring (Ulysses, the striped layout, a replaced forward) are raised alike on every
-rank before any data moves. Packed documents reach the layer as `ringwise_cu_seqlens` (global boundaries, the
-same on every rank).
+rank before any data moves. Packed documents (`ringwise_cu_seqlens`: global boundaries, the same on every rank)
+reach a layer from its own call or, where a model's blocks call the layers below them without the call's keyword
+arguments (Jamba's, Mamba's), from the model's call (`documents`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from types import ModuleType
 from typing import Any, NamedTuple, NoReturn, Optional
 
@@ -43,6 +45,14 @@ class ShardedLayer(NamedTuple):
 
 
 _RINGED = "_ringwise_sharded_mixer"
+# the packed documents of the model call under way (install's hooks on the model set them for the call)
+_CALL_DOCUMENTS: ContextVar[Optional[list[int]]] = ContextVar("ringwise_call_documents", default=None)
+
+
+def documents(kwargs: Mapping[str, Any]) -> Optional[list[int]]:
+    """A sharded layer's packed documents: its call's ringwise_cu_seqlens, else the model call's."""
+    docs = kwargs.get("ringwise_cu_seqlens")
+    return _CALL_DOCUMENTS.get() if docs is None else docs
 
 
 def refuse(what: str) -> NoReturn:
@@ -117,7 +127,7 @@ def swap_functions(**factories: Factory) -> Run:
     factory) for the call."""
 
     def run(module, modeling, shard, forward, args, kwargs):
-        docs = kwargs.get("ringwise_cu_seqlens")
+        docs = documents(kwargs)
         swaps = {name: make(shard, getattr(modeling, name), docs) for name, make in factories.items()}
         with swapped(modeling, swaps):
             return forward(*args, **kwargs)
@@ -176,4 +186,25 @@ def install(model: torch.nn.Module, shard_of: Callable[[], SeqShard], table: Map
 
         module.forward = ringed
         setattr(module, _RINGED, True)
+    if count:
+        _carry_documents(model)
     return count
+
+
+def _carry_documents(model: torch.nn.Module) -> None:
+    """The model's (and its base model's: rw.generate's prefill calls that) packed documents held for its call, so
+    they reach the sharded layers whatever the blocks between pass on (`documents`). Idempotent."""
+    for m in {id(x): x for x in (model, getattr(model, "base_model", model))}.values():
+        if getattr(m, "_ringwise_carries_documents", False):
+            continue
+        tokens: list = []
+
+        def enter(_module, _args, kwargs, _tokens=tokens):
+            _tokens.append(_CALL_DOCUMENTS.set(kwargs.get("ringwise_cu_seqlens", _CALL_DOCUMENTS.get())))
+
+        def leave(_module, _args, _kwargs, _output, _tokens=tokens):
+            _CALL_DOCUMENTS.reset(_tokens.pop())
+
+        m.register_forward_pre_hook(enter, with_kwargs=True)
+        m.register_forward_hook(leave, with_kwargs=True, always_call=True)
+        m._ringwise_carries_documents = True

@@ -21,9 +21,9 @@ normalisation, where a position id is 0: packed documents reach it as position i
 transformers' torch scans accumulate in float32 whatever the model's dtype (Mamba's rounds B and u to float32);
 for a float64 model these run in float64 (`float64_selective_scan` is the one-process reference), so the tests can
 hold the ring to a float64 one-process run. Packed documents (ringwise_cu_seqlens) reset the convolution and the
-state at each document's start. Jamba's decoder layers, and Mamba's and Falcon-Mamba's models and causal LMs, call
-the modules below them without the call's keyword arguments, so their documents reach the mixers from the call that
-has them (`carry_documents`); Zamba's model hands its layers no position ids, which ring attention checks, so its
+state at each document's start (Jamba's decoder layers, and Mamba's and Falcon-Mamba's models, call the modules
+below them without the call's keyword arguments: the documents reach the mixers from the model's call,
+hf_mixers.documents). Zamba's model hands its layers no position ids, which ring attention checks, so its
 hybrid layers get the layout's (`zamba_positions`: its shared attention has no positional encoding). Mamba and
 Falcon-Mamba have no attention layer at all (hf_support.attention_free). A cache (use_cache=True) and a padding mask
 are refused alike on every rank.
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from typing import Any, Optional
 
 import torch
@@ -41,13 +40,10 @@ import torch.nn.functional as F
 
 from ..attention.halo import _agree, causal_conv1d, linear_scan, sharded_scan
 from ..attention.seqshard import SeqShard
-from .hf_mixers import ShardedLayer, refuse, refuse_cache, sharded_conv, swap_functions
+from .hf_mixers import ShardedLayer, documents, refuse, refuse_cache, sharded_conv, swap_functions
 
 _MODELS = "transformers.models."
 Tensor = torch.Tensor
-
-# the documents of the decoder layer that is calling its mixer without them (Jamba's): carry_documents sets it
-_DOCUMENTS: ContextVar[Optional[list[int]]] = ContextVar("ringwise_ssm_documents", default=None)
 
 
 def _accumulation(x: Tensor) -> torch.dtype:
@@ -135,30 +131,9 @@ def _mamba_mixer(*swaps: str) -> Callable[..., Any]:
         if kwargs.get("cache", args[1] if len(args) > 1 else None) is not None:
             refuse_cache()  # the same on every rank: use_cache is the model call's
         _refuse_padding(kwargs.get("attention_mask", args[2] if len(args) > 2 else None), shard, "a Mamba layer")
-        docs = _DOCUMENTS.get()
-        if docs is not None and "ringwise_cu_seqlens" not in kwargs:
-            kwargs = dict(kwargs, ringwise_cu_seqlens=docs)
         return run_swapped(module, modeling, shard, forward, args, kwargs)
 
     return run
-
-
-def carry_documents(module, modeling, shard, forward, args, kwargs):
-    """A module that calls the Mamba mixers below it without its own keyword arguments (Jamba's decoder layers,
-    Mamba's and Falcon-Mamba's models and causal LMs): the call's packed documents (ringwise_cu_seqlens), when it has
-    some, reach the mixers' runs through a context variable, for the call."""
-    if "ringwise_cu_seqlens" not in kwargs:
-        return forward(*args, **kwargs)
-    token = _DOCUMENTS.set(kwargs["ringwise_cu_seqlens"])
-    try:
-        return forward(*args, **kwargs)
-    finally:
-        _DOCUMENTS.reset(token)
-
-
-def _carrier(model: str, cls: str) -> ShardedLayer:
-    """A module whose call hands its documents down to the Mamba mixers under it (carry_documents)."""
-    return ShardedLayer(_MODELS + model, cls, carry_documents, ())
 
 
 def zamba_positions(module, modeling, shard, forward, args, kwargs):
@@ -229,7 +204,7 @@ def run_recurrent_block(module, modeling, shard, forward, args, kwargs):
         refuse_cache()
     if len(args) > 1 or "position_ids" not in kwargs:
         refuse("a recurrent block called without position_ids by name (not RecurrentGemma's decoder layer)")
-    docs = kwargs.get("ringwise_cu_seqlens")
+    docs = documents(kwargs)
     kwargs = dict(kwargs, position_ids=_restarted(kwargs["position_ids"], docs))
     conv, lru = module.conv_1d, module.rg_lru
     with for_the_call(conv, "forward", _sharded_conv_module(conv, shard, docs)):
@@ -244,20 +219,13 @@ def _mamba_layer(model: str, layer: str, *layer_types: str, fused: tuple[str, ..
 # model_type -> its Mamba1 or RG-LRU layer (tests/test_hf_ssm.py runs each family)
 SSM_LAYERS = {
     "jamba": _mamba_layer("jamba.modeling_jamba", "JambaMambaMixer", "mamba", "linear_attention"),
-    # Jamba's mamba decoder layers call the mixer without the model's keyword arguments: the documents' carrier
-    "jamba_mamba_decoder_layer": _carrier("jamba.modeling_jamba", "JambaMambaDecoderLayer"),
     # Zamba's hybrid layers run a shared attention block (through the registry, without positions) before their mixer
     "zamba": _mamba_layer("zamba.modeling_zamba", "ZambaMambaMixer", "linear_attention", "hybrid"),
     "zamba_hybrid_layer": ShardedLayer(_MODELS + "zamba.modeling_zamba", "ZambaHybridLayer", zamba_positions, ()),
     "recurrent_gemma": ShardedLayer(
         _MODELS + "recurrent_gemma.modeling_recurrent_gemma", "RecurrentGemmaRecurrentBlock", run_recurrent_block
     ),
-    # models without attention (every layer a mixer), whose models and causal LMs call their blocks, and the blocks
-    # their mixers, without the call's keyword arguments: the documents' carriers
+    # models without attention: every layer a mixer
     "mamba": _mamba_layer("mamba.modeling_mamba", "MambaMixer", fused=("mamba_inner_fn",)),
-    "mamba_model": _carrier("mamba.modeling_mamba", "MambaModel"),
-    "mamba_causal_lm": _carrier("mamba.modeling_mamba", "MambaForCausalLM"),
     "falcon_mamba": _mamba_layer("falcon_mamba.modeling_falcon_mamba", "FalconMambaMixer"),
-    "falcon_mamba_model": _carrier("falcon_mamba.modeling_falcon_mamba", "FalconMambaModel"),
-    "falcon_mamba_causal_lm": _carrier("falcon_mamba.modeling_falcon_mamba", "FalconMambaForCausalLM"),
 }
