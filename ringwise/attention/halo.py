@@ -54,7 +54,7 @@ def _world(group: Optional[ProcessGroup]) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _agree(what: str, problem: Optional[str], call: tuple[object, ...], group: Optional[ProcessGroup]) -> None:
+def agree(what: str, problem: Optional[str], call: tuple[object, ...], group: Optional[ProcessGroup]) -> None:
     """Raise the same error on every rank before any data moves: a rank's problem with its call, or calls
     that differ between ranks (shapes, width, layout, documents). One small object all-gather."""
     rank, W = _world(group)
@@ -156,7 +156,7 @@ def halos(
     L = x.shape[1]
     docs = None if cu_seqlens is None else tuple(int(b) for b in cu_seqlens)
     call = (layout, width, tuple(x.shape), str(x.dtype), docs)
-    _agree("halos (a sharded convolution)", _layout_problem(layout, W, L, width), call, group)
+    agree("halos (a sharded convolution)", _layout_problem(layout, W, L, width), call, group)
     segs = segments(layout, rank, W, L)
     if width == 0:
         return [x[:, :0] for _ in segs]
@@ -189,7 +189,7 @@ def last_tokens(x: Tensor, width: int, layout: str = "zigzag", group: Optional[P
     check_layout(layout)
     rank, W = _world(group)
     L = x.shape[1]
-    _agree("last_tokens", _layout_problem(layout, W, L, width), (layout, width, tuple(x.shape), str(x.dtype)), group)
+    agree("last_tokens", _layout_problem(layout, W, L, width), (layout, width, tuple(x.shape), str(x.dtype)), group)
     segs = segments(layout, rank, W, L)
     tails = torch.stack([x[:, s.local_start + s.length - width : s.local_start + s.length] for s in segs])
     gathered = _all_gather(tails, group, W)
@@ -269,7 +269,7 @@ def sharded_scan(
     if problem is None and a.shape != b.shape:
         problem = f"the decays a {tuple(a.shape)} and the inputs b {tuple(b.shape)} must have one shape"
     call = (layout, tuple(a.shape), str(a.dtype), None if cu_seqlens is None else tuple(int(c) for c in cu_seqlens))
-    _agree("sharded_scan", problem, call, group)
+    agree("sharded_scan", problem, call, group)
     segs = segments(layout, rank, W, L)
     docs = None if cu_seqlens is None else torch.tensor([int(c) for c in cu_seqlens], device=a.device)
     zero_states, products, summaries = [], [], []
@@ -352,7 +352,7 @@ def _kernel_scan(
     rank, W = _world(group)
     L = next(iter(tensors.values())).shape[1]
     docs = None if cu_seqlens is None else tuple(int(c) for c in cu_seqlens)
-    _agree(what, _layout_problem(layout, W, L, 0), (layout, docs, *call), group)
+    agree(what, _layout_problem(layout, W, L, 0), (layout, docs, *call), group)
     segs = segments(layout, rank, W, L)
 
     def cut(start: int, length: int) -> dict[str, Tensor]:

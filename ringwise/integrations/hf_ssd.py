@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention.halo import _agree, sharded_decay_scan
+from ..attention.halo import agree, sharded_decay_scan
 from ..attention.seqshard import SeqShard
 from .hf_mixers import ShardedLayer, refuse_cache, ring_cache_phase, sharded_conv, swap_functions
 
@@ -158,7 +158,7 @@ def _run_mixer(module, modeling, shard, forward, args, kwargs):
     (_problem: one small agreement across ranks, as a padding mask may be one rank's), else the swaps."""
     cache = kwargs.get("cache", kwargs.get("cache_params", args[1] if len(args) > 1 else None))
     ring_cache_phase(cache)  # rw.generate's prefill fills its cache; any other cache is refused alike on every rank
-    _agree("ringwise: a Mamba2 (SSD) layer on a ring got", _problem(args, kwargs), (), shard.group)
+    agree("ringwise: a Mamba2 (SSD) layer on a ring got", _problem(args, kwargs), (), shard.group)
     return _SWAPS(module, modeling, shard, forward, args, kwargs)
 
 

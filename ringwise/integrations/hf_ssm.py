@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention.halo import _agree, causal_conv1d, linear_scan, sharded_scan
+from ..attention.halo import agree, causal_conv1d, linear_scan, sharded_scan
 from ..attention.seqshard import SeqShard
 from .hf_mixers import ShardedLayer, documents, refuse, refuse_cache, sharded_conv, swap_functions
 
@@ -117,7 +117,7 @@ def _refuse_padding(mask: Optional[Tensor], shard: SeqShard, what: str) -> None:
             "a padding mask (zeros in attention_mask); ringwise does not support padding: pack sequences "
             "without it (documents via ringwise_cu_seqlens) or pad with tokens whose labels are -100"
         )
-    _agree(f"ringwise: {what} on a ring got", problem, (), shard.group)
+    agree(f"ringwise: {what} on a ring got", problem, (), shard.group)
 
 
 def _mamba_mixer(*swaps: str) -> Callable[..., Any]:
