@@ -442,8 +442,10 @@ def _generate(name, dtype, generate):
         return float64_gated_delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel)
 
     with float64_gates(name, dtype), contextlib.ExitStack() as stack:
-        if dtype == torch.float64 and name_of_kernel:
+        if dtype == torch.float64 and name_of_kernel:  # the prefill's kernel and the decode steps' (one token each)
             stack.enter_context(swapped(modeling, {name_of_kernel: float64_kernel}))
+            if hasattr(modeling, "torch_recurrent_gated_delta_rule"):
+                stack.enter_context(swapped(modeling, {"torch_recurrent_gated_delta_rule": float64_kernel}))
         out = generate(
             max_new_tokens=NEW,
             do_sample=False,

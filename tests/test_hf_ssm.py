@@ -298,7 +298,10 @@ REFUSALS = dict(striped="striped layout", cache="use_cache=False", generate="rw.
 
 
 @pytest.mark.parametrize(
-    "how, name", [(how, "jamba") for how in REFUSALS] + [(how, "recurrent_gemma") for how in ("striped", "cache")]
+    "how, name",
+    [(how, "jamba") for how in REFUSALS if how != "generate"]
+    + [(how, "recurrent_gemma") for how in ("striped", "cache", "generate")]
+    + [("generate", "zamba")],
 )
 def test_refused_alike_with_the_reason(cluster, how, name):
     messages = cluster(2).run(refused_run, how, name)
@@ -357,3 +360,60 @@ def test_mixer_alone_is_exact_on_the_ring(grid_results, case):
     for n, p in mixer.named_parameters():
         rel = EPS["float32"] if upcast(n) else 1e-10
         assert max_err(results[0]["grads"][n], p.grad) < rel * max(1e-3, p.grad.abs().max().item()), n
+
+
+# ---------------------------------------------------------------- generation from the ring's prefill states
+
+NEW = 6
+
+
+def _generate(name, generate):
+    """generate(...) greedy in float64 (the one-process scan float64 too): (tokens, scores)."""
+    with float64_scans(name, torch.float64):
+        out = generate(
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+def generate_prompt(length):
+    return torch.randint(3, 64, (2, length), generator=torch.Generator().manual_seed(7))
+
+
+def ring_generate(case):
+    rw.use_ring(layout=case["layout"])
+    torch.manual_seed(0)
+    model = rw.from_config(make_config(case["name"]), **EAGER_EXPERTS).double().eval()
+    ids = generate_prompt(case["prompt"])
+    return _generate(case["name"], lambda **kw: rw.generate(model, ids, **kw))
+
+
+GENERATE_GRID = [
+    dict(name="jamba", world=2, layout="zigzag", prompt=30),  # 28 tokens through the ring, 2 in step one
+    dict(name="mamba", world=3, layout="contiguous", prompt=20),
+    dict(name="falcon_mamba", world=2, layout="zigzag", prompt=26),
+]
+
+
+@pytest.mark.parametrize("case", GENERATE_GRID, ids=lambda c: f"{c['name']}-W{c['world']}-{c['layout']}-S{c['prompt']}")
+def test_generate_continues_from_the_rings_states(grid_results, case):
+    """rw.generate on a Mamba (Mamba1) model: the ring's prefill leaves each convolution's last inputs and each
+    selective scan's final state (composed across ranks) in the cache, the decode steps run transformers' own on
+    them alike on every rank: the tokens equal model.generate in one process, every step's logits within float64
+    round-off (Mamba's and Falcon-Mamba's float32 logits: float32 round-off)."""
+    results = grid_results(ring_generate, GENERATE_GRID, case)
+    torch.manual_seed(0)
+    attention = {} if case["name"] in ATTENTION_FREE else dict(attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(make_config(case["name"]), **attention, **EAGER_EXPERTS)
+    model = model.double().eval()
+    ids = generate_prompt(case["prompt"])
+    want, want_scores = _generate(case["name"], lambda **kw: model.generate(ids, **kw))
+    for tokens, scores in results:
+        assert torch.equal(tokens, want)
+        bound = 1e-10 if scores.dtype == torch.float64 else 4 * EPS["float32"] * want_scores.abs().max().item()
+        assert max_err(scores, want_scores) < bound, scores.dtype

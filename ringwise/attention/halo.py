@@ -251,6 +251,18 @@ def sharded_scan(
     cu_seqlens: Optional[list[int]] = None,
     local_scan: Callable[[Tensor, Tensor], Tensor] = linear_scan,
 ) -> Tensor:
+    """sharded_scan_with_final's states alone."""
+    return sharded_scan_with_final(a, b, layout, group, cu_seqlens, local_scan)[0]
+
+
+def sharded_scan_with_final(
+    a: Tensor,
+    b: Tensor,
+    layout: str = "zigzag",
+    group: Optional[ProcessGroup] = None,
+    cu_seqlens: Optional[list[int]] = None,
+    local_scan: Callable[[Tensor, Tensor], Tensor] = linear_scan,
+) -> tuple[Tensor, Tensor]:
     """The states of a diagonal affine recurrence h_t = a_t * h_{t-1} + b_t (elementwise: Mamba's,
     RG-LRU's, a scalar decay per head broadcast) over the global sequence, for this rank's shard
     (batch, local tokens, ...): h starts at 0, and again at each document's start.
@@ -261,7 +273,8 @@ def sharded_scan(
     compose its predecessors' in global order into the state entering each of its segments, and
     h = (zero-state scan) + (running product of a) * (entering state). Exact (the same algebra as the
     sequential scan, in another order of additions); backward through the gather sums each summary's
-    gradient home."""
+    gradient home. Returns (the states, the state after the sequence's last token: the same on every
+    rank, what a decode continues from)."""
     check_layout(layout)
     rank, W = _world(group)
     L = a.shape[1]
@@ -284,11 +297,11 @@ def sharded_scan(
         products.append(p)
         summaries.append(torch.stack([p[:, -1], h0[:, -1]]))
     mine = torch.stack(summaries)  # (segments, 2, batch, ...): (product of decays, last state)
-    entering, _ = _entering_states(
+    entering, final = _entering_states(
         mine, layout, group, L, state_of=lambda m: m[1], compose=lambda m, h: m[0] * h + m[1]
     )
     out = [h0 + p * entering[(rank, i)][:, None] for i, (h0, p) in enumerate(zip(zero_states, products))]
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1), final
 
 
 def delta_rule(

@@ -141,6 +141,7 @@ class ShardedCache(Cache):
         sliding = sliding or [False] * n_layers
         kinds = kinds or [(True, None)] * n_layers
         super().__init__(layers=[_layer(self, i, sliding[i], kv, n) for i, (kv, n) in enumerate(kinds)])
+        self.holds_kv = any(kv for kv, _ in kinds)  # False: an attention-free model (Mamba): nothing claims tokens
         self.shard = shard
         self.rank = _rank_in(shard.group)
         self.store = KVCache(n_layers, self.rank, shard.world)

@@ -294,11 +294,13 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
     try:
         for state in states:
             state.decoding = cache
+        rest = input_ids[:, :0]
         if multimodal:
             prefill_multimodal(model, input_ids, images, cache, keyword)
         else:
-            _prefill(model, input_ids[:, :-1], cache, keyword)
+            rest = _prefill(model, input_ids[:, :-1], cache, keyword)
         cache.phase = "decode"
+        _step_through(model, rest, cache, keyword)
         out = model.generate(input_ids, **{keyword: cache}, **kwargs)
     finally:
         for state in states:
@@ -307,11 +309,11 @@ def generate(model, input_ids, objection: str | None = None, **generate_kwargs):
     return out
 
 
-def _prefill(model, prompt, cache, keyword) -> None:
+def _prefill(model, prompt, cache, keyword) -> torch.Tensor:
     """The prompt (all but its last token) through the ring on this rank's layout shard, K/V into the cache.
     A hybrid model's prefill stops at the longest prefix the layout splits without pads (its recurrent states
-    must end at a real token) whose segments are at least as long as its convolutions: generate() runs the
-    rest as its first step, the same on every rank."""
+    must end at a real token) whose segments are at least as long as its convolutions; returns the prompt's
+    tokens it left (batch, n), for _step_through."""
     shard = cache.shard
     batch, length = prompt.shape
     if any(is_sharded_layer(m) for m in model.modules()):
@@ -319,10 +321,11 @@ def _prefill(model, prompt, cache, keyword) -> None:
         length -= length % shard.unit
         if length // shard.unit < max(widths, default=1):  # a segment's tokens: length / unit
             length = 0
-        prompt = prompt[:, :length]
+    rest = prompt[:, length:]
+    prompt = prompt[:, :length]
     if length == 0:
         cache.store.set_prompt([0] * shard.ring_size, 0)
-        return
+        return rest
     padded = length + shard.pad_len(length)
     ids = F.pad(prompt, (0, padded - length))  # trailing pads: after every real token, dropped from the cache
     positions = shard.positions(padded, prompt.device)
@@ -331,3 +334,15 @@ def _prefill(model, prompt, cache, keyword) -> None:
     model.base_model(
         input_ids=shard.shard(ids), position_ids=positions[None].expand(batch, -1), **{keyword: cache}, use_cache=True
     )
+    return rest
+
+
+def _step_through(model, tokens, cache, keyword) -> None:
+    """The prompt tokens the ring's prefill left, one decode step each, alike on every rank (transformers' Mamba
+    scan ignores a cached state in a step of several tokens: one at a time, every family continues exactly)."""
+    batch = tokens.shape[0]
+    for i in range(tokens.shape[1]):
+        position = torch.full((batch, 1), cache.seen(), dtype=torch.long, device=tokens.device)
+        model.base_model(input_ids=tokens[:, i : i + 1], position_ids=position, **{keyword: cache}, use_cache=True)
+        if not cache.holds_kv:  # no attention layer claimed the step's token (Mamba): count it, as generate() reads
+            cache.store.claim(1, tokens.device)

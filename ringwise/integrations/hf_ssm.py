@@ -38,9 +38,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention.halo import agree, causal_conv1d, linear_scan, sharded_scan
+from ..attention.halo import agree, causal_conv1d, linear_scan, sharded_scan, sharded_scan_with_final
 from ..attention.seqshard import SeqShard
-from .hf_mixers import ShardedLayer, documents, refuse, refuse_cache, sharded_conv, swap_functions
+from .hf_mixers import ShardedLayer, documents, refuse, refuse_cache, ring_cache_phase, sharded_conv, swap_functions
 
 _MODELS = "transformers.models."
 Tensor = torch.Tensor
@@ -93,11 +93,10 @@ def sharded_selective_scan(shard: SeqShard, _scan: Callable[..., Any], docs: Opt
     through halo.sharded_scan (state reset at each document's start)."""
 
     def scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, **kwargs):
-        if kwargs.get("return_last_state"):
-            refuse_cache()
         decays, inputs = _discretise(hidden_states, dt, A, B, delta_bias, delta_softplus)
-        states = sharded_scan(decays, inputs, shard.layout, shard.group, docs)
-        return _read_out(states, hidden_states, C, D, z)
+        states, final = sharded_scan_with_final(decays, inputs, shard.layout, shard.group, docs)
+        y = _read_out(states, hidden_states, C, D, z)
+        return (y, final) if kwargs.get("return_last_state") else y  # rw.generate's prefill: decode starts there
 
     return scan
 
@@ -128,8 +127,8 @@ def _mamba_mixer(*swaps: str) -> Callable[..., Any]:
     run_swapped = swap_functions(**factories)
 
     def run(module, modeling, shard, forward, args, kwargs):
-        if kwargs.get("cache", args[1] if len(args) > 1 else None) is not None:
-            refuse_cache()  # the same on every rank: use_cache is the model call's
+        # rw.generate's prefill fills its cache; any other cache is refused alike on every rank
+        ring_cache_phase(kwargs.get("cache", args[1] if len(args) > 1 else None))
         _refuse_padding(kwargs.get("attention_mask", args[2] if len(args) > 2 else None), shard, "a Mamba layer")
         return run_swapped(module, modeling, shard, forward, args, kwargs)
 
@@ -213,7 +212,9 @@ def run_recurrent_block(module, modeling, shard, forward, args, kwargs):
 
 
 def _mamba_layer(model: str, layer: str, *layer_types: str, fused: tuple[str, ...] = ()) -> ShardedLayer:
-    return ShardedLayer(_MODELS + model, layer, _mamba_mixer(*fused), layer_types or ("linear_attention",))
+    return ShardedLayer(
+        _MODELS + model, layer, _mamba_mixer(*fused), layer_types or ("linear_attention",), generates=True
+    )
 
 
 # model_type -> its Mamba1 or RG-LRU layer (tests/test_hf_ssm.py runs each family)
@@ -221,6 +222,7 @@ SSM_LAYERS = {
     "jamba": _mamba_layer("jamba.modeling_jamba", "JambaMambaMixer", "mamba", "linear_attention"),
     # Zamba's hybrid layers run a shared attention block (through the registry, without positions) before their mixer
     "zamba": _mamba_layer("zamba.modeling_zamba", "ZambaMambaMixer", "linear_attention", "hybrid"),
+    # (rw.generate: not built for Zamba's hybrid layers yet)
     "zamba_hybrid_layer": ShardedLayer(_MODELS + "zamba.modeling_zamba", "ZambaHybridLayer", zamba_positions, ()),
     "recurrent_gemma": ShardedLayer(
         _MODELS + "recurrent_gemma.modeling_recurrent_gemma", "RecurrentGemmaRecurrentBlock", run_recurrent_block
