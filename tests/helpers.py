@@ -435,3 +435,36 @@ def run_each(fn, cases):
         except Exception:
             break
     return out
+
+
+# ---------------------------------------------------------------- generation: the ring against one process
+
+NEW_TOKENS = 6
+
+
+def generation_prompt(length):
+    """Two rows of `length` random token ids, the same in every process."""
+    return torch.randint(3, 64, (2, length), generator=torch.Generator().manual_seed(7))
+
+
+def greedy(generate):
+    """generate(**options): NEW_TOKENS greedy tokens with every step's scores -> (sequences, scores (batch, steps,
+    vocab))."""
+    out = generate(
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+def assert_same_generation(results, want, want_scores):
+    """Every rank's (tokens, scores) against one process's: the same tokens; the scores within float64 round-off
+    (float32 scores, as some models return them: float32 round-off)."""
+    for tokens, scores in results:
+        assert torch.equal(tokens, want)
+        bound = 1e-10 if scores.dtype == torch.float64 else 4 * EPS["float32"] * want_scores.abs().max().item()
+        assert max_err(scores, want_scores) < bound, scores.dtype

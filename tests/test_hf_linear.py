@@ -22,7 +22,16 @@ import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import CEILINGS, EPS, assemble, assert_within_budget, max_err  # noqa: E402
+from helpers import (  # noqa: E402
+    CEILINGS,
+    EPS,
+    assemble,
+    assert_same_generation,
+    assert_within_budget,
+    generation_prompt,
+    greedy,
+    max_err,
+)
 from hf_versions import EAGER_EXPERTS, config_class  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
@@ -430,8 +439,6 @@ def test_a_replaced_layer_forward_is_refused():
 
 # ---------------------------------------------------------------- generation from the ring's prefill states
 
-NEW = 6
-
 
 def _generate(name, dtype, generate):
     """generate(model-independent ids) with the float64 kernels the float64 runs use (the ring's prefill and
@@ -446,26 +453,14 @@ def _generate(name, dtype, generate):
             stack.enter_context(swapped(modeling, {name_of_kernel: float64_kernel}))
             if hasattr(modeling, "torch_recurrent_gated_delta_rule"):
                 stack.enter_context(swapped(modeling, {"torch_recurrent_gated_delta_rule": float64_kernel}))
-        out = generate(
-            max_new_tokens=NEW,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences, torch.stack(out.scores, dim=1)
-
-
-def generate_prompt(length):
-    return torch.randint(3, 64, (2, length), generator=torch.Generator().manual_seed(7))
+        return greedy(generate)
 
 
 def ring_generate(case):
     rw.use_ring(layout=case["layout"])
     torch.manual_seed(0)
     model = rw.from_config(make_config(case["name"]), **EAGER_EXPERTS).double().eval()
-    ids = generate_prompt(case["prompt"])
+    ids = generation_prompt(case["prompt"])
     return _generate(case["name"], torch.float64, lambda **kw: rw.generate(model, ids, **kw))
 
 
@@ -493,8 +488,5 @@ def test_generate_continues_from_the_rings_states(grid_results, case):
         .double()
         .eval()
     )
-    ids = generate_prompt(case["prompt"])
-    want, want_scores = _generate(case["name"], torch.float64, lambda **kw: model.generate(ids, **kw))
-    for tokens, scores in results:
-        assert torch.equal(tokens, want)
-        assert max_err(scores, want_scores) < 1e-10
+    ids = generation_prompt(case["prompt"])
+    assert_same_generation(results, *_generate(case["name"], torch.float64, lambda **kw: model.generate(ids, **kw)))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import CEILINGS, assemble, assert_within_budget, max_err  # noqa: E402
+from helpers import CEILINGS, assemble, assert_same_generation, assert_within_budget, generation_prompt, greedy, max_err  # noqa: E402
 from hf_versions import EAGER_EXPERTS, config_class  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
@@ -390,33 +390,19 @@ def test_refused_alike_with_the_reason(cluster, how, name):
 
 # ---------------------------------------------------------------- generation from the ring's prefill states
 
-NEW = 6
-
 
 def _generate(name, generate):
     """generate(...) greedy in float64 (the float64 scan in the prefill, casts kept float64): (tokens, scores)."""
     modeling = _modeling(name)
     with swapped(modeling, dict(mamba2_chunk_scan=float64_ssd)), KeepFloat64():
-        out = generate(
-            max_new_tokens=NEW,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences, torch.stack(out.scores, dim=1)
-
-
-def generate_prompt(length):
-    return torch.randint(3, 64, (2, length), generator=torch.Generator().manual_seed(7))
+        return greedy(generate)
 
 
 def ring_generate(case):
     rw.use_ring(layout=case["layout"])
     torch.manual_seed(0)
     model = rw.from_config(make_config(case["name"]), **EAGER_EXPERTS).double().eval()
-    ids = generate_prompt(case["prompt"])
+    ids = generation_prompt(case["prompt"])
     return _generate(case["name"], lambda **kw: rw.generate(model, ids, **kw))
 
 
@@ -436,8 +422,5 @@ def test_generate_continues_from_the_rings_states(grid_results, case):
     every rank: the tokens equal model.generate in one process, every step's logits within float64 round-off."""
     results = grid_results(ring_generate, GENERATE_GRID, case)
     model = build(case["name"], torch.float64).eval()
-    ids = generate_prompt(case["prompt"])
-    want, want_scores = _generate(case["name"], lambda **kw: model.generate(ids, **kw))
-    for tokens, scores in results:
-        assert torch.equal(tokens, want)
-        assert max_err(scores, want_scores) < 1e-10
+    ids = generation_prompt(case["prompt"])
+    assert_same_generation(results, *_generate(case["name"], lambda **kw: model.generate(ids, **kw)))

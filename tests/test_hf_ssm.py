@@ -23,7 +23,16 @@ import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import CEILINGS, EPS, assemble, assert_within_budget, max_err  # noqa: E402
+from helpers import (  # noqa: E402
+    CEILINGS,
+    EPS,
+    assemble,
+    assert_same_generation,
+    assert_within_budget,
+    generation_prompt,
+    greedy,
+    max_err,
+)
 from hf_versions import EAGER_EXPERTS, config_class  # noqa: E402
 
 import ringwise.integrations.transformers as rw  # noqa: E402
@@ -364,32 +373,18 @@ def test_mixer_alone_is_exact_on_the_ring(grid_results, case):
 
 # ---------------------------------------------------------------- generation from the ring's prefill states
 
-NEW = 6
-
 
 def _generate(name, generate):
     """generate(...) greedy in float64 (the one-process scan float64 too): (tokens, scores)."""
     with float64_scans(name, torch.float64):
-        out = generate(
-            max_new_tokens=NEW,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences, torch.stack(out.scores, dim=1)
-
-
-def generate_prompt(length):
-    return torch.randint(3, 64, (2, length), generator=torch.Generator().manual_seed(7))
+        return greedy(generate)
 
 
 def ring_generate(case):
     rw.use_ring(layout=case["layout"])
     torch.manual_seed(0)
     model = rw.from_config(make_config(case["name"]), **EAGER_EXPERTS).double().eval()
-    ids = generate_prompt(case["prompt"])
+    ids = generation_prompt(case["prompt"])
     return _generate(case["name"], lambda **kw: rw.generate(model, ids, **kw))
 
 
@@ -411,9 +406,5 @@ def test_generate_continues_from_the_rings_states(grid_results, case):
     attention = {} if case["name"] in ATTENTION_FREE else dict(attn_implementation="sdpa")
     model = transformers.AutoModelForCausalLM.from_config(make_config(case["name"]), **attention, **EAGER_EXPERTS)
     model = model.double().eval()
-    ids = generate_prompt(case["prompt"])
-    want, want_scores = _generate(case["name"], lambda **kw: model.generate(ids, **kw))
-    for tokens, scores in results:
-        assert torch.equal(tokens, want)
-        bound = 1e-10 if scores.dtype == torch.float64 else 4 * EPS["float32"] * want_scores.abs().max().item()
-        assert max_err(scores, want_scores) < bound, scores.dtype
+    ids = generation_prompt(case["prompt"])
+    assert_same_generation(results, *_generate(case["name"], lambda **kw: model.generate(ids, **kw)))

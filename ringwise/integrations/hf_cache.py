@@ -40,7 +40,20 @@ _NO = (
 )
 
 
-class _ShardLayer(CacheLayerMixin):
+class _Fixed:
+    """What no layer of the sharded cache offers (crop, reorder, ...): refused with the reason."""
+
+    def _refuse(self, *_, what="change its layout", **__):
+        raise ValueError(_NO.format(what=what))
+
+    def crop(self, *_):
+        self._refuse(what="crop")
+
+    def reorder_cache(self, *_):
+        self._refuse(what="reorder its rows")
+
+
+class _ShardLayer(_Fixed, CacheLayerMixin):
     """transformers' view of one layer: sizes from the sharded cache, storage in it."""
 
     is_compileable = False
@@ -68,42 +81,24 @@ class _ShardLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def _refuse(self, *_, what="change its layout", **__):
-        raise ValueError(_NO.format(what=what))
-
-    def crop(self, *_):
-        self._refuse(what="crop")
-
-    def reorder_cache(self, *_):
-        self._refuse(what="reorder its rows")
-
-    batch_repeat_interleave = batch_select_indices = offload = prefetch = reset = _refuse
+    batch_repeat_interleave = batch_select_indices = offload = prefetch = reset = _Fixed._refuse
 
 
-class _StateLayer(LinearAttentionLayer):
+class _StateLayer(_Fixed, LinearAttentionLayer):
     """A convolution / recurrent layer's states (transformers' own), replicated: only the token count is the
     cache's."""
 
     def __init__(self, cache: "ShardedCache", number_of_states: int = 1):
-        super().__init__(number_of_states=number_of_states)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)  # (_StateAndShardLayer's MRO)
         self._cache = cache
 
     def get_seq_length(self) -> int:
         return self._cache.seen()
 
-    def _refuse(self, *_, what="change its layout", **__):
-        raise ValueError(_NO.format(what=what))
-
-    def crop(self, *_):
-        self._refuse(what="crop")
-
-    def reorder_cache(self, *_):
-        self._refuse(what="reorder its rows")
-
-    activate_past_recording = offload = prefetch = reset = _refuse
+    activate_past_recording = offload = prefetch = reset = _Fixed._refuse
 
 
-class _StateAndShardLayer(_StateLayer, _ShardLayer):  # type: ignore[override]  # is_compileable: False in both
+class _StateAndShardLayer(_StateLayer, _ShardLayer):  # type: ignore[override,misc]  # the mixer's lazy init wins
     """A layer with attention and a mixer side by side (Falcon-H1, Zamba2's hybrid layers): the mixer's states
     replicated (_StateLayer), the attention's K/V sharded (_ShardLayer), as transformers' own
     LinearAttentionAndFullAttentionLayer is both kinds."""
@@ -112,8 +107,10 @@ class _StateAndShardLayer(_StateLayer, _ShardLayer):  # type: ignore[override]  
         _ShardLayer.__init__(self, cache, index, sliding)
         _StateLayer.__init__(self, cache, number_of_states)
 
+    lazy_initialization = LinearAttentionLayer.lazy_initialization  # type: ignore[assignment]  # the mixer's
+
     def update(self, key_states, value_states, *args, **kwargs):
-        self.is_initialized = True  # (the mixer's lazy_initialization takes states, not K/V)
+        self.is_initialized = True
         return self._cache._update(self._index, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

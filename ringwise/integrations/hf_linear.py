@@ -106,6 +106,13 @@ def _delta_layer(model: str, layer: str, kernel: str) -> ShardedLayer:
     )
 
 
+def _conv_layer(model: str, layer: str) -> ShardedLayer:
+    """A short-convolution layer calling causal_conv1d_forward of its modeling module, with no delta rule."""
+    return ShardedLayer(
+        _MODELS + model, layer, swap_functions(causal_conv1d_forward=sharded_conv), ("conv",), generates=True
+    )
+
+
 # model_type -> the name of the chunked delta-rule kernel its layers call (tests/test_hf_linear.py runs each family)
 DELTA_KERNELS = {
     "qwen3_next": "torch_chunk_gated_delta_rule",
@@ -125,19 +132,7 @@ GATED_DELTA_LAYERS = {
         "kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention", DELTA_KERNELS["kimi_linear"]
     ),
     # LFM2's gated short convolution: no delta rule, only causal_conv1d_forward to swap
-    "lfm2": ShardedLayer(
-        _MODELS + "lfm2.modeling_lfm2",
-        "Lfm2ShortConv",
-        swap_functions(causal_conv1d_forward=sharded_conv),
-        ("conv",),
-        generates=True,
-    ),
+    "lfm2": _conv_layer("lfm2.modeling_lfm2", "Lfm2ShortConv"),
     # LFM2-MoE: the same short-convolution layers (its MoE feed-forward is per token)
-    "lfm2_moe": ShardedLayer(
-        _MODELS + "lfm2_moe.modeling_lfm2_moe",
-        "Lfm2MoeShortConv",
-        swap_functions(causal_conv1d_forward=sharded_conv),
-        ("conv",),
-        generates=True,
-    ),
+    "lfm2_moe": _conv_layer("lfm2_moe.modeling_lfm2_moe", "Lfm2MoeShortConv"),
 }
