@@ -237,19 +237,23 @@ def test_transformers_masks_read_inside_a_compiled_graph(cluster):
 
 
 def hf_hybrid_logits(names):
-    """Hybrid models (short convolutions, gated delta rules) on a ring of 2, eager and compiled:
-    {name: (eager logits, compiled logits)}. Their sharded layers run eager inside the graph (a graph break)."""
+    """Hybrid models (short convolutions, gated delta rules, Mamba2 and Mamba scans) on a ring of 2, eager and
+    compiled: {name: (eager logits, compiled logits)}; names are "test_module:family". Their sharded layers run
+    eager inside the graph (a graph break)."""
+    import importlib
+
     from hf_versions import EAGER_EXPERTS
-    from test_hf_linear import global_ids, make_config
 
     import ringwise.integrations.transformers as rw
 
     rw.use_ring(layout="zigzag")
     results = {}
     for name in names:
+        tests, family = name.split(":")
+        module = importlib.import_module(tests)
         torch.manual_seed(0)
-        model = rw.from_config(make_config(name), **EAGER_EXPERTS).eval()
-        batch = rw.shard_batch(global_ids())
+        model = rw.from_config(module.make_config(family), **EAGER_EXPERTS).eval()
+        batch = rw.shard_batch(module.global_ids())
         batch.pop("labels")
         torch._dynamo.reset()
         with torch.no_grad():
@@ -260,10 +264,12 @@ def hf_hybrid_logits(names):
 
 
 def test_hybrid_models_compile_with_their_sharded_layers_eager(cluster):
-    """LFM2 (short convolutions) and Qwen3-Next (gated delta rule, MoE) under torch.compile on a ring of 2 give the
-    eager ring's logits bit for bit: the sharded layers run eager (their cross-rank agreement cannot be traced)."""
+    """LFM2 (short convolutions), Qwen3-Next (gated delta rule, MoE), Bamba (Mamba2 SSD) and Jamba (Mamba, whose
+    documents reach the mixers through the model's hooks) under torch.compile on a ring of 2 give the eager ring's
+    logits bit for bit: the sharded layers run eager (their cross-rank agreement cannot be traced)."""
     pytest.importorskip("transformers")
-    for rank in cluster(2).run(hf_hybrid_logits, ("lfm2", "qwen3_next"), timeout=600):
+    names = ("test_hf_linear:lfm2", "test_hf_linear:qwen3_next", "test_hf_ssd:bamba", "test_hf_ssm:jamba")
+    for rank in cluster(2).run(hf_hybrid_logits, names, timeout=600):
         for name, (eager, compiled) in rank.items():
             assert torch.equal(eager, compiled), name
 

@@ -129,9 +129,9 @@ def scan_run(case):
     a, b, dout = scan_inputs(case["seed"])
     layout = case["layout"]
     al, bl = (ringwise.shard(t, 1, layout).requires_grad_() for t in (a, b))
-    h = sharded_scan(al, bl, layout=layout, cu_seqlens=case.get("docs"))
+    h, final = sharded_scan(al, bl, layout=layout, cu_seqlens=case.get("docs"))
     h.backward(ringwise.shard(dout, 1, layout))
-    return dict(h=h.detach(), da=al.grad, db=bl.grad)
+    return dict(h=h.detach(), final=final.detach(), da=al.grad, db=bl.grad)
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: f"W{c['world']}-{c['layout']}" + ("-docs" if c["docs"] else ""))
@@ -147,6 +147,8 @@ def test_sharded_scan_matches_the_sequential_scan(grid_results, case):
     assert (assemble([r["h"] for r in results], lay, 1) - want.detach()).abs().max() < 1e-11
     assert (assemble([r["da"] for r in results], lay, 1) - da).abs().max() < 1e-10
     assert (assemble([r["db"] for r in results], lay, 1) - db).abs().max() < 1e-11
+    for r in results:  # every rank holds the state after the sequence's last token
+        assert (r["final"] - want[:, -1].detach()).abs().max() < 1e-11
 
 
 def _differing_lengths():

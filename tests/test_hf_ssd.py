@@ -424,3 +424,74 @@ def test_generate_continues_from_the_rings_states(grid_results, case):
     model = build(case["name"], torch.float64).eval()
     ids = generation_prompt(case["prompt"])
     assert_same_generation(results, *_generate(case["name"], lambda **kw: model.generate(ids, **kw)))
+
+
+# ---------------------------------------------------------------- the scan alone at a real model's shapes
+
+
+def _real_shape_inputs(dtype):
+    """Mamba2-2.7B's head shapes (head_dim 64, state 128, one group) with an odd head count (5): x, dt, B, C, the
+    output gradient, and A, D, dt_bias."""
+    g = torch.Generator().manual_seed(11)
+    L, H, P, N = 48, 5, 64, 128
+    x, dout = (torch.randn(1, L, H, P, generator=g, dtype=torch.float64) for _ in range(2))
+    dt = torch.randn(1, L, H, generator=g, dtype=torch.float64)
+    B, C = (torch.randn(1, L, 1, N, generator=g, dtype=torch.float64) / N**0.5 for _ in range(2))
+    A = -torch.rand(H, generator=g, dtype=torch.float64) - 0.5
+    D, bias = torch.randn(H, generator=g, dtype=torch.float64), torch.randn(H, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, dt, B, C, dout)], (A.to(dtype), D.to(dtype), bias.to(dtype))
+
+
+def _scan(kernel, x, dt, B, C, A, D, bias, initial_state=None):
+    return kernel(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size=8,
+        D=D,
+        dt_bias=bias,
+        dt_softplus=True,
+        initial_states=initial_state,
+        return_final_states=True,
+    )
+
+
+def _real_shape_ring():
+    """On each rank: transformers' float32 chunk scan sharded (W=3 zigzag): its outputs and input gradient."""
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    from ringwise import shard
+    from ringwise.attention.halo import sharded_decay_scan
+
+    (x, dt, B, C, dout), (A, D, bias) = _real_shape_inputs(torch.float32)
+    x, dt, B, C, dout = (shard(t, 1, "zigzag") for t in (x, dt, B, C, dout))
+    x.requires_grad_()
+
+    def local(x, initial_state, dt, B, C):
+        return _scan(mamba2_chunk_scan, x, dt, B, C, A, D, bias, initial_state)
+
+    out, _ = sharded_decay_scan(local, x, dict(dt=dt, B=B, C=C), "zigzag")
+    out.backward(dout)
+    return out.detach(), x.grad
+
+
+def test_sharded_chunk_scan_at_real_shapes(cluster):
+    """transformers' Mamba2 chunk scan carried across 3 ranks (zigzag) at head_dim 64, state 128, 5 heads: outputs
+    and the input's gradient within 2x the one-process float32 scan's error against hf_ssd's float64 scan."""
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    results = cluster(3).run(_real_shape_ring)
+    got, got_dx = (assemble([r[j] for r in results], "zigzag", 1) for j in range(2))
+
+    def one_process(kernel, dtype):
+        (x, dt, B, C, dout), (A, D, bias) = _real_shape_inputs(dtype)
+        x.requires_grad_()
+        out, _ = _scan(kernel, x, dt, B, C, A, D, bias)
+        return out.detach().double(), torch.autograd.grad(out, x, dout)[0].double()
+
+    want, want_dx = one_process(float64_ssd, torch.float64)
+    own, own_dx = one_process(mamba2_chunk_scan, torch.float32)
+    assert_within_budget("out", max_err(got, want), max_err(own, want), 1e-6, ceiling=CEILINGS["float32"])
+    assert_within_budget("dx", max_err(got_dx, want_dx), max_err(own_dx, want_dx), 1e-6, ceiling=CEILINGS["float32"])

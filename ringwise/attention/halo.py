@@ -250,18 +250,6 @@ def sharded_scan(
     group: Optional[ProcessGroup] = None,
     cu_seqlens: Optional[list[int]] = None,
     local_scan: Callable[[Tensor, Tensor], Tensor] = linear_scan,
-) -> Tensor:
-    """sharded_scan_with_final's states alone."""
-    return sharded_scan_with_final(a, b, layout, group, cu_seqlens, local_scan)[0]
-
-
-def sharded_scan_with_final(
-    a: Tensor,
-    b: Tensor,
-    layout: str = "zigzag",
-    group: Optional[ProcessGroup] = None,
-    cu_seqlens: Optional[list[int]] = None,
-    local_scan: Callable[[Tensor, Tensor], Tensor] = linear_scan,
 ) -> tuple[Tensor, Tensor]:
     """The states of a diagonal affine recurrence h_t = a_t * h_{t-1} + b_t (elementwise: Mamba's,
     RG-LRU's, a scalar decay per head broadcast) over the global sequence, for this rank's shard

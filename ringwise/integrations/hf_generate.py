@@ -139,7 +139,7 @@ def _model_problem(model) -> str | None:
                 "a vision-language model with convolution or recurrent layers (Qwen3.5): its prefill does not yet "
                 "leave their states in rw.generate's cache; generate with another attn_implementation"
             )
-        kinds = set(_state_layer_types(model)) - STATE_CACHE_TYPES - HYBRID_CACHE_TYPES - ATTENTION_CACHE_TYPES
+        kinds = set(_cache_layer_types(model)[0]) - STATE_CACHE_TYPES - HYBRID_CACHE_TYPES - ATTENTION_CACHE_TYPES
         if kinds:
             return f"layers of cache type {sorted(kinds)} are not supported by rw.generate yet"
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
@@ -203,12 +203,13 @@ STATE_CACHE_TYPES = {"conv", "linear_attention"}  # a mixer's states alone
 HYBRID_CACHE_TYPES = {"hybrid", "hybrid_sliding"}  # attention and a mixer in one layer
 
 
-def _state_layer_types(model) -> list[str]:
-    """transformers' cache layer type of each decoder layer (config.layer_types, with its own defaults)."""
+def _cache_layer_types(model) -> tuple[list[str], list[dict]]:
+    """transformers' cache layer type of each decoder layer and its cache layer's arguments (config.layer_types,
+    with transformers' own defaults)."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    return get_layer_types_and_kwargs(text)[0]
+    return get_layer_types_and_kwargs(text)
 
 
 def _layer_kinds(model) -> list[tuple[bool, int | None]]:
@@ -216,10 +217,7 @@ def _layer_kinds(model) -> list[tuple[bool, int | None]]:
     keeps, replicated)."""
     if not any(is_sharded_layer(m) for m in model.modules()):
         return [(True, None)] * _layer_count_and_sliding(model)[0]
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    types, kwargs = get_layer_types_and_kwargs(text)
+    types, kwargs = _cache_layer_types(model)
     return [
         (
             t not in STATE_CACHE_TYPES,

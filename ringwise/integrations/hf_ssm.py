@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention.halo import agree, causal_conv1d, linear_scan, sharded_scan, sharded_scan_with_final
+from ..attention.halo import agree, causal_conv1d, linear_scan, sharded_scan
 from ..attention.seqshard import SeqShard
 from .hf_mixers import ShardedLayer, documents, refuse, refuse_cache, ring_cache_phase, sharded_conv, swap_functions
 
@@ -94,7 +94,7 @@ def sharded_selective_scan(shard: SeqShard, _scan: Callable[..., Any], docs: Opt
 
     def scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, **kwargs):
         decays, inputs = _discretise(hidden_states, dt, A, B, delta_bias, delta_softplus)
-        states, final = sharded_scan_with_final(decays, inputs, shard.layout, shard.group, docs)
+        states, final = sharded_scan(decays, inputs, shard.layout, shard.group, docs)
         y = _read_out(states, hidden_states, C, D, z)
         return (y, final) if kwargs.get("return_last_state") else y  # rw.generate's prefill: decode starts there
 
@@ -164,7 +164,7 @@ def _rg_lru_scan(shard: SeqShard, docs: Optional[list[int]]) -> Callable[..., An
             refuse_cache()
         acc = torch.float64 if hidden_states.dtype == torch.float64 else acc_dtype
         decays = (recurrent_gate * ~reset).to(acc)
-        states = sharded_scan(decays, hidden_states.to(acc), shard.layout, shard.group, docs)
+        states, _ = sharded_scan(decays, hidden_states.to(acc), shard.layout, shard.group, docs)
         return states.to(hidden_states.dtype), None
 
     return scan
